@@ -399,6 +399,29 @@ def _peft_config(cfg: dict, base_model: str | None) -> dict:
     }
 
 
+def _peft_pattern(pattern: dict, name: str, default: float) -> float:
+    """PEFT's rank_pattern / alpha_pattern lookup: the first key k with
+    re.match(rf"(.*\\.)?({k})$", name) wins (peft/utils/other.py, get_pattern_key)."""
+    for key, value in (pattern or {}).items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def _from_peft(cfg: dict, sd: dict[str, torch.Tensor], layers: dict[str, LoRALinear]):
+    """PEFT tensors and config -> (ranks, alphas, state dict with our keys)."""
+    ours = {}
+    for k, v in sd.items():
+        k = k.removeprefix(PEFT_PREFIX)
+        k = re.sub(r"\.lora_([AB])(\.default)?\.weight$", r".lora_\1", k)
+        k = k.replace(".modules_to_save.default.", ".").replace(".modules_to_save.", ".")
+        ours[k] = v
+    ranks = {n: int(_peft_pattern(cfg.get("rank_pattern"), n, cfg["r"])) for n in layers}
+    alphas = {n: float(_peft_pattern(cfg.get("alpha_pattern"), n, cfg["lora_alpha"]))
+              for n in layers}
+    return ranks, alphas, ours
+
+
 def save_adapter(path: str | os.PathLike, model: nn.Module, targets: Iterable[str] = (),
                  seed: int | None = None, heads: Sequence[str] = (), format: str = "fimlora",
                  base_model: str | None = None) -> Path:
@@ -445,8 +468,12 @@ def load_adapter(path: str | os.PathLike, model: nn.Module) -> dict:
     layers = lora_layers(model)
     if cfg.get("format") == FIMLORA_FORMAT:
         ranks, alphas = cfg["ranks"], cfg["alphas"]
+    elif cfg.get("peft_type") == "LORA":
+        ranks, alphas, sd = _from_peft(cfg, sd, layers)
+        cfg["rslora"] = bool(cfg.get("use_rslora", False))
     else:
-        raise ValueError(f"{path / ADAPTER_CONFIG} is not a {FIMLORA_FORMAT} adapter")
+        raise ValueError(f"{path / ADAPTER_CONFIG} is neither a {FIMLORA_FORMAT} nor a PEFT "
+                         f"LoRA adapter config (peft_type={cfg.get('peft_type')!r})")
     unknown = sorted(set(ranks) - set(layers))
     if unknown or set(layers) - set(ranks):
         raise ValueError(f"adapter modules {unknown[:5]} / model LoRA modules "

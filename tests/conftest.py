@@ -1,0 +1,26 @@
+"""Shared test setup: a derandomised hypothesis profile for CI and one seed per test.
+
+Run: make test   (or: .venv/bin/python -m pytest -q)
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import settings
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+SST2 = SHARED / "data" / "glue" / "SST-2"
+sys.path.insert(0, str(ROOT))
+
+settings.register_profile("ci", deadline=None, derandomize=True, database=None, max_examples=50)
+settings.register_profile("dev", deadline=None, max_examples=200)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,260 @@
+"""lora.py against a slow dense float64 reference: y = x @ (W0 + s·B@A).T + b.
+
+Run: .venv/bin/python -m pytest tests/test_lora.py -q
+"""
+
+import json
+import math
+import struct
+
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import given
+from hypothesis import strategies as st
+
+from lora import (LoRALinear, add_lora, load_adapter, load_lora_state_dict, lora_layers,
+                  lora_scaling, lora_state_dict, merge_lora, read_safetensors, resize_lora,
+                  save_adapter, unmerge_lora, write_safetensors)
+
+dims = st.integers(1, 12)
+ranks = st.integers(0, 6)
+alphas = st.floats(0.25, 32, allow_nan=False)
+
+
+class Net(nn.Module):
+    """Two blocks with the same leaf names, so suffix matching is exercised."""
+
+    def __init__(self, d=6):
+        super().__init__()
+        self.block = nn.ModuleList(nn.ModuleDict({"query": nn.Linear(d, d), "dense": nn.Linear(d, 2 * d)})
+                                   for _ in range(2))
+        self.classifier = nn.Linear(2 * d, 3)
+
+    def forward(self, x):
+        for b in self.block:
+            x = b["dense"](torch.tanh(b["query"](x)))[..., : x.shape[-1]]
+        return self.classifier(torch.cat([x, x], -1))
+
+
+def randomize_B(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g, dtype=layer.lora_B.dtype))
+
+
+@given(d_in=dims, d_out=dims, r=ranks, alpha=alphas, rslora=st.booleans(), bias=st.booleans())
+def test_forward_equals_dense_reference(d_in, d_out, r, alpha, rslora, bias):
+    base = nn.Linear(d_in, d_out, bias=bias, dtype=torch.float64)
+    layer = LoRALinear(base, r, alpha, rslora=rslora)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(3, 2, d_in, dtype=torch.float64)
+    s = alpha / (math.sqrt(r) if rslora else r) if r else 0.0
+    W = base.weight + s * layer.lora_B @ layer.lora_A
+    ref = x @ W.T + (base.bias if bias else 0)
+    torch.testing.assert_close(layer(x), ref, rtol=1e-12, atol=1e-12)
+    assert layer.scaling == pytest.approx(s)
+
+
+@given(d_in=dims, d_out=dims, r=st.integers(1, 6))
+def test_zero_B_gives_base_output(d_in, d_out, r):
+    base = nn.Linear(d_in, d_out)
+    x = torch.randn(4, d_in)
+    expected = base(x)
+    layer = LoRALinear(base, r, 2 * r)
+    assert torch.equal(layer(x), expected)
+    assert layer.lora_A.abs().sum() > 0  # A is Kaiming, not zero: only B starts at 0
+    assert layer.lora_A.abs().max() <= 1 / math.sqrt(d_in) + 1e-7  # kaiming_uniform(a=√5) bound
+
+
+@given(r=st.integers(1, 6), alpha=alphas, rslora=st.booleans())
+def test_merge_matches_unmerged_and_unmerge_restores_W0(r, alpha, rslora):
+    base = nn.Linear(7, 5, dtype=torch.float64)
+    W0 = base.weight.detach().clone()
+    layer = LoRALinear(base, r, alpha, rslora=rslora)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(4, 7, dtype=torch.float64)
+    y = layer(x)
+    layer.merge()
+    torch.testing.assert_close(layer(x), y, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(layer.weight, W0 + layer.delta_weight(), rtol=0, atol=0)
+    layer.merge()  # idempotent: merging twice must not add ΔW twice
+    torch.testing.assert_close(layer(x), y, rtol=1e-12, atol=1e-12)
+    layer.unmerge()
+    torch.testing.assert_close(layer.weight, W0, rtol=0, atol=1e-12)
+    torch.testing.assert_close(layer(x), y, rtol=1e-12, atol=1e-12)
+
+
+def test_adapters_follow_base_device_and_dtype():
+    layer = LoRALinear(nn.Linear(4, 3, dtype=torch.float64), 2, 4)
+    assert layer.lora_A.dtype == layer.lora_B.dtype == torch.float64
+    assert layer.weight is not None and layer.lora_A.device == layer.weight.device
+
+
+def test_add_lora_freezes_all_but_adapters_and_heads():
+    model = Net()
+    names = add_lora(model, ["query", "dense"], r=2, alpha=4, heads=["classifier"])
+    assert names == ["block.0.query", "block.0.dense", "block.1.query", "block.1.dense"]
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    expected = {f"{m}.lora_{x}" for m in names for x in "AB"} | {"classifier.weight", "classifier.bias"}
+    assert trainable == expected
+
+
+def test_add_lora_keeps_base_parameter_names():
+    model = Net()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    add_lora(model, ["query"], r=2, alpha=4)
+    after = model.state_dict()
+    for k, v in before.items():
+        assert torch.equal(after[k], v)
+
+
+def test_rank_and_alpha_patterns_apply_per_matrix():
+    model = Net()
+    add_lora(model, ["query", "dense"], r=2, alpha=4, rslora=True,
+             rank_pattern={"block.1.dense": 5, "0.query": 1}, alpha_pattern={"block.1.dense": 10})
+    layers = lora_layers(model)
+    assert {n: m.r for n, m in layers.items()} == {
+        "block.0.query": 1, "block.0.dense": 2, "block.1.query": 2, "block.1.dense": 5}
+    assert layers["block.1.dense"].scaling == pytest.approx(10 / math.sqrt(5))
+    assert layers["block.0.dense"].scaling == pytest.approx(4 / math.sqrt(2))
+    assert layers["block.1.dense"].lora_A.shape == (5, 6)
+    assert layers["block.1.dense"].lora_B.shape == (12, 5)
+
+
+def test_pattern_key_matching_nothing_raises():
+    with pytest.raises(ValueError, match="base_model.model.block.0.query"):
+        add_lora(Net(), ["query"], r=2, alpha=4, rank_pattern={"base_model.model.block.0.query": 3})
+
+
+def test_unknown_target_lists_existing_linears():
+    with pytest.raises(ValueError, match="block.0.dense"):
+        add_lora(Net(), ["q_proj"], r=2, alpha=4)
+
+
+def test_unknown_head_raises():
+    with pytest.raises(ValueError, match="score"):
+        add_lora(Net(), ["query"], r=2, alpha=4, heads=["score"])
+
+
+@pytest.mark.parametrize("bad", [dict(r=-1), dict(alpha=float("nan")), dict(dropout=1.0)])
+def test_bad_hyperparameters_raise(bad):
+    kwargs = dict(r=2, alpha=4) | bad
+    with pytest.raises(ValueError):
+        add_lora(Net(), ["query"], **kwargs)
+
+
+def test_resize_keeps_function_and_sets_alpha():
+    model = Net()
+    add_lora(model, ["query", "dense"], r=4, alpha=8)
+    x = torch.randn(3, 6)
+    y = model(x)
+    layer = lora_layers(model)["block.0.dense"]
+    resize_lora(layer, 7, alpha=14)
+    assert layer.lora_A.shape == (7, 6) and layer.lora_B.shape == (12, 7)
+    assert layer.lora_A.requires_grad and layer.scaling == pytest.approx(2.0)
+    assert torch.equal(model(x), y)
+    resize_lora(layer, 0)
+    assert layer.scaling == 0 and torch.equal(model(x), y)
+
+
+@pytest.mark.parametrize("fmt", ["fimlora", "peft"])
+def test_adapter_roundtrip_gives_identical_outputs(tmp_path, fmt):
+    torch.manual_seed(0)
+    model = Net()
+    plain = Net()
+    plain.load_state_dict(model.state_dict())
+    add_lora(model, ["query", "dense"], r=3, alpha=6, rslora=True, heads=["classifier"],
+             rank_pattern={"block.1.query": 5}, alpha_pattern={"block.0.dense": 1.5})
+    randomize_B(model)
+    with torch.no_grad():
+        model.classifier.weight.add_(1.0)
+    x = torch.randn(4, 6)
+    y = model(x)
+    save_adapter(tmp_path / "a", model, ["query", "dense"], seed=123, heads=["classifier"],
+                 format=fmt)
+    assert not list((tmp_path / "a").glob("*.tmp")), "temp files must be renamed away"
+    add_lora(plain, ["query", "dense"], r=3, alpha=6, rslora=True, heads=["classifier"])
+    cfg = load_adapter(tmp_path / "a", plain)
+    assert torch.equal(plain(x), y)
+    assert {n: m.r for n, m in lora_layers(plain).items()} == {n: m.r for n, m in lora_layers(model).items()}
+    if fmt == "fimlora":
+        assert cfg["seed"] == 123 and cfg["rslora"] is True
+
+
+def test_load_state_dict_checks_shapes_before_writing():
+    model = Net()
+    add_lora(model, ["query"], r=2, alpha=4)
+    sd = {k: v.clone() for k, v in lora_state_dict(model).items()}
+    sd["block.1.query.lora_A"] = torch.zeros(3, 6)
+    sd["block.0.query.lora_B"] = torch.ones(6, 2)
+    with pytest.raises(ValueError, match="block.1.query.lora_A"):
+        load_lora_state_dict(model, sd)
+    assert lora_layers(model)["block.0.query"].lora_B.abs().sum() == 0  # nothing written
+    del sd["block.1.query.lora_A"]
+    with pytest.raises(ValueError, match="missing"):
+        load_lora_state_dict(model, sd)
+
+
+_dtypes = st.sampled_from([torch.float32, torch.float64, torch.float16, torch.bfloat16,
+                           torch.int64, torch.int8, torch.uint8, torch.bool])
+
+
+@given(shapes=st.lists(st.lists(st.integers(0, 4), max_size=3), min_size=0, max_size=4),
+       dtype=_dtypes)
+def test_safetensors_roundtrip(tmp_path_factory, shapes, dtype):
+    path = tmp_path_factory.mktemp("st") / "t.safetensors"
+    tensors = {f"t{i}": (torch.randn(s) * 10).to(dtype) for i, s in enumerate(shapes)}
+    write_safetensors(path, tensors, {"k": "v"})
+    back, meta = read_safetensors(path)
+    assert meta == {"k": "v"} and back.keys() == tensors.keys()
+    for k in tensors:
+        assert back[k].dtype == dtype and torch.equal(back[k], tensors[k])
+
+
+def _raw(path, header, data=b""):
+    h = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(h)) + h + data)
+    return path
+
+
+@pytest.mark.parametrize("header,data,match", [
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 16]}}, b"\0" * 16, "offsets"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 4, "offsets"),
+    ({"a": {"dtype": "X9", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8, "dtype"),
+    ({"a": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, b"\0" * 8, "malformed"),
+    ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+      "b": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 8, "overlapping"),
+    ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 8, "trailing"),
+])
+def test_safetensors_reader_rejects_bad_files(tmp_path, header, data, match):
+    with pytest.raises(ValueError, match=match):
+        read_safetensors(_raw(tmp_path / "bad.safetensors", header, data))
+
+
+def test_safetensors_reader_rejects_huge_header_length(tmp_path):
+    p = tmp_path / "bad.safetensors"
+    p.write_bytes(struct.pack("<Q", 10**12) + b"{}")
+    with pytest.raises(ValueError, match="header length"):
+        read_safetensors(p)
+
+
+def test_scaling_rule():
+    assert lora_scaling(8, 16) == 2.0
+    assert lora_scaling(16, 16, rslora=True) == 4.0
+    assert lora_scaling(0, 16) == 0.0
+
+
+def test_merge_lora_whole_model():
+    model = Net()
+    add_lora(model, ["query", "dense"], r=2, alpha=4)
+    randomize_B(model)
+    x = torch.randn(2, 6)
+    y = model(x)
+    merge_lora(model)
+    torch.testing.assert_close(model(x), y)
+    unmerge_lora(model)
+    torch.testing.assert_close(model(x), y)
