@@ -1,0 +1,262 @@
+"""GLUE in the standard folder layout: a validating reader, the task metrics, and batching.
+
+    from data.glue import load_glue, batches, compute_metrics
+    train = load_glue("sst2", "../shared/data/glue/SST-2", "train")   # list[Example]
+    for batch in batches(train, tok, batch_size=32, max_len=128, generator=g):
+        ...  # dict(input_ids, token_type_ids, attention_mask, labels)
+    compute_metrics("sst2", preds, labels)   # {"accuracy": ...}
+
+Files are read exactly as the standard `download_glue_data.py` ships them
+(https://github.com/nyu-mll/GLUE-baselines): tab-separated, csv quoting OFF (GLUE text contains
+bare quotes), MRPC with a UTF-8 BOM, CoLA without a header. Every row is validated; a bad row
+raises ValueError naming `file:line`. Label ids follow the HF `datasets` GLUE convention.
+
+References: GLUE, Wang et al. 2018, arXiv:1804.07461.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+GLUE_SOURCE = ("download GLUE with download_glue_data.py from "
+               "https://github.com/nyu-mll/GLUE-baselines (or https://gluebenchmark.com/tasks)")
+
+
+class Example(NamedTuple):
+    text_a: str
+    text_b: str | None
+    label: int | float  # class id, or the STS-B similarity score in [0, 5]
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    folder: str  # the GLUE folder name, e.g. "SST-2"
+    dev_file: str
+    header: str | None  # the label column's header name; None: no header line (CoLA)
+    text_a: int  # column indices; negative counts from the end
+    text_b: int | None
+    label: int
+    labels: tuple[str, ...] | None  # raw label strings in id order; None = float score
+    metrics: tuple[str, ...]  # the first one is the usual model-selection metric
+    n_fields: int | None = None  # fixed field count when there is no header
+
+    @property
+    def num_labels(self) -> int:
+        return 1 if self.labels is None else len(self.labels)
+
+
+_BIN = ("0", "1")
+_NLI = ("entailment", "not_entailment")
+TASKS: dict[str, TaskSpec] = {
+    "sst2": TaskSpec("SST-2", "dev.tsv", "label", 0, None, 1, _BIN, ("accuracy",)),
+    "cola": TaskSpec("CoLA", "dev.tsv", None, 3, None, 1, _BIN, ("mcc", "accuracy"), n_fields=4),
+    "rte": TaskSpec("RTE", "dev.tsv", "label", 1, 2, 3, _NLI, ("accuracy",)),
+    "mrpc": TaskSpec("MRPC", "dev.tsv", "Quality", 3, 4, 0, _BIN, ("f1", "accuracy")),
+    "qnli": TaskSpec("QNLI", "dev.tsv", "label", 1, 2, 3, _NLI, ("accuracy",)),
+    "qqp": TaskSpec("QQP", "dev.tsv", "is_duplicate", 3, 4, 5, _BIN, ("f1", "accuracy")),
+    "mnli": TaskSpec("MNLI", "dev_matched.tsv", "gold_label", 8, 9, -1,
+                     ("entailment", "neutral", "contradiction"), ("accuracy",)),
+    "stsb": TaskSpec("STS-B", "dev.tsv", "score", 7, 8, -1, None, ("pearson", "spearman")),
+}
+
+
+def task_spec(task: str) -> TaskSpec:
+    """The spec of a GLUE task; accepts "sst2", "SST-2", "sts-b", ...  task_spec("SST-2").folder"""
+    key = task.lower().replace("-", "").replace("_", "")
+    if key not in TASKS:
+        raise ValueError(f"unknown GLUE task {task!r}: use one of {', '.join(TASKS)}")
+    return TASKS[key]
+
+
+# -----------------------------------------------------------------------------
+# reading
+
+
+def _task_file(spec: TaskSpec, data_dir: str | Path, split: str) -> Path:
+    if split not in ("train", "dev"):
+        raise ValueError(f"split={split!r}: use 'train' or 'dev' (GLUE test files have no labels)")
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"GLUE folder {root} does not exist: {GLUE_SOURCE}")
+    folder = root / spec.folder if (root / spec.folder).is_dir() else root
+    path = folder / ("train.tsv" if split == "train" else spec.dev_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: {GLUE_SOURCE}, and pass the {spec.folder} "
+                                "folder (or the GLUE root holding it)")
+    return path
+
+
+def _parse_label(spec: TaskSpec, raw: str, where: str) -> int | float:
+    if spec.labels is not None:
+        if raw not in spec.labels:
+            raise ValueError(f"{where}: label {raw!r} is not one of {list(spec.labels)}; fix or "
+                             "drop the row (is this the right task's file?)")
+        return spec.labels.index(raw)
+    try:
+        score = float(raw)
+    except ValueError:
+        score = math.nan
+    if not 0.0 <= score <= 5.0:  # also rejects NaN
+        raise ValueError(f"{where}: score {raw!r} is not a number in [0, 5]; fix or drop the row")
+    return score
+
+
+def load_glue(task: str, data_dir: str | Path, split: str) -> list[Example]:
+    """Read `<data_dir>/train.tsv` or the dev file (MNLI: dev_matched.tsv) of a GLUE task.
+
+    data_dir is the task folder (…/glue/SST-2) or the GLUE root holding it (…/glue). Lines are
+    split on "\\n" and "\\t" only (a trailing "\\r" is dropped); text is kept byte-exact."""
+    spec = task_spec(task)
+    path = _task_file(spec, data_dir, split)
+    try:
+        text = path.read_bytes().decode("utf-8-sig")  # -sig: MRPC files start with a BOM
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 at byte {e.start}; re-download the file") from None
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()  # the final newline
+    n_fields, first = spec.n_fields, 0
+    if spec.header is not None:  # every row must have as many fields as the header
+        header = lines[0].rstrip("\r").split("\t") if lines else []
+        columns = [spec.text_a, spec.label] + ([spec.text_b] if spec.text_b is not None else [])
+        if len(header) <= max(c if c >= 0 else -c - 1 for c in columns) or \
+                header[spec.label] != spec.header:
+            raise ValueError(f"{path}:1: header {header!r} has no {spec.header!r} label column "
+                             f"where {spec.folder} has it; is this the {spec.folder} {split} file?")
+        n_fields, first = len(header), 1
+    examples = []
+    for i in range(first, len(lines)):
+        where = f"{path}:{i + 1}"
+        fields = lines[i].rstrip("\r").split("\t")
+        if len(fields) != n_fields:
+            raise ValueError(f"{where}: expected {n_fields} tab-separated fields, got "
+                             f"{len(fields)}; fix the row (a stray tab or newline in the text?)")
+        label = _parse_label(spec, fields[spec.label], where)
+        text_b = fields[spec.text_b] if spec.text_b is not None else None
+        examples.append(Example(fields[spec.text_a], text_b, label))
+    return examples
+
+
+# -----------------------------------------------------------------------------
+# batching
+
+
+def batches(examples: Sequence[Example], tokenizer, batch_size: int, max_len: int,
+            generator: torch.Generator | None, shuffle: bool = True) -> Iterator[dict]:
+    """One epoch of tokenised batches; the last batch may be smaller, so every example is seen
+    exactly once. Order is torch.randperm(n, generator=generator) when shuffling, so it follows
+    the seed. The tokenizer's `batch(texts, pairs=None, max_len=...)` pads to the longest row;
+    "labels" is added (long for classes, float32 for STS-B scores)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: use batch_size >= 1")
+    if shuffle and generator is None:
+        raise ValueError("shuffle=True needs generator=torch.Generator().manual_seed(seed)")
+    pairs = {e.text_b is not None for e in examples}
+    if len(pairs) > 1:
+        raise ValueError("examples mix single sentences and pairs; batch one task at a time")
+    n = len(examples)
+    order = torch.randperm(n, generator=generator).tolist() if shuffle else range(n)
+    order = list(order)
+    for start in range(0, n, batch_size):
+        rows = [examples[i] for i in order[start:start + batch_size]]
+        batch = dict(tokenizer.batch([e.text_a for e in rows],
+                                     pairs=[e.text_b for e in rows] if pairs == {True} else None,
+                                     max_len=max_len))
+        is_float = any(isinstance(e.label, float) for e in rows)
+        batch["labels"] = torch.tensor([e.label for e in rows],
+                                       dtype=torch.float32 if is_float else torch.long)
+        yield batch
+
+
+# -----------------------------------------------------------------------------
+# metrics (pure Python, float64 sums)
+
+
+def _as_list(x) -> list:
+    if isinstance(x, torch.Tensor):
+        if x.dim() != 1:
+            raise ValueError(f"expected a 1-D tensor, got shape {tuple(x.shape)}: pass class ids "
+                             "(logits.argmax(-1)) or scores (logits.squeeze(-1))")
+        return x.tolist()
+    return list(x)
+
+
+def _confusion(preds: list, labels: list) -> tuple[int, int, int, int]:
+    """(tp, tn, fp, fn) with class 1 as the positive class."""
+    tp = sum(p == 1 and y == 1 for p, y in zip(preds, labels))
+    tn = sum(p != 1 and y != 1 for p, y in zip(preds, labels))
+    fp = sum(p == 1 and y != 1 for p, y in zip(preds, labels))
+    return tp, tn, fp, len(labels) - tp - tn - fp
+
+
+def matthews_corrcoef(preds: Sequence[int], labels: Sequence[int]) -> float:
+    """Binary MCC = (tp·tn − fp·fn) / √((tp+fp)(tp+fn)(tn+fp)(tn+fn)); 0 when a margin is empty
+    (sklearn's convention).  matthews_corrcoef([1, 0], [1, 0]) == 1.0"""
+    tp, tn, fp, fn = _confusion(list(preds), list(labels))
+    den = (tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)
+    return (tp * tn - fp * fn) / math.sqrt(den) if den else 0.0
+
+
+def f1_score(preds: Sequence[int], labels: Sequence[int]) -> float:
+    """F1 of class 1 = 2tp / (2tp + fp + fn); 0 when there is no positive at all."""
+    tp, _, fp, fn = _confusion(list(preds), list(labels))
+    return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
+
+
+def pearson(x: Sequence[float], y: Sequence[float]) -> float:
+    """Pearson's r; 0 when either side is constant (r is undefined there).
+    pearson([1, 2], [3, 5]) == 1.0"""
+    if min(x) == max(x) or min(y) == max(y):
+        return 0.0
+    n = len(x)
+    mx, my = math.fsum(x) / n, math.fsum(y) / n
+    sxy = math.fsum((a - mx) * (b - my) for a, b in zip(x, y))
+    sxx = math.fsum((a - mx) ** 2 for a in x)
+    syy = math.fsum((b - my) ** 2 for b in y)
+    return sxy / math.sqrt(sxx * syy)
+
+
+def _ranks(x: Sequence[float]) -> list[float]:
+    """1-based ranks; ties share the average of the ranks they span.
+    _ranks([5, 1, 5]) == [2.5, 1.0, 2.5]"""
+    order = sorted(range(len(x)), key=lambda i: x[i])
+    r = [0.0] * len(x)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and x[order[j + 1]] == x[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            r[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return r
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's ρ = Pearson's r of the average ranks."""
+    return pearson(_ranks(x), _ranks(y))
+
+
+def compute_metrics(task: str, preds, labels) -> dict[str, float]:
+    """The GLUE metrics of a task: accuracy (all classification tasks), plus MCC (CoLA) or
+    F1 of class 1 (MRPC, QQP); Pearson and Spearman for STS-B. preds are class ids
+    (STS-B: scores), as lists or 1-D tensors."""
+    spec = task_spec(task)
+    p, y = _as_list(preds), _as_list(labels)
+    if len(p) != len(y) or not p:
+        raise ValueError(f"got {len(p)} predictions for {len(y)} labels: need equal, non-zero "
+                         "lengths")
+    if spec.labels is None:
+        return {"pearson": pearson(p, y), "spearman": spearman(p, y)}
+    out = {"accuracy": sum(a == b for a, b in zip(p, y)) / len(y)}
+    if "mcc" in spec.metrics:
+        out["mcc"] = matthews_corrcoef(p, y)
+    if "f1" in spec.metrics:
+        out["f1"] = f1_score(p, y)
+    return out

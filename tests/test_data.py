@@ -1,0 +1,510 @@
+"""Tests for data/glue.py (reader, metrics, batching) and data/planted.py (the planted task).
+
+Oracles: GLUE rows written in tmp_path in the exact download_glue_data.py formats; metrics
+against numbers derived by hand in the docstrings and against slow numpy references; planted
+updates checked with torch.linalg.matrix_rank / svdvals on the teacher-minus-base weights.
+Run: .venv/bin/python -m pytest tests/test_data.py -q
+"""
+
+import copy
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import given
+from hypothesis import strategies as st
+
+from data.glue import (TASKS, Example, batches, compute_metrics, f1_score, load_glue,
+                       matthews_corrcoef, pearson, spearman, task_spec)
+from data.planted import plant, planted_loss, random_batch, rank_recovery, recovery
+from lora import add_lora
+
+SST2 = Path(__file__).resolve().parents[1].parent / "shared/data/glue/SST-2"
+
+# -----------------------------------------------------------------------------
+# GLUE files exactly as download_glue_data.py ships them (rows shortened from the real data)
+
+MNLI_HEAD = ("index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\t"
+             "sentence1_parse\tsentence2_parse\tsentence1\tsentence2")
+STSB_HEAD = ("index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\t"
+             "score")
+FILES = {  # task: (folder, file name, text, expected first two examples)
+    "sst2": ("SST-2", "train.tsv",
+             "sentence\tlabel\nit 's a charming journey . \t1\n\" bleak \t0\n",
+             [Example("it 's a charming journey . ", None, 1), Example('" bleak ', None, 0)]),
+    "cola": ("CoLA", "train.tsv",
+             "gj04\t1\t\tOur friends won't buy this.\ngj04\t0\t*\tThey drank the pub \"dry\".\n",
+             [Example("Our friends won't buy this.", None, 1),
+              Example('They drank the pub "dry".', None, 0)]),
+    "rte": ("RTE", "dev.tsv",
+            "index\tsentence1\tsentence2\tlabel\n0\tDana \"won\".\tDana won.\tentailment\n"
+            "1\tA cat.\tA dog.\tnot_entailment\n",
+            [Example('Dana "won".', "Dana won.", 0), Example("A cat.", "A dog.", 1)]),
+    "mrpc": ("MRPC", "train.tsv",
+             "\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"
+             "1\t702876\t702977\tAmrozi called \" the witness \" .\tHe said \" the witness \" .\n"
+             "0\t2108705\t2108831\tYucaipa owned Dominick 's .\tYucaipa bought it .\n",
+             [Example('Amrozi called " the witness " .', 'He said " the witness " .', 1),
+              Example("Yucaipa owned Dominick 's .", "Yucaipa bought it .", 0)]),
+    "qnli": ("QNLI", "dev.tsv",
+             "index\tquestion\tsentence\tlabel\n0\tWhat came?\tThe law came.\tentailment\n"
+             "1\tWho?\tNobody knows.\tnot_entailment\n",
+             [Example("What came?", "The law came.", 0), Example("Who?", "Nobody knows.", 1)]),
+    "qqp": ("QQP", "train.tsv",
+            "id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate\n"
+            "133273\t213221\t213222\tHow is life?\tWhat is jlpt5?\t0\n"
+            "402555\t536040\t536041\tHow do I win?\tHow can I win?\t1\n",
+            [Example("How is life?", "What is jlpt5?", 0),
+             Example("How do I win?", "How can I win?", 1)]),
+    "mnli": ("MNLI", "dev_matched.tsv",  # dev has label1..label5 then gold_label: 16 fields
+             MNLI_HEAD + "\tlabel1\tlabel2\tlabel3\tlabel4\tlabel5\tgold_label\n"
+             "0\t31193\t31193n\tgovernment\t( a )\t( b )\t(ROOT a)\t(ROOT b)\tConceptually cream."
+             "\tProduct and geography.\tneutral\tentailment\tneutral\tneutral\tneutral\tneutral\n"
+             "1\t1\t1e\ttelephone\t( a )\t( b )\t(ROOT a)\t(ROOT b)\tYes.\tNo.\tcontradiction"
+             "\tcontradiction\tcontradiction\tcontradiction\tcontradiction\tcontradiction\n",
+             [Example("Conceptually cream.", "Product and geography.", 1),
+              Example("Yes.", "No.", 2)]),
+    "stsb": ("STS-B", "dev.tsv",
+             STSB_HEAD + "\n0\tmain-captions\tMSRvid\t2012test\t0001\tnone\tnone\t"
+             "A plane is taking off.\tAn air plane is taking off.\t5.000\n"
+             "1\tmain-captions\tMSRvid\t2012test\t0004\tnone\tnone\tA man.\tA cat.\t0.500\n",
+             [Example("A plane is taking off.", "An air plane is taking off.", 5.0),
+              Example("A man.", "A cat.", 0.5)]),
+}
+
+
+def _write(root: Path, task: str, text: str | None = None, crlf: bool = False) -> Path:
+    folder, name, default, _ = FILES[task]
+    path = root / folder / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = default if text is None else text
+    path.write_bytes((text.replace("\n", "\r\n") if crlf else text).encode("utf-8"))
+    return path
+
+
+def _split(task: str) -> str:
+    return "train" if FILES[task][1] == "train.tsv" else "dev"
+
+
+@pytest.mark.parametrize("crlf", [False, True])
+@pytest.mark.parametrize("task", list(FILES))
+def test_load_glue_reads_every_task_format(tmp_path, task, crlf):
+    """Header/no header, BOM, pairs, string and float labels, bare quotes, CRLF."""
+    path = _write(tmp_path, task, crlf=crlf)
+    got = load_glue(task, path.parent, _split(task))
+    assert got == FILES[task][3]
+    assert all(type(e.label) is (float if task == "stsb" else int) for e in got)
+
+
+def test_load_glue_accepts_glue_root_and_folder_names(tmp_path):
+    _write(tmp_path, "mnli")
+    assert load_glue("MNLI", tmp_path, "dev") == load_glue("mnli", tmp_path / "MNLI", "dev")
+    assert task_spec("STS-B") is TASKS["stsb"] and task_spec("sst-2") is TASKS["sst2"]
+
+
+def test_load_glue_reads_mnli_train_with_fewer_label_columns(tmp_path):
+    """MNLI train.tsv has one annotator label then gold_label (12 fields), dev has 16."""
+    text = (MNLI_HEAD + "\tlabel1\tgold_label\n"
+            "0\t1\t1e\tfiction\ta\tb\tc\td\tP.\tH.\tentailment\tentailment\n")
+    (tmp_path / "train.tsv").write_text(text)
+    assert load_glue("mnli", tmp_path, "train") == [Example("P.", "H.", 0)]
+
+
+@pytest.mark.parametrize("task, row", [
+    ("sst2", "a\tb\t1"), ("sst2", "no label"), ("cola", "gj04\t1\tOnly three."),
+    ("rte", "2\tA.\tentailment"), ("mrpc", "1\t1\t2\tA\tB\tC"), ("mnli", "0\tx\tentailment"),
+    ("stsb", "0\tA.\tB.\t1.0"),
+])
+def test_load_glue_rejects_wrong_field_count_naming_file_line(tmp_path, task, row):
+    text = FILES[task][2].rstrip("\n") + "\n" + row + "\n"
+    path = _write(tmp_path, task, text)
+    line = text.count("\n")
+    with pytest.raises(ValueError, match=rf"{path.name}:{line}: expected \d+ tab-separated"):
+        load_glue(task, path.parent, _split(task))
+
+
+@pytest.mark.parametrize("task, old, new", [
+    ("sst2", "\t0\n", "\t2\n"), ("cola", "gj04\t0", "gj04\tx"),
+    ("rte", "\tnot_entailment", "\tneutral"),
+    ("mrpc", "\n0\t2108705", "\n1.0\t2108705"), ("qqp", "\t1\n", "\tyes\n"),
+    ("mnli", "\tcontradiction\n", "\t-\n"), ("stsb", "\t0.500\n", "\tfive\n"),
+    ("stsb", "\t0.500\n", "\t5.5\n"), ("stsb", "\t0.500\n", "\tnan\n"),
+])
+def test_load_glue_rejects_bad_label_naming_file_line(tmp_path, task, old, new):
+    """The bad label is on the last data row: line 3, or line 2 for CoLA (no header)."""
+    text = FILES[task][2]
+    assert old in text
+    path = _write(tmp_path, task, text.replace(old, new))
+    line = 2 if task == "cola" else 3
+    with pytest.raises(ValueError, match=rf"{path.name}:{line}: (label|score) "):
+        load_glue(task, path.parent, _split(task))
+
+
+def test_load_glue_checks_header_and_bom(tmp_path):
+    """MRPC's BOM must not end up in the header; a header without the label column is refused."""
+    path = _write(tmp_path, "mrpc")
+    assert path.read_bytes().startswith(b"\xef\xbb\xbf")
+    assert len(load_glue("mrpc", path.parent, "train")) == 2
+    _write(tmp_path, "sst2", "index\tsentence\n0\tgood\n")  # SST-2's test.tsv header
+    with pytest.raises(ValueError, match=r"train.tsv:1: header"):
+        load_glue("sst2", tmp_path / "SST-2", "train")
+
+
+def test_load_glue_errors_name_the_fix(tmp_path):
+    with pytest.raises(ValueError, match="sst2, cola, rte, mrpc, qnli, qqp, mnli, stsb"):
+        load_glue("squad", tmp_path, "train")
+    with pytest.raises(ValueError, match="'train' or 'dev'"):
+        load_glue("sst2", tmp_path, "test")
+    with pytest.raises(FileNotFoundError, match=r"nope.*download_glue_data"):
+        load_glue("sst2", tmp_path / "nope", "train")
+    with pytest.raises(FileNotFoundError, match=r"dev_matched.tsv not found.*download_glue_data"):
+        load_glue("mnli", tmp_path, "dev")
+
+
+def test_load_glue_real_sst2():
+    """The byte-exact GLUE SST-2 release (shared/data/README.md): row and label counts."""
+    if not (SST2 / "train.tsv").is_file():
+        pytest.skip(f"GLUE SST-2 not found at {SST2}")
+    for split, n, counts in (("train", 67_349, (29_780, 37_569)), ("dev", 872, (428, 444))):
+        rows = load_glue("sst2", SST2, split)
+        assert len(rows) == n
+        assert (sum(e.label == 0 for e in rows), sum(e.label == 1 for e in rows)) == counts
+    assert rows[0] == Example("it 's a charming and often affecting journey . ", None, 1)
+
+
+# -----------------------------------------------------------------------------
+# metrics
+
+
+def test_metrics_hand_computed_mcc_f1_accuracy():
+    """preds/labels below give tp=3, tn=4, fp=1, fn=2 (class 1 positive). Then
+    MCC = (3·4 − 1·2)/√((3+1)(3+2)(4+1)(4+2)) = 10/√600, F1 = 2·3/(2·3+1+2) = 2/3, acc = 7/10."""
+    labels = [1, 1, 1, 1, 1, 0, 0, 0, 0, 0]
+    preds = [1, 1, 1, 0, 0, 1, 0, 0, 0, 0]
+    cola = compute_metrics("cola", preds, labels)
+    assert cola == pytest.approx({"mcc": 10 / math.sqrt(600), "accuracy": 0.7})
+    mrpc = compute_metrics("mrpc", torch.tensor(preds), torch.tensor(labels))
+    assert mrpc == pytest.approx({"f1": 2 / 3, "accuracy": 0.7})
+    assert compute_metrics("rte", preds, labels) == pytest.approx({"accuracy": 0.7})
+    assert matthews_corrcoef([1, 1], [1, 0]) == 0.0  # a constant prediction: empty margin
+
+
+def test_metrics_hand_computed_pearson_spearman_with_ties():
+    """x=[1,2,3], y=[1,2,4]: dx=[-1,0,1], dy=[-4/3,-1/3,5/3], Σdxdy=3, Σdx²=2, Σdy²=14/3,
+    r = 3/√(28/3) = √(27/28). Spearman with ties: x=[1,2,2,3] has average ranks [1,2.5,2.5,4],
+    y=[1,3,2,4] ranks [1,3,2,4]; centred: [-1.5,0,0,1.5], [-1.5,.5,-.5,1.5] give
+    ρ = 4.5/√(4.5·5) = √0.9."""
+    assert pearson([1, 2, 3], [1, 2, 4]) == pytest.approx(math.sqrt(27 / 28))
+    assert spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(math.sqrt(0.9))
+    got = compute_metrics("stsb", [1.0, 2.0, 2.0, 3.0], [1.0, 3.0, 2.0, 4.0])
+    assert got["spearman"] == pytest.approx(math.sqrt(0.9))
+    assert pearson([0.1] * 3, [1, 2, 3]) == 0.0  # constant side: undefined, reported as 0
+
+
+def _ranks_reference(x: np.ndarray) -> np.ndarray:
+    """Average rank, by definition: 1 + #smaller + (#equal − 1)/2."""
+    return np.array([1 + (x < v).sum() + ((x == v).sum() - 1) / 2 for v in x])
+
+
+values = st.lists(st.integers(-5, 5), min_size=2, max_size=30)  # small range: many ties
+
+
+@given(st.data())
+def test_correlations_match_numpy_reference(data):
+    x = data.draw(values)
+    y = data.draw(st.lists(st.integers(-5, 5), min_size=len(x), max_size=len(x)))
+    xa, ya = np.array(x, float), np.array(y, float)
+    if xa.std() == 0 or ya.std() == 0:
+        assert pearson(x, y) == spearman(x, y) == 0.0
+        return
+    assert pearson(x, y) == pytest.approx(np.corrcoef(xa, ya)[0, 1], abs=1e-12)
+    ref = np.corrcoef(_ranks_reference(xa), _ranks_reference(ya))[0, 1]
+    assert spearman(x, y) == pytest.approx(ref, abs=1e-12)
+    assert -1 - 1e-12 <= spearman(x, y) <= 1 + 1e-12
+
+
+@given(values)
+def test_spearman_invariant_to_monotone_transforms(x):
+    y = list(range(len(x)))
+    fx = [v ** 3 + 2 * v for v in x]  # strictly increasing, changes spacing
+    assert spearman(fx, y) == pytest.approx(spearman(x, y), abs=1e-12)
+    assert spearman([-v for v in x], y) == pytest.approx(-spearman(x, y), abs=1e-12)
+
+
+bits = st.lists(st.tuples(st.integers(0, 1), st.integers(0, 1)), min_size=1, max_size=40)
+
+
+@given(bits)
+def test_binary_metrics_bounded_and_match_torch_reference(pairs):
+    p, y = [a for a, _ in pairs], [b for _, b in pairs]
+    pt, yt = torch.tensor(p, dtype=torch.float64), torch.tensor(y, dtype=torch.float64)
+    mcc, f1 = matthews_corrcoef(p, y), f1_score(p, y)
+    assert -1 <= mcc <= 1 and 0 <= f1 <= 1
+    if pt.min() < pt.max() and yt.min() < yt.max():
+        assert mcc == pytest.approx(torch.corrcoef(torch.stack([pt, yt]))[0, 1].item())
+    tp = (pt * yt).sum().item()
+    if pt.sum() + yt.sum() > 0:
+        assert f1 == pytest.approx(2 * tp / (pt.sum() + yt.sum()).item())
+    assert compute_metrics("sst2", p, y)["accuracy"] == (pt == yt).double().mean().item()
+
+
+def test_compute_metrics_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="3 predictions for 2 labels"):
+        compute_metrics("sst2", [0, 1, 1], [0, 1])
+    with pytest.raises(ValueError, match="argmax"):
+        compute_metrics("sst2", torch.zeros(2, 2), [0, 1])
+
+
+# -----------------------------------------------------------------------------
+# batching
+
+
+class StubTokenizer:
+    """Words -> ids (a growing vocabulary), padded with 0 to the longest row; records texts."""
+
+    def __init__(self):
+        self.vocab: dict[str, int] = {}
+        self.seen: list[tuple[str, str | None]] = []
+
+    def batch(self, texts, pairs=None, max_len=128):
+        pairs = pairs or [None] * len(texts)
+        self.seen += list(zip(texts, pairs))
+        rows = [[self.vocab.setdefault(w, len(self.vocab) + 1)
+                 for w in (a + " " + (b or "")).split()][:max_len] for a, b in zip(texts, pairs)]
+        T = max(len(r) for r in rows)
+        ids = torch.tensor([r + [0] * (T - len(r)) for r in rows])
+        return {"input_ids": ids, "token_type_ids": torch.zeros_like(ids),
+                "attention_mask": (ids != 0).long()}
+
+
+def _examples(n: int, pair: bool = False, score: bool = False) -> list[Example]:
+    return [Example(f"s{i} " + "w " * (i % 4), f"t{i}" if pair else None,
+                    i / 4 if score else i % 2) for i in range(n)]
+
+
+def test_batches_cover_every_example_once_and_follow_the_seed():
+    ex = _examples(23)
+    orders = []
+    for seed in (0, 0, 1):
+        tok = StubTokenizer()
+        out = list(batches(ex, tok, batch_size=5, max_len=16,
+                           generator=torch.Generator().manual_seed(seed)))
+        assert [len(b["labels"]) for b in out] == [5, 5, 5, 5, 3]
+        assert sorted(tok.seen) == sorted((e.text_a, e.text_b) for e in ex)
+        orders.append(tok.seen)
+    assert orders[0] == orders[1] and orders[0] != orders[2]
+    plain = StubTokenizer()
+    list(batches(ex, plain, 5, 16, generator=None, shuffle=False))
+    assert plain.seen == [(e.text_a, None) for e in ex]
+
+
+def test_batches_add_labels_and_pass_pairs():
+    """Parse -> tokenise -> batch: labels ride along in the same order as the rows."""
+    tok = StubTokenizer()
+    (b,) = batches(_examples(4, pair=True, score=True), tok, 8, 3, None, shuffle=False)
+    assert b["labels"].dtype == torch.float32 and b["labels"].tolist() == [0, 0.25, 0.5, 0.75]
+    assert tok.seen[1] == ("s1 w ", "t1") and b["input_ids"].shape[1] <= 3
+    (b,) = batches(_examples(4), StubTokenizer(), 8, 16, None, shuffle=False)
+    assert b["labels"].dtype == torch.long and b["labels"].tolist() == [0, 1, 0, 1]
+    assert set(b) == {"input_ids", "token_type_ids", "attention_mask", "labels"}
+
+
+def test_batches_reject_bad_arguments():
+    with pytest.raises(ValueError, match="batch_size=0"):
+        next(batches(_examples(3), StubTokenizer(), 0, 8, torch.Generator()))
+    with pytest.raises(ValueError, match="manual_seed"):
+        next(batches(_examples(3), StubTokenizer(), 2, 8, None))
+    with pytest.raises(ValueError, match="mix"):
+        next(batches(_examples(2) + _examples(2, pair=True), StubTokenizer(), 2, 8, None, False))
+
+
+# -----------------------------------------------------------------------------
+# planted task
+
+
+class Tiny(nn.Module):
+    """Embedding + residual Linears with BERT-like names and forward signature."""
+
+    def __init__(self, vocab: int = 50, d: int = 8):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.query = nn.Linear(d, d)
+        self.value = nn.Linear(d, d)
+        self.up = nn.Linear(d, 2 * d)
+        self.down = nn.Linear(2 * d, d)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+        h = self.embed(input_ids)  # (B, T, C)
+        h = h + torch.tanh(self.query(h)) * torch.sigmoid(self.value(h))
+        h = h + self.down(torch.relu(self.up(h)))
+        return h, h[:, 0]
+
+
+NAMES = ["query", "value", "up", "down"]
+
+
+def test_plant_changes_exactly_the_planted_matrices_with_stated_ranks():
+    """ΔW* = teacher − base: rank r with r equal singular values, ‖ΔW*‖_F = scale·‖W‖_F, and
+    every other tensor (other Linears, biases, embedding) is untouched, as is the base."""
+    base = Tiny()
+    before = copy.deepcopy(base.state_dict())
+    teacher, planted = plant(base, NAMES, n_planted=2, rank=[1, 3], scale=0.3,
+                             generator=torch.Generator().manual_seed(0))
+    assert len(planted) == 2 and sorted(planted.values()) == [1, 3] and set(planted) <= set(NAMES)
+    t_sd, b_sd = teacher.state_dict(), base.state_dict()
+    for key, w in b_sd.items():
+        torch.testing.assert_close(w, before[key], rtol=0, atol=0)
+        name = key.rsplit(".", 1)[0]
+        delta = t_sd[key] - w
+        if name in planted and key.endswith("weight"):
+            assert torch.linalg.matrix_rank(delta).item() == planted[name]
+            s = torch.linalg.svdvals(delta)[: planted[name]]
+            torch.testing.assert_close(s, s[:1].expand_as(s), rtol=1e-4, atol=0)
+            assert delta.norm().item() == pytest.approx(0.3 * w.norm().item(), rel=1e-4)
+        else:
+            assert torch.equal(delta, torch.zeros_like(delta)), key
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_plant_draws_names_from_the_generator():
+    """Same seed -> same teacher; over seeds every name gets planted (not just the first)."""
+    base = Tiny()
+
+    def run(seed):
+        return plant(base, NAMES, n_planted=1, generator=torch.Generator().manual_seed(seed))
+    (t1, p1), (t2, p2) = run(3), run(3)
+    assert p1 == p2 and all(torch.equal(a, b) for a, b in
+                            zip(t1.state_dict().values(), t2.state_dict().values()))
+    seen = set()
+    for seed in range(40):
+        seen |= set(run(seed)[1])
+    assert seen == set(NAMES)
+    all_linears = plant(Tiny(), None, n_planted=4, rank=1, generator=torch.Generator())[1]
+    assert set(all_linears) == set(NAMES)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"names": ["embed"]}, "nn.Linear"), ({"n_planted": 5}, "n_planted=5"),
+    ({"rank": [1, 2]}, "2 entries"), ({"rank": 9}, "rank 9"), ({"scale": 0.0}, "scale=0.0"),
+])
+def test_plant_rejects_bad_arguments(kwargs, match):
+    kwargs = {"names": NAMES, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        plant(Tiny(), **kwargs, generator=torch.Generator())
+
+
+def test_random_batch_is_valid_and_reproducible():
+    g = torch.Generator().manual_seed(0)
+    b = random_batch(50, 64, 10, generator=g)
+    ids, mask = b["input_ids"], b["attention_mask"]
+    lengths = mask.sum(1)
+    assert ids.shape == mask.shape == b["token_type_ids"].shape == (64, 10)
+    assert lengths.min() >= 5 and lengths.max() == 10 and lengths.unique().numel() > 1
+    assert torch.equal(mask, (torch.arange(10) < lengths[:, None]).long())  # right padding
+    assert ids[mask == 1].min() >= 1 and ids[mask == 1].max() < 50
+    assert (ids[mask == 0] == 0).all() and (b["token_type_ids"] == 0).all()
+    again = random_batch(50, 64, 10, generator=torch.Generator().manual_seed(0))
+    assert all(torch.equal(b[k], again[k]) for k in b)
+
+
+def test_planted_loss_zero_on_teacher_positive_for_student_at_init():
+    """The student is base + LoRA with B = 0, i.e. the base function: it misses ΔW*."""
+    g = torch.Generator().manual_seed(0)
+    base = Tiny()
+    teacher, _ = plant(base, NAMES, n_planted=2, generator=g)
+    batch = random_batch(50, 4, 12, generator=g)
+    assert planted_loss(teacher, teacher, batch).item() == 0.0
+    add_lora(base, NAMES, r=4, alpha=8)
+    loss = planted_loss(base, teacher, batch)
+    assert loss.item() > 1e-6 and loss.requires_grad
+
+
+def test_planted_loss_equals_masked_reference_loop():
+    """Mean over valid tokens and channels, by an explicit loop; padded positions ignored."""
+    g = torch.Generator().manual_seed(1)
+    student, (teacher, _) = Tiny(), plant(Tiny(), NAMES, generator=g)
+    batch = random_batch(50, 3, 9, generator=g)
+    hs, ht = student(**batch)[0].detach(), teacher(**batch)[0]
+    terms = [((hs[i, t] - ht[i, t]) ** 2).mean() for i in range(3) for t in range(9)
+             if batch["attention_mask"][i, t]]
+    torch.testing.assert_close(planted_loss(student, teacher, batch), torch.stack(terms).mean())
+
+
+def test_planted_task_is_learnable_by_lora():
+    """A rank-r student trained briefly on random batches closes most of the gap."""
+    g = torch.Generator().manual_seed(0)
+    student = Tiny()
+    teacher, planted = plant(student, NAMES, n_planted=2, rank=2, scale=0.3, generator=g)
+    add_lora(student, NAMES, r=2, alpha=2, generator=g)
+    opt = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=1e-2)
+    test = random_batch(50, 64, 12, generator=g)
+    start = planted_loss(student, teacher, test).item()
+    for _ in range(150):
+        loss = planted_loss(student, teacher, random_batch(50, 16, 12, generator=g))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert planted_loss(student, teacher, test).item() < 0.2 * start
+
+
+def test_planted_with_bert_model_if_available():
+    models = pytest.importorskip("models")
+    if not all(hasattr(models, n) for n in ("BertModel", "BertConfig", "TINY")):
+        pytest.skip("models has no BertModel/BertConfig/TINY yet")
+    torch.manual_seed(0)
+    base = models.BertModel(models.TINY)
+    names = [n for n, m in base.named_modules() if isinstance(m, nn.Linear)
+             and n.startswith("encoder.")]
+    g = torch.Generator().manual_seed(0)
+    teacher, planted = plant(base, names, n_planted=3, rank=2, generator=g)
+    base.eval()
+    batch = random_batch(models.TINY.vocab_size, 2, 8, generator=g)
+    assert planted_loss(teacher, teacher, batch).item() == 0.0
+    assert planted_loss(base, teacher, batch).item() > 0.0
+
+
+# -----------------------------------------------------------------------------
+# recovery
+
+
+def test_recovery_hand_made_scores():
+    """Top-2 of a>b>c>d is {a, b}; planted {a, c}: 1 hit, precision 1/2, chance 2·2/4 = 1.
+    Tie at the cut: a > b = c = d, planted {a, b}, k = 2: a is in, and the one remaining slot
+    goes to a 3-way tie holding 1 planted matrix: 1 + 1/3 hits."""
+    r = recovery({"a": 3, "b": 2, "c": 1, "d": 0}, {"a": 4, "c": 4})
+    assert r == {"k": 2, "hits": 1.0, "precision": 0.5, "recall": 0.5, "chance_hits": 1.0}
+    tie = recovery({"a": 3.0, "b": 1.0, "c": 1.0, "d": 1.0}, {"a": 1, "b": 1})
+    assert tie["hits"] == pytest.approx(4 / 3)
+    assert recovery({"a": 3, "b": 2, "c": 1}, {"a": 4, "c": 4}, k=3)["hits"] == 2
+
+
+@given(st.integers(1, 12), st.data())
+def test_recovery_constant_scores_are_chance_and_hits_are_bounded(m, data):
+    names = [f"m{i}" for i in range(m)]
+    planted = {n: 1 for n in data.draw(st.sets(st.sampled_from(names), min_size=1))}
+    k = data.draw(st.integers(1, m))
+    flat = recovery(dict.fromkeys(names, 0.5), planted, k)
+    assert flat["hits"] == pytest.approx(flat["chance_hits"])
+    scores = dict(zip(names, data.draw(st.lists(st.integers(0, 3), min_size=m, max_size=m))))
+    r = recovery(scores, planted, k)
+    assert -1e-9 <= r["hits"] <= min(k, len(planted)) + 1e-9
+
+
+def test_recovery_rejects_bad_input():
+    with pytest.raises(ValueError, match=r"\['z'\]"):
+        recovery({"a": 1.0}, {"z": 2})
+    with pytest.raises(ValueError, match="k=3"):
+        recovery({"a": 1.0, "b": 2.0}, {"a": 2}, k=3)
+    with pytest.raises(ValueError, match="finite"):
+        recovery({"a": math.nan}, {"a": 2})
+
+
+def test_rank_recovery_hand_made():
+    """ranks a=8, b=4, c=2, d=2 with planted {a: 4, c: 4}: planted mean (8+2)/2 = 5, other
+    mean (4+2)/2 = 3, share 10/16, chance 2/4, covered 1 (a: 8 >= 4; c: 2 < 4)."""
+    r = rank_recovery({"a": 8, "b": 4, "c": 2, "d": 2}, {"a": 4, "c": 4})
+    assert r == {"mean_rank_planted": 5.0, "mean_rank_other": 3.0, "share_planted": 0.625,
+                 "chance_share": 0.5, "covered": 1}
