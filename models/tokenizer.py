@@ -1,0 +1,236 @@
+"""BERT's WordPiece tokenizer, from vocab.txt, written from scratch (no transformers/tokenizers).
+
+    tok = WordPieceTokenizer.from_file("vocab.txt")          # uncased: lower-case, strip accents
+    tok.tokenize("Héllo, unaffable world!")  # ['hello', ',', 'una', '##ffa', '##ble', 'world', '!']
+    batch = tok.batch(sentences, pairs=None, max_len=128)    # input_ids, token_type_ids, attention_mask
+
+Two stages, as in BERT's tokenization.py and HF's BertNormalizer + BertPreTokenizer + WordPiece:
+  1. basic: drop \\x00, \\ufffd and control characters (Unicode C*), map whitespace to " ", put spaces
+     around CJK ideographs, lower-case and strip accents (NFD, drop Mn) for uncased vocabularies,
+     split on whitespace and on punctuation (ASCII 33-47, 58-64, 91-96, 123-126 and Unicode P*);
+  2. WordPiece: greedy longest-match-first per word, continuations prefixed "##"; a word longer
+     than 100 characters, or with a piece that matches nothing, becomes [UNK] as a whole.
+Pairs are truncated longest-first exactly as HF's (Rust) tokenizers do, and encoded as
+[CLS] a [SEP] b [SEP] with token types 0…0 1…1.
+
+References:
+    BERT: Devlin et al. 2018, arXiv:1810.04805; https://github.com/google-research/bert/blob/master/tokenization.py
+    WordPiece: Wu et al. 2016, arXiv:1609.08144.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import unicodedata
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
+MAX_CHARS_PER_WORD = 100
+
+# the CJK Unified Ideographs blocks BERT splits into single characters
+_CJK = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F),
+        (0x2B740, 0x2B81F), (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))
+
+# for the `tiny` model: every lower-case ASCII word tokenizes (letters and ##letters), common
+# English and sentiment words are whole tokens, so GLUE text runs end to end
+_TINY_WORDS = """
+the a an and or but not no of to in on at for with by from as is are was were be been being it
+its this that these those he she they we you i me my your his her their our them him us there
+here what which who whom whose when where why how all any some each every both few more most
+other such only own same so than too very can will just should would could may might must do
+does did done have has had having get got make made go going went gone come came see seen say
+said know think take give find tell work call try ask need feel become leave put mean keep let
+begin seem help show hear play run move like live believe bring happen write sit stand lose pay
+meet include continue set learn change lead understand watch follow stop create speak read
+film movie story character characters director actor actors performance performances plot
+script scene scenes screen comedy drama action thriller horror romance audience time life
+love world people man woman way day year years thing things one two three first new old good
+great best better bad worse worst funny fun boring dull long short little big real true
+beautiful charming moving touching powerful brilliant clever smart witty sweet warm rich
+fresh original entertaining enjoyable interesting engaging compelling wonderful perfect
+stupid silly awful terrible mess mediocre predictable pretentious tedious flat empty weak
+lame well much many even never ever also still yet again enough rather quite really
+nothing something everything anything while because if though although about into over after
+before through during without between under up down out off then now
+"""
+_ASCII_PUNCT = "".join(chr(c) for c in range(33, 127) if not chr(c).isalnum())
+
+
+def tiny_vocab() -> list[str]:
+    """A ~400-token vocab.txt-like list for the `tiny` model: specials, ASCII punctuation, digits,
+    letters, their ## continuations and a few hundred common words.  tiny_vocab()[:2] == [PAD, UNK]"""
+    chars = list(_ASCII_PUNCT) + list("0123456789abcdefghijklmnopqrstuvwxyz")
+    words = [w for w in dict.fromkeys(_TINY_WORDS.split()) if w not in chars]
+    return [PAD, UNK, CLS, SEP, MASK] + chars + ["##" + c for c in chars if c.isalnum()] + words
+
+
+def _is_control(ch: str) -> bool:
+    return ch not in "\t\n\r" and unicodedata.category(ch).startswith("C")
+
+
+def _is_punctuation(ch: str) -> bool:
+    """BERT's definition: ASCII non-alphanumerics (e.g. $ ^ `), which Unicode files as symbols,
+    plus every Unicode P* character."""
+    return ch in _ASCII_PUNCT or unicodedata.category(ch).startswith("P")
+
+
+def _is_cjk(ch: str) -> bool:
+    return any(lo <= ord(ch) <= hi for lo, hi in _CJK)
+
+
+def _strip_accents(text: str) -> str:
+    """NFD, then drop the combining marks.  _strip_accents("héllo") == "hello" """
+    return "".join(c for c in unicodedata.normalize("NFD", text) if unicodedata.category(c) != "Mn")
+
+
+class _CharTable(dict):
+    """A str.translate table that computes code point -> replacement on first use and caches it,
+    so the per-character Unicode lookups run once per distinct character, not per occurrence."""
+
+    def __init__(self, fn: Callable[[str], str]):
+        super().__init__()
+        self.fn = fn
+
+    def __missing__(self, cp: int) -> str:
+        self[cp] = out = self.fn(chr(cp))
+        return out
+
+
+_PUNCT_TABLE = _CharTable(lambda ch: f" {ch} " if _is_punctuation(ch) else ch)
+
+
+def _truncate(a: list[int], b: list[int] | None, budget: int) -> tuple[list[int], list[int] | None]:
+    """Longest-first, as HF tokenizers (Rust) truncate a pair: if the shorter sequence fits in
+    half the budget it is kept whole and the longer one is cut to the rest; otherwise the longer
+    gets ⌈budget/2⌉ tokens, the other ⌊budget/2⌋ (on a tie the second is "longer").
+    _truncate([1]*5, [2]*5, 7) -> 3 and 4 tokens;  _truncate([1]*6, [2]*5, 7) -> 4 and 3"""
+    if b is None:
+        return a[:budget], None
+    if len(a) + len(b) <= budget:
+        return a, b
+    short = min(len(a), len(b))
+    if short <= budget - short:
+        keep_a, keep_b = (short, budget - short) if len(a) == short else (budget - short, short)
+    else:
+        half = budget // 2
+        keep_a, keep_b = (budget - half, half) if len(a) > len(b) else (half, budget - half)
+    return a[:keep_a], b[:keep_b]
+
+
+# -----------------------------------------------------------------------------
+
+
+class WordPieceTokenizer:
+    """vocab: the tokens of vocab.txt in id order; it must contain [PAD], [UNK], [CLS], [SEP].
+    do_lower_case: lower-case (uncased vocabularies); strip_accents: None follows do_lower_case."""
+
+    def __init__(self, vocab: Sequence[str], do_lower_case: bool = True,
+                 strip_accents: bool | None = None):
+        self.vocab = {tok: i for i, tok in enumerate(vocab)}
+        missing = [t for t in (PAD, UNK, CLS, SEP) if t not in self.vocab]
+        if missing:
+            raise ValueError(f"vocab lacks the special tokens {missing}: add them to vocab.txt")
+        self.pad_id, self.unk_id = self.vocab[PAD], self.vocab[UNK]
+        self.cls_id, self.sep_id = self.vocab[CLS], self.vocab[SEP]
+        self.do_lower_case = do_lower_case
+        self.strip_accents = do_lower_case if strip_accents is None else strip_accents
+        self._clean_table = _CharTable(self._clean_char)
+        # SST-2 has ~15k distinct words in 67k rows: split each once
+        self._word_pieces = functools.lru_cache(maxsize=1 << 17)(self._split_word)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, do_lower_case: bool = True,
+                  strip_accents: bool | None = None) -> WordPieceTokenizer:
+        """One token per line, the line number is the id (BERT's vocab.txt)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"vocab file {path} not found")
+        vocab = path.read_text(encoding="utf-8").split("\n")
+        if vocab and vocab[-1] == "":
+            vocab.pop()  # the final newline
+        return cls(vocab, do_lower_case, strip_accents)
+
+    def __len__(self) -> int:
+        return len(self.vocab)
+
+    def _clean_char(self, ch: str) -> str:
+        if ch in "\x00\ufffd" or _is_control(ch):
+            return ""
+        if ch.isspace():
+            return " "
+        if _is_cjk(ch):
+            return f" {ch} "
+        # per character like HF's Rust normalizer (no final-sigma context)
+        return ch.lower() if self.do_lower_case else ch
+
+    def basic_tokenize(self, text: str) -> list[str]:
+        """Stage 1, before WordPiece.  basic_tokenize("Héllo,world") == ["hello", ",", "world"]"""
+        text = text.translate(self._clean_table)
+        if self.strip_accents and not text.isascii():
+            text = _strip_accents(text)
+        return text.translate(_PUNCT_TABLE).split()
+
+    def _split_word(self, word: str) -> tuple[str, ...]:
+        if len(word) > MAX_CHARS_PER_WORD:
+            return (UNK,)
+        pieces, start = [], 0
+        while start < len(word):
+            for end in range(len(word), start, -1):  # longest match first
+                piece = word[start:end] if start == 0 else "##" + word[start:end]
+                if piece in self.vocab:
+                    break
+            else:
+                return (UNK,)
+            pieces.append(piece)
+            start = end
+        return tuple(pieces)
+
+    def tokenize(self, text: str) -> list[str]:
+        """tokenize("unaffable") == ["una", "##ffa", "##ble"] with BERT's uncased vocab."""
+        return [p for word in self.basic_tokenize(text) for p in self._word_pieces(word)]
+
+    def convert_tokens_to_ids(self, tokens: Sequence[str]) -> list[int]:
+        return [self.vocab.get(t, self.unk_id) for t in tokens]
+
+    def encode(self, text: str, pair: str | None = None,
+               max_len: int | None = None) -> tuple[list[int], list[int]]:
+        """[CLS] text [SEP] (pair [SEP]) -> (ids, token_type_ids), at most max_len tokens."""
+        a = self.convert_tokens_to_ids(self.tokenize(text))
+        b = None if pair is None else self.convert_tokens_to_ids(self.tokenize(pair))
+        if max_len is not None:
+            n_special = 2 if b is None else 3
+            if max_len < n_special:
+                raise ValueError(f"max_len={max_len} leaves no room for the {n_special} special "
+                                 f"tokens: use max_len >= {n_special}")
+            a, b = _truncate(a, b, max_len - n_special)
+        ids = [self.cls_id, *a, self.sep_id]
+        types = [0] * len(ids)
+        if b is not None:
+            ids += [*b, self.sep_id]
+            types += [1] * (len(b) + 1)
+        return ids, types
+
+    def batch(self, texts: Sequence[str], pairs: Sequence[str] | None = None,
+              max_len: int = 128) -> dict[str, torch.Tensor]:
+        """Encode and pad to the longest row of this batch: input_ids, token_type_ids and
+        attention_mask (1 = token, 0 = padding), each a (B, T) LongTensor."""
+        if isinstance(texts, str):
+            raise ValueError("texts is a single string: pass a list of strings")
+        if len(texts) == 0:
+            raise ValueError("texts is empty: pass at least one string")
+        if pairs is not None and len(pairs) != len(texts):
+            raise ValueError(f"{len(texts)} texts but {len(pairs)} pairs: pass one pair per text")
+        rows = [self.encode(t, None if pairs is None else pairs[i], max_len)
+                for i, t in enumerate(texts)]
+        T = max(len(ids) for ids, _ in rows)
+        pad = [T - len(ids) for ids, _ in rows]
+        return {
+            "input_ids": torch.tensor([ids + [self.pad_id] * n for (ids, _), n in zip(rows, pad)]),
+            "token_type_ids": torch.tensor([tt + [0] * n for (_, tt), n in zip(rows, pad)]),
+            "attention_mask": torch.tensor([[1] * len(ids) + [0] * n
+                                            for (ids, _), n in zip(rows, pad)]),
+        }
