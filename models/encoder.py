@@ -1,7 +1,7 @@
 """A BERT-family encoder written from scratch, with Hugging Face's module names.
 
     from models.encoder import TINY, BertForSequenceClassification
-    model = BertForSequenceClassification(TINY, num_labels=2, generator=torch.Generator().manual_seed(0))
+    model = BertForSequenceClassification(TINY, num_labels=2, generator=torch.Generator())
     logits = model(input_ids, attention_mask, token_type_ids)       # (B, num_labels)
 
 Every submodule carries the name it has in transformers' BertModel / BertForSequenceClassification
@@ -15,8 +15,9 @@ One block is BERT's post-LN transformer layer with exact (erf) GELU:
     y = LN(h + Drop(W_2 · GELU(W_1 h)))
 
 References:
-    BERT: Devlin et al. 2018, arXiv:1810.04805.   Transformer: Vaswani et al. 2017, arXiv:1706.03762.
-    HF reference: https://github.com/huggingface/transformers/blob/main/src/transformers/models/bert/modeling_bert.py
+    BERT: Devlin et al. 2018, arXiv:1810.04805.  Transformer: Vaswani et al. 2017, arXiv:1706.03762.
+    HF reference: https://github.com/huggingface/transformers/blob/main/
+                  src/transformers/models/bert/modeling_bert.py
 """
 
 from __future__ import annotations
@@ -66,8 +67,8 @@ class BertConfig:
         checks = {"model_type": "bert", "hidden_act": "gelu", "position_embedding_type": "absolute"}
         for key, supported in checks.items():
             if d.get(key, supported) != supported:
-                raise ValueError(f"config {key}={d[key]!r} is not supported: this encoder implements "
-                                 f"{key}={supported!r} only (exact erf GELU, absolute positions)")
+                raise ValueError(f"config {key}={d[key]!r} is not supported: this encoder "
+                                 f"implements {key}={supported!r} only")
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 

@@ -1,11 +1,11 @@
 """BERT's WordPiece tokenizer, from vocab.txt, written from scratch (no transformers/tokenizers).
 
-    tok = WordPieceTokenizer.from_file("vocab.txt")          # uncased: lower-case, strip accents
-    tok.tokenize("Héllo, unaffable world!")  # ['hello', ',', 'una', '##ffa', '##ble', 'world', '!']
-    batch = tok.batch(sentences, pairs=None, max_len=128)    # input_ids, token_type_ids, attention_mask
+    tok = WordPieceTokenizer.from_file("vocab.txt")    # uncased: lower-case, strip accents
+    tok.tokenize("Héllo, unaffable!")   # ['hello', ',', 'una', '##ffa', '##ble', '!']
+    batch = tok.batch(sentences, pairs=None, max_len=128)   # input_ids, token_type_ids, mask
 
 Two stages, as in BERT's tokenization.py and HF's BertNormalizer + BertPreTokenizer + WordPiece:
-  1. basic: drop \\x00, \\ufffd and control characters (Unicode C*), map whitespace to " ", put spaces
+  1. basic: drop \\x00, \\ufffd and control characters (Unicode C* but \\t \\n \\r), put spaces
      around CJK ideographs, lower-case and strip accents (NFD, drop Mn) for uncased vocabularies,
      split on whitespace and on punctuation (ASCII 33-47, 58-64, 91-96, 123-126 and Unicode P*);
   2. WordPiece: greedy longest-match-first per word, continuations prefixed "##"; a word longer
@@ -14,7 +14,8 @@ Pairs are truncated longest-first exactly as HF's (Rust) tokenizers do, and enco
 [CLS] a [SEP] b [SEP] with token types 0…0 1…1.
 
 References:
-    BERT: Devlin et al. 2018, arXiv:1810.04805; https://github.com/google-research/bert/blob/master/tokenization.py
+    BERT: Devlin et al. 2018, arXiv:1810.04805;
+          https://github.com/google-research/bert/blob/master/tokenization.py
     WordPiece: Wu et al. 2016, arXiv:1609.08144.
 """
 
@@ -38,31 +39,23 @@ _CJK = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73
 # for the `tiny` model: every lower-case ASCII word tokenizes (letters and ##letters), common
 # English and sentiment words are whole tokens, so GLUE text runs end to end
 _TINY_WORDS = """
-the a an and or but not no of to in on at for with by from as is are was were be been being it
-its this that these those he she they we you i me my your his her their our them him us there
-here what which who whom whose when where why how all any some each every both few more most
-other such only own same so than too very can will just should would could may might must do
-does did done have has had having get got make made go going went gone come came see seen say
-said know think take give find tell work call try ask need feel become leave put mean keep let
-begin seem help show hear play run move like live believe bring happen write sit stand lose pay
-meet include continue set learn change lead understand watch follow stop create speak read
-film movie story character characters director actor actors performance performances plot
-script scene scenes screen comedy drama action thriller horror romance audience time life
-love world people man woman way day year years thing things one two three first new old good
-great best better bad worse worst funny fun boring dull long short little big real true
-beautiful charming moving touching powerful brilliant clever smart witty sweet warm rich
-fresh original entertaining enjoyable interesting engaging compelling wonderful perfect
-stupid silly awful terrible mess mediocre predictable pretentious tedious flat empty weak
-lame well much many even never ever also still yet again enough rather quite really
-nothing something everything anything while because if though although about into over after
-before through during without between under up down out off then now
+the a an and or but not no of to in on at for with by from as is are was were be been it its
+this that these he she they we you i me my his her their them there here what which who when
+where why how all any some more most other such only so than too very can will just would could
+do does did have has had get make made go come see say know think take give find work like
+film movie story characters director actors performance plot script scene comedy drama action
+audience time life love world people man way one two first new old good great best better bad
+worst funny fun boring dull long little big real beautiful charming moving powerful brilliant
+clever smart sweet fresh original entertaining enjoyable interesting wonderful perfect stupid
+silly awful terrible mess predictable tedious flat weak well much many even never also still
+nothing something while because if about into over after through without up out off then now
 """
 _ASCII_PUNCT = "".join(chr(c) for c in range(33, 127) if not chr(c).isalnum())
 
 
 def tiny_vocab() -> list[str]:
-    """A ~400-token vocab.txt-like list for the `tiny` model: specials, ASCII punctuation, digits,
-    letters, their ## continuations and a few hundred common words.  tiny_vocab()[:2] == [PAD, UNK]"""
+    """A ~300-token vocab.txt-like list for the `tiny` model: specials, ASCII punctuation, digits,
+    letters, their ## continuations and common words.  tiny_vocab()[:2] == [PAD, UNK]"""
     chars = list(_ASCII_PUNCT) + list("0123456789abcdefghijklmnopqrstuvwxyz")
     words = [w for w in dict.fromkeys(_TINY_WORDS.split()) if w not in chars]
     return [PAD, UNK, CLS, SEP, MASK] + chars + ["##" + c for c in chars if c.isalnum()] + words
@@ -84,7 +77,8 @@ def _is_cjk(ch: str) -> bool:
 
 def _strip_accents(text: str) -> str:
     """NFD, then drop the combining marks.  _strip_accents("héllo") == "hello" """
-    return "".join(c for c in unicodedata.normalize("NFD", text) if unicodedata.category(c) != "Mn")
+    text = unicodedata.normalize("NFD", text)
+    return "".join(c for c in text if unicodedata.category(c) != "Mn")
 
 
 class _CharTable(dict):
@@ -149,9 +143,7 @@ class WordPieceTokenizer:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"vocab file {path} not found")
-        vocab = path.read_text(encoding="utf-8").split("\n")
-        if vocab and vocab[-1] == "":
-            vocab.pop()  # the final newline
+        vocab = path.read_text(encoding="utf-8").removesuffix("\n").split("\n")
         return cls(vocab, do_lower_case, strip_accents)
 
     def __len__(self) -> int:
@@ -159,9 +151,7 @@ class WordPieceTokenizer:
 
     def _clean_char(self, ch: str) -> str:
         if ch in "\x00\ufffd" or _is_control(ch):
-            return ""
-        if ch.isspace():
-            return " "
+            return ""  # \t \n \r are not "control": they stay, and str.split() splits on them
         if _is_cjk(ch):
             return f" {ch} "
         # per character like HF's Rust normalizer (no final-sigma context)
