@@ -41,8 +41,11 @@ def plant(model: nn.Module, names: Sequence[str] | None = None, n_planted: int =
     Gaussian), so ΔW*_m has rank exactly r and r equal singular values. σ_m is set so that
     ‖ΔW*_m‖_F = scale · ‖W_m‖_F: for isotropic layer inputs the planted update moves the layer's
     output by `scale` of its RMS. The default 0.1 is a clear signal that a rank-r LoRA can fit,
-    yet small next to the base layer. `rank` is one int or one per planted matrix (in draw
-    order). Returns (teacher, {name: planted rank}); `model` is not modified."""
+    yet small next to the base layer. On a randomly initialised encoder the residual stream and
+    LayerNorms damp it: on models.TINY (std-0.02 init) scale 0.1 with three rank-4 plants gives
+    a final-hidden MSE near 1e-5 against unit hidden variance, so read the loss relative to its
+    value at init. `rank` is one int or one per planted matrix (in draw order).
+    Returns (teacher, {name: planted rank}); `model` is not modified."""
     weights = _weights(model)
     names = list(weights) if names is None else list(names)
     unknown = [n for n in names if n not in weights]

@@ -1,4 +1,4 @@
-"""Tests for data/glue.py (reader, metrics, batching) and data/planted.py (the planted task).
+"""Tests for data/glue.py (reader, batching), data/metrics.py and data/planted.py.
 
 Oracles: GLUE rows written in tmp_path in the exact download_glue_data.py formats; metrics
 against numbers derived by hand in the docstrings and against slow numpy references; planted
@@ -17,8 +17,8 @@ import torch.nn as nn
 from hypothesis import given
 from hypothesis import strategies as st
 
-from data.glue import (TASKS, Example, batches, compute_metrics, f1_score, load_glue,
-                       matthews_corrcoef, pearson, spearman, task_spec)
+from data.glue import TASKS, Example, batches, compute_metrics, load_glue, task_spec
+from data.metrics import f1_score, matthews_corrcoef, pearson, spearman
 from data.planted import plant, planted_loss, random_batch, rank_recovery, recovery
 from lora import add_lora
 
@@ -508,3 +508,4 @@ def test_rank_recovery_hand_made():
     r = rank_recovery({"a": 8, "b": 4, "c": 2, "d": 2}, {"a": 4, "c": 4})
     assert r == {"mean_rank_planted": 5.0, "mean_rank_other": 3.0, "share_planted": 0.625,
                  "chance_share": 0.5, "covered": 1}
+    assert rank_recovery({"a": 4, "b": 1}, {"a": 4})["covered"] == 1  # exactly its rank counts
