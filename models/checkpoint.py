@@ -42,6 +42,10 @@ class LoadInfo:
     ignored: list[str]  # checkpoint keys not loaded
 
 
+def _names(keys: list[str], n: int = 20) -> str:
+    return f"{keys[:n]}" + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
+
+
 def _required(folder: Path, name: str) -> Path:
     if not (folder / name).is_file():
         raise FileNotFoundError(f"{folder / name} not found: an HF model folder needs {name}")
@@ -69,8 +73,8 @@ def load_state_dict_into(model: nn.Module,
                          sd: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
     """Copy an HF BERT checkpoint into our BertModel or BertForSequenceClassification after
     checking every key and shape. Returns (fresh model keys, ignored checkpoint keys)."""
-    prefix = "bert." if isinstance(model, BertForSequenceClassification) else ""
     has_head = isinstance(model, BertForSequenceClassification)
+    prefix = "bert." if has_head else ""
     target = model.state_dict()
     mapped, ignored = {}, []
     for key, value in sd.items():
@@ -93,8 +97,9 @@ def load_state_dict_into(model: nn.Module,
     missing = [k for k in missing if k not in fresh]
     unexpected = [k for k in mapped if k not in target]
     if missing or unexpected:
-        raise ValueError(f"checkpoint does not fit {type(model).__name__}: missing keys {missing}, "
-                         f"unexpected keys {unexpected} (is it a BERT checkpoint of this config?)")
+        raise ValueError(f"checkpoint does not fit {type(model).__name__}: missing keys "
+                         f"{_names(missing)}, unexpected keys {_names(unexpected)} "
+                         "(is it a BERT checkpoint of this config.json?)")
     bad = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(target[k].shape)}"
            for k, v in mapped.items() if v.shape != target[k].shape or not v.is_floating_point()]
     if bad:
