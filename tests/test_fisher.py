@@ -1,0 +1,368 @@
+"""fimlora sections 1, 3 and 4 (Fisher statistics, FIM-LoRA init, FW-LoRA) against explicit loops.
+
+Oracles: per-batch and per-example `.backward()` loops on a copy of the model (efim, variance,
+per-example Fisher), the dense ‖∂L/∂W‖²_F read from W.grad, the dense Σ(1 − I)‖s·B@A‖²_F, and one
+process over the union of the batches of two gloo ranks. Tiny float64 models, CPU only.
+
+Run: .venv/bin/python -m pytest tests/test_fisher.py -q
+"""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fimlora import (allocate_ranks, fisher_scores, fw_penalty, fw_track, fw_update, importances,
+                     initialize_fim_ranks)
+from lora import add_lora, lora_layers, lora_scaling
+
+TARGETS = ["query", "value", "classifier"]
+
+
+class Tiny(nn.Module):
+    """Embedding -> masked single-head attention (query) -> value -> masked mean -> classifier.
+
+    Padded keys are masked out and padded positions are left out of the pooled mean, so a
+    padded example's logits equal those of the same example without padding."""
+
+    def __init__(self, vocab=13, d=6, h=5, n_cls=3):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.query = nn.Linear(d, d)
+        self.value = nn.Linear(d, h)
+        self.classifier = nn.Linear(h, n_cls)
+
+    def forward(self, ids, mask):
+        x = self.emb(ids)  # (N, T, d)
+        att = self.query(x) @ x.transpose(1, 2) / math.sqrt(x.shape[-1])  # (N, T, T)
+        att = att.masked_fill(~mask[:, None, :], float("-inf")).softmax(-1)
+        v = torch.tanh(self.value(att @ x))  # (N, T, h)
+        m = mask[..., None].to(v.dtype)
+        return self.classifier((v * m).sum(1) / m.sum(1))  # (N, n_cls)
+
+
+def loss_fn(model, batch):
+    """Mean over examples of each example's own cross-entropy: L = (1/N) Σ_n ℓ_n."""
+    ids, mask, y = batch
+    return F.cross_entropy(model(ids, mask), y)
+
+
+def make_model(r=2, alpha=4.0, rslora=False, seed=0, random_B=False):
+    torch.manual_seed(seed)
+    model = Tiny().double()
+    add_lora(model, TARGETS, r=r, alpha=alpha, rslora=rslora)
+    if random_B:
+        with torch.no_grad():
+            for layer in lora_layers(model).values():
+                layer.lora_B.copy_(torch.randn_like(layer.lora_B))
+    return model
+
+
+def make_batches(n, N=4, T=5, seed=1):
+    """n batches of N padded sequences with lengths in 1..T (pad id 0)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        lengths = torch.randint(1, T + 1, (N,), generator=g)
+        mask = torch.arange(T)[None, :] < lengths[:, None]  # (N, T)
+        ids = torch.randint(1, 13, (N, T), generator=g).masked_fill(~mask, 0)
+        out.append((ids, mask, torch.randint(0, 3, (N,), generator=g)))
+    return out
+
+
+def b_grads(model, batch):
+    """Gradients of loss_fn w.r.t. every lora_B, by an ordinary backward on a copy."""
+    m = copy.deepcopy(model)
+    for layer in lora_layers(m).values():
+        layer.lora_B.requires_grad_(True)
+    loss_fn(m, batch).backward()
+    return {n: layer.lora_B.grad.clone() for n, layer in lora_layers(m).items()}
+
+
+def stacked(grad_dicts):
+    return {n: torch.stack([g[n] for g in grad_dicts]) for n in grad_dicts[0]}
+
+
+def assert_stats(result, F_ref):
+    for n, ref in F_ref.items():
+        torch.testing.assert_close(result["fisher"][n], ref.float(), rtol=1e-5, atol=1e-9)
+        assert result["scores"][n] == pytest.approx(ref.mean().item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("random_B", [False, True])
+def test_efim_equals_mean_of_squared_batch_gradients(random_B):
+    model, batches = make_model(random_B=random_B), make_batches(3)
+    G = stacked([b_grads(model, b) for b in batches])  # (K, d_out, r) per layer
+    result = fisher_scores(model, batches, loss_fn)
+    assert_stats(result, {n: g.square().mean(0) for n, g in G.items()})
+    assert result["count"] == 3
+    assert all(s > 0 for s in result["scores"].values())  # B is scored: nonzero even at B = 0
+
+
+def test_n_batches_takes_the_first_batches_of_an_iterator():
+    model, batches = make_model(), make_batches(4)
+    G = stacked([b_grads(model, b) for b in batches[:2]])
+    result = fisher_scores(model, iter(batches), loss_fn, n_batches=2)
+    assert result["count"] == 2
+    assert_stats(result, {n: g.square().mean(0) for n, g in G.items()})
+
+
+def test_variance_is_centred_second_moment_of_batch_gradients():
+    model, batches = make_model(random_B=True), make_batches(4)
+    G = stacked([b_grads(model, b) for b in batches])
+    result = fisher_scores(model, batches, loss_fn, score="variance")
+    assert_stats(result, {n: g.var(0, unbiased=False) for n, g in G.items()})
+
+
+@pytest.mark.parametrize("chunk", [None, 1])
+@pytest.mark.parametrize("score", ["efim", "variance"])
+def test_per_example_equals_loop_over_unpadded_examples(score, chunk, monkeypatch):
+    """Oracle: each example alone, without its padding, as a batch of one."""
+    if chunk is not None:
+        monkeypatch.setattr("fimlora._CHUNK", chunk)  # one example per chunk
+    model, batches = make_model(random_B=True), make_batches(3)
+    per_example = []
+    for ids, mask, y in batches:
+        for n in range(len(y)):
+            t = int(mask[n].sum())
+            per_example.append(b_grads(model, (ids[n:n + 1, :t], mask[n:n + 1, :t], y[n:n + 1])))
+    G = stacked(per_example)
+    result = fisher_scores(model, batches, loss_fn, score=score, per_example=True)
+    assert result["count"] == 12
+    ref = {n: g.square().mean(0) if score == "efim" else g.var(0, unbiased=False)
+           for n, g in G.items()}
+    assert_stats(result, ref)
+
+
+def test_per_example_rejects_a_layer_called_twice():
+    model = nn.Sequential(nn.Linear(3, 3))
+    add_lora(model, ["0"], r=1, alpha=1)
+    layer = model[0]
+    with pytest.raises(ValueError, match="twice"):
+        fisher_scores(model, [torch.randn(2, 3)], lambda m, x: layer(layer(x)).sum(),
+                      per_example=True)
+    assert not layer._forward_hooks and not layer.dropout._forward_hooks
+
+
+def model_state(model):
+    return ([(n, p.requires_grad, p.grad) for n, p in model.named_parameters()],
+            [(n, m.training) for n, m in model.named_modules()],
+            [(n, len(m._forward_hooks)) for n, m in model.named_modules()])
+
+
+@pytest.mark.parametrize("per_example", [False, True])
+@pytest.mark.parametrize("fails", [False, True])
+def test_calibration_leaves_model_grads_and_modes_as_found(per_example, fails):
+    model, batches = make_model(random_B=True), make_batches(3)
+    layers = lora_layers(model)
+    layers["query"].lora_A.requires_grad_(False)  # B trainable, A frozen
+    layers["value"].lora_B.requires_grad_(False)  # the caller froze this B
+    for p in model.classifier.parameters():  # a trainable head with a pre-existing .grad
+        p.requires_grad_(True)
+        p.grad = torch.full_like(p, 0.5)
+    layers["query"].lora_B.grad = torch.full_like(layers["query"].lora_B, 2.0)
+    model.eval()
+    model.query.train()
+    before = model_state(model)
+    grads = {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
+    calls = []
+
+    def flaky_loss(m, batch):
+        calls.append(1)
+        m.train()  # even a loss_fn that flips the mode gets undone
+        if fails and len(calls) == 2:
+            raise RuntimeError("data error")
+        return loss_fn(m, batch)
+
+    if fails:
+        with pytest.raises(RuntimeError, match="data error"):
+            fisher_scores(model, batches, flaky_loss, per_example=per_example)
+    else:
+        fisher_scores(model, batches, flaky_loss, per_example=per_example)
+    after = model_state(model)
+    assert [x[:2] for x in after[0]] == [x[:2] for x in before[0]]
+    assert all(a[2] is b[2] for a, b in zip(after[0], before[0]))  # the same .grad tensors
+    for n, p in model.named_parameters():
+        if grads[n] is not None:
+            torch.testing.assert_close(p.grad, grads[n], rtol=0, atol=0)
+    assert after[1:] == before[1:]  # modes, and every hook removed
+
+
+@pytest.mark.parametrize("score", ["efim", "variance"])
+def test_memory_report_counts_the_accumulators(score):
+    model = make_model()
+    result = fisher_scores(model, make_batches(2), loss_fn, score=score)
+    per_copy = 4 * sum(layer.out_features * layer.r for layer in lora_layers(model).values())
+    assert result["bytes"] == per_copy * (2 if score == "variance" else 1)
+    n_params = sum(p.numel() for p in model.parameters())
+    assert result["memory_ratio"] == pytest.approx(result["bytes"] / (4 * n_params))
+    assert result["seconds"] >= 0
+
+
+# -----------------------------------------------------------------------------
+# FIM-LoRA initialisation
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_initialize_fim_ranks_keeps_function_budget_and_base_scale(rslora):
+    r, alpha = 4, 8.0
+    model, batches = make_model(r=r, alpha=alpha, rslora=rslora), make_batches(3)
+    base_scale = lora_scaling(r, alpha, rslora)
+    ids, mask, _ = batches[0]
+    with torch.no_grad():
+        y0 = model(ids, mask)
+    result = initialize_fim_ranks(model, batches, loss_fn, r_min=1,
+                                  generator=torch.Generator().manual_seed(0))
+    ranks, alphas = result["ranks"], result["alphas"]
+    assert sum(ranks.values()) == r * len(TARGETS)  # default budget r·M
+    assert len(set(ranks.values())) > 1  # a real reallocation, so the alpha rule is exercised
+    assert ranks == allocate_ranks(result["scores"], r * len(TARGETS), 1, 2 * r)
+    for name, layer in lora_layers(model).items():
+        ratio = ranks[name] / r
+        expected = alpha * (math.sqrt(ratio) if rslora else ratio)
+        assert layer.r == ranks[name] and layer.lora_A.shape == (ranks[name], layer.in_features)
+        assert layer.alpha == pytest.approx(expected) and alphas[name] == pytest.approx(expected)
+        assert layer.scaling == pytest.approx(base_scale)
+        assert not layer.lora_B.any()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, mask), y0, rtol=0, atol=0)
+    assert result["bytes"] > 0 and result["seconds"] >= 0
+
+
+def test_initialize_fim_ranks_checks_inputs_before_calibrating():
+    calls = []
+
+    def counting_loss(m, batch):
+        calls.append(1)
+        return loss_fn(m, batch)
+
+    with pytest.raises(ValueError, match="budget"):
+        initialize_fim_ranks(make_model(), make_batches(2), counting_loss, budget=100)
+    with pytest.raises(ValueError, match="B ≠ 0"):
+        initialize_fim_ranks(make_model(random_B=True), make_batches(2), counting_loss)
+    assert not calls
+
+
+# -----------------------------------------------------------------------------
+# FW-LoRA
+
+
+@pytest.mark.parametrize("method", ["direct", "gram", "auto"])
+def test_fw_track_equals_norm_of_real_weight_gradient(method):
+    model, (batch,) = make_model(random_B=True), make_batches(1, N=3, T=4)
+    layers = lora_layers(model)
+    for layer in layers.values():
+        layer.weight.requires_grad_(True)  # only so the oracle W.grad exists
+    with fw_track(model, method=method) as sq_norms:
+        loss_fn(model, batch).backward()
+    for name, layer in layers.items():
+        expected = layer.weight.grad.square().sum()
+        torch.testing.assert_close(sq_norms[name], expected.float(), rtol=1e-5, atol=0)
+        assert not layer._forward_hooks
+    model.zero_grad()
+    with fw_track(model, method=method) as sq_norms:  # two backward passes add up
+        loss_fn(model, batch).backward()
+        loss_fn(model, batch).backward()
+    expected = layers["value"].weight.grad.square().sum() / 4 * 2  # grad doubled; ‖G‖² twice
+    torch.testing.assert_close(sq_norms["value"], expected.float(), rtol=1e-5, atol=0)
+
+
+def dense_penalty(model, I, lam):
+    total = 0.0
+    for name, layer in lora_layers(model).items():
+        dW = layer.scaling * layer.lora_B @ layer.lora_A  # (d_out, d_in)
+        total = total + (1 - I[name]) * dW.square().sum()
+    return lam * total
+
+
+def test_fw_penalty_equals_dense_sum_and_is_zero_at_init():
+    model = make_model(r=3, alpha=5.0)
+    I = {"query": 0.5, "value": 0.3, "classifier": 0.2}
+    assert fw_penalty(model, I).item() == 0.0
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B.copy_(torch.randn_like(layer.lora_B))
+    params = [p for layer in lora_layers(model).values() for p in (layer.lora_A, layer.lora_B)]
+    for p in params:
+        p.requires_grad_(True)
+    got, want = fw_penalty(model, I, lam=0.1), dense_penalty(model, I, 0.1)
+    torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=0)
+    grads_got = torch.autograd.grad(got, params)
+    for g, w in zip(grads_got, torch.autograd.grad(want, params)):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-9)
+    with pytest.raises(ValueError, match="no importance"):
+        fw_penalty(model, {"query": 0.5})
+
+
+positive = st.floats(1e-6, 1e6, allow_nan=False)
+
+
+@given(st.lists(positive, min_size=1, max_size=16))
+def test_importances_sum_to_one_or_peak_at_one(values):
+    F_ = {f"m{i}": torch.tensor(v) for i, v in enumerate(values)}
+    I_sum, I_max = importances(F_), importances(F_, mode="max")
+    assert sum(v.item() for v in I_sum.values()) == pytest.approx(1.0, rel=1e-5)
+    assert max(v.item() for v in I_max.values()) == pytest.approx(1.0, rel=1e-6)
+    top = max(values)
+    for i, v in enumerate(values):
+        assert I_max[f"m{i}"].item() == pytest.approx(v / top, rel=1e-5)
+
+
+@given(st.floats(1e-3, 1e3), st.floats(0.0, 0.999), st.integers(1, 40))
+def test_fw_update_bias_correction_makes_constant_input_exact(c, beta, k):
+    F_ = {}
+    for step in range(1, k + 1):
+        F_ = fw_update(F_, {"q": torch.tensor(c)}, step, beta=beta)
+    assert F_["q"].item() == pytest.approx(c, rel=1e-4)
+
+
+def test_fw_update_equals_raw_ema_divided_by_one_minus_beta_k():
+    beta, g = 0.9, torch.rand(7, dtype=torch.float64) * 10
+    raw, F_ = 0.0, {}
+    for k in range(1, 8):
+        raw = beta * raw + (1 - beta) * g[k - 1]
+        F_ = fw_update(F_, {"q": g[k - 1]}, k, beta=beta)
+        torch.testing.assert_close(F_["q"].double(), raw / (1 - beta ** k), rtol=1e-5, atol=0)
+
+
+# -----------------------------------------------------------------------------
+# torch.distributed: two gloo ranks, each with half of the batches
+
+
+def _dist_worker(rank, world, init_file, out_dir):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    try:
+        batches = make_batches(8)[rank * 4:(rank + 1) * 4]
+        out = {"efim": fisher_scores(make_model(), batches, loss_fn)["scores"],
+               "per_example": fisher_scores(make_model(), batches, loss_fn, score="variance",
+                                            per_example=True)["scores"],
+               "ranks": initialize_fim_ranks(make_model(r=4), batches, loss_fn)["ranks"]}
+        torch.save(out, f"{out_dir}/{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_ranks_agree_with_one_process_over_all_batches(tmp_path):
+    """Rank k scores batches 4k..4k+3; the all-reduced efim is the mean over all 8 batches."""
+    mp.spawn(_dist_worker, args=(2, tmp_path / "init", tmp_path), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"{k}.pt", weights_only=True) for k in (0, 1))
+    assert r0 == r1  # bit-identical on both ranks
+    batches = make_batches(8)
+    one = {"efim": fisher_scores(make_model(), batches, loss_fn)["scores"],
+           "per_example": fisher_scores(make_model(), batches, loss_fn, score="variance",
+                                        per_example=True)["scores"],
+           "ranks": initialize_fim_ranks(make_model(r=4), batches, loss_fn)["ranks"]}
+    for key in ("efim", "per_example"):
+        for name, s in one[key].items():
+            assert r0[key][name] == pytest.approx(s, rel=1e-5)
+    assert r0["ranks"] == one["ranks"]
