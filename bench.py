@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
         "seconds": rows,
         "ratio_to_peft_lora_step": {k: v / ref for k, v in rows.items()} if ref else None,
         "fim_estimator_bytes": res.get("bytes"), "fim_per_example_bytes": res_pe.get("bytes"),
-        "fim_bytes_ratio_to_full_diag_fisher": res.get("bytes_ratio"),
+        "fim_bytes_ratio_to_full_diag_fisher": res.get("memory_ratio"),
     }
     print(f"| benchmark ({args.model}, batch {args.batch_size}x{args.tokens}, "
           f"{result['threads']} threads) | seconds | x PEFT LoRA step |")
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
     for k, v in rows.items():
         print(f"| {k} | {v:.3f} | {v / ref:.2f} |" if ref else f"| {k} | {v:.3f} | - |")
     print(f"FIM estimator memory: {res.get('bytes'):,} bytes "
-          f"({res.get('bytes_ratio', float('nan')):.2e} of a full diagonal Fisher)")
+          f"({res.get("memory_ratio", float("nan")):.2e} of a full diagonal Fisher)")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     write_json(args.out, result)
     return result
