@@ -377,29 +377,42 @@ def adapter_config(model: nn.Module, targets: Iterable[str] = (), seed: int | No
             "scalings": {n: m.scaling for n, m in layers.items()}}
 
 
-def _peft_config(cfg: dict, base_model: str | None) -> dict:
-    """PEFT LoraConfig fields for per-matrix ranks: r = the most common rank, and rank_pattern /
-    alpha_pattern keys anchored and escaped ("^bert\\.encoder\\.layer\\.0\\...") so each key
-    matches exactly one module (methods.md C.3, C.5)."""
-    ranks, alphas = cfg["ranks"], cfg["alphas"]
-    if any(r == 0 for r in ranks.values()):
-        raise ValueError("PEFT cannot represent rank-0 adapters: drop those modules first")
-    r = Counter(ranks.values()).most_common(1)[0][0]
-    common_alpha = Counter(a for n, a in alphas.items() if ranks[n] == r).most_common(1)[0][0]
+def _peft_config(cfg: dict, linears: Sequence[str], base_model: str | None) -> dict:
+    """PEFT LoraConfig fields for per-matrix ranks (methods.md C.3, C.5): r = the most common rank,
+    and rank_pattern / alpha_pattern keys anchored and escaped ("^bert\\.encoder\\.layer\\.0\\...")
+    so each key matches exactly one module under PEFT's rule (_peft_pattern). α_m is written as
+    saved, so PEFT's α_m/r_m (α_m/√r_m with rsLoRA) is the scale used in training. Rank-0 modules
+    are left out of target_modules (PEFT has no rank 0), as are modules the `targets` suffixes
+    would add or miss: then target_modules lists the adapted module names themselves."""
+    ranks, alphas, heads = cfg["ranks"], cfg["alphas"], cfg["heads"]
+    kept = [n for n, r in ranks.items() if r > 0]
+    if not kept:
+        raise ValueError("every LoRA layer has r = 0: there is no adapter to save for PEFT")
+    inside = [n for n in ranks if any(n == h or n.startswith(h + ".") for h in heads)]
+    if inside:
+        raise ValueError(f"LoRA layers {inside[:5]} lie inside heads {list(heads)}: PEFT never "
+                         "adapts modules_to_save; save those heads without LoRA")
+    r = Counter(ranks[n] for n in kept).most_common(1)[0][0]
+    common_alpha = Counter(alphas[n] for n in kept if ranks[n] == r).most_common(1)[0][0]
+    targets = sorted(set(cfg["targets"]))
+    if {n for n in linears if any(_matches(n, t) for t in targets)} != set(kept):
+        targets = kept
     key = lambda n: "^" + re.escape(n)  # noqa: E731
     return {
-        "peft_type": "LORA", "task_type": "SEQ_CLS" if cfg["heads"] else None,
-        "base_model_name_or_path": base_model, "r": r, "lora_alpha": common_alpha,
-        "target_modules": sorted(set(cfg["targets"])) or sorted(ranks),
-        "rank_pattern": {key(n): v for n, v in ranks.items() if v != r},
-        "alpha_pattern": {key(n): a for n, a in alphas.items() if a != common_alpha},
+        "peft_type": "LORA", "base_model_name_or_path": base_model,
+        # SEQ_CLS gives PeftModelForSequenceClassification, which adds "classifier" and "score"
+        # to modules_to_save itself
+        "task_type": "SEQ_CLS" if {"classifier", "score"} & set(heads) else None,
+        "r": r, "lora_alpha": common_alpha, "target_modules": targets,
+        "rank_pattern": {key(n): ranks[n] for n in kept if ranks[n] != r},
+        "alpha_pattern": {key(n): alphas[n] for n in kept if alphas[n] != common_alpha},
         "use_rslora": cfg["rslora"], "lora_dropout": cfg["dropout"], "bias": "none",
-        "fan_in_fan_out": False, "init_lora_weights": True,
-        "modules_to_save": list(cfg["heads"]) or None, "inference_mode": True,
+        "fan_in_fan_out": False, "use_dora": False, "init_lora_weights": True,
+        "modules_to_save": list(heads) or None, "inference_mode": True,
     }
 
 
-def _peft_pattern(pattern: dict, name: str, default: float) -> float:
+def _peft_pattern(pattern: dict | None, name: str, default: float) -> float:
     """PEFT's rank_pattern / alpha_pattern lookup: the first key k with
     re.match(rf"(.*\\.)?({k})$", name) wins (peft/utils/other.py, get_pattern_key)."""
     for key, value in (pattern or {}).items():
@@ -408,17 +421,55 @@ def _peft_pattern(pattern: dict, name: str, default: float) -> float:
     return default
 
 
-def _from_peft(cfg: dict, sd: dict[str, torch.Tensor], layers: dict[str, LoRALinear]):
-    """PEFT tensors and config -> (ranks, alphas, state dict with our keys)."""
-    ours = {}
-    for k, v in sd.items():
-        k = k.removeprefix(PEFT_PREFIX)
-        k = re.sub(r"\.lora_([AB])(\.default)?\.weight$", r".lora_\1", k)
-        k = k.replace(".modules_to_save.default.", ".").replace(".modules_to_save.", ".")
-        ours[k] = v
-    ranks = {n: int(_peft_pattern(cfg.get("rank_pattern"), n, cfg["r"])) for n in layers}
+def _peft_targets(cfg: dict, names: Iterable[str]) -> list[str]:
+    """The names PEFT gives a LoRA layer (peft/tuners/tuners_utils.py, check_target_module_exists):
+    target_modules as a string must re.fullmatch the name, as a list equal it or a dotted suffix of
+    it; exclude_modules removes names by the same rule; modules_to_save are never adapted."""
+    def hit(spec, name: str) -> bool:
+        if isinstance(spec, str):
+            return re.fullmatch(spec, name) is not None
+        return any(_matches(name, k) for k in spec or ())
+
+    saved = list(cfg.get("modules_to_save") or [])
+    saved += ["classifier", "score"] if cfg.get("task_type") == "SEQ_CLS" else []
+    return [n for n in names if hit(cfg.get("target_modules"), n)
+            and not hit(cfg.get("exclude_modules"), n)
+            and not any(re.match(rf"(^|.*\.){m}($|\..*)", n) for m in saved)]
+
+
+# PEFT LoraConfig fields LoRALinear cannot reproduce, each with the values that mean "off"
+_PEFT_OFF = {"use_dora": (False, None), "fan_in_fan_out": (False, None), "bias": ("none", None),
+             "lora_bias": (False, None), "layers_to_transform": (None, []),
+             "layer_replication": (None, []), "target_parameters": (None, []),
+             "trainable_token_indices": (None, {}, [])}
+
+
+def _from_peft(cfg: dict, sd: dict[str, torch.Tensor], model: nn.Module):
+    """PEFT config and tensors -> (ranks, alphas, state dict with our keys) for model's LoRA
+    layers. A LoRA layer the adapter does not target gets r = 0, as in the PEFT model."""
+    for field, off in _PEFT_OFF.items():
+        if cfg.get(field) not in off:
+            raise ValueError(f"PEFT adapter has {field}={cfg[field]!r}, which fimlora's LoRALinear "
+                             f"does not implement (supported: {field}={off[0]!r})")
+    layers = lora_layers(model)
+    linears = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, LoRALinear))]
+    targeted = _peft_targets(cfg, linears)
+    bare = [n for n in targeted if n not in layers]
+    if not targeted or bare:
+        raise ValueError(f"PEFT target_modules={cfg.get('target_modules')!r} selects "
+                         f"{len(targeted)} Linear modules, {bare[:5]} without a LoRA layer: "
+                         "add_lora with the same target modules first")
+    ranks = {n: int(_peft_pattern(cfg.get("rank_pattern"), n, cfg["r"])) if n in targeted else 0
+             for n in layers}
     alphas = {n: float(_peft_pattern(cfg.get("alpha_pattern"), n, cfg["lora_alpha"]))
               for n in layers}
+    ours = {}
+    for k, v in sd.items():  # "base_model.model.<module>.lora_A[.<adapter>].weight"
+        k = re.sub(r"\.lora_([AB])(\.[^.]+)?\.weight$", r".lora_\1", k.removeprefix(PEFT_PREFIX))
+        ours[re.sub(r"\.modules_to_save\.[^.]+\.", ".", k)] = v
+    for n in (n for n, r in ranks.items() if r == 0):
+        ours.setdefault(f"{n}.lora_A", torch.empty(0, layers[n].in_features))
+        ours.setdefault(f"{n}.lora_B", torch.empty(layers[n].out_features, 0))
     return ranks, alphas, ours
 
 
@@ -433,15 +484,19 @@ def save_adapter(path: str | os.PathLike, model: nn.Module, targets: Iterable[st
     loads (keys "base_model.model.<module>.lora_A.weight", heads as modules_to_save)."""
     if format not in ("fimlora", "peft"):
         raise ValueError(f"format={format!r}: use 'fimlora' or 'peft'")
-    targets = list(targets)
+    targets = [targets] if isinstance(targets, str) else list(targets)
     cfg = adapter_config(model, targets, seed, heads)
     sd = lora_state_dict(model, heads)
     if format == "peft":
-        config = _peft_config(cfg, base_model)
+        linears = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, LoRALinear))]
+        config = _peft_config(cfg, linears, base_model)
+        # PEFT's keys carry no adapter name: "<module>.lora_A.weight", and for a head
+        # "classifier.weight", not "classifier.modules_to_save.default.weight"
         tensors = {}
         for k, v in sd.items():
             is_head = any(k.startswith(h + ".") for h in heads)
-            tensors[PEFT_PREFIX + k + ("" if is_head else ".weight")] = v
+            if is_head or v.numel():
+                tensors[PEFT_PREFIX + k + ("" if is_head else ".weight")] = v
     else:
         config, tensors = cfg, sd
     path = Path(path)
@@ -452,9 +507,12 @@ def save_adapter(path: str | os.PathLike, model: nn.Module, targets: Iterable[st
 
 
 def load_adapter(path: str | os.PathLike, model: nn.Module) -> dict:
-    """Load an adapter folder saved by save_adapter (either format) into a model that already
-    has LoRA layers on the same modules (add_lora); layers are resized to the saved ranks and
-    given the saved alphas, so every matrix has the scale it was trained with. Returns the config."""
+    """Load an adapter folder into a model that already has LoRA layers on the same modules
+    (add_lora): ours (save_adapter, either format) or one PEFT wrote (adapter_config.json +
+    adapter_model.safetensors or .bin; rank_pattern / alpha_pattern resolved by PEFT's rule).
+    Layers are resized to the saved ranks and given the saved alphas, so every matrix has the
+    scale it was trained with. Keys and shapes are checked before any layer changes.
+    Returns the config."""
     path = Path(path)
     if not (path / ADAPTER_CONFIG).is_file():
         raise FileNotFoundError(f"{path / ADAPTER_CONFIG} not found: is {path} an adapter folder?")
@@ -469,7 +527,7 @@ def load_adapter(path: str | os.PathLike, model: nn.Module) -> dict:
     if cfg.get("format") == FIMLORA_FORMAT:
         ranks, alphas = cfg["ranks"], cfg["alphas"]
     elif cfg.get("peft_type") == "LORA":
-        ranks, alphas, sd = _from_peft(cfg, sd, layers)
+        ranks, alphas, sd = _from_peft(cfg, sd, model)
         cfg["rslora"] = bool(cfg.get("use_rslora", False))
     else:
         raise ValueError(f"{path / ADAPTER_CONFIG} is neither a {FIMLORA_FORMAT} nor a PEFT "
@@ -479,9 +537,21 @@ def load_adapter(path: str | os.PathLike, model: nn.Module) -> dict:
         raise ValueError(f"adapter modules {unknown[:5]} / model LoRA modules "
                          f"{sorted(set(layers) - set(ranks))[:5]} differ: add_lora with the "
                          f"adapter's targets {cfg.get('targets')} first")
+    params = dict(model.named_parameters())  # every check runs before any layer is resized
+    missing = [f"{n}.lora_{x}" for n in layers for x in "AB" if f"{n}.lora_{x}" not in sd]
+    unexpected = [k for k in sd if k not in params]
+    if missing or unexpected:
+        raise ValueError(f"adapter does not fit the model: missing {missing[:8]}, "
+                         f"unexpected {unexpected[:8]} (check targets and heads)")
     for name, layer in layers.items():
         if layer.rslora != cfg["rslora"]:
             raise ValueError(f"{name}: model rslora={layer.rslora}, adapter {cfg['rslora']}")
+        for k, shape in ((f"{name}.lora_A", (ranks[name], layer.in_features)),
+                         (f"{name}.lora_B", (layer.out_features, ranks[name]))):
+            if tuple(sd[k].shape) != shape:
+                raise ValueError(f"{k} has shape {tuple(sd[k].shape)} but the config gives "
+                                 f"r={ranks[name]}: does a rank_pattern key match {name}? "
+                                 f"(keys name base-model modules, without {PEFT_PREFIX!r})")
     for name, layer in layers.items():
         if layer.r != ranks[name]:
             resize_lora(layer, ranks[name])

@@ -185,6 +185,35 @@ def test_adapter_roundtrip_gives_identical_outputs(tmp_path, fmt):
         assert cfg["seed"] == 123 and cfg["rslora"] is True
 
 
+@pytest.mark.parametrize("field, value", [("use_dora", True), ("fan_in_fan_out", True),
+                                          ("bias", "all"), ("lora_bias", True),
+                                          ("layers_to_transform", [0]), ("peft_type", "LOHA")])
+def test_unsupported_peft_config_raises_naming_the_field(tmp_path, field, value):
+    model = Net()
+    add_lora(model, ["query"], r=2, alpha=4)
+    save_adapter(tmp_path, model, ["query"], format="peft")
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg | {field: value}))
+    with pytest.raises(ValueError, match=field):
+        load_adapter(tmp_path, model)
+
+
+def test_peft_format_leaves_rank_0_layers_out_and_loads_them_as_rank_0(tmp_path):
+    """PEFT has no rank 0: the module is dropped from target_modules, and on load the untargeted
+    LoRA layer gets r = 0 again, so outputs are identical."""
+    model, plain = Net(), Net()
+    plain.load_state_dict(model.state_dict())
+    add_lora(model, ["query", "dense"], r=2, alpha=4, rank_pattern={"block.0.dense": 0})
+    randomize_B(model)
+    save_adapter(tmp_path, model, ["query", "dense"], format="peft")
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["target_modules"] == ["block.0.query", "block.1.query", "block.1.dense"]
+    add_lora(plain, ["query", "dense"], r=2, alpha=4)
+    load_adapter(tmp_path, plain)
+    x = torch.randn(3, 6)
+    assert plain.block[0]["dense"].r == 0 and torch.equal(plain(x), model(x))
+
+
 def test_load_state_dict_checks_shapes_before_writing():
     model = Net()
     add_lora(model, ["query"], r=2, alpha=4)
