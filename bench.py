@@ -2,6 +2,7 @@
 
     python bench.py                 # writes runs/bench.json and prints a markdown table
     python bench.py --steps 5 --model tiny --no-peers     # quick, no peers needed
+    python bench.py --planted 5     # planted-task measurement: score recovery, fim vs lora loss
 
 Every row is timed in the same process on the same batch (interleaved, median of --steps
 repeats after --warmup), so the ratios are meaningful even when absolute times drift.
@@ -61,6 +62,39 @@ def hf(m, b):
              token_type_ids=b["token_type_ids"]).logits
 
 
+def planted_study(seeds: int, steps: int, out: str) -> dict:
+    """The planted-task measurement over seeds: top-k recovery of each Fisher score and the final
+    loss (relative to B = 0) of lora vs fim (each score) at the same rank budget."""
+    import train
+    configs = {"lora": ["--method", "lora"], "fim efim": ["--method", "fim"],
+               "fim variance": ["--method", "fim", "--score", "variance"],
+               "fim per-example": ["--method", "fim", "--per-example"]}
+    rows: dict[str, list] = {k: [] for k in configs}
+    recovery: dict[str, list] = {}
+    for seed in range(seeds):
+        for name, extra in configs.items():
+            res = train.main([*extra, "--seed", str(seed), "--steps", str(steps), "--log-every",
+                              str(steps), "--out", f"runs/planted/{name.replace(' ', '_')}-s{seed}"])
+            rows[name].append(res["metrics"]["loss_ratio"])
+            if name == "fim efim":
+                for score, rec in res["planted_recovery"].items():
+                    if score != "ranks":
+                        recovery.setdefault(score, []).append(rec["hits"])
+                recovery.setdefault("chance", []).append(res["planted_recovery"]["efim"]["chance_hits"])
+    print(f"\n| planted task, {seeds} seeds | final loss / loss at B=0 (mean) | per seed |")
+    print("|---|---:|---|")
+    for k, v in rows.items():
+        print(f"| {k} | {statistics.mean(v):.4f} | {', '.join(f'{x:.4f}' for x in v)} |")
+    print(f"\n| score | planted matrices in top-k (mean over seeds) | per seed |")
+    print("|---|---:|---|")
+    for k, v in recovery.items():
+        print(f"| {k} | {statistics.mean(v):.2f} | {', '.join(f'{x:g}' for x in v)} |")
+    result = {"seeds": seeds, "steps": steps, "loss_ratio": rows, "top_k_hits": recovery}
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    write_json(out, result)
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description="fimlora speed/memory benchmark")
     p.add_argument("--model", default="minilm")
@@ -71,7 +105,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--no-peers", action="store_true", help="skip transformers / peft rows")
     p.add_argument("--out", default="runs/bench.json")
+    p.add_argument("--planted", type=int, default=0, metavar="SEEDS",
+                   help="instead: the planted-task measurement over this many seeds")
+    p.add_argument("--planted-steps", type=int, default=300)
     args = p.parse_args(argv)
+    if args.planted:
+        return planted_study(args.planted, args.planted_steps, "runs/planted.json")
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
     base, tok = load_model(args.model, num_labels=2, generator=gen)
@@ -142,7 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
     for k, v in rows.items():
         print(f"| {k} | {v:.3f} | {v / ref:.2f} |" if ref else f"| {k} | {v:.3f} | - |")
     print(f"FIM estimator memory: {res.get('bytes'):,} bytes "
-          f"({res.get("memory_ratio", float("nan")):.2e} of a full diagonal Fisher)")
+          f"({res.get('memory_ratio', float('nan')):.2e} of a full diagonal Fisher)")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     write_json(args.out, result)
     return result

@@ -15,10 +15,12 @@ References:
 from __future__ import annotations
 
 import contextlib
+import heapq
 import itertools
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
+from fractions import Fraction
 
 import torch
 import torch.nn as nn
@@ -258,8 +260,6 @@ def _continuous_ranks(
     left as if their scores were equal. All-zero scores count as equal scores.
     Example: _continuous_ranks({"q": 1.0, "v": 4.0}, 10, 0, 10) == {"q": 2, "v": 8}.
     """
-    from fractions import Fraction
-
     names = list(scores)
     kappa = [1 if costs is None else costs[n] for n in names]
     s_max = max(scores.values())
@@ -309,8 +309,6 @@ def allocate_ranks(
     Σ κ_m·r_min).
     Example: allocate_ranks({"q": 1.0, "v": 4.0}, budget=6, r_min=0, r_max=10) == {"q": 1, "v": 5}.
     """
-    import heapq  # stdlib; local so that this section is self-contained
-
     names = list(scores)
     M = len(names)
     if M == 0:

@@ -162,9 +162,9 @@ def glue_task(args, device, gen):
             return F.mse_loss(logits.squeeze(-1), batch["labels"])
         return F.cross_entropy(logits, batch["labels"])
 
-    def train_batches():
-        for epoch in itertools.count():
-            yield from glue.batches(train, tok, args.batch_size, args.max_len, gen)
+    def train_batches(g: torch.Generator):
+        while True:
+            yield from glue.batches(train, tok, args.batch_size, args.max_len, g)
 
     @torch.no_grad()
     def evaluate(m: nn.Module) -> dict:
@@ -203,9 +203,9 @@ def planted_task(args, device, gen):
         with autocast(device):
             return planted.planted_loss(m, teacher, to_device(batch, device)).float()
 
-    def train_batches():
+    def train_batches(g: torch.Generator):
         while True:
-            yield make_batch(gen)
+            yield make_batch(g)
 
     eval_gen = torch.Generator().manual_seed(args.seed + 1)
     eval_set = [make_batch(eval_gen) for _ in range(8)]
@@ -298,12 +298,15 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"model: {args.model}, {n_params(model, False):,} parameters; LoRA on {len(names)} "
           f"matrices ({', '.join(targets)}), r={args.r}, alpha={args.alpha:g}"
           f"{', rsLoRA' if args.rslora else ''}")
-    batches = train_batches()
+    batches = train_batches(gen)
+    # calibration draws its own batches from the training set, so that every method then trains
+    # on the same data order
+    calib_batches = train_batches(torch.Generator().manual_seed(args.seed + 2))
     report: dict = {}
 
     t0 = time.perf_counter()
     if args.method in ("fim", "fim+da"):
-        calib = list(itertools.islice(batches, args.calib_batches))
+        calib = list(itertools.islice(calib_batches, args.calib_batches))
         res = fimlora.initialize_fim_ranks(
             model, calib, loss_fn, r_min=args.r_min, r_max=args.r_max, score=args.score,
             n_batches=args.calib_batches, per_example=args.per_example, power=args.power,
@@ -313,7 +316,7 @@ def main(argv: list[str] | None = None) -> dict:
         print("FIM-LoRA scores: " + ", ".join(f"{n}={s:.3g}" for n, s in res["scores"].items()))
     if args.method in ("da", "fim+da"):
         n = max(1, math.ceil(args.da_samples / args.batch_size))
-        da_batches = list(itertools.islice(batches, n))
+        da_batches = list(itertools.islice(calib_batches, n))
         res = fimlora.lorada_init(model, da_batches, loss_fn, n_samples=args.da_samples,
                                   beta=args.da_beta, gamma=args.da_gamma,
                                   population_size=n_train)
