@@ -272,6 +272,7 @@ def test_rank_pattern_keys_match_one_module_each_and_prefixed_keys_none(tmp_path
     save_adapter(tmp_path / "ours", model, ["fc", "out", "blkxfc"], format="peft")
     config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
     names = list(TOY_RANKS)
+    assert config["r"] == 2, "r is the most common rank"
     for pattern in ("rank_pattern", "alpha_pattern"):
         for key in config[pattern]:
             assert sum(get_pattern_key([key], n) == key for n in names) == 1, key
