@@ -30,7 +30,7 @@ import torch.nn.functional as F
 import fimlora
 from data import glue, planted
 from lora import add_lora, lora_layers, save_adapter, write_json
-from models import load_model
+from models import load_model, model_path
 
 METHODS = ("lora", "fim", "fw", "da", "fim+da")
 GLUE_TASKS = tuple(glue.TASKS)
@@ -410,8 +410,13 @@ def main(argv: list[str] | None = None) -> dict:
     }
     out.mkdir(parents=True, exist_ok=True)
     save_adapter(out / "adapter", model, targets, seed=args.seed, heads=heads)
+    if is_glue:  # the same adapter in PEFT's layout, for PeftModel.from_pretrained (README)
+        base = None if args.model == "tiny" else str(model_path(args.model))
+        save_adapter(out / "adapter_peft", model, targets, heads=heads, format="peft",
+                     base_model=base)
     write_json(out / "results.json", results)
-    print(f"wrote {out / 'results.json'} and {out / 'adapter'}")
+    print(f"wrote {out / 'results.json'} and {out / 'adapter'}"
+          f"{' and ' + str(out / 'adapter_peft') if is_glue else ''}")
     return results
 
 

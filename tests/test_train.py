@@ -62,6 +62,8 @@ def test_glue_sst2_tiny_runs(tmp_path):
     from lora import read_safetensors
     saved, _ = read_safetensors(tmp_path / "adapter" / "adapter_model.safetensors")
     assert "classifier.weight" in saved  # the head is trained and saved with the adapter
+    peft_cfg = json.loads((tmp_path / "adapter_peft" / "adapter_config.json").read_text())
+    assert peft_cfg["peft_type"] == "LORA" and peft_cfg["modules_to_save"] == ["classifier"]
 
 
 @pytest.mark.parametrize("bad,match", [
