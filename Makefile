@@ -28,7 +28,7 @@ test: $(VENV)/.test
 	$(PY) -m pytest -q
 
 crosscheck: $(VENV)/.peers
-	$(PY) -m pytest -q -m peer
+	FIMLORA_REQUIRE_PEERS=1 $(PY) -m pytest -q -m peer
 
 bench: $(VENV)/.peers
 	$(PY) bench.py

@@ -450,10 +450,9 @@ def test_planted_task_is_learnable_by_lora():
     assert planted_loss(student, teacher, test).item() < 0.2 * start
 
 
-def test_planted_with_bert_model_if_available():
-    models = pytest.importorskip("models")
-    if not all(hasattr(models, n) for n in ("BertModel", "BertConfig", "TINY")):
-        pytest.skip("models has no BertModel/BertConfig/TINY yet")
+def test_planted_with_bert_model():
+    import models
+
     torch.manual_seed(0)
     base = models.BertModel(models.TINY)
     names = [n for n, m in base.named_modules() if isinstance(m, nn.Linear)
