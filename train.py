@@ -225,22 +225,23 @@ def planted_task(args, device, gen):
 # reporting
 
 
-def rank_table(ranks: dict[str, int]) -> str:
-    """Per-matrix ranks as a layer x module table; matrices outside `layer.N.` listed after."""
+def layer_table(values: dict[str, float], fmt: str = "{}") -> str:
+    """Per-matrix values (ranks, scores) as a layer x module table; matrices outside `layer.N.`
+    are listed after it."""
     cells, rest = {}, {}
-    for name, r in ranks.items():
+    for name, v in values.items():
         m = re.search(r"layer\.(\d+)\.(.+)$", name)
         if m:
-            cells.setdefault(int(m.group(1)), {})[m.group(2)] = r
+            cells.setdefault(int(m.group(1)), {})[m.group(2)] = fmt.format(v)
         else:
-            rest[name] = r
+            rest[name] = fmt.format(v)
     cols = list(dict.fromkeys(c for row in cells.values() for c in row))
     short = [c.replace("attention.self.", "").replace("attention.output.dense", "attn.out")
              .replace("intermediate.dense", "inter").replace("output.dense", "out") for c in cols]
-    lines = ["layer " + " ".join(f"{s:>8}" for s in short)]
+    lines = ["layer " + " ".join(f"{s:>9}" for s in short)]
     for layer in sorted(cells):
-        lines.append(f"{layer:>5} " + " ".join(f"{cells[layer].get(c, '-'):>8}" for c in cols))
-    lines += [f"{n}: {r}" for n, r in rest.items()]
+        lines.append(f"{layer:>5} " + " ".join(f"{cells[layer].get(c, '-'):>9}" for c in cols))
+    lines += [f"{n}: {v}" for n, v in rest.items()]
     return "\n".join(lines)
 
 
@@ -313,7 +314,7 @@ def main(argv: list[str] | None = None) -> dict:
             generator=gen)
         report["fim"] = {k: res[k] for k in ("scores", "ranks", "alphas", "seconds", "bytes")
                          if k in res}
-        print("FIM-LoRA scores: " + ", ".join(f"{n}={s:.3g}" for n, s in res["scores"].items()))
+        print(f"FIM-LoRA {args.score} scores:\n{layer_table(res['scores'], '{:.3g}')}")
     if args.method in ("da", "fim+da"):
         n = max(1, math.ceil(args.da_samples / args.batch_size))
         da_batches = list(itertools.islice(calib_batches, n))
@@ -324,7 +325,7 @@ def main(argv: list[str] | None = None) -> dict:
     calib_seconds = time.perf_counter() - t0
 
     ranks = {n: m.r for n, m in lora_layers(model).items()}
-    print(f"ranks (total {sum(ranks.values())} = budget {args.r * len(ranks)}):\n{rank_table(ranks)}")
+    print(f"ranks (total {sum(ranks.values())} = budget {args.r * len(ranks)}):\n{layer_table(ranks)}")
     if "planted" in extra:
         truth = extra["planted"]
         print(f"planted matrices: {', '.join(f'{n} (rank {r})' for n, r in truth.items())}")
