@@ -424,5 +424,5 @@ def main(argv: list[str] | None = None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+    except (ValueError, FileNotFoundError, ImportError, FloatingPointError) as e:
         sys.exit(f"error: {e}")
