@@ -245,14 +245,8 @@ def _water_level(w: list, kappa: list[int], budget, lo: int, hi: int):
     return None
 
 
-def _continuous_ranks(
-    scores: dict[str, float],
-    budget: int,
-    r_min: int,
-    r_max: int,
-    costs: dict[str, int] | None = None,
-    power: float = 1.0,
-) -> dict:
+def _continuous_ranks(scores: dict[str, float], budget: int, r_min: int, r_max: int,
+                      costs: dict[str, int] | None = None, power: float = 1.0) -> dict:
     """Phase 1 of allocate_ranks (inputs already validated): the exact r*_m as Fractions.
 
     r*_m = clamp(c·w_m, r_min, r_max) with Σ κ_m·r*_m = min(budget, Σ κ_m·r_max). Modules with
@@ -277,14 +271,8 @@ def _continuous_ranks(
     return {n: r0.get(n, Fraction(r_max)) for n in names}
 
 
-def allocate_ranks(
-    scores: dict[str, float],
-    budget: int,
-    r_min: int,
-    r_max: int,
-    costs: dict[str, int] | None = None,
-    power: float = 1.0,
-) -> dict[str, int]:
+def allocate_ranks(scores: dict[str, float], budget: int, r_min: int, r_max: int,
+                   costs: dict[str, int] | None = None, power: float = 1.0) -> dict[str, int]:
     """FIM-LoRA rank allocation (arXiv:2605.16800, "two-phase water-filling"), done exactly.
 
     s_m ≥ 0 is the score of matrix m (mean empirical Fisher of lora_B), w_m = (s_m / max s)^p, and
