@@ -88,11 +88,16 @@ class LoRALinear(nn.Module):
         return self.scaling * (self.lora_B @ self.lora_A)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
         if self.r == 0 or self.merged:
-            return y
-        # two thin matmuls (d_in -> r -> d_out) instead of forming ΔW
-        return y + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling
+            return F.linear(x, self.weight, self.bias)
+        # two thin matmuls (d_in -> r -> d_out) instead of forming ΔW; addmm adds the scaled
+        # adapter path inside the GEMM, saving two elementwise passes over the (N, d_out) output
+        u = F.linear(self.dropout(x), self.lora_A).reshape(-1, self.r)  # (N, r)
+        y = F.linear(x.reshape(-1, self.in_features), self.weight, self.bias)  # (N, d_out)
+        y = torch.addmm(y, u, self.lora_B.T, alpha=self.scaling)
+        # back to x's leading dims as F.linear itself does: not an autograd view, so callers may
+        # modify the output in place and tensor hooks on it still see ∂L/∂y (fimlora relies on it)
+        return torch.ops.aten._unsafe_view(y, (*x.shape[:-1], self.out_features))
 
     @torch.no_grad()
     def merge(self) -> None:
