@@ -353,7 +353,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.fw_warmup = args.steps // 2  # keep half the run for the penalised phase
         print(f"FW-LoRA warm-up capped at {args.fw_warmup} steps (half of --steps)")
     fw_state: dict = {"ema": {}, "importance": None}
-    train_seconds, t_last = 0.0, time.perf_counter()
+    train_seconds = 0.0
     for step in range(1, args.steps + 1):
         t_step = time.perf_counter()
         batch = next(batches)
