@@ -312,9 +312,11 @@ def main(argv: list[str] | None = None) -> dict:
             model, calib, loss_fn, r_min=args.r_min, r_max=args.r_max, score=args.score,
             n_batches=args.calib_batches, per_example=args.per_example, power=args.power,
             generator=gen)
-        report["fim"] = {k: res[k] for k in ("scores", "ranks", "alphas", "seconds", "bytes")
-                         if k in res}
+        report["fim"] = {k: res[k] for k in ("scores", "ranks", "alphas", "seconds", "bytes",
+                                             "memory_ratio")}
         print(f"FIM-LoRA {args.score} scores:\n{layer_table(res['scores'], '{:.3g}')}")
+        print(f"FIM-LoRA calibration: {res['seconds']:.1f}s, estimator {res['bytes']:,} bytes "
+              f"({res['memory_ratio']:.2%} of a full-model diagonal Fisher)")
     if args.method in ("da", "fim+da"):
         n = max(1, math.ceil(args.da_samples / args.batch_size))
         da_batches = list(itertools.islice(calib_batches, n))
