@@ -180,7 +180,7 @@ def glue_task(args, device, gen):
         m.train(was_training)
         return glue.compute_metrics(args.task, preds, labels)
 
-    return model, ["classifier"], train_batches, len(train), loss_fn, evaluate, {}
+    return model, ["classifier"], train_batches, len(train), loss_fn, evaluate, {"train_mode": True}
 
 
 def planted_task(args, device, gen):
@@ -188,9 +188,6 @@ def planted_task(args, device, gen):
     targets = args.targets.split(",")
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)
              and any(n == t or n.endswith("." + t) for t in targets)]
-    for m in model.modules():  # the target is deterministic, so dropout would only add noise
-        if isinstance(m, nn.Dropout):
-            m.p = 0.0
     teacher, truth = planted.plant(model, names, generator=gen)
     model.to(device), teacher.to(device)
     vocab = model.embeddings.word_embeddings.num_embeddings
@@ -218,7 +215,9 @@ def planted_task(args, device, gen):
         m.train(was_training)
         return {"loss": loss}
 
-    return model, [], train_batches, None, loss_fn, evaluate, {"planted": truth}
+    # the teacher is deterministic, so the student trains in eval mode: dropout (hidden,
+    # attention, adapter) would only add noise to the regression target
+    return model, [], train_batches, None, loss_fn, evaluate, {"planted": truth, "train_mode": False}
 
 
 # -----------------------------------------------------------------------------
@@ -295,7 +294,7 @@ def main(argv: list[str] | None = None) -> dict:
     targets = args.targets.split(",")
     names = add_lora(model, targets, r=args.r, alpha=args.alpha, dropout=args.dropout,
                      rslora=args.rslora, heads=heads, generator=gen)
-    model.to(device).train()
+    model.to(device).train(extra["train_mode"])
     print(f"model: {args.model}, {n_params(model, False):,} parameters; LoRA on {len(names)} "
           f"matrices ({', '.join(targets)}), r={args.r}, alpha={args.alpha:g}"
           f"{', rsLoRA' if args.rslora else ''}")
