@@ -204,7 +204,7 @@ def planted_task(args, device, gen):
         while True:
             yield make_batch(g)
 
-    eval_gen = torch.Generator().manual_seed(args.seed + 1)
+    eval_gen = torch.Generator().manual_seed(args.seed + 3)
     eval_set = [make_batch(eval_gen) for _ in range(8)]
 
     @torch.no_grad()
@@ -298,9 +298,10 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"model: {args.model}, {n_params(model, False):,} parameters; LoRA on {len(names)} "
           f"matrices ({', '.join(targets)}), r={args.r}, alpha={args.alpha:g}"
           f"{', rsLoRA' if args.rslora else ''}")
-    batches = train_batches(gen)
-    # calibration draws its own batches from the training set, so that every method then trains
-    # on the same data order
+    # one generator per stream (init: seed; training data: seed + 1; calibration data: seed + 2),
+    # so calibration and re-initialisation never shift the data order: every method trains on
+    # the same batches
+    batches = train_batches(torch.Generator().manual_seed(args.seed + 1))
     calib_batches = train_batches(torch.Generator().manual_seed(args.seed + 2))
     report: dict = {}
 

@@ -45,6 +45,21 @@ def test_same_seed_same_numbers(tmp_path):
     assert a["train_loss"] != c["train_loss"]
 
 
+def test_every_method_trains_on_the_same_batches(tmp_path, monkeypatch):
+    """Calibration (fim, da) and re-initialisation draw from their own generators, so the
+    training batches are the same for every method: recorded as they are drawn."""
+    from data import planted
+    seen, draw = [], planted.random_batch
+    monkeypatch.setattr(planted, "random_batch",
+                        lambda *a, **k: seen.append(draw(*a, **k)) or seen[-1])
+    order = {}
+    for method in train.METHODS:
+        seen.clear()
+        run(tmp_path / method.replace("+", "_"), "--method", method)
+        order[method] = [b["input_ids"].tolist() for b in seen[-6:]]  # the 6 training steps
+    assert all(o == order["lora"] for o in order.values())
+
+
 def test_saved_adapter_reloads_to_same_eval(tmp_path):
     res = run(tmp_path, "--method", "fim", "--seed", "0")
     model, _ = load_model("tiny", num_labels=None, generator=torch.Generator().manual_seed(0))
