@@ -3,6 +3,7 @@
     python bench.py                 # writes runs/bench.json and prints a markdown table
     python bench.py --steps 5 --model tiny --no-peers     # quick, no peers needed
     python bench.py --planted 5     # planted-task measurement: score recovery, fim vs lora loss
+    python bench.py --peft-sst2 ../shared/data/glue/SST-2      # PEFT on the same batches
 
 Every row is timed in the same process on the same batch (interleaved, median of --steps
 repeats after --warmup), so the ratios are meaningful even when absolute times drift.
@@ -18,6 +19,7 @@ import copy
 import json
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -95,6 +97,54 @@ def planted_study(seeds: int, steps: int, out: str) -> dict:
     return result
 
 
+def peft_train(argv: list[str]) -> dict:
+    """train.main with transformers + PEFT in place of our model and LoRA: the same batches,
+    loss, optimizer, schedule and evaluation, and the same initial weights (the fresh classifier
+    and every lora_A are copied from the model train.main would have built), so the two runs
+    differ only in the model and LoRA code. For the plain-LoRA parity check on SST-2."""
+    import peft
+    import transformers
+
+    import train
+    from models import model_path
+    real_task, real_add_lora = train.glue_task, train.add_lora
+    made: dict = {}
+
+    class HF(nn.Module):  # train.py calls model(input_ids, attention_mask, token_type_ids)
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask,
+                              token_type_ids=token_type_ids).logits
+
+    def glue_task(args, device, gen):
+        ours, *rest = real_task(args, device, gen)
+        hf = transformers.BertForSequenceClassification.from_pretrained(
+            model_path(args.model), num_labels=ours.classifier.out_features)
+        hf.classifier.load_state_dict(ours.classifier.state_dict())
+        made.update(ours=ours, hf=hf)
+        return HF(hf), *rest
+
+    def add_lora(model, targets, r, alpha, dropout, rslora, heads, generator):
+        names = real_add_lora(made["ours"], targets, r=r, alpha=alpha, dropout=dropout,
+                              rslora=rslora, heads=heads, generator=generator)
+        model.model = peft.get_peft_model(made["hf"], peft.LoraConfig(
+            r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=rslora,
+            target_modules=list(targets), modules_to_save=list(heads)))
+        ours = dict(made["ours"].named_modules())
+        with torch.no_grad():
+            for n, m in model.model.base_model.model.named_modules():
+                if isinstance(m, peft.tuners.lora.LoraLayer):
+                    m.lora_A["default"].weight.copy_(ours[n].lora_A)
+        return names
+
+    train.glue_task, train.add_lora = glue_task, add_lora
+    train.save_adapter = lambda *a, **k: None  # PEFT saves its own way; nothing to compare
+    return train.main(argv)
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description="fimlora speed/memory benchmark")
     p.add_argument("--model", default="minilm")
@@ -108,7 +158,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--planted", type=int, default=0, metavar="SEEDS",
                    help="instead: the planted-task measurement over this many seeds")
     p.add_argument("--planted-steps", type=int, default=300)
-    args = p.parse_args(argv)
+    p.add_argument("--peft-sst2", metavar="DATA_DIR", default=None,
+                   help="instead: train.py's SST-2 recipe with transformers + PEFT (same batches "
+                        "and initial weights) for the plain-LoRA parity check; train.py "
+                        "arguments may follow a '--'")
+    argv = sys.argv[1:] if argv is None else argv
+    rest = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = p.parse_args(argv[:len(argv) - len(rest) - bool(rest)])
+    if args.peft_sst2:
+        return peft_train(["--method", "lora", "--model", "minilm", "--task", "sst2",
+                           "--data-dir", args.peft_sst2, "--out", "runs/sst2-peft-s0", *rest])
     if args.planted:
         return planted_study(args.planted, args.planted_steps, "runs/planted.json")
     torch.manual_seed(0)
