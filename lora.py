@@ -232,16 +232,21 @@ def lora_state_dict(model: nn.Module, heads: Sequence[str] = ()) -> dict[str, to
     return sd
 
 
+def _check_keys(sd: dict, params: dict, layers: dict) -> None:
+    """Every adapter tensor of every LoRA layer present, and nothing the model lacks."""
+    missing = [f"{n}.lora_{x}" for n in layers for x in "AB" if f"{n}.lora_{x}" not in sd]
+    unexpected = [k for k in sd if k not in params]
+    if missing or unexpected:
+        raise ValueError(f"adapter does not fit the model: missing {missing[:8]}, "
+                         f"unexpected {unexpected[:8]} (check targets, heads and model)")
+
+
 def load_lora_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
     """Copy adapter (and head) tensors into the model. Every key must exist and every shape
     must match; all checks run before anything is written."""
     params = dict(model.named_parameters())
     layers = lora_layers(model)
-    missing = [f"{n}.lora_{x}" for n in layers for x in "AB" if f"{n}.lora_{x}" not in sd]
-    unexpected = [k for k in sd if k not in params]
-    if missing or unexpected:
-        raise ValueError(f"adapter does not fit the model: missing {missing[:8]}, "
-                         f"unexpected {unexpected[:8]} (check targets and model)")
+    _check_keys(sd, params, layers)
     bad = [f"{k}: adapter {tuple(v.shape)} vs model {tuple(params[k].shape)}"
            for k, v in sd.items() if v.shape != params[k].shape]
     if bad:
@@ -543,11 +548,7 @@ def load_adapter(path: str | os.PathLike, model: nn.Module) -> dict:
                          f"{sorted(set(layers) - set(ranks))[:5]} differ: add_lora with the "
                          f"adapter's targets {cfg.get('targets')} first")
     params = dict(model.named_parameters())  # every check runs before any layer is resized
-    missing = [f"{n}.lora_{x}" for n in layers for x in "AB" if f"{n}.lora_{x}" not in sd]
-    unexpected = [k for k in sd if k not in params]
-    if missing or unexpected:
-        raise ValueError(f"adapter does not fit the model: missing {missing[:8]}, "
-                         f"unexpected {unexpected[:8]} (check targets and heads)")
+    _check_keys(sd, params, layers)
     for name, layer in layers.items():
         if layer.rslora != cfg["rslora"]:
             raise ValueError(f"{name}: model rslora={layer.rslora}, adapter {cfg['rslora']}")
