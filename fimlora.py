@@ -25,7 +25,7 @@ from fractions import Fraction
 import torch
 import torch.nn as nn
 
-from lora import LoRALinear, lora_layers, lora_scaling, resize_lora
+from lora import LoRALinear, lora_layers, resize_lora
 
 # -----------------------------------------------------------------------------
 # 1. calibration statistics (hooks)
@@ -47,7 +47,9 @@ def _adapted(model: nn.Module) -> dict[str, LoRALinear]:
 
 @contextlib.contextmanager
 def _restored(model: nn.Module) -> Iterator[None]:
-    """Put back every parameter's requires_grad and every module's train/eval flag on exit."""
+    """Put back every parameter's requires_grad and every module's train/eval flag on exit, also
+    on error. (.grad needs no saving: the statistics use torch.autograd.grad, which never
+    writes it.)"""
     flags = [(p, p.requires_grad) for p in model.parameters()]
     modes = [(m, m.training) for m in model.modules()]
     try:
@@ -668,7 +670,7 @@ def lorada_statistics(model: nn.Module, batches: Iterable[dict],
     example["attention_mask"] if present, else all. Matrices reading the same input tensor
     (q/k/v) share one Z tensor. The model runs in eval mode (no dropout) with lora_B
     temporarily trainable so backward reaches every layer through torch.autograd.grad; no
-    .grad is written, and requires_grad, .grad and train/eval modes are restored, also on error.
+    .grad is written, and requires_grad and train/eval modes are restored, also on error.
     Sums are taken in the weight dtype promoted to at least float32.
     Returns ({name: {G, Z, y_diag, tokens, z_owner}}, number of examples used)."""
     layers = {n: m for n, m in lora_layers(model).items() if m.r > 0}
@@ -723,39 +725,33 @@ def lorada_statistics(model: nn.Module, batches: Iterable[dict],
                     if owner[n] == n:
                         Zsum[n].addmm_(X.T, X)
 
-    params = list(model.parameters())
-    saved = [(p, p.requires_grad, p.grad) for p in params]
-    modes = [(m, m.training) for m in model.modules()]
     handles, n_used = [], 0
-    try:
-        model.eval()
-        for n, m in layers.items():
-            m.lora_B.requires_grad_(True)
-            handles.append(m.register_forward_hook(forward_hook(n), with_kwargs=True))
-        inputs = [m.lora_B for m in layers.values()]
-        for example in _da_examples(batches, n_samples):
-            mask = token_mask(example) if token_mask is not None else example.get("attention_mask")
-            mask_now[0] = None if mask is None else mask.bool()
+    with _restored(model):
+        try:
+            model.eval()
+            for n, m in layers.items():
+                m.lora_B.requires_grad_(True)
+                handles.append(m.register_forward_hook(forward_hook(n), with_kwargs=True))
+            inputs = [m.lora_B for m in layers.values()]
+            for example in _da_examples(batches, n_samples):
+                mask = (token_mask(example) if token_mask is not None
+                        else example.get("attention_mask"))
+                mask_now[0] = None if mask is None else mask.bool()
+                cur.clear()
+                with torch.enable_grad():
+                    loss = loss_fn(model, example)
+                    if loss.ndim != 0:
+                        raise ValueError(f"loss_fn returned shape {tuple(loss.shape)}: return "
+                                         "the batch-mean loss, a scalar")
+                    accumulate_z()
+                    if loss.requires_grad:  # hooks on the outputs see δ; .grad stays untouched
+                        torch.autograd.grad(loss, inputs, allow_unused=True)
+                cur.clear()
+                n_used += 1
+        finally:
+            for h in handles:
+                h.remove()
             cur.clear()
-            with torch.enable_grad():
-                loss = loss_fn(model, example)
-                if loss.ndim != 0:
-                    raise ValueError(f"loss_fn returned shape {tuple(loss.shape)}: return the "
-                                     "batch-mean loss, a scalar")
-                accumulate_z()
-                if loss.requires_grad:  # hooks on the outputs see δ; .grad stays untouched
-                    torch.autograd.grad(loss, inputs, allow_unused=True)
-            cur.clear()
-            n_used += 1
-    finally:
-        for h in handles:
-            h.remove()
-        cur.clear()
-        for p, req, grad in saved:
-            p.requires_grad_(req)
-            p.grad = grad
-        for m, mode in modes:
-            m.training = mode
     Z = {o: Zsum[o] / max(st[o]["tokens"], 1) for o in Zsum}  # sharers get the same tensor
     stats = {}
     for n, s in st.items():

@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 import math
 import random
-from fractions import Fraction
 
 import pytest
 from hypothesis import assume, given, settings
