@@ -74,14 +74,16 @@ def planted_study(seeds: int, steps: int, out: str) -> dict:
     recovery: dict[str, list] = {}
     for seed in range(seeds):
         for name, extra in configs.items():
-            res = train.main([*extra, "--seed", str(seed), "--steps", str(steps), "--log-every",
-                              str(steps), "--out", f"runs/planted/{name.replace(' ', '_')}-s{seed}"])
+            out_dir = f"runs/planted/{name.replace(' ', '_')}-s{seed}"
+            res = train.main([*extra, "--seed", str(seed), "--steps", str(steps),
+                              "--log-every", str(steps), "--out", out_dir])
             rows[name].append(res["metrics"]["loss_ratio"])
             if name == "fim efim":
                 for score, rec in res["planted_recovery"].items():
                     if score != "ranks":
                         recovery.setdefault(score, []).append(rec["hits"])
-                recovery.setdefault("chance", []).append(res["planted_recovery"]["efim"]["chance_hits"])
+                chance = res["planted_recovery"]["efim"]["chance_hits"]
+                recovery.setdefault("chance", []).append(chance)
     print(f"\n| planted task, {seeds} seeds | final loss / loss at B=0 (mean) | per seed |")
     print("|---|---:|---|")
     for k, v in rows.items():
@@ -195,7 +197,8 @@ def main(argv: list[str] | None = None) -> dict:
         hf_full.train(), hf_lora.train()
         fns["train step, HF full fine-tune"] = train_step_fn(hf_full, batch, hf)
         fns["train step, HF + PEFT LoRA"] = train_step_fn(hf_lora, batch, hf)
-        hf_eval = transformers.BertForSequenceClassification.from_pretrained(path, num_labels=2).eval()
+        hf_eval = transformers.BertForSequenceClassification.from_pretrained(
+            path, num_labels=2).eval()
         fns["inference forward, HF"] = lambda: torch.no_grad()(hf)(hf_eval, batch)
 
     for fn in fns.values():

@@ -152,7 +152,8 @@ def add_lora(model: nn.Module, targets: Sequence[str], r: int, alpha: float,
     classic rank_pattern bug (PEFT issue #3582).
     """
     if r < 0 or not math.isfinite(alpha):
-        raise ValueError(f"bad LoRA hyper-parameters r={r}, alpha={alpha}: use r >= 0 and finite alpha")
+        raise ValueError(f"bad LoRA hyper-parameters r={r}, alpha={alpha}: "
+                         "use r >= 0 and a finite alpha")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout={dropout} is outside [0, 1)")
     if isinstance(targets, str):
@@ -250,7 +251,8 @@ def load_lora_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
     bad = [f"{k}: adapter {tuple(v.shape)} vs model {tuple(params[k].shape)}"
            for k, v in sd.items() if v.shape != params[k].shape]
     if bad:
-        raise ValueError("shape mismatch (were ranks resized before loading?): " + "; ".join(bad[:8]))
+        raise ValueError("shape mismatch (were ranks resized before loading?): "
+                         + "; ".join(bad[:8]))
     with torch.no_grad():
         for k, v in sd.items():
             params[k].copy_(v)

@@ -1,6 +1,6 @@
 """Fine-tune an encoder with plain LoRA or a Fisher-guided variant, evaluate, save.
 
-    python train.py --method fim                                  # embedded planted task, ~1 min
+    python train.py --method fim                                  # embedded planted task, ~20 s
     python train.py --method lora --model minilm --task sst2 --data-dir ../shared/data/glue/SST-2
 
 Methods: lora (uniform rank r), fim (FIM-LoRA rank allocation at equal budget), fw (FW-LoRA
@@ -52,7 +52,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="comma-separated Linear name suffixes (default: query,key,value,dense "
                         "for GLUE; the six per-block matrices for planted)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--steps", type=int, default=None, help="optimizer steps (default 1000 GLUE, 300 planted)")
+    g.add_argument("--steps", type=int, default=None,
+                   help="optimizer steps (default 1000 GLUE, 300 planted)")
     g.add_argument("--epochs", type=float, default=None, help="alternative to --steps")
     g.add_argument("--batch-size", type=int, default=32)
     g.add_argument("--lr", type=float, default=5e-4)
@@ -81,7 +82,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     g.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
-    g.add_argument("--out", default=None, help="output folder (default runs/<task>-<method>-s<seed>)")
+    g.add_argument("--out", default=None,
+                   help="output folder (default runs/<task>-<method>-s<seed>)")
     args = p.parse_args(argv)
     check_args(args)
     return args
@@ -108,8 +110,8 @@ def check_args(a: argparse.Namespace) -> None:
     if a.r_max is not None and a.r_max < a.r_min:
         errors.append(f"--r-max {a.r_max} < --r-min {a.r_min}: raise --r-max")
     if not a.r_min <= a.r <= (a.r_max or 2 * a.r):
-        errors.append(f"--r-min {a.r_min} / --r {a.r} / --r-max {a.r_max or 2 * a.r}: the base rank "
-                      "must lie in [r_min, r_max] or the budget r x matrices is infeasible")
+        errors.append(f"--r-min {a.r_min} / --r {a.r} / --r-max {a.r_max or 2 * a.r}: the base "
+                      "rank must lie in [r_min, r_max] or the budget r x matrices is infeasible")
     if a.task != "planted" and a.data_dir is None:
         errors.append(f"--task {a.task} needs --data-dir (the GLUE folder with train.tsv, dev.tsv)")
     if a.device == "cuda" and not torch.cuda.is_available():
@@ -215,7 +217,8 @@ def planted_task(args, device, gen):
 
     # the teacher is deterministic, so the student trains in eval mode: dropout (hidden,
     # attention, adapter) would only add noise to the regression target
-    return model, [], train_batches, None, loss_fn, evaluate, {"planted": truth, "train_mode": False}
+    extra = {"planted": truth, "train_mode": False}
+    return model, [], train_batches, None, loss_fn, evaluate, extra
 
 
 # -----------------------------------------------------------------------------
@@ -242,7 +245,8 @@ def layer_table(values: dict[str, float], fmt: str = "{}") -> str:
     return "\n".join(lines)
 
 
-def planted_measurement(model, calib, loss_fn, truth: dict[str, int], ranks: dict[str, int]) -> dict:
+def planted_measurement(model, calib, loss_fn, truth: dict[str, int],
+                        ranks: dict[str, int]) -> dict:
     """How many planted matrices each Fisher score puts in its top k (k = number planted), on the
     same calibration batches, and how the allocated ranks sit on them. A measurement: printed
     and saved, never used to choose anything."""
@@ -321,11 +325,13 @@ def main(argv: list[str] | None = None) -> dict:
         res = fimlora.lorada_init(model, da_batches, loss_fn, n_samples=args.da_samples,
                                   beta=args.da_beta, gamma=args.da_gamma,
                                   population_size=n_train)
-        report["da"] = {k: v for k, v in res.items() if isinstance(v, (int, float, str, list, dict))}
+        report["da"] = {k: v for k, v in res.items()
+                        if isinstance(v, (int, float, str, list, dict))}
     calib_seconds = time.perf_counter() - t0
 
     ranks = {n: m.r for n, m in lora_layers(model).items()}
-    print(f"ranks (total {sum(ranks.values())} = budget {args.r * len(ranks)}):\n{layer_table(ranks)}")
+    print(f"ranks (total {sum(ranks.values())} = budget {args.r * len(ranks)}):\n"
+          f"{layer_table(ranks)}")
     if "planted" in extra:
         truth = extra["planted"]
         print(f"planted matrices: {', '.join(f'{n} (rank {r})' for n, r in truth.items())}")
@@ -339,8 +345,13 @@ def main(argv: list[str] | None = None) -> dict:
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
     warm = int(args.warmup * args.steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: s / max(1, warm) if s < warm else max(0.0, (args.steps - s) / max(1, args.steps - warm)))
+
+    def lr_factor(s: int) -> float:  # linear warm-up to lr, then linear decay to 0
+        if s < warm:
+            return s / warm
+        return max(0.0, (args.steps - s) / max(1, args.steps - warm))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     print(f"training: {args.steps:,} steps, batch {args.batch_size}, lr {args.lr:g}, "
           f"{sum(p.numel() for p in trainable):,} trainable parameters")
 
@@ -382,7 +393,8 @@ def main(argv: list[str] | None = None) -> dict:
         if step % args.log_every == 0 or step == args.steps:
             rate = step / train_seconds
             recent = sum(history[-args.log_every:]) / len(history[-args.log_every:])
-            print(f"step {step:>6,}/{args.steps:,} | loss {recent:.4g} | lr {sched.get_last_lr()[0]:.2e} "
+            print(f"step {step:>6,}/{args.steps:,} | loss {recent:.4g} "
+                  f"| lr {sched.get_last_lr()[0]:.2e} "
                   f"| {rate:.2f} steps/s | {train_seconds / step:.3f} s/step "
                   f"| ETA {(args.steps - step) / rate:.0f}s", flush=True)
         if args.eval_every and step % args.eval_every == 0 and step != args.steps:
@@ -397,7 +409,8 @@ def main(argv: list[str] | None = None) -> dict:
     metrics_log.append({"step": args.steps, **metrics})
     print(f"eval: {', '.join(f'{k} {v:.4g}' for k, v in metrics.items())}")
     print(f"time: calibration {calib_seconds:.1f}s, training {train_seconds:.1f}s "
-          f"({train_seconds / args.steps:.3f} s/step), overhead {calib_seconds / max(train_seconds, 1e-9):.1%}")
+          f"({train_seconds / args.steps:.3f} s/step), "
+          f"overhead {calib_seconds / max(train_seconds, 1e-9):.1%}")
 
     results = {
         "args": vars(args), "seed": args.seed, "device": str(device), "metrics": metrics,
