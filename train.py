@@ -245,25 +245,28 @@ def layer_table(values: dict[str, float], fmt: str = "{}") -> str:
     return "\n".join(lines)
 
 
-def planted_measurement(model, calib, loss_fn, truth: dict[str, int],
-                        ranks: dict[str, int]) -> dict:
+def planted_scores(model, calib, loss_fn, truth: dict[str, int]) -> dict:
     """How many planted matrices each Fisher score puts in its top k (k = number planted), on the
-    same calibration batches, and how the allocated ranks sit on them. A measurement: printed
-    and saved, never used to choose anything."""
+    calibration batches and the model the allocation scores. A measurement: printed and saved,
+    never used to choose anything."""
     out = {}
     for label, kw in (("efim", {}), ("variance", {"score": "variance"}),
                       ("per-example", {"per_example": True})):
         scores = fimlora.fisher_scores(model, calib, loss_fn, n_batches=len(calib), **kw)["scores"]
         out[label] = planted.recovery(scores, truth)
-    out["ranks"] = planted.rank_recovery(ranks, truth)
-    chance = out["efim"]["chance_hits"]
-    print(f"planted recovery, top-{out['efim']['k']} hits (chance {chance:.2f}): "
-          + ", ".join(f"{k} {v['hits']:g}" for k, v in out.items() if k != "ranks"))
-    r = out["ranks"]
+    print(f"planted recovery, top-{out['efim']['k']} hits (chance "
+          f"{out['efim']['chance_hits']:.2f}): "
+          + ", ".join(f"{k} {v['hits']:g}" for k, v in out.items()))
+    return out
+
+
+def planted_ranks(ranks: dict[str, int], truth: dict[str, int]) -> dict:
+    """How the allocated ranks sit on the planted matrices (printed and returned)."""
+    r = planted.rank_recovery(ranks, truth)
     print(f"allocated ranks: mean {r['mean_rank_planted']:.2f} on planted vs "
           f"{r['mean_rank_other']:.2f} elsewhere; share on planted {r['share_planted']:.2f} "
           f"(chance {r['chance_share']:.2f})")
-    return out
+    return r
 
 
 def n_params(model: nn.Module, trainable: bool = True) -> int:
@@ -307,9 +310,15 @@ def main(argv: list[str] | None = None) -> dict:
     calib_batches = train_batches(torch.Generator().manual_seed(args.seed + 2))
     report: dict = {}
 
-    t0 = time.perf_counter()
+    if "planted" in extra:
+        planted_list = ", ".join(f"{n} (rank {r})" for n, r in extra["planted"].items())
+        print(f"planted matrices: {planted_list}")
     if args.method in ("fim", "fim+da"):
         calib = list(itertools.islice(calib_batches, args.calib_batches))
+        if "planted" in extra:  # before the allocation resizes A: the model it scores
+            report["planted_recovery"] = planted_scores(model, calib, loss_fn, extra["planted"])
+    t0 = time.perf_counter()
+    if args.method in ("fim", "fim+da"):
         res = fimlora.initialize_fim_ranks(
             model, calib, loss_fn, r_min=args.r_min, r_max=args.r_max, score=args.score,
             n_batches=args.calib_batches, per_example=args.per_example, power=args.power,
@@ -332,12 +341,8 @@ def main(argv: list[str] | None = None) -> dict:
     ranks = {n: m.r for n, m in lora_layers(model).items()}
     print(f"ranks (total {sum(ranks.values())} = budget {args.r * len(ranks)}):\n"
           f"{layer_table(ranks)}")
-    if "planted" in extra:
-        truth = extra["planted"]
-        print(f"planted matrices: {', '.join(f'{n} (rank {r})' for n, r in truth.items())}")
-        if "fim" in report:
-            report["planted_recovery"] = planted_measurement(model, calib, loss_fn, truth,
-                                                             report["fim"]["ranks"])
+    if "planted_recovery" in report:
+        report["planted_recovery"]["ranks"] = planted_ranks(ranks, extra["planted"])
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in trainable if p.ndim >= 2]
