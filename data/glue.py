@@ -84,6 +84,9 @@ def _task_file(spec: TaskSpec, data_dir: str | Path, split: str) -> Path:
     if split not in ("train", "dev"):
         raise ValueError(f"split={split!r}: use 'train' or 'dev' (GLUE test files have no labels)")
     root = Path(data_dir)
+    if root.is_file():
+        raise ValueError(f"data_dir={str(root)!r} is a file: pass the {spec.folder} folder "
+                         "holding it (or the GLUE root holding that folder)")
     if not root.is_dir():
         raise FileNotFoundError(f"GLUE folder {root} does not exist: {GLUE_SOURCE}")
     folder = root / spec.folder if (root / spec.folder).is_dir() else root
@@ -116,22 +119,34 @@ def load_glue(task: str, data_dir: str | Path, split: str) -> list[Example]:
     split on "\\n" and "\\t" only (a trailing "\\r" is dropped); text is kept byte-exact."""
     spec = task_spec(task)
     path = _task_file(spec, data_dir, split)
+    data = path.read_bytes()
     try:
-        text = path.read_bytes().decode("utf-8-sig")  # -sig: MRPC files start with a BOM
+        text = data.decode("utf-8-sig")  # -sig: MRPC files start with a BOM
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 at byte {e.start}; re-download the file") from None
+        line = data[:e.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: byte {data[e.start]:#04x} at offset {e.start} is not "
+                         "UTF-8; re-download the file (GLUE ships UTF-8)") from None
     lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()  # the final newline
     n_fields, first = spec.n_fields, 0
     if spec.header is not None:  # every row must have as many fields as the header
-        header = lines[0].rstrip("\r").split("\t") if lines else []
+        if not lines:
+            raise ValueError(f"{path}:1: the file is empty (no header); re-download it: "
+                             f"{GLUE_SOURCE}")
+        header = lines[0].rstrip("\r").split("\t")
         columns = [spec.text_a, spec.label] + ([spec.text_b] if spec.text_b is not None else [])
         if len(header) <= max(c if c >= 0 else -c - 1 for c in columns) or \
                 header[spec.label] != spec.header:
-            raise ValueError(f"{path}:1: header {header!r} has no {spec.header!r} label column "
+            shown = repr(header)  # a file with "\r" line ends is all one "header" line
+            shown = shown if len(shown) <= 120 else shown[:120] + "…"
+            raise ValueError(f"{path}:1: header {shown} has no {spec.header!r} label column "
                              f"where {spec.folder} has it; is this the {spec.folder} {split} file?")
         n_fields, first = len(header), 1
+    if len(lines) <= first:
+        # callers loop `while True: yield from batches(...)`; zero rows would spin forever
+        raise ValueError(f"{path}: no data rows{' after the header' if first else ''}; the file "
+                         f"is truncated: re-download it ({GLUE_SOURCE})")
     examples = []
     for i in range(first, len(lines)):
         where = f"{path}:{i + 1}"
@@ -149,31 +164,85 @@ def load_glue(task: str, data_dir: str | Path, split: str) -> list[Example]:
 # batching
 
 
+GROUP_POOL = 50  # batches per length-sorted pool, as HF Trainer's group_by_length (megabatch)
+
+
+def _collate(rows: list[Example], tokenizer, max_len: int, pairs: bool) -> dict:
+    batch = dict(tokenizer.batch([e.text_a for e in rows],
+                                 pairs=[e.text_b for e in rows] if pairs else None,
+                                 max_len=max_len))
+    is_float = any(isinstance(e.label, float) for e in rows)
+    batch["labels"] = torch.tensor([e.label for e in rows],
+                                   dtype=torch.float32 if is_float else torch.long)
+    return batch
+
+
+def _grouped_order(examples: Sequence[Example], order: list[int], tokenizer, batch_size: int,
+                   max_len: int, pairs: bool, generator: torch.Generator) -> Iterator[list[int]]:
+    """Cut `order` into pools of GROUP_POOL·batch_size, sort each pool by token length (stable,
+    so ties keep the random order), cut it into batches and shuffle those batches."""
+    pool_size = GROUP_POOL * batch_size
+    for p in range(0, len(order), pool_size):
+        pool = order[p:p + pool_size]
+        # lengths after truncation, which is what padding is computed on
+        mask = _collate([examples[i] for i in pool], tokenizer, max_len, pairs)["attention_mask"]
+        lengths = mask.sum(1).tolist()
+        pool = [pool[j] for j in sorted(range(len(pool)), key=lengths.__getitem__)]
+        cut = [pool[s:s + batch_size] for s in range(0, len(pool), batch_size)]
+        yield from (cut[j] for j in torch.randperm(len(cut), generator=generator).tolist())
+
+
 def batches(examples: Sequence[Example], tokenizer, batch_size: int, max_len: int,
-            generator: torch.Generator | None, shuffle: bool = True) -> Iterator[dict]:
-    """One epoch of tokenised batches; the last batch may be smaller, so every example is seen
-    exactly once. Order is torch.randperm(n, generator=generator) when shuffling, so it follows
-    the seed. The tokenizer's `batch(texts, pairs=None, max_len=...)` pads to the longest row;
-    "labels" is added (long for classes, float32 for STS-B scores)."""
+            generator: torch.Generator | None, shuffle: bool = True,
+            group_by_length: bool = False) -> Iterator[dict]:
+    """One epoch of tokenised batches: every example exactly once, in batches of batch_size but
+    one smaller batch when batch_size does not divide len(examples). Arguments are checked at the
+    call, before anything is drawn or tokenised.
+
+    Order is torch.randperm(n, generator=generator) when shuffling, so it follows the seed, and
+    the smaller batch comes last. group_by_length=True (needs shuffle) cuts that order into pools
+    of 50 batches, sorts each pool by token length, and yields its batches in an order drawn from
+    the same generator, as HF Trainer's group_by_length does: rows of similar length share a
+    batch, so there is less padding; the smaller batch holds the longest rows of the last pool.
+    The tokenizer's `batch(texts, pairs=None, max_len=...)` pads to the longest row; "labels" is
+    added (long for classes, float32 for STS-B scores).
+
+        g = torch.Generator().manual_seed(0)
+        for b in batches(train, tok, 32, 128, g, group_by_length=True): ...
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: use batch_size >= 1")
     if shuffle and generator is None:
         raise ValueError("shuffle=True needs generator=torch.Generator().manual_seed(seed)")
+    if group_by_length and not shuffle:
+        raise ValueError("group_by_length=True needs shuffle=True and a generator: it draws the "
+                         "pools at random")
+    if len(examples) == 0:
+        raise ValueError("examples is empty, so an epoch has no batches: pass at least one "
+                         "example (an empty split, or --max-train 0?)")
     pairs = {e.text_b is not None for e in examples}
     if len(pairs) > 1:
         raise ValueError("examples mix single sentences and pairs; batch one task at a time")
+    n_special = 3 if pairs == {True} else 2  # [CLS] a [SEP] (b [SEP])
+    if max_len < n_special:
+        raise ValueError(f"max_len={max_len} leaves no room for the {n_special} special tokens: "
+                         f"use max_len >= {n_special}")
+    return _batches(examples, tokenizer, batch_size, max_len, generator, shuffle,
+                    group_by_length, pairs == {True})
+
+
+def _batches(examples: Sequence[Example], tokenizer, batch_size: int, max_len: int,
+             generator: torch.Generator | None, shuffle: bool, group_by_length: bool,
+             pairs: bool) -> Iterator[dict]:
+    # a generator of its own, so that batches() checks eagerly but draws lazily, as it always has
     n = len(examples)
-    order = torch.randperm(n, generator=generator).tolist() if shuffle else range(n)
-    order = list(order)
-    for start in range(0, n, batch_size):
-        rows = [examples[i] for i in order[start:start + batch_size]]
-        batch = dict(tokenizer.batch([e.text_a for e in rows],
-                                     pairs=[e.text_b for e in rows] if pairs == {True} else None,
-                                     max_len=max_len))
-        is_float = any(isinstance(e.label, float) for e in rows)
-        batch["labels"] = torch.tensor([e.label for e in rows],
-                                       dtype=torch.float32 if is_float else torch.long)
-        yield batch
+    order = torch.randperm(n, generator=generator).tolist() if shuffle else list(range(n))
+    if group_by_length:
+        cuts = _grouped_order(examples, order, tokenizer, batch_size, max_len, pairs, generator)
+    else:
+        cuts = (order[s:s + batch_size] for s in range(0, n, batch_size))
+    for cut in cuts:
+        yield _collate([examples[i] for i in cut], tokenizer, max_len, pairs)
 
 
 # -----------------------------------------------------------------------------

@@ -116,7 +116,7 @@ def test_load_glue_reads_mnli_train_with_fewer_label_columns(tmp_path):
 @pytest.mark.parametrize("task, row", [
     ("sst2", "a\tb\t1"), ("sst2", "no label"), ("cola", "gj04\t1\tOnly three."),
     ("rte", "2\tA.\tentailment"), ("mrpc", "1\t1\t2\tA\tB\tC"), ("mnli", "0\tx\tentailment"),
-    ("stsb", "0\tA.\tB.\t1.0"),
+    ("stsb", "0\tA.\tB.\t1.0"), ("sst2", ""), ("cola", ""),
 ])
 def test_load_glue_rejects_wrong_field_count_naming_file_line(tmp_path, task, row):
     text = FILES[task][2].rstrip("\n") + "\n" + row + "\n"
@@ -162,6 +162,47 @@ def test_load_glue_errors_name_the_fix(tmp_path):
         load_glue("sst2", tmp_path / "nope", "train")
     with pytest.raises(FileNotFoundError, match=r"dev_matched.tsv not found.*download_glue_data"):
         load_glue("mnli", tmp_path, "dev")
+
+
+@pytest.mark.parametrize("task, text", [
+    ("sst2", "sentence\tlabel\n"), ("sst2", "sentence\tlabel"), ("mrpc", FILES["mrpc"][2].split("\n")[0] + "\r\n"),
+    ("cola", ""),
+])
+def test_load_glue_rejects_an_empty_split(tmp_path, task, text):
+    """A header-only (or empty) file would give zero examples, and a caller's
+    `while True: yield from batches(...)` would then spin forever."""
+    path = _write(tmp_path, task, text)
+    with pytest.raises(ValueError, match=rf"{path.name}(:1)?: (no data rows|the file is empty)"
+                       r".*re-download"):
+        load_glue(task, path.parent, _split(task))
+
+
+def test_load_glue_rejects_an_empty_headered_file(tmp_path):
+    path = _write(tmp_path, "sst2", "")
+    with pytest.raises(ValueError, match=rf"{path.name}:1: the file is empty.*re-download"):
+        load_glue("sst2", path.parent, "train")
+
+
+def test_load_glue_rejects_non_utf8_naming_file_line(tmp_path):
+    """Latin-1 "café" (0xe9) on the second data row, i.e. line 3."""
+    path = _write(tmp_path, "sst2")
+    path.write_bytes(b"sentence\tlabel\ngood\t1\ncaf\xe9 \t0\n")
+    with pytest.raises(ValueError, match=rf"{path.name}:3: byte 0xe9 .* not UTF-8; re-download"):
+        load_glue("sst2", path.parent, "train")
+
+
+def test_load_glue_rejects_a_file_as_data_dir(tmp_path):
+    path = _write(tmp_path, "sst2")
+    with pytest.raises(ValueError, match=r"train.tsv' is a file: pass the SST-2 folder"):
+        load_glue("sst2", path, "train")
+
+
+def test_load_glue_old_mac_line_ends_give_a_short_header_error(tmp_path):
+    """"\r"-only line ends make the whole file one header line: the message stays short."""
+    path = _write(tmp_path, "sst2", FILES["sst2"][2].replace("\n", "\r") * 200)
+    with pytest.raises(ValueError, match=r"train.tsv:1: header .*… has no 'label' label") as e:
+        load_glue("sst2", path.parent, "train")
+    assert len(str(e.value)) < 400 and "\n" not in str(e.value)
 
 
 def test_load_glue_real_sst2():
