@@ -1,0 +1,266 @@
+"""models/gguf.py: files written here round-trip, every malformed file raises ValueError only.
+
+Oracle: a small GGUF writer below (the layout of https://github.com/ggml-org/ggml/blob/master/
+docs/gguf.md) with a float64 reference quantiser; dequantised tensors must equal d·q (+ m)
+computed from the stored integers. Peer: the `gguf` package on the SmolLM2 file.
+Run: .venv/bin/python -m pytest -q tests/test_gguf.py
+"""
+
+import struct
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from models.gguf import GGML_TYPES, dequantize, read_gguf, read_gguf_header
+
+TYPE_IDS = {name: i for i, (name, _, _) in GGML_TYPES.items()}
+
+
+# -----------------------------------------------------------------------------
+# a minimal writer and reference quantisers
+
+
+def _str(s: str | bytes) -> bytes:
+    b = s.encode() if isinstance(s, str) else s
+    return struct.pack("<Q", len(b)) + b
+
+
+def _kv(key: str, value) -> bytes:
+    if isinstance(value, bool):
+        return _str(key) + struct.pack("<IB", 7, value)
+    if isinstance(value, int):
+        return _str(key) + struct.pack("<Ii", 5, value)
+    if isinstance(value, float):
+        return _str(key) + struct.pack("<If", 6, value)
+    if isinstance(value, str):
+        return _str(key) + struct.pack("<I", 8) + _str(value)
+    if all(isinstance(v, str) for v in value):
+        return _str(key) + struct.pack("<IIQ", 9, 8, len(value)) + b"".join(map(_str, value))
+    return _str(key) + struct.pack("<IIQ", 9, 5, len(value)) + struct.pack(f"<{len(value)}i",
+                                                                          *value)
+
+
+def quantize(x: torch.Tensor, ggml_type: str) -> tuple[bytes, torch.Tensor]:
+    """x (rows, cols) -> (raw bytes, float64 dequantised reference from the stored numbers)."""
+    if ggml_type == "F32":
+        return x.float().numpy().tobytes(), x.float().double()
+    if ggml_type == "F16":
+        return x.half().numpy().tobytes(), x.half().double()
+    blocks = x.double().reshape(-1, 32)
+    raw, ref = [], []
+    for b in blocks:
+        if ggml_type == "Q8_0":
+            d = torch.tensor(b.abs().max().item() / 127).half()
+            q = torch.round(b / d.double()).clamp(-128, 127).to(torch.int8) if d else \
+                torch.zeros(32, dtype=torch.int8)
+            raw.append(d.numpy().tobytes() + q.numpy().tobytes())
+            ref.append(d.double() * q.double())
+        else:  # Q4_1: q in 0..15, low nibbles hold elements 0..15, high nibbles 16..31
+            lo, hi = b.min().item(), b.max().item()
+            d, m = torch.tensor((hi - lo) / 15).half(), torch.tensor(lo).half()
+            q = torch.round((b - m.double()) / d.double()).clamp(0, 15).to(torch.uint8) if d else \
+                torch.zeros(32, dtype=torch.uint8)
+            packed = q[:16] | (q[16:] << 4)
+            raw.append(d.numpy().tobytes() + m.numpy().tobytes() + packed.numpy().tobytes())
+            ref.append(d.double() * q.double() + m.double())
+    return b"".join(raw), torch.cat(ref).reshape(x.shape)
+
+
+def write_gguf(path, metadata: dict, tensors: dict[str, tuple[str, torch.Tensor]],
+               version: int = 3, alignment: int = 32) -> dict[str, torch.Tensor]:
+    """Write a GGUF file; returns the float64 reference of each tensor."""
+    kvs = dict(metadata)
+    if alignment != 32:
+        kvs["general.alignment"] = alignment
+    head = b"GGUF" + struct.pack("<IQQ", version, len(tensors), len(kvs))
+    head += b"".join(_kv(k, v) for k, v in kvs.items())
+    data, refs, offset = b"", {}, 0
+    for name, (ggml_type, x) in tensors.items():
+        raw, refs[name] = quantize(x, ggml_type)
+        dims = list(reversed(x.shape))  # GGUF lists the innermost dimension first
+        head += _str(name) + struct.pack(f"<I{len(dims)}QIQ", len(dims), *dims,
+                                         TYPE_IDS[ggml_type], offset)
+        pad = -len(raw) % alignment
+        data += raw + b"\0" * pad
+        offset += len(raw) + pad
+    head += b"\0" * (-len(head) % alignment)
+    path.write_bytes(head + data)
+    return refs
+
+
+# -----------------------------------------------------------------------------
+# round trips
+
+
+@pytest.mark.parametrize("ggml_type", ["F32", "F16", "Q8_0", "Q4_1"])
+@pytest.mark.parametrize("version,alignment", [(3, 32), (2, 32), (3, 64), (3, 8)])
+def test_roundtrip_against_reference_dequantisation(tmp_path, ggml_type, version, alignment):
+    tensors = {"w": (ggml_type, torch.randn(3, 64) * 3), "v": (ggml_type, torch.randn(96)),
+               "norm": ("F32", torch.randn(5))}
+    meta = {"general.architecture": "llama", "n": -3, "eps": 0.5, "flag": True,
+            "names": ["a", "é", ""], "ids": [1, -2, 3]}
+    refs = write_gguf(tmp_path / "m.gguf", meta, tensors, version, alignment)
+    back_meta, back = read_gguf(tmp_path / "m.gguf")
+    assert {k: v for k, v in back_meta.items() if k != "general.alignment"} == meta
+    for name, ref in refs.items():
+        assert back[name].dtype == torch.float32 and back[name].shape == ref.shape
+        torch.testing.assert_close(back[name].double(), ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("ggml_type,tol", [("Q8_0", 1 / 254), ("Q4_1", 1 / 30)])
+def test_quantised_values_are_close_to_the_originals(tmp_path, ggml_type, tol):
+    """Sanity of the oracle itself: round to nearest is off by at most half a step (+ f16)."""
+    x = torch.randn(4, 64)
+    write_gguf(tmp_path / "m.gguf", {}, {"w": (ggml_type, x)})
+    span = x.reshape(-1, 32).abs().amax(1, keepdim=True) * 2
+    err = (read_gguf(tmp_path / "m.gguf")[1]["w"] - x).reshape(-1, 32).abs()
+    assert (err <= span * tol * 1.01 + 1e-3).all()
+
+
+def test_q4_1_nibble_order_low_first():
+    """One Q4_1 block, d=1, m=0, byte j = (j+1)<<4 | j: element j is j, element 16+j is j+1."""
+    raw = bytearray(struct.pack("<ee", 1.0, 0.0) + bytes(((j + 1) % 16) << 4 | j
+                                                          for j in range(16)))
+    x = dequantize(raw, "Q4_1", (32,))
+    assert x[:16].tolist() == list(range(16))
+    assert x[16:].tolist() == [(j + 1) % 16 for j in range(16)]
+
+
+def test_matrix_dims_are_reversed_to_d_out_d_in(tmp_path):
+    w = torch.arange(6.0).reshape(2, 3)  # (d_out, d_in): GGUF dims [3, 2]
+    write_gguf(tmp_path / "m.gguf", {}, {"w": ("F32", w)})
+    assert read_gguf_header(tmp_path / "m.gguf").tensors["w"].shape == (2, 3)
+    assert torch.equal(read_gguf(tmp_path / "m.gguf")[1]["w"], w)
+
+
+def test_metadata_only_read_skips_tensor_data(tmp_path):
+    write_gguf(tmp_path / "m.gguf", {"k": "v"}, {"w": ("Q8_0", torch.randn(2, 32))})
+    h = read_gguf_header(tmp_path / "m.gguf")
+    assert h.metadata == {"k": "v"} and h.tensors["w"].ggml_type == "Q8_0"
+    assert h.tensors["w"].nbytes == 2 * 34
+
+
+# -----------------------------------------------------------------------------
+# malformed files
+
+
+def _good(tmp_path) -> bytes:
+    write_gguf(tmp_path / "good.gguf", {"a": "b", "l": [1, 2]},
+               {"w": ("Q4_1", torch.randn(2, 32)), "n": ("F32", torch.randn(3))})
+    return (tmp_path / "good.gguf").read_bytes()
+
+
+def _check_only_value_error(path):
+    try:
+        read_gguf(path)
+    except ValueError:
+        pass
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(max_size=300))
+def test_random_bytes_raise_value_error_only(tmp_path, data):
+    p = tmp_path / "r.gguf"
+    p.write_bytes(b"GGUF" + data)
+    _check_only_value_error(p)
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cut=st.integers(0, 10**6))
+def test_truncated_files_raise_value_error(tmp_path, cut):
+    good = _good(tmp_path)
+    info = read_gguf_header(tmp_path / "good.gguf").tensors
+    cut %= max(t.offset + t.nbytes for t in info.values())  # the padding after may go
+    p = tmp_path / "t.gguf"
+    p.write_bytes(good[:cut])
+    with pytest.raises(ValueError):
+        read_gguf(p)
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=200)
+@given(pos=st.integers(0, 10**6), value=st.integers(0, 255), n=st.integers(1, 8))
+def test_corrupted_bytes_raise_value_error_only(tmp_path, pos, value, n):
+    """Overwrite up to 8 bytes anywhere in the header (counts, lengths, types, dims, offsets)."""
+    good = bytearray(_good(tmp_path))
+    pos %= 200  # the header: the tensor data itself can hold any bytes
+    good[pos:pos + n] = bytes([value]) * len(good[pos:pos + n])
+    p = tmp_path / "c.gguf"
+    p.write_bytes(bytes(good))
+    _check_only_value_error(p)
+
+
+def _header(n_tensors=0, n_kv=1, version=3) -> bytes:
+    return b"GGUF" + struct.pack("<IQQ", version, n_tensors, n_kv)
+
+
+def _info(name="w", dims=(32,), type_id=0, offset=0) -> bytes:
+    return _str(name) + struct.pack(f"<I{len(dims)}QIQ", len(dims), *dims, type_id, offset)
+
+
+@pytest.mark.parametrize("blob,match", [
+    (b"GGML" + b"\0" * 40, "magic"),
+    (b"GG", "magic"),
+    (_header(version=1) + b"\0" * 40, "version 1"),
+    (_header(version=3 << 24) + b"\0" * 40, "big-endian"),
+    (_header(n_kv=10**15) + b"\0" * 40, "cannot fit"),
+    (_header(n_tensors=10**15, n_kv=0) + b"\0" * 40, "cannot fit"),
+    (_header() + struct.pack("<Q", 2**62) + b"k" * 40, "key needs"),
+    (_header() + _str(b"\xff\xfe") + struct.pack("<IB", 0, 1), "not UTF-8"),
+    (_header() + _str("k") + struct.pack("<I", 99) + b"\0" * 20, "unknown value type"),
+    (_header() + _str("k") + struct.pack("<IB", 7, 2) + b"\0" * 20, "BOOL"),
+    (_header() + _str("k") + struct.pack("<IIQ", 9, 4, 10**12) + b"\0" * 20, "claims"),
+    (_header() + _str("k") + struct.pack("<IIQ", 9, 9, 1) + b"\0" * 20, "nested"),
+    (_header() + _str("k") + struct.pack("<IIQ", 9, 8, 2) + _str("a") + struct.pack("<Q", 99),
+     "needs"),
+    (_header(n_kv=2) + _kv("k", 1) + _kv("k", 2) + b"\0" * 20, "twice"),
+    (_header() + _kv("general.alignment", 3) + b"\0" * 40, "alignment"),
+    (_header() + _kv("general.alignment", "32") + b"\0" * 40, "alignment"),
+    (_header(1, 0) + _info(dims=(32,) * 5) + b"\0" * 64, "n_dims"),
+    (_header(1, 0) + _info(type_id=77) + b"\0" * 64, "unknown ggml type"),
+    (_header(1, 0) + _info(type_id=8, dims=(31,)) + b"\0" * 64, "multiple of its block"),
+    (_header(1, 0) + _info(offset=4) + b"\0" * 256, "alignment"),
+    (_header(1, 0) + _info(offset=2**60) + b"\0" * 256, "past the end"),
+    (_header(1, 0) + _info(dims=(2**40, 2**40)) + b"\0" * 256, "past the end"),
+    (_header(2, 0) + _info() + _info() + b"\0" * 256, "twice"),
+    (_header(2, 0) + _info() + _info("v", offset=96) + b"\0" * 256, "overlap"),
+])
+def test_malformed_headers_raise_value_error_naming_the_problem(tmp_path, blob, match):
+    p = tmp_path / "bad.gguf"
+    p.write_bytes(blob)
+    with pytest.raises(ValueError, match=match):
+        read_gguf(p)
+
+
+def test_unsupported_type_is_rejected_by_name(tmp_path):
+    p = tmp_path / "k.gguf"
+    p.write_bytes(_header(1, 0) + _info(dims=(256,), type_id=12) + b"\0" * 512)
+    assert read_gguf_header(p).tensors["w"].ggml_type == "Q4_K"  # the header is fine
+    with pytest.raises(ValueError, match="Q4_K is not supported"):
+        read_gguf(p)
+
+
+def test_missing_file_raises_file_not_found(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.gguf"):
+        read_gguf(tmp_path / "nope.gguf")
+
+
+# -----------------------------------------------------------------------------
+# peer: the gguf package on the real file
+
+
+@pytest.mark.peer
+def test_smollm2_tensors_equal_the_gguf_package():
+    gguf = pytest.importorskip("gguf")
+    from models.llama import smollm2_path
+    try:
+        path = smollm2_path()
+    except ModuleNotFoundError as e:
+        pytest.skip(str(e))
+    ours = read_gguf(path)[1]
+    reader = gguf.GGUFReader(path)
+    assert len(reader.tensors) == len(ours) == 272
+    for t in reader.tensors[:40]:  # covers Q8_0, Q4_1 and F32
+        ref = torch.from_numpy(gguf.dequantize(t.data, t.tensor_type).copy())
+        assert torch.equal(ours[t.name], ref.float().reshape(ours[t.name].shape)), t.name
