@@ -353,13 +353,126 @@ def test_batches_add_labels_and_pass_pairs():
     assert set(b) == {"input_ids", "token_type_ids", "attention_mask", "labels"}
 
 
-def test_batches_reject_bad_arguments():
-    with pytest.raises(ValueError, match="batch_size=0"):
-        next(batches(_examples(3), StubTokenizer(), 0, 8, torch.Generator()))
-    with pytest.raises(ValueError, match="manual_seed"):
-        next(batches(_examples(3), StubTokenizer(), 2, 8, None))
-    with pytest.raises(ValueError, match="mix"):
-        next(batches(_examples(2) + _examples(2, pair=True), StubTokenizer(), 2, 8, None, False))
+@pytest.mark.parametrize("args, kwargs, match", [
+    ((_examples(3), 0, 8), {}, "batch_size=0"),
+    ((_examples(3), 2, 8), {"generator": None}, "manual_seed"),
+    ((_examples(2) + _examples(2, pair=True), 2, 8), {}, "mix"),
+    (([], 2, 8), {}, "examples is empty.*max-train 0"),
+    ((_examples(3), 2, 1), {}, "max_len=1 .* 2 special tokens: use max_len >= 2"),
+    ((_examples(3, pair=True), 2, 2), {}, "max_len=2 .* 3 special tokens: use max_len >= 3"),
+    ((_examples(3), 2, 8), {"shuffle": False, "group_by_length": True}, "needs shuffle=True"),
+])
+def test_batches_reject_bad_arguments_at_the_call(args, kwargs, match):
+    """Raised by the call itself (no next()), before the generator is drawn from: an empty list
+    would otherwise make `while True: yield from batches(...)` spin forever."""
+    g = torch.Generator().manual_seed(0)
+    state = g.get_state()
+    kwargs = {"generator": g, **kwargs}
+    examples, batch_size, max_len = args
+    with pytest.raises(ValueError, match=match):
+        batches(examples, StubTokenizer(), batch_size, max_len, **kwargs)
+    assert torch.equal(g.get_state(), state)
+
+
+def _old_batches(examples, tokenizer, batch_size, max_len, generator, shuffle=True):
+    """data/glue.py's batches() before group_by_length (commit de0c140), copied verbatim: the
+    reference the default path must match bit for bit, since training results depend on it."""
+    pairs = {e.text_b is not None for e in examples}
+    n = len(examples)
+    order = torch.randperm(n, generator=generator).tolist() if shuffle else range(n)
+    order = list(order)
+    for start in range(0, n, batch_size):
+        rows = [examples[i] for i in order[start:start + batch_size]]
+        batch = dict(tokenizer.batch([e.text_a for e in rows],
+                                     pairs=[e.text_b for e in rows] if pairs == {True} else None,
+                                     max_len=max_len))
+        is_float = any(isinstance(e.label, float) for e in rows)
+        batch["labels"] = torch.tensor([e.label for e in rows],
+                                       dtype=torch.float32 if is_float else torch.long)
+        yield batch
+
+
+@given(st.integers(1, 40), st.integers(1, 45), st.integers(0, 2**32 - 1), st.booleans(),
+       st.booleans(), st.booleans())
+def test_batches_default_path_equals_the_old_implementation(n, batch_size, seed, pair, score,
+                                                             shuffle):
+    """Same generator -> the same tensors (values and dtypes) and the same generator state after
+    the epoch, for two epochs in a row as train.py draws them."""
+    ex = _examples(n, pair=pair, score=score)
+    tok_new, tok_old = StubTokenizer(), StubTokenizer()
+    g_new, g_old = (torch.Generator().manual_seed(seed) for _ in range(2))
+    for _ in range(2):
+        new = list(batches(ex, tok_new, batch_size, 6, g_new if shuffle else None, shuffle))
+        old = list(_old_batches(ex, tok_old, batch_size, 6, g_old if shuffle else None, shuffle))
+        assert len(new) == len(old)
+        for b_new, b_old in zip(new, old):
+            assert b_new.keys() == b_old.keys()
+            for k in b_old:
+                assert b_new[k].dtype == b_old[k].dtype and torch.equal(b_new[k], b_old[k])
+    assert torch.equal(g_new.get_state(), g_old.get_state())
+
+
+def _lengths(batch: dict) -> list[int]:
+    return batch["attention_mask"].sum(1).tolist()
+
+
+def _padding(out: list[dict]) -> int:
+    return sum((b["attention_mask"] == 0).sum().item() for b in out)
+
+
+@given(st.integers(1, 130), st.integers(1, 9), st.integers(0, 2**32 - 1), st.booleans())
+def test_batches_yield_every_example_once_per_epoch(n, batch_size, seed, group):
+    """Shuffled, with or without length grouping (pools of 50 batches: n up to 130 crosses pools
+    at small batch sizes): each example exactly once, all batches full but at most one."""
+    ex = [e._replace(label=i) for i, e in enumerate(_ragged(n, seed))]  # label = identity
+    out = list(batches(ex, StubTokenizer(), batch_size, 16, torch.Generator().manual_seed(seed),
+                       group_by_length=group))
+    assert sorted(i for b in out for i in b["labels"].tolist()) == list(range(n))
+    sizes = [len(b["labels"]) for b in out]
+    assert sum(sizes) == n and sum(s != batch_size for s in sizes) <= 1
+    assert max(sizes) == min(batch_size, n)
+
+
+def _ragged(n: int, seed: int) -> list[Example]:
+    """n distinct sentences of 1..20 words, in an order unrelated to their length."""
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randint(1, 21, (n,), generator=g).tolist()
+    return [Example(f"s{i} " + "w " * (k[i] - 1), None, i % 2) for i in range(n)]
+
+
+@given(st.integers(1, 60), st.integers(1, 8), st.integers(0, 2**32 - 1))
+def test_group_by_length_sorts_one_pool_and_never_pads_more(n, batch_size, seed):
+    """One pool (n <= 50·batch_size): the batches cut one length-sorted list, so their
+    [min, max] length ranges do not overlap, and the total padding is at most that of the
+    random batches of the same epoch (equal batch sizes; sorted cuts minimise Σ size·max)."""
+    ex = _ragged(n, seed)
+    g = torch.Generator().manual_seed(seed)
+    grouped = list(batches(ex, StubTokenizer(), batch_size, 32, g, group_by_length=True))
+    plain = list(batches(ex, StubTokenizer(), batch_size, 32, torch.Generator().manual_seed(seed)))
+    ranges = sorted((min(_lengths(b)), max(_lengths(b))) for b in grouped)
+    assert all(hi <= lo for (_, hi), (lo, _) in zip(ranges, ranges[1:]))
+    assert _padding(grouped) <= _padding(plain)
+
+
+def test_group_by_length_pools_follow_the_random_order_and_the_seed():
+    """n = 2.5 pools: the first 50 batches hold exactly the first 50·B rows of randperm(n) (same
+    generator), batch order within a pool is shuffled, and the result follows the seed."""
+    B, n = 2, 250
+    ex = [e._replace(label=i) for i, e in enumerate(_ragged(n, 0))]  # label = identity
+
+    def run(seed):
+        return list(batches(ex, StubTokenizer(), B, 32, torch.Generator().manual_seed(seed),
+                            group_by_length=True))
+    out, again, other = run(0), run(0), run(1)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()
+    for pool in range(3):
+        got = [i for b in out[50 * pool:50 * (pool + 1)] for i in b["labels"].tolist()]
+        assert sorted(got) == sorted(order[50 * B * pool:50 * B * (pool + 1)])
+    assert [len(b["labels"]) for b in out] == [B] * (n // B)
+    tops = [max(_lengths(b)) for b in out[:50]]
+    assert tops != sorted(tops) and tops != sorted(tops, reverse=True)
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(out, again) for k in a)
+    assert [b["labels"].tolist() for b in out] != [b["labels"].tolist() for b in other]
 
 
 # -----------------------------------------------------------------------------
