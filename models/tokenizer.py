@@ -21,10 +21,10 @@ References:
 
 from __future__ import annotations
 
-import functools
 import os
 import unicodedata
 from collections.abc import Callable, Sequence
+from itertools import chain
 from pathlib import Path
 
 import torch
@@ -81,20 +81,29 @@ def _strip_accents(text: str) -> str:
     return "".join(c for c in text if unicodedata.category(c) != "Mn")
 
 
-class _CharTable(dict):
-    """A str.translate table that computes code point -> replacement on first use and caches it,
-    so the per-character Unicode lookups run once per distinct character, not per occurrence."""
+class _Memo(dict):
+    """A dict that computes a missing key's value with fn on first use and keeps it, emptied when
+    it holds maxsize entries. As a str.translate table (code point -> replacement) the Unicode
+    lookups run once per distinct character; as word -> ids, WordPiece once per distinct word.
+    _Memo(len)["abc"] == 3"""
 
-    def __init__(self, fn: Callable[[str], str]):
+    def __init__(self, fn: Callable, maxsize: int | None = None):
         super().__init__()
-        self.fn = fn
+        self.fn, self.maxsize = fn, maxsize
 
-    def __missing__(self, cp: int) -> str:
-        self[cp] = out = self.fn(chr(cp))
+    def __missing__(self, key):
+        if self.maxsize is not None and len(self) >= self.maxsize:
+            self.clear()  # not LRU: a corpus' frequent words are back within a few rows
+        self[key] = out = self.fn(key)
         return out
 
 
-_PUNCT_TABLE = _CharTable(lambda ch: f" {ch} " if _is_punctuation(ch) else ch)
+def _space_punctuation(cp: int) -> str:
+    ch = chr(cp)
+    return f" {ch} " if _is_punctuation(ch) else ch
+
+
+_PUNCT_TABLE = _Memo(_space_punctuation)
 
 
 def _truncate(a: list[int], b: list[int] | None, budget: int) -> tuple[list[int], list[int] | None]:
@@ -132,9 +141,13 @@ class WordPieceTokenizer:
         self.cls_id, self.sep_id = self.vocab[CLS], self.vocab[SEP]
         self.do_lower_case = do_lower_case
         self.strip_accents = do_lower_case if strip_accents is None else strip_accents
-        self._clean_table = _CharTable(self._clean_char)
-        # SST-2 has ~15k distinct words in 67k rows: split each once
-        self._word_pieces = functools.lru_cache(maxsize=1 << 17)(self._split_word)
+        self._tokens = list(vocab)  # id -> token, to give tokenize() the pieces behind the ids
+        self._clean_table = _Memo(self._clean_cp)
+        # ASCII text (all of SST-2) needs one translate: drop controls, lower-case, space out
+        # punctuation; the same steps as the general path, composed per character
+        self._ascii_table = {cp: self._clean_cp(cp).translate(_PUNCT_TABLE) for cp in range(128)}
+        # SST-2 has ~15k distinct words in 67k rows: split each once; bounded for huge corpora
+        self._word_ids = _Memo(self._split_word_ids, maxsize=1 << 17)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, do_lower_case: bool = True,
@@ -149,7 +162,8 @@ class WordPieceTokenizer:
     def __len__(self) -> int:
         return len(self.vocab)
 
-    def _clean_char(self, ch: str) -> str:
+    def _clean_cp(self, cp: int) -> str:
+        ch = chr(cp)
         if ch in "\x00\ufffd" or _is_control(ch):
             return ""  # \t \n \r are not "control": they stay, and str.split() splits on them
         if _is_cjk(ch):
@@ -159,6 +173,8 @@ class WordPieceTokenizer:
 
     def basic_tokenize(self, text: str) -> list[str]:
         """Stage 1, before WordPiece.  basic_tokenize("Héllo,world") == ["hello", ",", "world"]"""
+        if text.isascii():
+            return text.translate(self._ascii_table).split()
         text = text.translate(self._clean_table)
         if self.strip_accents and not text.isascii():
             text = _strip_accents(text)
@@ -179,9 +195,17 @@ class WordPieceTokenizer:
             start = end
         return tuple(pieces)
 
+    def _split_word_ids(self, word: str) -> tuple[int, ...]:
+        return tuple(self.vocab[p] for p in self._split_word(word))
+
+    def _ids(self, text: str) -> list[int]:
+        """The WordPiece ids of text, no special tokens: the hot path of encode and batch."""
+        # chain + map run the per-word loop in C: 20% faster than a nested comprehension
+        return list(chain.from_iterable(map(self._word_ids.__getitem__, self.basic_tokenize(text))))
+
     def tokenize(self, text: str) -> list[str]:
         """tokenize("unaffable") == ["una", "##ffa", "##ble"] with BERT's uncased vocab."""
-        return [p for word in self.basic_tokenize(text) for p in self._word_pieces(word)]
+        return [self._tokens[i] for i in self._ids(text)]
 
     def convert_tokens_to_ids(self, tokens: Sequence[str]) -> list[int]:
         return [self.vocab.get(t, self.unk_id) for t in tokens]
@@ -189,8 +213,8 @@ class WordPieceTokenizer:
     def encode(self, text: str, pair: str | None = None,
                max_len: int | None = None) -> tuple[list[int], list[int]]:
         """[CLS] text [SEP] (pair [SEP]) -> (ids, token_type_ids), at most max_len tokens."""
-        a = self.convert_tokens_to_ids(self.tokenize(text))
-        b = None if pair is None else self.convert_tokens_to_ids(self.tokenize(pair))
+        a = self._ids(text)
+        b = None if pair is None else self._ids(pair)
         if max_len is not None:
             n_special = 2 if b is None else 3
             if max_len < n_special:

@@ -165,7 +165,8 @@ def test_load_glue_errors_name_the_fix(tmp_path):
 
 
 @pytest.mark.parametrize("task, text", [
-    ("sst2", "sentence\tlabel\n"), ("sst2", "sentence\tlabel"), ("mrpc", FILES["mrpc"][2].split("\n")[0] + "\r\n"),
+    ("sst2", "sentence\tlabel\n"), ("sst2", "sentence\tlabel"),
+    ("mrpc", FILES["mrpc"][2].split("\n")[0] + "\r\n"),
     ("cola", ""),
 ])
 def test_load_glue_rejects_an_empty_split(tmp_path, task, text):
