@@ -195,21 +195,13 @@ def _grouped_order(examples: Sequence[Example], order: list[int], tokenizer, bat
 def batches(examples: Sequence[Example], tokenizer, batch_size: int, max_len: int,
             generator: torch.Generator | None, shuffle: bool = True,
             group_by_length: bool = False) -> Iterator[dict]:
-    """One epoch of tokenised batches: every example exactly once, in batches of batch_size but
-    one smaller batch when batch_size does not divide len(examples). Arguments are checked at the
-    call, before anything is drawn or tokenised.
-
-    Order is torch.randperm(n, generator=generator) when shuffling, so it follows the seed, and
-    the smaller batch comes last. group_by_length=True (needs shuffle) cuts that order into pools
-    of 50 batches, sorts each pool by token length, and yields its batches in an order drawn from
-    the same generator, as HF Trainer's group_by_length does: rows of similar length share a
-    batch, so there is less padding; the smaller batch holds the longest rows of the last pool.
-    The tokenizer's `batch(texts, pairs=None, max_len=...)` pads to the longest row; "labels" is
-    added (long for classes, float32 for STS-B scores).
-
-        g = torch.Generator().manual_seed(0)
-        for b in batches(train, tok, 32, 128, g, group_by_length=True): ...
-    """
+    """One epoch: every example once, in batches of batch_size but one smaller batch (the last)
+    when batch_size does not divide n. Order is torch.randperm(n, generator=generator), so it
+    follows the seed. group_by_length=True (HF Trainer's): cut that order into pools of 50
+    batches, sort each pool by token length and shuffle its batches with the generator: less
+    padding, and the smaller batch holds the last pool's longest rows. Arguments are checked at
+    the call. tokenizer.batch(texts, pairs, max_len=...) pads; "labels" is added (long for
+    classes, float32 for STS-B).  batches(train, tok, 32, 128, g, group_by_length=True)"""
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: use batch_size >= 1")
     if shuffle and generator is None:
@@ -227,22 +219,18 @@ def batches(examples: Sequence[Example], tokenizer, batch_size: int, max_len: in
     if max_len < n_special:
         raise ValueError(f"max_len={max_len} leaves no room for the {n_special} special tokens: "
                          f"use max_len >= {n_special}")
-    return _batches(examples, tokenizer, batch_size, max_len, generator, shuffle,
-                    group_by_length, pairs == {True})
+    is_pair, n = pairs == {True}, len(examples)
 
-
-def _batches(examples: Sequence[Example], tokenizer, batch_size: int, max_len: int,
-             generator: torch.Generator | None, shuffle: bool, group_by_length: bool,
-             pairs: bool) -> Iterator[dict]:
-    # a generator of its own, so that batches() checks eagerly but draws lazily, as it always has
-    n = len(examples)
-    order = torch.randperm(n, generator=generator).tolist() if shuffle else list(range(n))
-    if group_by_length:
-        cuts = _grouped_order(examples, order, tokenizer, batch_size, max_len, pairs, generator)
-    else:
-        cuts = (order[s:s + batch_size] for s in range(0, n, batch_size))
-    for cut in cuts:
-        yield _collate([examples[i] for i in cut], tokenizer, max_len, pairs)
+    def epoch() -> Iterator[dict]:  # a generator apart, so checks run now but draws lazily
+        order = torch.randperm(n, generator=generator).tolist() if shuffle else list(range(n))
+        if group_by_length:
+            cuts = _grouped_order(examples, order, tokenizer, batch_size, max_len, is_pair,
+                                  generator)
+        else:
+            cuts = (order[s:s + batch_size] for s in range(0, n, batch_size))
+        for cut in cuts:
+            yield _collate([examples[i] for i in cut], tokenizer, max_len, is_pair)
+    return epoch()
 
 
 # -----------------------------------------------------------------------------
