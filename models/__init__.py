@@ -1,10 +1,14 @@
-"""The encoder side of fimlora: a from-scratch BERT with HF names, its loader and tokenizer."""
+"""The models of fimlora: a from-scratch BERT and LLaMA with HF names, loaders and tokenizers."""
 
-from models.checkpoint import (LoadInfo, build_model, load_model, load_pretrained, load_tokenizer,
-                               model_path)
+from models.bpe import BPETokenizer, tiny_bpe
+from models.checkpoint import (DECODERS, LoadInfo, build_model, load_model, load_pretrained,
+                               load_tokenizer, model_path)
 from models.encoder import TINY, BertConfig, BertForSequenceClassification, BertModel, init_weights
+from models.llama import TINY_LLAMA, LlamaConfig, LlamaForCausalLM, llama_from_gguf, load_smollm2
 from models.tokenizer import WordPieceTokenizer, tiny_vocab
 
-__all__ = ["BertConfig", "BertForSequenceClassification", "BertModel", "LoadInfo", "TINY",
-           "WordPieceTokenizer", "build_model", "init_weights", "load_model", "load_pretrained",
-           "load_tokenizer", "model_path", "tiny_vocab"]
+__all__ = ["BPETokenizer", "BertConfig", "BertForSequenceClassification", "BertModel", "DECODERS",
+           "LlamaConfig", "LlamaForCausalLM", "LoadInfo", "TINY", "TINY_LLAMA",
+           "WordPieceTokenizer", "build_model", "init_weights", "llama_from_gguf", "load_model",
+           "load_pretrained", "load_smollm2", "load_tokenizer", "model_path", "tiny_bpe",
+           "tiny_vocab"]

