@@ -1,0 +1,207 @@
+"""GLUE classification as prompts for a causal LM: templates, batches with an answer-only loss
+mask, the per-example loss, and prediction by comparing the label words' log-likelihoods.
+
+    from data.glue import load_glue, compute_metrics
+    from data.causal import causal_batches, causal_loss, predict
+    train = load_glue("sst2", "../shared/data/glue/SST-2", "train")
+    for batch in causal_batches(train, tok, "sst2", batch_size=8, max_len=128, generator=g):
+        logits = model(batch["input_ids"], batch["attention_mask"])     # (B, T, vocab)
+        loss = causal_loss(logits, batch)
+    preds = predict(model, tok, "sst2", dev, batch_size=32, max_len=128)   # list[int]
+    compute_metrics("sst2", preds, [e.label for e in dev])
+
+An example becomes `prompt + answer`, e.g. "Review: a gripping film\\nSentiment:" + " positive".
+The prompt and the answer are tokenised separately and concatenated, so training and scoring see
+exactly the same answer tokens (the templates end without a space and the label words start with
+one, which is also where byte-level BPE would split). Batches hold
+    input_ids (B, T) long, attention_mask (B, T) long: 1 on real tokens,
+    loss_mask (B, T) long: 1 on the answer tokens, labels (B,) long: the class ids,
+padded on the right (default) or left with tokenizer.pad_id; the decoder in models/llama.py
+counts positions over real tokens only, so either side gives the same logits.
+The loss is the mean over each example's answer tokens of -log p(token | earlier tokens), then the
+mean over examples (a two-token answer weighs as much as a one-token one). predict() scores every
+label word by the sum of its tokens' log-probabilities after the prompt and takes the argmax.
+
+The tokenizer needs `encode(text, add_bos=None) -> list[int]` and `pad_id` (models.bpe's
+BPETokenizer). Too-long prompts lose their first tokens (a BOS stays): the question and
+"Answer:" are at the end. STS-B (a regression) has no label words and raises ValueError.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from data.glue import Example, task_spec
+
+
+class Prompt(NamedTuple):
+    template: str  # str.format with a = text_a, b = text_b
+    label_words: tuple[str, ...]  # in label-id order (data/glue.py's TaskSpec.labels)
+
+
+PROMPTS: dict[str, Prompt] = {
+    "sst2": Prompt("Review: {a}\nSentiment:", (" negative", " positive")),
+    "cola": Prompt("Sentence: {a}\nGrammar:", (" unacceptable", " acceptable")),
+    "rte": Prompt("Premise: {a}\nHypothesis: {b}\nDoes the premise entail the hypothesis?\n"
+                  "Answer:", (" yes", " no")),
+    "mrpc": Prompt("Sentence 1: {a}\nSentence 2: {b}\nDo both sentences mean the same thing?\n"
+                   "Answer:", (" no", " yes")),
+    "qnli": Prompt("Question: {a}\nSentence: {b}\nDoes the sentence answer the question?\n"
+                   "Answer:", (" yes", " no")),
+    "qqp": Prompt("Question 1: {a}\nQuestion 2: {b}\nDo both questions ask the same thing?\n"
+                  "Answer:", (" no", " yes")),
+    "mnli": Prompt("Premise: {a}\nHypothesis: {b}\nDoes the premise entail the hypothesis? "
+                   "Yes, maybe or no?\nAnswer:", (" yes", " maybe", " no")),
+}
+
+
+def prompt_for(task: str) -> Prompt:
+    """Template and label words of a task.  prompt_for("SST-2").label_words[1] -> " positive" """
+    key = task.lower().replace("-", "").replace("_", "")
+    spec = task_spec(task)  # unknown tasks raise here, naming the known ones
+    if key not in PROMPTS:
+        raise ValueError(f"task {task!r} ({spec.folder}) has no prompt: it is a regression with "
+                         "no label words; use one of " + ", ".join(PROMPTS))
+    return PROMPTS[key]
+
+
+def format_prompt(task: str, example: Example) -> str:
+    """The prompt text of one example, without the answer.
+    format_prompt("sst2", Example("a fine film", None, 1)) -> "Review: a fine film\\nSentiment:" """
+    prompt = prompt_for(task)
+    pairs = "{b}" in prompt.template
+    if pairs != (example.text_b is not None):
+        raise ValueError(f"task {task!r} expects {'pairs' if pairs else 'single sentences'}, "
+                         f"got text_b={example.text_b!r}: is this the {task} file?")
+    return prompt.template.format(a=example.text_a, b=example.text_b)
+
+
+def label_token_ids(tokenizer, task: str) -> list[list[int]]:
+    """The token ids of each label word, in label-id order (no BOS)."""
+    ids = [tokenizer.encode(w, add_bos=False) for w in prompt_for(task).label_words]
+    if not all(ids):
+        raise ValueError(f"a label word of {task!r} encodes to no tokens: {ids}")
+    return ids
+
+
+def encode_prompt(tokenizer, task: str, example: Example, max_len: int) -> list[int]:
+    """The prompt's ids, cut from the left so that the longest label word still fits in
+    max_len; a leading BOS is kept."""
+    ids = tokenizer.encode(format_prompt(task, example))
+    budget = max_len - max(map(len, label_token_ids(tokenizer, task)))
+    n_bos = int(bool(ids) and ids[0] == getattr(tokenizer, "bos_id", None)
+                and getattr(tokenizer, "add_bos", False))
+    if budget <= n_bos:
+        raise ValueError(f"max_len={max_len} leaves no room for a prompt before the answer: "
+                         "raise max_len")
+    return ids if len(ids) <= budget else ids[:n_bos] + ids[len(ids) - budget + n_bos:]
+
+
+def collate(rows: Sequence[list[int]], answer_lens: Sequence[int], pad_id: int,
+            padding_side: str = "right") -> dict[str, torch.Tensor]:
+    """Pad token rows to the longest; loss_mask marks the last answer_lens[i] tokens of row i.
+    collate([[5, 6, 7]], [1], 0)["loss_mask"] -> tensor([[0, 0, 1]])"""
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side={padding_side!r}: use 'left' or 'right'")
+    T = max(map(len, rows))
+    input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros(len(rows), T, dtype=torch.long)
+    loss_mask = torch.zeros(len(rows), T, dtype=torch.long)
+    for i, (row, n) in enumerate(zip(rows, answer_lens)):
+        start = T - len(row) if padding_side == "left" else 0
+        input_ids[i, start:start + len(row)] = torch.tensor(row)
+        attention_mask[i, start:start + len(row)] = 1
+        loss_mask[i, start + len(row) - n:start + len(row)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+
+
+def causal_batches(examples: Sequence[Example], tokenizer, task: str, batch_size: int,
+                   max_len: int, generator: torch.Generator | None, shuffle: bool = True,
+                   padding_side: str = "right") -> Iterator[dict[str, torch.Tensor]]:
+    """One epoch of prompt + gold-answer batches (keys above), in the order of
+    data.glue.batches: torch.randperm(n, generator=generator) when shuffling."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: use batch_size >= 1")
+    if shuffle and generator is None:
+        raise ValueError("shuffle=True needs generator=torch.Generator().manual_seed(seed)")
+    answers = label_token_ids(tokenizer, task)
+    n = len(examples)
+    order = torch.randperm(n, generator=generator).tolist() if shuffle else list(range(n))
+    for start in range(0, n, batch_size):
+        rows = [examples[i] for i in order[start:start + batch_size]]
+        for e in rows:
+            if not isinstance(e.label, int) or not 0 <= e.label < len(answers):
+                raise ValueError(f"label {e.label!r} is not a class id of {task!r}")
+        ids = [encode_prompt(tokenizer, task, e, max_len) + answers[e.label] for e in rows]
+        batch = collate(ids, [len(answers[e.label]) for e in rows], tokenizer.pad_id,
+                        padding_side)
+        batch["labels"] = torch.tensor([e.label for e in rows], dtype=torch.long)
+        yield batch
+
+
+def causal_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean over examples of the mean answer-token NLL; logits (B, T, V) at position t predict
+    input_ids[:, t + 1]."""
+    return answer_nll(logits, batch["input_ids"], batch["loss_mask"], mean=True).mean()
+
+
+def answer_nll(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor,
+               mean: bool) -> torch.Tensor:
+    """Per-example NLL of the masked tokens, (B,): their sum, or their mean if `mean`."""
+    target_mask = loss_mask[:, 1:].bool()  # (B, T-1): which next tokens are answer tokens
+    if not target_mask.any(1).all():
+        raise ValueError("every row needs at least one answer token after its first position")
+    rows = target_mask.nonzero()[:, 0]
+    # only the answer positions go through log_softmax: the vocabulary is wide
+    nll = F.cross_entropy(logits[:, :-1][target_mask].float(), input_ids[:, 1:][target_mask],
+                          reduction="none")
+    total = torch.zeros(logits.shape[0], device=logits.device).index_add(0, rows, nll)
+    return total / target_mask.sum(1) if mean else total
+
+
+@torch.no_grad()
+def label_scores(model: nn.Module, tokenizer, task: str, examples: Sequence[Example],
+                 batch_size: int = 32, max_len: int = 128,
+                 padding_side: str = "right") -> torch.Tensor:
+    """(N, n_labels): log p(label word | prompt), summed over the word's tokens. The model runs
+    in eval mode and is put back as it was; inputs go to its device."""
+    answers = label_token_ids(tokenizer, task)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        out = []
+        for start in range(0, len(examples), batch_size):
+            prompts = [encode_prompt(tokenizer, task, e, max_len)
+                       for e in examples[start:start + batch_size]]
+            if all(len(a) == 1 for a in answers):  # one forward: the next-token distribution
+                b = collate([p + answers[0] for p in prompts], [1] * len(prompts),
+                            tokenizer.pad_id, padding_side)
+                b = {k: v.to(device) for k, v in b.items()}
+                logits = model(b["input_ids"], b["attention_mask"])
+                pos = b["loss_mask"].argmax(1) - 1  # the last prompt token
+                logp = logits[torch.arange(len(prompts)), pos].float().log_softmax(-1)
+                out.append(logp[:, [a[0] for a in answers]].cpu())
+                continue
+            scores = []
+            for a in answers:
+                b = collate([p + a for p in prompts], [len(a)] * len(prompts),
+                            tokenizer.pad_id, padding_side)
+                b = {k: v.to(device) for k, v in b.items()}
+                logits = model(b["input_ids"], b["attention_mask"])
+                scores.append(-answer_nll(logits, b["input_ids"], b["loss_mask"], mean=False))
+            out.append(torch.stack(scores, 1).cpu())
+        return torch.cat(out) if out else torch.zeros(0, len(answers))
+    finally:
+        model.train(was_training)
+
+
+def predict(model: nn.Module, tokenizer, task: str, examples: Sequence[Example],
+            batch_size: int = 32, max_len: int = 128) -> list[int]:
+    """Class ids for data.glue.compute_metrics: the label word with the highest log-likelihood."""
+    return label_scores(model, tokenizer, task, examples, batch_size, max_len).argmax(1).tolist()
