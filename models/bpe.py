@@ -2,7 +2,7 @@
 
     from models.bpe import BPETokenizer
     tok = BPETokenizer.from_gguf(metadata)        # metadata from models.gguf.read_gguf_header
-    ids = tok.encode("<|im_start|>user\\nHi!")     # [1, 4093, 198, 23180, 17]
+    ids = tok.encode("<|im_start|>user\\nHi!")     # [1, 4093, 198, 26843, 17]
     tok.decode(ids) == "<|im_start|>user\\nHi!"
 
 Encoding (Radford et al. 2019, "Language Models are Unsupervised Multitask Learners", sec. 2.2):

@@ -98,7 +98,7 @@ class _Cursor:
             raise self.fail(f"{what} is not UTF-8 ({e.reason} at byte {e.start})") from None
 
 
-def _value(c: _Cursor, vtype: int, key: str, in_array: bool = False):
+def _value(c: _Cursor, vtype: int, key: str):
     if vtype in _SCALARS:
         value = c.unpack(_SCALARS[vtype][1], f"value of {key!r}")
         if vtype == 7:
@@ -108,7 +108,7 @@ def _value(c: _Cursor, vtype: int, key: str, in_array: bool = False):
         return value
     if vtype == _STRING:
         return c.string(f"string value of {key!r}")
-    if vtype == _ARRAY and not in_array:
+    if vtype == _ARRAY:
         etype = c.unpack("I", f"array type of {key!r}")
         count = c.unpack("Q", f"array length of {key!r}")
         if etype not in _SCALARS and etype != _STRING:
