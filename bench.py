@@ -27,8 +27,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fimlora
-from lora import add_lora, write_json
+from lora import add_lora, lora_layers
 from models import load_model
+from train import write_json
 
 TARGETS = ["query", "key", "value", "dense"]
 
@@ -98,52 +99,48 @@ def planted_study(seeds: int, steps: int, out: str) -> dict:
     return result
 
 
-def peft_train(argv: list[str]) -> dict:
-    """train.main with transformers + PEFT in place of our model and LoRA: the same batches,
-    loss, optimizer, schedule and evaluation, and the same initial weights (the fresh classifier
-    and every lora_A are copied from the model train.main would have built), so the two runs
-    differ only in the model and LoRA code. For the plain-LoRA parity check on SST-2."""
+class _HFCall(nn.Module):
+    """train.py calls model(input_ids, attention_mask, token_type_ids) and reads logits."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, token_type_ids):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask,
+                          token_type_ids=token_type_ids).logits
+
+
+def peft_adapt(task, args, device, rng) -> nn.Module:
+    """train.main's `adapt` step on transformers + PEFT: our model is adapted first (so every
+    random draw happens as in train.py), then the HF model gets its fresh classifier and every
+    lora_A copied from ours, so the two runs differ only in the model and LoRA code."""
     import peft
     import transformers
 
     import train
     from models import model_path
-    real_task, real_add_lora = train.glue_task, train.add_lora
-    made: dict = {}
+    ours = train.add_adapters(task, args, device, rng)
+    hf = transformers.BertForSequenceClassification.from_pretrained(
+        model_path(args.model), num_labels=ours.classifier.out_features)
+    hf.classifier.load_state_dict(ours.classifier.state_dict())
+    model = peft.get_peft_model(hf, peft.LoraConfig(
+        r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout, use_rslora=args.rslora,
+        target_modules=args.targets.split(","), modules_to_save=list(task.heads)))
+    layers = dict(ours.named_modules())
+    with torch.no_grad():
+        for n, m in model.base_model.model.named_modules():
+            if isinstance(m, peft.tuners.lora.LoraLayer):
+                m.lora_A["default"].weight.copy_(layers[n].lora_A)
+    return _HFCall(model).to(device).train(task.train_mode)
 
-    class HF(nn.Module):  # train.py calls model(input_ids, attention_mask, token_type_ids)
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
 
-        def forward(self, input_ids, attention_mask, token_type_ids):
-            return self.model(input_ids=input_ids, attention_mask=attention_mask,
-                              token_type_ids=token_type_ids).logits
-
-    def glue_task(args, device, gen):
-        ours, *rest = real_task(args, device, gen)
-        hf = transformers.BertForSequenceClassification.from_pretrained(
-            model_path(args.model), num_labels=ours.classifier.out_features)
-        hf.classifier.load_state_dict(ours.classifier.state_dict())
-        made.update(ours=ours, hf=hf)
-        return HF(hf), *rest
-
-    def add_lora(model, targets, r, alpha, dropout, rslora, heads, generator):
-        names = real_add_lora(made["ours"], targets, r=r, alpha=alpha, dropout=dropout,
-                              rslora=rslora, heads=heads, generator=generator)
-        model.model = peft.get_peft_model(made["hf"], peft.LoraConfig(
-            r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=rslora,
-            target_modules=list(targets), modules_to_save=list(heads)))
-        ours = dict(made["ours"].named_modules())
-        with torch.no_grad():
-            for n, m in model.model.base_model.model.named_modules():
-                if isinstance(m, peft.tuners.lora.LoraLayer):
-                    m.lora_A["default"].weight.copy_(ours[n].lora_A)
-        return names
-
-    train.glue_task, train.add_lora = glue_task, add_lora
-    train.save_adapter = lambda *a, **k: None  # PEFT saves its own way; nothing to compare
-    return train.main(argv)
+def peft_train(argv: list[str]) -> dict:
+    """train.main with transformers + PEFT in place of our model and LoRA (peft_adapt): the same
+    batches, loss, optimizer, schedule, evaluation and initial weights. For the plain-LoRA parity
+    check on SST-2; writes results.json only (PEFT saves its own way)."""
+    import train
+    return train.main(argv, adapt=peft_adapt)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -215,11 +212,13 @@ def main(argv: list[str] | None = None) -> dict:
     loss_fn = lambda m, b: F.cross_entropy(ours(m, b), b["labels"])  # noqa: E731
     fim_model = copy.deepcopy(base)
     add_lora(fim_model, TARGETS, r=args.r, alpha=2 * args.r, heads=["classifier"])
+    held = 4 * sum(m.lora_B.numel() for m in lora_layers(fim_model).values())  # one (d_out, r)
+    memory_ratio = held / (4 * sum(p.numel() for p in fim_model.parameters()))
     t = time.perf_counter()
-    res = fimlora.initialize_fim_ranks(fim_model, [batch] * 8, loss_fn, n_batches=8)
+    fimlora.initialize_fim_ranks(fim_model, [batch] * 8, loss_fn, n_batches=8)
     rows["FIM-LoRA calibration, 8 batches"] = time.perf_counter() - t
     t = time.perf_counter()
-    res_pe = fimlora.fisher_scores(fim_model, [batch] * 8, loss_fn, per_example=True)
+    fimlora.fisher_scores(fim_model, [batch] * 8, loss_fn, per_example=True)
     rows["FIM-LoRA per-example calibration, 8 batches"] = time.perf_counter() - t
     da_model = copy.deepcopy(base)
     add_lora(da_model, TARGETS, r=args.r, alpha=2 * args.r, heads=["classifier"])
@@ -233,16 +232,14 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": platform.machine(), "model": args.model, "batch": [args.batch_size, args.tokens],
         "seconds": rows,
         "ratio_to_peft_lora_step": {k: v / ref for k, v in rows.items()} if ref else None,
-        "fim_estimator_bytes": res.get("bytes"), "fim_per_example_bytes": res_pe.get("bytes"),
-        "fim_bytes_ratio_to_full_diag_fisher": res.get("memory_ratio"),
+        "fim_estimator_bytes": held, "fim_bytes_ratio_to_full_diag_fisher": memory_ratio,
     }
     print(f"| benchmark ({args.model}, batch {args.batch_size}x{args.tokens}, "
           f"{result['threads']} threads) | seconds | x PEFT LoRA step |")
     print("|---|---:|---:|")
     for k, v in rows.items():
         print(f"| {k} | {v:.3f} | {v / ref:.2f} |" if ref else f"| {k} | {v:.3f} | - |")
-    print(f"FIM estimator memory: {res.get('bytes'):,} bytes "
-          f"({res.get('memory_ratio', float('nan')):.2e} of a full diagonal Fisher)")
+    print(f"FIM estimator memory: {held:,} bytes ({memory_ratio:.2e} of a full diagonal Fisher)")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     write_json(args.out, result)
     return result

@@ -32,13 +32,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-PEFT_BIN_WEIGHTS = "adapter_model.bin"
-FIMLORA_FORMAT = "fimlora-adapter-v1"
-PEFT_PREFIX = "base_model.model."
-
-
 def lora_scaling(r: int, alpha: float, rslora: bool = False) -> float:
     """s = α/r, or α/√r with rsLoRA (arXiv:2312.03732); 0 for r = 0.  lora_scaling(8, 16) == 2.0"""
     if r == 0:
@@ -258,9 +251,17 @@ def load_lora_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
             params[k].copy_(v)
 
 
-# -----------------------------------------------------------------------------
-# safetensors, read and written with the standard library and torch only
-# format: 8-byte little-endian header length N, N bytes of JSON {name: {dtype, shape,
+# --- on disk ---------------------------------------------------------------------
+# safetensors and adapter folders (ours and PEFT's), read and written with the standard
+# library and torch only; every write goes to a temp file first, then os.replace.
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_BIN_WEIGHTS = "adapter_model.bin"
+FIMLORA_FORMAT = "fimlora-adapter-v1"
+PEFT_PREFIX = "base_model.model."
+
+# safetensors format: 8-byte little-endian header length N, N bytes of JSON {name: {dtype, shape,
 # data_offsets: [begin, end]}, "__metadata__": {str: str}}, then the raw little-endian bytes.
 
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
@@ -341,6 +342,16 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    """The raw little-endian bytes of t on the CPU, without numpy (so lora.py stands alone)."""
+    flat = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)  # (nbytes,)
+    if not flat.numel():
+        return b""
+    buf = bytearray(flat.numel())
+    torch.frombuffer(buf, dtype=torch.uint8).copy_(flat)
+    return bytes(buf)
+
+
 def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
                       metadata: dict[str, str] | None = None) -> None:
     """Write tensors (moved to CPU, made contiguous) as .safetensors, atomically."""
@@ -349,8 +360,7 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
     for name, t in tensors.items():
         if t.dtype not in _ST_NAMES:
             raise ValueError(f"tensor {name!r} has dtype {t.dtype}, which safetensors cannot store")
-        b = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() \
-            if t.numel() else b""
+        b = _tensor_bytes(t)
         header[name] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape),
                         "data_offsets": [pos, pos + len(b)]}
         blobs.append(b)
@@ -366,11 +376,6 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
     _atomic_write(Path(path), write)
 
 
-def write_json(path: str | os.PathLike, obj: dict) -> None:
-    _atomic_write(Path(path), lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
-
-
-# -----------------------------------------------------------------------------
 # adapter folders: our format, or PEFT's (adapter_config.json + adapter_model.safetensors)
 
 
@@ -389,8 +394,12 @@ def adapter_config(model: nn.Module, targets: Iterable[str] = (), seed: int | No
             "scalings": {n: m.scaling for n, m in layers.items()}}
 
 
+def _write_json(path: Path, obj: dict) -> None:
+    _atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+
+
 def _peft_config(cfg: dict, linears: Sequence[str], base_model: str | None) -> dict:
-    """PEFT LoraConfig fields for per-matrix ranks (methods.md C.3, C.5): r = the most common rank,
+    """PEFT LoraConfig fields for per-matrix ranks: r = the most common rank,
     and rank_pattern / alpha_pattern keys anchored and escaped ("^bert\\.encoder\\.layer\\.0\\...")
     so each key matches exactly one module under PEFT's rule (_peft_pattern). α_m is written as
     saved, so PEFT's α_m/r_m (α_m/√r_m with rsLoRA) is the scale used in training. Rank-0 modules
@@ -514,7 +523,7 @@ def save_adapter(path: str | os.PathLike, model: nn.Module, targets: Iterable[st
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     write_safetensors(path / ADAPTER_WEIGHTS, tensors, {"format": "pt"})
-    write_json(path / ADAPTER_CONFIG, config)
+    _write_json(path / ADAPTER_CONFIG, config)
     return path
 
 

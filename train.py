@@ -4,21 +4,26 @@
     python train.py --method lora --model minilm --task sst2 --data-dir ../shared/data/glue/SST-2
 
 Methods: lora (uniform rank r), fim (FIM-LoRA rank allocation at equal budget), fw (FW-LoRA
-penalty after a Fisher warm-up), da (LoRA-DA initialisation), fim+da (both). Everything that
-defines a run is an argument; the results JSON stores all of them, with the seed.
+penalty after a Fisher warm-up), da (LoRA-DA initialisation), fim+da (both). main() reads as
+args → seed → device → data → model → method → loop → eval → save; everything that defines a run
+is an argument, and the results JSON stores all of them with the seed.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import math
+import os
 import random
 import re
 import sys
 import time
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -26,21 +31,25 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fimlora
-from data import glue, planted
-from lora import add_lora, lora_layers, save_adapter, write_json
+from data import causal, glue, planted
+from lora import _atomic_write, add_lora, lora_layers, save_adapter
 from models import load_model, model_path
+from models.checkpoint import DECODERS
 
 METHODS = ("lora", "fim", "fw", "da", "fim+da")
 GLUE_TASKS = tuple(glue.TASKS)
 DEFAULT_TARGETS = {"planted": "query,key,value,output.dense,intermediate.dense",
-                   "glue": "query,key,value,dense"}
+                   "glue": "query,key,value,dense",
+                   "decoder": "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--method", default="lora", choices=METHODS)
-    p.add_argument("--model", default="tiny", help="tiny | minilm | path to an HF BERT folder")
+    p.add_argument("--model", default="tiny",
+                   help="encoders: tiny | minilm | path to an HF BERT folder; "
+                        "decoders (GLUE as prompts): tiny-llama | smollm2")
     p.add_argument("--task", default="planted", choices=("planted",) + GLUE_TASKS)
     p.add_argument("--data-dir", default=None, help="GLUE task folder with train.tsv and dev.tsv")
     g = p.add_argument_group("LoRA")
@@ -86,6 +95,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="output folder (default runs/<task>-<method>-s<seed>)")
     args = p.parse_args(argv)
     check_args(args)
+    is_glue = args.task != "planted"
+    kind = "decoder" if args.model in DECODERS else "glue" if is_glue else "planted"
+    args.targets = args.targets or DEFAULT_TARGETS[kind]
+    if args.steps is None and args.epochs is None:
+        args.steps = 1000 if is_glue else 300
+    args.out = args.out or f"runs/{args.task}-{args.method.replace('+', '_')}-s{args.seed}"
     return args
 
 
@@ -120,10 +135,23 @@ def check_args(a: argparse.Namespace) -> None:
         raise ValueError("; ".join(errors))
 
 
+# -----------------------------------------------------------------------------
+# seed, random streams, device
+
+
 def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def random_streams(seed: int) -> dict[str, torch.Generator]:
+    """Every random draw of a run, one CPU generator per stream: init (weights, plants, A),
+    data (training batches), calib (calibration batches), eval (planted eval set). Separate
+    streams keep calibration and re-initialisation from shifting the data order, so every
+    method trains on the same batches."""
+    return {name: torch.Generator().manual_seed(seed + k)
+            for k, name in enumerate(("init", "data", "calib", "eval"))}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -143,14 +171,26 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 # -----------------------------------------------------------------------------
-# tasks: each gives a model, training batches, a loss_fn(model, batch) and an evaluate(model)
+# tasks: a model, its training batches, loss_fn(model, batch) and evaluate(model)
 
 
-def glue_task(args, device, gen):
+class Task(NamedTuple):
+    model: nn.Module  # the base model, not yet adapted
+    heads: list[str]  # modules trained in full next to the adapters (the classifier)
+    train_batches: Callable[[torch.Generator], Iterator[dict]]  # endless, drawn from the generator
+    n_train: int | None  # training rows (None: endless synthetic data)
+    loss_fn: Callable[[nn.Module, dict], torch.Tensor]
+    evaluate: Callable[[nn.Module], dict]
+    train_mode: bool  # module mode while training (planted trains in eval mode: no dropout)
+    planted: dict[str, int] | None = None  # planted task: {matrix: planted rank}
+
+
+def glue_task(args: argparse.Namespace, device: torch.device,
+              rng: dict[str, torch.Generator]) -> Task:
     spec = glue.task_spec(args.task)
     train = glue.load_glue(args.task, args.data_dir, "train")[: args.max_train]
     dev = glue.load_glue(args.task, args.data_dir, "dev")[: args.max_eval]
-    model, tok = load_model(args.model, num_labels=spec.num_labels, generator=gen)
+    model, tok = load_model(args.model, num_labels=spec.num_labels, generator=rng["init"])
     regression = spec.num_labels == 1
 
     def loss_fn(m: nn.Module, batch: dict) -> torch.Tensor:
@@ -162,7 +202,7 @@ def glue_task(args, device, gen):
             return F.mse_loss(logits.squeeze(-1), batch["labels"])
         return F.cross_entropy(logits, batch["labels"])
 
-    def train_batches(g: torch.Generator):
+    def train_batches(g: torch.Generator) -> Iterator[dict]:
         while True:
             yield from glue.batches(train, tok, args.batch_size, args.max_len, g)
 
@@ -180,32 +220,61 @@ def glue_task(args, device, gen):
         m.train(was_training)
         return glue.compute_metrics(args.task, preds, labels)
 
-    return model, ["classifier"], train_batches, len(train), loss_fn, evaluate, {"train_mode": True}
+    return Task(model, ["classifier"], train_batches, len(train), loss_fn, evaluate, True)
 
 
-def planted_task(args, device, gen):
-    model, tok = load_model(args.model, num_labels=None, generator=gen)
+def causal_task(args: argparse.Namespace, device: torch.device,
+                rng: dict[str, torch.Generator]) -> Task:
+    """A GLUE task as prompts for a decoder (data/causal.py): the loss is the answer tokens'
+    per-example mean NLL, predictions compare the label words' log-likelihoods."""
+    train = glue.load_glue(args.task, args.data_dir, "train")[: args.max_train]
+    dev = glue.load_glue(args.task, args.data_dir, "dev")[: args.max_eval]
+    model, tok = load_model(args.model, generator=rng["init"])
+
+    def loss_fn(m: nn.Module, batch: dict) -> torch.Tensor:
+        batch = to_device(batch, device)
+        with autocast(device):
+            logits = m(batch["input_ids"], batch["attention_mask"])
+        return causal.causal_loss(logits.float(), batch)
+
+    def train_batches(g: torch.Generator) -> Iterator[dict]:
+        while True:
+            yield from causal.causal_batches(train, tok, args.task, args.batch_size,
+                                             args.max_len, g)
+
+    @torch.no_grad()
+    def evaluate(m: nn.Module) -> dict:
+        was_training = m.training
+        m.eval()
+        with autocast(device):
+            preds = causal.predict(m, tok, args.task, dev, batch_size=args.batch_size,
+                                   max_len=args.max_len)
+        m.train(was_training)
+        return glue.compute_metrics(args.task, preds, [e.label for e in dev])
+
+    return Task(model, [], train_batches, len(train), loss_fn, evaluate, True)
+
+
+def planted_task(args: argparse.Namespace, device: torch.device,
+                 rng: dict[str, torch.Generator]) -> Task:
+    model, _ = load_model(args.model, num_labels=None, generator=rng["init"])
     targets = args.targets.split(",")
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)
              and any(n == t or n.endswith("." + t) for t in targets)]
-    teacher, truth = planted.plant(model, names, generator=gen)
+    teacher, truth = planted.plant(model, names, generator=rng["init"])
     model.to(device), teacher.to(device)
     vocab = model.embeddings.word_embeddings.num_embeddings
     seq = min(args.max_len, 32)
-
-    def make_batch(g):
-        return planted.random_batch(vocab, args.batch_size, seq, g)
 
     def loss_fn(m: nn.Module, batch: dict) -> torch.Tensor:
         with autocast(device):
             return planted.planted_loss(m, teacher, to_device(batch, device)).float()
 
-    def train_batches(g: torch.Generator):
+    def train_batches(g: torch.Generator) -> Iterator[dict]:
         while True:
-            yield make_batch(g)
+            yield planted.random_batch(vocab, args.batch_size, seq, g)
 
-    eval_gen = torch.Generator().manual_seed(args.seed + 3)
-    eval_set = [make_batch(eval_gen) for _ in range(8)]
+    eval_set = [planted.random_batch(vocab, args.batch_size, seq, rng["eval"]) for _ in range(8)]
 
     @torch.no_grad()
     def evaluate(m: nn.Module) -> dict:
@@ -217,8 +286,168 @@ def planted_task(args, device, gen):
 
     # the teacher is deterministic, so the student trains in eval mode: dropout (hidden,
     # attention, adapter) would only add noise to the regression target
-    extra = {"planted": truth, "train_mode": False}
-    return model, [], train_batches, None, loss_fn, evaluate, extra
+    return Task(model, [], train_batches, None, loss_fn, evaluate, False, truth)
+
+
+# -----------------------------------------------------------------------------
+# methods: each changes the freshly adapted model before training and reports what it did
+
+
+def add_adapters(task: Task, args: argparse.Namespace, device: torch.device,
+                 rng: dict[str, torch.Generator]) -> nn.Module:
+    """Uniform LoRA of rank r on every target; returns the model to train."""
+    add_lora(task.model, args.targets.split(","), r=args.r, alpha=args.alpha,
+             dropout=args.dropout, rslora=args.rslora, heads=task.heads, generator=rng["init"])
+    return task.model.to(device).train(task.train_mode)
+
+
+def fim_method(model: nn.Module, task: Task, args: argparse.Namespace,
+               rng: dict[str, torch.Generator], calib: Iterator[dict]) -> dict:
+    """FIM-LoRA: calibrate on --calib-batches batches, reallocate the rank budget."""
+    batches = list(itertools.islice(calib, args.calib_batches))
+    report = {}
+    if task.planted:  # before the allocation resizes A: the model it scores
+        report["planted_recovery"] = planted_scores(model, batches, task.loss_fn, task.planted)
+    # the estimator holds one float32 (d_out, r) sum per lora_B (two for the variance score)
+    held = 4 * sum(m.lora_B.numel() for m in lora_layers(model).values())
+    held *= 2 if args.score == "variance" else 1
+    ratio = held / (4 * n_params(model, trainable=False))
+    t0 = time.perf_counter()
+    res = fimlora.initialize_fim_ranks(
+        model, batches, task.loss_fn, r_min=args.r_min, r_max=args.r_max, score=args.score,
+        n_batches=args.calib_batches, per_example=args.per_example, power=args.power,
+        generator=rng["init"])
+    seconds = time.perf_counter() - t0
+    print(f"FIM-LoRA {args.score} scores:\n{layer_table(res['scores'], '{:.3g}')}")
+    print(f"FIM-LoRA calibration: {seconds:.1f}s, estimator {held:,} bytes "
+          f"({ratio:.2%} of a full-model diagonal Fisher)")
+    report["fim"] = {**res, "seconds": seconds, "bytes": held, "memory_ratio": ratio}
+    return report
+
+
+def da_method(model: nn.Module, task: Task, args: argparse.Namespace,
+              rng: dict[str, torch.Generator], calib: Iterator[dict]) -> dict:
+    """LoRA-DA: initialise A and B from --da-samples calibration examples."""
+    n = max(1, math.ceil(args.da_samples / args.batch_size))
+    t0 = time.perf_counter()
+    res = fimlora.lorada_init(model, list(itertools.islice(calib, n)), task.loss_fn,
+                              n_samples=args.da_samples, da_beta=args.da_beta,
+                              da_gamma=args.da_gamma, population_size=task.n_train)
+    return {"da": {**res, "seconds": time.perf_counter() - t0}}
+
+
+METHOD_STEPS = {"lora": (), "fim": (fim_method,), "fw": (), "da": (da_method,),
+                "fim+da": (fim_method, da_method)}  # fw acts in the training loop (fw_step)
+
+
+def apply_method(model: nn.Module, task: Task, args: argparse.Namespace,
+                 rng: dict[str, torch.Generator]) -> dict:
+    calib = task.train_batches(rng["calib"])
+    report: dict = {}
+    for step in METHOD_STEPS[args.method]:
+        report.update(step(model, task, args, rng, calib))
+    report["calibration_seconds"] = sum(report[k]["seconds"] for k in ("fim", "da") if k in report)
+    ranks = {n: m.r for n, m in lora_layers(model).items()}
+    print(f"ranks (total {sum(ranks.values())} = budget {args.r * len(ranks)}):\n"
+          f"{layer_table(ranks)}")
+    if "planted_recovery" in report:
+        report["planted_recovery"]["ranks"] = planted_ranks(ranks, task.planted)
+    return report
+
+
+# -----------------------------------------------------------------------------
+# training loop
+
+
+def lr_schedule(steps: int, warmup: float) -> Callable[[int], float]:
+    """Linear warm-up to 1 over warmup·steps steps, then linear decay to 0 at `steps`."""
+    warm = int(warmup * steps)
+
+    def factor(s: int) -> float:
+        if s < warm:
+            return s / warm
+        return max(0.0, (steps - s) / max(1, steps - warm))
+    return factor
+
+
+def make_optimizer(model: nn.Module, args: argparse.Namespace):
+    """AdamW with weight decay on matrices only, and the lr schedule."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.ndim >= 2]
+    no_decay = [p for p in trainable if p.ndim < 2]  # biases and LayerNorms, as HF Trainer
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(args.steps, args.warmup))
+
+
+def fw_step(model: nn.Module, task: Task, args: argparse.Namespace, state: dict):
+    """FW-LoRA: a plain step that tracks ‖∂L/∂W_m‖² during the warm-up, then freezes the
+    importances and adds the penalty. `state` holds the EMA and the importances."""
+    def step(k: int, batch: dict) -> torch.Tensor:
+        if k <= args.fw_warmup:
+            with fimlora.fw_track(model) as sq:
+                loss = task.loss_fn(model, batch)
+                loss.backward()
+            state["ema"] = fimlora.fw_update(state["ema"], sq, k)
+            return loss
+        if state["importance"] is None:
+            state["importance"] = fimlora.importances(state["ema"], mode=args.fw_norm)
+        loss = task.loss_fn(model, batch)
+        penalty = fimlora.fw_penalty(model, state["importance"], fw_lambda=args.fw_lambda)
+        (loss + penalty).backward()
+        return loss
+    return step
+
+
+def train_loop(model: nn.Module, task: Task, args: argparse.Namespace,
+               rng: dict[str, torch.Generator]) -> dict:
+    """--steps AdamW steps on batches from the data stream; returns the losses, the evals
+    (step 0 for planted: the gap every method starts from) and the training seconds."""
+    opt, sched = make_optimizer(model, args)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    print(f"training: {args.steps:,} steps, batch {args.batch_size}, lr {args.lr:g}, "
+          f"{sum(p.numel() for p in trainable):,} trainable parameters")
+    evals = [] if task.planted is None else [{"step": 0, **task.evaluate(model)}]
+    if evals:
+        print(f"eval @ 0: {evals[-1]}")
+    fw_state: dict = {"ema": {}, "importance": None}
+    if args.method == "fw":
+        if args.fw_warmup > args.steps // 2:
+            args.fw_warmup = args.steps // 2  # keep half the run for the penalised phase
+            print(f"FW-LoRA warm-up capped at {args.fw_warmup} steps (half of --steps)")
+        step_fn = fw_step(model, task, args, fw_state)
+    else:
+        def step_fn(k: int, batch: dict) -> torch.Tensor:
+            loss = task.loss_fn(model, batch)
+            loss.backward()
+            return loss
+    batches = task.train_batches(rng["data"])
+    losses, seconds = [], 0.0
+    for step in range(1, args.steps + 1):
+        t0 = time.perf_counter()
+        loss = step_fn(step, next(batches))
+        if args.grad_clip:
+            torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if not math.isfinite(losses[-1]):
+            raise FloatingPointError(f"loss is {losses[-1]} at step {step}: lower --lr")
+        seconds += time.perf_counter() - t0
+        if step % args.log_every == 0 or step == args.steps:
+            recent = losses[-args.log_every:]
+            print(f"step {step:>6,}/{args.steps:,} | loss {sum(recent) / len(recent):.4g} "
+                  f"| lr {sched.get_last_lr()[0]:.2e} | {step / seconds:.2f} steps/s "
+                  f"| {seconds / step:.3f} s/step | ETA {(args.steps - step) * seconds / step:.0f}s",
+                  flush=True)
+        if args.eval_every and step % args.eval_every == 0 and step != args.steps:
+            evals.append({"step": step, **task.evaluate(model)})
+            print(f"eval @ {step}: {evals[-1]}")
+    fw = {"importances": {n: float(v) for n, v in fw_state["importance"].items()}} \
+        if fw_state["importance"] is not None else None
+    return {"losses": losses, "evals": evals, "seconds": seconds, "fw": fw,
+            "trainable": sum(p.numel() for p in trainable)}
 
 
 # -----------------------------------------------------------------------------
@@ -230,14 +459,15 @@ def layer_table(values: dict[str, float], fmt: str = "{}") -> str:
     are listed after it."""
     cells, rest = {}, {}
     for name, v in values.items():
-        m = re.search(r"layer\.(\d+)\.(.+)$", name)
+        m = re.search(r"layers?\.(\d+)\.(.+)$", name)
         if m:
             cells.setdefault(int(m.group(1)), {})[m.group(2)] = fmt.format(v)
         else:
             rest[name] = fmt.format(v)
     cols = list(dict.fromkeys(c for row in cells.values() for c in row))
     short = [c.replace("attention.self.", "").replace("attention.output.dense", "attn.out")
-             .replace("intermediate.dense", "inter").replace("output.dense", "out") for c in cols]
+             .replace("intermediate.dense", "inter").replace("output.dense", "out")
+             .replace("self_attn.", "").replace("mlp.", "") for c in cols]
     lines = ["layer " + " ".join(f"{s:>9}" for s in short)]
     for layer in sorted(cells):
         lines.append(f"{layer:>5} " + " ".join(f"{cells[layer].get(c, '-'):>9}" for c in cols))
@@ -273,169 +503,99 @@ def n_params(model: nn.Module, trainable: bool = True) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)
 
 
+def _finite(obj):
+    """obj with every NaN or ±inf float replaced by None (JSON null)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def write_json(path: str | os.PathLike, obj: dict) -> None:
+    """Strict JSON (a non-finite float becomes null), written atomically."""
+    text = json.dumps(_finite(obj), indent=2, allow_nan=False) + "\n"
+    _atomic_write(Path(path), lambda f: f.write(text.encode()))
+
+
+def final_eval(model: nn.Module, task: Task, args: argparse.Namespace, trained: dict,
+               report: dict) -> dict:
+    metrics = task.evaluate(model)
+    if task.planted:
+        metrics["loss_ratio"] = metrics["loss"] / trained["evals"][0]["loss"]  # final / B = 0
+    trained["evals"].append({"step": args.steps, **metrics})
+    seconds = trained["seconds"]
+    print(f"eval: {', '.join(f'{k} {v:.4g}' for k, v in metrics.items())}")
+    print(f"time: calibration {report['calibration_seconds']:.1f}s, training {seconds:.1f}s "
+          f"({seconds / args.steps:.3f} s/step), "
+          f"overhead {report['calibration_seconds'] / max(seconds, 1e-9):.1%}")
+    return metrics
+
+
+def save(model: nn.Module, task: Task, args: argparse.Namespace, results: dict) -> None:
+    """results.json, the adapter, and for GLUE the same adapter in PEFT's layout. A model
+    without LoRALinear layers (a peer's, bench.py) only gets results.json."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    targets = args.targets.split(",")
+    written = [out / "results.json"]
+    if lora_layers(model):
+        save_adapter(out / "adapter", model, targets, seed=args.seed, heads=task.heads)
+        written.append(out / "adapter")
+        if task.planted is None:  # for PeftModel.from_pretrained (README)
+            base = None if args.model in ("tiny", "tiny-llama") else str(model_path(args.model))
+            save_adapter(out / "adapter_peft", model, targets, heads=task.heads, format="peft",
+                         base_model=base)
+            written.append(out / "adapter_peft")
+    write_json(out / "results.json", results)
+    print(f"wrote {' and '.join(map(str, written))}")
+
+
 # -----------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None, adapt: Callable = add_adapters) -> dict:
+    """Train one run and return its results. `adapt(task, args, device, rng)` turns the task's
+    base model into the model to train (default: uniform LoRA, add_adapters); bench.py passes
+    one that builds the same run on transformers + PEFT."""
     args = parse_args(argv)
-    is_glue = args.task != "planted"
-    args.targets = args.targets or DEFAULT_TARGETS["glue" if is_glue else "planted"]
-    if args.steps is None and args.epochs is None:
-        args.steps = 1000 if is_glue else 300
-    out = Path(args.out or f"runs/{args.task}-{args.method.replace('+', '_')}-s{args.seed}")
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"seed: {args.seed}")
     set_seed(args.seed)
+    rng = random_streams(args.seed)
     device = resolve_device(args.device)
-    gen = torch.Generator().manual_seed(args.seed)
-
-    task = glue_task if is_glue else planted_task
-    model, heads, train_batches, n_train, loss_fn, evaluate, extra = task(args, device, gen)
+    make_task = (planted_task if args.task == "planted" else
+                 causal_task if args.model in DECODERS else glue_task)
+    task = make_task(args, device, rng)
     if args.epochs is not None:
-        if n_train is None:
+        if task.n_train is None:
             raise ValueError("--epochs needs a finite training set: use --steps for planted")
-        args.steps = max(1, math.ceil(args.epochs * n_train / args.batch_size))
-    targets = args.targets.split(",")
-    names = add_lora(model, targets, r=args.r, alpha=args.alpha, dropout=args.dropout,
-                     rslora=args.rslora, heads=heads, generator=gen)
-    model.to(device).train(extra["train_mode"])
-    print(f"model: {args.model}, {n_params(model, False):,} parameters; LoRA on {len(names)} "
-          f"matrices ({', '.join(targets)}), r={args.r}, alpha={args.alpha:g}"
-          f"{', rsLoRA' if args.rslora else ''}")
-    # one generator per stream (init: seed; training data: seed + 1; calibration data: seed + 2),
-    # so calibration and re-initialisation never shift the data order: every method trains on
-    # the same batches
-    batches = train_batches(torch.Generator().manual_seed(args.seed + 1))
-    calib_batches = train_batches(torch.Generator().manual_seed(args.seed + 2))
-    report: dict = {}
-
-    if "planted" in extra:
-        planted_list = ", ".join(f"{n} (rank {r})" for n, r in extra["planted"].items())
-        print(f"planted matrices: {planted_list}")
-    if args.method in ("fim", "fim+da"):
-        calib = list(itertools.islice(calib_batches, args.calib_batches))
-        if "planted" in extra:  # before the allocation resizes A: the model it scores
-            report["planted_recovery"] = planted_scores(model, calib, loss_fn, extra["planted"])
-    t0 = time.perf_counter()
-    if args.method in ("fim", "fim+da"):
-        res = fimlora.initialize_fim_ranks(
-            model, calib, loss_fn, r_min=args.r_min, r_max=args.r_max, score=args.score,
-            n_batches=args.calib_batches, per_example=args.per_example, power=args.power,
-            generator=gen)
-        report["fim"] = {k: res[k] for k in ("scores", "ranks", "alphas", "seconds", "bytes",
-                                             "memory_ratio")}
-        print(f"FIM-LoRA {args.score} scores:\n{layer_table(res['scores'], '{:.3g}')}")
-        print(f"FIM-LoRA calibration: {res['seconds']:.1f}s, estimator {res['bytes']:,} bytes "
-              f"({res['memory_ratio']:.2%} of a full-model diagonal Fisher)")
-    if args.method in ("da", "fim+da"):
-        n = max(1, math.ceil(args.da_samples / args.batch_size))
-        da_batches = list(itertools.islice(calib_batches, n))
-        res = fimlora.lorada_init(model, da_batches, loss_fn, n_samples=args.da_samples,
-                                  beta=args.da_beta, gamma=args.da_gamma,
-                                  population_size=n_train)
-        report["da"] = {k: v for k, v in res.items()
-                        if isinstance(v, (int, float, str, list, dict))}
-    calib_seconds = time.perf_counter() - t0
-
-    ranks = {n: m.r for n, m in lora_layers(model).items()}
-    print(f"ranks (total {sum(ranks.values())} = budget {args.r * len(ranks)}):\n"
-          f"{layer_table(ranks)}")
-    if "planted_recovery" in report:
-        report["planted_recovery"]["ranks"] = planted_ranks(ranks, extra["planted"])
-
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in trainable if p.ndim >= 2]
-    no_decay = [p for p in trainable if p.ndim < 2]  # biases and LayerNorms, as HF Trainer
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
-    warm = int(args.warmup * args.steps)
-
-    def lr_factor(s: int) -> float:  # linear warm-up to lr, then linear decay to 0
-        if s < warm:
-            return s / warm
-        return max(0.0, (args.steps - s) / max(1, args.steps - warm))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
-    print(f"training: {args.steps:,} steps, batch {args.batch_size}, lr {args.lr:g}, "
-          f"{sum(p.numel() for p in trainable):,} trainable parameters")
-
-    history, metrics_log = [], []
-    if not is_glue:  # the planted loss at B = 0 is the gap every method starts from
-        metrics_log.append({"step": 0, **evaluate(model)})
-        print(f"eval @ 0: {metrics_log[-1]}")
-    fw = args.method == "fw"
-    if fw and args.fw_warmup > args.steps // 2:
-        args.fw_warmup = args.steps // 2  # keep half the run for the penalised phase
-        print(f"FW-LoRA warm-up capped at {args.fw_warmup} steps (half of --steps)")
-    fw_state: dict = {"ema": {}, "importance": None}
-    train_seconds = 0.0
-    for step in range(1, args.steps + 1):
-        t_step = time.perf_counter()
-        batch = next(batches)
-        if fw and step <= args.fw_warmup:
-            with fimlora.fw_track(model) as sq:
-                loss = loss_fn(model, batch)
-                loss.backward()
-            fw_state["ema"] = fimlora.fw_update(fw_state["ema"], sq, step)
-        else:
-            if fw and fw_state["importance"] is None:
-                fw_state["importance"] = fimlora.importances(fw_state["ema"], mode=args.fw_norm)
-            loss = loss_fn(model, batch)
-            total = loss
-            if fw:
-                total = loss + fimlora.fw_penalty(model, fw_state["importance"], lam=args.fw_lambda)
-            total.backward()
-        if args.grad_clip:
-            torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        history.append(loss.item())
-        if not math.isfinite(history[-1]):
-            raise FloatingPointError(f"loss is {history[-1]} at step {step}: lower --lr")
-        train_seconds += time.perf_counter() - t_step
-        if step % args.log_every == 0 or step == args.steps:
-            rate = step / train_seconds
-            recent = sum(history[-args.log_every:]) / len(history[-args.log_every:])
-            print(f"step {step:>6,}/{args.steps:,} | loss {recent:.4g} "
-                  f"| lr {sched.get_last_lr()[0]:.2e} "
-                  f"| {rate:.2f} steps/s | {train_seconds / step:.3f} s/step "
-                  f"| ETA {(args.steps - step) / rate:.0f}s", flush=True)
-        if args.eval_every and step % args.eval_every == 0 and step != args.steps:
-            metrics_log.append({"step": step, **evaluate(model)})
-            print(f"eval @ {step}: {metrics_log[-1]}")
-    if fw and fw_state["importance"] is not None:
-        report["fw"] = {"importances": {n: float(v) for n, v in fw_state["importance"].items()}}
-
-    metrics = evaluate(model)
-    if not is_glue:
-        metrics["loss_ratio"] = metrics["loss"] / metrics_log[0]["loss"]  # final / start (B = 0)
-    metrics_log.append({"step": args.steps, **metrics})
-    print(f"eval: {', '.join(f'{k} {v:.4g}' for k, v in metrics.items())}")
-    print(f"time: calibration {calib_seconds:.1f}s, training {train_seconds:.1f}s "
-          f"({train_seconds / args.steps:.3f} s/step), "
-          f"overhead {calib_seconds / max(train_seconds, 1e-9):.1%}")
-
+        args.steps = max(1, math.ceil(args.epochs * task.n_train / args.batch_size))
+    model = adapt(task, args, device, rng)
+    print(f"model: {args.model}, {n_params(model, False):,} parameters; LoRA on "
+          f"{len(lora_layers(model))} matrices ({args.targets}), r={args.r}, "
+          f"alpha={args.alpha:g}{', rsLoRA' if args.rslora else ''}")
+    if task.planted:
+        print("planted matrices: " + ", ".join(f"{n} (rank {r})" for n, r in task.planted.items()))
+    report = apply_method(model, task, args, rng)
+    trained = train_loop(model, task, args, rng)
+    metrics = final_eval(model, task, args, trained, report)
     results = {
         "args": vars(args), "seed": args.seed, "device": str(device), "metrics": metrics,
-        "eval_history": metrics_log, "train_loss": history,
-        "trainable_parameters": sum(p.numel() for p in trainable),
+        "eval_history": trained["evals"], "train_loss": trained["losses"],
+        "trainable_parameters": trained["trainable"],
         "total_parameters": n_params(model, False),
-        "seconds": {"calibration": calib_seconds, "training": train_seconds,
-                    "per_step": train_seconds / args.steps},
-        "ranks": ranks, "alphas": {n: m.alpha for n, m in lora_layers(model).items()},
-        **report, **({"planted": extra["planted"]} if "planted" in extra else {}),
+        "seconds": {"calibration": report.pop("calibration_seconds"),
+                    "training": trained["seconds"], "per_step": trained["seconds"] / args.steps},
+        "ranks": {n: m.r for n, m in lora_layers(model).items()},
+        "alphas": {n: m.alpha for n, m in lora_layers(model).items()},
+        **report, **({"fw": trained["fw"]} if trained["fw"] else {}),
+        **({"planted": task.planted} if task.planted else {}),
     }
-    out.mkdir(parents=True, exist_ok=True)
-    save_adapter(out / "adapter", model, targets, seed=args.seed, heads=heads)
-    if is_glue:  # the same adapter in PEFT's layout, for PeftModel.from_pretrained (README)
-        base = None if args.model == "tiny" else str(model_path(args.model))
-        save_adapter(out / "adapter_peft", model, targets, heads=heads, format="peft",
-                     base_model=base)
-    write_json(out / "results.json", results)
-    print(f"wrote {out / 'results.json'} and {out / 'adapter'}"
-          f"{' and ' + str(out / 'adapter_peft') if is_glue else ''}")
+    save(model, task, args, results)
     return results
 
 

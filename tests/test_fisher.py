@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from fimlora import (allocate_ranks, fisher_scores, fw_penalty, fw_track, fw_update, importances,
                      initialize_fim_ranks)
-from lora import add_lora, lora_layers, lora_scaling
+from lora import add_lora, lora_layers, lora_scaling, resize_lora
 
 TARGETS = ["query", "value", "classifier"]
 
@@ -194,17 +194,6 @@ def test_calibration_leaves_model_grads_and_modes_as_found(per_example, fails):
     assert after[1:] == before[1:]  # modes, and every hook removed
 
 
-@pytest.mark.parametrize("score", ["efim", "variance"])
-def test_memory_report_counts_the_accumulators(score):
-    model = make_model()
-    result = fisher_scores(model, make_batches(2), loss_fn, score=score)
-    per_copy = 4 * sum(layer.out_features * layer.r for layer in lora_layers(model).values())
-    assert result["bytes"] == per_copy * (2 if score == "variance" else 1)
-    n_params = sum(p.numel() for p in model.parameters())
-    assert result["memory_ratio"] == pytest.approx(result["bytes"] / (4 * n_params))
-    assert result["seconds"] >= 0
-
-
 # -----------------------------------------------------------------------------
 # FIM-LoRA initialisation
 
@@ -232,7 +221,7 @@ def test_initialize_fim_ranks_keeps_function_budget_and_base_scale(rslora):
         assert not layer.lora_B.any()
     with torch.no_grad():
         torch.testing.assert_close(model(ids, mask), y0, rtol=0, atol=0)
-    assert result["bytes"] > 0 and result["seconds"] >= 0
+    assert set(result) == {"ranks", "alphas", "scores"}  # telemetry lives in train.py
 
 
 def test_initialize_fim_ranks_checks_inputs_before_calibrating():
@@ -266,11 +255,41 @@ def test_fw_track_equals_norm_of_real_weight_gradient(method):
         torch.testing.assert_close(sq_norms[name], expected.float(), rtol=1e-5, atol=0)
         assert not layer._forward_hooks
     model.zero_grad()
-    with fw_track(model, method=method) as sq_norms:  # two backward passes add up
+    with fw_track(model, method=method) as sq_norms:  # accumulated: the norm of the sum
         loss_fn(model, batch).backward()
         loss_fn(model, batch).backward()
-    expected = layers["value"].weight.grad.square().sum() / 4 * 2  # grad doubled; ‖G‖² twice
-    torch.testing.assert_close(sq_norms["value"], expected.float(), rtol=1e-5, atol=0)
+    for name, layer in layers.items():  # W.grad = 2G now, so ‖2G‖² = 4‖G‖², not 2‖G‖²
+        expected = layer.weight.grad.square().sum()
+        torch.testing.assert_close(sq_norms[name], expected.float(), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("method", ["direct", "gram"])
+def test_fw_track_layer_called_twice_gives_norm_of_summed_gradient(method):
+    """A layer applied twice per forward has ∂L/∂W = G_1 + G_2: fw_track reports ‖G_1 + G_2‖²,
+    read from the real W.grad, not ‖G_1‖² + ‖G_2‖²."""
+    model = nn.Sequential(nn.Linear(4, 4)).double()
+    add_lora(model, ["0"], r=2, alpha=2)
+    layer = model[0]
+    with torch.no_grad():
+        layer.lora_B.copy_(torch.randn_like(layer.lora_B))
+    layer.weight.requires_grad_(True)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    with fw_track(model, method=method) as sq_norms:
+        torch.tanh(layer(torch.tanh(layer(x)))).sum().backward()
+    torch.testing.assert_close(sq_norms["0"], layer.weight.grad.square().sum().float(),
+                               rtol=1e-5, atol=0)
+
+
+def test_fw_track_and_penalty_skip_rank_zero_layers():
+    """A rank-0 layer has no ΔW to penalise, so it gets no Fisher EMA and no importance share."""
+    model = make_model(r=2)
+    resize_lora(lora_layers(model)["value"], 0)
+    with fw_track(model) as sq_norms:
+        loss_fn(model, make_batches(1)[0]).backward()
+    assert set(sq_norms) == {"query", "classifier"}
+    I = importances(fw_update({}, sq_norms, 1))
+    assert set(I) == {"query", "classifier"} and float(sum(I.values())) == pytest.approx(1.0)
+    assert fw_penalty(model, I).item() == 0.0
 
 
 def dense_penalty(model, I, lam):
@@ -291,7 +310,7 @@ def test_fw_penalty_equals_dense_sum_and_is_zero_at_init():
     params = [p for layer in lora_layers(model).values() for p in (layer.lora_A, layer.lora_B)]
     for p in params:
         p.requires_grad_(True)
-    got, want = fw_penalty(model, I, lam=0.1), dense_penalty(model, I, 0.1)
+    got, want = fw_penalty(model, I, fw_lambda=0.1), dense_penalty(model, I, 0.1)
     torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=0)
     grads_got = torch.autograd.grad(got, params)
     for g, w in zip(grads_got, torch.autograd.grad(want, params)):

@@ -58,7 +58,8 @@ def test_lorada_subspace_minimises_ky_fan_objective(problem):
     _, _, _, Om_var = explicit(G, Z, y, alpha=0.0, beta=1.0, n_pop=n_pop)
     beta = (Om_bias.norm() / Om_var.norm()).item()
     _, _, _, Omega = explicit(G, Z, y, beta=beta, n_pop=n_pop)
-    A, B, info = lorada_factors(G, Z, y, R, alpha=1.0, beta=beta, gamma=gamma, n_pop=n_pop)
+    A, B, info = lorada_factors(G, Z, y, R, da_alpha=1.0, da_beta=beta, da_gamma=gamma,
+                                n_pop=n_pop)
     V = A.T * math.sqrt(gamma)
     torch.testing.assert_close(V.T @ V, torch.eye(R, dtype=V.dtype))
     best = torch.linalg.eigvalsh(Omega)[:R]
@@ -78,7 +79,7 @@ def test_lorada_product_is_projected_natural_step(problem):
     """B A = N̂ V Vᵀ / γ with V = √γ·Aᵀ, and each column of V has a positive largest entry."""
     G, Z, y = problem
     gamma = 1024.0
-    A, B, _ = lorada_factors(G, Z, y, R, beta=0.03, gamma=gamma, n_pop=100)
+    A, B, _ = lorada_factors(G, Z, y, R, da_beta=0.03, da_gamma=gamma, n_pop=100)
     _, _, N_hat, _ = explicit(G, Z, y, beta=0.03, n_pop=100)
     V = A.T * math.sqrt(gamma)
     torch.testing.assert_close(B @ A, N_hat @ V @ V.T / gamma)
@@ -92,7 +93,7 @@ def test_lorada_beta_zero_is_truncated_svd(problem):
     rank-r approximation of N̂ (Eckart–Young), i.e. U_r S_r V_rᵀ."""
     G, Z, y = problem
     gamma = 4.0
-    A, B, _ = lorada_factors(G, Z, y, R, beta=0.0, gamma=gamma)
+    A, B, _ = lorada_factors(G, Z, y, R, da_beta=0.0, da_gamma=gamma)
     _, _, N_hat, _ = explicit(G, Z, y)
     U, S, Vh = torch.linalg.svd(N_hat, full_matrices=False)
     torch.testing.assert_close(gamma * B @ A, U[:, :R] @ torch.diag(S[:R]) @ Vh[:R])
@@ -103,7 +104,7 @@ def test_lorada_natural_step_matches_explicit_inverse(problem):
     """With r = d_in, V Vᵀ = I, so σ·γ·B A = N = −diag(1/(y+λ)) G inv((Z+Zᵀ)/2 + λI)."""
     G, Z, y = problem
     gamma = 9.0
-    A, B, info = lorada_factors(G, Z, y, D_IN, beta=0.03, gamma=gamma, n_pop=7)
+    A, B, info = lorada_factors(G, Z, y, D_IN, da_beta=0.03, da_gamma=gamma, n_pop=7)
     N, sigma, _, _ = explicit(G, Z, y, n_pop=7)
     assert info["sigma"] == pytest.approx(sigma.item(), rel=1e-10)
     torch.testing.assert_close(info["sigma"] * gamma * B @ A, N)
@@ -116,7 +117,7 @@ def test_lorada_non_pd_z_retries_damping(problem):
     G, _, y = problem
     Q, _ = torch.linalg.qr(torch.randn(D_IN, D_IN, dtype=torch.float64))
     Z = Q @ torch.diag(torch.linspace(-3e-4, 1.0, D_IN, dtype=torch.float64)) @ Q.T
-    A, B, info = lorada_factors(G, Z, y, R, beta=0.0, gamma=1.0)
+    A, B, info = lorada_factors(G, Z, y, R, da_beta=0.0, da_gamma=1.0)
     assert info["cholesky_retries"] == 3 and info["damping"] == pytest.approx(1e-3)
     assert torch.isfinite(A).all() and torch.isfinite(B).all()
     _, _, N_hat, _ = explicit(G, Z, y, lam=info["damping"])
@@ -147,8 +148,8 @@ def test_lorada_factors_reject_bad_input(problem):
 def test_lorada_factors_float32_close_to_float64(problem):
     """The float32 path (what lorada_init uses for fp32/bf16 weights) agrees with float64."""
     G, Z, y = problem
-    A64, B64, _ = lorada_factors(G, Z, y, R, gamma=1.0, n_pop=100)
-    A32, B32, _ = lorada_factors(G.float(), Z.float(), y.float(), R, gamma=1.0, n_pop=100)
+    A64, B64, _ = lorada_factors(G, Z, y, R, da_gamma=1.0, n_pop=100)
+    A32, B32, _ = lorada_factors(G.float(), Z.float(), y.float(), R, da_gamma=1.0, n_pop=100)
     assert A32.dtype == torch.float32
     torch.testing.assert_close(B32 @ A32, (B64 @ A64).float(), atol=1e-4, rtol=1e-3)
 
@@ -356,7 +357,7 @@ def test_lorada_init_writes_factors_and_restores_state():
     W0 = {k: m.weight.clone() for k, m in lora_layers(model).items()}
     dead_A = model.dead.lora_A.clone()
     ref = oracle_statistics(model, batches, 9)
-    out = lorada_init(model, batches, loss_fn, n_samples=256, beta=0.03, gamma=64.0,
+    out = lorada_init(model, batches, loss_fn, n_samples=256, da_beta=0.03, da_gamma=64.0,
                       population_size=1000)
     assert_state(model, before)
     assert out["n_samples"] == 9 and out["population_size"] == 1000
@@ -368,8 +369,8 @@ def test_lorada_init_writes_factors_and_restores_state():
         if k == "dead":
             assert torch.equal(m.lora_A, dead_A) and not m.lora_B.any()
             continue
-        A, B, _ = lorada_factors(ref[k]["G"], ref[k]["Z"], ref[k]["y_diag"], 3, beta=0.03,
-                                 gamma=64.0, n_pop=1000)
+        A, B, _ = lorada_factors(ref[k]["G"], ref[k]["Z"], ref[k]["y_diag"], 3, da_beta=0.03,
+                                 da_gamma=64.0, n_pop=1000)
         torch.testing.assert_close(m.lora_A, A, msg=k)
         torch.testing.assert_close(m.lora_B, B, msg=k)
 
@@ -426,8 +427,8 @@ def test_lorada_init_bf16_model_gets_float32_statistics():
     model16 = copy.deepcopy(model64).to(torch.bfloat16)
     stats, _ = lorada_statistics(model16, batches, loss_fn, n_samples=3)
     assert stats["query"]["G"].dtype == torch.float32
-    lorada_init(model16, batches, loss_fn, gamma=1.0)
-    lorada_init(model64, batches, loss_fn, gamma=1.0)
+    lorada_init(model16, batches, loss_fn, da_gamma=1.0)
+    lorada_init(model64, batches, loss_fn, da_gamma=1.0)
     assert model16.query.lora_A.dtype == torch.bfloat16
     for k in ("query", "fc"):
         m16, m64 = getattr(model16, k), getattr(model64, k)

@@ -15,18 +15,38 @@ from conftest import ROOT
 
 ALLOWED = {"lora.py": {"lora"}, "fimlora.py": {"lora"}}
 
-LORA_ONLY = """
+NO_NUMPY = "import sys; sys.modules['numpy'] = None  # any numpy import now fails\n"
+
+LORA_ONLY = NO_NUMPY + """
 import torch, torch.nn as nn
-from lora import add_lora, lora_state_dict
+from lora import add_lora, lora_state_dict, save_adapter, load_adapter
 m = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
 add_lora(m, ["0"], r=2, alpha=4)
-print(m(torch.randn(3, 8)).shape, sorted(lora_state_dict(m)))
+with torch.no_grad():
+    m[0].lora_B.normal_()
+x = torch.randn(3, 8)
+save_adapter("adapter", m, ["0"])
+save_adapter("adapter_peft", m, ["0"], format="peft")
+for folder in ("adapter", "adapter_peft"):
+    m2 = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    m2.load_state_dict({k: v for k, v in m.state_dict().items() if "lora" not in k}, strict=False)
+    add_lora(m2, ["0"], r=2, alpha=4)
+    load_adapter(folder, m2)
+    assert torch.equal(m2(x), m(x)), folder
+print(m(x).shape, sorted(lora_state_dict(m)))
 """
 
-WITH_FIMLORA = """
+WITH_FIMLORA = NO_NUMPY + """
 import torch, torch.nn as nn
 from lora import add_lora, lora_layers
 import fimlora
+m = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
+add_lora(m, ["0", "2"], r=2, alpha=4)
+batches = [torch.randn(4, 8) for _ in range(2)]
+loss_fn = lambda model, x: model(x).square().mean()
+res = fimlora.initialize_fim_ranks(m, batches, loss_fn, per_example=True)
+assert sum(res["ranks"].values()) == 4
+fimlora.lorada_init(m, [{"x": x} for x in batches], lambda model, b: loss_fn(model, b["x"]))
 print(fimlora.allocate_ranks({"a": 1.0, "b": 3.0}, budget=4, r_min=1, r_max=3))
 """
 
