@@ -155,7 +155,7 @@ BAD = {
     "rank negative": ("fimlora", _set(["ranks", "block.1.dense"], -4), None,
                       r"ranks\['block.1.dense'\]=-4"),
     "rank vs tensors": ("fimlora", _set(["ranks", "block.1.dense"], 5), None,
-                        r"block.1.dense.lora_A has shape \(4, 6\), the model needs \(5, 6\) at r=5"),
+                        r"dense.lora_A has shape \(4, 6\), the model needs \(5, 6\) at r=5"),
     "ranks missing": ("fimlora", _set(["ranks"], DELETE), None, "ranks is missing"),
     "unknown module": ("fimlora", _set(["ranks", "block.2.dense"], 3), None, "block.2.dense"),
     "rslora str": ("fimlora", _set(["rslora"], "false"), None, "rslora='false' is invalid"),

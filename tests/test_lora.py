@@ -27,7 +27,8 @@ class Net(nn.Module):
 
     def __init__(self, d=6):
         super().__init__()
-        self.block = nn.ModuleList(nn.ModuleDict({"query": nn.Linear(d, d), "dense": nn.Linear(d, 2 * d)})
+        self.block = nn.ModuleList(nn.ModuleDict({"query": nn.Linear(d, d),
+                                                  "dense": nn.Linear(d, 2 * d)})
                                    for _ in range(2))
         self.classifier = nn.Linear(2 * d, 3)
 
@@ -41,7 +42,8 @@ def randomize_B(model, seed=1):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in lora_layers(model).values():
-            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g, dtype=layer.lora_B.dtype))
+            B = layer.lora_B
+            B.copy_(torch.randn(B.shape, generator=g, dtype=B.dtype))
 
 
 @given(d_in=dims, d_out=dims, r=ranks, alpha=alphas, rslora=st.booleans(), bias=st.booleans())
@@ -99,7 +101,8 @@ def test_add_lora_freezes_all_but_adapters_and_heads():
     names = add_lora(model, ["query", "dense"], r=2, alpha=4, heads=["classifier"])
     assert names == ["block.0.query", "block.0.dense", "block.1.query", "block.1.dense"]
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    expected = {f"{m}.lora_{x}" for m in names for x in "AB"} | {"classifier.weight", "classifier.bias"}
+    expected = {f"{m}.lora_{x}" for m in names for x in "AB"}
+    expected |= {"classifier.weight", "classifier.bias"}
     assert trainable == expected
 
 
@@ -180,7 +183,8 @@ def test_adapter_roundtrip_gives_identical_outputs(tmp_path, fmt):
     add_lora(plain, ["query", "dense"], r=3, alpha=6, rslora=True, heads=["classifier"])
     cfg = load_adapter(tmp_path / "a", plain)
     assert torch.equal(plain(x), y)
-    assert {n: m.r for n, m in lora_layers(plain).items()} == {n: m.r for n, m in lora_layers(model).items()}
+    ranks = {n: m.r for n, m in lora_layers(model).items()}
+    assert {n: m.r for n, m in lora_layers(plain).items()} == ranks
     if fmt == "fimlora":
         assert cfg["seed"] == 123 and cfg["rslora"] is True
 
@@ -287,3 +291,118 @@ def test_merge_lora_whole_model():
     torch.testing.assert_close(model(x), y)
     unmerge_lora(model)
     torch.testing.assert_close(model(x), y)
+
+
+def test_second_add_lora_keeps_earlier_adapters_requires_grad():
+    """A second call adapts more modules; the first call's adapters keep their flag (trainable,
+    or frozen on purpose), base weights stay frozen, heads are the second call's."""
+    model = Net()
+    add_lora(model, ["query"], r=2, alpha=4, heads=["classifier"])
+    model.block[1]["query"].lora_A.requires_grad_(False)  # frozen on purpose
+    model.block[1]["query"].lora_B.requires_grad_(False)
+    names = add_lora(model, ["query", "dense"], r=3, alpha=6)  # query: already adapted, kept
+    assert names == ["block.0.dense", "block.1.dense"]
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"block.0.query.lora_A", "block.0.query.lora_B",
+                         *(f"block.{i}.dense.lora_{x}" for i in (0, 1) for x in "AB")}
+    assert model.block[0]["query"].r == 2 and model.block[0]["dense"].r == 3
+
+
+def _flags(model):
+    return {n: (p.requires_grad, p.shape) for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(targets=[1]), r"targets=\[1\]"), (dict(targets=None), "targets=None"),
+    (dict(r=2.0), r"r=2.0 is invalid: use an int >= 0"), (dict(r=True), "r=True"),
+    (dict(r="2"), "r='2'"), (dict(r=-1), "r=-1"),
+    (dict(alpha="16"), "alpha='16' is invalid: use a finite number"), (dict(alpha=True), "alpha"),
+    (dict(alpha=float("inf")), "alpha=inf"), (dict(alpha=10**400), "alpha=1000"),
+    (dict(dropout="0.1"), "dropout='0.1'"), (dict(dropout=-0.1), r"dropout=-0.1 .*\[0, 1\)"),
+    (dict(rslora="yes"), "rslora='yes' is invalid: use True or False"),
+    (dict(heads=[None]), r"heads=\[None\]"), (dict(heads=5), "heads=5"),
+    (dict(rank_pattern=[("block.0.query", 2)]), "rank_pattern=.* use a dict"),
+    (dict(rank_pattern={"block.0.query": 2.5}), r"rank_pattern\['block.0.query'\]=2.5"),
+    (dict(rank_pattern={1: 2}), "rank_pattern key 1"),
+    (dict(alpha_pattern={"block.0.query": "x"}), r"alpha_pattern\['block.0.query'\]='x'"),
+    (dict(generator=0), "generator=0 is invalid: use a torch.Generator"),
+])
+def test_add_lora_bad_arguments_raise_value_error_before_any_change(bad, match):
+    model = Net()
+    before = _flags(model)
+    with pytest.raises(ValueError, match=match):
+        add_lora(model, **(dict(targets=["query"], r=2, alpha=4) | bad))
+    assert _flags(model) == before and not lora_layers(model)
+
+
+@pytest.mark.parametrize("args, match", [((-1,), "new_r=-1"), ((2.5,), "new_r=2.5"),
+                                         ((True,), "new_r=True"), ((2, "x"), "alpha='x'"),
+                                         ((2, float("nan")), "alpha=nan")])
+def test_resize_lora_bad_arguments_raise_and_keep_the_adapter(args, match):
+    layer = LoRALinear(nn.Linear(4, 3), 2, 4)
+    A = layer.lora_A
+    with pytest.raises(ValueError, match=match):
+        resize_lora(layer, *args)
+    assert layer.lora_A is A and layer.r == 2 and layer.alpha == 4
+    with pytest.raises(ValueError, match="LoRALinear"):
+        resize_lora(nn.Linear(4, 3), 2)
+
+
+@pytest.mark.parametrize("base, kw, match", [
+    (nn.Conv1d(2, 2, 1), {}, "wraps nn.Linear"), (nn.Linear(4, 3), dict(r=1.5), "r=1.5"),
+    (nn.Linear(4, 3), dict(alpha=None), "alpha=None"),
+    (nn.Linear(4, 3), dict(rslora=1), "rslora=1")])
+def test_lora_linear_bad_arguments_raise_value_error(base, kw, match):
+    with pytest.raises(ValueError, match=match):
+        LoRALinear(base, **(dict(r=2, alpha=4) | kw))
+
+
+def test_lora_state_dict_unknown_head_raises():
+    model = Net()
+    add_lora(model, ["query"], r=2, alpha=4)
+    with pytest.raises(ValueError, match="head 'pooler'"):
+        lora_state_dict(model, ["pooler"])
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda sd: sd["block.1.query.lora_B"].__setitem__((0, 0), float("nan")),
+     "block.1.query.lora_B has non-finite"),
+    (lambda sd: sd["classifier.bias"].__setitem__(0, float("-inf")),
+     "classifier.bias has non-finite"),
+    (lambda sd: sd.__setitem__("block.1.query.lora_A", torch.ones(2, 6, dtype=torch.int32)),
+     "block.1.query.lora_A has dtype torch.int32"),
+    (lambda sd: sd.__setitem__("block.1.query.lora_A", "weights"),
+     "entry 'block.1.query.lora_A' is a str"),
+    (lambda sd: sd.__setitem__("block.1.query.lora_A", torch.ones(2, 6, dtype=torch.float64)
+                               * 1e6), "lora_A has non-finite values .*float16"),
+])
+def test_load_state_dict_refuses_bad_values_before_writing(edit, match):
+    model = Net().half()
+    add_lora(model, ["query"], r=2, alpha=4, heads=["classifier"])
+    sd = {k: v.clone() for k, v in lora_state_dict(model, ["classifier"]).items()}
+    sd["block.0.query.lora_B"] = torch.ones(6, 2, dtype=torch.float16)
+    edit(sd)
+    with pytest.raises(ValueError, match=match):
+        load_lora_state_dict(model, sd)
+    assert lora_layers(model)["block.0.query"].lora_B.abs().sum() == 0  # nothing written
+    with pytest.raises(ValueError, match="entry"):
+        load_lora_state_dict(model, [("block.0.query.lora_A", torch.zeros(2, 6))])
+
+
+def test_load_state_dict_into_merged_layer_raises():
+    model = Net()
+    add_lora(model, ["query"], r=2, alpha=4)
+    merge_lora(model)
+    with pytest.raises(ValueError, match="unmerge_lora"):
+        load_lora_state_dict(model, lora_state_dict(model))
+
+
+@pytest.mark.parametrize("tensors, metadata, match", [
+    ({"a": [1.0]}, None, "entry 'a' is a list"), ({"__metadata__": torch.zeros(1)}, None,
+                                                  "another name"),
+    ({"a": torch.zeros(1, dtype=torch.complex64)}, None, "complex64"),
+    ({"a": torch.zeros(1)}, {"k": 1}, "metadata="), ({"a": torch.zeros(1)}, ["k"], "metadata=")])
+def test_write_safetensors_bad_input_raises_before_writing(tmp_path, tensors, metadata, match):
+    with pytest.raises(ValueError, match=match):
+        write_safetensors(tmp_path / "t.safetensors", tensors, metadata)
+    assert not list(tmp_path.iterdir())
