@@ -12,13 +12,18 @@ is an argument, and the results JSON stores all of them with the seed.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import itertools
 import json
 import math
 import os
 import random
 import re
+import shutil
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -32,7 +37,8 @@ import torch.nn.functional as F
 
 import fimlora
 from data import causal, glue, planted
-from lora import _atomic_write, add_lora, lora_layers, save_adapter
+from lora import (_atomic_write, add_lora, load_lora_state_dict, lora_layers, lora_state_dict,
+                  resize_lora, save_adapter)
 from models import load_model, model_path
 from models.checkpoint import DECODERS
 
@@ -93,7 +99,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
     g.add_argument("--out", default=None,
                    help="output folder (default runs/<task>-<method>-s<seed>)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace a finished run in --out (kept until the new one is published)")
+    g.add_argument("--save-every", type=int, default=0,
+                   help="steps between checkpoints in <out>/checkpoint (0 = four per run)")
+    g.add_argument("--resume", default=None, metavar="OUT",
+                   help="continue the run in OUT from its checkpoint (its saved arguments)")
     args = p.parse_args(argv)
+    if args.resume is not None:
+        args = resumed_args(args)
     check_args(args)
     is_glue = args.task != "planted"
     kind = "decoder" if args.model in DECODERS else "glue" if is_glue else "planted"
@@ -101,12 +115,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.steps is None and args.epochs is None:
         args.steps = 1000 if is_glue else 300
     args.out = args.out or f"runs/{args.task}-{args.method.replace('+', '_')}-s{args.seed}"
+    check_out(args)
     return args
 
 
 def check_args(a: argparse.Namespace) -> None:
     """Reject bad values before any work or write, naming the value and the fix."""
     errors = []
+    for name in ("alpha", "dropout", "lr", "weight_decay", "warmup", "grad_clip", "power",
+                 "fw_lambda", "da_beta", "da_gamma", "epochs"):
+        v = getattr(a, name)
+        if v is not None and not math.isfinite(v):
+            errors.append(f"--{name.replace('_', '-')} {v}: use a finite number")
+    if errors:
+        raise ValueError("; ".join(errors))
     if a.r < 1:
         errors.append(f"--r {a.r}: use a rank >= 1")
     if a.steps is not None and a.steps < 1:
@@ -115,24 +137,255 @@ def check_args(a: argparse.Namespace) -> None:
         errors.append(f"--epochs {a.epochs}: use > 0")
     if a.steps is not None and a.epochs is not None:
         errors.append("--steps and --epochs both given: pick one")
-    for name in ("batch_size", "max_len", "calib_batches", "da_samples"):
-        if getattr(a, name) < 1:
-            errors.append(f"--{name.replace('_', '-')} {getattr(a, name)}: use >= 1")
+    for name in ("batch_size", "max_len", "calib_batches", "da_samples", "log_every",
+                 "fw_warmup", "max_train", "max_eval"):
+        v = getattr(a, name)
+        if v is not None and v < 1:
+            errors.append(f"--{name.replace('_', '-')} {v}: use >= 1")
+    for name in ("threads", "save_every", "eval_every", "r_min"):
+        if getattr(a, name) < 0:
+            errors.append(f"--{name.replace('_', '-')} {getattr(a, name)}: use >= 0")
     if not 0 <= a.warmup < 1:
         errors.append(f"--warmup {a.warmup}: use a fraction in [0, 1)")
-    if a.lr <= 0:
-        errors.append(f"--lr {a.lr}: use > 0")
+    if not 0 <= a.dropout < 1:
+        errors.append(f"--dropout {a.dropout}: use a probability in [0, 1)")
+    for name in ("lr", "da_gamma"):
+        if getattr(a, name) <= 0:
+            errors.append(f"--{name.replace('_', '-')} {getattr(a, name)}: use > 0")
+    for name in ("weight_decay", "grad_clip", "fw_lambda", "da_beta", "power"):
+        if getattr(a, name) < 0:
+            errors.append(f"--{name.replace('_', '-')} {getattr(a, name)}: use >= 0 "
+                          f"{'(0 = off)' if name == 'grad_clip' else ''}".rstrip())
     if a.r_max is not None and a.r_max < a.r_min:
         errors.append(f"--r-max {a.r_max} < --r-min {a.r_min}: raise --r-max")
     if not a.r_min <= a.r <= (a.r_max or 2 * a.r):
         errors.append(f"--r-min {a.r_min} / --r {a.r} / --r-max {a.r_max or 2 * a.r}: the base "
                       "rank must lie in [r_min, r_max] or the budget r x matrices is infeasible")
+    if a.score == "variance" and a.method.startswith("fim") and a.calib_batches < 2:
+        errors.append(f"--score variance with --calib-batches {a.calib_batches}: the variance "
+                      "of one batch gradient is 0; use --calib-batches >= 2")
     if a.task != "planted" and a.data_dir is None:
         errors.append(f"--task {a.task} needs --data-dir (the GLUE folder with train.tsv, dev.tsv)")
     if a.device == "cuda" and not torch.cuda.is_available():
         errors.append("--device cuda but CUDA is not available: use --device auto or cpu")
+    if a.resume is not None and a.overwrite:
+        errors.append("--resume and --overwrite both given: pick one")
     if errors:
         raise ValueError("; ".join(errors))
+
+
+def check_model(model: nn.Module, args: argparse.Namespace) -> None:
+    """Checks that need the model, still before any training or write: --max-len within its
+    positions, --r within every target matrix, finite weights."""
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if positions is not None and args.max_len > positions:
+        raise ValueError(f"--max-len {args.max_len} exceeds the model's {positions} positions: "
+                         f"use --max-len <= {positions}")
+    bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise ValueError(f"the model's weights hold NaN or inf in {bad[:3]}: the checkpoint of "
+                         f"--model {args.model} is corrupt; re-download or re-install it")
+
+
+# -----------------------------------------------------------------------------
+# output folder and checkpoints: a finished run is never lost, an unfinished one resumes
+
+CHECKPOINT, STATE, META = "checkpoint", "state.pt", "meta.json"
+PUBLISHED = ("results.json", "adapter", "adapter_peft")  # results.json last: it marks "finished"
+
+
+def check_out(args: argparse.Namespace) -> None:
+    """--out must be (or be creatable as) a writable folder that holds no finished run, unless
+    --overwrite; an unfinished run there needs --resume or --overwrite. Writes nothing."""
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file: pass a folder path")
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: {probe} is not a writable folder; pick another --out")
+    if args.resume is not None or args.overwrite or not out.is_dir():
+        return
+    finished = (out / "results.json").exists() or (out / ".publish").exists()
+    if any((out / n).exists() for n in (CHECKPOINT, CHECKPOINT + ".old")):
+        raise ValueError(f"--out {out} holds an unfinished run{' (and a finished one)' * finished}"
+                         f": continue it with 'python train.py --resume {out}', or pass "
+                         "--overwrite")
+    if finished:
+        raise ValueError(f"--out {out} holds a finished run (results.json): pass --overwrite to "
+                         "replace it, or choose another --out")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Swap the finished folder tmp in for final, keeping final as final.old until tmp is in."""
+    old = final.with_name(final.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def tidy_out(out: Path) -> None:
+    """Finish an interrupted publish and remove stale temp folders (start of every run)."""
+    if (out / ".publish").is_dir():
+        _publish_move(out)
+    for stale in (".publish.tmp", CHECKPOINT + ".tmp"):
+        shutil.rmtree(out / stale, ignore_errors=True)
+    if (out / (CHECKPOINT + ".old")).is_dir() and not (out / CHECKPOINT).is_dir():
+        os.replace(out / (CHECKPOINT + ".old"), out / CHECKPOINT)  # killed mid-swap
+
+
+def _publish_move(out: Path) -> None:
+    """Move a complete .publish folder into out: old entries go first, results.json last."""
+    for name in PUBLISHED:
+        target = out / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    for name in PUBLISHED[::-1]:
+        if (out / ".publish" / name).exists():
+            os.replace(out / ".publish" / name, out / name)
+    os.rmdir(out / ".publish")
+    _fsync_dir(out)
+
+
+def save_checkpoint(out: Path, step: int, model: nn.Module, opt, sched, rng: dict,
+                    state: dict, args: argparse.Namespace) -> None:
+    """<out>/checkpoint/: state.pt (adapter and head tensors, optimizer, scheduler, generator
+    states, FW-LoRA EMA, losses; loads with weights_only=True) and meta.json (step, args, seed,
+    method report), written to checkpoint.tmp/, fsynced, then swapped in."""
+    tmp = out / (CHECKPOINT + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    fw = state["fw"]
+    blob = {"step": step, "model": dict(lora_state_dict(model, state["heads"])),
+            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "rng": {k: g.get_state() for k, g in rng.items()} | {"torch": torch.get_rng_state()},
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "fw_ema": fw["ema"], "fw_importance": fw["importance"] or {},
+            "losses": state["losses"], "seconds": state["seconds"]}
+    meta = {"step": step, "seed": args.seed, "args": vars(args), "evals": state["evals"],
+            "ranks": {n: m.r for n, m in lora_layers(model).items()},
+            "alphas": {n: m.alpha for n, m in lora_layers(model).items()},
+            "report": state["report"]}
+    with open(tmp / STATE, "wb") as f:
+        torch.save(blob, f)
+        f.flush()
+        os.fsync(f.fileno())
+    write_json(tmp / META, meta)
+    _fsync_dir(tmp)
+    _replace_dir(tmp, out / CHECKPOINT)
+
+
+def read_checkpoint(out: Path) -> tuple[dict, dict]:
+    """(state.pt contents, meta.json) of <out>/checkpoint, or ValueError naming what is wrong."""
+    folder = out / CHECKPOINT
+    if not folder.is_dir() and (out / (CHECKPOINT + ".old")).is_dir():
+        folder = out / (CHECKPOINT + ".old")  # killed between the two renames of a save
+    if not folder.is_dir():
+        done = " (the run finished: results.json is there)" if (out / "results.json").exists() \
+            else ""
+        raise FileNotFoundError(f"--resume {out}: no {CHECKPOINT}/ folder{done}")
+    try:
+        meta = json.loads((folder / META).read_text())
+        blob = torch.load(folder / STATE, map_location="cpu", weights_only=True)
+    except FileNotFoundError as e:
+        raise ValueError(f"--resume {out}: the checkpoint lacks {Path(e.filename).name}") from None
+    except Exception as e:  # a truncated or foreign file: name it, never a traceback
+        raise ValueError(f"--resume {out}: {folder} is not a readable fimlora checkpoint "
+                         f"({type(e).__name__}: {str(e)[:120]})") from None
+    fields = {"step": int, "seed": int, "args": dict, "ranks": dict, "alphas": dict,
+              "report": dict, "evals": list}
+    for field, kind in fields.items():
+        if not isinstance(meta, dict) or not isinstance(meta.get(field), kind):
+            raise ValueError(f"{folder / META}: field {field!r} is missing or not a "
+                             f"{kind.__name__}; the checkpoint is damaged")
+    if not isinstance(blob, dict) or blob.get("step") != meta["step"]:
+        raise ValueError(f"{folder / STATE} does not match {META} (step): the checkpoint is "
+                         "damaged")
+    return blob, meta
+
+
+def resumed_args(cli: argparse.Namespace) -> argparse.Namespace:
+    """The saved arguments of the run in --resume OUT (--threads from the command line)."""
+    out = Path(cli.resume)
+    if not out.is_dir():
+        raise FileNotFoundError(f"--resume {out}: no such run folder")
+    _, meta = read_checkpoint(out)
+    known = vars(cli)
+    unknown = sorted(set(meta["args"]) - set(known))
+    if unknown:
+        raise ValueError(f"{out / CHECKPOINT / META}: unknown arguments {unknown[:5]}; the "
+                         "checkpoint comes from another version of train.py")
+    args = argparse.Namespace(**{**known, **meta["args"]})
+    args.resume, args.overwrite, args.out = str(out), False, str(out)
+    args.threads = cli.threads or args.threads
+    return args
+
+
+def restore_adapters(model: nn.Module, blob: dict, meta: dict) -> None:
+    """Give every LoRA layer the checkpoint's rank, alpha and tensors (and the heads theirs)."""
+    layers = lora_layers(model)
+    if set(meta["ranks"]) != set(layers):
+        raise ValueError(f"the checkpoint adapts {sorted(meta['ranks'])[:3]}..., the model "
+                         f"{sorted(layers)[:3]}...: was --model or --targets changed?")
+    for name, layer in layers.items():
+        resize_lora(layer, int(meta["ranks"][name]), alpha=float(meta["alphas"][name]))
+    load_lora_state_dict(model, blob["model"])
+
+
+def restore_rng(blob: dict) -> None:
+    """The global generators (dropout) as they were at the checkpoint: the last restore step."""
+    torch.set_rng_state(blob["rng"]["torch"])
+    if blob["cuda_rng"]:
+        torch.cuda.set_rng_state_all(blob["cuda_rng"])
+
+
+# -----------------------------------------------------------------------------
+# torchrun: one process per device, each a disjoint shard of every global batch
+
+
+def init_distributed(device: torch.device, args: argparse.Namespace) -> tuple[int, int]:
+    """(rank, world size); starts the process group (gloo on CPU, nccl on CUDA) under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    if args.batch_size % world:
+        raise ValueError(f"--batch-size {args.batch_size} is not divisible by the {world} "
+                         "processes: every rank takes an equal shard of each global batch")
+    dist = torch.distributed
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def shards(batches: Iterator[dict], rank: int, world: int) -> Iterator[dict]:
+    """Rank `rank`'s contiguous slice of dim 0 of every tensor in every batch."""
+    for batch in batches:
+        if world == 1:
+            yield batch
+            continue
+        n = next(v.shape[0] for v in batch.values() if torch.is_tensor(v))
+        yield {k: v.tensor_split(world)[rank] if torch.is_tensor(v) and v.shape[:1] == (n,)
+               else v for k, v in batch.items()}
+
+
+def agreed(flag: bool, world: int) -> bool:
+    """True on every rank if it is true on any (a stop request must stop all ranks together)."""
+    if world == 1:
+        return flag
+    t = torch.tensor([float(flag)])
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
 
 
 # -----------------------------------------------------------------------------
@@ -261,9 +514,13 @@ def planted_task(args: argparse.Namespace, device: torch.device,
     targets = args.targets.split(",")
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)
              and any(n == t or n.endswith("." + t) for t in targets)]
+    unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if unmatched:
+        raise ValueError(f"--targets {args.targets}: {', '.join(unmatched)} matches no nn.Linear "
+                         f"of --model {args.model}; use suffixes of its module names")
     teacher, truth = planted.plant(model, names, generator=rng["init"])
     model.to(device), teacher.to(device)
-    vocab = model.embeddings.word_embeddings.num_embeddings
+    vocab = next(m for m in model.modules() if isinstance(m, nn.Embedding)).num_embeddings
     seq = min(args.max_len, 32)
 
     def loss_fn(m: nn.Module, batch: dict) -> torch.Tensor:
@@ -303,8 +560,11 @@ def add_adapters(task: Task, args: argparse.Namespace, device: torch.device,
 
 def fim_method(model: nn.Module, task: Task, args: argparse.Namespace,
                rng: dict[str, torch.Generator], calib: Iterator[dict]) -> dict:
-    """FIM-LoRA: calibrate on --calib-batches batches, reallocate the rank budget."""
-    batches = list(itertools.islice(calib, args.calib_batches))
+    """FIM-LoRA: calibrate on --calib-batches batches, reallocate the rank budget. Under
+    torchrun rank k takes batches k, k + world, ...; fisher_scores all-reduces the sums."""
+    rank, world = ((torch.distributed.get_rank(), torch.distributed.get_world_size())
+                   if torch.distributed.is_initialized() else (0, 1))
+    batches = list(itertools.islice(calib, rank, args.calib_batches, world))
     report = {}
     if task.planted:  # before the allocation resizes A: the model it scores
         report["planted_recovery"] = planted_scores(model, batches, task.loss_fn, task.planted)
@@ -344,6 +604,8 @@ def apply_method(model: nn.Module, task: Task, args: argparse.Namespace,
                  rng: dict[str, torch.Generator]) -> dict:
     calib = task.train_batches(rng["calib"])
     report: dict = {}
+    if task.planted:  # every method starts from B = 0; da moves away from it before step 0
+        report["loss_at_B0"] = task.evaluate(model)["loss"]
     for step in METHOD_STEPS[args.method]:
         report.update(step(model, task, args, rng, calib))
     report["calibration_seconds"] = sum(report[k]["seconds"] for k in ("fim", "da") if k in report)
@@ -380,74 +642,164 @@ def make_optimizer(model: nn.Module, args: argparse.Namespace):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(args.steps, args.warmup))
 
 
-def fw_step(model: nn.Module, task: Task, args: argparse.Namespace, state: dict):
+def fw_step(train_model: nn.Module, model: nn.Module, task: Task, args: argparse.Namespace,
+            state: dict):
     """FW-LoRA: a plain step that tracks ‖∂L/∂W_m‖² during the warm-up, then freezes the
-    importances and adds the penalty. `state` holds the EMA and the importances."""
+    importances and adds the penalty. `state` holds the EMA and the importances; train_model
+    is model itself or its DistributedDataParallel wrapper."""
     def step(k: int, batch: dict) -> torch.Tensor:
         if k <= args.fw_warmup:
             with fimlora.fw_track(model) as sq:
-                loss = task.loss_fn(model, batch)
+                loss = task.loss_fn(train_model, batch)
                 loss.backward()
             state["ema"] = fimlora.fw_update(state["ema"], sq, k)
             return loss
         if state["importance"] is None:
             state["importance"] = fimlora.importances(state["ema"], mode=args.fw_norm)
-        loss = task.loss_fn(model, batch)
+        loss = task.loss_fn(train_model, batch)
         penalty = fimlora.fw_penalty(model, state["importance"], fw_lambda=args.fw_lambda)
         (loss + penalty).backward()
         return loss
     return step
 
 
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM during training: a checkpoint was saved at the end of `step`."""
+
+
+class Diverged(FloatingPointError):
+    """A non-finite loss or parameter: nothing after the last good checkpoint is kept."""
+
+
+@contextlib.contextmanager
+def stop_requests() -> Iterator[dict]:
+    """While training, Ctrl-C and SIGTERM only set a flag that the loop reads at the end of a
+    step (it then checkpoints and stops); a second Ctrl-C interrupts at once."""
+    flag = {"set": False}
+
+    def handler(signum, frame):
+        if flag["set"]:
+            raise KeyboardInterrupt
+        flag["set"] = True
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+
+def divergence(step: int, what: str, model: nn.Module, args: argparse.Namespace,
+               last_good: int) -> Diverged:
+    """The error for a non-finite loss or parameter, naming the likely cause."""
+    frozen = [n for n, p in model.named_parameters()
+              if not p.requires_grad and not bool(torch.isfinite(p).all())]
+    if frozen:
+        cause = f"the frozen weights hold NaN/inf ({frozen[:2]}): check the model checkpoint"
+    elif step == 1:
+        cause = "it is non-finite before any update: check the data and the loss for inf/NaN"
+    elif not args.grad_clip:
+        cause = f"no gradient clipping: set --grad-clip 1.0, or lower --lr {args.lr:g}"
+    else:
+        cause = f"the updates grew too large: lower --lr {args.lr:g}"
+    kept = (f"the last good checkpoint (step {last_good}) is in {Path(args.out) / CHECKPOINT}"
+            if last_good else "no checkpoint was written before it")
+    return Diverged(f"{what} at step {step}; likely cause: {cause}; {kept}")
+
+
 def train_loop(model: nn.Module, task: Task, args: argparse.Namespace,
-               rng: dict[str, torch.Generator]) -> dict:
-    """--steps AdamW steps on batches from the data stream; returns the losses, the evals
-    (step 0 for planted: the gap every method starts from) and the training seconds."""
+               rng: dict[str, torch.Generator], report: dict, resume: tuple | None,
+               dist_info: tuple[int, int]) -> dict:
+    """--steps AdamW steps on batches from the data stream, checkpointing every --save-every
+    steps (rank 0 writes); returns the losses, the evals (step 0 for planted) and the
+    training seconds. With `resume` = (state.pt, meta.json) it continues where they stopped."""
+    rank, world = dist_info
     opt, sched = make_optimizer(model, args)
     trainable = [p for p in model.parameters() if p.requires_grad]
     print(f"training: {args.steps:,} steps, batch {args.batch_size}, lr {args.lr:g}, "
           f"{sum(p.numel() for p in trainable):,} trainable parameters")
-    evals = [] if task.planted is None else [{"step": 0, **task.evaluate(model)}]
-    if evals:
-        print(f"eval @ 0: {evals[-1]}")
-    fw_state: dict = {"ema": {}, "importance": None}
+    state = {"losses": [], "evals": [], "seconds": 0.0, "report": report, "heads": task.heads,
+             "fw": {"ema": {}, "importance": None}}
+    start = 0
+    if resume is not None:
+        blob, meta = resume
+        opt.load_state_dict(blob["optimizer"])
+        sched.load_state_dict(blob["scheduler"])
+        start, state["losses"], state["seconds"] = blob["step"], blob["losses"], blob["seconds"]
+        state["evals"] = meta["evals"]
+        state["fw"] = {"ema": blob["fw_ema"], "importance": blob["fw_importance"] or None}
+        print(f"resumed from {Path(args.out) / CHECKPOINT} at step {start:,}")
+    elif task.planted:
+        state["evals"].append({"step": 0, **task.evaluate(model)})
+        print(f"eval @ 0: {state['evals'][-1]}")
+    train_model = model
+    if world > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(model)
     if args.method == "fw":
         if args.fw_warmup > args.steps // 2:
             args.fw_warmup = args.steps // 2  # keep half the run for the penalised phase
             print(f"FW-LoRA warm-up capped at {args.fw_warmup} steps (half of --steps)")
-        step_fn = fw_step(model, task, args, fw_state)
+        step_fn = fw_step(train_model, model, task, args, state["fw"])
     else:
         def step_fn(k: int, batch: dict) -> torch.Tensor:
-            loss = task.loss_fn(model, batch)
+            loss = task.loss_fn(train_model, batch)
             loss.backward()
             return loss
-    batches = task.train_batches(rng["data"])
-    losses, seconds = [], 0.0
-    for step in range(1, args.steps + 1):
-        t0 = time.perf_counter()
-        loss = step_fn(step, next(batches))
-        if args.grad_clip:
-            torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        if not math.isfinite(losses[-1]):
-            raise FloatingPointError(f"loss is {losses[-1]} at step {step}: lower --lr")
-        seconds += time.perf_counter() - t0
-        if step % args.log_every == 0 or step == args.steps:
-            recent = losses[-args.log_every:]
-            print(f"step {step:>6,}/{args.steps:,} | loss {sum(recent) / len(recent):.4g} "
-                  f"| lr {sched.get_last_lr()[0]:.2e} | {step / seconds:.2f} steps/s "
-                  f"| {seconds / step:.3f} s/step | ETA {(args.steps - step) * seconds / step:.0f}s",
-                  flush=True)
-        if args.eval_every and step % args.eval_every == 0 and step != args.steps:
-            evals.append({"step": step, **task.evaluate(model)})
-            print(f"eval @ {step}: {evals[-1]}")
-    fw = {"importances": {n: float(v) for n, v in fw_state["importance"].items()}} \
-        if fw_state["importance"] is not None else None
-    return {"losses": losses, "evals": evals, "seconds": seconds, "fw": fw,
+    batches = shards(task.train_batches(rng["data"]), rank, world)
+    for _ in range(start):  # the data order is a function of the seed: replay it
+        next(batches)
+    if resume is not None:
+        if not torch.equal(rng["data"].get_state(), blob["rng"]["data"]):
+            raise ValueError(f"--resume {args.out}: the training data no longer gives the "
+                             "batches the checkpoint saw (files or --max-train changed?)")
+        restore_rng(blob)
+    out, every = Path(args.out), args.save_every or max(1, math.ceil(args.steps / 4))
+    last_good = start
+    with stop_requests() as stop:
+        for step in range(start + 1, args.steps + 1):
+            t0 = time.perf_counter()
+            loss = step_fn(step, next(batches))
+            value = loss.item()
+            if not math.isfinite(value):
+                raise divergence(step, f"the loss is {value}", model, args, last_good)
+            if args.grad_clip:
+                torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            if not all(bool(torch.isfinite(p).all()) for p in trainable):
+                raise divergence(step, "a parameter became non-finite", model, args, last_good)
+            state["losses"].append(value)
+            state["seconds"] += time.perf_counter() - t0
+            log_step(step, state, sched, args)
+            if args.eval_every and step % args.eval_every == 0 and step != args.steps:
+                state["evals"].append({"step": step, **task.evaluate(model)})
+                print(f"eval @ {step}: {state['evals'][-1]}")
+            stopping = agreed(stop["set"], world)
+            if (step % every == 0 and step != args.steps) or stopping:
+                if rank == 0:
+                    save_checkpoint(out, step, model, opt, sched, rng, state, args)
+                last_good = step
+            if stopping:
+                raise Interrupted(f"interrupted at step {step:,}/{args.steps:,}, checkpoint "
+                                  f"saved: resume with 'python train.py --resume {out}'")
+    fw = state["fw"]["importance"]
+    return {"losses": state["losses"], "evals": state["evals"], "seconds": state["seconds"],
+            "fw": {"importances": {n: float(v) for n, v in fw.items()}} if fw else None,
             "trainable": sum(p.numel() for p in trainable)}
+
+
+def log_step(step: int, state: dict, sched, args: argparse.Namespace) -> None:
+    if step % args.log_every == 0 or step == args.steps:
+        recent, seconds = state["losses"][-args.log_every:], state["seconds"]
+        done = len(state["losses"])
+        print(f"step {step:>6,}/{args.steps:,} | loss {sum(recent) / len(recent):.4g} "
+              f"| lr {sched.get_last_lr()[0]:.2e} | {done / seconds:.2f} steps/s "
+              f"| {seconds / done:.3f} s/step | ETA {(args.steps - step) * seconds / done:.0f}s",
+              flush=True)
 
 
 # -----------------------------------------------------------------------------
@@ -524,7 +876,7 @@ def final_eval(model: nn.Module, task: Task, args: argparse.Namespace, trained: 
                report: dict) -> dict:
     metrics = task.evaluate(model)
     if task.planted:
-        metrics["loss_ratio"] = metrics["loss"] / trained["evals"][0]["loss"]  # final / B = 0
+        metrics["loss_ratio"] = metrics["loss"] / report["loss_at_B0"]  # final / start (B = 0)
     trained["evals"].append({"step": args.steps, **metrics})
     seconds = trained["seconds"]
     print(f"eval: {', '.join(f'{k} {v:.4g}' for k, v in metrics.items())}")
@@ -535,22 +887,60 @@ def final_eval(model: nn.Module, task: Task, args: argparse.Namespace, trained: 
 
 
 def save(model: nn.Module, task: Task, args: argparse.Namespace, results: dict) -> None:
-    """results.json, the adapter, and for GLUE the same adapter in PEFT's layout. A model
-    without LoRALinear layers (a peer's, bench.py) only gets results.json."""
+    """results.json, the adapter, and for GLUE the same adapter in PEFT's layout, published
+    together: written to <out>/.publish.tmp, renamed to .publish once complete, then moved in
+    with results.json last, so a kill never leaves a folder mixing two runs. A model without
+    LoRALinear layers (a peer's, bench.py) only gets results.json. The checkpoint goes."""
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".publish.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     targets = args.targets.split(",")
-    written = [out / "results.json"]
     if lora_layers(model):
-        save_adapter(out / "adapter", model, targets, seed=args.seed, heads=task.heads)
-        written.append(out / "adapter")
+        save_adapter(tmp / "adapter", model, targets, seed=args.seed, heads=task.heads)
         if task.planted is None:  # for PeftModel.from_pretrained (README)
             base = None if args.model in ("tiny", "tiny-llama") else str(model_path(args.model))
-            save_adapter(out / "adapter_peft", model, targets, heads=task.heads, format="peft",
+            save_adapter(tmp / "adapter_peft", model, targets, heads=task.heads, format="peft",
                          base_model=base)
-            written.append(out / "adapter_peft")
-    write_json(out / "results.json", results)
-    print(f"wrote {' and '.join(map(str, written))}")
+    write_json(tmp / "results.json", results)
+    _fsync_dir(tmp)
+    os.replace(tmp, out / ".publish")
+    written = [str(out / n) for n in PUBLISHED if (out / ".publish" / n).exists()]
+    _publish_move(out)
+    for name in (CHECKPOINT, CHECKPOINT + ".old"):
+        shutil.rmtree(out / name, ignore_errors=True)
+    print(f"wrote {' and '.join(written)}")
+
+
+def build_task(args: argparse.Namespace, device: torch.device, rng: dict) -> Task:
+    make_task = (planted_task if args.task == "planted" else
+                 causal_task if args.model in DECODERS else glue_task)
+    task = make_task(args, device, rng)
+    if args.epochs is not None:
+        if task.n_train is None:
+            raise ValueError("--epochs needs a finite training set: use --steps for planted")
+        args.steps = max(1, math.ceil(args.epochs * task.n_train / args.batch_size))
+    return task
+
+
+def describe(model: nn.Module, task: Task, args: argparse.Namespace) -> None:
+    print(f"model: {args.model}, {n_params(model, False):,} parameters; LoRA on "
+          f"{len(lora_layers(model))} matrices ({args.targets}), r={args.r}, "
+          f"alpha={args.alpha:g}{', rsLoRA' if args.rslora else ''}")
+    if task.planted:
+        print("planted matrices: " + ", ".join(f"{n} (rank {r})" for n, r in task.planted.items()))
+
+
+def prepare_out(args: argparse.Namespace, rank: int) -> None:
+    """Create --out, finish or drop what an interrupted run left; --overwrite drops the old
+    run's checkpoint (its results stay until the new run publishes)."""
+    out = Path(args.out)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        tidy_out(out)
+        if args.overwrite:
+            for name in (CHECKPOINT, CHECKPOINT + ".old"):
+                shutil.rmtree(out / name, ignore_errors=True)
 
 
 # -----------------------------------------------------------------------------
@@ -561,46 +951,51 @@ def main(argv: list[str] | None = None, adapt: Callable = add_adapters) -> dict:
     base model into the model to train (default: uniform LoRA, add_adapters); bench.py passes
     one that builds the same run on transformers + PEFT."""
     args = parse_args(argv)
+    resume = read_checkpoint(Path(args.out)) if args.resume else None
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"seed: {args.seed}")
     set_seed(args.seed)
     rng = random_streams(args.seed)
     device = resolve_device(args.device)
-    make_task = (planted_task if args.task == "planted" else
-                 causal_task if args.model in DECODERS else glue_task)
-    task = make_task(args, device, rng)
-    if args.epochs is not None:
-        if task.n_train is None:
-            raise ValueError("--epochs needs a finite training set: use --steps for planted")
-        args.steps = max(1, math.ceil(args.epochs * task.n_train / args.batch_size))
-    model = adapt(task, args, device, rng)
-    print(f"model: {args.model}, {n_params(model, False):,} parameters; LoRA on "
-          f"{len(lora_layers(model))} matrices ({args.targets}), r={args.r}, "
-          f"alpha={args.alpha:g}{', rsLoRA' if args.rslora else ''}")
-    if task.planted:
-        print("planted matrices: " + ", ".join(f"{n} (rank {r})" for n, r in task.planted.items()))
-    report = apply_method(model, task, args, rng)
-    trained = train_loop(model, task, args, rng)
-    metrics = final_eval(model, task, args, trained, report)
-    results = {
-        "args": vars(args), "seed": args.seed, "device": str(device), "metrics": metrics,
-        "eval_history": trained["evals"], "train_loss": trained["losses"],
-        "trainable_parameters": trained["trainable"],
-        "total_parameters": n_params(model, False),
-        "seconds": {"calibration": report.pop("calibration_seconds"),
-                    "training": trained["seconds"], "per_step": trained["seconds"] / args.steps},
-        "ranks": {n: m.r for n, m in lora_layers(model).items()},
-        "alphas": {n: m.alpha for n, m in lora_layers(model).items()},
-        **report, **({"fw": trained["fw"]} if trained["fw"] else {}),
-        **({"planted": task.planted} if task.planted else {}),
-    }
-    save(model, task, args, results)
+    rank, world = init_distributed(device, args)
+    with contextlib.redirect_stdout(io.StringIO()) if rank else contextlib.nullcontext():
+        task = build_task(args, device, rng)
+        model = adapt(task, args, device, rng)
+        check_model(model, args)
+        describe(model, task, args)
+        if resume is not None:
+            restore_adapters(model, *resume)
+            report = resume[1]["report"]
+        else:
+            report = apply_method(model, task, args, rng)
+        prepare_out(args, rank)
+        trained = train_loop(model, task, args, rng, report, resume, (rank, world))
+        metrics = final_eval(model, task, args, trained, report)
+        results = {
+            "args": vars(args), "seed": args.seed, "device": str(device), "world_size": world,
+            "metrics": metrics, "eval_history": trained["evals"], "train_loss": trained["losses"],
+            "trainable_parameters": trained["trainable"],
+            "total_parameters": n_params(model, False),
+            "seconds": {"calibration": report["calibration_seconds"],
+                        "training": trained["seconds"],
+                        "per_step": trained["seconds"] / args.steps},
+            "ranks": {n: m.r for n, m in lora_layers(model).items()},
+            "alphas": {n: m.alpha for n, m in lora_layers(model).items()},
+            **{k: v for k, v in report.items() if k != "calibration_seconds"},
+            **({"fw": trained["fw"]} if trained["fw"] else {}),
+            **({"planted": task.planted} if task.planted else {}),
+        }
+        if rank == 0:
+            save(model, task, args, results)
     return results
 
 
 if __name__ == "__main__":
     try:
         main()
+    except Interrupted as e:
+        print(f"\n{e}", file=sys.stderr)
+        sys.exit(130)
     except (ValueError, FileNotFoundError, ImportError, FloatingPointError) as e:
         sys.exit(f"error: {e}")

@@ -60,13 +60,28 @@ def test_every_method_trains_on_the_same_batches(tmp_path, monkeypatch):
     assert all(o == order["lora"] for o in order.values())
 
 
-def test_saved_adapter_reloads_to_same_eval(tmp_path):
+def test_saved_adapter_reloads_the_trained_adapter(tmp_path):
+    """load_adapter restores the trained ranks and tensors: the reloaded model's output equals
+    one built from the saved tensors by hand, and differs from the base model's."""
+    from lora import load_lora_state_dict, lora_layers, read_safetensors, resize_lora
     res = run(tmp_path, "--method", "fim", "--seed", "0")
-    model, _ = load_model("tiny", num_labels=None, generator=torch.Generator().manual_seed(0))
-    add_lora(model, res["args"]["targets"].split(","), r=8, alpha=16)
-    load_adapter(tmp_path / "adapter", model)
-    assert {n: m for n, m in res["ranks"].items()} == json.loads(
-        (tmp_path / "adapter" / "adapter_config.json").read_text())["ranks"]
+    saved, _ = read_safetensors(tmp_path / "adapter" / "adapter_model.safetensors")
+
+    def fresh():
+        model, _ = load_model("tiny", num_labels=None, generator=torch.Generator().manual_seed(0))
+        add_lora(model, res["args"]["targets"].split(","), r=8, alpha=16)
+        return model.eval()
+    loaded, by_hand, base = fresh(), fresh(), fresh()
+    load_adapter(tmp_path / "adapter", loaded)
+    for name, layer in lora_layers(by_hand).items():
+        resize_lora(layer, res["ranks"][name], alpha=res["alphas"][name])
+    load_lora_state_dict(by_hand, saved)
+    assert {n: m.r for n, m in lora_layers(loaded).items()} == res["ranks"]
+    assert any(bool(m.lora_B.any()) for m in lora_layers(loaded).values())
+    ids = torch.randint(1, 100, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out, want, plain = (m(ids, torch.ones_like(ids))[0] for m in (loaded, by_hand, base))
+    assert torch.equal(out, want) and not torch.allclose(out, plain)
 
 
 @pytest.mark.skipif(not SST2.is_dir(), reason=f"SST-2 not found at {SST2}")
