@@ -36,11 +36,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# PEFT's TaskType values (peft/utils/peft_types.py), for adapter_config.json's task_type
-PEFT_TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS",
-                   "FEATURE_EXTRACTION")
-
-
 def lora_scaling(r: int, alpha: float, rslora: bool = False) -> float:
     """s = α/r, or α/√r with rsLoRA (arXiv:2312.03732); 0 for r = 0.  lora_scaling(8, 16) == 2.0"""
     if r == 0:
@@ -71,7 +66,6 @@ _RULES = {  # name -> (test, what to pass instead)
     "generator": (lambda v: v is None or isinstance(v, torch.Generator), "a torch.Generator"),
     "seed": (lambda v: v is None or _is_int(v), "an int or None"),
     "base_model": (lambda v: v is None or isinstance(v, str), "a str or None"),
-    "task_type": (lambda v: v is None or v in PEFT_TASK_TYPES, f"one of {PEFT_TASK_TYPES}"),
     "object": (lambda v: isinstance(v, dict), "a dict (JSON object)"),
 }
 _MISSING = object()
@@ -158,10 +152,14 @@ class LoRALinear(nn.Module):
         trainable = self.lora_A.requires_grad if "lora_A" in self._parameters else True
         self.r = r
         w = self.weight
-        self.lora_A = nn.Parameter(w.new_empty(r, self.in_features), trainable)  # (r, d_in)
-        self.lora_B = nn.Parameter(w.new_zeros(self.out_features, r), trainable)  # (d_out, r)
+        # A is drawn on the generator's device, then moved: a CPU generator cannot fill a CUDA
+        # tensor, and the draws then do not depend on where the model lives
+        A = torch.empty(r, self.in_features, dtype=w.dtype,
+                        device=w.device if generator is None else generator.device)  # (r, d_in)
         if r > 0 and init:
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5), generator=generator)
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
+        self.lora_A = nn.Parameter(A.to(w.device), trainable)
+        self.lora_B = nn.Parameter(w.new_zeros(self.out_features, r), trainable)  # (d_out, r)
 
     @property
     def scaling(self) -> float:
@@ -325,17 +323,14 @@ def lora_state_dict(model: nn.Module, heads: Sequence[str] = ()) -> dict[str, to
     return sd
 
 
-def _is_tensor(v) -> bool:
-    """A dense tensor with data (not sparse, not meta)."""
-    return isinstance(v, torch.Tensor) and v.layout == torch.strided and not v.is_meta
-
-
 def _check_entries(sd, where: str) -> None:
-    bad = ([("(the whole object)", sd)] if not isinstance(sd, Mapping) else
-           [(k, v) for k, v in sd.items() if not (isinstance(k, str) and _is_tensor(v))])
-    if bad:
-        raise ValueError(f"{where}: entry {_show(bad[0][0])} is a {type(bad[0][1]).__name__}: "
-                         "a state dict maps str names to dense tensors")
+    """sd maps str names to dense tensors with data (not sparse, not meta)."""
+    for k, v in sd.items() if isinstance(sd, Mapping) else [(_MISSING, sd)]:
+        if not (isinstance(k, str) and isinstance(v, torch.Tensor)
+                and v.layout == torch.strided and not v.is_meta):
+            what = "the top level" if k is _MISSING else f"entry {_show(k)}"
+            raise ValueError(f"{where}: {what} is a {type(v).__name__}: a state dict maps str "
+                             "names to dense tensors")
 
 
 def _check_state(model: nn.Module, sd, where: str, ranks: dict[str, int] | None = None,
@@ -360,20 +355,21 @@ def _check_state(model: nn.Module, sd, where: str, ranks: dict[str, int] | None 
     for n, m in layers.items() if ranks is not None else ():
         shapes[f"{n}.lora_A"], shapes[f"{n}.lora_B"] = (ranks[n], m.in_features), \
             (m.out_features, ranks[n])
-    bad = []
+    bad, hint = [], ""
     for k, v in sd.items():
         p = params[k]
         if tuple(v.shape) != shapes[k]:
+            at = k[:-len(".lora_A")] if k.endswith((".lora_A", ".lora_B")) else None
             bad.append(f"{k} has shape {tuple(v.shape)}, the model needs {shapes[k]}"
-                       + (f" at r={ranks[k.rsplit('.', 1)[0]]}" if ranks and "lora_" in k else ""))
+                       + (f" at r={ranks[at]}" if ranks and at in ranks else ""))
+            hint = (" (were ranks resized before loading? does a rank_pattern key match the "
+                    f"module? keys name base-model modules, without {PEFT_PREFIX!r})")
         elif not (v.is_floating_point() and torch.can_cast(v.dtype, p.dtype)):
             bad.append(f"{k} has dtype {v.dtype}, the model needs a float dtype for {p.dtype}")
         elif not torch.isfinite(v.to(p.dtype)).all():
             bad.append(f"{k} has non-finite values (NaN or inf in {p.dtype})")
     if bad:
-        raise ValueError(f"{where}: " + "; ".join(bad[:8]) + " (were ranks resized before "
-                         "loading? does a rank_pattern key match the module? keys name "
-                         f"base-model modules, without {PEFT_PREFIX!r})")
+        raise ValueError(f"{where}: " + "; ".join(bad[:8]) + hint)
 
 
 def _copy(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
@@ -399,6 +395,8 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_BIN_WEIGHTS = "adapter_model.bin"
 FIMLORA_FORMAT = "fimlora-adapter-v1"
 PEFT_PREFIX = "base_model.model."
+PEFT_TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS",
+                   "FEATURE_EXTRACTION")  # PEFT's TaskType (peft/utils/peft_types.py)
 
 # safetensors format: 8-byte little-endian header length N, N bytes of JSON {name: {dtype, shape,
 # data_offsets: [begin, end]}, "__metadata__": {str: str}}, then the raw little-endian bytes.
@@ -473,7 +471,10 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
         data_len = size - 8 - n
         spans = []
         for name, info in header.items():
-            dtype = info.get("dtype") if isinstance(info, dict) else info
+            if not isinstance(info, dict):
+                raise ValueError(f"{path}: tensor {_show(name)} is {_show(info)}, not an object "
+                                 "with dtype, shape and data_offsets")
+            dtype = info.get("dtype")
             if not isinstance(dtype, str) or dtype not in _ST_DTYPES:
                 raise ValueError(f"{path}: tensor {_show(name)} has unsupported dtype "
                                  f"{_show(dtype)}: use one of {', '.join(_ST_DTYPES)}")
@@ -729,7 +730,10 @@ def save_adapter(path: str | os.PathLike, model: nn.Module, targets: Iterable[st
     (e.g. "CAUSAL_LM" for a decoder LLM; one of PEFT_TASK_TYPES)."""
     if format not in ("fimlora", "peft"):
         raise ValueError(f"format={format!r}: use 'fimlora' or 'peft'")
-    _check_args(base_model=base_model, task_type=task_type)
+    _check_args(base_model=base_model)
+    if task_type not in (None, *PEFT_TASK_TYPES):
+        raise ValueError(f"task_type={_show(task_type)}: use None or one of "
+                         f"{', '.join(PEFT_TASK_TYPES)}")
     if task_type is not None and format != "peft":
         raise ValueError(f"task_type={task_type!r} is a PEFT field: use format='peft'")
     cfg = adapter_config(model, targets, seed, heads)

@@ -385,8 +385,10 @@ def test_load_state_dict_refuses_bad_values_before_writing(edit, match):
     with pytest.raises(ValueError, match=match):
         load_lora_state_dict(model, sd)
     assert lora_layers(model)["block.0.query"].lora_B.abs().sum() == 0  # nothing written
-    with pytest.raises(ValueError, match="entry"):
+    with pytest.raises(ValueError, match="top level is a list"):
         load_lora_state_dict(model, [("block.0.query.lora_A", torch.zeros(2, 6))])
+    with pytest.raises(ValueError, match="entry 'meta' is a Tensor"):
+        load_lora_state_dict(model, {"meta": torch.empty(2, device="meta")})
 
 
 def test_load_state_dict_into_merged_layer_raises():
