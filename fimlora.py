@@ -17,10 +17,11 @@ References:
 
 from __future__ import annotations
 
+import bisect
 import contextlib
-import heapq
 import itertools
 import math
+import operator
 from collections.abc import Callable, Iterable, Iterator
 from fractions import Fraction
 
@@ -224,104 +225,308 @@ def fisher_scores(model: nn.Module, batches: Iterable,
             "count": count}
 
 # -----------------------------------------------------------------------------
-# 2. FIM-LoRA budgeted rank allocation (pure Python, exact)
+# 2. FIM-LoRA budgeted rank allocation (pure Python: a float search, exact decisions)
+
+_TAU = 2.0**-30  # relative half-width of the window around the float water level swept exactly
 
 
-def _water_level(w: list, kappa: list[int], budget, lo: int, hi: int):
-    """Smallest c ≥ 0 with Σ_m κ_m·clamp(c·w_m, lo, hi) ≥ budget, exact when w holds Fractions.
+def _exact_sum(xs: list[float]) -> Fraction:
+    """Σ xs without rounding: math.fsum rounds the true sum once, so add the rounded residuals
+    until one is zero (each pass takes ~53 more bits). Example: _exact_sum([0.1, -0.1]) == 0"""
+    total, parts = Fraction(0), list(xs)
+    while (s := math.fsum(parts)) != 0:
+        total += Fraction(s)
+        parts.append(-s)
+    return total
 
-    f(c) = Σ κ_m·clamp(c·w_m, lo, hi) is continuous, piecewise linear and nondecreasing, with kinks
-    where a module leaves r_min (c = lo/w_m) or reaches r_max (c = hi/w_m). Sweep the kinks in order
-    and solve the one linear piece that crosses the budget. Returns None if f(∞) < budget.
-    Example: _water_level([1, 3], [1, 1], 8, 0, 10) == 2 (ranks 2 and 6).
+
+def _exact_dot(ks: list[int] | None, ws: list[float]) -> Fraction:
+    """Σ_m κ_m·w_m without rounding (κ = 1 when ks is None), one exact sum per distinct κ."""
+    if ks is None:
+        return _exact_sum(ws)
+    by: dict[int, list[float]] = {}
+    for k, v in zip(ks, ws):
+        by.setdefault(k, []).append(v)
+    return sum((k * _exact_sum(vs) for k, vs in by.items()), Fraction(0))
+
+
+def _dot(kappa: list[int] | None, r: list[int]) -> int:
+    """Σ_m κ_m·r_m, with κ = 1 when kappa is None."""
+    return sum(r) if kappa is None else sum(map(operator.mul, kappa, r))
+
+
+def _water_level(w: list, kappa: list[int], lo: list[int], hi: list[int], budget: int,
+                 K: int = 0, S: Fraction | int = 0) -> Fraction | None:
+    """Smallest c ≥ 0 with f(c) = K + c·S + Σ_m κ_m·clamp(c·w_m, lo_m, hi_m) ≥ budget, exact
+    when w holds Fractions; None if f(∞) < budget.
+
+    f is continuous, piecewise linear and nondecreasing, with kinks where a module leaves lo_m
+    (c = lo_m/w_m) or reaches hi_m (c = hi_m/w_m): sweep the kinks in order and solve the one
+    linear piece that crosses the budget. K + c·S stands for modules held fixed by the caller.
+    Example: _water_level([1, 3], [1, 1], [0, 0], [10, 10], 8) == 2 (ranks 2 and 6).
     """
-    events = sorted(
-        (r / wm, leaves, m)
-        for m, wm in enumerate(w)
-        if wm > 0
-        for r, leaves in ((lo, 0), (hi, 1))
-    )
-    K, S = sum(k * lo for k in kappa), 0  # f(c) = K + c·S on the current piece; all at r_min
+    events = sorted((r / wm, leaves, m) for m, wm in enumerate(w) if wm > 0
+                    for r, leaves in ((lo[m], 0), (hi[m], 1)))
+    K += sum(k * a for k, a in zip(kappa, lo))  # f(c) = K + c·S on the current piece
     if K >= budget:
-        return 0
+        return Fraction(0)
     for t, leaves, m in events:
         if K + t * S >= budget:  # S > 0 here: f rose from below the budget on this piece
-            return (budget - K) / S
+            return Fraction(budget - K) / S
         if leaves:
-            K, S = K + kappa[m] * hi, S - kappa[m] * w[m]
+            K, S = K + kappa[m] * hi[m], S - kappa[m] * w[m]
         else:
-            K, S = K - kappa[m] * lo, S + kappa[m] * w[m]
-    return None
+            K, S = K - kappa[m] * lo[m], S + kappa[m] * w[m]
+    return Fraction(budget - K) / S if S > 0 else None
 
 
-def _continuous_ranks(scores: dict[str, float], budget: int, r_min: int, r_max: int,
-                      costs: dict[str, int] | None = None, power: float = 1.0) -> dict:
-    """Phase 1 of allocate_ranks (inputs already validated): the exact r*_m as Fractions.
+def _level(w: list[float], kappa: list[int] | None, lo: list[int], hi: list[int],
+           budget: int) -> Fraction:
+    """_water_level of every module (given f(∞) ≥ budget), fast. Modules are grouped by
+    (lo_m, hi_m) and sorted by w, so f(c) costs a few bisections; Newton steps inside a bracket
+    find c in float64; the exact sweep then runs over the modules with a kink within ±3τ of c,
+    the others held fixed, and its level is accepted only within ±τ of c (else every module is
+    swept exactly, which no test input has needed)."""
+    M = len(w)
+    if _dot(kappa, lo) >= budget:
+        return Fraction(0)
+    groups, K_fixed = {}, 0
+    if lo.count(lo[0]) == M and hi.count(hi[0]) == M and kappa is None:
+        groups[lo[0], hi[0]] = [w, None]
+    else:
+        for v, k, a, h in zip(w, kappa or itertools.repeat(1), lo, hi):
+            g = groups.setdefault((a, h), [[], []])
+            g[0].append(v)
+            g[1].append(k)
+    table = []  # (lo, hi, sorted w, their κ or None, prefix Σ κw, prefix Σ κ)
+    for (a, h), (ws, ks) in groups.items():
+        if a == h:
+            K_fixed += a * (len(ws) if ks is None else sum(ks))
+            continue
+        if ks is None or ks.count(1) == len(ks):
+            ws, ks, Pk = sorted(ws), None, range(len(ws) + 1)
+        else:
+            pairs = sorted(zip(ws, ks))
+            ws, ks = [p[0] for p in pairs], [p[1] for p in pairs]
+            Pk = list(itertools.accumulate(ks, initial=0))
+        kw = ws if ks is None else [k * v for k, v in zip(ks, ws)]
+        table.append((a, h, ws, ks, list(itertools.accumulate(kw, initial=0.0)), Pk))
 
-    r*_m = clamp(c·w_m, r_min, r_max) with Σ κ_m·r*_m = min(budget, Σ κ_m·r_max). Modules with
-    w_m = 0 stay at r_min until every other module sits at r_max; only then do they share what is
-    left as if their scores were equal. All-zero scores count as equal scores.
-    Example: _continuous_ranks({"q": 1.0, "v": 4.0}, 10, 0, 10) == {"q": 2, "v": 8}.
-    """
-    names = list(scores)
-    kappa = [1 if costs is None else costs[n] for n in names]
-    s_max = max(scores.values())
+    def piece(c: float) -> tuple[float, float, list]:  # f(c) = K + c·S near c, and where
+        K, S, where = K_fixed, 0.0, []
+        for a, h, ws, ks, Pw, Pk in table:
+            i, j = bisect.bisect_right(ws, a / c), bisect.bisect_left(ws, h / c)
+            K, S = K + a * Pk[i] + h * (Pk[-1] - Pk[j]), S + Pw[j] - Pw[i]
+            where.append((i, j))
+        return K, S, where
+
+    lo_c = 0.0
+    c = hi_c = max(h / ws[bisect.bisect_right(ws, 0.0)] for a, h, ws, *_ in table
+                   if ws[-1] > 0)
+    for _ in range(300):
+        K, S, where = piece(c)
+        t = (budget - K) / S if S > 0 else -1.0  # the root of c's own linear piece
+        if lo_c < t <= hi_c and piece(t)[2] == where:
+            c = t
+            break
+        lo_c, hi_c = (c, hi_c) if K + c * S < budget else (lo_c, c)
+        c = t if lo_c < t <= hi_c else math.sqrt(lo_c) * math.sqrt(hi_c) if lo_c else hi_c / 2
+    if not 0 < c < math.inf:  # w_m = 5e-324 can put the level beyond float64
+        return _water_level([Fraction(v) for v in w], kappa or [1] * M, lo, hi, budget)
+    K, S, U = K_fixed, Fraction(0), []
+    for a, h, ws, ks, Pw, Pk in table:  # low [0, p0), near lo [p0, p1), free, near hi [q0, q1)
+        z = bisect.bisect_right(ws, 0.0)
+        p0 = max(z, bisect.bisect_left(ws, a / (c * (1 + 3 * _TAU))))
+        p1 = max(p0, bisect.bisect_right(ws, a / (c * (1 - 3 * _TAU))))
+        q0 = max(p1, bisect.bisect_left(ws, h / (c * (1 + 3 * _TAU))))
+        q1 = max(q0, bisect.bisect_right(ws, h / (c * (1 - 3 * _TAU))))
+        K += a * Pk[p0] + h * (Pk[-1] - Pk[q1])
+        S += _exact_dot(ks and ks[p1:q0], ws[p1:q0])
+        U += [(ws[m], 1 if ks is None else ks[m], a, h) for m in (*range(p0, p1),
+                                                                 *range(q0, q1))]
+    level = _water_level([Fraction(u[0]) for u in U], [u[1] for u in U], [u[2] for u in U],
+                         [u[3] for u in U], budget, K, S)
+    c, tau = Fraction(c), Fraction(_TAU)
+    if level is not None and c * (1 - tau) < level <= c * (1 + tau):
+        return level
+    return _water_level([Fraction(v) for v in w], kappa or [1] * M, lo, hi, budget)
+
+
+def _weights(s: list[float], power: float) -> list[float]:
+    """w_m = (s_m / max s)^p, normalised first so that s^p stays finite and scaling all scores
+    by 2**k changes nothing; all-zero scores count as equal scores."""
+    s_max = max(s)
     if s_max == 0:
-        return _continuous_ranks(dict.fromkeys(names, 1.0), budget, r_min, r_max, costs, power)
-    # normalise first so that s^p stays finite; scaling all scores by 2**k then changes nothing
-    w = [Fraction((scores[n] / s_max) ** power) for n in names]
-    budget = min(budget, sum(k * r_max for k in kappa))
-    c = _water_level(w, kappa, budget, r_min, r_max)
-    if c is not None:
-        return {n: min(max(c * wm, r_min), r_max) for n, wm in zip(names, w)}
-    zero = {n: 1.0 for n, wm in zip(names, w) if wm == 0}
-    rest = budget - sum(k * r_max for n, k in zip(names, kappa) if n not in zero)
-    r0 = _continuous_ranks(zero, rest, r_min, r_max, costs, power)
-    return {n: r0.get(n, Fraction(r_max)) for n in names}
+        return [1.0] * len(s)
+    w = list(map(operator.truediv, s, itertools.repeat(s_max)))
+    return w if power == 1 else [v**power for v in w]  # v**1 == v
 
 
-def allocate_ranks(scores: dict[str, float], budget: int, r_min: int, r_max: int,
-                   costs: dict[str, int] | None = None, power: float = 1.0) -> dict[str, int]:
+def _targets(w: list[float], kappa: list[int] | None, r_min: int, hi: list[int],
+             budget: int) -> tuple[Fraction, list[float], list[int]]:
+    """Phase 1 of allocate_ranks: (c, w̃, lo) with r*_m = clamp(c·w̃_m, lo_m, hi_m) exactly and
+    Σ κ_m·r*_m = min(budget, Σ κ_m·hi_m). Modules with w_m = 0 stay at r_min until every other
+    module sits at hi_m; only then do they share what is left as if their scores were equal."""
+    lo = [r_min] * len(w)
+    budget = min(budget, _dot(kappa, hi))
+    if 0.0 in w and budget > _dot(kappa, [h if v > 0 else r_min for v, h in zip(w, hi)]):
+        lo = [h if v > 0 else r_min for v, h in zip(w, hi)]  # the w > 0 modules sit at hi
+        w = [1.0] * len(w)
+    return _level(w, kappa, lo, hi, budget), w, lo
+
+
+def _continuous_ranks(scores: dict[str, float], budget: int, r_min: int,
+                      r_max: int | dict[str, int], costs: dict[str, int] | None = None,
+                      power: float = 1.0) -> dict[str, Fraction]:
+    """The exact targets r*_m of allocate_ranks as Fractions, by name (for the tests).
+    Example: _continuous_ranks({"q": 1.0, "v": 4.0}, 10, 0, 10) == {"q": 2, "v": 8}."""
+    names = list(scores)
+    kappa = None if costs is None else [costs[n] for n in names]
+    hi = [r_max[n] if isinstance(r_max, dict) else r_max for n in names]
+    c, w, lo = _targets(_weights(list(scores.values()), power), kappa, r_min, hi, budget)
+    return {n: min(max(c * Fraction(v), a), h) for n, v, a, h in zip(names, w, lo, hi)}
+
+
+def _round(c: Fraction, w: list[float], lo: list[int], hi: list[int], kappa: list[int] | None,
+           budget: int, s: list[float], names: list[str]) -> list[int]:
+    """Phase 2 of allocate_ranks: r_m = ⌊r*_m⌋, then one rank at a time in the order of
+    r*_m − r_m (descending), −s_m, names[m]. r*_m = clamp(c·w_m, lo_m, hi_m) is taken in float64
+    (error < δ/16) and exactly wherever δ could change a floor or the order."""
+    M, exact = len(w), {}
+
+    def target(m: int) -> tuple[int, Fraction]:  # exact (⌊r*⌋, r* − ⌊r*⌋); equal w share it
+        key = (w[m], lo[m], hi[m])
+        if key not in exact:
+            t = min(max(c * Fraction(w[m]), lo[m]), hi[m])
+            exact[key] = (math.floor(t), t - math.floor(t))
+        return exact[key]
+
+    def exactly(ms: list[int]) -> list[int]:  # ms sorted by the exact order
+        rank = {q: i for i, q in enumerate(sorted({target(m)[1] for m in ms}, reverse=True))}
+        return sorted(ms, key=lambda m: (rank[target(m)[1]], -s[m], names[m]))
+
+    huge = c >= 2**1000  # then every module goes the exact way
+    cf = float(min(c, 2**1000))
+    y = [cf * v for v in w]  # c·w_m, error < δ/16 where it is ≤ h_m + 1
+    fl = list(map(int, y))
+    fy = list(map(operator.sub, y, fl))  # exact in float
+    delta = 2.0**-48 * (max(hi) + 1)
+    if lo.count(lo[0]) == M and hi.count(hi[0]) == M:
+        a, h = lo[0], hi[0]  # floor(clamp(y)) = clamp(floor(y)) for integer bounds
+        r = [a if v < a else h if v >= h else v for v in fl]
+        fr = [q if a <= v < h else 0.0 for v, q in zip(fl, fy)]
+    else:
+        r = [a if v < a else h if v >= h else v for v, a, h in zip(fl, lo, hi)]
+        fr = [q if a <= v < h else 0.0 for v, q, a, h in zip(fl, fy, lo, hi)]
+    near = range(M) if huge else [m for m, q in enumerate(fy) if q < delta or q > 1 - delta]
+    for m in near:
+        if lo[m] - delta < y[m] < hi[m] + delta or huge:
+            r[m], q = target(m)
+            fr[m] = float(q)
+    left = budget - _dot(kappa, r)
+    if left <= 0:
+        return r
+    if kappa is None:  # the `left` largest remainders get one more rank: the cut exactly
+        sfr = sorted(fr)
+        i = j = M - left
+        while i > 0 and sfr[i] - sfr[i - 1] <= 2 * delta:
+            i -= 1
+        while j < M - 1 and sfr[j + 1] - sfr[j] <= 2 * delta:
+            j += 1
+        bottom, top = sfr[i], sfr[j]  # gaps > 2δ around [bottom, top]: the float order holds
+        band = exactly([m for m, q in enumerate(fr) if bottom <= q <= top])
+        r = [v + (q > top) for v, q in zip(r, fr)]
+        for m in band[:left - (M - 1 - j)]:
+            r[m] += 1
+        return r
+    order = sorted(range(M), key=fr.__getitem__, reverse=True)
+    i = 0
+    while i < M:  # runs of remainders within 2δ of each other: sorted exactly
+        j = i
+        while j + 1 < M and fr[order[j]] - fr[order[j + 1]] <= 2 * delta:
+            j += 1
+        order[i:j + 1] = exactly(order[i:j + 1]) if j > i else order[i:j + 1]
+        i = j + 1
+    while order and left > 0:  # rounds: a module raised in this round may be raised again
+        raised = []
+        for m in order:
+            if r[m] < hi[m] and kappa[m] <= left:
+                r[m] += 1
+                left -= kappa[m]
+                raised.append(m)
+        order = raised
+    return r
+
+
+def allocate_ranks(scores: dict[str, float], budget: int, r_min: int,
+                   r_max: int | dict[str, int], costs: dict[str, int] | None = None,
+                   power: float = 1.0) -> dict[str, int]:
     """FIM-LoRA rank allocation (arXiv:2605.16800, two-phase water-filling), done exactly.
 
-    With w_m = (s_m / max s)^p and κ_m the cost of one rank of matrix m (1 when costs is None, so
-    the budget R counts ranks; d_in + d_out to count parameters):
-      phase 1  r*_m = clamp(c·w_m, r_min, r_max), the water level c solving Σ_m κ_m·r*_m = R;
+    With w_m = (s_m / max s)^p, h_m = r_max (or r_max[m]: a per-matrix cap) and κ_m the cost of
+    one rank of matrix m (1 when costs is None, so the budget R counts ranks; d_in + d_out to
+    count parameters):
+      phase 1  r*_m = clamp(c·w_m, r_min, h_m), the water level c solving Σ_m κ_m·r*_m = R;
       phase 2  r_m = ⌊r*_m⌋, then one rank at a time to the largest r*_m − r_m (ties: higher
-               score, then lower name) while r_m < r_max and κ_m fits in what is left of R.
+               score, then lower name) while r_m < h_m and κ_m fits in what is left of R.
     Without costs that is largest-remainder rounding and Σ_m r_m = R; with costs Σ κ_m·r_m ≤ R
-    and no rank can be added. Fractions make ties exact, so the result is deterministic.
-    tests/test_allocation.py holds the properties (budget, bounds, monotone, equivariant, a
-    brute-force optimum for M ≤ 4). Raises ValueError naming the bad value for non-finite or
-    negative scores, bad bounds, costs or power, and a budget outside [M·r_min, M·r_max].
+    and no rank can be added. c is searched in float64, then made exact (Fractions) over the
+    few modules near it; floors and remainders are exact wherever float error could change
+    them, so the result is that of exact arithmetic (10^5 matrices in ~0.1 s).
+    tests/test_allocation.py holds the properties. Raises ValueError naming the bad value for
+    non-finite or negative scores, bad bounds, caps, costs or power, and a budget outside
+    [M·r_min, Σ_m h_m].
     Example: allocate_ranks({"q": 1.0, "v": 4.0}, budget=6, r_min=0, r_max=10) == {"q": 1, "v": 5}
     """
-    names = list(scores)
+    names, s = list(scores), list(scores.values())
     M = len(names)
     if M == 0:
         raise ValueError("scores is empty: pass at least one {module_name: score}")
-    for name, s in scores.items():
-        if not (isinstance(s, (int, float)) and math.isfinite(s) and s >= 0):
-            raise ValueError(f"scores[{name!r}]={s!r}: scores must be finite and ≥ 0")
-    for label, v in (("budget", budget), ("r_min", r_min), ("r_max", r_max)):
+    try:
+        fine = (set(map(type, s)) <= {float, int} and math.isfinite(math.fsum(s))
+                and min(s) >= 0)
+    except (ValueError, OverflowError):
+        fine = False
+    if not fine:  # look for the culprit only now: one Python check per score is slow
+        for name, v in scores.items():
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise ValueError(f"scores[{name!r}]={v!r}: scores must be finite and ≥ 0")
+    caps = r_max if isinstance(r_max, dict) else None
+    for label, v in (("budget", budget), ("r_min", r_min), ("r_max", 0 if caps else r_max)):
         if isinstance(v, bool) or not isinstance(v, int):
             raise ValueError(f"{label}={v!r} is not an integer: pass an int")
     if r_min < 0:
         raise ValueError(f"r_min={r_min} < 0: ranks cannot be negative")
-    if r_min > r_max:
-        raise ValueError(f"r_min={r_min} > r_max={r_max}: lower r_min or raise r_max")
+    if caps is not None:
+        if caps.keys() != scores.keys():
+            bad = sorted(set(caps) ^ set(scores))
+            raise ValueError(f"r_max and scores name different modules: {bad[:5]}")
+        hi = [caps[n] for n in names]
+        low = [n for n, h in zip(names, hi) if isinstance(h, bool) or not isinstance(h, int)
+               or h < r_min]
+        if low:
+            raise ValueError(f"r_max[m] for m in {low[:5]} is not an int ≥ r_min={r_min}: "
+                             "lower r_min or raise those caps")
+    else:
+        if r_min > r_max:
+            raise ValueError(f"r_min={r_min} > r_max={r_max}: lower r_min or raise r_max")
+        hi = [r_max] * M
     if not (isinstance(power, (int, float)) and math.isfinite(power) and power >= 0):
         raise ValueError(f"power={power!r}: pass a finite power ≥ 0 (1: proportional, 0: uniform)")
     if costs is None:
-        kappa = [1] * M
+        kappa = None
         if budget < M * r_min:
             raise ValueError(
                 f"budget={budget} < M·r_min={M * r_min}: raise the budget or lower r_min"
             )
-        if budget > M * r_max:
+        if budget > sum(hi) and caps is None:
             raise ValueError(
                 f"budget={budget} > M·r_max={M * r_max}: lower the budget or raise r_max"
             )
+        if budget > sum(hi):
+            tight = sorted(names, key=caps.__getitem__)[:5]
+            raise ValueError(f"budget={budget} > Σ_m r_max[m]={sum(hi)}: lower the budget or "
+                             f"raise the caps, the lowest being {[(n, caps[n]) for n in tight]}")
     else:
         if set(costs) != set(scores):
             bad = sorted(set(costs) ^ set(scores))
@@ -335,25 +540,32 @@ def allocate_ranks(scores: dict[str, float], budget: int, r_min: int, r_max: int
             raise ValueError(
                 f"budget={budget} < Σ cost_m·r_min={floor_cost}: raise the budget or lower r_min"
             )
-
-    r_star = list(_continuous_ranks(scores, budget, r_min, r_max, costs, power).values())
-
-    r = [math.floor(x) for x in r_star]
-    left = budget - sum(k * rm for k, rm in zip(kappa, r))
-    heap = [(rm - x, -scores[n], n, m) for m, (n, x, rm) in enumerate(zip(names, r_star, r))]
-    heapq.heapify(heap)  # smallest r_m − r*_m first, then higher score, then lower name
-    while heap:
-        gap, neg_s, n, m = heapq.heappop(heap)
-        if r[m] >= r_max or kappa[m] > left:
-            continue  # left only shrinks, so this module can never be raised again
-        r[m] += 1
-        left -= kappa[m]
-        heapq.heappush(heap, (gap + 1, neg_s, n, m))
-    return dict(zip(names, r))
+    c, w, lo = _targets(_weights(s, power), kappa, r_min, hi, budget)
+    return dict(zip(names, _round(c, w, lo, hi, kappa, budget, s, names)))
 
 
 # -----------------------------------------------------------------------------
 # 3. FIM-LoRA: calibrate, allocate, resize
+
+
+def _rank_caps(layers: dict[str, LoRALinear], budget: int, r_min: int,
+               r_max: int) -> int | dict[str, int]:
+    """r_max, or {m: min(r_max, d_in, d_out)} where a matrix is thinner than r_max (a rank
+    above min(d_in, d_out) adds parameters but no expressiveness), checked against the budget."""
+    caps = {n: min(r_max, m.in_features, m.out_features) for n, m in layers.items()}
+    thin = {n: c for n, c in caps.items() if c < r_max}
+    if not thin or not isinstance(r_max, int) or isinstance(r_max, bool):
+        return r_max  # allocate_ranks reports a bad r_max
+    few = [f"{n} ({c})" for n, c in thin.items()][:5]
+    if r_min > min(thin.values()):
+        few = [f"{n} ({c})" for n, c in thin.items() if c < r_min][:5]
+        raise ValueError(f"r_min={r_min} exceeds min(d_in, d_out) of {few}: lower r_min or "
+                         "leave those matrices out of the targets")
+    if budget > sum(caps.values()):
+        raise ValueError(f"budget={budget} > Σ_m min(r_max, d_in, d_out)={sum(caps.values())} "
+                         f"(thin matrices: {few}): lower the budget or leave those matrices "
+                         "out of the targets")
+    return caps
 
 
 def initialize_fim_ranks(model: nn.Module, batches: Iterable,
@@ -363,7 +575,8 @@ def initialize_fim_ranks(model: nn.Module, batches: Iterable,
                          per_example: bool = False, power: float = 1.0,
                          generator: torch.Generator | None = None) -> dict:
     """FIM-LoRA (arXiv:2605.16800) in place: score every lora_B (fisher_scores), allocate the
-    budget (allocate_ranks, default Σ_m r_m of the current adapters, r_max = 2·max r), and
+    budget (allocate_ranks, default Σ_m r_m of the current adapters, r_max = 2·max r, each
+    matrix capped at min(r_max, d_in, d_out) so the surplus goes to the others), and
     resize each adapter to r_m with a fresh A (from `generator`) and B = 0, so the model function
     is unchanged. Each matrix keeps the base scale s whatever its rank:
         α_m = α·r_m/r   (s = α/r),      α_m = α·√(r_m/r)   (rsLoRA, s = α/√r).
@@ -378,9 +591,10 @@ def initialize_fim_ranks(model: nn.Module, batches: Iterable,
                          "run initialize_fim_ranks on freshly added adapters, before training")
     budget = sum(m.r for m in layers.values()) if budget is None else budget
     r_max = 2 * max(m.r for m in layers.values()) if r_max is None else r_max
-    allocate_ranks(dict.fromkeys(layers, 1.0), budget, r_min, r_max, power=power)  # validate now
+    caps = _rank_caps(layers, budget, r_min, r_max)
+    allocate_ranks(dict.fromkeys(layers, 1.0), budget, r_min, caps, power=power)  # validate now
     scores = fisher_scores(model, batches, loss_fn, score, n_batches, per_example)["scores"]
-    ranks = allocate_ranks(scores, budget, r_min, r_max, power=power)
+    ranks = allocate_ranks(scores, budget, r_min, caps, power=power)
     alphas = {}
     for name, layer in layers.items():
         ratio = ranks[name] / layer.r

@@ -1,20 +1,26 @@
 """Properties of fimlora.allocate_ranks (FIM-LoRA budgeted rank allocation).
 
-Oracles: an independent float bisection on the water level c for the continuous targets r*, and an
-exhaustive enumeration of integer rank vectors for M ≤ 4. Pure Python, runs in seconds:
+Oracles: an independent float bisection on the water level c for the continuous targets r*, an
+exhaustive enumeration of integer rank vectors for M ≤ 4, and the earlier all-Fraction
+implementation (slow_allocate_ranks, kept here verbatim but for per-matrix caps), which the fast
+allocator must match rank for rank. Pure Python, runs in seconds:
     .venv/bin/python -m pytest tests/test_allocation.py -q
 """
 
 from __future__ import annotations
 
+import contextlib
+import heapq
 import itertools
 import math
 import random
+from fractions import Fraction
 
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+import fimlora
 from fimlora import _continuous_ranks, allocate_ranks
 
 # --- named strategies ---------------------------------------------------------------------------
@@ -79,6 +85,57 @@ def bisection_targets(s, budget, r_min, r_max, kappa=None, p=1.0) -> dict[str, f
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if f(mid) < budget else (lo, mid)
     return {n: min(max(hi * w[n], r_min), r_max) for n in s}
+
+
+def slow_allocate_ranks(scores, budget, r_min, r_max, costs=None, power=1.0) -> dict[str, int]:
+    """The allocator before the fast one (commit c3d7693): every quantity a Fraction, phase 2
+    through a heap. Changed only to take per-matrix caps (r_max may be a dict)."""
+    names = list(scores)
+    hi = {n: r_max[n] if isinstance(r_max, dict) else r_max for n in names}
+    kappa = {n: 1 if costs is None else costs[n] for n in names}
+
+    def water_level(w, budget):
+        events = sorted((r / w[n], leaves, n) for n in w if w[n] > 0
+                        for r, leaves in ((r_min, 0), (hi[n], 1)))
+        K, S = sum(kappa[n] * r_min for n in w), 0
+        if K >= budget:
+            return 0
+        for t, leaves, n in events:
+            if K + t * S >= budget:
+                return (budget - K) / S
+            if leaves:
+                K, S = K + kappa[n] * hi[n], S - kappa[n] * w[n]
+            else:
+                K, S = K - kappa[n] * r_min, S + kappa[n] * w[n]
+        return None
+
+    def continuous(s, budget):
+        s_max = max(s.values())
+        if s_max == 0:
+            return continuous(dict.fromkeys(s, 1.0), budget)
+        w = {n: Fraction((v / s_max) ** power) for n, v in s.items()}
+        budget = min(budget, sum(kappa[n] * hi[n] for n in s))
+        c = water_level(w, budget)
+        if c is not None:
+            return {n: min(max(c * w[n], r_min), hi[n]) for n in s}
+        zero = {n: 1.0 for n in s if w[n] == 0}
+        rest = budget - sum(kappa[n] * hi[n] for n in s if n not in zero)
+        r0 = continuous(zero, rest)
+        return {n: r0.get(n, Fraction(hi[n])) for n in s}
+
+    r_star = continuous(scores, budget)
+    r = {n: math.floor(r_star[n]) for n in names}
+    left = budget - sum(kappa[n] * r[n] for n in names)
+    heap = [(r[n] - r_star[n], -scores[n], n) for n in names]
+    heapq.heapify(heap)
+    while heap:
+        gap, neg_s, n = heapq.heappop(heap)
+        if r[n] >= hi[n] or kappa[n] > left:
+            continue
+        r[n] += 1
+        left -= kappa[n]
+        heapq.heappush(heap, (gap + 1, neg_s, n))
+    return r
 
 
 def brute_force(s, budget, r_min, r_max, r_star) -> dict[str, int]:
@@ -256,6 +313,134 @@ def test_allocate_ranks_with_costs_textbook_example():
     s, kappa = {"q": 1.0, "v": 2.0}, {"q": 3, "v": 7}
     assert allocate_ranks(s, 20, 0, 10, costs=kappa) == {"q": 2, "v": 2}
     assert allocate_ranks(s, 1000, 0, 10, costs=kappa) == {"q": 10, "v": 10}
+
+
+# --- the fast allocator equals the exact one --------------------------------------------------
+# nice fractions of one another, so exact ties between different scores (r*_m − ⌊r*_m⌋ equal) and
+# r* landing on integers are common; tiny and huge scores push s^p to the edges of float64
+tie_scores = st.one_of(st.sampled_from([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 6.0, 0.1, 0.3, 0.7]),
+                       st.floats(1e-300, 1e300), st.integers(0, 12).map(float))
+any_powers = st.one_of(powers, st.floats(0.0, 4.0))
+
+
+@st.composite
+def capped_problems(draw, max_size: int = 24, with_costs: bool = False):
+    """(scores, budget, r_min, r_max int or per-matrix dict, costs or None, power), feasible."""
+    s = draw(st.dictionaries(names, st.one_of(scores, tie_scores), min_size=1,
+                             max_size=max_size))
+    r_min = draw(st.integers(0, 4))
+    if draw(st.booleans()):
+        r_max = draw(st.integers(r_min, r_min + 16))
+        hi = dict.fromkeys(s, r_max)
+    else:
+        r_max = hi = {n: draw(st.integers(r_min, r_min + 16)) for n in s}
+    kappa = {n: draw(costs) for n in s} if with_costs else dict.fromkeys(s, 1)
+    lo_cost = sum(kappa[n] * r_min for n in s)
+    hi_cost = sum(kappa[n] * hi[n] for n in s)
+    budget = draw(st.integers(lo_cost, hi_cost + (50 if with_costs else 0)))
+    return s, budget, r_min, r_max, kappa if with_costs else None, draw(any_powers)
+
+
+@settings(max_examples=300)
+@given(capped_problems())
+def test_allocate_ranks_equals_exact_fraction_reference(problem):
+    s, budget, r_min, r_max, _, p = problem
+    assert allocate_ranks(s, budget, r_min, r_max, power=p) == slow_allocate_ranks(
+        s, budget, r_min, r_max, power=p)
+
+
+@settings(max_examples=150)
+@given(capped_problems(max_size=12, with_costs=True))
+def test_allocate_ranks_with_costs_equals_exact_fraction_reference(problem):
+    s, budget, r_min, r_max, kappa, p = problem
+    assert allocate_ranks(s, budget, r_min, r_max, costs=kappa, power=p) == slow_allocate_ranks(
+        s, budget, r_min, r_max, costs=kappa, power=p)
+
+
+@pytest.mark.parametrize("M", [200, 2000])
+@pytest.mark.parametrize("kind", ["lognormal", "four values", "equal", "integers"])
+def test_allocate_ranks_equals_reference_on_large_inputs(M, kind):
+    """Large M, where the fast path (float search, exact fix-ups near the level and the cut)
+    does all the work: lognormal scores, four distinct values (big exact ties), all equal with a
+    budget divisible by M (r* integer), and s_m = m (c·w_m hits integers)."""
+    rng = random.Random(M)
+    s = {f"layers.{i}.{rng.choice('qkvo')}": 0.0 for i in range(M)}
+    for i, n in enumerate(s):
+        s[n] = {"lognormal": rng.lognormvariate(0, 2), "four values": float(rng.choice([1, 2, 3, 4])),
+                "equal": 1.0, "integers": float(i)}[kind]
+    for budget, r_min, r_max in [(8 * M, 1, 16), (4 * M, 2, 8), (M + 7, 0, 3)]:
+        assert allocate_ranks(s, budget, r_min, r_max) == slow_allocate_ranks(
+            s, budget, r_min, r_max), (budget, r_min, r_max)
+
+
+@contextlib.contextmanager
+def window(tau: float):
+    """fimlora._TAU set to tau for the block (a module constant, put back on exit)."""
+    old, fimlora._TAU = fimlora._TAU, tau
+    try:
+        yield
+    finally:
+        fimlora._TAU = old
+
+
+@settings(max_examples=60)
+@given(capped_problems(max_size=12))
+def test_allocate_ranks_exact_fallback_gives_the_same_ranks(problem):
+    """With the window τ = 0 the fast level is never accepted, so every call takes the exact
+    sweep over all modules: the ranks must not change."""
+    s, budget, r_min, r_max, _, p = problem
+    expected = allocate_ranks(s, budget, r_min, r_max, power=p)
+    with window(0.0):
+        assert allocate_ranks(s, budget, r_min, r_max, power=p) == expected
+
+
+def test_allocate_ranks_float_rounding_case():
+    """A case float arithmetic gets wrong: s = (0.7, 0.1, 1, 0.1, 7, 0.2), R = 11, r ∈ [0, 4].
+    r* = (2.33…, 0.33…, 3.33…, 0.33…, 4, 0.66…): the remainders of "m1" and "m2" are both ⅓ up
+    to float rounding of s/7, and exactly "m1"'s is larger (by 2e-17), which float products of
+    c·w invert. The unit goes to "m1"."""
+    s = {"m0": 0.7, "m1": 0.1, "m2": 1.0, "m3": 0.1, "m4": 7.0, "m5": 0.2}
+    r_star = _continuous_ranks(s, 11, 0, 4)
+    assert r_star["m1"] - 0 > r_star["m2"] - 3 > r_star["m3"] - 1 + Fraction(1, 2)
+    assert allocate_ranks(s, 11, 0, 4) == {"m0": 2, "m1": 1, "m2": 3, "m3": 0, "m4": 4, "m5": 1}
+
+# --- per-matrix caps ----------------------------------------------------------------------------
+@given(capped_problems())
+def test_allocate_ranks_respects_per_matrix_caps_and_budget(problem):
+    s, budget, r_min, r_max, _, p = problem
+    r = allocate_ranks(s, budget, r_min, r_max, power=p)
+    hi = r_max if isinstance(r_max, dict) else dict.fromkeys(s, r_max)
+    assert sum(r.values()) == budget
+    assert all(r_min <= r[n] <= hi[n] for n in s)
+    # the surplus of a capped matrix goes elsewhere: a matrix below its cap never has a lower
+    # score than one that got more ranks
+    assert all(r[i] >= r[j] or r[i] == hi[i] for i, j in itertools.permutations(s, 2)
+               if s[i] > s[j])
+
+
+@given(capped_problems(), st.integers(1, 30))
+def test_allocate_ranks_rejects_budget_above_sum_of_caps(problem, extra):
+    s, _, r_min, r_max, _, _ = problem
+    hi = r_max if isinstance(r_max, dict) else dict.fromkeys(s, r_max)
+    match = "raise the caps" if isinstance(r_max, dict) else "raise r_max"
+    with pytest.raises(ValueError, match=f"budget={sum(hi.values()) + extra} > .*{match}"):
+        allocate_ranks(s, sum(hi.values()) + extra, r_min, r_max)
+
+
+def test_allocate_ranks_caps_textbook_example():
+    """s = (1, 4, 4), R = 12, r ∈ [0, 10] but v capped at 3: v = 3, and the 9 left split 1:4
+    between q and o as if v were absent, r* = (1.8, 3, 7.2) → (2, 3, 7). An int r_max equals the
+    dict with that value everywhere. Caps below r_min or a budget above Σ caps name the fix."""
+    s = {"q": 1.0, "v": 4.0, "o": 4.0}
+    assert allocate_ranks(s, 12, 0, {"q": 10, "v": 3, "o": 10}) == {"q": 2, "v": 3, "o": 7}
+    assert allocate_ranks(s, 12, 0, dict.fromkeys(s, 10)) == allocate_ranks(s, 12, 0, 10)
+    with pytest.raises(ValueError, match=r"budget=14 > Σ_m r_max\[m\]=13: lower the budget or "
+                                         r"raise the caps, the lowest being \[\('q', 1\)"):
+        allocate_ranks(s, 14, 0, {"q": 1, "v": 2, "o": 10})
+    with pytest.raises(ValueError, match=r"\['v'\] is not an int ≥ r_min=2: lower r_min"):
+        allocate_ranks(s, 12, 2, {"q": 4, "v": 1, "o": 10})
+    with pytest.raises(ValueError, match="different modules"):
+        allocate_ranks(s, 12, 0, {"q": 4})
 
 
 # --- errors -------------------------------------------------------------------------------------

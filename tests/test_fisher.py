@@ -211,7 +211,9 @@ def test_initialize_fim_ranks_keeps_function_budget_and_base_scale(rslora):
     ranks, alphas = result["ranks"], result["alphas"]
     assert sum(ranks.values()) == r * len(TARGETS)  # default budget r·M
     assert len(set(ranks.values())) > 1  # a real reallocation, so the alpha rule is exercised
-    assert ranks == allocate_ranks(result["scores"], r * len(TARGETS), 1, 2 * r)
+    caps = {n: min(2 * r, m.in_features, m.out_features) for n, m in lora_layers(model).items()}
+    assert caps == {"query": 6, "value": 5, "classifier": 3}  # 2r = 8 binds nowhere
+    assert ranks == allocate_ranks(result["scores"], r * len(TARGETS), 1, caps)
     for name, layer in lora_layers(model).items():
         ratio = ranks[name] / r
         expected = alpha * (math.sqrt(ratio) if rslora else ratio)
@@ -222,6 +224,26 @@ def test_initialize_fim_ranks_keeps_function_budget_and_base_scale(rslora):
     with torch.no_grad():
         torch.testing.assert_close(model(ids, mask), y0, rtol=0, atol=0)
     assert set(result) == {"ranks", "alphas", "scores"}  # telemetry lives in train.py
+
+
+def test_initialize_fim_ranks_caps_each_matrix_at_its_dimension():
+    """Tiny's classifier is 5 → 3, so no rank above 3 can help it: with r_max = 8 the budget
+    r·M = 12 is allocated with caps (6, 5, 3), never above them. Where no matrix is thinner
+    than r_max (r_max = 3), the ranks are those of the plain int r_max. A budget above Σ caps
+    names the thin matrices."""
+    for r_max in (8, 3):
+        model, batches = make_model(r=3), make_batches(3)
+        scores = fisher_scores(model, batches, loss_fn)["scores"]
+        ranks = initialize_fim_ranks(model, batches, loss_fn, r_max=r_max)["ranks"]
+        caps = {"query": min(6, r_max), "value": min(5, r_max), "classifier": 3}
+        assert sum(ranks.values()) == 9 and all(ranks[n] <= caps[n] for n in caps)
+        assert ranks == allocate_ranks(scores, 9, 1, caps if r_max == 8 else r_max)
+    with pytest.raises(ValueError, match=r"budget=15 > Σ_m min\(r_max, d_in, d_out\)=14 .*"
+                                         r"classifier \(3\).*out of the targets"):
+        initialize_fim_ranks(make_model(r=5), make_batches(1), loss_fn)
+    with pytest.raises(ValueError, match=r"r_min=4 exceeds min\(d_in, d_out\) of "
+                                         r"\['classifier \(3\)'\]: lower r_min"):
+        initialize_fim_ranks(make_model(r=4), make_batches(1), loss_fn, r_min=4)
 
 
 def test_initialize_fim_ranks_checks_inputs_before_calibrating():
