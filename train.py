@@ -761,7 +761,9 @@ def train_loop(model: nn.Module, task: Task, args: argparse.Namespace,
     with stop_requests() as stop:
         for step in range(start + 1, args.steps + 1):
             t0 = time.perf_counter()
-            loss = step_fn(step, next(batches))
+            loss = step_fn(step, next(batches)).detach()
+            if world > 1:  # log the global batch's loss: the mean of the equal shards' means
+                torch.distributed.all_reduce(loss, op=torch.distributed.ReduceOp.AVG)
             value = loss.item()
             if not math.isfinite(value):
                 raise divergence(step, f"the loss is {value}", model, args, last_good)
@@ -954,12 +956,13 @@ def main(argv: list[str] | None = None, adapt: Callable = add_adapters) -> dict:
     resume = read_checkpoint(Path(args.out)) if args.resume else None
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"seed: {args.seed}")
-    set_seed(args.seed)
-    rng = random_streams(args.seed)
-    device = resolve_device(args.device)
-    rank, world = init_distributed(device, args)
-    with contextlib.redirect_stdout(io.StringIO()) if rank else contextlib.nullcontext():
+    quiet = int(os.environ.get("RANK", "0")) != 0  # under torchrun only rank 0 prints
+    with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
+        print(f"seed: {args.seed}")
+        set_seed(args.seed)
+        rng = random_streams(args.seed)
+        device = resolve_device(args.device)
+        rank, world = init_distributed(device, args)
         task = build_task(args, device, rng)
         model = adapt(task, args, device, rng)
         check_model(model, args)
