@@ -402,8 +402,13 @@ def _round(c: Fraction, w: list[float], lo: list[int], hi: list[int], kappa: lis
         return exact[key]
 
     def exactly(ms: list[int]) -> list[int]:  # ms sorted by the exact order
-        rank = {q: i for i, q in enumerate(sorted({target(m)[1] for m in ms}, reverse=True))}
-        return sorted(ms, key=lambda m: (rank[target(m)[1]], -s[m], names[m]))
+        keys = {(w[m], lo[m], hi[m]): m for m in ms}  # one exact remainder per distinct key
+        top = sorted(keys, key=lambda k: target(keys[k])[1], reverse=True)
+        rank, i = {}, 0
+        for k, prev in zip(top, [None, *top]):  # equal remainders share a rank
+            i += prev is not None and target(keys[k])[1] != target(keys[prev])[1]
+            rank[k] = i
+        return sorted(ms, key=lambda m: (rank[w[m], lo[m], hi[m]], -s[m], names[m]))
 
     huge = c >= 2**1000  # then every module goes the exact way
     cf = float(min(c, 2**1000))
