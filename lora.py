@@ -713,7 +713,7 @@ def _from_peft(cfg: dict, sd: dict[str, torch.Tensor], model: nn.Module, where: 
     for n in (n for n, r in ranks.items() if r == 0):
         ours.setdefault(f"{n}.lora_A", torch.empty(0, layers[n].in_features))
         ours.setdefault(f"{n}.lora_B", torch.empty(layers[n].out_features, 0))
-    heads = [n for n in modules if any(re.match(rf"(^|.*\.){m}$", n) for m in saved)]
+    heads = [n for n in modules if any(re.match(rf"(^|.*\.){m}($|\..*)", n) for m in saved)]
     return ranks, alphas, cfg.get("use_rslora", False), ours, heads
 
 
