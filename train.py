@@ -107,6 +107,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="continue the run in OUT from its checkpoint (its saved arguments)")
     args = p.parse_args(argv)
     if args.resume is not None:
+        given = [k for k, v in vars(args).items()
+                 if v != p.get_default(k) and k not in ("resume", "threads")]
+        if given:
+            raise ValueError(f"--resume takes the run's saved arguments; drop "
+                             f"{', '.join('--' + k.replace('_', '-') for k in given)}")
         args = resumed_args(args)
     check_args(args)
     is_glue = args.task != "planted"
@@ -297,18 +302,24 @@ def read_checkpoint(out: Path) -> tuple[dict, dict]:
         raise FileNotFoundError(f"--resume {out}: no {CHECKPOINT}/ folder{done}")
     try:
         meta = json.loads((folder / META).read_text())
-        blob = torch.load(folder / STATE, map_location="cpu", weights_only=True)
-    except FileNotFoundError as e:
-        raise ValueError(f"--resume {out}: the checkpoint lacks {Path(e.filename).name}") from None
-    except Exception as e:  # a truncated or foreign file: name it, never a traceback
-        raise ValueError(f"--resume {out}: {folder} is not a readable fimlora checkpoint "
-                         f"({type(e).__name__}: {str(e)[:120]})") from None
+    except FileNotFoundError:
+        raise ValueError(f"--resume {out}: the checkpoint lacks {META}") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"--resume {out}: {folder / META} is not a readable fimlora "
+                         f"checkpoint ({type(e).__name__})") from None
     fields = {"step": int, "seed": int, "args": dict, "ranks": dict, "alphas": dict,
               "report": dict, "evals": list}
     for field, kind in fields.items():
         if not isinstance(meta, dict) or not isinstance(meta.get(field), kind):
             raise ValueError(f"{folder / META}: field {field!r} is missing or not a "
                              f"{kind.__name__}; the checkpoint is damaged")
+    if not (folder / STATE).is_file():
+        raise ValueError(f"--resume {out}: the checkpoint lacks {STATE}")
+    try:
+        blob = torch.load(folder / STATE, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, foreign or unsafe pickle: name it, never a traceback
+        raise ValueError(f"--resume {out}: {folder / STATE} is not a readable fimlora "
+                         f"checkpoint ({type(e).__name__})") from None
     if not isinstance(blob, dict) or blob.get("step") != meta["step"]:
         raise ValueError(f"{folder / STATE} does not match {META} (step): the checkpoint is "
                          "damaged")
@@ -553,6 +564,12 @@ def planted_task(args: argparse.Namespace, device: torch.device,
 def add_adapters(task: Task, args: argparse.Namespace, device: torch.device,
                  rng: dict[str, torch.Generator]) -> nn.Module:
     """Uniform LoRA of rank r on every target; returns the model to train."""
+    small = [(n, min(m.in_features, m.out_features)) for n, m in task.model.named_modules()
+             if isinstance(m, nn.Linear) and min(m.in_features, m.out_features) < args.r
+             and any(n == t or n.endswith("." + t) for t in args.targets.split(","))]
+    if small:
+        raise ValueError(f"--r {args.r} exceeds min(d_in, d_out) = {small[0][1]} of {small[0][0]}"
+                         f" ({len(small)} such target matrices): lower --r")
     add_lora(task.model, args.targets.split(","), r=args.r, alpha=args.alpha,
              dropout=args.dropout, rslora=args.rslora, heads=task.heads, generator=rng["init"])
     return task.model.to(device).train(task.train_mode)
@@ -999,6 +1016,9 @@ if __name__ == "__main__":
         main()
     except Interrupted as e:
         print(f"\n{e}", file=sys.stderr)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        print("\ninterrupted before training started: nothing to resume", file=sys.stderr)
         sys.exit(130)
     except (ValueError, FileNotFoundError, ImportError, FloatingPointError) as e:
         sys.exit(f"error: {e}")

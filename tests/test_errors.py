@@ -1,0 +1,230 @@
+"""The error catalogue: every bad input a user can give (flags, data, output folders, checkpoints,
+adapters) fails with ValueError/FileNotFoundError before any work or write, with a short message
+naming the bad value and the fix; the CLI prints it without a traceback and exits non-zero.
+README.md's "Error catalogue" lists exactly these entries (test_readme_lists_the_catalogue).
+
+Run: .venv/bin/python -m pytest tests/test_errors.py -q     (python tests/test_errors.py prints
+the README table)
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import train  # noqa: E402
+from lora import add_lora, load_adapter, save_adapter  # noqa: E402
+
+GLUE = ["--task", "sst2", "--data-dir"]  # followed by a folder the entry's setup writes
+
+
+def tsv(rows: str):
+    """A setup writing an SST-2 folder whose train.tsv is `rows` (dev.tsv is valid)."""
+    def setup(tmp: Path) -> list[str]:
+        d = tmp / "SST-2"
+        d.mkdir()
+        (d / "train.tsv").write_bytes(rows.encode("latin-1"))
+        (d / "dev.tsv").write_text("sentence\tlabel\nfine\t1\n")
+        return [*GLUE, str(d)]
+    return setup
+
+
+def out_with(kind: str):
+    """A setup giving --out a folder that already holds something."""
+    def setup(tmp: Path) -> list[str]:
+        out = tmp / "o"
+        out.mkdir()
+        if kind == "finished":
+            (out / "results.json").write_text("{}")
+        elif kind == "unfinished":
+            (out / "checkpoint").mkdir()
+        return ["--out", str(out)]
+    return setup
+
+
+META_OK = json.dumps({"step": 1, "seed": 0, "args": {}, "ranks": {}, "alphas": {}, "report": {},
+                      "evals": []})
+
+
+def checkpoint(meta: str | None, state: bytes | None = b"x"):
+    def setup(tmp: Path) -> list[str]:
+        c = tmp / "o" / "checkpoint"
+        c.mkdir(parents=True)
+        if meta is not None:
+            (c / "meta.json").write_text(meta)
+        if state is not None:
+            (c / "state.pt").write_bytes(state)
+        return ["--resume", str(tmp / "o")]
+    return setup
+
+
+def plain(*argv):
+    return lambda tmp: list(argv)
+
+
+# (what the user did, setup -> argv, text the message must contain)
+CLI = [
+    ("--r 0", plain("--r", "0"), "--r 0: use a rank >= 1"),
+    ("--r 65 on a 64-wide model", plain("--r", "65", "--r-max", "130"), "min(d_in, d_out) = 64"),
+    ("--steps 0", plain("--steps", "0"), "--steps 0: use >= 1"),
+    ("--epochs inf", plain("--epochs", "inf"), "--epochs inf: use a finite number"),
+    ("--epochs 0", plain("--epochs", "0"), "--epochs 0.0: use > 0"),
+    ("--steps and --epochs", plain("--epochs", "1", "--steps", "5"), "pick one"),
+    ("--epochs on the endless planted task", plain("--epochs", "1"), "use --steps for planted"),
+    ("--batch-size 0", plain("--batch-size", "0"), "--batch-size 0: use >= 1"),
+    ("--max-len 0", plain("--max-len", "0"), "--max-len 0: use >= 1"),
+    ("--max-len above the positions", plain("--max-len", "4096"), "exceeds the model's 128"),
+    ("--max-train 0", plain("--max-train", "0"), "--max-train 0: use >= 1"),
+    ("--max-eval -1", plain("--max-eval", "-1"), "--max-eval -1: use >= 1"),
+    ("--log-every 0", plain("--log-every", "0"), "--log-every 0: use >= 1"),
+    ("--threads -1", plain("--threads", "-1"), "--threads -1: use >= 0"),
+    ("--save-every -2", plain("--save-every", "-2"), "--save-every -2: use >= 0"),
+    ("--grad-clip -1", plain("--grad-clip", "-1"), "--grad-clip -1.0: use >= 0 (0 = off)"),
+    ("--fw-warmup 0", plain("--method", "fw", "--fw-warmup", "0"), "--fw-warmup 0: use >= 1"),
+    ("--lr 0", plain("--lr", "0"), "--lr 0.0: use > 0"),
+    ("--lr nan", plain("--lr", "nan"), "--lr nan: use a finite number"),
+    ("--alpha inf", plain("--alpha", "inf"), "--alpha inf: use a finite number"),
+    ("--dropout 1", plain("--dropout", "1"), "--dropout 1.0: use a probability in [0, 1)"),
+    ("--warmup 1.5", plain("--warmup", "1.5"), "--warmup 1.5: use a fraction in [0, 1)"),
+    ("--weight-decay -0.1", plain("--weight-decay", "-0.1"), "--weight-decay -0.1: use >= 0"),
+    ("--fw-lambda -1", plain("--fw-lambda", "-1"), "--fw-lambda -1.0: use >= 0"),
+    ("--da-gamma 0", plain("--da-gamma", "0"), "--da-gamma 0.0: use > 0"),
+    ("--power nan", plain("--power", "nan"), "--power nan: use a finite number"),
+    ("--r-min above --r", plain("--r-min", "9"), "the base rank must lie in [r_min, r_max]"),
+    ("--r-max below --r-min", plain("--r-min", "5", "--r-max", "4"), "raise --r-max"),
+    ("--score variance, one batch", plain("--method", "fim", "--score", "variance",
+                                          "--calib-batches", "1"), "--calib-batches >= 2"),
+    ("--device cuda without CUDA", plain("--device", "cuda"), "use --device auto or cpu"),
+    ("--targets that match nothing (planted)", plain("--targets", "query,qkv"),
+     "qkv matches no nn.Linear"),
+    ("--targets that match nothing (GLUE)", lambda t: [*tsv("sentence\tlabel\na\t1\n")(t),
+                                                       "--targets", "q_proj"],
+     "target 'q_proj' matches no nn.Linear"),
+    ("--model: a missing folder", plain("--model", "/nonexistent/bert"), "/nonexistent/bert"),
+    ("--task sst2 without --data-dir", plain("--task", "sst2"), "needs --data-dir"),
+    ("--data-dir that does not exist", plain(*GLUE, "/nonexistent/SST-2"), "/nonexistent"),
+    ("--data-dir: a header-only train.tsv", tsv("sentence\tlabel\n"), "no data rows"),
+    ("--data-dir: a bad label", tsv("sentence\tlabel\ngood\t7\n"), "label"),
+    ("--data-dir: a row with 3 fields", tsv("sentence\tlabel\ngood\t1\textra\n"), "train.tsv:2"),
+    ("--data-dir: non-UTF-8 bytes", tsv("sentence\tlabel\ncaf\xe9\t1\n"), "not UTF-8"),
+    ("--out: an existing file", lambda t: (t / "f").write_text("x") and ["--out", str(t / "f")],
+     "is a file: pass a folder path"),
+    ("--out /dev/null/x", plain("--out", "/dev/null/x"), "is not a writable folder"),
+    ("--out: a finished run", out_with("finished"), "pass --overwrite to replace it"),
+    ("--out: an unfinished run", out_with("unfinished"), "continue it with 'python train.py "
+                                                         "--resume"),
+    ("--resume and --overwrite", lambda t: ["--resume", str(t), "--overwrite"],
+     "drop --overwrite"),
+    ("--resume with other flags", lambda t: ["--resume", str(t), "--lr", "1e-3"], "drop --lr"),
+    ("--resume: no such folder", plain("--resume", "/nonexistent/run"), "no such run folder"),
+    ("--resume: no checkpoint", lambda t: ["--resume", str(t)], "no checkpoint/ folder"),
+    ("--resume: meta.json not JSON", checkpoint("{oops"), "not a readable fimlora checkpoint"),
+    ("--resume: meta.json wrong types", checkpoint('{"step": "3"}'), "field 'step'"),
+    ("--resume: state.pt missing", checkpoint(META_OK, None), "lacks state.pt"),
+    ("--resume: state.pt garbage", checkpoint(META_OK), "state.pt is not a readable"),
+]
+
+
+def snapshot(folder: Path) -> dict:
+    return {p: p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
+
+
+@pytest.mark.parametrize("label,setup,match", CLI, ids=[c[0] for c in CLI])
+def test_bad_cli_input_fails_before_any_write(tmp_path, label, setup, match):
+    argv = setup(tmp_path)
+    if "--out" not in argv and "--resume" not in argv:
+        argv += ["--out", str(tmp_path / "new")]
+    before = snapshot(tmp_path)
+    with pytest.raises((ValueError, FileNotFoundError)) as e:
+        base = ["--batch-size", "4", "--threads", "1"]
+        base += [] if "--epochs" in argv else ["--steps", "2"]
+        train.main(argv if "--resume" in argv else [*base, *argv])
+    msg = str(e.value)
+    assert match in msg, msg
+    assert len(msg) < 600 and msg.count("\n") < 10  # one screen
+    assert snapshot(tmp_path) == before  # nothing written, nothing changed
+
+
+# adapters and checkpoints through the API: (what, call(tmp) -> raises, text)
+def _adapted():
+    model = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 2))
+    add_lora(model, ["0"], r=2, alpha=4, heads=["1"])
+    return model
+
+
+def _saved(tmp: Path, edit) -> Path:
+    model = _adapted()
+    save_adapter(tmp / "a", model, ["0"], heads=["1"])
+    cfg = json.loads((tmp / "a" / "adapter_config.json").read_text())
+    edit(cfg)
+    (tmp / "a" / "adapter_config.json").write_text(json.dumps(cfg))
+    return tmp / "a"
+
+
+API = [
+    ("load_adapter: no such folder", lambda t: load_adapter(t / "none", _adapted()),
+     "adapter_config.json not found"),
+    ("load_adapter: ranks as a list", lambda t: load_adapter(
+        _saved(t, lambda c: c.update(ranks=[2])), _adapted()), "ranks"),
+    ("load_adapter: alpha not finite", lambda t: load_adapter(
+        _saved(t, lambda c: c["alphas"].update({"0": float("nan")})), _adapted()), "alpha"),
+    ("load_adapter: rank disagrees with the tensors", lambda t: load_adapter(
+        _saved(t, lambda c: c["ranks"].update({"0": 3})), _adapted()), "shape"),
+    ("load_adapter: config is not JSON", lambda t: (
+        _saved(t, lambda c: None) / "adapter_config.json").write_text("{x") and
+        load_adapter(t / "a", _adapted()), "adapter_config.json"),
+]
+
+
+@pytest.mark.parametrize("label,call,match", API, ids=[a[0] for a in API])
+def test_bad_adapter_fails_and_leaves_the_model_alone(tmp_path, label, call, match):
+    with pytest.raises((ValueError, FileNotFoundError)) as e:
+        call(tmp_path)
+    assert match in str(e.value), str(e.value)
+
+
+def test_catalogue_has_at_least_40_entries():
+    assert len(CLI) + len(API) >= 40
+
+
+@pytest.mark.parametrize("argv", [["--lr", "nan"], ["--out", "/dev/null/x"],
+                                  ["--resume", "/nonexistent/run"]])
+def test_cli_prints_one_line_and_no_traceback(tmp_path, argv):
+    out = subprocess.run([sys.executable, "train.py", *argv], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 1 and out.stderr.startswith("error: "), out.stderr
+    assert "Traceback" not in out.stderr and out.stderr.count("\n") == 1
+
+
+def test_divergence_stops_with_the_step_and_the_cause(tmp_path):
+    """An absurd learning rate without clipping: stopped at the first non-finite step, the cause
+    named, no results written; the last good checkpoint stays."""
+    out = tmp_path / "o"
+    with pytest.raises(train.Diverged, match=r"at step \d+; likely cause: no gradient clipping"):
+        train.main(["--steps", "60", "--batch-size", "4", "--lr", "1e12", "--grad-clip", "0",
+                    "--warmup", "0", "--save-every", "1", "--threads", "1", "--out", str(out)])
+    assert not (out / "results.json").exists()
+    meta = json.loads((out / "checkpoint" / "meta.json").read_text())
+    blob = torch.load(out / "checkpoint" / "state.pt", weights_only=True)
+    assert all(bool(torch.isfinite(v).all()) for v in blob["model"].values()) and meta["step"] >= 1
+
+
+def readme_table() -> str:
+    rows = ["| bad input | the message names |", "|---|---|"]
+    rows += [f"| {label} | `{match}` |" for label, _, match in CLI + API]
+    return "\n".join(rows)
+
+
+def test_readme_lists_the_catalogue():
+    assert readme_table() in (ROOT / "README.md").read_text()
+
+
+if __name__ == "__main__":
+    print(readme_table())
