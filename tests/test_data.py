@@ -1,26 +1,22 @@
-"""Tests for data/glue.py (reader, batching), data/metrics.py and data/planted.py.
+"""Tests for data/glue.py (reader, batching) and data/metrics.py (data/planted.py:
+tests/test_planted.py).
 
 Oracles: GLUE rows written in tmp_path in the exact download_glue_data.py formats; metrics
-against numbers derived by hand in the docstrings and against slow numpy references; planted
-updates checked with torch.linalg.matrix_rank / svdvals on the teacher-minus-base weights.
+against numbers derived by hand in the docstrings and against slow numpy references.
 Run: .venv/bin/python -m pytest tests/test_data.py -q
 """
 
-import copy
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 from hypothesis import given
 from hypothesis import strategies as st
 
 from data.glue import TASKS, Example, batches, compute_metrics, load_glue, task_spec
 from data.metrics import f1_score, matthews_corrcoef, pearson, spearman
-from data.planted import plant, planted_loss, random_batch, rank_recovery, recovery
-from lora import add_lora
 
 SST2 = Path(__file__).resolve().parents[1].parent / "shared/data/glue/SST-2"
 
@@ -478,192 +474,3 @@ def test_group_by_length_pools_follow_the_random_order_and_the_seed():
     assert tops != sorted(tops) and tops != sorted(tops, reverse=True)
     assert all(torch.equal(a[k], b[k]) for a, b in zip(out, again) for k in a)
     assert [b["labels"].tolist() for b in out] != [b["labels"].tolist() for b in other]
-
-
-# -----------------------------------------------------------------------------
-# planted task
-
-
-class Tiny(nn.Module):
-    """Embedding + residual Linears with BERT-like names and forward signature."""
-
-    def __init__(self, vocab: int = 50, d: int = 8):
-        super().__init__()
-        self.embed = nn.Embedding(vocab, d)
-        self.query = nn.Linear(d, d)
-        self.value = nn.Linear(d, d)
-        self.up = nn.Linear(d, 2 * d)
-        self.down = nn.Linear(2 * d, d)
-
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
-        h = self.embed(input_ids)  # (B, T, C)
-        h = h + torch.tanh(self.query(h)) * torch.sigmoid(self.value(h))
-        h = h + self.down(torch.relu(self.up(h)))
-        return h, h[:, 0]
-
-
-NAMES = ["query", "value", "up", "down"]
-
-
-def test_plant_changes_exactly_the_planted_matrices_with_stated_ranks():
-    """ΔW* = teacher − base: rank r with r equal singular values, ‖ΔW*‖_F = scale·‖W‖_F, and
-    every other tensor (other Linears, biases, embedding) is untouched, as is the base."""
-    base = Tiny()
-    before = copy.deepcopy(base.state_dict())
-    teacher, planted = plant(base, NAMES, n_planted=2, rank=[1, 3], scale=0.3,
-                             generator=torch.Generator().manual_seed(0))
-    assert len(planted) == 2 and sorted(planted.values()) == [1, 3] and set(planted) <= set(NAMES)
-    t_sd, b_sd = teacher.state_dict(), base.state_dict()
-    for key, w in b_sd.items():
-        torch.testing.assert_close(w, before[key], rtol=0, atol=0)
-        name = key.rsplit(".", 1)[0]
-        delta = t_sd[key] - w
-        if name in planted and key.endswith("weight"):
-            assert torch.linalg.matrix_rank(delta).item() == planted[name]
-            s = torch.linalg.svdvals(delta)[: planted[name]]
-            torch.testing.assert_close(s, s[:1].expand_as(s), rtol=1e-4, atol=0)
-            assert delta.norm().item() == pytest.approx(0.3 * w.norm().item(), rel=1e-4)
-        else:
-            assert torch.equal(delta, torch.zeros_like(delta)), key
-    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
-
-
-def test_plant_draws_names_from_the_generator():
-    """Same seed -> same teacher; over seeds every name gets planted (not just the first)."""
-    base = Tiny()
-
-    def run(seed):
-        return plant(base, NAMES, n_planted=1, generator=torch.Generator().manual_seed(seed))
-    (t1, p1), (t2, p2) = run(3), run(3)
-    assert p1 == p2 and all(torch.equal(a, b) for a, b in
-                            zip(t1.state_dict().values(), t2.state_dict().values()))
-    seen = set()
-    for seed in range(40):
-        seen |= set(run(seed)[1])
-    assert seen == set(NAMES)
-    all_linears = plant(Tiny(), None, n_planted=4, rank=1, generator=torch.Generator())[1]
-    assert set(all_linears) == set(NAMES)
-
-
-@pytest.mark.parametrize("kwargs, match", [
-    ({"names": ["embed"]}, "nn.Linear"), ({"n_planted": 5}, "n_planted=5"),
-    ({"rank": [1, 2]}, "2 entries"), ({"rank": 9}, "rank 9"), ({"scale": 0.0}, "scale=0.0"),
-])
-def test_plant_rejects_bad_arguments(kwargs, match):
-    kwargs = {"names": NAMES, **kwargs}
-    with pytest.raises(ValueError, match=match):
-        plant(Tiny(), **kwargs, generator=torch.Generator())
-
-
-def test_random_batch_is_valid_and_reproducible():
-    g = torch.Generator().manual_seed(0)
-    b = random_batch(50, 64, 10, generator=g)
-    ids, mask = b["input_ids"], b["attention_mask"]
-    lengths = mask.sum(1)
-    assert ids.shape == mask.shape == b["token_type_ids"].shape == (64, 10)
-    assert lengths.min() >= 5 and lengths.max() == 10 and lengths.unique().numel() > 1
-    assert torch.equal(mask, (torch.arange(10) < lengths[:, None]).long())  # right padding
-    assert ids[mask == 1].min() >= 1 and ids[mask == 1].max() < 50
-    assert (ids[mask == 0] == 0).all() and (b["token_type_ids"] == 0).all()
-    again = random_batch(50, 64, 10, generator=torch.Generator().manual_seed(0))
-    assert all(torch.equal(b[k], again[k]) for k in b)
-
-
-def test_planted_loss_zero_on_teacher_positive_for_student_at_init():
-    """The student is base + LoRA with B = 0, i.e. the base function: it misses ΔW*."""
-    g = torch.Generator().manual_seed(0)
-    base = Tiny()
-    teacher, _ = plant(base, NAMES, n_planted=2, generator=g)
-    batch = random_batch(50, 4, 12, generator=g)
-    assert planted_loss(teacher, teacher, batch).item() == 0.0
-    add_lora(base, NAMES, r=4, alpha=8)
-    loss = planted_loss(base, teacher, batch)
-    assert loss.item() > 1e-6 and loss.requires_grad
-
-
-def test_planted_loss_equals_masked_reference_loop():
-    """Mean over valid tokens and channels, by an explicit loop; padded positions ignored."""
-    g = torch.Generator().manual_seed(1)
-    student, (teacher, _) = Tiny(), plant(Tiny(), NAMES, generator=g)
-    batch = random_batch(50, 3, 9, generator=g)
-    hs, ht = student(**batch)[0].detach(), teacher(**batch)[0]
-    terms = [((hs[i, t] - ht[i, t]) ** 2).mean() for i in range(3) for t in range(9)
-             if batch["attention_mask"][i, t]]
-    torch.testing.assert_close(planted_loss(student, teacher, batch), torch.stack(terms).mean())
-
-
-def test_planted_task_is_learnable_by_lora():
-    """A rank-r student trained briefly on random batches closes most of the gap."""
-    g = torch.Generator().manual_seed(0)
-    student = Tiny()
-    teacher, planted = plant(student, NAMES, n_planted=2, rank=2, scale=0.3, generator=g)
-    add_lora(student, NAMES, r=2, alpha=2, generator=g)
-    opt = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=1e-2)
-    test = random_batch(50, 64, 12, generator=g)
-    start = planted_loss(student, teacher, test).item()
-    for _ in range(150):
-        loss = planted_loss(student, teacher, random_batch(50, 16, 12, generator=g))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert planted_loss(student, teacher, test).item() < 0.2 * start
-
-
-def test_planted_with_bert_model():
-    import models
-
-    torch.manual_seed(0)
-    base = models.BertModel(models.TINY)
-    names = [n for n, m in base.named_modules() if isinstance(m, nn.Linear)
-             and n.startswith("encoder.")]
-    g = torch.Generator().manual_seed(0)
-    teacher, planted = plant(base, names, n_planted=3, rank=2, generator=g)
-    base.eval()
-    batch = random_batch(models.TINY.vocab_size, 2, 8, generator=g)
-    assert planted_loss(teacher, teacher, batch).item() == 0.0
-    assert planted_loss(base, teacher, batch).item() > 0.0
-
-
-# -----------------------------------------------------------------------------
-# recovery
-
-
-def test_recovery_hand_made_scores():
-    """Top-2 of a>b>c>d is {a, b}; planted {a, c}: 1 hit, precision 1/2, chance 2·2/4 = 1.
-    Tie at the cut: a > b = c = d, planted {a, b}, k = 2: a is in, and the one remaining slot
-    goes to a 3-way tie holding 1 planted matrix: 1 + 1/3 hits."""
-    r = recovery({"a": 3, "b": 2, "c": 1, "d": 0}, {"a": 4, "c": 4})
-    assert r == {"k": 2, "hits": 1.0, "precision": 0.5, "recall": 0.5, "chance_hits": 1.0}
-    tie = recovery({"a": 3.0, "b": 1.0, "c": 1.0, "d": 1.0}, {"a": 1, "b": 1})
-    assert tie["hits"] == pytest.approx(4 / 3)
-    assert recovery({"a": 3, "b": 2, "c": 1}, {"a": 4, "c": 4}, k=3)["hits"] == 2
-
-
-@given(st.integers(1, 12), st.data())
-def test_recovery_constant_scores_are_chance_and_hits_are_bounded(m, data):
-    names = [f"m{i}" for i in range(m)]
-    planted = {n: 1 for n in data.draw(st.sets(st.sampled_from(names), min_size=1))}
-    k = data.draw(st.integers(1, m))
-    flat = recovery(dict.fromkeys(names, 0.5), planted, k)
-    assert flat["hits"] == pytest.approx(flat["chance_hits"])
-    scores = dict(zip(names, data.draw(st.lists(st.integers(0, 3), min_size=m, max_size=m))))
-    r = recovery(scores, planted, k)
-    assert -1e-9 <= r["hits"] <= min(k, len(planted)) + 1e-9
-
-
-def test_recovery_rejects_bad_input():
-    with pytest.raises(ValueError, match=r"\['z'\]"):
-        recovery({"a": 1.0}, {"z": 2})
-    with pytest.raises(ValueError, match="k=3"):
-        recovery({"a": 1.0, "b": 2.0}, {"a": 2}, k=3)
-    with pytest.raises(ValueError, match="finite"):
-        recovery({"a": math.nan}, {"a": 2})
-
-
-def test_rank_recovery_hand_made():
-    """ranks a=8, b=4, c=2, d=2 with planted {a: 4, c: 4}: planted mean (8+2)/2 = 5, other
-    mean (4+2)/2 = 3, share 10/16, chance 2/4, covered 1 (a: 8 >= 4; c: 2 < 4)."""
-    r = rank_recovery({"a": 8, "b": 4, "c": 2, "d": 2}, {"a": 4, "c": 4})
-    assert r == {"mean_rank_planted": 5.0, "mean_rank_other": 3.0, "share_planted": 0.625,
-                 "chance_share": 0.5, "covered": 1}
-    assert rank_recovery({"a": 4, "b": 1}, {"a": 4})["covered"] == 1  # exactly its rank counts
