@@ -22,6 +22,8 @@ import contextlib
 import itertools
 import math
 import operator
+import re
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from fractions import Fraction
 
@@ -160,7 +162,7 @@ def fisher_scores(model: nn.Module, batches: Iterable,
     Example: fisher_scores(model, [batch], loss_fn)["scores"] -> {"layer.0.query": 3.1e-07, ...}
     """
     if score not in ("efim", "variance"):
-        raise ValueError(f"score={score!r}: use 'efim' or 'variance'")
+        raise ValueError(f"score={score!r}: use 'efim' or 'variance' (allocation_scores has more)")
     if n_batches is not None and n_batches < 1:
         raise ValueError(f"n_batches={n_batches}: use at least 1 (or None for all batches)")
     layers = _adapted(model)
@@ -549,8 +551,144 @@ def allocate_ranks(scores: dict[str, float], budget: int, r_min: int,
     return dict(zip(names, _round(c, w, lo, hi, kappa, budget, s, names)))
 
 
+def allocate_by_gains(gains: dict[str, list[float]], budget: int, r_min: int,
+                      r_max: int | dict[str, int], costs: dict[str, int] | None = None
+                      ) -> dict[str, int]:
+    """Ranks from per-direction gains by one global sort, as PEFT's EVA: gains[m] = [g_1 ≥ g_2 ≥
+    …], the value of matrix m's i-th rank. Every matrix gets r_min, then the directions
+    i > r_min (up to h_m = min(r_max or r_max[m], len(gains[m]))) are taken in order of
+    g_{m,i}/κ_m (ties: lower name), each while its cost κ_m fits in what is left of the budget.
+    For nonincreasing gains each r_m is a prefix and, without costs, Σ_i≤r_m g_{m,i} is the
+    largest possible with Σ r_m = R; with costs (κ_m = d_in + d_out, R in parameters) Σ κ·r ≤ R.
+    Raises ValueError for increasing or non-finite gains and a budget outside [M·r_min, Σ h_m].
+    Example: allocate_by_gains({"q": [3.0, 1.0], "v": [2.0, 0.5]}, 3, 0, 2) == {"q": 2, "v": 1}
+    """
+    names = list(gains)
+    if not names:
+        raise ValueError("gains is empty: pass at least one {module_name: [g_1, g_2, ...]}")
+    hi = {n: min(r_max[n] if isinstance(r_max, dict) else r_max, len(gains[n])) for n in names}
+    kappa = dict.fromkeys(names, 1) if costs is None else costs
+    for n in names:
+        g = gains[n]
+        if not all(math.isfinite(v) for v in g) or any(a < b for a, b in zip(g, g[1:])):
+            raise ValueError(f"gains[{n!r}] must be finite and nonincreasing (g_1 ≥ g_2 ≥ …): "
+                             "sort each matrix's gains in descending order")
+        if hi[n] < r_min:
+            raise ValueError(f"{n}: {len(g)} gains and r_max={hi[n]} < r_min={r_min}: pass at "
+                             "least r_min gains per matrix or lower r_min")
+    left = budget - sum(kappa[n] * r_min for n in names)
+    if left < 0 or (costs is None and budget > sum(hi.values())):
+        raise ValueError(f"budget={budget} outside [Σ κ·r_min, Σ_m min(r_max, len(gains[m]))] "
+                         f"= [{budget - left}, {sum(hi.values())}]: change the budget or r_min")
+    r = dict.fromkeys(names, r_min)
+    ranked = sorted((-g / kappa[n], n, i) for n in names for i, g in enumerate(gains[n])
+                    if r_min <= i < hi[n])  # i: 0-based, direction i + 1
+    for _, n, _ in ranked:
+        if kappa[n] <= left:
+            r[n] += 1
+            left -= kappa[n]
+    return r
+
+
 # -----------------------------------------------------------------------------
 # 3. FIM-LoRA: calibrate, allocate, resize
+
+
+ALLOCATION_SCORES = ("efim", "variance", "gradw", "kfac", "lorada", "random")
+
+
+def _weight_gradients(model: nn.Module, batches: Iterable,
+                      loss_fn: Callable[[nn.Module, object], torch.Tensor],
+                      n_batches: int | None) -> tuple[dict[str, dict], int]:
+    """Per adapted layer, summed over the first n_batches batches through the hooks (the frozen
+    weight never gets requires_grad): G = Σ_b δ_bᵀX_b (each term ∂L_b/∂W0), z = Σ_t x_t⊙x_t,
+    y = Σ_t δ_t⊙δ_t, rows = the number of rows t; and the number of batches K."""
+    layers = _adapted(model)
+    st = {n: {"G": m.weight.new_zeros(m.out_features, m.in_features, dtype=torch.float32),
+              "z": m.weight.new_zeros(m.in_features, dtype=torch.float32),
+              "y": m.weight.new_zeros(m.out_features, dtype=torch.float32), "rows": 0}
+          for n, m in layers.items()}
+
+    def on_grad(name, x, xd, delta):
+        X, D = x.reshape(-1, x.shape[-1]).float(), delta.reshape(-1, delta.shape[-1]).float()
+        s = st[name]
+        s["G"].addmm_(D.T, X)
+        s["z"].add_(X.square().sum(0))
+        s["y"].add_(D.square().sum(0))
+        s["rows"] += X.shape[0]
+
+    K, Bs = 0, [m.lora_B for m in layers.values()]
+    with _restored(model), _hooked(layers, on_grad):
+        for B in Bs:
+            B.requires_grad_(True)
+        for batch in itertools.islice(batches, n_batches):
+            with torch.enable_grad():
+                loss = loss_fn(model, batch)
+                if not (isinstance(loss, torch.Tensor) and loss.numel() == 1
+                        and loss.requires_grad):
+                    raise ValueError("loss_fn must return the scalar batch-mean loss of the model "
+                                     "run with gradients (not under torch.no_grad())")
+                torch.autograd.grad(loss, Bs, allow_unused=True)
+            K += 1
+    if K == 0:
+        raise ValueError("batches yielded nothing to calibrate on")
+    return st, K
+
+
+def allocation_scores(model: nn.Module, batches: Iterable,
+                      loss_fn: Callable[[nn.Module, object], torch.Tensor], score: str = "efim",
+                      n_batches: int | None = 8, generator: torch.Generator | None = None
+                      ) -> dict[str, float] | dict[str, list[float]]:
+    """What each adapted matrix earns per rank, from the first n_batches batches, by name:
+
+        efim, variance  fisher_scores(...)["scores"]
+        gradw   ‖W0 ⊙ Ḡ‖_F,  Ḡ = (1/K) Σ_b ∂L_b/∂W0            (GoRA-style, arXiv:2502.12171)
+        kfac    [½σ_1², ½σ_2², …],  σ_i the singular values of Y^-½ Ḡ Z^-½,
+                Z = diag E_t[x_t x_tᵀ],  Y = diag (1/K) Σ_b Σ_t δ_t δ_tᵀ  (Z ⊗ Y ≈ E[g gᵀ]):
+                under L(W0 + ΔW) ≈ L + ⟨Ḡ, ΔW⟩ + ½‖Y^½ ΔW Z^½‖²_F the best rank-k ΔW lowers
+                the loss by ½ Σ_{i≤k} σ_i²  (K-FAC: Martens & Grosse, arXiv:1503.05671)
+        lorada  [−σ²λ_1, −σ²λ_2, …],  λ_1 ≤ λ_2 ≤ … the eigenvalues of lorada_factors' Ω on
+                lorada_statistics of these batches (N_pop = their examples): σ² undoes Ω's
+                per-matrix normalisation, so gains add up to LoRA-DA's objective across matrices
+        random  a uniform draw from `generator`: the control
+
+    Diagonals are damped by 1e-6 of their mean. kfac and lorada give each matrix its gains in
+    descending order, for allocate_by_gains; the others a float, for allocate_ranks. No .grad
+    is written; flags are restored.
+    Example: allocation_scores(model, batches, loss_fn, "kfac")["layer.0.query"][:2] -> [2e-3, …]
+    """
+    if score not in ALLOCATION_SCORES:
+        raise ValueError(f"score={score!r}: use one of {', '.join(ALLOCATION_SCORES)}")
+    layers = _adapted(model)
+    if score in ("efim", "variance"):
+        return fisher_scores(model, batches, loss_fn, score, n_batches)["scores"]
+    if score == "random":
+        u = torch.rand(len(layers), generator=generator, dtype=torch.float64)
+        return dict(zip(layers, u.tolist()))
+    if score == "lorada":
+        stats, n = lorada_statistics(model, itertools.islice(batches, n_batches), loss_fn,
+                                     n_samples=2**62)
+        out = {}
+        for name, s in stats.items():
+            if not s["G"].any() or s["tokens"] == 0:  # nothing to gain from this matrix
+                out[name] = [0.0] * s["G"].shape[1]
+                continue
+            _, Omega, info = _da_omega(s["G"], s["Z"], s["y_diag"], 1.0, 0.03, 1e-6, n)
+            out[name] = (-info["sigma"] ** 2 * torch.linalg.eigvalsh(Omega.double())).tolist()
+        return out
+    st, K = _weight_gradients(model, batches, loss_fn, n_batches)
+    out = {}
+    for name, s in st.items():
+        G = s["G"].double() / K
+        if score == "gradw":
+            out[name] = (layers[name].weight.double() * G).norm().item()
+            continue
+        z = s["z"].double() / max(s["rows"], 1)
+        y = s["y"].double() / K
+        z, y = (v + 1e-6 * v.mean() + torch.finfo(v.dtype).tiny for v in (z, y))
+        sigma = torch.linalg.svdvals(G / y.sqrt()[:, None] / z.sqrt()[None, :])
+        out[name] = (0.5 * sigma.square()).tolist()
+    return out
 
 
 def _rank_caps(layers: dict[str, LoRALinear], budget: int, r_min: int,
@@ -573,39 +711,92 @@ def _rank_caps(layers: dict[str, LoRALinear], budget: int, r_min: int,
     return caps
 
 
+def _fim_ranks(model: nn.Module, batches: Iterable,
+               loss_fn: Callable[[nn.Module, object], torch.Tensor], budget: int | None,
+               r_min: int, r_max: int | None, score: str, n_batches: int | None,
+               per_example: bool, power: float, generator: torch.Generator | None
+               ) -> tuple[dict[str, int], dict]:
+    """(ranks, scores) of initialize_fim_ranks, with every check before the calibration pass;
+    the model is left as it is."""
+    layers = _adapted(model)
+    trained = [n for n, m in layers.items() if bool(m.lora_B.detach().any())]
+    if trained:
+        raise ValueError(f"layers {trained[:5]} have B ≠ 0 and resizing would discard their ΔW: "
+                         "run initialize_fim_ranks on freshly added adapters, before training")
+    if score not in ALLOCATION_SCORES or (per_example and score not in ("efim", "variance")):
+        raise ValueError(f"score={score!r}, per_example={per_example}: use one of "
+                         f"{', '.join(ALLOCATION_SCORES)}, per_example with efim or variance only")
+    budget = sum(m.r for m in layers.values()) if budget is None else budget
+    r_max = 2 * max(m.r for m in layers.values()) if r_max is None else r_max
+    caps = _rank_caps(layers, budget, r_min, r_max)
+    allocate_ranks(dict.fromkeys(layers, 1.0), budget, r_min, caps, power=power)  # validate now
+    if score in ("efim", "variance"):
+        scores = fisher_scores(model, batches, loss_fn, score, n_batches, per_example)["scores"]
+    else:
+        scores = allocation_scores(model, batches, loss_fn, score, n_batches, generator)
+    if score in ("kfac", "lorada"):
+        return allocate_by_gains(scores, budget, r_min, caps), scores
+    return allocate_ranks(scores, budget, r_min, caps, power=power), scores
+
+
 def initialize_fim_ranks(model: nn.Module, batches: Iterable,
                          loss_fn: Callable[[nn.Module, object], torch.Tensor],
                          budget: int | None = None, r_min: int = 1, r_max: int | None = None,
                          score: str = "efim", n_batches: int | None = 8,
                          per_example: bool = False, power: float = 1.0,
                          generator: torch.Generator | None = None) -> dict:
-    """FIM-LoRA (arXiv:2605.16800) in place: score every lora_B (fisher_scores), allocate the
-    budget (allocate_ranks, default Σ_m r_m of the current adapters, r_max = 2·max r, each
-    matrix capped at min(r_max, d_in, d_out) so the surplus goes to the others), and
-    resize each adapter to r_m with a fresh A (from `generator`) and B = 0, so the model function
-    is unchanged. Each matrix keeps the base scale s whatever its rank:
+    """FIM-LoRA (arXiv:2605.16800) in place: score every lora_B (fisher_scores; other scores
+    from allocation_scores), allocate the budget (allocate_ranks, or allocate_by_gains for kfac
+    and lorada; default Σ_m r_m of the current adapters, r_max = 2·max r, each matrix capped at
+    min(r_max, d_in, d_out) so the surplus goes to the others), and resize each adapter to r_m
+    with a fresh A (from `generator`) and B = 0, so the model function is unchanged. Each
+    matrix keeps the base scale s whatever its rank:
         α_m = α·r_m/r   (s = α/r),      α_m = α·√(r_m/r)   (rsLoRA, s = α/√r).
     Adapters must be fresh (B = 0); budget and bounds are checked before the calibration pass.
     Returns {"ranks", "alphas", "scores"}, each {name: value}.
     Example: initialize_fim_ranks(model, batches, loss_fn)["ranks"] -> {"...query": 4, ...}
     """
-    layers = _adapted(model)
-    trained = [n for n, m in layers.items() if bool(m.lora_B.detach().any())]
-    if trained:
-        raise ValueError(f"layers {trained[:5]} have B ≠ 0 and resizing would discard their ΔW: "
-                         "run initialize_fim_ranks on freshly added adapters, before training")
-    budget = sum(m.r for m in layers.values()) if budget is None else budget
-    r_max = 2 * max(m.r for m in layers.values()) if r_max is None else r_max
-    caps = _rank_caps(layers, budget, r_min, r_max)
-    allocate_ranks(dict.fromkeys(layers, 1.0), budget, r_min, caps, power=power)  # validate now
-    scores = fisher_scores(model, batches, loss_fn, score, n_batches, per_example)["scores"]
-    ranks = allocate_ranks(scores, budget, r_min, caps, power=power)
+    ranks, scores = _fim_ranks(model, batches, loss_fn, budget, r_min, r_max, score, n_batches,
+                               per_example, power, generator)
     alphas = {}
-    for name, layer in layers.items():
+    for name, layer in _adapted(model).items():
         ratio = ranks[name] / layer.r
         alphas[name] = layer.alpha * (math.sqrt(ratio) if layer.rslora else ratio)
         resize_lora(layer, ranks[name], alpha=alphas[name], generator=generator)
     return {"ranks": ranks, "alphas": alphas, "scores": scores}
+
+
+def fim_rank_pattern(model: nn.Module, batches: Iterable,
+                     loss_fn: Callable[[nn.Module, object], torch.Tensor], r: int, alpha: float,
+                     budget: int | None = None, r_min: int = 1, r_max: int | None = None,
+                     score: str = "efim", n_batches: int | None = 8, rslora: bool = False,
+                     **kw) -> dict:
+    """initialize_fim_ranks' allocation as peft.LoraConfig fields, leaving the model as it is.
+    The model carries fresh adapters of rank r (add_lora(model, targets, r, alpha)); kw goes
+    to initialize_fim_ranks (per_example, power, generator). Returns {"r": the most common
+    r_m, "lora_alpha", "rank_pattern", "alpha_pattern"}: patterns keyed "^" + re.escape(name),
+    which PEFT matches to exactly that module, listing the matrices that differ from r and
+    lora_alpha, and α_m = α·r_m/r (α·√(r_m/r) with rsLoRA), so every matrix keeps the scale α/r.
+    Example: peft.LoraConfig(target_modules=targets, **fim_rank_pattern(model, b, f, 8, 16))
+    """
+    off = [n for n, m in _adapted(model).items() if m.r != r or m.alpha != alpha
+           or m.rslora != rslora]
+    if off:
+        raise ValueError(f"layers {off[:5]} are not rank-{r}, α={alpha}, rslora={rslora} "
+                         "adapters: add_lora(model, targets, r, alpha) with the same values")
+    if r_min < 1:
+        raise ValueError(f"r_min={r_min}: PEFT has no rank 0, use r_min ≥ 1")
+    ranks, _ = _fim_ranks(model, batches, loss_fn, budget, r_min, r_max, score, n_batches,
+                          kw.pop("per_example", False), kw.pop("power", 1.0),
+                          kw.pop("generator", None))
+    if kw:
+        raise ValueError(f"unknown arguments {sorted(kw)}: pass per_example, power, generator")
+    alphas = {n: alpha * (math.sqrt(k / r) if rslora else k / r) for n, k in ranks.items()}
+    common = Counter(ranks.values()).most_common(1)[0][0]
+    base = alpha * (math.sqrt(common / r) if rslora else common / r)
+    return {"r": common, "lora_alpha": base,
+            "rank_pattern": {"^" + re.escape(n): k for n, k in ranks.items() if k != common},
+            "alpha_pattern": {"^" + re.escape(n): a for n, a in alphas.items() if a != base}}
 
 # -----------------------------------------------------------------------------
 # 4. FW-LoRA: a Fisher-weighted penalty on ΔW
@@ -772,6 +963,18 @@ def lorada_factors(G: torch.Tensor, Z: torch.Tensor, y_diag: torch.Tensor, r: in
                          f"got {tuple(Z.shape)} and {tuple(y_diag.shape)}")
     if da_gamma <= 0 or n_pop < 1:
         raise ValueError(f"da_gamma={da_gamma} and n_pop={n_pop} must be positive")
+    Delta_hat, Omega, info = _da_omega(G, Z, y_diag, da_alpha, da_beta, damping, n_pop)
+    evals, evecs = torch.linalg.eigh(Omega)  # ascending
+    V = _da_canonical_signs(evecs[:, :r])  # (d_in, r)
+    s = math.sqrt(da_gamma)
+    A, B = V.T / s, (Delta_hat @ V) / s
+    return A, B, {**info, "eigenvalues": evals[:r].tolist()}
+
+
+def _da_omega(G: torch.Tensor, Z: torch.Tensor, y_diag: torch.Tensor, da_alpha: float,
+              da_beta: float, damping: float, n_pop: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                                  dict]:
+    """(Δ̂, Ω, info) of lorada_factors, in G's dtype promoted to at least float32."""
     dt = torch.promote_types(G.dtype, torch.float32)
     G, Z, y = G.to(dt), Z.to(dt), y_diag.to(dt)
     L, lam, retries = _da_cholesky(Z, damping)
@@ -786,14 +989,8 @@ def lorada_factors(G: torch.Tensor, Z: torch.Tensor, y_diag: torch.Tensor, r: in
     Omega = -da_alpha * (Delta_hat.T @ Delta_hat)  # (d_in, d_in)
     if da_beta != 0:
         Omega = Omega + da_beta * c * torch.cholesky_inverse(L)
-    Omega = (Omega + Omega.T) / 2
-    evals, evecs = torch.linalg.eigh(Omega)  # ascending
-    V = _da_canonical_signs(evecs[:, :r])  # (d_in, r)
-    s = math.sqrt(da_gamma)
-    A, B = V.T / s, (Delta_hat @ V) / s
-    info = {"sigma": sigma.item(), "damping": lam, "cholesky_retries": retries,
-            "c": c.item(), "eigenvalues": evals[:r].tolist()}
-    return A, B, info
+    info = {"sigma": sigma.item(), "damping": lam, "cholesky_retries": retries, "c": c.item()}
+    return Delta_hat, (Omega + Omega.T) / 2, info
 
 
 def _da_examples(batches: Iterable[dict], n_samples: int):

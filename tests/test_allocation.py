@@ -366,8 +366,8 @@ def test_allocate_ranks_equals_reference_on_large_inputs(M, kind):
     rng = random.Random(M)
     s = {f"layers.{i}.{rng.choice('qkvo')}": 0.0 for i in range(M)}
     for i, n in enumerate(s):
-        s[n] = {"lognormal": rng.lognormvariate(0, 2), "four values": float(rng.choice([1, 2, 3, 4])),
-                "equal": 1.0, "integers": float(i)}[kind]
+        s[n] = {"lognormal": rng.lognormvariate(0, 2), "equal": 1.0, "integers": float(i),
+                "four values": float(rng.choice([1, 2, 3, 4]))}[kind]
     for budget, r_min, r_max in [(8 * M, 1, 16), (4 * M, 2, 8), (M + 7, 0, 3)]:
         assert allocate_ranks(s, budget, r_min, r_max) == slow_allocate_ranks(
             s, budget, r_min, r_max), (budget, r_min, r_max)

@@ -1,0 +1,333 @@
+"""Allocation scores (fimlora.allocation_scores), allocate_by_gains and fim_rank_pattern.
+
+Oracles: the frozen weight's gradient read from W.grad of a plain .backward() on a copy (gradw,
+kfac), inputs and output gradients captured by forward hooks and an additive zero probe (kfac's
+Z and Y), the explicit-inverse LoRA-DA Ω of tests/test_lorada.py (lorada), all in float64; an
+exhaustive search over rank vectors for allocate_by_gains (M ≤ 4).
+
+Run: .venv/bin/python -m pytest tests/test_scores.py -q
+"""
+
+import copy
+import itertools
+import math
+import re
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import test_fisher as tf
+import test_lorada as tl
+from fimlora import (ALLOCATION_SCORES, allocate_by_gains, allocation_scores, fim_rank_pattern,
+                     initialize_fim_ranks, lorada_statistics)
+from lora import add_lora, lora_layers
+
+
+def dense_batch_stats(model, batches):
+    """Per batch on a copy: W.grad of the batch loss, and the layer inputs and output
+    gradients (x, δ) of every adapted layer. Returns ({name: [grad_b]}, {name: [(X, D)]})."""
+    grads, rows = {}, {}
+    for batch in batches:
+        m = copy.deepcopy(model)
+        layers = lora_layers(m)
+        seen = {}
+
+        def hook(name):
+            def f(mod, args, out):
+                probe = torch.zeros_like(out, requires_grad=True)
+                seen[name] = (args[0].detach(), probe)
+                return out + probe
+            return f
+        handles = [layer.register_forward_hook(hook(n)) for n, layer in layers.items()]
+        for layer in layers.values():
+            layer.weight.requires_grad_(True)
+        loss = tf.loss_fn(m, batch)
+        deltas = torch.autograd.grad(loss, [seen[n][1] for n in layers], retain_graph=True)
+        loss.backward()
+        for h in handles:
+            h.remove()
+        for (n, layer), d in zip(layers.items(), deltas):
+            grads.setdefault(n, []).append(layer.weight.grad.clone())
+            x = seen[n][0]
+            rows.setdefault(n, []).append((x.reshape(-1, x.shape[-1]), d.reshape(-1, d.shape[-1])))
+    return grads, rows
+
+
+def test_gradw_is_norm_of_weight_times_mean_gradient():
+    model, batches = tf.make_model(random_B=True), tf.make_batches(3)
+    grads, _ = dense_batch_stats(model, batches)
+    got = allocation_scores(model, batches, tf.loss_fn, "gradw")
+    for name, layer in lora_layers(model).items():
+        G = torch.stack(grads[name]).mean(0)
+        assert got[name] == pytest.approx((layer.weight * G).norm().item(), rel=1e-5)
+    assert not any(layer.weight.requires_grad for layer in lora_layers(model).values())
+
+
+def test_kfac_gains_are_half_squared_singular_values_of_whitened_gradient():
+    """Z = diag of the row mean of x xᵀ, Y = diag of (1/K) Σ_b Σ_t δ δᵀ, both damped by 1e-6
+    of their mean; gains ½σ_i² of Y^-½ Ḡ Z^-½, in descending order."""
+    model, batches = tf.make_model(random_B=True), tf.make_batches(3)
+    grads, rows = dense_batch_stats(model, batches)
+    got = allocation_scores(model, batches, tf.loss_fn, "kfac")
+    for name in lora_layers(model):
+        G = torch.stack(grads[name]).mean(0)
+        X = torch.cat([x for x, _ in rows[name]])
+        z = X.square().mean(0)
+        y = sum(d.square().sum(0) for _, d in rows[name]) / len(batches)
+        z, y = z + 1e-6 * z.mean(), y + 1e-6 * y.mean()
+        sigma = torch.linalg.svdvals(torch.diag(y.rsqrt()) @ G @ torch.diag(z.rsqrt()))
+        torch.testing.assert_close(torch.tensor(got[name], dtype=torch.float64),
+                                   0.5 * sigma.square(), rtol=1e-4, atol=1e-12)
+        assert got[name] == sorted(got[name], reverse=True)
+
+
+def test_kfac_gain_is_the_loss_decrease_of_the_best_rank_k_step():
+    """The K-FAC quadratic model q(ΔW) = ⟨Ḡ, ΔW⟩ + ½‖Y^½ ΔW Z^½‖²_F, minimised over rank-k ΔW
+    by ΔW = −Y^-½ [H]_k Z^-½ (H = Y^-½ Ḡ Z^-½, [·]_k its truncated SVD), drops by ½ Σ_{i≤k} σ_i²,
+    and a random rank-k step never does better."""
+    g = torch.Generator().manual_seed(0)
+    G = torch.randn(5, 7, generator=g, dtype=torch.float64)
+    y, z = torch.rand(5, generator=g, dtype=torch.float64) + 0.1, torch.rand(7, generator=g,
+                                                                             dtype=torch.float64)
+    H = G / y.sqrt()[:, None] / z.sqrt()[None, :]
+    U, S, Vh = torch.linalg.svd(H, full_matrices=False)
+
+    def q(dW):
+        return (G * dW).sum() + 0.5 * (y.sqrt()[:, None] * dW * z.sqrt()[None, :]).square().sum()
+    for k in (1, 2, 4):
+        dW = -(U[:, :k] * S[:k]) @ Vh[:k] / y.sqrt()[:, None] / z.sqrt()[None, :]
+        assert q(dW).item() == pytest.approx(-0.5 * S[:k].square().sum().item(), rel=1e-10)
+        for _ in range(20):
+            P = torch.randn(5, k, generator=g, dtype=torch.float64)
+            Q = torch.randn(k, 7, generator=g, dtype=torch.float64)
+            t = torch.linspace(-2, 2, 41, dtype=torch.float64)
+            assert min(q(s * P @ Q).item() for s in t) >= q(dW).item() - 1e-12
+
+
+def test_lorada_gains_are_unnormalised_omega_eigenvalues():
+    """−σ²·eig(Ω) with Ω from the explicit-inverse oracle of tests/test_lorada.py, on the
+    statistics lorada_statistics gives for the same batches (N_pop = their examples)."""
+    model, batches = tl.make_model(), tl.make_batches()
+    got = allocation_scores(model, batches, tl.loss_fn, "lorada", n_batches=2)
+    stats, n = lorada_statistics(model, batches[:2], tl.loss_fn)
+    assert n == 5
+    for name, s in stats.items():
+        if not s["G"].any():
+            assert got[name] == [0.0] * s["G"].shape[1]  # "dead": nothing to gain
+            continue
+        _, sigma, _, Omega = tl.explicit(s["G"], s["Z"], s["y_diag"], beta=0.03, n_pop=n)
+        want = -sigma**2 * torch.linalg.eigvalsh(Omega)
+        torch.testing.assert_close(torch.tensor(got[name], dtype=torch.float64), want,
+                                   rtol=1e-6, atol=1e-9)
+
+
+def test_random_scores_are_seeded():
+    model, batches = tf.make_model(), tf.make_batches(1)
+
+    def draw(seed):
+        return allocation_scores(model, batches, tf.loss_fn, "random",
+                                 generator=torch.Generator().manual_seed(seed))
+    assert draw(3) == draw(3) and draw(3) != draw(4)
+    assert all(0 <= v < 1 for v in draw(3).values())
+
+
+def fisher_setup():
+    model, batches = tf.make_model(r=2), tf.make_batches(3)
+    ids, mask, _ = batches[0]
+    return model, batches, tf.loss_fn, lambda m: m(ids, mask), 6, {"query": 4, "value": 4,
+                                                                   "classifier": 3}
+
+
+def lorada_setup():
+    """LoRA-DA's statistics need dict batches: the model of tests/test_lorada.py, in eval mode
+    (its dropout would make the forward random)."""
+    torch.manual_seed(0)
+    model, batches = tl.make_model(), tl.make_batches()
+    model.eval()
+    b = batches[0]
+    caps = {n: min(6, m.in_features, m.out_features) for n, m in lora_layers(model).items()}
+    return (model, batches, tl.loss_fn, lambda m: m(b["input_ids"], b["attention_mask"]),
+            3 * len(caps), caps)
+
+
+@pytest.mark.parametrize("score", ALLOCATION_SCORES)
+def test_initialize_fim_ranks_with_each_score_spends_the_budget(score):
+    """Every score gives ranks in [r_min, min(r_max, d_in, d_out)] summing to the budget,
+    the same for the same seed, and leaves the model function unchanged (B = 0)."""
+    runs = []
+    for _ in range(2):
+        model, batches, loss, forward, budget, caps = (lorada_setup if score == "lorada"
+                                                       else fisher_setup)()
+        with torch.no_grad():
+            y0 = forward(model)
+        out = initialize_fim_ranks(model, batches, loss, score=score,
+                                   generator=torch.Generator().manual_seed(0))
+        assert sum(out["ranks"].values()) == budget
+        assert all(1 <= out["ranks"][n] <= caps[n] for n in caps)
+        with torch.no_grad():
+            torch.testing.assert_close(forward(model), y0, rtol=0, atol=0)
+        runs.append(out["ranks"])
+    assert runs[0] == runs[1]
+
+
+def test_initialize_fim_ranks_kfac_follows_the_gains():
+    """With kfac the ranks are allocate_by_gains of allocation_scores on the same batches."""
+    model, batches = tf.make_model(r=2), tf.make_batches(3)
+    gains = allocation_scores(model, batches, tf.loss_fn, "kfac")
+    out = initialize_fim_ranks(model, batches, tf.loss_fn, score="kfac")
+    assert out["ranks"] == allocate_by_gains(gains, 6, 1, {"query": 4, "value": 4,
+                                                           "classifier": 3})
+
+
+def test_scores_reject_unknown_names():
+    model, batches = tf.make_model(), tf.make_batches(1)
+    with pytest.raises(ValueError, match="score='fisher': use one of efim, variance, gradw"):
+        allocation_scores(model, batches, tf.loss_fn, "fisher")
+    with pytest.raises(ValueError, match="per_example with efim or variance only"):
+        initialize_fim_ranks(model, batches, tf.loss_fn, score="kfac", per_example=True)
+
+
+# -----------------------------------------------------------------------------
+# allocate_by_gains
+
+gain_lists = st.lists(st.floats(-10, 10), min_size=0, max_size=8).map(
+    lambda g: sorted(g, reverse=True))
+
+
+@st.composite
+def gain_problems(draw, max_m=6, costs=False):
+    names = draw(st.lists(st.text("abq.0", min_size=1, max_size=3), min_size=1, max_size=max_m,
+                          unique=True))
+    r_min = draw(st.integers(0, 2))
+    gains = {n: draw(gain_lists.filter(lambda g: len(g) >= r_min)) for n in names}
+    r_max = draw(st.one_of(st.integers(r_min, 8),
+                           st.fixed_dictionaries({n: st.integers(r_min, 8) for n in names})))
+    hi = {n: min(r_max[n] if isinstance(r_max, dict) else r_max, len(gains[n])) for n in names}
+    kappa = {n: draw(st.integers(1, 9)) for n in names} if costs else None
+    k = kappa or dict.fromkeys(names, 1)
+    lo_b, hi_b = sum(k[n] * r_min for n in names), sum(k[n] * hi[n] for n in names)
+    return gains, draw(st.integers(lo_b, hi_b)), r_min, r_max, hi, kappa
+
+
+@given(gain_problems())
+def test_allocate_by_gains_spends_budget_within_bounds(problem):
+    gains, budget, r_min, r_max, hi, _ = problem
+    r = allocate_by_gains(gains, budget, r_min, r_max)
+    assert sum(r.values()) == budget and list(r) == list(gains)
+    assert all(r_min <= r[n] <= hi[n] for n in gains)
+
+
+@settings(max_examples=100)
+@given(gain_problems(max_m=4))
+def test_allocate_by_gains_is_optimal_for_nonincreasing_gains(problem):
+    """Exhaustive: no rank vector with the same bounds and sum has a larger total gain."""
+    gains, budget, r_min, r_max, hi, _ = problem
+    names = list(gains)
+    r = allocate_by_gains(gains, budget, r_min, r_max)
+
+    def total(v):
+        return sum(sum(gains[n][:k]) for n, k in zip(names, v))
+    best = max(total(v) for v in itertools.product(*(range(r_min, hi[n] + 1) for n in names))
+               if sum(v) == budget)
+    assert total([r[n] for n in names]) == pytest.approx(best, abs=1e-9)
+
+
+@given(gain_problems(costs=True))
+def test_allocate_by_gains_with_costs_is_within_budget_and_maximal(problem):
+    gains, budget, r_min, r_max, hi, kappa = problem
+    r = allocate_by_gains(gains, budget, r_min, r_max, costs=kappa)
+    spent = sum(kappa[n] * r[n] for n in gains)
+    assert spent <= budget and all(r_min <= r[n] <= hi[n] for n in gains)
+    assert all(r[n] == hi[n] or kappa[n] > budget - spent for n in gains)
+
+
+def test_allocate_by_gains_textbook_example():
+    """Gains q (3, 1), v (2, 0.5), budget 3, r ∈ [0, 2]: the global order is q1 3, v1 2, q2 1,
+    v2 0.5, so q gets 2 and v 1. Per parameter, q (3, 2.9) at κ = 4 and v (2, 1.9) at κ = 1 with
+    a budget of 8: by value per cost v1 2, v2 1.9, q1 0.75 (spending 6; q2 does not fit), so
+    (1, 2) with gain 6.9, where the raw gains would buy q1, q2 for 5.9."""
+    g = {"q": [3.0, 1.0], "v": [2.0, 0.5]}
+    assert allocate_by_gains(g, 3, 0, 2) == {"q": 2, "v": 1}
+    g = {"q": [3.0, 2.9], "v": [2.0, 1.9]}
+    assert allocate_by_gains(g, 8, 0, 2, costs={"q": 4, "v": 1}) == {"q": 1, "v": 2}
+    with pytest.raises(ValueError, match="nonincreasing"):
+        allocate_by_gains({"q": [1.0, 2.0]}, 1, 0, 2)
+    with pytest.raises(ValueError, match=r"budget=5 outside .* = \[0, 4\]"):
+        allocate_by_gains(g, 5, 0, 2)
+
+
+# -----------------------------------------------------------------------------
+# fim_rank_pattern (PEFT LoraConfig fields; the check against PEFT itself is in test_peers)
+
+
+def peft_lookup(pattern, name, default):
+    """PEFT's rank_pattern / alpha_pattern rule: the first key k with
+    re.match(rf"(.*\\.)?({k})$", name) wins (peft/utils/other.py, get_pattern_key)."""
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+class Stack(torch.nn.Module):
+    """Names that unanchored or unescaped keys would confuse: "layers.0.q", "layers.10.q",
+    "layers.0xq"... and "extra.layers.0.q", "extra.layers.0.v" (same suffixes)."""
+
+    def __init__(self, d=6):
+        super().__init__()
+        block = lambda: torch.nn.ModuleDict({"q": torch.nn.Linear(d, d),  # noqa: E731
+                                             "v": torch.nn.Linear(d, d)})
+        self.layers = torch.nn.ModuleDict({str(i): block() for i in (0, 1, 10)})
+        self.extra = torch.nn.ModuleDict({"layers": torch.nn.ModuleDict({"0": block()})})
+
+    def forward(self, x):
+        for block in [*self.layers.values(), self.extra["layers"]["0"]]:
+            x = torch.tanh(block["q"](x)) + block["v"](x).square()
+        return x
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_fim_rank_pattern_gives_peft_fields_that_rebuild_ranks_and_scales(rslora):
+    """Through PEFT's lookup rule every module gets exactly the rank and α of
+    initialize_fim_ranks on a copy, so α_m/r_m (α_m/√r_m) stays the base scale; r is the most
+    common rank, and the model is not modified."""
+    torch.manual_seed(0)
+    model = Stack().double()
+    add_lora(model, ["q", "v"], r=4, alpha=8.0, rslora=rslora)
+    x = torch.randn(5, 6, dtype=torch.float64)
+    batches = [x[i:i + 1] for i in range(5)]
+
+    def loss(m, xb):
+        return m(xb).sum()
+    before = copy.deepcopy(model.state_dict())
+    fields = fim_rank_pattern(model, batches, loss, r=4, alpha=8.0, rslora=rslora)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    copy_ = copy.deepcopy(model)
+    ref = initialize_fim_ranks(copy_, batches, loss)
+    assert set(fields) == {"r", "lora_alpha", "rank_pattern", "alpha_pattern"}
+    counts = {k: list(ref["ranks"].values()).count(k) for k in ref["ranks"].values()}
+    assert counts[fields["r"]] == max(counts.values())
+    assert len(set(ref["ranks"].values())) > 1  # a real pattern
+    for name in lora_layers(model):
+        r_m = peft_lookup(fields["rank_pattern"], name, fields["r"])
+        a_m = peft_lookup(fields["alpha_pattern"], name, fields["lora_alpha"])
+        assert r_m == ref["ranks"][name] and a_m == pytest.approx(ref["alphas"][name])
+        scale = a_m / (math.sqrt(r_m) if rslora else r_m)
+        assert scale == pytest.approx(8.0 / (2.0 if rslora else 4.0))
+    differ = [n for n, k in ref["ranks"].items() if k != fields["r"]]
+    assert list(fields["rank_pattern"]) == ["^" + re.escape(n) for n in differ]
+    for key in [*fields["rank_pattern"], *fields["alpha_pattern"]]:  # one module per key
+        assert sum(bool(re.match(rf"(.*\.)?({key})$", n)) for n in lora_layers(model)) == 1
+    assert len(fields["rank_pattern"]) >= 3
+
+
+def test_fim_rank_pattern_rejects_mismatched_adapters_and_rank_zero():
+    model = Stack()
+    add_lora(model, ["q", "v"], r=4, alpha=8.0)
+    batches = [torch.randn(1, 6)]
+    with pytest.raises(ValueError, match="not rank-8"):
+        fim_rank_pattern(model, batches, lambda m, x: m(x).sum(), r=8, alpha=8.0)
+    with pytest.raises(ValueError, match="PEFT has no rank 0"):
+        fim_rank_pattern(model, batches, lambda m, x: m(x).sum(), r=4, alpha=8.0, r_min=0)
