@@ -23,10 +23,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import fimlora
 from conftest import SST2
-from fimlora import (fisher_scores, fw_penalty, fw_track, fw_update, importances,
-                     initialize_fim_ranks, lorada_init)
+from fimlora import (fim_rank_pattern, fisher_scores, fw_penalty, fw_track, fw_update,
+                     importances, initialize_fim_ranks, lorada_init)
 from lora import add_lora, load_adapter, lora_layers, save_adapter
 
 pytestmark = pytest.mark.peer
@@ -215,14 +214,11 @@ def test_fisher_guided_lora_on_transformers_llama_serves_from_peft(tmp_path):
 
 
 def test_fim_rank_pattern_gives_peft_the_allocated_ranks_and_scales():
-    """The PEFT workflow: fim_rank_pattern on the model with adapters -> LoraConfig(r,
-    lora_alpha, rank_pattern, alpha_pattern) -> get_peft_model on a copy of the base. Oracle:
-    initialize_fim_ranks on an identical copy with the same batches (same scores, same exact
-    allocation): every PEFT layer has that rank and the scale α/r = 2 it keeps."""
+    """The PEFT workflow: fim_rank_pattern on the model with adapters (left untouched) ->
+    LoraConfig(r, lora_alpha, rank_pattern, alpha_pattern) -> get_peft_model on a copy of the
+    base. Oracle: initialize_fim_ranks on an identical copy with the same batches (same scores,
+    same exact allocation): every PEFT layer has that rank and keeps the scale α/r = 2."""
     transformers, peft = _peers()
-    fim_rank_pattern = getattr(fimlora, "fim_rank_pattern", None)
-    if fim_rank_pattern is None:
-        pytest.skip("fimlora.fim_rank_pattern does not exist yet (the PEFT-users proposal)")
     model = _hf_llama(transformers)
     base = copy.deepcopy(model)
     add_lora(model, TARGETS, r=4, alpha=8, generator=torch.Generator().manual_seed(0))
@@ -231,8 +227,11 @@ def test_fim_rank_pattern_gives_peft_the_allocated_ranks_and_scales():
     expected = initialize_fim_ranks(oracle, calib, causal_lm_loss)
     assert len(set(expected["ranks"].values())) > 1
 
+    before = {n: p.clone() for n, p in model.named_parameters()}
     pattern = fim_rank_pattern(model, calib, causal_lm_loss, r=4, alpha=8)
     assert {"r", "lora_alpha", "rank_pattern", "alpha_pattern"} <= set(pattern)
+    after = dict(model.named_parameters())  # the model is left as it was: rank 4, same A, B
+    assert set(after) == set(before) and all(torch.equal(before[n], after[n]) for n in before)
     config = peft.LoraConfig(r=pattern["r"], lora_alpha=pattern["lora_alpha"],
                              rank_pattern=pattern["rank_pattern"],
                              alpha_pattern=pattern["alpha_pattern"], target_modules=TARGETS)
