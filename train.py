@@ -105,6 +105,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="steps between checkpoints in <out>/checkpoint (0 = four per run)")
     g.add_argument("--resume", default=None, metavar="OUT",
                    help="continue the run in OUT from its checkpoint (its saved arguments)")
+    g.add_argument("--compare", action="store_true",
+                   help="planted task: also train uniform LoRA and the oracle allocation at the "
+                        "same budget (one quiet run each) and print how this run compares")
     args = p.parse_args(argv)
     if args.resume is not None:
         given = [k for k, v in vars(args).items()
@@ -531,7 +534,7 @@ def planted_task(args: argparse.Namespace, device: torch.device,
                          f"of --model {args.model}; use suffixes of its module names")
     teacher, truth = planted.plant(model, names, generator=rng["init"])
     model.to(device), teacher.to(device)
-    vocab = next(m for m in model.modules() if isinstance(m, nn.Embedding)).num_embeddings
+    vocab = planted.vocab_size(model)
     seq = min(args.max_len, 32)
 
     def loss_fn(m: nn.Module, batch: dict) -> torch.Tensor:
@@ -962,6 +965,39 @@ def prepare_out(args: argparse.Namespace, rank: int) -> None:
                 shutil.rmtree(out / name, ignore_errors=True)
 
 
+def oracle_adapt(task: Task, args: argparse.Namespace, device: torch.device,
+                 rng: dict[str, torch.Generator]) -> nn.Module:
+    """Uniform LoRA, then the ranks of the planted truth (planted.oracle_ranks) at the same
+    budget, each matrix at the base scale (α_m = α·r_m/r)."""
+    model = add_adapters(task, args, device, rng)
+    layers = lora_layers(model)
+    ranks = planted.oracle_ranks(list(layers), task.planted, args.r * len(layers))
+    for name, layer in layers.items():
+        ratio = ranks[name] / args.r
+        resize_lora(layer, ranks[name], generator=rng["init"],
+                    alpha=args.alpha * (math.sqrt(ratio) if args.rslora else ratio))
+    return model
+
+
+def compare_planted(args: argparse.Namespace, results: dict) -> dict:
+    """The same planted run with uniform ranks and with the oracle's (quiet, in a temp folder):
+    did the allocation beat uniform LoRA, and how much of the uniform→oracle gap did it close?"""
+    import tempfile
+    losses = {}
+    for name, adapt in (("uniform", add_adapters), ("oracle", oracle_adapt)):
+        with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
+            twin = argparse.Namespace(**{**vars(args), "method": "lora", "out": tmp,
+                                         "compare": False, "resume": None, "overwrite": True})
+            losses[name] = run(twin, adapt)["metrics"]["loss_ratio"]
+    mine, uni, orc = results["metrics"]["loss_ratio"], losses["uniform"], losses["oracle"]
+    gap = (uni - mine) / (uni - orc) if uni != orc else float("nan")
+    print(f"final loss / loss at B = 0: this run {mine:.4f}, uniform LoRA {uni:.4f}, oracle "
+          f"{orc:.4f} (same budget, same batches)")
+    print(f"{args.method} {'beat' if mine < uni else 'did not beat'} uniform LoRA and closed "
+          f"{gap:.0%} of the uniform→oracle gap on this planted task (one seed)")
+    return {"uniform": uni, "oracle": orc, "gap_closed": gap}
+
+
 # -----------------------------------------------------------------------------
 
 
@@ -970,6 +1006,14 @@ def main(argv: list[str] | None = None, adapt: Callable = add_adapters) -> dict:
     base model into the model to train (default: uniform LoRA, add_adapters); bench.py passes
     one that builds the same run on transformers + PEFT."""
     args = parse_args(argv)
+    results = run(args, adapt)
+    if args.compare and args.task == "planted":
+        results["compare"] = compare_planted(args, results)
+    return results
+
+
+def run(args: argparse.Namespace, adapt: Callable) -> dict:
+    """main() after argument parsing: one run, from seed to saved results."""
     resume = read_checkpoint(Path(args.out)) if args.resume else None
     if args.threads:
         torch.set_num_threads(args.threads)
