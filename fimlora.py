@@ -993,10 +993,11 @@ def _da_omega(G: torch.Tensor, Z: torch.Tensor, y_diag: torch.Tensor, da_alpha: 
     return Delta_hat, (Omega + Omega.T) / 2, info
 
 
-def _da_examples(batches: Iterable[dict], n_samples: int):
-    """Yield single examples as dicts: every tensor value whose first dim equals the batch size
-    (the first dim of the first tensor value) is sliced [i:i+1]; other values pass through.
-    Any mapping works (dict, HF BatchEncoding)."""
+def _da_examples(batches: Iterable[dict], n_samples: int, one_at_a_time: bool = True):
+    """Yield (chunk, N): single examples (N = 1) or whole batches, at most n_samples examples
+    in all (the last batch cut short), as dicts: every tensor value whose first dim equals the
+    batch size (the first dim of the first tensor value) is sliced along it; other values pass
+    through. Any mapping works (dict, HF BatchEncoding)."""
     seen = 0
     for batch in batches:
         if not hasattr(batch, "items"):
@@ -1005,12 +1006,13 @@ def _da_examples(batches: Iterable[dict], n_samples: int):
         if not sizes:
             raise ValueError(f"batch with keys {sorted(batch)} has no tensor with a batch dim")
         n = sizes[0]
-        for i in range(n):
+        for i in range(0, n, 1 if one_at_a_time else n):
             if seen == n_samples:
                 return
-            yield {k: v[i:i + 1] if torch.is_tensor(v) and v.ndim > 0 and v.shape[0] == n else v
-                   for k, v in batch.items()}
-            seen += 1
+            j = min(i + 1 if one_at_a_time else n, i + n_samples - seen)
+            yield {k: v[i:j] if torch.is_tensor(v) and v.ndim > 0 and v.shape[0] == n else v
+                   for k, v in batch.items()}, j - i
+            seen += j - i
 
 
 def _da_rows(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -1029,16 +1031,20 @@ def _da_key(x: torch.Tensor) -> tuple:
 
 def lorada_statistics(model: nn.Module, batches: Iterable[dict],
                       loss_fn: Callable[[nn.Module, dict], torch.Tensor], n_samples: int = 256,
-                      token_mask: Callable[[dict], torch.Tensor] | None = None
-                      ) -> tuple[dict[str, dict], int]:
-    """LoRA-DA statistics (arXiv:2510.24561) of every adapted layer, one example at a time as
-    the authors' code, with L_n = loss_fn(model, example n) (a token mean, so Y has the paper's
-    scale) and δ_t = ∂L_n/∂y_t:
+                      token_mask: Callable[[dict], torch.Tensor] | None = None,
+                      batched: bool = True) -> tuple[dict[str, dict], int]:
+    """LoRA-DA statistics (arXiv:2510.24561) of every adapted layer over the first n_samples
+    examples, with L_n the loss of example n (a token mean, so Y has the paper's scale) and
+    δ_{n,t} = ∂L_n/∂y_t:
 
         G = (1/n) Σ_n ∂L_n/∂W (d_out, d_in),   Z = E_t[x_t x_tᵀ],   y = E_t[δ_t ⊙ δ_t],
 
-    Z and y over valid tokens: token_mask(example), else example["attention_mask"], else all.
-    Batches are split along dim 0 (_da_examples), at most n_samples examples. Matrices reading
+    Z and y over valid tokens: token_mask(chunk), else chunk["attention_mask"], else all.
+    batched=False runs loss_fn on one example at a time, as the authors' code, and assumes
+    nothing about the loss. batched=True runs one backward per batch of N examples: loss_fn
+    must then return the mean of per-example losses over dim 0, L = (1/N) Σ_n L_n (as
+    fisher_scores(per_example=True)) with examples that do not interact, so δ_{n,t} =
+    N·∂L/∂y_{n,t} and G, Z, y equal the per-example ones up to float rounding. Matrices reading
     the same input tensor (q/k/v) share one Z tensor. Runs in eval mode; no .grad is written and
     flags are restored. Sums are in the weight dtype promoted to at least float32.
     Returns ({name: {G, Z, y_diag, tokens, z_owner}}, number of examples used).
@@ -1053,7 +1059,7 @@ def lorada_statistics(model: nn.Module, batches: Iterable[dict],
     for s in st.values():
         s["y_diag"] = s["G"].new_zeros(s["G"].shape[0])
     Zsum, owner = {}, {}  # owner[n]: the matrix whose Z tensor n uses
-    cur, mask_now = {}, [None]  # inputs seen in the current forward; its token mask
+    cur, mask_now, N = {}, [None], [1]  # inputs of the current forward, its token mask, size
 
     def on_forward(name, x, y):
         if not y.requires_grad:
@@ -1063,7 +1069,7 @@ def lorada_statistics(model: nn.Module, batches: Iterable[dict],
 
     def on_grad(name, x, xd, delta):  # δ for this call of the module, (..., d_out)
         s = st[name]
-        d = delta.to(s["G"].dtype)
+        d = delta.to(s["G"].dtype) * N[0]  # ∂L_n/∂y from the batch mean (1/N) Σ_n L_n
         s["G"].addmm_(d.reshape(-1, d.shape[-1]).T, x.reshape(-1, x.shape[-1]).to(d.dtype))
         dm = _da_rows(d, mask_now[0])
         s["y_diag"].add_((dm * dm).sum(dim=0))
@@ -1093,7 +1099,7 @@ def lorada_statistics(model: nn.Module, batches: Iterable[dict],
         for B in inputs:
             B.requires_grad_(True)
         try:
-            for example in _da_examples(batches, n_samples):
+            for example, N[0] in _da_examples(batches, n_samples, not batched):
                 mask = (token_mask(example) if token_mask is not None
                         else example.get("attention_mask"))
                 mask_now[0] = None if mask is None else mask.bool()
@@ -1107,7 +1113,7 @@ def lorada_statistics(model: nn.Module, batches: Iterable[dict],
                     if loss.requires_grad:  # hooks on the outputs see δ; .grad stays untouched
                         torch.autograd.grad(loss, inputs, allow_unused=True)
                 cur.clear()
-                n_used += 1
+                n_used += N[0]
         finally:
             cur.clear()
     Z = {o: Zsum[o] / max(st[o]["tokens"], 1) for o in Zsum}  # sharers get the same tensor
@@ -1124,12 +1130,15 @@ def lorada_init(model: nn.Module, batches: Iterable[dict],
                 loss_fn: Callable[[nn.Module, dict], torch.Tensor], n_samples: int = 256,
                 da_alpha: float = 1.0, da_beta: float = 0.03, da_gamma: float = 1024.0,
                 damping: float = 1e-6, population_size: int | None = None,
-                token_mask: Callable[[dict], torch.Tensor] | None = None) -> dict:
+                token_mask: Callable[[dict], torch.Tensor] | None = None,
+                batched: bool = True) -> dict:
     """LoRA-DA initialisation (arXiv:2510.24561) of every adapted layer, in place: statistics
     from lorada_statistics at the model as it is (W0 at the default B = 0), then A, B from
     lorada_factors, with N_pop = population_size (the fine-tuning set size, as the paper) or the
     number of examples used. W0 is not offset, so the model starts at W0 + s·B A. Defaults are
-    the authors' released config (α_DA 1, β_DA 0.03, γ_DA 1024, λ 1e-6, 256 examples). A matrix
+    the authors' released config (α_DA 1, β_DA 0.03, γ_DA 1024, λ 1e-6, 256 examples);
+    batched=True (one backward per batch) needs loss_fn to be a mean of per-example losses,
+    batched=False is the authors' one-example-at-a-time procedure. A matrix
     with G = 0 or no valid token keeps its init and is listed in "skipped". Nothing is written
     unless every matrix solves.
     Returns {"initialized", "skipped": {name: reason}, "n_samples", "population_size",
@@ -1146,7 +1155,7 @@ def lorada_init(model: nn.Module, batches: Iterable[dict],
     if da_gamma <= 0 or damping <= 0 or (population_size is not None and population_size < 1):
         raise ValueError(f"da_gamma={da_gamma}, damping={damping} and population_size="
                          f"{population_size} must be positive")
-    stats, n_used = lorada_statistics(model, batches, loss_fn, n_samples, token_mask)
+    stats, n_used = lorada_statistics(model, batches, loss_fn, n_samples, token_mask, batched)
     if n_used == 0:
         raise ValueError("batches yielded no example: pass at least one non-empty batch")
     n_pop = population_size or n_used
