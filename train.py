@@ -82,7 +82,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--log-every", type=int, default=50)
     g = p.add_argument_group("Fisher methods")
     g.add_argument("--calib-batches", type=int, default=8, help="FIM calibration batches")
-    g.add_argument("--score", default="efim", choices=("efim", "variance"))
+    g.add_argument("--score", default="efim", choices=fimlora.ALLOCATION_SCORES,
+                   help="FIM-LoRA's scores efim | variance (the paper); gradw, kfac, lorada, "
+                        "random: other allocation scores, compared in bench.py --planted-study")
     g.add_argument("--per-example", action="store_true", help="per-example (true) empirical Fisher")
     g.add_argument("--r-min", type=int, default=1)
     g.add_argument("--r-max", type=int, default=None, help="default 2r")
@@ -598,7 +600,9 @@ def fim_method(model: nn.Module, task: Task, args: argparse.Namespace,
         n_batches=args.calib_batches, per_example=args.per_example, power=args.power,
         generator=rng["init"])
     seconds = time.perf_counter() - t0
-    print(f"FIM-LoRA {args.score} scores:\n{layer_table(res['scores'], '{:.3g}')}")
+    shown = {n: sum(v) if isinstance(v, list) else v for n, v in res["scores"].items()}
+    what = " (per-rank gains, summed)" if shown != res["scores"] else ""
+    print(f"FIM-LoRA {args.score} scores{what}:\n{layer_table(shown, '{:.3g}')}")
     print(f"FIM-LoRA calibration: {seconds:.1f}s, estimator {held:,} bytes "
           f"({ratio:.2%} of a full-model diagonal Fisher)")
     report["fim"] = {**res, "seconds": seconds, "bytes": held, "memory_ratio": ratio}
