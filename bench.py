@@ -62,6 +62,7 @@ RECIPE = ["--model", "minilm"]  # the rest is train.py's GLUE defaults (README: 
 PEER_SAVE_EVERY = 10**9  # a peer's layers are not LoRALinear: train.py cannot checkpoint them
 BUSY_SECONDS = 900  # a cell folder written this recently is taken to be training elsewhere
 SECONDS_PER_STEP_GUESS = 1.1  # before any cell exists: SST-2 lora-s0 took 1.07 s/step, 1 thread
+EVA_BATCHES = 32  # calibration batches handed to PEFT's EVA, which cycles them to convergence
 
 
 def batch_of(tok, n: int, tokens: int, gen: torch.Generator) -> dict:
@@ -322,16 +323,14 @@ def eva_adapt(task, args, device, rng, record: dict) -> nn.Module:
         target_modules=args.targets.split(","), modules_to_save=list(task.heads),
         init_lora_weights="eva",  # labels are one per row here, not per token: no label mask
         eva_config=peft.EvaConfig(rho=2.0, use_label_mask=False))).to(device)
-    seen = itertools.count(1)
-    # EVA reads batches until every layer's components converge: the calibration stream
-    # (endless), counted, rather than a fixed list that PEFT would cycle through again
-    calib = ({k: v.to(device) for k, v in b.items()} for b in task.train_batches(rng["calib"])
-             if next(seen))
+    # PEFT cycles these until every layer's components converge (it needs a sized iterable)
+    calib = [{k: v.to(device) for k, v in b.items()} for b in
+             itertools.islice(task.train_batches(rng["calib"]), EVA_BATCHES)]
     t0 = time.perf_counter()
     peft.initialize_lora_eva_weights(model, calib, show_progress_bar=False,
                                      prepare_layer_inputs_fn=_eva_layer_inputs)
     record["calibration"] = time.perf_counter() - t0
-    record["calibration_batches"] = next(seen) - 1
+    record["calibration_batches"] = len(calib)
     record["ranks"] = {re.sub(r"^base_model\.model\.", "", n): m.r["default"]
                        for n, m in model.named_modules()
                        if isinstance(m, peft.tuners.lora.LoraLayer)}
@@ -755,7 +754,8 @@ def write_report(root: Path, recipe: dict | None, results: Path = RESULTS,
         ranks, n = mean_ranks(summary["cells"], task)
         if ranks:
             path = results / f"ranks_{task}.svg"
-            path.write_text(rank_svg(ranks, f"FIM-LoRA ranks, {task}, mean of {n} seeds"))
+            title = f"FIM-LoRA ranks, {task}, mean of {n} seed{'s' * (n != 1)}"
+            path.write_text(rank_svg(ranks, title))
             svgs[task] = path.as_posix()
     bench_path = results / "bench.json"
     bench = json.loads(bench_path.read_text()) if bench_path.exists() else None
