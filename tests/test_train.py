@@ -112,3 +112,13 @@ def test_cli_prints_message_not_traceback(tmp_path):
     out = subprocess.run([sys.executable, "train.py", "--r", "0", "--out", str(tmp_path / "o")],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "error: --r 0" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_loss_ratio_is_over_the_loss_at_b_zero_for_every_method(tmp_path):
+    """LoRA-DA moves the model away from B = 0 before step 0; its loss_ratio still divides by
+    the loss at B = 0, which is the same for every method with the same seed."""
+    lora = run(tmp_path / "lora", "--method", "lora", "--seed", "5")
+    da = run(tmp_path / "da", "--method", "da", "--seed", "5")
+    assert da["loss_at_B0"] == lora["loss_at_B0"] == lora["eval_history"][0]["loss"]
+    assert da["eval_history"][0]["loss"] != da["loss_at_B0"]  # the init moved it
+    assert da["metrics"]["loss_ratio"] == da["metrics"]["loss"] / da["loss_at_B0"]
