@@ -18,6 +18,7 @@ import itertools
 import json
 import math
 import os
+import platform
 import random
 import re
 import shutil
@@ -36,8 +37,7 @@ import fimlora
 from data import glue, planted
 from data.tasks import Task, causal_task, glue_task, planted_task
 from data.tasks import to_device  # noqa: F401  (bench.py's AdaLoRA loop uses train.to_device)
-from lora import (_atomic_write, add_lora, load_lora_state_dict, lora_layers, lora_state_dict,
-                  resize_lora, save_adapter)
+from lora import _atomic_write, add_lora, lora_layers, resize_lora, save_adapter
 from models import model_path
 from models.checkpoint import DECODERS
 
@@ -276,7 +276,8 @@ def save_checkpoint(out: Path, step: int, model: nn.Module, opt, sched, rng: dic
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     fw = state["fw"]
-    blob = {"step": step, "model": dict(lora_state_dict(model, state["heads"])),
+    trainable = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    blob = {"step": step, "model": trainable,  # adapters and heads, or a peer's trainables
             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
             "rng": {k: g.get_state() for k, g in rng.items()} | {"torch": torch.get_rng_state()},
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -348,14 +349,24 @@ def resumed_args(cli: argparse.Namespace) -> argparse.Namespace:
 
 
 def restore_adapters(model: nn.Module, blob: dict, meta: dict) -> None:
-    """Give every LoRA layer the checkpoint's rank, alpha and tensors (and the heads theirs)."""
+    """Give every LoRA layer the checkpoint's rank and alpha, then every trainable tensor (the
+    adapters and heads, or a peer model's trainables) its saved value."""
     layers = lora_layers(model)
     if set(meta["ranks"]) != set(layers):
         raise ValueError(f"the checkpoint adapts {sorted(meta['ranks'])[:3]}..., the model "
                          f"{sorted(layers)[:3]}...: was --model or --targets changed?")
     for name, layer in layers.items():
         resize_lora(layer, int(meta["ranks"][name]), alpha=float(meta["alphas"][name]))
-    load_lora_state_dict(model, blob["model"])
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    saved = blob["model"]
+    bad = sorted(set(params) ^ set(saved)) + [n for n in params if n in saved and (
+        saved[n].shape != params[n].shape or not bool(torch.isfinite(saved[n]).all()))]
+    if bad:
+        raise ValueError(f"the checkpoint's tensors do not fit the model ({bad[:3]}): was "
+                         "--model or --targets changed, or is state.pt damaged?")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(saved[n])
 
 
 def restore_rng(blob: dict) -> None:
@@ -910,6 +921,9 @@ def run(args: argparse.Namespace, adapt: Callable) -> dict:
         metrics = final_eval(model, task, args, trained, report)
         results = {
             "args": vars(args), "seed": args.seed, "device": str(device), "world_size": world,
+            "versions": {"torch": torch.__version__, "python": platform.python_version()},
+            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                        "threads": torch.get_num_threads()},
             "metrics": metrics, "eval_history": trained["evals"], "train_loss": trained["losses"],
             "trainable_parameters": trained["trainable"],
             "total_parameters": n_params(model, False),
