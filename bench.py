@@ -139,17 +139,8 @@ def _planted_adapt(allocation: str, record: dict, r_max: int):
 
 
 def _available(score: str) -> bool:
-    """Whether fimlora.fisher_scores takes this score now (others add scores over time)."""
-    if score == "per-example":
-        return True
-    model = nn.Sequential(nn.Linear(2, 2))
-    add_lora(model, ["0"], r=1, alpha=1)
-    loss_fn = lambda m, b: m(b).square().mean()  # noqa: E731
-    try:
-        fimlora.fisher_scores(model, [torch.ones(1, 2)], loss_fn, score=score)
-    except (ValueError, TypeError) as e:
-        return "score" not in str(e)
-    return True
+    """Whether initialize_fim_ranks takes this score (fimlora.ALLOCATION_SCORES)."""
+    return score == "per-example" or score in getattr(fimlora, "ALLOCATION_SCORES", ())
 
 
 def planted_study(seeds: int, steps: int, threads: int, out: str) -> dict:
@@ -708,7 +699,9 @@ def results_markdown(summary: dict, bench: dict | None, svgs: dict[str, str]) ->
            f"--data-dir D --seed S` (peers: `python bench.py --peer P -- ...`, the same batches, "
            "head and, for peft-lora, A). Values are dev-set percentages; a paired Δ is method − "
            "lora in the same seed; \"–\" is a cell not run yet. One seed decides nothing: read "
-           "each Δ against its spread and its wins."]
+           "each Δ against its spread and its wins. s/step here is each cell's own training time on "
+           "a shared machine (other jobs ran beside some cells): compare speed in the make bench "
+           "table, where every row is timed side by side."]
     for task in tasks:
         out += ["", f"#### {task} (`results/cells/{task}/`)", ""]
         out += task_table(cells, task, methods, seeds, recipe.get("notes", {}))
@@ -725,6 +718,48 @@ def results_markdown(summary: dict, bench: dict | None, svgs: dict[str, str]) ->
         out += ["", *bench.get("notes", [])]
     return "\n".join(line if line.startswith("|") else textwrap.fill(line, 100)
                      for line in out) + "\n"
+
+
+def planted_markdown(study: dict) -> list[str]:
+    """The planted-study table from results/planted_study.json (bench.py --planted-study)."""
+    held = "holds" if study["criterion_held"] else "does NOT hold"
+    ratios = ", ".join(f"{r:.3f}" for r in study["criterion_oracle_over_uniform"])
+    seeds = len(study["criterion_oracle_over_uniform"])
+    out = [f"#### Planted task: does an allocation put rank where the truth is? "
+           f"(`python bench.py --planted-study`, {seeds} seeds, {study['args']['steps']} steps)",
+           "", f"Criterion, stated before measuring: {study['criterion']}. Oracle / uniform per "
+           f"seed: {ratios}, so the criterion {held}"
+           + ("." if study["criterion_held"] else ": on this task even the oracle's advantage "
+              "is small, and the scores below cannot be judged against it."), "",
+           "| allocation | final / B=0 loss, mean ± std | vs uniform | gap closed | closes "
+           "≥ 50 % of the gap | share of rank on planted | calibration s | per seed |",
+           "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for name, row in study["summary"].items():
+        per = ", ".join(f"{s['runs'][name]['loss_ratio']:.4f}" for s in study["per_seed"])
+        out.append(f"| {name} | {row['loss_ratio']['mean']:.4f} ± {row['loss_ratio']['std']:.4f}"
+                   f" | {row['vs_uniform']['mean']:.3f} | {row['gap_closed']['mean']:.2f} | "
+                   f"{row['closes_half_gap_seeds']} of {seeds} | "
+                   f"{row['share_planted']['mean']:.2f} | "
+                   f"{row['calibration_seconds']['mean']:.2f} | {per} |")
+    return out
+
+
+def smollm2_markdown(root: Path) -> list[str]:
+    """SmolLM2 on SST-2 prompts from results/smollm2/<run>/results.json."""
+    runs = [json.loads(p.read_text()) for p in sorted(root.glob("*/results.json"))]
+    if not runs:
+        return []
+    out = ["#### SmolLM2-135M-Instruct on SST-2 prompts (`results/smollm2/`)", "",
+           "| method | seed | steps × batch | dev accuracy | s/step | calibration s |",
+           "|---|---:|---:|---:|---:|---:|"]
+    for r in sorted(runs, key=lambda r: (r["args"]["steps"] > 1, r["args"]["method"],
+                                         r["args"]["seed"])):
+        a = r["args"]
+        name = "zero-shot (no training)" if a["steps"] == 1 and a["lr"] < 1e-9 else a["method"]
+        out.append(f"| {name} | {a['seed']} | {a['steps']} × {a['batch_size']} | "
+                   f"{100 * r['metrics']['accuracy']:.2f} | {r['seconds']['per_step']:.2f} | "
+                   f"{r['seconds']['calibration']:.1f} |")
+    return out
 
 
 def replace_section(text: str, section: str) -> str:
@@ -760,6 +795,11 @@ def write_report(root: Path, recipe: dict | None, results: Path = RESULTS,
     bench_path = results / "bench.json"
     bench = json.loads(bench_path.read_text()) if bench_path.exists() else None
     section = results_markdown(summary, bench, svgs)
+    study = results / "planted_study.json"
+    extra = planted_markdown(json.loads(study.read_text())) if study.exists() else []
+    extra += [""] + smollm2_markdown(results / "smollm2")
+    section += "\n" + "\n".join(line if line.startswith("|") else textwrap.fill(line, 100)
+                                 for line in extra) + "\n"
     readme.write_text(replace_section(readme.read_text(), section))
     print(f"wrote {results / 'summary.json'} ({len(summary['cells'])} cells), "
           f"{len(svgs)} rank map(s) and the README section in {readme}")
