@@ -806,7 +806,8 @@ def save(model: nn.Module, task: Task, args: argparse.Namespace, results: dict) 
         if task.planted is None:  # for PeftModel.from_pretrained (README)
             base = None if args.model in ("tiny", "tiny-llama") else str(model_path(args.model))
             save_adapter(tmp / "adapter_peft", model, targets, heads=task.heads, format="peft",
-                         base_model=base)
+                         base_model=base,
+                         task_type="CAUSAL_LM" if args.model in DECODERS else None)
     write_json(tmp / "results.json", results)
     _fsync_dir(tmp)
     os.replace(tmp, out / ".publish")
