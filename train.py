@@ -1,12 +1,16 @@
-"""Fine-tune an encoder with plain LoRA or a Fisher-guided variant, evaluate, save.
+"""Fine-tune a model with plain LoRA or a Fisher-guided variant, evaluate, save.
 
     python train.py --method fim                                  # embedded planted task, ~20 s
     python train.py --method lora --model minilm --task sst2 --data-dir ../shared/data/glue/SST-2
+    python train.py --model smollm2 --task sst2 --data-dir ...     # a decoder on GLUE prompts
+    python train.py --resume runs/sst2-lora-s0                     # continue from the checkpoint
+    torchrun --standalone --nproc_per_node 2 train.py ...          # one process per device
 
 Methods: lora (uniform rank r), fim (FIM-LoRA rank allocation at equal budget), fw (FW-LoRA
 penalty after a Fisher warm-up), da (LoRA-DA initialisation), fim+da (both). main() reads as
 args → seed → device → data → model → method → loop → eval → save; everything that defines a run
-is an argument, and the results JSON stores all of them with the seed.
+is an argument, and the results JSON stores all of them with the seed. Runs checkpoint as they
+go, resume bitwise, and never replace a finished run unless asked (--overwrite).
 """
 
 from __future__ import annotations
