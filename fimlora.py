@@ -809,11 +809,15 @@ FW_LAMBDA = 1e-4  # λ of the penalty
 def _grad_sq_norm(X: torch.Tensor, delta: torch.Tensor, method: str = "auto") -> torch.Tensor:
     """‖δᵀX‖²_F for X (T, d_in), δ (T, d_out): directly, or by the Gram ("ghost norm") identity
     ‖δᵀX‖²_F = Σ (δδᵀ)⊙(XXᵀ). "auto" takes the cheaper: T²·(d_in + d_out) vs T·d_in·d_out."""
-    T, d_in = X.shape
-    d_out = delta.shape[1]
-    if method == "gram" or (method == "auto" and T * (d_in + d_out) < d_in * d_out):
+    if not _direct(X, delta, method):
         return ((delta @ delta.T) * (X @ X.T)).sum()  # (T, T) Grams
     return (delta.T @ X).square().sum()  # (d_out, d_in)
+
+
+def _direct(X: torch.Tensor, delta: torch.Tensor, method: str) -> bool:
+    """Whether _grad_sq_norm forms δᵀX: "direct", or "auto" where T·d_in·d_out is cheaper."""
+    (T, d_in), d_out = X.shape, delta.shape[1]
+    return method == "direct" or (method == "auto" and T * (d_in + d_out) >= d_in * d_out)
 
 
 @contextlib.contextmanager
@@ -822,29 +826,41 @@ def fw_track(model: nn.Module, method: str = "auto") -> Iterator[dict[str, torch
     with G_m = ∂L/∂W_m = δᵀX summed over everything that ran inside the context: X (T, d_in) and
     δ (T, d_out) stack the rows of every call and every backward pass, so a layer called twice
     or gradients accumulated over micro-batches give ‖Σ_c G_c‖², the norm of the real gradient.
-    G_m is never formed when the Gram form is cheaper (method "auto", "direct" or "gram").
+    G_m is never formed when the Gram form is cheaper (method "auto", "direct" or "gram");
+    otherwise it is summed in the tensor hook, so X and δ are freed during backward ("auto"
+    decides at a layer's first call). The exact norm costs one weight-gradient GEMM per
+    matrix, what full fine-tuning adds to a LoRA step; an opt-in approximation tracks only
+    every k-th warm-up step (the EMA then sees K/k samples; β^k keeps its horizon in steps),
+    for about 1/k of that cost:
 
-        with fw_track(model) as sq_norms:
-            loss_fn(model, batch).backward()
-        ema = fw_update(ema, sq_norms, step)
+        with fw_track(model) as sq_norms:                # or: every k-th step only, then
+            loss_fn(model, batch).backward()             # fw_update(ema, sq_norms, step // k,
+        ema = fw_update(ema, sq_norms, step)             #           beta=FW_BETA ** k)
     """
     if method not in ("auto", "direct", "gram"):
         raise ValueError(f"method={method!r}: use 'auto', 'direct' or 'gram'")
     layers = _adapted(model)
     sq_norms = {n: m.weight.new_zeros((), dtype=torch.float32) for n, m in layers.items()}
-    rows: dict[str, list] = {n: [] for n in layers}
+    rows: dict[str, list] = {n: [] for n in layers}  # Gram form: every call's (X, δ)
+    G: dict[str, torch.Tensor] = {}  # direct form: Σ_c δ_cᵀX_c
 
     def on_grad(name, x, xd, delta):
-        rows[name].append((x.reshape(-1, x.shape[-1]).float(),  # (T, d_in)
-                           delta.reshape(-1, delta.shape[-1]).float()))  # (T, d_out)
+        X = x.reshape(-1, x.shape[-1]).float()  # (T, d_in)
+        D = delta.reshape(-1, delta.shape[-1]).float()  # (T, d_out)
+        if name in G or (not rows[name] and _direct(X, D, method)):
+            G[name] = D.T @ X if name not in G else G[name].addmm_(D.T, X)
+        else:
+            rows[name].append((X, D))
 
     with _hooked(layers, on_grad):
         yield sq_norms
     with torch.no_grad():
+        for name, g in G.items():
+            sq_norms[name].add_(g.square().sum())
         for name, pairs in rows.items():
             if pairs:
                 X, D = (torch.cat(z) if len(pairs) > 1 else z[0] for z in zip(*pairs))
-                sq_norms[name].add_(_grad_sq_norm(X, D, method))
+                sq_norms[name].add_(_grad_sq_norm(X, D, "gram"))
 
 
 def fw_update(ema: dict[str, torch.Tensor], sq_norms: dict[str, torch.Tensor], step: int,
