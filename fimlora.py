@@ -828,7 +828,8 @@ def fw_track(model: nn.Module, method: str = "auto") -> Iterator[dict[str, torch
     or gradients accumulated over micro-batches give ‖Σ_c G_c‖², the norm of the real gradient.
     G_m is never formed when the Gram form is cheaper (method "auto", "direct" or "gram");
     otherwise it is summed in the tensor hook, so X and δ are freed during backward ("auto"
-    decides at a layer's first call). The exact norm costs one weight-gradient GEMM per
+    decides at a layer's first call). Under torch.distributed (DDP) each G_m is all-reduced and
+    averaged first, so every rank gets the norm of the gradient DDP applies. The exact norm costs one weight-gradient GEMM per
     matrix, what full fine-tuning adds to a LoRA step; an opt-in approximation tracks only
     every k-th warm-up step (the EMA then sees K/k samples; β^k keeps its horizon in steps),
     for about 1/k of that cost:
@@ -854,7 +855,18 @@ def fw_track(model: nn.Module, method: str = "auto") -> Iterator[dict[str, torch
 
     with _hooked(layers, on_grad):
         yield sq_norms
+    dist = torch.distributed
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     with torch.no_grad():
+        if world > 1:  # DistributedDataParallel: the step's gradient is the ranks' mean G
+            for name, m in layers.items():
+                g = G.get(name, m.weight.new_zeros(m.out_features, m.in_features,
+                                                   dtype=torch.float32))
+                for X, D in rows.pop(name, []):
+                    g = g.addmm(D.T, X)
+                G[name] = g
+            _all_reduce(list(G.values()), 0)
+            G = {n: g / world for n, g in G.items()}
         for name, g in G.items():
             sq_norms[name].add_(g.square().sum())
         for name, pairs in rows.items():

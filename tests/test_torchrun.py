@@ -20,7 +20,7 @@ from lora import read_safetensors
 # the same function of the same global batches
 ARGS = ["train.py", "--model", "tiny-llama", "--task", "sst2", "--data-dir", str(SST2),
         "--max-train", "128", "--max-eval", "32", "--steps", "6", "--batch-size", "8",
-        "--calib-batches", "4", "--log-every", "2", "--threads", "1"]
+        "--calib-batches", "4", "--log-every", "2", "--threads", "1", "--fw-warmup", "3"]
 
 
 def torchrun() -> list[str]:
@@ -29,7 +29,7 @@ def torchrun() -> list[str]:
 
 
 @pytest.mark.skipif(not SST2.is_dir(), reason=f"SST-2 not found at {SST2}")
-@pytest.mark.parametrize("method", ["lora", "fim"])
+@pytest.mark.parametrize("method", ["lora", "fim", "fw"])
 def test_two_gloo_processes_match_one_process(tmp_path, method):
     one, two = tmp_path / "one", tmp_path / "two"
     run1 = subprocess.run([sys.executable, *ARGS, "--method", method, "--out", str(one)],
@@ -45,6 +45,9 @@ def test_two_gloo_processes_match_one_process(tmp_path, method):
     assert r2["ranks"] == r1["ranks"]  # rank 0 and rank 1 allocated alike (DDP would fail else)
     torch.testing.assert_close(torch.tensor(r2["train_loss"]), torch.tensor(r1["train_loss"]),
                                rtol=1e-4, atol=1e-6)
+    if method == "fw":  # the warm-up Fisher is the norm of the gradient DDP applies
+        for name, v in r1["fw"]["importances"].items():
+            assert r2["fw"]["importances"][name] == pytest.approx(v, rel=1e-4), name
     a1, _ = read_safetensors(one / "adapter" / "adapter_model.safetensors")
     a2, _ = read_safetensors(two / "adapter" / "adapter_model.safetensors")
     for k in a1:
