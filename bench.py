@@ -762,6 +762,22 @@ def smollm2_markdown(root: Path) -> list[str]:
     return out
 
 
+RUN_MARKERS = ("<!-- run:start -->", "<!-- run:end -->")
+
+
+def replace_run_block(text: str, run: dict) -> str:
+    """The README's opening block from make run's results.json: its rank map and verdict."""
+    import train
+    ranks = run["ranks"]
+    lines = [f"ranks (total {sum(ranks.values())} = budget {run['args']['r'] * len(ranks)}):",
+             train.layer_table(ranks)]
+    if "compare" in run:
+        lines.append(train.compare_lines(run["compare"]))
+    block = "\n".join(["```", *lines, "```"])
+    i = text.index(RUN_MARKERS[0]) + len(RUN_MARKERS[0])
+    return f"{text[:i]}\n{block}\n{text[text.index(RUN_MARKERS[1]):]}"
+
+
 def replace_section(text: str, section: str) -> str:
     """text with everything between the two MARKERS replaced by section; without markers they
     are appended at the end (under a "## Results" heading unless that is the last section)."""
@@ -800,7 +816,11 @@ def write_report(root: Path, recipe: dict | None, results: Path = RESULTS,
     extra += [""] + smollm2_markdown(results / "smollm2")
     section += "\n" + "\n".join(line if line.startswith("|") else textwrap.fill(line, 100)
                                  for line in extra) + "\n"
-    readme.write_text(replace_section(readme.read_text(), section))
+    text = replace_section(readme.read_text(), section)
+    run = results / "make_run" / "results.json"
+    if run.exists() and RUN_MARKERS[0] in text:  # the rank map and verdict make run prints
+        text = replace_run_block(text, json.loads(run.read_text()))
+    readme.write_text(text)
     print(f"wrote {results / 'summary.json'} ({len(summary['cells'])} cells), "
           f"{len(svgs)} rank map(s) and the README section in {readme}")
     return summary

@@ -879,11 +879,18 @@ def compare_planted(args: argparse.Namespace, results: dict) -> dict:
             losses[name] = run(twin, adapt)["metrics"]["loss_ratio"]
     mine, uni, orc = results["metrics"]["loss_ratio"], losses["uniform"], losses["oracle"]
     gap = (uni - mine) / (uni - orc) if uni != orc else float("nan")
-    print(f"final loss / loss at B = 0: this run {mine:.4f}, uniform LoRA {uni:.4f}, oracle "
-          f"{orc:.4f} (same budget, same batches)")
-    print(f"{args.method} {'beat' if mine < uni else 'did not beat'} uniform LoRA and closed "
-          f"{gap:.0%} of the uniform→oracle gap on this planted task (one seed)")
-    return {"uniform": uni, "oracle": orc, "gap_closed": gap}
+    out = {"method": args.method, "run": mine, "uniform": uni, "oracle": orc, "gap_closed": gap}
+    print(compare_lines(out))
+    return out
+
+
+def compare_lines(c: dict) -> str:
+    """The two lines --compare prints (bench.py puts them in the README too)."""
+    return (f"final loss / loss at B = 0: this run {c['run']:.4f}, uniform LoRA "
+            f"{c['uniform']:.4f}, oracle {c['oracle']:.4f} (same budget, same batches)\n"
+            f"{c['method']} {'beat' if c['run'] < c['uniform'] else 'did not beat'} uniform LoRA "
+            f"and closed {c['gap_closed']:.0%} of the uniform→oracle gap on this planted task "
+            "(one seed)")
 
 
 # -----------------------------------------------------------------------------
@@ -897,6 +904,8 @@ def main(argv: list[str] | None = None, adapt: Callable = add_adapters) -> dict:
     results = run(args, adapt)
     if args.compare and args.task == "planted":
         results["compare"] = compare_planted(args, results)
+        if int(os.environ.get("RANK", "0")) == 0:
+            write_json(Path(args.out) / "results.json", results)  # the run's own, just published
     return results
 
 
