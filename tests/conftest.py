@@ -37,3 +37,16 @@ def pytest_runtest_makereport(item, call):
             and item.get_closest_marker("peer")):
         report.outcome = "failed"
         report.longrepr = f"peer test skipped under FIMLORA_REQUIRE_PEERS=1: {report.longrepr}"
+
+
+def probe_outputs(layers: dict, seen: dict) -> list:
+    """Oracle hooks, independent of fimlora's: each layer's output gets a zero probe added, and
+    seen[name] = (layer input, probe), so ∂L/∂probe is the output gradient δ. Returns the hook
+    handles (remove them after the backward pass)."""
+    def hook(name):
+        def f(mod, args, out):
+            probe = torch.zeros_like(out, requires_grad=True)
+            seen[name] = (args[0].detach(), probe)
+            return out + probe
+        return f
+    return [layer.register_forward_hook(hook(n)) for n, layer in layers.items()]

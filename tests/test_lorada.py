@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from conftest import probe_outputs
 from fimlora import lorada_factors, lorada_init, lorada_statistics
 from lora import add_lora, lora_layers, merge_lora
 
@@ -223,14 +224,7 @@ def oracle_statistics(model, batches, n, mask_fn=lambda ex: ex["attention_mask"]
     xx, dd, tok = ({k: 0 for k in layers} for _ in range(3))
     for ex in examples(batches, n):
         seen = {}
-
-        def hook(name):
-            def f(mod, args, out):
-                probe = torch.zeros_like(out, requires_grad=True)
-                seen[name] = (args[0].detach(), probe)
-                return out + probe
-            return f
-        handles = [m.register_forward_hook(hook(k)) for k, m in layers.items()]
+        handles = probe_outputs(layers, seen)
         for m in layers.values():
             m.weight.requires_grad_(True)
             m.weight.grad = None

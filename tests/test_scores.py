@@ -19,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import test_fisher as tf
+from conftest import probe_outputs
 import test_lorada as tl
 from fimlora import (ALLOCATION_SCORES, allocate_by_gains, allocation_scores, fim_rank_pattern,
                      initialize_fim_ranks, lorada_statistics)
@@ -33,14 +34,7 @@ def dense_batch_stats(model, batches):
         m = copy.deepcopy(model)
         layers = lora_layers(m)
         seen = {}
-
-        def hook(name):
-            def f(mod, args, out):
-                probe = torch.zeros_like(out, requires_grad=True)
-                seen[name] = (args[0].detach(), probe)
-                return out + probe
-            return f
-        handles = [layer.register_forward_hook(hook(n)) for n, layer in layers.items()]
+        handles = probe_outputs(layers, seen)
         for layer in layers.values():
             layer.weight.requires_grad_(True)
         loss = tf.loss_fn(m, batch)
