@@ -491,10 +491,13 @@ def run_subprocess(cmd: list[str], log: Path) -> int:
 def run_info(cell: Cell, threads: int, wall: float) -> dict:
     """Versions, machine and commit of a cell run (written next to its results.json)."""
     versions = {"python": platform.python_version(), "torch": torch.__version__}
-    if cell.method in PEERS:
-        import peft
-        import transformers
-        versions |= {"transformers": transformers.__version__, "peft": peft.__version__}
+    if cell.method in PEERS:  # read from the installed metadata: nothing to import
+        from importlib.metadata import PackageNotFoundError, version
+        for name in ("transformers", "peft"):
+            try:
+                versions[name] = version(name)
+            except PackageNotFoundError:
+                versions[name] = None
     commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
                             text=True).stdout.strip() or None
     return {"versions": versions, "commit": commit, "wall_seconds": wall,
