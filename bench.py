@@ -702,8 +702,8 @@ def results_markdown(summary: dict, bench: dict | None, svgs: dict[str, str]) ->
            f"--data-dir D --seed S` (peers: `python bench.py --peer P -- ...`, the same batches, "
            "head and, for peft-lora, A). Values are dev-set percentages; a paired Δ is method − "
            "lora in the same seed; \"–\" is a cell not run yet. One seed decides nothing: read "
-           "each Δ against its spread and its wins. s/step here is each cell's own training time on "
-           "a shared machine (other jobs ran beside some cells): compare speed in the make bench "
+           "each Δ against its spread and its wins. s/step here is each cell's own training time "
+           "on a shared machine (other jobs ran beside some cells): compare speed in the make bench "
            "table, where every row is timed side by side."]
     for task in tasks:
         out += ["", f"#### {task} (`results/cells/{task}/`)", ""]

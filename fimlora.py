@@ -829,10 +829,10 @@ def fw_track(model: nn.Module, method: str = "auto") -> Iterator[dict[str, torch
     G_m is never formed when the Gram form is cheaper (method "auto", "direct" or "gram");
     otherwise it is summed in the tensor hook, so X and δ are freed during backward ("auto"
     decides at a layer's first call). Under torch.distributed (DDP) each G_m is all-reduced and
-    averaged first, so every rank gets the norm of the gradient DDP applies. The exact norm costs one weight-gradient GEMM per
-    matrix, what full fine-tuning adds to a LoRA step; an opt-in approximation tracks only
-    every k-th warm-up step (the EMA then sees K/k samples; β^k keeps its horizon in steps),
-    for about 1/k of that cost:
+    averaged first, so every rank gets the norm of the gradient DDP applies. The exact norm
+    costs one weight-gradient GEMM per matrix, what full fine-tuning adds to a LoRA step; an
+    opt-in approximation tracks only every k-th warm-up step (the EMA then sees K/k samples;
+    β^k keeps its horizon in steps), for about 1/k of that cost:
 
         with fw_track(model) as sq_norms:                # or: every k-th step only, then
             loss_fn(model, batch).backward()             # fw_update(ema, sq_norms, step // k,

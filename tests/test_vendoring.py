@@ -74,7 +74,9 @@ def test_lora_and_fimlora_together(tmp_path):
 @pytest.mark.parametrize("name", sorted(ALLOWED))
 def test_only_stdlib_torch_and_lora_imported(name):
     tree = ast.parse((ROOT / name).read_text())
-    mods = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    mods |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    mods = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import)
+            for a in n.names}
+    mods |= {n.module.split(".")[0] for n in ast.walk(tree)
+             if isinstance(n, ast.ImportFrom) and n.module}
     third_party = mods - set(sys.stdlib_module_names) - {"torch", "__future__"}
     assert third_party <= ALLOWED[name], f"{name} imports {third_party - ALLOWED[name]}"
