@@ -692,7 +692,7 @@ def allocation_scores(model: nn.Module, batches: Iterable,
 
 
 def _rank_caps(layers: dict[str, LoRALinear], budget: int, r_min: int,
-               r_max: int) -> int | dict[str, int]:
+               r_max: int, costs: dict[str, int] | None = None) -> int | dict[str, int]:
     """r_max, or {m: min(r_max, d_in, d_out)} where a matrix is thinner than r_max (a rank
     above min(d_in, d_out) adds parameters but no expressiveness), checked against the budget."""
     caps = {n: min(r_max, m.in_features, m.out_features) for n, m in layers.items()}
@@ -704,8 +704,10 @@ def _rank_caps(layers: dict[str, LoRALinear], budget: int, r_min: int,
         few = [f"{n} ({c})" for n, c in thin.items() if c < r_min][:5]
         raise ValueError(f"r_min={r_min} exceeds min(d_in, d_out) of {few}: lower r_min or "
                          "leave those matrices out of the targets")
-    if budget > sum(caps.values()):
-        raise ValueError(f"budget={budget} > Σ_m min(r_max, d_in, d_out)={sum(caps.values())} "
+    most = sum(c * (costs[n] if costs else 1) for n, c in caps.items())
+    if budget > most:
+        what = "cost_m·" if costs else ""
+        raise ValueError(f"budget={budget} > Σ_m {what}min(r_max, d_in, d_out)={most} "
                          f"(thin matrices: {few}): lower the budget or leave those matrices "
                          "out of the targets")
     return caps
@@ -714,8 +716,8 @@ def _rank_caps(layers: dict[str, LoRALinear], budget: int, r_min: int,
 def _fim_ranks(model: nn.Module, batches: Iterable,
                loss_fn: Callable[[nn.Module, object], torch.Tensor], budget: int | None,
                r_min: int, r_max: int | None, score: str, n_batches: int | None,
-               per_example: bool, power: float, generator: torch.Generator | None
-               ) -> tuple[dict[str, int], dict]:
+               per_example: bool, power: float, generator: torch.Generator | None,
+               budget_unit: str = "ranks") -> tuple[dict[str, int], dict]:
     """(ranks, scores) of initialize_fim_ranks, with every check before the calibration pass;
     the model is left as it is."""
     layers = _adapted(model)
@@ -726,17 +728,24 @@ def _fim_ranks(model: nn.Module, batches: Iterable,
     if score not in ALLOCATION_SCORES or (per_example and score not in ("efim", "variance")):
         raise ValueError(f"score={score!r}, per_example={per_example}: use one of "
                          f"{', '.join(ALLOCATION_SCORES)}, per_example with efim or variance only")
-    budget = sum(m.r for m in layers.values()) if budget is None else budget
+    if budget_unit not in ("ranks", "params"):
+        raise ValueError(f"budget_unit={budget_unit!r}: use 'ranks' or 'params'")
+    # "params": a rank of matrix m costs d_in + d_out parameters, and the budget counts those
+    costs = ({n: m.in_features + m.out_features for n, m in layers.items()}
+             if budget_unit == "params" else None)
+    if budget is None:
+        budget = sum(m.r * (costs[n] if costs else 1) for n, m in layers.items())
     r_max = 2 * max(m.r for m in layers.values()) if r_max is None else r_max
-    caps = _rank_caps(layers, budget, r_min, r_max)
-    allocate_ranks(dict.fromkeys(layers, 1.0), budget, r_min, caps, power=power)  # validate now
+    caps = _rank_caps(layers, budget, r_min, r_max, costs)
+    allocate_ranks(dict.fromkeys(layers, 1.0), budget, r_min, caps, costs=costs,
+                   power=power)  # validate now
     if score in ("efim", "variance"):
         scores = fisher_scores(model, batches, loss_fn, score, n_batches, per_example)["scores"]
     else:
         scores = allocation_scores(model, batches, loss_fn, score, n_batches, generator)
     if score in ("kfac", "lorada"):
-        return allocate_by_gains(scores, budget, r_min, caps), scores
-    return allocate_ranks(scores, budget, r_min, caps, power=power), scores
+        return allocate_by_gains(scores, budget, r_min, caps, costs=costs), scores
+    return allocate_ranks(scores, budget, r_min, caps, costs=costs, power=power), scores
 
 
 def initialize_fim_ranks(model: nn.Module, batches: Iterable,
@@ -744,7 +753,8 @@ def initialize_fim_ranks(model: nn.Module, batches: Iterable,
                          budget: int | None = None, r_min: int = 1, r_max: int | None = None,
                          score: str = "efim", n_batches: int | None = 8,
                          per_example: bool = False, power: float = 1.0,
-                         generator: torch.Generator | None = None) -> dict:
+                         generator: torch.Generator | None = None,
+                         budget_unit: str = "ranks") -> dict:
     """FIM-LoRA (arXiv:2605.16800) in place: score every lora_B (fisher_scores; other scores
     from allocation_scores), allocate the budget (allocate_ranks, or allocate_by_gains for kfac
     and lorada; default Σ_m r_m of the current adapters, r_max = 2·max r, each matrix capped at
@@ -752,12 +762,14 @@ def initialize_fim_ranks(model: nn.Module, batches: Iterable,
     with a fresh A (from `generator`) and B = 0, so the model function is unchanged. Each
     matrix keeps the base scale s whatever its rank:
         α_m = α·r_m/r   (s = α/r),      α_m = α·√(r_m/r)   (rsLoRA, s = α/√r).
+    budget_unit="params" counts the budget in parameters (a rank of m costs d_in + d_out;
+    default Σ_m r_m·(d_in + d_out)), so equal budgets are equal trainable parameters.
     Adapters must be fresh (B = 0); budget and bounds are checked before the calibration pass.
     Returns {"ranks", "alphas", "scores"}, each {name: value}.
     Example: initialize_fim_ranks(model, batches, loss_fn)["ranks"] -> {"...query": 4, ...}
     """
     ranks, scores = _fim_ranks(model, batches, loss_fn, budget, r_min, r_max, score, n_batches,
-                               per_example, power, generator)
+                               per_example, power, generator, budget_unit)
     alphas = {}
     for name, layer in _adapted(model).items():
         ratio = ranks[name] / layer.r

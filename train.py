@@ -89,6 +89,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="FIM-LoRA's scores efim | variance (the paper); gradw, kfac, lorada, "
                         "random: other allocation scores, compared in bench.py --planted-study")
     g.add_argument("--per-example", action="store_true", help="per-example (true) empirical Fisher")
+    g.add_argument("--budget", default="ranks", choices=("ranks", "params"),
+                   help="FIM's budget: r x matrices ranks, or as many parameters as uniform r "
+                        "(a rank of a matrix costs d_in + d_out)")
     g.add_argument("--r-min", type=int, default=1)
     g.add_argument("--r-max", type=int, default=None, help="default 2r")
     g.add_argument("--power", type=float, default=1.0, help="ranks proportional to score**power")
@@ -481,7 +484,7 @@ def fim_method(model: nn.Module, task: Task, args: argparse.Namespace,
     res = fimlora.initialize_fim_ranks(
         model, batches, task.loss_fn, r_min=args.r_min, r_max=args.r_max, score=args.score,
         n_batches=args.calib_batches, per_example=args.per_example, power=args.power,
-        generator=rng["init"])
+        generator=rng["init"], budget_unit=args.budget)
     seconds = time.perf_counter() - t0
     shown = {n: sum(v) if isinstance(v, list) else v for n, v in res["scores"].items()}
     what = " (per-rank gains, summed)" if shown != res["scores"] else ""
@@ -517,8 +520,11 @@ def apply_method(model: nn.Module, task: Task, args: argparse.Namespace,
         report.update(step(model, task, args, rng, calib))
     report["calibration_seconds"] = sum(report[k]["seconds"] for k in ("fim", "da") if k in report)
     ranks = {n: m.r for n, m in lora_layers(model).items()}
-    print(f"ranks (total {sum(ranks.values())} = budget {args.r * len(ranks)}):\n"
-          f"{layer_table(ranks)}")
+    params = sum(m.lora_A.numel() + m.lora_B.numel() for m in lora_layers(model).values())
+    budget = (f"{args.r * len(ranks)} ranks" if args.budget == "ranks" else
+              "the parameters of uniform rank r")
+    print(f"ranks (total {sum(ranks.values())}, budget {budget}; {params:,} adapter "
+          f"parameters):\n{layer_table(ranks)}")
     if "planted_recovery" in report:
         report["planted_recovery"]["ranks"] = planted_ranks(ranks, task.planted)
     return report

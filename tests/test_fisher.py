@@ -407,3 +407,22 @@ def test_distributed_ranks_agree_with_one_process_over_all_batches(tmp_path):
         for name, s in one[key].items():
             assert r0[key][name] == pytest.approx(s, rel=1e-5)
     assert r0["ranks"] == one["ranks"]
+
+
+def test_initialize_fim_ranks_parameter_budget_spends_uniform_parameters():
+    """budget_unit="params": Σ_m r_m·(d_in + d_out) stays within the uniform adapter's
+    parameter count and no rank could be added; the rank count may differ from r·M."""
+    model, batches = make_model(r=4), make_batches(3)
+    layers = lora_layers(model)
+    cost = {n: m.in_features + m.out_features for n, m in layers.items()}
+    uniform = sum(4 * c for c in cost.values())
+    res = initialize_fim_ranks(model, batches, loss_fn, budget_unit="params")
+    ranks = res["ranks"]
+    caps = {n: min(8, m.in_features, m.out_features) for n, m in layers.items()}
+    assert ranks == allocate_ranks(res["scores"], uniform, 1, caps, costs=cost)
+    spent = sum(ranks[n] * cost[n] for n in ranks)
+    assert spent <= uniform  # and no rank can be added without exceeding a cap or the budget:
+    assert all(ranks[n] == caps[n] or cost[n] > uniform - spent for n in ranks)
+    assert spent == sum(m.lora_A.numel() + m.lora_B.numel() for m in lora_layers(model).values())
+    with pytest.raises(ValueError, match="budget_unit"):
+        initialize_fim_ranks(make_model(r=4), batches, loss_fn, budget_unit="bytes")
