@@ -772,7 +772,8 @@ def replace_run_block(text: str, run: dict) -> str:
     """The README's opening block from make run's results.json: its rank map and verdict."""
     import train
     ranks = run["ranks"]
-    lines = [f"ranks (total {sum(ranks.values())} = budget {run['args']['r'] * len(ranks)}):",
+    args = argparse.Namespace(**{"budget": "ranks", **run["args"]})
+    lines = [train.rank_header(ranks, run.get("adapter_parameters", 0), args),
              train.layer_table(ranks)]
     if "compare" in run:
         lines.append(train.compare_lines(run["compare"]))

@@ -520,11 +520,9 @@ def apply_method(model: nn.Module, task: Task, args: argparse.Namespace,
         report.update(step(model, task, args, rng, calib))
     report["calibration_seconds"] = sum(report[k]["seconds"] for k in ("fim", "da") if k in report)
     ranks = {n: m.r for n, m in lora_layers(model).items()}
-    params = sum(m.lora_A.numel() + m.lora_B.numel() for m in lora_layers(model).values())
-    budget = (f"{args.r * len(ranks)} ranks" if args.budget == "ranks" else
-              "the parameters of uniform rank r")
-    print(f"ranks (total {sum(ranks.values())}, budget {budget}; {params:,} adapter "
-          f"parameters):\n{layer_table(ranks)}")
+    report["adapter_parameters"] = sum(m.lora_A.numel() + m.lora_B.numel()
+                                       for m in lora_layers(model).values())
+    print(rank_header(ranks, report["adapter_parameters"], args) + "\n" + layer_table(ranks))
     if "planted_recovery" in report:
         report["planted_recovery"]["ranks"] = planted_ranks(ranks, task.planted)
     return report
@@ -719,6 +717,13 @@ def log_step(step: int, state: dict, sched, args: argparse.Namespace) -> None:
 
 # -----------------------------------------------------------------------------
 # reporting
+
+
+def rank_header(ranks: dict[str, int], params: int, args) -> str:
+    budget = (f"{args.r * len(ranks)} ranks" if args.budget == "ranks" else
+              "the parameters of uniform rank r")
+    return (f"ranks (total {sum(ranks.values())}, budget {budget}; {params:,} adapter "
+            "parameters):")
 
 
 def layer_table(values: dict[str, float], fmt: str = "{}") -> str:
