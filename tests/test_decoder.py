@@ -106,8 +106,10 @@ def test_repeated_pairs_merge_left_to_right():
 def test_special_tokens_are_single_tokens_in_text():
     ids = TOK.encode("<|im_start|>user\nHi<|im_end|><|im_start|>")
     assert ids[0] == 1 and ids[-2:] == [2, 1] and ids.count(1) == 2
-    # split pieces of a special token are ordinary bytes
-    assert 1 not in TOK.encode("<|im_start|")
+    # a truncated special token is ordinary text: several byte-level pieces that decode back
+    part = TOK.encode("<|im_start|")
+    assert len(part) > 1 and TOK.decode(part) == "<|im_start|"
+    assert not set(part) & set(TOK.special.values())
     assert TOK.decode(ids, skip_special=True) == "user\nHi"
 
 
