@@ -92,16 +92,6 @@ PLANTED_CRITERION = ("the oracle allocation (planted matrices at their planted r
 FIM_SCORES = ("efim", "variance", "per-example", "gradw", "kfac", "lorada", "random")
 
 
-def _resize_to(model: nn.Module, ranks: dict[str, int], args, generator) -> None:
-    """Every adapter at its rank in `ranks`, α_m = α·r_m/r (α·√(r_m/r) with rsLoRA): the base
-    scale α/r is kept, as initialize_fim_ranks does."""
-    from lora import resize_lora
-    for name, layer in lora_layers(model).items():
-        ratio = ranks[name] / args.r
-        alpha = args.alpha * (ratio ** 0.5 if args.rslora else ratio)
-        resize_lora(layer, ranks[name], alpha=alpha, generator=generator)
-
-
 def _planted_adapt(allocation: str, record: dict, r_max: int):
     """train.main's `adapt` for one study run: uniform LoRA (add_adapters), then the oracle or a
     FIM allocation at the same budget, calibrated on train.py's calibration stream. What it
@@ -118,7 +108,7 @@ def _planted_adapt(allocation: str, record: dict, r_max: int):
         t0 = time.perf_counter()
         if allocation == "oracle":
             ranks = planted.oracle_ranks(list(layers), task.planted, budget)
-            _resize_to(model, ranks, args, rng["init"])
+            train.resize_to(model, ranks, args, rng["init"])
         elif allocation != "uniform":
             score, _, unit = allocation.partition(" ")
             calib = list(itertools.islice(task.train_batches(rng["calib"]), args.calib_batches))
@@ -128,7 +118,7 @@ def _planted_adapt(allocation: str, record: dict, r_max: int):
                 scores = fimlora.fisher_scores(model, calib, task.loss_fn, **kw)["scores"]
                 ranks = fimlora.allocate_ranks(scores, sum(args.r * c for c in costs.values()),
                                                1, r_max, costs=costs)
-                _resize_to(model, ranks, args, rng["init"])
+                train.resize_to(model, ranks, args, rng["init"])
             else:
                 fimlora.initialize_fim_ranks(model, calib, task.loss_fn, r_max=r_max,
                                              generator=rng["init"], **kw)

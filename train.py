@@ -871,12 +871,19 @@ def oracle_adapt(task: Task, args: argparse.Namespace, device: torch.device,
     budget, each matrix at the base scale (α_m = α·r_m/r)."""
     model = add_adapters(task, args, device, rng)
     layers = lora_layers(model)
-    ranks = planted.oracle_ranks(list(layers), task.planted, args.r * len(layers))
-    for name, layer in layers.items():
-        ratio = ranks[name] / args.r
-        resize_lora(layer, ranks[name], generator=rng["init"],
-                    alpha=args.alpha * (math.sqrt(ratio) if args.rslora else ratio))
+    resize_to(model, planted.oracle_ranks(list(layers), task.planted, args.r * len(layers)),
+              args, rng["init"])
     return model
+
+
+def resize_to(model: nn.Module, ranks: dict[str, int], args: argparse.Namespace,
+              generator: torch.Generator) -> None:
+    """Every adapter at its rank in `ranks` with the base scale kept, as initialize_fim_ranks
+    does: α_m = α·r_m/r (α·√(r_m/r) with rsLoRA). For allocations made outside fimlora."""
+    for name, layer in lora_layers(model).items():
+        ratio = ranks[name] / args.r
+        resize_lora(layer, ranks[name], generator=generator,
+                    alpha=args.alpha * (math.sqrt(ratio) if args.rslora else ratio))
 
 
 def compare_planted(args: argparse.Namespace, results: dict) -> dict:
