@@ -56,6 +56,7 @@ MARKERS = ("<!-- results:start -->", "<!-- results:end -->")
 METHODS = ("lora", "fim", "fw", "da", "fim+da")
 PEERS = ("peft-lora", "peft-adalora", "peft-eva")
 BUDGET_METHODS = ("fim-params", "fim+da-params")  # train.py --budget params
+SCORES = ("efim", "variance", "per-example", "gradw", "kfac", "lorada", "random")  # fim-S-params
 SEEDS = (0, 1, 2)
 SST2 = Path("../shared/data/glue/SST-2")
 RECIPE = ["--model", "minilm"]  # the rest is train.py's GLUE defaults (README: SST-2 with MiniLM)
@@ -458,9 +459,20 @@ def cell_command(cell: Cell, data_dir: Path, out: Path, threads: int, resume: bo
     if cell.method in PEERS:
         return [sys.executable, "bench.py", "--peer", cell.method, "--", "--method", "lora",
                 *run, "--save-every", str(PEER_SAVE_EVERY)]
-    method, _, budget = cell.method.partition("-")  # "fim+da-params" -> fim+da, params
-    return [sys.executable, "train.py", "--method", method,
-            *(["--budget", budget] if budget else []), *run]
+    return [sys.executable, "train.py", *method_flags(cell.method), *run]
+
+
+def method_flags(method: str) -> list[str]:
+    """train.py's flags for a grid method: "fim", "fim+da-params" (--budget params) or
+    "fim-kfac-params" (an allocation score at the parameter budget, bench.py --results --scores).
+    method_flags("fim-per-example-params") -> [--method fim --per-example --budget params]"""
+    method, params = (method.removesuffix("-params"), True) if method.endswith("-params") else (
+        method, False)
+    method, _, score = method.partition("-")
+    flags = ["--method", method]
+    if score:
+        flags += ["--per-example"] if score == "per-example" else ["--score", score]
+    return flags + (["--budget", "params"] if params else [])
 
 
 def busy(out: Path, now: float | None = None) -> bool:
@@ -492,7 +504,9 @@ def run_info(cell: Cell, threads: int, wall: float) -> dict:
                             text=True).stdout.strip() or None
     return {"versions": versions, "commit": commit, "wall_seconds": wall,
             "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                        "threads": threads or torch.get_num_threads()}}
+                        "threads": threads or torch.get_num_threads(),
+                        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available()
+                        else None}}
 
 
 def run_grid(cells: list[Cell], data_dirs: dict[str, Path], root: Path, threads: int,
@@ -560,6 +574,7 @@ def read_cells(root: Path) -> list[dict]:
         seconds, threads = res.get("seconds") or {}, (res.get("args") or {}).get("threads")
         cells.append({
             "task": path.parent.parent.name, "method": parsed[0], "seed": parsed[1],
+            "device": (res.get("device") or "cpu").split(":")[0], "root": root.as_posix(),
             "metrics": res["metrics"], "seconds_per_step": seconds.get("per_step"),
             "setup_seconds": seconds.get("calibration"),
             "trainable_parameters": res.get("trainable_parameters"),
@@ -571,8 +586,14 @@ def read_cells(root: Path) -> list[dict]:
     return cells
 
 
+def cell_roots(root: Path) -> list[Path]:
+    """root and its per-device siblings (results/cells, then results/cells_cuda: a grid run on
+    a GPU with --root results/cells_cuda), each read into the one summary."""
+    return [root, *sorted(p for p in root.parent.glob(f"{root.name}_*") if p.is_dir())]
+
+
 def summarize(root: Path, recipe: dict) -> dict:
-    return {"cells": read_cells(root), "recipe": recipe,
+    return {"cells": [c for r in cell_roots(root) for c in read_cells(r)], "recipe": recipe,
             "generated": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
@@ -585,11 +606,14 @@ def mean_std(xs: list[float], fmt: str = "{:.2f}") -> str:
 
 def task_table(cells: list[dict], task: str, methods: list[str], seeds: list[int],
                notes: dict[str, str]) -> list[str]:
-    """Markdown rows of one task: per method the mean ± std over seeds and each seed's value,
-    the paired difference to uniform LoRA in the same seed and the seeds it wins."""
+    """Markdown rows of one task (on one device: pass that device's cells): per method the
+    mean ± std over seeds and each seed's value, the paired difference to uniform LoRA in the
+    same seed and the seeds it wins."""
     metric = glue.task_spec(task).metrics[0] if task in glue.TASKS else "loss"
     value = {(c["method"], c["seed"]): 100 * c["metrics"][metric] for c in cells
              if c["task"] == task and metric in c["metrics"]}
+    methods = [m for m in methods if m in notes or any(k[0] == m for k in value)
+               or m in METHODS]
     lines = [f"| method | {metric} (mean ± std) | per seed ({', '.join(map(str, seeds))}) "
              f"| paired Δ vs lora | wins | trainable params | s/step |",
              "|---|---:|---|---:|---:|---:|---:|"]
@@ -677,7 +701,8 @@ def bench_table(bench: dict) -> list[str]:
     return lines
 
 
-def results_markdown(summary: dict, bench: dict | None, svgs: dict[str, str]) -> str:
+def results_markdown(summary: dict, bench: dict | None, svgs: dict[str, str],
+                     bench_gpu: dict | None = None) -> str:
     """The README section: per task the grid table and the FIM rank map, then the bench table.
     Every number comes from summary (results/summary.json) or bench (results/bench.json)."""
     cells, recipe = summary["cells"], summary["recipe"]
@@ -695,22 +720,48 @@ def results_markdown(summary: dict, bench: dict | None, svgs: dict[str, str]) ->
            "each Δ against its spread and its wins. s/step here is each cell's own training time "
            "on a shared machine (other jobs ran beside some cells): compare speed in the make bench "
            "table, where every row is timed side by side."]
-    for task in tasks:
-        out += ["", f"#### {task} (`results/cells/{task}/`)", ""]
-        out += task_table(cells, task, methods, seeds, recipe.get("notes", {}))
-        ranks, n = mean_ranks(cells, task)
-        if task in svgs:
-            out += ["", f"![FIM-LoRA ranks on {task}]({svgs[task]})", "",
-                    f"FIM-LoRA's ranks on {task}, layer × module, mean over {n} seed"
-                    f"{'s' * (n != 1)} ({svgs[task]})."]
+    groups = list(dict.fromkeys([*((t, "cpu") for t in recipe["tasks"]),
+                                 *((c["task"], c.get("device", "cpu")) for c in cells)]))
+    for task, device in groups:
+        mine = [c for c in cells if (c["task"], c.get("device", "cpu")) == (task, device)]
+        roots = sorted({c["root"] for c in mine if c.get("root")}) or ["results/cells"]
+        out += ["", f"#### {task} on {device} (`{'`, `'.join(f'{r}/{task}/' for r in roots)}`)",
+                ""]
+        if device == "cuda":
+            out += [f"The same recipe on a GPU ({gpu_names(mine)}, bf16 autocast): every "
+                    "method and peer in one place, paired within this table only.", ""]
+        out += task_table(mine, task, methods, seeds, recipe.get("notes", {}))
+        key = svg_key(task, device)
+        if key in svgs:
+            _, n = mean_ranks(mine, task)
+            out += ["", f"![FIM-LoRA ranks on {task}, {device}]({svgs[key]})", "",
+                    f"FIM-LoRA's ranks on {task} ({device}), layer × module, mean over {n} seed"
+                    f"{'s' * (n != 1)} ({svgs[key]})."]
     if bench:
         out += ["", f"#### Speed, side by side in one process (`make bench`, "
                 f"{bench['machine']['threads']} threads, median of {bench['repeats']} "
                 "interleaved repeats)", ""]
         out += bench_table(bench)
         out += ["", *bench.get("notes", [])]
+    if bench_gpu:
+        out += ["", f"#### Speed on a GPU (`python bench.py --devices cuda --out "
+                f"results/bench_cuda.json`, {bench_gpu['machine']['cuda']}, bf16 autocast, "
+                f"torch {bench_gpu['versions']['torch']}, median of {bench_gpu['repeats']} "
+                "interleaved repeats)", ""]
+        out += bench_table(bench_gpu)
+        out += ["", *bench_gpu.get("notes", [])]
     return "\n".join(line if line.startswith("|") else textwrap.fill(line, 100)
                      for line in out) + "\n"
+
+
+def svg_key(task: str, device: str) -> str:
+    """The rank map's name: ranks_sst2.svg on the CPU, ranks_sst2_cuda.svg on a GPU."""
+    return task if device == "cpu" else f"{task}_{device}"
+
+
+def gpu_names(cells: list[dict]) -> str:
+    names = sorted({(c.get("machine") or {}).get("cuda") or "" for c in cells} - {""})
+    return ", ".join(names) or "GPU"
 
 
 def planted_markdown(study: dict) -> list[str]:
@@ -795,16 +846,19 @@ def write_report(root: Path, recipe: dict | None, results: Path = RESULTS,
     results.mkdir(parents=True, exist_ok=True)
     write_json(results / "summary.json", summary)
     svgs = {}
-    for task in dict.fromkeys(c["task"] for c in summary["cells"]):
-        ranks, n = mean_ranks(summary["cells"], task)
+    for task, device in dict.fromkeys((c["task"], c["device"]) for c in summary["cells"]):
+        ranks, n = mean_ranks([c for c in summary["cells"] if c["device"] == device], task)
         if ranks:
-            path = results / f"ranks_{task}.svg"
-            title = f"FIM-LoRA ranks, {task}, mean of {n} seed{'s' * (n != 1)}"
+            key = svg_key(task, device)
+            path = results / f"ranks_{key}.svg"
+            title = f"FIM-LoRA ranks, {task} ({device}), mean of {n} seed{'s' * (n != 1)}"
             path.write_text(rank_svg(ranks, title))
-            svgs[task] = path.as_posix()
+            svgs[key] = path.as_posix()
     bench_path = results / "bench.json"
     bench = json.loads(bench_path.read_text()) if bench_path.exists() else None
-    section = results_markdown(summary, bench, svgs)
+    gpu_path = results / "bench_cuda.json"
+    bench_gpu = json.loads(gpu_path.read_text()) if gpu_path.exists() else None
+    section = results_markdown(summary, bench, svgs, bench_gpu)
     study = results / "planted_study.json"
     extra = planted_markdown(json.loads(study.read_text())) if study.exists() else []
     extra += [""] + smollm2_markdown(results / "smollm2")
@@ -848,6 +902,9 @@ def results_main(a: argparse.Namespace, extra: list[str]) -> dict:
             raise ValueError("--budget params: train.py has no --budget flag yet (the "
                              "allocator's parameter-cost mode is not exposed); drop --budget")
         methods += [m for m in BUDGET_METHODS if m.removesuffix("-params") in methods]
+    # each allocation score at the parameter budget (issue: scores side by side on SST-2)
+    methods += [m for m in (("fim-params" if s == "efim" else f"fim-{s}-params")
+                            for s in a.scores) if m not in methods]
     notes = {p: why for p in a.peers if (why := missing_peer(p))}
     cells = [Cell(t, m, s) for t in data_dirs for m in [*methods, *a.peers] for s in a.seeds]
     known = read_cells(a.root)
@@ -993,6 +1050,8 @@ def step_rows(base, tok, a, device, gen) -> tuple[list[dict], dict]:
             if a.compile and device.type == "cpu":
                 steps |= compiled_step(base, a.r, b, info)
         fns = {k: (lambda s=s: s(b)) for k, s in steps.items()} | forwards
+        if device.type == "cuda":  # as train.py runs on CUDA: bf16 autocast, both sides alike
+            fns = {k: torch.autocast("cuda", dtype=torch.bfloat16)(f) for k, f in fns.items()}
         t = median_times(fns, a.repeats, a.warmup, sync)
         size = f"{a.batch_size}×{T}"
         if "peft" in t:
@@ -1124,13 +1183,22 @@ def bench_main(a: argparse.Namespace) -> dict:
     base, tok = load_model("minilm", num_labels=2, generator=gen)
     base.train()
     notes = []
-    rows, info = step_rows(base, tok, a, torch.device("cpu"), gen)
-    if torch.cuda.is_available():
+    devices = a.devices or ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+    if "cuda" in devices and not torch.cuda.is_available():
+        raise ValueError("--devices cuda but CUDA is not available: use --devices cpu")
+    rows, info = step_rows(base, tok, a, torch.device("cpu"), gen) if "cpu" in devices else (
+        [], {})
+    if "cuda" in devices:
         cuda_rows, cuda_info = step_rows(base, tok, a, torch.device("cuda"), gen)
         rows += cuda_rows
         info |= {f"cuda_{k}": v for k, v in cuda_info.items()}
+        info.setdefault("embedding_output_requires_grad",
+                        cuda_info["embedding_output_requires_grad"])
     data = Path(a.sst2)
-    if (data / "train.tsv").is_file():
+    if "cpu" not in devices:
+        notes.append("GPU rows only (--devices cuda): the calibration, tokeniser, grouping and "
+                     "allocation rows are CPU work, measured by the CPU bench.")
+    elif (data / "train.tsv").is_file():
         train_rows = glue.load_glue("sst2", data, "train")
         rows += setup_rows(base, tok, a, train_rows)
         if not a.no_peers:
@@ -1139,10 +1207,11 @@ def bench_main(a: argparse.Namespace) -> dict:
         rows += grouping_rows(base, tok, a, train_rows)
     else:
         notes.append(f"{data} not found: no calibration-share, tokeniser or grouping rows.")
-    if not (Path(a.sst2).parent / "MRPC" / "train.tsv").is_file():
+    if "cpu" in devices and not (Path(a.sst2).parent / "MRPC" / "train.tsv").is_file():
         notes.append("MRPC is not on disk, so grouping is measured on SST-2 only (short single "
                      "sentences: the smallest padding gain of the GLUE tasks).")
-    rows += allocate_rows(a.setup_repeats)
+    if "cpu" in devices:
+        rows += allocate_rows(a.setup_repeats)
     if info["embedding_output_requires_grad"]:
         notes.append("In a LoRA step the embedding output requires grad: autograd computes "
                      "∂L/∂x below the first adapted layer although nothing there trains.")
@@ -1193,12 +1262,16 @@ def main(argv: list[str] | None = None) -> dict:
                    help="run every standard GLUE folder found here (default: SST-2 only, "
                         f"{SST2})")
     g.add_argument("--tasks", nargs="+", default=None, help="narrow the tasks, e.g. sst2 rte")
-    g.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    g.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
     g.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     g.add_argument("--peers", nargs="*", default=[], choices=PEERS)
     g.add_argument("--budget", choices=("ranks", "params"), default="ranks",
                    help="params: also FIM at an equal parameter budget (train.py --budget)")
-    g.add_argument("--root", type=Path, default=CELLS, help="the cells' folder")
+    g.add_argument("--scores", nargs="+", default=[], choices=SCORES,
+                   help="also FIM with each allocation score at the parameter budget "
+                        "(cells fim-S-params; efim is fim-params)")
+    g.add_argument("--root", type=Path, default=CELLS,
+                   help="the cells' folder (on a GPU: results/cells_cuda, read beside it)")
     g.add_argument("--dry-run", action="store_true", help="plan and summarise, train nothing")
     g = p.add_argument_group("make bench")
     g.add_argument("--batch-size", type=int, default=32)
@@ -1211,6 +1284,9 @@ def main(argv: list[str] | None = None) -> dict:
     g.add_argument("--no-peers", action="store_true", help="skip transformers / peft rows")
     g.add_argument("--sst2", default=str(SST2), help="SST-2 folder for the data rows")
     g.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
+    g.add_argument("--devices", nargs="+", choices=("cpu", "cuda"), default=None,
+                   help="where to time the step rows (default: cpu, and cuda when present); "
+                        "cuda alone skips the CPU-only rows: use --out results/bench_cuda.json")
     g.add_argument("--out", default=str(RESULTS / "bench.json"))
     argv = sys.argv[1:] if argv is None else argv
     if "--planted-study" in argv:
