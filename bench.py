@@ -1041,7 +1041,7 @@ def step_rows(base, tok, a, device, gen) -> tuple[list[dict], dict]:
             merged = with_lora(base, a.r).to(device).eval()
             with torch.no_grad():
                 for layer in lora_layers(merged).values():
-                    layer.lora_B.normal_(0, 0.01, generator=gen)
+                    layer.lora_B.copy_(0.01 * torch.randn(layer.lora_B.shape, generator=gen))
             merge_lora(merged)
             plain_base = copy.deepcopy(base).to(device).eval()
             forwards = {"merged forward": lambda: torch.no_grad()(ours)(merged, b),
