@@ -934,6 +934,8 @@ def fw_penalty(model: nn.Module, importance: dict[str, torch.Tensor | float],
 
         λ Σ_m (1 − I_m)·‖ΔW_m‖²_F,   ‖s·B A‖²_F = s²·tr((BᵀB)(AAᵀ))   (two r×r Grams)
 
+    Layers whose A and B have the same shapes are stacked and done in one batched product, so
+    a step adds a few operations per shape, not per layer (on a GPU each is a kernel launch).
     A float32 scalar, 0 at init (B = 0); add it to the loss after the warm-up.
     Example: fw_penalty(model, importances(ema), fw_lambda=1e-4) -> tensor(0.)"""
     layers = _adapted(model)
@@ -941,12 +943,19 @@ def fw_penalty(model: nn.Module, importance: dict[str, torch.Tensor | float],
     if missing:
         raise ValueError(f"no importance for layers {missing[:5]}: pass importances(ema) with "
                          "ema from fw_track over the same model")
-    total = None
+    groups: dict[tuple, list[str]] = {}
     for name, m in layers.items():
-        B, A = m.lora_B.float(), m.lora_A.float()
-        sq = m.scaling ** 2 * ((B.T @ B) * (A @ A.T)).sum()  # tr(PQ) = Σ P⊙Q for symmetric Q
-        w = 1.0 - torch.as_tensor(importance[name], dtype=torch.float32, device=B.device)
-        total = w * sq if total is None else total + w * sq
+        groups.setdefault((m.lora_B.shape, m.lora_A.shape), []).append(name)
+    total = None
+    for names in groups.values():
+        B = torch.stack([layers[n].lora_B for n in names]).float()  # (k, d_out, r)
+        A = torch.stack([layers[n].lora_A for n in names]).float()  # (k, r, d_in)
+        sq = ((B.mT @ B) * (A @ A.mT)).sum((1, 2))  # (k,): tr(PQ) = Σ P⊙Q, Q symmetric
+        w = torch.tensor([layers[n].scaling ** 2 for n in names], device=B.device) * (
+            1.0 - torch.stack([torch.as_tensor(importance[n], dtype=torch.float32,
+                                               device=B.device) for n in names]))
+        part = (w * sq).sum()
+        total = part if total is None else total + part
     return fw_lambda * total
 
 # -----------------------------------------------------------------------------

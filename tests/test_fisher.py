@@ -341,6 +341,23 @@ def test_fw_penalty_equals_dense_sum_and_is_zero_at_init():
         fw_penalty(model, {"query": 0.5})
 
 
+
+def test_fw_penalty_groups_same_shapes_but_keeps_each_layers_scaling_and_importance():
+    """Layers stacked into one batched product keep their own α (hence scaling) and I_m: the
+    penalty equals the dense sum when same-shape layers differ in α and another in rank."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 4))
+    add_lora(model, ["0", "1", "2"], r=3, alpha=5.0)
+    layers = lora_layers(model)
+    layers["1"].alpha = 11.0  # same shapes as "0", another scaling
+    resize_lora(layers["2"], 2, alpha=3.0)
+    with torch.no_grad():
+        for layer in layers.values():
+            layer.lora_B.copy_(torch.randn_like(layer.lora_B))
+    I = {"0": 0.1, "1": 0.7, "2": 0.2}
+    torch.testing.assert_close(fw_penalty(model, I, fw_lambda=0.3),
+                               dense_penalty(model, I, 0.3).float(), rtol=1e-5, atol=0)
+
 positive = st.floats(1e-6, 1e6, allow_nan=False)
 
 
