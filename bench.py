@@ -201,7 +201,7 @@ def planted_study(seeds: int, steps: int, threads: int, out: str) -> dict:
                    "covered": "planted matrices given at least their planted rank",
                    "calibration_seconds": "allocation time inside adapt (0 for uniform)",
                    "closes_half_gap_seeds": "seeds with gap_closed >= 0.5"},
-        "design": {"plant_rank": planted.PLANT_RANK, "plant_effect": planted.PLANT_EFFECT,
+        "design": {"plant_rank": planted.PLANT_RANK, "plant_effect": planted.PLANT_EFFECT, "lr": 5e-3,
                    "reach": planted.REACH, "n_planted": 3, "r": 8, "r_max": r_max},
         "args": {"seeds": seeds, "steps": steps, "threads": threads},
         "scores_run": scores, "scores_skipped": skipped,
@@ -234,7 +234,7 @@ def planted_study_main(argv: list[str]) -> dict:
     p = argparse.ArgumentParser(description="planted study: uniform vs oracle vs FIM scores")
     p.add_argument("--planted-study", action="store_true", required=True)
     p.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1")
-    p.add_argument("--steps", type=int, default=300, help="training steps per run")
+    p.add_argument("--steps", type=int, default=600, help="training steps per run")
     p.add_argument("--threads", type=int, default=1, help="CPU threads per run")
     p.add_argument("--out", default="results/planted_study.json")
     a = p.parse_args(argv)
@@ -564,6 +564,7 @@ def estimate_seconds(cell: Cell, known: list[dict], steps: int) -> tuple[float, 
 def read_cells(root: Path) -> list[dict]:
     """One record per <root>/<task>/<method>-s<seed>/results.json."""
     cells = []
+    root_device = root.name.partition("_")[2] or "cpu"  # results/cells_cuda: cuda
     for path in sorted(root.glob("*/*/results.json")):
         parsed = parse_folder(path.parent.name)
         if parsed is None:
@@ -574,13 +575,13 @@ def read_cells(root: Path) -> list[dict]:
         seconds, threads = res.get("seconds") or {}, (res.get("args") or {}).get("threads")
         cells.append({
             "task": path.parent.parent.name, "method": parsed[0], "seed": parsed[1],
-            "device": (res.get("device") or "cpu").split(":")[0], "root": root.as_posix(),
+            "device": (res.get("device") or root_device).split(":")[0], "root": root.as_posix(),
             "metrics": res["metrics"], "seconds_per_step": seconds.get("per_step"),
             "setup_seconds": seconds.get("calibration"),
             "trainable_parameters": res.get("trainable_parameters"),
             "ranks": res.get("ranks") or {},
             "versions": res.get("versions") or info.get("versions"),
-            "machine": res.get("machine") or info.get("machine")
+            "machine": (info.get("machine") or {}) | (res.get("machine") or {})
             or {"platform": None, "cpus": None, "threads": threads},
             "commit": res.get("commit") or info.get("commit")})
     return cells
@@ -1053,6 +1054,8 @@ def step_rows(base, tok, a, device, gen) -> tuple[list[dict], dict]:
         if device.type == "cuda":  # as train.py runs on CUDA: bf16 autocast, both sides alike
             fns = {k: torch.autocast("cuda", dtype=torch.bfloat16)(f) for k, f in fns.items()}
         t = median_times(fns, a.repeats, a.warmup, sync)
+        if T == 64:
+            info[f"aten_ops_per_step_{device.type}"] = {k: op_count(f) for k, f in fns.items()}
         size = f"{a.batch_size}×{T}"
         if "peft" in t:
             rows.append(row(f"LoRA train step, fimlora / transformers + PEFT, {size}{where}",
@@ -1077,6 +1080,15 @@ def step_rows(base, tok, a, device, gen) -> tuple[list[dict], dict]:
                                 f" s (compiling took {info['compile_seconds']:.0f} s)"))
             info[f"seconds_{device.type}"] = t
     return rows, info
+
+
+def op_count(fn: Callable[[], object]) -> int:
+    """aten operators one call of fn dispatches (nested ones included): on a GPU each is about
+    one kernel launch, which bounds a small model's step when the arithmetic is quick."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.name.startswith("aten::") for e in prof.events())
 
 
 def compiled_step(base, r: int, b: dict, info: dict) -> dict:
@@ -1219,6 +1231,12 @@ def bench_main(a: argparse.Namespace) -> dict:
         notes.append("In a LoRA step the embedding output does not require grad, so autograd "
                      "already skips ∂L/∂x below the first adapted layer, and every frozen W0 "
                      "gets no weight-gradient GEMM.")
+    for dev in devices:
+        ops = info.get(f"aten_ops_per_step_{dev}") or info.get(f"cuda_aten_ops_per_step_{dev}")
+        if ops:
+            notes.append(f"aten operators dispatched per call on {dev} (32×64; on a GPU each is "
+                         "about one kernel launch): " + ", ".join(f"{k} {v:,}"
+                                                                   for k, v in ops.items()) + ".")
     if "compile_error" in info:
         notes.append(f"torch.compile failed: {info['compile_error']}")
     result = {"rows": rows, "info": info, "notes": notes, "repeats": a.repeats,

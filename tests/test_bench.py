@@ -10,6 +10,7 @@ import os
 import xml.etree.ElementTree as ET
 
 import pytest
+import torch
 
 import bench
 
@@ -211,3 +212,53 @@ def test_find_tasks_sees_standard_glue_folders(tmp_path):
     (tmp_path / "CoLA").mkdir()  # no train.tsv
     assert bench.find_tasks(tmp_path) == {t: tmp_path / f for t, f in
                                           (("sst2", "SST-2"), ("rte", "RTE"), ("mnli", "MNLI"))}
+
+
+def test_method_flags_for_every_grid_method():
+    assert bench.method_flags("lora") == ["--method", "lora"]
+    assert bench.method_flags("fim+da-params") == ["--method", "fim+da", "--budget", "params"]
+    assert bench.method_flags("fim-kfac-params") == ["--method", "fim", "--score", "kfac",
+                                                     "--budget", "params"]
+    assert bench.method_flags("fim-per-example-params") == ["--method", "fim", "--per-example",
+                                                            "--budget", "params"]
+    for score in bench.SCORES:  # every score cell round-trips through its folder name
+        method = "fim-params" if score == "efim" else f"fim-{score}-params"
+        assert bench.parse_folder(bench.Cell("sst2", method, 0).folder) == (method, 0)
+
+
+def test_score_cells_are_planned_at_the_parameter_budget(tmp_path, capsys):
+    (tmp_path / "SST-2").mkdir()
+    (tmp_path / "SST-2" / "train.tsv").write_text("sentence\tlabel\na\t1\n")
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n")
+    os.chdir(tmp_path)  # write_report writes results/ and README.md here
+    try:
+        bench.main(["--results", "--dry-run", "--data-root", str(tmp_path), "--methods",
+                    "--scores", "efim", "kfac", "per-example", "--root", str(tmp_path / "cells")])
+    finally:
+        os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = capsys.readouterr().out
+    assert "1 task(s) (sst2) x 3 methods x 3 seeds = 9 cells" in out
+
+
+def test_a_gpu_grid_beside_the_cpu_grid_gets_its_own_table(grid):
+    root, recipe = grid
+    gpu = root.parent / "cells_cuda"
+    for seed, acc in enumerate([0.70, 0.72, 0.74]):
+        res = write_cell(gpu, "sst2", "lora", seed, acc) / "results.json"
+        res.write_text(json.dumps(json.loads(res.read_text()) | {"device": "cuda:0"}))
+    write_cell(gpu, "sst2", "fim-kfac-params", 0, 0.75)
+    summary = bench.summarize(root, recipe)
+    assert {c["device"] for c in summary["cells"]} == {"cpu", "cuda"}
+    md = bench.results_markdown(summary, None, {})
+    cpu, cuda = md.split("#### sst2 on cuda")
+    assert "#### sst2 on cpu" in cpu and "| lora | 82.33 ± 2.52 |" in cpu
+    assert "| lora | 72.00 ± 2.00 |" in cuda and "| fim-kfac-params | 75.00 (1 of 3 seeds) |" in cuda
+    assert "fim-kfac-params" not in cpu  # a method without cells on a device is not listed there
+    assert row_of(cuda, "fim-kfac-params")[3] == "+5.00"  # paired with the GPU lora only
+
+
+def test_op_count_counts_dispatched_aten_operators():
+    x = torch.ones(3)
+    assert bench.op_count(lambda: None) == 0
+    assert bench.op_count(lambda: (x + 1) * 2) >= 2  # add and mul at least
