@@ -732,6 +732,9 @@ def results_markdown(summary: dict, bench: dict | None, svgs: dict[str, str],
             out += [f"The same recipe on a GPU ({gpu_names(mine)}, bf16 autocast): every "
                     "method and peer in one place, paired within this table only.", ""]
         out += task_table(mine, task, methods, seeds, recipe.get("notes", {}))
+        lines = score_lines(mine, task)
+        if lines:
+            out += ["", *lines]
         key = svg_key(task, device)
         if key in svgs:
             _, n = mean_ranks(mine, task)
@@ -786,6 +789,40 @@ def planted_markdown(study: dict) -> list[str]:
                    f"{row['closes_half_gap_seeds']} of {seeds} | "
                    f"{row['share_planted']['mean']:.2f} | "
                    f"{row['calibration_seconds']['mean']:.2f} | {per} |")
+    scored = [n for n in study["summary"] if n not in ("uniform", "oracle")]
+    half = [n for n in scored if study["summary"][n]["closes_half_gap_seeds"] >= seeds - 1]
+    worse = [n for n in scored if study["summary"][n]["vs_uniform"]["mean"] > 1]
+    out += ["", f"Scores that close ≥ 50 % of the uniform → oracle gap in ≥ {seeds - 1} of {seeds} "
+            f"seeds: {', '.join(half) or 'none'}. Worse than uniform LoRA on the mean: "
+            f"{', '.join(worse) or 'none'}."]
+    return out
+
+
+def score_lines(cells: list[dict], task: str) -> list[str]:
+    """Per device, the allocation scores at the parameter budget against uniform LoRA and
+    against the random allocation (the control every score must beat), paired by seed."""
+    out = []
+    metric = glue.task_spec(task).metrics[0] if task in glue.TASKS else "loss"
+    for device in dict.fromkeys(c["device"] for c in cells):
+        v = {(c["method"], c["seed"]): 100 * c["metrics"][metric] for c in cells
+             if (c["task"], c["device"]) == (task, device) and metric in c["metrics"]}
+        scores = [m for m in dict.fromkeys(k[0] for k in v)
+                  if m == "fim-params" or (m.startswith("fim-") and m.endswith("-params")
+                                           and m != "fim-random-params")]
+        if not scores:
+            continue
+
+        def paired(m: str, ref: str) -> str:
+            d = [v[m, s] - v[ref, s] for (n, s) in v if n == m and (ref, s) in v]
+            return (f"{mean_std(d, '{:+.2f}')} | {sum(x > 0 for x in d)} of {len(d)}" if d
+                    else "– | –")
+        out += [f"Allocation scores on {task} ({device}) at the parameter budget, paired by seed "
+                "with uniform LoRA and with the random allocation (the control a score must "
+                "beat):", "", "| score | Δ vs lora | wins | Δ vs random | wins |",
+                "|---|---:|---:|---:|---:|",
+                f"| random | {paired('fim-random-params', 'lora')} | – | – |"]
+        out += [f"| {'efim' if m == 'fim-params' else m[4:-7]} | {paired(m, 'lora')} | "
+                f"{paired(m, 'fim-random-params')} |" for m in scores]
     return out
 
 

@@ -262,3 +262,15 @@ def test_op_count_counts_dispatched_aten_operators():
     x = torch.ones(3)
     assert bench.op_count(lambda: None) == 0
     assert bench.op_count(lambda: (x + 1) * 2) >= 2  # add and mul at least
+
+
+def test_score_table_pairs_each_score_with_lora_and_the_random_control(grid):
+    root, _ = grid  # lora: 80, 85, 82
+    for seed, (rnd, kfac) in enumerate([(0.81, 0.83), (0.84, 0.86), (0.82, 0.85)]):
+        write_cell(root, "sst2", "fim-random-params", seed, rnd)
+        write_cell(root, "sst2", "fim-kfac-params", seed, kfac)
+    lines = bench.score_lines(bench.read_cells(root), "sst2")
+    md = "\n".join(lines)
+    assert row_of(md, "random")[1:3] == ["+0.00 ± 1.00", "1 of 3"]  # (+1, −1, 0)
+    # kfac − lora = (+3, +1, +3), kfac − random = (+2, +2, +3)
+    assert row_of(md, "kfac")[1:] == ["+2.33 ± 1.15", "3 of 3", "+2.33 ± 0.58", "3 of 3"]
