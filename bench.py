@@ -774,7 +774,8 @@ def planted_markdown(study: dict) -> list[str]:
     ratios = ", ".join(f"{r:.3f}" for r in study["criterion_oracle_over_uniform"])
     seeds = len(study["criterion_oracle_over_uniform"])
     out = [f"#### Planted task: does an allocation put rank where the truth is? "
-           f"(`python bench.py --planted-study`, {seeds} seeds, {study['args']['steps']} steps)",
+           f"(`python bench.py --planted-study`, {seeds} seeds, {study['args']['steps']} steps"
+           + (f" at lr {study['design']['lr']:g})" if "lr" in study["design"] else ")"),
            "", f"Criterion, stated before measuring: {study['criterion']}. Oracle / uniform per "
            f"seed: {ratios}, so the criterion {held}"
            + ("." if study["criterion_held"] else ": on this task even the oracle's advantage "

@@ -71,10 +71,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "for GLUE; the six per-block matrices for planted)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, default=None,
-                   help="optimizer steps (default 1000 GLUE, 300 planted)")
+                   help="optimizer steps (default 1000 GLUE, 600 planted)")
     g.add_argument("--epochs", type=float, default=None, help="alternative to --steps")
     g.add_argument("--batch-size", type=int, default=32)
-    g.add_argument("--lr", type=float, default=5e-4)
+    g.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default 5e-4 GLUE, 5e-3 planted)")
     g.add_argument("--weight-decay", type=float, default=0.01)
     g.add_argument("--warmup", type=float, default=0.06, help="linear warm-up, fraction of steps")
     g.add_argument("--grad-clip", type=float, default=1.0, help="max grad norm (0 = off)")
@@ -129,7 +130,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     kind = "decoder" if args.model in DECODERS else "glue" if is_glue else "planted"
     args.targets = args.targets or DEFAULT_TARGETS[kind]
     if args.steps is None and args.epochs is None:
-        args.steps = 1000 if is_glue else 300
+        args.steps = 1000 if is_glue else 600
+    if args.lr is None:  # the planted task's lr and steps let the oracle converge (README)
+        args.lr = 5e-4 if is_glue else 5e-3
     args.out = args.out or f"runs/{args.task}-{args.method.replace('+', '_')}-s{args.seed}"
     check_out(args)
     return args
@@ -166,7 +169,7 @@ def check_args(a: argparse.Namespace) -> None:
     if not 0 <= a.dropout < 1:
         errors.append(f"--dropout {a.dropout}: use a probability in [0, 1)")
     for name in ("lr", "da_gamma"):
-        if getattr(a, name) <= 0:
+        if getattr(a, name) is not None and getattr(a, name) <= 0:
             errors.append(f"--{name.replace('_', '-')} {getattr(a, name)}: use > 0")
     for name in ("weight_decay", "grad_clip", "fw_lambda", "da_beta", "power"):
         if getattr(a, name) < 0:
@@ -956,7 +959,9 @@ def run(args: argparse.Namespace, adapt: Callable) -> dict:
             "args": vars(args), "seed": args.seed, "device": str(device), "world_size": world,
             "versions": {"torch": torch.__version__, "python": platform.python_version()},
             "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                        "threads": torch.get_num_threads()},
+                        "threads": torch.get_num_threads(),
+                        "cuda": torch.cuda.get_device_name(device) if device.type == "cuda"
+                        else None},
             "metrics": metrics, "eval_history": trained["evals"], "train_loss": trained["losses"],
             "trainable_parameters": trained["trainable"],
             "total_parameters": n_params(model, False),

@@ -124,3 +124,15 @@ def test_loss_ratio_is_over_the_loss_at_b_zero_for_every_method(tmp_path):
     assert da["loss_at_B0"] == lora["loss_at_B0"] == lora["eval_history"][0]["loss"]
     assert da["eval_history"][0]["loss"] != da["loss_at_B0"]  # the init moved it
     assert da["metrics"]["loss_ratio"] == da["metrics"]["loss"] / da["loss_at_B0"]
+
+
+def test_task_defaults_planted_lr_and_steps_let_the_oracle_converge(tmp_path):
+    """The planted task trains 600 steps at lr 5e-3 (its discrimination criterion needs a
+    converged oracle, README); GLUE keeps the reference recipe; an explicit value wins."""
+    planted = train.parse_args(["--out", str(tmp_path / "p")])
+    assert (planted.lr, planted.steps) == (5e-3, 600)
+    glue = train.parse_args(["--task", "sst2", "--data-dir", str(tmp_path), "--out",
+                             str(tmp_path / "g")])
+    assert (glue.lr, glue.steps) == (5e-4, 1000)
+    mine = train.parse_args(["--lr", "1e-3", "--steps", "7", "--out", str(tmp_path / "m")])
+    assert (mine.lr, mine.steps) == (1e-3, 7)
