@@ -25,6 +25,7 @@ import itertools
 import json
 import os
 import platform
+import socket
 import re
 import statistics
 import subprocess
@@ -61,7 +62,8 @@ SEEDS = (0, 1, 2)
 SST2 = Path("../shared/data/glue/SST-2")
 RECIPE = ["--model", "minilm"]  # the rest is train.py's GLUE defaults (README: SST-2 with MiniLM)
 PEER_SAVE_EVERY = 10**9  # a peer's layers are not LoRALinear: train.py cannot checkpoint them
-BUSY_SECONDS = 900  # a cell folder written this recently is taken to be training elsewhere
+BUSY_SECONDS = 900  # a cell claimed on another host and written this recently is busy
+CLAIM = ".running"  # a cell's claim: {"host", "pid"} of the grid process training it
 SECONDS_PER_STEP_GUESS = 1.1  # before any cell exists: SST-2 lora-s0 took 1.07 s/step, 1 thread
 EVA_BATCHES = 32  # calibration batches handed to PEFT's EVA, which cycles them to convergence
 
@@ -476,11 +478,50 @@ def method_flags(method: str) -> list[str]:
 
 
 def busy(out: Path, now: float | None = None) -> bool:
-    """Whether another process seems to be training this cell: something in its folder (a
-    checkpoint is saved four times a run) changed in the last BUSY_SECONDS."""
+    """Whether another live process trains this cell, by its claim (out/.running, written by
+    claim): on this host, while the claiming pid lives; a claim from another host (a grid on a
+    GPU machine sharing the folder) while something in the folder changed in the last
+    BUSY_SECONDS (a checkpoint is saved four times a run). No claim: free, so a folder left by
+    a killed run, or copied from another machine, is resumed rather than skipped."""
+    try:
+        owner = json.loads((out / CLAIM).read_text())
+    except FileNotFoundError:
+        return False
+    except ValueError:  # being written this instant
+        owner = {}
+    if owner.get("host") == socket.gethostname() and isinstance(owner.get("pid"), int):
+        return owner["pid"] != os.getpid() and pid_alive(owner["pid"])
     now = time.time() if now is None else now
-    stamps = [p.stat().st_mtime for p in out.rglob("*")] if out.is_dir() else []
+    stamps = [p.stat().st_mtime for p in out.rglob("*")]
     return bool(stamps) and now - max(stamps) < BUSY_SECONDS
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def claim(out: Path) -> bool:
+    """Take a cell for this process: create out/.running (exclusively) with host and pid. A stale
+    claim (busy says no) is replaced. False when another live process holds it."""
+    out.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(out / CLAIM, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            if busy(out):
+                return False
+            (out / CLAIM).unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump({"host": socket.gethostname(), "pid": os.getpid()}, f)
+        return True
+    return False
 
 
 def run_subprocess(cmd: list[str], log: Path) -> int:
@@ -514,7 +555,7 @@ def run_grid(cells: list[Cell], data_dirs: dict[str, Path], root: Path, threads:
              extra: list[str] = ()) -> dict[str, list[Cell]]:
     """Run every cell that has no results.json, in order; a cell folder holding a checkpoint is
     resumed. A peer whose packages are missing is left blank. Returns the cells by outcome:
-    done (skipped), ran, resumed, failed, missing, busy (written by another process)."""
+    done (skipped), ran, resumed, failed, missing, busy (claimed by another live process)."""
     outcome: dict[str, list[Cell]] = {k: [] for k in ("done", "ran", "resumed", "failed",
                                                        "missing", "busy")}
     for cell in cells:
@@ -525,17 +566,19 @@ def run_grid(cells: list[Cell], data_dirs: dict[str, Path], root: Path, threads:
         if missing_peer(cell.method):
             outcome["missing"].append(cell)
             continue
-        if busy(out):
-            print(f"cell {cell.task} {cell.folder}: written in the last {BUSY_SECONDS} s by "
-                  "another process, left alone")
+        if not claim(out):
+            print(f"cell {cell.task} {cell.folder}: claimed by another live process "
+                  f"({out / CLAIM}), left alone")
             outcome["busy"].append(cell)
             continue
         resume = cell.method not in PEERS and any(
             (out / name).is_dir() for name in ("checkpoint", "checkpoint.old"))
-        out.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        code = run(cell_command(cell, data_dirs[cell.task], out, threads, resume, extra),
-                   out / "train.log")
+        try:
+            code = run(cell_command(cell, data_dirs[cell.task], out, threads, resume, extra),
+                       out / "train.log")
+        finally:
+            (out / CLAIM).unlink(missing_ok=True)
         if code == 0 and (out / "results.json").exists():
             write_json(out / "run.json", run_info(cell, threads, time.perf_counter() - t0))
             outcome["resumed" if resume else "ran"].append(cell)

@@ -7,6 +7,10 @@ Run: .venv/bin/python -m pytest tests/test_bench.py -q
 
 import json
 import os
+import socket
+import subprocess
+import sys
+import time
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -185,13 +189,58 @@ def test_grid_skips_finished_resumes_checkpoints_and_runs_the_rest(tmp_path, mon
     assert [c[c.index("--method") + 1] for c in again.calls] == ["fim+da"]
 
 
-def test_grid_leaves_a_cell_written_by_another_process_alone(tmp_path):
+def claimed(root, folder, host, pid, age=0.0):
+    out = root / "sst2" / folder
+    (out / "checkpoint").mkdir(parents=True)
+    (out / bench.CLAIM).write_text(json.dumps({"host": host, "pid": pid}))
+    stamp = time.time() - age
+    for p in [out, *out.rglob("*")]:
+        os.utime(p, (stamp, stamp))
+    return out
+
+
+def test_grid_leaves_a_cell_claimed_by_a_live_process_alone(tmp_path):
     root = tmp_path / "cells"
-    (root / "sst2" / "fw-s1" / "checkpoint").mkdir(parents=True)  # just written
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        claimed(root, "fw-s1", socket.gethostname(), live.pid, age=10**6)  # old files, live pid
+        claimed(root, "fw-s2", "gpu-box", 1, age=0)  # another host, written just now
+        fake = FakeRunner()
+        cells = [bench.Cell("sst2", "fw", s) for s in (1, 2)]
+        outcome = bench.run_grid(cells, {"sst2": tmp_path}, root, 1, run=fake)
+        assert fake.calls == [] and [c.seed for c in outcome["busy"]] == [1, 2]
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_grid_takes_over_stale_claims_and_releases_its_own(tmp_path):
+    root = tmp_path / "cells"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    claimed(root, "fw-s1", socket.gethostname(), dead.pid)  # its process is gone
+    claimed(root, "fw-s2", "gpu-box", 1, age=2 * bench.BUSY_SECONDS)  # quiet for too long
+    (root / "sst2" / "fw-s3" / "checkpoint").mkdir(parents=True)  # no claim: a killed run
     fake = FakeRunner()
-    outcome = bench.run_grid([bench.Cell("sst2", "fw", 1)], {"sst2": tmp_path}, root, 1,
-                             run=fake)
-    assert fake.calls == [] and [c.method for c in outcome["busy"]] == ["fw"]
+    cells = [bench.Cell("sst2", "fw", s) for s in (1, 2, 3)]
+    outcome = bench.run_grid(cells, {"sst2": tmp_path}, root, 1, run=fake)
+    assert [c.seed for c in outcome["resumed"]] == [1, 2, 3] and len(fake.calls) == 3
+    assert not list(root.rglob(bench.CLAIM))  # released after each cell
+
+
+def test_claim_is_exclusive_within_a_host(tmp_path):
+    out = tmp_path / "cell"
+    assert bench.claim(out) and not bench.busy(out)  # our own claim does not block us
+    owner = json.loads((out / bench.CLAIM).read_text())
+    assert owner == {"host": socket.gethostname(), "pid": os.getpid()}
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (out / bench.CLAIM).write_text(json.dumps(owner | {"pid": live.pid}))
+        assert bench.busy(out) and not bench.claim(out)
+    finally:
+        live.kill()
+        live.wait()
+    assert bench.claim(out)  # now stale: taken over
 
 
 def test_estimate_uses_measured_cells_of_the_same_method_first(grid):
