@@ -772,8 +772,9 @@ def results_markdown(summary: dict, bench: dict | None, svgs: dict[str, str],
         out += ["", f"#### {task} on {device} (`{'`, `'.join(f'{r}/{task}/' for r in roots)}`)",
                 ""]
         if device == "cuda":
-            out += [f"The same recipe on a GPU ({gpu_names(mine)}, bf16 autocast): every "
-                    "method and peer in one place, paired within this table only.", ""]
+            out += [f"The same recipe on a GPU ({gpu_names(mine)}, bf16 autocast; `python "
+                    "bench.py --results --root results/cells_cuda --budget params --scores ... "
+                    "--peers ... -- --device cuda`), paired within this table only.", ""]
         out += task_table(mine, task, methods, seeds, recipe.get("notes", {}))
         lines = score_lines(mine, task)
         if lines:
