@@ -172,11 +172,13 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.r == 0 or self.merged:
             return F.linear(x, self.weight, self.bias)
-        # two thin matmuls (d_in -> r -> d_out) instead of forming ΔW; addmm adds the scaled
-        # adapter path inside the GEMM, saving two elementwise passes over the (N, d_out) output
+        # two thin matmuls (d_in -> r -> d_out) instead of forming ΔW; addmm_ adds the scaled
+        # adapter path inside the GEMM, in place: y is fresh and linear's backward does not need
+        # it, so no pass over the (N, d_out) output is spent copying or adding. In-place ops
+        # skip autocast, hence the explicit casts (no-ops in float32).
         u = F.linear(self.dropout(x), self.lora_A).reshape(-1, self.r)  # (N, r)
         y = F.linear(x.reshape(-1, self.in_features), self.weight, self.bias)  # (N, d_out)
-        y = torch.addmm(y, u, self.lora_B.T, alpha=self.scaling)
+        y.addmm_(u.to(y.dtype), self.lora_B.T.to(y.dtype), alpha=self.scaling)
         # back to x's leading dims as F.linear itself does: not an autograd view, so callers may
         # modify the output in place and tensor hooks on it still see ∂L/∂y (fimlora relies on it)
         return torch.ops.aten._unsafe_view(y, (*x.shape[:-1], self.out_features))

@@ -10,6 +10,7 @@ import struct
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -58,6 +59,29 @@ def test_forward_equals_dense_reference(d_in, d_out, r, alpha, rslora, bias):
     ref = x @ W.T + (base.bias if bias else 0)
     torch.testing.assert_close(layer(x), ref, rtol=1e-12, atol=1e-12)
     assert layer.scaling == pytest.approx(s)
+
+
+def test_forward_and_backward_under_bf16_autocast_match_the_out_of_place_reference():
+    """The adapter path is added in place (no autocast there): under autocast (bf16, as train.py
+    runs on CUDA; CPU autocast here) the output is bf16 and output and gradients equal
+    F.linear(x, W0, b) + s·(x Aᵀ) Bᵀ computed with the same casts."""
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(16, 12), 4, alpha=8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    grads = []
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        u = F.linear(x, layer.lora_A)
+        ref = F.linear(x, layer.weight, layer.bias) + layer.scaling * F.linear(u, layer.lora_B)
+    assert y.dtype == torch.bfloat16 and y.shape == (3, 5, 12)
+    for out in (y, ref):
+        grads.append(torch.autograd.grad(out.float().square().sum(),
+                                         [x, layer.lora_A, layer.lora_B]))
+    torch.testing.assert_close(y.float(), ref.float(), rtol=2e-2, atol=2e-2)
+    for g, w in zip(*grads):  # bf16 rounds at other points in each: compare in norm
+        assert g.dtype == w.dtype and (g - w).norm() <= 2e-2 * w.norm()
 
 
 @given(d_in=dims, d_out=dims, r=st.integers(1, 6))
