@@ -988,6 +988,9 @@ def results_main(a: argparse.Namespace, extra: list[str]) -> dict:
     # each allocation score at the parameter budget (issue: scores side by side on SST-2)
     methods += [m for m in (("fim-params" if s == "efim" else f"fim-{s}-params")
                             for s in a.scores) if m not in methods]
+    if not methods and not a.peers:
+        raise ValueError("--methods given empty and no --scores or --peers: nothing to run; "
+                         f"name methods ({' '.join(METHODS)}), scores or peers")
     notes = {p: why for p in a.peers if (why := missing_peer(p))}
     cells = [Cell(t, m, s) for t in data_dirs for m in [*methods, *a.peers] for s in a.seeds]
     known = read_cells(a.root)
@@ -1270,6 +1273,9 @@ def grouping_rows(base, tok, a, train_rows) -> list[dict]:
 
 def bench_main(a: argparse.Namespace) -> dict:
     """make bench: every row, results/bench.json and bench.md, then the README section."""
+    devices = a.devices or ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+    if "cuda" in devices and not torch.cuda.is_available():
+        raise ValueError("--devices cuda but CUDA is not available: use --devices cpu")
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -1277,9 +1283,6 @@ def bench_main(a: argparse.Namespace) -> dict:
     base, tok = load_model("minilm", num_labels=2, generator=gen)
     base.train()
     notes = []
-    devices = a.devices or ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
-    if "cuda" in devices and not torch.cuda.is_available():
-        raise ValueError("--devices cuda but CUDA is not available: use --devices cpu")
     rows, info = step_rows(base, tok, a, torch.device("cpu"), gen) if "cpu" in devices else (
         [], {})
     if "cuda" in devices:

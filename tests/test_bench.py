@@ -323,3 +323,13 @@ def test_score_table_pairs_each_score_with_lora_and_the_random_control(grid):
     assert row_of(md, "random")[1:3] == ["+0.00 ± 1.00", "1 of 3"]  # (+1, −1, 0)
     # kfac − lora = (+3, +1, +3), kfac − random = (+2, +2, +3)
     assert row_of(md, "kfac")[1:] == ["+2.33 ± 1.15", "3 of 3", "+2.33 ± 0.58", "3 of 3"]
+
+
+def test_an_empty_grid_and_a_missing_gpu_are_refused_before_any_work(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="nothing to run"):
+        bench.main(["--results", "--dry-run", "--methods", "--root", str(tmp_path / "c")])
+    assert not (tmp_path / "c").exists()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(bench, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    with pytest.raises(ValueError, match="--devices cuda but CUDA is not available"):
+        bench.main(["--devices", "cuda", "--out", str(tmp_path / "b.json")])
