@@ -1136,11 +1136,15 @@ def step_rows(base, tok, a, device, gen) -> tuple[list[dict], dict]:
             if a.compile and device.type == "cpu":
                 steps |= compiled_step(base, a.r, b, info)
         fns = {k: (lambda s=s: s(b)) for k, s in steps.items()} | forwards
+        if T == 64:  # --fw-track-every 4: one tracked warm-up step, then three plain ones
+            fns["fw warm-up every 4"] = lambda: [steps["fw warm-up"](b)] + [
+                steps["lora"](b) for _ in range(3)]
         if device.type == "cuda":  # as train.py runs on CUDA: bf16 autocast, both sides alike
             fns = {k: torch.autocast("cuda", dtype=torch.bfloat16)(f) for k, f in fns.items()}
         t = median_times(fns, a.repeats, a.warmup, sync)
         if T == 64:
-            info[f"aten_ops_per_step_{device.type}"] = {k: op_count(f) for k, f in fns.items()}
+            info[f"aten_ops_per_step_{device.type}"] = {k: op_count(f) for k, f in fns.items()
+                                                      if k != "fw warm-up every 4"}
         size = f"{a.batch_size}×{T}"
         if "peft" in t:
             rows.append(row(f"LoRA train step, fimlora / transformers + PEFT, {size}{where}",
@@ -1156,6 +1160,9 @@ def step_rows(base, tok, a, device, gen) -> tuple[list[dict], dict]:
                 row(f"FW-LoRA warm-up step / LoRA step, {size}{where}",
                     t["fw warm-up"] / t["lora"], 1.05, "×",
                     f"{t['fw warm-up']:.3f} s / {t['lora']:.3f} s"),
+                row(f"FW-LoRA warm-up step with --fw-track-every 4 (mean of 4) / LoRA step, "
+                    f"{size}{where}", t["fw warm-up every 4"] / 4 / t["lora"], 1.05, "×",
+                    f"{t['fw warm-up every 4'] / 4:.3f} s / {t['lora']:.3f} s"),
                 row(f"FW-LoRA penalised step / LoRA step, {size}{where}",
                     t["fw penalised"] / t["lora"], 1.01, "×",
                     f"{t['fw penalised']:.3f} s / {t['lora']:.3f} s")]

@@ -97,6 +97,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--r-max", type=int, default=None, help="default 2r")
     g.add_argument("--power", type=float, default=1.0, help="ranks proportional to score**power")
     g.add_argument("--fw-warmup", type=int, default=500, help="FW-LoRA warm-up steps K")
+    g.add_argument("--fw-track-every", type=int, default=1,
+                   help="FW-LoRA tracks ‖∂L/∂W‖² every k-th warm-up step (1 = exact; k > 1 costs "
+                        "about 1/k of the extra weight-gradient GEMMs, EMA factor β^k)")
     g.add_argument("--fw-lambda", type=float, default=1e-4)
     g.add_argument("--fw-norm", default="sum", choices=("sum", "max"))
     g.add_argument("--da-samples", type=int, default=256)
@@ -157,7 +160,7 @@ def check_args(a: argparse.Namespace) -> None:
     if a.steps is not None and a.epochs is not None:
         errors.append("--steps and --epochs both given: pick one")
     for name in ("batch_size", "max_len", "calib_batches", "da_samples", "log_every",
-                 "fw_warmup", "max_train", "max_eval"):
+                 "fw_warmup", "fw_track_every", "max_train", "max_eval"):
         v = getattr(a, name)
         if v is not None and v < 1:
             errors.append(f"--{name.replace('_', '-')} {v}: use >= 1")
@@ -561,12 +564,19 @@ def fw_step(train_model: nn.Module, model: nn.Module, task: Task, args: argparse
     """FW-LoRA: a plain step that tracks ‖∂L/∂W_m‖² during the warm-up, then freezes the
     importances and adds the penalty. `state` holds the EMA and the importances; train_model
     is model itself or its DistributedDataParallel wrapper."""
+    every = args.fw_track_every
+
     def step(k: int, batch: dict) -> torch.Tensor:
-        if k <= args.fw_warmup:
+        if k <= args.fw_warmup and (k - 1) % every == 0:  # steps 1, 1 + k, 1 + 2k, ...
             with fimlora.fw_track(model) as sq:
                 loss = task.loss_fn(train_model, batch)
                 loss.backward()
-            state["ema"] = fimlora.fw_update(state["ema"], sq, k)
+            state["ema"] = fimlora.fw_update(state["ema"], sq, (k - 1) // every + 1,
+                                             beta=fimlora.FW_BETA ** every)
+            return loss
+        if k <= args.fw_warmup:  # an untracked warm-up step: plain LoRA
+            loss = task.loss_fn(train_model, batch)
+            loss.backward()
             return loss
         if state["importance"] is None:
             state["importance"] = fimlora.importances(state["ema"], mode=args.fw_norm)

@@ -70,6 +70,20 @@ def test_resumed_run_equals_uninterrupted_run_bitwise(tmp_path, monkeypatch, met
     assert not (out / "checkpoint").exists()  # finished: nothing left to resume
 
 
+def test_resume_with_fw_tracking_every_other_step_equals_uninterrupted(tmp_path, monkeypatch):
+    """--fw-track-every 2: a crash at step 5 resumes from 3 (an untracked step follows) and
+    crosses the warm-up; losses and adapter are bitwise the uninterrupted run's."""
+    extra = ["--method", "fw", "--seed", "4", "--fw-track-every", "2"]
+    full = run(tmp_path / "full", *extra)
+    out = tmp_path / "stopped"
+    with monkeypatch.context() as m:
+        stop_at(m, 5, "crash")
+        with pytest.raises(RuntimeError):
+            run(out, *extra)
+    resumed = train.main(["--resume", str(out)])
+    assert resumed["train_loss"] == full["train_loss"]
+    assert adapter_bytes(out) == adapter_bytes(tmp_path / "full")
+
 def test_ctrl_c_exits_130_with_the_resume_command(tmp_path):
     """A real SIGINT to the CLI: exit status 130, one line naming the resume command, no
     traceback, a checkpoint on disk and no results."""

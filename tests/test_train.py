@@ -136,3 +136,18 @@ def test_task_defaults_planted_lr_and_steps_let_the_oracle_converge(tmp_path):
     assert (glue.lr, glue.steps) == (5e-4, 1000)
     mine = train.parse_args(["--lr", "1e-3", "--steps", "7", "--out", str(tmp_path / "m")])
     assert (mine.lr, mine.steps) == (1e-3, 7)
+
+
+def test_fw_track_every_k_tracks_warm_up_steps_1_1pk_and_counts_them_with_beta_to_the_k(
+        tmp_path, monkeypatch):
+    """--fw-track-every 2 with a 5-step warm-up: ‖∂L/∂W‖² is tracked at steps 1, 3, 5 only, the
+    EMA counts them 1, 2, 3 with factor β², and the untracked warm-up steps train plainly."""
+    import fimlora
+    calls, real = [], fimlora.fw_update
+    monkeypatch.setattr(fimlora, "fw_update", lambda ema, sq, step, beta=fimlora.FW_BETA: (
+        calls.append((step, beta)) or real(ema, sq, step, beta)))
+    res = train.main(["--method", "fw", "--steps", "10", "--fw-warmup", "5", "--fw-track-every",
+                      "2", "--batch-size", "4", "--threads", "1", "--out", str(tmp_path / "o")])
+    assert calls == [(1, fimlora.FW_BETA ** 2), (2, fimlora.FW_BETA ** 2),
+                     (3, fimlora.FW_BETA ** 2)]
+    assert len(res["train_loss"]) >= 1 and res["args"]["fw_track_every"] == 2
