@@ -88,6 +88,8 @@ CLI = [
     ("--save-every -2", plain("--save-every", "-2"), "--save-every -2: use >= 0"),
     ("--grad-clip -1", plain("--grad-clip", "-1"), "--grad-clip -1.0: use >= 0 (0 = off)"),
     ("--fw-warmup 0", plain("--method", "fw", "--fw-warmup", "0"), "--fw-warmup 0: use >= 1"),
+    ("--fw-track-every 0", plain("--method", "fw", "--fw-track-every", "0"),
+     "--fw-track-every 0: use >= 1"),
     ("--lr 0", plain("--lr", "0"), "--lr 0.0: use > 0"),
     ("--lr nan", plain("--lr", "nan"), "--lr nan: use a finite number"),
     ("--alpha inf", plain("--alpha", "inf"), "--alpha inf: use a finite number"),
