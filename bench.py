@@ -742,6 +742,12 @@ def bench_table(bench: dict) -> list[str]:
         goal = "–" if r["goal"] is None else f"≤ {r['goal']:g}{r['unit']}"
         lines.append(f"| {r['row']} | {r['figure']:.3g}{r['unit']} | {goal} | {status} "
                      f"| {r['detail']} |")
+    same = [r["figure"] for r in bench["rows"] if r["row"].startswith("merged LoRA forward")]
+    if same:  # merged weights: the same computation as the base forward, timed side by side
+        lines += ["", "A merged LoRA forward is the base forward's computation (the weights "
+                  f"differ, not the work), so its ratio, {', '.join(f'{x:.3f}×' for x in same)}, "
+                  "shows this run's timing noise: read every ratio to about "
+                  f"±{max(abs(x - 1) for x in same) * 100:.0f} %."]
     return lines
 
 
