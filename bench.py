@@ -25,8 +25,9 @@ import itertools
 import json
 import os
 import platform
-import socket
 import re
+import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -64,6 +65,7 @@ RECIPE = ["--model", "minilm"]  # the rest is train.py's GLUE defaults (README: 
 PEER_SAVE_EVERY = 10**9  # a peer's layers are not LoRALinear: train.py cannot checkpoint them
 BUSY_SECONDS = 900  # a cell claimed on another host and written this recently is busy
 CLAIM = ".running"  # a cell's claim: {"host", "pid"} of the grid process training it
+STOP_GRACE = 30  # seconds a Ctrl-C'd cell gets to checkpoint before it is signalled itself
 SECONDS_PER_STEP_GUESS = 1.1  # before any cell exists: SST-2 lora-s0 took 1.07 s/step, 1 thread
 EVA_BATCHES = 32  # calibration batches handed to PEFT's EVA, which cycles them to convergence
 
@@ -525,10 +527,21 @@ def claim(out: Path) -> bool:
 
 
 def run_subprocess(cmd: list[str], log: Path) -> int:
-    """Run one cell, its output appended to log; returns the exit code."""
+    """Run one cell, its output appended to log; returns the exit code. On Ctrl-C the cell
+    (which got the same signal from the terminal) is given STOP_GRACE seconds to checkpoint and
+    exit; one that did not get it (only this process was signalled) is sent SIGINT once."""
     print(" ".join(cmd), flush=True)
     with open(log, "a") as f:
-        return subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:
+            try:
+                proc.wait(timeout=STOP_GRACE)
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGINT)
+                proc.wait()
+            raise
 
 
 def run_info(cell: Cell, threads: int, wall: float) -> dict:
@@ -1428,3 +1441,7 @@ if __name__ == "__main__":
         main()
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:  # a grid cell's train.py checkpointed on the same Ctrl-C
+        print("interrupted: finished cells are kept and an interrupted one resumes from its "
+              "checkpoint; run the same command again to go on", file=sys.stderr)
+        sys.exit(130)

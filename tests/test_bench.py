@@ -6,7 +6,9 @@ Run: .venv/bin/python -m pytest tests/test_bench.py -q
 """
 
 import json
+import signal
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -343,3 +345,35 @@ def test_bench_table_reads_the_noise_floor_off_the_merged_forward_row():
         "\n".join(lines)
     assert "0.960×" in lines[-1] and "±4 %" in lines[-1]
     assert not any("noise" in x for x in bench.bench_table({"rows": rows[1:]}))
+
+
+def test_ctrl_c_stops_the_grid_with_a_checkpoint_and_the_same_command_resumes(tmp_path):
+    """A terminal Ctrl-C (SIGINT to the whole process group) while a cell trains: bench.py exits
+    130 with one line and no traceback, the cell keeps a checkpoint and no claim, and the same
+    command again resumes it to results.json."""
+    from conftest import ROOT, SST2
+    if not (SST2 / "train.tsv").is_file():
+        pytest.skip(f"SST-2 not found at {SST2}")
+    cmd = [sys.executable, "bench.py", "--results", "--root", str(tmp_path / "cells"),
+           "--methods", "lora", "--seeds", "0", "--data-root", str(SST2.parent), "--",
+           "--model", "tiny", "--max-train", "1024", "--max-eval", "64", "--steps", "5",
+           "--batch-size", "128", "--log-every", "1", "--save-every", "1000"]  # ~1 s steps
+    cell = tmp_path / "cells" / "sst2" / "lora-s0"
+    code = tmp_path / "code"  # a copy: the grid writes results/ and README.md where it runs
+    code.mkdir()
+    for name in ("train.py", "bench.py", "lora.py", "fimlora.py", "README.md", "models", "data"):
+        (shutil.copytree if (ROOT / name).is_dir() else shutil.copy)(ROOT / name, code / name)
+    proc = subprocess.Popen(cmd, cwd=code, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and "step      2/" not in (
+            (cell / "train.log").read_text() if (cell / "train.log").exists() else ""):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "run the same command again" in err, err
+    assert "Traceback" not in err and not (cell / "results.json").exists()
+    assert (cell / "checkpoint" / "meta.json").is_file() and not (cell / bench.CLAIM).exists()
+    done = subprocess.run(cmd, cwd=code, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "resumed 1" in done.stdout, done.stdout + done.stderr
+    assert (cell / "results.json").is_file()
