@@ -818,16 +818,14 @@ FW_WARMUP_STEPS = 500  # K: warm-up steps before the importances are frozen
 FW_LAMBDA = 1e-4  # λ of the penalty
 
 
-def _grad_sq_norm(X: torch.Tensor, delta: torch.Tensor, method: str = "auto") -> torch.Tensor:
-    """‖δᵀX‖²_F for X (T, d_in), δ (T, d_out): directly, or by the Gram ("ghost norm") identity
-    ‖δᵀX‖²_F = Σ (δδᵀ)⊙(XXᵀ). "auto" takes the cheaper: T²·(d_in + d_out) vs T·d_in·d_out."""
-    if not _direct(X, delta, method):
-        return ((delta @ delta.T) * (X @ X.T)).sum()  # (T, T) Grams
-    return (delta.T @ X).square().sum()  # (d_out, d_in)
+def _gram_sq_norm(X: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """‖δᵀX‖²_F for X (T, d_in), δ (T, d_out) without forming δᵀX, by the Gram ("ghost norm")
+    identity ‖δᵀX‖²_F = Σ (δδᵀ)⊙(XXᵀ): T²·(d_in + d_out) work instead of T·d_in·d_out."""
+    return ((delta @ delta.T) * (X @ X.T)).sum()  # (T, T) Grams
 
 
 def _direct(X: torch.Tensor, delta: torch.Tensor, method: str) -> bool:
-    """Whether _grad_sq_norm forms δᵀX: "direct", or "auto" where T·d_in·d_out is cheaper."""
+    """Whether fw_track forms δᵀX: "direct", or "auto" where T·d_in·d_out is the cheaper."""
     (T, d_in), d_out = X.shape, delta.shape[1]
     return method == "direct" or (method == "auto" and T * (d_in + d_out) >= d_in * d_out)
 
@@ -884,7 +882,7 @@ def fw_track(model: nn.Module, method: str = "auto") -> Iterator[dict[str, torch
         for name, pairs in rows.items():
             if pairs:
                 X, D = (torch.cat(z) if len(pairs) > 1 else z[0] for z in zip(*pairs))
-                sq_norms[name].add_(_grad_sq_norm(X, D, "gram"))
+                sq_norms[name].add_(_gram_sq_norm(X, D))
 
 
 def fw_update(ema: dict[str, torch.Tensor], sq_norms: dict[str, torch.Tensor], step: int,
