@@ -567,16 +567,14 @@ def fw_step(train_model: nn.Module, model: nn.Module, task: Task, args: argparse
     every = args.fw_track_every
 
     def step(k: int, batch: dict) -> torch.Tensor:
-        if k <= args.fw_warmup and (k - 1) % every == 0:  # steps 1, 1 + k, 1 + 2k, ...
-            with fimlora.fw_track(model) as sq:
+        if k <= args.fw_warmup:
+            tracked = (k - 1) % every == 0  # steps 1, 1 + k, 1 + 2k, ...; the rest plain LoRA
+            with fimlora.fw_track(model) if tracked else contextlib.nullcontext() as sq:
                 loss = task.loss_fn(train_model, batch)
                 loss.backward()
-            state["ema"] = fimlora.fw_update(state["ema"], sq, (k - 1) // every + 1,
-                                             beta=fimlora.FW_BETA ** every)
-            return loss
-        if k <= args.fw_warmup:  # an untracked warm-up step: plain LoRA
-            loss = task.loss_fn(train_model, batch)
-            loss.backward()
+            if tracked:
+                state["ema"] = fimlora.fw_update(state["ema"], sq, (k - 1) // every + 1,
+                                                 beta=fimlora.FW_BETA ** every)
             return loss
         if state["importance"] is None:
             state["importance"] = fimlora.importances(state["ema"], mode=args.fw_norm)
