@@ -58,7 +58,6 @@ MARKERS = ("<!-- results:start -->", "<!-- results:end -->")
 METHODS = ("lora", "fim", "fw", "da", "fim+da")
 PEERS = ("peft-lora", "peft-adalora", "peft-eva")
 BUDGET_METHODS = ("fim-params", "fim+da-params")  # train.py --budget params
-SCORES = ("efim", "variance", "per-example", "gradw", "kfac", "lorada", "random")  # fim-S-params
 SEEDS = (0, 1, 2)
 SST2 = Path("../shared/data/glue/SST-2")
 RECIPE = ["--model", "minilm"]  # the rest is train.py's GLUE defaults (README: SST-2 with MiniLM)
@@ -95,6 +94,12 @@ PLANTED_CRITERION = ("the oracle allocation (planted matrices at their planted r
                      "of the rank budget spread evenly) ends at <= 0.5 x uniform LoRA's final "
                      "loss in every seed; otherwise the task cannot judge allocation")
 FIM_SCORES = ("efim", "variance", "per-example", "gradw", "kfac", "lorada", "random")
+
+
+def score_method(score: str) -> str:
+    """The grid method of an allocation score at the parameter budget (bench.py --scores):
+    score_method("kfac") -> "fim-kfac-params"; efim, FIM-LoRA's default, is "fim-params"."""
+    return "fim-params" if score == "efim" else f"fim-{score}-params"
 
 
 def _planted_adapt(allocation: str, record: dict, r_max: int):
@@ -135,7 +140,7 @@ def _planted_adapt(allocation: str, record: dict, r_max: int):
 
 def _available(score: str) -> bool:
     """Whether initialize_fim_ranks takes this score (fimlora.ALLOCATION_SCORES)."""
-    return score == "per-example" or score in getattr(fimlora, "ALLOCATION_SCORES", ())
+    return score == "per-example" or score in fimlora.ALLOCATION_SCORES
 
 
 def planted_study(seeds: int, steps: int, threads: int, out: str) -> dict:
@@ -205,7 +210,8 @@ def planted_study(seeds: int, steps: int, threads: int, out: str) -> dict:
                    "covered": "planted matrices given at least their planted rank",
                    "calibration_seconds": "allocation time inside adapt (0 for uniform)",
                    "closes_half_gap_seeds": "seeds with gap_closed >= 0.5"},
-        "design": {"plant_rank": planted.PLANT_RANK, "plant_effect": planted.PLANT_EFFECT, "lr": 5e-3,
+        "design": {"plant_rank": planted.PLANT_RANK, "plant_effect": planted.PLANT_EFFECT,
+                   "lr": res["args"]["lr"],
                    "reach": planted.REACH, "n_planted": 3, "r": 8, "r_max": r_max},
         "args": {"seeds": seeds, "steps": steps, "threads": threads},
         "scores_run": scores, "scores_skipped": skipped,
@@ -661,14 +667,28 @@ def mean_std(xs: list[float], fmt: str = "{:.2f}") -> str:
     return f"{fmt.format(statistics.mean(xs))} ± {statistics.stdev(xs):.2f}"
 
 
+def task_values(cells: list[dict], task: str) -> tuple[str, dict[tuple[str, int], float]]:
+    """(metric, {(method, seed): metric in %}) of one task's cells; the metric is the task's
+    first GLUE metric ("loss" elsewhere)."""
+    metric = glue.task_spec(task).metrics[0] if task in glue.TASKS else "loss"
+    return metric, {(c["method"], c["seed"]): 100 * c["metrics"][metric] for c in cells
+                    if c["task"] == task and metric in c["metrics"]}
+
+
+def paired(value: dict, method: str, ref: str, seeds=None) -> tuple[str, str]:
+    """("mean ± std" of method − ref over the seeds holding both, "k of n" seeds won), or
+    ("–", "–") when no seed holds both."""
+    d = [v - value[ref, s] for (m, s), v in value.items() if m == method and (ref, s) in value
+         and (seeds is None or s in seeds)]
+    return (mean_std(d, "{:+.2f}"), f"{sum(x > 0 for x in d)} of {len(d)}") if d else ("–", "–")
+
+
 def task_table(cells: list[dict], task: str, methods: list[str], seeds: list[int],
                notes: dict[str, str]) -> list[str]:
     """Markdown rows of one task (on one device: pass that device's cells): per method the
     mean ± std over seeds and each seed's value, the paired difference to uniform LoRA in the
     same seed and the seeds it wins."""
-    metric = glue.task_spec(task).metrics[0] if task in glue.TASKS else "loss"
-    value = {(c["method"], c["seed"]): 100 * c["metrics"][metric] for c in cells
-             if c["task"] == task and metric in c["metrics"]}
+    metric, value = task_values(cells, task)
     methods = [m for m in methods if m in notes or any(k[0] == m for k in value)
                or m in METHODS or m in PEERS]
     lines = [f"| method | {metric} (mean ± std) | per seed ({', '.join(map(str, seeds))}) "
@@ -685,13 +705,7 @@ def task_table(cells: list[dict], task: str, methods: list[str], seeds: list[int
             head += f" ({len(got)} of {len(seeds)} seeds)"
         if method in notes:
             head += f" ({notes[method]})"
-        paired = [value[method, s] - value["lora", s] for s in seeds
-                  if (method, s) in value and ("lora", s) in value]
-        if method == "lora" or not paired:
-            delta = wins = "–"
-        else:
-            delta = mean_std(paired, "{:+.2f}")
-            wins = f"{sum(d > 0 for d in paired)} of {len(paired)}"
+        delta, wins = ("–", "–") if method == "lora" else paired(value, method, "lora", seeds)
         params = sorted({c["trainable_parameters"] for c in mine
                          if c["trainable_parameters"] is not None})
         steps = [c["seconds_per_step"] for c in mine if c["seconds_per_step"]]
@@ -781,13 +795,13 @@ def results_markdown(summary: dict, bench: dict | None, svgs: dict[str, str],
            "head and, for peft-lora, A). Values are dev-set percentages; a paired Δ is method − "
            "lora in the same seed; \"–\" is a cell not run yet. One seed decides nothing: read "
            "each Δ against its spread and its wins. s/step here is each cell's own training time "
-           "on a shared machine (other jobs ran beside some cells): compare speed in the make bench "
-           "table, where every row is timed side by side."]
+           "on a shared machine (other jobs ran beside some cells): compare speed in the make "
+           "bench table, where every row is timed side by side."]
     groups = list(dict.fromkeys([*((t, "cpu") for t in recipe["tasks"]),
-                                 *((c["task"], c.get("device", "cpu")) for c in cells)]))
+                                 *((c["task"], c["device"]) for c in cells)]))
     for task, device in groups:
-        mine = [c for c in cells if (c["task"], c.get("device", "cpu")) == (task, device)]
-        roots = sorted({c["root"] for c in mine if c.get("root")}) or ["results/cells"]
+        mine = [c for c in cells if (c["task"], c["device"]) == (task, device)]
+        roots = sorted({c["root"] for c in mine}) or ["results/cells"]
         out += ["", f"#### {task} on {device} (`{'`, `'.join(f'{r}/{task}/' for r in roots)}`)",
                 ""]
         if device == "cuda":
@@ -863,31 +877,21 @@ def planted_markdown(study: dict) -> list[str]:
 
 
 def score_lines(cells: list[dict], task: str) -> list[str]:
-    """Per device, the allocation scores at the parameter budget against uniform LoRA and
-    against the random allocation (the control every score must beat), paired by seed."""
-    out = []
-    metric = glue.task_spec(task).metrics[0] if task in glue.TASKS else "loss"
-    for device in dict.fromkeys(c["device"] for c in cells):
-        v = {(c["method"], c["seed"]): 100 * c["metrics"][metric] for c in cells
-             if (c["task"], c["device"]) == (task, device) and metric in c["metrics"]}
-        scores = [m for m in dict.fromkeys(k[0] for k in v)
-                  if m == "fim-params" or (m.startswith("fim-") and m.endswith("-params")
-                                           and m != "fim-random-params")]
-        if not scores:
-            continue
-
-        def paired(m: str, ref: str) -> str:
-            d = [v[m, s] - v[ref, s] for (n, s) in v if n == m and (ref, s) in v]
-            return (f"{mean_std(d, '{:+.2f}')} | {sum(x > 0 for x in d)} of {len(d)}" if d
-                    else "– | –")
-        out += [f"Allocation scores on {task} ({device}) at the parameter budget, paired by seed "
-                "with uniform LoRA and with the random allocation (the control a score must "
-                "beat):", "", "| score | Δ vs lora | wins | Δ vs random | wins |",
-                "|---|---:|---:|---:|---:|",
-                f"| random | {paired('fim-random-params', 'lora')} | – | – |"]
-        out += [f"| {'efim' if m == 'fim-params' else m[4:-7]} | {paired(m, 'lora')} | "
-                f"{paired(m, 'fim-random-params')} |" for m in scores]
-    return out
+    """One device's allocation scores at the parameter budget against uniform LoRA and against
+    the random allocation (the control every score must beat), paired by seed."""
+    _, value = task_values(cells, task)
+    rnd = score_method("random")
+    scores = [s for s in FIM_SCORES if s != "random"
+              and any(m == score_method(s) for m, _ in value)]
+    if not scores:
+        return []
+    return [f"Allocation scores on {task} ({cells[0]['device']}) at the parameter budget, paired "
+            "by seed with uniform LoRA and with the random allocation (the control a score must "
+            "beat):", "", "| score | Δ vs lora | wins | Δ vs random | wins |",
+            "|---|---:|---:|---:|---:|",
+            f"| random | {' | '.join(paired(value, rnd, 'lora'))} | – | – |"] + [
+        f"| {s} | {' | '.join(paired(value, score_method(s), 'lora'))} | "
+        f"{' | '.join(paired(value, score_method(s), rnd))} |" for s in scores]
 
 
 def smollm2_markdown(root: Path) -> list[str]:
@@ -1005,8 +1009,7 @@ def results_main(a: argparse.Namespace, extra: list[str]) -> dict:
                              "allocator's parameter-cost mode is not exposed); drop --budget")
         methods += [m for m in BUDGET_METHODS if m.removesuffix("-params") in methods]
     # each allocation score at the parameter budget (issue: scores side by side on SST-2)
-    methods += [m for m in (("fim-params" if s == "efim" else f"fim-{s}-params")
-                            for s in a.scores) if m not in methods]
+    methods += [m for m in map(score_method, a.scores) if m not in methods]
     if not methods and not a.peers:
         raise ValueError("--methods given empty and no --scores or --peers: nothing to run; "
                          f"name methods ({' '.join(METHODS)}), scores or peers")
@@ -1162,8 +1165,8 @@ def step_rows(base, tok, a, device, gen) -> tuple[list[dict], dict]:
             fns = {k: torch.autocast("cuda", dtype=torch.bfloat16)(f) for k, f in fns.items()}
         t = median_times(fns, a.repeats, a.warmup, sync)
         if T == 64:
-            info[f"aten_ops_per_step_{device.type}"] = {k: op_count(f) for k, f in fns.items()
-                                                      if k != "fw warm-up every 4"}
+            info["aten_ops_per_step"] = {k: op_count(f) for k, f in fns.items()
+                                         if k != "fw warm-up every 4"}
         size = f"{a.batch_size}×{T}"
         if "peft" in t:
             rows.append(row(f"LoRA train step, fimlora / transformers + PEFT, {size}{where}",
@@ -1342,8 +1345,8 @@ def bench_main(a: argparse.Namespace) -> dict:
         notes.append("In a LoRA step the embedding output does not require grad, so autograd "
                      "already skips ∂L/∂x below the first adapted layer, and every frozen W0 "
                      "gets no weight-gradient GEMM.")
-    for dev in devices:
-        ops = info.get(f"aten_ops_per_step_{dev}") or info.get(f"cuda_aten_ops_per_step_{dev}")
+    for dev in devices:  # the CUDA rows' info keys carry a cuda_ prefix
+        ops = info.get(f"{'cuda_' * (dev == 'cuda')}aten_ops_per_step")
         if ops:
             notes.append(f"aten operators dispatched per call on {dev} (32×64; on a GPU each is "
                          "about one kernel launch): " + ", ".join(f"{k} {v:,}"
@@ -1396,7 +1399,7 @@ def main(argv: list[str] | None = None) -> dict:
     g.add_argument("--peers", nargs="*", default=[], choices=PEERS)
     g.add_argument("--budget", choices=("ranks", "params"), default="ranks",
                    help="params: also FIM at an equal parameter budget (train.py --budget)")
-    g.add_argument("--scores", nargs="+", default=[], choices=SCORES,
+    g.add_argument("--scores", nargs="+", default=[], choices=FIM_SCORES,
                    help="also FIM with each allocation score at the parameter budget "
                         "(cells fim-S-params; efim is fim-params)")
     g.add_argument("--root", type=Path, default=CELLS,
