@@ -24,7 +24,6 @@ import importlib.util
 import itertools
 import json
 import os
-import platform
 import re
 import signal
 import socket
@@ -48,6 +47,7 @@ import fimlora
 from data import glue
 from lora import add_lora, lora_layers, merge_lora
 from models import load_model, model_path
+import train
 from train import write_json
 
 TARGETS = ["query", "key", "value", "dense"]
@@ -108,7 +108,6 @@ def _planted_adapt(allocation: str, record: dict, r_max: int):
     allocated and how long that took go into `record`."""
     import itertools
 
-    import train
     from data import planted
 
     def adapt(task, args, device, rng):
@@ -150,7 +149,6 @@ def planted_study(seeds: int, steps: int, threads: int, out: str) -> dict:
     relative to uniform and oracle and the share of the uniform -> oracle gap it closes."""
     import subprocess
 
-    import train
     from data import planted
     r_max = planted.PLANT_RANK  # so any allocation can give a matrix its planted rank
     scores = [s for s in FIM_SCORES if _available(s)]
@@ -215,8 +213,7 @@ def planted_study(seeds: int, steps: int, threads: int, out: str) -> dict:
                    "reach": planted.REACH, "n_planted": 3, "r": 8, "r_max": r_max},
         "args": {"seeds": seeds, "steps": steps, "threads": threads},
         "scores_run": scores, "scores_skipped": skipped,
-        "versions": {"torch": torch.__version__, "python": platform.python_version(),
-                     "commit": commit},
+        "versions": train.environment()["versions"] | {"commit": commit},
         "summary": summary, "per_seed": per_seed,
     }
     print(f"\ncriterion: {PLANTED_CRITERION}\noracle / uniform per seed: "
@@ -272,7 +269,6 @@ def _hf_twin(task, args, device, rng) -> tuple[nn.Module, nn.Module]:
     batches and head are the ones our methods get."""
     import transformers
 
-    import train
     ours_model = train.add_adapters(task, args, device, rng)
     hf_model = transformers.BertForSequenceClassification.from_pretrained(
         model_path(args.model), num_labels=ours_model.classifier.out_features)
@@ -343,7 +339,6 @@ def adalora_train(argv: list[str]) -> dict:
     No checkpoints: a killed cell starts again."""
     import peft
 
-    import train
     args = train.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -401,7 +396,6 @@ def peer_train(name: str, argv: list[str]) -> dict:
     peft-lora and peft-eva go through train.main (same loop, loss, optimizer, schedule and
     evaluation); what train.main cannot see (the peer, EVA's time and ranks) is added to the
     results.json it wrote."""
-    import train
     if name == "peft-adalora":
         return adalora_train(argv)
     record: dict = {}
@@ -420,7 +414,6 @@ def peft_train(argv: list[str]) -> dict:
     """train.main with transformers + PEFT in place of our model and LoRA (peft_adapt): the same
     batches, loss, optimizer, schedule, evaluation and initial weights. For the plain-LoRA parity
     check on SST-2; writes results.json only (PEFT saves its own way)."""
-    import train
     return train.main(argv, adapt=peft_adapt)
 
 
@@ -552,7 +545,8 @@ def run_subprocess(cmd: list[str], log: Path) -> int:
 
 def run_info(cell: Cell, threads: int, wall: float) -> dict:
     """Versions, machine and commit of a cell run (written next to its results.json)."""
-    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    env = train.environment()
+    versions = env["versions"]
     if cell.method in PEERS:  # read from the installed metadata: nothing to import
         from importlib.metadata import PackageNotFoundError, version
         for name in ("transformers", "peft"):
@@ -563,10 +557,7 @@ def run_info(cell: Cell, threads: int, wall: float) -> dict:
     commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
                             text=True).stdout.strip() or None
     return {"versions": versions, "commit": commit, "wall_seconds": wall,
-            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                        "threads": threads or torch.get_num_threads(),
-                        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available()
-                        else None}}
+            "machine": env["machine"] | ({"threads": threads} if threads else {})}
 
 
 def run_grid(cells: list[Cell], data_dirs: dict[str, Path], root: Path, threads: int,
@@ -784,9 +775,8 @@ def results_markdown(summary: dict, bench: dict | None, svgs: dict[str, str],
     Every number comes from summary (results/summary.json) or bench (results/bench.json)."""
     cells, recipe = summary["cells"], summary["recipe"]
     seeds = sorted(set(recipe["seeds"]) | {c["seed"] for c in cells})
-    methods = list(dict.fromkeys([*recipe["methods"], *PEERS, *recipe.get("peers", []),
+    methods = list(dict.fromkeys([*recipe["methods"], *PEERS,
                                   *(c["method"] for c in cells)]))
-    tasks = list(dict.fromkeys([*recipe["tasks"], *(c["task"] for c in cells)]))
     out = [f"_Generated by `python bench.py --results` / `--readme` from results/summary.json "
            f"({len(cells)} cells, {summary['generated']})"
            + (" and results/bench.json" if bench else "") + "; do not edit by hand._", "",
@@ -917,7 +907,6 @@ RUN_MARKERS = ("<!-- run:start -->", "<!-- run:end -->")
 
 def replace_run_block(text: str, run: dict) -> str:
     """The README's opening block from make run's results.json: its rank map and verdict."""
-    import train
     ranks = run["ranks"]
     args = argparse.Namespace(**{"budget": "ranks", **run["args"]})
     lines = [train.rank_header(ranks, run.get("adapter_parameters", 0), args),
@@ -1355,11 +1344,7 @@ def bench_main(a: argparse.Namespace) -> dict:
         notes.append(f"torch.compile failed: {info['compile_error']}")
     result = {"rows": rows, "info": info, "notes": notes, "repeats": a.repeats,
               "warmup": a.warmup, "setup_repeats": a.setup_repeats,
-              "versions": {"python": platform.python_version(), "torch": torch.__version__},
-              "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                          "threads": torch.get_num_threads(),
-                          "cuda": torch.cuda.get_device_name() if torch.cuda.is_available()
-                          else None},
+              **train.environment(),
               "generated": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     if not a.no_peers:
         import peft

@@ -798,6 +798,17 @@ def _finite(obj):
     return obj
 
 
+def environment(device: torch.device | None = None) -> dict:
+    """{"versions", "machine"} of this process for a results file: python and torch versions,
+    platform, CPUs, torch threads and the GPU's name (of `device`; None: of the default CUDA
+    device when there is one)."""
+    on_cuda = torch.cuda.is_available() if device is None else device.type == "cuda"
+    return {"versions": {"torch": torch.__version__, "python": platform.python_version()},
+            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                        "threads": torch.get_num_threads(),
+                        "cuda": torch.cuda.get_device_name(device) if on_cuda else None}}
+
+
 def write_json(path: str | os.PathLike, obj: dict) -> None:
     """Strict JSON (a non-finite float becomes null), written atomically."""
     text = json.dumps(_finite(obj), indent=2, allow_nan=False) + "\n"
@@ -965,12 +976,7 @@ def run(args: argparse.Namespace, adapt: Callable) -> dict:
         metrics = final_eval(model, task, args, trained, report)
         results = {
             "args": vars(args), "seed": args.seed, "device": str(device), "world_size": world,
-            "versions": {"torch": torch.__version__, "python": platform.python_version()},
-            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                        "threads": torch.get_num_threads(),
-                        "cuda": torch.cuda.get_device_name(device) if device.type == "cuda"
-                        else None},
-            "metrics": metrics, "eval_history": trained["evals"], "train_loss": trained["losses"],
+            **environment(device), "metrics": metrics, "eval_history": trained["evals"], "train_loss": trained["losses"],
             "trainable_parameters": trained["trainable"],
             "total_parameters": n_params(model, False),
             "seconds": {"calibration": report["calibration_seconds"],
