@@ -61,11 +61,11 @@ BUDGET_METHODS = ("fim-params", "fim+da-params")  # train.py --budget params
 SEEDS = (0, 1, 2)
 SST2 = Path("../shared/data/glue/SST-2")
 RECIPE = ["--model", "minilm"]  # the rest is train.py's GLUE defaults (README: SST-2 with MiniLM)
-PEER_SAVE_EVERY = 10**9  # a peer's layers are not LoRALinear: train.py cannot checkpoint them
 BUSY_SECONDS = 900  # a cell claimed on another host and written this recently is busy
 CLAIM = ".running"  # a cell's claim: {"host", "pid"} of the grid process training it
 STOP_GRACE = 30  # seconds a Ctrl-C'd cell gets to checkpoint before it is signalled itself
 SECONDS_PER_STEP_GUESS = 1.1  # before any cell exists: SST-2 lora-s0 took 1.07 s/step, 1 thread
+EVA_RHO = 2.0  # EVA's rank redistribution bound: a matrix gets at most rho * r
 EVA_BATCHES = 32  # calibration batches handed to PEFT's EVA, which cycles them to convergence
 
 
@@ -305,12 +305,17 @@ def eva_adapt(task, args, device, rng, record: dict) -> nn.Module:
     to converge), ranks redistributed within ρ = 2 at the budget r per matrix, B = 0. The head
     is ours; the time, batches used and ranks go into `record`."""
     import peft
+    if args.batch_size < EVA_RHO * args.r:  # PEFT would cycle the batches forever
+        raise ValueError(f"--batch-size {args.batch_size} < rho * r = {EVA_RHO * args.r:g}: "
+                         "EVA's SVD of the pooler (one row per example) needs that many rows "
+                         "per batch and never converges with fewer; raise --batch-size or "
+                         "lower --r")
     _, hf_model = _hf_twin(task, args, device, rng)
     model = peft.get_peft_model(hf_model, peft.LoraConfig(
         r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout,
         target_modules=args.targets.split(","), modules_to_save=list(task.heads),
         init_lora_weights="eva",  # labels are one per row here, not per token: no label mask
-        eva_config=peft.EvaConfig(rho=2.0, use_label_mask=False))).to(device)
+        eva_config=peft.EvaConfig(rho=EVA_RHO, use_label_mask=False))).to(device)
     # PEFT cycles these until every layer's components converge (it needs a sized iterable)
     calib = [{k: v.to(device) for k, v in b.items()} for b in
              itertools.islice(task.train_batches(rng["calib"]), EVA_BATCHES)]
@@ -336,7 +341,11 @@ def adalora_train(argv: list[str]) -> dict:
     such point; a hook on the next forward would find the gradients already cleared. The loss is
     PEFT's own (cross-entropy + orth_reg_weight · orthogonality regulariser, added by AdaLoRA's
     forward when labels are passed); the logged loss is the cross-entropy alone, as train.py's.
-    No checkpoints: a killed cell starts again."""
+    No checkpoints (AdaLoRA's allocator keeps its own importance EMAs): a stopped cell starts
+    again."""
+    if "--resume" in argv:
+        raise ValueError("--resume: peft-adalora cells do not checkpoint; run the cell again "
+                         "without --resume (and with --overwrite if its folder exists)")
     import peft
 
     args = train.parse_args(argv)
@@ -394,14 +403,18 @@ def adalora_train(argv: list[str]) -> dict:
 def peer_train(name: str, argv: list[str]) -> dict:
     """One peer cell: train.py's arguments `argv` run on transformers + PEFT (`name` in PEERS).
     peft-lora and peft-eva go through train.main (same loop, loss, optimizer, schedule and
-    evaluation); what train.main cannot see (the peer, EVA's time and ranks) is added to the
-    results.json it wrote."""
+    evaluation, checkpoints and --resume); what train.main cannot see (the peer, EVA's time and
+    ranks) is added to the results.json it wrote."""
     if name == "peft-adalora":
         return adalora_train(argv)
     record: dict = {}
     adapt = peft_adapt if name == "peft-lora" else (
         lambda task, args, device, rng: eva_adapt(task, args, device, rng, record))
-    res = train.main(argv, adapt=adapt)
+    try:
+        res = train.main(argv, adapt=adapt)
+    except train.Interrupted as e:  # its resume command is this one, not train.py's
+        raise train.Interrupted(str(e).replace("python train.py --resume",
+                                               f"python bench.py --peer {name} -- --resume"))
     res["peer"] = name
     if record:
         res["seconds"]["calibration"] = record["calibration"]
@@ -454,15 +467,17 @@ def missing_peer(method: str) -> str | None:
 
 def cell_command(cell: Cell, data_dir: Path, out: Path, threads: int, resume: bool,
                  extra: list[str] = ()) -> list[str]:
-    """The command line of one cell: train.py (or bench.py --peer) with the recipe."""
+    """The command line of one cell: train.py (or bench.py --peer) with the recipe, or with
+    `resume` its --resume from the checkpoint in `out` (peers checkpoint through train.main too,
+    their trainable tensors by name)."""
+    head = ([sys.executable, "bench.py", "--peer", cell.method, "--"] if cell.method in PEERS
+            else [sys.executable, "train.py"])
     if resume:
-        return [sys.executable, "train.py", "--resume", str(out), "--threads", str(threads)]
+        return [*head, "--resume", str(out), "--threads", str(threads)]
     run = [*RECIPE, "--task", cell.task, "--data-dir", str(data_dir), "--seed", str(cell.seed),
            "--threads", str(threads), "--log-every", "100", "--out", str(out), *extra]
-    if cell.method in PEERS:
-        return [sys.executable, "bench.py", "--peer", cell.method, "--", "--method", "lora",
-                *run, "--save-every", str(PEER_SAVE_EVERY)]
-    return [sys.executable, "train.py", *method_flags(cell.method), *run]
+    return [*head, *(["--method", "lora"] if cell.method in PEERS
+                     else method_flags(cell.method)), *run]
 
 
 def method_flags(method: str) -> list[str]:
@@ -581,8 +596,7 @@ def run_grid(cells: list[Cell], data_dirs: dict[str, Path], root: Path, threads:
                   f"({out / CLAIM}), left alone")
             outcome["busy"].append(cell)
             continue
-        resume = cell.method not in PEERS and any(
-            (out / name).is_dir() for name in ("checkpoint", "checkpoint.old"))
+        resume = any((out / name).is_dir() for name in ("checkpoint", "checkpoint.old"))
         t0 = time.perf_counter()
         try:
             code = run(cell_command(cell, data_dirs[cell.task], out, threads, resume, extra),
@@ -1415,8 +1429,7 @@ def main(argv: list[str] | None = None) -> dict:
     if a.peft_sst2:
         return peer_train("peft-lora", ["--method", "lora", "--model", "minilm", "--task",
                                         "sst2", "--data-dir", a.peft_sst2, "--out",
-                                        "runs/sst2-peft-s0", "--save-every",
-                                        str(PEER_SAVE_EVERY), *rest])
+                                        "runs/sst2-peft-s0", *rest])
     if a.results:
         return results_main(a, rest)
     if a.readme:
@@ -1427,7 +1440,10 @@ def main(argv: list[str] | None = None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError) as e:
+    except train.Interrupted as e:  # a peer cell (bench.py --peer) stopped with its checkpoint
+        print(f"\n{e}", file=sys.stderr)
+        sys.exit(130)
+    except (ValueError, FileNotFoundError, ImportError, FloatingPointError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:  # a grid cell's train.py checkpointed on the same Ctrl-C
         print("interrupted: finished cells are kept and an interrupted one resumes from its "

@@ -169,20 +169,24 @@ def test_grid_skips_finished_resumes_checkpoints_and_runs_the_rest(tmp_path, mon
     ckpt.mkdir(parents=True)
     old = 1e9  # an old checkpoint: its run is not alive
     os.utime(ckpt, (old, old))
+    (root / "sst2" / "peft-lora-s1" / "checkpoint").mkdir(parents=True)  # a stopped peer
     monkeypatch.setattr(bench, "missing_peer", lambda m: "peft not installed"
                         if m == "peft-eva" else None)
     cells = [bench.Cell("sst2", m, 0) for m in ("lora", "fim", "fim+da", "peft-lora",
-                                                  "peft-eva")]
+                                                  "peft-eva")] + [bench.Cell("sst2", "peft-lora", 1)]
     fake = FakeRunner(fail={"fim_da-s0"})
     outcome = bench.run_grid(cells, {"sst2": tmp_path}, root, 1, run=fake)
     names = {k: [c.method for c in v] for k, v in outcome.items()}
-    assert names == {"done": ["lora"], "resumed": ["fim"], "ran": ["peft-lora"],
+    assert names == {"done": ["lora"], "resumed": ["fim", "peft-lora"], "ran": ["peft-lora"],
                      "failed": ["fim+da"], "missing": ["peft-eva"], "busy": []}
-    resume, fresh, peer = fake.calls
+    resume, fresh, peer, peer_resume = fake.calls
     assert resume[1:] == ["train.py", "--resume", str(root / "sst2" / "fim-s0"),
                           "--threads", "1"]
     assert fresh[1:4] == ["train.py", "--method", "fim+da"] and "--seed" in fresh
-    assert peer[1:4] == ["bench.py", "--peer", "peft-lora"] and "--save-every" in peer
+    assert peer[1:8] == ["bench.py", "--peer", "peft-lora", "--", "--method", "lora",
+                         "--model"] and "--save-every" not in peer  # it checkpoints as ours
+    assert peer_resume[1:] == ["bench.py", "--peer", "peft-lora", "--", "--resume",
+                               str(root / "sst2" / "peft-lora-s1"), "--threads", "1"]
     assert (root / "sst2" / "fim-s0" / "run.json").exists()
     assert not (root / "sst2" / "fim_da-s0" / "run.json").exists()
     # a second pass runs only the failed cell again
