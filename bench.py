@@ -655,9 +655,11 @@ def read_cells(root: Path) -> list[dict]:
 
 
 def cell_roots(root: Path) -> list[Path]:
-    """root and its per-device siblings (results/cells, then results/cells_cuda: a grid run on
-    a GPU with --root results/cells_cuda), each read into the one summary."""
-    return [root, *sorted(p for p in root.parent.glob(f"{root.name}_*") if p.is_dir())]
+    """root's device family (results/cells, then results/cells_cuda: a grid run on a GPU with
+    --root results/cells_cuda), each read into the one summary, whichever of them is root."""
+    base = root.parent / root.name.partition("_")[0]
+    siblings = sorted(p for p in root.parent.glob(f"{base.name}_*") if p.is_dir())
+    return list(dict.fromkeys(p for p in [base, *siblings, root] if p == root or p.is_dir()))
 
 
 def summarize(root: Path, recipe: dict) -> dict:
@@ -995,16 +997,79 @@ def train_has_flag(flag: str) -> bool:
     return flag in help_text
 
 
-def results_main(a: argparse.Namespace, extra: list[str]) -> dict:
-    """make results: plan the grid, print the expected duration, run it (unless --dry-run),
-    then write summary.json, the rank maps and the README section."""
-    data_dirs = find_tasks(a.data_root) if a.data_root else {"sst2": SST2}
+GRID_OWNED = ("--task", "--data-dir", "--seed", "--out", "--method", "--resume", "--overwrite",
+              "--threads")  # train.py flags the grid sets per cell
+
+
+def check_grid(a: argparse.Namespace, extra: list[str]) -> tuple[dict[str, Path], argparse.Namespace]:
+    """The grid's {task: data folder} and the cells' train.py arguments (the recipe with `extra`),
+    or ValueError naming the bad value and the fix, before any work or write. Repeated seeds
+    count once."""
+    bad = [s for s in a.seeds if s < 0]
+    if bad:
+        raise ValueError(f"--seeds {' '.join(map(str, bad))}: use seeds >= 0")
+    a.seeds = list(dict.fromkeys(a.seeds))
+    if a.root.exists() and not a.root.is_dir():
+        raise ValueError(f"--root {a.root} is a file: pass the cells' folder")
+    if a.data_root:
+        if not Path(a.data_root).is_dir():
+            raise ValueError(f"--data-root {a.data_root}: no such folder; pass the folder that "
+                             "holds the GLUE task folders (SST-2, CoLA, ...)")
+        data_dirs = find_tasks(a.data_root)
+        if not data_dirs:
+            raise ValueError(f"--data-root {a.data_root} holds no standard GLUE folder with a "
+                             f"train.tsv ({', '.join(s.folder for s in glue.TASKS.values())}); "
+                             "pass the folder that holds them")
+    else:
+        data_dirs = {"sst2": SST2}
+        if not a.dry_run and not (SST2 / "train.tsv").is_file():
+            raise ValueError(f"{SST2 / 'train.tsv'} not found: pass --data-root with the GLUE "
+                             "download (the folder holding SST-2/)")
     if a.tasks:
         unknown = sorted(set(a.tasks) - set(data_dirs))
         if unknown:
             raise ValueError(f"--tasks {' '.join(unknown)}: no such GLUE folder found "
                              f"(found: {', '.join(data_dirs) or 'none'}); check --data-root")
         data_dirs = {t: data_dirs[t] for t in a.tasks}
+    owned = [f for f in extra if f.split("=")[0] in GRID_OWNED]
+    if owned:
+        raise ValueError(f"after '--': {' '.join(owned)} is set by the grid for each cell; use "
+                         "--tasks, --data-root, --seeds, --methods, --root or --threads instead")
+    task, folder = next(iter(data_dirs.items()))
+    try:  # the cells' arguments, checked once here rather than failing in every cell
+        args = train.parse_args([*RECIPE, "--task", task, "--data-dir", str(folder),
+                                 "--out", str(a.root / ".unwritten"), *extra])
+    except SystemExit:  # argparse printed the unknown or malformed flag
+        raise ValueError(f"after '--': {' '.join(extra)} is not a valid train.py argument list "
+                         "(see python train.py --help)") from None
+    return data_dirs, args
+
+
+RECIPE_KEYS = ("model", "r", "alpha", "rslora", "dropout", "targets", "steps", "epochs",
+               "batch_size", "lr", "weight_decay", "warmup", "grad_clip", "max_len", "max_train",
+               "max_eval")  # what every method's cell shares: one recipe per cells folder
+
+
+def check_recipe(cells: list[Cell], root: Path, args: argparse.Namespace) -> None:
+    """ValueError if a finished cell of the grid was trained with another recipe than `args`
+    (the cells' train.py arguments): it would be skipped, and the table would mix recipes."""
+    for c in cells:
+        path = root / c.task / c.folder / "results.json"
+        if not path.exists():
+            continue
+        saved = json.loads(path.read_text()).get("args", {})
+        keys = [k for k in RECIPE_KEYS if k in saved and not (k == "steps" and args.epochs)]
+        diff = [f"--{k.replace('_', '-')} {saved[k]} there, {getattr(args, k)} here"
+                for k in keys if saved[k] != getattr(args, k)]
+        if diff:
+            raise ValueError(f"{path.parent} was trained with another recipe ({'; '.join(diff)})"
+                             f": give this recipe its own --root")
+
+
+def results_main(a: argparse.Namespace, extra: list[str]) -> dict:
+    """make results: plan the grid, print the expected duration, run it (unless --dry-run),
+    then write summary.json, the rank maps and the README section."""
+    data_dirs, cell_args = check_grid(a, extra)
     methods = list(a.methods)
     if a.budget == "params":
         if not train_has_flag("--budget"):
@@ -1018,11 +1083,12 @@ def results_main(a: argparse.Namespace, extra: list[str]) -> dict:
                          f"name methods ({' '.join(METHODS)}), scores or peers")
     notes = {p: why for p in a.peers if (why := missing_peer(p))}
     cells = [Cell(t, m, s) for t in data_dirs for m in [*methods, *a.peers] for s in a.seeds]
+    check_recipe(cells, a.root, cell_args)
     known = read_cells(a.root)
     todo = [c for c in cells if not (a.root / c.task / c.folder / "results.json").exists()
             and c.method not in notes]
     taken = [c for c in todo if busy(a.root / c.task / c.folder)]
-    steps = int(extra[extra.index("--steps") + 1]) if "--steps" in extra else 1000
+    steps = cell_args.steps or 1000  # under --epochs the steps are known once the data is read
     guesses = [estimate_seconds(c, known, steps) for c in todo]
     total = sum(s for s, _ in guesses)
     print(f"grid: {len(data_dirs)} task(s) ({', '.join(data_dirs)}) x {len(methods) + len(a.peers)}"
@@ -1433,6 +1499,9 @@ def main(argv: list[str] | None = None) -> dict:
     if a.results:
         return results_main(a, rest)
     if a.readme:
+        if not a.root.is_dir():
+            raise ValueError(f"--root {a.root}: no such folder, no cells to summarise; pass the "
+                             "cells' folder (results/cells)")
         return write_report(a.root, None)
     return bench_main(a)
 

@@ -6,6 +6,7 @@ Run: .venv/bin/python -m pytest tests/test_bench.py -q
 """
 
 import json
+import re
 import signal
 import os
 import shutil
@@ -303,6 +304,8 @@ def test_a_gpu_grid_beside_the_cpu_grid_gets_its_own_table(grid):
     write_cell(gpu, "sst2", "fim-kfac-params", 0, 0.75)
     summary = bench.summarize(root, recipe)
     assert {c["device"] for c in summary["cells"]} == {"cpu", "cuda"}
+    from_gpu = bench.summarize(gpu, recipe)  # the GPU grid's --root sees the CPU cells too
+    assert from_gpu["cells"] == summary["cells"]
     md = bench.results_markdown(summary, None, {})
     cpu, cuda = md.split("#### sst2 on cuda")
     assert "#### sst2 on cpu" in cpu and "| lora | 82.33 ± 2.52 |" in cpu
@@ -380,3 +383,64 @@ def test_ctrl_c_stops_the_grid_with_a_checkpoint_and_the_same_command_resumes(tm
     done = subprocess.run(cmd, cwd=code, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "resumed 1" in done.stdout, done.stdout + done.stderr
     assert (cell / "results.json").is_file()
+
+
+def _other_recipe_cell(tmp):
+    out = write_cell(tmp / "cells", "sst2", "lora", 0, 0.8)
+    res = json.loads((out / "results.json").read_text())
+    (out / "results.json").write_text(json.dumps(res | {"args": {"steps": 1000, "lr": 5e-4}}))
+    return ["--", "--steps", "10"]
+
+
+# make results' bad input: (what the user did, setup(tmp) -> bench.py arguments, message text)
+GRID_ERRORS = [
+    ("--seeds -1", lambda t: ["--seeds", "0", "-1"], "--seeds -1: use seeds >= 0"),
+    ("--data-root that does not exist", lambda t: ["--data-root", str(t / "none")],
+     "no such folder; pass the folder that holds the GLUE task folders"),
+    ("--data-root without GLUE folders", lambda t: ["--data-root", str(t)],
+     "holds no standard GLUE folder with a train.tsv (SST-2, CoLA"),
+    ("--tasks not under --data-root", lambda t: ["--tasks", "rte"], "--tasks rte: no such GLUE"),
+    ("--root is a file", lambda t: (t / "f").write_text("x") and ["--root", str(t / "f")],
+     "is a file: pass the cells' folder"),
+    ("a grid-owned train.py flag", lambda t: ["--", "--seed", "3"],
+     "--seed is set by the grid for each cell; use --tasks"),
+    ("an unknown train.py flag", lambda t: ["--", "--bogus"],
+     "--bogus is not a valid train.py argument list"),
+    ("a bad train.py value", lambda t: ["--", "--lr", "-1"], "--lr -1.0: use > 0"),
+    ("a finished cell of another recipe", _other_recipe_cell,
+     "trained with another recipe (--steps 1000 there, 10 here): give this recipe its own --root"),
+    ("no SST-2 and no --data-root", lambda t: ["--wet"], "not found: pass --data-root"),
+]
+
+
+@pytest.mark.parametrize("label,setup,match", GRID_ERRORS, ids=[g[0] for g in GRID_ERRORS])
+def test_bad_grid_input_is_refused_before_any_work_or_write(tmp_path, monkeypatch, label, setup,
+                                                            match):
+    monkeypatch.chdir(tmp_path)  # the report would go to ./results and ./README.md
+    monkeypatch.setattr(bench, "run_grid", lambda *a, **k: pytest.fail("ran the grid"))
+    argv = setup(tmp_path)
+    rest = argv[argv.index("--"):] if "--" in argv else []
+    argv = argv[:len(argv) - len(rest)]
+    if "--root" not in argv:
+        argv += ["--root", str(tmp_path / "cells")]
+    argv = [a for a in argv if a != "--wet"] if "--wet" in argv else [*argv, "--dry-run"]
+    before = sorted((p, p.read_bytes() if p.is_file() else None) for p in tmp_path.rglob("*"))
+    with pytest.raises(ValueError, match=re.escape(match)):
+        bench.main(["--results", *argv, *rest])
+    assert sorted((p, p.read_bytes() if p.is_file() else None)
+                  for p in tmp_path.rglob("*")) == before
+
+
+def test_repeated_seeds_count_once(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "README.md").write_text("# x\n")
+    bench.main(["--results", "--dry-run", "--methods", "lora", "--seeds", "1", "1", "0", "1",
+                "--root", str(tmp_path / "cells")])
+    assert "1 methods x 2 seeds = 2 cells" in capsys.readouterr().out
+
+
+def test_readme_from_a_missing_cells_folder_is_refused_and_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="no such folder, no cells to summarise"):
+        bench.main(["--readme", "--root", str(tmp_path / "none")])
+    assert list(tmp_path.iterdir()) == []
