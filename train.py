@@ -164,7 +164,7 @@ def check_args(a: argparse.Namespace) -> None:
         v = getattr(a, name)
         if v is not None and v < 1:
             errors.append(f"--{name.replace('_', '-')} {v}: use >= 1")
-    for name in ("threads", "save_every", "eval_every", "r_min"):
+    for name in ("seed", "threads", "save_every", "eval_every", "r_min"):
         if getattr(a, name) < 0:
             errors.append(f"--{name.replace('_', '-')} {getattr(a, name)}: use >= 0")
     if not 0 <= a.warmup < 1:

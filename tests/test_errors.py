@@ -84,6 +84,7 @@ CLI = [
     ("--max-train 0", plain("--max-train", "0"), "--max-train 0: use >= 1"),
     ("--max-eval -1", plain("--max-eval", "-1"), "--max-eval -1: use >= 1"),
     ("--log-every 0", plain("--log-every", "0"), "--log-every 0: use >= 1"),
+    ("--seed -1", plain("--seed", "-1"), "--seed -1: use >= 0"),
     ("--threads -1", plain("--threads", "-1"), "--threads -1: use >= 0"),
     ("--save-every -2", plain("--save-every", "-2"), "--save-every -2: use >= 0"),
     ("--grad-clip -1", plain("--grad-clip", "-1"), "--grad-clip -1.0: use >= 0 (0 = off)"),
