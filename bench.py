@@ -1001,7 +1001,8 @@ GRID_OWNED = ("--task", "--data-dir", "--seed", "--out", "--method", "--resume",
               "--threads")  # train.py flags the grid sets per cell
 
 
-def check_grid(a: argparse.Namespace, extra: list[str]) -> tuple[dict[str, Path], argparse.Namespace]:
+def check_grid(a: argparse.Namespace,
+               extra: list[str]) -> tuple[dict[str, Path], argparse.Namespace]:
     """The grid's {task: data folder} and the cells' train.py arguments (the recipe with `extra`),
     or ValueError naming the bad value and the fix, before any work or write. Repeated seeds
     count once."""

@@ -976,7 +976,8 @@ def run(args: argparse.Namespace, adapt: Callable) -> dict:
         metrics = final_eval(model, task, args, trained, report)
         results = {
             "args": vars(args), "seed": args.seed, "device": str(device), "world_size": world,
-            **environment(device), "metrics": metrics, "eval_history": trained["evals"], "train_loss": trained["losses"],
+            **environment(device), "metrics": metrics, "eval_history": trained["evals"],
+            "train_loss": trained["losses"],
             "trainable_parameters": trained["trainable"],
             "total_parameters": n_params(model, False),
             "seconds": {"calibration": report["calibration_seconds"],

@@ -174,7 +174,8 @@ def test_grid_skips_finished_resumes_checkpoints_and_runs_the_rest(tmp_path, mon
     monkeypatch.setattr(bench, "missing_peer", lambda m: "peft not installed"
                         if m == "peft-eva" else None)
     cells = [bench.Cell("sst2", m, 0) for m in ("lora", "fim", "fim+da", "peft-lora",
-                                                  "peft-eva")] + [bench.Cell("sst2", "peft-lora", 1)]
+                                                  "peft-eva")]
+    cells.append(bench.Cell("sst2", "peft-lora", 1))
     fake = FakeRunner(fail={"fim_da-s0"})
     outcome = bench.run_grid(cells, {"sst2": tmp_path}, root, 1, run=fake)
     names = {k: [c.method for c in v] for k, v in outcome.items()}
