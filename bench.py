@@ -612,6 +612,16 @@ def run_grid(cells: list[Cell], data_dirs: dict[str, Path], root: Path, threads:
     return outcome
 
 
+def steps_left(out: Path, steps: int) -> int:
+    """The steps a cell still has to train: fewer when its folder holds a checkpoint."""
+    for name in ("checkpoint", "checkpoint.old"):
+        try:
+            return max(0, steps - int(json.loads((out / name / "meta.json").read_text())["step"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return steps
+
+
 def estimate_seconds(cell: Cell, known: list[dict], steps: int) -> tuple[float, bool]:
     """(expected seconds, measured?) of one cell: steps × the mean s/step of finished cells of
     the same task and method (else task, else any) plus their mean setup time."""
@@ -1090,7 +1100,8 @@ def results_main(a: argparse.Namespace, extra: list[str]) -> dict:
             and c.method not in notes]
     taken = [c for c in todo if busy(a.root / c.task / c.folder)]
     steps = cell_args.steps or 1000  # under --epochs the steps are known once the data is read
-    guesses = [estimate_seconds(c, known, steps) for c in todo]
+    guesses = [estimate_seconds(c, known, steps_left(a.root / c.task / c.folder, steps))
+               for c in todo]
     total = sum(s for s, _ in guesses)
     print(f"grid: {len(data_dirs)} task(s) ({', '.join(data_dirs)}) x {len(methods) + len(a.peers)}"
           f" methods x {len(a.seeds)} seeds = {len(cells)} cells; {len(cells) - len(todo)} "

@@ -262,6 +262,16 @@ def test_estimate_uses_measured_cells_of_the_same_method_first(grid):
     assert not measured and sec == pytest.approx(100 * bench.SECONDS_PER_STEP_GUESS)
 
 
+def test_steps_left_counts_from_the_checkpoint(tmp_path):
+    assert bench.steps_left(tmp_path / "new", 1000) == 1000
+    for name, step in (("checkpoint.old", 300), ("checkpoint", 770)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "meta.json").write_text(json.dumps({"step": step}))
+        assert bench.steps_left(tmp_path, 1000) == 1000 - step
+    (tmp_path / "checkpoint" / "meta.json").write_text("{damaged")
+    assert bench.steps_left(tmp_path, 1000) == 700  # the older one still counts
+
+
 def test_find_tasks_sees_standard_glue_folders(tmp_path):
     for folder in ("SST-2", "RTE", "MNLI", "junk"):
         (tmp_path / folder).mkdir()
