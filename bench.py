@@ -65,6 +65,7 @@ BUSY_SECONDS = 900  # a cell claimed on another host and written this recently i
 CLAIM = ".running"  # a cell's claim: {"host", "pid"} of the grid process training it
 STOP_GRACE = 30  # seconds a Ctrl-C'd cell gets to checkpoint before it is signalled itself
 SECONDS_PER_STEP_GUESS = 1.1  # before any cell exists: SST-2 lora-s0 took 1.07 s/step, 1 thread
+ADALORA_INIT = 1.5  # AdaLoRA starts at init_r = 1.5 r per matrix and prunes to r
 EVA_RHO = 2.0  # EVA's rank redistribution bound: a matrix gets at most rho * r
 EVA_BATCHES = 32  # calibration batches handed to PEFT's EVA, which cycles them to convergence
 
@@ -357,7 +358,7 @@ def adalora_train(argv: list[str]) -> dict:
     task = train.build_task(args, device, rng)
     _, hf_model = _hf_twin(task, args, device, rng)
     config = peft.AdaLoraConfig(
-        target_r=args.r, init_r=round(1.5 * args.r), tinit=args.steps // 10,
+        target_r=args.r, init_r=round(ADALORA_INIT * args.r), tinit=args.steps // 10,
         tfinal=args.steps // 5, deltaT=10, total_step=args.steps, lora_alpha=args.alpha,
         lora_dropout=args.dropout, target_modules=args.targets.split(","),
         modules_to_save=list(task.heads))
@@ -812,7 +813,11 @@ def results_markdown(summary: dict, bench: dict | None, svgs: dict[str, str],
            "lora in the same seed; \"–\" is a cell not run yet. One seed decides nothing: read "
            "each Δ against its spread and its wins. s/step here is each cell's own training time "
            "on a shared machine (other jobs ran beside some cells): compare speed in the make "
-           "bench table, where every row is timed side by side."]
+           "bench table, where every row is timed side by side."
+           + (f" peft-adalora's trainable parameters are counted at its start (init_r = "
+              f"{ADALORA_INIT} × r per matrix); it prunes to r per matrix on average, the "
+              "others' budget, by the end of its schedule."
+              if any(c["method"] == "peft-adalora" for c in cells) else "")]
     groups = list(dict.fromkeys([*((t, "cpu") for t in recipe["tasks"]),
                                  *((c["task"], c["device"]) for c in cells)]))
     for task, device in groups:

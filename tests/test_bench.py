@@ -455,3 +455,12 @@ def test_readme_from_a_missing_cells_folder_is_refused_and_writes_nothing(tmp_pa
     with pytest.raises(ValueError, match="no such folder, no cells to summarise"):
         bench.main(["--readme", "--root", str(tmp_path / "none")])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_adalora_rows_say_their_parameters_are_counted_before_pruning(grid):
+    root, recipe = grid
+    assert "counted at its start" not in bench.results_markdown(
+        bench.summarize(root, recipe), None, {})
+    write_cell(root, "sst2", "peft-adalora", 0, 0.79, params=1500)
+    md = bench.results_markdown(bench.summarize(root, recipe), None, {})
+    assert "trainable parameters are counted at its start (init_r = 1.5 × r per matrix)" in md
