@@ -462,5 +462,5 @@ def test_adalora_rows_say_their_parameters_are_counted_before_pruning(grid):
     assert "counted at its start" not in bench.results_markdown(
         bench.summarize(root, recipe), None, {})
     write_cell(root, "sst2", "peft-adalora", 0, 0.79, params=1500)
-    md = bench.results_markdown(bench.summarize(root, recipe), None, {})
+    md = " ".join(bench.results_markdown(bench.summarize(root, recipe), None, {}).split())
     assert "trainable parameters are counted at its start (init_r = 1.5 × r per matrix)" in md
