@@ -1526,12 +1526,15 @@ def main(argv: list[str] | None = None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except train.Interrupted as e:  # a peer cell (bench.py --peer) stopped with its checkpoint
-        print(f"\n{e}", file=sys.stderr)
-        sys.exit(130)
     except (ValueError, FileNotFoundError, ImportError, FloatingPointError) as e:
         sys.exit(f"error: {e}")
-    except KeyboardInterrupt:  # a grid cell's train.py checkpointed on the same Ctrl-C
-        print("interrupted: finished cells are kept and an interrupted one resumes from its "
-              "checkpoint; run the same command again to go on", file=sys.stderr)
+    except (KeyboardInterrupt, train.Interrupted) as e:
+        if "--peer" in sys.argv and isinstance(e, train.Interrupted):
+            print(f"\n{e}", file=sys.stderr)  # a peer cell, stopped with its checkpoint
+        elif "--results" in sys.argv:  # a grid cell's train.py checkpointed on the same Ctrl-C
+            print("interrupted: finished cells are kept and an interrupted one resumes from its "
+                  "checkpoint; run the same command again to go on", file=sys.stderr)
+        else:  # the study's runs checkpoint into temp folders: nothing to resume
+            print("interrupted: nothing was written (bench and study results are written at "
+                  "the end)", file=sys.stderr)
         sys.exit(130)

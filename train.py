@@ -365,6 +365,10 @@ def restore_adapters(model: nn.Module, blob: dict, meta: dict) -> None:
     """Give every LoRA layer the checkpoint's rank and alpha, then every trainable tensor (the
     adapters and heads, or a peer model's trainables) its saved value."""
     layers = lora_layers(model)
+    if layers and not meta["ranks"]:
+        raise ValueError("the checkpoint holds a peer's model (transformers + PEFT), not "
+                         "fimlora's LoRA layers: resume it with 'python bench.py --peer NAME -- "
+                         "--resume OUT', NAME the peer that started it")
     if set(meta["ranks"]) != set(layers):
         raise ValueError(f"the checkpoint adapts {sorted(meta['ranks'])[:3]}..., the model "
                          f"{sorted(layers)[:3]}...: was --model or --targets changed?")
@@ -917,7 +921,12 @@ def compare_planted(args: argparse.Namespace, results: dict) -> dict:
         with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
             twin = argparse.Namespace(**{**vars(args), "method": "lora", "out": tmp,
                                          "compare": False, "resume": None, "overwrite": True})
-            losses[name] = run(twin, adapt)["metrics"]["loss_ratio"]
+            try:
+                losses[name] = run(twin, adapt)["metrics"]["loss_ratio"]
+            except Interrupted:  # the twin's checkpoint is in a temp folder about to go
+                raise Interrupted(f"interrupted in --compare's {name} twin run: this run's "
+                                  f"results are already in {args.out} (without the "
+                                  "comparison)") from None
     mine, uni, orc = results["metrics"]["loss_ratio"], losses["uniform"], losses["oracle"]
     gap = (uni - mine) / (uni - orc) if uni != orc else float("nan")
     out = {"method": args.method, "run": mine, "uniform": uni, "oracle": orc, "gap_closed": gap}

@@ -464,3 +464,19 @@ def test_adalora_rows_say_their_parameters_are_counted_before_pruning(grid):
     write_cell(root, "sst2", "peft-adalora", 0, 0.79, params=1500)
     md = " ".join(bench.results_markdown(bench.summarize(root, recipe), None, {}).split())
     assert "trainable parameters are counted at its start (init_r = 1.5 × r per matrix)" in md
+
+
+def test_ctrl_c_in_the_planted_study_says_nothing_was_written(tmp_path):
+    """Outside the grid the Ctrl-C line does not promise a resume: the study writes its JSON
+    only at the end, so an interrupted one leaves nothing behind."""
+    from conftest import ROOT
+    out = tmp_path / "study.json"
+    proc = subprocess.Popen([sys.executable, "bench.py", "--planted-study", "--seeds", "2",
+                             "--steps", "100000", "--out", str(out)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    time.sleep(4)  # inside the first run
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "nothing was written" in err, err
+    assert "Traceback" not in err and "resumes" not in err and not out.exists()

@@ -162,3 +162,22 @@ def test_damaged_checkpoint_is_a_clear_error(tmp_path, monkeypatch, damage, matc
     damage(out / "checkpoint")
     with pytest.raises(ValueError, match=match):
         train.main(["--resume", str(out)])
+
+
+def test_ctrl_c_in_a_compare_twin_run_points_at_the_saved_run(tmp_path, monkeypatch):
+    """--compare trains twins in temp folders after this run published: a Ctrl-C there names
+    the saved results, not a resume command for a checkpoint about to be deleted."""
+    real, hits = train.log_step, []
+
+    def log_step(k, *a):
+        real(k, *a)
+        if k == 2:
+            hits.append(k)
+            if len(hits) == 2:  # step 2 of the first twin (the run itself passed it once)
+                os.kill(os.getpid(), signal.SIGINT)
+    monkeypatch.setattr(train, "log_step", log_step)
+    out = tmp_path / "o"
+    with pytest.raises(train.Interrupted, match="--compare's uniform twin run: this run's "
+                                                "results are already in"):
+        run(out, "--method", "fim", "--compare")
+    assert (out / "results.json").is_file() and not (out / "checkpoint").exists()
