@@ -47,6 +47,7 @@ import fimlora
 from data import glue
 from lora import add_lora, lora_layers, merge_lora
 from models import load_model, model_path
+from models.checkpoint import DECODERS
 import train
 from train import write_json
 
@@ -349,7 +350,7 @@ def adalora_train(argv: list[str]) -> dict:
                          "without --resume (and with --overwrite if its folder exists)")
     import peft
 
-    args = train.parse_args(argv)
+    args = peer_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     train.set_seed(args.seed)
@@ -401,6 +402,17 @@ def adalora_train(argv: list[str]) -> dict:
     return results
 
 
+def peer_args(argv: list[str]) -> argparse.Namespace:
+    """train.py's arguments of a peer cell, checked before any work: every train.py check, and
+    a BERT encoder on a GLUE task (the peers build transformers' BertForSequenceClassification)."""
+    args = train.parse_args(argv)
+    if args.task == "planted" or args.model in ("tiny", *DECODERS):
+        raise ValueError(f"--model {args.model} --task {args.task}: the peers (transformers + "
+                         "PEFT) train a BERT encoder on a GLUE task; use --model minilm (or an "
+                         "HF BERT folder) with --task and --data-dir")
+    return args
+
+
 def peer_train(name: str, argv: list[str]) -> dict:
     """One peer cell: train.py's arguments `argv` run on transformers + PEFT (`name` in PEERS).
     peft-lora and peft-eva go through train.main (same loop, loss, optimizer, schedule and
@@ -408,6 +420,7 @@ def peer_train(name: str, argv: list[str]) -> dict:
     ranks) is added to the results.json it wrote."""
     if name == "peft-adalora":
         return adalora_train(argv)
+    peer_args(argv)
     record: dict = {}
     adapt = peft_adapt if name == "peft-lora" else (
         lambda task, args, device, rng: eva_adapt(task, args, device, rng, record))
@@ -1053,8 +1066,9 @@ def check_grid(a: argparse.Namespace,
                          "--tasks, --data-root, --seeds, --methods, --root or --threads instead")
     task, folder = next(iter(data_dirs.items()))
     try:  # the cells' arguments, checked once here rather than failing in every cell
-        args = train.parse_args([*RECIPE, "--task", task, "--data-dir", str(folder),
-                                 "--out", str(a.root / ".unwritten"), *extra])
+        args = (peer_args if a.peers else train.parse_args)(
+            [*RECIPE, "--task", task, "--data-dir", str(folder),
+             "--out", str(a.root / ".unwritten"), *extra])
     except SystemExit:  # argparse printed the unknown or malformed flag
         raise ValueError(f"after '--': {' '.join(extra)} is not a valid train.py argument list "
                          "(see python train.py --help)") from None

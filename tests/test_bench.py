@@ -421,7 +421,18 @@ GRID_ERRORS = [
     ("a finished cell of another recipe", _other_recipe_cell,
      "trained with another recipe (--steps 1000 there, 10 here): give this recipe its own --root"),
     ("no SST-2 and no --data-root", lambda t: ["--wet"], "not found: pass --data-root"),
+    ("peers on a decoder", lambda t: ["--peers", "peft-lora", "--", "--model", "smollm2"],
+     "the peers (transformers + PEFT) train a BERT encoder on a GLUE task"),
 ]
+
+
+@pytest.mark.parametrize("peer", bench.PEERS)
+@pytest.mark.parametrize("model", ["tiny", "tiny-llama", "smollm2"])
+def test_a_peer_refuses_a_model_it_cannot_build_before_any_work(tmp_path, peer, model):
+    with pytest.raises(ValueError, match=f"--model {model} --task .*: the peers"):
+        bench.peer_train(peer, ["--model", model, "--task", "sst2", "--data-dir", str(tmp_path),
+                                "--out", str(tmp_path / "o")])
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("label,setup,match", GRID_ERRORS, ids=[g[0] for g in GRID_ERRORS])
