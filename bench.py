@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 import fimlora
 from data import glue
-from lora import add_lora, lora_layers, merge_lora
+from lora import _atomic_write, add_lora, lora_layers, merge_lora
 from models import load_model, model_path
 from models.checkpoint import DECODERS
 import train
@@ -974,6 +974,11 @@ def replace_section(text: str, section: str) -> str:
     return f"{text.rstrip(chr(10))}\n{head}\n{start}\n{section.strip(chr(10))}\n{end}\n"
 
 
+def write_text(path: Path, text: str) -> None:
+    """Atomically (temp file, then rename): a kill mid-write never leaves half a README."""
+    _atomic_write(Path(path), lambda f: f.write(text.encode()))
+
+
 def write_report(root: Path, recipe: dict | None, results: Path = RESULTS,
                  readme: Path = README) -> dict:
     """results/summary.json (recipe None: the one already there, or the defaults), the rank-map
@@ -991,7 +996,7 @@ def write_report(root: Path, recipe: dict | None, results: Path = RESULTS,
             key = svg_key(task, device)
             path = results / f"ranks_{key}.svg"
             title = f"FIM-LoRA ranks, {task} ({device}), mean of {n} seed{'s' * (n != 1)}"
-            path.write_text(rank_svg(ranks, title))
+            write_text(path, rank_svg(ranks, title))
             svgs[key] = path.as_posix()
     bench_path = results / "bench.json"
     bench = json.loads(bench_path.read_text()) if bench_path.exists() else None
@@ -1007,7 +1012,7 @@ def write_report(root: Path, recipe: dict | None, results: Path = RESULTS,
     run = results / "make_run" / "results.json"
     if run.exists() and RUN_MARKERS[0] in text:  # the rank map and verdict make run prints
         text = replace_run_block(text, json.loads(run.read_text()))
-    readme.write_text(text)
+    write_text(readme, text)
     print(f"wrote {results / 'summary.json'} ({len(summary['cells'])} cells), "
           f"{len(svgs)} rank map(s) and the README section in {readme}")
     return summary
@@ -1466,7 +1471,7 @@ def bench_main(a: argparse.Namespace) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, result)
     md = "\n".join(bench_table(result) + [""] + notes) + "\n"
-    out.with_suffix(".md").write_text(md)
+    write_text(out.with_suffix(".md"), md)
     print(md)
     write_report(CELLS, None, out.parent)
     return result

@@ -148,6 +148,26 @@ def test_write_report_writes_summary_svg_and_readme(grid, tmp_path):
     assert "| fim | 83.17 ± 1.89 |" in text  # (81, 84.5, 84)
 
 
+def test_a_kill_while_the_report_is_written_leaves_the_old_readme(grid, tmp_path, monkeypatch):
+    """Every report file is replaced whole (temp file, rename): a write that dies half-way
+    leaves the README as it was, not truncated."""
+    root, recipe = grid
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\n## Results\nold\n")
+    real = bench._atomic_write
+
+    def dies_half_way(path, write):
+        if path == readme:
+            return real(path, lambda f: (f.write(b"# x\n"), (_ for _ in ()).throw(
+                KeyboardInterrupt)))
+        return real(path, write)
+    monkeypatch.setattr(bench, "_atomic_write", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        bench.write_report(root, recipe, tmp_path / "results", readme)
+    assert readme.read_text() == "# x\n\n## Results\nold\n"
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
 class FakeRunner:
     """Records commands; 'trains' by writing results.json unless told to fail."""
 
