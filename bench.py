@@ -652,6 +652,20 @@ def estimate_seconds(cell: Cell, known: list[dict], steps: int) -> tuple[float, 
 # make results: summary.json and the README section from whatever cells exist
 
 
+def read_result(path: Path) -> dict:
+    """A cell's results.json (or run.json) as a dict with a metrics dict, or ValueError naming
+    the file and the fix."""
+    try:
+        res = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        res = e
+    if not isinstance(res, dict) or (path.name == "results.json"
+                                     and not isinstance(res.get("metrics"), dict)):
+        raise ValueError(f"{path} is damaged (not a results object with metrics): remove "
+                         f"{path.parent} and run the grid again to redo that cell")
+    return res
+
+
 def read_cells(root: Path) -> list[dict]:
     """One record per <root>/<task>/<method>-s<seed>/results.json."""
     cells = []
@@ -660,9 +674,9 @@ def read_cells(root: Path) -> list[dict]:
         parsed = parse_folder(path.parent.name)
         if parsed is None:
             continue
-        res = json.loads(path.read_text())
+        res = read_result(path)
         info = path.parent / "run.json"
-        info = json.loads(info.read_text()) if info.exists() else {}
+        info = read_result(info) if info.exists() else {}
         seconds, threads = res.get("seconds") or {}, (res.get("args") or {}).get("threads")
         cells.append({
             "task": path.parent.parent.name, "method": parsed[0], "seed": parsed[1],
@@ -1092,7 +1106,7 @@ def check_recipe(cells: list[Cell], root: Path, args: argparse.Namespace) -> Non
         path = root / c.task / c.folder / "results.json"
         if not path.exists():
             continue
-        saved = json.loads(path.read_text()).get("args", {})
+        saved = read_result(path).get("args") or {}
         keys = [k for k in RECIPE_KEYS if k in saved and not (k == "steps" and args.epochs)]
         diff = [f"--{k.replace('_', '-')} {saved[k]} there, {getattr(args, k)} here"
                 for k in keys if saved[k] != getattr(args, k)]

@@ -423,6 +423,21 @@ def _other_recipe_cell(tmp):
     return ["--", "--steps", "10"]
 
 
+def _damaged_cell(tmp, text):
+    out = tmp / "cells" / "sst2" / "lora-s0"
+    out.mkdir(parents=True)
+    (out / "results.json").write_text(text)
+    return ["--methods", "lora"]
+
+
+@pytest.mark.parametrize("text", ["[]", '{"metrics": 3}', "\xff"])
+def test_readme_names_a_damaged_cell_file(tmp_path, monkeypatch, text):
+    monkeypatch.chdir(tmp_path)
+    _damaged_cell(tmp_path, text)
+    with pytest.raises(ValueError, match="lora-s0/results.json is damaged"):
+        bench.main(["--readme", "--root", str(tmp_path / "cells")])
+
+
 # make results' bad input: (what the user did, setup(tmp) -> bench.py arguments, message text)
 GRID_ERRORS = [
     ("--seeds -1", lambda t: ["--seeds", "0", "-1"], "--seeds -1: use seeds >= 0"),
@@ -441,6 +456,8 @@ GRID_ERRORS = [
     ("a finished cell of another recipe", _other_recipe_cell,
      "trained with another recipe (--steps 1000 there, 10 here): give this recipe its own --root"),
     ("no SST-2 and no --data-root", lambda t: ["--wet"], "not found: pass --data-root"),
+    ("a damaged results.json", lambda t: _damaged_cell(t, '{"args": {'),
+     "results.json is damaged (not a results object with metrics): remove"),
     ("peers on a decoder", lambda t: ["--peers", "peft-lora", "--", "--model", "smollm2"],
      "the peers (transformers + PEFT) train a BERT encoder on a GLUE task"),
 ]
