@@ -1056,6 +1056,8 @@ def check_grid(a: argparse.Namespace,
     bad = [s for s in a.seeds if s < 0]
     if bad:
         raise ValueError(f"--seeds {' '.join(map(str, bad))}: use seeds >= 0")
+    if a.threads < 0:
+        raise ValueError(f"--threads {a.threads}: use >= 0 (0 = torch's default)")
     a.seeds = list(dict.fromkeys(a.seeds))
     if a.root.exists() and not a.root.is_dir():
         raise ValueError(f"--root {a.root} is a file: pass the cells' folder")
@@ -1421,6 +1423,11 @@ def grouping_rows(base, tok, a, train_rows) -> list[dict]:
 
 def bench_main(a: argparse.Namespace) -> dict:
     """make bench: every row, results/bench.json and bench.md, then the README section."""
+    bad = [f"--{k.replace('_', '-')} {getattr(a, k)}: use >= {low}" for k, low in (
+        ("repeats", 1), ("setup_repeats", 1), ("batch_size", 1), ("r", 1), ("warmup", 0),
+        ("threads", 0)) if getattr(a, k) < low]
+    if bad:
+        raise ValueError("; ".join(bad))
     devices = a.devices or ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
     if "cuda" in devices and not torch.cuda.is_available():
         raise ValueError("--devices cuda but CUDA is not available: use --devices cpu")
@@ -1487,7 +1494,10 @@ def bench_main(a: argparse.Namespace) -> dict:
     md = "\n".join(bench_table(result) + [""] + notes) + "\n"
     write_text(out.with_suffix(".md"), md)
     print(md)
-    write_report(CELLS, None, out.parent)
+    if out.parent.resolve() == RESULTS.resolve():  # the README reads results/bench*.json
+        write_report(CELLS, None, out.parent)
+    else:
+        print(f"README.md left alone: its tables read {RESULTS}/, not {out.parent}/")
     return result
 
 

@@ -18,6 +18,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 import torch
+import torch.nn as nn
 
 import bench
 
@@ -456,6 +457,7 @@ GRID_ERRORS = [
     ("a finished cell of another recipe", _other_recipe_cell,
      "trained with another recipe (--steps 1000 there, 10 here): give this recipe its own --root"),
     ("no SST-2 and no --data-root", lambda t: ["--wet"], "not found: pass --data-root"),
+    ("--threads -1", lambda t: ["--threads", "-1"], "--threads -1: use >= 0"),
     ("a damaged results.json", lambda t: _damaged_cell(t, '{"args": {'),
      "results.json is damaged (not a results object with metrics): remove"),
     ("peers on a decoder", lambda t: ["--peers", "peft-lora", "--", "--model", "smollm2"],
@@ -528,3 +530,29 @@ def test_ctrl_c_in_the_planted_study_says_nothing_was_written(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "nothing was written" in err, err
     assert "Traceback" not in err and "resumes" not in err and not out.exists()
+
+
+
+@pytest.mark.parametrize("flag,value", [("--repeats", "0"), ("--setup-repeats", "0"),
+                                        ("--batch-size", "0"), ("--r", "0"), ("--warmup", "-1"),
+                                        ("--threads", "-1")])
+def test_bad_bench_arguments_are_refused_before_the_model_loads(tmp_path, monkeypatch, flag,
+                                                               value):
+    monkeypatch.setattr(bench, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    with pytest.raises(ValueError, match=f"{flag} {value}: use >= "):
+        bench.main([flag, value, "--out", str(tmp_path / "b.json")])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_bench_written_outside_results_leaves_the_readme_alone(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "README.md").write_text("# mine\n")
+    monkeypatch.setattr(bench, "load_model", lambda *a, **k: (nn.Linear(1, 1), None))
+    monkeypatch.setattr(bench, "step_rows", lambda *a, **k: (
+        [], {"embedding_output_requires_grad": False}))
+    bench.main(["--no-peers", "--sst2", str(tmp_path / "none"), "--out",
+                str(tmp_path / "elsewhere" / "b.json")])
+    assert (tmp_path / "elsewhere" / "b.json").is_file()
+    assert (tmp_path / "README.md").read_text() == "# mine\n"
+    assert not (tmp_path / "results").exists()
+    assert "README.md left alone" in capsys.readouterr().out
