@@ -348,9 +348,9 @@ def adalora_train(argv: list[str]) -> dict:
     if "--resume" in argv:
         raise ValueError("--resume: peft-adalora cells do not checkpoint; run the cell again "
                          "without --resume (and with --overwrite if its folder exists)")
+    args = peer_args(argv)
     import peft
 
-    args = peer_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     train.set_seed(args.seed)
