@@ -64,6 +64,7 @@ SST2 = Path("../shared/data/glue/SST-2")
 RECIPE = ["--model", "minilm"]  # the rest is train.py's GLUE defaults (README: SST-2 with MiniLM)
 BUSY_SECONDS = 900  # a cell claimed on another host and written this recently is busy
 CLAIM = ".running"  # a cell's claim: {"host", "pid"} of the grid process training it
+CHECKPOINTS = (train.CHECKPOINT, train.CHECKPOINT + ".old")  # a cell holding either resumes
 STOP_GRACE = 30  # seconds a Ctrl-C'd cell gets to checkpoint before it is signalled itself
 SECONDS_PER_STEP_GUESS = 1.1  # before any cell exists: SST-2 lora-s0 took 1.07 s/step, 1 thread
 ADALORA_INIT = 1.5  # AdaLoRA starts at init_r = 1.5 r per matrix and prunes to r
@@ -415,17 +416,17 @@ def peer_args(argv: list[str]) -> argparse.Namespace:
 
 def peer_train(name: str, argv: list[str]) -> dict:
     """One peer cell: train.py's arguments `argv` run on transformers + PEFT (`name` in PEERS).
-    peft-lora and peft-eva go through train.main (same loop, loss, optimizer, schedule and
-    evaluation, checkpoints and --resume); what train.main cannot see (the peer, EVA's time and
+    peft-lora and peft-eva go through train.run (same loop, loss, optimizer, schedule and
+    evaluation, checkpoints and --resume); what train.run cannot see (the peer, EVA's time and
     ranks) is added to the results.json it wrote."""
     if name == "peft-adalora":
         return adalora_train(argv)
-    peer_args(argv)
+    args = peer_args(argv)
     record: dict = {}
     adapt = peft_adapt if name == "peft-lora" else (
         lambda task, args, device, rng: eva_adapt(task, args, device, rng, record))
     try:
-        res = train.main(argv, adapt=adapt)
+        res = train.run(args, adapt)  # train.main without its parse (done) and planted --compare
     except train.Interrupted as e:  # its resume command is this one, not train.py's
         raise train.Interrupted(str(e).replace("python train.py --resume",
                                                f"python bench.py --peer {name} -- --resume"))
@@ -435,13 +436,6 @@ def peer_train(name: str, argv: list[str]) -> dict:
         res["ranks"], res["eva_batches"] = record["ranks"], record["calibration_batches"]
     write_json(Path(res["args"]["out"]) / "results.json", res)
     return res
-
-
-def peft_train(argv: list[str]) -> dict:
-    """train.main with transformers + PEFT in place of our model and LoRA (peft_adapt): the same
-    batches, loss, optimizer, schedule, evaluation and initial weights. For the plain-LoRA parity
-    check on SST-2; writes results.json only (PEFT saves its own way)."""
-    return train.main(argv, adapt=peft_adapt)
 
 
 # -----------------------------------------------------------------------------
@@ -482,7 +476,7 @@ def missing_peer(method: str) -> str | None:
 def cell_command(cell: Cell, data_dir: Path, out: Path, threads: int, resume: bool,
                  extra: list[str] = ()) -> list[str]:
     """The command line of one cell: train.py (or bench.py --peer) with the recipe, or with
-    `resume` its --resume from the checkpoint in `out` (peers checkpoint through train.main too,
+    `resume` its --resume from the checkpoint in `out` (peers checkpoint through train.run too,
     their trainable tensors by name)."""
     head = ([sys.executable, "bench.py", "--peer", cell.method, "--"] if cell.method in PEERS
             else [sys.executable, "train.py"])
@@ -610,7 +604,7 @@ def run_grid(cells: list[Cell], data_dirs: dict[str, Path], root: Path, threads:
                   f"({out / CLAIM}), left alone")
             outcome["busy"].append(cell)
             continue
-        resume = any((out / name).is_dir() for name in ("checkpoint", "checkpoint.old"))
+        resume = any((out / name).is_dir() for name in CHECKPOINTS)
         t0 = time.perf_counter()
         try:
             code = run(cell_command(cell, data_dirs[cell.task], out, threads, resume, extra),
@@ -628,9 +622,9 @@ def run_grid(cells: list[Cell], data_dirs: dict[str, Path], root: Path, threads:
 
 def steps_left(out: Path, steps: int) -> int:
     """The steps a cell still has to train: fewer when its folder holds a checkpoint."""
-    for name in ("checkpoint", "checkpoint.old"):
+    for name in CHECKPOINTS:  # meta.json only: read_checkpoint would load state.pt too
         try:
-            return max(0, steps - int(json.loads((out / name / "meta.json").read_text())["step"]))
+            return max(0, steps - int(json.loads((out / name / train.META).read_text())["step"]))
         except (OSError, ValueError, KeyError, TypeError):
             continue
     return steps
@@ -657,8 +651,8 @@ def read_result(path: Path) -> dict:
     the file and the fix."""
     try:
         res = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        res = e
+    except (ValueError, UnicodeDecodeError):  # not JSON, or not text
+        res = None
     if not isinstance(res, dict) or (path.name == "results.json"
                                      and not isinstance(res.get("metrics"), dict)):
         raise ValueError(f"{path} is damaged (not a results object with metrics): remove "
@@ -1056,8 +1050,6 @@ def check_grid(a: argparse.Namespace,
     bad = [s for s in a.seeds if s < 0]
     if bad:
         raise ValueError(f"--seeds {' '.join(map(str, bad))}: use seeds >= 0")
-    if a.threads < 0:
-        raise ValueError(f"--threads {a.threads}: use >= 0 (0 = torch's default)")
     a.seeds = list(dict.fromkeys(a.seeds))
     if a.root.exists() and not a.root.is_dir():
         raise ValueError(f"--root {a.root} is a file: pass the cells' folder")
@@ -1424,8 +1416,8 @@ def grouping_rows(base, tok, a, train_rows) -> list[dict]:
 def bench_main(a: argparse.Namespace) -> dict:
     """make bench: every row, results/bench.json and bench.md, then the README section."""
     bad = [f"--{k.replace('_', '-')} {getattr(a, k)}: use >= {low}" for k, low in (
-        ("repeats", 1), ("setup_repeats", 1), ("batch_size", 1), ("r", 1), ("warmup", 0),
-        ("threads", 0)) if getattr(a, k) < low]
+        ("repeats", 1), ("setup_repeats", 1), ("batch_size", 1), ("r", 1), ("warmup", 0))
+        if getattr(a, k) < low]
     if bad:
         raise ValueError("; ".join(bad))
     devices = a.devices or ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
@@ -1550,6 +1542,8 @@ def main(argv: list[str] | None = None) -> dict:
         return planted_study_main(argv)
     rest = argv[argv.index("--") + 1:] if "--" in argv else []
     a = p.parse_args(argv[:len(argv) - len(rest) - bool(rest)])
+    if a.threads < 0:  # every mode below hands it to torch or to the cells
+        raise ValueError(f"--threads {a.threads}: use >= 0 (0 = torch's default)")
     if a.peer:
         return peer_train(a.peer, rest)
     if a.peft_sst2:
