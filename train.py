@@ -186,11 +186,10 @@ def check_args(a: argparse.Namespace) -> None:
     if a.score == "variance" and a.method.startswith("fim") and a.calib_batches < 2:
         errors.append(f"--score variance with --calib-batches {a.calib_batches}: the variance "
                       "of one batch gradient is 0; use --calib-batches >= 2")
-    if a.task in glue.TASKS and a.model not in DECODERS:  # [CLS] a [SEP] (b [SEP])
-        need = 2 + (glue.TASKS[a.task].text_b is not None)
-        if a.max_len < need:
-            errors.append(f"--max-len {a.max_len}: {a.task} examples need {need} special tokens; "
-                          f"use --max-len >= {need}")
+    need = glue.TASKS[a.task].n_special if a.task in glue.TASKS else 0
+    if a.model not in DECODERS and a.max_len < need:  # decoders cut the prompt instead
+        errors.append(f"--max-len {a.max_len}: {a.task} examples need {need} special tokens; "
+                      f"use --max-len >= {need}")
     if a.task != "planted" and a.data_dir is None:
         errors.append(f"--task {a.task} needs --data-dir (the GLUE folder with train.tsv, dev.tsv)")
     if a.device == "cuda" and not torch.cuda.is_available():

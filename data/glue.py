@@ -52,6 +52,11 @@ class TaskSpec:
     def num_labels(self) -> int:
         return 1 if self.labels is None else len(self.labels)
 
+    @property
+    def n_special(self) -> int:
+        """Special tokens per encoded example: [CLS] a [SEP], and [SEP] after b for pairs."""
+        return 2 if self.text_b is None else 3
+
 
 _BIN = ("0", "1")
 _NLI = ("entailment", "not_entailment")
