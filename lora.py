@@ -174,8 +174,8 @@ class LoRALinear(nn.Module):
             return F.linear(x, self.weight, self.bias)
         # two thin matmuls (d_in -> r -> d_out) instead of forming ΔW; addmm_ adds the scaled
         # adapter path inside the GEMM, in place: y is fresh and linear's backward does not need
-        # it, so no pass over the (N, d_out) output is spent copying or adding. In-place ops
-        # skip autocast, hence the explicit casts (no-ops in float32).
+        # it, so unlike an out-of-place addmm no extra pass copies or adds over the (N, d_out)
+        # output. In-place ops skip autocast, hence the explicit casts (no-ops in float32).
         u = F.linear(self.dropout(x), self.lora_A).reshape(-1, self.r)  # (N, r)
         y = F.linear(x.reshape(-1, self.in_features), self.weight, self.bias)  # (N, d_out)
         y.addmm_(u.to(y.dtype), self.lora_B.T.to(y.dtype), alpha=self.scaling)
