@@ -141,7 +141,7 @@ def read_rows(path: str | os.PathLike, max_bytes: int = MAX_BYTES) -> list[Row]:
     text = _read_text(path, max_bytes)
     rows = _jsonl(path, text) if kind == "jsonl" else _delimited(path, text, kind)
     if not rows:
-        raise ValueError(f"{path}: no data rows; add rows (a header-only or empty file)")
+        raise ValueError(f"{path}:1: no data rows; add rows (a header-only or empty file)")
     return rows
 
 
