@@ -49,7 +49,7 @@ class Completion(NamedTuple):
     completion: str
 
 
-def _read_text(path: Path, max_bytes: int) -> str:
+def _check_file(path: Path, max_bytes: int) -> None:
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -60,6 +60,9 @@ def _read_text(path: Path, max_bytes: int) -> str:
     if st.st_size > max_bytes:
         raise ValueError(f"{path} holds {st.st_size:,} bytes, more than the {max_bytes:,} the "
                          "reader takes: split the file or sample it")
+
+
+def _read_text(path: Path, max_bytes: int) -> str:
     with open(path, "rb") as f:
         data = f.read(max_bytes + 1)  # the file may have grown since stat
     if len(data) > max_bytes:
@@ -133,6 +136,7 @@ def read_rows(path: str | os.PathLike, max_bytes: int = MAX_BYTES) -> list[Row]:
     """The data rows of a .csv, .tsv or .jsonl file, in file order (at least one).
     read_rows("a.csv")[0] -> Row("a.csv:2", {"text": "fine", "label": "1"})"""
     path = Path(path)
+    _check_file(path, max_bytes)
     kind = FORMATS.get(path.suffix.lower())
     if kind is None:
         hint = " (JSON Lines: one object per line, named .jsonl)" if path.suffix == ".json" else ""
