@@ -22,6 +22,10 @@ The loss is the mean over each example's answer tokens of -log p(token | earlier
 mean over examples (a two-token answer weighs as much as a one-token one). predict() scores every
 label word by the sum of its tokens' log-probabilities after the prompt and takes the argmax.
 
+Your own data (train.py --data) reuses all of it through a Prompt of its own (data_prompt), and
+prompt → completion rows train on the completion tokens + EOS (completion_batches) and evaluate
+by their NLL (completion_nll).
+
 The tokenizer needs `encode(text, add_bos=None) -> list[int]` and `pad_id` (models.bpe's
 BPETokenizer). Too-long prompts lose their first tokens (a BOS stays): the question and
 "Answer:" are at the end. STS-B (a regression) has no label words and raises ValueError.

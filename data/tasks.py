@@ -3,6 +3,7 @@
     task = glue_task(args, device, rng)      # GLUE with an encoder and a classifier head
     task = causal_task(args, device, rng)    # GLUE as prompts for a decoder (data/causal.py)
     task = planted_task(args, device, rng)   # the embedded planted task (data/planted.py)
+    task = data_task(args, device, rng)      # --data FILE (data/files.py), encoder or decoder
     loss = task.loss_fn(model, next(task.train_batches(rng["data"])))
 
 `args` is train.py's parsed arguments; `rng` its random streams (random_streams): the model and

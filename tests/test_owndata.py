@@ -302,3 +302,38 @@ def test_csv_classification_on_minilm_and_smollm2(tmp_path, model):
     r = _run(tmp_path, "--data", str(data), "--model", model, "--max-len", "32",
              "--targets", "query,value" if model == "minilm" else "q_proj,v_proj")
     assert r["data"]["labels"] == ["negative", "positive"]
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny-llama"])
+def test_tsv_pairs_with_an_eval_file(tmp_path, model):
+    rows = "".join(f"a {w} cat\tthe {w} cat\t{'yes' if i % 2 else 'no'}\n"
+                   for i, w in enumerate(["big", "small", "red", "old"] * 3))
+    data = write(tmp_path / "nli.tsv", "premise\thypothesis\tlabel\n" + rows)
+    dev = write(tmp_path / "dev.tsv", "premise\thypothesis\tlabel\n"
+                + "".join(rows.splitlines(keepends=True)[:3]))
+    r = _run(tmp_path, "--data", str(data), "--eval-data", str(dev), "--model", model,
+             "--text-field", "premise", "--pair-field", "hypothesis")
+    assert r["data"]["labels"] == ["no", "yes"] and r["data"]["n_train"] == 12
+    assert r["data"]["n_eval"] == 3
+
+
+def test_resumed_data_run_equals_the_uninterrupted_run(tmp_path, monkeypatch):
+    """A --data run crashed after its step-2 checkpoint resumes from its saved arguments (the
+    same file, split and label ids) to the uninterrupted run's losses and metrics, bitwise."""
+    data = write(tmp_path / "qa.jsonl", completions())
+    argv = [*BASE, "--steps", "4", "--save-every", "2", "--data", str(data), "--model",
+            "tiny-llama"]
+    full = train.main([*argv, "--out", str(tmp_path / "full")])
+    real = train.log_step
+
+    def crash_at_3(k, *a):
+        real(k, *a)
+        if k == 3:
+            raise RuntimeError("killed")
+    monkeypatch.setattr(train, "log_step", crash_at_3)
+    with pytest.raises(RuntimeError):
+        train.main([*argv, "--out", str(tmp_path / "o")])
+    monkeypatch.undo()
+    resumed = train.main(["--resume", str(tmp_path / "o")])
+    assert resumed["train_loss"] == full["train_loss"] and resumed["metrics"] == full["metrics"]
+    assert resumed["data"] == full["data"]
