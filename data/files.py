@@ -21,6 +21,7 @@ that set is an error. Regression is not supported: a float label is refused.
 from __future__ import annotations
 
 import csv
+from collections import Counter
 import io
 import json
 import math
@@ -36,7 +37,7 @@ from data.glue import Example
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl"}
 MAX_BYTES = 1 << 30  # the file is held in memory, decoded: a bound, not a limit of the format
 TEXT_FIELDS = ("text", "sentence")  # --text-field's default: the first one the file has
-_INT = re.compile(r"-?[0-9]+")
+_INT = re.compile(r"-?[0-9]{1,18}")  # an integer label; longer digit strings stay strings
 
 
 class Row(NamedTuple):
@@ -96,7 +97,7 @@ def _delimited(path: Path, text: str, kind: str) -> list[Row]:
     if not records:
         raise ValueError(f"{path}:1: the file is empty: the first line must name the columns")
     _, header = records[0]
-    twice = sorted({h for h in header if header.count(h) > 1})
+    twice = sorted(h for h, k in Counter(header).items() if k > 1)
     if twice:
         raise ValueError(f"{path}:{records[0][0]}: column {twice[0]!r} appears twice in the "
                          "header; rename one")

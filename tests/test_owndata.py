@@ -78,6 +78,8 @@ def test_labels_map_to_sorted_ids_numerically_and_agree_across_formats(tmp_path)
     assert labels == ("neg", "pos") and ex == [Example("q", "r", 1), Example("s", "t", 0)]
     dev = read_rows(write(tmp_path / "d.csv", "sentence,other,y\nu,v,neg\n"))
     assert to_examples(dev, "sentence", "other", "y", labels)[0] == [Example("u", "v", 0)]
+    huge = read_rows(write(tmp_path / "h.csv", f"text,label\na,{'9' * 5000}\nb,1\n"))
+    assert to_examples(huge, "text", None, "label")[1] == ("1", "9" * 5000)  # strings, no int()
 
 
 BAD = [  # (file name, content, the message's file:line, text it names)
@@ -152,6 +154,9 @@ ALPHABET = 'ab ,\t\n\r"{}[]:0123456789.-\\ulabeltxpromptcompletion\ufeff\xe9'
                       st.lists(st.fixed_dictionaries(
                           {}, optional={"text": st.one_of(st.text(ALPHABET, max_size=8),
                                                           st.integers(), st.none()),
+                                        "prompt": st.text(ALPHABET, max_size=4),
+                                        "completion": st.one_of(st.text(ALPHABET, max_size=4),
+                                                                st.integers()),
                                         "label": st.one_of(st.text("ab1", max_size=2),
                                                            st.integers(-2, 12), st.floats(),
                                                            st.booleans())}), max_size=6)
@@ -160,12 +165,19 @@ def test_fuzzed_files_give_rows_or_a_file_line_error(tmp_path, suffix, data):
     p = write(tmp_path / f"f{suffix}", data)
     try:
         rows = read_rows(p)
-        examples, labels = to_examples(rows, "text", None, "label")
     except ValueError as e:
         assert re.match(re.escape(str(p)) + r":\d+: ", str(e)), str(e)
         return
-    assert len(examples) == len(rows) >= 2 and len(labels) >= 2
-    assert all(0 <= e.label < len(labels) and e.text_a.strip() for e in examples)
+    try:
+        examples, labels = to_examples(rows, "text", None, "label")
+        assert len(examples) == len(rows) >= 2 and len(labels) >= 2
+        assert all(0 <= e.label < len(labels) and e.text_a.strip() for e in examples)
+    except ValueError as e:
+        assert re.match(re.escape(str(p)) + r":\d+: ", str(e)), str(e)
+    try:
+        assert all(c.prompt.strip() and c.completion.strip() for c in to_completions(rows))
+    except ValueError as e:
+        assert re.match(re.escape(str(p)) + r":\d+: ", str(e)), str(e)
 
 
 def test_split_is_seeded_disjoint_and_draws_from_no_training_stream():
