@@ -65,12 +65,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="your own .csv/.tsv/.jsonl file instead of --task/--data-dir: text + "
                         "label rows to classify, or prompt + completion rows (decoders)")
     p.add_argument("--eval-data", default=None, metavar="FILE",
-                   help="evaluate on this file (default: hold out --eval-fraction of --data)")
+                   help="evaluate on this file instead of holding out --eval-fraction of --data")
     p.add_argument("--eval-fraction", type=float, default=0.1,
                    help="share of --data held out for evaluation without --eval-data, drawn "
                         "from --seed")
     p.add_argument("--text-field", default=None,
-                   help="--data's text column (default: text, else sentence)")
+                   help="--data's text column (unset: text, else sentence)")
     p.add_argument("--pair-field", default=None, help="--data's second text column, for pairs")
     p.add_argument("--label-field", default="label", help="--data's class column (str or int)")
     g = p.add_argument_group("LoRA")
