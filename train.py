@@ -39,7 +39,7 @@ import torch.nn as nn
 
 import fimlora
 from data import glue, planted
-from data.tasks import Task, causal_task, glue_task, planted_task
+from data.tasks import Task, causal_task, data_task, glue_task, planted_task
 from data.tasks import to_device  # noqa: F401  (bench.py's AdaLoRA loop uses train.to_device)
 from lora import _atomic_write, add_lora, lora_layers, resize_lora, save_adapter
 from models import model_path
@@ -61,6 +61,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "decoders (GLUE as prompts): tiny-llama | smollm2")
     p.add_argument("--task", default="planted", choices=("planted",) + GLUE_TASKS)
     p.add_argument("--data-dir", default=None, help="GLUE task folder with train.tsv and dev.tsv")
+    p.add_argument("--data", default=None, metavar="FILE",
+                   help="your own .csv/.tsv/.jsonl file instead of --task/--data-dir: text + "
+                        "label rows to classify, or prompt + completion rows (decoders)")
+    p.add_argument("--eval-data", default=None, metavar="FILE",
+                   help="evaluate on this file instead of holding out --eval-fraction of --data")
+    p.add_argument("--eval-fraction", type=float, default=0.1,
+                   help="share of --data held out for evaluation without --eval-data, drawn "
+                        "from --seed")
+    p.add_argument("--text-field", default=None,
+                   help="--data's text column (unset: text, else sentence)")
+    p.add_argument("--pair-field", default=None, help="--data's second text column, for pairs")
+    p.add_argument("--label-field", default="label", help="--data's class column (str or int)")
     g = p.add_argument_group("LoRA")
     g.add_argument("--r", type=int, default=8, help="base rank (FIM keeps the budget r x matrices)")
     g.add_argument("--alpha", type=float, default=16.0)
@@ -186,11 +198,21 @@ def check_args(a: argparse.Namespace) -> None:
     if a.score == "variance" and a.method.startswith("fim") and a.calib_batches < 2:
         errors.append(f"--score variance with --calib-batches {a.calib_batches}: the variance "
                       "of one batch gradient is 0; use --calib-batches >= 2")
+    if a.data is not None:  # --task is implied
+        if a.task not in ("planted", "data") or a.data_dir is not None:
+            errors.append("--data FILE replaces --task and --data-dir: drop them")
+        if not 0 < a.eval_fraction < 1:
+            errors.append(f"--eval-fraction {a.eval_fraction}: use a fraction in (0, 1)")
+        a.task = "data"
+    else:
+        errors += [f"--{k.replace('_', '-')} needs --data FILE" for k in
+                   ("eval_data", "text_field", "pair_field") if getattr(a, k) is not None]
     need = glue.TASKS[a.task].n_special if a.task in glue.TASKS else 0
+    need = (3 if a.pair_field else 2) if a.data is not None else need
     if a.model not in DECODERS and a.max_len < need:  # decoders cut the prompt instead
         errors.append(f"--max-len {a.max_len}: {a.task} examples need {need} special tokens; "
                       f"use --max-len >= {need}")
-    if a.task != "planted" and a.data_dir is None:
+    if a.task not in ("planted", "data") and a.data_dir is None:
         errors.append(f"--task {a.task} needs --data-dir (the GLUE folder with train.tsv, dev.tsv)")
     if a.device == "cuda" and not torch.cuda.is_available():
         errors.append("--device cuda but CUDA is not available: use --device auto or cpu")
@@ -865,7 +887,8 @@ def save(model: nn.Module, task: Task, args: argparse.Namespace, results: dict) 
 
 
 def build_task(args: argparse.Namespace, device: torch.device, rng: dict) -> Task:
-    make_task = (planted_task if args.task == "planted" else
+    make_task = (data_task if args.data is not None else
+                 planted_task if args.task == "planted" else
                  causal_task if args.model in DECODERS else glue_task)
     task = make_task(args, device, rng)
     if args.epochs is not None:
@@ -1001,6 +1024,7 @@ def run(args: argparse.Namespace, adapt: Callable) -> dict:
             **{k: v for k, v in report.items() if k != "calibration_seconds"},
             **({"fw": trained["fw"]} if trained["fw"] else {}),
             **({"planted": task.planted} if task.planted else {}),
+            **({"data": task.info} if task.info else {}),
         }
         if rank == 0:
             save(model, task, args, results)

@@ -22,6 +22,10 @@ The loss is the mean over each example's answer tokens of -log p(token | earlier
 mean over examples (a two-token answer weighs as much as a one-token one). predict() scores every
 label word by the sum of its tokens' log-probabilities after the prompt and takes the argmax.
 
+Your own data (train.py --data) reuses all of it through a Prompt of its own (data_prompt), and
+prompt → completion rows train on the completion tokens + EOS (completion_batches) and evaluate
+by their NLL (completion_nll).
+
 The tokenizer needs `encode(text, add_bos=None) -> list[int]` and `pad_id` (models.bpe's
 BPETokenizer). Too-long prompts lose their first tokens (a BOS stays): the question and
 "Answer:" are at the end. STS-B (a regression) has no label words and raises ValueError.
@@ -42,6 +46,7 @@ from data.glue import Example, task_spec
 class Prompt(NamedTuple):
     template: str  # str.format with a = text_a, b = text_b
     label_words: tuple[str, ...]  # in label-id order (data/glue.py's TaskSpec.labels)
+    eos: bool = False  # end every label word with the tokenizer's EOS (when it has one)
 
 
 PROMPTS: dict[str, Prompt] = {
@@ -60,8 +65,11 @@ PROMPTS: dict[str, Prompt] = {
 }
 
 
-def prompt_for(task: str) -> Prompt:
-    """Template and label words of a task.  prompt_for("SST-2").label_words[1] -> " positive" """
+def prompt_for(task: str | Prompt) -> Prompt:
+    """Template and label words of a task (a Prompt is returned as it is, so every function
+    here also takes your own).  prompt_for("SST-2").label_words[1] -> " positive" """
+    if isinstance(task, Prompt):
+        return task
     key = task.lower().replace("-", "").replace("_", "")
     spec = task_spec(task)  # unknown tasks raise here, naming the known ones
     if key not in PROMPTS:
@@ -70,7 +78,7 @@ def prompt_for(task: str) -> Prompt:
     return PROMPTS[key]
 
 
-def format_prompt(task: str, example: Example) -> str:
+def format_prompt(task: str | Prompt, example: Example) -> str:
     """The prompt text of one example, without the answer.
     format_prompt("sst2", Example("a fine film", None, 1)) -> "Review: a fine film\\nSentiment:" """
     prompt = prompt_for(task)
@@ -81,25 +89,37 @@ def format_prompt(task: str, example: Example) -> str:
     return prompt.template.format(a=example.text_a, b=example.text_b)
 
 
-def label_token_ids(tokenizer, task: str) -> list[list[int]]:
-    """The token ids of each label word, in label-id order (no BOS)."""
-    ids = [tokenizer.encode(w, add_bos=False) for w in prompt_for(task).label_words]
+def label_token_ids(tokenizer, task: str | Prompt) -> list[list[int]]:
+    """The token ids of each label word, in label-id order (no BOS; EOS last if prompt.eos)."""
+    prompt = prompt_for(task)
+    eos = [tokenizer.eos_id] if prompt.eos and getattr(tokenizer, "eos_id", None) is not None \
+        else []
+    ids = [tokenizer.encode(w, add_bos=False) for w in prompt.label_words]
     if not all(ids):
         raise ValueError(f"a label word of {task!r} encodes to no tokens: {ids}")
-    return ids
+    return [i + eos for i in ids]
 
 
-def encode_prompt(tokenizer, task: str, example: Example, max_len: int) -> list[int]:
-    """The prompt's ids, cut from the left so that the longest label word still fits in
-    max_len; a leading BOS is kept."""
-    ids = tokenizer.encode(format_prompt(task, example))
-    budget = max_len - max(map(len, label_token_ids(tokenizer, task)))
-    n_bos = int(bool(ids) and ids[0] == getattr(tokenizer, "bos_id", None)
-                and getattr(tokenizer, "add_bos", False))
+def _n_bos(tokenizer, ids: list[int]) -> int:
+    return int(bool(ids) and ids[0] == getattr(tokenizer, "bos_id", None)
+               and getattr(tokenizer, "add_bos", False))
+
+
+def _cut_left(tokenizer, ids: list[int], budget: int, max_len: int) -> list[int]:
+    """ids cut from the left to `budget` tokens; a leading BOS is kept."""
+    n_bos = _n_bos(tokenizer, ids)
     if budget <= n_bos:
         raise ValueError(f"max_len={max_len} leaves no room for a prompt before the answer: "
                          "raise max_len")
     return ids if len(ids) <= budget else ids[:n_bos] + ids[len(ids) - budget + n_bos:]
+
+
+def encode_prompt(tokenizer, task: str | Prompt, example: Example, max_len: int) -> list[int]:
+    """The prompt's ids, cut from the left so that the longest label word still fits in
+    max_len; a leading BOS is kept."""
+    ids = tokenizer.encode(format_prompt(task, example))
+    budget = max_len - max(map(len, label_token_ids(tokenizer, task)))
+    return _cut_left(tokenizer, ids, budget, max_len)
 
 
 def collate(rows: Sequence[list[int]], answer_lens: Sequence[int], pad_id: int,
@@ -120,7 +140,7 @@ def collate(rows: Sequence[list[int]], answer_lens: Sequence[int], pad_id: int,
     return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
 
 
-def causal_batches(examples: Sequence[Example], tokenizer, task: str, batch_size: int,
+def causal_batches(examples: Sequence[Example], tokenizer, task: str | Prompt, batch_size: int,
                    max_len: int, generator: torch.Generator | None, shuffle: bool = True,
                    padding_side: str = "right") -> Iterator[dict[str, torch.Tensor]]:
     """One epoch of prompt + gold-answer batches (keys above), in the order of
@@ -165,7 +185,7 @@ def answer_nll(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.T
 
 
 @torch.no_grad()
-def label_scores(model: nn.Module, tokenizer, task: str, examples: Sequence[Example],
+def label_scores(model: nn.Module, tokenizer, task: str | Prompt, examples: Sequence[Example],
                  batch_size: int = 32, max_len: int = 128,
                  padding_side: str = "right") -> torch.Tensor:
     """(N, n_labels): log p(label word | prompt), summed over the word's tokens. The model runs
@@ -201,7 +221,72 @@ def label_scores(model: nn.Module, tokenizer, task: str, examples: Sequence[Exam
         model.train(was_training)
 
 
-def predict(model: nn.Module, tokenizer, task: str, examples: Sequence[Example],
+def predict(model: nn.Module, tokenizer, task: str | Prompt, examples: Sequence[Example],
             batch_size: int = 32, max_len: int = 128) -> list[int]:
     """Class ids for data.glue.compute_metrics: the label word with the highest log-likelihood."""
     return label_scores(model, tokenizer, task, examples, batch_size, max_len).argmax(1).tolist()
+
+
+# -----------------------------------------------------------------------------
+# your own data (train.py --data, data/files.py): class labels as words, prompt → completion
+
+
+def data_prompt(tokenizer, labels: Sequence[str | int], pairs: bool) -> Prompt:
+    """The prompt of a --data classification file: "Text: …\\nLabel:" + " <label>". When one
+    label's tokens start another's (" 1" and " 10"), every label word ends with EOS, so the
+    summed log-likelihood cannot favour the shorter one."""
+    template = "Text 1: {a}\nText 2: {b}\nLabel:" if pairs else "Text: {a}\nLabel:"
+    words = tuple(f" {v}" for v in labels)
+    ids = [tokenizer.encode(w, add_bos=False) for w in words]
+    clash = any(a != b and b[:len(a)] == a for a in ids for b in ids)
+    if clash and getattr(tokenizer, "eos_id", None) is None:
+        raise ValueError(f"the tokens of one label start another's ({list(labels)[:6]}) and the "
+                         "tokenizer has no EOS to end them: rename the labels")
+    return Prompt(template, words, eos=clash)
+
+
+def encode_completion(tokenizer, prompt: str, completion: str,
+                      max_len: int) -> tuple[list[int], int]:
+    """(prompt ids + completion ids + EOS, the number of completion tokens incl. EOS). Both
+    are tokenised apart, as the GLUE prompts; the completion keeps its head and leaves at least
+    one prompt token (and a BOS) before it, the prompt loses its first tokens (a BOS stays)."""
+    ids = tokenizer.encode(prompt)
+    eos = getattr(tokenizer, "eos_id", None)
+    answer = tokenizer.encode(completion, add_bos=False) + ([] if eos is None else [eos])
+    answer = answer[:max(0, max_len - 1 - _n_bos(tokenizer, ids))]
+    if not answer:
+        raise ValueError(f"max_len={max_len} leaves no room for a completion after the "
+                         "prompt: raise max_len")
+    return _cut_left(tokenizer, ids, max_len - len(answer), max_len) + answer, len(answer)
+
+
+def completion_batches(examples: Sequence, tokenizer, batch_size: int, max_len: int,
+                       generator: torch.Generator | None,
+                       shuffle: bool = True) -> Iterator[dict[str, torch.Tensor]]:
+    """One epoch of (prompt, completion) batches, loss_mask on the completion tokens only, in
+    the order of causal_batches (torch.randperm(n, generator=generator) when shuffling)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: use batch_size >= 1")
+    if shuffle and generator is None:
+        raise ValueError("shuffle=True needs generator=torch.Generator().manual_seed(seed)")
+    n = len(examples)
+    order = torch.randperm(n, generator=generator).tolist() if shuffle else list(range(n))
+    for start in range(0, n, batch_size):
+        rows = [encode_completion(tokenizer, *examples[i], max_len)
+                for i in order[start:start + batch_size]]
+        yield collate([r for r, _ in rows], [k for _, k in rows], tokenizer.pad_id)
+
+
+@torch.no_grad()
+def completion_nll(model: nn.Module, tokenizer, examples: Sequence, batch_size: int = 32,
+                   max_len: int = 128) -> tuple[float, int]:
+    """(Σ NLL of every completion token, their count): the mean completion NLL is the ratio,
+    the perplexity its exp. Runs the model as it is; inputs go to its device."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for b in completion_batches(examples, tokenizer, batch_size, max_len, None, shuffle=False):
+        b = {k: v.to(device) for k, v in b.items()}
+        logits = model(b["input_ids"], b["attention_mask"])
+        total += answer_nll(logits.float(), b["input_ids"], b["loss_mask"], mean=False).sum().item()
+        count += int(b["loss_mask"][:, 1:].sum())
+    return total, count

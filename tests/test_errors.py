@@ -69,6 +69,18 @@ def plain(*argv):
     return lambda tmp: list(argv)
 
 
+def own(files: dict[str, str | bytes], *argv: str):
+    """A setup writing --data files into tmp; an argv item naming one becomes its path."""
+    def setup(tmp: Path) -> list[str]:
+        for name, text in files.items():
+            (tmp / name).write_bytes(text if isinstance(text, bytes) else text.encode())
+        return [str(tmp / a) if a in files else a for a in argv]
+    return setup
+
+
+ROWS = "text,label\ngood,pos\nbad,neg\n"  # a valid --data file
+
+
 # (what the user did, setup -> argv, text the message must contain)
 CLI = [
     ("--r 0", plain("--r", "0"), "--r 0: use a rank >= 1"),
@@ -135,6 +147,38 @@ CLI = [
     ("--resume: meta.json wrong types", checkpoint('{"step": "3"}'), "field 'step'"),
     ("--resume: state.pt missing", checkpoint(META_OK, None), "lacks state.pt"),
     ("--resume: state.pt garbage", checkpoint(META_OK), "state.pt is not a readable"),
+    ("--data: a row without the label field", own({"d.jsonl": '{"text": "a", "label": 1}\n'
+                                                  '{"text": "b"}\n'}, "--data", "d.jsonl"),
+     "d.jsonl:2: no field 'label'"),
+    ("--data: an eval label the training file lacks",
+     own({"d.csv": ROWS, "e.csv": "text,label\nok,pos\nmeh,mid\n"}, "--data", "d.csv",
+         "--eval-data", "e.csv"), "e.csv:3: label 'mid' is not one of the training labels"),
+    ("--data: an empty text", own({"d.csv": ROWS + ",neg\n"}, "--data", "d.csv"),
+     "d.csv:4: field 'text' is empty"),
+    ("--data: a number as text (JSONL)", own({"d.jsonl": '{"text": 5, "label": 0}\n'},
+                                             "--data", "d.jsonl"), "(a int), not a string"),
+    ("--data: a float label", own({"d.jsonl": '{"text": "a", "label": 0.5}\n'}, "--data",
+                                  "d.jsonl"), "regression is not supported"),
+    ("--data: non-UTF-8 bytes", own({"d.csv": ROWS.encode() + b"caf\xe9,pos\n"}, "--data",
+                                    "d.csv"), "d.csv:4: byte 0xe9 at offset 31 is not UTF-8"),
+    ("--data: a malformed JSON line", own({"d.jsonl": '{"text": "a", "label": 1\n'}, "--data",
+                                          "d.jsonl"), "d.jsonl:1: not a JSON line"),
+    ("--data: a CSV row with 3 fields", own({"d.csv": ROWS + "a,pos,x\n"}, "--data", "d.csv"),
+     "d.csv:4: 3 fields, the header has 2"),
+    ("--data: an unclosed CSV quote", own({"d.csv": ROWS + '"a,pos\n'}, "--data", "d.csv"),
+     "d.csv:4: malformed CSV"),
+    ("--data: one class only", own({"d.csv": "text,label\na,x\nb,x\n"}, "--data", "d.csv"),
+     "classification needs two classes or more"),
+    ("--data: a folder", lambda t: ["--data", str(t)], "is not a regular file"),
+    ("--data: a .json file", own({"d.json": "[]"}, "--data", "d.json"), "unknown format '.json'"),
+    ("--data: prompt → completion on an encoder",
+     own({"d.jsonl": '{"prompt": "p", "completion": " c"}\n'}, "--data", "d.jsonl"),
+     "train them on a decoder"),
+    ("--data with --task", own({"d.csv": ROWS}, "--data", "d.csv", "--task", "sst2"),
+     "--data FILE replaces --task and --data-dir"),
+    ("--eval-fraction 1", own({"d.csv": ROWS}, "--data", "d.csv", "--eval-fraction", "1"),
+     "--eval-fraction 1.0: use a fraction in (0, 1)"),
+    ("--eval-data without --data", plain("--eval-data", "e.csv"), "--eval-data needs --data"),
 ]
 
 
