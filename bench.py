@@ -27,6 +27,7 @@ import os
 import re
 import signal
 import socket
+import stat
 import statistics
 import subprocess
 import sys
@@ -62,6 +63,13 @@ BUDGET_METHODS = ("fim-params", "fim+da-params")  # train.py --budget params
 SEEDS = (0, 1, 2)
 SST2 = Path("../shared/data/glue/SST-2")
 RECIPE = ["--model", "minilm"]  # the rest is train.py's GLUE defaults (README: SST-2 with MiniLM)
+OWN_ROOTS = ("cells", "cells_cuda")  # results/<these>: the project's grids, one report (README)
+READ_LIMIT = 16 << 20  # bytes: a cell's results.json is kilobytes; a bigger file is not one
+SEED_MAX = 2**32 - 1  # numpy's seed range (train.set_seed)
+FIELDS = {"metrics": dict, "args": dict, "machine": dict, "versions": dict, "seconds": dict,
+          "ranks": dict, "device": str, "commit": str}  # results.json / run.json field types
+METRIC_RANGE = {"accuracy": (0, 1), "f1": (0, 1), "mcc": (-1, 1), "pearson": (-1, 1),
+                "spearman": (-1, 1), "loss": (0, 1e12), "loss_ratio": (0, 1e12)}
 BUSY_SECONDS = 900  # a cell claimed on another host and written this recently is busy
 CLAIM = ".running"  # a cell's claim: {"host", "pid"} of the grid process training it
 CHECKPOINTS = (train.CHECKPOINT, train.CHECKPOINT + ".old")  # a cell holding either resumes
@@ -646,56 +654,123 @@ def estimate_seconds(cell: Cell, known: list[dict], steps: int) -> tuple[float, 
 # make results: summary.json and the README section from whatever cells exist
 
 
-def read_result(path: Path) -> dict:
-    """A cell's results.json (or run.json) as a dict with a metrics dict, or ValueError naming
-    the file and the fix."""
+def read_json(path: Path, limit: int = READ_LIMIT):
+    """The JSON of a regular file of at most `limit` bytes: ValueError naming the file if it is
+    a folder, FIFO or device (a link to /dev/zero), refused before a byte is read, or bigger;
+    json.JSONDecodeError or UnicodeDecodeError if it is not JSON."""
     try:
-        res = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError):  # not JSON, or not text
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO opens at once
+    except OSError as e:
+        raise ValueError(f"{path} cannot be read ({e.strerror})") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError(f"{path} is not a regular file (a folder, FIFO or device)")
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"{path} is over {limit:,} bytes, more than this project writes")
+    try:
+        return json.loads(data)
+    except RecursionError:  # nested past the parser's depth
+        raise json.JSONDecodeError("nested too deep", "", 0) from None
+
+
+def read_result(path: Path) -> dict:
+    """A cell's results.json (or run.json) as a dict with a metrics dict and fields of the
+    types train.py writes (FIELDS), or ValueError naming the file, the field and the fix."""
+    fix = f"remove {path.parent} and run the grid again to redo that cell"
+    try:
+        res = read_json(path)
+    except (json.JSONDecodeError, UnicodeDecodeError):  # not JSON, or not text
         res = None
+    except ValueError as e:  # not a regular file, too big
+        raise ValueError(f"{e}: {fix}") from None
     if not isinstance(res, dict) or (path.name == "results.json"
                                      and not isinstance(res.get("metrics"), dict)):
-        raise ValueError(f"{path} is damaged (not a results object with metrics): remove "
-                         f"{path.parent} and run the grid again to redo that cell")
+        raise ValueError(f"{path} is damaged (not a results object with metrics): {fix}")
+    for key, kind in FIELDS.items():
+        if res.get(key) is not None and not isinstance(res[key], kind):
+            raise ValueError(f"{path} is damaged ({key} is a {type(res[key]).__name__}, not "
+                             f"a {kind.__name__}): {fix}")
     return res
 
 
+def checked(path: Path, field: str, value, low: float, high: float, integer: bool = False):
+    """value if it is None or a number (not a bool) in [low, high], else ValueError naming the
+    cell file and the field: a report never shows a value its metric cannot take."""
+    kinds = int if integer else (int, float)
+    if value is None or (isinstance(value, kinds) and not isinstance(value, bool)
+                         and low <= value <= high):
+        return value
+    raise ValueError(f"{path} is damaged ({field} = {json.dumps(value)[:40]}, not a number in "
+                     f"[{low:g}, {high:g}]): remove {path.parent} and run the grid again to "
+                     "redo that cell")
+
+
+def read_cell(path: Path, root_device: str, root: Path) -> dict:
+    """The summary record of one cell's results.json (and run.json beside it), every field the
+    report uses checked: ValueError naming the file and the field otherwise."""
+    method, seed = parse_folder(path.parent.name)
+    task = path.parent.parent.name
+    if seed > SEED_MAX:
+        raise ValueError(f"{path.parent}: seed {seed} is outside 0..{SEED_MAX} (numpy's seed "
+                         "range, which train.py uses): rename or remove that folder")
+    res = read_result(path)
+    info = path.parent / "run.json"
+    info = read_result(info) if info.exists() else {}
+    metric = glue.task_spec(task).metrics[0] if task in glue.TASKS else "loss"
+    if metric not in res["metrics"]:
+        raise ValueError(f"{path} is damaged (its metrics have no {metric!r}, the {task} "
+                         f"metric): remove {path.parent} and run the grid again to redo it")
+    for name, v in res["metrics"].items():
+        checked(path, f"metrics.{name}", v, *METRIC_RANGE.get(name, (-1e12, 1e12)))
+    seconds = res.get("seconds") or {}
+    ranks = res.get("ranks") or {}
+    for name, r in ranks.items():
+        checked(path, f"ranks.{name}", r, 0, 1e6)
+    machine = (info.get("machine") or {}) | (res.get("machine") or {})
+    device = res.get("device") or root_device
+    cuda = machine.get("cuda") or ""
+    if not re.fullmatch(r"[a-z]+(:\d+)?", device) or not isinstance(cuda, str):
+        raise ValueError(f"{path} is damaged (device {device!r} / machine.cuda): remove "
+                         f"{path.parent} and run the grid again to redo that cell")
+    return {
+        "task": task, "method": method, "seed": seed, "device": device.split(":")[0],
+        "root": root.as_posix(), "metrics": res["metrics"],
+        "seconds_per_step": checked(path, "seconds.per_step", seconds.get("per_step"), 0, 1e9),
+        "setup_seconds": checked(path, "seconds.calibration", seconds.get("calibration"), 0, 1e9),
+        "trainable_parameters": checked(path, "trainable_parameters",
+                                        res.get("trainable_parameters"), 0, 1e15, integer=True),
+        "ranks": ranks, "versions": res.get("versions") or info.get("versions"),
+        "machine": machine or {"platform": None, "cpus": None,
+                               "threads": (res.get("args") or {}).get("threads")},
+        "commit": res.get("commit") or info.get("commit")}
+
+
 def read_cells(root: Path) -> list[dict]:
-    """One record per <root>/<task>/<method>-s<seed>/results.json."""
-    cells = []
+    """One record per <root>/<task>/<method>-s<seed>/results.json (read_cell)."""
     root_device = root.name.partition("_")[2] or "cpu"  # results/cells_cuda: cuda
-    for path in sorted(root.glob("*/*/results.json")):
-        parsed = parse_folder(path.parent.name)
-        if parsed is None:
-            continue
-        res = read_result(path)
-        info = path.parent / "run.json"
-        info = read_result(info) if info.exists() else {}
-        seconds, threads = res.get("seconds") or {}, (res.get("args") or {}).get("threads")
-        cells.append({
-            "task": path.parent.parent.name, "method": parsed[0], "seed": parsed[1],
-            "device": (res.get("device") or root_device).split(":")[0], "root": root.as_posix(),
-            "metrics": res["metrics"], "seconds_per_step": seconds.get("per_step"),
-            "setup_seconds": seconds.get("calibration"),
-            "trainable_parameters": res.get("trainable_parameters"),
-            "ranks": res.get("ranks") or {},
-            "versions": res.get("versions") or info.get("versions"),
-            "machine": (info.get("machine") or {}) | (res.get("machine") or {})
-            or {"platform": None, "cpus": None, "threads": threads},
-            "commit": res.get("commit") or info.get("commit")})
-    return cells
+    return [read_cell(path, root_device, root) for path in sorted(root.glob("*/*/results.json"))
+            if parse_folder(path.parent.name) is not None]
+
+
+def own_root(root: Path) -> bool:
+    """Whether root is one of the project's own cells folders (OWN_ROOTS under results/)."""
+    return root.resolve() in {(RESULTS / name).resolve() for name in OWN_ROOTS}
 
 
 def cell_roots(root: Path) -> list[Path]:
-    """root's device family (results/cells, then results/cells_cuda: a grid run on a GPU with
-    --root results/cells_cuda), each read into the one summary, whichever of them is root."""
-    base = root.parent / root.name.partition("_")[0]
-    siblings = sorted(p for p in root.parent.glob(f"{base.name}_*") if p.is_dir())
-    return list(dict.fromkeys(p for p in [base, *siblings, root] if p == root or p.is_dir()))
+    """The folders a report on root reads: exactly root, except for the project's own
+    results/cells and results/cells_cuda (a grid run on a GPU), whose one report shows both
+    devices, each in its own table. Any other sibling (a cells_backup copy) is never read."""
+    if not own_root(root):
+        return [root]
+    return [RESULTS / n for n in OWN_ROOTS if (RESULTS / n).is_dir()
+            or (RESULTS / n).resolve() == root.resolve()]
 
 
 def summarize(root: Path, recipe: dict) -> dict:
     return {"cells": [c for r in cell_roots(root) for c in read_cells(r)], "recipe": recipe,
+            "root": root.as_posix(),
             "generated": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
@@ -818,14 +893,14 @@ def bench_table(bench: dict) -> list[str]:
 
 
 def results_markdown(summary: dict, bench: dict | None, svgs: dict[str, str],
-                     bench_gpu: dict | None = None) -> str:
+                     bench_gpu: dict | None = None, source: str = "results/summary.json") -> str:
     """The README section: per task the grid table and the FIM rank map, then the bench table.
     Every number comes from summary (results/summary.json) or bench (results/bench.json)."""
     cells, recipe = summary["cells"], summary["recipe"]
     seeds = sorted(set(recipe["seeds"]) | {c["seed"] for c in cells})
     methods = list(dict.fromkeys([*recipe["methods"], *PEERS,
                                   *(c["method"] for c in cells)]))
-    out = [f"_Generated by `python bench.py --results` / `--readme` from results/summary.json "
+    out = [f"_Generated by `python bench.py --results` / `--readme` from {source} "
            f"({len(cells)} cells, {summary['generated']})"
            + (" and results/bench.json" if bench else "") + "; do not edit by hand._", "",
            f"Recipe: `python train.py --method M {' '.join(recipe['train_args'])} --task T "
@@ -843,7 +918,7 @@ def results_markdown(summary: dict, bench: dict | None, svgs: dict[str, str],
                                  *((c["task"], c["device"]) for c in cells)]))
     for task, device in groups:
         mine = [c for c in cells if (c["task"], c["device"]) == (task, device)]
-        roots = sorted({c["root"] for c in mine}) or ["results/cells"]
+        roots = sorted({c["root"] for c in mine}) or [summary.get("root", "results/cells")]
         out += ["", f"#### {task} on {device} (`{'`, `'.join(f'{r}/{task}/' for r in roots)}`)",
                 ""]
         if device == "cuda":
@@ -938,7 +1013,7 @@ def score_lines(cells: list[dict], task: str) -> list[str]:
 
 def smollm2_markdown(root: Path) -> list[str]:
     """SmolLM2 on SST-2 prompts from results/smollm2/<run>/results.json."""
-    runs = [json.loads(p.read_text()) for p in sorted(root.glob("*/results.json"))]
+    runs = [read_json(p) for p in sorted(root.glob("*/results.json"))]
     if not runs:
         return []
     out = ["#### SmolLM2-135M-Instruct on SST-2 prompts (`results/smollm2/`)", "",
@@ -987,16 +1062,51 @@ def write_text(path: Path, text: str) -> None:
     _atomic_write(Path(path), lambda f: f.write(text.encode()))
 
 
-def write_report(root: Path, recipe: dict | None, results: Path = RESULTS,
-                 readme: Path = README) -> dict:
-    """results/summary.json (recipe None: the one already there, or the defaults), the rank-map
-    SVGs and the README section."""
+def write_files(files: dict[Path, str]) -> None:
+    """Every file written whole to a temp file beside it first, then all renamed: a failure
+    while writing (a full disk, a kill) leaves every old file as it was, so summary.json and the
+    README never disagree."""
+    tmps: dict[Path, str] = {}
+    umask = os.umask(0)  # the only way to read it; restored at once
+    os.umask(umask)
+    try:
+        for path, text in files.items():
+            fd, tmps[path] = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
+                                              suffix=".tmp")
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmps[path], 0o666 & ~umask)
+        for path, tmp in tmps.items():
+            os.replace(tmp, path)
+    finally:
+        for tmp in tmps.values():
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+def report_files(root: Path, recipe: dict | None, results: Path | None = None,
+                 readme: Path | None = None) -> tuple[dict, dict[Path, str]]:
+    """(summary, {path: text}) of the report on root, computed whole before anything is
+    written. It belongs to root's folder: results/summary.json, the rank maps and README.md's
+    section for the project's own cells (OWN_ROOTS), else root/summary.json, root/ranks_*.svg
+    and root/README.md, so a grid elsewhere never rewrites the project's evidence. recipe None:
+    the one in the summary already there, or the defaults."""
+    own = own_root(root)
+    results = results or (RESULTS if own else root)
+    readme = readme or (README if own else root / "README.md")
     old = results / "summary.json"
     if recipe is None:
-        recipe = json.loads(old.read_text())["recipe"] if old.exists() else default_recipe()
+        prev = read_json(old) if old.exists() else {"recipe": default_recipe()}
+        recipe = prev.get("recipe") if isinstance(prev, dict) else None
+        if not isinstance(recipe, dict) or not all(
+                isinstance(recipe.get(k), list) for k in ("train_args", "methods", "seeds",
+                                                          "tasks")):
+            raise ValueError(f"{old} has no valid recipe: run bench.py --results with the "
+                             "grid's flags (and --dry-run) to write it again")
     summary = summarize(root, recipe)
-    results.mkdir(parents=True, exist_ok=True)
-    write_json(results / "summary.json", summary)
+    text = {old: json.dumps(train._finite(summary), indent=2, allow_nan=False) + "\n"}
     svgs = {}
     for task, device in dict.fromkeys((c["task"], c["device"]) for c in summary["cells"]):
         ranks, n = mean_ranks([c for c in summary["cells"] if c["device"] == device], task)
@@ -1004,25 +1114,35 @@ def write_report(root: Path, recipe: dict | None, results: Path = RESULTS,
             key = svg_key(task, device)
             path = results / f"ranks_{key}.svg"
             title = f"FIM-LoRA ranks, {task} ({device}), mean of {n} seed{'s' * (n != 1)}"
-            write_text(path, rank_svg(ranks, title))
+            text[path] = rank_svg(ranks, title)
             svgs[key] = path.as_posix()
     bench_path = results / "bench.json"
-    bench = json.loads(bench_path.read_text()) if bench_path.exists() else None
+    bench = read_json(bench_path) if bench_path.exists() else None
     gpu_path = results / "bench_cuda.json"
-    bench_gpu = json.loads(gpu_path.read_text()) if gpu_path.exists() else None
-    section = results_markdown(summary, bench, svgs, bench_gpu)
+    bench_gpu = read_json(gpu_path) if gpu_path.exists() else None
+    section = results_markdown(summary, bench, svgs, bench_gpu, old.as_posix())
     study = results / "planted_study.json"
-    extra = planted_markdown(json.loads(study.read_text())) if study.exists() else []
+    extra = planted_markdown(read_json(study)) if study.exists() else []
     extra += [""] + smollm2_markdown(results / "smollm2")
     section += "\n" + "\n".join(line if line.startswith("|") else textwrap.fill(line, 100)
                                  for line in extra) + "\n"
-    text = replace_section(readme.read_text(), section)
+    page = replace_section(readme.read_text() if readme.exists() else "", section)
     run = results / "make_run" / "results.json"
-    if run.exists() and RUN_MARKERS[0] in text:  # the rank map and verdict make run prints
-        text = replace_run_block(text, json.loads(run.read_text()))
-    write_text(readme, text)
-    print(f"wrote {results / 'summary.json'} ({len(summary['cells'])} cells), "
-          f"{len(svgs)} rank map(s) and the README section in {readme}")
+    if run.exists() and RUN_MARKERS[0] in page:  # the rank map and verdict make run prints
+        page = replace_run_block(page, read_json(run))
+    return summary, text | {readme: page}
+
+
+def write_report(root: Path, recipe: dict | None, results: Path | None = None,
+                 readme: Path | None = None) -> dict:
+    """summary.json, the rank-map SVGs and the README section of root (report_files), all
+    computed first, then written together."""
+    summary, files = report_files(root, recipe, results, readme)
+    next(iter(files)).parent.mkdir(parents=True, exist_ok=True)
+    write_files(files)
+    names = list(files)
+    print(f"wrote {names[0]} ({len(summary['cells'])} cells), {len(names) - 2} rank map(s) "
+          f"and the README section in {names[-1]}")
     return summary
 
 
@@ -1487,7 +1607,7 @@ def bench_main(a: argparse.Namespace) -> dict:
     write_text(out.with_suffix(".md"), md)
     print(md)
     if out.parent.resolve() == RESULTS.resolve():  # the README reads results/bench*.json
-        write_report(CELLS, None, out.parent)
+        write_report(CELLS, None)
     else:
         print(f"README.md left alone: its tables read {RESULTS}/, not {out.parent}/")
     return result

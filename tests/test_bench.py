@@ -149,23 +149,30 @@ def test_write_report_writes_summary_svg_and_readme(grid, tmp_path):
     assert "| fim | 83.17 ± 1.89 |" in text  # (81, 84.5, 84)
 
 
-def test_a_kill_while_the_report_is_written_leaves_the_old_readme(grid, tmp_path, monkeypatch):
-    """Every report file is replaced whole (temp file, rename): a write that dies half-way
-    leaves the README as it was, not truncated."""
+@pytest.mark.parametrize("kill_at", [1, 2, 3])  # summary.json, the rank map, the README
+def test_a_kill_while_the_report_is_written_leaves_every_old_file(grid, tmp_path, monkeypatch,
+                                                                  kill_at):
+    """Every report file is written whole to a temp file first and all are renamed after: a
+    write that dies at any file leaves the README and summary.json as they were (never one new
+    and the other old), and no temp file behind."""
     root, recipe = grid
-    readme = tmp_path / "README.md"
+    readme, results = tmp_path / "README.md", tmp_path / "results"
     readme.write_text("# x\n\n## Results\nold\n")
-    real = bench._atomic_write
+    results.mkdir()
+    (results / "summary.json").write_text("{}")
+    calls, real = [], os.fsync
 
-    def dies_half_way(path, write):
-        if path == readme:
-            return real(path, lambda f: (f.write(b"# x\n"), (_ for _ in ()).throw(
-                KeyboardInterrupt)))
-        return real(path, write)
-    monkeypatch.setattr(bench, "_atomic_write", dies_half_way)
+    def dies(fd):
+        calls.append(fd)
+        if len(calls) == kill_at:
+            raise KeyboardInterrupt
+        return real(fd)
+    monkeypatch.setattr(os, "fsync", dies)
     with pytest.raises(KeyboardInterrupt):
-        bench.write_report(root, recipe, tmp_path / "results", readme)
+        bench.write_report(root, recipe, results, readme)
     assert readme.read_text() == "# x\n\n## Results\nold\n"
+    assert [p.name for p in results.iterdir()] == ["summary.json"]
+    assert (results / "summary.json").read_text() == "{}"
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
 
 
@@ -327,9 +334,13 @@ def test_score_cells_are_planned_at_the_parameter_budget(tmp_path, capsys, monke
     assert "1 task(s) (sst2) x 3 methods x 3 seeds = 9 cells" in out
 
 
-def test_a_gpu_grid_beside_the_cpu_grid_gets_its_own_table(grid):
+def test_a_gpu_grid_beside_the_cpu_grid_gets_its_own_table(grid, tmp_path, monkeypatch):
+    """The project's own results/cells and results/cells_cuda make one report, a table each."""
     root, recipe = grid
-    gpu = root.parent / "cells_cuda"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "results").mkdir()
+    root = shutil.move(root, bench.Path("results/cells"))
+    gpu = bench.Path("results/cells_cuda")
     for seed, acc in enumerate([0.70, 0.72, 0.74]):
         res = write_cell(gpu, "sst2", "lora", seed, acc) / "results.json"
         res.write_text(json.dumps(json.loads(res.read_text()) | {"device": "cuda:0"}))
@@ -345,6 +356,19 @@ def test_a_gpu_grid_beside_the_cpu_grid_gets_its_own_table(grid):
     assert "| fim-kfac-params | 75.00 (1 of 3 seeds) |" in cuda
     assert "fim-kfac-params" not in cpu  # a method without cells on a device is not listed there
     assert row_of(cuda, "fim-kfac-params")[3] == "+5.00"  # paired with the GPU lora only
+
+
+def test_a_report_elsewhere_reads_exactly_its_root(grid):
+    """Outside results/, --root X/cells reads X/cells alone: a sibling X/cells_backup (a copy
+    with other values) or X/cells_cuda never enters its seeds or means."""
+    root, recipe = grid
+    for sibling in ("cells_backup", "cells_cuda"):
+        write_cell(root.parent / sibling, "sst2", "lora", 0, 0.99)
+        write_cell(root.parent / sibling, "sst2", "lora", 7, 0.99)
+    cells = bench.summarize(root, recipe)["cells"]
+    assert len(cells) == 7 and {c["root"] for c in cells} == {root.as_posix()}
+    md = bench.results_markdown(bench.summarize(root, recipe), None, {})
+    assert row_of(md, "lora")[1:3] == ["82.33 ± 2.52", "80.00, 85.00, 82.00"]
 
 
 def test_op_count_counts_dispatched_aten_operators():
