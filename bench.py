@@ -662,9 +662,10 @@ def read_json(path: Path, limit: int = READ_LIMIT):
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO opens at once
     except OSError as e:
         raise ValueError(f"{path} cannot be read ({e.strerror})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ValueError(f"{path} is not a regular file (a folder, FIFO or device)")
     with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ValueError(f"{path} is not a regular file (a folder, FIFO or device)")
         data = f.read(limit + 1)
     if len(data) > limit:
         raise ValueError(f"{path} is over {limit:,} bytes, more than this project writes")
@@ -694,11 +695,12 @@ def read_result(path: Path) -> dict:
     return res
 
 
-def checked(path: Path, field: str, value, low: float, high: float, integer: bool = False):
-    """value if it is None or a number (not a bool) in [low, high], else ValueError naming the
-    cell file and the field: a report never shows a value its metric cannot take."""
+def checked(path: Path, field: str, value, low: float, high: float, integer: bool = False,
+            optional: bool = True):
+    """value if it is a number (not a bool) in [low, high] (or an optional None), else
+    ValueError naming the cell file and the field: a report never shows what cannot be."""
     kinds = int if integer else (int, float)
-    if value is None or (isinstance(value, kinds) and not isinstance(value, bool)
+    if (value is None and optional) or (isinstance(value, kinds) and not isinstance(value, bool)
                          and low <= value <= high):
         return value
     raise ValueError(f"{path} is damaged ({field} = {json.dumps(value)[:40]}, not a number in "
@@ -722,7 +724,8 @@ def read_cell(path: Path, root_device: str, root: Path) -> dict:
         raise ValueError(f"{path} is damaged (its metrics have no {metric!r}, the {task} "
                          f"metric): remove {path.parent} and run the grid again to redo it")
     for name, v in res["metrics"].items():
-        checked(path, f"metrics.{name}", v, *METRIC_RANGE.get(name, (-1e12, 1e12)))
+        checked(path, f"metrics.{name}", v, *METRIC_RANGE.get(name, (-1e12, 1e12)),
+                optional=False)
     seconds = res.get("seconds") or {}
     ranks = res.get("ranks") or {}
     for name, r in ranks.items():
@@ -1167,9 +1170,10 @@ def check_grid(a: argparse.Namespace,
     """The grid's {task: data folder} and the cells' train.py arguments (the recipe with `extra`),
     or ValueError naming the bad value and the fix, before any work or write. Repeated seeds
     count once."""
-    bad = [s for s in a.seeds if s < 0]
+    bad = [s for s in a.seeds if not 0 <= s <= SEED_MAX]
     if bad:
-        raise ValueError(f"--seeds {' '.join(map(str, bad))}: use seeds >= 0")
+        raise ValueError(f"--seeds {' '.join(map(str, bad))}: use seeds >= 0 and <= {SEED_MAX} "
+                         "(numpy's seed range)")
     a.seeds = list(dict.fromkeys(a.seeds))
     if a.root.exists() and not a.root.is_dir():
         raise ValueError(f"--root {a.root} is a file: pass the cells' folder")

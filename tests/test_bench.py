@@ -486,6 +486,8 @@ GRID_ERRORS = [
      "results.json is damaged (not a results object with metrics): remove"),
     ("peers on a decoder", lambda t: ["--peers", "peft-lora", "--", "--model", "smollm2"],
      "the peers (transformers + PEFT) train a BERT encoder on a GLUE task"),
+    ("a seed past numpy's range", lambda t: ["--seeds", str(2**32)],
+     "--seeds 4294967296: use seeds >= 0 and <= 4294967295"),
 ]
 
 
@@ -580,3 +582,109 @@ def test_a_bench_written_outside_results_leaves_the_readme_alone(tmp_path, monke
     assert (tmp_path / "README.md").read_text() == "# mine\n"
     assert not (tmp_path / "results").exists()
     assert "README.md left alone" in capsys.readouterr().out
+
+
+def _hostile(field, value):
+    """A setup that puts `value` at `field` (a dotted path) of a good cell's results.json."""
+    def setup(out):
+        res = json.loads((out / "results.json").read_text())
+        *parents, last = field.split(".")
+        node = res
+        for key in parents:
+            node = node[key]
+        node[last] = value
+        (out / "results.json").write_text(json.dumps(res))
+    return setup
+
+
+def _replace(make):
+    def setup(out):
+        (out / "results.json").unlink()
+        make(out / "results.json")
+    return setup
+
+
+# damaged or hostile cells: (case, setup(cell folder), the field the message names)
+HOSTILE_CELLS = [
+    ("accuracy 1e308", _hostile("metrics.accuracy", 1e308), "metrics.accuracy = 1e+308"),
+    ("accuracy null", _hostile("metrics.accuracy", None), "metrics.accuracy = null"),
+    ("accuracy NaN", _hostile("metrics.accuracy", float("nan")), "metrics.accuracy = NaN"),
+    ("accuracy -5", _hostile("metrics.accuracy", -5), "metrics.accuracy = -5, not a number in "
+     "[0, 1]"),
+    ("accuracy true", _hostile("metrics.accuracy", True), "metrics.accuracy = true"),
+    ("accuracy a string", _hostile("metrics.accuracy", "0.9"), 'metrics.accuracy = "0.9"'),
+    ("empty metrics", _hostile("metrics", {}), "its metrics have no 'accuracy', the sst2"),
+    ("seconds.per_step a string", _hostile("seconds.per_step", "fast"), "seconds.per_step"),
+    ("seconds a list", _hostile("seconds", [1]), "seconds is a list, not a dict"),
+    ("trainable_parameters a string", _hostile("trainable_parameters", "1,000"),
+     "trainable_parameters"),
+    ("trainable_parameters a float", _hostile("trainable_parameters", 1.5),
+     "trainable_parameters"),
+    ("args a list", _hostile("args", [1]), "args is a list, not a dict"),
+    ("machine a string", _hostile("machine", "x"), "machine is a str, not a dict"),
+    ("machine.cuda a list", _hostile("machine", {"cuda": [1]}), "machine.cuda"),
+    ("device a number", _hostile("device", 3), "device is a int, not a str"),
+    ("device a path", _hostile("device", "../x"), "device '../x'"),
+    ("ranks a list", _hostile("ranks", [1]), "ranks is a list, not a dict"),
+    ("a rank a string", _hostile("ranks", {"m": "8"}), "ranks.m"),
+    ("results.json a folder", _replace(lambda p: p.mkdir()), "is not a regular file"),
+    ("results.json a link to /dev/zero", _replace(lambda p: p.symlink_to("/dev/zero")),
+     "is not a regular file"),
+    ("results.json a FIFO", _replace(lambda p: os.mkfifo(p)), "is not a regular file"),
+    ("results.json deeply nested", _replace(lambda p: p.write_text("[" * 100000)),
+     "is damaged (not a results object"),
+    ("results.json over the byte bound", _replace(lambda p: p.write_text(
+        " " * (bench.READ_LIMIT + 1))), "bytes, more than this project writes"),
+    ("run.json a list", lambda out: (out / "run.json").write_text("[]"),
+     "run.json is damaged (not a results object"),
+    ("run.json machine a list", lambda out: (out / "run.json").write_text('{"machine": []}'),
+     "run.json is damaged (machine is a list"),
+]
+
+
+@pytest.mark.parametrize("label,setup,field", HOSTILE_CELLS, ids=[h[0] for h in HOSTILE_CELLS])
+def test_readme_on_a_damaged_cell_names_it_and_writes_nothing(grid, tmp_path, monkeypatch, label,
+                                                              setup, field):
+    """bench.py --readme on a cell whose results.json holds a value its field cannot take, or is
+    not a regular file: a ValueError naming the cell file and the field (main prints it as
+    `error:`), never a traceback or an unbounded read, and no report file written."""
+    root, recipe = grid
+    monkeypatch.chdir(tmp_path)  # were the report to go to ./results, it would go here
+    setup(root / "sst2" / "fim-s1")
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    with pytest.raises(ValueError, match=r"fim-s1/(results|run)\.json") as e:
+        bench.write_report(root, recipe)
+    assert field in str(e.value) and "remove" in str(e.value)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_a_cell_folder_with_a_seed_out_of_range_is_refused(grid):
+    root, recipe = grid
+    write_cell(root, "sst2", "lora", 99999999999999999999, 0.8)
+    with pytest.raises(ValueError, match=r"lora-s99999999999999999999: seed .* is outside "
+                                         r"0\.\.4294967295"):
+        bench.summarize(root, recipe)
+
+
+def test_a_grid_elsewhere_leaves_the_projects_evidence_alone(grid, tmp_path, monkeypatch):
+    """--results --dry-run / --readme with --root other/cells: its summary.json and report go
+    to other/cells/, and results/ and README.md stay byte for byte as they were."""
+    root, _ = grid
+    project = tmp_path / "project"
+    (project / "results" / "cells" / "sst2").mkdir(parents=True)
+    (project / "results" / "summary.json").write_text('{"mine": 1}')
+    (project / "README.md").write_text("# mine\n")
+    (tmp_path / "CoLA").mkdir()
+    (tmp_path / "CoLA" / "train.tsv").write_text("x\t1\t\tok\n")
+    monkeypatch.chdir(project)
+    snapshot = {p: p.read_bytes() if p.is_file() else None for p in project.rglob("*")}
+    bench.main(["--results", "--data-root", str(tmp_path), "--tasks", "cola", "--methods",
+                "lora", "--root", str(root), "--dry-run"])
+    bench.main(["--readme", "--root", str(root)])
+    assert {p: p.read_bytes() if p.is_file() else None for p in project.rglob("*")} == snapshot
+    summary = json.loads((root / "summary.json").read_text())
+    assert len(summary["cells"]) == 7 and summary["recipe"]["tasks"] == ["cola"]
+    report = (root / "README.md").read_text().replace("\n", "")  # unwrap the long paths
+    assert f"{root.as_posix()}/summary.json" in report and "results/summary.json" not in report
+    assert f"(`{root.as_posix()}/cola/`)" in report and "results/cells" not in report
+    assert (root / "ranks_sst2.svg").is_file()
