@@ -1547,12 +1547,27 @@ def bench_main(a: argparse.Namespace) -> dict:
     devices = a.devices or ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
     if "cuda" in devices and not torch.cuda.is_available():
         raise ValueError("--devices cuda but CUDA is not available: use --devices cpu")
+    out = Path(a.out)
+    folder = out.parent  # checked before minutes of timing, not when writing after them
+    while not os.path.lexists(folder) and folder != folder.parent:
+        folder = folder.parent
+    if out.is_dir() or not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: cannot be written ({out if out.is_dir() else folder} "
+                         "is a folder or not a folder this user can write); pass a writable "
+                         "file path such as results/bench.json")
+    if out.parent.resolve() == RESULTS.resolve():  # its README section is written after
+        report_files(CELLS, None)
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
     base, tok = load_model("minilm", num_labels=2, generator=gen)
     base.train()
+    width = min((min(m.in_features, m.out_features) for n, m in base.named_modules()
+                 if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in TARGETS), default=a.r)
+    if a.r > width:
+        raise ValueError(f"--r {a.r} is above {width}, the smallest side of MiniLM's adapted "
+                         f"matrices (its width): a rank cannot exceed it; use --r <= {width}")
     notes = []
     rows, info = step_rows(base, tok, a, torch.device("cpu"), gen) if "cpu" in devices else (
         [], {})
@@ -1604,7 +1619,6 @@ def bench_main(a: argparse.Namespace) -> dict:
         import transformers
         result["versions"] |= {"transformers": transformers.__version__,
                                "peft": peft.__version__}
-    out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, result)
     md = "\n".join(bench_table(result) + [""] + notes) + "\n"

@@ -688,3 +688,27 @@ def test_a_grid_elsewhere_leaves_the_projects_evidence_alone(grid, tmp_path, mon
     assert f"{root.as_posix()}/summary.json" in report and "results/summary.json" not in report
     assert f"(`{root.as_posix()}/cola/`)" in report and "results/cells" not in report
     assert (root / "ranks_sst2.svg").is_file()
+
+
+@pytest.mark.parametrize("out", ["/dev/null/x.json", "/dev/null/deeper/x.json", "."])
+def test_a_bench_output_that_cannot_be_written_is_refused_before_the_model_loads(out,
+                                                                                monkeypatch):
+    """make bench wrote its file only after minutes of timing: a path under a file, or a
+    folder, is refused first."""
+    monkeypatch.setattr(bench, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    with pytest.raises(ValueError, match=f"--out {re.escape(out)}: cannot be written"):
+        bench.main(["--no-peers", "--out", out])
+
+
+def test_a_bench_rank_above_the_models_width_is_refused_before_timing(tmp_path, monkeypatch):
+    class Fake(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.query, self.dense = nn.Linear(8, 8), nn.Linear(8, 16)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(bench, "load_model", lambda *a, **k: (Fake(), None))
+    monkeypatch.setattr(bench, "step_rows", lambda *a, **k: pytest.fail("timed"))
+    with pytest.raises(ValueError, match="--r 9 is above 8, the smallest side of MiniLM's "
+                                         "adapted matrices .*use --r <= 8"):
+        bench.main(["--no-peers", "--r", "9", "--out", str(tmp_path / "results" / "b.json")])
+    assert list(tmp_path.iterdir()) == []
