@@ -511,7 +511,7 @@ def method_flags(method: str) -> list[str]:
 
 def busy(out: Path, now: float | None = None) -> bool:
     """Whether another live process trains this cell, by its claim (out/.running, written by
-    claim): on this host, while the claiming pid lives; a claim from another host (a grid on a
+    claim): on this host, while the claiming grid or its cell's process lives; a claim from another host (a grid on a
     GPU machine sharing the folder) while something in the folder changed in the last
     BUSY_SECONDS (a checkpoint is saved four times a run). No claim: free, so a folder left by
     a killed run, or copied from another machine, is resumed rather than skipped."""
@@ -522,20 +522,26 @@ def busy(out: Path, now: float | None = None) -> bool:
     except ValueError:  # being written this instant
         owner = {}
     if owner.get("host") == socket.gethostname() and isinstance(owner.get("pid"), int):
-        return owner["pid"] != os.getpid() and pid_alive(owner["pid"])
+        pids = [owner[k] for k in ("pid", "cell") if isinstance(owner.get(k), int)]
+        return owner["pid"] != os.getpid() and any(map(pid_alive, pids))
     now = time.time() if now is None else now
     stamps = [p.stat().st_mtime for p in out.rglob("*")]
     return bool(stamps) and now - max(stamps) < BUSY_SECONDS
 
 
 def pid_alive(pid: int) -> bool:
+    if pid <= 0:  # kill(0 or -1, 0) would ask about a whole group
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # alive, another user's
         return True
-    return True
+    try:  # a zombie (dead, not yet reaped by its new parent) answers kill too
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):  # no /proc (macOS)
+        return True
 
 
 def claim(out: Path) -> bool:
@@ -556,14 +562,38 @@ def claim(out: Path) -> bool:
     return False
 
 
+def _dies_with_grid() -> Callable[[], None] | None:
+    """A Popen preexec_fn by which the kernel sends the cell SIGTERM when the grid dies, even by
+    kill -9 (Linux prctl PR_SET_PDEATHSIG): an orphan would train on while the next grid, seeing
+    the dead grid's claim, starts a second trainer on the cell. train.py takes SIGTERM as a
+    Ctrl-C: it checkpoints and exits. None off Linux (there only a grid that exits normally or
+    by a signal Python sees stops its cell)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+    prctl, grid = ctypes.CDLL(None, use_errno=True).prctl, os.getpid()
+
+    def preexec() -> None:
+        prctl(1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG
+        if os.getppid() != grid:  # the grid died before the prctl: no signal would come
+            os.kill(os.getpid(), signal.SIGTERM)
+    return preexec
+
+
 def run_subprocess(cmd: list[str], log: Path) -> int:
-    """Run one cell, its output appended to log; returns the exit code. On Ctrl-C the cell
-    (which got the same signal from the terminal) is given STOP_GRACE seconds to checkpoint and
-    exit; one that did not get it (only this process was signalled) is sent SIGINT once."""
+    """Run one cell, its output appended to log; returns the exit code. The cell's pid joins the
+    grid's claim in log's folder (busy), and the cell never outlives the grid (_dies_with_grid;
+    an error or signal here terminates it). On Ctrl-C the cell (which got the same signal from
+    the terminal, being in the grid's process group) is given STOP_GRACE seconds to checkpoint
+    and exit; one that did not get it (only this process was signalled) is sent SIGINT once."""
     print(" ".join(cmd), flush=True)
     with open(log, "a") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT,
+                                preexec_fn=_dies_with_grid())
         try:
+            if (log.parent / CLAIM).exists():
+                write_json(log.parent / CLAIM, {"host": socket.gethostname(),
+                                                "pid": os.getpid(), "cell": proc.pid})
             return proc.wait()
         except KeyboardInterrupt:
             try:
@@ -572,6 +602,14 @@ def run_subprocess(cmd: list[str], log: Path) -> int:
                 proc.send_signal(signal.SIGINT)
                 proc.wait()
             raise
+        finally:
+            if proc.poll() is None:  # the grid is leaving on an error: its cell goes too
+                proc.terminate()
+                try:
+                    proc.wait(timeout=STOP_GRACE)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
 
 
 def run_info(cell: Cell, threads: int, wall: float) -> dict:
@@ -614,18 +652,34 @@ def run_grid(cells: list[Cell], data_dirs: dict[str, Path], root: Path, threads:
             continue
         resume = any((out / name).is_dir() for name in CHECKPOINTS)
         t0 = time.perf_counter()
+        log = out / "train.log"
+        start = log.stat().st_size if log.is_file() else 0
         try:
-            code = run(cell_command(cell, data_dirs[cell.task], out, threads, resume, extra),
-                       out / "train.log")
+            code = run(cell_command(cell, data_dirs[cell.task], out, threads, resume, extra), log)
         finally:
             (out / CLAIM).unlink(missing_ok=True)
         if code == 0 and (out / "results.json").exists():
             write_json(out / "run.json", run_info(cell, threads, time.perf_counter() - t0))
             outcome["resumed" if resume else "ran"].append(cell)
+        elif code and in_use(log, start):  # train.py's own lock on its --out: a live trainer
+            print(f"cell {cell.task} {cell.folder}: its folder is in use by another train.py "
+                  f"(see {log}), left alone")
+            outcome["busy"].append(cell)
         else:
             print(f"cell {cell.task} {cell.folder} failed (exit {code}): see {out / 'train.log'}")
             outcome["failed"].append(cell)
     return outcome
+
+
+def in_use(log: Path, start: int) -> bool:
+    """Whether the cell's output after byte `start` of log says its --out is in use (train.py
+    refusing a folder that another live run holds: "--out X is in use by pid N")."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(start, os.fstat(f.fileno()).st_size - 65536))
+            return re.search(rb"is in use by pid \d+", f.read(65536)) is not None
+    except OSError:
+        return False
 
 
 def steps_left(out: Path, steps: int) -> int:

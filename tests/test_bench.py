@@ -712,3 +712,79 @@ def test_a_bench_rank_above_the_models_width_is_refused_before_timing(tmp_path, 
                                          "adapted matrices .*use --r <= 8"):
         bench.main(["--no-peers", "--r", "9", "--out", str(tmp_path / "results" / "b.json")])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_cell_that_train_py_finds_in_use_is_reported_busy_not_failed(tmp_path, capsys):
+    """A second trainer on a cell is refused by train.py's own lock on its --out; the grid
+    reports that cell busy (left alone), not failed."""
+    root = tmp_path / "cells"
+    log = root / "sst2" / "fw-s1" / "train.log"
+    log.parent.mkdir(parents=True)
+    log.write_text("an earlier run: error: --out x is in use by pid 7 (host h)\n")
+
+    def refused(cmd, log):
+        with open(log, "a") as f:
+            f.write("error: --out x is in use by pid 4242 (host h): wait for that run\n")
+        return 1
+    cells = [bench.Cell("sst2", "fw", s) for s in (1, 2)]
+    outcome = bench.run_grid(cells, {"sst2": tmp_path}, root, 1, run=refused)
+    assert [c.seed for c in outcome["busy"]] == [1, 2] and outcome["failed"] == []
+    assert "fw-s1: its folder is in use by another train.py" in capsys.readouterr().out
+    # an old refusal in the log does not make a later plain failure look busy
+    outcome = bench.run_grid(cells[:1], {"sst2": tmp_path}, root, 1, run=lambda c, l: 1)
+    assert [c.seed for c in outcome["failed"]] == [1] and outcome["busy"] == []
+
+
+def test_a_claim_whose_grid_died_but_whose_cell_lives_is_busy(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        out = claimed(tmp_path, "fw-s1", socket.gethostname(), dead.pid)
+        (out / bench.CLAIM).write_text(json.dumps({"host": socket.gethostname(),
+                                                   "pid": dead.pid, "cell": live.pid}))
+        assert bench.busy(out) and not bench.claim(out)
+    finally:
+        live.kill()
+        live.wait()
+    assert not bench.busy(out) and bench.claim(out)
+
+
+def _gone(pid: int) -> bool:
+    """Dead (or a zombie nobody reaped yet)."""
+    return not bench.pid_alive(pid)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_kill_9_of_the_grid_takes_its_cell_down(tmp_path):
+    """kill -9 of `bench.py --results` while a cell runs: the cell's process dies with it (no
+    orphan trains on beside the next grid), and the next grid finds the cell free."""
+    from conftest import ROOT
+    root = tmp_path / "cells"
+    script = ("import sys; from pathlib import Path; import bench\n"
+              "bench.cell_command = lambda *a, **k: [sys.executable, '-c', "
+              "'import time; time.sleep(300)']\n"
+              f"bench.run_grid([bench.Cell('sst2', 'lora', 0)], {{'sst2': Path('.')}}, "
+              f"Path({str(root)!r}), 1)\n")
+    grid = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.DEVNULL)
+    claim, cell = root / "sst2" / "lora-s0" / bench.CLAIM, None
+    try:
+        deadline = time.time() + 120
+        while cell is None and time.time() < deadline and grid.poll() is None:
+            time.sleep(0.1)
+            try:
+                cell = json.loads(claim.read_text()).get("cell")
+            except (OSError, ValueError):
+                pass
+        assert cell and bench.pid_alive(cell) and bench.busy(claim.parent)
+        os.kill(grid.pid, signal.SIGKILL)
+        grid.wait()
+        deadline = time.time() + 30
+        while not _gone(cell) and time.time() < deadline:
+            time.sleep(0.1)
+        assert _gone(cell), "the cell outlived its grid"
+        assert not bench.busy(claim.parent)  # the dead grid's claim is stale: taken over
+    finally:
+        grid.kill()
+        if cell and not _gone(cell):
+            os.kill(cell, signal.SIGKILL)
