@@ -12,8 +12,9 @@ section) and `make bench` (speed as ratios against transformers + PEFT, each aga
 Grid: every cell is one train.py run (a peer: `bench.py --peer`, the same recipe, batches and
 initial weights on transformers + PEFT) in results/cells/<task>/<method>-s<seed>/ ("+" written
 "_"): skipped once it holds results.json, resumed when it holds a checkpoint. The summary and the
-README section are computed from whatever cells exist. Bench: every ratio is timed in one process
-on the same batches, as the median of interleaved repeats, so load drift hits both sides alike.
+README section are computed from whatever cells exist in --root (report_files says where they
+go). Bench: every ratio is timed in one process on the same batches, as the median of
+interleaved repeats, so load drift hits both sides alike.
 """
 
 from __future__ import annotations
@@ -511,10 +512,11 @@ def method_flags(method: str) -> list[str]:
 
 def busy(out: Path, now: float | None = None) -> bool:
     """Whether another live process trains this cell, by its claim (out/.running, written by
-    claim): on this host, while the claiming grid or its cell's process lives; a claim from another host (a grid on a
-    GPU machine sharing the folder) while something in the folder changed in the last
-    BUSY_SECONDS (a checkpoint is saved four times a run). No claim: free, so a folder left by
-    a killed run, or copied from another machine, is resumed rather than skipped."""
+    claim): on this host, while the claiming grid or its cell's process lives; a claim from
+    another host (a grid on a GPU machine sharing the folder) while something in the folder
+    changed in the last BUSY_SECONDS (a checkpoint is saved four times a run). No claim: free,
+    so a folder left by a killed run, or copied from another machine, is resumed rather than
+    skipped."""
     try:
         owner = json.loads((out / CLAIM).read_text())
     except FileNotFoundError:
@@ -1712,7 +1714,9 @@ def main(argv: list[str] | None = None) -> dict:
                    help="also FIM with each allocation score at the parameter budget "
                         "(cells fim-S-params; efim is fim-params)")
     g.add_argument("--root", type=Path, default=CELLS,
-                   help="the cells' folder (on a GPU: results/cells_cuda, read beside it)")
+                   help="the cells' folder; its report goes beside the cells (root/summary."
+                        "json, root/README.md), except for results/cells and results/cells_cuda "
+                        "(a GPU grid), read together into results/ and README.md")
     g.add_argument("--dry-run", action="store_true", help="plan and summarise, train nothing")
     g = p.add_argument_group("make bench")
     g.add_argument("--batch-size", type=int, default=32)
