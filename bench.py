@@ -463,7 +463,7 @@ class Cell(NamedTuple):
 
 def parse_folder(name: str) -> tuple[str, int] | None:
     """(method, seed) of a cell folder name.  parse_folder("fim_da-s2") -> ("fim+da", 2)"""
-    m = re.fullmatch(r"(.+)-s(\d+)", name)
+    m = re.fullmatch(r"(.+)-s([0-9]+)", name)  # ASCII digits: int() reads other scripts' too
     return (m.group(1).replace("_", "+"), int(m.group(2))) if m else None
 
 
@@ -828,8 +828,10 @@ def cell_roots(root: Path) -> list[Path]:
 
 
 def summarize(root: Path, recipe: dict) -> dict:
+    """Every cell of root's report (cell_roots); "root" is the folder a table without cells
+    names (results/cells for the project's own)."""
     return {"cells": [c for r in cell_roots(root) for c in read_cells(r)], "recipe": recipe,
-            "root": root.as_posix(),
+            "root": (CELLS if own_root(root) else root).as_posix(),
             "generated": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 

@@ -327,7 +327,7 @@ def test_score_cells_are_planned_at_the_parameter_budget(tmp_path, capsys, monke
     (tmp_path / "SST-2").mkdir()
     (tmp_path / "SST-2" / "train.tsv").write_text("sentence\tlabel\na\t1\n")
     (tmp_path / "README.md").write_text("# x\n")
-    monkeypatch.chdir(tmp_path)  # write_report writes results/ and README.md here
+    monkeypatch.chdir(tmp_path)  # were the report to go to ./results, it would go here
     bench.main(["--results", "--dry-run", "--data-root", str(tmp_path), "--methods",
                 "--scores", "efim", "kfac", "per-example", "--root", str(tmp_path / "cells")])
     out = capsys.readouterr().out
