@@ -1609,10 +1609,12 @@ def bench_main(a: argparse.Namespace) -> dict:
     folder = out.parent  # checked before minutes of timing, not when writing after them
     while not os.path.lexists(folder) and folder != folder.parent:
         folder = folder.parent
-    if out.is_dir() or not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
-        raise ValueError(f"--out {out}: cannot be written ({out if out.is_dir() else folder} "
-                         "is a folder or not a folder this user can write); pass a writable "
-                         "file path such as results/bench.json")
+    why = (f"{out} is a folder" if out.is_dir() else f"{folder} is not a folder"
+           if not folder.is_dir() else None if os.access(folder, os.W_OK | os.X_OK)
+           else f"{folder} is not writable for this user")
+    if why:
+        raise ValueError(f"--out {out}: cannot be written ({why}); pass a writable file path "
+                         "such as results/bench.json")
     if out.parent.resolve() == RESULTS.resolve():  # its README section is written after
         report_files(CELLS, None)
     if a.threads:
