@@ -756,8 +756,8 @@ def checked(path: Path, field: str, value, low: float, high: float, integer: boo
     """value if it is a number (not a bool) in [low, high] (or an optional None), else
     ValueError naming the cell file and the field: a report never shows what cannot be."""
     kinds = int if integer else (int, float)
-    if (value is None and optional) or (isinstance(value, kinds) and not isinstance(value, bool)
-                         and low <= value <= high):
+    number = isinstance(value, kinds) and not isinstance(value, bool)
+    if (value is None and optional) or (number and low <= value <= high):  # NaN fails too
         return value
     raise ValueError(f"{path} is damaged ({field} = {json.dumps(value)[:40]}, not a number in "
                      f"[{low:g}, {high:g}]): remove {path.parent} and run the grid again to "
@@ -1609,9 +1609,13 @@ def bench_main(a: argparse.Namespace) -> dict:
     folder = out.parent  # checked before minutes of timing, not when writing after them
     while not os.path.lexists(folder) and folder != folder.parent:
         folder = folder.parent
-    why = (f"{out} is a folder" if out.is_dir() else f"{folder} is not a folder"
-           if not folder.is_dir() else None if os.access(folder, os.W_OK | os.X_OK)
-           else f"{folder} is not writable for this user")
+    why = None
+    if out.is_dir():
+        why = f"{out} is a folder"
+    elif not folder.is_dir():
+        why = f"{folder} is not a folder"
+    elif not os.access(folder, os.W_OK | os.X_OK):
+        why = f"{folder} is not writable for this user"
     if why:
         raise ValueError(f"--out {out}: cannot be written ({why}); pass a writable file path "
                          "such as results/bench.json")
