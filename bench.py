@@ -517,12 +517,13 @@ def busy(out: Path, now: float | None = None) -> bool:
     changed in the last BUSY_SECONDS (a checkpoint is saved four times a run). No claim: free,
     so a folder left by a killed run, or copied from another machine, is resumed rather than
     skipped."""
-    try:
-        owner = json.loads((out / CLAIM).read_text())
-    except FileNotFoundError:
+    if not (out / CLAIM).exists():
         return False
-    except ValueError:  # being written this instant
+    try:
+        owner = read_json(out / CLAIM, 4096)
+    except ValueError:  # being written this instant (or not a claim)
         owner = {}
+    owner = owner if isinstance(owner, dict) else {}
     if owner.get("host") == socket.gethostname() and isinstance(owner.get("pid"), int):
         pids = [owner[k] for k in ("pid", "cell") if isinstance(owner.get(k), int)]
         return owner["pid"] != os.getpid() and any(map(pid_alive, pids))
@@ -688,7 +689,7 @@ def steps_left(out: Path, steps: int) -> int:
     """The steps a cell still has to train: fewer when its folder holds a checkpoint."""
     for name in CHECKPOINTS:  # meta.json only: read_checkpoint would load state.pt too
         try:
-            return max(0, steps - int(json.loads((out / name / train.META).read_text())["step"]))
+            return max(0, steps - int(read_json(out / name / train.META)["step"]))
         except (OSError, ValueError, KeyError, TypeError):
             continue
     return steps

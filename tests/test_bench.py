@@ -788,3 +788,18 @@ def test_a_kill_9_of_the_grid_takes_its_cell_down(tmp_path):
         grid.kill()
         if cell and not _gone(cell):
             os.kill(cell, signal.SIGKILL)
+
+
+def test_the_grid_reads_claims_and_checkpoint_steps_bounded(tmp_path):
+    """A claim or a checkpoint's meta.json that is a link to /dev/zero or a FIFO is read as
+    damaged (bounded, regular files only), never read to exhaustion or waited on."""
+    for i, make in enumerate((lambda p: p.symlink_to("/dev/zero"), os.mkfifo)):
+        out = tmp_path / f"cell{i}"
+        (out / "checkpoint").mkdir(parents=True)
+        make(out / bench.CLAIM)
+        make(out / "checkpoint" / "meta.json")
+        old = time.time() - 2 * bench.BUSY_SECONDS
+        for p in (out, *out.rglob("*")):
+            os.utime(p, (old, old), follow_symlinks=False)
+        assert not bench.busy(out, now=time.time())
+        assert bench.steps_left(out, 1000) == 1000
