@@ -550,8 +550,9 @@ def test_ctrl_c_in_the_planted_study_says_nothing_was_written(tmp_path):
     proc = subprocess.Popen([sys.executable, "bench.py", "--planted-study", "--seeds", "2",
                              "--steps", "100000", "--out", str(out)], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    time.sleep(4)  # inside the first run
+                            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc.stdout.readline()  # the first line is printed inside the first run (after imports,
+    time.sleep(1)  # which take longer than any fixed sleep on a loaded machine)
     os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "nothing was written" in err, err
