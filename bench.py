@@ -714,7 +714,7 @@ def estimate_seconds(cell: Cell, known: list[dict], steps: int) -> tuple[float, 
 def read_json(path: Path, limit: int = READ_LIMIT):
     """The JSON of a regular file of at most `limit` bytes: ValueError naming the file if it is
     a folder, FIFO or device (a link to /dev/zero), refused before a byte is read, or bigger;
-    json.JSONDecodeError or UnicodeDecodeError if it is not JSON."""
+    json.JSONDecodeError naming it if it is not JSON."""
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO opens at once
     except OSError as e:
@@ -728,8 +728,9 @@ def read_json(path: Path, limit: int = READ_LIMIT):
         raise ValueError(f"{path} is over {limit:,} bytes, more than this project writes")
     try:
         return json.loads(data)
-    except RecursionError:  # nested past the parser's depth
-        raise json.JSONDecodeError("nested too deep", "", 0) from None
+    except (ValueError, RecursionError) as e:  # not JSON, not text, nested past the parser
+        bad = e if isinstance(e, json.JSONDecodeError) else json.JSONDecodeError(str(e), "", 0)
+        raise json.JSONDecodeError(f"{path} is not JSON ({bad.msg})", bad.doc, bad.pos) from None
 
 
 def read_result(path: Path) -> dict:
@@ -738,7 +739,7 @@ def read_result(path: Path) -> dict:
     fix = f"remove {path.parent} and run the grid again to redo that cell"
     try:
         res = read_json(path)
-    except (json.JSONDecodeError, UnicodeDecodeError):  # not JSON, or not text
+    except json.JSONDecodeError:  # not JSON, or not text
         res = None
     except ValueError as e:  # not a regular file, too big
         raise ValueError(f"{e}: {fix}") from None

@@ -804,3 +804,19 @@ def test_the_grid_reads_claims_and_checkpoint_steps_bounded(tmp_path):
             os.utime(p, (old, old), follow_symlinks=False)
         assert not bench.busy(out, now=time.time())
         assert bench.steps_left(out, 1000) == 1000
+
+
+def test_a_report_that_fails_half_way_writes_nothing(grid, tmp_path):
+    """A file the report reads after the cells (results/bench.json) that is not JSON: the
+    error names it, and summary.json, the rank maps and the README are all left as they were
+    (the report is computed whole before anything is written)."""
+    root, recipe = grid
+    readme, results = tmp_path / "README.md", tmp_path / "results"
+    readme.write_text("# x\n")
+    results.mkdir()
+    (results / "summary.json").write_text("{}")
+    (results / "bench.json").write_text("{")
+    with pytest.raises(ValueError, match="results/bench.json is not JSON"):
+        bench.write_report(root, recipe, results, readme)
+    assert sorted(p.name for p in results.iterdir()) == ["bench.json", "summary.json"]
+    assert (results / "summary.json").read_text() == "{}" and readme.read_text() == "# x\n"
