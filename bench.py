@@ -12,8 +12,9 @@ section) and `make bench` (speed as ratios against transformers + PEFT, each aga
 Grid: every cell is one train.py run (a peer: `bench.py --peer`, the same recipe, batches and
 initial weights on transformers + PEFT) in results/cells/<task>/<method>-s<seed>/ ("+" written
 "_"): skipped once it holds results.json, resumed when it holds a checkpoint. The summary and the
-README section are computed from whatever cells exist. Bench: every ratio is timed in one process
-on the same batches, as the median of interleaved repeats, so load drift hits both sides alike.
+README section are computed from whatever cells exist in --root (report_files says where they
+go). Bench: every ratio is timed in one process on the same batches, as the median of
+interleaved repeats, so load drift hits both sides alike.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import os
 import re
 import signal
 import socket
+import stat
 import statistics
 import subprocess
 import sys
@@ -62,6 +64,13 @@ BUDGET_METHODS = ("fim-params", "fim+da-params")  # train.py --budget params
 SEEDS = (0, 1, 2)
 SST2 = Path("../shared/data/glue/SST-2")
 RECIPE = ["--model", "minilm"]  # the rest is train.py's GLUE defaults (README: SST-2 with MiniLM)
+OWN_ROOTS = ("cells", "cells_cuda")  # results/<these>: the project's grids, one report (README)
+READ_LIMIT = 16 << 20  # bytes: a cell's results.json is kilobytes; a bigger file is not one
+SEED_MAX = 2**32 - 1  # numpy's seed range (train.set_seed)
+FIELDS = {"metrics": dict, "args": dict, "machine": dict, "versions": dict, "seconds": dict,
+          "ranks": dict, "device": str, "commit": str}  # results.json / run.json field types
+METRIC_RANGE = {"accuracy": (0, 1), "f1": (0, 1), "mcc": (-1, 1), "pearson": (-1, 1),
+                "spearman": (-1, 1), "loss": (0, 1e12), "loss_ratio": (0, 1e12)}
 BUSY_SECONDS = 900  # a cell claimed on another host and written this recently is busy
 CLAIM = ".running"  # a cell's claim: {"host", "pid"} of the grid process training it
 CHECKPOINTS = (train.CHECKPOINT, train.CHECKPOINT + ".old")  # a cell holding either resumes
@@ -454,7 +463,7 @@ class Cell(NamedTuple):
 
 def parse_folder(name: str) -> tuple[str, int] | None:
     """(method, seed) of a cell folder name.  parse_folder("fim_da-s2") -> ("fim+da", 2)"""
-    m = re.fullmatch(r"(.+)-s(\d+)", name)
+    m = re.fullmatch(r"(.+)-s([0-9]+)", name)  # ASCII digits: int() reads other scripts' too
     return (m.group(1).replace("_", "+"), int(m.group(2))) if m else None
 
 
@@ -503,31 +512,39 @@ def method_flags(method: str) -> list[str]:
 
 def busy(out: Path, now: float | None = None) -> bool:
     """Whether another live process trains this cell, by its claim (out/.running, written by
-    claim): on this host, while the claiming pid lives; a claim from another host (a grid on a
-    GPU machine sharing the folder) while something in the folder changed in the last
-    BUSY_SECONDS (a checkpoint is saved four times a run). No claim: free, so a folder left by
-    a killed run, or copied from another machine, is resumed rather than skipped."""
-    try:
-        owner = json.loads((out / CLAIM).read_text())
-    except FileNotFoundError:
+    claim): on this host, while the claiming grid or its cell's process lives; a claim from
+    another host (a grid on a GPU machine sharing the folder) while something in the folder
+    changed in the last BUSY_SECONDS (a checkpoint is saved four times a run). No claim: free,
+    so a folder left by a killed run, or copied from another machine, is resumed rather than
+    skipped."""
+    if not (out / CLAIM).exists():
         return False
-    except ValueError:  # being written this instant
+    try:
+        owner = read_json(out / CLAIM, 4096)
+    except ValueError:  # being written this instant (or not a claim)
         owner = {}
+    owner = owner if isinstance(owner, dict) else {}
     if owner.get("host") == socket.gethostname() and isinstance(owner.get("pid"), int):
-        return owner["pid"] != os.getpid() and pid_alive(owner["pid"])
+        pids = [owner[k] for k in ("pid", "cell") if isinstance(owner.get(k), int)]
+        return owner["pid"] != os.getpid() and any(map(pid_alive, pids))
     now = time.time() if now is None else now
     stamps = [p.stat().st_mtime for p in out.rglob("*")]
     return bool(stamps) and now - max(stamps) < BUSY_SECONDS
 
 
 def pid_alive(pid: int) -> bool:
+    if pid <= 0:  # kill(0 or -1, 0) would ask about a whole group
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # alive, another user's
         return True
-    return True
+    try:  # a zombie (dead, not yet reaped by its new parent) answers kill too
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):  # no /proc (macOS)
+        return True
 
 
 def claim(out: Path) -> bool:
@@ -548,14 +565,38 @@ def claim(out: Path) -> bool:
     return False
 
 
+def _dies_with_grid() -> Callable[[], None] | None:
+    """A Popen preexec_fn by which the kernel sends the cell SIGTERM when the grid dies, even by
+    kill -9 (Linux prctl PR_SET_PDEATHSIG): an orphan would train on while the next grid, seeing
+    the dead grid's claim, starts a second trainer on the cell. train.py takes SIGTERM as a
+    Ctrl-C: it checkpoints and exits. None off Linux (there only a grid that exits normally or
+    by a signal Python sees stops its cell)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+    prctl, grid = ctypes.CDLL(None, use_errno=True).prctl, os.getpid()
+
+    def preexec() -> None:
+        prctl(1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG
+        if os.getppid() != grid:  # the grid died before the prctl: no signal would come
+            os.kill(os.getpid(), signal.SIGTERM)
+    return preexec
+
+
 def run_subprocess(cmd: list[str], log: Path) -> int:
-    """Run one cell, its output appended to log; returns the exit code. On Ctrl-C the cell
-    (which got the same signal from the terminal) is given STOP_GRACE seconds to checkpoint and
-    exit; one that did not get it (only this process was signalled) is sent SIGINT once."""
+    """Run one cell, its output appended to log; returns the exit code. The cell's pid joins the
+    grid's claim in log's folder (busy), and the cell never outlives the grid (_dies_with_grid;
+    an error or signal here terminates it). On Ctrl-C the cell (which got the same signal from
+    the terminal, being in the grid's process group) is given STOP_GRACE seconds to checkpoint
+    and exit; one that did not get it (only this process was signalled) is sent SIGINT once."""
     print(" ".join(cmd), flush=True)
     with open(log, "a") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT,
+                                preexec_fn=_dies_with_grid())
         try:
+            if (log.parent / CLAIM).exists():
+                write_json(log.parent / CLAIM, {"host": socket.gethostname(),
+                                                "pid": os.getpid(), "cell": proc.pid})
             return proc.wait()
         except KeyboardInterrupt:
             try:
@@ -564,6 +605,14 @@ def run_subprocess(cmd: list[str], log: Path) -> int:
                 proc.send_signal(signal.SIGINT)
                 proc.wait()
             raise
+        finally:
+            if proc.poll() is None:  # the grid is leaving on an error: its cell goes too
+                proc.terminate()
+                try:
+                    proc.wait(timeout=STOP_GRACE)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
 
 
 def run_info(cell: Cell, threads: int, wall: float) -> dict:
@@ -606,25 +655,41 @@ def run_grid(cells: list[Cell], data_dirs: dict[str, Path], root: Path, threads:
             continue
         resume = any((out / name).is_dir() for name in CHECKPOINTS)
         t0 = time.perf_counter()
+        log = out / "train.log"
+        start = log.stat().st_size if log.is_file() else 0
         try:
-            code = run(cell_command(cell, data_dirs[cell.task], out, threads, resume, extra),
-                       out / "train.log")
+            code = run(cell_command(cell, data_dirs[cell.task], out, threads, resume, extra), log)
         finally:
             (out / CLAIM).unlink(missing_ok=True)
         if code == 0 and (out / "results.json").exists():
             write_json(out / "run.json", run_info(cell, threads, time.perf_counter() - t0))
             outcome["resumed" if resume else "ran"].append(cell)
+        elif code and in_use(log, start):  # train.py's own lock on its --out: a live trainer
+            print(f"cell {cell.task} {cell.folder}: its folder is in use by another train.py "
+                  f"(see {log}), left alone")
+            outcome["busy"].append(cell)
         else:
             print(f"cell {cell.task} {cell.folder} failed (exit {code}): see {out / 'train.log'}")
             outcome["failed"].append(cell)
     return outcome
 
 
+def in_use(log: Path, start: int) -> bool:
+    """Whether the cell's output after byte `start` of log says its --out is in use (train.py
+    refusing a folder that another live run holds: "--out X is in use by pid N")."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(start, os.fstat(f.fileno()).st_size - 65536))
+            return re.search(rb"is in use by pid \d+", f.read(65536)) is not None
+    except OSError:
+        return False
+
+
 def steps_left(out: Path, steps: int) -> int:
     """The steps a cell still has to train: fewer when its folder holds a checkpoint."""
     for name in CHECKPOINTS:  # meta.json only: read_checkpoint would load state.pt too
         try:
-            return max(0, steps - int(json.loads((out / name / train.META).read_text())["step"]))
+            return max(0, steps - int(read_json(out / name / train.META)["step"]))
         except (OSError, ValueError, KeyError, TypeError):
             continue
     return steps
@@ -646,56 +711,129 @@ def estimate_seconds(cell: Cell, known: list[dict], steps: int) -> tuple[float, 
 # make results: summary.json and the README section from whatever cells exist
 
 
-def read_result(path: Path) -> dict:
-    """A cell's results.json (or run.json) as a dict with a metrics dict, or ValueError naming
-    the file and the fix."""
+def read_json(path: Path, limit: int = READ_LIMIT):
+    """The JSON of a regular file of at most `limit` bytes: ValueError naming the file if it is
+    a folder, FIFO or device (a link to /dev/zero), refused before a byte is read, or bigger;
+    json.JSONDecodeError naming it if it is not JSON."""
     try:
-        res = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError):  # not JSON, or not text
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO opens at once
+    except OSError as e:
+        raise ValueError(f"{path} cannot be read ({e.strerror})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ValueError(f"{path} is not a regular file (a folder, FIFO or device)")
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"{path} is over {limit:,} bytes, more than this project writes")
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as e:  # not JSON, not text, nested past the parser
+        bad = e if isinstance(e, json.JSONDecodeError) else json.JSONDecodeError(str(e), "", 0)
+        raise json.JSONDecodeError(f"{path} is not JSON ({bad.msg})", bad.doc, bad.pos) from None
+
+
+def read_result(path: Path) -> dict:
+    """A cell's results.json (or run.json) as a dict with a metrics dict and fields of the
+    types train.py writes (FIELDS), or ValueError naming the file, the field and the fix."""
+    fix = f"remove {path.parent} and run the grid again to redo that cell"
+    try:
+        res = read_json(path)
+    except json.JSONDecodeError:  # not JSON, or not text
         res = None
+    except ValueError as e:  # not a regular file, too big
+        raise ValueError(f"{e}: {fix}") from None
     if not isinstance(res, dict) or (path.name == "results.json"
                                      and not isinstance(res.get("metrics"), dict)):
-        raise ValueError(f"{path} is damaged (not a results object with metrics): remove "
-                         f"{path.parent} and run the grid again to redo that cell")
+        raise ValueError(f"{path} is damaged (not a results object with metrics): {fix}")
+    for key, kind in FIELDS.items():
+        if res.get(key) is not None and not isinstance(res[key], kind):
+            raise ValueError(f"{path} is damaged ({key} is a {type(res[key]).__name__}, not "
+                             f"a {kind.__name__}): {fix}")
     return res
 
 
+def checked(path: Path, field: str, value, low: float, high: float, integer: bool = False,
+            optional: bool = True):
+    """value if it is a number (not a bool) in [low, high] (or an optional None), else
+    ValueError naming the cell file and the field: a report never shows what cannot be."""
+    kinds = int if integer else (int, float)
+    number = isinstance(value, kinds) and not isinstance(value, bool)
+    if (value is None and optional) or (number and low <= value <= high):  # NaN fails too
+        return value
+    raise ValueError(f"{path} is damaged ({field} = {json.dumps(value)[:40]}, not a number in "
+                     f"[{low:g}, {high:g}]): remove {path.parent} and run the grid again to "
+                     "redo that cell")
+
+
+def read_cell(path: Path, root_device: str, root: Path) -> dict:
+    """The summary record of one cell's results.json (and run.json beside it), every field the
+    report uses checked: ValueError naming the file and the field otherwise."""
+    method, seed = parse_folder(path.parent.name)
+    task = path.parent.parent.name
+    if seed > SEED_MAX:
+        raise ValueError(f"{path.parent}: seed {seed} is outside 0..{SEED_MAX} (numpy's seed "
+                         "range, which train.py uses): rename or remove that folder")
+    res = read_result(path)
+    info = path.parent / "run.json"
+    info = read_result(info) if info.exists() else {}
+    metric = glue.task_spec(task).metrics[0] if task in glue.TASKS else "loss"
+    if metric not in res["metrics"]:
+        raise ValueError(f"{path} is damaged (its metrics have no {metric!r}, the {task} "
+                         f"metric): remove {path.parent} and run the grid again to redo it")
+    for name, v in res["metrics"].items():
+        checked(path, f"metrics.{name}", v, *METRIC_RANGE.get(name, (-1e12, 1e12)),
+                optional=False)
+    seconds = res.get("seconds") or {}
+    ranks = res.get("ranks") or {}
+    for name, r in ranks.items():
+        checked(path, f"ranks.{name}", r, 0, 1e6)
+    machine = (info.get("machine") or {}) | (res.get("machine") or {})
+    device = res.get("device") or root_device
+    cuda = machine.get("cuda") or ""
+    if not re.fullmatch(r"[a-z]+(:\d+)?", device) or not isinstance(cuda, str):
+        raise ValueError(f"{path} is damaged (device {device!r} / machine.cuda): remove "
+                         f"{path.parent} and run the grid again to redo that cell")
+    return {
+        "task": task, "method": method, "seed": seed, "device": device.split(":")[0],
+        "root": root.as_posix(), "metrics": res["metrics"],
+        "seconds_per_step": checked(path, "seconds.per_step", seconds.get("per_step"), 0, 1e9),
+        "setup_seconds": checked(path, "seconds.calibration", seconds.get("calibration"), 0, 1e9),
+        "trainable_parameters": checked(path, "trainable_parameters",
+                                        res.get("trainable_parameters"), 0, 1e15, integer=True),
+        "ranks": ranks, "versions": res.get("versions") or info.get("versions"),
+        "machine": machine or {"platform": None, "cpus": None,
+                               "threads": (res.get("args") or {}).get("threads")},
+        "commit": res.get("commit") or info.get("commit")}
+
+
 def read_cells(root: Path) -> list[dict]:
-    """One record per <root>/<task>/<method>-s<seed>/results.json."""
-    cells = []
+    """One record per <root>/<task>/<method>-s<seed>/results.json (read_cell)."""
     root_device = root.name.partition("_")[2] or "cpu"  # results/cells_cuda: cuda
-    for path in sorted(root.glob("*/*/results.json")):
-        parsed = parse_folder(path.parent.name)
-        if parsed is None:
-            continue
-        res = read_result(path)
-        info = path.parent / "run.json"
-        info = read_result(info) if info.exists() else {}
-        seconds, threads = res.get("seconds") or {}, (res.get("args") or {}).get("threads")
-        cells.append({
-            "task": path.parent.parent.name, "method": parsed[0], "seed": parsed[1],
-            "device": (res.get("device") or root_device).split(":")[0], "root": root.as_posix(),
-            "metrics": res["metrics"], "seconds_per_step": seconds.get("per_step"),
-            "setup_seconds": seconds.get("calibration"),
-            "trainable_parameters": res.get("trainable_parameters"),
-            "ranks": res.get("ranks") or {},
-            "versions": res.get("versions") or info.get("versions"),
-            "machine": (info.get("machine") or {}) | (res.get("machine") or {})
-            or {"platform": None, "cpus": None, "threads": threads},
-            "commit": res.get("commit") or info.get("commit")})
-    return cells
+    return [read_cell(path, root_device, root) for path in sorted(root.glob("*/*/results.json"))
+            if parse_folder(path.parent.name) is not None]
+
+
+def own_root(root: Path) -> bool:
+    """Whether root is one of the project's own cells folders (OWN_ROOTS under results/)."""
+    return root.resolve() in {(RESULTS / name).resolve() for name in OWN_ROOTS}
 
 
 def cell_roots(root: Path) -> list[Path]:
-    """root's device family (results/cells, then results/cells_cuda: a grid run on a GPU with
-    --root results/cells_cuda), each read into the one summary, whichever of them is root."""
-    base = root.parent / root.name.partition("_")[0]
-    siblings = sorted(p for p in root.parent.glob(f"{base.name}_*") if p.is_dir())
-    return list(dict.fromkeys(p for p in [base, *siblings, root] if p == root or p.is_dir()))
+    """The folders a report on root reads: exactly root, except for the project's own
+    results/cells and results/cells_cuda (a grid run on a GPU), whose one report shows both
+    devices, each in its own table. Any other sibling (a cells_backup copy) is never read."""
+    if not own_root(root):
+        return [root]
+    return [RESULTS / n for n in OWN_ROOTS if (RESULTS / n).is_dir()
+            or (RESULTS / n).resolve() == root.resolve()]
 
 
 def summarize(root: Path, recipe: dict) -> dict:
+    """Every cell of root's report (cell_roots); "root" is the folder a table without cells
+    names (results/cells for the project's own)."""
     return {"cells": [c for r in cell_roots(root) for c in read_cells(r)], "recipe": recipe,
+            "root": (CELLS if own_root(root) else root).as_posix(),
             "generated": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
@@ -818,14 +956,14 @@ def bench_table(bench: dict) -> list[str]:
 
 
 def results_markdown(summary: dict, bench: dict | None, svgs: dict[str, str],
-                     bench_gpu: dict | None = None) -> str:
+                     bench_gpu: dict | None = None, source: str = "results/summary.json") -> str:
     """The README section: per task the grid table and the FIM rank map, then the bench table.
     Every number comes from summary (results/summary.json) or bench (results/bench.json)."""
     cells, recipe = summary["cells"], summary["recipe"]
     seeds = sorted(set(recipe["seeds"]) | {c["seed"] for c in cells})
     methods = list(dict.fromkeys([*recipe["methods"], *PEERS,
                                   *(c["method"] for c in cells)]))
-    out = [f"_Generated by `python bench.py --results` / `--readme` from results/summary.json "
+    out = [f"_Generated by `python bench.py --results` / `--readme` from {source} "
            f"({len(cells)} cells, {summary['generated']})"
            + (" and results/bench.json" if bench else "") + "; do not edit by hand._", "",
            f"Recipe: `python train.py --method M {' '.join(recipe['train_args'])} --task T "
@@ -843,7 +981,7 @@ def results_markdown(summary: dict, bench: dict | None, svgs: dict[str, str],
                                  *((c["task"], c["device"]) for c in cells)]))
     for task, device in groups:
         mine = [c for c in cells if (c["task"], c["device"]) == (task, device)]
-        roots = sorted({c["root"] for c in mine}) or ["results/cells"]
+        roots = sorted({c["root"] for c in mine}) or [summary.get("root", "results/cells")]
         out += ["", f"#### {task} on {device} (`{'`, `'.join(f'{r}/{task}/' for r in roots)}`)",
                 ""]
         if device == "cuda":
@@ -938,7 +1076,7 @@ def score_lines(cells: list[dict], task: str) -> list[str]:
 
 def smollm2_markdown(root: Path) -> list[str]:
     """SmolLM2 on SST-2 prompts from results/smollm2/<run>/results.json."""
-    runs = [json.loads(p.read_text()) for p in sorted(root.glob("*/results.json"))]
+    runs = [read_json(p) for p in sorted(root.glob("*/results.json"))]
     if not runs:
         return []
     out = ["#### SmolLM2-135M-Instruct on SST-2 prompts (`results/smollm2/`)", "",
@@ -987,16 +1125,51 @@ def write_text(path: Path, text: str) -> None:
     _atomic_write(Path(path), lambda f: f.write(text.encode()))
 
 
-def write_report(root: Path, recipe: dict | None, results: Path = RESULTS,
-                 readme: Path = README) -> dict:
-    """results/summary.json (recipe None: the one already there, or the defaults), the rank-map
-    SVGs and the README section."""
+def write_files(files: dict[Path, str]) -> None:
+    """Every file written whole to a temp file beside it first, then all renamed: a failure
+    while writing (a full disk, a kill) leaves every old file as it was, so summary.json and the
+    README never disagree."""
+    tmps: dict[Path, str] = {}
+    umask = os.umask(0)  # the only way to read it; restored at once
+    os.umask(umask)
+    try:
+        for path, text in files.items():
+            fd, tmps[path] = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
+                                              suffix=".tmp")
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmps[path], 0o666 & ~umask)
+        for path, tmp in tmps.items():
+            os.replace(tmp, path)
+    finally:
+        for tmp in tmps.values():
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+def report_files(root: Path, recipe: dict | None, results: Path | None = None,
+                 readme: Path | None = None) -> tuple[dict, dict[Path, str]]:
+    """(summary, {path: text}) of the report on root, computed whole before anything is
+    written. It belongs to root's folder: results/summary.json, the rank maps and README.md's
+    section for the project's own cells (OWN_ROOTS), else root/summary.json, root/ranks_*.svg
+    and root/README.md, so a grid elsewhere never rewrites the project's evidence. recipe None:
+    the one in the summary already there, or the defaults."""
+    own = own_root(root)
+    results = results or (RESULTS if own else root)
+    readme = readme or (README if own else root / "README.md")
     old = results / "summary.json"
     if recipe is None:
-        recipe = json.loads(old.read_text())["recipe"] if old.exists() else default_recipe()
+        prev = read_json(old) if old.exists() else {"recipe": default_recipe()}
+        recipe = prev.get("recipe") if isinstance(prev, dict) else None
+        if not isinstance(recipe, dict) or not all(
+                isinstance(recipe.get(k), list) for k in ("train_args", "methods", "seeds",
+                                                          "tasks")):
+            raise ValueError(f"{old} has no valid recipe: run bench.py --results with the "
+                             "grid's flags (and --dry-run) to write it again")
     summary = summarize(root, recipe)
-    results.mkdir(parents=True, exist_ok=True)
-    write_json(results / "summary.json", summary)
+    text = {old: json.dumps(train._finite(summary), indent=2, allow_nan=False) + "\n"}
     svgs = {}
     for task, device in dict.fromkeys((c["task"], c["device"]) for c in summary["cells"]):
         ranks, n = mean_ranks([c for c in summary["cells"] if c["device"] == device], task)
@@ -1004,25 +1177,35 @@ def write_report(root: Path, recipe: dict | None, results: Path = RESULTS,
             key = svg_key(task, device)
             path = results / f"ranks_{key}.svg"
             title = f"FIM-LoRA ranks, {task} ({device}), mean of {n} seed{'s' * (n != 1)}"
-            write_text(path, rank_svg(ranks, title))
+            text[path] = rank_svg(ranks, title)
             svgs[key] = path.as_posix()
     bench_path = results / "bench.json"
-    bench = json.loads(bench_path.read_text()) if bench_path.exists() else None
+    bench = read_json(bench_path) if bench_path.exists() else None
     gpu_path = results / "bench_cuda.json"
-    bench_gpu = json.loads(gpu_path.read_text()) if gpu_path.exists() else None
-    section = results_markdown(summary, bench, svgs, bench_gpu)
+    bench_gpu = read_json(gpu_path) if gpu_path.exists() else None
+    section = results_markdown(summary, bench, svgs, bench_gpu, old.as_posix())
     study = results / "planted_study.json"
-    extra = planted_markdown(json.loads(study.read_text())) if study.exists() else []
+    extra = planted_markdown(read_json(study)) if study.exists() else []
     extra += [""] + smollm2_markdown(results / "smollm2")
     section += "\n" + "\n".join(line if line.startswith("|") else textwrap.fill(line, 100)
                                  for line in extra) + "\n"
-    text = replace_section(readme.read_text(), section)
+    page = replace_section(readme.read_text() if readme.exists() else "", section)
     run = results / "make_run" / "results.json"
-    if run.exists() and RUN_MARKERS[0] in text:  # the rank map and verdict make run prints
-        text = replace_run_block(text, json.loads(run.read_text()))
-    write_text(readme, text)
-    print(f"wrote {results / 'summary.json'} ({len(summary['cells'])} cells), "
-          f"{len(svgs)} rank map(s) and the README section in {readme}")
+    if run.exists() and RUN_MARKERS[0] in page:  # the rank map and verdict make run prints
+        page = replace_run_block(page, read_json(run))
+    return summary, text | {readme: page}
+
+
+def write_report(root: Path, recipe: dict | None, results: Path | None = None,
+                 readme: Path | None = None) -> dict:
+    """summary.json, the rank-map SVGs and the README section of root (report_files), all
+    computed first, then written together."""
+    summary, files = report_files(root, recipe, results, readme)
+    next(iter(files)).parent.mkdir(parents=True, exist_ok=True)
+    write_files(files)
+    names = list(files)
+    print(f"wrote {names[0]} ({len(summary['cells'])} cells), {len(names) - 2} rank map(s) "
+          f"and the README section in {names[-1]}")
     return summary
 
 
@@ -1047,9 +1230,10 @@ def check_grid(a: argparse.Namespace,
     """The grid's {task: data folder} and the cells' train.py arguments (the recipe with `extra`),
     or ValueError naming the bad value and the fix, before any work or write. Repeated seeds
     count once."""
-    bad = [s for s in a.seeds if s < 0]
+    bad = [s for s in a.seeds if not 0 <= s <= SEED_MAX]
     if bad:
-        raise ValueError(f"--seeds {' '.join(map(str, bad))}: use seeds >= 0")
+        raise ValueError(f"--seeds {' '.join(map(str, bad))}: use seeds >= 0 and <= {SEED_MAX} "
+                         "(numpy's seed range)")
     a.seeds = list(dict.fromkeys(a.seeds))
     if a.root.exists() and not a.root.is_dir():
         raise ValueError(f"--root {a.root} is a file: pass the cells' folder")
@@ -1423,12 +1607,33 @@ def bench_main(a: argparse.Namespace) -> dict:
     devices = a.devices or ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
     if "cuda" in devices and not torch.cuda.is_available():
         raise ValueError("--devices cuda but CUDA is not available: use --devices cpu")
+    out = Path(a.out)
+    folder = out.parent  # checked before minutes of timing, not when writing after them
+    while not os.path.lexists(folder) and folder != folder.parent:
+        folder = folder.parent
+    why = None
+    if out.is_dir():
+        why = f"{out} is a folder"
+    elif not folder.is_dir():
+        why = f"{folder} is not a folder"
+    elif not os.access(folder, os.W_OK | os.X_OK):
+        why = f"{folder} is not writable for this user"
+    if why:
+        raise ValueError(f"--out {out}: cannot be written ({why}); pass a writable file path "
+                         "such as results/bench.json")
+    if out.parent.resolve() == RESULTS.resolve():  # its README section is written after
+        report_files(CELLS, None)
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
     base, tok = load_model("minilm", num_labels=2, generator=gen)
     base.train()
+    width = min((min(m.in_features, m.out_features) for n, m in base.named_modules()
+                 if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in TARGETS), default=a.r)
+    if a.r > width:
+        raise ValueError(f"--r {a.r} is above {width}, the smallest side of MiniLM's adapted "
+                         f"matrices (its width): a rank cannot exceed it; use --r <= {width}")
     notes = []
     rows, info = step_rows(base, tok, a, torch.device("cpu"), gen) if "cpu" in devices else (
         [], {})
@@ -1480,14 +1685,13 @@ def bench_main(a: argparse.Namespace) -> dict:
         import transformers
         result["versions"] |= {"transformers": transformers.__version__,
                                "peft": peft.__version__}
-    out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, result)
     md = "\n".join(bench_table(result) + [""] + notes) + "\n"
     write_text(out.with_suffix(".md"), md)
     print(md)
     if out.parent.resolve() == RESULTS.resolve():  # the README reads results/bench*.json
-        write_report(CELLS, None, out.parent)
+        write_report(CELLS, None)
     else:
         print(f"README.md left alone: its tables read {RESULTS}/, not {out.parent}/")
     return result
@@ -1520,7 +1724,9 @@ def main(argv: list[str] | None = None) -> dict:
                    help="also FIM with each allocation score at the parameter budget "
                         "(cells fim-S-params; efim is fim-params)")
     g.add_argument("--root", type=Path, default=CELLS,
-                   help="the cells' folder (on a GPU: results/cells_cuda, read beside it)")
+                   help="the cells' folder; its report goes beside the cells (root/summary."
+                        "json, root/README.md), except for results/cells and results/cells_cuda "
+                        "(a GPU grid), read together into results/ and README.md")
     g.add_argument("--dry-run", action="store_true", help="plan and summarise, train nothing")
     g = p.add_argument_group("make bench")
     g.add_argument("--batch-size", type=int, default=32)

@@ -149,23 +149,30 @@ def test_write_report_writes_summary_svg_and_readme(grid, tmp_path):
     assert "| fim | 83.17 ± 1.89 |" in text  # (81, 84.5, 84)
 
 
-def test_a_kill_while_the_report_is_written_leaves_the_old_readme(grid, tmp_path, monkeypatch):
-    """Every report file is replaced whole (temp file, rename): a write that dies half-way
-    leaves the README as it was, not truncated."""
+@pytest.mark.parametrize("kill_at", [1, 2, 3])  # summary.json, the rank map, the README
+def test_a_kill_while_the_report_is_written_leaves_every_old_file(grid, tmp_path, monkeypatch,
+                                                                  kill_at):
+    """Every report file is written whole to a temp file first and all are renamed after: a
+    write that dies at any file leaves the README and summary.json as they were (never one new
+    and the other old), and no temp file behind."""
     root, recipe = grid
-    readme = tmp_path / "README.md"
+    readme, results = tmp_path / "README.md", tmp_path / "results"
     readme.write_text("# x\n\n## Results\nold\n")
-    real = bench._atomic_write
+    results.mkdir()
+    (results / "summary.json").write_text("{}")
+    calls, real = [], os.fsync
 
-    def dies_half_way(path, write):
-        if path == readme:
-            return real(path, lambda f: (f.write(b"# x\n"), (_ for _ in ()).throw(
-                KeyboardInterrupt)))
-        return real(path, write)
-    monkeypatch.setattr(bench, "_atomic_write", dies_half_way)
+    def dies(fd):
+        calls.append(fd)
+        if len(calls) == kill_at:
+            raise KeyboardInterrupt
+        return real(fd)
+    monkeypatch.setattr(os, "fsync", dies)
     with pytest.raises(KeyboardInterrupt):
-        bench.write_report(root, recipe, tmp_path / "results", readme)
+        bench.write_report(root, recipe, results, readme)
     assert readme.read_text() == "# x\n\n## Results\nold\n"
+    assert [p.name for p in results.iterdir()] == ["summary.json"]
+    assert (results / "summary.json").read_text() == "{}"
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
 
 
@@ -320,16 +327,20 @@ def test_score_cells_are_planned_at_the_parameter_budget(tmp_path, capsys, monke
     (tmp_path / "SST-2").mkdir()
     (tmp_path / "SST-2" / "train.tsv").write_text("sentence\tlabel\na\t1\n")
     (tmp_path / "README.md").write_text("# x\n")
-    monkeypatch.chdir(tmp_path)  # write_report writes results/ and README.md here
+    monkeypatch.chdir(tmp_path)  # were the report to go to ./results, it would go here
     bench.main(["--results", "--dry-run", "--data-root", str(tmp_path), "--methods",
                 "--scores", "efim", "kfac", "per-example", "--root", str(tmp_path / "cells")])
     out = capsys.readouterr().out
     assert "1 task(s) (sst2) x 3 methods x 3 seeds = 9 cells" in out
 
 
-def test_a_gpu_grid_beside_the_cpu_grid_gets_its_own_table(grid):
+def test_a_gpu_grid_beside_the_cpu_grid_gets_its_own_table(grid, tmp_path, monkeypatch):
+    """The project's own results/cells and results/cells_cuda make one report, a table each."""
     root, recipe = grid
-    gpu = root.parent / "cells_cuda"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "results").mkdir()
+    root = shutil.move(root, bench.Path("results/cells"))
+    gpu = bench.Path("results/cells_cuda")
     for seed, acc in enumerate([0.70, 0.72, 0.74]):
         res = write_cell(gpu, "sst2", "lora", seed, acc) / "results.json"
         res.write_text(json.dumps(json.loads(res.read_text()) | {"device": "cuda:0"}))
@@ -345,6 +356,19 @@ def test_a_gpu_grid_beside_the_cpu_grid_gets_its_own_table(grid):
     assert "| fim-kfac-params | 75.00 (1 of 3 seeds) |" in cuda
     assert "fim-kfac-params" not in cpu  # a method without cells on a device is not listed there
     assert row_of(cuda, "fim-kfac-params")[3] == "+5.00"  # paired with the GPU lora only
+
+
+def test_a_report_elsewhere_reads_exactly_its_root(grid):
+    """Outside results/, --root X/cells reads X/cells alone: a sibling X/cells_backup (a copy
+    with other values) or X/cells_cuda never enters its seeds or means."""
+    root, recipe = grid
+    for sibling in ("cells_backup", "cells_cuda"):
+        write_cell(root.parent / sibling, "sst2", "lora", 0, 0.99)
+        write_cell(root.parent / sibling, "sst2", "lora", 7, 0.99)
+    cells = bench.summarize(root, recipe)["cells"]
+    assert len(cells) == 7 and {c["root"] for c in cells} == {root.as_posix()}
+    md = bench.results_markdown(bench.summarize(root, recipe), None, {})
+    assert row_of(md, "lora")[1:3] == ["82.33 ± 2.52", "80.00, 85.00, 82.00"]
 
 
 def test_op_count_counts_dispatched_aten_operators():
@@ -462,6 +486,8 @@ GRID_ERRORS = [
      "results.json is damaged (not a results object with metrics): remove"),
     ("peers on a decoder", lambda t: ["--peers", "peft-lora", "--", "--model", "smollm2"],
      "the peers (transformers + PEFT) train a BERT encoder on a GLUE task"),
+    ("a seed past numpy's range", lambda t: ["--seeds", str(2**32)],
+     "--seeds 4294967296: use seeds >= 0 and <= 4294967295"),
 ]
 
 
@@ -524,8 +550,9 @@ def test_ctrl_c_in_the_planted_study_says_nothing_was_written(tmp_path):
     proc = subprocess.Popen([sys.executable, "bench.py", "--planted-study", "--seeds", "2",
                              "--steps", "100000", "--out", str(out)], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    time.sleep(4)  # inside the first run
+                            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc.stdout.readline()  # the first line is printed inside the first run (after imports,
+    time.sleep(1)  # which take longer than any fixed sleep on a loaded machine)
     os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "nothing was written" in err, err
@@ -556,3 +583,240 @@ def test_a_bench_written_outside_results_leaves_the_readme_alone(tmp_path, monke
     assert (tmp_path / "README.md").read_text() == "# mine\n"
     assert not (tmp_path / "results").exists()
     assert "README.md left alone" in capsys.readouterr().out
+
+
+def _hostile(field, value):
+    """A setup that puts `value` at `field` (a dotted path) of a good cell's results.json."""
+    def setup(out):
+        res = json.loads((out / "results.json").read_text())
+        *parents, last = field.split(".")
+        node = res
+        for key in parents:
+            node = node[key]
+        node[last] = value
+        (out / "results.json").write_text(json.dumps(res))
+    return setup
+
+
+def _replace(make):
+    def setup(out):
+        (out / "results.json").unlink()
+        make(out / "results.json")
+    return setup
+
+
+# damaged or hostile cells: (case, setup(cell folder), the field the message names)
+HOSTILE_CELLS = [
+    ("accuracy 1e308", _hostile("metrics.accuracy", 1e308), "metrics.accuracy = 1e+308"),
+    ("accuracy null", _hostile("metrics.accuracy", None), "metrics.accuracy = null"),
+    ("accuracy NaN", _hostile("metrics.accuracy", float("nan")), "metrics.accuracy = NaN"),
+    ("accuracy -5", _hostile("metrics.accuracy", -5), "metrics.accuracy = -5, not a number in "
+     "[0, 1]"),
+    ("accuracy true", _hostile("metrics.accuracy", True), "metrics.accuracy = true"),
+    ("accuracy a string", _hostile("metrics.accuracy", "0.9"), 'metrics.accuracy = "0.9"'),
+    ("empty metrics", _hostile("metrics", {}), "its metrics have no 'accuracy', the sst2"),
+    ("seconds.per_step a string", _hostile("seconds.per_step", "fast"), "seconds.per_step"),
+    ("seconds a list", _hostile("seconds", [1]), "seconds is a list, not a dict"),
+    ("trainable_parameters a string", _hostile("trainable_parameters", "1,000"),
+     "trainable_parameters"),
+    ("trainable_parameters a float", _hostile("trainable_parameters", 1.5),
+     "trainable_parameters"),
+    ("args a list", _hostile("args", [1]), "args is a list, not a dict"),
+    ("machine a string", _hostile("machine", "x"), "machine is a str, not a dict"),
+    ("machine.cuda a list", _hostile("machine", {"cuda": [1]}), "machine.cuda"),
+    ("device a number", _hostile("device", 3), "device is a int, not a str"),
+    ("device a path", _hostile("device", "../x"), "device '../x'"),
+    ("ranks a list", _hostile("ranks", [1]), "ranks is a list, not a dict"),
+    ("a rank a string", _hostile("ranks", {"m": "8"}), "ranks.m"),
+    ("results.json a folder", _replace(lambda p: p.mkdir()), "is not a regular file"),
+    ("results.json a link to /dev/zero", _replace(lambda p: p.symlink_to("/dev/zero")),
+     "is not a regular file"),
+    ("results.json a FIFO", _replace(lambda p: os.mkfifo(p)), "is not a regular file"),
+    ("results.json deeply nested", _replace(lambda p: p.write_text("[" * 100000)),
+     "is damaged (not a results object"),
+    ("results.json over the byte bound", _replace(lambda p: p.write_text(
+        " " * (bench.READ_LIMIT + 1))), "bytes, more than this project writes"),
+    ("run.json a list", lambda out: (out / "run.json").write_text("[]"),
+     "run.json is damaged (not a results object"),
+    ("run.json machine a list", lambda out: (out / "run.json").write_text('{"machine": []}'),
+     "run.json is damaged (machine is a list"),
+]
+
+
+@pytest.mark.parametrize("label,setup,field", HOSTILE_CELLS, ids=[h[0] for h in HOSTILE_CELLS])
+def test_readme_on_a_damaged_cell_names_it_and_writes_nothing(grid, tmp_path, monkeypatch, label,
+                                                              setup, field):
+    """bench.py --readme on a cell whose results.json holds a value its field cannot take, or is
+    not a regular file: a ValueError naming the cell file and the field (main prints it as
+    `error:`), never a traceback or an unbounded read, and no report file written."""
+    root, recipe = grid
+    monkeypatch.chdir(tmp_path)  # were the report to go to ./results, it would go here
+    setup(root / "sst2" / "fim-s1")
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    with pytest.raises(ValueError, match=r"fim-s1/(results|run)\.json") as e:
+        bench.write_report(root, recipe)
+    assert field in str(e.value) and "remove" in str(e.value)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_a_cell_folder_with_a_seed_out_of_range_is_refused(grid):
+    root, recipe = grid
+    write_cell(root, "sst2", "lora", 99999999999999999999, 0.8)
+    with pytest.raises(ValueError, match=r"lora-s99999999999999999999: seed .* is outside "
+                                         r"0\.\.4294967295"):
+        bench.summarize(root, recipe)
+
+
+def test_a_grid_elsewhere_leaves_the_projects_evidence_alone(grid, tmp_path, monkeypatch):
+    """--results --dry-run / --readme with --root other/cells: its summary.json and report go
+    to other/cells/, and results/ and README.md stay byte for byte as they were."""
+    root, _ = grid
+    project = tmp_path / "project"
+    (project / "results" / "cells" / "sst2").mkdir(parents=True)
+    (project / "results" / "summary.json").write_text('{"mine": 1}')
+    (project / "README.md").write_text("# mine\n")
+    (tmp_path / "CoLA").mkdir()
+    (tmp_path / "CoLA" / "train.tsv").write_text("x\t1\t\tok\n")
+    monkeypatch.chdir(project)
+    snapshot = {p: p.read_bytes() if p.is_file() else None for p in project.rglob("*")}
+    bench.main(["--results", "--data-root", str(tmp_path), "--tasks", "cola", "--methods",
+                "lora", "--root", str(root), "--dry-run"])
+    bench.main(["--readme", "--root", str(root)])
+    assert {p: p.read_bytes() if p.is_file() else None for p in project.rglob("*")} == snapshot
+    summary = json.loads((root / "summary.json").read_text())
+    assert len(summary["cells"]) == 7 and summary["recipe"]["tasks"] == ["cola"]
+    report = (root / "README.md").read_text().replace("\n", "")  # unwrap the long paths
+    assert f"{root.as_posix()}/summary.json" in report and "results/summary.json" not in report
+    assert f"(`{root.as_posix()}/cola/`)" in report and "results/cells" not in report
+    assert (root / "ranks_sst2.svg").is_file()
+
+
+@pytest.mark.parametrize("out", ["/dev/null/x.json", "/dev/null/deeper/x.json", "."])
+def test_a_bench_output_that_cannot_be_written_is_refused_before_the_model_loads(out,
+                                                                                monkeypatch):
+    """make bench wrote its file only after minutes of timing: a path under a file, or a
+    folder, is refused first."""
+    monkeypatch.setattr(bench, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    with pytest.raises(ValueError, match=f"--out {re.escape(out)}: cannot be written"):
+        bench.main(["--no-peers", "--out", out])
+
+
+def test_a_bench_rank_above_the_models_width_is_refused_before_timing(tmp_path, monkeypatch):
+    class Fake(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.query, self.dense = nn.Linear(8, 8), nn.Linear(8, 16)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(bench, "load_model", lambda *a, **k: (Fake(), None))
+    monkeypatch.setattr(bench, "step_rows", lambda *a, **k: pytest.fail("timed"))
+    with pytest.raises(ValueError, match="--r 9 is above 8, the smallest side of MiniLM's "
+                                         "adapted matrices .*use --r <= 8"):
+        bench.main(["--no-peers", "--r", "9", "--out", str(tmp_path / "results" / "b.json")])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_cell_that_train_py_finds_in_use_is_reported_busy_not_failed(tmp_path, capsys):
+    """A second trainer on a cell is refused by train.py's own lock on its --out; the grid
+    reports that cell busy (left alone), not failed."""
+    root = tmp_path / "cells"
+    log = root / "sst2" / "fw-s1" / "train.log"
+    log.parent.mkdir(parents=True)
+    log.write_text("an earlier run: error: --out x is in use by pid 7 (host h)\n")
+
+    def refused(cmd, log):
+        with open(log, "a") as f:
+            f.write("error: --out x is in use by pid 4242 (host h): wait for that run\n")
+        return 1
+    cells = [bench.Cell("sst2", "fw", s) for s in (1, 2)]
+    outcome = bench.run_grid(cells, {"sst2": tmp_path}, root, 1, run=refused)
+    assert [c.seed for c in outcome["busy"]] == [1, 2] and outcome["failed"] == []
+    assert "fw-s1: its folder is in use by another train.py" in capsys.readouterr().out
+    # an old refusal in the log does not make a later plain failure look busy
+    outcome = bench.run_grid(cells[:1], {"sst2": tmp_path}, root, 1, run=lambda c, l: 1)
+    assert [c.seed for c in outcome["failed"]] == [1] and outcome["busy"] == []
+
+
+def test_a_claim_whose_grid_died_but_whose_cell_lives_is_busy(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        out = claimed(tmp_path, "fw-s1", socket.gethostname(), dead.pid)
+        (out / bench.CLAIM).write_text(json.dumps({"host": socket.gethostname(),
+                                                   "pid": dead.pid, "cell": live.pid}))
+        assert bench.busy(out) and not bench.claim(out)
+    finally:
+        live.kill()
+        live.wait()
+    assert not bench.busy(out) and bench.claim(out)
+
+
+def _gone(pid: int) -> bool:
+    """Dead (or a zombie nobody reaped yet)."""
+    return not bench.pid_alive(pid)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_kill_9_of_the_grid_takes_its_cell_down(tmp_path):
+    """kill -9 of `bench.py --results` while a cell runs: the cell's process dies with it (no
+    orphan trains on beside the next grid), and the next grid finds the cell free."""
+    from conftest import ROOT
+    root = tmp_path / "cells"
+    script = ("import sys; from pathlib import Path; import bench\n"
+              "bench.cell_command = lambda *a, **k: [sys.executable, '-c', "
+              "'import time; time.sleep(300)']\n"
+              f"bench.run_grid([bench.Cell('sst2', 'lora', 0)], {{'sst2': Path('.')}}, "
+              f"Path({str(root)!r}), 1)\n")
+    grid = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.DEVNULL)
+    claim, cell = root / "sst2" / "lora-s0" / bench.CLAIM, None
+    try:
+        deadline = time.time() + 120
+        while cell is None and time.time() < deadline and grid.poll() is None:
+            time.sleep(0.1)
+            try:
+                cell = json.loads(claim.read_text()).get("cell")
+            except (OSError, ValueError):
+                pass
+        assert cell and bench.pid_alive(cell) and bench.busy(claim.parent)
+        os.kill(grid.pid, signal.SIGKILL)
+        grid.wait()
+        deadline = time.time() + 30
+        while not _gone(cell) and time.time() < deadline:
+            time.sleep(0.1)
+        assert _gone(cell), "the cell outlived its grid"
+        assert not bench.busy(claim.parent)  # the dead grid's claim is stale: taken over
+    finally:
+        grid.kill()
+        if cell and not _gone(cell):
+            os.kill(cell, signal.SIGKILL)
+
+
+def test_the_grid_reads_claims_and_checkpoint_steps_bounded(tmp_path):
+    """A claim or a checkpoint's meta.json that is a link to /dev/zero or a FIFO is read as
+    damaged (bounded, regular files only), never read to exhaustion or waited on."""
+    for i, make in enumerate((lambda p: p.symlink_to("/dev/zero"), os.mkfifo)):
+        out = tmp_path / f"cell{i}"
+        (out / "checkpoint").mkdir(parents=True)
+        make(out / bench.CLAIM)
+        make(out / "checkpoint" / "meta.json")
+        old = time.time() - 2 * bench.BUSY_SECONDS
+        for p in (out, *out.rglob("*")):
+            os.utime(p, (old, old), follow_symlinks=False)
+        assert not bench.busy(out, now=time.time())
+        assert bench.steps_left(out, 1000) == 1000
+
+
+def test_a_report_that_fails_half_way_writes_nothing(grid, tmp_path):
+    """A file the report reads after the cells (results/bench.json) that is not JSON: the
+    error names it, and summary.json, the rank maps and the README are all left as they were
+    (the report is computed whole before anything is written)."""
+    root, recipe = grid
+    readme, results = tmp_path / "README.md", tmp_path / "results"
+    readme.write_text("# x\n")
+    results.mkdir()
+    (results / "summary.json").write_text("{}")
+    (results / "bench.json").write_text("{")
+    with pytest.raises(ValueError, match="results/bench.json is not JSON"):
+        bench.write_report(root, recipe, results, readme)
+    assert sorted(p.name for p in results.iterdir()) == ["bench.json", "summary.json"]
+    assert (results / "summary.json").read_text() == "{}" and readme.read_text() == "# x\n"
