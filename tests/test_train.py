@@ -151,3 +151,95 @@ def test_fw_track_every_k_tracks_warm_up_steps_1_1pk_and_counts_them_with_beta_t
     assert calls == [(1, fimlora.FW_BETA ** 2), (2, fimlora.FW_BETA ** 2),
                      (3, fimlora.FW_BETA ** 2)]
     assert len(res["train_loss"]) >= 1 and res["args"]["fw_track_every"] == 2
+
+
+def _train_on(tmp_path, stream: list[dict], method: str, batch: int, accum: int, steps: int = 4):
+    """train.train_loop on the planted task with the training batches replaced by `stream`;
+    returns (trainable tensors, the loop's result)."""
+    from data.tasks import planted_task
+    args = train.parse_args(["--method", method, "--steps", str(steps), "--batch-size",
+                             str(batch), "--grad-accum", str(accum), "--fw-warmup", "2",
+                             "--lr", "1e-2", "--out", str(tmp_path)])
+    rng = train.random_streams(0)
+    task = planted_task(args, torch.device("cpu"), rng)
+    task = task._replace(train_batches=lambda g: iter(stream))
+    model = train.add_adapters(task, args, torch.device("cpu"), rng)
+    res = train.train_loop(model, task, args, rng, {}, None, (0, 1))
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}, res
+
+
+@pytest.mark.parametrize("method", ["lora", "fw"])
+@pytest.mark.parametrize("sizes", [(4, 4), (3, 5)])
+def test_grad_accum_gives_the_update_of_one_big_batch(tmp_path, method, sizes):
+    """--grad-accum 2 on micro-batches of n_1 and n_2 examples vs one batch of their n_1 + n_2
+    rows, same data: after 4 AdamW steps the adapters, the logged losses and (fw) the
+    importances of the warm-up Fisher agree up to float rounding. Micro-batch losses are
+    weighted by their example counts, so unequal micro-batches (3 + 5) are exact too (an
+    unweighted mean of the two micro-batch means would not be); fw_track sees the norm of the
+    summed gradient, not the sum of the micro-batch norms. Oracle: the big-batch run."""
+    from data.planted import random_batch
+    g = torch.Generator().manual_seed(7)
+    micro = [random_batch(1000, n, 12, g) for _ in range(4) for n in sizes]
+    big = [{k: torch.cat([a[k], b[k]]) for k in a} for a, b in zip(micro[::2], micro[1::2])]
+    p_acc, r_acc = _train_on(tmp_path / "acc", micro, method, max(sizes), 2)
+    p_big, r_big = _train_on(tmp_path / "big", big, method, sum(sizes), 1)
+    torch.testing.assert_close(torch.tensor(r_acc["losses"]), torch.tensor(r_big["losses"]),
+                               rtol=1e-5, atol=0)
+    if method == "fw":
+        imp_acc, imp_big = r_acc["fw"]["importances"], r_big["fw"]["importances"]
+        for n in imp_big:
+            assert imp_acc[n] == pytest.approx(imp_big[n], rel=1e-4), n
+    for n in p_big:
+        torch.testing.assert_close(p_acc[n], p_big[n], rtol=1e-4, atol=1e-6, msg=n)
+    assert any(bool(p.any()) for n, p in p_big.items() if "lora_B" in n)  # it trained
+
+
+def test_grad_accum_1_is_the_plain_loop_bit_for_bit(tmp_path):
+    """The default --grad-accum 1 trains exactly as the loop without accumulation did: one
+    batch, loss.backward(), clip, AdamW, schedule per step. Oracle: that loop, written out."""
+    from data.planted import random_batch
+    g = torch.Generator().manual_seed(3)
+    stream = [random_batch(1000, 8, 12, g) for _ in range(4)]
+    ours, _ = _train_on(tmp_path / "o", stream, "lora", 8, 1)
+    from data.tasks import planted_task
+    args = train.parse_args(["--steps", "4", "--batch-size", "8", "--lr", "1e-2", "--out",
+                             str(tmp_path / "r")])
+    rng = train.random_streams(0)
+    task = planted_task(args, torch.device("cpu"), rng)
+    model = train.add_adapters(task, args, torch.device("cpu"), rng)
+    opt, sched = train.make_optimizer(model, args)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for batch in stream:
+        task.loss_fn(model, batch).backward()
+        torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p, ours[n]), n
+
+
+def test_grad_accum_consumes_n_batches_per_step_and_scales_epochs(tmp_path, monkeypatch):
+    """Each optimizer step draws --grad-accum batches from the data stream, one loss is logged
+    per step, and --epochs counts examples: steps = ⌈epochs · n_train / (batch · N)⌉."""
+    from data import planted
+    seen, draw = [], planted.random_batch
+    monkeypatch.setattr(planted, "random_batch",
+                        lambda *a, **k: seen.append(draw(*a, **k)) or seen[-1])
+    counts = []
+    for n in (1, 3):
+        seen.clear()
+        res = run(tmp_path / f"a{n}", "--grad-accum", str(n))
+        counts.append(len(seen))
+        assert len(res["train_loss"]) == 6
+    assert counts[1] - counts[0] == 6 * 2  # 6 steps, 2 more batches each
+    with pytest.raises(ValueError, match="--grad-accum 0"):
+        run(tmp_path / "b", "--grad-accum", "0")
+    args = train.parse_args(["--task", "sst2", "--data-dir", str(tmp_path), "--epochs", "1",
+                             "--batch-size", "4", "--grad-accum", "2", "--out",
+                             str(tmp_path / "c")])
+    task = train.Task(None, [], None, 20, None, None, True)
+    monkeypatch.setattr(train, "glue_task", lambda *a: task)
+    train.build_task(args, torch.device("cpu"), {})
+    assert args.steps == 3  # ⌈20 / 8⌉
