@@ -243,3 +243,32 @@ def test_grad_accum_consumes_n_batches_per_step_and_scales_epochs(tmp_path, monk
     monkeypatch.setattr(train, "glue_task", lambda *a: task)
     train.build_task(args, torch.device("cpu"), {})
     assert args.steps == 3  # ⌈20 / 8⌉
+
+
+def test_grad_accum_under_torchrun_matches_one_process(tmp_path):
+    """2 gloo processes with --grad-accum 2 (DDP syncs once per step, after the last
+    micro-batch; fw_track all-reduces the step's summed gradient) give one process's losses,
+    FW-LoRA importances and adapter. Oracle: the same command without torchrun."""
+    import shutil
+    from pathlib import Path
+
+    from lora import read_safetensors
+    exe = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    launcher = [exe] if exe else [sys.executable, "-m", "torch.distributed.run"]
+    args = ["train.py", "--method", "fw", "--steps", "4", "--batch-size", "8", "--grad-accum",
+            "2", "--fw-warmup", "2", "--lr", "1e-2", "--threads", "1", "--log-every", "2"]
+    for cmd, out in (([sys.executable], "one"), ([*launcher, "--standalone",
+                                                  "--nproc_per_node", "2"], "two")):
+        proc = subprocess.run([*cmd, *args, "--out", str(tmp_path / out)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    r1, r2 = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
+    assert (r1["world_size"], r2["world_size"]) == (1, 2)
+    torch.testing.assert_close(torch.tensor(r2["train_loss"]), torch.tensor(r1["train_loss"]),
+                               rtol=1e-5, atol=0)
+    for name, v in r1["fw"]["importances"].items():
+        assert r2["fw"]["importances"][name] == pytest.approx(v, rel=1e-4), name
+    a1, a2 = (read_safetensors(tmp_path / d / "adapter" / "adapter_model.safetensors")[0]
+              for d in ("one", "two"))
+    for k in a1:
+        torch.testing.assert_close(a2[k], a1[k], rtol=1e-4, atol=1e-6, msg=k)
