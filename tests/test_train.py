@@ -272,3 +272,38 @@ def test_grad_accum_under_torchrun_matches_one_process(tmp_path):
               for d in ("one", "two"))
     for k in a1:
         torch.testing.assert_close(a2[k], a1[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_grad_accum_on_a_decoder_loss_averaged_over_answer_tokens_is_exact():
+    """The decoder loss averages each example's answer-token NLL, then the examples
+    (data/causal.py), so weighting micro-batches by their examples gives the big batch's
+    gradient although the micro-batches have other lengths, paddings and answer-token counts
+    (1 to 3 per row). Oracle: the gradient of one batch of all rows, padded to the longest."""
+    from data.causal import causal_loss, collate
+    from models import load_model
+    model, _ = load_model("tiny-llama", generator=torch.Generator().manual_seed(0))
+    add_lora(model, ["q_proj", "v_proj"], r=4, alpha=8)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.1)
+    g = torch.Generator().manual_seed(1)
+    lengths, answers = [3, 9, 5, 12, 4, 7, 6], [1, 3, 2, 1, 2, 3, 1]
+    rows = [torch.randint(3, 200, (n,), generator=g).tolist() for n in lengths]
+
+    def loss_fn(m, b):
+        return causal_loss(m(b["input_ids"], b["attention_mask"]).float(), b)
+
+    def grads(micro):
+        for p in model.parameters():
+            p.grad = None
+        loss = train.micro_backward(model, loss_fn, micro)
+        return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    parts = [(0, 2), (2, 7)]  # 2 rows, then 5: unequal sizes and paddings
+    micro = [collate(rows[a:b], answers[a:b], 0) for a, b in parts]
+    loss_acc, g_acc = grads(micro)
+    loss_big, g_big = grads([collate(rows, answers, 0)])
+    assert micro[0]["input_ids"].shape[1] != micro[1]["input_ids"].shape[1]
+    torch.testing.assert_close(loss_acc, loss_big, rtol=1e-5, atol=0)
+    for n in g_big:
+        torch.testing.assert_close(g_acc[n], g_big[n], rtol=1e-4, atol=1e-7, msg=n)
