@@ -614,9 +614,13 @@ def _peft_config(cfg: dict, linears: Sequence[str], base_model: str | None,
     """PEFT LoraConfig fields for per-matrix ranks: r = the most common rank,
     and rank_pattern / alpha_pattern keys anchored and escaped ("^bert\\.encoder\\.layer\\.0\\...")
     so each key matches exactly one module under PEFT's rule (_peft_pattern). α_m is written as
-    saved, so PEFT's α_m/r_m (α_m/√r_m with rsLoRA) is the scale used in training. Rank-0 modules
-    are left out of target_modules (PEFT has no rank 0), as are modules the `targets` suffixes
-    would add or miss: then target_modules lists the adapted module names themselves."""
+    saved, so PEFT's α_m/r_m (α_m/√r_m with rsLoRA) is the scale used in training. Layers at one
+    scale (uniform add_lora, initialize_fim_ranks, train.py) make lora_alpha/r that scale, so a
+    server applying lora_alpha/r to every module without reading the patterns (vLLM's loader)
+    serves the same ΔW, each module zero-padded to its max_lora_rank >= max r_m; other
+    per-module scales need a server that reads alpha_pattern. Rank-0 modules are left out of
+    target_modules (PEFT has no rank 0), as are modules the `targets` suffixes would add or miss:
+    then target_modules lists the adapted module names themselves."""
     ranks, alphas, heads = cfg["ranks"], cfg["alphas"], cfg["heads"]
     kept = [n for n, r in ranks.items() if r > 0]
     if not kept:
