@@ -147,9 +147,10 @@ class LoRALinear(nn.Module):
         self._make_adapter(int(r), generator)
 
     def _make_adapter(self, r: int, generator: torch.Generator | None, init: bool = True) -> None:
-        """New A (Kaiming, or left for a load to fill when init=False) and B = 0 at rank r; an
-        existing adapter's requires_grad carries over."""
-        trainable = self.lora_A.requires_grad if "lora_A" in self._parameters else True
+        """New A (Kaiming, or left for a load to fill when init=False) and B = 0 at rank r. An
+        existing adapter keeps its Parameter objects, requires_grad included (the new tensors
+        are set into them and their stale .grad dropped), so an optimizer built before a
+        resize trains the resized adapter."""
         self.r = r
         w = self.weight
         # A is drawn on the generator's device, then moved: a CPU generator cannot fill a CUDA
@@ -158,8 +159,14 @@ class LoRALinear(nn.Module):
                         device=w.device if generator is None else generator.device)  # (r, d_in)
         if r > 0 and init:
             nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
-        self.lora_A = nn.Parameter(A.to(w.device), trainable)
-        self.lora_B = nn.Parameter(w.new_zeros(self.out_features, r), trainable)  # (d_out, r)
+        A, B = A.to(w.device), w.new_zeros(self.out_features, r)  # B: (d_out, r)
+        if "lora_A" not in self._parameters:
+            self.lora_A, self.lora_B = nn.Parameter(A), nn.Parameter(B)
+            return
+        for p, new in ((self.lora_A, A), (self.lora_B, B)):
+            with torch.no_grad():
+                p.set_(new)
+            p.grad = None
 
     @property
     def scaling(self) -> float:
@@ -286,7 +293,9 @@ def add_lora(model: nn.Module, targets: Sequence[str], r: int, alpha: float,
 def resize_lora(layer: LoRALinear, new_r: int, alpha: float | None = None,
                 generator: torch.Generator | None = None) -> None:
     """Re-create the adapter at rank new_r: fresh Kaiming A, B = 0, so ΔW = 0 and the model
-    function is unchanged. `alpha` sets the new α (keeps the old one when None)."""
+    function is unchanged. `alpha` sets the new α (keeps the old one when None). lora_A and
+    lora_B stay the same Parameter objects, so an optimizer built before the resize trains them;
+    one that has already stepped holds moments of the old shapes: build it after the resize."""
     if not isinstance(layer, LoRALinear):
         raise ValueError(f"resize_lora takes a LoRALinear, got {type(layer).__name__}")
     _check("r", new_r, "new_r")
@@ -605,9 +614,13 @@ def _peft_config(cfg: dict, linears: Sequence[str], base_model: str | None,
     """PEFT LoraConfig fields for per-matrix ranks: r = the most common rank,
     and rank_pattern / alpha_pattern keys anchored and escaped ("^bert\\.encoder\\.layer\\.0\\...")
     so each key matches exactly one module under PEFT's rule (_peft_pattern). α_m is written as
-    saved, so PEFT's α_m/r_m (α_m/√r_m with rsLoRA) is the scale used in training. Rank-0 modules
-    are left out of target_modules (PEFT has no rank 0), as are modules the `targets` suffixes
-    would add or miss: then target_modules lists the adapted module names themselves."""
+    saved, so PEFT's α_m/r_m (α_m/√r_m with rsLoRA) is the scale used in training. Layers at one
+    scale (uniform add_lora, initialize_fim_ranks, train.py) make lora_alpha/r that scale, so a
+    server applying lora_alpha/r to every module without reading the patterns (vLLM's loader)
+    serves the same ΔW, each module zero-padded to its max_lora_rank >= max r_m; other
+    per-module scales need a server that reads alpha_pattern. Rank-0 modules are left out of
+    target_modules (PEFT has no rank 0), as are modules the `targets` suffixes would add or miss:
+    then target_modules lists the adapted module names themselves."""
     ranks, alphas, heads = cfg["ranks"], cfg["alphas"], cfg["heads"]
     kept = [n for n, r in ranks.items() if r > 0]
     if not kept:

@@ -96,6 +96,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--max-eval", type=int, default=None, help="use the first N dev rows")
     g.add_argument("--eval-every", type=int, default=0, help="steps between evals (0 = at end)")
     g.add_argument("--log-every", type=int, default=50)
+    g.add_argument("--grad-accum", type=int, default=1,
+                   help="micro-batches of --batch-size per optimizer step: the update of one "
+                        "batch of N x batch-size (each step consumes N batches)")
     g = p.add_argument_group("Fisher methods")
     g.add_argument("--calib-batches", type=int, default=8, help="FIM calibration batches")
     g.add_argument("--score", default="efim", choices=fimlora.ALLOCATION_SCORES,
@@ -172,7 +175,7 @@ def check_args(a: argparse.Namespace) -> None:
     if a.steps is not None and a.epochs is not None:
         errors.append("--steps and --epochs both given: pick one")
     for name in ("batch_size", "max_len", "calib_batches", "da_samples", "log_every",
-                 "fw_warmup", "fw_track_every", "max_train", "max_eval"):
+                 "fw_warmup", "fw_track_every", "max_train", "max_eval", "grad_accum"):
         v = getattr(a, name)
         if v is not None and v < 1:
             errors.append(f"--{name.replace('_', '-')} {v}: use >= 1")
@@ -589,29 +592,48 @@ def make_optimizer(model: nn.Module, args: argparse.Namespace):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(args.steps, args.warmup))
 
 
+def micro_backward(train_model: nn.Module, loss_fn: Callable, micro: list[dict],
+                   penalty: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+    """Forward and backward of one optimizer step's micro-batches; returns the step's loss.
+    Micro-batch c's loss is weighted n_c/Σn (n_c its examples): every loss_fn is the mean of
+    per-example losses (data/tasks.py), so the gradients sum to those of the mean over all Σn
+    examples, the update of one batch of them up to float rounding (a loss averaged over the
+    tokens of a whole batch would need token weights instead). The penalty is added once. A DDP
+    train_model syncs on the last micro-batch only (no_sync before it)."""
+    sizes = [next(v.shape[0] for v in b.values() if torch.is_tensor(v)) for b in micro]
+    for c, batch in enumerate(micro):
+        last = c == len(micro) - 1
+        with (train_model.no_sync() if not last and hasattr(train_model, "no_sync")
+              else contextlib.nullcontext()):
+            loss = loss_fn(train_model, batch)
+            if len(micro) > 1:  # --grad-accum 1 stays the plain step, bit for bit
+                loss = loss * (sizes[c] / sum(sizes))
+            (loss + penalty() if last and penalty else loss).backward()
+        total = loss.detach() if c == 0 else total + loss.detach()
+    return total
+
+
 def fw_step(train_model: nn.Module, model: nn.Module, task: Task, args: argparse.Namespace,
             state: dict):
     """FW-LoRA: a plain step that tracks ‖∂L/∂W_m‖² during the warm-up, then freezes the
     importances and adds the penalty. `state` holds the EMA and the importances; train_model
-    is model itself or its DistributedDataParallel wrapper."""
+    is model itself or its DistributedDataParallel wrapper. fw_track spans all micro-batches
+    of a step, so it sees ‖Σ_c G_c‖², the norm of the step's accumulated gradient."""
     every = args.fw_track_every
 
-    def step(k: int, batch: dict) -> torch.Tensor:
+    def step(k: int, micro: list[dict]) -> torch.Tensor:
         if k <= args.fw_warmup:
             tracked = (k - 1) % every == 0  # steps 1, 1 + k, 1 + 2k, ...; the rest plain LoRA
             with fimlora.fw_track(model) if tracked else contextlib.nullcontext() as sq:
-                loss = task.loss_fn(train_model, batch)
-                loss.backward()
+                loss = micro_backward(train_model, task.loss_fn, micro)
             if tracked:
                 state["ema"] = fimlora.fw_update(state["ema"], sq, (k - 1) // every + 1,
                                                  beta=fimlora.FW_BETA ** every)
             return loss
         if state["importance"] is None:
             state["importance"] = fimlora.importances(state["ema"], mode=args.fw_norm)
-        loss = task.loss_fn(train_model, batch)
-        penalty = fimlora.fw_penalty(model, state["importance"], fw_lambda=args.fw_lambda)
-        (loss + penalty).backward()
-        return loss
+        return micro_backward(train_model, task.loss_fn, micro, lambda: fimlora.fw_penalty(
+            model, state["importance"], fw_lambda=args.fw_lambda))
     return step
 
 
@@ -665,13 +687,15 @@ def divergence(step: int, what: str, model: nn.Module, args: argparse.Namespace,
 def train_loop(model: nn.Module, task: Task, args: argparse.Namespace,
                rng: dict[str, torch.Generator], report: dict, resume: tuple | None,
                dist_info: tuple[int, int]) -> dict:
-    """--steps AdamW steps on batches from the data stream, checkpointing every --save-every
-    steps (rank 0 writes); returns the losses, the evals (step 0 for planted) and the
-    training seconds. With `resume` = (state.pt, meta.json) it continues where they stopped."""
+    """--steps AdamW steps, each on --grad-accum batches from the data stream (micro_backward),
+    checkpointing every --save-every steps (rank 0 writes); returns the losses (one per step),
+    the evals (step 0 for planted) and the training seconds. With `resume` = (state.pt,
+    meta.json) it continues where they stopped, replaying steps x --grad-accum batches."""
     rank, world = dist_info
     opt, sched = make_optimizer(model, args)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    print(f"training: {args.steps:,} steps, batch {args.batch_size}, lr {args.lr:g}, "
+    accum = f" x {args.grad_accum} micro-batches" if args.grad_accum > 1 else ""
+    print(f"training: {args.steps:,} steps, batch {args.batch_size}{accum}, lr {args.lr:g}, "
           f"{sum(p.numel() for p in trainable):,} trainable parameters")
     state = {"losses": [], "evals": [], "seconds": 0.0, "report": report, "heads": task.heads,
              "fw": {"ema": {}, "importance": None}}
@@ -696,12 +720,10 @@ def train_loop(model: nn.Module, task: Task, args: argparse.Namespace,
             print(f"FW-LoRA warm-up capped at {args.fw_warmup} steps (half of --steps)")
         step_fn = fw_step(train_model, model, task, args, state["fw"])
     else:
-        def step_fn(k: int, batch: dict) -> torch.Tensor:
-            loss = task.loss_fn(train_model, batch)
-            loss.backward()
-            return loss
+        def step_fn(k: int, micro: list[dict]) -> torch.Tensor:
+            return micro_backward(train_model, task.loss_fn, micro)
     batches = shards(task.train_batches(rng["data"]), rank, world)
-    for _ in range(start):  # the data order is a function of the seed: replay it
+    for _ in range(start * args.grad_accum):  # the data order is a function of the seed
         next(batches)
     if resume is not None:
         if not torch.equal(rng["data"].get_state(), blob["rng"]["data"]):
@@ -713,7 +735,7 @@ def train_loop(model: nn.Module, task: Task, args: argparse.Namespace,
     with stop_requests() as stop:
         for step in range(start + 1, args.steps + 1):
             t0 = time.perf_counter()
-            loss = step_fn(step, next(batches)).detach()
+            loss = step_fn(step, [next(batches) for _ in range(args.grad_accum)])
             if world > 1:  # log the global batch's loss: the mean of the equal shards' means
                 torch.distributed.all_reduce(loss, op=torch.distributed.ReduceOp.AVG)
             value = loss.item()
@@ -894,7 +916,8 @@ def build_task(args: argparse.Namespace, device: torch.device, rng: dict) -> Tas
     if args.epochs is not None:
         if task.n_train is None:
             raise ValueError("--epochs needs a finite training set: use --steps for planted")
-        args.steps = max(1, math.ceil(args.epochs * task.n_train / args.batch_size))
+        args.steps = max(1, math.ceil(args.epochs * task.n_train
+                                      / (args.batch_size * args.grad_accum)))
     return task
 
 

@@ -506,3 +506,58 @@ def test_causal_lm_adapter_loads_in_peft_with_equal_logits(tmp_path):
     assert isinstance(served, peft.PeftModelForCausalLM)
     assert (mine - plain).abs().max() > 1e-3, "the adapter must change the logits"
     torch.testing.assert_close(theirs, mine, rtol=0, atol=1e-5)
+
+
+def _served_by_one_scale(folder: Path, base: nn.Module) -> int:
+    """Serve a PEFT adapter folder as vLLM's loader does (vllm/lora/peft_helper.py,
+    lora_model.py, layers/base_linear.py): one scale s = lora_alpha / r (lora_alpha / √r with
+    use_rslora) for every module, rank_pattern and alpha_pattern not read, each module's A and B
+    zero-padded to max_lora_rank; W_m += s·B_m A_m is merged into `base`. Returns the
+    max_lora_rank used: the largest saved r_m (the config's r is only the most common one)."""
+    cfg = json.loads((folder / ADAPTER_CONFIG).read_text())
+    sd, _ = read_safetensors(folder / ADAPTER_WEIGHTS)
+    s = cfg["lora_alpha"] / (cfg["r"] ** 0.5 if cfg["use_rslora"] else cfg["r"])
+    names = [k[len(lora.PEFT_PREFIX):-len(".lora_A.weight")] for k in sd if "lora_A" in k]
+    max_lora_rank = max(sd[f"{lora.PEFT_PREFIX}{n}.lora_A.weight"].shape[0] for n in names)
+    modules = dict(base.named_modules())
+    with torch.no_grad():
+        for n in names:
+            A, B = (sd[f"{lora.PEFT_PREFIX}{n}.lora_{x}.weight"] for x in "AB")
+            A_pad = A.new_zeros(max_lora_rank, A.shape[1])
+            B_pad = B.new_zeros(B.shape[0], max_lora_rank)
+            A_pad[: A.shape[0]], B_pad[:, : B.shape[1]] = A, B
+            modules[n].weight.add_(s * B_pad @ A_pad)
+    return max_lora_rank
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_fim_adapter_served_with_one_scale_for_every_module_gives_our_logits(tmp_path, rslora):
+    """A FIM adapter with heterogeneous ranks on the tiny decoder, saved in PEFT's format, served
+    by the single-scale rule (_served_by_one_scale): the logits equal the adapted model's. It
+    holds because FIM keeps every matrix at the base scale (α_m/r_m = α/r, rsLoRA α_m/√r_m =
+    α/√r), so lora_alpha/r of the most common rank is every module's scale. Oracle: our model."""
+    from data.causal import causal_loss, collate
+    from fimlora import initialize_fim_ranks
+    from models import load_model
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model, _ = load_model("tiny-llama", generator=torch.Generator().manual_seed(0))
+    base = copy.deepcopy(model).eval()
+    add_lora(model, targets, r=4, alpha=8, rslora=rslora)
+    g = torch.Generator().manual_seed(1)
+    calib = [collate([torch.randint(3, 200, (9,), generator=g).tolist() for _ in range(4)],
+                     [2] * 4, 0) for _ in range(2)]
+    ranks = initialize_fim_ranks(model, calib, lambda m, b: causal_loss(
+        m(b["input_ids"], b["attention_mask"]), b), n_batches=2, generator=g)["ranks"]
+    with torch.no_grad():  # "trained": every B non-zero
+        for layer in lora_layers(model).values():
+            layer.lora_B.normal_(0, 0.05, generator=g)
+    save_adapter(tmp_path, model.eval(), targets, format="peft", task_type="CAUSAL_LM")
+    cfg = json.loads((tmp_path / ADAPTER_CONFIG).read_text())
+    assert cfg["alpha_pattern"] and max(ranks.values()) > cfg["r"]  # patterns a server ignores
+    ids = torch.randint(3, 200, (2, 11), generator=g)
+    with torch.no_grad():
+        plain, ours = base(ids), model(ids)
+        assert _served_by_one_scale(tmp_path, base) == max(ranks.values())
+        served = base(ids)
+    assert (ours - plain).abs().max() > 1e-2, "the adapter must change the logits"
+    torch.testing.assert_close(served, ours, rtol=1e-5, atol=1e-5)

@@ -432,3 +432,41 @@ def test_write_safetensors_bad_input_raises_before_writing(tmp_path, tensors, me
     with pytest.raises(ValueError, match=match):
         write_safetensors(tmp_path / "t.safetensors", tensors, metadata)
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("optimizer_first", [True, False])
+def test_optimizer_built_before_or_after_the_allocation_trains_the_resized_adapters(
+        optimizer_first):
+    """initialize_fim_ranks (resize_lora) gives lora_A / lora_B new tensors but keeps the
+    Parameter objects: an AdamW built before the allocation holds the model's adapters and
+    trains every lora_B away from 0, as one built after it does (it used to hold orphaned
+    parameters, and lora_B stayed 0). A frozen adapter stays frozen through a resize."""
+    from fimlora import initialize_fim_ranks
+    torch.manual_seed(0)
+    model = Net()
+    add_lora(model, ["query", "dense"], r=3, alpha=6)
+    batches = [torch.randn(8, 6) for _ in range(3)]
+
+    def loss_fn(m, x):
+        return (m(x) - x[:, :3]).square().mean()
+
+    def adamw():
+        return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    opt = adamw() if optimizer_first else None
+    ranks = initialize_fim_ranks(model, batches, loss_fn, n_batches=3, r_max=5)["ranks"]
+    assert len(set(ranks.values())) > 1  # the allocation changed shapes
+    opt = opt or adamw()
+    held = {id(p) for group in opt.param_groups for p in group["params"]}
+    assert held == {id(p) for p in model.parameters() if p.requires_grad}
+    for x in batches:
+        loss_fn(model, x).backward()
+        opt.step()
+        opt.zero_grad()
+    assert all(bool(m.lora_B.any()) for m in lora_layers(model).values())
+    layer = lora_layers(model)["block.0.query"]
+    loss_fn(model, batches[0]).backward()  # a gradient of the old shape is left behind
+    layer.lora_A.requires_grad_(False)
+    resize_lora(layer, 2)
+    assert not layer.lora_A.requires_grad and layer.lora_B.requires_grad
+    assert layer.lora_B.grad is None and layer.lora_B.shape == (6, 2)
+    loss_fn(model, batches[0]).backward()  # accumulates into a fresh .grad of the new shape

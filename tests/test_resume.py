@@ -181,3 +181,27 @@ def test_ctrl_c_in_a_compare_twin_run_points_at_the_saved_run(tmp_path, monkeypa
                                                 "results are already in"):
         run(out, "--method", "fim", "--compare")
     assert (out / "results.json").is_file() and not (out / "checkpoint").exists()
+
+
+@pytest.mark.parametrize("method,step,how", [
+    ("lora", 5, "crash"),   # resumes from the step-3 checkpoint: replays 3 x 2 batches
+    ("fw", 2, "signal"),    # inside the FW-LoRA warm-up
+    ("fw", 5, "crash"),     # from step 3, inside the warm-up, across its end
+])
+def test_resume_with_grad_accum_equals_uninterrupted_run_bitwise(tmp_path, monkeypatch, method,
+                                                                  step, how):
+    """--grad-accum 2: checkpoints hold whole optimizer steps, and a resume replays 2 batches
+    per finished step, so losses, metrics and adapter are bitwise the uninterrupted run's."""
+    extra = ["--method", method, "--seed", "4", "--grad-accum", "2"]
+    full = run(tmp_path / "full", *extra)
+    out = tmp_path / "stopped"
+    with monkeypatch.context() as m:
+        stop_at(m, step, how)
+        with pytest.raises(train.Interrupted if how == "signal" else RuntimeError):
+            run(out, *extra)
+    meta = json.loads((out / "checkpoint" / "meta.json").read_text())
+    assert meta["step"] == (step if how == "signal" else 3) and meta["args"]["grad_accum"] == 2
+    resumed = train.main(["--resume", str(out)])
+    assert resumed["train_loss"] == full["train_loss"] and len(full["train_loss"]) == 8
+    assert resumed["metrics"] == full["metrics"]
+    assert adapter_bytes(out) == adapter_bytes(tmp_path / "full")

@@ -151,3 +151,159 @@ def test_fw_track_every_k_tracks_warm_up_steps_1_1pk_and_counts_them_with_beta_t
     assert calls == [(1, fimlora.FW_BETA ** 2), (2, fimlora.FW_BETA ** 2),
                      (3, fimlora.FW_BETA ** 2)]
     assert len(res["train_loss"]) >= 1 and res["args"]["fw_track_every"] == 2
+
+
+def _train_on(tmp_path, stream: list[dict], method: str, batch: int, accum: int, steps: int = 4):
+    """train.train_loop on the planted task with the training batches replaced by `stream`;
+    returns (trainable tensors, the loop's result)."""
+    from data.tasks import planted_task
+    args = train.parse_args(["--method", method, "--steps", str(steps), "--batch-size",
+                             str(batch), "--grad-accum", str(accum), "--fw-warmup", "2",
+                             "--lr", "1e-2", "--out", str(tmp_path)])
+    rng = train.random_streams(0)
+    task = planted_task(args, torch.device("cpu"), rng)
+    task = task._replace(train_batches=lambda g: iter(stream))
+    model = train.add_adapters(task, args, torch.device("cpu"), rng)
+    res = train.train_loop(model, task, args, rng, {}, None, (0, 1))
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}, res
+
+
+@pytest.mark.parametrize("method", ["lora", "fw"])
+@pytest.mark.parametrize("sizes", [(4, 4), (3, 5)])
+def test_grad_accum_gives_the_update_of_one_big_batch(tmp_path, method, sizes):
+    """--grad-accum 2 on micro-batches of n_1 and n_2 examples vs one batch of their n_1 + n_2
+    rows, same data: after 4 AdamW steps the adapters, the logged losses and (fw) the
+    importances of the warm-up Fisher agree up to float rounding. Micro-batch losses are
+    weighted by their example counts, so unequal micro-batches (3 + 5) are exact too (an
+    unweighted mean of the two micro-batch means would not be); fw_track sees the norm of the
+    summed gradient, not the sum of the micro-batch norms. Oracle: the big-batch run."""
+    from data.planted import random_batch
+    g = torch.Generator().manual_seed(7)
+    micro = [random_batch(1000, n, 12, g) for _ in range(4) for n in sizes]
+    big = [{k: torch.cat([a[k], b[k]]) for k in a} for a, b in zip(micro[::2], micro[1::2])]
+    p_acc, r_acc = _train_on(tmp_path / "acc", micro, method, max(sizes), 2)
+    p_big, r_big = _train_on(tmp_path / "big", big, method, sum(sizes), 1)
+    torch.testing.assert_close(torch.tensor(r_acc["losses"]), torch.tensor(r_big["losses"]),
+                               rtol=1e-5, atol=0)
+    if method == "fw":
+        imp_acc, imp_big = r_acc["fw"]["importances"], r_big["fw"]["importances"]
+        for n in imp_big:
+            assert imp_acc[n] == pytest.approx(imp_big[n], rel=1e-4), n
+    for n in p_big:
+        torch.testing.assert_close(p_acc[n], p_big[n], rtol=1e-4, atol=1e-6, msg=n)
+    assert any(bool(p.any()) for n, p in p_big.items() if "lora_B" in n)  # it trained
+
+
+def test_grad_accum_1_is_the_plain_loop_bit_for_bit(tmp_path):
+    """The default --grad-accum 1 trains exactly as the loop without accumulation did: one
+    batch, loss.backward(), clip, AdamW, schedule per step. Oracle: that loop, written out."""
+    from data.planted import random_batch
+    g = torch.Generator().manual_seed(3)
+    stream = [random_batch(1000, 8, 12, g) for _ in range(4)]
+    ours, _ = _train_on(tmp_path / "o", stream, "lora", 8, 1)
+    from data.tasks import planted_task
+    args = train.parse_args(["--steps", "4", "--batch-size", "8", "--lr", "1e-2", "--out",
+                             str(tmp_path / "r")])
+    rng = train.random_streams(0)
+    task = planted_task(args, torch.device("cpu"), rng)
+    model = train.add_adapters(task, args, torch.device("cpu"), rng)
+    opt, sched = train.make_optimizer(model, args)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for batch in stream:
+        task.loss_fn(model, batch).backward()
+        torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p, ours[n]), n
+
+
+def test_grad_accum_consumes_n_batches_per_step_and_scales_epochs(tmp_path, monkeypatch):
+    """Each optimizer step draws --grad-accum batches from the data stream, one loss is logged
+    per step, and --epochs counts examples: steps = ⌈epochs · n_train / (batch · N)⌉."""
+    from data import planted
+    seen, draw = [], planted.random_batch
+    monkeypatch.setattr(planted, "random_batch",
+                        lambda *a, **k: seen.append(draw(*a, **k)) or seen[-1])
+    counts = []
+    for n in (1, 3):
+        seen.clear()
+        res = run(tmp_path / f"a{n}", "--grad-accum", str(n))
+        counts.append(len(seen))
+        assert len(res["train_loss"]) == 6
+    assert counts[1] - counts[0] == 6 * 2  # 6 steps, 2 more batches each
+    with pytest.raises(ValueError, match="--grad-accum 0"):
+        run(tmp_path / "b", "--grad-accum", "0")
+    args = train.parse_args(["--task", "sst2", "--data-dir", str(tmp_path), "--epochs", "1",
+                             "--batch-size", "4", "--grad-accum", "2", "--out",
+                             str(tmp_path / "c")])
+    task = train.Task(None, [], None, 20, None, None, True)
+    monkeypatch.setattr(train, "glue_task", lambda *a: task)
+    train.build_task(args, torch.device("cpu"), {})
+    assert args.steps == 3  # ⌈20 / 8⌉
+
+
+def test_grad_accum_under_torchrun_matches_one_process(tmp_path):
+    """2 gloo processes with --grad-accum 2 (DDP syncs once per step, after the last
+    micro-batch; fw_track all-reduces the step's summed gradient) give one process's losses,
+    FW-LoRA importances and adapter. Oracle: the same command without torchrun."""
+    import shutil
+    from pathlib import Path
+
+    from lora import read_safetensors
+    exe = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    launcher = [exe] if exe else [sys.executable, "-m", "torch.distributed.run"]
+    args = ["train.py", "--method", "fw", "--steps", "4", "--batch-size", "8", "--grad-accum",
+            "2", "--fw-warmup", "2", "--lr", "1e-2", "--threads", "1", "--log-every", "2"]
+    for cmd, out in (([sys.executable], "one"), ([*launcher, "--standalone",
+                                                  "--nproc_per_node", "2"], "two")):
+        proc = subprocess.run([*cmd, *args, "--out", str(tmp_path / out)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    r1, r2 = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
+    assert (r1["world_size"], r2["world_size"]) == (1, 2)
+    torch.testing.assert_close(torch.tensor(r2["train_loss"]), torch.tensor(r1["train_loss"]),
+                               rtol=1e-5, atol=0)
+    for name, v in r1["fw"]["importances"].items():
+        assert r2["fw"]["importances"][name] == pytest.approx(v, rel=1e-4), name
+    a1, a2 = (read_safetensors(tmp_path / d / "adapter" / "adapter_model.safetensors")[0]
+              for d in ("one", "two"))
+    for k in a1:
+        torch.testing.assert_close(a2[k], a1[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_grad_accum_on_a_decoder_loss_averaged_over_answer_tokens_is_exact():
+    """The decoder loss averages each example's answer-token NLL, then the examples
+    (data/causal.py), so weighting micro-batches by their examples gives the big batch's
+    gradient although the micro-batches have other lengths, paddings and answer-token counts
+    (1 to 3 per row). Oracle: the gradient of one batch of all rows, padded to the longest."""
+    from data.causal import causal_loss, collate
+    from models import load_model
+    model, _ = load_model("tiny-llama", generator=torch.Generator().manual_seed(0))
+    add_lora(model, ["q_proj", "v_proj"], r=4, alpha=8)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.1)
+    g = torch.Generator().manual_seed(1)
+    lengths, answers = [3, 9, 5, 12, 4, 7, 6], [1, 3, 2, 1, 2, 3, 1]
+    rows = [torch.randint(3, 200, (n,), generator=g).tolist() for n in lengths]
+
+    def loss_fn(m, b):
+        return causal_loss(m(b["input_ids"], b["attention_mask"]).float(), b)
+
+    def grads(micro):
+        for p in model.parameters():
+            p.grad = None
+        loss = train.micro_backward(model, loss_fn, micro)
+        return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    parts = [(0, 2), (2, 7)]  # 2 rows, then 5: unequal sizes and paddings
+    micro = [collate(rows[a:b], answers[a:b], 0) for a, b in parts]
+    loss_acc, g_acc = grads(micro)
+    loss_big, g_big = grads([collate(rows, answers, 0)])
+    assert micro[0]["input_ids"].shape[1] != micro[1]["input_ids"].shape[1]
+    torch.testing.assert_close(loss_acc, loss_big, rtol=1e-5, atol=0)
+    for n in g_big:
+        torch.testing.assert_close(g_acc[n], g_big[n], rtol=1e-4, atol=1e-7, msg=n)
