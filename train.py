@@ -605,7 +605,8 @@ def fim_method(model: nn.Module, task: Task, args: argparse.Namespace,
     ratio = held / (4 * n_params(model, trainable=False))
     t0 = time.perf_counter()
     res = fimlora.initialize_fim_ranks(
-        model, progress(batches, "FIM-LoRA calibration", len(batches)), task.loss_fn, r_min=args.r_min, r_max=args.r_max, score=args.score,
+        model, progress(batches, "FIM-LoRA calibration", len(batches)), task.loss_fn,
+        r_min=args.r_min, r_max=args.r_max, score=args.score,
         n_batches=args.calib_batches, per_example=args.per_example, power=args.power,
         generator=rng["init"], budget_unit=args.budget)
     seconds = time.perf_counter() - t0
@@ -1034,12 +1035,9 @@ def build_task(args: argparse.Namespace, device: torch.device, rng: dict) -> Tas
 
 
 def fit_to_data(args: argparse.Namespace, n_train: int | None) -> None:
-    """Refuse a batch larger than the training set; cap the calibration sizes at one pass over
-    it (the planted task's endless data at PLANTED_EXAMPLES), printing the cap. Sizes the data
-    can give are left alone, so those runs are unchanged."""
-    if n_train is not None and args.batch_size > n_train:
-        raise ValueError(f"--batch-size {args.batch_size} exceeds the {n_train:,} training rows: "
-                         f"use --batch-size <= {n_train}")
+    """Cap the calibration sizes at one pass over the training set (the planted task's endless
+    data at PLANTED_EXAMPLES), printing the cap: a list of batches beyond it only repeats rows
+    and can exhaust memory. Sizes the data can give are left alone: those runs are unchanged."""
     n = PLANTED_EXAMPLES if n_train is None else n_train
     per_pass = math.ceil(n / args.batch_size)
     if args.method.startswith("fim") and args.calib_batches > per_pass:
