@@ -94,8 +94,8 @@ def command(*argv: str | os.PathLike) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=EXAMPLES,
-                                formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n")[0],
+                                epilog=EXAMPLES, formatter_class=HelpFormatter)
     p.add_argument("--method", default="lora", choices=METHODS,
                    help="lora: uniform rank r | fim: FIM-LoRA ranks at equal budget | fw: FW-LoRA "
                         "penalty after a Fisher warm-up | da: LoRA-DA init | fim+da: both")
