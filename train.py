@@ -95,7 +95,8 @@ def command(*argv: str | os.PathLike) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n")[0],
-                                epilog=EXAMPLES, formatter_class=HelpFormatter)
+                                epilog=EXAMPLES.replace("python train.py", command("train.py")),
+                                formatter_class=HelpFormatter)
     p.add_argument("--method", default="lora", choices=METHODS,
                    help="lora: uniform rank r | fim: FIM-LoRA ranks at equal budget | fw: FW-LoRA "
                         "penalty after a Fisher warm-up | da: LoRA-DA init | fim+da: both")
@@ -135,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-every", type=int, default=0, help="steps between evals (0 = at end)")
     g.add_argument("--log-every", type=int, default=50,
                    help="steps between log lines (printed and in <out>/log.jsonl)")
-    g = p.add_argument_group("Fisher methods (each flag only with the methods named)")
+    g = p.add_argument_group("Fisher methods (fim: only with --method fim or fim+da; fw: fw; "
+                             "da: da or fim+da)")
     g.add_argument("--calib-batches", type=int, default=8,
                    help="fim: calibration batches (at most one pass over the data)")
     g.add_argument("--score", default="efim", choices=fimlora.ALLOCATION_SCORES,
