@@ -23,7 +23,7 @@ $(VENV)/.peers: $(VENV)/.test requirements-peers.txt
 	touch $@
 
 run: $(VENV)/.run
-	$(PY) train.py --method fim --r-max 24 --compare
+	$(PY) train.py --method fim --r-max 24 --compare --overwrite
 
 test: $(VENV)/.test
 	$(PY) -m pytest -q

@@ -437,8 +437,9 @@ def peer_train(name: str, argv: list[str]) -> dict:
     try:
         res = train.run(args, adapt)  # train.main without its parse (done) and planted --compare
     except train.Interrupted as e:  # its resume command is this one, not train.py's
-        raise train.Interrupted(str(e).replace("python train.py --resume",
-                                               f"python bench.py --peer {name} -- --resume"))
+        raise train.Interrupted(str(e).replace(
+            train.command("train.py", "--resume"),
+            train.command("bench.py", "--peer", name, "--", "--resume")))
     res["peer"] = name
     if record:
         res["seconds"]["calibration"] = record["calibration"]
@@ -1268,7 +1269,7 @@ def check_grid(a: argparse.Namespace,
              "--out", str(a.root / ".unwritten"), *extra])
     except SystemExit:  # argparse printed the unknown or malformed flag
         raise ValueError(f"after '--': {' '.join(extra)} is not a valid train.py argument list "
-                         "(see python train.py --help)") from None
+                         f"(see {train.command('train.py', '--help')})") from None
     return data_dirs, args
 
 

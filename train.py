@@ -25,12 +25,13 @@ import os
 import platform
 import random
 import re
+import shlex
 import shutil
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -52,14 +53,59 @@ DEFAULT_TARGETS = {"planted": "query,key,value,output.dense,intermediate.dense",
                    "decoder": "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"}
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--method", default="lora", choices=METHODS)
+EXAMPLES = """examples:
+  python train.py --method fim                       # the embedded planted task, ~20 s
+  python train.py --method fim --compare             # ... and how it compares with uniform LoRA
+  python train.py --model minilm --task sst2 --data-dir ../shared/data/glue/SST-2 --method fw
+  python train.py --model smollm2 --task sst2 --data-dir DIR --method fim+da
+  python train.py --resume runs/sst2-minilm-fim-s0   # continue a run from its checkpoint
+"""
+# the methods that read each method-specific flag: given explicitly to another method it would
+# do nothing, so parse_args refuses it
+METHOD_FLAGS = {("fim", "fim+da"): ("calib_batches", "score", "per_example", "budget", "r_min",
+                                    "r_max", "power"),
+                ("fw",): ("fw_warmup", "fw_track_every", "fw_lambda", "fw_norm"),
+                ("da", "fim+da"): ("da_samples", "da_beta", "da_gamma")}
+MAX_SCALE = 1e6  # alpha/r above this overflows the forward once B is nonzero
+MAX_LR = 1e15  # two factors of an update this size in one product near float32's 3.4e38
+MAX_BATCH = 2**16  # examples per batch: far above any recipe, far below what memory holds
+PLANTED_EXAMPLES = 2**16  # the planted task's "training set" for calibration caps (it is endless)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows each flag's default once: appended unless the help text already states it or
+    there is none to show (None, a switch's False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default is None or action.default is False or "default" in text \
+                or action.default is argparse.SUPPRESS:
+            return text
+        return text + " (default: %(default)s)"
+
+
+def command(*argv: str | os.PathLike) -> str:
+    """A command line for a message, runnable as printed: the interpreter running now ("python"
+    when that is the one on PATH, e.g. in an activated venv)."""
+    on_path = shutil.which("python")
+    python = "python" if on_path and os.path.abspath(on_path) == sys.executable else \
+        sys.executable
+    return shlex.join([python, *map(str, argv)])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n")[0],
+                                epilog=EXAMPLES.replace("python train.py", command("train.py")),
+                                formatter_class=HelpFormatter)
+    p.add_argument("--method", default="lora", choices=METHODS,
+                   help="lora: uniform rank r | fim: FIM-LoRA ranks at equal budget | fw: FW-LoRA "
+                        "penalty after a Fisher warm-up | da: LoRA-DA init | fim+da: both")
     p.add_argument("--model", default="tiny",
                    help="encoders: tiny | minilm | path to an HF BERT folder; "
                         "decoders (GLUE as prompts): tiny-llama | smollm2")
-    p.add_argument("--task", default="planted", choices=("planted",) + GLUE_TASKS)
+    p.add_argument("--task", default="planted", choices=("planted",) + GLUE_TASKS,
+                   help="planted: the embedded synthetic task with a known answer; else a GLUE "
+                        "task (needs --data-dir)")
     p.add_argument("--data-dir", default=None, help="GLUE task folder with train.tsv and dev.tsv")
     p.add_argument("--data", default=None, metavar="FILE",
                    help="your own .csv/.tsv/.jsonl file instead of --task/--data-dir: text + "
@@ -75,57 +121,74 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--label-field", default="label", help="--data's class column (str or int)")
     g = p.add_argument_group("LoRA")
     g.add_argument("--r", type=int, default=8, help="base rank (FIM keeps the budget r x matrices)")
-    g.add_argument("--alpha", type=float, default=16.0)
+    g.add_argument("--alpha", type=float, default=16.0,
+                   help="LoRA scale numerator: ΔW = (alpha/r)·B·A")
     g.add_argument("--rslora", action="store_true", help="scale alpha/sqrt(r) instead of alpha/r")
     g.add_argument("--dropout", type=float, default=0.0, help="dropout on the adapter input")
     g.add_argument("--targets", default=None,
                    help="comma-separated Linear name suffixes (default: query,key,value,dense "
-                        "for GLUE; the six per-block matrices for planted)")
+                        "for GLUE encoders; q/k/v/o and MLP projections for decoders; the six "
+                        "per-block matrices for planted)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, default=None,
                    help="optimizer steps (default 1000 GLUE, 600 planted)")
-    g.add_argument("--epochs", type=float, default=None, help="alternative to --steps")
-    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--epochs", type=float, default=None,
+                   help="passes over the training set, instead of --steps")
+    g.add_argument("--batch-size", type=int, default=32, help="examples per optimizer step")
     g.add_argument("--lr", type=float, default=None,
                    help="peak learning rate (default 5e-4 GLUE, 5e-3 planted)")
-    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW decay on matrices")
     g.add_argument("--warmup", type=float, default=0.06, help="linear warm-up, fraction of steps")
     g.add_argument("--grad-clip", type=float, default=1.0, help="max grad norm (0 = off)")
     g.add_argument("--max-len", type=int, default=128, help="max tokens per example")
-    g.add_argument("--max-train", type=int, default=None, help="use the first N training rows")
-    g.add_argument("--max-eval", type=int, default=None, help="use the first N dev rows")
+    g.add_argument("--max-train", type=int, default=None,
+                   help="use the first N training rows (default: all)")
+    g.add_argument("--max-eval", type=int, default=None,
+                   help="use the first N dev rows (default: all)")
     g.add_argument("--eval-every", type=int, default=0, help="steps between evals (0 = at end)")
-    g.add_argument("--log-every", type=int, default=50)
+    g.add_argument("--log-every", type=int, default=50,
+                   help="steps between log lines (printed and in <out>/log.jsonl)")
     g.add_argument("--grad-accum", type=int, default=1,
                    help="micro-batches of --batch-size per optimizer step: the update of one "
                         "batch of N x batch-size (each step consumes N batches)")
-    g = p.add_argument_group("Fisher methods")
-    g.add_argument("--calib-batches", type=int, default=8, help="FIM calibration batches")
+    g = p.add_argument_group("Fisher methods (fim: only with --method fim or fim+da; fw: fw; "
+                             "da: da or fim+da)")
+    g.add_argument("--calib-batches", type=int, default=8,
+                   help="fim: calibration batches (at most one pass over the data)")
     g.add_argument("--score", default="efim", choices=fimlora.ALLOCATION_SCORES,
-                   help="FIM-LoRA's scores efim | variance (the paper); gradw, kfac, lorada, "
+                   help="fim: FIM-LoRA's scores efim | variance (the paper); gradw, kfac, lorada, "
                         "random: other allocation scores, compared in bench.py --planted-study")
-    g.add_argument("--per-example", action="store_true", help="per-example (true) empirical Fisher")
+    g.add_argument("--per-example", action="store_true",
+                   help="fim: per-example (true) empirical Fisher")
     g.add_argument("--budget", default="ranks", choices=("ranks", "params"),
-                   help="FIM's budget: r x matrices ranks, or as many parameters as uniform r "
+                   help="fim: r x matrices ranks, or as many parameters as uniform r "
                         "(a rank of a matrix costs d_in + d_out)")
-    g.add_argument("--r-min", type=int, default=1)
-    g.add_argument("--r-max", type=int, default=None, help="default 2r")
-    g.add_argument("--power", type=float, default=1.0, help="ranks proportional to score**power")
-    g.add_argument("--fw-warmup", type=int, default=500, help="FW-LoRA warm-up steps K")
+    g.add_argument("--r-min", type=int, default=1, help="fim: smallest rank of a matrix")
+    g.add_argument("--r-max", type=int, default=None,
+                   help="fim: largest rank of a matrix (default 2r)")
+    g.add_argument("--power", type=float, default=1.0,
+                   help="fim: ranks proportional to score**power")
+    g.add_argument("--fw-warmup", type=int, default=500,
+                   help="fw: warm-up steps K (at most half of --steps)")
     g.add_argument("--fw-track-every", type=int, default=1,
-                   help="FW-LoRA tracks ‖∂L/∂W‖² every k-th warm-up step (1 = exact; k > 1 costs "
+                   help="fw: track ‖∂L/∂W‖² every k-th warm-up step (1 = exact; k > 1 costs "
                         "about 1/k of the extra weight-gradient GEMMs, EMA factor β^k)")
-    g.add_argument("--fw-lambda", type=float, default=1e-4)
-    g.add_argument("--fw-norm", default="sum", choices=("sum", "max"))
-    g.add_argument("--da-samples", type=int, default=256)
-    g.add_argument("--da-beta", type=float, default=0.03)
-    g.add_argument("--da-gamma", type=float, default=1024.0)
+    g.add_argument("--fw-lambda", type=float, default=1e-4, help="fw: penalty weight λ")
+    g.add_argument("--fw-norm", default="sum", choices=("sum", "max"),
+                   help="fw: importances normalised by their sum or their max")
+    g.add_argument("--da-samples", type=int, default=256,
+                   help="da: calibration examples (at most the training set)")
+    g.add_argument("--da-beta", type=float, default=0.03, help="da: the paper's β")
+    g.add_argument("--da-gamma", type=float, default=1024.0, help="da: the paper's γ")
     g = p.add_argument_group("run")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    g.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seeds everything: data order, init, calibration")
+    g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="auto: cuda when available (bf16 autocast), else cpu (fp32)")
+    g.add_argument("--threads", type=int, default=0,
+                   help="CPU threads (0 = torch default; at most 4 x the CPUs)")
     g.add_argument("--out", default=None,
-                   help="output folder (default runs/<task>-<method>-s<seed>)")
+                   help="output folder (default runs/<task>-<model>-<method>-s<seed>)")
     g.add_argument("--overwrite", action="store_true",
                    help="replace a finished run in --out (kept until the new one is published)")
     g.add_argument("--save-every", type=int, default=0,
@@ -135,14 +198,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--compare", action="store_true",
                    help="planted task: also train uniform LoRA and the oracle allocation at the "
                         "same budget (one quiet run each) and print how this run compares")
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
+    given = [k for k, v in vars(args).items() if v != p.get_default(k)]
     if args.resume is not None:
-        given = [k for k, v in vars(args).items()
-                 if v != p.get_default(k) and k not in ("resume", "threads")]
+        given = [k for k in given if k not in ("resume", "threads")]
         if given:
             raise ValueError(f"--resume takes the run's saved arguments; drop "
                              f"{', '.join('--' + k.replace('_', '-') for k in given)}")
         args = resumed_args(args)
+    else:
+        check_method_flags(args.method, given)
     check_args(args)
     is_glue = args.task != "planted"
     kind = "decoder" if args.model in DECODERS else "glue" if is_glue else "planted"
@@ -151,9 +221,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.steps = 1000 if is_glue else 600
     if args.lr is None:  # the planted task's lr and steps let the oracle converge (README)
         args.lr = 5e-4 if is_glue else 5e-3
-    args.out = args.out or f"runs/{args.task}-{args.method.replace('+', '_')}-s{args.seed}"
+    model = Path(args.model).name or args.model  # a folder path: its name
+    args.out = args.out or f"runs/{args.task}-{model}-{args.method.replace('+', '_')}-s{args.seed}"
     check_out(args)
     return args
+
+
+def check_method_flags(method: str, given: list[str]) -> None:
+    """Refuse flags given explicitly that --method ignores, naming the methods that use them."""
+    errors = []
+    for methods, flags in METHOD_FLAGS.items():
+        mine = [f"--{k.replace('_', '-')}" for k in flags if k in given]
+        if mine and method not in methods:
+            errors.append(f"{', '.join(mine)} (used by --method {' / '.join(methods)} only)")
+    if errors:
+        raise ValueError(f"--method {method} ignores {'; '.join(errors)}: drop them or pick "
+                         "that method")
 
 
 def check_args(a: argparse.Namespace) -> None:
@@ -186,9 +269,25 @@ def check_args(a: argparse.Namespace) -> None:
         errors.append(f"--warmup {a.warmup}: use a fraction in [0, 1)")
     if not 0 <= a.dropout < 1:
         errors.append(f"--dropout {a.dropout}: use a probability in [0, 1)")
-    for name in ("lr", "da_gamma"):
+    for name in ("lr", "da_gamma", "alpha"):
         if getattr(a, name) is not None and getattr(a, name) <= 0:
             errors.append(f"--{name.replace('_', '-')} {getattr(a, name)}: use > 0")
+    scale = a.alpha / (math.sqrt(a.r) if a.rslora else a.r) if a.r >= 1 else 0.0
+    if scale > MAX_SCALE:
+        errors.append(f"--alpha {a.alpha:g}: the LoRA scale alpha/{'sqrt(r)' if a.rslora else 'r'}"
+                      f" = {scale:.3g} overflows the forward; use a scale <= {MAX_SCALE:g}")
+    if a.lr is not None and a.lr > MAX_LR:
+        errors.append(f"--lr {a.lr:g}: updates this large overflow float32; use --lr <= "
+                      f"{MAX_LR:g}")
+    if a.batch_size > MAX_BATCH:
+        errors.append(f"--batch-size {a.batch_size:,}: use <= {MAX_BATCH:,}")
+    cpus = os.cpu_count() or 1
+    if a.threads > 4 * cpus:
+        errors.append(f"--threads {a.threads}: this machine has {cpus} CPUs; use --threads <= "
+                      f"{4 * cpus} (0 = torch's default)")
+    if a.compare and a.task != "planted":
+        errors.append(f"--compare with --task {a.task}: it compares with the planted task's "
+                      "oracle ranks; drop --compare or use --task planted")
     for name in ("weight_decay", "grad_clip", "fw_lambda", "da_beta", "power"):
         if getattr(a, name) < 0:
             errors.append(f"--{name.replace('_', '-')} {getattr(a, name)}: use >= 0 "
@@ -227,7 +326,7 @@ def check_args(a: argparse.Namespace) -> None:
 
 def check_model(model: nn.Module, args: argparse.Namespace) -> None:
     """Checks that need the model, still before any training or write: --max-len within its
-    positions, --r within every target matrix, finite weights."""
+    positions, --r within every target matrix, finite weights, no target with a tied weight."""
     positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if positions is not None and args.max_len > positions:
         raise ValueError(f"--max-len {args.max_len} exceeds the model's {positions} positions: "
@@ -236,12 +335,23 @@ def check_model(model: nn.Module, args: argparse.Namespace) -> None:
     if bad:
         raise ValueError(f"the model's weights hold NaN or inf in {bad[:3]}: the checkpoint of "
                          f"--model {args.model} is corrupt; re-download or re-install it")
+    names: dict[int, list[str]] = {}  # a tied weight is one Parameter under several names
+    for n, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(n)
+    tied = [(n, names[id(m.weight)]) for n, m in lora_layers(model).items()
+            if len(names[id(m.weight)]) > 1]
+    if tied:
+        n, shared = tied[0]
+        raise ValueError(f"--targets {args.targets}: {n} shares its weight with "
+                         f"{[s for s in shared if not s.startswith(n + '.')][0]} (tied "
+                         "embeddings), so merging its ΔW would change the embeddings too; drop "
+                         f"{n.rsplit('.', 1)[-1]} from --targets")
 
 
 # -----------------------------------------------------------------------------
 # output folder and checkpoints: a finished run is never lost, an unfinished one resumes
 
-CHECKPOINT, STATE, META = "checkpoint", "state.pt", "meta.json"
+CHECKPOINT, STATE, META, LOG = "checkpoint", "state.pt", "meta.json", "log.jsonl"
 PUBLISHED = ("results.json", "adapter", "adapter_peft")  # results.json last: it marks "finished"
 
 
@@ -261,7 +371,7 @@ def check_out(args: argparse.Namespace) -> None:
     finished = (out / "results.json").exists() or (out / ".publish").exists()
     if any((out / n).exists() for n in (CHECKPOINT, CHECKPOINT + ".old")):
         raise ValueError(f"--out {out} holds an unfinished run{' (and a finished one)' * finished}"
-                         f": continue it with 'python train.py --resume {out}', or pass "
+                         f": continue it with '{command('train.py', '--resume', out)}', or pass "
                          "--overwrite")
     if finished:
         raise ValueError(f"--out {out} holds a finished run (results.json): pass --overwrite to "
@@ -396,8 +506,9 @@ def restore_adapters(model: nn.Module, blob: dict, meta: dict) -> None:
     layers = lora_layers(model)
     if layers and not meta["ranks"]:
         raise ValueError("the checkpoint holds a peer's model (transformers + PEFT), not "
-                         "fimlora's LoRA layers: resume it with 'python bench.py --peer NAME -- "
-                         "--resume OUT', NAME the peer that started it")
+                         "fimlora's LoRA layers: resume it with '"
+                         f"{command('bench.py', '--peer', 'NAME', '--', '--resume', 'OUT')}', "
+                         "NAME the peer that started it")
     if set(meta["ranks"]) != set(layers):
         raise ValueError(f"the checkpoint adapts {sorted(meta['ranks'])[:3]}..., the model "
                          f"{sorted(layers)[:3]}...: was --model or --targets changed?")
@@ -521,7 +632,8 @@ def fim_method(model: nn.Module, task: Task, args: argparse.Namespace,
     ratio = held / (4 * n_params(model, trainable=False))
     t0 = time.perf_counter()
     res = fimlora.initialize_fim_ranks(
-        model, batches, task.loss_fn, r_min=args.r_min, r_max=args.r_max, score=args.score,
+        model, progress(batches, "FIM-LoRA calibration", len(batches)), task.loss_fn,
+        r_min=args.r_min, r_max=args.r_max, score=args.score,
         n_batches=args.calib_batches, per_example=args.per_example, power=args.power,
         generator=rng["init"], budget_unit=args.budget)
     seconds = time.perf_counter() - t0
@@ -539,7 +651,8 @@ def da_method(model: nn.Module, task: Task, args: argparse.Namespace,
     """LoRA-DA: initialise A and B from --da-samples calibration examples."""
     n = max(1, math.ceil(args.da_samples / args.batch_size))
     t0 = time.perf_counter()
-    res = fimlora.lorada_init(model, list(itertools.islice(calib, n)), task.loss_fn,
+    batches = progress(itertools.islice(calib, n), "LoRA-DA calibration", n)  # drawn lazily
+    res = fimlora.lorada_init(model, batches, task.loss_fn,
                               n_samples=args.da_samples, da_beta=args.da_beta,
                               da_gamma=args.da_gamma, population_size=task.n_train)
     return {"da": {**res, "seconds": time.perf_counter() - t0}}
@@ -700,6 +813,7 @@ def train_loop(model: nn.Module, task: Task, args: argparse.Namespace,
     state = {"losses": [], "evals": [], "seconds": 0.0, "report": report, "heads": task.heads,
              "fw": {"ema": {}, "importance": None}}
     start = 0
+    trim_log(Path(args.out), resume[0]["step"] if resume is not None else 0)
     if resume is not None:
         blob, meta = resume
         opt.load_state_dict(blob["optimizer"])
@@ -711,6 +825,7 @@ def train_loop(model: nn.Module, task: Task, args: argparse.Namespace,
     elif task.planted:
         state["evals"].append({"step": 0, **task.evaluate(model)})
         print(f"eval @ 0: {state['evals'][-1]}")
+        log_json(args, {"step": 0, "eval": state["evals"][-1], "elapsed": 0.0})
     train_model = model
     if world > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(model)
@@ -755,6 +870,8 @@ def train_loop(model: nn.Module, task: Task, args: argparse.Namespace,
             if args.eval_every and step % args.eval_every == 0 and step != args.steps:
                 state["evals"].append({"step": step, **task.evaluate(model)})
                 print(f"eval @ {step}: {state['evals'][-1]}")
+                log_json(args, {"step": step, "eval": state["evals"][-1],
+                                "elapsed": state["seconds"]})
             stopping = agreed(stop["set"], world)
             if (step % every == 0 and step != args.steps) or stopping:
                 if rank == 0:
@@ -762,7 +879,7 @@ def train_loop(model: nn.Module, task: Task, args: argparse.Namespace,
                 last_good = step
             if stopping:
                 raise Interrupted(f"interrupted at step {step:,}/{args.steps:,}, checkpoint "
-                                  f"saved: resume with 'python train.py --resume {out}'")
+                                  f"saved: resume with '{command('train.py', '--resume', out)}'")
     fw = state["fw"]["importance"]
     return {"losses": state["losses"], "evals": state["evals"], "seconds": state["seconds"],
             "fw": {"importances": {n: float(v) for n, v in fw.items()}} if fw else None,
@@ -770,13 +887,53 @@ def train_loop(model: nn.Module, task: Task, args: argparse.Namespace,
 
 
 def log_step(step: int, state: dict, sched, args: argparse.Namespace) -> None:
+    """Every --log-every steps: a line on stdout and one in <out>/log.jsonl."""
     if step % args.log_every == 0 or step == args.steps:
         recent, seconds = state["losses"][-args.log_every:], state["seconds"]
-        done = len(state["losses"])
-        print(f"step {step:>6,}/{args.steps:,} | loss {sum(recent) / len(recent):.4g} "
-              f"| lr {sched.get_last_lr()[0]:.2e} | {done / seconds:.2f} steps/s "
+        done, loss, lr = len(state["losses"]), sum(recent) / len(recent), sched.get_last_lr()[0]
+        print(f"step {step:>6,}/{args.steps:,} | loss {loss:.4g} "
+              f"| lr {lr:.2e} | {done / seconds:.2f} steps/s "
               f"| {seconds / done:.3f} s/step | ETA {(args.steps - step) * seconds / done:.0f}s",
               flush=True)
+        log_json(args, {"step": step, "loss": loss, "lr": lr,
+                        "examples_per_s": done * args.batch_size / seconds, "elapsed": seconds})
+
+
+def log_json(args: argparse.Namespace, record: dict) -> None:
+    """Append one JSON line (a logged step or an eval) to <out>/log.jsonl; rank 0 only."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        with open(Path(args.out) / LOG, "a") as f:
+            f.write(json.dumps(_finite(record)) + "\n")
+
+
+def trim_log(out: Path, step: int) -> None:
+    """A fresh run starts <out>/log.jsonl anew; a resumed one keeps its lines up to the
+    checkpoint's step (a killed run may have logged past it, or half a line)."""
+    path = out / LOG
+    if not path.is_file() or int(os.environ.get("RANK", "0")) != 0:
+        return
+    kept = []
+    for line in path.read_text(errors="replace").splitlines() if step else []:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) \
+                and record["step"] <= step:
+            kept.append(line + "\n")
+    _atomic_write(path, lambda f: f.write("".join(kept).encode()))
+
+
+def progress(batches: Iterable, label: str, total: int, every: float = 10.0) -> Iterator:
+    """The batches, with a line "label: batch k/total" at the first and then every `every`
+    seconds, so a long calibration shows it is alive."""
+    t0 = last = time.perf_counter()
+    for k, batch in enumerate(batches, 1):
+        now = time.perf_counter()
+        if k == 1 or now - last >= every:
+            print(f"{label}: batch {k:,}/{total:,} ({now - t0:.0f}s)", flush=True)
+            last = now
+        yield batch
 
 
 # -----------------------------------------------------------------------------
@@ -869,11 +1026,14 @@ def write_json(path: str | os.PathLike, obj: dict) -> None:
 
 def final_eval(model: nn.Module, task: Task, args: argparse.Namespace, trained: dict,
                report: dict) -> dict:
+    if not task.planted:  # a dev set can take a while
+        print(f"evaluating at step {args.steps:,} ...", flush=True)
     metrics = task.evaluate(model)
     if task.planted:
         metrics["loss_ratio"] = metrics["loss"] / report["loss_at_B0"]  # final / start (B = 0)
     trained["evals"].append({"step": args.steps, **metrics})
     seconds = trained["seconds"]
+    log_json(args, {"step": args.steps, "eval": metrics, "elapsed": seconds})
     print(f"eval: {', '.join(f'{k} {v:.4g}' for k, v in metrics.items())}")
     print(f"time: calibration {report['calibration_seconds']:.1f}s, training {seconds:.1f}s "
           f"({seconds / args.steps:.3f} s/step), "
@@ -918,7 +1078,23 @@ def build_task(args: argparse.Namespace, device: torch.device, rng: dict) -> Tas
             raise ValueError("--epochs needs a finite training set: use --steps for planted")
         args.steps = max(1, math.ceil(args.epochs * task.n_train
                                       / (args.batch_size * args.grad_accum)))
+    fit_to_data(args, task.n_train)
     return task
+
+
+def fit_to_data(args: argparse.Namespace, n_train: int | None) -> None:
+    """Cap the calibration sizes at one pass over the training set (the planted task's endless
+    data at PLANTED_EXAMPLES), printing the cap: a list of batches beyond it only repeats rows
+    and can exhaust memory. Sizes the data can give are left alone: those runs are unchanged."""
+    n = PLANTED_EXAMPLES if n_train is None else n_train
+    per_pass = math.ceil(n / args.batch_size)
+    if args.method.startswith("fim") and args.calib_batches > per_pass:
+        print(f"--calib-batches {args.calib_batches:,} capped at {per_pass:,}: one pass over "
+              f"{n:,} examples")
+        args.calib_batches = per_pass
+    if args.method.endswith("da") and args.da_samples > n:
+        print(f"--da-samples {args.da_samples:,} capped at {n:,}: one pass over the examples")
+        args.da_samples = n
 
 
 def describe(model: nn.Module, task: Task, args: argparse.Namespace) -> None:
@@ -968,6 +1144,7 @@ def compare_planted(args: argparse.Namespace, results: dict) -> dict:
     import tempfile
     losses = {}
     for name, adapt in (("uniform", add_adapters), ("oracle", oracle_adapt)):
+        print(f"compare: training the {name} twin ({args.steps:,} steps, quiet) ...", flush=True)
         with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
             twin = argparse.Namespace(**{**vars(args), "method": "lora", "out": tmp,
                                          "compare": False, "resume": None, "overwrite": True})

@@ -18,12 +18,14 @@ from conftest import ROOT
 import train
 
 QUICK = ["--model", "tiny", "--steps", "8", "--batch-size", "8", "--log-every", "1",
-         "--calib-batches", "2", "--da-samples", "16", "--fw-warmup", "4", "--save-every", "3",
-         "--threads", "1"]
+         "--save-every", "3", "--threads", "1"]
+FAST = {"fim": ["--calib-batches", "2"], "da": ["--da-samples", "16"], "fw": ["--fw-warmup", "4"]}
 
 
 def run(out, *extra):
-    return train.main([*QUICK, "--out", str(out), *extra])
+    method = extra[extra.index("--method") + 1] if "--method" in extra else "lora"
+    fast = [f for m, flags in FAST.items() if m in method.split("+") for f in flags]
+    return train.main([*QUICK, *fast, "--out", str(out), *extra])
 
 
 def stop_at(monkeypatch, step: int, how: str):
@@ -117,7 +119,7 @@ def test_finished_run_is_refused_unless_overwrite_and_kept_until_replaced(tmp_pa
         run(out, "--seed", "2")
     second = run(out, "--seed", "2", "--overwrite")
     assert json.loads((out / "results.json").read_text())["train_loss"] == second["train_loss"]
-    assert sorted(p.name for p in out.iterdir()) == ["adapter", "results.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["adapter", "log.jsonl", "results.json"]
 
 
 def test_interrupted_publish_is_completed_and_stale_temp_files_removed(tmp_path):

@@ -16,12 +16,18 @@ import train
 from lora import add_lora, load_adapter
 from models import load_model
 
-QUICK = ["--model", "tiny", "--steps", "6", "--batch-size", "8", "--log-every", "3",
-         "--calib-batches", "2", "--da-samples", "16", "--fw-warmup", "3"]
+QUICK = ["--model", "tiny", "--steps", "6", "--batch-size", "8", "--log-every", "3"]
+FAST = {"fim": ["--calib-batches", "2"], "da": ["--da-samples", "16"], "fw": ["--fw-warmup", "3"]}
+
+
+def quick(method: str) -> list[str]:
+    """QUICK and the fast settings of the flags `method` reads (others refuse them)."""
+    return QUICK + [f for m, flags in FAST.items() if m in method.split("+") for f in flags]
 
 
 def run(tmp_path, *extra):
-    return train.main([*QUICK, "--out", str(tmp_path), *extra])
+    method = extra[extra.index("--method") + 1] if "--method" in extra else "lora"
+    return train.main([*quick(method), "--out", str(tmp_path), *extra])
 
 
 @pytest.mark.parametrize("method", train.METHODS)
@@ -106,7 +112,7 @@ def test_glue_sst2_tiny_runs(tmp_path):
 ])
 def test_bad_arguments_fail_before_any_write(tmp_path, bad, match):
     with pytest.raises(ValueError, match=match):
-        train.main([*QUICK, "--out", str(tmp_path / "o"), *bad])
+        train.main([*quick("fim"), "--method", "fim", "--out", str(tmp_path / "o"), *bad])
     assert not (tmp_path / "o").exists()
 
 
@@ -158,8 +164,9 @@ def _train_on(tmp_path, stream: list[dict], method: str, batch: int, accum: int,
     returns (trainable tensors, the loop's result)."""
     from data.tasks import planted_task
     args = train.parse_args(["--method", method, "--steps", str(steps), "--batch-size",
-                             str(batch), "--grad-accum", str(accum), "--fw-warmup", "2",
-                             "--lr", "1e-2", "--out", str(tmp_path)])
+                             str(batch), "--grad-accum", str(accum), "--lr", "1e-2",
+                             "--out", str(tmp_path), *(["--fw-warmup", "2"] * (method == "fw"))])
+    tmp_path.mkdir(parents=True)  # prepare_out's work: the loop logs into --out
     rng = train.random_streams(0)
     task = planted_task(args, torch.device("cpu"), rng)
     task = task._replace(train_batches=lambda g: iter(stream))
@@ -307,3 +314,100 @@ def test_grad_accum_on_a_decoder_loss_averaged_over_answer_tokens_is_exact():
     torch.testing.assert_close(loss_acc, loss_big, rtol=1e-5, atol=0)
     for n in g_big:
         torch.testing.assert_close(g_acc[n], g_big[n], rtol=1e-4, atol=1e-7, msg=n)
+def test_help_gives_every_flag_a_help_text_and_its_default_once():
+    """--help (issue 18): no flag without help, no default shown twice or as None/False, the
+    groups and an examples epilog."""
+    parser = train.build_parser()
+    fmt = parser._get_formatter()
+    for action in parser._actions:
+        text = fmt._expand_help(action)  # the text --help prints for it
+        assert action.help, action.option_strings
+        assert text.count("default") <= 1, (action.option_strings, text)
+    out = parser.format_help()
+    flat = " ".join(out.split())
+    assert "(default: None)" not in flat and "(default: False)" not in flat
+    assert "(default: 16.0)" in flat and "(default: efim)" in flat  # --alpha, --score
+    assert "Fisher methods" in out
+    assert f"examples:\n  {train.command('train.py')} --method fim" in out  # runnable as shown
+
+
+def test_default_out_names_task_model_method_and_seed(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert train.parse_args(["--model", "tiny-llama", "--method", "fim+da", "--seed", "3"]).out \
+        == "runs/planted-tiny-llama-fim_da-s3"
+    folder = str(tmp_path / "models" / "my-bert") + "/"  # a path: its folder's name
+    assert train.parse_args(["--model", folder]).out == "runs/planted-my-bert-lora-s0"
+
+
+def test_make_run_succeeds_twice_in_a_row(tmp_path, monkeypatch):
+    """The Makefile's run recipe (made quick), twice into its default --out: the second run
+    replaces the first instead of stopping at "holds a finished run"."""
+    recipe = (ROOT / "Makefile").read_text().split("\nrun:")[1].split("\n")[1].split()
+    assert recipe[:2] == ["$(PY)", "train.py"], recipe
+    monkeypatch.chdir(tmp_path)
+    argv = recipe[2:] + ["--steps", "3", "--batch-size", "4", "--threads", "1",
+                         "--calib-batches", "2"]
+    first = train.main(argv)
+    second = train.main(argv)
+    assert first["train_loss"] == second["train_loss"] and "compare" in second
+    assert (tmp_path / "runs" / "planted-tiny-fim-s0" / "results.json").is_file()
+
+
+def test_log_jsonl_has_each_logged_step_and_eval_once_across_a_resume(tmp_path, monkeypatch):
+    """<out>/log.jsonl: one line per logged step (step, loss, lr, examples/s, elapsed) and per
+    eval; a run killed after step 5 resumes from its step-3 checkpoint without repeating 4, 5."""
+    out = tmp_path / "o"
+    real = train.log_step
+
+    def killed(k, *a):
+        real(k, *a)
+        if k == 5:
+            raise RuntimeError("killed")
+    monkeypatch.setattr(train, "log_step", killed)
+    with pytest.raises(RuntimeError):
+        run(out, "--log-every", "1", "--save-every", "3")
+    monkeypatch.setattr(train, "log_step", real)
+    train.main(["--resume", str(out)])
+    lines = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in lines if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
+    assert all({"step", "loss", "lr", "examples_per_s", "elapsed"} <= set(r) for r in steps)
+    assert [(r["step"], sorted(r["eval"])) for r in lines if "eval" in r] == [
+        (0, ["loss", "step"]), (6, ["loss", "loss_ratio"])]
+    train.main([*QUICK, "--out", str(out), "--overwrite"])  # a fresh run starts a fresh log
+    assert len((out / "log.jsonl").read_text().splitlines()) == 4  # eval 0, steps 3 and 6, eval
+
+
+def test_printed_commands_use_the_running_interpreter(tmp_path, monkeypatch):
+    """A message's command runs as printed: "python" only when that is this interpreter."""
+    import shlex
+    monkeypatch.setattr(train.shutil, "which", lambda name: "/usr/bin/python")
+    assert train.command("train.py", "--resume", "a b") == \
+        f"{shlex.quote(sys.executable)} train.py --resume 'a b'"
+    (tmp_path / "o" / "checkpoint").mkdir(parents=True)
+    with pytest.raises(ValueError) as e:
+        train.parse_args(["--out", str(tmp_path / "o")])
+    assert shlex.split(str(e.value).split("'")[1])[:2] == [sys.executable, "train.py"]
+    monkeypatch.setattr(train.shutil, "which", lambda name: sys.executable)
+    assert train.command("train.py", "--resume", "x") == "python train.py --resume x"
+
+
+def test_progress_lines_for_calibration_and_compare(tmp_path, capsys):
+    run(tmp_path, "--method", "fim+da", "--compare")
+    out = capsys.readouterr().out
+    assert "FIM-LoRA calibration: batch 1/2" in out and "LoRA-DA calibration: batch 1/2" in out
+    assert "compare: training the uniform twin (6 steps" in out and "oracle twin" in out
+
+
+@pytest.mark.skipif(not SST2.is_dir(), reason=f"SST-2 not found at {SST2}")
+def test_calibration_sizes_are_capped_at_one_pass_over_the_data(tmp_path, capsys):
+    """--calib-batches / --da-samples beyond the training set are capped (and said so) instead
+    of drawing repeated batches into memory; the eval prints a line before it starts."""
+    res = train.main([*QUICK, "--task", "sst2", "--data-dir", str(SST2), "--max-train", "16",
+                      "--max-eval", "8", "--method", "fim+da", "--calib-batches", "1000000",
+                      "--da-samples", "10000000", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "--calib-batches 1,000,000 capped at 2" in out and "--da-samples 10,000,000 capped at" \
+        " 16" in out and "evaluating at step 6" in out
+    assert (res["args"]["calib_batches"], res["args"]["da_samples"]) == (2, 16)
+    assert res["da"]["n_samples"] == 16
