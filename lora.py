@@ -564,7 +564,7 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
             raise ValueError(f"{path}: header length {n} exceeds the file size {size} or 100 MB: "
                              "the file is truncated or not safetensors")
         raw = f.read(n)
-        if raw.count(b"{") > _ST_MAX_TENSORS:  # every entry is an object: an upper bound
+        if raw.count(b"{") > _ST_MAX_TENSORS + 1:  # an object per entry, and the header
             raise ValueError(f"{path}: the header holds over {_ST_MAX_TENSORS:,} entries; no "
                              "real checkpoint shard has as many: the file is not a model")
         header = _parse_json(raw, f"{path}: header")
