@@ -21,6 +21,7 @@ References:
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import numbers
@@ -131,11 +132,13 @@ _RX_ATOM = re.compile(r"\\[dwsDWS]|\\[^0-9A-Za-z]|\[\^?\]?(?:\\.|[^\]\\])*\]|\.\
                       r"|[^\\^$*+?{}()|[]")
 
 
-def _rx(pattern: str) -> tuple[bool, list[list[re.Pattern]], bool] | None:
-    """(starts with ^, segments of one-character regexes split at ".*", ends with $), or None
-    when the pattern needs more than that. Each atom matches one character exactly as re does,
-    so _rx_fullmatch agrees with re.fullmatch on this subset in time O(len(name)·len(pattern)).
-    _rx("^a.*b$") == (True, [[re.compile("a")], [re.compile("b")]], True)"""
+@functools.lru_cache(maxsize=4096)
+def _rx(pattern: str) -> tuple[bool, list[tuple[re.Pattern, int]], bool] | None:
+    """(starts with ^, segments split at ".*" as (regex, length), ends with $), or None when the
+    pattern needs more than that. A segment is a run of one-character atoms, a regex without
+    quantifiers or alternation that matches exactly `length` characters as re does, so
+    _rx_fullmatch agrees with re.fullmatch on this subset in time O(len(name)·len(pattern)).
+    _rx("^a.*b$") == (True, [(re.compile("a"), 1), (re.compile("b"), 1)], True)"""
     start, body = pattern.startswith("^"), pattern.removeprefix("^")
     end = body.endswith("$") and (len(body) - 1 - len(body[:-1].rstrip("\\"))) % 2 == 0
     body, segs, pos = body[:-1] if end else body, [[]], 0
@@ -146,27 +149,25 @@ def _rx(pattern: str) -> tuple[bool, list[list[re.Pattern]], bool] | None:
         if m.group() == ".*":
             segs.append([])
         else:
-            segs[-1].append(re.compile(m.group()))
+            segs[-1].append(m.group())
         pos = m.end()
-    return start, segs, end
+    return start, [(re.compile("".join(seg)), len(seg)) for seg in segs], end
 
 
-def _rx_fullmatch(segs: list[list[re.Pattern]], s: str) -> bool:
+def _rx_fullmatch(segs: list[tuple[re.Pattern, int]], s: str) -> bool:
     """s = S0 x S1 x ... Sk for wildcards x: S0 at the start, Sk at the end, each middle segment
     at its leftmost place in between (never worse than a later one), so nothing backtracks."""
-    def at(seg, i):
-        return i + len(seg) <= len(s) and all(a.fullmatch(s[i + k]) for k, a in enumerate(seg))
+    (first, n0), (last, nk) = segs[0], segs[-1]
     if len(segs) == 1:
-        return len(s) == len(segs[0]) and at(segs[0], 0)
-    pos, end = len(segs[0]), len(s) - len(segs[-1])
-    if end < pos or not (at(segs[0], 0) and at(segs[-1], end)):
+        return len(s) == n0 and first.fullmatch(s) is not None
+    pos, end = n0, len(s) - nk
+    if end < pos or not (first.fullmatch(s, 0, pos) and last.fullmatch(s, end)):
         return False
-    for seg in segs[1:-1]:
-        while pos + len(seg) <= end and not at(seg, pos):
-            pos += 1
-        if pos + len(seg) > end:
+    for seg, _ in segs[1:-1]:
+        m = seg.search(s, pos, end)
+        if m is None:
             return False
-        pos += len(seg)
+        pos = m.end()
     return True
 
 
