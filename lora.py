@@ -113,45 +113,73 @@ def _pattern(p, name: str, rule: str, where: str = "") -> dict:
     return p
 
 
-def _regex(pattern: str, name: str, where: str = "", raw: str | None = None) -> None:
-    """pattern compiles, and `raw` (the user's part of it) lies in the subset _rx matches."""
+def _regex(pattern: str, name: str, where: str = "", raw: str | None = None,
+           saved: bool = False) -> None:
+    """pattern compiles, and `raw` (the user's part of it) lies in the subset _rx evaluates;
+    `saved`: a modules_to_save entry, where a top-level | would split PEFT's whole expression."""
     try:
         re.compile(pattern)
     except (re.error, RecursionError, OverflowError) as e:
         raise ValueError(f"{where}{name} is not a valid regular expression ({e}): fix it or "
                          "re.escape the module name") from None
-    if _rx(pattern if raw is None else raw) is None:
-        raise ValueError(f"{where}{name} uses regex syntax fimlora does not evaluate (groups, "
-                         "|, +, ?, {n}, anchors inside): fimlora matches names, '.', escapes, "
-                         "[classes] and '.*' without backtracking, since a hostile regex can run "
-                         "for minutes; list the module names instead")
+    rx = _rx(pattern if raw is None else raw)
+    if rx is None or saved and rx[3]:
+        raise ValueError(f"{where}{name} uses regex syntax fimlora does not evaluate (+, ?, *, "
+                         "{n} on anything but '.', anchors inside, over "
+                         f"{_RX_MAX_ALTERNATIVES} alternatives): fimlora matches names, '.', "
+                         "escapes, [classes], '.*' and (a|b) groups without backtracking, since a "
+                         "hostile regex can run for minutes; list the module names instead")
 
 
-# one character: an escape, a [class] or a plain character; ".*" separates fixed-length segments
-_RX_ATOM = re.compile(r"\\[dwsDWS]|\\[^0-9A-Za-z]|\[\^?\]?(?:\\.|[^\]\\])*\]|\.\*"
-                      r"|[^\\^$*+?{}()|[]")
+# one token: an escape, a [class], ".*", a group's "(", "(?:", "|" or ")", or a plain character
+_RX_TOKEN = re.compile(r"\\[dwsDWS]|\\[^0-9A-Za-z]|\[\^?\]?(?:\\.|[^\]\\])*\]|\.\*|\(\?:|[()|]"
+                       r"|[^\\^$*+?{}()|[]")
+_RX_MAX_ALTERNATIVES = 256
 
 
 @functools.lru_cache(maxsize=4096)
-def _rx(pattern: str) -> tuple[bool, list[tuple[re.Pattern, int]], bool] | None:
-    """(starts with ^, segments split at ".*" as (regex, length), ends with $), or None when the
-    pattern needs more than that. A segment is a run of one-character atoms, a regex without
-    quantifiers or alternation that matches exactly `length` characters as re does, so
-    _rx_fullmatch agrees with re.fullmatch on this subset in time O(len(name)·len(pattern)).
-    _rx("^a.*b$") == (True, [(re.compile("a"), 1), (re.compile("b"), 1)], True)"""
+def _rx(pattern: str) -> tuple[bool, list[list[tuple[re.Pattern, int]]], bool, bool] | None:
+    """(starts with ^, alternatives, ends with $, has a top-level |), or None when the pattern
+    needs more. Groups are expanded into alternatives ("x(a|b)" -> "xa", "xb"); an alternative is
+    a list of segments split at ".*", each (regex, length): a run of one-character atoms without
+    quantifiers, which matches exactly `length` characters as re does. So _rx_fullmatch agrees
+    with re on this subset in time O(alternatives·len(name)·len(pattern)), never exponential.
+    _rx("^a.*b$") == (True, [[(re.compile("a"), 1), (re.compile("b"), 1)]], True, False)"""
     start, body = pattern.startswith("^"), pattern.removeprefix("^")
     end = body.endswith("$") and (len(body) - 1 - len(body[:-1].rstrip("\\"))) % 2 == 0
-    body, segs, pos = body[:-1] if end else body, [[]], 0
+    body, pos, stack = body[:-1] if end else body, 0, [([[]], [])]  # per group: (product, done)
     while pos < len(body):
-        m = _RX_ATOM.match(body, pos)
+        m = _RX_TOKEN.match(body, pos)
         if m is None:
             return None
-        if m.group() == ".*":
-            segs.append([])
+        t, pos = m.group(), m.end()
+        product, done = stack[-1]
+        if t in ("(", "(?:"):
+            stack.append(([[]], []))
+        elif t == "|":
+            stack[-1] = ([[]], done + product)
+        elif t == ")":
+            if len(stack) == 1:
+                return None
+            stack.pop()
+            outer, outer_done = stack[-1]
+            stack[-1] = ([o + a for o in outer for a in done + product], outer_done)
         else:
-            segs[-1].append(m.group())
-        pos = m.end()
-    return start, [(re.compile("".join(seg)), len(seg)) for seg in segs], end
+            stack[-1] = ([p + [t] for p in product], done)
+        if len(stack[-1][0]) + len(stack[-1][1]) > _RX_MAX_ALTERNATIVES:
+            return None
+    if len(stack) != 1 or (stack[0][1] and (start or end)):  # ^a|b anchors one branch only
+        return None
+    alternatives = []
+    for alt in stack[0][1] + stack[0][0]:
+        segs = [[]]
+        for t in alt:
+            if t == ".*":
+                segs.append([])
+            else:
+                segs[-1].append(t)
+        alternatives.append([(re.compile("".join(seg)), len(seg)) for seg in segs])
+    return start, alternatives, end, bool(stack[0][1])
 
 
 def _rx_fullmatch(segs: list[tuple[re.Pattern, int]], s: str) -> bool:
@@ -176,11 +204,12 @@ def _rx_match(pattern: str, name: str, rule: str) -> bool:
     "full" re.fullmatch(pattern, name) (target_modules); "key" re.match(rf"(.*\.)?({pattern})$",
     name) (rank_pattern); "saved" re.match(rf"(^|.*\.){pattern}($|\..*)", name)
     (modules_to_save). A match may start at 0 or after a "." and end at the end or before one."""
-    start, segs, end = _rx(pattern)
+    start, alternatives, end, _ = _rx(pattern)
     dots = [i for i, c in enumerate(name) if c == "."]
     starts = [0] if start or rule == "full" else [0, *(i + 1 for i in dots)]
     stops = [len(name)] if end or rule != "saved" else [len(name), *dots]
-    return any(_rx_fullmatch(segs, name[i:j]) for i in starts for j in stops if i <= j)
+    return any(_rx_fullmatch(segs, name[i:j]) for segs in alternatives for i in starts
+               for j in stops if i <= j)
 
 
 # -----------------------------------------------------------------------------
@@ -794,7 +823,7 @@ def _from_peft(cfg: dict, sd: dict[str, torch.Tensor], model: nn.Module, where: 
             _names(cfg[field], field, where)
     saved = _names(cfg.get("modules_to_save") or [], "modules_to_save", where)
     for m in saved:
-        _regex(rf"(^|.*\.){m}($|\..*)", f"modules_to_save entry {m!r}", where, m)
+        _regex(rf"(^|.*\.){m}($|\..*)", f"modules_to_save entry {m!r}", where, m, True)
 
     layers = lora_layers(model)
     modules = [n for n, _ in model.named_modules()]

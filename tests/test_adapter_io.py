@@ -516,6 +516,8 @@ EVIL = "([a-z0-9.]|[a-z0-9.])*Z"  # exponential backtracking in re on any long m
 @pytest.mark.parametrize("field, value", [
     ("rank_pattern", {EVIL: 4}), ("alpha_pattern", {EVIL: 2.0}), ("target_modules", EVIL),
     ("exclude_modules", EVIL), ("modules_to_save", [EVIL]), ("rank_pattern", {"a+b": 4}),
+    ("target_modules", "(a|b)" * 9),  # 512 alternatives
+    ("modules_to_save", ["classifier|x"]),  # PEFT would read (^|.*\.)classifier | x($|\..*)
 ])
 def test_peft_regex_outside_the_linear_subset_is_refused_naming_the_field(saved, tmp_path,
                                                                           field, value):
@@ -529,6 +531,7 @@ def test_peft_regex_outside_the_linear_subset_is_refused_naming_the_field(saved,
 
 
 @pytest.mark.parametrize("key", [".*1.dense", "block.1.dense", "^block\\.1\\.dense$",
+                                 "block.(1|7).(?:dense|x)", "(bl|x)ock\\.1\\.dense",
                                  "[b]lock.[1-1].dense", ".*\\d\\.de.*"])
 def test_peft_rank_pattern_in_the_subset_applies_peft_rule(saved, tmp_path, key):
     """Keys written as names, '.', escapes, classes and '.*' give the ranks PEFT's re.match gives:
@@ -542,14 +545,14 @@ def test_peft_rank_pattern_in_the_subset_applies_peft_rule(saved, tmp_path, key)
         "block.0.query": 3, "block.0.dense": 3, "block.1.query": 3, "block.1.dense": 4}
 
 
-ATOMS = ["a", "b", ".", "\\.", "[ab]", "[^a]", "\\d", "1", ".*", "_"]
+ATOMS = ["a", "b", ".", "\\.", "[ab]", "[^a]", "\\d", "1", ".*", "_", "(a|b.*)", "(?:1|.|)"]
 
 
 @given(atoms=st.lists(st.sampled_from(ATOMS), max_size=5), anchors=st.tuples(st.booleans(),
        st.booleans()), names=st.lists(st.text("ab.1_", max_size=8), min_size=1, max_size=4))
 def test_rx_match_agrees_with_peft_re_rules(atoms, anchors, names):
     """Oracle: the three re expressions PEFT evaluates (get_pattern_key, target_modules as a
-    string, modules_to_save), on patterns of the subset lora._rx accepts."""
+    string, modules_to_save), on patterns of the subset lora._rx accepts (groups expanded)."""
     import re
     p = "^" * anchors[0] + "".join(atoms) + "$" * anchors[1]
     assert lora._rx(p) is not None
