@@ -21,16 +21,19 @@ References:
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import numbers
 import os
 import re
+import stat
 import struct
 import tempfile
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 import torch.nn as nn
@@ -110,12 +113,103 @@ def _pattern(p, name: str, rule: str, where: str = "") -> dict:
     return p
 
 
-def _regex(pattern: str, name: str, where: str = "") -> None:
+def _regex(pattern: str, name: str, where: str = "", raw: str | None = None,
+           saved: bool = False) -> None:
+    """pattern compiles, and `raw` (the user's part of it) lies in the subset _rx evaluates;
+    `saved`: a modules_to_save entry, where a top-level | would split PEFT's whole expression."""
     try:
         re.compile(pattern)
     except (re.error, RecursionError, OverflowError) as e:
         raise ValueError(f"{where}{name} is not a valid regular expression ({e}): fix it or "
                          "re.escape the module name") from None
+    rx = _rx(pattern if raw is None else raw)
+    if rx is None or saved and rx[3]:
+        raise ValueError(f"{where}{name} uses regex syntax fimlora does not evaluate (+, ?, *, "
+                         "{n} on anything but '.', anchors inside, over "
+                         f"{_RX_MAX_ALTERNATIVES} alternatives): fimlora matches names, '.', "
+                         "escapes, [classes], '.*' and (a|b) groups without backtracking, since a "
+                         "hostile regex can run for minutes; list the module names instead")
+
+
+# one token: an escape, a [class], ".*", a group's "(", "(?:", "|" or ")", or a plain character
+_RX_TOKEN = re.compile(r"\\[dwsDWS]|\\[^0-9A-Za-z]|\[\^?\]?(?:\\.|[^\]\\])*\]|\.\*|\(\?:|[()|]"
+                       r"|[^\\^$*+?{}()|[]")
+_RX_MAX_ALTERNATIVES = 256
+
+
+@functools.lru_cache(maxsize=4096)
+def _rx(pattern: str) -> tuple[bool, list[list[tuple[re.Pattern, int]]], bool, bool] | None:
+    """(starts with ^, alternatives, ends with $, has a top-level |), or None when the pattern
+    needs more. Groups are expanded into alternatives ("x(a|b)" -> "xa", "xb"); an alternative is
+    a list of segments split at ".*", each (regex, length): a run of one-character atoms without
+    quantifiers, which matches exactly `length` characters as re does. So _rx_fullmatch agrees
+    with re on this subset in time O(alternatives·len(name)·len(pattern)), never exponential.
+    _rx("^a.*b$") == (True, [[(re.compile("a"), 1), (re.compile("b"), 1)]], True, False)"""
+    start, body = pattern.startswith("^"), pattern.removeprefix("^")
+    end = body.endswith("$") and (len(body) - 1 - len(body[:-1].rstrip("\\"))) % 2 == 0
+    body, pos, stack = body[:-1] if end else body, 0, [([[]], [])]  # per group: (product, done)
+    while pos < len(body):
+        m = _RX_TOKEN.match(body, pos)
+        if m is None:
+            return None
+        t, pos = m.group(), m.end()
+        product, done = stack[-1]
+        if t in ("(", "(?:"):
+            stack.append(([[]], []))
+        elif t == "|":
+            stack[-1] = ([[]], done + product)
+        elif t == ")":
+            if len(stack) == 1:
+                return None
+            stack.pop()
+            outer, outer_done = stack[-1]
+            stack[-1] = ([o + a for o in outer for a in done + product], outer_done)
+        else:
+            stack[-1] = ([p + [t] for p in product], done)
+        if len(stack[-1][0]) + len(stack[-1][1]) > _RX_MAX_ALTERNATIVES:
+            return None
+    if len(stack) != 1 or (stack[0][1] and (start or end)):  # ^a|b anchors one branch only
+        return None
+    alternatives = []
+    for alt in stack[0][1] + stack[0][0]:
+        segs = [[]]
+        for t in alt:
+            if t == ".*":
+                segs.append([])
+            else:
+                segs[-1].append(t)
+        alternatives.append([(re.compile("".join(seg)), len(seg)) for seg in segs])
+    return start, alternatives, end, bool(stack[0][1])
+
+
+def _rx_fullmatch(segs: list[tuple[re.Pattern, int]], s: str) -> bool:
+    """s = S0 x S1 x ... Sk for wildcards x: S0 at the start, Sk at the end, each middle segment
+    at its leftmost place in between (never worse than a later one), so nothing backtracks."""
+    (first, n0), (last, nk) = segs[0], segs[-1]
+    if len(segs) == 1:
+        return len(s) == n0 and first.fullmatch(s) is not None
+    pos, end = n0, len(s) - nk
+    if end < pos or not (first.fullmatch(s, 0, pos) and last.fullmatch(s, end)):
+        return False
+    for seg, _ in segs[1:-1]:
+        m = seg.search(s, pos, end)
+        if m is None:
+            return False
+        pos = m.end()
+    return True
+
+
+def _rx_match(pattern: str, name: str, rule: str) -> bool:
+    r"""PEFT's regex rules on module names, via _rx (the pattern was checked by _regex):
+    "full" re.fullmatch(pattern, name) (target_modules); "key" re.match(rf"(.*\.)?({pattern})$",
+    name) (rank_pattern); "saved" re.match(rf"(^|.*\.){pattern}($|\..*)", name)
+    (modules_to_save). A match may start at 0 or after a "." and end at the end or before one."""
+    start, alternatives, end, _ = _rx(pattern)
+    dots = [i for i, c in enumerate(name) if c == "."]
+    starts = [0] if start or rule == "full" else [0, *(i + 1 for i in dots)]
+    stops = [len(name)] if end or rule != "saved" else [len(name), *dots]
+    return any(_rx_fullmatch(segs, name[i:j]) for segs in alternatives for i in starts
+               for j in stops if i <= j)
 
 
 # -----------------------------------------------------------------------------
@@ -418,6 +512,40 @@ _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 _ST_MAX_HEADER = 100_000_000  # bytes; real headers take ~100 bytes per tensor
 _ST_MAX_DIMS, _ST_MAX_NUMEL = 64, 2**62  # beyond any real tensor; within torch's int64 sizes
+_ST_MAX_TENSORS = 1 << 17  # real files hold ~10³ per shard; 1.3 M empty entries took 30 s, 2 GB
+JSON_LIMIT = 1 << 24  # bytes of a config file (PEFT's for 10⁴ modules takes ~1 MB)
+
+
+def open_regular(path: str | os.PathLike, limit: int | None = None) -> BinaryIO:
+    """open(path, "rb") for a regular file (links followed) of at most `limit` bytes, else
+    ValueError naming it: a FIFO would block the read forever and /dev/zero never ends. A
+    missing file raises FileNotFoundError; any other OS error (permission denied, link loop)
+    ValueError with the reason.  with open_regular("adapter_config.json", 1 << 24) as f: ..."""
+    try:  # O_NONBLOCK: opening a FIFO does not wait for a writer; fstat then refuses it
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} not found") from None
+    except OSError as e:
+        fix = ": make it readable (chmod u+r) or run as its owner" if e.errno == 13 else ""
+        raise ValueError(f"cannot read {path}: {e.strerror}{fix}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or (limit is not None and st.st_size > limit):
+        os.close(fd)
+        what = "not a regular file" if not stat.S_ISREG(st.st_mode) else \
+            f"{st.st_size:,} bytes, over the {limit:,} this reader accepts"
+        raise ValueError(f"{path} is {what}: pass the real file (a FIFO, device or "
+                         "directory cannot be read as one)")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+def read_regular(path: str | os.PathLike, limit: int) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes (open_regular's checks)."""
+    with open_regular(path, limit) as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"{path} grew past {limit:,} bytes while it was read")
+    return data
 
 
 def _unique_keys(pairs: list) -> dict:
@@ -462,11 +590,11 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
     __metadata__ absent, null or {str: str}; known dtypes; shapes of <= 64 ints >= 0; int offsets
     that agree with dtype·shape (compared before anything is allocated), lie inside the data
     section and neither overlap nor leave gaps. Tensors are read one by one, so memory stays near
-    the file size plus the parsed header (every entry takes >= 50 header bytes, which bounds
-    the tensor count)."""
+    the file size plus the parsed header, which holds at most 2**17 entries (counted before it
+    is parsed). Only regular files are read (open_regular)."""
     path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
         raw_n = f.read(8)
         if len(raw_n) < 8:
             raise ValueError(f"{path}: not a safetensors file (shorter than 8 bytes)")
@@ -474,7 +602,11 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
         if n > min(size - 8, _ST_MAX_HEADER):
             raise ValueError(f"{path}: header length {n} exceeds the file size {size} or 100 MB: "
                              "the file is truncated or not safetensors")
-        header = _parse_json(f.read(n), f"{path}: header")
+        raw = f.read(n)
+        if raw.count(b"{") > _ST_MAX_TENSORS + 1:  # an object per entry, and the header
+            raise ValueError(f"{path}: the header holds over {_ST_MAX_TENSORS:,} entries; no "
+                             "real checkpoint shard has as many: the file is not a model")
+        header = _parse_json(raw, f"{path}: header")
         meta = header.pop("__metadata__", None)
         meta = {} if meta is None else meta
         if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
@@ -651,9 +783,10 @@ def _peft_config(cfg: dict, linears: Sequence[str], base_model: str | None,
 
 def _peft_pattern(pattern: dict, name: str, default: float) -> float:
     """PEFT's rank_pattern / alpha_pattern lookup: the first key k with
-    re.match(rf"(.*\\.)?({k})$", name) wins (peft/utils/other.py, get_pattern_key)."""
+    re.match(rf"(.*\\.)?({k})$", name) wins (peft/utils/other.py, get_pattern_key), evaluated by
+    _rx_match so a hostile key cannot backtrack for minutes."""
     for key, value in pattern.items():
-        if re.match(rf"(.*\.)?({key})$", name):
+        if _rx_match(key, name, "key"):
             return value
     return default
 
@@ -664,13 +797,13 @@ def _peft_targets(cfg: dict, names: Iterable[str], saved: Sequence[str]) -> list
     it; exclude_modules removes names by the same rule; modules_to_save are never adapted."""
     def hit(spec, name: str) -> bool:
         if isinstance(spec, str):
-            return re.fullmatch(spec, name) is not None
+            return _rx_match(spec, name, "full")
         return any(_matches(name, k) for k in spec or ())
 
     saved = [*saved, *(["classifier", "score"] if cfg.get("task_type") == "SEQ_CLS" else [])]
     return [n for n in names if hit(cfg.get("target_modules"), n)
             and not hit(cfg.get("exclude_modules"), n)
-            and not any(re.match(rf"(^|.*\.){m}($|\..*)", n) for m in saved)]
+            and not any(_rx_match(m, n, "saved") for m in saved)]
 
 
 # PEFT LoraConfig fields LoRALinear cannot reproduce, each with the values that mean "off"
@@ -695,7 +828,7 @@ def _from_peft(cfg: dict, sd: dict[str, torch.Tensor], model: nn.Module, where: 
     for field, rule in (("rank_pattern", "r"), ("alpha_pattern", "alpha")):
         patterns[field] = _pattern(cfg.get(field) or {}, field, rule, where)
         for k in patterns[field]:
-            _regex(rf"(.*\.)?({k})$", f"{field} key {k!r}", where)
+            _regex(rf"(.*\.)?({k})$", f"{field} key {k!r}", where, k)
     for field in ("target_modules", "exclude_modules"):
         if isinstance(cfg.get(field), str):
             _regex(cfg[field], f"{field}={cfg[field]!r}", where)
@@ -703,7 +836,7 @@ def _from_peft(cfg: dict, sd: dict[str, torch.Tensor], model: nn.Module, where: 
             _names(cfg[field], field, where)
     saved = _names(cfg.get("modules_to_save") or [], "modules_to_save", where)
     for m in saved:
-        _regex(rf"(^|.*\.){m}($|\..*)", f"modules_to_save entry {m!r}", where)
+        _regex(rf"(^|.*\.){m}($|\..*)", f"modules_to_save entry {m!r}", where, m, True)
 
     layers = lora_layers(model)
     modules = [n for n, _ in model.named_modules()]
@@ -728,7 +861,7 @@ def _from_peft(cfg: dict, sd: dict[str, torch.Tensor], model: nn.Module, where: 
     for n in (n for n, r in ranks.items() if r == 0):
         ours.setdefault(f"{n}.lora_A", torch.empty(0, layers[n].in_features))
         ours.setdefault(f"{n}.lora_B", torch.empty(layers[n].out_features, 0))
-    heads = [n for n in modules if any(re.match(rf"(^|.*\.){m}($|\..*)", n) for m in saved)]
+    heads = [n for n in modules if any(_rx_match(m, n, "saved") for m in saved)]
     return ranks, alphas, cfg.get("use_rslora", False), ours, heads
 
 
@@ -775,18 +908,22 @@ def save_adapter(path: str | os.PathLike, model: nn.Module, targets: Iterable[st
 
 def _read_adapter(path: Path) -> tuple[dict, dict[str, torch.Tensor], Path]:
     """(config, tensors, weights file) of an adapter folder, both files parsed and checked."""
-    if not (path / ADAPTER_CONFIG).is_file():
-        raise FileNotFoundError(f"{path / ADAPTER_CONFIG} not found: is {path} an adapter folder?")
-    cfg = _parse_json((path / ADAPTER_CONFIG).read_bytes(), str(path / ADAPTER_CONFIG))
-    if (path / ADAPTER_WEIGHTS).is_file():
-        return cfg, read_safetensors(path / ADAPTER_WEIGHTS)[0], path / ADAPTER_WEIGHTS
-    if not (path / PEFT_BIN_WEIGHTS).is_file():
-        raise FileNotFoundError(f"no {ADAPTER_WEIGHTS} or {PEFT_BIN_WEIGHTS} in {path}")
     try:
-        sd = torch.load(path / PEFT_BIN_WEIGHTS, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle, zip and weights_only errors alike: a bad file
-        raise ValueError(f"{path / PEFT_BIN_WEIGHTS}: torch.load(weights_only=True) failed "
-                         f"({type(e).__name__}: {e})") from None
+        raw = read_regular(path / ADAPTER_CONFIG, JSON_LIMIT)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path / ADAPTER_CONFIG} not found: is {path} an adapter "
+                                "folder?") from None
+    cfg = _parse_json(raw, str(path / ADAPTER_CONFIG))
+    if os.path.lexists(path / ADAPTER_WEIGHTS):
+        return cfg, read_safetensors(path / ADAPTER_WEIGHTS)[0], path / ADAPTER_WEIGHTS
+    if not os.path.lexists(path / PEFT_BIN_WEIGHTS):
+        raise FileNotFoundError(f"no {ADAPTER_WEIGHTS} or {PEFT_BIN_WEIGHTS} in {path}")
+    with open_regular(path / PEFT_BIN_WEIGHTS) as f:
+        try:
+            sd = torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as e:  # pickle, zip and weights_only errors alike: a bad file
+            raise ValueError(f"{path / PEFT_BIN_WEIGHTS}: torch.load(weights_only=True) failed "
+                             f"({type(e).__name__}: {e})") from None
     _check_entries(sd, str(path / PEFT_BIN_WEIGHTS))
     return cfg, sd, path / PEFT_BIN_WEIGHTS
 

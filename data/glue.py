@@ -17,6 +17,8 @@ References: GLUE, Wang et al. 2018, arXiv:1804.07461.
 from __future__ import annotations
 
 import math
+import os
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +27,10 @@ from typing import NamedTuple
 import torch
 
 from data.metrics import f1_score, matthews_corrcoef, pearson, spearman
+from lora import read_regular
 
+GLUE_LIMIT = 1 << 30  # bytes of one .tsv (MNLI's train.tsv, the largest, is 80 MB)
+_SCORE = re.compile(r"[0-9]+(\.[0-9]*)?|\.[0-9]+")  # float() would also take "0_5", " 5", "５"
 GLUE_SOURCE = ("download GLUE with download_glue_data.py from "
                "https://github.com/nyu-mll/GLUE-baselines (or https://gluebenchmark.com/tasks)")
 
@@ -88,7 +93,14 @@ def task_spec(task: str) -> TaskSpec:
 def _task_file(spec: TaskSpec, data_dir: str | Path, split: str) -> Path:
     if split not in ("train", "dev"):
         raise ValueError(f"split={split!r}: use 'train' or 'dev' (GLUE test files have no labels)")
-    root = Path(data_dir)
+    try:
+        return _find_task_file(spec, Path(data_dir), split)
+    except PermissionError as e:  # Path.is_dir() raises it inside a folder of mode 000
+        raise ValueError(f"cannot read {e.filename}: permission denied: make the data folder "
+                         "readable (chmod -R u+rX) or run as its owner") from None
+
+
+def _find_task_file(spec: TaskSpec, root: Path, split: str) -> Path:
     if root.is_file():
         raise ValueError(f"data_dir={str(root)!r} is a file: pass the {spec.folder} folder "
                          "holding it (or the GLUE root holding that folder)")
@@ -96,7 +108,7 @@ def _task_file(spec: TaskSpec, data_dir: str | Path, split: str) -> Path:
         raise FileNotFoundError(f"GLUE folder {root} does not exist: {GLUE_SOURCE}")
     folder = root / spec.folder if (root / spec.folder).is_dir() else root
     path = folder / ("train.tsv" if split == "train" else spec.dev_file)
-    if not path.is_file():
+    if not os.path.lexists(path):  # a FIFO or device is named by read_regular, not "missing"
         raise FileNotFoundError(f"{path} not found: {GLUE_SOURCE}, and pass the {spec.folder} "
                                 "folder (or the GLUE root holding it)")
     return path
@@ -108,12 +120,10 @@ def _parse_label(spec: TaskSpec, raw: str, where: str) -> int | float:
             raise ValueError(f"{where}: label {raw!r} is not one of {list(spec.labels)}; fix or "
                              "drop the row (is this the right task's file?)")
         return spec.labels.index(raw)
-    try:
-        score = float(raw)
-    except ValueError:
-        score = math.nan
+    score = float(raw) if _SCORE.fullmatch(raw) else math.nan
     if not 0.0 <= score <= 5.0:  # also rejects NaN
-        raise ValueError(f"{where}: score {raw!r} is not a number in [0, 5]; fix or drop the row")
+        raise ValueError(f"{where}: score {raw!r} is not a decimal number in [0, 5]; fix or drop "
+                         "the row")
     return score
 
 
@@ -124,7 +134,7 @@ def load_glue(task: str, data_dir: str | Path, split: str) -> list[Example]:
     split on "\\n" and "\\t" only (a trailing "\\r" is dropped); text is kept byte-exact."""
     spec = task_spec(task)
     path = _task_file(spec, data_dir, split)
-    data = path.read_bytes()
+    data = read_regular(path, GLUE_LIMIT)
     try:
         text = data.decode("utf-8-sig")  # -sig: MRPC files start with a BOM
     except UnicodeDecodeError as e:

@@ -98,7 +98,8 @@ class BPETokenizer:
             self.ranks.setdefault(pair, rank)
         self.byte_char = bytes_to_unicode()
         self.char_byte = {c: b for b, c in self.byte_char.items()}
-        self.special = {self.tokens[i]: i for i in special}
+        # an empty special token would match between every two characters: it never occurs
+        self.special = {self.tokens[i]: i for i in special if self.tokens[i]}
         # longest first, so "<|im_start|>" wins over a special token that is its prefix
         alternation = "|".join(map(re.escape, sorted(self.special, key=len, reverse=True)))
         self._special_re = re.compile(f"({alternation})") if self.special else None
@@ -115,10 +116,17 @@ class BPETokenizer:
                              "'gpt2' (byte-level BPE) is supported")
         tokens, merges = get("tokenizer.ggml.tokens"), get("tokenizer.ggml.merges")
         types = get("tokenizer.ggml.token_type") or [1] * len(tokens or [])
-        if not isinstance(tokens, list) or not isinstance(merges, list) or \
-                len(types) != len(tokens):
-            raise ValueError("GGUF metadata needs tokenizer.ggml.tokens and .merges lists, and "
-                             "token_type (if present) as long as tokens")
+        if not (isinstance(tokens, list) and isinstance(merges, list) and isinstance(types, list)
+                and all(isinstance(t, str) for t in tokens + merges) and len(types) == len(tokens)
+                and all(type(t) is int for t in types)):
+            raise ValueError("GGUF metadata needs tokenizer.ggml.tokens and .merges as lists of "
+                             "strings, and token_type (if present) as many integers as tokens")
+        for key in ("bos_token_id", "eos_token_id", "padding_token_id", "pre", "add_bos_token"):
+            v = get(f"tokenizer.ggml.{key}")
+            want = {"pre": str, "add_bos_token": bool}.get(key, int)
+            if v is not None and type(v) is not want:
+                raise ValueError(f"GGUF metadata tokenizer.ggml.{key}={v!r} is invalid: use "
+                                 f"{'a string' if want is str else want.__name__}")
         pre = get("tokenizer.ggml.pre", "gpt2")
         return cls(tokens, merges, [i for i, t in enumerate(types) if t in (CONTROL, USER_DEFINED)],
                    get("tokenizer.ggml.bos_token_id"), get("tokenizer.ggml.eos_token_id"),

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from lora import read_safetensors
+from lora import JSON_LIMIT, open_regular, read_regular, read_safetensors
 from models.bpe import BPETokenizer, tiny_bpe
 from models.encoder import TINY, BertConfig, BertForSequenceClassification, BertModel
 from models.llama import TINY_LLAMA, LlamaForCausalLM, load_smollm2, smollm2_path
@@ -51,24 +51,49 @@ def _names(keys: list[str], n: int = 20) -> str:
     return f"{keys[:n]}" + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
 
 
+def _exists(path: Path) -> bool:
+    """os.path.lexists, but a folder the user may not search is a ValueError naming the fix
+    (Path.is_file raises PermissionError there, and a FIFO is no file: open_regular says so)."""
+    try:
+        os.lstat(path)
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e.strerror}: make {path.parent} readable "
+                         "(chmod u+rx) or run as its owner") from None
+    return True
+
+
 def _required(folder: Path, name: str) -> Path:
-    if not (folder / name).is_file():
+    if not _exists(folder / name):
         raise FileNotFoundError(f"{folder / name} not found: an HF model folder needs {name}")
     return folder / name
 
 
+def read_json(path: Path) -> dict:
+    """A JSON object from a regular file of at most lora.JSON_LIMIT bytes, else ValueError."""
+    try:
+        obj = json.loads(read_regular(path, JSON_LIMIT).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ValueError(f"{path} is not valid JSON in UTF-8 ({e})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} is not a JSON object")
+    return obj
+
+
 def read_state_dict(folder: Path) -> tuple[dict[str, torch.Tensor], str]:
     """model.safetensors if present, else pytorch_model.bin; returns (tensors, file name)."""
-    if (folder / "model.safetensors").is_file():
+    if _exists(folder / "model.safetensors"):
         return read_safetensors(folder / "model.safetensors")[0], "model.safetensors"
     path = folder / "pytorch_model.bin"
-    if not path.is_file():
+    if not _exists(path):
         raise FileNotFoundError(f"neither {folder / 'model.safetensors'} nor {path} found")
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError) as e:
-        raise ValueError(f"{path} does not load with weights_only=True ({e}); "
-                         "convert it to model.safetensors") from None
+    with open_regular(path) as f:
+        try:
+            sd = torch.load(f, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError) as e:
+            raise ValueError(f"{path} does not load with weights_only=True ({e}); "
+                             "convert it to model.safetensors") from None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ValueError(f"{path} is not a state dict of tensors")
     return sd, "pytorch_model.bin"
@@ -114,11 +139,41 @@ def load_state_dict_into(model: nn.Module,
     return fresh, ignored
 
 
+def check_fits(config: BertConfig, sd: dict[str, torch.Tensor], where: str) -> None:
+    """config.json's sizes against the checkpoint's tensors, before any layer is built: a config
+    claiming 10⁵ layers or 10¹¹ tokens would otherwise allocate them first. Extra layers in the
+    checkpoint are left to load_state_dict_into, which names the keys."""
+    sd = {k.removeprefix("bert."): v for k, v in sd.items()}
+    found = {k.split(".")[2] for k in sd if k.startswith("encoder.layer.") and k.count(".") > 2}
+    n, C = config.num_hidden_layers, config.hidden_size
+    if n > len(found) or any(str(i) not in found for i in range(n)):
+        raise ValueError(f"{where}: config.json has num_hidden_layers={n} but the checkpoint "
+                         f"holds {len(found)} layers (encoder.layer.N): config and weights do "
+                         "not belong together")
+    want = {"embeddings.word_embeddings.weight": ((config.vocab_size, C), "vocab_size"),
+            "embeddings.position_embeddings.weight": ((config.max_position_embeddings, C),
+                                                      "max_position_embeddings"),
+            "embeddings.token_type_embeddings.weight": ((config.type_vocab_size, C),
+                                                        "type_vocab_size"),
+            "encoder.layer.0.intermediate.dense.weight": ((config.intermediate_size, C),
+                                                          "intermediate_size")}
+    for key, (shape, field) in want.items():
+        got = tuple(sd[key].shape) if key in sd else "missing"
+        if got != shape:
+            raise ValueError(f"{where}: {key} is {got} but config.json gives {shape} "
+                             f"({field}, hidden_size): config and weights do not belong together")
+
+
 def load_tokenizer(folder: str | os.PathLike) -> WordPieceTokenizer:
     """vocab.txt, with do_lower_case / strip_accents from tokenizer_config.json if present."""
     folder = Path(folder)
     cfg_path = folder / "tokenizer_config.json"
-    cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    cfg = read_json(cfg_path) if _exists(cfg_path) else {}
+    for key, none_ok in (("do_lower_case", False), ("strip_accents", True)):
+        v = cfg.get(key)
+        if not (isinstance(v, bool) or v is None and (none_ok or key not in cfg)):
+            raise ValueError(f"{cfg_path}: {key}={v!r} is invalid: use true or false"
+                             + (" or null" if none_ok else ""))
     return WordPieceTokenizer.from_file(_required(folder, "vocab.txt"),
                                         cfg.get("do_lower_case", True), cfg.get("strip_accents"))
 
@@ -130,15 +185,13 @@ def load_pretrained(path: str | os.PathLike, num_labels: int | None = None,
     otherwise a BertForSequenceClassification; fresh heads draw from `generator`."""
     folder = Path(path)
     config_path = _required(folder, "config.json")
-    raw = json.loads(config_path.read_text())
-    if not isinstance(raw, dict):
-        raise ValueError(f"{config_path} is not a JSON object")
-    config = BertConfig.from_dict(raw)
+    config = BertConfig.from_dict(read_json(config_path), str(config_path))
     tok = load_tokenizer(folder)
     if len(tok) > config.vocab_size:
         raise ValueError(f"vocab.txt has {len(tok)} tokens but config vocab_size="
                          f"{config.vocab_size}: tokenizer and weights do not belong together")
     sd, weights = read_state_dict(folder)
+    check_fits(config, sd, str(folder / weights))
     model = (BertModel(config, generator) if num_labels is None
              else BertForSequenceClassification(config, num_labels, generator))
     fresh, ignored = load_state_dict_into(model, sd)

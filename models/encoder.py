@@ -23,6 +23,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -47,30 +48,47 @@ class BertConfig:
     classifier_dropout: float | None = None  # None: hidden_dropout_prob, as in transformers
 
     def __post_init__(self):
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                     "intermediate_size", "max_position_embeddings", "type_vocab_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"BertConfig.{name}={getattr(self, name)} must be >= 1")
+        """Every field by type and range: a config.json value of the wrong type (a string where
+        an int belongs) is a ValueError naming the field, never a TypeError further on."""
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.type == "int":  # JSON true is an int to Python, not to us
+                ok, want = type(v) is int and 1 <= v < 2**31, "an int in [1, 2**31)"
+                if f.name == "pad_token_id":
+                    ok, want = type(v) is int and v >= 0, "an int >= 0"
+            else:
+                ok = type(v) in (int, float) and abs(v) <= sys.float_info.max  # NaN, inf fail
+                ok = ok or (v is None and "None" in f.type)
+                want = "a finite number" + (" or null" if "None" in f.type else "")
+            if not ok:
+                raise ValueError(f"{f.name}={v!r} is invalid: use {want}")
+        if not self.layer_norm_eps > 0 or self.initializer_range < 0:
+            raise ValueError(f"layer_norm_eps={self.layer_norm_eps} must be > 0 and "
+                             f"initializer_range={self.initializer_range} >= 0")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size={self.hidden_size} is not divisible by "
                              f"num_attention_heads={self.num_attention_heads}")
-        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"BertConfig.{name}={getattr(self, name)} is outside [0, 1)")
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout"):
+            if getattr(self, name) is not None and not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name}={getattr(self, name)} is outside [0, 1)")
         if not 0 <= self.pad_token_id < self.vocab_size:
             raise ValueError(f"pad_token_id={self.pad_token_id} is not in [0, {self.vocab_size})")
 
     @classmethod
-    def from_dict(cls, d: dict) -> BertConfig:
+    def from_dict(cls, d: dict, where: str = "config") -> BertConfig:
         """The fields of an HF config.json we use; other keys are ignored. Architectures this
-        encoder does not implement are rejected rather than silently run as plain BERT."""
+        encoder does not implement are rejected rather than silently run as plain BERT. Errors
+        are ValueError "<where>: <field>=<value> ..."."""
         checks = {"model_type": "bert", "hidden_act": "gelu", "position_embedding_type": "absolute"}
         for key, supported in checks.items():
             if d.get(key, supported) != supported:
-                raise ValueError(f"config {key}={d[key]!r} is not supported: this encoder "
+                raise ValueError(f"{where}: {key}={d[key]!r} is not supported: this encoder "
                                  f"implements {key}={supported!r} only")
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        try:
+            return cls(**{k: v for k, v in d.items() if k in names})
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
 
 
 # 2 layers of width 64: a forward+backward of a 16x32 batch takes milliseconds on a CPU

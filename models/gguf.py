@@ -1,4 +1,5 @@
-"""A GGUF reader in stdlib + torch: validated header, metadata, and float32 tensors.
+"""A GGUF reader in stdlib + torch (+ lora.open_regular): a validated header, metadata and
+float32 tensors.
 
     from models.gguf import read_gguf, read_gguf_header
     meta, tensors = read_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")   # dict, {name: float32 Tensor}
@@ -26,6 +27,8 @@ from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
 import torch
+
+from lora import open_regular
 
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)
@@ -153,10 +156,10 @@ def read_gguf_header(path: str | os.PathLike) -> GGUFHeader:
     """Metadata and tensor infos of a GGUF file, all validated; no tensor data is read.
     read_gguf_header(p).metadata["general.architecture"] -> "llama" """
     path = Path(path)
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise FileNotFoundError(f"GGUF file {path} not found")
-    size = path.stat().st_size
-    with open(path, "rb") as f:
+    with open_regular(path) as f:  # a FIFO or device is refused, not read forever
+        size = os.fstat(f.fileno()).st_size
         c = _Cursor(f, size, path)
         if c.take(min(4, size), "magic") != MAGIC:
             raise c.fail("no GGUF magic at the start")
@@ -255,7 +258,7 @@ def read_gguf(path: str | os.PathLike, names: list[str] | None = None,
         raise ValueError(f"{bad[0].split(' is ')[1]} is not supported: {'; '.join(bad[:5])}; "
                          f"this reader dequantises {', '.join(SUPPORTED)}")
     out = {}
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         for n in wanted:
             info = header.tensors[n]
             f.seek(info.offset)

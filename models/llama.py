@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -251,8 +252,20 @@ _GGUF_BLOCK = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj",
                "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
 
 
+def _gguf_number(metadata: dict, key: str, default, integer: bool):
+    """metadata[key] (or default) if it is an int in [1, 2**31), or a finite float > 0 when not
+    `integer`; else ValueError naming the key (a GGUF value may have any type)."""
+    v = metadata.get(key, default)
+    if integer and not (type(v) is int and 1 <= v < 2**31):
+        raise ValueError(f"GGUF metadata {key}={v!r} is invalid: use an integer in [1, 2**31)")
+    if not integer and not (type(v) in (int, float) and 0 < v <= sys.float_info.max):
+        raise ValueError(f"GGUF metadata {key}={v!r} is invalid: use a finite number > 0")
+    return v
+
+
 def config_from_gguf(metadata: dict, tensor_names: list[str] | None = None) -> LlamaConfig:
-    """LlamaConfig from `llama.*` metadata; embeddings are tied when there is no output.weight."""
+    """LlamaConfig from `llama.*` metadata, every value checked by type and range first;
+    embeddings are tied when there is no output.weight."""
     arch = metadata.get("general.architecture")
     if arch != "llama":
         raise ValueError(f"general.architecture={arch!r}: this loader reads 'llama' models only")
@@ -265,17 +278,25 @@ def config_from_gguf(metadata: dict, tensor_names: list[str] | None = None) -> L
     missing = [f"llama.{k}" for k in key.values() if f"llama.{k}" not in metadata]
     if missing:
         raise ValueError(f"GGUF metadata lacks {missing}: not a complete llama file")
-    kw = {name: metadata[f"llama.{k}"] for name, k in key.items()}
-    kw["num_key_value_heads"] = metadata.get("llama.attention.head_count_kv",
-                                             kw["num_attention_heads"])
-    kw["rms_norm_eps"] = metadata.get("llama.attention.layer_norm_rms_epsilon", 1e-5)
-    kw["rope_theta"] = metadata.get("llama.rope.freq_base", 10000.0)
-    kw["vocab_size"] = metadata.get("llama.vocab_size",
-                                    len(metadata.get("tokenizer.ggml.tokens", [])))
+    kw = {name: _gguf_number(metadata, f"llama.{k}", None, True) for name, k in key.items()}
+    kw["num_key_value_heads"] = _gguf_number(metadata, "llama.attention.head_count_kv",
+                                             kw["num_attention_heads"], True)
+    kw["rms_norm_eps"] = _gguf_number(metadata, "llama.attention.layer_norm_rms_epsilon", 1e-5,
+                                      False)
+    kw["rope_theta"] = _gguf_number(metadata, "llama.rope.freq_base", 10000.0, False)
+    tokens = metadata.get("tokenizer.ggml.tokens")
+    kw["vocab_size"] = _gguf_number(metadata, "llama.vocab_size",
+                                    len(tokens) if isinstance(tokens, list) else None, True)
     if tensor_names is not None:
         kw["tie_word_embeddings"] = "output.weight" not in tensor_names
+        # before anything loops over or builds the layers: a 92 KB file may claim 10⁹ blocks
+        blocks = {n.split(".")[1] for n in tensor_names if n.startswith("blk.")}
+        if len(blocks) != kw["num_hidden_layers"]:
+            raise ValueError(f"GGUF metadata llama.block_count={kw['num_hidden_layers']} but the "
+                             f"file holds tensors of {len(blocks)} blocks (blk.N.*): the file is "
+                             "damaged or not one model")
     config = LlamaConfig(**kw)
-    rope_dim = metadata.get("llama.rope.dimension_count", config.head_dim)
+    rope_dim = _gguf_number(metadata, "llama.rope.dimension_count", config.head_dim, True)
     if rope_dim != config.head_dim:
         raise ValueError(f"llama.rope.dimension_count={rope_dim} != head_dim={config.head_dim}: "
                          "partial rotary embeddings are not supported")
@@ -294,8 +315,11 @@ def llama_from_gguf(path: str | os.PathLike) -> tuple[LlamaForCausalLM, BPEToken
     """A llama GGUF file -> (float32 LlamaForCausalLM in eval mode, its BPE tokenizer). Every
     tensor is checked against the config by name and shape before the model is built."""
     header = read_gguf_header(path)
-    config = config_from_gguf(header.metadata, list(header.tensors))
-    tokenizer = BPETokenizer.from_gguf(header.metadata)
+    try:
+        config = config_from_gguf(header.metadata, list(header.tensors))
+        tokenizer = BPETokenizer.from_gguf(header.metadata)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
     if len(tokenizer) > config.vocab_size:
         raise ValueError(f"{len(tokenizer)} tokens but vocab_size={config.vocab_size}")
     renamed = dict(_GGUF_TOP)

@@ -29,8 +29,11 @@ from pathlib import Path
 
 import torch
 
+from lora import read_regular
+
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
 MAX_CHARS_PER_WORD = 100
+VOCAB_LIMIT = 1 << 26  # bytes of vocab.txt (BERT's: 0.2 MB, multilingual 1 MB)
 
 # the CJK Unified Ideographs blocks BERT splits into single characters
 _CJK = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F),
@@ -154,9 +157,14 @@ class WordPieceTokenizer:
                   strip_accents: bool | None = None) -> WordPieceTokenizer:
         """One token per line, the line number is the id (BERT's vocab.txt)."""
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"vocab file {path} not found")
-        vocab = path.read_text(encoding="utf-8").removesuffix("\n").split("\n")
+        try:
+            text = read_regular(path, VOCAB_LIMIT).decode("utf-8")
+        except FileNotFoundError:
+            raise FileNotFoundError(f"vocab file {path} not found") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"vocab file {path} is not UTF-8 (byte {e.start}): is it vocab.txt?"
+                             ) from None
+        vocab = text.removesuffix("\n").split("\n")
         return cls(vocab, do_lower_case, strip_accents)
 
     def __len__(self) -> int:

@@ -561,3 +561,129 @@ def test_fim_adapter_served_with_one_scale_for_every_module_gives_our_logits(tmp
         served = base(ids)
     assert (ours - plain).abs().max() > 1e-2, "the adapter must change the logits"
     torch.testing.assert_close(served, ours, rtol=1e-5, atol=1e-5)
+# hostile files: catastrophic regexes, FIFOs, devices, unreadable files, huge headers
+
+EVIL = "([a-z0-9.]|[a-z0-9.])*Z"  # exponential backtracking in re on any long module name
+
+
+@pytest.mark.parametrize("field, value", [
+    ("rank_pattern", {EVIL: 4}), ("alpha_pattern", {EVIL: 2.0}), ("target_modules", EVIL),
+    ("exclude_modules", EVIL), ("modules_to_save", [EVIL]), ("rank_pattern", {"a+b": 4}),
+    ("target_modules", "(a|b)" * 9),  # 512 alternatives
+    ("modules_to_save", ["classifier|x"]),  # PEFT would read (^|.*\.)classifier | x($|\..*)
+])
+def test_peft_regex_outside_the_linear_subset_is_refused_naming_the_field(saved, tmp_path,
+                                                                          field, value):
+    """Before the fix these ran through re (minutes on a 60-character name); now refused."""
+    folder = edited(saved[0], "peft", tmp_path / "a", lambda c: c.__setitem__(field, value))
+    model = trained(2)
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=f"{field}.*does not evaluate.*list the module names"):
+        load_adapter(folder, model)
+    assert_unchanged(model, snap)
+
+
+@pytest.mark.parametrize("key", [".*1.dense", "block.1.dense", "^block\\.1\\.dense$",
+                                 "block.(1|7).(?:dense|x)", "(bl|x)ock\\.1\\.dense",
+                                 "[b]lock.[1-1].dense", ".*\\d\\.de.*"])
+def test_peft_rank_pattern_in_the_subset_applies_peft_rule(saved, tmp_path, key):
+    """Keys written as names, '.', escapes, classes and '.*' give the ranks PEFT's re.match gives:
+    the saved key for block.1.dense (rank 4) replaced by an equivalent one."""
+    def cfg_edit(cfg):
+        cfg["rank_pattern"] = {key: 4} if key != ".*\\d\\.de.*" else {".*1\\.de.*": 4}
+    folder = edited(saved[0], "peft", tmp_path / "a", cfg_edit)
+    model = trained(2)
+    load_adapter(folder, model)
+    assert {n: m.r for n, m in lora_layers(model).items()} == {
+        "block.0.query": 3, "block.0.dense": 3, "block.1.query": 3, "block.1.dense": 4}
+
+
+ATOMS = ["a", "b", ".", "\\.", "[ab]", "[^a]", "\\d", "1", ".*", "_", "(a|b.*)", "(?:1|.|)"]
+
+
+@given(atoms=st.lists(st.sampled_from(ATOMS), max_size=5), anchors=st.tuples(st.booleans(),
+       st.booleans()), names=st.lists(st.text("ab.1_", max_size=8), min_size=1, max_size=4))
+def test_rx_match_agrees_with_peft_re_rules(atoms, anchors, names):
+    """Oracle: the three re expressions PEFT evaluates (get_pattern_key, target_modules as a
+    string, modules_to_save), on patterns of the subset lora._rx accepts (groups expanded)."""
+    import re
+    p = "^" * anchors[0] + "".join(atoms) + "$" * anchors[1]
+    assert lora._rx(p) is not None
+    for name in names:
+        assert lora._rx_match(p, name, "full") == (re.fullmatch(p, name) is not None)
+        assert lora._rx_match(p, name, "key") == (re.match(rf"(.*\.)?({p})$", name) is not None)
+        assert lora._rx_match(p, name, "saved") == (
+            re.match(rf"(^|.*\.){p}($|\..*)", name) is not None)
+
+
+def _returns_within(fn, seconds: float = 30.0):
+    """fn()'s exception or result, or a test failure if it blocks (a FIFO read never returns)."""
+    import threading
+    out = []
+
+    def run():
+        try:
+            out.append(fn())
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            out.append(e)
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), f"{fn} blocked for {seconds} s"
+    return out[0]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs os.mkfifo")
+def test_fifo_or_device_as_safetensors_is_refused_without_blocking(saved, tmp_path):
+    os.mkfifo(tmp_path / "fifo.safetensors")
+    (tmp_path / "zero.safetensors").symlink_to("/dev/zero")
+    for name in ("fifo.safetensors", "zero.safetensors"):
+        e = _returns_within(lambda: read_safetensors(tmp_path / name))
+        assert isinstance(e, ValueError) and "not a regular file" in str(e), e
+    for f, weights in (("config", False), ("weights", True)):
+        folder = tmp_path / f
+        shutil.copytree(saved[0] / "peft", folder)
+        target = folder / (ADAPTER_WEIGHTS if weights else ADAPTER_CONFIG)
+        target.unlink()
+        os.mkfifo(target)
+        e = _returns_within(lambda: load_adapter(folder, trained(2)))
+        assert isinstance(e, ValueError) and f"{target} is not a regular file" in str(e), e
+
+
+def test_unreadable_adapter_file_names_the_file_and_the_fix(saved, tmp_path, monkeypatch):
+    """chmod 000 does not stop root, so os.open is made to refuse the one file."""
+    shutil.copytree(saved[0] / "fimlora", tmp_path / "a")
+    real_open = os.open
+
+    def denied(path, *a, **kw):
+        if Path(path).name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *a, **kw)
+    monkeypatch.setattr(os, "open", denied)
+    with pytest.raises(ValueError, match=f"cannot read {tmp_path / 'a' / ADAPTER_CONFIG}: "
+                                         "Permission denied: make it readable"):
+        load_adapter(tmp_path / "a", trained(2))
+    with pytest.raises(ValueError, match="adapter_model.safetensors: Permission denied"):
+        read_safetensors(tmp_path / "a" / ADAPTER_WEIGHTS)
+
+
+def test_config_over_the_byte_bound_is_refused_before_reading(saved, tmp_path, monkeypatch):
+    shutil.copytree(saved[0] / "fimlora", tmp_path / "a")
+    monkeypatch.setattr(lora, "JSON_LIMIT", 64)
+    with pytest.raises(ValueError, match="adapter_config.json is .* bytes, over the 64"):
+        load_adapter(tmp_path / "a", trained(2))
+
+
+def test_safetensors_header_with_too_many_entries_is_refused(tmp_path, monkeypatch):
+    """1.3 M empty entries took 30 s and 2 GB; the count is bounded before the JSON is parsed
+    (here the bound is lowered to 4 so the file stays small)."""
+    assert 10**4 <= lora._ST_MAX_TENSORS <= 10**6
+    monkeypatch.setattr(lora, "_ST_MAX_TENSORS", 4)
+    empty = {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}
+    for n, ok in ((4, True), (5, False)):
+        path = _st_file(tmp_path / f"{n}.safetensors", {f"t{i}": empty for i in range(n)})
+        if ok:
+            assert len(read_safetensors(path)[0]) == n
+        else:
+            with pytest.raises(ValueError, match="over 4 entries"):
+                read_safetensors(path)

@@ -128,6 +128,10 @@ def test_load_glue_rejects_wrong_field_count_naming_file_line(tmp_path, task, ro
     ("mrpc", "\n0\t2108705", "\n1.0\t2108705"), ("qqp", "\t1\n", "\tyes\n"),
     ("mnli", "\tcontradiction\n", "\t-\n"), ("stsb", "\t0.500\n", "\tfive\n"),
     ("stsb", "\t0.500\n", "\t5.5\n"), ("stsb", "\t0.500\n", "\tnan\n"),
+    # float() reads these as 0.5, 5.0, 0.5, 0.5, 1.0: none is how a GLUE score is written
+    ("stsb", "\t0.500\n", "\t0_5\n"), ("stsb", "\t0.500\n", "\t5_0\n"),
+    ("stsb", "\t0.500\n", "\t 0.5\n"), ("stsb", "\t0.500\n", "\t０.５\n"),
+    ("stsb", "\t0.500\n", "\t1e0\n"),
 ])
 def test_load_glue_rejects_bad_label_naming_file_line(tmp_path, task, old, new):
     """The bad label is on the last data row: line 3, or line 2 for CoLA (no header)."""
@@ -474,3 +478,46 @@ def test_group_by_length_pools_follow_the_random_order_and_the_seed():
     assert tops != sorted(tops) and tops != sorted(tops, reverse=True)
     assert all(torch.equal(a[k], b[k]) for a, b in zip(out, again) for k in a)
     assert [b["labels"].tolist() for b in out] != [b["labels"].tolist() for b in other]
+
+
+# -----------------------------------------------------------------------------
+# files that cannot be read: permissions (simulated, since chmod does not stop root), FIFOs
+
+
+def test_unreadable_train_tsv_or_task_folder_names_the_path_and_the_fix(tmp_path, monkeypatch):
+    import os
+    path = _write(tmp_path, "sst2")
+    real_open, real_stat = os.open, os.stat
+
+    def denied_open(p, *a, **kw):
+        if str(p) == str(path):
+            raise PermissionError(13, "Permission denied", str(p))
+        return real_open(p, *a, **kw)
+    monkeypatch.setattr(os, "open", denied_open)
+    with pytest.raises(ValueError, match=f"cannot read {path}: Permission denied: make it "
+                                         "readable"):
+        load_glue("sst2", path.parent, _split("sst2"))
+    monkeypatch.setattr(os, "open", real_open)
+
+    def denied_stat(p, *a, **kw):  # a folder of mode 000: nothing inside can be stat'ed
+        if str(p).startswith(str(path.parent) + os.sep):
+            raise PermissionError(13, "Permission denied", str(p))
+        return real_stat(p, *a, **kw)
+    monkeypatch.setattr(os, "stat", denied_stat)
+    with pytest.raises(ValueError, match=f"cannot read {path.parent}.*permission denied: make "
+                                         "the data folder readable"):
+        load_glue("sst2", path.parent, _split("sst2"))
+
+
+def test_fifo_or_device_as_train_tsv_is_refused_without_blocking(tmp_path):
+    import os
+    from test_adapter_io import _returns_within
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("needs os.mkfifo")
+    os.mkfifo(tmp_path / "train.tsv")
+    e = _returns_within(lambda: load_glue("sst2", tmp_path, "train"))
+    assert isinstance(e, ValueError) and "train.tsv is not a regular file" in str(e), e
+    (tmp_path / "train.tsv").unlink()
+    (tmp_path / "train.tsv").symlink_to("/dev/zero")
+    with pytest.raises(ValueError, match="train.tsv is not a regular file"):
+        load_glue("sst2", tmp_path, "train")

@@ -79,6 +79,45 @@ def own(files: dict[str, str | bytes], *argv: str):
 
 
 ROWS = "text,label\ngood,pos\nbad,neg\n"  # a valid --data file
+def stsb(score: str):
+    """A setup writing an STS-B folder whose train.tsv row has the score `score`."""
+    def setup(tmp: Path) -> list[str]:
+        d = tmp / "STS-B"
+        d.mkdir()
+        head = "i\tg\tf\ty\to\ts1\ts2\tsentence1\tsentence2\tscore\n"
+        (d / "train.tsv").write_text(head + f"0\tg\tf\ty\to\tn\tn\tA.\tB.\t{score}\n")
+        (d / "dev.tsv").write_text(head + "0\tg\tf\ty\to\tn\tn\tA.\tB.\t1.0\n")
+        return ["--task", "stsb", "--data-dir", str(d)]
+    return setup
+
+
+def model_folder(edit=None, fifo: str | None = None):
+    """A setup writing an HF BERT folder of the tiny encoder, config.json changed by `edit`,
+    `fifo` (a file name) replaced by a FIFO."""
+    def setup(tmp: Path) -> list[str]:
+        import dataclasses
+        import os
+        from lora import write_safetensors
+        from models import TINY, BertModel, tiny_vocab
+        m = tmp / "bert"
+        m.mkdir()
+        cfg = dataclasses.asdict(TINY) | {"model_type": "bert"}
+        (m / "config.json").write_text(json.dumps(cfg | (edit or {})))
+        (m / "vocab.txt").write_text("\n".join(tiny_vocab()) + "\n")
+        write_safetensors(m / "model.safetensors", BertModel(TINY).state_dict())
+        if fifo:
+            (m / fifo).unlink()
+            os.mkfifo(m / fifo)
+        return ["--model", str(m)]
+    return setup
+
+
+def fifo_tsv(tmp: Path) -> list[str]:
+    import os
+    argv = tsv("sentence\tlabel\na\t1\n")(tmp)
+    (tmp / "SST-2" / "train.tsv").unlink()
+    os.mkfifo(tmp / "SST-2" / "train.tsv")
+    return argv
 
 
 # (what the user did, setup -> argv, text the message must contain)
@@ -196,6 +235,14 @@ CLI = [
      "--method fim ignores --da-samples (used by --method da / fim+da only)"),
     ("--compare on a GLUE task", plain(*GLUE, "/nonexistent", "--compare"),
      "drop --compare or use --task planted"),
+    ("--data-dir: an STS-B score 0_5", stsb("0_5"), "train.tsv:2: score '0_5'"),
+    ("--data-dir: train.tsv is a FIFO", fifo_tsv, "train.tsv is not a regular file"),
+    ("--model: config.json with a string size", model_folder({"hidden_size": "64"}),
+     "config.json: hidden_size='64' is invalid: use an int"),
+    ("--model: config.json claims 100000 layers", model_folder({"num_hidden_layers": 100000}),
+     "num_hidden_layers=100000 but the checkpoint holds 2 layers"),
+    ("--model: vocab.txt is a FIFO", model_folder(fifo="vocab.txt"),
+     "vocab.txt is not a regular file"),
 ]
 
 
@@ -235,6 +282,13 @@ def _saved(tmp: Path, edit) -> Path:
     return tmp / "a"
 
 
+def _saved_peft(tmp: Path, fields: dict) -> Path:
+    save_adapter(tmp / "p", _adapted(), ["0"], heads=["1"], format="peft")
+    cfg = json.loads((tmp / "p" / "adapter_config.json").read_text())
+    (tmp / "p" / "adapter_config.json").write_text(json.dumps(cfg | fields))
+    return tmp / "p"
+
+
 API = [
     ("load_adapter: no such folder", lambda t: load_adapter(t / "none", _adapted()),
      "adapter_config.json not found"),
@@ -247,6 +301,9 @@ API = [
     ("load_adapter: config is not JSON", lambda t: (
         _saved(t, lambda c: None) / "adapter_config.json").write_text("{x") and
         load_adapter(t / "a", _adapted()), "adapter_config.json"),
+    ("load_adapter: a backtracking regex in rank_pattern", lambda t: load_adapter(
+        _saved_peft(t, {"rank_pattern": {"([a-z0-9.]|[a-z0-9.])*Z": 4}}), _adapted()),
+     "does not evaluate"),
 ]
 
 

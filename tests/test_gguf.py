@@ -6,7 +6,9 @@ computed from the stored integers. Peer: the `gguf` package on the SmolLM2 file.
 Run: .venv/bin/python -m pytest -q tests/test_gguf.py
 """
 
+import os
 import struct
+import sys
 
 import pytest
 import torch
@@ -264,3 +266,87 @@ def test_smollm2_tensors_equal_the_gguf_package():
     for t in reader.tensors[:40]:  # covers Q8_0, Q4_1 and F32
         ref = torch.from_numpy(gguf.dequantize(t.data, t.tensor_type).copy())
         assert torch.equal(ours[t.name], ref.float().reshape(ours[t.name].shape)), t.name
+
+
+# -----------------------------------------------------------------------------
+# llama metadata by type and range, layers against tensors, files that are not files
+
+
+def _llama_gguf(path, monkeypatch, **edits):
+    """test_decoder's tiny llama GGUF with metadata keys replaced (None: removed)."""
+    import test_decoder
+    real = write_gguf
+
+    def edited(p, meta, tensors):
+        meta = {k: v for k, v in (meta | {k.replace("__", "."): v for k, v in edits.items()}
+                                  ).items() if v is not None}
+        return real(p, meta, tensors)
+    monkeypatch.setattr(sys.modules[__name__], "write_gguf", edited)
+    test_decoder._tiny_gguf(path, test_decoder.tiny(), test_decoder.TOK)
+    monkeypatch.setattr(sys.modules[__name__], "write_gguf", real)
+    return path
+
+
+LLAMA_INTS = ["llama.block_count", "llama.embedding_length", "llama.feed_forward_length",
+              "llama.attention.head_count", "llama.attention.head_count_kv",
+              "llama.context_length", "llama.vocab_size"]
+
+
+@pytest.mark.parametrize("key, value", [
+    *((k, v) for k in LLAMA_INTS for v in ("64", 64.0, True, 0, -3)),
+    *((k, v) for k in ("llama.rope.freq_base", "llama.attention.layer_norm_rms_epsilon")
+      for v in ("1e4", True, 0.0, float("inf"), float("nan"))),
+    ("llama.rope.dimension_count", "16"),
+])
+def test_llama_metadata_of_the_wrong_type_or_range_names_the_file_and_key(tmp_path, monkeypatch,
+                                                                          key, value):
+    from models.llama import llama_from_gguf
+    path = _llama_gguf(tmp_path / "t.gguf", monkeypatch, **{key.replace(".", "__"): value})
+    with pytest.raises(ValueError, match=f"{path}: GGUF metadata {key}=.* is invalid: use"):
+        llama_from_gguf(path)
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("tokenizer.ggml.bos_token_id", "0", "bos_token_id='0' is invalid: use int"),
+    ("tokenizer.ggml.add_bos_token", 1, "add_bos_token=1 is invalid: use bool"),
+    ("tokenizer.ggml.pre", 3, "pre=3 is invalid: use a string"),
+    ("tokenizer.ggml.tokens", [1, 2, 3], "tokens and .merges as lists of strings"),
+    ("tokenizer.ggml.merges", 7, "tokens and .merges as lists of strings"),
+])
+def test_tokenizer_metadata_of_the_wrong_type_names_the_key(tmp_path, monkeypatch, key, value,
+                                                            match):
+    from models.llama import llama_from_gguf
+    path = _llama_gguf(tmp_path / "t.gguf", monkeypatch, **{key.replace(".", "__"): value})
+    with pytest.raises(ValueError, match=match):
+        llama_from_gguf(path)
+
+
+def test_block_count_beyond_the_tensors_is_refused_before_building(tmp_path, monkeypatch):
+    """A file claiming 10⁹ blocks built them (MemoryError after 25 s) before any tensor check."""
+    from models.llama import llama_from_gguf
+    path = _llama_gguf(tmp_path / "t.gguf", monkeypatch, llama__block_count=10**9)
+    with pytest.raises(ValueError, match="llama.block_count=1000000000 but the"):
+        llama_from_gguf(path)
+
+
+def test_empty_control_token_is_never_emitted(tmp_path, monkeypatch):
+    """An empty-string control token matched between every two characters of any text."""
+    import test_decoder
+    from models.llama import llama_from_gguf
+    tokens = list(test_decoder.TOK.tokens)
+    tokens[2] = ""  # a control token (type 3) in _tiny_gguf
+    path = _llama_gguf(tmp_path / "t.gguf", monkeypatch, tokenizer__ggml__tokens=tokens)
+    _, tok = llama_from_gguf(path)
+    text = "a positive film 12"
+    assert tok.encode(text) == test_decoder.TOK.encode(text)
+    assert 2 not in tok.encode(text)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs os.mkfifo")
+def test_fifo_or_device_is_refused_without_blocking(tmp_path):
+    from test_adapter_io import _returns_within
+    os.mkfifo(tmp_path / "f.gguf")
+    (tmp_path / "z.gguf").symlink_to("/dev/zero")
+    for name in ("f.gguf", "z.gguf"):
+        e = _returns_within(lambda: read_gguf(tmp_path / name))
+        assert isinstance(e, ValueError) and "not a regular file" in str(e), e

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from lora import write_safetensors
 from models import (TINY, BertConfig, BertForSequenceClassification, BertModel,
@@ -488,3 +490,140 @@ def test_peft_adapter_keys_name_our_modules():
     for k in keys:
         module = k.removeprefix("base_model.model.").rsplit(".lora_", 1)[0]
         assert isinstance(ours.get(module), torch.nn.Linear), k
+
+
+# -----------------------------------------------------------------------------
+# hostile model folders: config values of any type, sizes the weights do not have, unreadable
+# files (simulated: chmod does not stop root), FIFOs
+
+
+def _edit_config(folder: Path, **edits) -> None:
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(cfg | edits))
+
+
+BAD_VALUES = ["16", True, 16.5, None, [16], {"a": 1}, 0, -1, 2**31, 10**400]
+
+
+@pytest.mark.parametrize("field", [f.name for f in dataclasses.fields(BertConfig)])
+@pytest.mark.parametrize("value", BAD_VALUES + [float("nan"), float("inf"), 1.0])
+def test_config_field_of_wrong_type_or_range_names_the_file_and_field(tmp_path, field, value):
+    """Every field of every type: ValueError "<folder>/config.json: <field>=<value> ...", or a
+    successful load where the value is valid for that field (a float where a float belongs)."""
+    folder = write_folder(tmp_path / "m", hf_style_state_dict())
+    _edit_config(folder, **{field: value})
+    try:
+        load_pretrained(folder)
+    except ValueError as e:
+        assert f"{folder / 'config.json'}: " in str(e) and f"{field}=" in str(e), e
+    else:
+        assert _valid(field, value), f"{field}={value!r} was accepted"
+        return
+    assert not _valid(field, value), f"{field}={value!r} was refused"
+
+
+def _valid(field: str, v) -> bool:
+    """The oracle, field by field (HF's BertConfig documentation)."""
+    number = type(v) in (int, float) and abs(v) <= sys.float_info.max
+    if field == "pad_token_id":
+        return v == 0 and type(v) is int  # < SMALL.vocab_size
+    if field.endswith("dropout_prob") or field == "classifier_dropout":
+        return number and 0 <= v < 1 or (v is None and field == "classifier_dropout")
+    if field == "layer_norm_eps":
+        return number and v > 0
+    if field == "initializer_range":
+        return number and v >= 0
+    return False  # the sizes: none of the values tried is an int in [1, 2**31)
+
+
+@given(value=st.recursive(st.none() | st.booleans() | st.integers() | st.floats()
+                          | st.text(max_size=4), lambda x: st.lists(x, max_size=2), max_leaves=3),
+       field=st.sampled_from([f.name for f in dataclasses.fields(BertConfig)]))
+def test_config_from_dict_fuzz_raises_only_value_error(value, field):
+    try:
+        BertConfig.from_dict(dataclasses.asdict(SMALL) | {field: value}, "config.json")
+    except ValueError as e:
+        assert str(e).startswith("config.json: ")
+
+
+@pytest.mark.parametrize("edits, match", [
+    ({"num_hidden_layers": 100000}, "num_hidden_layers=100000 but the checkpoint holds 2"),
+    ({"vocab_size": 10**11}, r"vocab_size=100000000000 is invalid: use an int in \[1, 2\*\*31\)"),
+    ({"vocab_size": 10**9}, r"word_embeddings.weight is \(50, 16\) but config.json gives "
+                            r"\(1000000000, 16\) \(vocab_size"),
+    ({"max_position_embeddings": 10**9}, "position_embeddings.weight"),
+    ({"intermediate_size": 10**9}, "intermediate_size"),
+    ({"hidden_size": 2**30, "num_attention_heads": 2}, "word_embeddings.weight"),
+])
+def test_config_sizes_are_checked_against_the_weights_before_building(tmp_path, monkeypatch,
+                                                                      edits, match):
+    """Before the fix these built the layers first (MemoryError after 25 s / 5.7 GB)."""
+    import models.checkpoint as checkpoint
+    folder = write_folder(tmp_path / "m", hf_style_state_dict())
+    _edit_config(folder, **edits)
+
+    def never(*a, **kw):
+        raise AssertionError("a model was built before the config was checked")
+    monkeypatch.setattr(checkpoint, "BertModel", never)
+    with pytest.raises(ValueError, match=match):
+        load_pretrained(folder)
+
+
+@pytest.mark.parametrize("cfg, match", [
+    ({"do_lower_case": "yes"}, "do_lower_case='yes' is invalid: use true or false"),
+    ({"do_lower_case": None}, "do_lower_case=None"),
+    ({"strip_accents": 1}, "strip_accents=1 is invalid: use true or false or null"),
+    ([1], "is not a JSON object"), ("{", "not valid JSON"),
+])
+def test_tokenizer_config_of_wrong_type_names_the_file(tmp_path, cfg, match):
+    folder = write_folder(tmp_path / "m", hf_style_state_dict())
+    text = cfg if isinstance(cfg, str) else json.dumps(cfg)
+    (folder / "tokenizer_config.json").write_text(text)
+    with pytest.raises(ValueError, match=match) as e:
+        load_pretrained(folder)
+    assert "tokenizer_config.json" in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["vocab.txt", "config.json", "model.safetensors",
+                                  "tokenizer_config.json"])
+def test_unreadable_model_file_names_the_file_and_the_fix(tmp_path, monkeypatch, name):
+    import os
+    folder = write_folder(tmp_path / "m", hf_style_state_dict())
+    (folder / "tokenizer_config.json").write_text("{}")
+    real_open = os.open
+
+    def denied(p, *a, **kw):
+        if Path(p) == folder / name:
+            raise PermissionError(13, "Permission denied", str(p))
+        return real_open(p, *a, **kw)
+    monkeypatch.setattr(os, "open", denied)
+    with pytest.raises(ValueError, match=f"cannot read {folder / name}: Permission denied: "
+                                         "make it readable"):
+        load_pretrained(folder)
+
+
+def test_unsearchable_model_folder_names_the_folder_and_the_fix(tmp_path, monkeypatch):
+    import os
+    folder = write_folder(tmp_path / "m", hf_style_state_dict())
+    real_lstat = os.lstat
+
+    def denied(p, *a, **kw):
+        if Path(p).parent == folder:
+            raise PermissionError(13, "Permission denied", str(p))
+        return real_lstat(p, *a, **kw)
+    monkeypatch.setattr(os, "lstat", denied)
+    with pytest.raises(ValueError, match=f"Permission denied: make {folder} readable"):
+        load_pretrained(folder)
+
+
+@pytest.mark.parametrize("name", ["vocab.txt", "config.json", "model.safetensors"])
+def test_fifo_in_a_model_folder_is_refused_without_blocking(tmp_path, name):
+    import os
+    from test_adapter_io import _returns_within
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("needs os.mkfifo")
+    folder = write_folder(tmp_path / "m", hf_style_state_dict())
+    (folder / name).unlink()
+    os.mkfifo(folder / name)
+    e = _returns_within(lambda: load_pretrained(folder))
+    assert isinstance(e, ValueError) and f"{folder / name} is not a regular file" in str(e), e
