@@ -43,7 +43,7 @@ from data.tasks import Task, causal_task, glue_task, planted_task
 from data.tasks import to_device  # noqa: F401  (bench.py's AdaLoRA loop uses train.to_device)
 from lora import _atomic_write, add_lora, lora_layers, resize_lora, save_adapter
 from models import model_path
-from models.checkpoint import DECODERS
+from models.checkpoint import is_decoder
 
 METHODS = ("lora", "fim", "fw", "da", "fim+da")
 GLUE_TASKS = tuple(glue.TASKS)
@@ -58,7 +58,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--method", default="lora", choices=METHODS)
     p.add_argument("--model", default="tiny",
                    help="encoders: tiny | minilm | path to an HF BERT folder; "
-                        "decoders (GLUE as prompts): tiny-llama | smollm2")
+                        "decoders (GLUE as prompts): tiny-llama | smollm2 | path to an HF "
+                        "llama / mistral / qwen2 folder")
     p.add_argument("--task", default="planted", choices=("planted",) + GLUE_TASKS)
     p.add_argument("--data-dir", default=None, help="GLUE task folder with train.tsv and dev.tsv")
     g = p.add_argument_group("LoRA")
@@ -130,7 +131,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args = resumed_args(args)
     check_args(args)
     is_glue = args.task != "planted"
-    kind = "decoder" if args.model in DECODERS else "glue" if is_glue else "planted"
+    kind = "decoder" if is_decoder(args.model) else "glue" if is_glue else "planted"
     args.targets = args.targets or DEFAULT_TARGETS[kind]
     if args.steps is None and args.epochs is None:
         args.steps = 1000 if is_glue else 600
@@ -187,7 +188,7 @@ def check_args(a: argparse.Namespace) -> None:
         errors.append(f"--score variance with --calib-batches {a.calib_batches}: the variance "
                       "of one batch gradient is 0; use --calib-batches >= 2")
     need = glue.TASKS[a.task].n_special if a.task in glue.TASKS else 0
-    if a.model not in DECODERS and a.max_len < need:  # decoders cut the prompt instead
+    if not is_decoder(a.model) and a.max_len < need:  # decoders cut the prompt instead
         errors.append(f"--max-len {a.max_len}: {a.task} examples need {need} special tokens; "
                       f"use --max-len >= {need}")
     if a.task != "planted" and a.data_dir is None:
@@ -853,7 +854,7 @@ def save(model: nn.Module, task: Task, args: argparse.Namespace, results: dict) 
             base = None if args.model in ("tiny", "tiny-llama") else str(model_path(args.model))
             save_adapter(tmp / "adapter_peft", model, targets, heads=task.heads, format="peft",
                          base_model=base,
-                         task_type="CAUSAL_LM" if args.model in DECODERS else None)
+                         task_type="CAUSAL_LM" if is_decoder(args.model) else None)
     write_json(tmp / "results.json", results)
     _fsync_dir(tmp)
     os.replace(tmp, out / ".publish")
@@ -866,7 +867,7 @@ def save(model: nn.Module, task: Task, args: argparse.Namespace, results: dict) 
 
 def build_task(args: argparse.Namespace, device: torch.device, rng: dict) -> Task:
     make_task = (planted_task if args.task == "planted" else
-                 causal_task if args.model in DECODERS else glue_task)
+                 causal_task if is_decoder(args.model) else glue_task)
     task = make_task(args, device, rng)
     if args.epochs is not None:
         if task.n_train is None:
