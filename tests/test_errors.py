@@ -69,6 +69,21 @@ def plain(*argv):
     return lambda tmp: list(argv)
 
 
+def hf_llama(**edit):
+    """A setup writing a tiny HF llama folder (tests/test_hf_llama.py) with `edit` applied:
+    config.json fields, or pre_tokenizer in tokenizer.json; then --model <it> on SST-2."""
+    def setup(tmp: Path) -> list[str]:
+        from test_hf_llama import ours, write_folder
+        folder = write_folder(tmp / "llama", ours())
+        for name, keys in (("config.json", ("num_hidden_layers",)),
+                           ("tokenizer.json", ("pre_tokenizer",))):
+            raw = json.loads((folder / name).read_text())
+            raw.update({k: v for k, v in edit.items() if k in keys})
+            (folder / name).write_text(json.dumps(raw))
+        return ["--model", str(folder), *tsv("sentence\tlabel\na\t1\n")(tmp)]
+    return setup
+
+
 # (what the user did, setup -> argv, text the message must contain)
 CLI = [
     ("--r 0", plain("--r", "0"), "--r 0: use a rank >= 1"),
@@ -135,6 +150,11 @@ CLI = [
     ("--resume: meta.json wrong types", checkpoint('{"step": "3"}'), "field 'step'"),
     ("--resume: state.pt missing", checkpoint(META_OK, None), "lacks state.pt"),
     ("--resume: state.pt garbage", checkpoint(META_OK), "state.pt is not a readable"),
+    ("--model: an HF llama folder claiming 100000 layers", hf_llama(num_hidden_layers=100000),
+     "num_hidden_layers=100000 but the weights hold 2 blocks"),
+    ("--model: an HF folder with a SentencePiece tokenizer.json",
+     hf_llama(pre_tokenizer={"type": "Metaspace"}), "pre-tokenizer {\"type\": \"Metaspace\"} "
+                                                    "is not supported"),
 ]
 
 
