@@ -426,3 +426,21 @@ def test_tokenizer_json_ids_equal_transformers_on_sst2(tmp_path, pre):
         want = fast(text, add_special_tokens=True)["input_ids"]
         assert ours_tok.encode(text) == want, text
         assert auto(text)["input_ids"] == want, text
+
+
+def test_gguf_claiming_a_billion_blocks_fails_before_any_layer_is_built(tmp_path, monkeypatch):
+    """The same check on GGUF: llama.block_count 10**9 (patched into a 2-block file) is named
+    before the loader loops over or builds the claimed blocks."""
+    import struct
+
+    import models.llama as llama
+    from models.llama import llama_from_gguf
+    from test_decoder import _tiny_gguf
+    _tiny_gguf(tmp_path / "t.gguf", ours(), tiny_bpe())
+    blob = (tmp_path / "t.gguf").read_bytes()
+    at = blob.index(b"llama.block_count") + len(b"llama.block_count")
+    assert struct.unpack("<Ii", blob[at:at + 8]) == (5, 2)  # GGUF int32, value 2
+    (tmp_path / "t.gguf").write_bytes(blob[:at + 4] + struct.pack("<i", 10**9) + blob[at + 8:])
+    monkeypatch.setattr(llama.LlamaDecoderLayer, "__init__", lambda self, config: 1 / 0)
+    with pytest.raises(ValueError, match="llama.block_count=1000000000 but the weights hold 2"):
+        llama_from_gguf(tmp_path / "t.gguf")
