@@ -25,9 +25,10 @@ White_Space as in Rust/oniguruma (Python's \\s would also match U+001C..U+001F).
 
 From an HF folder (from_hf_folder): tokenizer.json's BPE model (vocab, merges, ignore_merges),
 its added tokens (cut out whole), normalizer none or NFC, pre-tokenizer ByteLevel (the gpt2
-regex) or Digits(individual_digits) + ByteLevel ("smollm"), and BOS from a TemplateProcessing
-post-processor, as transformers' PreTrainedTokenizerFast applies them; anything else (a Split
-regex, Metaspace/SentencePiece, byte_fallback, other normalizers) is refused by name.
+regex), Digits(individual_digits) + ByteLevel ("smollm") or an isolating Split regex (Llama 3,
+Qwen2; split_regex) + ByteLevel without its regex, and BOS from a TemplateProcessing
+post-processor, as transformers' PreTrainedTokenizerFast applies them; anything else
+(Metaspace/SentencePiece, byte_fallback, other normalizers or splits) is refused by name.
 """
 
 from __future__ import annotations
@@ -122,26 +123,70 @@ def bpe_merge(parts: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
     return [s for s in sym if s is not None]
 
 
-def _byte_level(p: dict, where: str) -> None:
+def split_regex(pattern: str) -> re.Pattern:
+    """An HF Split pre-tokenizer regex (Oniguruma syntax) for Python's `re`: \\p{L}, \\p{N},
+    \\s and \\S spelled out as in pre_tokenizer_regex; any other escape class is refused.
+    split_regex(r"\\p{N}{1,3}").findall("12345") -> ["123", "45"]"""
+    L, N, S = _char_class("L"), _char_class("N"), _WHITE_SPACE
+    out, i, in_class = [], 0, False
+    while i < len(pattern):
+        c, two = pattern[i], pattern[i:i + 2]
+        if pattern.startswith(("\\p{L}", "\\p{N}"), i):
+            body = L if pattern[i + 3] == "L" else N
+            out.append(body if in_class else f"[{body}]")
+            i += 5
+            continue
+        if two == "\\s" or (two == "\\S" and not in_class):
+            out.append(S if in_class else "[" + "^" * (two == "\\S") + S + "]")
+        elif c == "\\" and two[1:] in tuple("rntf\\.'?+*()[]{}|^$-/ "):
+            out.append(two)
+        elif c == "\\":
+            raise ValueError(f"Split regex escape {two!r} is not supported (\\p{{L}}, \\p{{N}}, "
+                             "\\s, \\S and literal escapes only)")
+        else:
+            in_class = (in_class or c == "[") and not (in_class and c == "]")
+            out.append(c)
+            i += 1
+            continue
+        i += 2
+    try:
+        return re.compile("".join(out))
+    except re.error as e:
+        raise ValueError(f"Split regex {pattern!r} does not compile in Python ({e})") from None
+
+
+def _byte_level(p: dict, where: str, use_regex: bool = True) -> None:
     if not isinstance(p, dict) or p.get("type") != "ByteLevel" or p.get("add_prefix_space") or \
-            not p.get("use_regex", True):
+            p.get("use_regex", True) != use_regex:
         raise ValueError(f"{where}: pre-tokenizer {json.dumps(p)[:200]} is not supported "
                          "(ByteLevel with its gpt2 regex and add_prefix_space=false, optionally "
-                         "after Digits(individual_digits=true))")
+                         "after Digits(individual_digits=true), or an isolating Split regex "
+                         "then ByteLevel(use_regex=false))")
 
 
-def _pre_tokenizer(p, where: str) -> str:
-    """tokenizer.json's pre_tokenizer -> "gpt2" (ByteLevel) or "smollm" (Digits + ByteLevel)."""
+def _pre_tokenizer(p, where: str) -> tuple[str, str | None]:
+    """tokenizer.json's pre_tokenizer -> ("gpt2", None) for ByteLevel, ("smollm", None) for
+    Digits + ByteLevel, ("gpt2", pattern) for Split(pattern, Isolated) + ByteLevel(no regex)."""
     if not isinstance(p, dict):
         raise ValueError(f"{where}: pre_tokenizer {p!r} is not supported (byte-level BPE needs "
                          "ByteLevel)")
     if p.get("type") == "Sequence" and len(p.get("pretokenizers") or []) == 2:
-        digits, byte_level = p["pretokenizers"]
-        if digits == {"type": "Digits", "individual_digits": True}:
+        first, byte_level = p["pretokenizers"]
+        if first == {"type": "Digits", "individual_digits": True}:
             _byte_level(byte_level, where)
-            return "smollm"
+            return "smollm", None
+        if isinstance(first, dict) and first.get("type") == "Split" and \
+                first.get("behavior") == "Isolated" and not first.get("invert") and \
+                isinstance(first.get("pattern"), dict) and \
+                isinstance(first["pattern"].get("Regex"), str):
+            _byte_level(byte_level, where, use_regex=False)
+            try:
+                split_regex(first["pattern"]["Regex"])
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
+            return "gpt2", first["pattern"]["Regex"]
     _byte_level(p, where)
-    return "gpt2"
+    return "gpt2", None
 
 
 def _template_bos(p, where: str) -> int | None:
@@ -176,7 +221,7 @@ class BPETokenizer:
                  special: Sequence[int] = (), bos_id: int | None = None,
                  eos_id: int | None = None, pad_id: int | None = None,
                  pre: str = "gpt2", add_bos: bool = False, ignore_merges: bool = False,
-                 nfc: bool = False):
+                 nfc: bool = False, split: str | None = None):
         if pre not in PRE_TOKENIZERS:
             raise ValueError(f"pre-tokeniser {pre!r} is not supported: use one of "
                              f"{PRE_TOKENIZERS} (GGUF tokenizer.ggml.pre)")
@@ -203,7 +248,9 @@ class BPETokenizer:
         self._special_re = re.compile(f"({alternation})") if self.special else None
         self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
         self.pre, self.add_bos = pre, add_bos
-        self.ignore_merges, self.nfc = ignore_merges, nfc  # tokenizer.json options (from_hf)
+        # tokenizer.json options (from_tokenizer_json); split: a Split regex replacing gpt2's
+        self.ignore_merges, self.nfc, self.split = ignore_merges, nfc, split
+        self._split_re = split_regex(split) if split is not None else None
         # bounded by characters held, not entries: long pieces are cheaper to merge again
         self._cache = _Memo(self._bpe_ids, max_cost=CACHE_MAX_CHARS, max_key=CACHE_MAX_PIECE)
 
@@ -267,7 +314,7 @@ class BPETokenizer:
         if normalizer is not None and normalizer != {"type": "NFC"}:
             raise ValueError(f"{where}: normalizer {json.dumps(normalizer)[:200]} is not "
                              "supported (none or NFC)")
-        pre = _pre_tokenizer(tj.get("pre_tokenizer"), where)
+        pre, regex = _pre_tokenizer(tj.get("pre_tokenizer"), where)
         bos = _template_bos(tj.get("post_processor"), where)
         ids = {t: i for i, t in enumerate(tokens)}
         special_tokens = special_tokens or {}
@@ -286,7 +333,7 @@ class BPETokenizer:
         pad = named("pad")
         return cls(tokens, merges, [a["id"] for a in added], bos if bos is not None else
                    named("bos"), eos, pad if pad is not None else eos, pre, bos is not None,
-                   bool(model.get("ignore_merges")), normalizer is not None)
+                   bool(model.get("ignore_merges")), normalizer is not None, regex)
 
     @classmethod
     def from_hf_folder(cls, folder: str | os.PathLike) -> BPETokenizer:
@@ -322,7 +369,13 @@ class BPETokenizer:
         with pre="smollm", [" 42", "x"] with "gpt2"."""
         text = unicodedata.normalize("NFC", text) if self.nfc else text
         chunks = _digit_regex().split(text) if self.pre == "smollm" else [text]
-        return [p for chunk in chunks if chunk for p in pre_tokenizer_regex().findall(chunk)]
+        if self._split_re is None:
+            return [p for chunk in chunks if chunk for p in pre_tokenizer_regex().findall(chunk)]
+        pieces, at = [], 0  # Isolated: the matches and the text between them, in order
+        for m in self._split_re.finditer(text):
+            pieces += [p for p in (text[at:m.start()], m.group()) if p]
+            at = m.end()
+        return pieces + ([text[at:]] if text[at:] else [])
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         """Token ids of `text`; BOS first if add_bos (default: the GGUF add_bos_token flag)."""

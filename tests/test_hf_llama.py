@@ -267,7 +267,7 @@ def _edit_tokenizer(folder: Path, edit) -> None:
     (lambda tj: tj.update(pre_tokenizer={"type": "Metaspace", "replacement": "▁"}),
      "pre-tokenizer .*Metaspace.* is not supported"),
     (lambda tj: tj.update(pre_tokenizer={"type": "Sequence", "pretokenizers": [
-        {"type": "Split", "pattern": {"Regex": "\\p{N}{1,3}"}, "behavior": "Isolated"},
+        {"type": "Split", "pattern": {"Regex": "\\p{N}{1,3}"}, "behavior": "Removed"},
         {**BYTE_LEVEL, "use_regex": False}]}), "pre-tokenizer .*Split.* is not supported"),
     (lambda tj: tj.update(pre_tokenizer={**BYTE_LEVEL, "add_prefix_space": True}),
      "add_prefix_space.* is not supported"),
@@ -299,6 +299,28 @@ def test_template_bos_and_nfc_are_honoured(folder):
     tok = BPETokenizer.from_hf_folder(folder)
     assert tok.add_bos and tok.bos_id == 1
     assert tok.encode("cafe\u0301 good") == [1, *tiny_bpe().encode("caf\u00e9 good")]
+
+
+@pytest.mark.parametrize("ignore_merges", [False, True])
+def test_ignore_merges_takes_a_whole_word_token_the_merges_cannot_reach(folder, ignore_merges):
+    """Without the merge (Ġgoo, d), " good" is Ġgoo + d, unless ignore_merges (Llama 3) takes
+    the vocabulary's Ġgood whole."""
+    def edit(tj):
+        tj["model"]["merges"].remove(["Ġgoo", "d"])
+        tj["model"]["ignore_merges"] = ignore_merges
+    _edit_tokenizer(folder, edit)
+    tok = BPETokenizer.from_hf_folder(folder)
+    want = [["Ġgoo", "d"], ["Ġgood"]][ignore_merges]
+    assert [tok.tokens[i] for i in tok.encode(" good")] == want
+
+
+def test_split_regex_escapes_we_cannot_translate_are_refused():
+    from models.bpe import split_regex
+    with pytest.raises(ValueError, match=r"Split regex escape '.*d' is not supported"):
+        split_regex(r"\d+")
+    with pytest.raises(ValueError, match="does not compile"):
+        split_regex(r"(\p{L}")
+    assert split_regex(r"[^\s\p{N}]+|\S").findall("ab 12\u3000x") == ["ab", "1", "2", "x"]
 
 
 def test_special_token_names_from_tokenizer_config_must_exist(folder):
@@ -380,9 +402,19 @@ def test_transformers_save_pretrained_folders_give_transformers_logits(tmp_path,
     torch.testing.assert_close(got[keep], want[keep], rtol=0, atol=TOL)
 
 
+SPLITS = {  # the Split regexes of Llama 3's and Qwen2's tokenizer.json
+    "llama3": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+"
+              r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+    "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+"
+             r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+}
+
+
 def _smollm2_tokenizer_json(tmp_path: Path, pre: str) -> tuple[Path, BPETokenizer]:
     """tokenizer.json built with the `tokenizers` package from SmolLM2's GGUF vocabulary and
-    merges (SmolLM2's own pre-tokenizer: Digits + ByteLevel, or plain ByteLevel)."""
+    merges, with SmolLM2's own pre-tokenizer (Digits + ByteLevel), plain ByteLevel, or Llama
+    3's / Qwen2's Split regex + ByteLevel(use_regex=false) (Llama 3's with ignore_merges and
+    NFC as Qwen2's)."""
     tokenizers = pytest.importorskip("tokenizers", reason=f"tokenizers missing: {PEERS}")
     from models.gguf import read_gguf_header
     from models.llama import smollm2_path
@@ -394,10 +426,20 @@ def _smollm2_tokenizer_json(tmp_path: Path, pre: str) -> tuple[Path, BPETokenize
     vocab = {t: i for i, t in enumerate(gguf.tokens)}
     assert len(vocab) == len(gguf.tokens)
     merges = sorted(gguf.ranks, key=gguf.ranks.__getitem__)
-    t = tokenizers.Tokenizer(tokenizers.models.BPE(vocab, merges))
-    byte_level = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    t.pre_tokenizer = byte_level if pre == "gpt2" else tokenizers.pre_tokenizers.Sequence(
-        [tokenizers.pre_tokenizers.Digits(individual_digits=True), byte_level])
+    t = tokenizers.Tokenizer(tokenizers.models.BPE(vocab, merges,
+                                                  ignore_merges=pre == "llama3"))
+    pt = tokenizers.pre_tokenizers
+    byte_level = pt.ByteLevel(add_prefix_space=False)
+    t.pre_tokenizer = {
+        "gpt2": byte_level,
+        "smollm": pt.Sequence([pt.Digits(individual_digits=True), byte_level]),
+        "llama3": pt.Sequence([pt.Split(tokenizers.Regex(SPLITS["llama3"]), "isolated"),
+                               pt.ByteLevel(add_prefix_space=False, use_regex=False)]),
+        "qwen2": pt.Sequence([pt.Split(tokenizers.Regex(SPLITS["qwen2"]), "isolated"),
+                              pt.ByteLevel(add_prefix_space=False, use_regex=False)]),
+    }[pre]
+    if pre == "qwen2":
+        t.normalizer = tokenizers.normalizers.NFC()
     t.decoder = tokenizers.decoders.ByteLevel()
     t.add_special_tokens([gguf.tokens[i] for i in sorted(gguf.special.values())])
     folder = tmp_path / f"tok-{pre}"
@@ -407,21 +449,24 @@ def _smollm2_tokenizer_json(tmp_path: Path, pre: str) -> tuple[Path, BPETokenize
 
 
 @pytest.mark.peer
-@pytest.mark.parametrize("pre", ["smollm", "gpt2"])
+@pytest.mark.parametrize("pre", ["smollm", "gpt2", "llama3", "qwen2"])
 def test_tokenizer_json_ids_equal_transformers_on_sst2(tmp_path, pre):
     transformers = _transformers()
     if not (SST2 / "dev.tsv").is_file():
         pytest.skip(f"{SST2 / 'dev.tsv'} not found (GLUE SST-2 data)")
     folder, gguf = _smollm2_tokenizer_json(tmp_path, pre)
     ours_tok = BPETokenizer.from_hf_folder(folder)
-    assert ours_tok.pre == pre and len(ours_tok) == len(gguf)
+    assert (ours_tok.pre, ours_tok.split) == (pre if pre == "smollm" else "gpt2",
+                                              SPLITS.get(pre)) and len(ours_tok) == len(gguf)
+    assert (ours_tok.ignore_merges, ours_tok.nfc) == (pre == "llama3", pre == "qwen2")
     fast = transformers.PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"))
     fast.save_pretrained(folder)
     auto = transformers.AutoTokenizer.from_pretrained(folder)
     rows = (SST2 / "dev.tsv").read_text(encoding="utf-8").splitlines()[1:]
     texts = [r.split("\t")[0] for r in rows]
     texts += ["Prices rose 12345.67% in 2024!", "naïve café — 日本語 🤖", "a\u3000b\t\n\n  c",
-              "<|im_start|>user\nHi 42<|im_end|>", "x" * 3000]
+              "<|im_start|>user\nHi 42<|im_end|>", "x" * 3000, "I'M  fine\r\n\n 12345!!\n",
+              "cafe\u0301 \u1e9b\u0323 Ⅻ ½ ٣ 'S 'Ll"]
     for text in texts:
         want = fast(text, add_special_tokens=True)["input_ids"]
         assert ours_tok.encode(text) == want, text
