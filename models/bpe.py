@@ -202,12 +202,15 @@ def _template_bos(p, where: str) -> int | None:
         single = q.get("single") if q.get("type") == "TemplateProcessing" else None
         if single == [{"Sequence": {"id": "A", "type_id": 0}}]:
             continue
-        if isinstance(single, list) and len(single) == 2 and "SpecialToken" in single[0] and \
-                single[1].get("Sequence", {}).get("id") == "A":
-            ids = q.get("special_tokens", {}).get(single[0]["SpecialToken"]["id"], {}).get("ids")
-            if isinstance(ids, list) and len(ids) == 1 and isinstance(ids[0], int):
-                bos = ids[0]
-                continue
+        try:  # [{"SpecialToken": {"id": name}}, {"Sequence": {"id": "A"}}], one id for name
+            (first, second), ids = single, None
+            if second["Sequence"]["id"] == "A":
+                ids = q["special_tokens"][first["SpecialToken"]["id"]]["ids"]
+        except (TypeError, KeyError, ValueError):
+            ids = None
+        if isinstance(ids, list) and len(ids) == 1 and isinstance(ids[0], int):
+            bos = ids[0]
+            continue
         raise ValueError(f"{where}: post_processor {json.dumps(q)[:200]} is not supported "
                          "(none, ByteLevel, or a template that prepends one token)")
     return bos
