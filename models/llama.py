@@ -466,11 +466,13 @@ def config_from_hf(raw: dict, where: str = "config.json") -> LlamaConfig:
                "mlp_bias": (raw.get("mlp_bias", False), False),
                "attention_dropout": (raw.get("attention_dropout", 0.0), 0.0),
                "use_sliding_window": (raw.get("use_sliding_window", False), False)}
-    if family == "qwen2" and "sliding_attention" in (raw.get("layer_types") or ()):
-        refused["layer_types"] = ("sliding_attention", "full_attention only")
     for name, (value, ours) in refused.items():
         if value != ours:
             raise ValueError(f"{where}: {name}={value!r} is not supported (only {ours!r})")
+    layer_types = raw.get("layer_types") or []
+    if not isinstance(layer_types, list) or any(t != "full_attention" for t in layer_types):
+        raise ValueError(f"{where}: layer_types={str(layer_types)[:100]} is not supported "
+                         "(full_attention layers only)")
     kw = {name: _field(raw, name, int, where) for name in (
         "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
         "num_attention_heads", "max_position_embeddings")}

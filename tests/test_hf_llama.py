@@ -201,6 +201,8 @@ def test_huge_layer_count_or_vocab_fails_before_any_layer_is_built(folder, monke
      "rope_type='llama3' is not supported"),
     ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_type='linear' is not supported"),
     ({"model_type": "gpt2"}, "model_type='gpt2' is not a decoder"),
+    ({"model_type": "qwen2", "layer_types": ["full_attention", "sliding_attention"]},
+     r"layer_types=\['full_attention', 'sliding_attention'\] is not supported"),
 ])
 def test_bad_config_fields_are_named(folder, changes, match):
     _edit_config(folder, **changes)
