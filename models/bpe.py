@@ -282,7 +282,7 @@ class BPETokenizer:
         """From a parsed tokenizer.json (see the module docstring for what is read or refused).
         special_tokens: {"bos_token"|"eos_token"|"pad_token": str or {"content": str}} as
         tokenizer_config.json holds them, or {"bos_token_id": int, ...} as config.json does;
-        pad falls back to eos (padding is masked anyway)."""
+        pad falls back to eos, then to id 0: padding only fills masked positions."""
         model = tj.get("model")
         if not isinstance(model, dict) or model.get("type") != "BPE":
             kind = model.get("type") if isinstance(model, dict) else model
@@ -335,8 +335,9 @@ class BPETokenizer:
         eos = named("eos")
         pad = named("pad")
         return cls(tokens, merges, [a["id"] for a in added], bos if bos is not None else
-                   named("bos"), eos, pad if pad is not None else eos, pre, bos is not None,
-                   bool(model.get("ignore_merges")), normalizer is not None, regex)
+                   named("bos"), eos, next(i for i in (pad, eos, 0) if i is not None), pre,
+                   bos is not None, bool(model.get("ignore_merges")), normalizer is not None,
+                   regex)
 
     @classmethod
     def from_hf_folder(cls, folder: str | os.PathLike) -> BPETokenizer:

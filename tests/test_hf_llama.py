@@ -334,6 +334,15 @@ def test_special_token_names_from_tokenizer_config_must_exist(folder):
     assert tok.eos_id == 2 and tok.pad_id == 0  # pad_token_id 0 from config.json
 
 
+def test_without_pad_or_eos_tokens_padding_uses_id_0(folder):
+    """Qwen2's saved config names no bos/eos/pad: padding (masked) still has an id."""
+    _edit_config(folder, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    tok = BPETokenizer.from_hf_folder(folder)
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (None, None, 0)
+    _edit_config(folder, eos_token_id=2)
+    assert BPETokenizer.from_hf_folder(folder).pad_id == 2
+
+
 # -----------------------------------------------------------------------------
 # train.py on a folder
 
