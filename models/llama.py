@@ -1,4 +1,4 @@
-"""A LLaMA-style decoder from scratch, with Hugging Face's module names, and its GGUF and HF-folder loaders.
+"""A LLaMA-style decoder from scratch, with Hugging Face's module names; GGUF and HF loaders.
 
     from models.llama import TINY_LLAMA, LlamaForCausalLM, llama_from_hf, load_smollm2
     model = LlamaForCausalLM(TINY_LLAMA, generator=torch.Generator())
