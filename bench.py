@@ -49,7 +49,7 @@ import fimlora
 from data import glue
 from lora import _atomic_write, add_lora, lora_layers, merge_lora
 from models import load_model, model_path
-from models.checkpoint import DECODERS
+from models.checkpoint import is_decoder
 import train
 from train import write_json
 
@@ -416,7 +416,7 @@ def peer_args(argv: list[str]) -> argparse.Namespace:
     """train.py's arguments of a peer cell, checked before any work: every train.py check, and
     a BERT encoder on a GLUE task (the peers build transformers' BertForSequenceClassification)."""
     args = train.parse_args(argv)
-    if args.task == "planted" or args.model in ("tiny", *DECODERS):
+    if args.task == "planted" or args.model == "tiny" or is_decoder(args.model):
         raise ValueError(f"--model {args.model} --task {args.task}: the peers (transformers + "
                          "PEFT) train a BERT encoder on a GLUE task; use --model minilm (or an "
                          "HF BERT folder) with --task and --data-dir")

@@ -44,7 +44,7 @@ from data.tasks import Task, causal_task, data_task, glue_task, planted_task
 from data.tasks import to_device  # noqa: F401  (bench.py's AdaLoRA loop uses train.to_device)
 from lora import _atomic_write, add_lora, lora_layers, resize_lora, save_adapter
 from models import model_path
-from models.checkpoint import DECODERS
+from models.checkpoint import is_decoder
 
 METHODS = ("lora", "fim", "fw", "da", "fim+da")
 GLUE_TASKS = tuple(glue.TASKS)
@@ -102,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "penalty after a Fisher warm-up | da: LoRA-DA init | fim+da: both")
     p.add_argument("--model", default="tiny",
                    help="encoders: tiny | minilm | path to an HF BERT folder; "
-                        "decoders (GLUE as prompts): tiny-llama | smollm2")
+                        "decoders (GLUE as prompts): tiny-llama | smollm2 | path to an HF "
+                        "llama / mistral / qwen2 folder")
     p.add_argument("--task", default="planted", choices=("planted",) + GLUE_TASKS,
                    help="planted: the embedded synthetic task with a known answer; else a GLUE "
                         "task (needs --data-dir)")
@@ -215,7 +216,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         check_method_flags(args.method, given)
     check_args(args)
     is_glue = args.task != "planted"
-    kind = "decoder" if args.model in DECODERS else "glue" if is_glue else "planted"
+    kind = "decoder" if is_decoder(args.model) else "glue" if is_glue else "planted"
     args.targets = args.targets or DEFAULT_TARGETS[kind]
     if args.steps is None and args.epochs is None:
         args.steps = 1000 if is_glue else 600
@@ -311,7 +312,7 @@ def check_args(a: argparse.Namespace) -> None:
                    ("eval_data", "text_field", "pair_field") if getattr(a, k) is not None]
     need = glue.TASKS[a.task].n_special if a.task in glue.TASKS else 0
     need = (3 if a.pair_field else 2) if a.data is not None else need
-    if a.model not in DECODERS and a.max_len < need:  # decoders cut the prompt instead
+    if not is_decoder(a.model) and a.max_len < need:  # decoders cut the prompt instead
         errors.append(f"--max-len {a.max_len}: {a.task} examples need {need} special tokens; "
                       f"use --max-len >= {need}")
     if a.task not in ("planted", "data") and a.data_dir is None:
@@ -1057,7 +1058,7 @@ def save(model: nn.Module, task: Task, args: argparse.Namespace, results: dict) 
             base = None if args.model in ("tiny", "tiny-llama") else str(model_path(args.model))
             save_adapter(tmp / "adapter_peft", model, targets, heads=task.heads, format="peft",
                          base_model=base,
-                         task_type="CAUSAL_LM" if args.model in DECODERS else None)
+                         task_type="CAUSAL_LM" if is_decoder(args.model) else None)
     write_json(tmp / "results.json", results)
     _fsync_dir(tmp)
     os.replace(tmp, out / ".publish")
@@ -1071,7 +1072,7 @@ def save(model: nn.Module, task: Task, args: argparse.Namespace, results: dict) 
 def build_task(args: argparse.Namespace, device: torch.device, rng: dict) -> Task:
     make_task = (data_task if args.data is not None else
                  planted_task if args.task == "planted" else
-                 causal_task if args.model in DECODERS else glue_task)
+                 causal_task if is_decoder(args.model) else glue_task)
     task = make_task(args, device, rng)
     if args.epochs is not None:
         if task.n_train is None:

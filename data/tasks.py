@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from data import causal, files, glue, metrics, planted
 from models import load_model
-from models.checkpoint import DECODERS
+from models.checkpoint import is_decoder
 
 
 def autocast(device: torch.device):
@@ -167,7 +167,7 @@ def data_task(args: argparse.Namespace, device: torch.device,
               rng: dict[str, torch.Generator]) -> Task:
     """--data FILE (data/files.py): classification on an encoder or a decoder, or prompt →
     completion on a decoder. Every row of both files is validated before the model loads."""
-    decoder = args.model in DECODERS
+    decoder = is_decoder(args.model)
     rows = files.read_rows(args.data)
     eval_rows = files.read_rows(args.eval_data) if args.eval_data else None
     completion = args.text_field is None and files.is_completion_data(rows)

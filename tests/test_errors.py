@@ -120,6 +120,21 @@ def fifo_tsv(tmp: Path) -> list[str]:
     return argv
 
 
+def hf_llama(**edit):
+    """A setup writing a tiny HF llama folder (tests/test_hf_llama.py) with `edit` applied:
+    config.json fields, or pre_tokenizer in tokenizer.json; then --model <it> on SST-2."""
+    def setup(tmp: Path) -> list[str]:
+        from test_hf_llama import ours, write_folder
+        folder = write_folder(tmp / "llama", ours())
+        for name, keys in (("config.json", ("num_hidden_layers",)),
+                           ("tokenizer.json", ("pre_tokenizer",))):
+            raw = json.loads((folder / name).read_text())
+            raw.update({k: v for k, v in edit.items() if k in keys})
+            (folder / name).write_text(json.dumps(raw))
+        return ["--model", str(folder), *tsv("sentence\tlabel\na\t1\n")(tmp)]
+    return setup
+
+
 # (what the user did, setup -> argv, text the message must contain)
 CLI = [
     ("--r 0", plain("--r", "0"), "--r 0: use a rank >= 1"),
@@ -243,6 +258,11 @@ CLI = [
      "num_hidden_layers=100000 but the checkpoint holds 2 layers"),
     ("--model: vocab.txt is a FIFO", model_folder(fifo="vocab.txt"),
      "vocab.txt is not a regular file"),
+    ("--model: an HF llama folder claiming 100000 layers", hf_llama(num_hidden_layers=100000),
+     "num_hidden_layers=100000 but the weights hold 2 blocks"),
+    ("--model: an HF folder with a SentencePiece tokenizer.json",
+     hf_llama(pre_tokenizer={"type": "Metaspace"}), "pre-tokenizer {\"type\": \"Metaspace\"} "
+                                                    "is not supported"),
 ]
 
 

@@ -288,3 +288,52 @@ def test_train_py_fim_adapter_for_tiny_llama_serves_from_transformers(tmp_path):
         mine = ours(ids)
         assert (mine - plain(ids)).abs().max() > 10 * TOL  # the adapter changes the function
         torch.testing.assert_close(served(input_ids=ids).logits, mine, rtol=0, atol=TOL)
+
+
+# -----------------------------------------------------------------------------
+# an HF folder saved by transformers: train.py --model <folder> serves from transformers + PEFT
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_train_py_fim_adapter_for_an_hf_folder_serves_from_transformers(tmp_path, family):
+    """A tiny random LlamaForCausalLM (untied) or Qwen2ForCausalLM (q/k/v bias, tied) saved with
+    save_pretrained next to a byte-level tokenizer.json: train.py --model <folder> --method fim
+    on SST-2 prompts, then AutoModelForCausalLM.from_pretrained(folder) + PeftModel on
+    adapter_peft/ gives the logits of our decoder (llama_from_hf) with adapter/."""
+    transformers, peft = _peers()
+    if not (SST2 / "train.tsv").is_file():
+        pytest.skip(f"{SST2 / 'train.tsv'} not found (GLUE SST-2 data)")
+    import train
+    from models import load_model
+    from models.bpe import tiny_bpe
+    from test_hf_llama import tokenizer_json
+    cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, False),
+           "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, True)}[family]
+    config = cls[0](vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                    tie_word_embeddings=cls[2], pad_token_id=0, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    folder = tmp_path / family
+    cls[1](config).save_pretrained(folder)
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer_json(tiny_bpe())))
+    out = tmp_path / "run"
+    results = train.main(["--model", str(folder), "--task", "sst2", "--data-dir", str(SST2),
+                          "--method", "fim", "--steps", "3", "--batch-size", "4",
+                          "--max-len", "32", "--max-train", "64", "--max-eval", "8",
+                          "--calib-batches", "2", "--lr", "1e-2", "--seed", "0",
+                          "--threads", "1", "--out", str(out)])
+    ranks = results["ranks"]
+    assert len(set(ranks.values())) > 1, "FIM ranks should be non-uniform"
+    ours, _ = load_model(str(folder))
+    plain, _ = load_model(str(folder))
+    add_lora(ours, train.DEFAULT_TARGETS["decoder"].split(","), r=8, alpha=16)
+    load_adapter(out / "adapter", ours)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    served = _quiet(peft.PeftModel.from_pretrained, hf, str(out / "adapter_peft")).eval()
+    theirs = _peft_layers(peft, served)
+    assert {n: t.lora_A["default"].weight.shape[0] for n, t in theirs.items()} == ranks
+    ids = torch.randint(3, 400, (2, 12))
+    with torch.no_grad():
+        mine = ours.eval()(ids)
+        assert (mine - plain(ids)).abs().max() > 10 * TOL  # the adapter changes the function
+        torch.testing.assert_close(served(input_ids=ids).logits, mine, rtol=0, atol=TOL)

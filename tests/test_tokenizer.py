@@ -11,13 +11,16 @@ Run: .venv/bin/python -m pytest tests/test_tokenizer.py -q
 from __future__ import annotations
 
 import pickle
+import random
+import sys
 import unicodedata
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
+from models.bpe import bpe_merge
 from models.tokenizer import _CJK, MAX_CHARS_PER_WORD, WordPieceTokenizer
 
 SST2 = Path(__file__).resolve().parents[1].parent / "shared/data/glue/SST-2"
@@ -111,15 +114,54 @@ def test_ascii_path_handles_controls_case_and_symbols(tokenizers):
     assert cased.tokenize("HELLO a") == ["HE", "##LLO", "a"]
 
 
+def _cost(memo) -> int:
+    """What a _Memo holds, counted independently: 1 + key and value lengths per entry."""
+    return sum(1 + len(k) + len(v) for k, v in memo.items())
+
+
 def test_word_memo_is_bounded_and_exact_when_emptied():
-    """With room for 2 words the memo empties itself over and over, and ids do not change."""
+    """With room for ~2 words the memo empties itself over and over, and ids do not change."""
     tok, fresh = (WordPieceTokenizer(SPECIALS + WORDS) for _ in range(2))
-    tok._word_ids.maxsize = 2
+    tok._word_ids.max_cost = 20
     text = "hello world unaffable ab abb xy cafe hello , world unaffable"
     for _ in range(3):
         assert tok.encode(text) == fresh.encode(text)
-        assert len(tok._word_ids) <= 2
+        assert _cost(tok._word_ids) == tok._word_ids.cost <= 20
     assert len(fresh._word_ids) == 8
+
+
+def test_word_memo_is_bounded_by_characters_not_entries():
+    """The 193 MiB case: distinct 10 kB words are [UNK] (over MAX_CHARS_PER_WORD) and never
+    kept; distinct short words fill the memo up to max_cost characters, then it starts over."""
+    tok = WordPieceTokenizer(SPECIALS + WORDS)
+    for k in range(200):
+        assert tok.encode(f"{k:05d}" + "a" * 10_000)[0] == [tok.cls_id, tok.unk_id, tok.sep_id]
+    assert len(tok._word_ids) == 0 and tok._word_ids.cost == 0
+    tok._word_ids.max_cost, peak = 5_000, 0
+    for k in range(3_000):  # each word costs 1 + 7 + 1
+        tok.encode(f"w{k:06d}")
+        peak = max(peak, tok._word_ids.cost)
+        assert _cost(tok._word_ids) == tok._word_ids.cost <= 5_000
+    assert peak > 5_000 - 9 and len(tok._word_ids) < 3_000  # filled up, then started over
+
+
+def test_bpe_cache_is_bounded_by_characters_and_skips_long_pieces():
+    """Pieces over CACHE_MAX_PIECE characters are merged each time, never kept; shorter ones
+    fill the cache up to max_cost, then it starts over; ids stay those of a fresh tokenizer."""
+    from models.bpe import CACHE_MAX_PIECE, tiny_bpe
+    tok, fresh = tiny_bpe(), tiny_bpe()
+    long_words = [f"positive{k}" + "x" * CACHE_MAX_PIECE for k in range(50)]
+    for w in long_words:
+        tok.encode(w.replace("0", ""))  # digits split off: pieces stay long
+    assert tok._cache.cost == sum(1 + len(k) + len(v) for k, v in tok._cache.items())
+    assert all(len(k) <= CACHE_MAX_PIECE for k in tok._cache)
+    tok._cache.max_cost, peak = 3_000, 0
+    words = [" " + "".join("abcdefgh"[(k >> (3 * j)) & 7] for j in range(6)) for k in range(2_000)]
+    for w in words:
+        assert tok.encode(w) == fresh.encode(w)
+        peak = max(peak, tok._cache.cost)
+        assert _cost(tok._cache) == tok._cache.cost <= 3_000
+    assert peak > 3_000 - 16 and len(tok._cache) < 2_000  # filled up, then started over
 
 
 def test_tokenizer_pickles_with_its_memos():
@@ -129,6 +171,110 @@ def test_tokenizer_pickles_with_its_memos():
     again = pickle.loads(pickle.dumps(tok))
     for text in ("Hello, wörld 你", "unaffable xyz"):
         assert again.encode(text) == WordPieceTokenizer(SPECIALS + WORDS).encode(text)
+
+
+# -----------------------------------------------------------------------------
+# BPE merges (models/bpe.py): the heap against the rescan it replaced
+
+
+def reference_bpe_merge(parts: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """The O(n · merges) loop models/bpe.py used before the heap: find the lowest-ranked
+    adjacent pair, merge every occurrence left to right, repeat."""
+    while len(parts) > 1:
+        pair = min(zip(parts, parts[1:]), key=lambda p: ranks.get(p, sys.maxsize))
+        if pair not in ranks:
+            break
+        merged, i = [], 0
+        while i < len(parts):
+            if i + 1 < len(parts) and (parts[i], parts[i + 1]) == pair:
+                merged.append(parts[i] + parts[i + 1])
+                i += 2
+            else:
+                merged.append(parts[i])
+                i += 1
+        parts = merged
+    return parts
+
+
+@st.composite
+def merge_tables(draw) -> dict[tuple[str, str], int]:
+    """Merges over a 3-letter alphabet, each joining two tokens that exist by then, in a
+    shuffled rank order (so a merge may rank above the merge that makes its input)."""
+    tokens, pairs = ["a", "b", "c"], []
+    for _ in range(draw(st.integers(0, 12))):
+        pair = (draw(st.sampled_from(tokens)), draw(st.sampled_from(tokens)))
+        if pair not in pairs:
+            pairs.append(pair)
+            tokens.append(pair[0] + pair[1])
+    order = draw(st.permutations(range(len(pairs))))
+    return {pairs[k]: rank for rank, k in enumerate(order)}
+
+
+@given(ranks=merge_tables(), word=st.text(st.sampled_from("abc"), max_size=40))
+@example(ranks={("a", "a"): 0}, word="aaaaa")  # overlapping pairs: left to right
+# (ab, a) ranks below (a, b), which makes ab: every (a, b) merges before ab meets an a (HF's
+# priority queue, which pushes new pairs at once, gives aba b here; trained tables never rank
+# a merge below the merge that makes its input, and there both agree)
+@example(ranks={("a", "b"): 1, ("ab", "a"): 0}, word="abab")
+def test_bpe_merge_equals_the_rescan(ranks, word):
+    assert bpe_merge(list(word), ranks) == reference_bpe_merge(list(word), ranks)
+
+
+@given(text=st.text(st.sampled_from("positvenga xyb"), max_size=80))
+def test_tiny_bpe_ids_equal_the_rescan(text):
+    from models.bpe import tiny_bpe
+    tok = tiny_bpe()
+    for piece in tok.pre_tokenize(text):
+        parts = [tok.byte_char[b] for b in piece.encode()]
+        assert tok._bpe(piece) == tuple(tok.vocab[p] for p in reference_bpe_merge(parts,
+                                                                                    tok.ranks))
+
+
+class _CountingRanks(dict):
+    lookups = 0
+
+    def get(self, key, default=None):
+        self.lookups += 1
+        return super().get(key, default)
+
+
+def test_bpe_merge_takes_linearly_many_rank_lookups_on_a_long_word():
+    """The complexity proxy: on one 32k-character word the heap looks up <= 6 ranks per
+    character (<= n initial pairs, <= 3n popped entries, <= 2 per merge), where the rescan
+    took one per character per round; ids equal the rescan's."""
+    from models.bpe import tiny_bpe
+    tok = tiny_bpe()
+    # spaces included: bpe_merge sees one piece, as a 32k-character pre-tokenised word would
+    word = (" positive negative acceptable unacceptable entailment neutral contradiction"
+            " the movie film good bad" * 400)[:32_000]
+    parts = [tok.byte_char[b] for b in word.encode()]
+    ranks = _CountingRanks(tok.ranks)
+    got = bpe_merge(parts, ranks)
+    assert ranks.lookups <= 6 * len(parts) and "".join(got) == "".join(parts)
+    slow = _CountingRanks(tok.ranks)  # the rescan on a tenth of the word already needs more
+    assert bpe_merge(parts[:3_000], tok.ranks) == reference_bpe_merge(parts[:3_000], slow)
+    assert slow.lookups > 6 * 3_000
+
+
+def test_smollm2_long_word_tokenises_fast_and_equal_to_the_rescan():
+    """SmolLM2's 48,900 merges on a 32k-character word (35 s with the rescan): ids equal to
+    the rescan on a 2k prefix, and the 32k word's rank lookups stay <= 6 per character."""
+    from models.bpe import BPETokenizer
+    from models.gguf import read_gguf_header
+    from models.llama import smollm2_path
+    try:
+        path = smollm2_path()
+    except (ModuleNotFoundError, FileNotFoundError) as e:
+        pytest.skip(str(e))
+    tok = BPETokenizer.from_gguf(read_gguf_header(path).metadata)
+    rng = random.Random(0)
+    word = "".join(rng.choice("abcdefghijklmnopqrstuvwxyzé") for _ in range(32_000))
+    parts = [tok.byte_char[b] for b in word.encode()]
+    assert bpe_merge(parts[:2_000], tok.ranks) == reference_bpe_merge(parts[:2_000], tok.ranks)
+    ranks = _CountingRanks(tok.ranks)
+    got = bpe_merge(parts, ranks)
+    assert ranks.lookups <= 6 * len(parts) and "".join(got) == "".join(parts)
+    assert tok.encode(word) == [tok.vocab[p] for p in got]
 
 
 # -----------------------------------------------------------------------------
