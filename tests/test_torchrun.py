@@ -8,6 +8,7 @@ Oracle: the same command without torchrun. Run: .venv/bin/python -m pytest tests
 """
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -78,3 +79,65 @@ def test_shards_are_disjoint_and_cover_every_batch():
     assert torch.equal(torch.cat([p["input_ids"] for p in parts]), batch["input_ids"])
     assert all(p["labels"].shape == (2,) and p["task"] == "sst2" for p in parts)
     assert next(train.shards(iter([batch]), 0, 1)) is batch
+
+
+def test_uneven_shards_carry_their_weight_and_a_rank_without_rows_is_refused():
+    """5 rows over 2 ranks: 3 and 2, weighted 2·3/5 and 2·2/5 (their means then average to the
+    5-row mean); even splits carry no weight. A last batch of 1 row over 2 ranks is refused."""
+    import argparse
+
+    import train
+    batch = {"input_ids": torch.arange(10).reshape(5, 2), "labels": torch.arange(5)}
+    parts = [next(train.shards(iter([batch]), k, 2)) for k in range(2)]
+    assert [p[train.SHARD_WEIGHT] for p in parts] == [6 / 5, 4 / 5]
+    assert train.SHARD_WEIGHT not in next(train.shards(iter([{"x": torch.ones(4)}]), 0, 2))
+    task = train.Task(None, [], None, 33, lambda m, b: b["labels"].float().mean(), None, True)
+    weighted = train.shard_loss(task._replace(n_train=37), argparse.Namespace(batch_size=8), 2)
+    losses = [weighted.loss_fn(None, p) for p in parts]
+    assert (losses[0] + losses[1]) / 2 == pytest.approx(batch["labels"].float().mean().item())
+    with pytest.raises(ValueError, match="last batch of each epoch has 1 rows"):
+        train.shard_loss(task, argparse.Namespace(batch_size=8), 2)
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("timeout, expected", [
+    ("2", "another torchrun process stopped answering"),
+    ("soon", "FIMLORA_DIST_TIMEOUT='soon': give the seconds")])
+def test_a_missing_peer_ends_the_run_with_an_error_after_the_timeout(tmp_path, timeout, expected):
+    """Rank 0 of 2 whose peer never comes: an error: line after FIMLORA_DIST_TIMEOUT seconds
+    (gloo's default would wait 30 minutes), nothing written; a bad value is refused by name."""
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+           "FIMLORA_DIST_TIMEOUT": timeout, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "train.py", "--steps", "2", "--batch-size", "8",
+                          "--threads", "1", "--out", str(tmp_path / "run")], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    assert run.stderr.startswith("error: ") and expected in run.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_planted_fim_with_one_calibration_batch_over_two_processes(tmp_path):
+    """--calib-batches 1 under 2 processes: rank 1 has no batch and contributes zeros; the
+    planted recovery and the ranks equal one process's (rank 1 raised n_batches=0 before)."""
+    args = ["train.py", "--method", "fim", "--calib-batches", "1", "--steps", "2",
+            "--batch-size", "8", "--threads", "1"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    run1 = subprocess.run([sys.executable, *args, "--out", str(one)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert run1.returncode == 0, run1.stderr[-2000:]
+    run2 = subprocess.run([*torchrun(), "--standalone", "--nproc_per_node", "2", *args,
+                           "--out", str(two)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert run2.returncode == 0, run2.stderr[-3000:]
+    r1, r2 = (json.loads((d / "results.json").read_text()) for d in (one, two))
+    assert r2["ranks"] == r1["ranks"]
+    assert r2["planted_recovery"] == r1["planted_recovery"]
+    for name, v in r1["fim"]["scores"].items():
+        assert r2["fim"]["scores"][name] == pytest.approx(v, rel=1e-5), name
