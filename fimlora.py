@@ -125,7 +125,9 @@ def _all_reduce(tensors: list[torch.Tensor], *counts: int) -> list[int]:
     for t in tensors:  # a tensor listed twice gets the same sum twice
         t.copy_(flat[i:i + t.numel()].view_as(t))
         i += t.numel()
-    total = torch.tensor(counts, dtype=torch.int64)
+    if not counts:
+        return []
+    total = torch.tensor(counts, dtype=torch.int64, device=flat.device)  # nccl: on the GPU
     dist.all_reduce(total, op=dist.ReduceOp.SUM)
     return total.tolist()
 
