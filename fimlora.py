@@ -111,19 +111,25 @@ def _call_no_grad(fn: Callable, name: str, x: torch.Tensor, xd: torch.Tensor,
         fn(name, x, xd, delta.detach())
 
 
-def _all_reduce(tensors: list[torch.Tensor], count: int) -> int:
-    """Sum the tensors (in place) and the count over the ranks of an initialised
-    torch.distributed group, in one collective; a no-op otherwise. Returns the total count."""
+def _all_reduce(tensors: list[torch.Tensor], *counts: int) -> list[int]:
+    """Sum the tensors (in place, one collective) and the counts (exact, int64) over the ranks
+    of an initialised torch.distributed group; a no-op otherwise. Returns the total counts.
+    Every rank must pass the same shapes in the same order (the `layers` order, never the
+    order a rank's own data happened to fill a dict in), also a rank with no data (zeros)."""
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()):
-        return count
-    flat = torch.cat([t.reshape(-1) for t in tensors] + [tensors[0].new_tensor([float(count)])])
+        return list(counts)
+    flat = torch.cat([t.reshape(-1).to(tensors[0].dtype) for t in tensors])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     i = 0
-    for t in tensors:
+    for t in tensors:  # a tensor listed twice gets the same sum twice
         t.copy_(flat[i:i + t.numel()].view_as(t))
         i += t.numel()
-    return int(round(flat[-1].item()))
+    if not counts:
+        return []
+    total = torch.tensor(counts, dtype=torch.int64, device=flat.device)  # nccl: on the GPU
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total.tolist()
 
 # -----------------------------------------------------------------------------
 # 1. FIM-LoRA calibration: empirical-Fisher scores of every lora_B
@@ -215,7 +221,8 @@ def fisher_scores(model: nn.Module, batches: Iterable,
                         sum_sq[name].add_(g.float().square())
                         if sum_g:
                             sum_g[name].add_(g.float())
-    count = _all_reduce(list(sum_sq.values()) + list(sum_g.values()), count)
+    count, = _all_reduce([sum_sq[n] for n in layers] + [sum_g[n] for n in layers if sum_g],
+                         count)
     if count == 0:
         raise ValueError("batches yielded nothing to calibrate on")
     fisher = {}
@@ -476,10 +483,14 @@ def allocate_ranks(scores: dict[str, float], budget: int, r_min: int,
       phase 1  r*_m = clamp(c·w_m, r_min, h_m), the water level c solving Σ_m κ_m·r*_m = R;
       phase 2  r_m = ⌊r*_m⌋, then one rank at a time to the largest r*_m − r_m (ties: higher
                score, then lower name) while r_m < h_m and κ_m fits in what is left of R.
-    Without costs that is largest-remainder rounding and Σ_m r_m = R; with costs Σ κ_m·r_m ≤ R
-    and no rank can be added. c is searched in float64, then made exact (Fractions) over the
-    few modules near it; floors and remainders are exact wherever float error could change
-    them, so the result is that of exact arithmetic (10^5 matrices in ~0.1 s).
+    Without costs that is largest-remainder rounding and Σ_m r_m = R. With costs the order is
+    gone through again while a rank fits: Σ κ_m·r_m ≤ R, r_m ≥ ⌊r*_m⌋, and every matrix below
+    h_m costs more than what is left, so the spend is short of the best reachable by less than
+    one rank of the cheapest such matrix, not always the best (κ 3, 3, 4, s 1.5, 1.5, 1.75,
+    R = 16: ranks 1, 1, 2 spend 14, where 2, 2, 1 would spend 16). c is searched in float64,
+    then made exact (Fractions) over the few modules near it; floors and remainders are exact
+    wherever float error could change them, so the result is that of exact arithmetic (10^5
+    matrices in ~0.1 s).
     tests/test_allocation.py holds the properties. Raises ValueError naming the bad value for
     non-finite or negative scores, bad bounds, caps, costs or power, and a budget outside
     [M·r_min, Σ_m h_m].
@@ -602,7 +613,8 @@ def _weight_gradients(model: nn.Module, batches: Iterable,
                       n_batches: int | None) -> tuple[dict[str, dict], int]:
     """Per adapted layer, summed over the first n_batches batches through the hooks (the frozen
     weight never gets requires_grad): G = Σ_b δ_bᵀX_b (each term ∂L_b/∂W0), z = Σ_t x_t⊙x_t,
-    y = Σ_t δ_t⊙δ_t, rows = the number of rows t; and the number of batches K."""
+    y = Σ_t δ_t⊙δ_t, rows = the number of rows t; and the number of batches K, all summed over
+    the ranks under torch.distributed."""
     layers = _adapted(model)
     st = {n: {"G": m.weight.new_zeros(m.out_features, m.in_features, dtype=torch.float32),
               "z": m.weight.new_zeros(m.in_features, dtype=torch.float32),
@@ -630,6 +642,10 @@ def _weight_gradients(model: nn.Module, batches: Iterable,
                                      "run with gradients (not under torch.no_grad())")
                 torch.autograd.grad(loss, Bs, allow_unused=True)
             K += 1
+    *rows, K = _all_reduce([st[n][k] for n in layers for k in ("G", "z", "y")],
+                           *(st[n]["rows"] for n in layers), K)
+    for n, count in zip(layers, rows):
+        st[n]["rows"] = count
     if K == 0:
         raise ValueError("batches yielded nothing to calibrate on")
     return st, K
@@ -785,10 +801,11 @@ def fim_rank_pattern(model: nn.Module, batches: Iterable,
                      **kw) -> dict:
     """initialize_fim_ranks' allocation as peft.LoraConfig fields, leaving the model as it is.
     The model carries fresh adapters of rank r (add_lora(model, targets, r, alpha)); kw goes
-    to initialize_fim_ranks (per_example, power, generator). Returns {"r": the most common
-    r_m, "lora_alpha", "rank_pattern", "alpha_pattern"}: patterns keyed "^" + re.escape(name),
-    which PEFT matches to exactly that module, listing the matrices that differ from r and
-    lora_alpha, and α_m = α·r_m/r (α·√(r_m/r) with rsLoRA), so every matrix keeps the scale α/r.
+    to initialize_fim_ranks (per_example, power, generator, budget_unit). Returns {"r": the most
+    common r_m, "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern"}: patterns keyed
+    "^" + re.escape(name), which PEFT matches to exactly that module, listing the matrices that
+    differ from r and lora_alpha, and α_m = α·r_m/r (α·√(r_m/r) with rsLoRA), so every matrix
+    keeps the scale α/r (α/√r).
     Example: peft.LoraConfig(target_modules=targets, **fim_rank_pattern(model, b, f, 8, 16))
     """
     off = [n for n, m in _adapted(model).items() if m.r != r or m.alpha != alpha
@@ -798,15 +815,16 @@ def fim_rank_pattern(model: nn.Module, batches: Iterable,
                          "adapters: add_lora(model, targets, r, alpha) with the same values")
     if r_min < 1:
         raise ValueError(f"r_min={r_min}: PEFT has no rank 0, use r_min ≥ 1")
+    known = {"per_example": False, "power": 1.0, "generator": None, "budget_unit": "ranks"}
+    if kw.keys() - known:
+        raise ValueError(f"unknown arguments {sorted(kw.keys() - known)}: pass "
+                         f"{', '.join(known)}")
     ranks, _ = _fim_ranks(model, batches, loss_fn, budget, r_min, r_max, score, n_batches,
-                          kw.pop("per_example", False), kw.pop("power", 1.0),
-                          kw.pop("generator", None))
-    if kw:
-        raise ValueError(f"unknown arguments {sorted(kw)}: pass per_example, power, generator")
+                          *{**known, **kw}.values())
     alphas = {n: alpha * (math.sqrt(k / r) if rslora else k / r) for n, k in ranks.items()}
     common = Counter(ranks.values()).most_common(1)[0][0]
     base = alpha * (math.sqrt(common / r) if rslora else common / r)
-    return {"r": common, "lora_alpha": base,
+    return {"r": common, "lora_alpha": base, "use_rslora": rslora,  # PEFT: α_m/√r_m if True
             "rank_pattern": {"^" + re.escape(n): k for n, k in ranks.items() if k != common},
             "alpha_pattern": {"^" + re.escape(n): a for n, a in alphas.items() if a != base}}
 
@@ -869,14 +887,14 @@ def fw_track(model: nn.Module, method: str = "auto") -> Iterator[dict[str, torch
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     with torch.no_grad():
         if world > 1:  # DistributedDataParallel: the step's gradient is the ranks' mean G
-            for name, m in layers.items():
+            for name, m in layers.items():  # "auto" chose per rank: every rank forms every G
                 g = G.get(name, m.weight.new_zeros(m.out_features, m.in_features,
                                                    dtype=torch.float32))
                 for X, D in rows.pop(name, []):
                     g = g.addmm(D.T, X)
                 G[name] = g
-            _all_reduce(list(G.values()), 0)
-            G = {n: g / world for n, g in G.items()}
+            _all_reduce([G[n] for n in layers])  # in layers order: G's own order is per rank
+            G = {n: G[n] / world for n in layers}
         for name, g in G.items():
             sq_norms[name].add_(g.square().sum())
         for name, pairs in rows.items():
@@ -1093,7 +1111,8 @@ def lorada_statistics(model: nn.Module, batches: Iterable[dict],
     fisher_scores(per_example=True)) with examples that do not interact, so δ_{n,t} =
     N·∂L/∂y_{n,t} and G, Z, y equal the per-example ones up to float rounding. Matrices reading
     the same input tensor (q/k/v) share one Z tensor. Runs in eval mode; no .grad is written and
-    flags are restored. Sums are in the weight dtype promoted to at least float32.
+    flags are restored. Sums are in the weight dtype promoted to at least float32, and summed
+    over the ranks under torch.distributed (each rank passing its own examples).
     Returns ({name: {G, Z, y_diag, tokens, z_owner}}, number of examples used).
     Example: stats, n = lorada_statistics(model, batches, loss_fn, n_samples=64)
     """
@@ -1163,13 +1182,22 @@ def lorada_statistics(model: nn.Module, batches: Iterable[dict],
                 n_used += N[0]
         finally:
             cur.clear()
+    for n in layers:  # a module never called (on this rank) has Z sum 0
+        if n not in owner:
+            owner[n], Zsum[n] = n, st[n]["G"].new_zeros(st[n]["G"].shape[1], st[n]["G"].shape[1])
+    # each layer lists its own Z sum (a shared one repeatedly), so the list is the same on
+    # every rank whatever sharing its forwards showed
+    *tokens, n_used = _all_reduce([st[n][k] for k in ("G", "y_diag") for n in layers]
+                                  + [Zsum[owner[n]] for n in layers],
+                                  *(st[n]["tokens"] for n in layers), n_used)
+    for n, t in zip(layers, tokens):
+        st[n]["tokens"] = t
     Z = {o: Zsum[o] / max(st[o]["tokens"], 1) for o in Zsum}  # sharers get the same tensor
     stats = {}
     for n, s in st.items():
-        o = owner.get(n, n)  # a module never called has no Z sum: Z = 0
+        o = owner[n]
         stats[n] = {"G": s["G"] / max(n_used, 1), "y_diag": s["y_diag"] / max(s["tokens"], 1),
-                    "Z": Z[o] if o in Z else s["G"].new_zeros(s["G"].shape[1], s["G"].shape[1]),
-                    "tokens": s["tokens"], "z_owner": o}
+                    "Z": Z[o], "tokens": s["tokens"], "z_owner": o}
     return stats, n_used
 
 

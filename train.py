@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import io
 import itertools
 import json
@@ -538,29 +539,82 @@ def restore_rng(blob: dict) -> None:
 # torchrun: one process per device, each a disjoint shard of every global batch
 
 
+DIST_TIMEOUT = "FIMLORA_DIST_TIMEOUT"  # env: seconds a rank waits for the others (default 600)
+
+
+def dist_timeout() -> float:
+    """Seconds a collective waits for a silent peer before the run ends with an error (gloo's
+    own default is 30 minutes); from the environment variable DIST_TIMEOUT, default 600."""
+    raw = os.environ.get(DIST_TIMEOUT, "600")
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds <= 86400:
+        raise ValueError(f"{DIST_TIMEOUT}={raw!r}: give the seconds a torchrun process waits for "
+                         "the others, a number in (0, 86400]")
+    return seconds
+
+
 def init_distributed(device: torch.device, args: argparse.Namespace) -> tuple[int, int]:
-    """(rank, world size); starts the process group (gloo on CPU, nccl on CUDA) under torchrun."""
+    """(rank, world size); starts the process group (gloo on CPU, nccl on CUDA) under torchrun,
+    with collectives that give up after dist_timeout() seconds."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1
     if args.batch_size % world:
         raise ValueError(f"--batch-size {args.batch_size} is not divisible by the {world} "
                          "processes: every rank takes an equal shard of each global batch")
+    timeout = datetime.timedelta(seconds=dist_timeout())
     dist = torch.distributed
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
     return dist.get_rank(), dist.get_world_size()
 
 
+SHARD_WEIGHT = "shard_weight"  # a batch key: world·n_k/N, set by shards() on uneven splits
+
+
+def rank_world() -> tuple[int, int]:
+    """(rank, world size) of the process group, (0, 1) without one."""
+    dist = torch.distributed
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
 def shards(batches: Iterator[dict], rank: int, world: int) -> Iterator[dict]:
-    """Rank `rank`'s contiguous slice of dim 0 of every tensor in every batch."""
+    """Rank `rank`'s contiguous slice of dim 0 of every tensor in every batch. Where the slices
+    differ in size (the last batch of an epoch), the slice of n_k of the N rows carries
+    SHARD_WEIGHT = world·n_k/N, for shard_loss."""
     for batch in batches:
         if world == 1:
             yield batch
             continue
-        n = next(v.shape[0] for v in batch.values() if torch.is_tensor(v))
-        yield {k: v.tensor_split(world)[rank] if torch.is_tensor(v) and v.shape[:1] == (n,)
-               else v for k, v in batch.items()}
+        first = next(v for v in batch.values() if torch.is_tensor(v))
+        n, n_k = first.shape[0], first.tensor_split(world)[rank].shape[0]
+        part = {k: v.tensor_split(world)[rank] if torch.is_tensor(v) and v.shape[:1] == (n,)
+                else v for k, v in batch.items()}
+        if n % world:
+            part[SHARD_WEIGHT] = world * n_k / n
+        yield part
+
+
+def shard_loss(task: Task, args: argparse.Namespace, world: int) -> Task:
+    """The task whose loss_fn weights an uneven shard's mean loss by SHARD_WEIGHT: DDP applies
+    the ranks' mean gradient, which is then the whole batch's (losses are per-example means),
+    as in one process. Refuses, before the first step, data whose last batch leaves a rank no
+    row."""
+    left = (task.n_train or 0) % args.batch_size
+    if world > 1 and 0 < left < world:
+        raise ValueError(f"the last batch of each epoch has {left} rows (--max-train / the "
+                         f"training rows mod --batch-size {args.batch_size}), fewer than the "
+                         f"{world} processes: change --max-train or --batch-size")
+
+    def loss_fn(m: nn.Module, batch: dict) -> torch.Tensor:
+        if SHARD_WEIGHT not in batch:
+            return task.loss_fn(m, batch)
+        rows = {k: v for k, v in batch.items() if k != SHARD_WEIGHT}
+        return task.loss_fn(m, rows) * batch[SHARD_WEIGHT]
+    return task._replace(loss_fn=loss_fn) if world > 1 else task
 
 
 def agreed(flag: bool, world: int) -> bool:
@@ -620,9 +674,9 @@ def add_adapters(task: Task, args: argparse.Namespace, device: torch.device,
 def fim_method(model: nn.Module, task: Task, args: argparse.Namespace,
                rng: dict[str, torch.Generator], calib: Iterator[dict]) -> dict:
     """FIM-LoRA: calibrate on --calib-batches batches, reallocate the rank budget. Under
-    torchrun rank k takes batches k, k + world, ...; fisher_scores all-reduces the sums."""
-    rank, world = ((torch.distributed.get_rank(), torch.distributed.get_world_size())
-                   if torch.distributed.is_initialized() else (0, 1))
+    torchrun rank k takes batches k, k + world, ... (maybe none); every score's sums are
+    all-reduced, so every rank allocates the ranks of one process."""
+    rank, world = rank_world()
     batches = list(itertools.islice(calib, rank, args.calib_batches, world))
     report = {}
     if task.planted:  # before the allocation resizes A: the model it scores
@@ -649,12 +703,19 @@ def fim_method(model: nn.Module, task: Task, args: argparse.Namespace,
 
 def da_method(model: nn.Module, task: Task, args: argparse.Namespace,
               rng: dict[str, torch.Generator], calib: Iterator[dict]) -> dict:
-    """LoRA-DA: initialise A and B from --da-samples calibration examples."""
+    """LoRA-DA: initialise A and B from --da-samples calibration examples (the last batch cut
+    short). Under torchrun rank k takes batches k, k + world, ... and their share of the
+    examples; lorada_statistics all-reduces the sums."""
     n = max(1, math.ceil(args.da_samples / args.batch_size))
+    batches = list(itertools.islice(calib, n))
+    sizes = [next(v.shape[0] for v in b.values() if torch.is_tensor(v)) for b in batches]
+    take = [min(k, max(0, args.da_samples - at))
+            for k, at in zip(sizes, itertools.accumulate(sizes, initial=0))]
+    rank, world = rank_world()
     t0 = time.perf_counter()
-    batches = progress(itertools.islice(calib, n), "LoRA-DA calibration", n)  # drawn lazily
+    batches = progress(batches[rank::world], "LoRA-DA calibration", len(batches[rank::world]))
     res = fimlora.lorada_init(model, batches, task.loss_fn,
-                              n_samples=args.da_samples, da_beta=args.da_beta,
+                              n_samples=max(1, sum(take[rank::world])), da_beta=args.da_beta,
                               da_gamma=args.da_gamma, population_size=task.n_train)
     return {"da": {**res, "seconds": time.perf_counter() - t0}}
 
@@ -714,7 +775,9 @@ def micro_backward(train_model: nn.Module, loss_fn: Callable, micro: list[dict],
     examples, the update of one batch of them up to float rounding (a loss averaged over the
     tokens of a whole batch would need token weights instead). The penalty is added once. A DDP
     train_model syncs on the last micro-batch only (no_sync before it)."""
-    sizes = [next(v.shape[0] for v in b.values() if torch.is_tensor(v)) for b in micro]
+    # an uneven shard's n_k rows weigh as N/world of the global batch (shards: SHARD_WEIGHT)
+    sizes = [next(v.shape[0] for v in b.values() if torch.is_tensor(v)) / b.get(SHARD_WEIGHT, 1)
+             for b in micro]
     for c, batch in enumerate(micro):
         last = c == len(micro) - 1
         with (train_model.no_sync() if not last and hasattr(train_model, "no_sync")
@@ -830,6 +893,7 @@ def train_loop(model: nn.Module, task: Task, args: argparse.Namespace,
     train_model = model
     if world > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(model)
+        task = shard_loss(task, args, world)
     if args.method == "fw":
         if args.fw_warmup > args.steps // 2:
             args.fw_warmup = args.steps // 2  # keep half the run for the penalised phase
@@ -852,7 +916,7 @@ def train_loop(model: nn.Module, task: Task, args: argparse.Namespace,
         for step in range(start + 1, args.steps + 1):
             t0 = time.perf_counter()
             loss = step_fn(step, [next(batches) for _ in range(args.grad_accum)])
-            if world > 1:  # log the global batch's loss: the mean of the equal shards' means
+            if world > 1:  # log the global batch's loss: the mean of the weighted shards' means
                 torch.distributed.all_reduce(loss, op=torch.distributed.ReduceOp.AVG)
             value = loss.item()
             if not math.isfinite(value):
@@ -976,7 +1040,7 @@ def planted_scores(model, calib, loss_fn, truth: dict[str, int]) -> dict:
     out = {}
     for label, kw in (("efim", {}), ("variance", {"score": "variance"}),
                       ("per-example", {"per_example": True})):
-        scores = fimlora.fisher_scores(model, calib, loss_fn, n_batches=len(calib), **kw)["scores"]
+        scores = fimlora.fisher_scores(model, calib, loss_fn, n_batches=None, **kw)["scores"]
         out[label] = planted.recovery(scores, truth)
     print(f"planted recovery, top-{out['efim']['k']} hits (chance "
           f"{out['efim']['chance_hits']:.2f}): "
@@ -1243,3 +1307,10 @@ if __name__ == "__main__":
         sys.exit(130)
     except (ValueError, FileNotFoundError, ImportError, FloatingPointError) as e:
         sys.exit(f"error: {e}")
+    except RuntimeError as e:  # gloo's words for a peer that froze or died
+        if int(os.environ.get("WORLD_SIZE", "1")) < 2 or not re.search(
+                "Timed out|timed out|closed by peer", str(e)):
+            raise
+        sys.exit(f"error: another torchrun process stopped answering (frozen or dead: see its "
+                 f"output); {DIST_TIMEOUT}={os.environ.get(DIST_TIMEOUT, '600')} seconds bounds "
+                 f"the wait. gloo: {str(e).splitlines()[0][:300]}")

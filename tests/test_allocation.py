@@ -315,6 +315,40 @@ def test_allocate_ranks_with_costs_textbook_example():
     assert allocate_ranks(s, 1000, 0, 10, costs=kappa) == {"q": 10, "v": 10}
 
 
+@st.composite
+def small_cost_problems(draw):
+    """cost_problems small enough to enumerate every rank vector: M ≤ 3, r_max − r_min ≤ 4."""
+    s = draw(st.dictionaries(names, scores, min_size=2, max_size=3))
+    r_min = draw(st.integers(0, 2))
+    r_max = draw(st.integers(r_min, r_min + 4))
+    kappa = {n: draw(st.sampled_from([1, 2, 3, 4, 7, 12])) for n in s}  # cheap next to dear
+    lo, hi = (sum(k * r for k in kappa.values()) for r in (r_min, r_max))
+    return s, draw(st.integers(lo, hi + 12)), r_min, r_max, kappa, draw(powers)
+
+
+@given(small_cost_problems())
+def test_allocate_ranks_with_costs_falls_short_of_the_best_spend_by_under_one_rank(problem):
+    """What allocate_ranks guarantees with costs, against brute force over every rank vector in
+    [r_min, r_max]^M within the budget: its spend is at most the best one, and short of it by
+    less than the cost of one rank of the cheapest matrix still below r_max (nothing if none)."""
+    s, budget, r_min, r_max, kappa, p = problem
+    r = allocate_ranks(s, budget, r_min, r_max, costs=kappa, power=p)
+    spent = sum(kappa[n] * r[n] for n in s)
+    best = max(sum(kappa[n] * v for n, v in zip(s, vec))
+               for vec in itertools.product(range(r_min, r_max + 1), repeat=len(s))
+               if sum(kappa[n] * v for n, v in zip(s, vec)) <= budget)
+    open_costs = [kappa[n] for n in s if r[n] < r_max]
+    assert spent <= best and best - spent < min(open_costs, default=1)
+
+
+def test_allocate_ranks_with_costs_need_not_spend_the_most():
+    """The issue's case: κ = (3, 3, 4), s = (1.5, 1.5, 1.75), budget 16, r ∈ [0, 10]. r* = (1.5,
+    1.5, 1.75); floors (1, 1, 1) cost 10; c has the largest remainder and takes 4, leaving 2 < 3.
+    14 is spent although (2, 2, 1) spends 16: the rounding follows the targets, not the spend."""
+    s, kappa = {"a": 1.5, "b": 1.5, "c": 1.75}, {"a": 3, "b": 3, "c": 4}
+    assert allocate_ranks(s, 16, 0, 10, costs=kappa) == {"a": 1, "b": 1, "c": 2}
+
+
 # --- the fast allocator equals the exact one --------------------------------------------------
 # nice fractions of one another, so exact ties between different scores (r*_m − ⌊r*_m⌋ equal) and
 # r* landing on integers are common; tiny and huge scores push s^p to the edges of float64

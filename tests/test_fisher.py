@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fimlora import (allocate_ranks, fisher_scores, fw_penalty, fw_track, fw_update, importances,
-                     initialize_fim_ranks)
+from fimlora import (ALLOCATION_SCORES, allocate_ranks, fisher_scores, fw_penalty, fw_track,
+                     fw_update, importances, initialize_fim_ranks, lorada_init)
 from lora import add_lora, lora_layers, lora_scaling, resize_lora
 
 TARGETS = ["query", "value", "classifier"]
@@ -390,7 +390,60 @@ def test_fw_update_equals_raw_ema_divided_by_one_minus_beta_k():
 
 
 # -----------------------------------------------------------------------------
-# torch.distributed: two gloo ranks, each with half of the batches
+# torch.distributed: two gloo ranks, each with its share of the batches (as train.py splits
+# them): uneven shares, odd batch sizes, a rank with no batch at all
+
+
+def dict_loss(model, batch):
+    return loss_fn(model, (batch["input_ids"], batch["attention_mask"], batch["labels"]))
+
+
+def uneven_batches():
+    """Batches of 4, 3 and 5 examples as dicts (LoRA-DA and the lorada score need dicts)."""
+    sizes = [(4, 1), (3, 2), (5, 3)]
+    return [dict(zip(("input_ids", "attention_mask", "labels"), make_batches(1, N=n, seed=s)[0]))
+            for n, s in sizes]
+
+
+class MLP(nn.Module):
+    """Two 8x8 layers: fw_track's "auto" forms δᵀX for 4 rows (4·16 ≥ 64) and takes the Gram
+    form for 3, so a 4/3 split fills each rank's gradient dict in a different order."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.down(torch.tanh(self.up(x)))
+
+
+def dist_case(rank: int, world: int) -> dict:
+    """Everything a rank computes from its share: every allocation score (ranks and scores),
+    the per-example Fisher, scores from one batch over all ranks (rank 1 gets none), and
+    fw_track of a 7-row batch cut 4/3 as train.shards cuts it, each shard's mean loss weighted
+    by world·n_k/N (as train.py does) so the ranks' mean gradient is the whole batch's."""
+    batches = uneven_batches()
+    out = {}
+    cases = [(s, False, batches) for s in ALLOCATION_SCORES] + [
+        (s, True, batches) for s in ("efim", "variance")] + [
+        (s, False, batches[:1]) for s in ("efim", "gradw", "kfac", "lorada")]
+    for score, per_example, data in cases:
+        res = initialize_fim_ranks(make_model(r=2), data[rank::world], dict_loss, score=score,
+                                   n_batches=None, per_example=per_example,
+                                   generator=torch.Generator().manual_seed(0))
+        out[score, per_example, len(data)] = {"ranks": res["ranks"], "scores": res["scores"]}
+    torch.manual_seed(0)
+    model = MLP()
+    add_lora(model, ["up", "down"], r=2, alpha=2.0)
+    x, t = torch.randn(7, 8), torch.randn(7, 8)
+    xs, ts = x.tensor_split(world)[rank], t.tensor_split(world)[rank]
+    with fw_track(model) as sq:
+        (F.mse_loss(model(xs), ts) * (world * xs.shape[0] / 7)).backward()
+    out["fw"] = {n: v.item() for n, v in sq.items()}
+    model = make_model(r=2)
+    lorada_init(model, batches[rank::world], dict_loss)  # LoRA-DA from all ranks' statistics
+    out["da"] = {n: (m.lora_A.detach(), m.lora_B.detach()) for n, m in lora_layers(model).items()}
+    return out
 
 
 def _dist_worker(rank, world, init_file, out_dir):
@@ -400,30 +453,34 @@ def _dist_worker(rank, world, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world)
     try:
-        batches = make_batches(8)[rank * 4:(rank + 1) * 4]
-        out = {"efim": fisher_scores(make_model(), batches, loss_fn)["scores"],
-               "per_example": fisher_scores(make_model(), batches, loss_fn, score="variance",
-                                            per_example=True)["scores"],
-               "ranks": initialize_fim_ranks(make_model(r=4), batches, loss_fn)["ranks"]}
-        torch.save(out, f"{out_dir}/{rank}.pt")
+        torch.save(dist_case(rank, world), f"{out_dir}/{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def test_distributed_ranks_agree_with_one_process_over_all_batches(tmp_path):
-    """Rank k scores batches 4k..4k+3; the all-reduced efim is the mean over all 8 batches."""
+def test_distributed_scores_ranks_and_fw_agree_with_one_process(tmp_path):
+    """Oracle: dist_case in one process over all the batches. Both ranks get bit-identical
+    results, every score and rank of every --score equals one process's (float32 sums in
+    another order: rel 1e-5), and so do FW-LoRA's ‖G_m‖² on the uneven 4/3 split."""
     mp.spawn(_dist_worker, args=(2, tmp_path / "init", tmp_path), nprocs=2, join=True)
-    r0, r1 = (torch.load(tmp_path / f"{k}.pt", weights_only=True) for k in (0, 1))
-    assert r0 == r1  # bit-identical on both ranks
-    batches = make_batches(8)
-    one = {"efim": fisher_scores(make_model(), batches, loss_fn)["scores"],
-           "per_example": fisher_scores(make_model(), batches, loss_fn, score="variance",
-                                        per_example=True)["scores"],
-           "ranks": initialize_fim_ranks(make_model(r=4), batches, loss_fn)["ranks"]}
-    for key in ("efim", "per_example"):
-        for name, s in one[key].items():
-            assert r0[key][name] == pytest.approx(s, rel=1e-5)
-    assert r0["ranks"] == one["ranks"]
+    r0, r1 = (torch.load(tmp_path / f"{k}.pt", weights_only=False) for k in (0, 1))
+    assert {k: v for k, v in r0.items() if k != "da"} == {k: v for k, v in r1.items() if k != "da"}
+    assert all(torch.equal(a, b) for k in r0["da"] for a, b in zip(r0["da"][k], r1["da"][k]))
+    one = dist_case(0, 1)
+    assert r0.keys() == one.keys()
+    for key, res in one.items():
+        if key in ("fw", "da"):
+            continue
+        assert r0[key]["ranks"] == res["ranks"], key
+        for name, s in res["scores"].items():
+            got, s = torch.tensor(r0[key]["scores"][name]), torch.tensor(s)
+            scale = s.abs().max().item()
+            torch.testing.assert_close(got, s, rtol=1e-5, atol=1e-6 * scale, msg=str(key))
+    for name, v in one["fw"].items():
+        assert r0["fw"][name] == pytest.approx(v, rel=1e-5), name
+    for name, (A, B) in one["da"].items():
+        torch.testing.assert_close(r0["da"][name][0], A, rtol=1e-5, atol=1e-7, msg=name)
+        torch.testing.assert_close(r0["da"][name][1], B, rtol=1e-5, atol=1e-7, msg=name)
 
 
 def test_initialize_fim_ranks_parameter_budget_spends_uniform_parameters():

@@ -252,10 +252,20 @@ def test_grad_accum_consumes_n_batches_per_step_and_scales_epochs(tmp_path, monk
     assert args.steps == 3  # ⌈20 / 8⌉
 
 
-def test_grad_accum_under_torchrun_matches_one_process(tmp_path):
+# 37 rows in batches of 8: batches 5 and 10 have 5 rows (steps 3 and 5, step 3 still tracked)
+UNEVEN = ["--model", "tiny-llama", "--task", "sst2", "--data-dir", str(SST2), "--max-train",
+          "37", "--steps", "6", "--fw-warmup", "3"]
+
+
+@pytest.mark.parametrize("data", [[], UNEVEN], ids=["planted", "uneven-shards"])
+def test_grad_accum_under_torchrun_matches_one_process(tmp_path, data):
     """2 gloo processes with --grad-accum 2 (DDP syncs once per step, after the last
     micro-batch; fw_track all-reduces the step's summed gradient) give one process's losses,
-    FW-LoRA importances and adapter. Oracle: the same command without torchrun."""
+    FW-LoRA importances and adapter; also where an epoch's last batch (37 mod 8 = 5 rows)
+    splits 3/2, its micro-batch weighing as its global rows. Oracle: the same command without
+    torchrun."""
+    if data and not SST2.is_dir():
+        pytest.skip(f"SST-2 not found at {SST2}")
     import shutil
     from pathlib import Path
 
@@ -263,7 +273,7 @@ def test_grad_accum_under_torchrun_matches_one_process(tmp_path):
     exe = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     launcher = [exe] if exe else [sys.executable, "-m", "torch.distributed.run"]
     args = ["train.py", "--method", "fw", "--steps", "4", "--batch-size", "8", "--grad-accum",
-            "2", "--fw-warmup", "2", "--lr", "1e-2", "--threads", "1", "--log-every", "2"]
+            "2", "--fw-warmup", "2", "--lr", "1e-2", "--threads", "1", "--log-every", "2", *data]
     for cmd, out in (([sys.executable], "one"), ([*launcher, "--standalone",
                                                   "--nproc_per_node", "2"], "two")):
         proc = subprocess.run([*cmd, *args, "--out", str(tmp_path / out)], cwd=ROOT,
@@ -277,8 +287,8 @@ def test_grad_accum_under_torchrun_matches_one_process(tmp_path):
         assert r2["fw"]["importances"][name] == pytest.approx(v, rel=1e-4), name
     a1, a2 = (read_safetensors(tmp_path / d / "adapter" / "adapter_model.safetensors")[0]
               for d in ("one", "two"))
-    for k in a1:
-        torch.testing.assert_close(a2[k], a1[k], rtol=1e-4, atol=1e-6, msg=k)
+    for k in a1:  # Adam's normalised steps carry the float noise of the sums: 1e-5 of 0.15
+        torch.testing.assert_close(a2[k], a1[k], rtol=1e-3, atol=5e-5, msg=k)
 
 
 def test_grad_accum_on_a_decoder_loss_averaged_over_answer_tokens_is_exact():
