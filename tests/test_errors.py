@@ -45,6 +45,10 @@ def out_with(kind: str):
             (out / "results.json").write_text("{}")
         elif kind == "unfinished":
             (out / "checkpoint").mkdir()
+            for name in ("meta.json", "state.pt"):  # a complete one (a partial one is refused)
+                (out / "checkpoint" / name).write_text("{}")
+        elif kind == "partial":
+            (out / "checkpoint").mkdir()
         return ["--out", str(out)]
     return setup
 
