@@ -232,20 +232,21 @@ def check_out(out: Path, resume: bool, overwrite: bool) -> None:
 
 def _check_path(out: Path) -> None:
     """NAME_MAX, PATH_MAX, dangling links and link loops, named before any work."""
-    base = next(p for p in [out, *out.parents, Path(".")] if p.is_dir())
+    base = next(p for p in [out, *out.parents, Path(".")] if os.path.isdir(p))
     try:
         name_max = os.pathconf(base, "PC_NAME_MAX")
         path_max = os.pathconf(base, "PC_PATH_MAX")
     except (OSError, ValueError):
         name_max, path_max = 255, 4096
+    shown = str(out) if len(str(out)) < 100 else f"{str(out)[:60]}...({len(str(out)):,} chars)"
     long = [c for c in out.parts if len(os.fsencode(c)) > name_max]
     if long:
-        raise ValueError(f"--out {out}: the name {long[0][:40]}... has {len(os.fsencode(long[0]))}"
+        raise ValueError(f"--out {shown}: the name {long[0][:40]}... has {len(os.fsencode(long[0]))}"
                          f" bytes, over this file system's {name_max} (NAME_MAX): use a shorter "
                          "name")
     room = path_max - 1 - len(f"/{CHECKPOINT}.tmp/{STATE}")  # the longest path a run writes
     if len(os.fsencode(os.path.abspath(out))) > room:
-        raise ValueError(f"--out {out}: the path is too long for the files a run writes in it "
+        raise ValueError(f"--out {shown}: the path is too long for the files a run writes in it "
                          f"(at most {room} bytes, PATH_MAX {path_max}): use a shorter path")
     for p in [out, *out.parents]:
         if os.path.exists(p):

@@ -285,7 +285,7 @@ def read_checkpoint(out: Path) -> tuple[dict, dict]:
                 meta.get(field), bool):
             raise ValueError(f"{folder / META}: field {field!r} is missing or not a "
                              f"{kind.__name__}; the checkpoint is damaged")
-    if not (folder / STATE).is_file():
+    if not os.path.lexists(folder / STATE):
         raise ValueError(f"--resume {out}: the checkpoint lacks {STATE}")
     with runfolder.open_regular(folder / STATE, runfolder.STATE_BYTES) as f:
         try:
