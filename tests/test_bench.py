@@ -399,7 +399,8 @@ def test_ctrl_c_stops_the_grid_with_a_checkpoint_and_the_same_command_resumes(tm
     cell = tmp_path / "cells" / "sst2" / "lora-s0"
     code = tmp_path / "code"  # a copy: the grid writes results/ and README.md where it runs
     code.mkdir()
-    for name in ("train.py", "bench.py", "lora.py", "fimlora.py", "README.md", "models", "data"):
+    for name in ("train.py", "runfolder.py", "bench.py", "lora.py", "fimlora.py", "README.md",
+                 "models", "data"):
         (shutil.copytree if (ROOT / name).is_dir() else shutil.copy)(ROOT / name, code / name)
     proc = subprocess.Popen(cmd, cwd=code, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
