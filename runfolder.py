@@ -241,9 +241,9 @@ def _check_path(out: Path) -> None:
     shown = str(out) if len(str(out)) < 100 else f"{str(out)[:60]}...({len(str(out)):,} chars)"
     long = [c for c in out.parts if len(os.fsencode(c)) > name_max]
     if long:
-        raise ValueError(f"--out {shown}: the name {long[0][:40]}... has {len(os.fsencode(long[0]))}"
-                         f" bytes, over this file system's {name_max} (NAME_MAX): use a shorter "
-                         "name")
+        size = len(os.fsencode(long[0]))
+        raise ValueError(f"--out {shown}: the name {long[0][:40]}... has {size} bytes, over this "
+                         f"file system's {name_max} (NAME_MAX): use a shorter name")
     room = path_max - 1 - len(f"/{CHECKPOINT}.tmp/{STATE}")  # the longest path a run writes
     if len(os.fsencode(os.path.abspath(out))) > room:
         raise ValueError(f"--out {shown}: the path is too long for the files a run writes in it "
