@@ -102,6 +102,10 @@ def lock(out: Path) -> Iterator[None]:
             raise ValueError(f"--out {out} is in use by pid {owner.get('pid', '?')} (host "
                              f"{owner.get('host', '?')}): wait for that run to end, or pick "
                              "another --out") from None
+        except OSError as e:  # ENOLCK: a network file system without locks
+            os.close(fd)
+            raise ValueError(f"--out {out}: cannot lock {path} ({e.strerror}); pick an --out on "
+                             "a file system with locks (a local disk)") from None
         try:  # an owner unlinks the file before it lets go: ours must still be the one there
             same = os.stat(path).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:
