@@ -1002,8 +1002,12 @@ def run(args: argparse.Namespace, adapt: Callable) -> dict:
         if args.compare and args.task == "planted":
             results["compare"] = compare_planted(args, results)
             if rank0:
-                with runfolder.write_errors(out, "the same command with --overwrite"):
+                try:
                     write_json(out / "results.json", results)  # the run's own, just published
+                except OSError as e:
+                    raise ValueError(f"cannot write {e.filename} ({e.strerror}): "
+                                     f"{out / 'results.json'} holds the run without the "
+                                     "comparison") from None
     return results
 
 
