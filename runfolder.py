@@ -174,13 +174,19 @@ def replace_dir(tmp: Path, final: Path) -> None:
 
 def publish_move(out: Path) -> None:
     """Move a complete .publish folder into out: the checkpoint (its own run's, now redundant)
-    and old entries go first, results.json comes last."""
-    for name in (CHECKPOINT, CHECKPOINT + ".old", *PUBLISHED):
-        remove(out / name)
+    and old entries go first, results.json comes last. Idempotent: .publish/.moving marks the
+    old entries gone, so a rerun after a kill never deletes an entry already moved in."""
+    pub = out / ".publish"
+    if not (pub / ".moving").exists():
+        for name in (CHECKPOINT, CHECKPOINT + ".old", *PUBLISHED):
+            remove(out / name)
+        (pub / ".moving").touch()
+        fsync_dir(pub)
     for name in PUBLISHED[::-1]:
-        if (out / ".publish" / name).exists():
-            os.replace(out / ".publish" / name, out / name)
-    os.rmdir(out / ".publish")
+        if (pub / name).exists():
+            os.replace(pub / name, out / name)
+    (pub / ".moving").unlink()
+    os.rmdir(pub)
     fsync_dir(out)
 
 

@@ -472,3 +472,25 @@ def test_an_unreadable_meta_json_is_named_with_the_fix(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=f"cannot read {out}/checkpoint/meta.json .Permission "
                                          "denied.: make it readable .chmod u.r"):
         train.main(["--resume", str(out)])
+
+
+def test_a_kill_in_the_middle_of_moving_a_publish_in_loses_nothing(tmp_path, monkeypatch):
+    """An --overwrite run killed after its adapter was moved in but before results.json: the
+    next start finishes the move and keeps the new adapter (it once deleted it as "old")."""
+    out = tmp_path / "o"
+    run(out, "--seed", "1")
+    real = os.replace
+
+    def replace(src, dst):
+        if str(src).endswith(".publish/results.json"):
+            raise RuntimeError("killed")
+        real(src, dst)
+    with monkeypatch.context() as m:
+        m.setattr(train.runfolder.os, "replace", replace)
+        with pytest.raises(RuntimeError):
+            run(out, "--seed", "2", "--overwrite")
+    new_adapter = adapter_bytes(out)
+    train.tidy_out(out)
+    assert adapter_bytes(out) == new_adapter
+    assert json.loads((out / "results.json").read_text())["seed"] == 2
+    assert sorted(p.name for p in out.iterdir()) == ["adapter", "results.json"]
