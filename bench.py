@@ -28,7 +28,6 @@ import os
 import re
 import signal
 import socket
-import stat
 import statistics
 import subprocess
 import sys
@@ -49,6 +48,7 @@ import fimlora
 from data import glue
 from lora import _atomic_write, add_lora, lora_layers, merge_lora
 from models import load_model, model_path
+from lora import read_regular
 from models.checkpoint import is_decoder
 import train
 from train import write_json
@@ -716,17 +716,7 @@ def read_json(path: Path, limit: int = READ_LIMIT):
     """The JSON of a regular file of at most `limit` bytes: ValueError naming the file if it is
     a folder, FIFO or device (a link to /dev/zero), refused before a byte is read, or bigger;
     json.JSONDecodeError naming it if it is not JSON."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO opens at once
-    except OSError as e:
-        raise ValueError(f"{path} cannot be read ({e.strerror})") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise ValueError(f"{path} is not a regular file (a folder, FIFO or device)")
-    with os.fdopen(fd, "rb") as f:
-        data = f.read(limit + 1)
-    if len(data) > limit:
-        raise ValueError(f"{path} is over {limit:,} bytes, more than this project writes")
+    data = read_regular(path, limit)
     try:
         return json.loads(data)
     except (ValueError, RecursionError) as e:  # not JSON, not text, nested past the parser

@@ -43,9 +43,12 @@ import fimlora
 from data import glue, planted
 from data.tasks import Task, causal_task, data_task, glue_task, planted_task
 from data.tasks import to_device  # noqa: F401  (bench.py's AdaLoRA loop uses train.to_device)
-from lora import _atomic_write, add_lora, lora_layers, resize_lora, save_adapter
+from lora import (_atomic_write, add_lora, lora_layers, open_regular, read_regular, resize_lora,
+                  save_adapter)
 from models import model_path
 from models.checkpoint import is_decoder
+import runfolder
+from runfolder import CHECKPOINT, META, PUBLISHED, STATE, tidy_out  # noqa: F401 (bench, tests)
 
 METHODS = ("lora", "fim", "fw", "da", "fim+da")
 GLUE_TASKS = tuple(glue.TASKS)
@@ -212,7 +215,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if given:
             raise ValueError(f"--resume takes the run's saved arguments; drop "
                              f"{', '.join('--' + k.replace('_', '-') for k in given)}")
-        args = resumed_args(args)
+        args = resumed_args(args, p)
     else:
         check_method_flags(args.method, given)
     check_args(args)
@@ -352,82 +355,25 @@ def check_model(model: nn.Module, args: argparse.Namespace) -> None:
 
 # -----------------------------------------------------------------------------
 # output folder and checkpoints: a finished run is never lost, an unfinished one resumes
+# (the file-system side, lock and tidying, is runfolder.py)
 
-CHECKPOINT, STATE, META, LOG = "checkpoint", "state.pt", "meta.json", "log.jsonl"
-PUBLISHED = ("results.json", "adapter", "adapter_peft")  # results.json last: it marks "finished"
+LOG = "log.jsonl"
 
 
 def check_out(args: argparse.Namespace) -> None:
     """--out must be (or be creatable as) a writable folder that holds no finished run, unless
     --overwrite; an unfinished run there needs --resume or --overwrite. Writes nothing."""
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file: pass a folder path")
-    probe = out
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise ValueError(f"--out {out}: {probe} is not a writable folder; pick another --out")
-    if args.resume is not None or args.overwrite or not out.is_dir():
-        return
-    finished = (out / "results.json").exists() or (out / ".publish").exists()
-    if any((out / n).exists() for n in (CHECKPOINT, CHECKPOINT + ".old")):
-        raise ValueError(f"--out {out} holds an unfinished run{' (and a finished one)' * finished}"
-                         f": continue it with '{command('train.py', '--resume', out)}', or pass "
-                         "--overwrite")
-    if finished:
-        raise ValueError(f"--out {out} holds a finished run (results.json): pass --overwrite to "
-                         "replace it, or choose another --out")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Swap the finished folder tmp in for final, keeping final as final.old until tmp is in."""
-    old = final.with_name(final.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    _fsync_dir(final.parent)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def tidy_out(out: Path) -> None:
-    """Finish an interrupted publish and remove stale temp folders (start of every run)."""
-    if (out / ".publish").is_dir():
-        _publish_move(out)
-    for stale in (".publish.tmp", CHECKPOINT + ".tmp"):
-        shutil.rmtree(out / stale, ignore_errors=True)
-    if (out / (CHECKPOINT + ".old")).is_dir() and not (out / CHECKPOINT).is_dir():
-        os.replace(out / (CHECKPOINT + ".old"), out / CHECKPOINT)  # killed mid-swap
-
-
-def _publish_move(out: Path) -> None:
-    """Move a complete .publish folder into out: old entries go first, results.json last."""
-    for name in PUBLISHED:
-        target = out / name
-        shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-    for name in PUBLISHED[::-1]:
-        if (out / ".publish" / name).exists():
-            os.replace(out / ".publish" / name, out / name)
-    os.rmdir(out / ".publish")
-    _fsync_dir(out)
+    runfolder.check_out(Path(args.out), args.resume is not None, args.overwrite,
+                        command("train.py", "--resume", args.out))
 
 
 def save_checkpoint(out: Path, step: int, model: nn.Module, opt, sched, rng: dict,
                     state: dict, args: argparse.Namespace) -> None:
     """<out>/checkpoint/: state.pt (adapter and head tensors, optimizer, scheduler, generator
     states, FW-LoRA EMA, losses; loads with weights_only=True) and meta.json (step, args, seed,
-    method report), written to checkpoint.tmp/, fsynced, then swapped in."""
+    method report, segments), written to checkpoint.tmp/, fsynced, then swapped in."""
     tmp = out / (CHECKPOINT + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    runfolder.remove(tmp)
     tmp.mkdir(parents=True)
     fw = state["fw"]
     trainable = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
@@ -440,66 +386,136 @@ def save_checkpoint(out: Path, step: int, model: nn.Module, opt, sched, rng: dic
     meta = {"step": step, "seed": args.seed, "args": vars(args), "evals": state["evals"],
             "ranks": {n: m.r for n, m in lora_layers(model).items()},
             "alphas": {n: m.alpha for n, m in lora_layers(model).items()},
-            "report": state["report"]}
+            "report": state["report"], "segments": state["segments"]}
     with open(tmp / STATE, "wb") as f:
         torch.save(blob, f)
         f.flush()
         os.fsync(f.fileno())
     write_json(tmp / META, meta)
-    _fsync_dir(tmp)
-    _replace_dir(tmp, out / CHECKPOINT)
+    runfolder.fsync_dir(tmp)
+    runfolder.replace_dir(tmp, out / CHECKPOINT)
 
 
 def read_checkpoint(out: Path) -> tuple[dict, dict]:
-    """(state.pt contents, meta.json) of <out>/checkpoint, or ValueError naming what is wrong."""
-    folder = out / CHECKPOINT
-    if not folder.is_dir() and (out / (CHECKPOINT + ".old")).is_dir():
-        folder = out / (CHECKPOINT + ".old")  # killed between the two renames of a save
-    if not folder.is_dir():
-        done = " (the run finished: results.json is there)" if (out / "results.json").exists() \
-            else ""
+    """(state.pt contents, meta.json) of <out>/checkpoint (or checkpoint.old, when a kill came
+    between the two renames of a save), both checked for types and agreement; else ValueError
+    or FileNotFoundError naming what is wrong and the command that gets out of it."""
+    folders = [out / n for n in (CHECKPOINT, CHECKPOINT + ".old") if (out / n).is_dir()]
+    done = " (the run finished: results.json is there)" if runfolder.finished(out) else ""
+    if not folders:
         raise FileNotFoundError(f"--resume {out}: no {CHECKPOINT}/ folder{done}")
+    folder = next((f for f in folders if (f / META).exists()), None)
+    if folder is None and done:
+        raise FileNotFoundError(f"--resume {out}: nothing to resume{done}; its partial "
+                                f"{CHECKPOINT}/ is removed by the next run into {out}")
+    if folder is None:
+        raise ValueError(f"--resume {out}: the checkpoint lacks {META} (a partial checkpoint): "
+                         "nothing can resume from it; run the original command again with "
+                         "--overwrite")
+    text = read_regular(folder / META, runfolder.JSON_BYTES)
     try:
-        meta = json.loads((folder / META).read_text())
-    except FileNotFoundError:
-        raise ValueError(f"--resume {out}: the checkpoint lacks {META}") from None
+        meta = json.loads(text)
     except (ValueError, UnicodeDecodeError) as e:
         raise ValueError(f"--resume {out}: {folder / META} is not a readable fimlora "
                          f"checkpoint ({type(e).__name__})") from None
     fields = {"step": int, "seed": int, "args": dict, "ranks": dict, "alphas": dict,
-              "report": dict, "evals": list}
+              "report": dict, "evals": list, "segments": list}
+    if isinstance(meta, dict):
+        meta.setdefault("segments", [])  # written since segments were recorded
     for field, kind in fields.items():
-        if not isinstance(meta, dict) or not isinstance(meta.get(field), kind):
+        if not isinstance(meta, dict) or not isinstance(meta.get(field), kind) or isinstance(
+                meta.get(field), bool):
             raise ValueError(f"{folder / META}: field {field!r} is missing or not a "
                              f"{kind.__name__}; the checkpoint is damaged")
-    if not (folder / STATE).is_file():
+    if not os.path.lexists(folder / STATE):
         raise ValueError(f"--resume {out}: the checkpoint lacks {STATE}")
-    try:
-        blob = torch.load(folder / STATE, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, foreign or unsafe pickle: name it, never a traceback
-        raise ValueError(f"--resume {out}: {folder / STATE} is not a readable fimlora "
-                         f"checkpoint ({type(e).__name__})") from None
+    with open_regular(folder / STATE, runfolder.STATE_BYTES) as f:
+        try:
+            blob = torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated, foreign or unsafe pickle: name it, never a traceback
+            raise ValueError(f"--resume {out}: {folder / STATE} is not a readable fimlora "
+                             f"checkpoint ({type(e).__name__})") from None
     if not isinstance(blob, dict) or blob.get("step") != meta["step"]:
         raise ValueError(f"{folder / STATE} does not match {META} (step): the checkpoint is "
                          "damaged")
+    check_state(blob, meta, folder)
     return blob, meta
 
 
-def resumed_args(cli: argparse.Namespace) -> argparse.Namespace:
-    """The saved arguments of the run in --resume OUT (--threads from the command line)."""
+def check_state(blob: dict, meta: dict, folder: Path) -> None:
+    """state.pt's fields have the types a run writes, and as many losses as steps."""
+    def tensors(v, floats: bool = False) -> bool:
+        return isinstance(v, dict) and all(isinstance(k, str) and torch.is_tensor(t) and (
+            not floats or t.is_floating_point()) for k, t in v.items())
+    checks = {"model": tensors(blob.get("model"), floats=True),
+              "optimizer": isinstance(blob.get("optimizer"), dict),
+              "scheduler": isinstance(blob.get("scheduler"), dict),
+              "rng": tensors(blob.get("rng")) and {"data", "torch"} <= set(blob["rng"]),
+              "cuda_rng": isinstance(blob.get("cuda_rng"), list),
+              "fw_ema": tensors(blob.get("fw_ema"), floats=True),
+              "fw_importance": tensors(blob.get("fw_importance"), floats=True),
+              "seconds": type(blob.get("seconds")) in (int, float),
+              "losses": isinstance(blob.get("losses"), list) and all(
+                  type(v) is float and math.isfinite(v) for v in blob["losses"])}
+    bad = [k for k, ok in checks.items() if not ok]
+    if not all(isinstance(s, dict) for s in meta["segments"]):
+        raise ValueError(f"{folder / META}: field 'segments' holds a non-object; the checkpoint "
+                         "is damaged")
+    if bad:
+        raise ValueError(f"{folder / STATE}: field {bad[0]!r} is missing or of the wrong type "
+                         "(float tensors, finite losses); the checkpoint is damaged")
+    if len(blob["losses"]) != meta["step"] or meta["step"] < 1:
+        raise ValueError(f"{folder / STATE} holds {len(blob['losses'])} losses for step "
+                         f"{meta['step']}: the checkpoint is damaged")
+
+
+def resumed_args(cli: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """The saved arguments of the run in --resume OUT (--threads from the command line), each
+    checked against the parser's type and choices; the checkpoint's step within --steps."""
     out = Path(cli.resume)
     if not out.is_dir():
         raise FileNotFoundError(f"--resume {out}: no such run folder")
     _, meta = read_checkpoint(out)
-    known = vars(cli)
-    unknown = sorted(set(meta["args"]) - set(known))
+    known, saved, where = vars(cli), meta["args"], out / CHECKPOINT / META
+    unknown = sorted(set(saved) - set(known))
     if unknown:
-        raise ValueError(f"{out / CHECKPOINT / META}: unknown arguments {unknown[:5]}; the "
+        raise ValueError(f"{where}: unknown arguments {unknown[:5]}; the "
                          "checkpoint comes from another version of train.py")
-    args = argparse.Namespace(**{**known, **meta["args"]})
+    missing = sorted(set(known) - set(saved))
+    if missing:
+        raise ValueError(f"{where}: arguments {missing[:5]} missing; the checkpoint comes from "
+                         "another version of train.py or is damaged")
+    bad = [a.dest for a in parser._actions if a.dest in saved and not saved_ok(a, saved[a.dest])]
+    if bad:
+        raise ValueError(f"{where}: argument {bad[0]!r} = {str(saved[bad[0]])[:40]!r} is not a "
+                         "value train.py accepts; the checkpoint is damaged")
+    args = argparse.Namespace(**{**known, **saved})
     args.resume, args.overwrite, args.out = str(out), False, str(out)
     args.threads = cli.threads or args.threads
+    check_step(meta, args)
     return args
+
+
+def saved_ok(action: argparse.Action, v) -> bool:
+    """Whether a saved value is one the parser could have produced (resolved defaults set)."""
+    if action.nargs == 0:  # store_true
+        return isinstance(v, bool)
+    if v is None:
+        return action.default is None and action.dest not in ("steps", "lr", "targets", "out")
+    if action.choices is not None:
+        return v in action.choices
+    if action.type is None:
+        return isinstance(v, str)
+    try:
+        return not isinstance(v, bool) and action.type(str(v)) == v
+    except (ValueError, TypeError, argparse.ArgumentTypeError):
+        return False
+
+
+def check_step(meta: dict, args: argparse.Namespace) -> None:
+    if not 1 <= meta["step"] <= args.steps:
+        raise ValueError(f"{Path(args.out) / CHECKPOINT / META}: step {meta['step']} lies outside "
+                         f"the run's 1..{args.steps} steps; the checkpoint is damaged")
 
 
 def restore_adapters(model: nn.Module, blob: dict, meta: dict) -> None:
@@ -519,7 +535,8 @@ def restore_adapters(model: nn.Module, blob: dict, meta: dict) -> None:
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     saved = blob["model"]
     bad = sorted(set(params) ^ set(saved)) + [n for n in params if n in saved and (
-        saved[n].shape != params[n].shape or not bool(torch.isfinite(saved[n]).all()))]
+        saved[n].shape != params[n].shape or saved[n].dtype != params[n].dtype
+        or not bool(torch.isfinite(saved[n]).all()))]
     if bad:
         raise ValueError(f"the checkpoint's tensors do not fit the model ({bad[:3]}): was "
                          "--model or --targets changed, or is state.pt damaged?")
@@ -875,7 +892,7 @@ def train_loop(model: nn.Module, task: Task, args: argparse.Namespace,
     print(f"training: {args.steps:,} steps, batch {args.batch_size}{accum}, lr {args.lr:g}, "
           f"{sum(p.numel() for p in trainable):,} trainable parameters")
     state = {"losses": [], "evals": [], "seconds": 0.0, "report": report, "heads": task.heads,
-             "fw": {"ema": {}, "importance": None}}
+             "fw": {"ema": {}, "importance": None}, "segments": []}
     start = 0
     trim_log(Path(args.out), resume[0]["step"] if resume is not None else 0)
     if resume is not None:
@@ -883,13 +900,20 @@ def train_loop(model: nn.Module, task: Task, args: argparse.Namespace,
         opt.load_state_dict(blob["optimizer"])
         sched.load_state_dict(blob["scheduler"])
         start, state["losses"], state["seconds"] = blob["step"], blob["losses"], blob["seconds"]
-        state["evals"] = meta["evals"]
+        state["evals"], state["segments"] = meta["evals"], meta["segments"]
         state["fw"] = {"ema": blob["fw_ema"], "importance": blob["fw_importance"] or None}
         print(f"resumed from {Path(args.out) / CHECKPOINT} at step {start:,}")
     elif task.planted:
         state["evals"].append({"step": 0, **task.evaluate(model)})
         print(f"eval @ 0: {state['evals'][-1]}")
         log_json(args, {"step": 0, "eval": state["evals"][-1], "elapsed": 0.0})
+    segment = {"from_step": start, "threads": torch.get_num_threads(), "world_size": world}
+    last = state["segments"][-1] if state["segments"] else segment
+    if any(last.get(k) != segment[k] for k in ("threads", "world_size")):
+        print(f"note: this segment runs {segment['threads']} threads on {world} process(es), "
+              f"the last ran {last.get('threads')} on {last.get('world_size')}: the result is "
+              "not bitwise an uninterrupted run's (both are recorded in results.json segments)")
+    state["segments"] = [*state["segments"], segment]
     train_model = model
     if world > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(model)
@@ -940,7 +964,8 @@ def train_loop(model: nn.Module, task: Task, args: argparse.Namespace,
             stopping = agreed(stop["set"], world)
             if (step % every == 0 and step != args.steps) or stopping:
                 if rank == 0:
-                    save_checkpoint(out, step, model, opt, sched, rng, state, args)
+                    with runfolder.write_errors(out, command("train.py", "--resume", out)):
+                        save_checkpoint(out, step, model, opt, sched, rng, state, args)
                 last_good = step
             if stopping:
                 raise Interrupted(f"interrupted at step {step:,}/{args.steps:,}, checkpoint "
@@ -948,7 +973,7 @@ def train_loop(model: nn.Module, task: Task, args: argparse.Namespace,
     fw = state["fw"]["importance"]
     return {"losses": state["losses"], "evals": state["evals"], "seconds": state["seconds"],
             "fw": {"importances": {n: float(v) for n, v in fw.items()}} if fw else None,
-            "trainable": sum(p.numel() for p in trainable)}
+            "trainable": sum(p.numel() for p in trainable), "segments": state["segments"]}
 
 
 def log_step(step: int, state: dict, sched, args: argparse.Namespace) -> None:
@@ -1110,27 +1135,40 @@ def save(model: nn.Module, task: Task, args: argparse.Namespace, results: dict) 
     """results.json, the adapter, and for GLUE the same adapter in PEFT's layout, published
     together: written to <out>/.publish.tmp, renamed to .publish once complete, then moved in
     with results.json last, so a kill never leaves a folder mixing two runs. A model without
-    LoRALinear layers (a peer's, bench.py) only gets results.json. The checkpoint goes."""
+    LoRALinear layers (a peer's, bench.py) only gets results.json. The checkpoint goes once
+    .publish is complete. A failed write (disk full) names the file and what survived."""
     out = Path(args.out)
     tmp = out / ".publish.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    with runfolder.write_errors(out, command("train.py", "--resume", out)):
+        runfolder.remove(tmp)
+        tmp.mkdir(parents=True)
+        write_adapters(tmp, model, task, args)
+        write_json(tmp / "results.json", results)
+        runfolder.fsync_dir(tmp)
+        os.replace(tmp, out / ".publish")
+        written = [str(out / n) for n in PUBLISHED if (out / ".publish" / n).exists()]
+        runfolder.publish_move(out)
+    print(f"wrote {' and '.join(written)}")
+
+
+def write_adapters(folder: Path, model: nn.Module, task: Task, args: argparse.Namespace) -> None:
+    """The adapter, and for GLUE its PEFT copy, into folder (nothing for a peer's model)."""
     targets = args.targets.split(",")
     if lora_layers(model):
-        save_adapter(tmp / "adapter", model, targets, seed=args.seed, heads=task.heads)
+        save_adapter(folder / "adapter", model, targets, seed=args.seed, heads=task.heads)
         if task.planted is None:  # for PeftModel.from_pretrained (README)
             base = None if args.model in ("tiny", "tiny-llama") else str(model_path(args.model))
-            save_adapter(tmp / "adapter_peft", model, targets, heads=task.heads, format="peft",
-                         base_model=base,
+            save_adapter(folder / "adapter_peft", model, targets, heads=task.heads,
+                         format="peft", base_model=base,
                          task_type="CAUSAL_LM" if is_decoder(args.model) else None)
-    write_json(tmp / "results.json", results)
-    _fsync_dir(tmp)
-    os.replace(tmp, out / ".publish")
-    written = [str(out / n) for n in PUBLISHED if (out / ".publish" / n).exists()]
-    _publish_move(out)
-    for name in (CHECKPOINT, CHECKPOINT + ".old"):
-        shutil.rmtree(out / name, ignore_errors=True)
-    print(f"wrote {' and '.join(written)}")
+
+
+def check_save(model: nn.Module, task: Task, args: argparse.Namespace) -> None:
+    """Every check save() makes on the adapters (targets, heads, PEFT export), run before step
+    1 by saving them once into a temporary folder: a run never trains and then cannot publish."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        write_adapters(Path(tmp), model, task, args)
 
 
 def build_task(args: argparse.Namespace, device: torch.device, rng: dict) -> Task:
@@ -1179,7 +1217,7 @@ def prepare_out(args: argparse.Namespace, rank: int) -> None:
         tidy_out(out)
         if args.overwrite:
             for name in (CHECKPOINT, CHECKPOINT + ".old"):
-                shutil.rmtree(out / name, ignore_errors=True)
+                runfolder.remove(out / name)
 
 
 def oracle_adapt(task: Task, args: argparse.Namespace, device: torch.device,
@@ -1242,18 +1280,35 @@ def main(argv: list[str] | None = None, adapt: Callable = add_adapters) -> dict:
     """Train one run and return its results. `adapt(task, args, device, rng)` turns the task's
     base model into the model to train (default: uniform LoRA, add_adapters); bench.py passes
     one that builds the same run on transformers + PEFT."""
-    args = parse_args(argv)
-    results = run(args, adapt)
-    if args.compare and args.task == "planted":
-        results["compare"] = compare_planted(args, results)
-        if int(os.environ.get("RANK", "0")) == 0:
-            write_json(Path(args.out) / "results.json", results)  # the run's own, just published
-    return results
+    return run(parse_args(argv), adapt)
 
 
 def run(args: argparse.Namespace, adapt: Callable) -> dict:
-    """main() after argument parsing: one run, from seed to saved results."""
+    """main() after argument parsing: one run, from seed to saved results (and planted
+    --compare), holding --out's lock from before any work to its last write (rank 0)."""
+    out, rank0 = Path(args.out), int(os.environ.get("RANK", "0")) == 0
+    with runfolder.lock(out) if rank0 else contextlib.nullcontext():
+        if rank0:  # the folder as it is now that it is ours: finish what a kill left, recheck
+            tidy_out(out)
+            check_out(args)
+        results = train_run(args, adapt)
+        if args.compare and args.task == "planted":
+            results["compare"] = compare_planted(args, results)
+            if rank0:
+                try:
+                    write_json(out / "results.json", results)  # the run's own, just published
+                except OSError as e:
+                    raise ValueError(f"cannot write {e.filename} ({e.strerror}): "
+                                     f"{out / 'results.json'} holds the run without the "
+                                     "comparison") from None
+    return results
+
+
+def train_run(args: argparse.Namespace, adapt: Callable) -> dict:
+    """run() inside the lock."""
     resume = read_checkpoint(Path(args.out)) if args.resume else None
+    if resume is not None:
+        check_step(resume[1], args)
     if args.threads:
         torch.set_num_threads(args.threads)
     quiet = int(os.environ.get("RANK", "0")) != 0  # under torchrun only rank 0 prints
@@ -1266,6 +1321,7 @@ def run(args: argparse.Namespace, adapt: Callable) -> dict:
         task = build_task(args, device, rng)
         model = adapt(task, args, device, rng)
         check_model(model, args)
+        check_save(model, task, args)
         describe(model, task, args)
         if resume is not None:
             restore_adapters(model, *resume)
@@ -1278,7 +1334,7 @@ def run(args: argparse.Namespace, adapt: Callable) -> dict:
         results = {
             "args": vars(args), "seed": args.seed, "device": str(device), "world_size": world,
             **environment(device), "metrics": metrics, "eval_history": trained["evals"],
-            "train_loss": trained["losses"],
+            "train_loss": trained["losses"], "segments": trained["segments"],
             "trainable_parameters": trained["trainable"],
             "total_parameters": n_params(model, False),
             "seconds": {"calibration": report["calibration_seconds"],

@@ -423,7 +423,8 @@ def test_ctrl_c_stops_the_grid_with_a_checkpoint_and_the_same_command_resumes(tm
     cell = tmp_path / "cells" / "sst2" / "lora-s0"
     code = tmp_path / "code"  # a copy: the grid writes results/ and README.md where it runs
     code.mkdir()
-    for name in ("train.py", "bench.py", "lora.py", "fimlora.py", "README.md", "models", "data"):
+    for name in ("train.py", "runfolder.py", "bench.py", "lora.py", "fimlora.py", "README.md",
+                 "models", "data"):
         (shutil.copytree if (ROOT / name).is_dir() else shutil.copy)(ROOT / name, code / name)
     proc = subprocess.Popen(cmd, cwd=code, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
@@ -635,7 +636,7 @@ HOSTILE_CELLS = [
     ("results.json deeply nested", _replace(lambda p: p.write_text("[" * 100000)),
      "is damaged (not a results object"),
     ("results.json over the byte bound", _replace(lambda p: p.write_text(
-        " " * (bench.READ_LIMIT + 1))), "bytes, more than this project writes"),
+        " " * (bench.READ_LIMIT + 1))), "bytes, over the 16,777,216"),
     ("run.json a list", lambda out: (out / "run.json").write_text("[]"),
      "run.json is damaged (not a results object"),
     ("run.json machine a list", lambda out: (out / "run.json").write_text('{"machine": []}'),

@@ -8,6 +8,7 @@ the README table)
 """
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -44,6 +45,10 @@ def out_with(kind: str):
         if kind == "finished":
             (out / "results.json").write_text("{}")
         elif kind == "unfinished":
+            (out / "checkpoint").mkdir()
+            for name in ("meta.json", "state.pt"):  # a complete one (a partial one is refused)
+                (out / "checkpoint" / name).write_text("{}")
+        elif kind == "partial":
             (out / "checkpoint").mkdir()
         return ["--out", str(out)]
     return setup
@@ -263,6 +268,23 @@ CLI = [
     ("--model: an HF folder with a SentencePiece tokenizer.json",
      hf_llama(pre_tokenizer={"type": "Metaspace"}), "pre-tokenizer {\"type\": \"Metaspace\"} "
                                                     "is not supported"),
+    ("--targets inside a head (GLUE)", lambda t: [*tsv("sentence\tlabel\na\t1\n")(t),
+                                                  "--targets", "query,classifier", "--r", "2"],
+     "lie inside heads"),
+    ("--out: a partial checkpoint", out_with("partial"), "nothing can resume from it; pass "
+                                                         "--overwrite"),
+    ("--out: a name over NAME_MAX", lambda t: ["--out", str(t / ("x" * 300))], "(NAME_MAX)"),
+    ("--out: a path over PATH_MAX", lambda t: ["--out", str(t / "/".join(["y" * 200] * 21))],
+     "the path is too long"),
+    ("--out: a dangling symlink", lambda t: (t / "l").symlink_to(t / "gone") or
+     ["--out", str(t / "l" / "o")], "is a symbolic link to a missing target or a link loop"),
+    ("--out: a symlink loop", lambda t: (t / "l").symlink_to(t / "l") or ["--out", str(t / "l")],
+     "is a symbolic link to a missing target or a link loop"),
+    ("--resume: meta.json a FIFO", lambda t: checkpoint(None)(t) + [os.mkfifo(
+        t / "o" / "checkpoint" / "meta.json")][:0], "meta.json is not a regular file"),
+    ("--resume: state.pt a link to /dev/zero", lambda t: checkpoint(META_OK, None)(t) + [(
+        t / "o" / "checkpoint" / "state.pt").symlink_to("/dev/zero")][:0],
+     "state.pt is not a regular file"),
 ]
 
 

@@ -395,6 +395,8 @@ def test_printed_commands_use_the_running_interpreter(tmp_path, monkeypatch):
     assert train.command("train.py", "--resume", "a b") == \
         f"{shlex.quote(sys.executable)} train.py --resume 'a b'"
     (tmp_path / "o" / "checkpoint").mkdir(parents=True)
+    for name in ("meta.json", "state.pt"):  # a complete checkpoint: "continue it with ..."
+        (tmp_path / "o" / "checkpoint" / name).write_text("{}")
     with pytest.raises(ValueError) as e:
         train.parse_args(["--out", str(tmp_path / "o")])
     assert shlex.split(str(e.value).split("'")[1])[:2] == [sys.executable, "train.py"]
