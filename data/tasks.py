@@ -106,6 +106,17 @@ def causal_task(args: argparse.Namespace, device: torch.device,
                         lambda p, y: glue.compute_metrics(args.task, p, y))
 
 
+def decoder_loss(device: torch.device) -> Callable[[nn.Module, dict], torch.Tensor]:
+    """A decoder's loss_fn: each example's mean NLL over its answer (or completion) tokens, then
+    the mean over examples (data/causal.py)."""
+    def loss_fn(m: nn.Module, batch: dict) -> torch.Tensor:
+        batch = to_device(batch, device)
+        with autocast(device):
+            logits = m(batch["input_ids"], batch["attention_mask"])
+        return causal.causal_loss(logits.float(), batch)
+    return loss_fn
+
+
 def decoder_task(args: argparse.Namespace, device: torch.device,
                  rng: dict[str, torch.Generator], train: list[glue.Example],
                  dev: list[glue.Example], prompt: Callable[..., str | causal.Prompt],
@@ -115,11 +126,7 @@ def decoder_task(args: argparse.Namespace, device: torch.device,
     model, tok = load_model(args.model, generator=rng["init"])
     task = prompt(tok)
 
-    def loss_fn(m: nn.Module, batch: dict) -> torch.Tensor:
-        batch = to_device(batch, device)
-        with autocast(device):
-            logits = m(batch["input_ids"], batch["attention_mask"])
-        return causal.causal_loss(logits.float(), batch)
+    loss_fn = decoder_loss(device)
 
     def train_batches(g: torch.Generator) -> Iterator[dict]:
         while True:
@@ -216,11 +223,7 @@ def completion_task(args: argparse.Namespace, device: torch.device,
     with a label set of completions the accuracy of the most likely one."""
     model, tok = load_model(args.model, generator=rng["init"])
 
-    def loss_fn(m: nn.Module, batch: dict) -> torch.Tensor:
-        batch = to_device(batch, device)
-        with autocast(device):
-            logits = m(batch["input_ids"], batch["attention_mask"])
-        return causal.causal_loss(logits.float(), batch)
+    loss_fn = decoder_loss(device)
 
     def train_batches(g: torch.Generator) -> Iterator[dict]:
         while True:
