@@ -358,7 +358,7 @@ def adalora_train(argv: list[str]) -> dict:
     if "--resume" in argv:
         raise ValueError("--resume: peft-adalora cells do not checkpoint; run the cell again "
                          "without --resume (and with --overwrite if its folder exists)")
-    args = peer_args(argv)
+    args = peer_args(argv, adalora=True)
     import peft
 
     if args.threads:
@@ -412,14 +412,18 @@ def adalora_train(argv: list[str]) -> dict:
     return results
 
 
-def peer_args(argv: list[str]) -> argparse.Namespace:
+def peer_args(argv: list[str], adalora: bool = False) -> argparse.Namespace:
     """train.py's arguments of a peer cell, checked before any work: every train.py check, and
-    a BERT encoder on a GLUE task (the peers build transformers' BertForSequenceClassification)."""
+    a BERT encoder on a GLUE task (the peers build transformers' BertForSequenceClassification);
+    with `adalora` (a peft-adalora cell), no --grad-accum."""
     args = train.parse_args(argv)
     if args.task == "planted" or args.model == "tiny" or is_decoder(args.model):
         raise ValueError(f"--model {args.model} --task {args.task}: the peers (transformers + "
                          "PEFT) train a BERT encoder on a GLUE task; use --model minilm (or an "
                          "HF BERT folder) with --task and --data-dir")
+    if adalora and args.grad_accum > 1:  # its own loop: one batch per AdaLoRA step
+        raise ValueError(f"--grad-accum {args.grad_accum}: peft-adalora trains one batch per "
+                         "step; drop --grad-accum (or raise --batch-size instead)")
     return args
 
 
@@ -427,25 +431,25 @@ def peer_train(name: str, argv: list[str]) -> dict:
     """One peer cell: train.py's arguments `argv` run on transformers + PEFT (`name` in PEERS).
     peft-lora and peft-eva go through train.run (same loop, loss, optimizer, schedule and
     evaluation, checkpoints and --resume); what train.run cannot see (the peer, EVA's time and
-    ranks) is added to the results.json it wrote."""
+    ranks) is added to its results before it writes them."""
     if name == "peft-adalora":
         return adalora_train(argv)
     args = peer_args(argv)
     record: dict = {}
     adapt = peft_adapt if name == "peft-lora" else (
         lambda task, args, device, rng: eva_adapt(task, args, device, rng, record))
-    try:
-        res = train.run(args, adapt)  # train.main without its parse (done) and planted --compare
+
+    def finish(res: dict) -> None:  # train.run saves the results after this, under its lock
+        res["peer"] = name
+        if record:
+            res["seconds"]["calibration"] = record["calibration"]
+            res["ranks"], res["eva_batches"] = record["ranks"], record["calibration_batches"]
+    try:  # train.main without its parse (done) and planted --compare
+        return train.run(args, adapt, finish)
     except train.Interrupted as e:  # its resume command is this one, not train.py's
         raise train.Interrupted(str(e).replace(
             train.command("train.py", "--resume"),
             train.command("bench.py", "--peer", name, "--", "--resume")))
-    res["peer"] = name
-    if record:
-        res["seconds"]["calibration"] = record["calibration"]
-        res["ranks"], res["eva_batches"] = record["ranks"], record["calibration_batches"]
-    write_json(Path(res["args"]["out"]) / "results.json", res)
-    return res
 
 
 # -----------------------------------------------------------------------------
@@ -1254,9 +1258,10 @@ def check_grid(a: argparse.Namespace,
                          "--tasks, --data-root, --seeds, --methods, --root or --threads instead")
     task, folder = next(iter(data_dirs.items()))
     try:  # the cells' arguments, checked once here rather than failing in every cell
-        args = (peer_args if a.peers else train.parse_args)(
-            [*RECIPE, "--task", task, "--data-dir", str(folder),
-             "--out", str(a.root / ".unwritten"), *extra])
+        argv = [*RECIPE, "--task", task, "--data-dir", str(folder),
+                "--out", str(a.root / ".unwritten"), *extra]
+        args = (peer_args(argv, "peft-adalora" in a.peers) if a.peers
+                else train.parse_args(argv))
     except SystemExit:  # argparse printed the unknown or malformed flag
         raise ValueError(f"after '--': {' '.join(extra)} is not a valid train.py argument list "
                          f"(see {train.command('train.py', '--help')})") from None
@@ -1265,7 +1270,8 @@ def check_grid(a: argparse.Namespace,
 
 RECIPE_KEYS = ("model", "r", "alpha", "rslora", "dropout", "targets", "steps", "epochs",
                "batch_size", "lr", "weight_decay", "warmup", "grad_clip", "max_len", "max_train",
-               "max_eval")  # what every method's cell shares: one recipe per cells folder
+               "max_eval", "grad_accum")  # what every method's cell shares: one recipe per
+# cells folder. Not --data and its fields: the grid sets --task/--data-dir, which refuse --data.
 
 
 def check_recipe(cells: list[Cell], root: Path, args: argparse.Namespace) -> None:

@@ -1283,15 +1283,16 @@ def main(argv: list[str] | None = None, adapt: Callable = add_adapters) -> dict:
     return run(parse_args(argv), adapt)
 
 
-def run(args: argparse.Namespace, adapt: Callable) -> dict:
+def run(args: argparse.Namespace, adapt: Callable, finish: Callable | None = None) -> dict:
     """main() after argument parsing: one run, from seed to saved results (and planted
-    --compare), holding --out's lock from before any work to its last write (rank 0)."""
+    --compare), holding --out's lock from before any work to its last write (rank 0).
+    `finish(results)`, if given, adds fields to the results before they are saved."""
     out, rank0 = Path(args.out), int(os.environ.get("RANK", "0")) == 0
     with runfolder.lock(out) if rank0 else contextlib.nullcontext():
         if rank0:  # the folder as it is now that it is ours: finish what a kill left, recheck
             tidy_out(out)
             check_out(args)
-        results = train_run(args, adapt)
+        results = train_run(args, adapt, finish)
         if args.compare and args.task == "planted":
             results["compare"] = compare_planted(args, results)
             if rank0:
@@ -1304,7 +1305,7 @@ def run(args: argparse.Namespace, adapt: Callable) -> dict:
     return results
 
 
-def train_run(args: argparse.Namespace, adapt: Callable) -> dict:
+def train_run(args: argparse.Namespace, adapt: Callable, finish: Callable | None) -> dict:
     """run() inside the lock."""
     resume = read_checkpoint(Path(args.out)) if args.resume else None
     if resume is not None:
@@ -1347,6 +1348,8 @@ def train_run(args: argparse.Namespace, adapt: Callable) -> dict:
             **({"planted": task.planted} if task.planted else {}),
             **({"data": task.info} if task.info else {}),
         }
+        if finish is not None:
+            finish(results)
         if rank == 0:
             save(model, task, args, results)
     return results

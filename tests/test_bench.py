@@ -821,3 +821,64 @@ def test_a_report_that_fails_half_way_writes_nothing(grid, tmp_path):
         bench.write_report(root, recipe, results, readme)
     assert sorted(p.name for p in results.iterdir()) == ["bench.json", "summary.json"]
     assert (results / "summary.json").read_text() == "{}" and readme.read_text() == "# x\n"
+
+
+def test_a_cell_trained_with_another_grad_accum_is_another_recipe(tmp_path, monkeypatch):
+    """--grad-accum changes the update's numerics and memory: a cell trained with 4 is not
+    skipped as this recipe's (grad_accum is one of RECIPE_KEYS)."""
+    monkeypatch.chdir(tmp_path)
+    out = write_cell(tmp_path / "cells", "sst2", "lora", 0, 0.8)
+    res = json.loads((out / "results.json").read_text())
+    (out / "results.json").write_text(json.dumps(res | {"args": {"grad_accum": 4}}))
+    with pytest.raises(ValueError, match="another recipe \\(--grad-accum 4 there, 1 here\\)"):
+        bench.main(["--results", "--dry-run", "--methods", "lora", "--seeds", "0",
+                    "--root", str(tmp_path / "cells")])
+
+
+def test_peft_adalora_refuses_grad_accum_before_any_work(tmp_path, monkeypatch):
+    """AdaLoRA's own loop steps once per batch: --grad-accum > 1 is refused by the cell and by
+    the grid, before any model is loaded or folder written."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(bench, "_hf_twin", lambda *a: pytest.fail("built a model"))
+    argv = ["--model", "minilm", "--task", "sst2", "--data-dir", str(tmp_path), "--grad-accum",
+            "2", "--out", str(tmp_path / "o")]
+    with pytest.raises(ValueError, match="--grad-accum 2: peft-adalora trains one batch per"):
+        bench.peer_train("peft-adalora", argv)
+    with pytest.raises(ValueError, match="--grad-accum 2: peft-adalora trains one batch per"):
+        bench.main(["--results", "--dry-run", "--methods", "--peers", "peft-adalora",
+                    "--root", str(tmp_path / "cells"), "--", "--model", "minilm",
+                    "--grad-accum", "2"])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_peer_cell_writes_its_results_once_under_the_folder_lock(tmp_path, monkeypatch):
+    """peer_train's fields (the peer's name) reach results.json through train.run's own save,
+    while --out's lock is held: every results.json write finds the lock taken (a second flock
+    on <out>/.lock fails). A tiny planted run stands in for the transformers model."""
+    import fcntl
+
+    import train
+    out = tmp_path / "cell"
+    writes = []
+
+    def spy(real):
+        def write(path, obj):
+            fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                writes.append((path.name, "unlocked"))
+            except BlockingIOError:
+                writes.append((path.name, "locked"))
+            finally:
+                os.close(fd)
+            return real(path, obj)
+        return write
+    monkeypatch.setattr(train, "write_json", spy(train.write_json))
+    monkeypatch.setattr(bench, "write_json", spy(bench.write_json))
+    monkeypatch.setattr(bench, "peer_args", lambda argv, adalora=False: train.parse_args(argv))
+    monkeypatch.setattr(bench, "peft_adapt", train.add_adapters)
+    res = bench.peer_train("peft-lora", ["--steps", "2", "--threads", "1", "--log-every", "1",
+                                         "--out", str(out)])
+    assert res["peer"] == "peft-lora"
+    assert json.loads((out / "results.json").read_text())["peer"] == "peft-lora"
+    assert ("results.json", "locked") in writes and ("results.json", "unlocked") not in writes
