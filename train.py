@@ -634,11 +634,12 @@ def shard_loss(task: Task, args: argparse.Namespace, world: int) -> Task:
     return task._replace(loss_fn=loss_fn) if world > 1 else task
 
 
-def agreed(flag: bool, world: int) -> bool:
-    """True on every rank if it is true on any (a stop request must stop all ranks together)."""
+def agreed(flag: bool, world: int, device: torch.device) -> bool:
+    """True on every rank if it is true on any (a stop request must stop all ranks together).
+    `device`: the process group's (the rank's GPU under nccl, which refuses CPU tensors)."""
     if world == 1:
         return flag
-    t = torch.tensor([float(flag)])
+    t = torch.tensor([float(flag)], device=device)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return bool(t.item())
 
@@ -663,8 +664,17 @@ def random_streams(seed: int) -> dict[str, torch.Generator]:
 
 
 def resolve_device(name: str) -> torch.device:
-    device = torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available())
-                          else "cpu")
+    """cpu or cuda; under torchrun (WORLD_SIZE > 1) on CUDA, each process's own GPU,
+    cuda:LOCAL_RANK, made current (nccl works on the current device)."""
+    cuda = name == "cuda" or (name == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda" if cuda else "cpu")
+    if cuda and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        local, count = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+        if local >= count:
+            raise ValueError(f"LOCAL_RANK {local} but {count} GPU(s) visible: start torchrun "
+                             f"with --nproc-per-node <= {count} (or --device cpu)")
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
     print(f"device: {device} ({'bf16 autocast' if device.type == 'cuda' else 'fp32'}"
           f"{', --device auto' if name == 'auto' else ''})")
     return device
@@ -961,7 +971,7 @@ def train_loop(model: nn.Module, task: Task, args: argparse.Namespace,
                 print(f"eval @ {step}: {state['evals'][-1]}")
                 log_json(args, {"step": step, "eval": state["evals"][-1],
                                 "elapsed": state["seconds"]})
-            stopping = agreed(stop["set"], world)
+            stopping = agreed(stop["set"], world, loss.device)
             if (step % every == 0 and step != args.steps) or stopping:
                 if rank == 0:
                     with runfolder.write_errors(out, command("train.py", "--resume", out)):
@@ -1333,7 +1343,7 @@ def train_run(args: argparse.Namespace, adapt: Callable, finish: Callable | None
         trained = train_loop(model, task, args, rng, report, resume, (rank, world))
         metrics = final_eval(model, task, args, trained, report)
         results = {
-            "args": vars(args), "seed": args.seed, "device": str(device), "world_size": world,
+            "args": vars(args), "seed": args.seed, "device": device.type, "world_size": world,
             **environment(device), "metrics": metrics, "eval_history": trained["evals"],
             "train_loss": trained["losses"], "segments": trained["segments"],
             "trainable_parameters": trained["trainable"],

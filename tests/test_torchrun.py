@@ -143,3 +143,45 @@ def test_planted_fim_with_one_calibration_batch_over_two_processes(tmp_path):
     assert r2["planted_recovery"] == r1["planted_recovery"]
     for name, v in r1["fim"]["scores"].items():
         assert r2["fim"]["scores"][name] == pytest.approx(v, rel=1e-5), name
+
+
+def test_torchrun_on_cuda_gives_each_process_its_own_gpu(monkeypatch):
+    """Under torchrun (WORLD_SIZE > 1) on CUDA, the process with LOCAL_RANK 1 trains on cuda:1
+    and makes it current (nccl's device); one process keeps plain `cuda`, --device cpu keeps
+    the CPU (gloo), and a LOCAL_RANK with no GPU is refused naming the fix. CUDA is faked: the
+    choice, not the GPU, is under test."""
+    import train
+    current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert train.resolve_device("auto") == torch.device("cuda", 1)
+    assert current == [torch.device("cuda", 1)]
+    assert train.resolve_device("cpu") == torch.device("cpu") and len(current) == 1
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.raises(ValueError, match="LOCAL_RANK 2 but 2 GPU\\(s\\) visible: start torchrun "
+                                         "with --nproc-per-node <= 2"):
+        train.resolve_device("cuda")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert train.resolve_device("cuda") == torch.device("cuda") and len(current) == 1
+
+
+def test_the_stop_vote_is_reduced_on_the_process_groups_device(monkeypatch):
+    """agreed()'s tensor lives on the device it is given (the rank's GPU under nccl, which
+    rejects CPU tensors); `meta` stands in for the GPU, the fake all_reduce records it."""
+    import train
+    seen = []
+
+    class Reduced(Exception):
+        pass
+
+    def all_reduce(t, op):
+        seen.append(t.device)
+        raise Reduced
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    with pytest.raises(Reduced):
+        train.agreed(True, 2, torch.device("meta"))
+    assert seen == [torch.device("meta")]
+    assert train.agreed(True, 1, torch.device("meta")) is True and len(seen) == 1
