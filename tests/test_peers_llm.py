@@ -337,3 +337,103 @@ def test_train_py_fim_adapter_for_an_hf_folder_serves_from_transformers(tmp_path
         mine = ours.eval()(ids)
         assert (mine - plain(ids)).abs().max() > 10 * TOL  # the adapter changes the function
         torch.testing.assert_close(served(input_ids=ids).logits, mine, rtol=0, atol=TOL)
+
+
+# -----------------------------------------------------------------------------
+# issue 18's crosscheck: your own model folder and your own data, through the CLI
+
+_WORDS = ["film", "movie", "story", "cast", "plot", "music", "scene", "ending"]
+_GOOD = ["great", "fine", "warm", "bright"]
+_BAD = ["dull", "weak", "cold", "flat"]
+
+
+def _own_data(folder, kind: str):
+    """(file, its first two texts): 40 rows of your own data, prompt → completion JSONL (40
+    distinct completions: free text, not a label set) or a text,label CSV (quoted commas)."""
+    rows = [(f"the {w} was {a}", int(a in _GOOD)) for w in _WORDS for a in _GOOD + _BAD][:40]
+    if kind == "jsonl":
+        path = folder / "chat.jsonl"
+        pairs = [(f"Review: {t}\nVerdict:", f" a {t.split()[-1]} {t.split()[1]}") for t, _ in rows]
+        path.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n"
+                                for p, c in pairs), encoding="utf-8")
+        return path, [p + c for p, c in pairs[:2]]
+    path = folder / "reviews.csv"
+    path.write_text("text,label\n" + "".join(f"\"{t}, really\",{('neg', 'pos')[y]}\n"
+                                            for t, y in rows), encoding="utf-8")
+    return path, [f"{t}, really" for t, _ in rows[:2]]
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "csv"])
+def test_cli_own_data_on_a_saved_hf_llama_serves_from_transformers_and_peft(tmp_path, kind):
+    """Issue 18's done-when, as a user runs it: a tiny random LlamaConfig saved with
+    save_pretrained next to a byte-level tokenizer.json; `python train.py --model <folder>
+    --data <own file> --method fim --steps 3 --threads 1 --out <run>` in a subprocess trains,
+    evaluates (prompt → completion: nll and perplexity = exp(nll); CSV text,label: accuracy) and
+    writes adapter/ and adapter_peft/. AutoModelForCausalLM.from_pretrained(folder) +
+    PeftModel.from_pretrained(adapter_peft) has results.json's rank per module and the logits of
+    our decoder (load_model(folder) + load_adapter(adapter)) within 1e-4 on the data's text."""
+    import math
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    # first: without it, importing peft / transformers' Auto classes fails with a TypeError
+    pytest.importorskip("tokenizers", reason=f"tokenizers missing: {PEERS}")
+    transformers, peft = _peers()
+    import train
+    from models import load_model
+    from models.bpe import BPETokenizer, tiny_bpe
+    from test_hf_llama import tokenizer_json
+    config = transformers.LlamaConfig(
+        vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        tie_word_embeddings=False, pad_token_id=0, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    folder = tmp_path / "my-llama"
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer_json(tiny_bpe())))
+    (data, texts), out = _own_data(tmp_path, kind), tmp_path / "run"
+    repo = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, str(repo / "train.py"), "--model", str(folder), "--data", str(data),
+           "--method", "fim", "--steps", "3", "--threads", "1", "--batch-size", "8",
+           "--calib-batches", "2", "--lr", "1e-2", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "step      3/3" in proc.stdout and "\neval: " in proc.stdout, proc.stdout
+    print(next(line for line in proc.stdout.splitlines() if line.startswith("eval: ")))
+    results = json.loads((out / "results.json").read_text())
+    metrics, ranks = results["metrics"], results["ranks"]
+    if kind == "jsonl":
+        assert metrics["perplexity"] == pytest.approx(math.exp(metrics["nll"]), rel=1e-9)
+        assert 0 < metrics["nll"] < 50 and "accuracy" not in metrics
+    else:
+        assert 0 <= metrics["accuracy"] <= 1
+    assert sum(ranks.values()) == 8 * 14 and len(set(ranks.values())) > 1, ranks
+
+    ours, _ = load_model(str(folder))
+    plain, _ = load_model(str(folder))
+    add_lora(ours, train.DEFAULT_TARGETS["decoder"].split(","), r=8, alpha=16)
+    load_adapter(out / "adapter", ours)
+    assert {n: m.r for n, m in lora_layers(ours).items()} == ranks
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    served = _quiet(peft.PeftModel.from_pretrained, hf, str(out / "adapter_peft")).eval()
+    theirs = _peft_layers(peft, served)
+    assert {n: t.lora_A["default"].weight.shape[0] for n, t in theirs.items()} == ranks
+    for name, layer in lora_layers(ours).items():
+        assert theirs[name].scaling["default"] == pytest.approx(layer.scaling), name
+    tok = BPETokenizer.from_hf_folder(folder)
+    encoded = [tok.encode(t) for t in texts]
+    T = max(map(len, encoded))
+    ids = torch.tensor([e + [0] * (T - len(e)) for e in encoded])
+    mask = torch.tensor([[1] * len(e) + [0] * (T - len(e)) for e in encoded])
+    assert (mask == 0).any() and T > 8  # real text, one row right-padded
+    with torch.no_grad():
+        mine = ours.eval()(ids, mask)
+        want = served(input_ids=ids, attention_mask=mask).logits
+        keep = mask.bool()
+        assert (mine - plain(ids, mask))[keep].abs().max() > 10 * TOL  # the adapter counts
+        diff = (want[keep] - mine[keep]).abs().max().item()
+    print(f"max |logit difference| transformers+PEFT vs ours: {diff:.3g}")
+    torch.testing.assert_close(want[keep], mine[keep], rtol=0, atol=TOL)
