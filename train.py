@@ -502,8 +502,8 @@ def saved_ok(action: argparse.Action, v) -> bool:
         return isinstance(v, bool)
     if v is None:
         return action.default is None and action.dest not in ("steps", "lr", "targets", "out")
-    if action.choices is not None:
-        return v in action.choices
+    if action.choices is not None:  # --data resolves --task to "data" (check_args)
+        return v in action.choices or (action.dest == "task" and v == "data")
     if action.type is None:
         return isinstance(v, str)
     try:
