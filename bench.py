@@ -45,6 +45,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fimlora
+import runfolder
 from data import glue
 from lora import _atomic_write, add_lora, lora_layers, merge_lora
 from models import load_model, model_path
@@ -359,6 +360,13 @@ def adalora_train(argv: list[str]) -> dict:
         raise ValueError("--resume: peft-adalora cells do not checkpoint; run the cell again "
                          "without --resume (and with --overwrite if its folder exists)")
     args = peer_args(argv, adalora=True)
+    with runfolder.lock(Path(args.out)):  # one owner of --out, as train.run's cells
+        train.check_out(args)  # recheck now that the folder is ours
+        return _adalora_run(args)
+
+
+def _adalora_run(args: argparse.Namespace) -> dict:
+    """adalora_train with --out locked."""
     import peft
 
     if args.threads:

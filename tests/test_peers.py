@@ -355,6 +355,40 @@ def test_peft_adalora_refuses_resume_with_the_fix(tmp_path):
         bench.peer_train("peft-adalora", ["--resume", str(tmp_path)])
 
 
+def test_peft_adalora_owns_its_folder_while_it_trains(tmp_path, monkeypatch, sst2_rows):
+    """An AdaLoRA cell holds --out's lock (runfolder.lock) as train.run's cells do: a second
+    run on a held folder is refused naming the owner, and results.json is written with the lock
+    held (a second flock on <out>/.lock fails at that moment)."""
+    import fcntl
+    import os
+
+    import bench
+    import runfolder
+    _peft(), _minilm()
+    out = tmp_path / "cell"
+    argv = ["--model", "minilm", "--task", "sst2", "--data-dir", str(SST2), "--max-train", "32",
+            "--max-eval", "16", "--max-len", "32", "--batch-size", "8", "--r", "2", "--steps",
+            "2", "--threads", "1", "--out", str(out)]
+    with runfolder.lock(out), pytest.raises(ValueError, match="is in use by pid"):
+        bench.peer_train("peft-adalora", argv)
+    held = []
+    real = bench.write_json
+
+    def spy(path, obj):
+        fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held.append(False)
+        except BlockingIOError:
+            held.append(True)
+        finally:
+            os.close(fd)
+        return real(path, obj)
+    monkeypatch.setattr(bench, "write_json", spy)
+    assert bench.peer_train("peft-adalora", argv)["peer"] == "peft-adalora"
+    assert held == [True] and (out / "results.json").is_file()
+
+
 def test_peft_eva_refuses_batches_smaller_than_rho_r_before_it_would_hang(tmp_path, sst2_rows):
     """PEFT's EVA skips the pooler's SVD while a batch has < rho * r rows and so cycles the
     calibration batches forever; the peer refuses such a run up front, naming the fix."""
