@@ -907,8 +907,8 @@ def delta_stats(value: dict, method: str, ref: str, seeds=None) -> dict | None:
 
 def interval(st: dict | None) -> str:
     """"[low, high]" of delta_stats, "n/a" under 2 seeds, "–" without a pair."""
-    return "–" if st is None else "n/a" if st["low"] is None else \
-        f"[{st['low']:+.2f}, {st['high']:+.2f}]"
+    return ("–" if st is None else "n/a" if st["low"] is None
+            else f"[{st['low']:+.2f}, {st['high']:+.2f}]")
 
 
 VERDICT_RULE = (
