@@ -24,6 +24,7 @@ import copy
 import importlib.util
 import itertools
 import json
+import math
 import os
 import re
 import signal
@@ -833,11 +834,18 @@ def cell_roots(root: Path) -> list[Path]:
 
 
 def summarize(root: Path, recipe: dict) -> dict:
-    """Every cell of root's report (cell_roots); "root" is the folder a table without cells
-    names (results/cells for the project's own)."""
-    return {"cells": [c for r in cell_roots(root) for c in read_cells(r)], "recipe": recipe,
-            "root": (CELLS if own_root(root) else root).as_posix(),
+    """Every cell of root's report (cell_roots) and the verdicts computed from them
+    (verdicts); "root" is the folder a table without cells names (results/cells for the
+    project's own)."""
+    cells = [c for r in cell_roots(root) for c in read_cells(r)]
+    return {"cells": cells, "recipe": recipe, "verdicts": verdicts(cells, method_order(
+        recipe, cells)), "root": (CELLS if own_root(root) else root).as_posix(),
             "generated": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def method_order(recipe: dict, cells: list[dict]) -> list[str]:
+    """The tables' method order: the recipe's, the peers, then any other cell's."""
+    return list(dict.fromkeys([*recipe["methods"], *PEERS, *(c["method"] for c in cells)]))
 
 
 def mean_std(xs: list[float], fmt: str = "{:.2f}") -> str:
@@ -863,17 +871,129 @@ def paired(value: dict, method: str, ref: str, seeds=None) -> tuple[str, str]:
     return (mean_std(d, "{:+.2f}"), f"{sum(x > 0 for x in d)} of {len(d)}") if d else ("–", "–")
 
 
+def t_quantile(p: float, df: int) -> float:
+    """The p-quantile (0.5 <= p < 1) of Student's t with integer df >= 1, to 1e-12: bisection
+    on P(|T| <= t) in closed form (Abramowitz & Stegun 26.7.3-4).  t_quantile(.975, 2) -> 4.3027"""
+    def inside(t: float) -> float:
+        th = math.atan(t / math.sqrt(df))
+        c2, odd, total = math.cos(th) ** 2, df % 2, 0.0
+        term = math.cos(th) if odd else 1.0
+        for j in range((df - 1) // 2 if odd else df // 2):
+            total += term
+            term *= ((2 * j + 2) / (2 * j + 3) if odd else (2 * j + 1) / (2 * j + 2)) * c2
+        return 2 / math.pi * (th + math.sin(th) * total) if odd else math.sin(th) * total
+    lo, hi = 0.0, 1.0
+    while inside(hi) < 2 * p - 1:
+        hi *= 2
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if inside(mid) < 2 * p - 1 else (lo, mid)
+    return (lo + hi) / 2
+
+
+def delta_stats(value: dict, method: str, ref: str, seeds=None) -> dict | None:
+    """method − ref over the seeds holding both (same seed: same batches and initial A):
+    {"n", "mean", "low", "high" (the 95 % Student t interval, None under 2 seeds), "wins"},
+    or None when no seed holds both."""
+    d = [v - value[ref, s] for (m, s), v in value.items() if m == method and (ref, s) in value
+         and (seeds is None or s in seeds)]
+    if not d:
+        return None
+    n, mean = len(d), statistics.mean(d)
+    half = t_quantile(0.975, n - 1) * statistics.stdev(d) / math.sqrt(n) if n > 1 else None
+    return {"n": n, "mean": mean, "low": None if half is None else mean - half,
+            "high": None if half is None else mean + half, "wins": sum(x > 0 for x in d)}
+
+
+def interval(st: dict | None) -> str:
+    """"[low, high]" of delta_stats, "n/a" under 2 seeds, "–" without a pair."""
+    return ("–" if st is None else "n/a" if st["low"] is None
+            else f"[{st['low']:+.2f}, {st['high']:+.2f}]")
+
+
+VERDICT_RULE = (
+    "Rule (applied by bench.py, not by hand): per table, Δ = method − lora paired by seed (same "
+    "batches and initial A), with a 95 % interval mean ± t(0.975, n − 1) · sd / √n over the n "
+    "paired differences (Student t; no interval under 2 seeds). On a table a method is better "
+    "when that interval lies above 0 and it also beats the random allocation control "
+    "(fim-random-params; its paired Δ against that control has an interval above 0), worse when "
+    "the interval lies below 0, level when the interval holds 0 or the gain does not beat the "
+    "control, and undecided under 2 seeds or when the table has no control in 2 of its seeds to "
+    "check a gain against. Across tables: better (worse) when better (worse) on one and worse "
+    "(better) on none, mixed when both, else level when level on one, else undecided. Each "
+    "device is its own table (bf16 on a GPU moves differences this small).")
+
+
+def table_verdict(value: dict, method: str) -> dict | None:
+    """delta_stats vs lora of one table, with "vs_random", "verdict" and "why" (VERDICT_RULE);
+    None when no seed holds method and lora."""
+    st = delta_stats(value, method, "lora")
+    if st is None:
+        return None
+    rnd = delta_stats(value, method, score_method("random"))
+    if st["low"] is None:
+        v, why = "undecided", f"{st['n']} seed, no interval"
+    elif st["high"] < 0:
+        v, why = "worse", "interval below 0"
+    elif st["low"] <= 0:
+        v, why = "level", "interval holds 0"
+    elif rnd is None or rnd["low"] is None:
+        v, why = "undecided", "gain, but no random control in 2 seeds to check it against"
+    elif rnd["low"] > 0:
+        v, why = "better", f"beats the random control by {rnd['mean']:+.2f} {interval(rnd)}"
+    else:
+        v, why = "level", f"does not beat the random control ({rnd['mean']:+.2f} {interval(rnd)})"
+    return st | {"vs_random": rnd, "verdict": v, "why": why}
+
+
+def verdicts(cells: list[dict], methods: list[str]) -> dict:
+    """Every method against uniform LoRA, per table (task on device) and across tables
+    (VERDICT_RULE), and the README's one-line verdict, all from the cells."""
+    tables, overall = {}, {}
+    for task, device in dict.fromkeys((c["task"], c["device"]) for c in cells):
+        _, value = task_values([c for c in cells if c["device"] == device], task)
+        rows = {m: v for m in methods if m != "lora" and (v := table_verdict(value, m))}
+        tables[f"{task} on {device}"] = {"seeds": sum(m == "lora" for m, _ in value),
+                                         "methods": rows}
+    for m in methods:
+        got = {t: r["methods"][m] for t, r in tables.items() if m in r["methods"]}
+        vs = {r["verdict"] for r in got.values()}
+        v = ("mixed" if {"better", "worse"} <= vs else "better" if "better" in vs else "worse"
+             if "worse" in vs else "level" if "level" in vs else "undecided")
+        if got:
+            overall[m] = {"verdict": v, "tables": got}
+    named = {k: [m for m, o in overall.items() if o["verdict"] == k]
+             for k in ("better", "mixed", "worse", "level", "undecided")}
+    where = ", ".join(f"{t} ({r['seeds']} seeds)" for t, r in tables.items())
+    line = "Verdict (generated from the intervals below): " + (
+        f"better than uniform LoRA: {', '.join(named['better'])}" if named["better"] else
+        "no method is better than uniform LoRA") + f" on {where or 'no cells'}" + "".join(
+        f"; {k}: {', '.join(ms)}" for k, ms in named.items() if k != "better" and ms) + "."
+    return {"tables": tables, "methods": overall, "line": line}
+
+
+def verdict_markdown(v: dict) -> list[str]:
+    """The verdict block: the rule, then one line per method with each table's Δ, interval,
+    wins and verdict."""
+    out = ["#### Verdict against uniform LoRA (generated)", "", VERDICT_RULE, ""]
+    for m, o in v["methods"].items():
+        out.append(f"- **{m}: {o['verdict']}** — " + "; ".join(
+            f"{t}: Δ {r['mean']:+.2f} {interval(r)}, wins {r['wins']} of {r['n']}, "
+            f"{r['verdict']} ({r['why']})" for t, r in o["tables"].items()))
+    return out
+
+
 def task_table(cells: list[dict], task: str, methods: list[str], seeds: list[int],
                notes: dict[str, str]) -> list[str]:
     """Markdown rows of one task (on one device: pass that device's cells): per method the
     mean ± std over seeds and each seed's value, the paired difference to uniform LoRA in the
-    same seed and the seeds it wins."""
+    same seed with its 95 % interval (delta_stats) and the seeds it wins."""
     metric, value = task_values(cells, task)
     methods = [m for m in methods if m in notes or any(k[0] == m for k in value)
                or m in METHODS or m in PEERS]
     lines = [f"| method | {metric} (mean ± std) | per seed ({', '.join(map(str, seeds))}) "
-             f"| paired Δ vs lora | wins | trainable params | s/step |",
-             "|---|---:|---|---:|---:|---:|---:|"]
+             f"| paired Δ vs lora | 95 % interval | wins | trainable params | s/step |",
+             "|---|---:|---|---:|---|---:|---:|---:|"]
     for method in methods:
         got = [value[method, s] for s in seeds if (method, s) in value]
         mine = [c for c in cells if (c["task"], c["method"]) == (task, method)
@@ -886,10 +1006,11 @@ def task_table(cells: list[dict], task: str, methods: list[str], seeds: list[int
         if method in notes:
             head += f" ({notes[method]})"
         delta, wins = ("–", "–") if method == "lora" else paired(value, method, "lora", seeds)
+        ci = "–" if method == "lora" else interval(delta_stats(value, method, "lora", seeds))
         params = sorted({c["trainable_parameters"] for c in mine
                          if c["trainable_parameters"] is not None})
         steps = [c["seconds_per_step"] for c in mine if c["seconds_per_step"]]
-        lines.append(f"| {method} | {head} | {per_seed} | {delta} | {wins} "
+        lines.append(f"| {method} | {head} | {per_seed} | {delta} | {ci} | {wins} "
                      f"| {' / '.join(f'{p:,}' for p in params) or '–'} "
                      f"| {f'{statistics.mean(steps):.2f}' if steps else '–'} |")
     return lines
@@ -964,8 +1085,8 @@ def results_markdown(summary: dict, bench: dict | None, svgs: dict[str, str],
     Every number comes from summary (results/summary.json) or bench (results/bench.json)."""
     cells, recipe = summary["cells"], summary["recipe"]
     seeds = sorted(set(recipe["seeds"]) | {c["seed"] for c in cells})
-    methods = list(dict.fromkeys([*recipe["methods"], *PEERS,
-                                  *(c["method"] for c in cells)]))
+    methods = method_order(recipe, cells)
+    verdict = verdicts(cells, methods)  # from the cells, never a stale copy in summary
     out = [f"_Generated by `python bench.py --results` / `--readme` from {source} "
            f"({len(cells)} cells, {summary['generated']})"
            + (" and results/bench.json" if bench else "") + "; do not edit by hand._", "",
@@ -979,7 +1100,9 @@ def results_markdown(summary: dict, bench: dict | None, svgs: dict[str, str],
            + (f" peft-adalora's trainable parameters are counted at its start (init_r = "
               f"{ADALORA_INIT} × r per matrix); it prunes to r per matrix on average, the "
               "others' budget, by the end of its schedule."
-              if any(c["method"] == "peft-adalora" for c in cells) else "")]
+              if any(c["method"] == "peft-adalora" for c in cells) else ""), "",
+           verdict["line"] + " The rule and each method's intervals: the verdict block below "
+           "the tables."]
     groups = list(dict.fromkeys([*((t, "cpu") for t in recipe["tasks"]),
                                  *((c["task"], c["device"]) for c in cells)]))
     for task, device in groups:
@@ -1001,6 +1124,8 @@ def results_markdown(summary: dict, bench: dict | None, svgs: dict[str, str],
             out += ["", f"![FIM-LoRA ranks on {task}, {device}]({svgs[key]})", "",
                     f"FIM-LoRA's ranks on {task} ({device}), layer × module, mean over {n} seed"
                     f"{'s' * (n != 1)} ({svgs[key]})."]
+    if verdict["methods"]:
+        out += ["", *verdict_markdown(verdict)]
     if bench:
         out += ["", f"#### Speed, side by side in one process (`make bench`, "
                 f"{bench['machine']['threads']} threads, median of {bench['repeats']} "
@@ -1014,8 +1139,8 @@ def results_markdown(summary: dict, bench: dict | None, svgs: dict[str, str],
                 "interleaved repeats)", ""]
         out += bench_table(bench_gpu)
         out += ["", *bench_gpu.get("notes", [])]
-    return "\n".join(line if line.startswith("|") else textwrap.fill(line, 100)
-                     for line in out) + "\n"
+    return "\n".join(line if line.startswith("|") else textwrap.fill(
+        line, 100, break_on_hyphens=False) for line in out) + "\n"
 
 
 def svg_key(task: str, device: str) -> str:

@@ -82,11 +82,12 @@ def test_table_mean_std_per_seed_paired_difference_and_wins(grid):
     lora = row_of(md, "lora")
     # mean(80, 85, 82) = 82.33, sample std = 2.52
     assert lora[1] == "82.33 ± 2.52" and lora[2] == "80.00, 85.00, 82.00"
-    assert lora[3] == "–" and lora[4] == "–"
+    assert lora[3:6] == ["–", "–", "–"]
     fim = row_of(md, "fim")
-    # paired Δ = (+1, −0.5, +2): mean 0.83, std 1.26; wins 2 of 3 (seed 1 loses)
-    assert fim[3] == "+0.83 ± 1.26" and fim[4] == "2 of 3"
-    assert fim[5] == "1,200" and fim[6] == "0.50"
+    # paired Δ = (+1, −0.5, +2): mean 0.83, std 1.26; 95 % interval
+    # 0.833 ± 4.302653 · 1.258 / √3 = [−2.29, +3.96]; wins 2 of 3 (seed 1 loses)
+    assert fim[3:6] == ["+0.83 ± 1.26", "[-2.29, +3.96]", "2 of 3"]
+    assert fim[6] == "1,200" and fim[7] == "0.50"
 
 
 def test_missing_cells_show_a_dash_and_the_seed_count(grid):
@@ -94,9 +95,9 @@ def test_missing_cells_show_a_dash_and_the_seed_count(grid):
     md = bench.results_markdown(bench.summarize(root, recipe), None, {})
     partial = row_of(md, "fim+da")
     assert partial[1] == "86.00 (1 of 3 seeds)" and partial[2] == "–, 86.00, –"
-    assert partial[3] == "+1.00" and partial[4] == "1 of 1"
+    assert partial[3:6] == ["+1.00", "n/a", "1 of 1"]  # one seed: no interval, never a fake one
     empty = row_of(md, "fw")
-    assert empty[1] == "– (0 of 3 seeds)" and empty[2:5] == ["–, –, –", "–", "–"]
+    assert empty[1] == "– (0 of 3 seeds)" and empty[2:6] == ["–, –, –", "–", "–", "–"]
     assert "peft not installed" in row_of(md, "peft-eva")[1]
 
 
@@ -351,6 +352,7 @@ def test_a_gpu_grid_beside_the_cpu_grid_gets_its_own_table(grid, tmp_path, monke
     assert from_gpu["cells"] == summary["cells"]
     md = bench.results_markdown(summary, None, {})
     cpu, cuda = md.split("#### sst2 on cuda")
+    cpu = cpu[cpu.index("#### sst2 on cpu"):]  # the table, not the verdict line above it
     assert "#### sst2 on cpu" in cpu and "| lora | 82.33 ± 2.52 |" in cpu
     assert "| lora | 72.00 ± 2.00 |" in cuda
     assert "| fim-kfac-params | 75.00 (1 of 3 seeds) |" in cuda
@@ -387,6 +389,86 @@ def test_score_table_pairs_each_score_with_lora_and_the_random_control(grid):
     assert row_of(md, "random")[1:3] == ["+0.00 ± 1.00", "1 of 3"]  # (+1, −1, 0)
     # kfac − lora = (+3, +1, +3), kfac − random = (+2, +2, +3)
     assert row_of(md, "kfac")[1:] == ["+2.33 ± 1.15", "3 of 3", "+2.33 ± 0.58", "3 of 3"]
+
+
+@pytest.mark.parametrize("df, p, t", [(1, .975, 12.706205), (2, .975, 4.302653),
+                                      (3, .975, 3.182446), (4, .975, 2.776445),
+                                      (9, .975, 2.262157), (30, .975, 2.042272),
+                                      (5, .95, 2.015048), (10**4, .975, 1.960201)])
+def test_t_quantile_matches_published_tables(df, p, t):
+    """Oracle: Student t tables (R's qt to 6 decimals); df 10^4 is the normal's 1.96 almost."""
+    assert bench.t_quantile(p, df) == pytest.approx(t, abs=1e-6)
+
+
+def test_paired_delta_interval_and_wins_on_hand_made_values():
+    # Δ = (+1, −0.5, +2) over seeds 0-2; seed 3 has no lora and does not count
+    value = {("lora", 0): 80, ("lora", 1): 85, ("lora", 2): 82, ("m", 0): 81, ("m", 1): 84.5,
+             ("m", 2): 84, ("m", 3): 99, ("one", 1): 86}
+    st = bench.delta_stats(value, "m", "lora")
+    half = 4.302653 * 1.258306 / 3 ** 0.5  # t(0.975, 2) · sample sd / √n
+    assert st["n"] == 3 and st["wins"] == 2 and st["mean"] == pytest.approx(5 / 6)
+    assert (st["low"], st["high"]) == pytest.approx((5 / 6 - half, 5 / 6 + half), abs=1e-5)
+    one = bench.delta_stats(value, "one", "lora")  # one seed: a mean, never an interval
+    assert one["n"] == 1 and one["low"] is None and bench.interval(one) == "n/a"
+    assert bench.delta_stats(value, "x", "lora") is None and bench.interval(None) == "–"
+
+
+def acc_cells(table: dict, device: str = "cpu") -> list[dict]:
+    """Cells of sst2 on device from {method: [accuracy % per seed]} (None: no cell)."""
+    return [{"task": "sst2", "device": device, "method": m, "seed": s,
+             "metrics": {"accuracy": a / 100}} for m, accs in table.items()
+            for s, a in enumerate(accs) if a is not None]
+
+
+def test_verdict_needs_an_interval_off_zero_and_a_win_over_the_random_control():
+    lora, rnd = [80, 85, 82], [82.1, 87.1, 83.9]  # random − lora = (+2.1, +2.1, +1.9)
+    table = {"lora": lora, "fim-random-params": rnd,
+             "up": [82, 87.2, 83.8],        # Δ (+2, +2.2, +1.8) > 0, but level with random
+             "best": [83, 88.2, 84.8],      # Δ (+3, +3.2, +2.8), and +0.9 to +1.1 over random
+             "down": [78, 82.8, 80.2],      # Δ (−2, −2.2, −1.8)
+             "flat": [81, 84, 82],          # Δ (+1, −1, 0)
+             "one": [90, None, None]}       # a single seed
+    methods = ["lora", "fim-random-params", "up", "best", "down", "flat", "one"]
+    v = bench.verdicts(acc_cells(table), methods)["tables"]["sst2 on cpu"]["methods"]
+    got = {m: v[m]["verdict"] for m in v}
+    assert got == {"fim-random-params": "level", "up": "level",
+                   "best": "better", "down": "worse", "flat": "level", "one": "undecided"}
+    assert v["up"]["low"] > 0 and "does not beat the random control" in v["up"]["why"]
+    # without random cells a gain cannot be checked: undecided, and the reason says so
+    no_control = {m: a for m, a in table.items() if m != "fim-random-params"}
+    out = bench.verdicts(acc_cells(no_control), methods)
+    assert out["methods"]["best"]["verdict"] == "undecided"
+    assert "no random control" in out["methods"]["best"]["tables"]["sst2 on cpu"]["why"]
+    # across tables: better on one, worse on another is mixed; level + undecided is level
+    both = acc_cells(table) + acc_cells({"lora": lora, "best": [78, 82.8, 80.2]}, "cuda")
+    across = bench.verdicts(both, methods)
+    assert across["methods"]["best"]["verdict"] == "mixed"
+    assert "no method is better than uniform LoRA" in across["line"]
+    assert "mixed: best" in across["line"] and "sst2 on cuda (3 seeds)" in across["line"]
+
+
+def test_the_readme_verdict_line_follows_the_cells(grid, tmp_path):
+    """The one-line verdict is computed from the cells: new cells, a new line; summary.json
+    holds the same line."""
+    root, recipe = grid  # fim: Δ (+1, −0.5, +2), level; fim+da: one seed, undecided
+    readme, results = tmp_path / "README.md", tmp_path / "results"
+
+    def line() -> str:
+        bench.write_report(root, recipe, results, readme)
+        text = " ".join(readme.read_text().split())
+        got = re.search(r"Verdict \(generated[^.]*\.", text).group(0)
+        assert got == json.loads((results / "summary.json").read_text())["verdicts"]["line"]
+        return got
+
+    before = line()
+    assert before == ("Verdict (generated from the intervals below): no method is better than "
+                      "uniform LoRA on sst2 on cpu (3 seeds); level: fim; undecided: fim+da.")
+    for seed, (rnd, kfac) in enumerate([(0.81, 0.84), (0.86, 0.89), (0.83, 0.86)]):
+        write_cell(root, "sst2", "fim-random-params", seed, rnd)
+        write_cell(root, "sst2", "fim-kfac-params", seed, kfac)
+    after = line()  # kfac − lora = (+4, +4, +4), kfac − random = (+3, +3, +3)
+    assert after.startswith("Verdict (generated from the intervals below): better than "
+                            "uniform LoRA: fim-kfac-params on sst2 on cpu (3 seeds)")
 
 
 def test_an_empty_grid_and_a_missing_gpu_are_refused_before_any_work(tmp_path, monkeypatch):
