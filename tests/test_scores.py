@@ -102,7 +102,8 @@ def test_kfac_gain_is_the_loss_decrease_of_the_best_rank_k_step():
 
 def test_lorada_gains_are_unnormalised_omega_eigenvalues():
     """−σ²·eig(Ω) with Ω from the explicit-inverse oracle of tests/test_lorada.py, on the
-    statistics lorada_statistics gives for the same batches (N_pop = their examples)."""
+    statistics lorada_statistics gives for the same batches (N_pop = their examples), Z and y
+    each damped by 1e-6 of their own mean."""
     model, batches = tl.make_model(), tl.make_batches()
     got = allocation_scores(model, batches, tl.loss_fn, "lorada", n_batches=2)
     stats, n = lorada_statistics(model, batches[:2], tl.loss_fn)
@@ -111,7 +112,9 @@ def test_lorada_gains_are_unnormalised_omega_eigenvalues():
         if not s["G"].any():
             assert got[name] == [0.0] * s["G"].shape[1]  # "dead": nothing to gain
             continue
-        _, sigma, _, Omega = tl.explicit(s["G"], s["Z"], s["y_diag"], beta=0.03, n_pop=n)
+        lam, lam_y = (1e-6 * v.mean().item() for v in (s["Z"].diag(), s["y_diag"]))
+        _, sigma, _, Omega = tl.explicit(s["G"], s["Z"], s["y_diag"], lam, beta=0.03, n_pop=n,
+                                         lam_y=lam_y)
         want = -sigma**2 * torch.linalg.eigvalsh(Omega)
         torch.testing.assert_close(torch.tensor(got[name], dtype=torch.float64), want,
                                    rtol=1e-6, atol=1e-9)
