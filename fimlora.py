@@ -461,15 +461,15 @@ def _round(c: Fraction, w: list[float], lo: list[int], hi: list[int], kappa: lis
             j += 1
         order[i:j + 1] = exactly(order[i:j + 1]) if j > i else order[i:j + 1]
         i = j + 1
-    for pool in ([m for m in order if w[m] > 0], [m for m in order if w[m] == 0]):
-        while pool and left > 0:  # rounds: a module raised in this round may be raised again
-            raised = []  # score-0 modules (never reached by the loss) only once no other fits
-            for m in pool:
-                if r[m] < hi[m] and kappa[m] <= left:
-                    r[m] += 1
-                    left -= kappa[m]
-                    raised.append(m)
-            pool = raised
+    order = [m for m in order if w[m] > 0]  # w = 0 (never reached by the loss): r_min
+    while order and left > 0:  # rounds: a module raised in this round may be raised again
+        raised = []
+        for m in order:
+            if r[m] < hi[m] and kappa[m] <= left:
+                r[m] += 1
+                left -= kappa[m]
+                raised.append(m)
+        order = raised
     return r
 
 
@@ -563,6 +563,36 @@ def allocate_ranks(scores: dict[str, float], budget: int, r_min: int,
     return dict(zip(names, _round(c, w, lo, hi, kappa, budget, s, names)))
 
 
+def _best_extra(values: list[list[float]], kappa: list[int], left: int) -> list[int]:
+    """k_m ∈ [0, len(values[m]) − 1] maximising Σ_m values[m][k_m] with Σ κ_m·k_m ≤ left and
+    no k_m below its top whose κ_m fits in what is left: a dynamic programme over left/gcd(κ),
+    once per threshold t ∈ {κ_m} ∪ {∞} (matrices with κ_m < t at their top, what is left < t).
+    Ties go to fewer ranks on later matrices."""
+    if not values:
+        return []
+    g = math.gcd(*kappa)
+    L, u, best = left // g, [k // g for k in kappa], None
+    for t in sorted(set(u)) + [math.inf]:
+        dp = torch.full((L + 1,), -math.inf, dtype=torch.float64)
+        dp[0], picks = 0.0, []
+        for v, um in zip(values, u):
+            K = len(v) - 1
+            cand = torch.full((K + 1, L + 1), -math.inf, dtype=torch.float64)
+            for k in range(K if um < t else 0, min(K, L // um) + 1):
+                cand[k, k * um:] = dp[:L + 1 - k * um] + v[k]
+            dp, pick = cand.max(0).values, cand.argmax(0)  # argmax: the first (fewest ranks)
+            picks.append(pick)
+        dp[L - torch.arange(L + 1) >= t] = -math.inf  # a matrix below its top would still fit
+        if best is None or dp.max() > best[0]:
+            best = (dp.max(), int(dp.argmax()), picks)
+    _, b, picks = best
+    out = []
+    for um, pick in zip(reversed(u), reversed(picks)):
+        out.append(int(pick[b]))
+        b -= out[-1] * um
+    return out[::-1]
+
+
 def allocate_by_gains(gains: dict[str, list[float]], budget: int, r_min: int,
                       r_max: int | dict[str, int], costs: dict[str, int] | None = None
                       ) -> dict[str, int]:
@@ -570,13 +600,12 @@ def allocate_by_gains(gains: dict[str, list[float]], budget: int, r_min: int,
     gain Σ_m Σ_{i≤r_m} g_{m,i}, gains[m] = [g_1, g_2, …] the value of matrix m's i-th rank, among
     those that spend the budget as allocate_ranks does: Σ κ_m·r_m ≤ R and no matrix below h_m
     fits in what is left (κ_m = 1 without costs, so Σ r_m = R; d_in + d_out with costs, R in
-    parameters). So a negative gain is taken only where that contract forces it, then the least
-    harmful one. A matrix whose gains are all 0 (the loss never reaches it) gets ranks above
-    r_min only where the others cannot take the budget. Exact: a dynamic programme over the
-    budget in units of gcd(κ), once per threshold t ∈ {κ_m} ∪ {∞} (matrices with κ_m < t held
-    at h_m, what is left < t), M·max h vectorised steps over R/gcd(κ) + 1 entries each; ties go
-    to fewer ranks on later matrices. Raises ValueError for non-finite gains and a budget
-    outside [Σ κ·r_min, Σ_m h_m].
+    parameters). So a negative gain is taken only where that contract forces it, and then the
+    least harmful one. A matrix whose gains are all 0 (the loss never reaches it) stays at r_min
+    until every other matrix sits at h_m, as a score-0 matrix in allocate_ranks. Exact, for any
+    gains (_best_extra's dynamic programme), where the greedy order by g/κ is not: gains a [3]
+    at κ 3, b [2] and c [2] at κ 2, R = 4 give b + c (gain 4), not a (3). Raises ValueError for
+    non-finite gains and a budget outside [Σ κ·r_min, Σ_m h_m].
     Example: allocate_by_gains({"q": [3.0, 1.0], "v": [2.0, 0.5]}, 3, 0, 2) == {"q": 2, "v": 1}
     """
     names = list(gains)
@@ -594,34 +623,16 @@ def allocate_by_gains(gains: dict[str, list[float]], budget: int, r_min: int,
     if left < 0 or (costs is None and budget > sum(hi.values())):
         raise ValueError(f"budget={budget} outside [Σ κ·r_min, Σ_m min(r_max, len(gains[m]))] "
                          f"= [{budget - left}, {sum(hi.values())}]: change the budget or r_min")
-    unit = math.gcd(*kappa.values())
-    L, f64 = left // unit, torch.float64
-    # an unreached matrix's extra rank costs more than any difference in gain: it comes last
-    big = 1.0 + 2 * sum(abs(v) for n in names for v in gains[n][r_min:hi[n]])
-    value = {n: torch.tensor([0.0] + gains[n][r_min:hi[n]], dtype=f64).cumsum(0)
-             - (big * torch.arange(hi[n] - r_min + 1, dtype=f64)
-                if not any(gains[n]) else 0.0) for n in names}
-    best = None
-    for t in sorted(set(kappa.values())) + [math.inf]:
-        dp = torch.full((L + 1,), -math.inf, dtype=f64)
-        dp[0], picks = 0.0, []
-        for n in names:
-            u, K = kappa[n] // unit, hi[n] - r_min
-            cand = torch.full((K + 1, L + 1), -math.inf, dtype=f64)
-            for k in range(K if kappa[n] < t else 0, min(K, L // u) + 1):
-                cand[k, k * u:] = dp[:L + 1 - k * u] + value[n][k]
-            dp, pick = cand.max(0).values, cand.argmax(0)  # argmax: the first (fewest ranks)
-            picks.append(pick)
-        spent = torch.arange(L + 1) * unit
-        dp[left - spent >= t] = -math.inf  # a matrix below h_m would still fit
-        if best is None or dp.max() > best[0]:
-            best = (dp.max(), int(dp.argmax()), picks)
-    _, b, picks = best
-    r = {}
-    for n, pick in zip(reversed(names), reversed(picks)):
-        k = int(pick[b])
-        r[n], b = r_min + k, b - k * (kappa[n] // unit)
-    return {n: r[n] for n in names}
+    r = dict.fromkeys(names, r_min)
+    reached = [n for n in names if any(gains[n])]
+    for group in (reached, [n for n in names if n not in reached]):
+        if any(r[n] < hi[n] for n in reached) and group is not reached:
+            break
+        values = [[0.0, *itertools.accumulate(gains[n][r_min:hi[n]])] for n in group]
+        for n, k in zip(group, _best_extra(values, [kappa[n] for n in group], left)):
+            r[n] += k
+            left -= kappa[n] * k
+    return r
 
 
 # -----------------------------------------------------------------------------

@@ -249,10 +249,74 @@ def test_allocate_by_gains_textbook_example():
     assert allocate_by_gains(g, 3, 0, 2) == {"q": 2, "v": 1}
     g = {"q": [3.0, 2.9], "v": [2.0, 1.9]}
     assert allocate_by_gains(g, 8, 0, 2, costs={"q": 4, "v": 1}) == {"q": 1, "v": 2}
-    with pytest.raises(ValueError, match="nonincreasing"):
-        allocate_by_gains({"q": [1.0, 2.0]}, 1, 0, 2)
+    with pytest.raises(ValueError, match="has inf/NaN"):
+        allocate_by_gains({"q": [1.0, math.nan]}, 1, 0, 2)
     with pytest.raises(ValueError, match=r"budget=5 outside .* = \[0, 4\]"):
         allocate_by_gains(g, 5, 0, 2)
+
+
+def test_allocate_by_gains_with_costs_beats_the_greedy_order():
+    """Issue 19's case: a [3] at κ 3, b [2] and c [2] at κ 2, budget 4. By gain per cost a
+    (1.0) comes first and then nothing fits (gain 3); b + c spend 4 for gain 4."""
+    g = {"a": [3.0], "b": [2.0], "c": [2.0]}
+    assert allocate_by_gains(g, 4, 0, 1, costs={"a": 3, "b": 2, "c": 2}) == {"a": 0, "b": 1,
+                                                                             "c": 1}
+
+
+def test_allocate_by_gains_keeps_an_unreached_matrix_at_r_min():
+    """An all-zero gain list (the loss never reaches the matrix) is not preferred to negative
+    gains: a takes all 3 ranks (gain 1 − 1 − 2) and `dead` none; only where a is full does
+    `dead` take what is left (the budget is spent)."""
+    assert allocate_by_gains({"dead": [0.0] * 3, "a": [1.0, -1.0, -2.0]}, 3, 0, 3) == {
+        "dead": 0, "a": 3}
+    assert allocate_by_gains({"dead": [0.0] * 3, "a": [1.0]}, 3, 0, 3) == {"dead": 2, "a": 1}
+    assert allocate_by_gains({"dead": [0.0] * 3, "a": [-1.0] * 3}, 4, 0, 3,
+                             costs={"dead": 1, "a": 3}) == {"dead": 0, "a": 1}
+
+
+@st.composite
+def any_gain_problems(draw):
+    """Unsorted gains, some matrices all-zero ("unreached"), costs 1..5 or none."""
+    names = draw(st.lists(st.sampled_from("abcd"), min_size=1, max_size=4, unique=True))
+    r_min = draw(st.integers(0, 1))
+    gains = {n: draw(st.one_of(st.lists(st.integers(-4, 4).map(float), min_size=r_min,
+                                        max_size=3),
+                               st.integers(r_min, 3).map(lambda k: [0.0] * k)))
+             for n in names}
+    r_max = draw(st.integers(r_min, 3))
+    hi = {n: min(r_max, len(gains[n])) for n in names}
+    kappa = draw(st.one_of(st.none(), st.fixed_dictionaries({n: st.integers(1, 5)
+                                                             for n in names})))
+    k = kappa or dict.fromkeys(names, 1)
+    lo_b = sum(k[n] * r_min for n in names)
+    hi_b = sum(k[n] * hi[n] for n in names) + (3 if kappa else 0)
+    return gains, draw(st.integers(lo_b, hi_b)), r_min, r_max, hi, kappa
+
+
+@settings(max_examples=300)
+@given(any_gain_problems())
+def test_allocate_by_gains_matches_brute_force(problem):
+    """Exhaustive reference over rank vectors: within budget, no reached matrix below its cap
+    fitting in what is left, unreached matrices at r_min unless every reached one is at its
+    cap (then also none of them below its cap fitting), and the largest total gain."""
+    gains, budget, r_min, r_max, hi, kappa = problem
+    names, k = list(gains), kappa or dict.fromkeys(gains, 1)
+    reached = [n for n in names if any(gains[n])]
+
+    def ok(v):
+        left = budget - sum(k[n] * v[n] for n in names)
+        full = all(v[n] == hi[n] for n in reached)
+        return left >= 0 and all(v[n] == hi[n] or k[n] > left for n in names
+                                 if n in reached or full) and (
+            full or all(v[n] == r_min for n in names if n not in reached))
+
+    def total(v):
+        return sum(sum(gains[n][:v[n]]) for n in names)
+    every = [dict(zip(names, v))
+             for v in itertools.product(*(range(r_min, hi[n] + 1) for n in names))]
+    r = allocate_by_gains(gains, budget, r_min, r_max, costs=kappa)
+    assert ok(r)
+    assert total(r) == max(total(v) for v in every if ok(v))
 
 
 # -----------------------------------------------------------------------------
