@@ -15,14 +15,15 @@ import re
 
 import pytest
 import torch
+from torch import nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import test_fisher as tf
 from conftest import probe_outputs
 import test_lorada as tl
-from fimlora import (ALLOCATION_SCORES, allocate_by_gains, allocation_scores, fim_rank_pattern,
-                     initialize_fim_ranks, lorada_statistics)
+from fimlora import (ALLOCATION_SCORES, GAIN_SCORES, allocate_by_gains, allocate_ranks,
+                     allocation_scores, fim_rank_pattern, initialize_fim_ranks, lorada_statistics)
 from lora import add_lora, lora_layers
 
 
@@ -176,6 +177,104 @@ def test_initialize_fim_ranks_kfac_follows_the_gains():
     out = initialize_fim_ranks(model, batches, tf.loss_fn, score="kfac")
     assert out["ranks"] == allocate_by_gains(gains, 6, 1, {"query": 4, "value": 4,
                                                            "classifier": 3})
+
+
+def unreached_setup():
+    """lorada_setup's model (its `dead` matrix: output × 0, so ∂L/∂W = 0) plus `unused`, a
+    target Linear the forward never calls; eval mode."""
+    torch.manual_seed(0)
+    model = tl.Tiny().double()
+    model.unused = nn.Linear(6, 4).double()
+    add_lora(model, targets=[*tl.TARGETS, "unused"], r=3, alpha=6.0, dropout=0.1, heads=["cls"])
+    return model.eval(), tl.make_batches()
+
+
+DATA_SCORES = [s for s in ALLOCATION_SCORES if s != "random"]
+
+
+@pytest.mark.parametrize("unit", ["ranks", "params"])
+@pytest.mark.parametrize("score", DATA_SCORES)
+def test_a_matrix_the_loss_never_reaches_gets_r_min(score, unit):
+    """Issue 19: lorada gave `dead` 0 gains, above the negative gains of useful matrices, so its
+    full cap. Now both unreached matrices sit at r_min, and the budget is still spent."""
+    model, batches = unreached_setup()
+    layers = lora_layers(model)
+    cost = {n: (m.in_features + m.out_features if unit == "params" else 1)
+            for n, m in layers.items()}
+    out = initialize_fim_ranks(model, batches, tl.loss_fn, score=score, budget_unit=unit,
+                               population_size=1000)
+    r = out["ranks"]
+    assert r["dead"] == r["unused"] == 1 and min(r.values()) == 1
+    budget = sum(3 * c for c in cost.values())
+    left = budget - sum(cost[n] * r[n] for n in r)
+    caps = {n: min(6, m.in_features, m.out_features) for n, m in layers.items()}
+    assert left >= 0 and all(r[n] == caps[n] or cost[n] > left for n in r
+                             if n not in ("dead", "unused"))
+
+
+@pytest.mark.parametrize("scale", [10.0, 1e-3])
+@pytest.mark.parametrize("score", DATA_SCORES)
+def test_ranks_do_not_depend_on_the_scale_of_the_loss(score, scale):
+    """Issue 19: lorada's damping 1e-6 on y was absolute, so scaling the loss moved its ranks
+    (y scales by scale²: at 1e-3 Y was mostly damping). Every score's ranks, at both budget
+    units, are those of the unscaled loss."""
+    model, batches = unreached_setup()
+    layers = lora_layers(model)
+    caps = {n: min(6, m.in_features, m.out_features) for n, m in layers.items()}
+    costs = {n: m.in_features + m.out_features for n, m in layers.items()}
+
+    def ranks(loss_fn):
+        s = allocation_scores(model, batches, loss_fn, score, n_batches=None,
+                              population_size=1000)
+        alloc = allocate_by_gains if score in GAIN_SCORES else allocate_ranks
+        return (alloc(s, 3 * len(caps), 1, caps),
+                alloc(s, sum(3 * c for c in costs.values()), 1, caps, costs=costs))
+    assert ranks(lambda m, b: scale * tl.loss_fn(m, b)) == ranks(tl.loss_fn)
+
+
+def test_lorada_gains_use_the_population_size():
+    """population_size is lorada's N_pop (train.py passes lorada_init's, the training set size):
+    the gains are those of the oracle Ω with that N_pop, and initialize_fim_ranks passes it on."""
+    model, batches = tl.make_model(), tl.make_batches()
+    got = allocation_scores(model, batches, tl.loss_fn, "lorada", population_size=67349)
+    stats, _ = lorada_statistics(model, batches, tl.loss_fn)
+    s = stats["fc"]
+    lam, lam_y = (1e-6 * v.mean().item() for v in (s["Z"].diag(), s["y_diag"]))
+    _, sigma, _, Omega = tl.explicit(s["G"], s["Z"], s["y_diag"], lam, beta=0.03,
+                                     n_pop=67349, lam_y=lam_y)
+    torch.testing.assert_close(torch.tensor(got["fc"], dtype=torch.float64),
+                               -sigma**2 * torch.linalg.eigvalsh(Omega), rtol=1e-6, atol=1e-9)
+    model, batches, loss, _, budget, caps = lorada_setup()
+    want = allocation_scores(model, batches, loss, "lorada", population_size=7)
+    assert want != allocation_scores(model, batches, loss, "lorada")
+    out = initialize_fim_ranks(model, batches, loss, score="lorada", population_size=7)
+    assert out["scores"] == want
+    assert out["ranks"] == allocate_by_gains(want, budget, 1, caps)
+
+
+def test_gain_scores_refuse_power():
+    """power acts on allocate_ranks' scores only; kfac and lorada go to allocate_by_gains."""
+    model, batches = tf.make_model(r=2), tf.make_batches(3)
+    with pytest.raises(ValueError, match="power=2 with score='kfac': .* drop power"):
+        initialize_fim_ranks(model, batches, tf.loss_fn, score="kfac", power=2)
+    with pytest.raises(ValueError, match="power=0.5 with score='lorada'"):
+        fim_rank_pattern(model, batches, tf.loss_fn, 2, 4.0, score="lorada", power=0.5)
+    initialize_fim_ranks(model, batches, tf.loss_fn, score="gradw", power=2)
+
+
+def test_random_scores_come_from_a_stream_of_their_own():
+    """Issue 19: random drew from the caller's generator, train.py's init stream, and streams
+    are seeded seed + k, so seed s + 1's init stream was seed s's data stream. Now the draw
+    leaves the generator alone and differs from the first draws of every stream seed + k."""
+    model, batches = tf.make_model(), tf.make_batches(1)
+    for seed in range(4):
+        g = torch.Generator().manual_seed(seed)
+        got = list(allocation_scores(model, batches, tf.loss_fn, "random", generator=g).values())
+        assert torch.equal(g.get_state(), torch.Generator().manual_seed(seed).get_state())
+        for other in range(12):
+            u = torch.rand(len(got), generator=torch.Generator().manual_seed(other),
+                           dtype=torch.float64).tolist()
+            assert got != u
 
 
 def test_scores_reject_unknown_names():
