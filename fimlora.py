@@ -488,7 +488,9 @@ def allocate_ranks(scores: dict[str, float], budget: int, r_min: int,
     gone through again while a rank fits: Σ κ_m·r_m ≤ R, r_m ≥ ⌊r*_m⌋, and every matrix below
     h_m costs more than what is left, so the spend is short of the best reachable by less than
     one rank of the cheapest such matrix, not always the best (κ 3, 3, 4, s 1.5, 1.5, 1.75,
-    R = 16: ranks 1, 1, 2 spend 14, where 2, 2, 1 would spend 16). c is searched in float64,
+    R = 16: ranks 1, 1, 2 spend 14, where 2, 2, 1 would spend 16). A score-0 matrix (the loss
+    never reaches it) stays at r_min until every other sits at h_m; what only it could take is
+    left unspent. c is searched in float64,
     then made exact (Fractions) over the few modules near it; floors and remainders are exact
     wherever float error could change them, so the result is that of exact arithmetic (10^5
     matrices in ~0.1 s).
