@@ -461,6 +461,7 @@ def _round(c: Fraction, w: list[float], lo: list[int], hi: list[int], kappa: lis
             j += 1
         order[i:j + 1] = exactly(order[i:j + 1]) if j > i else order[i:j + 1]
         i = j + 1
+    order = [m for m in order if w[m] > 0]  # w = 0 (never reached by the loss): r_min
     while order and left > 0:  # rounds: a module raised in this round may be raised again
         raised = []
         for m in order:
@@ -487,7 +488,9 @@ def allocate_ranks(scores: dict[str, float], budget: int, r_min: int,
     gone through again while a rank fits: Σ κ_m·r_m ≤ R, r_m ≥ ⌊r*_m⌋, and every matrix below
     h_m costs more than what is left, so the spend is short of the best reachable by less than
     one rank of the cheapest such matrix, not always the best (κ 3, 3, 4, s 1.5, 1.5, 1.75,
-    R = 16: ranks 1, 1, 2 spend 14, where 2, 2, 1 would spend 16). c is searched in float64,
+    R = 16: ranks 1, 1, 2 spend 14, where 2, 2, 1 would spend 16). A score-0 matrix (the loss
+    never reaches it) stays at r_min until every other sits at h_m; what only it could take is
+    left unspent. c is searched in float64,
     then made exact (Fractions) over the few modules near it; floors and remainders are exact
     wherever float error could change them, so the result is that of exact arithmetic (10^5
     matrices in ~0.1 s).
@@ -562,16 +565,49 @@ def allocate_ranks(scores: dict[str, float], budget: int, r_min: int,
     return dict(zip(names, _round(c, w, lo, hi, kappa, budget, s, names)))
 
 
+def _best_extra(values: list[list[float]], kappa: list[int], left: int) -> list[int]:
+    """k_m ∈ [0, len(values[m]) − 1] maximising Σ_m values[m][k_m] with Σ κ_m·k_m ≤ left and
+    no k_m below its top whose κ_m fits in what is left: a dynamic programme over left/gcd(κ),
+    once per threshold t ∈ {κ_m} ∪ {∞} (matrices with κ_m < t at their top, what is left < t).
+    Ties go to fewer ranks on later matrices."""
+    if not values:
+        return []
+    g = math.gcd(*kappa)
+    L, u, best = left // g, [k // g for k in kappa], None
+    for t in sorted(set(u)) + [math.inf]:
+        dp = torch.full((L + 1,), -math.inf, dtype=torch.float64)
+        dp[0], picks = 0.0, []
+        for v, um in zip(values, u):
+            K = len(v) - 1
+            cand = torch.full((K + 1, L + 1), -math.inf, dtype=torch.float64)
+            for k in range(K if um < t else 0, min(K, L // um) + 1):
+                cand[k, k * um:] = dp[:L + 1 - k * um] + v[k]
+            dp, pick = cand.max(0).values, cand.argmax(0)  # argmax: the first (fewest ranks)
+            picks.append(pick)
+        dp[L - torch.arange(L + 1) >= t] = -math.inf  # a matrix below its top would still fit
+        if best is None or dp.max() > best[0]:
+            best = (dp.max(), int(dp.argmax()), picks)
+    _, b, picks = best
+    out = []
+    for um, pick in zip(reversed(u), reversed(picks)):
+        out.append(int(pick[b]))
+        b -= out[-1] * um
+    return out[::-1]
+
+
 def allocate_by_gains(gains: dict[str, list[float]], budget: int, r_min: int,
                       r_max: int | dict[str, int], costs: dict[str, int] | None = None
                       ) -> dict[str, int]:
-    """Ranks from per-direction gains by one global sort, as PEFT's EVA: gains[m] = [g_1 ≥ g_2 ≥
-    …], the value of matrix m's i-th rank. Every matrix gets r_min, then the directions
-    i > r_min (up to h_m = min(r_max or r_max[m], len(gains[m]))) are taken in order of
-    g_{m,i}/κ_m (ties: lower name), each while its cost κ_m fits in what is left of the budget.
-    For nonincreasing gains each r_m is a prefix and, without costs, Σ_i≤r_m g_{m,i} is the
-    largest possible with Σ r_m = R; with costs (κ_m = d_in + d_out, R in parameters) Σ κ·r ≤ R.
-    Raises ValueError for increasing or non-finite gains and a budget outside [M·r_min, Σ h_m].
+    """Ranks r_m ∈ [r_min, h_m = min(r_max or r_max[m], len(gains[m]))] with the largest total
+    gain Σ_m Σ_{i≤r_m} g_{m,i}, gains[m] = [g_1, g_2, …] the value of matrix m's i-th rank, among
+    those that spend the budget as allocate_ranks does: Σ κ_m·r_m ≤ R and no matrix below h_m
+    fits in what is left (κ_m = 1 without costs, so Σ r_m = R; d_in + d_out with costs, R in
+    parameters). So a negative gain is taken only where that contract forces it, and then the
+    least harmful one. A matrix whose gains are all 0 (the loss never reaches it) stays at r_min
+    until every other matrix sits at h_m, as a score-0 matrix in allocate_ranks. Exact, for any
+    gains (_best_extra's dynamic programme), where the greedy order by g/κ is not: gains a [3]
+    at κ 3, b [2] and c [2] at κ 2, R = 4 give b + c (gain 4), not a (3). Raises ValueError for
+    non-finite gains and a budget outside [Σ κ·r_min, Σ_m h_m].
     Example: allocate_by_gains({"q": [3.0, 1.0], "v": [2.0, 0.5]}, 3, 0, 2) == {"q": 2, "v": 1}
     """
     names = list(gains)
@@ -580,24 +616,24 @@ def allocate_by_gains(gains: dict[str, list[float]], budget: int, r_min: int,
     hi = {n: min(r_max[n] if isinstance(r_max, dict) else r_max, len(gains[n])) for n in names}
     kappa = dict.fromkeys(names, 1) if costs is None else costs
     for n in names:
-        g = gains[n]
-        if not all(math.isfinite(v) for v in g) or any(a < b for a, b in zip(g, g[1:])):
-            raise ValueError(f"gains[{n!r}] must be finite and nonincreasing (g_1 ≥ g_2 ≥ …): "
-                             "sort each matrix's gains in descending order")
+        if not all(math.isfinite(v) for v in gains[n]):
+            raise ValueError(f"gains[{n!r}] has inf/NaN: pass finite gains")
         if hi[n] < r_min:
-            raise ValueError(f"{n}: {len(g)} gains and r_max={hi[n]} < r_min={r_min}: pass at "
-                             "least r_min gains per matrix or lower r_min")
+            raise ValueError(f"{n}: {len(gains[n])} gains and r_max={hi[n]} < r_min={r_min}: "
+                             "pass at least r_min gains per matrix or lower r_min")
     left = budget - sum(kappa[n] * r_min for n in names)
     if left < 0 or (costs is None and budget > sum(hi.values())):
         raise ValueError(f"budget={budget} outside [Σ κ·r_min, Σ_m min(r_max, len(gains[m]))] "
                          f"= [{budget - left}, {sum(hi.values())}]: change the budget or r_min")
     r = dict.fromkeys(names, r_min)
-    ranked = sorted((-g / kappa[n], n, i) for n in names for i, g in enumerate(gains[n])
-                    if r_min <= i < hi[n])  # i: 0-based, direction i + 1
-    for _, n, _ in ranked:
-        if kappa[n] <= left:
-            r[n] += 1
-            left -= kappa[n]
+    reached = [n for n in names if any(gains[n])]
+    for group in (reached, [n for n in names if n not in reached]):
+        if any(r[n] < hi[n] for n in reached) and group is not reached:
+            break
+        values = [[0.0, *itertools.accumulate(gains[n][r_min:hi[n]])] for n in group]
+        for n, k in zip(group, _best_extra(values, [kappa[n] for n in group], left)):
+            r[n] += k
+            left -= kappa[n] * k
     return r
 
 
@@ -606,6 +642,7 @@ def allocate_by_gains(gains: dict[str, list[float]], budget: int, r_min: int,
 
 
 ALLOCATION_SCORES = ("efim", "variance", "gradw", "kfac", "lorada", "random")
+GAIN_SCORES = ("kfac", "lorada")  # per-rank gains, for allocate_by_gains (power does not apply)
 
 
 def _weight_gradients(model: nn.Module, batches: Iterable,
@@ -653,7 +690,8 @@ def _weight_gradients(model: nn.Module, batches: Iterable,
 
 def allocation_scores(model: nn.Module, batches: Iterable,
                       loss_fn: Callable[[nn.Module, object], torch.Tensor], score: str = "efim",
-                      n_batches: int | None = 8, generator: torch.Generator | None = None
+                      n_batches: int | None = 8, generator: torch.Generator | None = None,
+                      population_size: int | None = None
                       ) -> dict[str, float] | dict[str, list[float]]:
     """What each adapted matrix earns per rank, from the first n_batches batches, by name:
 
@@ -664,13 +702,17 @@ def allocation_scores(model: nn.Module, batches: Iterable,
                 under L(W0 + ΔW) ≈ L + ⟨Ḡ, ΔW⟩ + ½‖Y^½ ΔW Z^½‖²_F the best rank-k ΔW lowers
                 the loss by ½ Σ_{i≤k} σ_i²  (K-FAC: Martens & Grosse, arXiv:1503.05671)
         lorada  [−σ²λ_1, −σ²λ_2, …],  λ_1 ≤ λ_2 ≤ … the eigenvalues of lorada_factors' Ω on
-                lorada_statistics of these batches (N_pop = their examples): σ² undoes Ω's
-                per-matrix normalisation, so gains add up to LoRA-DA's objective across matrices
-        random  a uniform draw from `generator`: the control
+                lorada_statistics of these batches (N_pop = population_size, as lorada_init, or
+                their examples): σ² undoes Ω's per-matrix normalisation, so gains add up to
+                LoRA-DA's objective across matrices
+        random  U(0, 1) from a stream of its own, seeded by a mix of generator's seed (the
+                global one's without), so it shares no draw with streams seeded seed + k
 
-    Diagonals are damped by 1e-6 of their mean. kfac and lorada give each matrix its gains in
-    descending order, for allocate_by_gains; the others a float, for allocate_ranks. No .grad
-    is written; flags are restored.
+    Diagonals (Z, Y, lorada's too) are damped by 1e-6 of their mean, so scaling the loss
+    changes no ranks. kfac and lorada give each matrix its gains in descending order, for
+    allocate_by_gains; the others a float, for allocate_ranks. A matrix the loss never reaches
+    scores 0 (all its gains 0), which both allocators keep at r_min. No .grad is written;
+    flags are restored.
     Example: allocation_scores(model, batches, loss_fn, "kfac")["layer.0.query"][:2] -> [2e-3, …]
     """
     if score not in ALLOCATION_SCORES:
@@ -678,8 +720,11 @@ def allocation_scores(model: nn.Module, batches: Iterable,
     layers = _adapted(model)
     if score in ("efim", "variance"):
         return fisher_scores(model, batches, loss_fn, score, n_batches)["scores"]
-    if score == "random":
-        u = torch.rand(len(layers), generator=generator, dtype=torch.float64)
+    if score == "random":  # SplitMix64's constants: far from every seed + k
+        seed = (generator or torch.default_generator).initial_seed()
+        own = torch.Generator().manual_seed((seed * 0x9E3779B97F4A7C15 + 0xBF58476D1CE4E5B9)
+                                            % 2**64)
+        u = torch.rand(len(layers), generator=own, dtype=torch.float64)
         return dict(zip(layers, u.tolist()))
     if score == "lorada":
         stats, n = lorada_statistics(model, itertools.islice(batches, n_batches), loss_fn,
@@ -689,8 +734,11 @@ def allocation_scores(model: nn.Module, batches: Iterable,
             if not s["G"].any() or s["tokens"] == 0:  # nothing to gain from this matrix
                 out[name] = [0.0] * s["G"].shape[1]
                 continue
-            _, Omega, info = _da_omega(s["G"], s["Z"], s["y_diag"], 1.0, 0.03, 1e-6, n)
-            out[name] = (-info["sigma"] ** 2 * torch.linalg.eigvalsh(Omega.double())).tolist()
+            G, Z, y = s["G"].double(), s["Z"].double(), s["y_diag"].double()
+            damp = [1e-6 * v.mean().item() + torch.finfo(v.dtype).tiny for v in (Z.diag(), y)]
+            _, Omega, info = _da_omega(G, Z, y, 1.0, 0.03, damp[0], population_size or n,
+                                       y_damping=damp[1])
+            out[name] = (-info["sigma"] ** 2 * torch.linalg.eigvalsh(Omega)).tolist()
         return out
     st, K = _weight_gradients(model, batches, loss_fn, n_batches)
     out = {}
@@ -733,7 +781,8 @@ def _fim_ranks(model: nn.Module, batches: Iterable,
                loss_fn: Callable[[nn.Module, object], torch.Tensor], budget: int | None,
                r_min: int, r_max: int | None, score: str, n_batches: int | None,
                per_example: bool, power: float, generator: torch.Generator | None,
-               budget_unit: str = "ranks") -> tuple[dict[str, int], dict]:
+               budget_unit: str = "ranks", population_size: int | None = None
+               ) -> tuple[dict[str, int], dict]:
     """(ranks, scores) of initialize_fim_ranks, with every check before the calibration pass;
     the model is left as it is."""
     layers = _adapted(model)
@@ -746,6 +795,10 @@ def _fim_ranks(model: nn.Module, batches: Iterable,
                          f"{', '.join(ALLOCATION_SCORES)}, per_example with efim or variance only")
     if budget_unit not in ("ranks", "params"):
         raise ValueError(f"budget_unit={budget_unit!r}: use 'ranks' or 'params'")
+    if score in GAIN_SCORES and power != 1:
+        raise ValueError(f"power={power!r} with score={score!r}: its per-rank gains go to "
+                         "allocate_by_gains, which has no power; drop power (or use efim, "
+                         "variance, gradw)")
     # "params": a rank of matrix m costs d_in + d_out parameters, and the budget counts those
     costs = ({n: m.in_features + m.out_features for n, m in layers.items()}
              if budget_unit == "params" else None)
@@ -758,8 +811,9 @@ def _fim_ranks(model: nn.Module, batches: Iterable,
     if score in ("efim", "variance"):
         scores = fisher_scores(model, batches, loss_fn, score, n_batches, per_example)["scores"]
     else:
-        scores = allocation_scores(model, batches, loss_fn, score, n_batches, generator)
-    if score in ("kfac", "lorada"):
+        scores = allocation_scores(model, batches, loss_fn, score, n_batches, generator,
+                                   population_size)
+    if score in GAIN_SCORES:
         return allocate_by_gains(scores, budget, r_min, caps, costs=costs), scores
     return allocate_ranks(scores, budget, r_min, caps, costs=costs, power=power), scores
 
@@ -770,7 +824,7 @@ def initialize_fim_ranks(model: nn.Module, batches: Iterable,
                          score: str = "efim", n_batches: int | None = 8,
                          per_example: bool = False, power: float = 1.0,
                          generator: torch.Generator | None = None,
-                         budget_unit: str = "ranks") -> dict:
+                         budget_unit: str = "ranks", population_size: int | None = None) -> dict:
     """FIM-LoRA (arXiv:2605.16800) in place: score every lora_B (fisher_scores; other scores
     from allocation_scores), allocate the budget (allocate_ranks, or allocate_by_gains for kfac
     and lorada; default Σ_m r_m of the current adapters, r_max = 2·max r, each matrix capped at
@@ -780,12 +834,13 @@ def initialize_fim_ranks(model: nn.Module, batches: Iterable,
         α_m = α·r_m/r   (s = α/r),      α_m = α·√(r_m/r)   (rsLoRA, s = α/√r).
     budget_unit="params" counts the budget in parameters (a rank of m costs d_in + d_out;
     default Σ_m r_m·(d_in + d_out)), so equal budgets are equal trainable parameters.
+    population_size: lorada's N_pop (pass lorada_init's); power must be 1 for kfac and lorada.
     Adapters must be fresh (B = 0); budget and bounds are checked before the calibration pass.
     Returns {"ranks", "alphas", "scores"}, each {name: value}.
     Example: initialize_fim_ranks(model, batches, loss_fn)["ranks"] -> {"...query": 4, ...}
     """
     ranks, scores = _fim_ranks(model, batches, loss_fn, budget, r_min, r_max, score, n_batches,
-                               per_example, power, generator, budget_unit)
+                               per_example, power, generator, budget_unit, population_size)
     alphas = {}
     for name, layer in _adapted(model).items():
         ratio = ranks[name] / layer.r
@@ -801,11 +856,11 @@ def fim_rank_pattern(model: nn.Module, batches: Iterable,
                      **kw) -> dict:
     """initialize_fim_ranks' allocation as peft.LoraConfig fields, leaving the model as it is.
     The model carries fresh adapters of rank r (add_lora(model, targets, r, alpha)); kw goes
-    to initialize_fim_ranks (per_example, power, generator, budget_unit). Returns {"r": the most
-    common r_m, "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern"}: patterns keyed
-    "^" + re.escape(name), which PEFT matches to exactly that module, listing the matrices that
-    differ from r and lora_alpha, and α_m = α·r_m/r (α·√(r_m/r) with rsLoRA), so every matrix
-    keeps the scale α/r (α/√r).
+    to initialize_fim_ranks (per_example, power, generator, budget_unit, population_size).
+    Returns {"r": the most common r_m, "lora_alpha", "use_rslora", "rank_pattern",
+    "alpha_pattern"}: patterns keyed "^" + re.escape(name), which PEFT matches to exactly that
+    module, listing the matrices that differ from r and lora_alpha, and α_m = α·r_m/r
+    (α·√(r_m/r) with rsLoRA), so every matrix keeps the scale α/r (α/√r).
     Example: peft.LoraConfig(target_modules=targets, **fim_rank_pattern(model, b, f, 8, 16))
     """
     off = [n for n, m in _adapted(model).items() if m.r != r or m.alpha != alpha
@@ -815,7 +870,8 @@ def fim_rank_pattern(model: nn.Module, batches: Iterable,
                          "adapters: add_lora(model, targets, r, alpha) with the same values")
     if r_min < 1:
         raise ValueError(f"r_min={r_min}: PEFT has no rank 0, use r_min ≥ 1")
-    known = {"per_example": False, "power": 1.0, "generator": None, "budget_unit": "ranks"}
+    known = {"per_example": False, "power": 1.0, "generator": None, "budget_unit": "ranks",
+             "population_size": None}
     if kw.keys() - known:
         raise ValueError(f"unknown arguments {sorted(kw.keys() - known)}: pass "
                          f"{', '.join(known)}")
@@ -1037,13 +1093,14 @@ def lorada_factors(G: torch.Tensor, Z: torch.Tensor, y_diag: torch.Tensor, r: in
 
 
 def _da_omega(G: torch.Tensor, Z: torch.Tensor, y_diag: torch.Tensor, da_alpha: float,
-              da_beta: float, damping: float, n_pop: int) -> tuple[torch.Tensor, torch.Tensor,
-                                                                  dict]:
-    """(Δ̂, Ω, info) of lorada_factors, in G's dtype promoted to at least float32."""
+              da_beta: float, damping: float, n_pop: int, y_damping: float | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(Δ̂, Ω, info) of lorada_factors, in G's dtype promoted to at least float32; y is damped
+    by y_damping where given (allocation_scores: relative to y), else by damping."""
     dt = torch.promote_types(G.dtype, torch.float32)
     G, Z, y = G.to(dt), Z.to(dt), y_diag.to(dt)
     L, lam, retries = _da_cholesky(Z, damping)
-    y_inv = 1.0 / (y + damping)  # (d_out,)
+    y_inv = 1.0 / (y + (damping if y_damping is None else y_damping))  # (d_out,)
     Delta = -y_inv[:, None] * torch.cholesky_solve(G.T, L).T  # Δ* (d_out, d_in)
     sigma = torch.linalg.matrix_norm(Delta, 2)
     if not bool(torch.isfinite(sigma)) or sigma.item() == 0:

@@ -87,6 +87,16 @@ def bisection_targets(s, budget, r_min, r_max, kappa=None, p=1.0) -> dict[str, f
     return {n: min(max(hi * w[n], r_min), r_max) for n in s}
 
 
+def kept_at_r_min(scores, budget, r_min, hi, kappa, power) -> set[str]:
+    """The matrices of weight 0 (score 0: the loss never reaches them), which stay at r_min
+    unless every other matrix sits at its cap hi (issue 19: with costs they used to take the
+    leftover no other matrix fitted in)."""
+    s_max = max(scores.values())
+    zero = {n for n, v in scores.items() if s_max > 0 and (v / s_max) ** power == 0}
+    rest = sum(kappa[n] * (r_min if n in zero else hi[n]) for n in scores)
+    return zero if budget <= rest else set()
+
+
 def slow_allocate_ranks(scores, budget, r_min, r_max, costs=None, power=1.0) -> dict[str, int]:
     """The allocator before the fast one (commit c3d7693): every quantity a Fraction, phase 2
     through a heap. Changed only to take per-matrix caps (r_max may be a dict)."""
@@ -126,7 +136,8 @@ def slow_allocate_ranks(scores, budget, r_min, r_max, costs=None, power=1.0) -> 
     r_star = continuous(scores, budget)
     r = {n: math.floor(r_star[n]) for n in names}
     left = budget - sum(kappa[n] * r[n] for n in names)
-    heap = [(r[n] - r_star[n], -scores[n], n) for n in names]
+    idle = kept_at_r_min(scores, budget, r_min, hi, kappa, power)  # issue 19
+    heap = [(r[n] - r_star[n], -scores[n], n) for n in names if n not in idle]
     heapq.heapify(heap)
     while heap:
         gap, neg_s, n = heapq.heappop(heap)
@@ -293,7 +304,9 @@ def test_allocate_ranks_with_costs_is_within_budget_and_maximal(problem):
     spent = sum(kappa[n] * r[n] for n in s)
     assert spent <= budget
     assert all(r_min <= r[n] <= r_max for n in s)
-    assert all(r[n] == r_max or kappa[n] > budget - spent for n in s)  # nothing can be raised
+    idle = kept_at_r_min(s, budget, r_min, dict.fromkeys(s, r_max), kappa, p)
+    assert all(r[n] == r_min for n in idle)
+    assert all(r[n] == r_max or kappa[n] > budget - spent for n in s if n not in idle)
     ref = bisection_targets(s, budget, r_min, r_max, kappa, p)
     assert all(r[n] > ref[n] - 1 - 1e-6 for n in s)  # never below ⌊r*⌋
     assert_monotone(s, r, among=kappa)  # the leftover goes to cheap matrices, so per cost only
@@ -330,15 +343,29 @@ def small_cost_problems(draw):
 def test_allocate_ranks_with_costs_falls_short_of_the_best_spend_by_under_one_rank(problem):
     """What allocate_ranks guarantees with costs, against brute force over every rank vector in
     [r_min, r_max]^M within the budget: its spend is at most the best one, and short of it by
-    less than the cost of one rank of the cheapest matrix still below r_max (nothing if none)."""
+    less than the cost of one rank of the cheapest matrix still below r_max (nothing if none);
+    score-0 matrices kept at r_min (kept_at_r_min) are left out of both."""
     s, budget, r_min, r_max, kappa, p = problem
     r = allocate_ranks(s, budget, r_min, r_max, costs=kappa, power=p)
     spent = sum(kappa[n] * r[n] for n in s)
+    idle = kept_at_r_min(s, budget, r_min, dict.fromkeys(s, r_max), kappa, p)  # score 0
     best = max(sum(kappa[n] * v for n, v in zip(s, vec))
-               for vec in itertools.product(range(r_min, r_max + 1), repeat=len(s))
+               for vec in itertools.product(*([r_min] if n in idle else range(r_min, r_max + 1)
+                                              for n in s))
                if sum(kappa[n] * v for n, v in zip(s, vec)) <= budget)
-    open_costs = [kappa[n] for n in s if r[n] < r_max]
+    open_costs = [kappa[n] for n in s if r[n] < r_max and n not in idle]
     assert spent <= best and best - spent < min(open_costs, default=1)
+
+
+def test_allocate_ranks_with_costs_keeps_a_score_0_matrix_at_r_min():
+    """Issue 19: s = (1, 1, 0) at κ = (3, 3, 1), r ∈ [1, 10], budget 15. r* = (7/3, 7/3, 1);
+    floors (2, 2, 1) cost 13 and the 2 left fit no rank of a or b. z (the loss never reaches
+    it) used to take both (r_z = 3 above r_a = 2); it stays at r_min and 2 are left unspent.
+    With a budget beyond what a and b can hold (budget 65: both at 10 cost 60), z takes the
+    rest."""
+    s, k = {"a": 1.0, "b": 1.0, "z": 0.0}, {"a": 3, "b": 3, "z": 1}
+    assert allocate_ranks(s, 15, 1, 10, costs=k) == {"a": 2, "b": 2, "z": 1}
+    assert allocate_ranks(s, 65, 1, 10, costs=k) == {"a": 10, "b": 10, "z": 5}
 
 
 def test_allocate_ranks_with_costs_need_not_spend_the_most():

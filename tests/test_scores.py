@@ -15,14 +15,15 @@ import re
 
 import pytest
 import torch
+from torch import nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import test_fisher as tf
 from conftest import probe_outputs
 import test_lorada as tl
-from fimlora import (ALLOCATION_SCORES, allocate_by_gains, allocation_scores, fim_rank_pattern,
-                     initialize_fim_ranks, lorada_statistics)
+from fimlora import (ALLOCATION_SCORES, GAIN_SCORES, allocate_by_gains, allocate_ranks,
+                     allocation_scores, fim_rank_pattern, initialize_fim_ranks, lorada_statistics)
 from lora import add_lora, lora_layers
 
 
@@ -102,7 +103,8 @@ def test_kfac_gain_is_the_loss_decrease_of_the_best_rank_k_step():
 
 def test_lorada_gains_are_unnormalised_omega_eigenvalues():
     """−σ²·eig(Ω) with Ω from the explicit-inverse oracle of tests/test_lorada.py, on the
-    statistics lorada_statistics gives for the same batches (N_pop = their examples)."""
+    statistics lorada_statistics gives for the same batches (N_pop = their examples), Z and y
+    each damped by 1e-6 of their own mean."""
     model, batches = tl.make_model(), tl.make_batches()
     got = allocation_scores(model, batches, tl.loss_fn, "lorada", n_batches=2)
     stats, n = lorada_statistics(model, batches[:2], tl.loss_fn)
@@ -111,7 +113,9 @@ def test_lorada_gains_are_unnormalised_omega_eigenvalues():
         if not s["G"].any():
             assert got[name] == [0.0] * s["G"].shape[1]  # "dead": nothing to gain
             continue
-        _, sigma, _, Omega = tl.explicit(s["G"], s["Z"], s["y_diag"], beta=0.03, n_pop=n)
+        lam, lam_y = (1e-6 * v.mean().item() for v in (s["Z"].diag(), s["y_diag"]))
+        _, sigma, _, Omega = tl.explicit(s["G"], s["Z"], s["y_diag"], lam, beta=0.03, n_pop=n,
+                                         lam_y=lam_y)
         want = -sigma**2 * torch.linalg.eigvalsh(Omega)
         torch.testing.assert_close(torch.tensor(got[name], dtype=torch.float64), want,
                                    rtol=1e-6, atol=1e-9)
@@ -173,6 +177,104 @@ def test_initialize_fim_ranks_kfac_follows_the_gains():
     out = initialize_fim_ranks(model, batches, tf.loss_fn, score="kfac")
     assert out["ranks"] == allocate_by_gains(gains, 6, 1, {"query": 4, "value": 4,
                                                            "classifier": 3})
+
+
+def unreached_setup():
+    """lorada_setup's model (its `dead` matrix: output × 0, so ∂L/∂W = 0) plus `unused`, a
+    target Linear the forward never calls; eval mode."""
+    torch.manual_seed(0)
+    model = tl.Tiny().double()
+    model.unused = nn.Linear(6, 4).double()
+    add_lora(model, targets=[*tl.TARGETS, "unused"], r=3, alpha=6.0, dropout=0.1, heads=["cls"])
+    return model.eval(), tl.make_batches()
+
+
+DATA_SCORES = [s for s in ALLOCATION_SCORES if s != "random"]
+
+
+@pytest.mark.parametrize("unit", ["ranks", "params"])
+@pytest.mark.parametrize("score", DATA_SCORES)
+def test_a_matrix_the_loss_never_reaches_gets_r_min(score, unit):
+    """Issue 19: lorada gave `dead` 0 gains, above the negative gains of useful matrices, so its
+    full cap. Now both unreached matrices sit at r_min, and the budget is still spent."""
+    model, batches = unreached_setup()
+    layers = lora_layers(model)
+    cost = {n: (m.in_features + m.out_features if unit == "params" else 1)
+            for n, m in layers.items()}
+    out = initialize_fim_ranks(model, batches, tl.loss_fn, score=score, budget_unit=unit,
+                               population_size=1000)
+    r = out["ranks"]
+    assert r["dead"] == r["unused"] == 1 and min(r.values()) == 1
+    budget = sum(3 * c for c in cost.values())
+    left = budget - sum(cost[n] * r[n] for n in r)
+    caps = {n: min(6, m.in_features, m.out_features) for n, m in layers.items()}
+    assert left >= 0 and all(r[n] == caps[n] or cost[n] > left for n in r
+                             if n not in ("dead", "unused"))
+
+
+@pytest.mark.parametrize("scale", [10.0, 1e-3])
+@pytest.mark.parametrize("score", DATA_SCORES)
+def test_ranks_do_not_depend_on_the_scale_of_the_loss(score, scale):
+    """Issue 19: lorada's damping 1e-6 on y was absolute, so scaling the loss moved its ranks
+    (y scales by scale²: at 1e-3 Y was mostly damping). Every score's ranks, at both budget
+    units, are those of the unscaled loss."""
+    model, batches = unreached_setup()
+    layers = lora_layers(model)
+    caps = {n: min(6, m.in_features, m.out_features) for n, m in layers.items()}
+    costs = {n: m.in_features + m.out_features for n, m in layers.items()}
+
+    def ranks(loss_fn):
+        s = allocation_scores(model, batches, loss_fn, score, n_batches=None,
+                              population_size=1000)
+        alloc = allocate_by_gains if score in GAIN_SCORES else allocate_ranks
+        return (alloc(s, 3 * len(caps), 1, caps),
+                alloc(s, sum(3 * c for c in costs.values()), 1, caps, costs=costs))
+    assert ranks(lambda m, b: scale * tl.loss_fn(m, b)) == ranks(tl.loss_fn)
+
+
+def test_lorada_gains_use_the_population_size():
+    """population_size is lorada's N_pop (train.py passes lorada_init's, the training set size):
+    the gains are those of the oracle Ω with that N_pop, and initialize_fim_ranks passes it on."""
+    model, batches = tl.make_model(), tl.make_batches()
+    got = allocation_scores(model, batches, tl.loss_fn, "lorada", population_size=67349)
+    stats, _ = lorada_statistics(model, batches, tl.loss_fn)
+    s = stats["fc"]
+    lam, lam_y = (1e-6 * v.mean().item() for v in (s["Z"].diag(), s["y_diag"]))
+    _, sigma, _, Omega = tl.explicit(s["G"], s["Z"], s["y_diag"], lam, beta=0.03,
+                                     n_pop=67349, lam_y=lam_y)
+    torch.testing.assert_close(torch.tensor(got["fc"], dtype=torch.float64),
+                               -sigma**2 * torch.linalg.eigvalsh(Omega), rtol=1e-6, atol=1e-9)
+    model, batches, loss, _, budget, caps = lorada_setup()
+    want = allocation_scores(model, batches, loss, "lorada", population_size=7)
+    assert want != allocation_scores(model, batches, loss, "lorada")
+    out = initialize_fim_ranks(model, batches, loss, score="lorada", population_size=7)
+    assert out["scores"] == want
+    assert out["ranks"] == allocate_by_gains(want, budget, 1, caps)
+
+
+def test_gain_scores_refuse_power():
+    """power acts on allocate_ranks' scores only; kfac and lorada go to allocate_by_gains."""
+    model, batches = tf.make_model(r=2), tf.make_batches(3)
+    with pytest.raises(ValueError, match="power=2 with score='kfac': .* drop power"):
+        initialize_fim_ranks(model, batches, tf.loss_fn, score="kfac", power=2)
+    with pytest.raises(ValueError, match="power=0.5 with score='lorada'"):
+        fim_rank_pattern(model, batches, tf.loss_fn, 2, 4.0, score="lorada", power=0.5)
+    initialize_fim_ranks(model, batches, tf.loss_fn, score="gradw", power=2)
+
+
+def test_random_scores_come_from_a_stream_of_their_own():
+    """Issue 19: random drew from the caller's generator, train.py's init stream, and streams
+    are seeded seed + k, so seed s + 1's init stream was seed s's data stream. Now the draw
+    leaves the generator alone and differs from the first draws of every stream seed + k."""
+    model, batches = tf.make_model(), tf.make_batches(1)
+    for seed in range(4):
+        g = torch.Generator().manual_seed(seed)
+        got = list(allocation_scores(model, batches, tf.loss_fn, "random", generator=g).values())
+        assert torch.equal(g.get_state(), torch.Generator().manual_seed(seed).get_state())
+        for other in range(12):
+            u = torch.rand(len(got), generator=torch.Generator().manual_seed(other),
+                           dtype=torch.float64).tolist()
+            assert got != u
 
 
 def test_scores_reject_unknown_names():
@@ -246,10 +348,74 @@ def test_allocate_by_gains_textbook_example():
     assert allocate_by_gains(g, 3, 0, 2) == {"q": 2, "v": 1}
     g = {"q": [3.0, 2.9], "v": [2.0, 1.9]}
     assert allocate_by_gains(g, 8, 0, 2, costs={"q": 4, "v": 1}) == {"q": 1, "v": 2}
-    with pytest.raises(ValueError, match="nonincreasing"):
-        allocate_by_gains({"q": [1.0, 2.0]}, 1, 0, 2)
+    with pytest.raises(ValueError, match="has inf/NaN"):
+        allocate_by_gains({"q": [1.0, math.nan]}, 1, 0, 2)
     with pytest.raises(ValueError, match=r"budget=5 outside .* = \[0, 4\]"):
         allocate_by_gains(g, 5, 0, 2)
+
+
+def test_allocate_by_gains_with_costs_beats_the_greedy_order():
+    """Issue 19's case: a [3] at κ 3, b [2] and c [2] at κ 2, budget 4. By gain per cost a
+    (1.0) comes first and then nothing fits (gain 3); b + c spend 4 for gain 4."""
+    g = {"a": [3.0], "b": [2.0], "c": [2.0]}
+    assert allocate_by_gains(g, 4, 0, 1, costs={"a": 3, "b": 2, "c": 2}) == {"a": 0, "b": 1,
+                                                                             "c": 1}
+
+
+def test_allocate_by_gains_keeps_an_unreached_matrix_at_r_min():
+    """An all-zero gain list (the loss never reaches the matrix) is not preferred to negative
+    gains: a takes all 3 ranks (gain 1 − 1 − 2) and `dead` none; only where a is full does
+    `dead` take what is left (the budget is spent)."""
+    assert allocate_by_gains({"dead": [0.0] * 3, "a": [1.0, -1.0, -2.0]}, 3, 0, 3) == {
+        "dead": 0, "a": 3}
+    assert allocate_by_gains({"dead": [0.0] * 3, "a": [1.0]}, 3, 0, 3) == {"dead": 2, "a": 1}
+    assert allocate_by_gains({"dead": [0.0] * 3, "a": [-1.0] * 3}, 4, 0, 3,
+                             costs={"dead": 1, "a": 3}) == {"dead": 0, "a": 1}
+
+
+@st.composite
+def any_gain_problems(draw):
+    """Unsorted gains, some matrices all-zero ("unreached"), costs 1..5 or none."""
+    names = draw(st.lists(st.sampled_from("abcd"), min_size=1, max_size=4, unique=True))
+    r_min = draw(st.integers(0, 1))
+    gains = {n: draw(st.one_of(st.lists(st.integers(-4, 4).map(float), min_size=r_min,
+                                        max_size=3),
+                               st.integers(r_min, 3).map(lambda k: [0.0] * k)))
+             for n in names}
+    r_max = draw(st.integers(r_min, 3))
+    hi = {n: min(r_max, len(gains[n])) for n in names}
+    kappa = draw(st.one_of(st.none(), st.fixed_dictionaries({n: st.integers(1, 5)
+                                                             for n in names})))
+    k = kappa or dict.fromkeys(names, 1)
+    lo_b = sum(k[n] * r_min for n in names)
+    hi_b = sum(k[n] * hi[n] for n in names) + (3 if kappa else 0)
+    return gains, draw(st.integers(lo_b, hi_b)), r_min, r_max, hi, kappa
+
+
+@settings(max_examples=300)
+@given(any_gain_problems())
+def test_allocate_by_gains_matches_brute_force(problem):
+    """Exhaustive reference over rank vectors: within budget, no reached matrix below its cap
+    fitting in what is left, unreached matrices at r_min unless every reached one is at its
+    cap (then also none of them below its cap fitting), and the largest total gain."""
+    gains, budget, r_min, r_max, hi, kappa = problem
+    names, k = list(gains), kappa or dict.fromkeys(gains, 1)
+    reached = [n for n in names if any(gains[n])]
+
+    def ok(v):
+        left = budget - sum(k[n] * v[n] for n in names)
+        full = all(v[n] == hi[n] for n in reached)
+        return left >= 0 and all(v[n] == hi[n] or k[n] > left for n in names
+                                 if n in reached or full) and (
+            full or all(v[n] == r_min for n in names if n not in reached))
+
+    def total(v):
+        return sum(sum(gains[n][:v[n]]) for n in names)
+    every = [dict(zip(names, v))
+             for v in itertools.product(*(range(r_min, hi[n] + 1) for n in names))]
+    r = allocate_by_gains(gains, budget, r_min, r_max, costs=kappa)
+    assert ok(r)
+    assert total(r) == max(total(v) for v in every if ok(v))
 
 
 # -----------------------------------------------------------------------------
