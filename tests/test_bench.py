@@ -548,7 +548,7 @@ def test_ctrl_c_in_the_planted_study_says_nothing_was_written(tmp_path):
     only at the end, so an interrupted one leaves nothing behind."""
     from conftest import ROOT
     out = tmp_path / "study.json"
-    proc = subprocess.Popen([sys.executable, "bench.py", "--planted-study", "--seeds", "2",
+    proc = subprocess.Popen([sys.executable, "bench.py", "--planted-study", "--seeds", "3",
                              "--steps", "100000", "--out", str(out)], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
