@@ -882,3 +882,56 @@ def test_a_peer_cell_writes_its_results_once_under_the_folder_lock(tmp_path, mon
     assert res["peer"] == "peft-lora"
     assert json.loads((out / "results.json").read_text())["peer"] == "peft-lora"
     assert ("results.json", "locked") in writes and ("results.json", "unlocked") not in writes
+
+
+def test_the_study_criterion_needs_the_interval_above_zero_not_just_wins():
+    """(control - score) / uniform over 3 seeds: t(2 df) = 4.303, so three wins with a wide
+    spread do not count; a tight one does (hand-computed half widths 0.248 and 0.124)."""
+    wide, tight = bench.beats([0.1, 0.2, 0.3]), bench.beats([0.2, 0.25, 0.3])
+    assert wide["wins"] == 3 and not wide["above_zero"]
+    assert wide["low"] == pytest.approx(0.2 - 4.303 * 0.1 / 3**0.5)
+    assert tight["above_zero"] and tight["low"] == pytest.approx(0.25 - 4.303 * 0.05 / 3**0.5)
+    assert "beats both data-free controls" in bench.PLANTED_CRITERION
+
+
+def study_run(tmp_path, allocation, steps=30):
+    import train
+    record: dict = {}
+    out = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
+    args = train.parse_args(["--method", "lora", "--steps", str(steps), "--threads", "1",
+                             "--log-every", str(steps), "--out", str(out)])
+    res = train.run(args, bench._planted_adapt(allocation, record, 24))
+    return res, record
+
+
+def test_the_study_oracle_search_is_at_least_as_good_as_oracle_ranks(tmp_path):
+    """On a short planted run (30 steps) the searched oracle's loss, retrained, is the lowest
+    it tried and at most that of planted.oracle_ranks, which it tries first."""
+    from data import planted
+    res, record = study_run(tmp_path, "uniform")
+    names, truth = list(record["ranks"]), res["planted"]
+    budget = sum(record["ranks"].values())
+
+    def loss_of(ranks):
+        return study_run(tmp_path, ranks)[0]["metrics"]["loss"]
+
+    best, tried = planted.search_oracle(names, truth, budget, 24, loss_of, grid=(24, 16),
+                                        step=8)
+    base = loss_of(planted.oracle_ranks(names, truth, budget))
+    assert tried[0]["final_loss"] == base and len(tried) <= 2 + 2 * 3
+    assert loss_of(best) == min(t["final_loss"] for t in tried) <= base
+
+
+def test_the_study_plants_anywhere_reach_query_and_key():
+    """--plants anywhere (args.plants) reaches query/key in the tiny planted task; the default
+    (no attribute: train.py's task) never does, over the same seeds."""
+    import train
+    hit = {"reach": set(), "anywhere": set()}
+    for seed in range(4):
+        for plants in hit:
+            args = train.parse_args(["--seed", str(seed), "--out", "unused"])
+            if plants == "anywhere":
+                args.plants = plants
+            task = train.build_task(args, torch.device("cpu"), train.random_streams(seed))
+            hit[plants] |= {n.rsplit(".", 1)[1] for n in task.planted}
+    assert hit["anywhere"] & {"query", "key"} and not hit["reach"] & {"query", "key"}
