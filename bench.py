@@ -1261,8 +1261,10 @@ def report_files(root: Path, recipe: dict | None, results: Path | None = None,
     gpu_path = results / "bench_cuda.json"
     bench_gpu = read_json(gpu_path) if gpu_path.exists() else None
     section = results_markdown(summary, bench, svgs, bench_gpu, old.as_posix())
-    study = results / "planted_study.json"
-    extra = planted_markdown(read_json(study)) if study.exists() else []
+    extra: list[str] = []
+    for study in ("planted_study.json", "planted_study_anywhere.json"):  # --plants reach, anywhere
+        if (results / study).exists():
+            extra += ([""] if extra else []) + planted_markdown(read_json(results / study))
     extra += [""] + smollm2_markdown(results / "smollm2")
     section += "\n" + "\n".join(line if line.startswith("|") else textwrap.fill(line, 100)
                                  for line in extra) + "\n"
