@@ -168,8 +168,8 @@ def _available(score: str) -> bool:
     return score == "per-example" or score in fimlora.ALLOCATION_SCORES
 
 
-def planted_study(seeds: int, steps: int, threads: int, out: str, plants: str = "reach",
-                  grid: tuple[int, ...] = (24, 20, 16), step: int = 4) -> dict:
+def planted_study(seeds: range | list[int], steps: int, threads: int, out: str,
+                  plants: str = "reach", grid: tuple[int, ...] = (24, 20, 16), step: int = 4) -> dict:
     """Per seed: uniform LoRA, the searched oracle (planted.search_oracle over `grid` and ± step),
     FIM-LoRA with every available score at the same rank budget (efim also at the same parameter
     budget), the structure prior and each score's shuffled ranks, on train.py's planted task
@@ -184,7 +184,7 @@ def planted_study(seeds: int, steps: int, threads: int, out: str, plants: str = 
     skipped = [s for s in FIM_SCORES if s not in scores]
     per_seed: list[dict] = []
     seen: dict = {}
-    for seed in range(seeds):
+    for seed in seeds:
         rows: dict[str, dict] = {}
 
         def train_one(allocation: str | dict[str, int]) -> dict:
@@ -236,26 +236,6 @@ def planted_study(seeds: int, steps: int, threads: int, out: str, plants: str = 
         print(f"seed {seed}: searched oracle / uniform = {o / u:.3f} ({len(searched)} "
               f"candidates; planted.oracle_ranks: {searched[0]['final_loss'] / u:.3f})",
               flush=True)
-    ratios = [s["runs"]["oracle"]["vs_uniform"] for s in per_seed]
-    summary = {}
-    for name in per_seed[0]["runs"]:
-        col = {k: [s["runs"][name][k] for s in per_seed]
-               for k in ("loss_ratio", "vs_uniform", "vs_oracle", "gap_closed", "share_planted",
-                         "calibration_seconds")}
-        summary[name] = {k: {"mean": statistics.mean(v),
-                             "std": statistics.stdev(v) if len(v) > 1 else 0.0}
-                         for k, v in col.items()}
-        summary[name]["closes_half_gap_seeds"] = sum(g >= 0.5 for g in col["gap_closed"])
-
-    def paired(control: str, score: str) -> dict:
-        return beats([(s["runs"][control]["final_loss"] - s["runs"][score]["final_loss"])
-                      / s["runs"]["uniform"]["final_loss"] for s in per_seed])
-
-    finds = {}
-    for score in scores:
-        vs = {"structure": paired("structure", score),
-              "shuffled": paired(f"shuffled {score}", score)}
-        finds[score] = vs | {"finds_plants": all(v["above_zero"] for v in vs.values())}
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
                                 text=True).stdout.strip() or None
@@ -267,9 +247,6 @@ def planted_study(seeds: int, steps: int, threads: int, out: str, plants: str = 
                 "ranks; 'efim params': the same budget in parameters, a rank costing d_in + "
                 "d_out)",
         "criterion": PLANTED_CRITERION,
-        "criterion_oracle_over_uniform": ratios,
-        "criterion_held": all(r <= 0.5 for r in ratios),
-        "finds": finds,
         "fields": {"loss_ratio": "final eval loss / eval loss at B = 0",
                    "vs_uniform": "final loss / uniform LoRA's final loss, same seed",
                    "vs_oracle": "final loss / the searched oracle's final loss, same seed",
@@ -297,11 +274,66 @@ def planted_study(seeds: int, steps: int, threads: int, out: str, plants: str = 
                    "plants": plants, "n_planted": 3, "r": 8, "r_max": r_max,
                    "oracle_grid": list(grid), "oracle_step": step,
                    "oracle_search_size": f"at most {len(grid)} + 2 x 3 candidates per seed"},
-        "args": {"seeds": seeds, "steps": steps, "threads": threads, "plants": plants},
+        "args": {"seeds": len(per_seed), "steps": steps, "threads": threads, "plants": plants},
         "scores_run": scores, "scores_skipped": skipped,
         "versions": train.environment()["versions"] | {"commit": commit},
-        "summary": summary, "per_seed": per_seed,
+        "per_seed": per_seed,
     }
+    if len(per_seed) >= 3:
+        result = study_summary(result)
+        print("\n".join(planted_markdown(result)))
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    write_json(out, result)
+    print(f"wrote {out}" + ("" if "summary" in result else " (a part: merge >= 3 seeds with "
+                            "bench.py --planted-study --merge)"))
+    return result
+
+
+def study_summary(result: dict) -> dict:
+    """The study with its summary over result["per_seed"] (>= 3 seeds): PLANTED_CRITERION's
+    oracle / uniform ratios, each run's mean ± std, and per score `finds` (beats both controls).
+    """
+    per_seed = result["per_seed"]
+    ratios = [s["runs"]["oracle"]["vs_uniform"] for s in per_seed]
+    summary = {}
+    for name in per_seed[0]["runs"]:
+        col = {k: [s["runs"][name][k] for s in per_seed]
+               for k in ("loss_ratio", "vs_uniform", "vs_oracle", "gap_closed", "share_planted",
+                         "calibration_seconds")}
+        summary[name] = {k: {"mean": statistics.mean(v),
+                             "std": statistics.stdev(v) if len(v) > 1 else 0.0}
+                         for k, v in col.items()}
+        summary[name]["closes_half_gap_seeds"] = sum(g >= 0.5 for g in col["gap_closed"])
+
+    def paired(control: str, score: str) -> dict:
+        return beats([(s["runs"][control]["final_loss"] - s["runs"][score]["final_loss"])
+                      / s["runs"]["uniform"]["final_loss"] for s in per_seed])
+
+    finds = {}
+    for score in result["scores_run"]:
+        vs = {"structure": paired("structure", score),
+              "shuffled": paired(f"shuffled {score}", score)}
+        finds[score] = vs | {"finds_plants": all(v["above_zero"] for v in vs.values())}
+    return result | {"criterion_oracle_over_uniform": ratios,
+                     "criterion_held": all(r <= 0.5 for r in ratios), "finds": finds,
+                     "summary": summary}
+
+
+def merge_studies(parts: list[str], out: str) -> dict:
+    """One study from parts run apart (--only-seed, e.g. in parallel processes): their seeds,
+    in seed order, summarised as one study; the parts must share args and design."""
+    studies = [read_json(p) for p in parts]
+    keys = [(s["args"]["steps"], s["args"]["plants"], s["design"], s["scores_run"])
+            for s in studies]
+    if any(k != keys[0] for k in keys):
+        raise ValueError(f"{parts}: the parts differ in steps, plants, design or scores; merge "
+                         "parts of one study")
+    per_seed = sorted((x for s in studies for x in s["per_seed"]), key=lambda x: x["seed"])
+    seeds = [x["seed"] for x in per_seed]
+    if len(set(seeds)) != len(seeds) or len(seeds) < 3:
+        raise ValueError(f"{parts}: seeds {seeds}; merge >= 3 distinct seeds")
+    result = study_summary(studies[0] | {"per_seed": per_seed,
+                                         "args": studies[0]["args"] | {"seeds": len(seeds)}})
     print("\n".join(planted_markdown(result)))
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     write_json(out, result)
@@ -318,12 +350,20 @@ def planted_study_main(argv: list[str]) -> dict:
     p.add_argument("--plants", choices=("reach", "anywhere"), default="reach",
                    help="reach: train.py's planted task (the reach rule keeps plants off query "
                         "and key); anywhere: plants may land on any adapted matrix")
+    p.add_argument("--only-seed", type=int, default=None,
+                   help="run this seed alone into a part file (--out), for --merge")
+    p.add_argument("--merge", nargs="+", default=None, metavar="PART",
+                   help="instead: merge part files (--only-seed runs) into --out")
     p.add_argument("--out", default="results/planted_study.json")
     a = p.parse_args(argv)
-    if a.seeds < 3 or a.steps < 1:
-        raise ValueError(f"--seeds {a.seeds} / --steps {a.steps}: use >= 3 seeds (a t interval "
-                         "over seeds needs them) and >= 1 step")
-    return planted_study(a.seeds, a.steps, a.threads, a.out, a.plants)
+    if a.merge:
+        return merge_studies(a.merge, a.out)
+    if (a.seeds < 3 and a.only_seed is None) or a.steps < 1 or (a.only_seed or 0) < 0:
+        raise ValueError(f"--seeds {a.seeds} / --steps {a.steps} / --only-seed {a.only_seed}: "
+                         "use >= 3 seeds (a t interval over seeds needs them), >= 1 step and a "
+                         "seed >= 0")
+    seeds = range(a.seeds) if a.only_seed is None else [a.only_seed]
+    return planted_study(seeds, a.steps, a.threads, a.out, a.plants)
 
 
 class _HFCall(nn.Module):
