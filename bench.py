@@ -169,7 +169,8 @@ def _available(score: str) -> bool:
 
 
 def planted_study(seeds: range | list[int], steps: int, threads: int, out: str,
-                  plants: str = "reach", grid: tuple[int, ...] = (24, 20, 16), step: int = 4) -> dict:
+                  plants: str = "reach", grid: tuple[int, ...] = (24, 20, 16),
+                  step: int = 4) -> dict:
     """Per seed: uniform LoRA, the searched oracle (planted.search_oracle over `grid` and ± step),
     FIM-LoRA with every available score at the same rank budget (efim also at the same parameter
     budget), the structure prior and each score's shuffled ranks, on train.py's planted task

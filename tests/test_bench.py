@@ -937,3 +937,40 @@ def test_the_study_plants_anywhere_reach_query_and_key():
             task = train.build_task(args, torch.device("cpu"), train.random_streams(seed))
             hit[plants] |= {n.rsplit(".", 1)[1] for n in task.planted}
     assert hit["anywhere"] & {"query", "key"} and not hit["reach"] & {"query", "key"}
+
+
+def study_part(tmp_path, seed: int, score_loss: float) -> str:
+    """A one-seed part as --only-seed writes it, with made-up losses."""
+    run = {"loss_ratio": 0.5, "share_planted": 0.5, "calibration_seconds": 0.0, "ranks": {}}
+    losses = {"uniform": 1.0, "oracle": 0.4, "structure": 0.8, "gradw": score_loss,
+              "shuffled gradw": 0.9}
+    runs = {n: run | {"final_loss": v, "vs_uniform": v, "vs_oracle": v / 0.4,
+                      "gap_closed": (1 - v) / 0.6} for n, v in losses.items()}
+    part = {"args": {"seeds": 1, "steps": 9, "threads": 1, "plants": "reach"},
+            "design": {"lr": 5e-3, "oracle_grid": [24, 20, 16], "oracle_step": 4},
+            "criterion": bench.PLANTED_CRITERION, "scores_run": ["gradw"],
+            "per_seed": [{"seed": seed, "runs": runs, "oracle_search": [
+                {"planted_ranks": {"a": 24}, "final_loss": 0.5},
+                {"planted_ranks": {"a": 20}, "final_loss": 0.4}]}]}
+    path = tmp_path / f"part{seed}.json"
+    path.write_text(json.dumps(part))
+    return str(path)
+
+
+def test_the_study_merges_parts_and_judges_each_score_by_both_controls(tmp_path):
+    parts = [study_part(tmp_path, s, v) for s, v in ((2, 0.6), (0, 0.5), (1, 0.55))]
+    out = bench.planted_study_main(["--planted-study", "--merge", *parts,
+                                    "--out", str(tmp_path / "study.json")])
+    assert [s["seed"] for s in out["per_seed"]] == [0, 1, 2] and out["args"]["seeds"] == 3
+    assert out["criterion_held"] and out["finds"]["gradw"]["finds_plants"]
+    assert out["finds"]["gradw"]["structure"]["mean"] == pytest.approx(0.25)
+    md = "\n".join(bench.planted_markdown(out))
+    assert "| gradw | +0.250 [" in md and "find the plants by the criterion: gradw." in md
+    assert "best planted ranks per seed: 20; 20; 20" in md
+    worse = [study_part(tmp_path, s, 0.85) for s in (3, 4, 5)]  # beats shuffled, not structure
+    out = bench.planted_study_main(["--planted-study", "--merge", *worse,
+                                    "--out", str(tmp_path / "study2.json")])
+    assert not out["finds"]["gradw"]["finds_plants"]
+    with pytest.raises(ValueError, match=r"seeds \[0, 0, 1, 2\]"):
+        bench.planted_study_main(["--planted-study", "--merge", parts[1], *parts,
+                                  "--out", str(tmp_path / "study3.json")])
