@@ -7,6 +7,8 @@ section) and `make bench` (speed as ratios against transformers + PEFT, each aga
     python bench.py --readme                   # the README section from results/*.json alone
     python bench.py                            # make bench: results/bench.json and bench.md
     python bench.py --planted-study   # uniform vs oracle vs every FIM score, planted task
+    python bench.py --planted-study --only-seed 0 --out p0.json   # ... one seed (parallel runs);
+    python bench.py --planted-study --merge p0.json p1.json p2.json   # ... then one study
     python bench.py --peer peft-eva -- --model minilm --task sst2 --data-dir DIR --out OUT
 
 Grid: every cell is one train.py run (a peer: `bench.py --peer`, the same recipe, batches and

@@ -6,6 +6,8 @@ scored against ground truth. Needs no files.
     add_lora(model, targets=names, r=8, alpha=16)                 # the student
     loss = planted_loss(model, teacher, random_batch(vocab, 32, 32, generator=g))
     oracle_ranks(names, planted, budget=8 * len(names))           # the allocation to beat
+    search_oracle(names, planted, budget, cap, loss_of, (24, 20, 16), 4)  # ... searched
+    structure_ranks(names, holders, budget), shuffled_ranks(ranks, shuffle_generator(s, i))
 
 The teacher is the base model with W ← W + ΔW* on a few of the matrices the student adapts; the
 student (base + LoRA) learns to match the teacher's output (last hidden states of an encoder,
@@ -14,7 +16,8 @@ a uniform rank-8 LoRA can fit at most a third of it in place, while the budget 8
 allocation that finds the planted matrices fit all of them (oracle_ranks). Each ΔW* is sized by
 its effect on the output, not by ‖W‖, so every plant is equally visible. This is a measurement:
 bench.py --planted-study checks the defaults against a criterion fixed before any method ran
-(the oracle ends at ≤ 0.5 × uniform LoRA's loss in every seed). Training must be long enough
+(the searched oracle ends at ≤ 0.5 × uniform LoRA's loss in every seed; a score finds the plants
+only if it beats both data-free controls, structure_ranks and its own shuffled_ranks). Training must be long enough
 for the oracle to converge, or speed rather than placement decides: train.py's planted recipe
 (600 AdamW steps at lr 5e-3) meets the criterion on models.TINY (results/planted_study.json),
 where 300 steps at lr 5e-4 did not (that file at commit 56efc95).
