@@ -1148,7 +1148,8 @@ def planted_markdown(study: dict) -> list[str]:
            f"(`python bench.py --planted-study --plants {study['args']['plants']}`, {seeds} "
            f"seeds, {study['args']['steps']} steps at lr {study['design']['lr']:g})",
            "", f"Criterion, stated before measuring: {study['criterion']}.", "",
-           f"The oracle is searched: {min(tried)}–{max(tried)} candidates per seed (planted "
+           f"The oracle is searched: {min(tried)}"
+           f"{f'–{max(tried)}' if max(tried) > min(tried) else ''} candidates per seed (planted "
            f"ranks on the grid {study['design']['oracle_grid']}, then ± "
            f"{study['design']['oracle_step']} per planted matrix, the rest spread evenly); best "
            f"planted ranks per seed: {best}; planted.oracle_ranks alone / uniform: {first}. "
