@@ -259,7 +259,10 @@ def planted_task(args: argparse.Namespace, device: torch.device,
     if unmatched:
         raise ValueError(f"--targets {args.targets}: {', '.join(unmatched)} matches no nn.Linear "
                          f"of --model {args.model}; use suffixes of its module names")
-    teacher, truth = planted.plant(model, names, generator=rng["init"])
+    # bench.py --planted-study --plants anywhere sets args.plants: plants on any target matrix
+    anywhere = getattr(args, "plants", "reach") == "anywhere"
+    teacher, truth = planted.plant(model, names, generator=rng["init"],
+                                   **({"reach": math.inf} if anywhere else {}))
     model.to(device), teacher.to(device)
     vocab = planted.vocab_size(model)
     seq = min(args.max_len, 32)

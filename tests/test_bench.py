@@ -630,7 +630,7 @@ def test_ctrl_c_in_the_planted_study_says_nothing_was_written(tmp_path):
     only at the end, so an interrupted one leaves nothing behind."""
     from conftest import ROOT
     out = tmp_path / "study.json"
-    proc = subprocess.Popen([sys.executable, "bench.py", "--planted-study", "--seeds", "2",
+    proc = subprocess.Popen([sys.executable, "bench.py", "--planted-study", "--seeds", "3",
                              "--steps", "100000", "--out", str(out)], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -964,3 +964,95 @@ def test_a_peer_cell_writes_its_results_once_under_the_folder_lock(tmp_path, mon
     assert res["peer"] == "peft-lora"
     assert json.loads((out / "results.json").read_text())["peer"] == "peft-lora"
     assert ("results.json", "locked") in writes and ("results.json", "unlocked") not in writes
+
+
+def test_the_study_criterion_needs_the_interval_above_zero_not_just_wins():
+    """(control - score) / uniform over 3 seeds: t(2 df) = 4.303, so three wins with a wide
+    spread do not count; a tight one does (hand-computed half widths 0.248 and 0.124)."""
+    wide, tight = bench.beats([0.1, 0.2, 0.3]), bench.beats([0.2, 0.25, 0.3])
+    assert wide["wins"] == 3 and not wide["above_zero"]
+    assert wide["low"] == pytest.approx(0.2 - 4.303 * 0.1 / 3**0.5)
+    assert tight["above_zero"] and tight["low"] == pytest.approx(0.25 - 4.303 * 0.05 / 3**0.5)
+    assert "beats both data-free controls" in bench.PLANTED_CRITERION
+
+
+def study_run(tmp_path, allocation, steps=30):
+    import train
+    record: dict = {}
+    out = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
+    args = train.parse_args(["--method", "lora", "--steps", str(steps), "--threads", "1",
+                             "--log-every", str(steps), "--out", str(out)])
+    res = train.run(args, bench._planted_adapt(allocation, record, 24))
+    return res, record
+
+
+def test_the_study_oracle_search_is_at_least_as_good_as_oracle_ranks(tmp_path):
+    """On a short planted run (30 steps) the searched oracle's loss, retrained, is the lowest
+    it tried and at most that of planted.oracle_ranks, which it tries first."""
+    from data import planted
+    res, record = study_run(tmp_path, "uniform")
+    names, truth = list(record["ranks"]), res["planted"]
+    budget = sum(record["ranks"].values())
+
+    def loss_of(ranks):
+        return study_run(tmp_path, ranks)[0]["metrics"]["loss"]
+
+    best, tried = planted.search_oracle(names, truth, budget, 24, loss_of, grid=(24, 16),
+                                        step=8)
+    base = loss_of(planted.oracle_ranks(names, truth, budget))
+    assert tried[0]["final_loss"] == base and len(tried) <= 2 + 2 * 3
+    lowest = min(tried, key=lambda t: t["final_loss"])
+    assert best == planted.oracle_ranks(names, lowest["planted_ranks"], budget)
+    assert loss_of(best) == lowest["final_loss"] <= base
+
+
+def test_the_study_plants_anywhere_reach_query_and_key():
+    """--plants anywhere (args.plants) reaches query/key in the tiny planted task; the default
+    (no attribute: train.py's task) never does, over the same seeds."""
+    import train
+    hit = {"reach": set(), "anywhere": set()}
+    for seed in range(4):
+        for plants in hit:
+            args = train.parse_args(["--seed", str(seed), "--out", "unused"])
+            if plants == "anywhere":
+                args.plants = plants
+            task = train.build_task(args, torch.device("cpu"), train.random_streams(seed))
+            hit[plants] |= {n.rsplit(".", 1)[1] for n in task.planted}
+    assert hit["anywhere"] & {"query", "key"} and not hit["reach"] & {"query", "key"}
+
+
+def study_part(tmp_path, seed: int, score_loss: float) -> str:
+    """A one-seed part as --only-seed writes it, with made-up losses."""
+    run = {"loss_ratio": 0.5, "share_planted": 0.5, "calibration_seconds": 0.0, "ranks": {}}
+    losses = {"uniform": 1.0, "oracle": 0.4, "structure": 0.8, "gradw": score_loss,
+              "shuffled gradw": 0.9}
+    runs = {n: run | {"final_loss": v, "vs_uniform": v, "vs_oracle": v / 0.4,
+                      "gap_closed": (1 - v) / 0.6} for n, v in losses.items()}
+    part = {"args": {"seeds": 1, "steps": 9, "threads": 1, "plants": "reach"},
+            "design": {"lr": 5e-3, "oracle_grid": [24, 20, 16], "oracle_step": 4},
+            "criterion": bench.PLANTED_CRITERION, "scores_run": ["gradw"],
+            "per_seed": [{"seed": seed, "runs": runs, "oracle_search": [
+                {"planted_ranks": {"a": 24}, "final_loss": 0.5},
+                {"planted_ranks": {"a": 20}, "final_loss": 0.4}]}]}
+    path = tmp_path / f"part{seed}.json"
+    path.write_text(json.dumps(part))
+    return str(path)
+
+
+def test_the_study_merges_parts_and_judges_each_score_by_both_controls(tmp_path):
+    parts = [study_part(tmp_path, s, v) for s, v in ((2, 0.6), (0, 0.5), (1, 0.55))]
+    out = bench.planted_study_main(["--planted-study", "--merge", *parts,
+                                    "--out", str(tmp_path / "study.json")])
+    assert [s["seed"] for s in out["per_seed"]] == [0, 1, 2] and out["args"]["seeds"] == 3
+    assert out["criterion_held"] and out["finds"]["gradw"]["finds_plants"]
+    assert out["finds"]["gradw"]["structure"]["mean"] == pytest.approx(0.25)
+    md = "\n".join(bench.planted_markdown(out))
+    assert "| gradw | +0.250 [" in md and "find the plants by the criterion: gradw." in md
+    assert "best planted ranks per seed: 20; 20; 20" in md
+    worse = [study_part(tmp_path, s, 0.85) for s in (3, 4, 5)]  # beats shuffled, not structure
+    out = bench.planted_study_main(["--planted-study", "--merge", *worse,
+                                    "--out", str(tmp_path / "study2.json")])
+    assert not out["finds"]["gradw"]["finds_plants"]
+    with pytest.raises(ValueError, match=r"seeds \[0, 0, 1, 2\]"):
+        bench.planted_study_main(["--planted-study", "--merge", parts[1], *parts,
+                                  "--out", str(tmp_path / "study3.json")])
