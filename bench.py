@@ -99,8 +99,8 @@ def peft_lora(r: int, device: torch.device) -> nn.Module:
     model = transformers.BertForSequenceClassification.from_pretrained(model_path("minilm"),
                                                                        num_labels=2)
     return peft.get_peft_model(model, peft.LoraConfig(
-        r=r, lora_alpha=2 * r, target_modules=TARGETS, lora_dropout=0.0, modules_to_save=["classifier"]
-    )).to(device).train()
+        r=r, lora_alpha=2 * r, target_modules=TARGETS, lora_dropout=0.0,
+        modules_to_save=["classifier"])).to(device).train()
 
 
 def fw_steps(base: nn.Module, r: int, device: torch.device, b: dict) -> dict:
@@ -124,7 +124,8 @@ def fw_steps(base: nn.Module, r: int, device: torch.device, b: dict) -> dict:
 
 def step_fns(base, a, device: torch.device, b: dict, gen, notes: list) -> dict:
     """What RATIOS times on one batch b: train steps and forwards, each a call."""
-    steps = {"lora": trainer(with_lora(base, a.r, device)), "full": trainer(copy.deepcopy(base).to(device).train()),
+    full = copy.deepcopy(base).to(device).train()
+    steps = {"lora": trainer(with_lora(base, a.r, device)), "full": trainer(full),
              **fw_steps(base, a.r, device, b)}
     if not a.no_peers:
         steps["peft"] = trainer(peft_lora(a.r, device))
@@ -150,9 +151,9 @@ def step_fns(base, a, device: torch.device, b: dict, gen, notes: list) -> dict:
         "fw every 4": lambda: [steps["fw warm-up"](b)] + [steps["lora"](b) for _ in range(3)]}
 
 
-def step_rows(base, tok, a, device: torch.device, gen) -> tuple[list[dict], dict, list[str]]:
+def step_rows(base, tok, a, device: torch.device, gen) -> tuple[list[dict], list[str]]:
     """The RATIOS rows at a.batch_size × 64 tokens, and LoRA / PEFT again at × 128."""
-    rows, info, notes = [], {}, []
+    rows, notes = [], []
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     where = "" if device.type == "cpu" else f" ({device.type})"
     words = "the movie was not very good and i liked it".split()
@@ -172,7 +173,6 @@ def step_rows(base, tok, a, device: torch.device, gen) -> tuple[list[dict], dict
         t = median_times(fns, a.repeats, a.untimed, sync)
         if T == 64:
             t["fw every 4"] /= 4
-            info[f"seconds_{device.type}"] = t
             ops = ", ".join(f"{k} {op_count(f):,}" for k, f in fns.items() if k != "fw every 4")
             notes.append(f"aten operators dispatched per call on {device.type} ({a.batch_size}"
                          f"×64; on a GPU each is about one kernel launch): {ops}.")
@@ -180,7 +180,7 @@ def step_rows(base, tok, a, device: torch.device, gen) -> tuple[list[dict], dict
             if num in t and den in t:
                 rows.append(row(f"{name}, {a.batch_size}×{T}{where}", t[num] / t[den], goal,
                                 "×", f"{t[num]:.4g} s / {t[den]:.4g} s"))
-    return rows, info, notes
+    return rows, notes
 
 
 def data_rows(base, tok, a, train: list) -> list[dict]:
@@ -313,7 +313,7 @@ def main(argv: list[str] | None = None) -> dict:
     if a.r > width:
         raise ValueError(f"--r {a.r} is above {width}, the smallest side of MiniLM's adapted "
                          f"matrices (its width): a rank cannot exceed it; use --r <= {width}")
-    rows, info, notes = step_rows(base.train(), tok, a, torch.device(a.device), gen)
+    rows, notes = step_rows(base.train(), tok, a, torch.device(a.device), gen)
     if a.device == "cuda":
         notes.append("GPU rows only (--device cuda): the calibration, tokeniser, grouping and "
                      "allocation rows are CPU work, measured by the CPU bench.")
@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> dict:
         notes.append(f"{a.sst2} not found: no calibration-share, tokeniser or grouping rows.")
     if a.device == "cpu":
         rows.append(allocate_row(a.setup_repeats))
-    result = {"rows": rows, "info": info, "notes": notes, "repeats": a.repeats,
+    result = {"rows": rows, "notes": notes, "repeats": a.repeats,
               "untimed": a.untimed, "setup_repeats": a.setup_repeats, **environment(),
               "generated": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     if not a.no_peers:

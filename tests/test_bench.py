@@ -103,7 +103,7 @@ def test_bench_writes_its_json_and_table_and_nothing_else(tmp_path, monkeypatch)
     (tmp_path / "README.md").write_text("# mine\n")
     monkeypatch.setattr(bench, "load_model", lambda *a, **k: (nn.Linear(1, 1), None))
     step = bench.row("LoRA train step / full fine-tune step (fimlora), 32×64", 0.5, 0.7, "×", "d")
-    monkeypatch.setattr(bench, "step_rows", lambda *a, **k: ([step], {}, ["a note"]))
+    monkeypatch.setattr(bench, "step_rows", lambda *a, **k: ([step], ["a note"]))
     result = bench.main(["--no-peers", "--sst2", str(tmp_path / "none"), "--out",
                          str(tmp_path / "elsewhere" / "b.json")])
     assert sorted(p.name for p in (tmp_path / "elsewhere").iterdir()) == ["b.json", "b.md"]

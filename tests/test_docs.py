@@ -38,7 +38,8 @@ def test_every_link_and_named_file_exists(doc):
     named = re.findall(r"`((?:tests|data|models|results|docs|study)/[\w./:-]*|[\w-]+\.py)",
                        text)  # the repo's files: `train.py`, `tests/test_x.py::test_y`, `data/`
     assert links, f"{doc.name} links nowhere"
-    for target in [*(doc.parent / m.split("#")[0] for m in links), *(ROOT / n.split("::")[0] for n in named)]:
+    targets = [doc.parent / m.split("#")[0] for m in links]
+    for target in targets + [ROOT / n.split("::")[0] for n in named]:
         if not MERGED and target.resolve().relative_to(ROOT).as_posix() in (
                 "results/README.md", "study"):
             continue
