@@ -16,12 +16,6 @@ from lora import add_lora
 from models import load_model
 
 
-def test_op_count_counts_dispatched_aten_operators():
-    x = torch.ones(3)
-    assert bench.op_count(lambda: None) == 0
-    assert bench.op_count(lambda: (x + 1) * 2) >= 2  # add and mul at least
-
-
 def test_median_times_interleaves_and_drops_the_untimed_rounds():
     calls = []
     t = bench.median_times({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
@@ -33,10 +27,10 @@ def test_bench_table_reads_the_noise_floor_off_the_merged_forward_row():
     rows = [bench.row("merged LoRA forward / base forward (inference), 32×64", 0.96, 1.0, "×",
                       "d"), bench.row("LoRA train step / full", 0.74, 0.7, "×", "d")]
     lines = bench.bench_table({"rows": rows})
-    assert "| merged LoRA forward / base forward (inference), 32×64 | 0.96× | ≤ 1× | met |" in \
-        "\n".join(lines)
+    merged = "| merged LoRA forward / base forward (inference), 32×64 | 0.96× | ≤ 1× | met |"
+    assert merged in "\n".join(lines)
     assert "| LoRA train step / full | 0.74× | ≤ 0.7× | missed |" in "\n".join(lines)
-    assert "0.960×" in lines[-1] and "±4 %" in lines[-1]
+    assert "is 0.960×" in lines[-1] and "±4 %" in lines[-1]
     assert not any("noise" in x for x in bench.bench_table({"rows": rows[1:]}))
 
 
@@ -91,7 +85,7 @@ def test_a_bench_rank_above_the_models_width_is_refused_before_timing(tmp_path, 
     monkeypatch.setattr(bench, "load_model", lambda *a, **k: (Fake(), None))
     monkeypatch.setattr(bench, "step_rows", lambda *a, **k: pytest.fail("timed"))
     with pytest.raises(ValueError, match="--r 9 is above 8, the smallest side of MiniLM's "
-                                         "adapted matrices .*use --r <= 8"):
+                                         "adapted matrices: use --r <= 8"):
         bench.main(["--no-peers", "--r", "9", "--out", str(tmp_path / "results" / "b.json")])
     assert list(tmp_path.iterdir()) == []
 
@@ -135,9 +129,9 @@ def test_make_bench_end_to_end_at_the_smallest_sizes(tmp_path):
     result = bench.main(["--batch-size", "2", "--repeats", "1", "--setup-repeats", "1",
                          "--untimed", "0", "--threads", "1", "--sst2", str(tmp_path / "SST-2"),
                          "--out", str(tmp_path / "b.json")])
-    names = [re.sub(r", \d+×\d+$", "", r["row"]) for r in result["rows"]]
-    assert [n for n, *_ in bench.RATIOS if n in names] == [n for n, *_ in bench.RATIOS[:-1]]
-    assert names.count(bench.RATIOS[0][0]) == 2  # PEFT at 64 and 128 tokens
-    assert any(n.startswith("tokenise all 260 SST-2 train rows") for n in names)
-    assert any(n.startswith("FIM calibration") for n in names) and len(names) == 13
+    names = [re.sub(r", 2×64 \(cpu\)$", "", r["row"]) for r in result["rows"]]
+    assert names[:5] == [n for n, *_ in bench.RATIOS[:-1]]  # no --compile: no compiled row
+    assert [n.split(" (")[0].split(" /")[0] for n in names[5:]] == [
+        "FIM calibration", "LoRA-DA init", "tokenise all 260 SST-2 train rows, ours",
+        "LoRA train-step tokens/s, group_by_length", "allocate_ranks, 1,000 matrices"]
     assert all(r["figure"] > 0 for r in result["rows"])
