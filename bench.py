@@ -120,7 +120,7 @@ def step_rows(base: nn.Module, tok, a, device: torch.device, gen) -> tuple[list,
         notes.append(f"torch.compile took {time.perf_counter() - t0:.0f} s to compile.")
     merged, plain = with_lora(base, a.r, device).eval(), copy.deepcopy(base).to(device).eval()
     for layer in lora_layers(merged).values():  # B = 0 would merge to W0 itself
-        nn.init.normal_(layer.lora_B, std=0.01, generator=gen)
+        layer.lora_B.data.copy_(0.01 * torch.randn(layer.lora_B.shape, generator=gen))
     merge_lora(merged)
     fns = {k: (lambda s=s: s(b)) for k, s in steps.items()} | {
         "merged forward": lambda: torch.no_grad()(loss)(merged, b),
