@@ -1,10 +1,10 @@
 """The error catalogue: every bad input a user can give (flags, data, output folders, checkpoints,
 adapters) fails with ValueError/FileNotFoundError before any work or write, with a short message
 naming the bad value and the fix; the CLI prints it without a traceback and exits non-zero.
-README.md's "Error catalogue" lists exactly these entries (test_readme_lists_the_catalogue).
+The README points here (test_the_readme_points_to_the_catalogue) instead of copying the list.
 
 Run: .venv/bin/python -m pytest tests/test_errors.py -q     (python tests/test_errors.py prints
-the README table)
+the catalogue as a markdown table)
 """
 
 import json
@@ -385,15 +385,24 @@ def test_divergence_stops_with_the_step_and_the_cause(tmp_path):
     assert all(bool(torch.isfinite(v).all()) for v in blob["model"].values()) and meta["step"] >= 1
 
 
-def readme_table() -> str:
+def catalogue_table() -> str:
     rows = ["| bad input | the message names |", "|---|---|"]
     rows += [f"| {label} | `{match}` |" for label, _, match in CLI + API]
     return "\n".join(rows)
 
 
-def test_readme_lists_the_catalogue():
-    assert readme_table() in (ROOT / "README.md").read_text()
+def test_the_readme_points_to_the_catalogue(capsys):
+    """README.md and docs/training.md do not copy the catalogue (a copy goes stale): they name
+    this file and the command that prints it, and that command prints every entry."""
+    import runpy
+    for doc in ("README.md", "docs/training.md"):
+        text = (ROOT / doc).read_text()
+        assert "`tests/test_errors.py`" in text and "`python tests/test_errors.py`" in text, doc
+    runpy.run_path(__file__, run_name="__main__")  # python tests/test_errors.py, in-process
+    out = capsys.readouterr().out
+    assert out == catalogue_table() + "\n"
+    assert out.count("\n") - 2 == len(CLI + API)  # the header, the rule, one line per entry
 
 
 if __name__ == "__main__":
-    print(readme_table())
+    print(catalogue_table())
