@@ -1,0 +1,314 @@
+"""The planted study: does an allocation earn its budget on a task with a known answer?
+
+    python -m study.planted                           # 3 seeds, plants within reach
+    python -m study.planted --plants anywhere         # plants may land on query and key too
+    python -m study.planted --only-seed 0 --out p0.json   # one seed (parallel processes) ...
+    python -m study.planted --merge p0.json p1.json p2.json   # ... then one study
+
+Per seed, on train.py's planted task: uniform LoRA, the searched oracle, every score at the same
+rank budget (efim also at the parameter budget), the structure prior and each score's shuffled
+ranks; CRITERION, fixed before running, judges them. results/planted_study*.json are its output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+import fimlora
+import train
+from data import planted
+from data.planted import oracle_ranks
+from lora import lora_layers, name_matches
+from study.report import SCORES, paired_stats, planted_lines, read_json
+
+CRITERION = ("the task can judge allocation if the searched oracle (the best allocation a small "
+             "search over the planted matrices' ranks finds, the rest of the rank budget spread "
+             "evenly) ends at <= 0.5 x uniform LoRA's final loss in every seed. A score finds the "
+             "plants only if it beats both data-free controls, the structure prior and its own "
+             "shuffled ranks: over the study's seeds (3 or more) the paired difference (control "
+             "- score) / uniform of final losses in the same seed has a 95 % t interval (n - 1 "
+             "df) entirely above 0")
+SHUFFLE_SEED = 2**31  # shuffled controls draw from SHUFFLE_SEED + 1000·seed + i (< 2**32: the
+# CPU generator keeps only a seed's low 32 bits, so 2**40 + s would replay stream s); training
+# streams are seeded seed + k, k < 4 (train.random_streams), so no shuffle shares their seed
+
+
+def structure_ranks(names: Sequence[str], holders: Sequence[str], budget: int, r_min: int = 1,
+                    r_max: int | None = None) -> dict[str, int]:
+    """The structure prior, a data-free control: r_min on every matrix outside `holders` (those
+    of a type that can hold plants), equal ranks on the holders (differing by at most one, the
+    extra ones to the first in order) with Σ r_m = budget exactly; ranks within [r_min, r_max].
+    structure_ranks(["q", "v", "o"], ["v", "o"], budget=9) == {"q": 1, "v": 4, "o": 4}"""
+    names, holders = list(names), [n for n in names if n in set(holders)]
+    left = budget - r_min * (len(names) - len(holders))
+    if not holders or left < r_min * len(holders) or (
+            r_max is not None and left > r_max * len(holders)):
+        raise ValueError(f"budget={budget} cannot give {len(holders)} holders of {len(names)} "
+                         f"matrices equal ranks in [{r_min}, {r_max}] with r_min={r_min} "
+                         "elsewhere: pass holders among names and a budget within the bounds")
+    share, extra = divmod(left, len(holders))
+    rest = {n: share + (i < extra) for i, n in enumerate(holders)}
+    return {n: rest.get(n, r_min) for n in names}
+
+
+def shuffled_ranks(ranks: dict[str, int], generator: torch.Generator) -> dict[str, int]:
+    """The shuffled control: the same multiset of ranks assigned to the matrices in a random
+    order (torch.randperm with `generator`), so only the placement differs from `ranks`."""
+    names, values = list(ranks), list(ranks.values())
+    return {names[j]: values[i]
+            for i, j in enumerate(torch.randperm(len(names), generator=generator).tolist())}
+
+
+def shuffle_generator(seed: int, index: int) -> torch.Generator:
+    """The stream of a shuffled control: score `index` (< 1000) in study seed `seed`, seeded
+    SHUFFLE_SEED + 1000·seed + index, apart from every training stream (seed + k, k < 4) of a
+    study with seeds < 2**31 - 4."""
+    if not 0 <= index < 1000 or not 0 <= seed < 2**20:
+        raise ValueError(f"seed={seed}, index={index}: use 0 <= seed < 2**20, 0 <= index < 1000")
+    return torch.Generator().manual_seed(SHUFFLE_SEED + 1000 * seed + index)
+
+
+def search_oracle(names: Sequence[str], truth: dict[str, int], budget: int, cap: int,
+                  loss_of, grid: Sequence[int], step: int) -> tuple[dict[str, int], list[dict]]:
+    """The best allocation a small search finds knowing the truth. Candidates give the planted
+    matrices ranks within [1, cap] and spread the rest of the budget evenly (oracle_ranks):
+    first every planted matrix at each k in `grid` (include max(planted ranks) so that
+    oracle_ranks itself is tried), then one coordinate pass from the best, each planted matrix
+    in turn at ± step (kept when lower). `loss_of(ranks)` trains one candidate and returns its
+    final loss. Returns (best ranks, [{"planted_ranks", "final_loss"} per candidate tried]);
+    at most len(grid) + 2·len(truth) candidates are trained."""
+    tried: list[dict] = []
+
+    def attempt(fixed: dict[str, int]) -> float:
+        for t in tried:
+            if t["planted_ranks"] == fixed:
+                return t["final_loss"]
+        if not all(1 <= r <= cap for r in fixed.values()):
+            return math.inf
+        try:
+            ranks = oracle_ranks(names, fixed, budget)
+        except ValueError:  # not enough budget left for the others
+            return math.inf
+        tried.append({"planted_ranks": dict(fixed), "final_loss": loss_of(ranks)})
+        return tried[-1]["final_loss"]
+
+    best, best_loss = None, math.inf
+    for k in grid:
+        if (loss := attempt(fixed := {n: k for n in truth})) < best_loss:
+            best, best_loss = fixed, loss
+    if best is None:
+        raise ValueError(f"grid {list(grid)}: no candidate fits cap={cap} and budget={budget}")
+    for n in truth:
+        for d in (-step, step):
+            if (loss := attempt(fixed := best | {n: best[n] + d})) < best_loss:
+                best, best_loss = fixed, loss
+                break
+    return oracle_ranks(names, best, budget), tried
+
+
+# -----------------------------------------------------------------------------
+# the runs
+
+
+def fixed_adapt(ranks: dict[str, int] | None, record: dict):
+    """train.run's adapt for uniform LoRA (None) or fixed ranks (an oracle candidate, a
+    control) at the base scale (fimlora.resize_ranks); the ranks and time go into `record`."""
+    def adapt(task, args, device, rng):
+        model = train.add_adapters(task, args, device, rng)
+        t0 = time.perf_counter()
+        if ranks is not None:
+            fimlora.resize_ranks(model, ranks, generator=rng["init"])
+        record.update(seconds=time.perf_counter() - t0,
+                      ranks={n: m.r for n, m in lora_layers(model).items()})
+        return model
+    return adapt
+
+
+def train_one(seed: int, steps: int, threads: int, plants: str, allocation) -> dict:
+    """One quiet planted run (`allocation`: None uniform, a ranks dict, or (score, budget unit)
+    through study.scores.score_adapt) and what the study keeps of it."""
+    from study.scores import score_adapt
+    record: dict = {}
+    adapt = (score_adapt(*allocation, planted.PLANT_RANK, record)
+             if isinstance(allocation, tuple) else fixed_adapt(allocation, record))
+    with tempfile.TemporaryDirectory() as tmp:
+        args = train.parse_args(["--method", "lora", "--seed", str(seed), "--steps", str(steps),
+                                 "--threads", str(threads), "--log-every", str(steps),
+                                 "--plants", plants, "--out", tmp])
+        res = train.run(args, adapt)
+    rec = planted.rank_recovery(record["ranks"], res["planted"])
+    return {"final_loss": res["metrics"]["loss"], "loss_ratio": res["metrics"]["loss_ratio"],
+            "share_planted": rec["share_planted"], "covered": rec["covered"],
+            "calibration_seconds": record["seconds"],
+            "training_seconds": res["seconds"]["training"], "ranks": record["ranks"],
+            "planted": res["planted"]}
+
+
+def study_seed(seed: int, steps: int, threads: int, plants: str, grid=(24, 20, 16),
+               step: int = 4) -> dict:
+    """Every run of one seed, each with vs_uniform, vs_oracle and gap_closed."""
+    def run(allocation) -> dict:
+        return train_one(seed, steps, threads, plants, allocation)
+    rows = {"uniform": run(None)}
+    truth, names = rows["uniform"]["planted"], list(rows["uniform"]["ranks"])
+    budget, r_max = sum(rows["uniform"]["ranks"].values()), planted.PLANT_RANK
+    trained: dict[tuple, dict] = {}
+
+    def loss_of(ranks: dict[str, int]) -> float:
+        trained[tuple(ranks.values())] = run(ranks)
+        return trained[tuple(ranks.values())]["final_loss"]
+    best, searched = search_oracle(names, truth, budget, r_max, loss_of, grid, step)
+    rows["oracle"] = trained[tuple(best.values())]
+    rows |= {s: run((s, "ranks")) for s in SCORES}
+    rows["efim params"] = run(("efim", "params"))
+    holders = [n for n in names if plants == "anywhere"
+               or not any(name_matches(n, t) for t in planted.UNREACHED)]
+    rows["structure"] = run(structure_ranks(names, holders, budget, 1, r_max))
+    for i, s in enumerate(SCORES):
+        rows[f"shuffled {s}"] = run(shuffled_ranks(rows[s]["ranks"], shuffle_generator(seed, i)))
+    u, o = rows["uniform"]["final_loss"], rows["oracle"]["final_loss"]
+    for row in rows.values():
+        row.pop("planted", None)
+        row |= {"vs_uniform": row["final_loss"] / u, "vs_oracle": row["final_loss"] / o,
+                "gap_closed": (u - row["final_loss"]) / (u - o) if u != o else float("nan")}
+    print(f"seed {seed}: searched oracle / uniform = {o / u:.3f} ({len(searched)} candidates; "
+          f"planted.oracle_ranks: {searched[0]['final_loss'] / u:.3f})", flush=True)
+    return {"seed": seed, "planted": truth, "structure_holders": holders,
+            "oracle_search": searched, "runs": rows}
+
+
+def summary(study: dict) -> dict:
+    """The study with CRITERION's oracle / uniform ratios, each run's mean ± std and per score
+    `finds`: (control − score) / uniform paired by seed has a 95 % t interval above 0 for both
+    controls."""
+    per = study["per_seed"]
+    ratios = [s["runs"]["oracle"]["vs_uniform"] for s in per]
+    table = {}
+    for name in per[0]["runs"]:
+        cols = {k: [s["runs"][name][k] for s in per] for k in (
+            "loss_ratio", "vs_uniform", "vs_oracle", "gap_closed", "share_planted",
+            "calibration_seconds")}
+        table[name] = {k: {"mean": sum(v) / len(v), "std": paired_stats(v)["std"] or 0.0}
+                       for k, v in cols.items()}
+        table[name]["closes_half_gap_seeds"] = sum(g >= 0.5 for g in cols["gap_closed"])
+
+    def beats(control: str, score: str) -> dict:
+        st = paired_stats([(s["runs"][control]["final_loss"] - s["runs"][score]["final_loss"])
+                           / s["runs"]["uniform"]["final_loss"] for s in per])
+        return st | {"above_zero": st["low"] is not None and st["low"] > 0}
+    finds = {}
+    for s in study["scores_run"]:
+        vs = {"structure": beats("structure", s), "shuffled": beats(f"shuffled {s}", s)}
+        finds[s] = vs | {"finds_plants": all(v["above_zero"] for v in vs.values())}
+    return study | {"criterion_oracle_over_uniform": ratios, "finds": finds, "summary": table,
+                    "criterion_held": all(r <= 0.5 for r in ratios)}
+
+
+def finish(study: dict, out: str) -> dict:
+    """Summarise (>= 3 seeds), print the tables as the report renders them, write `out`."""
+    if len(study["per_seed"]) >= 3:
+        study = summary(study)
+        print("\n".join(planted_lines(study)))
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    train.write_json(out, study)
+    print(f"wrote {out}" + ("" if "summary" in study else " (a part: merge >= 3 seeds with "
+                            "--merge)"))
+    return study
+
+
+def merge(parts: list[str], out: str) -> dict:
+    """One study from parts run apart (--only-seed): their seeds in order; the parts must share
+    steps, plants, design and scores."""
+    studies = [read_json(Path(p)) for p in parts]
+    keys = [(s["args"]["steps"], s["args"]["plants"], s["design"], s["scores_run"])
+            for s in studies]
+    if any(k != keys[0] for k in keys):
+        raise ValueError(f"{parts}: the parts differ in steps, plants, design or scores; merge "
+                         "parts of one study")
+    per = sorted((x for s in studies for x in s["per_seed"]), key=lambda x: x["seed"])
+    if len({x["seed"] for x in per}) != len(per) or len(per) < 3:
+        raise ValueError(f"{parts}: seeds {[x['seed'] for x in per]}; merge >= 3 distinct seeds")
+    return finish(studies[0] | {"per_seed": per, "args": studies[0]["args"] | {
+        "seeds": len(per)}}, out)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seeds", type=int, default=3, help="how many seeds: 0..N-1 (>= 3)")
+    p.add_argument("--steps", type=int, default=600, help="training steps per run")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads per run")
+    p.add_argument("--plants", choices=("reach", "anywhere"), default="reach",
+                   help="train.py --plants: reach keeps plants off query and key")
+    p.add_argument("--only-seed", type=int, default=None,
+                   help="run this seed alone into a part file (--out), for --merge")
+    p.add_argument("--merge", nargs="+", default=None, metavar="PART",
+                   help="instead: merge part files (--only-seed runs) into --out")
+    p.add_argument("--out", default="results/planted_study.json")
+    a = p.parse_args(argv)
+    if a.merge:
+        return merge(a.merge, a.out)
+    if (a.seeds < 3 and a.only_seed is None) or a.steps < 1 or (a.only_seed or 0) < 0:
+        raise ValueError(f"--seeds {a.seeds} / --steps {a.steps} / --only-seed {a.only_seed}: "
+                         "use >= 3 seeds (a t interval over seeds needs them), >= 1 step and a "
+                         "seed >= 0")
+    print(f"criterion, stated before running: {CRITERION}", flush=True)
+    per = [study_seed(s, a.steps, a.threads, a.plants) for s in (
+        range(a.seeds) if a.only_seed is None else [a.only_seed])]
+    lr = train.parse_args(["--out", "unused"]).lr  # the planted recipe's, every run's
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
+                            text=True).stdout.strip() or None
+    return finish({
+        "what": f"planted task (data/planted.py defaults, plants: {a.plants}) on train.py's tiny "
+                "encoder: final eval loss of each allocation at the same budget (r x matrices "
+                "ranks; 'efim params': the same budget in parameters, a rank costing d_in + "
+                "d_out)", "criterion": CRITERION, "fields": FIELDS,
+        "design": {"plant_rank": planted.PLANT_RANK, "plant_effect": planted.PLANT_EFFECT,
+                   "lr": lr, "reach": planted.REACH if a.plants == "reach" else
+                   "inf (plants anywhere)", "plants": a.plants, "n_planted": 3, "r": 8,
+                   "r_max": planted.PLANT_RANK, "oracle_grid": [24, 20, 16], "oracle_step": 4,
+                   "oracle_search_size": "at most 3 + 2 x 3 candidates per seed"},
+        "args": {"seeds": len(per), "steps": a.steps, "threads": a.threads, "plants": a.plants},
+        "scores_run": list(SCORES), "versions": train.environment()["versions"] | {
+            "commit": commit}, "per_seed": per}, a.out)
+
+
+FIELDS = {  # what each field of the study's JSON means (written into it)
+    "loss_ratio": "final eval loss / eval loss at B = 0",
+    "vs_uniform": "final loss / uniform LoRA's final loss, same seed",
+    "vs_oracle": "final loss / the searched oracle's final loss, same seed",
+    "gap_closed": "(uniform - run) / (uniform - oracle), same seed",
+    "share_planted": "share of the total rank on planted matrices (data/planted.rank_recovery)",
+    "covered": "planted matrices given at least their planted rank",
+    "calibration_seconds": "allocation time inside adapt (0 for uniform)",
+    "closes_half_gap_seeds": "seeds with gap_closed >= 0.5",
+    "oracle_search": "every candidate the oracle search trained: the planted matrices' ranks "
+                     "(the rest spread evenly) and its final loss; the first is "
+                     "planted.oracle_ranks; the oracle is the lowest, chosen on the eval set it "
+                     "is scored on",
+    "structure": "equal ranks on the matrices of types that can hold plants "
+                 "(structure_holders), rank 1 elsewhere, the same rank budget",
+    "shuffled <score>": "the score's own ranks assigned to the matrices in a random order drawn "
+                        "from shuffle_generator(seed, SCORES index): seeded 2**31 + 1000 seed + "
+                        "index, apart from every training stream (seed + k, k < 4)",
+    "finds": "per score, paired (control - score) / uniform over seeds: mean, 95 % t interval, "
+             "wins; finds_plants when both intervals are > 0"}
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:  # the runs checkpoint into temp folders: nothing to resume
+        print("interrupted: nothing was written (the study writes its JSON at the end)",
+              file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,624 @@
+"""results/README.md (every table) and README.md's two generated blocks, from files alone.
+
+    python -m study.report                       # results/cells (+ cells_cuda) -> results/, README.md
+    python -m study.report --root other/cells    # -> other/cells/README.md, summary.json, svgs
+
+Every number comes from a file: the cells' results.json (and run.json), results/bench*.json,
+results/planted_study*.json, results/smollm2/*/results.json and results/make_run/results.json.
+A damaged cell is refused naming its file and field; the files are computed whole first, then
+renamed together, so a kill never leaves README.md and summary.json disagreeing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import statistics
+import sys
+import tempfile
+import textwrap
+from datetime import datetime, timezone
+from pathlib import Path
+from xml.sax.saxutils import escape
+
+import train
+from data import glue
+from lora import read_regular
+
+RESULTS, README = Path("results"), Path("README.md")
+CELLS = RESULTS / "cells"
+OWN_ROOTS = ("cells", "cells_cuda")  # results/<these>: the project's grids, read together
+METHODS = ("lora", "fim", "fw", "da", "fim+da")
+PEERS = ("peft-lora", "peft-adalora", "peft-eva")
+SCORES = ("efim", "variance", "per-example", "gradw", "kfac", "lorada", "random")  # this order
+# indexes the planted study's shuffle streams (planted.shuffle_generator): never reorder it
+RECIPE = ["--model", "minilm"]  # the rest is train.py's GLUE defaults
+ADALORA_INIT = 1.5  # peft-adalora starts at init_r = 1.5 r per matrix and prunes to r
+BLOCKS = {"run": ("<!-- run:start -->", "<!-- run:end -->"),
+          "results": ("<!-- results:begin -->", "<!-- results:end -->")}
+READ_LIMIT = 16 << 20  # bytes: a cell's results.json is kilobytes; a bigger file is not one
+SEED_MAX = 2**32 - 1  # numpy's seed range (train.set_seed)
+FIELDS = {"metrics": dict, "args": dict, "machine": dict, "versions": dict, "seconds": dict,
+          "ranks": dict, "device": str, "commit": str}  # results.json / run.json field types
+METRIC_RANGE = {"accuracy": (0, 1), "f1": (0, 1), "mcc": (-1, 1), "pearson": (-1, 1),
+                "spearman": (-1, 1), "loss": (0, 1e12), "loss_ratio": (0, 1e12)}
+
+
+def score_method(score: str) -> str:
+    """The grid method of an allocation score at the parameter budget.
+    score_method("kfac") -> "fim-kfac-params"; efim, FIM-LoRA's default, is "fim-params"."""
+    return "fim-params" if score == "efim" else f"fim-{score}-params"
+
+
+def folder(method: str, seed: int) -> str:
+    """A cell's folder name ("+" written "_").  folder("fim+da", 2) -> "fim_da-s2" """
+    return f"{method.replace('+', '_')}-s{seed}"
+
+
+def parse_folder(name: str) -> tuple[str, int] | None:
+    """(method, seed) of a cell folder name.  parse_folder("fim_da-s2") -> ("fim+da", 2)"""
+    m = re.fullmatch(r"(.+)-s([0-9]+)", name)  # ASCII digits: int() reads other scripts' too
+    return (m.group(1).replace("_", "+"), int(m.group(2))) if m else None
+
+
+# -----------------------------------------------------------------------------
+# reading: every field the tables use is checked, bounded and named when bad
+
+
+def read_json(path: Path, limit: int = READ_LIMIT):
+    """The JSON of a regular file of at most `limit` bytes (lora.read_regular refuses folders,
+    FIFOs, devices and bigger files, naming them); json.JSONDecodeError naming it otherwise."""
+    data = read_regular(path, limit)
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as e:  # not JSON, not text, nested past the parser
+        bad = e if isinstance(e, json.JSONDecodeError) else json.JSONDecodeError(str(e), "", 0)
+        raise json.JSONDecodeError(f"{path} is not JSON ({bad.msg})", bad.doc, bad.pos) from None
+
+
+def damaged(path: Path, what: str) -> ValueError:
+    return ValueError(f"{path} is damaged ({what}): remove {path.parent} and run the grid "
+                      "again to redo that cell")
+
+
+def read_result(path: Path) -> dict:
+    """A cell's results.json (or run.json): a dict with a metrics dict (results.json) and
+    fields of the types train.py writes (FIELDS), or ValueError naming the file and field."""
+    try:
+        res = read_json(path)
+    except json.JSONDecodeError:
+        res = None
+    except ValueError as e:  # not a regular file, too big
+        raise ValueError(f"{e}: remove {path.parent} and run the grid again to redo that "
+                         "cell") from None
+    if not isinstance(res, dict) or (path.name == "results.json"
+                                     and not isinstance(res.get("metrics"), dict)):
+        raise damaged(path, "not a results object with metrics")
+    for key, kind in FIELDS.items():
+        if res.get(key) is not None and not isinstance(res[key], kind):
+            raise damaged(path, f"{key} is a {type(res[key]).__name__}, not a {kind.__name__}")
+    return res
+
+
+def checked(path: Path, field: str, value, low: float, high: float, optional: bool = True,
+            integer: bool = False):
+    """value if it is a number (not a bool) in [low, high] (or an optional None), else
+    ValueError naming the file and field: a report never shows what cannot be."""
+    number = isinstance(value, int if integer else (int, float)) and not isinstance(value, bool)
+    if (value is None and optional) or (number and low <= value <= high):  # NaN fails too
+        return value
+    raise damaged(path, f"{field} = {json.dumps(value)[:40]}, not a number in "
+                        f"[{low:g}, {high:g}]")
+
+
+def metric_of(task: str) -> str:
+    return glue.task_spec(task).metrics[0] if task in glue.TASKS else "loss"
+
+
+def read_cell(path: Path, device: str, root: Path) -> dict:
+    """The record of one cell's results.json (with run.json beside it), every field checked."""
+    method, seed = parse_folder(path.parent.name)
+    task, metric = path.parent.parent.name, metric_of(path.parent.parent.name)
+    if seed > SEED_MAX:
+        raise ValueError(f"{path.parent}: seed {seed} is outside 0..{SEED_MAX} (numpy's seed "
+                         "range, which train.py uses): rename or remove that folder")
+    res = read_result(path)
+    info = read_result(path.parent / "run.json") if (path.parent / "run.json").exists() else {}
+    if metric not in res["metrics"]:
+        raise damaged(path, f"its metrics have no {metric!r}, the {task} metric")
+    for name, v in res["metrics"].items():
+        checked(path, f"metrics.{name}", v, *METRIC_RANGE.get(name, (-1e12, 1e12)), False)
+    for name, r in (res.get("ranks") or {}).items():
+        checked(path, f"ranks.{name}", r, 0, 1e6)
+    seconds, machine = res.get("seconds") or {}, (info.get("machine") or {}) | (
+        res.get("machine") or {})
+    device = res.get("device") or device
+    if not re.fullmatch(r"[a-z]+(:\d+)?", device) or not isinstance(machine.get("cuda") or "",
+                                                                     str):
+        raise damaged(path, f"device {device!r} / machine.cuda")
+    return {"task": task, "method": method, "seed": seed, "device": device.split(":")[0],
+            "root": root.as_posix(), "metrics": res["metrics"], "ranks": res.get("ranks") or {},
+            "gpu": machine.get("cuda"),
+            "per_step": checked(path, "seconds.per_step", seconds.get("per_step"), 0, 1e9),
+            "calibration": checked(path, "seconds.calibration", seconds.get("calibration"), 0,
+                                   1e9),
+            "params": checked(path, "trainable_parameters", res.get("trainable_parameters"), 0,
+                              1e15, integer=True)}
+
+
+def read_cells(root: Path) -> list[dict]:
+    """One record per <root>/<task>/<method>-s<seed>/results.json; results/cells_cuda: cuda."""
+    device = root.name.partition("_")[2] or "cpu"
+    return [read_cell(p, device, root) for p in sorted(root.glob("*/*/results.json"))
+            if parse_folder(p.parent.name) is not None]
+
+
+def own_root(root: Path) -> bool:
+    return root.resolve() in {(RESULTS / name).resolve() for name in OWN_ROOTS}
+
+
+def cell_roots(root: Path) -> list[Path]:
+    """Exactly root, except for the project's results/cells and results/cells_cuda, whose one
+    report shows both devices. A sibling elsewhere (a cells_backup copy) is never read."""
+    if not own_root(root):
+        return [root]
+    return [RESULTS / n for n in OWN_ROOTS if (RESULTS / n).is_dir()
+            or (RESULTS / n).resolve() == root.resolve()]
+
+
+# -----------------------------------------------------------------------------
+# paired statistics: method - reference in the same seed (same batches, same initial A)
+
+
+def t_quantile(p: float, df: int) -> float:
+    """The p-quantile (0.5 <= p < 1) of Student's t with integer df >= 1, to 1e-12: bisection
+    on P(|T| <= t) in closed form (Abramowitz & Stegun 26.7.3-4).  t_quantile(.975, 2) -> 4.3027"""
+    def inside(t: float) -> float:
+        th = math.atan(t / math.sqrt(df))
+        c2, odd, total = math.cos(th) ** 2, df % 2, 0.0
+        term = math.cos(th) if odd else 1.0
+        for j in range((df - 1) // 2 if odd else df // 2):
+            total += term
+            term *= ((2 * j + 2) / (2 * j + 3) if odd else (2 * j + 1) / (2 * j + 2)) * c2
+        return 2 / math.pi * (th + math.sin(th) * total) if odd else math.sin(th) * total
+    lo, hi = 0.0, 1.0
+    while inside(hi) < 2 * p - 1:
+        hi *= 2
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if inside(mid) < 2 * p - 1 else (lo, mid)
+    return (lo + hi) / 2
+
+
+def paired_stats(d: list[float]) -> dict | None:
+    """{"n", "mean", "std", "low", "high", "wins"} of paired differences: the 95 % Student t
+    interval mean ± t(0.975, n − 1)·sd/√n (std, low, high None under 2), wins = #(d > 0).
+    None for no pairs.  paired_stats([1, 2, 3])["low"] -> 2 - 4.3027 · 1/√3 = -0.484"""
+    if not d:
+        return None
+    n, mean = len(d), statistics.mean(d)
+    std = statistics.stdev(d) if n > 1 else None
+    half = None if std is None else t_quantile(0.975, n - 1) * std / math.sqrt(n)
+    return {"n": n, "mean": mean, "std": std, "low": None if half is None else mean - half,
+            "high": None if half is None else mean + half, "wins": sum(x > 0 for x in d)}
+
+
+def delta_stats(value: dict, method: str, ref: str, seeds=None) -> dict | None:
+    """paired_stats of value[method, s] − value[ref, s] over the seeds holding both."""
+    return paired_stats([v - value[ref, s] for (m, s), v in value.items() if m == method
+                         and (ref, s) in value and (seeds is None or s in seeds)])
+
+
+def mean_std(xs: list[float], fmt: str = "{:.2f}") -> str:
+    """"mean ± std" (sample std), or the one value.  mean_std([1, 2, 3]) -> "2.00 ± 1.00" """
+    if len(xs) == 1:
+        return fmt.format(xs[0])
+    return f"{fmt.format(statistics.mean(xs))} ± {statistics.stdev(xs):.2f}"
+
+
+def delta(st: dict | None) -> str:
+    """"+mean ± std" of paired_stats ("+mean" for one pair, "–" without one)."""
+    return "–" if st is None else f"{st['mean']:+.2f}" + (
+        "" if st["std"] is None else f" ± {st['std']:.2f}")
+
+
+def interval(st: dict | None) -> str:
+    """"[low, high]" of paired_stats, "n/a" under 2 seeds, "–" without a pair."""
+    return ("–" if st is None else "n/a" if st["low"] is None
+            else f"[{st['low']:+.2f}, {st['high']:+.2f}]")
+
+
+def wins(st: dict | None) -> str:
+    return "–" if st is None else f"{st['wins']} of {st['n']}"
+
+
+VERDICT_RULE = (
+    "Rule (applied by study/report.py, not by hand): per table, Δ = method − lora paired by seed "
+    "(same batches and initial A), with a 95 % interval mean ± t(0.975, n − 1) · sd / √n over "
+    "the n paired differences (Student t; no interval under 2 seeds). On a table a method is "
+    "better when that interval lies above 0 and it also beats the random allocation control "
+    "(fim-random-params; its paired Δ against that control has an interval above 0), worse when "
+    "the interval lies below 0, level when the interval holds 0 or the gain does not beat the "
+    "control, and undecided under 2 seeds or when the table has no control in 2 of its seeds to "
+    "check a gain against. Across tables: better (worse) when better (worse) on one and worse "
+    "(better) on none, mixed when both, else level when level on one, else undecided. Each "
+    "device is its own table (bf16 on a GPU moves differences this small).")
+
+
+def task_values(cells: list[dict], task: str) -> dict[tuple[str, int], float]:
+    """{(method, seed): the task's metric in %} of one task's cells."""
+    metric = metric_of(task)
+    return {(c["method"], c["seed"]): 100 * c["metrics"][metric] for c in cells
+            if c["task"] == task and metric in c["metrics"]}
+
+
+def table_verdict(value: dict, method: str) -> dict | None:
+    """delta_stats vs lora of one table with "vs_random", "verdict" and "why" (VERDICT_RULE)."""
+    st = delta_stats(value, method, "lora")
+    if st is None:
+        return None
+    rnd = delta_stats(value, method, score_method("random"))
+    if st["low"] is None:
+        v, why = "undecided", f"{st['n']} seed, no interval"
+    elif st["high"] < 0:
+        v, why = "worse", "interval below 0"
+    elif st["low"] <= 0:
+        v, why = "level", "interval holds 0"
+    elif rnd is None or rnd["low"] is None:
+        v, why = "undecided", "gain, but no random control in 2 seeds to check it against"
+    elif rnd["low"] > 0:
+        v, why = "better", f"beats the random control by {rnd['mean']:+.2f} {interval(rnd)}"
+    else:
+        v, why = "level", f"does not beat the random control ({rnd['mean']:+.2f} {interval(rnd)})"
+    return st | {"vs_random": rnd, "verdict": v, "why": why}
+
+
+def verdicts(cells: list[dict]) -> dict:
+    """Every method against uniform LoRA per table (task on device) and across tables
+    (VERDICT_RULE), and the one-line verdict, all from the cells."""
+    methods = list(dict.fromkeys([*METHODS, *PEERS, *(c["method"] for c in cells)]))
+    tables, overall = {}, {}
+    for task, device in dict.fromkeys((c["task"], c["device"]) for c in cells):
+        value = task_values([c for c in cells if c["device"] == device], task)
+        rows = {m: v for m in methods if m != "lora" and (v := table_verdict(value, m))}
+        tables[f"{task} on {device}"] = {"seeds": sum(m == "lora" for m, _ in value),
+                                         "methods": rows}
+    for m in methods:
+        got = {t: r["methods"][m] for t, r in tables.items() if m in r["methods"]}
+        vs = {r["verdict"] for r in got.values()}
+        if got:
+            overall[m] = {"tables": got, "verdict": "mixed" if {"better", "worse"} <= vs else next(
+                (k for k in ("better", "worse", "level") if k in vs), "undecided")}
+    named = {k: [m for m, o in overall.items() if o["verdict"] == k]
+             for k in ("better", "mixed", "worse", "level", "undecided")}
+    where = ", ".join(f"{t} ({r['seeds']} seeds)" for t, r in tables.items())
+    line = "Verdict (generated from the intervals below): " + (
+        f"better than uniform LoRA: {', '.join(named['better'])}" if named["better"] else
+        "no method is better than uniform LoRA") + f" on {where or 'no cells'}" + "".join(
+        f"; {k}: {', '.join(ms)}" for k, ms in named.items() if k != "better" and ms) + "."
+    return {"tables": tables, "methods": overall, "line": line}
+
+
+def read_root(root: Path) -> list[dict]:
+    """Every cell a report on root shows (cell_roots)."""
+    return [c for r in cell_roots(root) for c in read_cells(r)]
+
+
+# -----------------------------------------------------------------------------
+# tables: one mechanism (table) for every one, printed or rendered
+
+
+def table(head: list[str], align: str, rows: list[list]) -> list[str]:
+    """Markdown table lines; align has one letter per column, l or r.
+    table(["a", "b"], "lr", [[1, 2]]) -> ["| a | b |", "|---|---:|", "| 1 | 2 |"]"""
+    rule = "|".join("---:" if a == "r" else "---" for a in align)
+    return [f"| {' | '.join(head)} |", f"|{rule}|", *(f"| {' | '.join(map(str, r))} |"
+                                                       for r in rows)]
+
+
+def task_table(cells: list[dict], task: str, seeds: list[int], verdict: dict) -> list[str]:
+    """One task on one device: per method the mean ± std over seeds, each seed's value, the
+    paired Δ vs uniform LoRA with its 95 % interval and wins, the verdict (VERDICT_RULE),
+    trainable parameters and s/step."""
+    value, rows = task_values(cells, task), []
+    for m in dict.fromkeys([*METHODS, *PEERS, *(m for m, _ in value)]):
+        got = [value[m, s] for s in seeds if (m, s) in value]
+        mine = [c for c in cells if c["method"] == m]
+        st = verdict.get(m)
+        params = sorted({c["params"] for c in mine} - {None})
+        steps = [c["per_step"] for c in mine if c["per_step"]]
+        rows.append([m, (mean_std(got) if got else "–") + (
+            f" ({len(got)} of {len(seeds)} seeds)" if len(got) < len(seeds) else ""),
+            ", ".join(f"{value[m, s]:.2f}" if (m, s) in value else "–" for s in seeds),
+            delta(st), interval(st), wins(st), f"{st['verdict']} ({st['why']})" if st else "–",
+            " / ".join(f"{p:,}" for p in params) or "–",
+            f"{statistics.mean(steps):.2f}" if steps else "–"])
+    return table(["method", f"{metric_of(task)} (mean ± std)",
+                  f"per seed ({', '.join(map(str, seeds))})", "paired Δ vs lora",
+                  "95 % interval", "wins", "verdict", "trainable params", "s/step"],
+                 "lrlrlrlrr", rows)
+
+
+def score_lines(cells: list[dict], task: str) -> list[str]:
+    """The allocation scores at the parameter budget against uniform LoRA and against the
+    random allocation (the control every score must beat), paired by seed."""
+    value, rnd = task_values(cells, task), score_method("random")
+    scores = [s for s in SCORES if s != "random" and any(m == score_method(s) for m, _ in value)]
+    if not scores:
+        return []
+    rows = [["random", delta(st := delta_stats(value, rnd, "lora")), wins(st), "–", "–"]]
+    for s in scores:
+        a, b = (delta_stats(value, score_method(s), ref) for ref in ("lora", rnd))
+        rows.append([s, delta(a), wins(a), delta(b), wins(b)])
+    return [f"Allocation scores on {task} ({cells[0]['device']}) at the parameter budget, paired "
+            "by seed with uniform LoRA and with the random allocation (the control a score must "
+            "beat):", "", *table(["score", "Δ vs lora", "wins", "Δ vs random", "wins"], "lrrrr",
+                                 rows)]
+
+
+def mean_ranks(cells: list[dict], task: str, method: str = "fim") -> tuple[dict, int]:
+    """({matrix: mean rank over seeds}, seeds) of one method's cells on one task."""
+    maps = [c["ranks"] for c in cells if (c["task"], c["method"]) == (task, method)
+            and c["ranks"]]
+    names = list(dict.fromkeys(n for m in maps for n in m))
+    return {n: statistics.mean(m[n] for m in maps if n in m) for n in names}, len(maps)
+
+
+def rank_svg(ranks: dict[str, float], title: str) -> str:
+    """train.layer_table's layer × module table drawn as a small SVG heatmap: one <rect> per
+    matrix, darker = higher rank, the value written in it; matrices outside `layer.N.` (the
+    pooler) get a row of their own."""
+    lines = train.layer_table(ranks, "{:.3g}").splitlines()
+    cols = lines[0].split()[1:] or ["matrix"]
+    rows = [(f"layer {x.split()[0]}", x.split()[1:]) for x in lines[1:] if ": " not in x]
+    rows += [(n.removesuffix(".dense"), [v]) for n, v in
+             (x.rsplit(": ", 1) for x in lines[1:] if ": " in x)]
+    W, H, X0, Y0 = 64, 24, 92, 44
+    top = max(ranks.values(), default=1) or 1
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{X0 + W * len(cols) + 8}" '
+           f'height="{Y0 + H * len(rows) + 8}" font-family="sans-serif" font-size="11">',
+           f'<text x="4" y="14" font-size="12">{escape(title)}</text>']
+    out += [f'<text x="{X0 + W * j + W / 2}" y="{Y0 - 6}" text-anchor="middle">{escape(c)}'
+            "</text>" for j, c in enumerate(cols)]
+    for i, (label, values) in enumerate(rows):
+        y = Y0 + H * i
+        out.append(f'<text x="{X0 - 6}" y="{y + 16}" text-anchor="end">{escape(label)}</text>')
+        for j, v in ((j, v) for j, v in enumerate(values) if v != "-"):
+            t = float(v) / top
+            fill = "#%02x%02x%02x" % tuple(round(255 + (c - 255) * t) for c in (33, 102, 172))
+            out += [f'<rect x="{X0 + W * j}" y="{y}" width="{W - 2}" height="{H - 2}" '
+                    f'fill="{fill}"/>', f'<text x="{X0 + W * j + W / 2 - 1}" y="{y + 15}" '
+                    f'text-anchor="middle" fill="{"white" if t > 0.55 else "black"}">{v}</text>']
+    return "\n".join(out + ["</svg>"]) + "\n"
+
+
+def bench_lines(bench: dict) -> list[str]:
+    """make bench's rows (results/bench*.json), each against its goal, and the noise floor."""
+    rows = [[r["row"], f"{r['figure']:.3g}{r['unit']}",
+             "–" if r["goal"] is None else f"≤ {r['goal']:g}{r['unit']}",
+             "–" if r["met"] is None else "met" if r["met"] else "missed", r["detail"]]
+            for r in bench["rows"]]
+    out = table(["row", "figure", "goal", "status", "measured"], "lrrll", rows)
+    same = [r["figure"] for r in bench["rows"] if r["row"].startswith("merged LoRA forward")]
+    if same:  # merged weights: the base forward's computation, timed side by side
+        out += ["", "A merged LoRA forward is the base forward's computation (the weights "
+                f"differ, not the work), so its ratio, {', '.join(f'{x:.3f}×' for x in same)}, "
+                "shows this run's timing noise: read every ratio to about "
+                f"±{max(abs(x - 1) for x in same) * 100:.0f} %."]
+    return out + ["", *bench.get("notes", [])]
+
+
+def planted_lines(study: dict) -> list[str]:
+    """The planted study's tables (results/planted_study*.json, python -m study.planted)."""
+    per, ratios = study["per_seed"], study["criterion_oracle_over_uniform"]
+    seeds, tried = len(ratios), [len(s["oracle_search"]) for s in per]
+    first = ", ".join(f"{s['oracle_search'][0]['final_loss'] / u:.3f}" for s in per
+                      for u in [s["runs"]["uniform"]["final_loss"]])
+    best = "; ".join("/".join(str(r) for r in min(s["oracle_search"], key=lambda t: t[
+        "final_loss"])["planted_ranks"].values()) for s in per)
+    d = study["design"]
+    out = [f"#### Planted task: does an allocation put rank where the truth is? (`python -m "
+           f"study.planted --plants {study['args']['plants']}`, {seeds} seeds, "
+           f"{study['args']['steps']} steps at lr {d['lr']:g})", "",
+           f"Criterion, stated before measuring: {study['criterion']}.", "",
+           f"The oracle is searched: {min(tried)}"
+           f"{f'–{max(tried)}' if max(tried) > min(tried) else ''} candidates per seed (planted "
+           f"ranks on the grid {d['oracle_grid']}, then ± {d['oracle_step']} per planted matrix, "
+           f"the rest spread evenly); best planted ranks per seed: {best}; planted.oracle_ranks "
+           f"alone / uniform: {first}. Searched oracle / uniform per seed: "
+           f"{', '.join(f'{r:.3f}' for r in ratios)}, so the task criterion "
+           f"{'holds' if study['criterion_held'] else 'does NOT hold'}.", ""]
+    out += table(["allocation", "final / B=0 loss, mean ± std", "vs uniform", "gap closed",
+                  "closes ≥ 50 % of the gap", "share of rank on planted", "calibration s",
+                  "per seed"], "lrrrrrrl", [
+        [name, f"{r['loss_ratio']['mean']:.4f} ± {r['loss_ratio']['std']:.4f}",
+         f"{r['vs_uniform']['mean']:.3f}", f"{r['gap_closed']['mean']:.2f}",
+         f"{r['closes_half_gap_seeds']} of {seeds}", f"{r['share_planted']['mean']:.2f}",
+         f"{r['calibration_seconds']['mean']:.2f}",
+         ", ".join(f"{s['runs'][name]['loss_ratio']:.4f}" for s in per)]
+        for name, r in study["summary"].items()])
+    out += ["", f"Does a score beat both data-free controls? (control − score) / uniform, mean "
+            f"[95 % t interval] over {seeds} seeds, wins:", ""]
+    out += table(["score", "vs structure prior", "vs its shuffled ranks", "finds the plants"],
+                 "lrrl", [[s, *(f"{v['mean']:+.3f} [{v['low']:+.3f}, {v['high']:+.3f}], "
+                                f"{v['wins']} of {v['n']}" for v in (f["structure"],
+                                                                     f["shuffled"])),
+                           "yes" if f["finds_plants"] else "no"]
+                          for s, f in study["finds"].items()])
+    found = [s for s, f in study["finds"].items() if f["finds_plants"]]
+    return out + ["", f"Scores that find the plants by the criterion: {', '.join(found) or 'none'}."]
+
+
+def smollm2_lines(root: Path) -> list[str]:
+    """SmolLM2 on SST-2 prompts from results/smollm2/<run>/results.json."""
+    runs = sorted((read_json(p) for p in root.glob("*/results.json")), key=lambda r: (
+        r["args"]["steps"] > 1, r["args"]["method"], r["args"]["seed"]))
+    rows = [["zero-shot (no training)" if a["steps"] == 1 and a["lr"] < 1e-9 else a["method"],
+             a["seed"], f"{a['steps']} × {a['batch_size']}",
+             f"{100 * r['metrics']['accuracy']:.2f}", f"{r['seconds']['per_step']:.2f}",
+             f"{r['seconds']['calibration']:.1f}"] for r in runs for a in [r["args"]]]
+    return ["", "#### SmolLM2-135M-Instruct on SST-2 prompts (`results/smollm2/`)", "", *table(
+        ["method", "seed", "steps × batch", "dev accuracy", "s/step", "calibration s"],
+        "lrrrrr", rows)] if rows else []
+
+
+def fill(lines: list[str]) -> str:
+    """Prose wrapped at 100 columns; table rows left whole."""
+    return "\n".join(x if x.startswith("|") else textwrap.fill(x, 100, break_on_hyphens=False)
+                     for x in lines) + "\n"
+
+
+def results_page(root: Path, cells: list[dict], v: dict, svgs: dict[str, str], out: Path) -> str:
+    """results/README.md: per task on each device its table, scores and rank map, then the speed
+    tables, the planted studies and SmolLM2."""
+    seeds = sorted({c["seed"] for c in cells})
+    lines = ["# Results", "", f"_Generated by `python -m study.report` from {len(cells)} cells "
+             f"({datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC) and the JSON files beside this "
+             "page; do not edit by hand._", "", v["line"], "", VERDICT_RULE, "",
+             f"Recipe: `python train.py --method M {' '.join(RECIPE)} --task T --data-dir D "
+             "--seed S` (peers and alternative scores: `python -m study.peers NAME -- ...`, the "
+             "same batches, head and, for peft-lora, A). Values are dev-set percentages; a paired "
+             "Δ is method − lora in the same seed; \"–\" is a cell not run yet. s/step is each "
+             "cell's own time on a shared machine: compare speed in the make bench table."
+             + (f" peft-adalora's trainable parameters are counted at its start (init_r = "
+                f"{ADALORA_INIT} × r per matrix); it prunes to r per matrix on average by the end."
+                if any(c["method"] == "peft-adalora" for c in cells) else "")]
+    for task, device in dict.fromkeys((c["task"], c["device"]) for c in cells):
+        mine = [c for c in cells if (c["task"], c["device"]) == (task, device)]
+        roots = "`, `".join(sorted({f"{c['root']}/{task}/" for c in mine}))
+        lines += ["", f"## {task} on {device} (`{roots}`)", ""]
+        if device == "cuda":
+            gpus = ", ".join(sorted({c["gpu"] or "" for c in mine} - {""})) or "GPU"
+            lines += [f"The same recipe on a GPU ({gpus}, bf16 autocast; `python -m study.grid "
+                      "--root results/cells_cuda ... -- --device cuda`), paired within this table "
+                      "only.", ""]
+        lines += task_table(mine, task, seeds, v["tables"][f"{task} on {device}"]["methods"])
+        lines += ["", *score_lines(mine, task)] if score_lines(mine, task) else []
+        if key := svgs.get(f"{task} on {device}"):
+            n = mean_ranks(mine, task)[1]
+            lines += ["", f"![FIM-LoRA ranks on {task}, {device}]({key})", "",
+                      f"FIM-LoRA's ranks on {task} ({device}), layer × module, mean over {n} "
+                      f"seed{'s' * (n != 1)} ({key})."]
+    for name in ("bench.json", "bench_cuda.json"):
+        if (out / name).exists():
+            b = read_json(out / name)
+            where = (f"on a GPU (`python bench.py --devices cuda --out results/{name}`, "
+                     f"{b['machine']['cuda']}, bf16 autocast" if "cuda" in name else
+                     f"side by side in one process (`make bench`, {b['machine']['threads']} "
+                     "threads")
+            lines += ["", f"## Speed {where}, torch {b['versions']['torch']}, median of "
+                      f"{b['repeats']} interleaved repeats)", "", *bench_lines(b)]
+    for name in ("planted_study.json", "planted_study_anywhere.json"):
+        if (out / name).exists():
+            lines += ["", *planted_lines(read_json(out / name))]
+    return fill(lines + smollm2_lines(out / "smollm2"))
+
+
+def run_block(run: dict) -> list[str]:
+    """What `make run` printed, from its results.json: the rank map and --compare's verdict."""
+    ranks, c = run["ranks"], run.get("compare")
+    budget = (f"{run['args']['r'] * len(ranks)} ranks" if run["args"].get("budget", "ranks")
+              == "ranks" else "the parameters of uniform rank r")
+    out = ["```", f"ranks (total {sum(ranks.values())}, budget {budget}; "
+           f"{run.get('adapter_parameters', 0):,} adapter parameters):", train.layer_table(ranks)]
+    if c:
+        out += [f"final loss / loss at B = 0: this run {c['run']:.4f}, uniform LoRA "
+                f"{c['uniform']:.4f}, oracle {c['oracle']:.4f} (same budget, same batches)",
+                f"{c['method']} {'beat' if c['run'] < c['uniform'] else 'did not beat'} uniform "
+                f"LoRA and closed {c['gap_closed']:.0%} of the uniform→oracle gap on this "
+                "planted task (one seed)"]
+    return out + ["```"]
+
+
+def replace_block(text: str, name: str, lines: list[str], path: Path) -> str:
+    """text with the lines between BLOCKS[name]'s markers replaced; ValueError without them."""
+    start, end = BLOCKS[name]
+    if not (start in text and end in text and text.index(start) < text.index(end)):
+        raise ValueError(f"{path} lacks the markers {start} ... {end}: put them where the "
+                         f"generated {name} block goes")
+    return text[:text.index(start) + len(start)] + "\n" + "\n".join(lines) + "\n" + \
+        text[text.index(end):]
+
+
+# -----------------------------------------------------------------------------
+# writing: computed whole, then renamed together
+
+
+def report_files(root: Path, out: Path | None = None,
+                 readme: Path | None = None) -> tuple[dict, dict[Path, str]]:
+    """(verdicts, {path: text}): README.md and the rank maps in `out` (results/ for the
+    project's own cells, else root itself), and for the project's own cells its README.md's
+    generated blocks (`readme`)."""
+    own = own_root(root)
+    out, readme = out or (RESULTS if own else root), readme or (README if own else None)
+    cells = read_root(root)
+    v, files, svgs = verdicts(cells), {}, {}
+    for task, device in dict.fromkeys((c["task"], c["device"]) for c in cells):
+        ranks, n = mean_ranks([c for c in cells if c["device"] == device], task)
+        if ranks:
+            svgs[f"{task} on {device}"] = name = \
+                f"ranks_{task}{'' if device == 'cpu' else '_' + device}.svg"
+            files[out / name] = rank_svg(ranks, f"FIM-LoRA ranks, {task} ({device}), mean of "
+                                                f"{n} seed{'s' * (n != 1)}")
+    files[out / "README.md"] = results_page(root, cells, v, svgs, out)
+    if readme is not None:
+        page = (out / "README.md").as_posix()
+        text = replace_block(readme.read_text(), "results", [
+            v["line"], "", f"Every table, the rank maps, the speed figures and the planted "
+            f"study: [{page}]({page})."], readme)
+        run = out / "make_run" / "results.json"
+        files[readme] = replace_block(text, "run", run_block(read_json(run)), readme) \
+            if run.exists() else text
+    return v, files
+
+
+def write_files(files: dict[Path, str]) -> None:
+    """Every file written whole to a temp file beside it, then all renamed: a failure while
+    writing (a full disk, a kill) leaves every old file as it was."""
+    tmps: dict[Path, str] = {}
+    umask = os.umask(0)  # the only way to read it; restored at once
+    os.umask(umask)
+    try:
+        for path, text in files.items():
+            fd, tmps[path] = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmps[path], 0o666 & ~umask)
+        for path, tmp in tmps.items():
+            os.replace(tmp, path)
+    finally:
+        for tmp in tmps.values():
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+def write_report(root: Path, out: Path | None = None, readme: Path | None = None) -> dict:
+    """report_files, written together; returns the verdicts."""
+    v, files = report_files(root, out, readme)
+    next(iter(files)).parent.mkdir(parents=True, exist_ok=True)
+    write_files(files)
+    print(f"wrote {', '.join(p.as_posix() for p in files)}")
+    return v
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--root", type=Path, default=CELLS,
+                   help="the cells' folder; one outside results/ gets its report inside it")
+    a = p.parse_args(argv)
+    if not a.root.is_dir():
+        raise ValueError(f"--root {a.root}: no such folder, no cells to report; pass the "
+                         "cells' folder (results/cells)")
+    return write_report(a.root)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
