@@ -31,7 +31,7 @@ import runfolder
 import train
 from data import glue
 from study import report
-from study.report import CELLS, METHODS, PEERS, SCORES, SEED_MAX, folder, read_json
+from study.report import CELLS, METHODS, PEERS, SCORES, SEED_MAX, folder
 
 SST2 = Path("../shared/data/glue/SST-2")
 BUDGET_METHODS = ("fim-params", "fim+da-params")  # train.py --budget params

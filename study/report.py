@@ -1,12 +1,12 @@
-"""results/README.md (every table) and README.md's two generated blocks, from files alone.
+"""results/README.md (every table, the rank maps) and README.md's two generated blocks.
 
-    python -m study.report                       # results/cells (+ cells_cuda) -> results/, README.md
-    python -m study.report --root other/cells    # -> other/cells/README.md, summary.json, svgs
+    python -m study.report                     # results/cells + cells_cuda -> results/, README.md
+    python -m study.report --root other/cells  # -> other/cells/README.md and its rank maps only
 
 Every number comes from a file: the cells' results.json (and run.json), results/bench*.json,
-results/planted_study*.json, results/smollm2/*/results.json and results/make_run/results.json.
-A damaged cell is refused naming its file and field; the files are computed whole first, then
-renamed together, so a kill never leaves README.md and summary.json disagreeing.
+results/planted_study*.json, results/smollm2/*/results.json, results/make_run/results.json. A
+damaged cell is refused naming its file and field; all files are computed first, then renamed
+together, so a kill never leaves the page and README.md disagreeing.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ CELLS = RESULTS / "cells"
 OWN_ROOTS = ("cells", "cells_cuda")  # results/<these>: the project's grids, read together
 METHODS = ("lora", "fim", "fw", "da", "fim+da")
 PEERS = ("peft-lora", "peft-adalora", "peft-eva")
-SCORES = ("efim", "variance", "per-example", "gradw", "kfac", "lorada", "random")  # this order
+SCORES = ("efim", "variance", "per-example", "gradw", "kfac", "lorada", "random")  # the order
 # indexes the planted study's shuffle streams (planted.shuffle_generator): never reorder it
 RECIPE = ["--model", "minilm"]  # the rest is train.py's GLUE defaults
 ADALORA_INIT = 1.5  # peft-adalora starts at init_r = 1.5 r per matrix and prunes to r
@@ -48,13 +48,13 @@ METRIC_RANGE = {"accuracy": (0, 1), "f1": (0, 1), "mcc": (-1, 1), "pearson": (-1
 
 
 def score_method(score: str) -> str:
-    """The grid method of an allocation score at the parameter budget.
-    score_method("kfac") -> "fim-kfac-params"; efim, FIM-LoRA's default, is "fim-params"."""
+    """The grid method of a score at the parameter budget.  score_method("kfac") ->
+    "fim-kfac-params"; efim, FIM-LoRA's default, is "fim-params"."""
     return "fim-params" if score == "efim" else f"fim-{score}-params"
 
 
 def folder(method: str, seed: int) -> str:
-    """A cell's folder name ("+" written "_").  folder("fim+da", 2) -> "fim_da-s2" """
+    """A cell's folder ("+" written "_").  folder("fim+da", 2) -> "fim_da-s2" """
     return f"{method.replace('+', '_')}-s{seed}"
 
 
@@ -65,7 +65,7 @@ def parse_folder(name: str) -> tuple[str, int] | None:
 
 
 # -----------------------------------------------------------------------------
-# reading: every field the tables use is checked, bounded and named when bad
+# reading: every field a table uses is checked, bounded and named when bad
 
 
 def read_json(path: Path, limit: int = READ_LIMIT):
@@ -85,15 +85,14 @@ def damaged(path: Path, what: str) -> ValueError:
 
 
 def read_result(path: Path) -> dict:
-    """A cell's results.json (or run.json): a dict with a metrics dict (results.json) and
-    fields of the types train.py writes (FIELDS), or ValueError naming the file and field."""
+    """A cell's results.json (with a metrics dict) or run.json, its fields of the types
+    train.py writes (FIELDS), or ValueError naming the file and the field."""
     try:
         res = read_json(path)
     except json.JSONDecodeError:
         res = None
     except ValueError as e:  # not a regular file, too big
-        raise ValueError(f"{e}: remove {path.parent} and run the grid again to redo that "
-                         "cell") from None
+        raise ValueError(f"{e}: remove {path.parent} and run the grid again") from None
     if not isinstance(res, dict) or (path.name == "results.json"
                                      and not isinstance(res.get("metrics"), dict)):
         raise damaged(path, "not a results object with metrics")
@@ -104,11 +103,11 @@ def read_result(path: Path) -> dict:
 
 
 def checked(path: Path, field: str, value, low: float, high: float, optional: bool = True,
-            integer: bool = False):
+            kind: type | tuple = (int, float)):
     """value if it is a number (not a bool) in [low, high] (or an optional None), else
     ValueError naming the file and field: a report never shows what cannot be."""
-    number = isinstance(value, int if integer else (int, float)) and not isinstance(value, bool)
-    if (value is None and optional) or (number and low <= value <= high):  # NaN fails too
+    if (value is None and optional) or (isinstance(value, kind) and not isinstance(value, bool)
+                                        and low <= value <= high):  # NaN fails too
         return value
     raise damaged(path, f"{field} = {json.dumps(value)[:40]}, not a number in "
                         f"[{low:g}, {high:g}]")
@@ -119,7 +118,7 @@ def metric_of(task: str) -> str:
 
 
 def read_cell(path: Path, device: str, root: Path) -> dict:
-    """The record of one cell's results.json (with run.json beside it), every field checked."""
+    """The record of one cell's results.json (and run.json beside it), every field checked."""
     method, seed = parse_folder(path.parent.name)
     task, metric = path.parent.parent.name, metric_of(path.parent.parent.name)
     if seed > SEED_MAX:
@@ -133,20 +132,16 @@ def read_cell(path: Path, device: str, root: Path) -> dict:
         checked(path, f"metrics.{name}", v, *METRIC_RANGE.get(name, (-1e12, 1e12)), False)
     for name, r in (res.get("ranks") or {}).items():
         checked(path, f"ranks.{name}", r, 0, 1e6)
-    seconds, machine = res.get("seconds") or {}, (info.get("machine") or {}) | (
-        res.get("machine") or {})
+    gpu = {**(info.get("machine") or {}), **(res.get("machine") or {})}.get("cuda")
     device = res.get("device") or device
-    if not re.fullmatch(r"[a-z]+(:\d+)?", device) or not isinstance(machine.get("cuda") or "",
-                                                                     str):
+    if not re.fullmatch(r"[a-z]+(:\d+)?", device) or not isinstance(gpu or "", str):
         raise damaged(path, f"device {device!r} / machine.cuda")
     return {"task": task, "method": method, "seed": seed, "device": device.split(":")[0],
             "root": root.as_posix(), "metrics": res["metrics"], "ranks": res.get("ranks") or {},
-            "gpu": machine.get("cuda"),
-            "per_step": checked(path, "seconds.per_step", seconds.get("per_step"), 0, 1e9),
-            "calibration": checked(path, "seconds.calibration", seconds.get("calibration"), 0,
-                                   1e9),
+            "gpu": gpu, "per_step": checked(path, "seconds.per_step",
+                                            (res.get("seconds") or {}).get("per_step"), 0, 1e9),
             "params": checked(path, "trainable_parameters", res.get("trainable_parameters"), 0,
-                              1e15, integer=True)}
+                              1e15, kind=int)}
 
 
 def read_cells(root: Path) -> list[dict]:
@@ -160,13 +155,11 @@ def own_root(root: Path) -> bool:
     return root.resolve() in {(RESULTS / name).resolve() for name in OWN_ROOTS}
 
 
-def cell_roots(root: Path) -> list[Path]:
-    """Exactly root, except for the project's results/cells and results/cells_cuda, whose one
-    report shows both devices. A sibling elsewhere (a cells_backup copy) is never read."""
-    if not own_root(root):
-        return [root]
-    return [RESULTS / n for n in OWN_ROOTS if (RESULTS / n).is_dir()
-            or (RESULTS / n).resolve() == root.resolve()]
+def read_root(root: Path) -> list[dict]:
+    """The cells of exactly root, except for the project's results/cells and cells_cuda, read
+    together (one report, both devices). A sibling elsewhere (a cells_backup) is never read."""
+    roots = [RESULTS / n for n in OWN_ROOTS if (RESULTS / n).is_dir()] if own_root(root) else []
+    return [c for r in roots or [root] for c in read_cells(r)]
 
 
 # -----------------------------------------------------------------------------
@@ -194,9 +187,9 @@ def t_quantile(p: float, df: int) -> float:
 
 
 def paired_stats(d: list[float]) -> dict | None:
-    """{"n", "mean", "std", "low", "high", "wins"} of paired differences: the 95 % Student t
-    interval mean ± t(0.975, n − 1)·sd/√n (std, low, high None under 2), wins = #(d > 0).
-    None for no pairs.  paired_stats([1, 2, 3])["low"] -> 2 - 4.3027 · 1/√3 = -0.484"""
+    """{"n", "mean", "std", "low", "high", "wins"} of paired differences d: the 95 % Student t
+    interval mean ± t(0.975, n − 1)·sd/√n (std, low, high None under 2), wins = #(d > 0); None
+    without pairs.  paired_stats([1, 2, 3])["low"] -> 2 − 4.3027·1/√3 = −0.484"""
     if not d:
         return None
     n, mean = len(d), statistics.mean(d)
@@ -206,10 +199,10 @@ def paired_stats(d: list[float]) -> dict | None:
             "high": None if half is None else mean + half, "wins": sum(x > 0 for x in d)}
 
 
-def delta_stats(value: dict, method: str, ref: str, seeds=None) -> dict | None:
+def delta_stats(value: dict, method: str, ref: str) -> dict | None:
     """paired_stats of value[method, s] − value[ref, s] over the seeds holding both."""
-    return paired_stats([v - value[ref, s] for (m, s), v in value.items() if m == method
-                         and (ref, s) in value and (seeds is None or s in seeds)])
+    return paired_stats([v - value[ref, s] for (m, s), v in value.items()
+                         if m == method and (ref, s) in value])
 
 
 def mean_std(xs: list[float], fmt: str = "{:.2f}") -> str:
@@ -219,20 +212,18 @@ def mean_std(xs: list[float], fmt: str = "{:.2f}") -> str:
     return f"{fmt.format(statistics.mean(xs))} ± {statistics.stdev(xs):.2f}"
 
 
-def delta(st: dict | None) -> str:
-    """"+mean ± std" of paired_stats ("+mean" for one pair, "–" without one)."""
-    return "–" if st is None else f"{st['mean']:+.2f}" + (
-        "" if st["std"] is None else f" ± {st['std']:.2f}")
-
-
 def interval(st: dict | None) -> str:
     """"[low, high]" of paired_stats, "n/a" under 2 seeds, "–" without a pair."""
     return ("–" if st is None else "n/a" if st["low"] is None
             else f"[{st['low']:+.2f}, {st['high']:+.2f}]")
 
 
-def wins(st: dict | None) -> str:
-    return "–" if st is None else f"{st['wins']} of {st['n']}"
+def paired_cells(st: dict | None) -> list[str]:
+    """A table's "Δ ± std", "[interval]" and "k of n" wins of paired_stats ("–" without)."""
+    if st is None:
+        return ["–"] * 3
+    return [f"{st['mean']:+.2f}" + ("" if st["std"] is None else f" ± {st['std']:.2f}"),
+            interval(st), f"{st['wins']} of {st['n']}"]
 
 
 VERDICT_RULE = (
@@ -256,11 +247,10 @@ def task_values(cells: list[dict], task: str) -> dict[tuple[str, int], float]:
 
 
 def table_verdict(value: dict, method: str) -> dict | None:
-    """delta_stats vs lora of one table with "vs_random", "verdict" and "why" (VERDICT_RULE)."""
-    st = delta_stats(value, method, "lora")
+    """delta_stats vs lora of one table with its "verdict" and "why" (VERDICT_RULE)."""
+    st, rnd = (delta_stats(value, method, ref) for ref in ("lora", score_method("random")))
     if st is None:
         return None
-    rnd = delta_stats(value, method, score_method("random"))
     if st["low"] is None:
         v, why = "undecided", f"{st['n']} seed, no interval"
     elif st["high"] < 0:
@@ -273,7 +263,7 @@ def table_verdict(value: dict, method: str) -> dict | None:
         v, why = "better", f"beats the random control by {rnd['mean']:+.2f} {interval(rnd)}"
     else:
         v, why = "level", f"does not beat the random control ({rnd['mean']:+.2f} {interval(rnd)})"
-    return st | {"vs_random": rnd, "verdict": v, "why": why}
+    return st | {"verdict": v, "why": why}
 
 
 def verdicts(cells: list[dict]) -> dict:
@@ -283,16 +273,15 @@ def verdicts(cells: list[dict]) -> dict:
     tables, overall = {}, {}
     for task, device in dict.fromkeys((c["task"], c["device"]) for c in cells):
         value = task_values([c for c in cells if c["device"] == device], task)
-        rows = {m: v for m in methods if m != "lora" and (v := table_verdict(value, m))}
-        tables[f"{task} on {device}"] = {"seeds": sum(m == "lora" for m, _ in value),
-                                         "methods": rows}
+        tables[f"{task} on {device}"] = {"seeds": sum(m == "lora" for m, _ in value), "methods": {
+            m: v for m in methods if m != "lora" and (v := table_verdict(value, m))}}
     for m in methods:
         got = {t: r["methods"][m] for t, r in tables.items() if m in r["methods"]}
         vs = {r["verdict"] for r in got.values()}
         if got:
-            overall[m] = {"tables": got, "verdict": "mixed" if {"better", "worse"} <= vs else next(
-                (k for k in ("better", "worse", "level") if k in vs), "undecided")}
-    named = {k: [m for m, o in overall.items() if o["verdict"] == k]
+            overall[m] = "mixed" if {"better", "worse"} <= vs else next(
+                (k for k in ("better", "worse", "level") if k in vs), "undecided")
+    named = {k: [m for m, v in overall.items() if v == k]
              for k in ("better", "mixed", "worse", "level", "undecided")}
     where = ", ".join(f"{t} ({r['seeds']} seeds)" for t, r in tables.items())
     line = "Verdict (generated from the intervals below): " + (
@@ -302,17 +291,12 @@ def verdicts(cells: list[dict]) -> dict:
     return {"tables": tables, "methods": overall, "line": line}
 
 
-def read_root(root: Path) -> list[dict]:
-    """Every cell a report on root shows (cell_roots)."""
-    return [c for r in cell_roots(root) for c in read_cells(r)]
-
-
 # -----------------------------------------------------------------------------
-# tables: one mechanism (table) for every one, printed or rendered
+# tables: one mechanism for every one, printed (the planted study) or rendered
 
 
 def table(head: list[str], align: str, rows: list[list]) -> list[str]:
-    """Markdown table lines; align has one letter per column, l or r.
+    """Markdown table lines, align one letter per column (l or r).
     table(["a", "b"], "lr", [[1, 2]]) -> ["| a | b |", "|---|---:|", "| 1 | 2 |"]"""
     rule = "|".join("---:" if a == "r" else "---" for a in align)
     return [f"| {' | '.join(head)} |", f"|{rule}|", *(f"| {' | '.join(map(str, r))} |"
@@ -321,20 +305,18 @@ def table(head: list[str], align: str, rows: list[list]) -> list[str]:
 
 def task_table(cells: list[dict], task: str, seeds: list[int], verdict: dict) -> list[str]:
     """One task on one device: per method the mean ± std over seeds, each seed's value, the
-    paired Δ vs uniform LoRA with its 95 % interval and wins, the verdict (VERDICT_RULE),
-    trainable parameters and s/step."""
+    paired Δ vs uniform LoRA with its 95 % interval and wins, the verdict, trainable
+    parameters and s/step."""
     value, rows = task_values(cells, task), []
     for m in dict.fromkeys([*METHODS, *PEERS, *(m for m, _ in value)]):
         got = [value[m, s] for s in seeds if (m, s) in value]
-        mine = [c for c in cells if c["method"] == m]
-        st = verdict.get(m)
-        params = sorted({c["params"] for c in mine} - {None})
+        mine, v = [c for c in cells if c["method"] == m], verdict.get(m)
         steps = [c["per_step"] for c in mine if c["per_step"]]
         rows.append([m, (mean_std(got) if got else "–") + (
             f" ({len(got)} of {len(seeds)} seeds)" if len(got) < len(seeds) else ""),
             ", ".join(f"{value[m, s]:.2f}" if (m, s) in value else "–" for s in seeds),
-            delta(st), interval(st), wins(st), f"{st['verdict']} ({st['why']})" if st else "–",
-            " / ".join(f"{p:,}" for p in params) or "–",
+            *paired_cells(v), f"{v['verdict']} ({v['why']})" if v else "–",
+            " / ".join(f"{p:,}" for p in sorted({c["params"] for c in mine} - {None})) or "–",
             f"{statistics.mean(steps):.2f}" if steps else "–"])
     return table(["method", f"{metric_of(task)} (mean ± std)",
                   f"per seed ({', '.join(map(str, seeds))})", "paired Δ vs lora",
@@ -349,14 +331,13 @@ def score_lines(cells: list[dict], task: str) -> list[str]:
     scores = [s for s in SCORES if s != "random" and any(m == score_method(s) for m, _ in value)]
     if not scores:
         return []
-    rows = [["random", delta(st := delta_stats(value, rnd, "lora")), wins(st), "–", "–"]]
-    for s in scores:
-        a, b = (delta_stats(value, score_method(s), ref) for ref in ("lora", rnd))
-        rows.append([s, delta(a), wins(a), delta(b), wins(b)])
-    return [f"Allocation scores on {task} ({cells[0]['device']}) at the parameter budget, paired "
-            "by seed with uniform LoRA and with the random allocation (the control a score must "
-            "beat):", "", *table(["score", "Δ vs lora", "wins", "Δ vs random", "wins"], "lrrrr",
-                                 rows)]
+    rows = [["random", *paired_cells(delta_stats(value, rnd, "lora"))[::2], "–", "–"]] + [
+        [s, *(x for ref in ("lora", rnd) for x in paired_cells(
+            delta_stats(value, score_method(s), ref))[::2])] for s in scores]
+    return ["", f"Allocation scores on {task} ({cells[0]['device']}) at the parameter budget, "
+            "paired by seed with uniform LoRA and with the random allocation (the control a "
+            "score must beat):", "",
+            *table(["score", "Δ vs lora", "wins", "Δ vs random", "wins"], "lrrrr", rows)]
 
 
 def mean_ranks(cells: list[dict], task: str, method: str = "fim") -> tuple[dict, int]:
@@ -369,8 +350,8 @@ def mean_ranks(cells: list[dict], task: str, method: str = "fim") -> tuple[dict,
 
 def rank_svg(ranks: dict[str, float], title: str) -> str:
     """train.layer_table's layer × module table drawn as a small SVG heatmap: one <rect> per
-    matrix, darker = higher rank, the value written in it; matrices outside `layer.N.` (the
-    pooler) get a row of their own."""
+    matrix, darker = higher rank, the value written in it; a matrix outside `layer.N.` (the
+    pooler) gets a row of its own."""
     lines = train.layer_table(ranks, "{:.3g}").splitlines()
     cols = lines[0].split()[1:] or ["matrix"]
     rows = [(f"layer {x.split()[0]}", x.split()[1:]) for x in lines[1:] if ": " not in x]
@@ -395,32 +376,35 @@ def rank_svg(ranks: dict[str, float], title: str) -> str:
     return "\n".join(out + ["</svg>"]) + "\n"
 
 
-def bench_lines(bench: dict) -> list[str]:
+def bench_lines(name: str, bench: dict) -> list[str]:
     """make bench's rows (results/bench*.json), each against its goal, and the noise floor."""
-    rows = [[r["row"], f"{r['figure']:.3g}{r['unit']}",
-             "–" if r["goal"] is None else f"≤ {r['goal']:g}{r['unit']}",
-             "–" if r["met"] is None else "met" if r["met"] else "missed", r["detail"]]
-            for r in bench["rows"]]
-    out = table(["row", "figure", "goal", "status", "measured"], "lrrll", rows)
+    m = bench["machine"]
+    where = (f"on a GPU (`python bench.py --devices cuda --out results/{name}`, {m['cuda']}, "
+             "bf16 autocast" if "cuda" in name else
+             f"side by side in one process (`make bench`, {m['threads']} threads")
     same = [r["figure"] for r in bench["rows"] if r["row"].startswith("merged LoRA forward")]
-    if same:  # merged weights: the base forward's computation, timed side by side
-        out += ["", "A merged LoRA forward is the base forward's computation (the weights "
-                f"differ, not the work), so its ratio, {', '.join(f'{x:.3f}×' for x in same)}, "
-                "shows this run's timing noise: read every ratio to about "
-                f"±{max(abs(x - 1) for x in same) * 100:.0f} %."]
-    return out + ["", *bench.get("notes", [])]
+    return ["", f"## Speed {where}, torch {bench['versions']['torch']}, median of "
+            f"{bench['repeats']} interleaved repeats)", "", *table(
+                ["row", "figure", "goal", "status", "measured"], "lrrll", [[
+                    r["row"], f"{r['figure']:.3g}{r['unit']}",
+                    "–" if r["goal"] is None else f"≤ {r['goal']:g}{r['unit']}",
+                    "–" if r["met"] is None else "met" if r["met"] else "missed", r["detail"]]
+                    for r in bench["rows"]]), ""] + ([  # merged: the base forward's work
+        "A merged LoRA forward is the base forward's computation (the weights differ, not the "
+        f"work), so its ratio, {', '.join(f'{x:.3f}×' for x in same)}, shows this run's timing "
+        f"noise: read every ratio to about ±{max(abs(x - 1) for x in same) * 100:.0f} %.", ""]
+        if same else []) + bench.get("notes", [])
 
 
 def planted_lines(study: dict) -> list[str]:
-    """The planted study's tables (results/planted_study*.json, python -m study.planted)."""
-    per, ratios = study["per_seed"], study["criterion_oracle_over_uniform"]
+    """The planted study's tables (results/planted_study*.json from python -m study.planted)."""
+    per, ratios, d = study["per_seed"], study["criterion_oracle_over_uniform"], study["design"]
     seeds, tried = len(ratios), [len(s["oracle_search"]) for s in per]
     first = ", ".join(f"{s['oracle_search'][0]['final_loss'] / u:.3f}" for s in per
                       for u in [s["runs"]["uniform"]["final_loss"]])
-    best = "; ".join("/".join(str(r) for r in min(s["oracle_search"], key=lambda t: t[
-        "final_loss"])["planted_ranks"].values()) for s in per)
-    d = study["design"]
-    out = [f"#### Planted task: does an allocation put rank where the truth is? (`python -m "
+    best = "; ".join("/".join(map(str, min(s["oracle_search"], key=lambda t: t["final_loss"])[
+        "planted_ranks"].values())) for s in per)
+    out = [f"## Planted task: does an allocation put rank where the truth is? (`python -m "
            f"study.planted --plants {study['args']['plants']}`, {seeds} seeds, "
            f"{study['args']['steps']} steps at lr {d['lr']:g})", "",
            f"Criterion, stated before measuring: {study['criterion']}.", "",
@@ -430,24 +414,22 @@ def planted_lines(study: dict) -> list[str]:
            f"the rest spread evenly); best planted ranks per seed: {best}; planted.oracle_ranks "
            f"alone / uniform: {first}. Searched oracle / uniform per seed: "
            f"{', '.join(f'{r:.3f}' for r in ratios)}, so the task criterion "
-           f"{'holds' if study['criterion_held'] else 'does NOT hold'}.", ""]
-    out += table(["allocation", "final / B=0 loss, mean ± std", "vs uniform", "gap closed",
-                  "closes ≥ 50 % of the gap", "share of rank on planted", "calibration s",
-                  "per seed"], "lrrrrrrl", [
-        [name, f"{r['loss_ratio']['mean']:.4f} ± {r['loss_ratio']['std']:.4f}",
-         f"{r['vs_uniform']['mean']:.3f}", f"{r['gap_closed']['mean']:.2f}",
-         f"{r['closes_half_gap_seeds']} of {seeds}", f"{r['share_planted']['mean']:.2f}",
-         f"{r['calibration_seconds']['mean']:.2f}",
-         ", ".join(f"{s['runs'][name]['loss_ratio']:.4f}" for s in per)]
-        for name, r in study["summary"].items()])
-    out += ["", f"Does a score beat both data-free controls? (control − score) / uniform, mean "
-            f"[95 % t interval] over {seeds} seeds, wins:", ""]
-    out += table(["score", "vs structure prior", "vs its shuffled ranks", "finds the plants"],
-                 "lrrl", [[s, *(f"{v['mean']:+.3f} [{v['low']:+.3f}, {v['high']:+.3f}], "
-                                f"{v['wins']} of {v['n']}" for v in (f["structure"],
-                                                                     f["shuffled"])),
-                           "yes" if f["finds_plants"] else "no"]
-                          for s, f in study["finds"].items()])
+           f"{'holds' if study['criterion_held'] else 'does NOT hold'}.", "", *table(
+               ["allocation", "final / B=0 loss, mean ± std", "vs uniform", "gap closed",
+                "closes ≥ 50 % of the gap", "share of rank on planted", "calibration s",
+                "per seed"], "lrrrrrrl", [[
+                   name, f"{r['loss_ratio']['mean']:.4f} ± {r['loss_ratio']['std']:.4f}",
+                   f"{r['vs_uniform']['mean']:.3f}", f"{r['gap_closed']['mean']:.2f}",
+                   f"{r['closes_half_gap_seeds']} of {seeds}", f"{r['share_planted']['mean']:.2f}",
+                   f"{r['calibration_seconds']['mean']:.2f}",
+                   ", ".join(f"{s['runs'][name]['loss_ratio']:.4f}" for s in per)]
+                   for name, r in study["summary"].items()]), "",
+           "Does a score beat both data-free controls? (control − score) / uniform, mean [95 % t "
+           f"interval] over {seeds} seeds, wins:", "", *table(
+               ["score", "vs structure prior", "vs its shuffled ranks", "finds the plants"],
+               "lrrl", [[s, *(f"{v['mean']:+.3f} [{v['low']:+.3f}, {v['high']:+.3f}], "
+                              f"{v['wins']} of {v['n']}" for v in (f["structure"], f["shuffled"])),
+                         "yes" if f["finds_plants"] else "no"] for s, f in study["finds"].items()])]
     found = [s for s, f in study["finds"].items() if f["finds_plants"]]
     return out + ["", f"Scores that find the plants by the criterion: {', '.join(found) or 'none'}."]
 
@@ -460,20 +442,14 @@ def smollm2_lines(root: Path) -> list[str]:
              a["seed"], f"{a['steps']} × {a['batch_size']}",
              f"{100 * r['metrics']['accuracy']:.2f}", f"{r['seconds']['per_step']:.2f}",
              f"{r['seconds']['calibration']:.1f}"] for r in runs for a in [r["args"]]]
-    return ["", "#### SmolLM2-135M-Instruct on SST-2 prompts (`results/smollm2/`)", "", *table(
+    return ["", "## SmolLM2-135M-Instruct on SST-2 prompts (`results/smollm2/`)", "", *table(
         ["method", "seed", "steps × batch", "dev accuracy", "s/step", "calibration s"],
         "lrrrrr", rows)] if rows else []
 
 
-def fill(lines: list[str]) -> str:
-    """Prose wrapped at 100 columns; table rows left whole."""
-    return "\n".join(x if x.startswith("|") else textwrap.fill(x, 100, break_on_hyphens=False)
-                     for x in lines) + "\n"
-
-
-def results_page(root: Path, cells: list[dict], v: dict, svgs: dict[str, str], out: Path) -> str:
-    """results/README.md: per task on each device its table, scores and rank map, then the speed
-    tables, the planted studies and SmolLM2."""
+def results_page(cells: list[dict], v: dict, svgs: dict[str, str], out: Path) -> str:
+    """results/README.md: the verdict and its rule, per task on each device its table, scores
+    and rank map, then the speed tables, the planted studies and SmolLM2."""
     seeds = sorted({c["seed"] for c in cells})
     lines = ["# Results", "", f"_Generated by `python -m study.report` from {len(cells)} cells "
              f"({datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC) and the JSON files beside this "
@@ -493,28 +469,22 @@ def results_page(root: Path, cells: list[dict], v: dict, svgs: dict[str, str], o
         if device == "cuda":
             gpus = ", ".join(sorted({c["gpu"] or "" for c in mine} - {""})) or "GPU"
             lines += [f"The same recipe on a GPU ({gpus}, bf16 autocast; `python -m study.grid "
-                      "--root results/cells_cuda ... -- --device cuda`), paired within this table "
-                      "only.", ""]
+                      "--root results/cells_cuda ... -- --device cuda`), paired within this "
+                      "table only.", ""]
         lines += task_table(mine, task, seeds, v["tables"][f"{task} on {device}"]["methods"])
-        lines += ["", *score_lines(mine, task)] if score_lines(mine, task) else []
-        if key := svgs.get(f"{task} on {device}"):
+        lines += score_lines(mine, task)
+        if svg := svgs.get(f"{task} on {device}"):
             n = mean_ranks(mine, task)[1]
-            lines += ["", f"![FIM-LoRA ranks on {task}, {device}]({key})", "",
+            lines += ["", f"![FIM-LoRA ranks on {task}, {device}]({svg})", "",
                       f"FIM-LoRA's ranks on {task} ({device}), layer × module, mean over {n} "
-                      f"seed{'s' * (n != 1)} ({key})."]
+                      f"seed{'s' * (n != 1)} ({svg})."]
     for name in ("bench.json", "bench_cuda.json"):
-        if (out / name).exists():
-            b = read_json(out / name)
-            where = (f"on a GPU (`python bench.py --devices cuda --out results/{name}`, "
-                     f"{b['machine']['cuda']}, bf16 autocast" if "cuda" in name else
-                     f"side by side in one process (`make bench`, {b['machine']['threads']} "
-                     "threads")
-            lines += ["", f"## Speed {where}, torch {b['versions']['torch']}, median of "
-                      f"{b['repeats']} interleaved repeats)", "", *bench_lines(b)]
+        lines += bench_lines(name, read_json(out / name)) if (out / name).exists() else []
     for name in ("planted_study.json", "planted_study_anywhere.json"):
-        if (out / name).exists():
-            lines += ["", *planted_lines(read_json(out / name))]
-    return fill(lines + smollm2_lines(out / "smollm2"))
+        lines += ["", *planted_lines(read_json(out / name))] if (out / name).exists() else []
+    lines += smollm2_lines(out / "smollm2")
+    return "\n".join(x if x.startswith("|") else textwrap.fill(x, 100, break_on_hyphens=False)
+                     for x in lines) + "\n"
 
 
 def run_block(run: dict) -> list[str]:
@@ -539,19 +509,18 @@ def replace_block(text: str, name: str, lines: list[str], path: Path) -> str:
     if not (start in text and end in text and text.index(start) < text.index(end)):
         raise ValueError(f"{path} lacks the markers {start} ... {end}: put them where the "
                          f"generated {name} block goes")
-    return text[:text.index(start) + len(start)] + "\n" + "\n".join(lines) + "\n" + \
-        text[text.index(end):]
+    return "\n".join([text[:text.index(start) + len(start)], *lines, text[text.index(end):]])
 
 
 # -----------------------------------------------------------------------------
-# writing: computed whole, then renamed together
+# writing: every file computed first, then all renamed together
 
 
 def report_files(root: Path, out: Path | None = None,
                  readme: Path | None = None) -> tuple[dict, dict[Path, str]]:
     """(verdicts, {path: text}): README.md and the rank maps in `out` (results/ for the
-    project's own cells, else root itself), and for the project's own cells its README.md's
-    generated blocks (`readme`)."""
+    project's own cells, else root itself) and, for the project's cells, the generated blocks
+    of `readme` (README.md)."""
     own = own_root(root)
     out, readme = out or (RESULTS if own else root), readme or (README if own else None)
     cells = read_root(root)
@@ -559,25 +528,26 @@ def report_files(root: Path, out: Path | None = None,
     for task, device in dict.fromkeys((c["task"], c["device"]) for c in cells):
         ranks, n = mean_ranks([c for c in cells if c["device"] == device], task)
         if ranks:
-            svgs[f"{task} on {device}"] = name = \
-                f"ranks_{task}{'' if device == 'cpu' else '_' + device}.svg"
-            files[out / name] = rank_svg(ranks, f"FIM-LoRA ranks, {task} ({device}), mean of "
-                                                f"{n} seed{'s' * (n != 1)}")
-    files[out / "README.md"] = results_page(root, cells, v, svgs, out)
+            svg = svgs[f"{task} on {device}"] = f"ranks_{task}{'_cuda' * (device == 'cuda')}.svg"
+            files[out / svg] = rank_svg(ranks, f"FIM-LoRA ranks, {task} ({device}), mean of {n} "
+                                               f"seed{'s' * (n != 1)}")
+    files[out / "README.md"] = results_page(cells, v, svgs, out)
     if readme is not None:
-        page = (out / "README.md").as_posix()
+        link = (out / "README.md").as_posix()
         text = replace_block(readme.read_text(), "results", [
             v["line"], "", f"Every table, the rank maps, the speed figures and the planted "
-            f"study: [{page}]({page})."], readme)
+            f"study: [{link}]({link})."], readme)
         run = out / "make_run" / "results.json"
         files[readme] = replace_block(text, "run", run_block(read_json(run)), readme) \
             if run.exists() else text
     return v, files
 
 
-def write_files(files: dict[Path, str]) -> None:
-    """Every file written whole to a temp file beside it, then all renamed: a failure while
-    writing (a full disk, a kill) leaves every old file as it was."""
+def write_report(root: Path, out: Path | None = None, readme: Path | None = None) -> dict:
+    """report_files, each written whole to a temp file beside it, then all renamed: a failure
+    while writing (a full disk, a kill) leaves every old file as it was. Returns the verdicts."""
+    v, files = report_files(root, out, readme)
+    next(iter(files)).parent.mkdir(parents=True, exist_ok=True)
     tmps: dict[Path, str] = {}
     umask = os.umask(0)  # the only way to read it; restored at once
     os.umask(umask)
@@ -595,13 +565,6 @@ def write_files(files: dict[Path, str]) -> None:
         for tmp in tmps.values():
             if os.path.exists(tmp):
                 os.unlink(tmp)
-
-
-def write_report(root: Path, out: Path | None = None, readme: Path | None = None) -> dict:
-    """report_files, written together; returns the verdicts."""
-    v, files = report_files(root, out, readme)
-    next(iter(files)).parent.mkdir(parents=True, exist_ok=True)
-    write_files(files)
     print(f"wrote {', '.join(p.as_posix() for p in files)}")
     return v
 

@@ -65,7 +65,7 @@ def row_of(markdown: str, method: str) -> list[str]:
 
 def page(root) -> str:
     c = report.read_root(root)
-    return report.results_page(root, c, report.verdicts(c), {}, root)
+    return report.results_page(c, report.verdicts(c), {}, root)
 
 
 # -----------------------------------------------------------------------------
@@ -138,12 +138,12 @@ def test_verdict_needs_an_interval_off_zero_and_a_win_over_the_random_control():
     assert v["up"]["low"] > 0 and "does not beat the random control" in v["up"]["why"]
     no_control = report.verdicts(acc_cells({m: a for m, a in table.items()
                                             if m != "fim-random-params"}))
-    assert no_control["methods"]["best"]["verdict"] == "undecided"
-    assert "no random control" in no_control["methods"]["best"]["tables"]["sst2 on cpu"]["why"]
+    assert no_control["methods"]["best"] == "undecided"
+    assert "no random control" in no_control["tables"]["sst2 on cpu"]["methods"]["best"]["why"]
     # across tables: better on one, worse on another is mixed
     across = report.verdicts(acc_cells(table) + acc_cells(
         {"lora": lora, "best": [78, 82.8, 80.2]}, "cuda"))
-    assert across["methods"]["best"]["verdict"] == "mixed"
+    assert across["methods"]["best"] == "mixed"
     assert "no method is better than uniform LoRA" in across["line"]
     assert "mixed: best" in across["line"] and "sst2 on cuda (3 seeds)" in across["line"]
 
@@ -274,7 +274,8 @@ def test_the_adalora_rows_say_their_parameters_are_counted_before_pruning(cells)
 def test_bench_lines_read_the_noise_floor_off_the_merged_forward_row():
     rows = [{"row": "merged LoRA forward / base forward", "figure": 0.96, "goal": 1.0,
              "unit": "×", "met": True, "detail": "d"}]
-    lines = report.bench_lines({"rows": rows})
+    lines = report.bench_lines("bench.json", {"rows": rows, "machine": {"threads": 2},
+                                              "versions": {"torch": "2"}, "repeats": 5})
     assert "| merged LoRA forward / base forward | 0.96× | ≤ 1× | met | d |" in lines
     assert any("0.960×" in x and "±4 %" in x for x in lines)
 
