@@ -284,7 +284,7 @@ def verdicts(cells: list[dict]) -> dict:
     named = {k: [m for m, v in overall.items() if v == k]
              for k in ("better", "mixed", "worse", "level", "undecided")}
     where = ", ".join(f"{t} ({r['seeds']} seeds)" for t, r in tables.items())
-    line = "Verdict (generated from the intervals below): " + (
+    line = "Verdict (generated from the cells' paired 95 % intervals): " + (
         f"better than uniform LoRA: {', '.join(named['better'])}" if named["better"] else
         "no method is better than uniform LoRA") + f" on {where or 'no cells'}" + "".join(
         f"; {k}: {', '.join(ms)}" for k, ms in named.items() if k != "better" and ms) + "."
@@ -382,18 +382,20 @@ def bench_lines(name: str, bench: dict) -> list[str]:
     where = (f"on a GPU (`python bench.py --devices cuda --out results/{name}`, {m['cuda']}, "
              "bf16 autocast" if "cuda" in name else
              f"side by side in one process (`make bench`, {m['threads']} threads")
+    rows = [[r["row"], f"{r['figure']:.3g}{r['unit']}",
+             "–" if r["goal"] is None else f"≤ {r['goal']:g}{r['unit']}",
+             "–" if r["met"] is None else "met" if r["met"] else "missed", r["detail"]]
+            for r in bench["rows"]]
+    out = ["", f"## Speed {where}, torch {bench['versions']['torch']}, median of "
+           f"{bench['repeats']} interleaved repeats)", "",
+           *table(["row", "figure", "goal", "status", "measured"], "lrrll", rows), ""]
     same = [r["figure"] for r in bench["rows"] if r["row"].startswith("merged LoRA forward")]
-    return ["", f"## Speed {where}, torch {bench['versions']['torch']}, median of "
-            f"{bench['repeats']} interleaved repeats)", "", *table(
-                ["row", "figure", "goal", "status", "measured"], "lrrll", [[
-                    r["row"], f"{r['figure']:.3g}{r['unit']}",
-                    "–" if r["goal"] is None else f"≤ {r['goal']:g}{r['unit']}",
-                    "–" if r["met"] is None else "met" if r["met"] else "missed", r["detail"]]
-                    for r in bench["rows"]]), ""] + ([  # merged: the base forward's work
-        "A merged LoRA forward is the base forward's computation (the weights differ, not the "
-        f"work), so its ratio, {', '.join(f'{x:.3f}×' for x in same)}, shows this run's timing "
-        f"noise: read every ratio to about ±{max(abs(x - 1) for x in same) * 100:.0f} %.", ""]
-        if same else []) + bench.get("notes", [])
+    if same:  # merged weights: the base forward's computation, timed side by side
+        out += ["A merged LoRA forward is the base forward's computation (the weights differ, "
+                f"not the work), so its ratio, {', '.join(f'{x:.3f}×' for x in same)}, shows "
+                f"this run's timing noise: read every ratio to about "
+                f"±{max(abs(x - 1) for x in same) * 100:.0f} %.", ""]
+    return out + bench.get("notes", [])
 
 
 def planted_lines(study: dict) -> list[str]:
@@ -404,34 +406,35 @@ def planted_lines(study: dict) -> list[str]:
                       for u in [s["runs"]["uniform"]["final_loss"]])
     best = "; ".join("/".join(map(str, min(s["oracle_search"], key=lambda t: t["final_loss"])[
         "planted_ranks"].values())) for s in per)
-    out = [f"## Planted task: does an allocation put rank where the truth is? (`python -m "
-           f"study.planted --plants {study['args']['plants']}`, {seeds} seeds, "
-           f"{study['args']['steps']} steps at lr {d['lr']:g})", "",
-           f"Criterion, stated before measuring: {study['criterion']}.", "",
-           f"The oracle is searched: {min(tried)}"
-           f"{f'–{max(tried)}' if max(tried) > min(tried) else ''} candidates per seed (planted "
-           f"ranks on the grid {d['oracle_grid']}, then ± {d['oracle_step']} per planted matrix, "
-           f"the rest spread evenly); best planted ranks per seed: {best}; planted.oracle_ranks "
-           f"alone / uniform: {first}. Searched oracle / uniform per seed: "
-           f"{', '.join(f'{r:.3f}' for r in ratios)}, so the task criterion "
-           f"{'holds' if study['criterion_held'] else 'does NOT hold'}.", "", *table(
-               ["allocation", "final / B=0 loss, mean ± std", "vs uniform", "gap closed",
-                "closes ≥ 50 % of the gap", "share of rank on planted", "calibration s",
-                "per seed"], "lrrrrrrl", [[
-                   name, f"{r['loss_ratio']['mean']:.4f} ± {r['loss_ratio']['std']:.4f}",
-                   f"{r['vs_uniform']['mean']:.3f}", f"{r['gap_closed']['mean']:.2f}",
-                   f"{r['closes_half_gap_seeds']} of {seeds}", f"{r['share_planted']['mean']:.2f}",
-                   f"{r['calibration_seconds']['mean']:.2f}",
-                   ", ".join(f"{s['runs'][name]['loss_ratio']:.4f}" for s in per)]
-                   for name, r in study["summary"].items()]), "",
-           "Does a score beat both data-free controls? (control − score) / uniform, mean [95 % t "
-           f"interval] over {seeds} seeds, wins:", "", *table(
-               ["score", "vs structure prior", "vs its shuffled ranks", "finds the plants"],
-               "lrrl", [[s, *(f"{v['mean']:+.3f} [{v['low']:+.3f}, {v['high']:+.3f}], "
-                              f"{v['wins']} of {v['n']}" for v in (f["structure"], f["shuffled"])),
-                         "yes" if f["finds_plants"] else "no"] for s, f in study["finds"].items()])]
+    runs = [[name, f"{r['loss_ratio']['mean']:.4f} ± {r['loss_ratio']['std']:.4f}",
+             f"{r['vs_uniform']['mean']:.3f}", f"{r['gap_closed']['mean']:.2f}",
+             f"{r['closes_half_gap_seeds']} of {seeds}", f"{r['share_planted']['mean']:.2f}",
+             f"{r['calibration_seconds']['mean']:.2f}",
+             ", ".join(f"{s['runs'][name]['loss_ratio']:.4f}" for s in per)]
+            for name, r in study["summary"].items()]
+    finds = [[s, *(f"{v['mean']:+.3f} [{v['low']:+.3f}, {v['high']:+.3f}], {v['wins']} of "
+                   f"{v['n']}" for v in (f["structure"], f["shuffled"])),
+              "yes" if f["finds_plants"] else "no"] for s, f in study["finds"].items()]
     found = [s for s, f in study["finds"].items() if f["finds_plants"]]
-    return out + ["", f"Scores that find the plants by the criterion: {', '.join(found) or 'none'}."]
+    return [f"## Planted task: does an allocation put rank where the truth is? (`python -m "
+            f"study.planted --plants {study['args']['plants']}`, {seeds} seeds, "
+            f"{study['args']['steps']} steps at lr {d['lr']:g})", "",
+            f"Criterion, stated before measuring: {study['criterion']}.", "",
+            f"The oracle is searched: {min(tried)}"
+            f"{f'–{max(tried)}' if max(tried) > min(tried) else ''} candidates per seed (planted "
+            f"ranks on the grid {d['oracle_grid']}, then ± {d['oracle_step']} per planted "
+            f"matrix, the rest spread evenly); best planted ranks per seed: {best}; "
+            f"planted.oracle_ranks alone / uniform: {first}. Searched oracle / uniform per seed: "
+            f"{', '.join(f'{r:.3f}' for r in ratios)}, so the task criterion "
+            f"{'holds' if study['criterion_held'] else 'does NOT hold'}.", "",
+            *table(["allocation", "final / B=0 loss, mean ± std", "vs uniform", "gap closed",
+                    "closes ≥ 50 % of the gap", "share of rank on planted", "calibration s",
+                    "per seed"], "lrrrrrrl", runs), "",
+            "Does a score beat both data-free controls? (control − score) / uniform, mean [95 % "
+            f"t interval] over {seeds} seeds, wins:", "",
+            *table(["score", "vs structure prior", "vs its shuffled ranks", "finds the plants"],
+                   "lrrl", finds), "",
+            f"Scores that find the plants by the criterion: {', '.join(found) or 'none'}."]
 
 
 def smollm2_lines(root: Path) -> list[str]:
@@ -535,8 +538,8 @@ def report_files(root: Path, out: Path | None = None,
     if readme is not None:
         link = (out / "README.md").as_posix()
         text = replace_block(readme.read_text(), "results", [
-            v["line"], "", f"Every table, the rank maps, the speed figures and the planted "
-            f"study: [{link}]({link})."], readme)
+            textwrap.fill(v["line"], 100, break_on_hyphens=False), "", "Every table, the rank "
+            f"maps, the speed figures and the planted study: [{link}]({link})."], readme)
         run = out / "make_run" / "results.json"
         files[readme] = replace_block(text, "run", run_block(read_json(run)), readme) \
             if run.exists() else text
