@@ -31,7 +31,7 @@ import runfolder
 import train
 from data import glue
 from study import report
-from study.report import CELLS, METHODS, PEERS, SCORES, SEED_MAX, folder
+from study.report import CELLS, METHODS, PEERS, SCORES, SEED_MAX, bounded, folder
 
 SST2 = Path("../shared/data/glue/SST-2")
 BUDGET_METHODS = ("fim-params", "fim+da-params")  # train.py --budget params
@@ -171,15 +171,6 @@ def run_grid(cells: list[tuple[str, str, int]], data_dirs: dict[str, Path], root
 
 # -----------------------------------------------------------------------------
 # the command: every input checked before any work or write
-
-
-def bounded(low: int, high: int) -> Callable[[str], int]:
-    """An argparse type: an int in [low, high]."""
-    def parse(text: str) -> int:
-        if not low <= int(text) <= high:
-            raise argparse.ArgumentTypeError(f"{text}: use {low}..{high}")
-        return int(text)
-    return parse
 
 
 def check_grid(a: argparse.Namespace, extra: list[str]) -> tuple[dict[str, Path],

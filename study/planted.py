@@ -7,7 +7,15 @@
 
 Per seed, on train.py's planted task: uniform LoRA, the searched oracle, every score at the same
 rank budget (efim also at the parameter budget), the structure prior and each score's shuffled
-ranks; CRITERION, fixed before running, judges them. results/planted_study*.json are its output.
+ranks; CRITERION, fixed before running, judges them. results/planted_study*.json are its output:
+per run loss_ratio (final eval loss / loss at B = 0), vs_uniform and vs_oracle (final loss over
+that run's in the same seed), gap_closed ((uniform − run) / (uniform − oracle)), share_planted
+and covered (data/planted.rank_recovery), calibration_seconds (allocation time in adapt); per
+seed oracle_search (every candidate trained, the first planted.oracle_ranks; the oracle is the
+lowest, chosen on the eval set it is scored on) and structure_holders; per score `finds`, the
+paired (control − score) / uniform over seeds with its 95 % t interval and wins, finds_plants
+when both intervals lie above 0. A shuffled control draws from shuffle_generator(seed, SCORES
+index), apart from every training stream.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ import train
 from data import planted
 from data.planted import oracle_ranks
 from lora import lora_layers, name_matches
-from study.report import SCORES, paired_stats, planted_lines, read_json
+from study.report import SCORES, bounded, paired_stats, planted_lines, read_json
 
 CRITERION = ("the task can judge allocation if the searched oracle (the best allocation a small "
              "search over the planted matrices' ranks finds, the rest of the rank budget spread "
@@ -197,8 +205,8 @@ def summary(study: dict) -> dict:
         cols = {k: [s["runs"][name][k] for s in per] for k in (
             "loss_ratio", "vs_uniform", "vs_oracle", "gap_closed", "share_planted",
             "calibration_seconds")}
-        table[name] = {k: {"mean": sum(v) / len(v), "std": paired_stats(v)["std"] or 0.0}
-                       for k, v in cols.items()}
+        table[name] = {k: {"mean": st["mean"], "std": st["std"] or 0.0}
+                       for k, v in cols.items() for st in [paired_stats(v)]}
         table[name]["closes_half_gap_seeds"] = sum(g >= 0.5 for g in cols["gap_closed"])
 
     def beats(control: str, score: str) -> dict:
@@ -243,12 +251,13 @@ def merge(parts: list[str], out: str) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--seeds", type=int, default=3, help="how many seeds: 0..N-1 (>= 3)")
-    p.add_argument("--steps", type=int, default=600, help="training steps per run")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads per run")
+    p.add_argument("--seeds", type=bounded(3, 2**20), default=3,
+                   help="how many seeds: 0..N-1 (a t interval over seeds needs 3)")
+    p.add_argument("--steps", type=bounded(1, 10**9), default=600, help="steps per run")
+    p.add_argument("--threads", type=bounded(0, 1024), default=1, help="CPU threads per run")
     p.add_argument("--plants", choices=("reach", "anywhere"), default="reach",
                    help="train.py --plants: reach keeps plants off query and key")
-    p.add_argument("--only-seed", type=int, default=None,
+    p.add_argument("--only-seed", type=bounded(0, 2**20 - 1), default=None,
                    help="run this seed alone into a part file (--out), for --merge")
     p.add_argument("--merge", nargs="+", default=None, metavar="PART",
                    help="instead: merge part files (--only-seed runs) into --out")
@@ -256,10 +265,6 @@ def main(argv: list[str] | None = None) -> dict:
     a = p.parse_args(argv)
     if a.merge:
         return merge(a.merge, a.out)
-    if (a.seeds < 3 and a.only_seed is None) or a.steps < 1 or (a.only_seed or 0) < 0:
-        raise ValueError(f"--seeds {a.seeds} / --steps {a.steps} / --only-seed {a.only_seed}: "
-                         "use >= 3 seeds (a t interval over seeds needs them), >= 1 step and a "
-                         "seed >= 0")
     print(f"criterion, stated before running: {CRITERION}", flush=True)
     per = [study_seed(s, a.steps, a.threads, a.plants) for s in (
         range(a.seeds) if a.only_seed is None else [a.only_seed])]
@@ -270,7 +275,7 @@ def main(argv: list[str] | None = None) -> dict:
         "what": f"planted task (data/planted.py defaults, plants: {a.plants}) on train.py's tiny "
                 "encoder: final eval loss of each allocation at the same budget (r x matrices "
                 "ranks; 'efim params': the same budget in parameters, a rank costing d_in + "
-                "d_out)", "criterion": CRITERION, "fields": FIELDS,
+                "d_out)", "criterion": CRITERION, "fields": "study/planted.py's docstring",
         "design": {"plant_rank": planted.PLANT_RANK, "plant_effect": planted.PLANT_EFFECT,
                    "lr": lr, "reach": planted.REACH if a.plants == "reach" else
                    "inf (plants anywhere)", "plants": a.plants, "n_planted": 3, "r": 8,
@@ -279,28 +284,6 @@ def main(argv: list[str] | None = None) -> dict:
         "args": {"seeds": len(per), "steps": a.steps, "threads": a.threads, "plants": a.plants},
         "scores_run": list(SCORES), "versions": train.environment()["versions"] | {
             "commit": commit}, "per_seed": per}, a.out)
-
-
-FIELDS = {  # what each field of the study's JSON means (written into it)
-    "loss_ratio": "final eval loss / eval loss at B = 0",
-    "vs_uniform": "final loss / uniform LoRA's final loss, same seed",
-    "vs_oracle": "final loss / the searched oracle's final loss, same seed",
-    "gap_closed": "(uniform - run) / (uniform - oracle), same seed",
-    "share_planted": "share of the total rank on planted matrices (data/planted.rank_recovery)",
-    "covered": "planted matrices given at least their planted rank",
-    "calibration_seconds": "allocation time inside adapt (0 for uniform)",
-    "closes_half_gap_seeds": "seeds with gap_closed >= 0.5",
-    "oracle_search": "every candidate the oracle search trained: the planted matrices' ranks "
-                     "(the rest spread evenly) and its final loss; the first is "
-                     "planted.oracle_ranks; the oracle is the lowest, chosen on the eval set it "
-                     "is scored on",
-    "structure": "equal ranks on the matrices of types that can hold plants "
-                 "(structure_holders), rank 1 elsewhere, the same rank budget",
-    "shuffled <score>": "the score's own ranks assigned to the matrices in a random order drawn "
-                        "from shuffle_generator(seed, SCORES index): seeded 2**31 + 1000 seed + "
-                        "index, apart from every training stream (seed + k, k < 4)",
-    "finds": "per score, paired (control - score) / uniform over seeds: mean, 95 % t interval, "
-             "wins; finds_plants when both intervals are > 0"}
 
 
 if __name__ == "__main__":

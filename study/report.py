@@ -58,6 +58,15 @@ def folder(method: str, seed: int) -> str:
     return f"{method.replace('+', '_')}-s{seed}"
 
 
+def bounded(low: int, high: int):
+    """An argparse type: an int in [low, high].  bounded(0, 9)("12") -> error "12: use 0..9" """
+    def parse(text: str) -> int:
+        if not low <= int(text) <= high:
+            raise argparse.ArgumentTypeError(f"{text}: use {low}..{high}")
+        return int(text)
+    return parse
+
+
 def parse_folder(name: str) -> tuple[str, int] | None:
     """(method, seed) of a cell folder name.  parse_folder("fim_da-s2") -> ("fim+da", 2)"""
     m = re.fullmatch(r"(.+)-s([0-9]+)", name)  # ASCII digits: int() reads other scripts' too

@@ -181,7 +181,7 @@ def test_report_writes_the_page_the_rank_map_and_only_the_readme_blocks(cells, t
                                                 "oracle": 0.1, "gap_closed": 0.5}}))
     v = report.write_report(cells, out, readme)
     text = readme.read_text()
-    results = text[text.index(report.BLOCKS["results"][0]):]
+    results = " ".join(text[text.index(report.BLOCKS["results"][0]):].split())
     assert v["line"] in results and f"[{out.as_posix()}/README.md]" in results
     assert "ranks (total 16, budget 16 ranks; 1,234 adapter parameters):" in text
     assert "fim beat uniform LoRA and closed 50% of the uniform→oracle gap" in text
