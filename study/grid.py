@@ -36,7 +36,6 @@ from study.report import CELLS, METHODS, PEERS, SCORES, SEED_MAX, bounded, folde
 SST2 = Path("../shared/data/glue/SST-2")
 BUDGET_METHODS = ("fim-params", "fim+da-params")  # train.py --budget params
 OURS = ("efim", "variance", "per-example")  # train.py's scores; the rest: study.peers
-CHECKPOINTS = (runfolder.CHECKPOINT, runfolder.CHECKPOINT + ".old")  # either: resume
 STOP_GRACE = 30  # seconds a Ctrl-C'd cell gets to checkpoint before it is signalled itself
 GUESS = 1.1  # s/step before any cell exists: SST-2 lora-s0 took 1.07 s/step on 1 thread
 GRID_OWNED = ("--task", "--data-dir", "--seed", "--out", "--method", "--resume", "--overwrite",
@@ -152,14 +151,14 @@ def run_grid(cells: list[tuple[str, str, int]], data_dirs: dict[str, Path], root
         if kind := "done" if (out / "results.json").exists() else missing(method) and "missing":
             outcome[kind].append(cell)
             continue
-        resume = any((out / name).is_dir() for name in CHECKPOINTS)
+        resume = any(out.glob(runfolder.CHECKPOINT + "*/"))  # checkpoint/, or its staged copy
         log, t0 = out / "train.log", time.time()
         start = log.stat().st_size if log.is_file() else 0
         code = run(cell_command(*cell, data_dirs[task], out, threads, resume, extra), log)
         if code == 0 and (out / "results.json").exists():
             commit = subprocess.run(["git", "describe", "--always", "--dirty"],
                                     capture_output=True, text=True).stdout.strip() or None
-            train.write_json(out / "run.json", {"commit": commit, "wall_seconds":
+            runfolder.write_json(out / "run.json", {"commit": commit, "wall_seconds":
                                                 time.time() - t0, **train.environment()})
             outcome["resumed" if resume else "ran"].append(cell)
         else:
@@ -208,6 +207,8 @@ def check_grid(a: argparse.Namespace, extra: list[str]) -> tuple[dict[str, Path]
     except SystemExit:  # argparse printed the unknown or malformed flag
         raise ValueError(f"after '--': {' '.join(extra)} is not a valid train.py argument list "
                          f"(see {train.command('train.py', '--help')})") from None
+    except ValueError as e:  # a value train.py or the peers refuse
+        raise ValueError(f"after '--': {e}") from None
     return data_dirs, args
 
 

@@ -159,7 +159,7 @@ def adalora_train(args: argparse.Namespace) -> dict:
                                                          "deltaT", "total_step",
                                                          "orth_reg_weight")}}
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        train.write_json(Path(args.out) / "results.json", results)
+        runfolder.write_json(Path(args.out) / "results.json", results)
     return results
 
 

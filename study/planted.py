@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 import fimlora
+import runfolder
 import train
 from data import planted
 from data.planted import oracle_ranks
@@ -227,7 +228,7 @@ def finish(study: dict, out: str) -> dict:
         study = summary(study)
         print("\n".join(planted_lines(study)))
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    train.write_json(out, study)
+    runfolder.write_json(out, study)
     print(f"wrote {out}" + ("" if "summary" in study else " (a part: merge >= 3 seeds with "
                             "--merge)"))
     return study

@@ -363,7 +363,6 @@ def test_peft_adalora_owns_its_folder_while_it_trains(tmp_path, monkeypatch, sst
     import os
 
     import runfolder
-    import train
     from study import peers
     _peft(), _minilm()
     out = tmp_path / "cell"
@@ -373,7 +372,7 @@ def test_peft_adalora_owns_its_folder_while_it_trains(tmp_path, monkeypatch, sst
     with runfolder.lock(out), pytest.raises(ValueError, match="is in use by pid"):
         peers.cell("peft-adalora", argv)
     held = []
-    real = train.write_json
+    real = runfolder.write_json
 
     def spy(path, obj):
         fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT)
@@ -385,7 +384,7 @@ def test_peft_adalora_owns_its_folder_while_it_trains(tmp_path, monkeypatch, sst
         finally:
             os.close(fd)
         return real(path, obj)
-    monkeypatch.setattr(train, "write_json", spy)
+    monkeypatch.setattr(runfolder, "write_json", spy)
     assert peers.cell("peft-adalora", argv)["peer"] == "peft-adalora"
     assert held == [True] and (out / "results.json").is_file()
 
