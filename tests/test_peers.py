@@ -341,7 +341,7 @@ def test_a_stopped_peer_cell_resumes_bitwise(tmp_path, monkeypatch, sst2_rows, p
         with pytest.raises(train.Interrupted, match=f"-m study.peers {peer} -- --resume"):
             peers.cell(peer, [*quick, "--out", str(out)])
     assert not (out / "results.json").exists() and (out / "checkpoint" / "state.pt").is_file()
-    with pytest.raises(ValueError, match="holds a peer's model .* study.peers NAME"):
+    with pytest.raises(ValueError, match="a peer's checkpoint, .* resumes with the command"):
         train.main(["--resume", str(out)])  # train.py alone would build fimlora's model
     resumed = peers.cell(peer, ["--resume", str(out), "--threads", "1"])
     assert resumed["train_loss"] == full["train_loss"] and resumed["metrics"] == full["metrics"]
