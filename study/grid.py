@@ -148,8 +148,9 @@ def run_grid(cells: list[tuple[str, str, int]], data_dirs: dict[str, Path], root
     for cell in cells:
         task, method, seed = cell
         out = root / task / folder(method, seed)
-        if kind := "done" if (out / "results.json").exists() else missing(method) and "missing":
-            outcome[kind].append(cell)
+        done = (out / "results.json").exists()
+        if done or missing(method):
+            outcome["done" if done else "missing"].append(cell)
             continue
         resume = any(out.glob(runfolder.CHECKPOINT + "*/"))  # checkpoint/, or its staged copy
         log, t0 = out / "train.log", time.time()
@@ -158,8 +159,8 @@ def run_grid(cells: list[tuple[str, str, int]], data_dirs: dict[str, Path], root
         if code == 0 and (out / "results.json").exists():
             commit = subprocess.run(["git", "describe", "--always", "--dirty"],
                                     capture_output=True, text=True).stdout.strip() or None
-            runfolder.write_json(out / "run.json", {"commit": commit, "wall_seconds":
-                                                time.time() - t0, **train.environment()})
+            runfolder.write_json(out / "run.json", {"commit": commit, **train.environment(),
+                                                    "wall_seconds": time.time() - t0})
             outcome["resumed" if resume else "ran"].append(cell)
         else:
             kind = "busy" if code and in_use(log, start) else "failed"

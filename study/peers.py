@@ -33,6 +33,12 @@ EVA_RHO = 2.0  # EVA's rank redistribution bound: a matrix gets at most rho * r
 EVA_BATCHES = 32  # calibration batches handed to PEFT's EVA, which cycles them to convergence
 
 
+def peer_versions() -> dict[str, str]:
+    import peft
+    import transformers
+    return {"transformers": transformers.__version__, "peft": peft.__version__}
+
+
 class HFCall(nn.Module):
     """train.py calls model(input_ids, attention_mask, token_type_ids) and reads logits."""
 
@@ -149,12 +155,14 @@ def adalora_train(args: argparse.Namespace) -> dict:
                       f" | {seconds / step:.3f} s/step", flush=True)
         metrics = task.evaluate(HFCall(model))
         print(f"eval: {metrics}")
+        env = train.environment(device)
         results = {
             "args": vars(args), "seed": args.seed, "device": str(device), "metrics": metrics,
+            **env, "versions": env["versions"] | peer_versions(), "peer": "peft-adalora",
             "train_loss": losses, "trainable_parameters": sum(p.numel() for p in trainable),
             "seconds": {"calibration": 0.0, "training": seconds, "per_step": seconds / args.steps},
             "ranks": {re.sub(r"^base_model\.model\.|\.lora_E(\.default)?$", "", n): int(sum(m))
-                      for n, m in (config.rank_pattern or {}).items()}, "peer": "peft-adalora",
+                      for n, m in (config.rank_pattern or {}).items()},
             "adalora": {k: getattr(config, k) for k in ("init_r", "target_r", "tinit", "tfinal",
                                                          "deltaT", "total_step",
                                                          "orth_reg_weight")}}
@@ -199,6 +207,8 @@ def cell(name: str, argv: list[str]) -> dict:
 
     def finish(res: dict) -> None:
         res["peer" if name in PEERS else "score"] = name
+        if name in PEERS:
+            res["versions"] = {**res.get("versions", {}), **peer_versions()}
         if record:
             res["seconds"]["calibration"], res["ranks"] = record["seconds"], record["ranks"]
             res |= {"eva_batches": record["eva_batches"]} if "eva_batches" in record else {}
