@@ -2,7 +2,7 @@
 
     python -m study.planted                           # 3 seeds, plants within reach
     python -m study.planted --plants anywhere         # plants may land on query and key too
-    python -m study.planted --only-seed 0 --out p0.json   # one seed (parallel processes) ...
+    python -m study.planted --seeds 0 --out p0.json   # one seed (parallel processes) ...
     python -m study.planted --merge p0.json p1.json p2.json   # ... then one study
 
 Per seed, on train.py's planted task: uniform LoRA, the searched oracle, every score at the same
@@ -235,7 +235,7 @@ def finish(study: dict, out: str) -> dict:
 
 
 def merge(parts: list[str], out: str) -> dict:
-    """One study from parts run apart (--only-seed): their seeds in order; the parts must share
+    """One study from parts run apart (--seeds s): their seeds in order; the parts must share
     steps, plants, design and scores."""
     studies = [read_json(Path(p)) for p in parts]
     keys = [(s["args"]["steps"], s["args"]["plants"], s["design"], s["scores_run"])
@@ -252,23 +252,20 @@ def merge(parts: list[str], out: str) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--seeds", type=bounded(3, 2**20), default=3,
-                   help="how many seeds: 0..N-1 (a t interval over seeds needs 3)")
+    p.add_argument("--seeds", nargs="+", type=bounded(0, 2**20 - 1), default=[0, 1, 2],
+                   help="the seed list; under 3 seeds (no t interval yet) a part for --merge")
     p.add_argument("--steps", type=bounded(1, 10**9), default=600, help="steps per run")
     p.add_argument("--threads", type=bounded(0, 1024), default=1, help="CPU threads per run")
     p.add_argument("--plants", choices=("reach", "anywhere"), default="reach",
                    help="train.py --plants: reach keeps plants off query and key")
-    p.add_argument("--only-seed", type=bounded(0, 2**20 - 1), default=None,
-                   help="run this seed alone into a part file (--out), for --merge")
     p.add_argument("--merge", nargs="+", default=None, metavar="PART",
-                   help="instead: merge part files (--only-seed runs) into --out")
+                   help="instead: merge part files (--seeds runs) into --out")
     p.add_argument("--out", default="results/planted_study.json")
     a = p.parse_args(argv)
     if a.merge:
         return merge(a.merge, a.out)
     print(f"criterion, stated before running: {CRITERION}", flush=True)
-    per = [study_seed(s, a.steps, a.threads, a.plants) for s in (
-        range(a.seeds) if a.only_seed is None else [a.only_seed])]
+    per = [study_seed(s, a.steps, a.threads, a.plants) for s in dict.fromkeys(a.seeds)]
     lr = train.parse_args(["--out", "unused"]).lr  # the planted recipe's, every run's
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
                             text=True).stdout.strip() or None

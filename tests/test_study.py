@@ -713,7 +713,7 @@ def test_plants_anywhere_reach_query_and_key():
 
 
 def study_part(tmp_path, seed: int, score_loss: float) -> str:
-    """A one-seed part as --only-seed writes it, with made-up losses."""
+    """A one-seed part as --seeds s writes it, with made-up losses."""
     run = {"loss_ratio": 0.5, "share_planted": 0.5, "calibration_seconds": 0.0, "ranks": {}}
     losses = {"uniform": 1.0, "oracle": 0.4, "structure": 0.8, "gradw": score_loss,
               "shuffled gradw": 0.9}
