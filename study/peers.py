@@ -199,6 +199,11 @@ def cell(name: str, argv: list[str]) -> dict:
     if name in PEERS:
         args = peer_args(argv)
         adapt = peft_adapt if name == "peft-lora" else eva_adapt(record)
+        if name == "peft-eva" and args.batch_size < EVA_RHO * args.r:  # PEFT would cycle forever
+            raise ValueError(f"--batch-size {args.batch_size} < rho * r = {EVA_RHO * args.r:g}: "
+                             "EVA's SVD of the pooler (one row per example) needs that many rows "
+                             "per batch and never converges with fewer; raise --batch-size or "
+                             "lower --r")
     else:
         from study.scores import score_adapt
         args = train.parse_args(argv)
