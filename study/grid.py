@@ -2,15 +2,8 @@
 
     python -m study.grid                          # SST-2: lora fim fw da fim+da, seeds 0 1 2
     python -m study.grid --data-root ../shared/data/glue --tasks sst2 cola --peers peft-lora
-    python -m study.grid --budget params --scores kfac random   # + allocations at the budget
-    python -m study.grid --dry-run                # the plan, no training
+    python -m study.grid --budget params --scores kfac random --dry-run
     python -m study.grid --root other/cells -- --steps 100     # train.py flags after '--'
-
-A cell is <root>/<task>/<method>-s<seed>/ (train.py, or python -m study.peers for a peer or an
-alternative score): skipped once it holds results.json, resumed when it holds a checkpoint.
-Its trainer holds the folder's lock (runfolder.lock) while it runs, so a second grid's trainer
-is refused and the cell reported busy, never trained twice; a cell dies with its grid (Linux
-PR_SET_PDEATHSIG), checkpointing as on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -20,11 +13,9 @@ import importlib.util
 import os
 import re
 import signal
-import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import runfolder
@@ -34,42 +25,38 @@ from study import report
 from study.report import CELLS, METHODS, PEERS, SCORES, SEED_MAX, bounded, folder
 
 SST2 = Path("../shared/data/glue/SST-2")
-BUDGET_METHODS = ("fim-params", "fim+da-params")  # train.py --budget params
-OURS = ("efim", "variance", "per-example")  # train.py's scores; the rest: study.peers
+OURS = ("efim", "variance", "per-example")  # train.py's scores; the rest run in study.peers
 STOP_GRACE = 30  # seconds a Ctrl-C'd cell gets to checkpoint before it is signalled itself
-GUESS = 1.1  # s/step before any cell exists: SST-2 lora-s0 took 1.07 s/step on 1 thread
 GRID_OWNED = ("--task", "--data-dir", "--seed", "--out", "--method", "--resume", "--overwrite",
-              "--threads")  # train.py flags the grid sets per cell
+              "--threads")
 RECIPE_KEYS = ("model", "r", "alpha", "rslora", "dropout", "targets", "steps", "epochs",
                "batch_size", "lr", "weight_decay", "warmup", "grad_clip", "max_len", "max_train",
                "max_eval", "grad_accum")  # what every cell of one root shares
 
 
 def method_flags(method: str) -> list[str]:
-    """train.py's flags for a grid method run by train.py.
+    """train.py's flags of a grid method.
     method_flags("fim-per-example-params") -> [--method fim --per-example --budget params]"""
-    base, params = method.removesuffix("-params"), method.endswith("-params")
-    base, _, score = base.partition("-")
+    base, _, score = method.removesuffix("-params").partition("-")
     flags = ["--method", base] + (["--per-example"] if score == "per-example" else
                                   ["--score", score] if score else [])
-    return flags + (["--budget", "params"] if params else [])
+    return flags + (["--budget", "params"] if method.endswith("-params") else [])
 
 
 def by_peers(method: str) -> bool:
     """Whether study.peers runs this cell: a peer, or a score outside train.py's."""
-    return method in PEERS or any(method == report.score_method(s) for s in SCORES
-                                  if s not in OURS)
+    return method in PEERS or method in {report.score_method(s) for s in SCORES if s not in OURS}
 
 
 def cell_command(task: str, method: str, seed: int, data_dir: Path, out: Path, threads: int,
                  resume: bool, extra: list[str] = ()) -> list[str]:
     """One cell's command: the recipe, or with `resume` its --resume from out's checkpoint."""
-    head = ([sys.executable, "-m", "study.peers", method, "--"] if by_peers(method)
-            else [sys.executable, "train.py"])
+    peer = by_peers(method)
+    head = [sys.executable, *(["-m", "study.peers", method, "--"] if peer else ["train.py"])]
     if resume:
         return [*head, "--resume", str(out), "--threads", str(threads)]
-    return [*head, *(["--method", "lora"] if by_peers(method) else method_flags(method)),
-            *report.RECIPE, "--task", task, "--data-dir", str(data_dir), "--seed", str(seed),
+    return [*head, *(["--method", "lora"] if peer else method_flags(method)), *report.RECIPE,
+            "--task", task, "--data-dir", str(data_dir), "--seed", str(seed),
             "--threads", str(threads), "--log-every", "100", "--out", str(out), *extra]
 
 
@@ -79,14 +66,9 @@ def missing(method: str) -> str | None:
     return f"{' and '.join(gone)} not installed" if gone and method in PEERS else None
 
 
-# -----------------------------------------------------------------------------
-# running: one trainer per cell (train.py's lock on its --out), none outliving the grid
-
-
-def dies_with_grid() -> Callable[[], None] | None:
-    """A Popen preexec_fn by which the kernel sends the cell SIGTERM when the grid dies, even by
-    kill -9 (prctl PR_SET_PDEATHSIG); train.py takes SIGTERM as Ctrl-C: checkpoint, exit. An
-    orphan would train on beside the next grid. None off Linux."""
+def dies_with_grid():
+    """A Popen preexec_fn: the kernel sends the cell SIGTERM (train.py's Ctrl-C) when the grid
+    dies, even by kill -9, so no orphan trains beside the next grid. None off Linux."""
     if not sys.platform.startswith("linux"):
         return None
     import ctypes
@@ -100,9 +82,8 @@ def dies_with_grid() -> Callable[[], None] | None:
 
 
 def run_cell(cmd: list[str], log: Path) -> int:
-    """Run one cell, output appended to log. On Ctrl-C (which the cell got too, in the grid's
-    process group) it has STOP_GRACE s to checkpoint, then SIGINT; on any other exit of the
-    grid it is terminated."""
+    """Run one cell, output appended to log. On Ctrl-C (which the cell got too) it has
+    STOP_GRACE s to checkpoint; on any other exit of the grid it is terminated."""
     print(" ".join(cmd), flush=True)
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as f:
@@ -120,16 +101,11 @@ def run_cell(cmd: list[str], log: Path) -> int:
         finally:
             if proc.poll() is None:
                 proc.terminate()
-                try:
-                    proc.wait(timeout=STOP_GRACE)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+                proc.wait()
 
 
 def in_use(log: Path, start: int) -> bool:
-    """Whether the log after byte `start` says train.py found its --out locked by another live
-    run (another grid's cell): that cell is busy, not failed."""
+    """Whether the log after byte `start` says train.py found --out locked by a live run."""
     try:
         with open(log, "rb") as f:
             f.seek(max(start, os.fstat(f.fileno()).st_size - 65536))
@@ -139,18 +115,15 @@ def in_use(log: Path, start: int) -> bool:
 
 
 def run_grid(cells: list[tuple[str, str, int]], data_dirs: dict[str, Path], root: Path,
-             threads: int, run: Callable[[list[str], Path], int] = run_cell,
-             extra: list[str] = ()) -> dict[str, list[tuple[str, str, int]]]:
-    """Run every (task, method, seed) cell without results.json, in order, resuming one that
-    holds a checkpoint. Returns the cells by outcome: done (skipped), ran, resumed, failed,
-    missing (a peer's packages), busy (another live run holds the cell's folder)."""
+             threads: int, run=run_cell, extra: list[str] = ()) -> dict[str, list]:
+    """Run every (task, method, seed) cell without results.json, resuming one with a checkpoint.
+    Returns the cells by outcome: done, ran, resumed, failed, missing, busy."""
     outcome: dict = {k: [] for k in ("done", "ran", "resumed", "failed", "missing", "busy")}
     for cell in cells:
         task, method, seed = cell
         out = root / task / folder(method, seed)
-        done = (out / "results.json").exists()
-        if done or missing(method):
-            outcome["done" if done else "missing"].append(cell)
+        if (out / "results.json").exists() or missing(method):
+            outcome["done" if (out / "results.json").exists() else "missing"].append(cell)
             continue
         resume = any(out.glob(runfolder.CHECKPOINT + "*/"))  # checkpoint/, or its staged copy
         log, t0 = out / "train.log", time.time()
@@ -162,43 +135,37 @@ def run_grid(cells: list[tuple[str, str, int]], data_dirs: dict[str, Path], root
             runfolder.write_json(out / "run.json", {"commit": commit, **train.environment(),
                                                     "wall_seconds": time.time() - t0})
             outcome["resumed" if resume else "ran"].append(cell)
-        else:
+        else:  # a lock held by another grid's trainer: busy, not failed
             kind = "busy" if code and in_use(log, start) else "failed"
             print(f"cell {task} {out.name} {kind} (exit {code}): see {log}")
             outcome[kind].append(cell)
     return outcome
 
 
-# -----------------------------------------------------------------------------
-# the command: every input checked before any work or write
-
-
 def check_grid(a: argparse.Namespace, extra: list[str]) -> tuple[dict[str, Path],
                                                                   argparse.Namespace]:
-    """({task: data folder}, the cells' train.py arguments), or ValueError naming the bad
-    value and the fix."""
+    """({task: data folder}, the cells' train.py arguments), or ValueError naming the fix."""
     if a.root.exists() and not a.root.is_dir():
         raise ValueError(f"--root {a.root} is a file: pass the cells' folder")
     if a.data_root and not Path(a.data_root).is_dir():
         raise ValueError(f"--data-root {a.data_root}: no such folder; pass the folder that "
                          "holds the GLUE task folders (SST-2, CoLA, ...)")
-    data_dirs = {t: Path(a.data_root) / s.folder for t, s in glue.TASKS.items()
-                 if (Path(a.data_root) / s.folder / "train.tsv").is_file()} if a.data_root \
+    found = {t: Path(a.data_root) / s.folder for t, s in glue.TASKS.items()
+             if (Path(a.data_root) / s.folder / "train.tsv").is_file()} if a.data_root \
         else {"sst2": SST2}
-    if not data_dirs:
+    if not found:
         raise ValueError(f"--data-root {a.data_root} holds no standard GLUE folder with a "
-                         f"train.tsv ({', '.join(s.folder for s in glue.TASKS.values())}); "
-                         "pass the folder that holds them")
+                         f"train.tsv ({', '.join(s.folder for s in glue.TASKS.values())})")
     if not a.data_root and not a.dry_run and not (SST2 / "train.tsv").is_file():
         raise ValueError(f"{SST2 / 'train.tsv'} not found: pass --data-root with the GLUE "
                          "download (the folder holding SST-2/)")
-    if unknown := sorted(set(a.tasks or ()) - set(data_dirs)):
+    if unknown := sorted(set(a.tasks or ()) - set(found)):
         raise ValueError(f"--tasks {' '.join(unknown)}: no such GLUE folder found (found: "
-                         f"{', '.join(data_dirs)}); check --data-root")
-    data_dirs = {t: d for t, d in data_dirs.items() if not a.tasks or t in a.tasks}
+                         f"{', '.join(found)}); check --data-root")
     if owned := [f for f in extra if f.split("=")[0] in GRID_OWNED]:
         raise ValueError(f"after '--': {' '.join(owned)} is set by the grid for each cell; use "
                          "--tasks, --data-root, --seeds, --methods, --root or --threads instead")
+    data_dirs = {t: d for t, d in found.items() if not a.tasks or t in a.tasks}
     task, data = next(iter(data_dirs.items()))
     argv = [*report.RECIPE, "--task", task, "--data-dir", str(data), "--out",
             str(a.root / ".unwritten"), *extra]
@@ -208,14 +175,13 @@ def check_grid(a: argparse.Namespace, extra: list[str]) -> tuple[dict[str, Path]
     except SystemExit:  # argparse printed the unknown or malformed flag
         raise ValueError(f"after '--': {' '.join(extra)} is not a valid train.py argument list "
                          f"(see {train.command('train.py', '--help')})") from None
-    except ValueError as e:  # a value train.py or the peers refuse
+    except ValueError as e:
         raise ValueError(f"after '--': {e}") from None
     return data_dirs, args
 
 
 def check_recipe(cells: list, root: Path, args: argparse.Namespace) -> None:
-    """ValueError if a finished cell was trained with another recipe than `args`: it would be
-    skipped, and the table would mix recipes."""
+    """ValueError if a finished cell (which the grid skips) was trained with another recipe."""
     for task, method, seed in cells:
         path = root / task / folder(method, seed) / "results.json"
         saved = report.read_result(path).get("args") or {} if path.exists() else {}
@@ -235,40 +201,35 @@ def main(argv: list[str] | None = None) -> dict:
                    help=f"run every standard GLUE folder found here (default: SST-2, {SST2})")
     p.add_argument("--tasks", nargs="+", default=None, help="narrow the tasks, e.g. sst2 cola")
     p.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
-    p.add_argument("--seeds", nargs="+", type=bounded(0, SEED_MAX), default=[0, 1, 2],
-                   help="the seed list (numpy's seed range)")
+    p.add_argument("--seeds", nargs="+", type=bounded(0, SEED_MAX), default=[0, 1, 2])
     p.add_argument("--peers", nargs="*", default=[], choices=PEERS)
     p.add_argument("--budget", choices=("ranks", "params"), default="ranks",
                    help="params: also fim and fim+da at an equal parameter budget")
     p.add_argument("--scores", nargs="+", default=[], choices=SCORES,
                    help="also each allocation score at the parameter budget (fim-S-params)")
-    p.add_argument("--root", type=Path, default=CELLS,
-                   help="the cells' folder; outside results/ its report goes inside it")
+    p.add_argument("--root", type=Path, default=CELLS, help="the cells' folder")
     p.add_argument("--threads", type=bounded(0, 1024), default=1,
                    help="CPU threads per cell (0: torch's default)")
-    p.add_argument("--dry-run", action="store_true", help="plan and report, train nothing")
+    p.add_argument("--dry-run", action="store_true", help="print the plan, train nothing")
     a = p.parse_args(argv[:len(argv) - len(extra) - ("--" in argv)])
-    a.seeds = list(dict.fromkeys(a.seeds))
     data_dirs, cell_args = check_grid(a, extra)
-    methods = [*a.methods, *(m for m in BUDGET_METHODS if a.budget == "params"
-                             and m.removesuffix("-params") in a.methods)]
+    methods = [*a.methods, *(f"{m}-params" for m in ("fim", "fim+da")
+                             if a.budget == "params" and m in a.methods)]
     methods += [m for m in map(report.score_method, a.scores) if m not in methods]
     if not methods and not a.peers:
         raise ValueError("--methods given empty and no --scores or --peers: nothing to run; "
                          f"name methods ({' '.join(METHODS)}), scores or peers")
-    notes = {p: why for p in a.peers if (why := missing(p))}
-    cells = [(t, m, s) for t in data_dirs for m in [*methods, *a.peers] for s in a.seeds]
+    seeds = list(dict.fromkeys(a.seeds))
+    cells = [(t, m, s) for t in data_dirs for m in [*methods, *a.peers] for s in seeds]
     check_recipe(cells, a.root, cell_args)
-    todo = [c for c in cells if c[1] not in notes
+    todo = [c for c in cells if not missing(c[1])
             and not (a.root / c[0] / folder(c[1], c[2]) / "results.json").exists()]
-    known = [c["per_step"] for c in report.read_cells(a.root) if c["per_step"]]
-    hours = len(todo) * (cell_args.steps or 1000) * (statistics.mean(known) if known else GUESS)
     print(f"grid: {len(data_dirs)} task(s) ({', '.join(data_dirs)}) x {len(methods) + len(a.peers)}"
-          f" methods x {len(a.seeds)} seeds = {len(cells)} cells; {len(cells) - len(todo)} "
-          f"finished or blank, {len(todo)} to run (~{hours / 3600:.1f} h at "
-          f"{'measured' if known else f'a guessed {GUESS}'} s/step)", flush=True)
-    for p, why in notes.items():
-        print(f"  {p}: {why}, left blank")
+          f" methods x {len(seeds)} seeds = {len(cells)} cells; to run:", flush=True)
+    for task, method, seed in todo:
+        print(f"  {task} {folder(method, seed)}")
+    for peer in filter(missing, a.peers):
+        print(f"  {peer}: {missing(peer)}, left blank")
     if not a.dry_run and todo:
         outcome = run_grid(cells, data_dirs, a.root, a.threads, extra=extra)
         print(", ".join(f"{k} {len(v)}" for k, v in outcome.items()))

@@ -1,12 +1,8 @@
-"""One grid cell with another adapt step: transformers + PEFT (peft-lora, peft-eva, peft-adalora)
-or an alternative allocation score (fim-kfac-params: study.scores), on train.py's recipe.
+"""One grid cell with another adapt step: PEFT (peft-lora, peft-eva, peft-adalora) or an
+alternative allocation score (fim-kfac-params: study.scores), on train.py's recipe.
 
     python -m study.peers peft-eva -- --model minilm --task sst2 --data-dir D --out O
     python -m study.peers peft-eva -- --resume O
-    python -m study.peers fim-random-params -- --model minilm --task sst2 --data-dir D --out O
-
-peft-lora, peft-eva and the scores run through train.run (same loop, loss, optimizer, schedule,
-evaluation, checkpoints and --resume); peft-adalora has its own small loop (below).
 """
 
 from __future__ import annotations
@@ -27,10 +23,11 @@ import runfolder
 import train
 from data.tasks import to_device
 from models import is_decoder, model_path
-from study.report import ADALORA_INIT, PEERS, SCORES, score_method
+from study.report import PEERS, SCORES, score_method
 
 EVA_RHO = 2.0  # EVA's rank redistribution bound: a matrix gets at most rho * r
 EVA_BATCHES = 32  # calibration batches handed to PEFT's EVA, which cycles them to convergence
+ADALORA_INIT = 1.5  # peft-adalora starts at init_r = 1.5 r per matrix and prunes to r
 
 
 def peer_versions() -> dict[str, str]:
@@ -51,130 +48,115 @@ class HFCall(nn.Module):
                           token_type_ids=token_type_ids).logits
 
 
-def hf_twin(task, args, device, rng) -> tuple[nn.Module, nn.Module]:
-    """(our uniformly adapted model, transformers' model with our fresh head): adapting ours
-    first makes every random draw as in train.py, so data order, calibration and head match."""
+def hf_twin(task, args, device, rng, config_name: str = "LoraConfig", **config):
+    """(our uniformly adapted model, the PEFT model of transformers' BERT with our head): ours
+    first, so every random draw (data order, calibration, head) is train.py's."""
+    import peft
     import transformers
-
     ours = train.add_adapters(task, args, device, rng)
     hf = transformers.BertForSequenceClassification.from_pretrained(
         model_path(args.model), num_labels=ours.classifier.out_features)
     hf.classifier.load_state_dict(ours.classifier.state_dict())
-    return ours, hf
+    config = getattr(peft, config_name)(
+        lora_alpha=args.alpha, lora_dropout=args.dropout, target_modules=args.targets.split(","),
+        modules_to_save=list(task.heads), **config)
+    return ours, peft.get_peft_model(hf, config).to(device).train(task.train_mode)
+
+
+def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
+    import peft
+    return {n.removeprefix("base_model.model."): m for n, m in model.named_modules()
+            if isinstance(m, peft.tuners.lora.LoraLayer)}
 
 
 def peft_adapt(task, args, device, rng) -> nn.Module:
     """PEFT LoRA with our head and every lora_A copied from ours: only the code differs."""
-    import peft
-    ours, hf = hf_twin(task, args, device, rng)
-    model = peft.get_peft_model(hf, peft.LoraConfig(
-        r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout, use_rslora=args.rslora,
-        target_modules=args.targets.split(","), modules_to_save=list(task.heads)))
+    ours, model = hf_twin(task, args, device, rng, r=args.r, use_rslora=args.rslora)
     layers = dict(ours.named_modules())
     with torch.no_grad():
-        for n, m in model.base_model.model.named_modules():
-            if isinstance(m, peft.tuners.lora.LoraLayer):
-                m.lora_A["default"].weight.copy_(layers[n].lora_A)
-    return HFCall(model).to(device).train(task.train_mode)
+        for n, m in lora_layers(model).items():
+            m.lora_A["default"].weight.copy_(layers[n].lora_A)
+    return HFCall(model)
 
 
 def eva_layer_inputs(layer_input, token_index, layer_name) -> torch.Tensor:
-    """EVA's SVD rows of one layer: its non-padding tokens, or for the pooler (one (B, C) row
-    per example) every row; PEFT's default assumes (B, T, C) inputs."""
+    """EVA's SVD rows of one layer: its non-padding tokens, or every row of the pooler's (B, C)
+    input; PEFT's default assumes (B, T, C)."""
     x = layer_input[0] if isinstance(layer_input, (tuple, list)) else layer_input
     return x.contiguous() if x.ndim == 2 else x[token_index.T.unbind()]
 
 
 def eva_adapt(record: dict):
-    """PEFT's EVA (arXiv:2410.07170): A from the incremental SVD of the target layers' inputs on
-    train.py's calibration stream, ranks redistributed within ρ = 2 at r per matrix, B = 0.
-    Its time, batches and ranks go into `record`."""
+    """PEFT's EVA (arXiv:2410.07170) on train.py's calibration stream: A from the incremental
+    SVD of the target layers' inputs, ranks within ρ·r, B = 0; time and ranks into `record`."""
     def adapt(task, args, device, rng) -> nn.Module:
         import peft
-        _, hf = hf_twin(task, args, device, rng)
-        model = peft.get_peft_model(hf, peft.LoraConfig(
-            r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout,
-            target_modules=args.targets.split(","), modules_to_save=list(task.heads),
-            init_lora_weights="eva",  # one label per row here, not per token: no label mask
-            eva_config=peft.EvaConfig(rho=EVA_RHO, use_label_mask=False))).to(device)
+        _, model = hf_twin(task, args, device, rng, r=args.r, init_lora_weights="eva",
+                           eva_config=peft.EvaConfig(rho=EVA_RHO, use_label_mask=False))
         calib = [to_device(b, device) for b in  # PEFT cycles them: it needs a sized iterable
                  itertools.islice(task.train_batches(rng["calib"]), EVA_BATCHES)]
         t0 = time.perf_counter()
         peft.initialize_lora_eva_weights(model, calib, show_progress_bar=False,
                                          prepare_layer_inputs_fn=eva_layer_inputs)
-        record.update(seconds=time.perf_counter() - t0, eva_batches=len(calib), ranks={
-            n.removeprefix("base_model.model."): m.r["default"] for n, m in
-            model.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)})
-        return HFCall(model).train(task.train_mode)
+        record.update(seconds=time.perf_counter() - t0, eva_batches=len(calib),
+                      ranks={n: m.r["default"] for n, m in lora_layers(model).items()})
+        return HFCall(model)
     return adapt
 
 
 def adalora_train(args: argparse.Namespace) -> dict:
     """train.py's recipe on PEFT AdaLoRA (arXiv:2303.10512) at the same final budget: init_r =
-    1.5 r pruned to target_r = r per matrix on average between tinit = 10 % and total_step −
-    tfinal (tfinal = 20 %) of the steps, every deltaT = 10 steps.
-
-    Its own loop on train.py's pieces, not train.run: update_and_allocate must run after
-    optimizer.step and before zero_grad (it reads the gradients). The loss is PEFT's own
-    (cross-entropy + orth_reg_weight · orthogonality term); the logged loss is the cross-entropy.
-    No checkpoints (the allocator keeps its own EMAs): a stopped cell starts again."""
-    import peft
-    with runfolder.lock(Path(args.out)):  # one owner of --out, as train.run's cells
-        runfolder.check_out(Path(args.out), False, args.overwrite, "--overwrite")
+    1.5 r pruned to r between 10 % and 80 % of the steps, every 10 steps. Its own loop, because
+    update_and_allocate must run between optimizer.step and zero_grad; no checkpoints."""
+    out = Path(args.out)
+    with runfolder.lock(out):  # one owner of --out, as train.run's cells
+        train.check_out(args)
         if args.threads:
             torch.set_num_threads(args.threads)
         train.set_seed(args.seed)
         rng, device = train.random_streams(args.seed), train.resolve_device(args.device)
         task = train.build_task(args, device, rng)
-        _, hf = hf_twin(task, args, device, rng)
-        config = peft.AdaLoraConfig(
-            target_r=args.r, init_r=round(ADALORA_INIT * args.r), tinit=args.steps // 10,
-            tfinal=args.steps // 5, deltaT=10, total_step=args.steps, lora_alpha=args.alpha,
-            lora_dropout=args.dropout, target_modules=args.targets.split(","),
-            modules_to_save=list(task.heads))
-        model = peft.get_peft_model(hf, config).to(device).train(task.train_mode)
+        _, model = hf_twin(task, args, device, rng, "AdaLoraConfig", target_r=args.r,
+                           init_r=round(ADALORA_INIT * args.r), tinit=args.steps // 10,
+                           tfinal=args.steps // 5, deltaT=10, total_step=args.steps)
         opt, sched = train.make_optimizer(model, args)
         trainable = [p for p in model.parameters() if p.requires_grad]
         batches, losses, seconds = task.train_batches(rng["data"]), [], 0.0
         for step in range(1, args.steps + 1):
             t0 = time.perf_counter()
             b = to_device(next(batches), device)
-            out = model(**{k: b[k] for k in ("input_ids", "attention_mask", "token_type_ids",
-                                             "labels")})
-            out.loss.backward()
+            keys = ("input_ids", "attention_mask", "token_type_ids", "labels")
+            res = model(**{k: b[k] for k in keys})
+            res.loss.backward()  # PEFT's: cross-entropy + its orthogonality term
             if args.grad_clip:
                 torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip)
             opt.step()
             model.base_model.update_and_allocate(step)
             sched.step()
             opt.zero_grad(set_to_none=True)
-            losses.append(F.cross_entropy(out.logits.detach().float(), b["labels"]).item())
+            losses.append(F.cross_entropy(res.logits.detach().float(), b["labels"]).item())
             seconds += time.perf_counter() - t0
             if step % args.log_every == 0 or step == args.steps:
                 print(f"step {step:,}/{args.steps:,} | loss {statistics.mean(losses[-50:]):.4g}"
                       f" | {seconds / step:.3f} s/step", flush=True)
-        metrics = task.evaluate(HFCall(model))
-        print(f"eval: {metrics}")
-        env = train.environment(device)
+        config, env = model.peft_config["default"], train.environment(device)
         results = {
-            "args": vars(args), "seed": args.seed, "device": str(device), "metrics": metrics,
-            **env, "versions": env["versions"] | peer_versions(), "peer": "peft-adalora",
-            "train_loss": losses, "trainable_parameters": sum(p.numel() for p in trainable),
+            "args": vars(args), "seed": args.seed, "device": str(device), **env,
+            "metrics": task.evaluate(HFCall(model)), "peer": "peft-adalora",
+            "versions": env["versions"] | peer_versions(), "train_loss": losses,
+            "trainable_parameters": train.n_params(model),
             "seconds": {"calibration": 0.0, "training": seconds, "per_step": seconds / args.steps},
             "ranks": {re.sub(r"^base_model\.model\.|\.lora_E(\.default)?$", "", n): int(sum(m))
-                      for n, m in (config.rank_pattern or {}).items()},
-            "adalora": {k: getattr(config, k) for k in ("init_r", "target_r", "tinit", "tfinal",
-                                                         "deltaT", "total_step",
-                                                         "orth_reg_weight")}}
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        runfolder.write_json(Path(args.out) / "results.json", results)
+                      for n, m in (config.rank_pattern or {}).items()}}
+        print(f"eval: {results['metrics']}")
+        out.mkdir(parents=True, exist_ok=True)
+        runfolder.write_json(out / "results.json", results)
     return results
 
 
 def peer_args(argv: list[str], adalora: bool = False) -> argparse.Namespace:
-    """train.py's arguments of a peer cell, checked before any work: a BERT encoder on a GLUE
-    task (the peers build transformers' BertForSequenceClassification); for peft-adalora no
-    --grad-accum and no --resume."""
+    """train.py's arguments of a peer cell, refused before any work unless a BERT encoder on a
+    GLUE task (transformers' BertForSequenceClassification); peft-adalora: no --grad-accum."""
     args = train.parse_args(argv)
     if args.task == "planted" or args.model == "tiny" or is_decoder(args.model):
         raise ValueError(f"--model {args.model} --task {args.task}: the peers (transformers + "
@@ -187,9 +169,8 @@ def peer_args(argv: list[str], adalora: bool = False) -> argparse.Namespace:
 
 
 def cell(name: str, argv: list[str]) -> dict:
-    """One cell: train.py's arguments `argv` with the adapt step `name` (a peer or score_method
-    of an alternative score). What train.run cannot see (the peer, the allocation's time and
-    ranks) is added to its results before they are saved, under its lock."""
+    """One cell: train.py's arguments `argv` with the adapt step `name`, a peer or an
+    alternative score's grid method; its name, ranks and time are saved by train.run."""
     if name == "peft-adalora":
         if "--resume" in argv:
             raise ValueError("--resume: peft-adalora cells do not checkpoint; run the cell again "
@@ -228,9 +209,9 @@ def cell(name: str, argv: list[str]) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     rest = argv[argv.index("--") + 1:] if "--" in argv else []
-    names = [*PEERS, *(score_method(s) for s in SCORES[3:])]
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("name", choices=names, help="the adapt step; train.py's flags follow '--'")
+    p.add_argument("name", choices=[*PEERS, *(score_method(s) for s in SCORES[3:])],
+                   help="the adapt step; train.py's flags follow '--'")
     return cell(p.parse_args(argv[:len(argv) - len(rest) - ("--" in argv)]).name, rest)
 
 

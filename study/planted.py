@@ -4,18 +4,6 @@
     python -m study.planted --plants anywhere         # plants may land on query and key too
     python -m study.planted --seeds 0 --out p0.json   # one seed (parallel processes) ...
     python -m study.planted --merge p0.json p1.json p2.json   # ... then one study
-
-Per seed, on train.py's planted task: uniform LoRA, the searched oracle, every score at the same
-rank budget (efim also at the parameter budget), the structure prior and each score's shuffled
-ranks; CRITERION, fixed before running, judges them. results/planted_study*.json are its output:
-per run loss_ratio (final eval loss / loss at B = 0), vs_uniform and vs_oracle (final loss over
-that run's in the same seed), gap_closed ((uniform − run) / (uniform − oracle)), share_planted
-and covered (data/planted.rank_recovery), calibration_seconds (allocation time in adapt); per
-seed oracle_search (every candidate trained, the first planted.oracle_ranks; the oracle is the
-lowest, chosen on the eval set it is scored on) and structure_holders; per score `finds`, the
-paired (control − score) / uniform over seeds with its 95 % t interval and wins, finds_plants
-when both intervals lie above 0. A shuffled control draws from shuffle_generator(seed, SCORES
-index), apart from every training stream.
 """
 
 from __future__ import annotations
@@ -46,16 +34,15 @@ CRITERION = ("the task can judge allocation if the searched oracle (the best all
              "shuffled ranks: over the study's seeds (3 or more) the paired difference (control "
              "- score) / uniform of final losses in the same seed has a 95 % t interval (n - 1 "
              "df) entirely above 0")
-SHUFFLE_SEED = 2**31  # shuffled controls draw from SHUFFLE_SEED + 1000·seed + i (< 2**32: the
-# CPU generator keeps only a seed's low 32 bits, so 2**40 + s would replay stream s); training
-# streams are seeded seed + k, k < 4 (train.random_streams), so no shuffle shares their seed
+# Shuffled controls draw from 2**31 + 1000·seed + i: under 2**32, since the CPU generator keeps a
+# seed's low 32 bits, and apart from the training streams seed + k, k < 4 (train.random_streams)
+SHUFFLE_SEED = 2**31
 
 
 def structure_ranks(names: Sequence[str], holders: Sequence[str], budget: int, r_min: int = 1,
                     r_max: int | None = None) -> dict[str, int]:
-    """The structure prior, a data-free control: r_min on every matrix outside `holders` (those
-    of a type that can hold plants), equal ranks on the holders (differing by at most one, the
-    extra ones to the first in order) with Σ r_m = budget exactly; ranks within [r_min, r_max].
+    """The structure prior, a data-free control: r_min outside `holders` (the matrices that can
+    hold plants), the rest of the budget evenly on the holders (the extra ranks to the first).
     structure_ranks(["q", "v", "o"], ["v", "o"], budget=9) == {"q": 1, "v": 4, "o": 4}"""
     names, holders = list(names), [n for n in names if n in set(holders)]
     left = budget - r_min * (len(names) - len(holders))
@@ -70,17 +57,14 @@ def structure_ranks(names: Sequence[str], holders: Sequence[str], budget: int, r
 
 
 def shuffled_ranks(ranks: dict[str, int], generator: torch.Generator) -> dict[str, int]:
-    """The shuffled control: the same multiset of ranks assigned to the matrices in a random
-    order (torch.randperm with `generator`), so only the placement differs from `ranks`."""
+    """The shuffled control: the same ranks in a random placement (torch.randperm)."""
     names, values = list(ranks), list(ranks.values())
     return {names[j]: values[i]
             for i, j in enumerate(torch.randperm(len(names), generator=generator).tolist())}
 
 
 def shuffle_generator(seed: int, index: int) -> torch.Generator:
-    """The stream of a shuffled control: score `index` (< 1000) in study seed `seed`, seeded
-    SHUFFLE_SEED + 1000·seed + index, apart from every training stream (seed + k, k < 4) of a
-    study with seeds < 2**31 - 4."""
+    """The stream of score `index`'s shuffled control in study seed `seed`."""
     if not 0 <= index < 1000 or not 0 <= seed < 2**20:
         raise ValueError(f"seed={seed}, index={index}: use 0 <= seed < 2**20, 0 <= index < 1000")
     return torch.Generator().manual_seed(SHUFFLE_SEED + 1000 * seed + index)
@@ -88,13 +72,9 @@ def shuffle_generator(seed: int, index: int) -> torch.Generator:
 
 def search_oracle(names: Sequence[str], truth: dict[str, int], budget: int, cap: int,
                   loss_of, grid: Sequence[int], step: int) -> tuple[dict[str, int], list[dict]]:
-    """The best allocation a small search finds knowing the truth. Candidates give the planted
-    matrices ranks within [1, cap] and spread the rest of the budget evenly (oracle_ranks):
-    first every planted matrix at each k in `grid` (include max(planted ranks) so that
-    oracle_ranks itself is tried), then one coordinate pass from the best, each planted matrix
-    in turn at ± step (kept when lower). `loss_of(ranks)` trains one candidate and returns its
-    final loss. Returns (best ranks, [{"planted_ranks", "final_loss"} per candidate tried]);
-    at most len(grid) + 2·len(truth) candidates are trained."""
+    """(best ranks, every candidate tried) of a small search knowing the truth: the planted
+    matrices at each k in `grid` (within [1, cap], the rest of the budget spread evenly by
+    oracle_ranks), then ± step per planted matrix from the best; `loss_of` trains one."""
     tried: list[dict] = []
 
     def attempt(fixed: dict[str, int]) -> float:
@@ -129,8 +109,7 @@ def search_oracle(names: Sequence[str], truth: dict[str, int], budget: int, cap:
 
 
 def fixed_adapt(ranks: dict[str, int] | None, record: dict):
-    """train.run's adapt for uniform LoRA (None) or fixed ranks (an oracle candidate, a
-    control) at the base scale (fimlora.resize_ranks); the ranks and time go into `record`."""
+    """train.run's adapt for uniform LoRA (None) or fixed ranks (fimlora.resize_ranks)."""
     def adapt(task, args, device, rng):
         model = train.add_adapters(task, args, device, rng)
         t0 = time.perf_counter()
@@ -143,8 +122,7 @@ def fixed_adapt(ranks: dict[str, int] | None, record: dict):
 
 
 def train_one(seed: int, steps: int, threads: int, plants: str, allocation) -> dict:
-    """One quiet planted run (`allocation`: None uniform, a ranks dict, or (score, budget unit)
-    through study.scores.score_adapt) and what the study keeps of it."""
+    """One planted run: `allocation` None (uniform), ranks, or (score, budget unit)."""
     from study.scores import score_adapt
     record: dict = {}
     adapt = (score_adapt(*allocation, planted.PLANT_RANK, record)
@@ -196,9 +174,7 @@ def study_seed(seed: int, steps: int, threads: int, plants: str, grid=(24, 20, 1
 
 
 def summary(study: dict) -> dict:
-    """The study with CRITERION's oracle / uniform ratios, each run's mean ± std and per score
-    `finds`: (control − score) / uniform paired by seed has a 95 % t interval above 0 for both
-    controls."""
+    """The study with CRITERION's ratios, each run's mean ± std and per score `finds`."""
     per = study["per_seed"]
     ratios = [s["runs"]["oracle"]["vs_uniform"] for s in per]
     table = {}
@@ -235,8 +211,7 @@ def finish(study: dict, out: str) -> dict:
 
 
 def merge(parts: list[str], out: str) -> dict:
-    """One study from parts run apart (--seeds s): their seeds in order; the parts must share
-    steps, plants, design and scores."""
+    """One study from parts of the same design run apart (--seeds s)."""
     studies = [read_json(Path(p)) for p in parts]
     keys = [(s["args"]["steps"], s["args"]["plants"], s["design"], s["scores_run"])
             for s in studies]

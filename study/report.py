@@ -2,11 +2,6 @@
 
     python -m study.report                     # results/cells + cells_cuda -> results/, README.md
     python -m study.report --root other/cells  # -> other/cells/README.md and its rank maps only
-
-Every number comes from a file: the cells' results.json (and run.json), results/bench*.json,
-results/planted_study*.json, results/smollm2/*/results.json, results/make_run/results.json. A
-damaged cell is refused naming its file and field; all files are computed first, then renamed
-together, so a kill never leaves the page and README.md disagreeing.
 """
 
 from __future__ import annotations
@@ -33,29 +28,43 @@ CELLS = RESULTS / "cells"
 OWN_ROOTS = ("cells", "cells_cuda")  # results/<these>: the project's grids, read together
 METHODS = ("lora", "fim", "fw", "da", "fim+da")
 PEERS = ("peft-lora", "peft-adalora", "peft-eva")
-SCORES = ("efim", "variance", "per-example", "gradw", "kfac", "lorada", "random")  # the order
-# indexes the planted study's shuffle streams (planted.shuffle_generator): never reorder it
+# the order indexes the planted study's shuffle streams (planted.shuffle_generator): keep it
+SCORES = ("efim", "variance", "per-example", "gradw", "kfac", "lorada", "random")
 RECIPE = ["--model", "minilm"]  # the rest is train.py's GLUE defaults
-ADALORA_INIT = 1.5  # peft-adalora starts at init_r = 1.5 r per matrix and prunes to r
 BLOCKS = {"run": ("<!-- run:start -->", "<!-- run:end -->"),
           "results": ("<!-- results:begin -->", "<!-- results:end -->")}
 READ_LIMIT = 16 << 20  # bytes: a cell's results.json is kilobytes; a bigger file is not one
 SEED_MAX = 2**32 - 1  # numpy's seed range (train.set_seed)
-FIELDS = {"metrics": dict, "args": dict, "machine": dict, "versions": dict, "seconds": dict,
-          "ranks": dict, "device": str, "commit": str}  # results.json / run.json field types
-METRIC_RANGE = {"accuracy": (0, 1), "f1": (0, 1), "mcc": (-1, 1), "pearson": (-1, 1),
-                "spearman": (-1, 1), "loss": (0, 1e12), "loss_ratio": (0, 1e12)}
+TYPES = {"metrics": dict, "args": dict, "machine": dict, "versions": dict, "seconds": dict,
+         "ranks": dict, "device": str, "commit": str}  # results.json / run.json fields
+RANGES = {"accuracy": (0, 1), "f1": (0, 1), "mcc": (-1, 1), "pearson": (-1, 1),
+          "spearman": (-1, 1), "loss": (0, 1e12), "loss_ratio": (0, 1e12)}
+# Two-sided 95 % Student t quantiles t(0.975, df), df = 1..30, as published (e.g. NIST/SEMATECH
+# e-Handbook, table 1.3.6.7.2); past 30 the df = 30 value, slightly wide (conservative).
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+        2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
+        2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+RULE = ("Rule: Δ = method − lora paired by seed, 95 % interval mean ± t(0.975, n − 1)·sd/√n; "
+        "better = interval above 0 and above the random allocation's (fim-random-params), worse "
+        "= below 0, level = holds 0, undecided under 2 seeds; across tables: mixed when better "
+        "on one and worse on another. Values are dev-set %; s/step is each cell's own time.")
 
 
 def score_method(score: str) -> str:
-    """The grid method of a score at the parameter budget.  score_method("kfac") ->
-    "fim-kfac-params"; efim, FIM-LoRA's default, is "fim-params"."""
+    """The grid method of a score at the parameter budget.
+    score_method("kfac") -> "fim-kfac-params"; score_method("efim") -> "fim-params" """
     return "fim-params" if score == "efim" else f"fim-{score}-params"
 
 
 def folder(method: str, seed: int) -> str:
     """A cell's folder ("+" written "_").  folder("fim+da", 2) -> "fim_da-s2" """
     return f"{method.replace('+', '_')}-s{seed}"
+
+
+def parse_folder(name: str) -> tuple[str, int] | None:
+    """(method, seed) of a cell folder name.  parse_folder("fim_da-s2") -> ("fim+da", 2)"""
+    m = re.fullmatch(r"(.+)-s([0-9]+)", name)  # ASCII digits: int() reads other scripts' too
+    return (m.group(1).replace("_", "+"), int(m.group(2))) if m else None
 
 
 def bounded(low: int, high: int):
@@ -67,25 +76,40 @@ def bounded(low: int, high: int):
     return parse
 
 
-def parse_folder(name: str) -> tuple[str, int] | None:
-    """(method, seed) of a cell folder name.  parse_folder("fim_da-s2") -> ("fim+da", 2)"""
-    m = re.fullmatch(r"(.+)-s([0-9]+)", name)  # ASCII digits: int() reads other scripts' too
-    return (m.group(1).replace("_", "+"), int(m.group(2))) if m else None
+def metric_of(task: str) -> str:
+    return glue.task_spec(task).metrics[0] if task in glue.TASKS else "loss"
 
 
 # -----------------------------------------------------------------------------
-# reading: every field a table uses is checked, bounded and named when bad
+# reading: a cell is checked against TYPES and RANGES, or refused naming its file and field
 
 
-def read_json(path: Path, limit: int = READ_LIMIT):
-    """The JSON of a regular file of at most `limit` bytes (lora.read_regular refuses folders,
-    FIFOs, devices and bigger files, naming them); json.JSONDecodeError naming it otherwise."""
-    data = read_regular(path, limit)
+def read_json(path: Path):
+    """The JSON of a regular file of at most READ_LIMIT bytes, or ValueError naming it."""
     try:
-        return json.loads(data)
-    except (ValueError, RecursionError) as e:  # not JSON, not text, nested past the parser
-        bad = e if isinstance(e, json.JSONDecodeError) else json.JSONDecodeError(str(e), "", 0)
-        raise json.JSONDecodeError(f"{path} is not JSON ({bad.msg})", bad.doc, bad.pos) from None
+        return json.loads(read_regular(path, READ_LIMIT))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise ValueError(f"{path} is not JSON ({e})") from None
+
+
+def read_result(path: Path) -> dict:
+    """A cell's results.json (with metrics) or run.json, its fields of TYPES, or ValueError
+    "<path> is damaged (<field> ...): remove <cell> ..."."""
+    try:
+        data = read_regular(path, READ_LIMIT)  # refuses folders, FIFOs, devices, big files
+    except ValueError as e:
+        raise ValueError(f"{e}: remove {path.parent} and run the grid again") from None
+    try:
+        res = json.loads(data)
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, nested past the parser
+        res = None
+    if not isinstance(res, dict) or (path.name == "results.json"
+                                     and not isinstance(res.get("metrics"), dict)):
+        raise damaged(path, "not a results object with metrics")
+    for key, kind in TYPES.items():
+        if res.get(key) is not None and not isinstance(res[key], kind):
+            raise damaged(path, f"{key} is a {type(res[key]).__name__}, not a {kind.__name__}")
+    return res
 
 
 def damaged(path: Path, what: str) -> ValueError:
@@ -93,64 +117,40 @@ def damaged(path: Path, what: str) -> ValueError:
                       "again to redo that cell")
 
 
-def read_result(path: Path) -> dict:
-    """A cell's results.json (with a metrics dict) or run.json, its fields of the types
-    train.py writes (FIELDS), or ValueError naming the file and the field."""
-    try:
-        res = read_json(path)
-    except json.JSONDecodeError:
-        res = None
-    except ValueError as e:  # not a regular file, too big
-        raise ValueError(f"{e}: remove {path.parent} and run the grid again") from None
-    if not isinstance(res, dict) or (path.name == "results.json"
-                                     and not isinstance(res.get("metrics"), dict)):
-        raise damaged(path, "not a results object with metrics")
-    for key, kind in FIELDS.items():
-        if res.get(key) is not None and not isinstance(res[key], kind):
-            raise damaged(path, f"{key} is a {type(res[key]).__name__}, not a {kind.__name__}")
-    return res
-
-
-def checked(path: Path, field: str, value, low: float, high: float, optional: bool = True,
-            kind: type | tuple = (int, float)):
-    """value if it is a number (not a bool) in [low, high] (or an optional None), else
-    ValueError naming the file and field: a report never shows what cannot be."""
+def number(path: Path, field: str, value, low: float, high: float, kind=(int, float),
+           optional: bool = True):
+    """value if a number (not a bool) in [low, high] or an optional None, else damaged(...)."""
     if (value is None and optional) or (isinstance(value, kind) and not isinstance(value, bool)
-                                        and low <= value <= high):  # NaN fails too
+                         and low <= value <= high):  # NaN fails too
         return value
     raise damaged(path, f"{field} = {json.dumps(value)[:40]}, not a number in "
                         f"[{low:g}, {high:g}]")
 
 
-def metric_of(task: str) -> str:
-    return glue.task_spec(task).metrics[0] if task in glue.TASKS else "loss"
-
-
 def read_cell(path: Path, device: str, root: Path) -> dict:
     """The record of one cell's results.json (and run.json beside it), every field checked."""
-    method, seed = parse_folder(path.parent.name)
-    task, metric = path.parent.parent.name, metric_of(path.parent.parent.name)
+    (method, seed), task = parse_folder(path.parent.name), path.parent.parent.name
     if seed > SEED_MAX:
         raise ValueError(f"{path.parent}: seed {seed} is outside 0..{SEED_MAX} (numpy's seed "
                          "range, which train.py uses): rename or remove that folder")
     res = read_result(path)
-    info = read_result(path.parent / "run.json") if (path.parent / "run.json").exists() else {}
-    if metric not in res["metrics"]:
-        raise damaged(path, f"its metrics have no {metric!r}, the {task} metric")
+    if (path.parent / "run.json").exists():  # the grid's record of the run
+        read_result(path.parent / "run.json")
+    if metric_of(task) not in res["metrics"]:
+        raise damaged(path, f"its metrics have no {metric_of(task)!r}, the {task} metric")
     for name, v in res["metrics"].items():
-        checked(path, f"metrics.{name}", v, *METRIC_RANGE.get(name, (-1e12, 1e12)), False)
+        number(path, f"metrics.{name}", v, *RANGES.get(name, (-1e12, 1e12)), optional=False)
     for name, r in (res.get("ranks") or {}).items():
-        checked(path, f"ranks.{name}", r, 0, 1e6)
-    gpu = {**(info.get("machine") or {}), **(res.get("machine") or {})}.get("cuda")
+        number(path, f"ranks.{name}", r, 0, 1e6)
     device = res.get("device") or device
-    if not re.fullmatch(r"[a-z]+(:\d+)?", device) or not isinstance(gpu or "", str):
-        raise damaged(path, f"device {device!r} / machine.cuda")
+    if not re.fullmatch(r"[a-z]+(:\d+)?", device):  # it names a table
+        raise damaged(path, f"device {device!r}")
+    per_step = (res.get("seconds") or {}).get("per_step")
     return {"task": task, "method": method, "seed": seed, "device": device.split(":")[0],
             "root": root.as_posix(), "metrics": res["metrics"], "ranks": res.get("ranks") or {},
-            "gpu": gpu, "per_step": checked(path, "seconds.per_step",
-                                            (res.get("seconds") or {}).get("per_step"), 0, 1e9),
-            "params": checked(path, "trainable_parameters", res.get("trainable_parameters"), 0,
-                              1e15, kind=int)}
+            "per_step": number(path, "seconds.per_step", per_step, 0, 1e9),
+            "params": number(path, "trainable_parameters", res.get("trainable_parameters"), 0,
+                             1e15, int)}
 
 
 def read_cells(root: Path) -> list[dict]:
@@ -165,8 +165,8 @@ def own_root(root: Path) -> bool:
 
 
 def read_root(root: Path) -> list[dict]:
-    """The cells of exactly root, except for the project's results/cells and cells_cuda, read
-    together (one report, both devices). A sibling elsewhere (a cells_backup) is never read."""
+    """root's cells; the project's results/cells and cells_cuda are read together, and a sibling
+    elsewhere (a cells_backup) never."""
     roots = [RESULTS / n for n in OWN_ROOTS if (RESULTS / n).is_dir()] if own_root(root) else []
     return [c for r in roots or [root] for c in read_cells(r)]
 
@@ -175,35 +175,15 @@ def read_root(root: Path) -> list[dict]:
 # paired statistics: method - reference in the same seed (same batches, same initial A)
 
 
-def t_quantile(p: float, df: int) -> float:
-    """The p-quantile (0.5 <= p < 1) of Student's t with integer df >= 1, to 1e-12: bisection
-    on P(|T| <= t) in closed form (Abramowitz & Stegun 26.7.3-4).  t_quantile(.975, 2) -> 4.3027"""
-    def inside(t: float) -> float:
-        th = math.atan(t / math.sqrt(df))
-        c2, odd, total = math.cos(th) ** 2, df % 2, 0.0
-        term = math.cos(th) if odd else 1.0
-        for j in range((df - 1) // 2 if odd else df // 2):
-            total += term
-            term *= ((2 * j + 2) / (2 * j + 3) if odd else (2 * j + 1) / (2 * j + 2)) * c2
-        return 2 / math.pi * (th + math.sin(th) * total) if odd else math.sin(th) * total
-    lo, hi = 0.0, 1.0
-    while inside(hi) < 2 * p - 1:
-        hi *= 2
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if inside(mid) < 2 * p - 1 else (lo, mid)
-    return (lo + hi) / 2
-
-
 def paired_stats(d: list[float]) -> dict | None:
-    """{"n", "mean", "std", "low", "high", "wins"} of paired differences d: the 95 % Student t
-    interval mean ± t(0.975, n − 1)·sd/√n (std, low, high None under 2), wins = #(d > 0); None
-    without pairs.  paired_stats([1, 2, 3])["low"] -> 2 − 4.3027·1/√3 = −0.484"""
+    """{"n", "mean", "std", "low", "high", "wins"} of paired differences d, the interval
+    mean ± T975[n − 2]·sd/√n (None under 2), wins #(d > 0); None without pairs.
+    paired_stats([1, 2, 3])["low"] -> 2 − 4.303·1/√3 = −0.484"""
     if not d:
         return None
     n, mean = len(d), statistics.mean(d)
     std = statistics.stdev(d) if n > 1 else None
-    half = None if std is None else t_quantile(0.975, n - 1) * std / math.sqrt(n)
+    half = None if std is None else T975[min(n - 1, 30) - 1] * std / math.sqrt(n)
     return {"n": n, "mean": mean, "std": std, "low": None if half is None else mean - half,
             "high": None if half is None else mean + half, "wins": sum(x > 0 for x in d)}
 
@@ -214,13 +194,6 @@ def delta_stats(value: dict, method: str, ref: str) -> dict | None:
                          if m == method and (ref, s) in value])
 
 
-def mean_std(xs: list[float], fmt: str = "{:.2f}") -> str:
-    """"mean ± std" (sample std), or the one value.  mean_std([1, 2, 3]) -> "2.00 ± 1.00" """
-    if len(xs) == 1:
-        return fmt.format(xs[0])
-    return f"{fmt.format(statistics.mean(xs))} ± {statistics.stdev(xs):.2f}"
-
-
 def interval(st: dict | None) -> str:
     """"[low, high]" of paired_stats, "n/a" under 2 seeds, "–" without a pair."""
     return ("–" if st is None else "n/a" if st["low"] is None
@@ -228,35 +201,21 @@ def interval(st: dict | None) -> str:
 
 
 def paired_cells(st: dict | None) -> list[str]:
-    """A table's "Δ ± std", "[interval]" and "k of n" wins of paired_stats ("–" without)."""
+    """A table's "Δ ± std", "[interval]" and "k of n" wins ("–" without a pair)."""
     if st is None:
         return ["–"] * 3
     return [f"{st['mean']:+.2f}" + ("" if st["std"] is None else f" ± {st['std']:.2f}"),
             interval(st), f"{st['wins']} of {st['n']}"]
 
 
-VERDICT_RULE = (
-    "Rule (applied by study/report.py, not by hand): per table, Δ = method − lora paired by seed "
-    "(same batches and initial A), with a 95 % interval mean ± t(0.975, n − 1) · sd / √n over "
-    "the n paired differences (Student t; no interval under 2 seeds). On a table a method is "
-    "better when that interval lies above 0 and it also beats the random allocation control "
-    "(fim-random-params; its paired Δ against that control has an interval above 0), worse when "
-    "the interval lies below 0, level when the interval holds 0 or the gain does not beat the "
-    "control, and undecided under 2 seeds or when the table has no control in 2 of its seeds to "
-    "check a gain against. Across tables: better (worse) when better (worse) on one and worse "
-    "(better) on none, mixed when both, else level when level on one, else undecided. Each "
-    "device is its own table (bf16 on a GPU moves differences this small).")
-
-
 def task_values(cells: list[dict], task: str) -> dict[tuple[str, int], float]:
     """{(method, seed): the task's metric in %} of one task's cells."""
-    metric = metric_of(task)
-    return {(c["method"], c["seed"]): 100 * c["metrics"][metric] for c in cells
-            if c["task"] == task and metric in c["metrics"]}
+    return {(c["method"], c["seed"]): 100 * c["metrics"][metric_of(task)] for c in cells
+            if c["task"] == task and metric_of(task) in c["metrics"]}
 
 
 def table_verdict(value: dict, method: str) -> dict | None:
-    """delta_stats vs lora of one table with its "verdict" and "why" (VERDICT_RULE)."""
+    """delta_stats vs lora of one table with its "verdict" and "why" (RULE)."""
     st, rnd = (delta_stats(value, method, ref) for ref in ("lora", score_method("random")))
     if st is None:
         return None
@@ -275,23 +234,28 @@ def table_verdict(value: dict, method: str) -> dict | None:
     return st | {"verdict": v, "why": why}
 
 
+def tables_of(cells: list[dict]) -> list[tuple[str, str]]:
+    return list(dict.fromkeys((c["task"], c["device"]) for c in cells))
+
+
 def verdicts(cells: list[dict]) -> dict:
-    """Every method against uniform LoRA per table (task on device) and across tables
-    (VERDICT_RULE), and the one-line verdict, all from the cells."""
+    """Every method against uniform LoRA per table (task on device) and across tables (RULE),
+    and the one-line verdict."""
     methods = list(dict.fromkeys([*METHODS, *PEERS, *(c["method"] for c in cells)]))
-    tables, overall = {}, {}
-    for task, device in dict.fromkeys((c["task"], c["device"]) for c in cells):
+    tables = {}
+    for task, device in tables_of(cells):
         value = task_values([c for c in cells if c["device"] == device], task)
         tables[f"{task} on {device}"] = {"seeds": sum(m == "lora" for m, _ in value), "methods": {
             m: v for m in methods if m != "lora" and (v := table_verdict(value, m))}}
+    overall = {}
     for m in methods:
-        got = {t: r["methods"][m] for t, r in tables.items() if m in r["methods"]}
-        vs = {r["verdict"] for r in got.values()}
+        got = {t["methods"][m]["verdict"] for t in tables.values() if m in t["methods"]}
         if got:
-            overall[m] = "mixed" if {"better", "worse"} <= vs else next(
-                (k for k in ("better", "worse", "level") if k in vs), "undecided")
+            overall[m] = ("mixed" if {"better", "worse"} <= got else "better" if "better" in got
+                          else "worse" if "worse" in got else "level" if "level" in got
+                          else "undecided")
     named = {k: [m for m, v in overall.items() if v == k]
-             for k in ("better", "mixed", "worse", "level", "undecided")}
+             for k in ("better", "worse", "mixed", "level", "undecided")}
     where = ", ".join(f"{t} ({r['seeds']} seeds)" for t, r in tables.items())
     line = "Verdict (generated from the cells' paired 95 % intervals): " + (
         f"better than uniform LoRA: {', '.join(named['better'])}" if named["better"] else
@@ -301,52 +265,38 @@ def verdicts(cells: list[dict]) -> dict:
 
 
 # -----------------------------------------------------------------------------
-# tables: one mechanism for every one, printed (the planted study) or rendered
+# tables: one mechanism for every one
 
 
 def table(head: list[str], align: str, rows: list[list]) -> list[str]:
-    """Markdown table lines, align one letter per column (l or r).
+    """Markdown table lines, one align letter (l or r) per column.
     table(["a", "b"], "lr", [[1, 2]]) -> ["| a | b |", "|---|---:|", "| 1 | 2 |"]"""
     rule = "|".join("---:" if a == "r" else "---" for a in align)
-    return [f"| {' | '.join(head)} |", f"|{rule}|", *(f"| {' | '.join(map(str, r))} |"
-                                                       for r in rows)]
+    return [f"| {' | '.join(head)} |", f"|{rule}|",
+            *(f"| {' | '.join(map(str, r))} |" for r in rows)]
 
 
 def task_table(cells: list[dict], task: str, seeds: list[int], verdict: dict) -> list[str]:
-    """One task on one device: per method the mean ± std over seeds, each seed's value, the
-    paired Δ vs uniform LoRA with its 95 % interval and wins, the verdict, trainable
-    parameters and s/step."""
-    value, rows = task_values(cells, task), []
+    """One task on one device: per method mean ± std, each seed, the paired Δ vs lora with its
+    interval and wins, the verdict, the paired Δ vs the random allocation, params, s/step."""
+    value, rows, rnd = task_values(cells, task), [], score_method("random")
     for m in dict.fromkeys([*METHODS, *PEERS, *(m for m, _ in value)]):
         got = [value[m, s] for s in seeds if (m, s) in value]
         mine, v = [c for c in cells if c["method"] == m], verdict.get(m)
         steps = [c["per_step"] for c in mine if c["per_step"]]
-        rows.append([m, (mean_std(got) if got else "–") + (
-            f" ({len(got)} of {len(seeds)} seeds)" if len(got) < len(seeds) else ""),
-            ", ".join(f"{value[m, s]:.2f}" if (m, s) in value else "–" for s in seeds),
-            *paired_cells(v), f"{v['verdict']} ({v['why']})" if v else "–",
-            " / ".join(f"{p:,}" for p in sorted({c["params"] for c in mine} - {None})) or "–",
-            f"{statistics.mean(steps):.2f}" if steps else "–"])
+        mean = "–" if not got else f"{got[0]:.2f}" if len(got) == 1 else \
+            f"{statistics.mean(got):.2f} ± {statistics.stdev(got):.2f}"
+        rows.append([m, mean + (f" ({len(got)} of {len(seeds)} seeds)" if len(got) < len(seeds)
+                                else ""),
+                     ", ".join(f"{value[m, s]:.2f}" if (m, s) in value else "–" for s in seeds),
+                     *paired_cells(v), f"{v['verdict']} ({v['why']})" if v else "–",
+                     paired_cells(delta_stats(value, m, rnd))[0] if m != rnd else "–",
+                     " / ".join(f"{p:,}" for p in sorted({c["params"] for c in mine} - {None}))
+                     or "–", f"{statistics.mean(steps):.2f}" if steps else "–"])
     return table(["method", f"{metric_of(task)} (mean ± std)",
                   f"per seed ({', '.join(map(str, seeds))})", "paired Δ vs lora",
-                  "95 % interval", "wins", "verdict", "trainable params", "s/step"],
-                 "lrlrlrlrr", rows)
-
-
-def score_lines(cells: list[dict], task: str) -> list[str]:
-    """The allocation scores at the parameter budget against uniform LoRA and against the
-    random allocation (the control every score must beat), paired by seed."""
-    value, rnd = task_values(cells, task), score_method("random")
-    scores = [s for s in SCORES if s != "random" and any(m == score_method(s) for m, _ in value)]
-    if not scores:
-        return []
-    rows = [["random", *paired_cells(delta_stats(value, rnd, "lora"))[::2], "–", "–"]] + [
-        [s, *(x for ref in ("lora", rnd) for x in paired_cells(
-            delta_stats(value, score_method(s), ref))[::2])] for s in scores]
-    return ["", f"Allocation scores on {task} ({cells[0]['device']}) at the parameter budget, "
-            "paired by seed with uniform LoRA and with the random allocation (the control a "
-            "score must beat):", "",
-            *table(["score", "Δ vs lora", "wins", "Δ vs random", "wins"], "lrrrr", rows)]
+                  "95 % interval", "wins", "verdict", "Δ vs random", "trainable params",
+                  "s/step"], "lrlrlrlrrr", rows)
 
 
 def mean_ranks(cells: list[dict], task: str, method: str = "fim") -> tuple[dict, int]:
@@ -358,14 +308,12 @@ def mean_ranks(cells: list[dict], task: str, method: str = "fim") -> tuple[dict,
 
 
 def rank_svg(ranks: dict[str, float], title: str) -> str:
-    """train.layer_table's layer × module table drawn as a small SVG heatmap: one <rect> per
-    matrix, darker = higher rank, the value written in it; a matrix outside `layer.N.` (the
-    pooler) gets a row of its own."""
+    """train.layer_table drawn as an SVG heatmap: a <rect> per matrix, darker = higher rank."""
     lines = train.layer_table(ranks, "{:.3g}").splitlines()
     cols = lines[0].split()[1:] or ["matrix"]
     rows = [(f"layer {x.split()[0]}", x.split()[1:]) for x in lines[1:] if ": " not in x]
     rows += [(n.removesuffix(".dense"), [v]) for n, v in
-             (x.rsplit(": ", 1) for x in lines[1:] if ": " in x)]
+             (x.rsplit(": ", 1) for x in lines[1:] if ": " in x)]  # the pooler: a row of its own
     W, H, X0, Y0 = 64, 24, 92, 44
     top = max(ranks.values(), default=1) or 1
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{X0 + W * len(cols) + 8}" '
@@ -386,38 +334,27 @@ def rank_svg(ranks: dict[str, float], title: str) -> str:
 
 
 def bench_lines(name: str, bench: dict) -> list[str]:
-    """make bench's rows (results/bench*.json), each against its goal, and the noise floor."""
-    m = bench["machine"]
-    where = (f"on a GPU (`python bench.py --devices cuda --out results/{name}`, {m['cuda']}, "
-             "bf16 autocast" if "cuda" in name else
-             f"side by side in one process (`make bench`, {m['threads']} threads")
+    """make bench's rows (results/bench*.json) against their goals, captioned with the noise
+    floor (a merged LoRA forward does the base forward's work, so its ratio's distance to 1)."""
     rows = [[r["row"], f"{r['figure']:.3g}{r['unit']}",
              "–" if r["goal"] is None else f"≤ {r['goal']:g}{r['unit']}",
              "–" if r["met"] is None else "met" if r["met"] else "missed", r["detail"]]
             for r in bench["rows"]]
-    out = ["", f"## Speed {where}, torch {bench['versions']['torch']}, median of "
-           f"{bench['repeats']} interleaved repeats)", "",
-           *table(["row", "figure", "goal", "status", "measured"], "lrrll", rows), ""]
     same = [r["figure"] for r in bench["rows"] if r["row"].startswith("merged LoRA forward")]
-    if same:  # merged weights: the base forward's computation, timed side by side
-        out += ["A merged LoRA forward is the base forward's computation (the weights differ, "
-                f"not the work), so its ratio, {', '.join(f'{x:.3f}×' for x in same)}, shows "
-                f"this run's timing noise: read every ratio to about "
-                f"±{max(abs(x - 1) for x in same) * 100:.0f} %.", ""]
-    return out + bench.get("notes", [])
+    noise = f", noise ±{max(abs(x - 1) for x in same) * 100:.0f} %" if same else ""
+    return ["", f"## Speed (`results/{name}`, {bench['machine'].get('cuda') or 'CPU'}, torch "
+            f"{bench['versions']['torch']}, median of {bench['repeats']} repeats{noise})", "",
+            *table(["row", "figure", "goal", "status", "measured"], "lrrll", rows)]
 
 
 def planted_lines(study: dict) -> list[str]:
     """The planted study's tables (results/planted_study*.json from python -m study.planted)."""
-    per, ratios, d = study["per_seed"], study["criterion_oracle_over_uniform"], study["design"]
-    seeds, tried = len(ratios), [len(s["oracle_search"]) for s in per]
-    first = ", ".join(f"{s['oracle_search'][0]['final_loss'] / u:.3f}" for s in per
-                      for u in [s["runs"]["uniform"]["final_loss"]])
+    per, ratios = study["per_seed"], study["criterion_oracle_over_uniform"]
     best = "; ".join("/".join(map(str, min(s["oracle_search"], key=lambda t: t["final_loss"])[
         "planted_ranks"].values())) for s in per)
     runs = [[name, f"{r['loss_ratio']['mean']:.4f} ± {r['loss_ratio']['std']:.4f}",
              f"{r['vs_uniform']['mean']:.3f}", f"{r['gap_closed']['mean']:.2f}",
-             f"{r['closes_half_gap_seeds']} of {seeds}", f"{r['share_planted']['mean']:.2f}",
+             f"{r['closes_half_gap_seeds']} of {len(ratios)}", f"{r['share_planted']['mean']:.2f}",
              f"{r['calibration_seconds']['mean']:.2f}",
              ", ".join(f"{s['runs'][name]['loss_ratio']:.4f}" for s in per)]
             for name, r in study["summary"].items()]
@@ -425,23 +362,17 @@ def planted_lines(study: dict) -> list[str]:
                    f"{v['n']}" for v in (f["structure"], f["shuffled"])),
               "yes" if f["finds_plants"] else "no"] for s, f in study["finds"].items()]
     found = [s for s, f in study["finds"].items() if f["finds_plants"]]
-    return [f"## Planted task: does an allocation put rank where the truth is? (`python -m "
-            f"study.planted --plants {study['args']['plants']}`, {seeds} seeds, "
-            f"{study['args']['steps']} steps at lr {d['lr']:g})", "",
+    return [f"## Planted task (`python -m study.planted --plants {study['args']['plants']}`, "
+            f"{len(ratios)} seeds, {study['args']['steps']} steps)", "",
             f"Criterion, stated before measuring: {study['criterion']}.", "",
-            f"The oracle is searched: {min(tried)}"
-            f"{f'–{max(tried)}' if max(tried) > min(tried) else ''} candidates per seed (planted "
-            f"ranks on the grid {d['oracle_grid']}, then ± {d['oracle_step']} per planted "
-            f"matrix, the rest spread evenly); best planted ranks per seed: {best}; "
-            f"planted.oracle_ranks alone / uniform: {first}. Searched oracle / uniform per seed: "
-            f"{', '.join(f'{r:.3f}' for r in ratios)}, so the task criterion "
-            f"{'holds' if study['criterion_held'] else 'does NOT hold'}.", "",
+            f"Searched oracle / uniform per seed: {', '.join(f'{r:.3f}' for r in ratios)} "
+            f"(criterion {'holds' if study['criterion_held'] else 'does NOT hold'}); best "
+            f"planted ranks per seed: {best}.", "",
             *table(["allocation", "final / B=0 loss, mean ± std", "vs uniform", "gap closed",
                     "closes ≥ 50 % of the gap", "share of rank on planted", "calibration s",
                     "per seed"], "lrrrrrrl", runs), "",
-            "Does a score beat both data-free controls? (control − score) / uniform, mean [95 % "
-            f"t interval] over {seeds} seeds, wins:", "",
-            *table(["score", "vs structure prior", "vs its shuffled ranks", "finds the plants"],
+            *table(["score", "(structure − score) / uniform [95 %], wins",
+                    "(shuffled − score) / uniform [95 %], wins", "finds the plants"],
                    "lrrl", finds), "",
             f"Scores that find the plants by the criterion: {', '.join(found) or 'none'}."]
 
@@ -460,36 +391,19 @@ def smollm2_lines(root: Path) -> list[str]:
 
 
 def results_page(cells: list[dict], v: dict, svgs: dict[str, str], out: Path) -> str:
-    """results/README.md: the verdict and its rule, per task on each device its table, scores
-    and rank map, then the speed tables, the planted studies and SmolLM2."""
+    """results/README.md: the verdict, per task on each device its table, scores and rank map,
+    then the speed tables, the planted studies and SmolLM2."""
     seeds = sorted({c["seed"] for c in cells})
     lines = ["# Results", "", f"_Generated by `python -m study.report` from {len(cells)} cells "
-             f"({datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC) and the JSON files beside this "
-             "page; do not edit by hand._", "", v["line"], "", VERDICT_RULE, "",
-             f"Recipe: `python train.py --method M {' '.join(RECIPE)} --task T --data-dir D "
-             "--seed S` (peers and alternative scores: `python -m study.peers NAME -- ...`, the "
-             "same batches, head and, for peft-lora, A). Values are dev-set percentages; a paired "
-             "Δ is method − lora in the same seed; \"–\" is a cell not run yet. s/step is each "
-             "cell's own time on a shared machine: compare speed in the make bench table."
-             + (f" peft-adalora's trainable parameters are counted at its start (init_r = "
-                f"{ADALORA_INIT} × r per matrix); it prunes to r per matrix on average by the end."
-                if any(c["method"] == "peft-adalora" for c in cells) else "")]
-    for task, device in dict.fromkeys((c["task"], c["device"]) for c in cells):
+             f"({datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC) and the JSON beside this page; "
+             "do not edit by hand._", "", v["line"], "", RULE]
+    for task, device in tables_of(cells):
         mine = [c for c in cells if (c["task"], c["device"]) == (task, device)]
         roots = "`, `".join(sorted({f"{c['root']}/{task}/" for c in mine}))
         lines += ["", f"## {task} on {device} (`{roots}`)", ""]
-        if device == "cuda":
-            gpus = ", ".join(sorted({c["gpu"] or "" for c in mine} - {""})) or "GPU"
-            lines += [f"The same recipe on a GPU ({gpus}, bf16 autocast; `python -m study.grid "
-                      "--root results/cells_cuda ... -- --device cuda`), paired within this "
-                      "table only.", ""]
         lines += task_table(mine, task, seeds, v["tables"][f"{task} on {device}"]["methods"])
-        lines += score_lines(mine, task)
         if svg := svgs.get(f"{task} on {device}"):
-            n = mean_ranks(mine, task)[1]
-            lines += ["", f"![FIM-LoRA ranks on {task}, {device}]({svg})", "",
-                      f"FIM-LoRA's ranks on {task} ({device}), layer × module, mean over {n} "
-                      f"seed{'s' * (n != 1)} ({svg})."]
+            lines += ["", f"![FIM-LoRA's ranks on {task}, {device}, layer × module]({svg})"]
     for name in ("bench.json", "bench_cuda.json"):
         lines += bench_lines(name, read_json(out / name)) if (out / name).exists() else []
     for name in ("planted_study.json", "planted_study_anywhere.json"):
@@ -530,14 +444,13 @@ def replace_block(text: str, name: str, lines: list[str], path: Path) -> str:
 
 def report_files(root: Path, out: Path | None = None,
                  readme: Path | None = None) -> tuple[dict, dict[Path, str]]:
-    """(verdicts, {path: text}): README.md and the rank maps in `out` (results/ for the
-    project's own cells, else root itself) and, for the project's cells, the generated blocks
-    of `readme` (README.md)."""
+    """(verdicts, {path: text}): the page and rank maps in `out` (results/ for the project's
+    cells, else root) and, for the project's cells, README.md's two blocks."""
     own = own_root(root)
     out, readme = out or (RESULTS if own else root), readme or (README if own else None)
     cells = read_root(root)
     v, files, svgs = verdicts(cells), {}, {}
-    for task, device in dict.fromkeys((c["task"], c["device"]) for c in cells):
+    for task, device in tables_of(cells):
         ranks, n = mean_ranks([c for c in cells if c["device"] == device], task)
         if ranks:
             svg = svgs[f"{task} on {device}"] = f"ranks_{task}{'_cuda' * (device == 'cuda')}.svg"
@@ -556,13 +469,11 @@ def report_files(root: Path, out: Path | None = None,
 
 
 def write_report(root: Path, out: Path | None = None, readme: Path | None = None) -> dict:
-    """report_files, each written whole to a temp file beside it, then all renamed: a failure
-    while writing (a full disk, a kill) leaves every old file as it was. Returns the verdicts."""
+    """report_files, each to a temp file beside it, then all renamed: a failure or a kill while
+    writing leaves every old file as it was. Returns the verdicts."""
     v, files = report_files(root, out, readme)
     next(iter(files)).parent.mkdir(parents=True, exist_ok=True)
     tmps: dict[Path, str] = {}
-    umask = os.umask(0)  # the only way to read it; restored at once
-    os.umask(umask)
     try:
         for path, text in files.items():
             fd, tmps[path] = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
@@ -570,7 +481,7 @@ def write_report(root: Path, out: Path | None = None, readme: Path | None = None
                 f.write(text)
                 f.flush()
                 os.fsync(f.fileno())
-            os.chmod(tmps[path], 0o666 & ~umask)
+            os.chmod(tmps[path], 0o644)  # mkstemp's 0o600 would hide the page
         for path, tmp in tmps.items():
             os.replace(tmp, path)
     finally:

@@ -88,19 +88,18 @@ def test_table_mean_std_per_seed_paired_difference_interval_and_wins(cells):
     # 0.833 ± 4.302653 · 1.258 / √3 = [−2.29, +3.96]; wins 2 of 3 (seed 1 loses)
     fim = row_of(md, "fim")
     assert fim[3:7] == ["+0.83 ± 1.26", "[-2.29, +3.96]", "2 of 3", "level (interval holds 0)"]
-    assert fim[7:] == ["1,200", "0.50"]
+    assert fim[7:] == ["–", "1,200", "0.50"]  # no random allocation cells here
     one = row_of(md, "fim+da")  # one seed: no interval, never a fake one
     assert one[1:7] == ["86.00 (1 of 3 seeds)", "–, 86.00, –", "+1.00", "n/a", "1 of 1",
                         "undecided (1 seed, no interval)"]
     assert row_of(md, "fw")[1:6] == ["– (0 of 3 seeds)", "–, –, –", "–", "–", "–"]
 
 
-@pytest.mark.parametrize("df, p, t", [(1, .975, 12.706205), (2, .975, 4.302653),
-                                      (3, .975, 3.182446), (9, .975, 2.262157),
-                                      (30, .975, 2.042272), (5, .95, 2.015048)])
-def test_t_quantile_matches_published_tables(df, p, t):
-    """Oracle: Student t tables (R's qt to 6 decimals)."""
-    assert report.t_quantile(p, df) == pytest.approx(t, abs=1e-6)
+@pytest.mark.parametrize("df, t", [(1, 12.706), (2, 4.303), (3, 3.182), (9, 2.262), (30, 2.042)])
+def test_t_table_matches_published_values(df, t):
+    """Oracle: Student t tables (two-sided 95 %, 3 decimals); the table falls toward 1.960."""
+    assert report.T975[df - 1] == t
+    assert all(a > b > 1.96 for a, b in zip(report.T975, report.T975[1:]))
 
 
 def test_paired_stats_on_hand_made_values():
@@ -108,7 +107,7 @@ def test_paired_stats_on_hand_made_values():
     value = {("lora", 0): 80, ("lora", 1): 85, ("lora", 2): 82, ("m", 0): 81, ("m", 1): 84.5,
              ("m", 2): 84, ("m", 3): 99, ("one", 1): 86}
     st = report.delta_stats(value, "m", "lora")
-    half = 4.302653 * 1.258306 / 3 ** 0.5  # t(0.975, 2) · sample sd / √n
+    half = 4.303 * 1.258306 / 3 ** 0.5  # t(0.975, 2) · sample sd / √n
     assert st["n"] == 3 and st["wins"] == 2 and st["mean"] == pytest.approx(5 / 6)
     assert (st["low"], st["high"]) == pytest.approx((5 / 6 - half, 5 / 6 + half), abs=1e-5)
     one = report.delta_stats(value, "one", "lora")
@@ -148,14 +147,14 @@ def test_verdict_needs_an_interval_off_zero_and_a_win_over_the_random_control():
     assert "mixed: best" in across["line"] and "sst2 on cuda (3 seeds)" in across["line"]
 
 
-def test_score_table_pairs_each_score_with_lora_and_the_random_control(cells):
+def test_scores_are_paired_with_the_random_control_in_the_table(cells):
     for seed, (rnd, kfac) in enumerate([(0.81, 0.83), (0.84, 0.86), (0.82, 0.85)]):
         write_cell(cells, "sst2", "fim-random-params", seed, rnd)
         write_cell(cells, "sst2", "fim-kfac-params", seed, kfac)
-    md = "\n".join(report.score_lines(report.read_cells(cells), "sst2"))
-    assert row_of(md, "random")[1:3] == ["+0.00 ± 1.00", "1 of 3"]  # (+1, −1, 0)
+    md = page(cells)
+    assert row_of(md, "fim-random-params")[3:8:4] == ["+0.00 ± 1.00", "–"]  # (+1, −1, 0)
     # kfac − lora = (+3, +1, +3), kfac − random = (+2, +2, +3)
-    assert row_of(md, "kfac")[1:] == ["+2.33 ± 1.15", "3 of 3", "+2.33 ± 0.58", "3 of 3"]
+    assert row_of(md, "fim-kfac-params")[3:8:4] == ["+2.33 ± 1.15", "+2.33 ± 0.58"]
 
 
 def test_rank_svg_draws_train_layer_table_one_rect_per_matrix(cells):
@@ -265,19 +264,13 @@ def test_a_report_elsewhere_reads_and_writes_exactly_its_root(cells, tmp_path, m
         report.main(["--root", str(tmp_path / "none")])
 
 
-def test_the_adalora_rows_say_their_parameters_are_counted_before_pruning(cells):
-    assert "counted at its start" not in page(cells)
-    write_cell(cells, "sst2", "peft-adalora", 0, 0.79, params=1500)
-    assert "counted at its start (init_r = 1.5 × r per matrix)" in " ".join(page(cells).split())
-
-
 def test_bench_lines_read_the_noise_floor_off_the_merged_forward_row():
     rows = [{"row": "merged LoRA forward / base forward", "figure": 0.96, "goal": 1.0,
              "unit": "×", "met": True, "detail": "d"}]
     lines = report.bench_lines("bench.json", {"rows": rows, "machine": {"threads": 2},
                                               "versions": {"torch": "2"}, "repeats": 5})
     assert "| merged LoRA forward / base forward | 0.96× | ≤ 1× | met | d |" in lines
-    assert any("0.960×" in x and "±4 %" in x for x in lines)
+    assert any("noise ±4 %" in x for x in lines)
 
 
 def _set(field, value):
@@ -305,7 +298,7 @@ HOSTILE_CELLS = [
     ("empty metrics", _set("metrics", {}), "its metrics have no 'accuracy', the sst2"),
     *[(f"{f} {v!r}", _set(f, v), f) for f, v in (
         ("seconds.per_step", "fast"), ("trainable_parameters", "1,000"),
-        ("trainable_parameters", 1.5), ("ranks", {"m": "8"}), ("machine", {"cuda": [1]}))],
+        ("trainable_parameters", 1.5), ("ranks", {"m": "8"}))],
     *[(f"{f} {v!r}", _set(f, v), f"{f} is a {type(v).__name__}, not a")
       for f, v in (("seconds", [1]), ("args", [1]), ("machine", "x"), ("device", 3),
                    ("ranks", [1]))],
@@ -739,7 +732,7 @@ def test_the_study_merges_parts_and_judges_each_score_by_both_controls(tmp_path)
     assert out["criterion_held"] and out["finds"]["gradw"]["finds_plants"]
     st = out["finds"]["gradw"]["structure"]
     assert st["mean"] == pytest.approx(0.25) and st["low"] == pytest.approx(
-        0.25 - 4.302653 * 0.05 / 3**0.5, abs=1e-6)
+        0.25 - 4.303 * 0.05 / 3**0.5, abs=1e-9)
     md = "\n".join(report.planted_lines(out))
     assert "| gradw | +0.250 [" in md and "find the plants by the criterion: gradw." in md
     assert "best planted ranks per seed: 20; 20; 20" in md
