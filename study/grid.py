@@ -24,7 +24,7 @@ from data import glue
 from study import report
 from study.report import CELLS, METHODS, PEERS, SCORES, SEED_MAX, bounded, folder
 
-SST2 = Path("../shared/data/glue/SST-2")
+GLUE = Path("../shared/data/glue")
 OURS = ("efim", "variance", "per-example")  # train.py's scores; the rest run in study.peers
 STOP_GRACE = 30  # seconds a Ctrl-C'd cell gets to checkpoint before it is signalled itself
 GRID_OWNED = ("--task", "--data-dir", "--seed", "--out", "--method", "--resume", "--overwrite",
@@ -147,25 +147,17 @@ def check_grid(a: argparse.Namespace, extra: list[str]) -> tuple[dict[str, Path]
     """({task: data folder}, the cells' train.py arguments), or ValueError naming the fix."""
     if a.root.exists() and not a.root.is_dir():
         raise ValueError(f"--root {a.root} is a file: pass the cells' folder")
-    if a.data_root and not Path(a.data_root).is_dir():
+    if not a.data_root.is_dir():
         raise ValueError(f"--data-root {a.data_root}: no such folder; pass the folder that "
                          "holds the GLUE task folders (SST-2, CoLA, ...)")
-    found = {t: Path(a.data_root) / s.folder for t, s in glue.TASKS.items()
-             if (Path(a.data_root) / s.folder / "train.tsv").is_file()} if a.data_root \
-        else {"sst2": SST2}
-    if not found:
-        raise ValueError(f"--data-root {a.data_root} holds no standard GLUE folder with a "
-                         f"train.tsv ({', '.join(s.folder for s in glue.TASKS.values())})")
-    if not a.data_root and not a.dry_run and not (SST2 / "train.tsv").is_file():
-        raise ValueError(f"{SST2 / 'train.tsv'} not found: pass --data-root with the GLUE "
-                         "download (the folder holding SST-2/)")
-    if unknown := sorted(set(a.tasks or ()) - set(found)):
-        raise ValueError(f"--tasks {' '.join(unknown)}: no such GLUE folder found (found: "
-                         f"{', '.join(found)}); check --data-root")
+    data_dirs = {t: a.data_root / glue.TASKS[t].folder for t in dict.fromkeys(a.tasks)}
+    absent = [f"{d.name}/train.tsv" for d in data_dirs.values() if not (d / "train.tsv").is_file()]
+    if absent and not a.dry_run:
+        raise ValueError(f"--data-root {a.data_root} holds no {', '.join(absent)}: pass the "
+                         "folder of the GLUE download, or narrow --tasks")
     if owned := [f for f in extra if f.split("=")[0] in GRID_OWNED]:
         raise ValueError(f"after '--': {' '.join(owned)} is set by the grid for each cell; use "
                          "--tasks, --data-root, --seeds, --methods, --root or --threads instead")
-    data_dirs = {t: d for t, d in found.items() if not a.tasks or t in a.tasks}
     task, data = next(iter(data_dirs.items()))
     argv = [*report.RECIPE, "--task", task, "--data-dir", str(data), "--out",
             str(a.root / ".unwritten"), *extra]
@@ -197,9 +189,8 @@ def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data-root", default=None,
-                   help=f"run every standard GLUE folder found here (default: SST-2, {SST2})")
-    p.add_argument("--tasks", nargs="+", default=None, help="narrow the tasks, e.g. sst2 cola")
+    p.add_argument("--data-root", type=Path, default=GLUE, help="the GLUE download")
+    p.add_argument("--tasks", nargs="+", default=["sst2"], choices=glue.TASKS)
     p.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
     p.add_argument("--seeds", nargs="+", type=bounded(0, SEED_MAX), default=[0, 1, 2])
     p.add_argument("--peers", nargs="*", default=[], choices=PEERS)

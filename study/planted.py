@@ -14,7 +14,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -37,30 +36,29 @@ CRITERION = ("the task can judge allocation if the searched oracle (the best all
 # Shuffled controls draw from 2**31 + 1000·seed + i: under 2**32, since the CPU generator keeps a
 # seed's low 32 bits, and apart from the training streams seed + k, k < 4 (train.random_streams)
 SHUFFLE_SEED = 2**31
+GRID, STEP = (24, 20, 16), 4  # the oracle search: planted ranks on GRID, then ± STEP each
 
 
-def structure_ranks(names: Sequence[str], holders: Sequence[str], budget: int, r_min: int = 1,
+def structure_ranks(names: list[str], holders: list[str], budget: int, r_min: int = 1,
                     r_max: int | None = None) -> dict[str, int]:
     """The structure prior, a data-free control: r_min outside `holders` (the matrices that can
     hold plants), the rest of the budget evenly on the holders (the extra ranks to the first).
     structure_ranks(["q", "v", "o"], ["v", "o"], budget=9) == {"q": 1, "v": 4, "o": 4}"""
-    names, holders = list(names), [n for n in names if n in set(holders)]
+    holders = [n for n in names if n in set(holders)]
     left = budget - r_min * (len(names) - len(holders))
-    if not holders or left < r_min * len(holders) or (
-            r_max is not None and left > r_max * len(holders)):
+    if not holders or not r_min * len(holders) <= left <= (r_max or left) * len(holders):
         raise ValueError(f"budget={budget} cannot give {len(holders)} holders of {len(names)} "
                          f"matrices equal ranks in [{r_min}, {r_max}] with r_min={r_min} "
                          "elsewhere: pass holders among names and a budget within the bounds")
     share, extra = divmod(left, len(holders))
-    rest = {n: share + (i < extra) for i, n in enumerate(holders)}
-    return {n: rest.get(n, r_min) for n in names}
+    return {n: share + (holders.index(n) < extra) if n in holders else r_min for n in names}
 
 
 def shuffled_ranks(ranks: dict[str, int], generator: torch.Generator) -> dict[str, int]:
     """The shuffled control: the same ranks in a random placement (torch.randperm)."""
     names, values = list(ranks), list(ranks.values())
-    return {names[j]: values[i]
-            for i, j in enumerate(torch.randperm(len(names), generator=generator).tolist())}
+    order = torch.randperm(len(names), generator=generator).tolist()
+    return {names[j]: values[i] for i, j in enumerate(order)}
 
 
 def shuffle_generator(seed: int, index: int) -> torch.Generator:
@@ -70,68 +68,54 @@ def shuffle_generator(seed: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(SHUFFLE_SEED + 1000 * seed + index)
 
 
-def search_oracle(names: Sequence[str], truth: dict[str, int], budget: int, cap: int,
-                  loss_of, grid: Sequence[int], step: int) -> tuple[dict[str, int], list[dict]]:
+def search_oracle(names: list[str], truth: dict[str, int], budget: int, cap: int, loss_of,
+                  grid=GRID, step: int = STEP) -> tuple[dict[str, int], list[dict]]:
     """(best ranks, every candidate tried) of a small search knowing the truth: the planted
     matrices at each k in `grid` (within [1, cap], the rest of the budget spread evenly by
     oracle_ranks), then ± step per planted matrix from the best; `loss_of` trains one."""
     tried: list[dict] = []
 
     def attempt(fixed: dict[str, int]) -> float:
-        for t in tried:
-            if t["planted_ranks"] == fixed:
-                return t["final_loss"]
-        if not all(1 <= r <= cap for r in fixed.values()):
-            return math.inf
+        if old := [t["final_loss"] for t in tried if t["planted_ranks"] == fixed]:
+            return old[0]
         try:
+            if not all(1 <= r <= cap for r in fixed.values()):
+                return math.inf
             ranks = oracle_ranks(names, fixed, budget)
         except ValueError:  # not enough budget left for the others
             return math.inf
         tried.append({"planted_ranks": dict(fixed), "final_loss": loss_of(ranks)})
         return tried[-1]["final_loss"]
 
-    best, best_loss = None, math.inf
-    for k in grid:
-        if (loss := attempt(fixed := {n: k for n in truth})) < best_loss:
-            best, best_loss = fixed, loss
-    if best is None:
+    best = min(({n: k for n in truth} for k in grid), key=attempt)
+    if not tried:
         raise ValueError(f"grid {list(grid)}: no candidate fits cap={cap} and budget={budget}")
     for n in truth:
         for d in (-step, step):
-            if (loss := attempt(fixed := best | {n: best[n] + d})) < best_loss:
-                best, best_loss = fixed, loss
+            if attempt(fixed := best | {n: best[n] + d}) < attempt(best):
+                best = fixed
                 break
     return oracle_ranks(names, best, budget), tried
 
 
-# -----------------------------------------------------------------------------
-# the runs
+def train_one(seed: int, steps: int, threads: int, plants: str, allocation) -> dict:
+    """One planted run: `allocation` None (uniform), fixed ranks, or (score, budget unit)."""
+    from study.scores import score_adapt
+    record: dict = {}
 
-
-def fixed_adapt(ranks: dict[str, int] | None, record: dict):
-    """train.run's adapt for uniform LoRA (None) or fixed ranks (fimlora.resize_ranks)."""
-    def adapt(task, args, device, rng):
-        model = train.add_adapters(task, args, device, rng)
-        t0 = time.perf_counter()
-        if ranks is not None:
-            fimlora.resize_ranks(model, ranks, generator=rng["init"])
+    def fixed(task, args, device, rng):  # uniform LoRA, then the ranks at the base scale
+        model, t0 = train.add_adapters(task, args, device, rng), time.perf_counter()
+        if allocation is not None:
+            fimlora.resize_ranks(model, allocation, generator=rng["init"])
         record.update(seconds=time.perf_counter() - t0,
                       ranks={n: m.r for n, m in lora_layers(model).items()})
         return model
-    return adapt
-
-
-def train_one(seed: int, steps: int, threads: int, plants: str, allocation) -> dict:
-    """One planted run: `allocation` None (uniform), ranks, or (score, budget unit)."""
-    from study.scores import score_adapt
-    record: dict = {}
     adapt = (score_adapt(*allocation, planted.PLANT_RANK, record)
-             if isinstance(allocation, tuple) else fixed_adapt(allocation, record))
+             if isinstance(allocation, tuple) else fixed)
     with tempfile.TemporaryDirectory() as tmp:
-        args = train.parse_args(["--method", "lora", "--seed", str(seed), "--steps", str(steps),
-                                 "--threads", str(threads), "--log-every", str(steps),
-                                 "--plants", plants, "--out", tmp])
-        res = train.run(args, adapt)
+        res = train.run(train.parse_args([
+            "--method", "lora", "--seed", str(seed), "--steps", str(steps), "--threads",
+            str(threads), "--log-every", str(steps), "--plants", plants, "--out", tmp]), adapt)
     rec = planted.rank_recovery(record["ranks"], res["planted"])
     return {"final_loss": res["metrics"]["loss"], "loss_ratio": res["metrics"]["loss_ratio"],
             "share_planted": rec["share_planted"], "covered": rec["covered"],
@@ -140,26 +124,24 @@ def train_one(seed: int, steps: int, threads: int, plants: str, allocation) -> d
             "planted": res["planted"]}
 
 
-def study_seed(seed: int, steps: int, threads: int, plants: str, grid=(24, 20, 16),
-               step: int = 4) -> dict:
+def study_seed(seed: int, steps: int, threads: int, plants: str) -> dict:
     """Every run of one seed, each with vs_uniform, vs_oracle and gap_closed."""
     def run(allocation) -> dict:
         return train_one(seed, steps, threads, plants, allocation)
     rows = {"uniform": run(None)}
     truth, names = rows["uniform"]["planted"], list(rows["uniform"]["ranks"])
-    budget, r_max = sum(rows["uniform"]["ranks"].values()), planted.PLANT_RANK
-    trained: dict[tuple, dict] = {}
+    budget, trained = sum(rows["uniform"]["ranks"].values()), {}
 
     def loss_of(ranks: dict[str, int]) -> float:
         trained[tuple(ranks.values())] = run(ranks)
         return trained[tuple(ranks.values())]["final_loss"]
-    best, searched = search_oracle(names, truth, budget, r_max, loss_of, grid, step)
+    best, searched = search_oracle(names, truth, budget, planted.PLANT_RANK, loss_of)
     rows["oracle"] = trained[tuple(best.values())]
     rows |= {s: run((s, "ranks")) for s in SCORES}
     rows["efim params"] = run(("efim", "params"))
     holders = [n for n in names if plants == "anywhere"
                or not any(name_matches(n, t) for t in planted.UNREACHED)]
-    rows["structure"] = run(structure_ranks(names, holders, budget, 1, r_max))
+    rows["structure"] = run(structure_ranks(names, holders, budget, 1, planted.PLANT_RANK))
     for i, s in enumerate(SCORES):
         rows[f"shuffled {s}"] = run(shuffled_ranks(rows[s]["ranks"], shuffle_generator(seed, i)))
     u, o = rows["uniform"]["final_loss"], rows["oracle"]["final_loss"]
@@ -186,7 +168,7 @@ def summary(study: dict) -> dict:
                        for k, v in cols.items() for st in [paired_stats(v)]}
         table[name]["closes_half_gap_seeds"] = sum(g >= 0.5 for g in cols["gap_closed"])
 
-    def beats(control: str, score: str) -> dict:
+    def beats(control: str, score: str) -> dict:  # (control − score) / uniform, paired
         st = paired_stats([(s["runs"][control]["final_loss"] - s["runs"][score]["final_loss"])
                            / s["runs"]["uniform"]["final_loss"] for s in per])
         return st | {"above_zero": st["low"] is not None and st["low"] > 0}
@@ -199,14 +181,13 @@ def summary(study: dict) -> dict:
 
 
 def finish(study: dict, out: str) -> dict:
-    """Summarise (>= 3 seeds), print the tables as the report renders them, write `out`."""
+    """Summarise (>= 3 seeds) and print as the report renders it, then write `out`."""
     if len(study["per_seed"]) >= 3:
         study = summary(study)
         print("\n".join(planted_lines(study)))
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     runfolder.write_json(out, study)
-    print(f"wrote {out}" + ("" if "summary" in study else " (a part: merge >= 3 seeds with "
-                            "--merge)"))
+    print(f"wrote {out}" + ("" if "summary" in study else " (a part: --merge >= 3 seeds)"))
     return study
 
 
@@ -221,8 +202,8 @@ def merge(parts: list[str], out: str) -> dict:
     per = sorted((x for s in studies for x in s["per_seed"]), key=lambda x: x["seed"])
     if len({x["seed"] for x in per}) != len(per) or len(per) < 3:
         raise ValueError(f"{parts}: seeds {[x['seed'] for x in per]}; merge >= 3 distinct seeds")
-    return finish(studies[0] | {"per_seed": per, "args": studies[0]["args"] | {
-        "seeds": len(per)}}, out)
+    args = studies[0]["args"] | {"seeds": len(per)}
+    return finish(studies[0] | {"per_seed": per, "args": args}, out)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -241,22 +222,18 @@ def main(argv: list[str] | None = None) -> dict:
         return merge(a.merge, a.out)
     print(f"criterion, stated before running: {CRITERION}", flush=True)
     per = [study_seed(s, a.steps, a.threads, a.plants) for s in dict.fromkeys(a.seeds)]
-    lr = train.parse_args(["--out", "unused"]).lr  # the planted recipe's, every run's
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
                             text=True).stdout.strip() or None
+    design = {"plant_rank": planted.PLANT_RANK, "plant_effect": planted.PLANT_EFFECT,
+              "lr": train.parse_args(["--out", "unused"]).lr, "plants": a.plants,
+              "reach": planted.REACH if a.plants == "reach" else "inf (plants anywhere)",
+              "r": 8, "r_max": planted.PLANT_RANK, "oracle_grid": list(GRID), "oracle_step": STEP}
     return finish({
-        "what": f"planted task (data/planted.py defaults, plants: {a.plants}) on train.py's tiny "
-                "encoder: final eval loss of each allocation at the same budget (r x matrices "
-                "ranks; 'efim params': the same budget in parameters, a rank costing d_in + "
-                "d_out)", "criterion": CRITERION, "fields": "study/planted.py's docstring",
-        "design": {"plant_rank": planted.PLANT_RANK, "plant_effect": planted.PLANT_EFFECT,
-                   "lr": lr, "reach": planted.REACH if a.plants == "reach" else
-                   "inf (plants anywhere)", "plants": a.plants, "n_planted": 3, "r": 8,
-                   "r_max": planted.PLANT_RANK, "oracle_grid": [24, 20, 16], "oracle_step": 4,
-                   "oracle_search_size": "at most 3 + 2 x 3 candidates per seed"},
+        "what": f"final eval loss of each allocation at the same budget on train.py's planted "
+                f"task (plants: {a.plants}); 'efim params': the budget in parameters",
+        "criterion": CRITERION, "design": design, "scores_run": list(SCORES),
         "args": {"seeds": len(per), "steps": a.steps, "threads": a.threads, "plants": a.plants},
-        "scores_run": list(SCORES), "versions": train.environment()["versions"] | {
-            "commit": commit}, "per_seed": per}, a.out)
+        "versions": train.environment()["versions"] | {"commit": commit}, "per_seed": per}, a.out)
 
 
 if __name__ == "__main__":

@@ -35,10 +35,13 @@ BLOCKS = {"run": ("<!-- run:start -->", "<!-- run:end -->"),
           "results": ("<!-- results:begin -->", "<!-- results:end -->")}
 READ_LIMIT = 16 << 20  # bytes: a cell's results.json is kilobytes; a bigger file is not one
 SEED_MAX = 2**32 - 1  # numpy's seed range (train.set_seed)
-TYPES = {"metrics": dict, "args": dict, "machine": dict, "versions": dict, "seconds": dict,
-         "ranks": dict, "device": str, "commit": str}  # results.json / run.json fields
-RANGES = {"accuracy": (0, 1), "f1": (0, 1), "mcc": (-1, 1), "pearson": (-1, 1),
-          "spearman": (-1, 1), "loss": (0, 1e12), "loss_ratio": (0, 1e12)}
+SCHEMA = {"metrics": dict, "args": dict, "machine": dict, "versions": dict, "seconds": dict,
+          "ranks": dict, "device": str, "commit": str,  # results.json / run.json: types, then
+          "trainable_parameters": (0, 1e15, int), "seconds.*": (0, 1e12, (int, float)),  # ranges
+          "ranks.*": (0, 1e6, (int, float)), "metrics.*": (-1e12, 1e12, (int, float)),
+          **{f"metrics.{m}": (0, 1, (int, float)) for m in ("accuracy", "f1")},
+          **{f"metrics.{m}": (-1, 1, (int, float)) for m in ("mcc", "pearson", "spearman")},
+          "metrics.loss": (0, 1e12, (int, float)), "seconds.per_step": (0, 1e9, (int, float))}
 # Two-sided 95 % Student t quantiles t(0.975, df), df = 1..30, as published (e.g. NIST/SEMATECH
 # e-Handbook, table 1.3.6.7.2); past 30 the df = 30 value, slightly wide (conservative).
 T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
@@ -81,7 +84,7 @@ def metric_of(task: str) -> str:
 
 
 # -----------------------------------------------------------------------------
-# reading: a cell is checked against TYPES and RANGES, or refused naming its file and field
+# reading: every cell is checked against SCHEMA, or refused naming its file and field
 
 
 def read_json(path: Path):
@@ -92,43 +95,43 @@ def read_json(path: Path):
         raise ValueError(f"{path} is not JSON ({e})") from None
 
 
+def bad_field(res: dict) -> str | None:
+    """The first field of a results object outside SCHEMA, described, or None.
+    bad_field({"metrics": {"accuracy": 2}}) -> "metrics.accuracy = 2, not a number in [0, 1]" """
+    for key, kind in SCHEMA.items():
+        if isinstance(kind, type) and res.get(key) is not None and not isinstance(res[key], kind):
+            return f"{key} is a {type(res[key]).__name__}, not a {kind.__name__}"
+    numbers = [("trainable_parameters", res.get("trainable_parameters"))] + [
+        (f"{part}.{k}", v) for part in ("metrics", "ranks", "seconds")
+        for k, v in (res.get(part) or {}).items()]
+    for field, v in numbers:
+        low, high, kind = SCHEMA.get(field) or SCHEMA[field.split(".")[0] + ".*"]
+        if not (v is None and not field.startswith("metrics.")) and not (
+                isinstance(v, kind) and not isinstance(v, bool) and low <= v <= high):  # NaN too
+            return f"{field} = {json.dumps(v)[:40]}, not a number in [{low:g}, {high:g}]"
+    if not re.fullmatch(r"([a-z]+(:\d+)?)?", res.get("device") or ""):  # it names a table
+        return f"device {res['device']!r}"
+    return None
+
+
 def read_result(path: Path) -> dict:
-    """A cell's results.json (with metrics) or run.json, its fields of TYPES, or ValueError
-    "<path> is damaged (<field> ...): remove <cell> ..."."""
+    """A cell's results.json (with metrics) or run.json, or ValueError naming it, the bad field
+    (bad_field) and the fix."""
     try:
-        data = read_regular(path, READ_LIMIT)  # refuses folders, FIFOs, devices, big files
-    except ValueError as e:
-        raise ValueError(f"{e}: remove {path.parent} and run the grid again") from None
-    try:
-        res = json.loads(data)
-    except (ValueError, RecursionError):  # not JSON, not UTF-8, nested past the parser
-        res = None
-    if not isinstance(res, dict) or (path.name == "results.json"
-                                     and not isinstance(res.get("metrics"), dict)):
-        raise damaged(path, "not a results object with metrics")
-    for key, kind in TYPES.items():
-        if res.get(key) is not None and not isinstance(res[key], kind):
-            raise damaged(path, f"{key} is a {type(res[key]).__name__}, not a {kind.__name__}")
+        res = read_json(path)
+        what = ("not a results object with metrics" if not isinstance(res, dict) or (
+            path.name == "results.json" and not isinstance(res.get("metrics"), dict))
+            else bad_field(res))
+    except ValueError as e:  # read_regular's words for a folder, FIFO, device or huge file
+        what = "not a results object with metrics" if "is not JSON" in str(e) else str(e)
+    if what:
+        raise ValueError(f"{path} is damaged ({what}): remove {path.parent} and run the grid "
+                         "again to redo that cell")
     return res
 
 
-def damaged(path: Path, what: str) -> ValueError:
-    return ValueError(f"{path} is damaged ({what}): remove {path.parent} and run the grid "
-                      "again to redo that cell")
-
-
-def number(path: Path, field: str, value, low: float, high: float, kind=(int, float),
-           optional: bool = True):
-    """value if a number (not a bool) in [low, high] or an optional None, else damaged(...)."""
-    if (value is None and optional) or (isinstance(value, kind) and not isinstance(value, bool)
-                         and low <= value <= high):  # NaN fails too
-        return value
-    raise damaged(path, f"{field} = {json.dumps(value)[:40]}, not a number in "
-                        f"[{low:g}, {high:g}]")
-
-
 def read_cell(path: Path, device: str, root: Path) -> dict:
-    """The record of one cell's results.json (and run.json beside it), every field checked."""
+    """The record of one cell's results.json (run.json beside it checked too)."""
     (method, seed), task = parse_folder(path.parent.name), path.parent.parent.name
     if seed > SEED_MAX:
         raise ValueError(f"{path.parent}: seed {seed} is outside 0..{SEED_MAX} (numpy's seed "
@@ -137,20 +140,12 @@ def read_cell(path: Path, device: str, root: Path) -> dict:
     if (path.parent / "run.json").exists():  # the grid's record of the run
         read_result(path.parent / "run.json")
     if metric_of(task) not in res["metrics"]:
-        raise damaged(path, f"its metrics have no {metric_of(task)!r}, the {task} metric")
-    for name, v in res["metrics"].items():
-        number(path, f"metrics.{name}", v, *RANGES.get(name, (-1e12, 1e12)), optional=False)
-    for name, r in (res.get("ranks") or {}).items():
-        number(path, f"ranks.{name}", r, 0, 1e6)
-    device = res.get("device") or device
-    if not re.fullmatch(r"[a-z]+(:\d+)?", device):  # it names a table
-        raise damaged(path, f"device {device!r}")
-    per_step = (res.get("seconds") or {}).get("per_step")
-    return {"task": task, "method": method, "seed": seed, "device": device.split(":")[0],
-            "root": root.as_posix(), "metrics": res["metrics"], "ranks": res.get("ranks") or {},
-            "per_step": number(path, "seconds.per_step", per_step, 0, 1e9),
-            "params": number(path, "trainable_parameters", res.get("trainable_parameters"), 0,
-                             1e15, int)}
+        raise ValueError(f"{path} is damaged (its metrics have no {metric_of(task)!r}, the "
+                         f"{task} metric): remove {path.parent} and run the grid again")
+    return {"task": task, "method": method, "seed": seed, "root": root.as_posix(),
+            "device": (res.get("device") or device).split(":")[0], "metrics": res["metrics"],
+            "ranks": res.get("ranks") or {}, "params": res.get("trainable_parameters"),
+            "per_step": (res.get("seconds") or {}).get("per_step")}
 
 
 def read_cells(root: Path) -> list[dict]:

@@ -476,9 +476,8 @@ def _other_recipe(t):
 GRID_ERRORS = [
     ("--data-root that does not exist", lambda t: ["--data-root", str(t / "none")],
      "no such folder; pass the folder that holds the GLUE task folders"),
-    ("--data-root without GLUE folders", lambda t: ["--data-root", str(t)],
-     "holds no standard GLUE folder with a train.tsv (SST-2, CoLA"),
-    ("--tasks not under --data-root", lambda t: ["--tasks", "rte"], "--tasks rte: no such GLUE"),
+    ("--tasks not under --data-root", lambda t: ["--wet", "--tasks", "sst2", "rte"],
+     "holds no SST-2/train.tsv, RTE/train.tsv: pass the folder of the GLUE download"),
     ("--root is a file", lambda t: (t / "f").write_text("x") and ["--root", str(t / "f")],
      "is a file: pass the cells' folder"),
     ("a grid-owned train.py flag", lambda t: ["--", "--seed", "3"],
@@ -486,7 +485,6 @@ GRID_ERRORS = [
     ("an unknown train.py flag", lambda t: ["--", "--bogus"], re.compile("after '--': .*--bogus")),
     ("a finished cell of another recipe (--grad-accum)", _other_recipe,
      "another recipe (--grad-accum 4 there, 1 here): give this recipe its own --root"),
-    ("no SST-2 and no --data-root", lambda t: ["--wet"], "not found: pass --data-root"),
     ("a damaged results.json", lambda t: _damaged(t / "cells" / "sst2" / "lora-s0"),
      "results.json is damaged (not a results object with metrics): remove"),
     ("peers on a decoder", lambda t: ["--peers", "peft-lora", "--", "--model", "smollm2"],
@@ -503,7 +501,7 @@ def test_bad_grid_input_is_refused_before_any_work_or_write(tmp_path, monkeypatc
                                                             match):
     monkeypatch.chdir(tmp_path)  # the report would go to ./results and ./README.md
     monkeypatch.setattr(grid, "run_grid", lambda *a, **k: pytest.fail("ran the grid"))
-    monkeypatch.setattr(grid, "SST2", tmp_path / "no-SST-2")
+    monkeypatch.setattr(grid, "GLUE", tmp_path)  # holds no GLUE task folder
     argv = setup(tmp_path)
     rest = argv[argv.index("--"):] if "--" in argv else []
     argv = argv[:len(argv) - len(rest)]
