@@ -215,14 +215,15 @@ def test_a_kill_while_the_report_is_written_leaves_every_old_file(cells, tmp_pat
 
 
 def test_a_report_that_fails_half_way_writes_nothing(cells, tmp_path):
-    """results/bench.json not JSON: the error names it and nothing is written."""
+    """results/planted_study.json not JSON: the error names it and nothing is written."""
     out, readme = tmp_path / "results", tmp_path / "README.md"
     readme.write_text(BLOCKS)
     out.mkdir()
-    (out / "bench.json").write_text("{")
-    with pytest.raises(ValueError, match="results/bench.json is not JSON"):
+    (out / "planted_study.json").write_text("{")
+    with pytest.raises(ValueError, match="results/planted_study.json is not JSON"):
         report.write_report(cells, out, readme)
-    assert [p.name for p in out.iterdir()] == ["bench.json"] and readme.read_text() == BLOCKS
+    assert [p.name for p in out.iterdir()] == ["planted_study.json"]
+    assert readme.read_text() == BLOCKS
 
 
 def test_a_gpu_grid_beside_the_cpu_grid_gets_its_own_table(cells, tmp_path, monkeypatch):
@@ -262,15 +263,6 @@ def test_a_report_elsewhere_reads_and_writes_exactly_its_root(cells, tmp_path, m
     assert (cells / "ranks_sst2.svg").is_file()
     with pytest.raises(ValueError, match="no such folder, no cells to report"):
         report.main(["--root", str(tmp_path / "none")])
-
-
-def test_bench_lines_read_the_noise_floor_off_the_merged_forward_row():
-    rows = [{"row": "merged LoRA forward / base forward", "figure": 0.96, "goal": 1.0,
-             "unit": "×", "met": True, "detail": "d"}]
-    lines = report.bench_lines("bench.json", {"rows": rows, "machine": {"threads": 2},
-                                              "versions": {"torch": "2"}, "repeats": 5})
-    assert "| merged LoRA forward / base forward | 0.96× | ≤ 1× | met | d |" in lines
-    assert any("noise ±4 %" in x for x in lines)
 
 
 def _set(field, value):
