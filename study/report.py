@@ -146,22 +146,16 @@ def read_cell(path: Path, device: str, root: Path) -> dict:
             "per_step": (res.get("seconds") or {}).get("per_step")}
 
 
-def read_cells(root: Path) -> list[dict]:
-    """One record per <root>/<task>/<method>-s<seed>/results.json; results/cells_cuda: cuda."""
-    device = root.name.partition("_")[2] or "cpu"
-    return [read_cell(p, device, root) for p in sorted(root.glob("*/*/results.json"))
-            if parse_folder(p.parent.name) is not None]
-
-
 def own_root(root: Path) -> bool:
     return root.resolve() in {(RESULTS / name).resolve() for name in OWN_ROOTS}
 
 
 def read_root(root: Path) -> list[dict]:
-    """root's cells; the project's results/cells and cells_cuda are read together, and a sibling
-    elsewhere (a cells_backup) never."""
+    """One record per <root>/<task>/<method>-s<seed>/results.json (device: the folder's suffix,
+    cells_cuda -> cuda); the project's results/cells and cells_cuda are read together."""
     roots = [RESULTS / n for n in OWN_ROOTS if (RESULTS / n).is_dir()] if own_root(root) else []
-    return [c for r in roots or [root] for c in read_cells(r)]
+    return [read_cell(p, r.name.partition("_")[2] or "cpu", r) for r in roots or [root]
+            for p in sorted(r.glob("*/*/results.json")) if parse_folder(p.parent.name)]
 
 
 # -----------------------------------------------------------------------------

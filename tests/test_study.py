@@ -163,7 +163,7 @@ def test_rank_svg_draws_train_layer_table_one_rect_per_matrix(cells):
     assert len(svg.findall("{http://www.w3.org/2000/svg}rect")) == len(r) == 10
     texts = {t.text for t in svg.iter("{http://www.w3.org/2000/svg}text")}
     assert {float(t) for t in texts if t.replace(".", "").isdigit()} == set(map(float, r.values()))
-    mean, n = report.mean_ranks(report.read_cells(cells), "sst2")
+    mean, n = report.mean_ranks(report.read_root(cells), "sst2")
     name = LAYER.format(0, MODULES[0])
     assert n == 3 and mean[name] == pytest.approx(sum(ranks(s)[name] for s in range(3)) / 3)
 
