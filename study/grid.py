@@ -26,7 +26,6 @@ from study.report import CELLS, METHODS, PEERS, SCORES, SEED_MAX, bounded, folde
 
 GLUE = Path("../shared/data/glue")
 OURS = ("efim", "variance", "per-example")  # train.py's scores; the rest run in study.peers
-STOP_GRACE = 30  # seconds a Ctrl-C'd cell gets to checkpoint before it is signalled itself
 GRID_OWNED = ("--task", "--data-dir", "--seed", "--out", "--method", "--resume", "--overwrite",
               "--threads")
 RECIPE_KEYS = ("model", "r", "alpha", "rslora", "dropout", "targets", "steps", "epochs",
@@ -82,8 +81,7 @@ def dies_with_grid():
 
 
 def run_cell(cmd: list[str], log: Path) -> int:
-    """Run one cell, output appended to log. On Ctrl-C (which the cell got too) it has
-    STOP_GRACE s to checkpoint; on any other exit of the grid it is terminated."""
+    """Run one cell, output appended to log; terminated if the grid stops for any reason."""
     print(" ".join(cmd), flush=True)
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as f:
@@ -91,15 +89,11 @@ def run_cell(cmd: list[str], log: Path) -> int:
                                 preexec_fn=dies_with_grid())
         try:
             return proc.wait()
-        except KeyboardInterrupt:
-            try:
-                proc.wait(timeout=STOP_GRACE)
-            except subprocess.TimeoutExpired:
-                proc.send_signal(signal.SIGINT)
-                proc.wait()
+        except KeyboardInterrupt:  # the cell got it too (one process group): it checkpoints
+            proc.wait()
             raise
         finally:
-            if proc.poll() is None:
+            if proc.poll() is None:  # SIGTERM: train.py checkpoints as on Ctrl-C
                 proc.terminate()
                 proc.wait()
 

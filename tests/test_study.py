@@ -534,8 +534,8 @@ def test_ctrl_c_stops_the_grid_with_a_checkpoint_and_the_same_command_resumes(tm
         pytest.skip(f"SST-2 not found at {SST2}")
     cmd = [sys.executable, "-m", "study.grid", "--root", str(tmp_path / "cells"), "--methods",
            "lora", "--seeds", "0", "--data-root", str(SST2.parent), "--tasks", "sst2", "--",
-           "--model", "tiny", "--max-train", "1024", "--max-eval", "64", "--steps", "5",
-           "--batch-size", "128", "--log-every", "1", "--save-every", "1000"]
+           "--model", "tiny", "--max-train", "256", "--max-eval", "32", "--steps", "5",
+           "--batch-size", "32", "--log-every", "1", "--save-every", "1000"]
     cell = tmp_path / "cells" / "sst2" / "lora-s0"
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
