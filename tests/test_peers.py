@@ -311,24 +311,24 @@ def test_rank_pattern_keys_match_one_module_each_and_prefixed_keys_none(tmp_path
 
 
 # -----------------------------------------------------------------------------
-# peer grid cells (bench.py --peer) stop and resume like ours
+# peer grid cells (python -m study.peers) stop and resume like ours
 
 
 @pytest.mark.parametrize("peer", ["peft-lora", "peft-eva"])
 def test_a_stopped_peer_cell_resumes_bitwise(tmp_path, monkeypatch, sst2_rows, peer):
     """A peer cell Ctrl-C'd after step 3 keeps a checkpoint of PEFT's trainable tensors, names
-    bench.py's resume command, and `--resume` ends with the uninterrupted run's losses and
+    study.peers' resume command, and `--resume` ends with the uninterrupted run's losses and
     metrics bit for bit (EVA's init is recomputed on resume and must land on the same ranks)."""
     import os
     import signal
 
-    import bench
     import train
+    from study import peers
     _peft(), _minilm()
     quick = ["--method", "lora", "--model", "minilm", "--task", "sst2", "--data-dir", str(SST2),
              "--max-train", "64", "--max-eval", "32", "--max-len", "32", "--batch-size", "8",
              "--r", "4", "--steps", "6", "--log-every", "1", "--seed", "3", "--threads", "1"]
-    full = bench.peer_train(peer, [*quick, "--out", str(tmp_path / "full")])
+    full = peers.cell(peer, [*quick, "--out", str(tmp_path / "full")])
     real = train.log_step
 
     def stop_after_3(k, *a):
@@ -338,21 +338,21 @@ def test_a_stopped_peer_cell_resumes_bitwise(tmp_path, monkeypatch, sst2_rows, p
     out = tmp_path / "stopped"
     with monkeypatch.context() as m:
         m.setattr(train, "log_step", stop_after_3)
-        with pytest.raises(train.Interrupted, match=f"bench.py --peer {peer} -- --resume"):
-            bench.peer_train(peer, [*quick, "--out", str(out)])
+        with pytest.raises(train.Interrupted, match=f"-m study.peers {peer} -- --resume"):
+            peers.cell(peer, [*quick, "--out", str(out)])
     assert not (out / "results.json").exists() and (out / "checkpoint" / "state.pt").is_file()
-    with pytest.raises(ValueError, match="holds a peer's model .* bench.py --peer NAME"):
+    with pytest.raises(ValueError, match="a peer's checkpoint, .* resumes with the command"):
         train.main(["--resume", str(out)])  # train.py alone would build fimlora's model
-    resumed = bench.peer_train(peer, ["--resume", str(out), "--threads", "1"])
+    resumed = peers.cell(peer, ["--resume", str(out), "--threads", "1"])
     assert resumed["train_loss"] == full["train_loss"] and resumed["metrics"] == full["metrics"]
     assert resumed["peer"] == peer and resumed["ranks"] == full["ranks"]
     assert json.loads((out / "results.json").read_text())["peer"] == peer
 
 
 def test_peft_adalora_refuses_resume_with_the_fix(tmp_path):
-    import bench
+    from study import peers
     with pytest.raises(ValueError, match="peft-adalora cells do not checkpoint"):
-        bench.peer_train("peft-adalora", ["--resume", str(tmp_path)])
+        peers.cell("peft-adalora", ["--resume", str(tmp_path)])
 
 
 def test_peft_adalora_owns_its_folder_while_it_trains(tmp_path, monkeypatch, sst2_rows):
@@ -362,17 +362,17 @@ def test_peft_adalora_owns_its_folder_while_it_trains(tmp_path, monkeypatch, sst
     import fcntl
     import os
 
-    import bench
     import runfolder
+    from study import peers
     _peft(), _minilm()
     out = tmp_path / "cell"
     argv = ["--model", "minilm", "--task", "sst2", "--data-dir", str(SST2), "--max-train", "32",
             "--max-eval", "16", "--max-len", "32", "--batch-size", "8", "--r", "2", "--steps",
             "2", "--threads", "1", "--out", str(out)]
     with runfolder.lock(out), pytest.raises(ValueError, match="is in use by pid"):
-        bench.peer_train("peft-adalora", argv)
+        peers.cell("peft-adalora", argv)
     held = []
-    real = bench.write_json
+    real = runfolder.write_json
 
     def spy(path, obj):
         fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT)
@@ -384,18 +384,18 @@ def test_peft_adalora_owns_its_folder_while_it_trains(tmp_path, monkeypatch, sst
         finally:
             os.close(fd)
         return real(path, obj)
-    monkeypatch.setattr(bench, "write_json", spy)
-    assert bench.peer_train("peft-adalora", argv)["peer"] == "peft-adalora"
+    monkeypatch.setattr(runfolder, "write_json", spy)
+    assert peers.cell("peft-adalora", argv)["peer"] == "peft-adalora"
     assert held == [True] and (out / "results.json").is_file()
 
 
 def test_peft_eva_refuses_batches_smaller_than_rho_r_before_it_would_hang(tmp_path, sst2_rows):
     """PEFT's EVA skips the pooler's SVD while a batch has < rho * r rows and so cycles the
     calibration batches forever; the peer refuses such a run up front, naming the fix."""
-    import bench
+    from study import peers
     _peft(), _minilm()
     with pytest.raises(ValueError, match="--batch-size 8 < rho \\* r = 16.*raise --batch-size"):
-        bench.peer_train("peft-eva", [
+        peers.cell("peft-eva", [
             "--method", "lora", "--model", "minilm", "--task", "sst2", "--data-dir", str(SST2),
             "--max-train", "64", "--max-eval", "32", "--batch-size", "8", "--steps", "2",
             "--threads", "1", "--out", str(tmp_path / "o")])

@@ -1,0 +1,232 @@
+"""make results: a method × task × seed grid, one training process per cell, then the report.
+
+    python -m study.grid                          # SST-2: lora fim fw da fim+da, seeds 0 1 2
+    python -m study.grid --data-root ../shared/data/glue --tasks sst2 cola --peers peft-lora
+    python -m study.grid --budget params --scores kfac random --dry-run
+    python -m study.grid --root other/cells -- --steps 100     # train.py flags after '--'
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import runfolder
+import train
+from data import glue
+from study import report
+from study.report import CELLS, METHODS, PEERS, SCORES, SEED_MAX, bounded, folder
+
+GLUE = Path("../shared/data/glue")
+OURS = ("efim", "variance", "per-example")  # train.py's scores; the rest run in study.peers
+GRID_OWNED = ("--task", "--data-dir", "--seed", "--out", "--method", "--resume", "--overwrite",
+              "--threads")
+RECIPE_KEYS = ("model", "r", "alpha", "rslora", "dropout", "targets", "steps", "epochs",
+               "batch_size", "lr", "weight_decay", "warmup", "grad_clip", "max_len", "max_train",
+               "max_eval", "grad_accum")  # what every cell of one root shares
+
+
+def method_flags(method: str) -> list[str]:
+    """train.py's flags of a grid method.
+    method_flags("fim-per-example-params") -> [--method fim --per-example --budget params]"""
+    base, _, score = method.removesuffix("-params").partition("-")
+    flags = ["--method", base] + (["--per-example"] if score == "per-example" else
+                                  ["--score", score] if score else [])
+    return flags + (["--budget", "params"] if method.endswith("-params") else [])
+
+
+def by_peers(method: str) -> bool:
+    """Whether study.peers runs this cell: a peer, or a score outside train.py's."""
+    return method in PEERS or method in {report.score_method(s) for s in SCORES if s not in OURS}
+
+
+def cell_command(task: str, method: str, seed: int, data_dir: Path, out: Path, threads: int,
+                 resume: bool, extra: list[str] = ()) -> list[str]:
+    """One cell's command: the recipe, or with `resume` its --resume from out's checkpoint."""
+    peer = by_peers(method)
+    head = [sys.executable, *(["-m", "study.peers", method, "--"] if peer else ["train.py"])]
+    if resume:
+        return [*head, "--resume", str(out), "--threads", str(threads)]
+    return [*head, *(["--method", "lora"] if peer else method_flags(method)), *report.RECIPE,
+            "--task", task, "--data-dir", str(data_dir), "--seed", str(seed),
+            "--threads", str(threads), "--log-every", "100", "--out", str(out), *extra]
+
+
+def missing(method: str) -> str | None:
+    """Why a peer cannot run here (a package is not installed), or None."""
+    gone = [p for p in ("transformers", "peft") if importlib.util.find_spec(p) is None]
+    return f"{' and '.join(gone)} not installed" if gone and method in PEERS else None
+
+
+def dies_with_grid():
+    """A Popen preexec_fn: the kernel sends the cell SIGTERM (train.py's Ctrl-C) when the grid
+    dies, even by kill -9, so no orphan trains beside the next grid. None off Linux."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+    prctl, grid = ctypes.CDLL(None, use_errno=True).prctl, os.getpid()
+
+    def preexec() -> None:
+        prctl(1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG
+        if os.getppid() != grid:  # the grid died before the prctl: no signal would come
+            os.kill(os.getpid(), signal.SIGTERM)
+    return preexec
+
+
+def run_cell(cmd: list[str], log: Path) -> int:
+    """Run one cell, output appended to log; terminated if the grid stops for any reason."""
+    print(" ".join(cmd), flush=True)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT,
+                                preexec_fn=dies_with_grid())
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:  # the cell got it too (one process group): it checkpoints
+            proc.wait()
+            raise
+        finally:
+            if proc.poll() is None:  # SIGTERM: train.py checkpoints as on Ctrl-C
+                proc.terminate()
+                proc.wait()
+
+
+def in_use(log: Path, start: int) -> bool:
+    """Whether the log after byte `start` says train.py found --out locked by a live run."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(start, os.fstat(f.fileno()).st_size - 65536))
+            return re.search(rb"is in use by pid \d+", f.read(65536)) is not None
+    except OSError:
+        return False
+
+
+def run_grid(cells: list[tuple[str, str, int]], data_dirs: dict[str, Path], root: Path,
+             threads: int, run=run_cell, extra: list[str] = ()) -> dict[str, list]:
+    """Run every (task, method, seed) cell without results.json, resuming one with a checkpoint.
+    Returns the cells by outcome: done, ran, resumed, failed, missing, busy."""
+    outcome: dict = {k: [] for k in ("done", "ran", "resumed", "failed", "missing", "busy")}
+    for cell in cells:
+        task, method, seed = cell
+        out = root / task / folder(method, seed)
+        if (out / "results.json").exists() or missing(method):
+            outcome["done" if (out / "results.json").exists() else "missing"].append(cell)
+            continue
+        resume = any(out.glob(runfolder.CHECKPOINT + "*/"))  # checkpoint/, or its staged copy
+        log, t0 = out / "train.log", time.time()
+        start = log.stat().st_size if log.is_file() else 0
+        code = run(cell_command(*cell, data_dirs[task], out, threads, resume, extra), log)
+        if code == 0 and (out / "results.json").exists():
+            commit = subprocess.run(["git", "describe", "--always", "--dirty"],
+                                    capture_output=True, text=True).stdout.strip() or None
+            runfolder.write_json(out / "run.json", {"commit": commit, **train.environment(),
+                                                    "wall_seconds": time.time() - t0})
+            outcome["resumed" if resume else "ran"].append(cell)
+        else:  # a lock held by another grid's trainer: busy, not failed
+            kind = "busy" if code and in_use(log, start) else "failed"
+            print(f"cell {task} {out.name} {kind} (exit {code}): see {log}")
+            outcome[kind].append(cell)
+    return outcome
+
+
+def check_grid(a: argparse.Namespace, extra: list[str]) -> tuple[dict[str, Path],
+                                                                  argparse.Namespace]:
+    """({task: data folder}, the cells' train.py arguments), or ValueError naming the fix."""
+    if a.root.exists() and not a.root.is_dir():
+        raise ValueError(f"--root {a.root} is a file: pass the cells' folder")
+    if not a.data_root.is_dir():
+        raise ValueError(f"--data-root {a.data_root}: no such folder; pass the folder that "
+                         "holds the GLUE task folders (SST-2, CoLA, ...)")
+    data_dirs = {t: a.data_root / glue.TASKS[t].folder for t in dict.fromkeys(a.tasks)}
+    absent = [f"{d.name}/train.tsv" for d in data_dirs.values() if not (d / "train.tsv").is_file()]
+    if absent and not a.dry_run:
+        raise ValueError(f"--data-root {a.data_root} holds no {', '.join(absent)}: pass the "
+                         "folder of the GLUE download, or narrow --tasks")
+    if owned := [f for f in extra if f.split("=")[0] in GRID_OWNED]:
+        raise ValueError(f"after '--': {' '.join(owned)} is set by the grid for each cell; use "
+                         "--tasks, --data-root, --seeds, --methods, --root or --threads instead")
+    task, data = next(iter(data_dirs.items()))
+    argv = [*report.RECIPE, "--task", task, "--data-dir", str(data), "--out",
+            str(a.root / ".unwritten"), *extra]
+    try:  # the cells' arguments, checked once here rather than in every cell
+        from study.peers import peer_args
+        args = peer_args(argv, "peft-adalora" in a.peers) if a.peers else train.parse_args(argv)
+    except SystemExit:  # argparse printed the unknown or malformed flag
+        raise ValueError(f"after '--': {' '.join(extra)} is not a valid train.py argument list "
+                         f"(see {train.command('train.py', '--help')})") from None
+    except ValueError as e:
+        raise ValueError(f"after '--': {e}") from None
+    return data_dirs, args
+
+
+def check_recipe(cells: list, root: Path, args: argparse.Namespace) -> None:
+    """ValueError if a finished cell (which the grid skips) was trained with another recipe."""
+    for task, method, seed in cells:
+        path = root / task / folder(method, seed) / "results.json"
+        saved = report.read_result(path).get("args") or {} if path.exists() else {}
+        diff = [f"--{k.replace('_', '-')} {saved[k]} there, {getattr(args, k)} here"
+                for k in RECIPE_KEYS if k in saved and saved[k] != getattr(args, k)
+                and not (k == "steps" and args.epochs)]
+        if diff:
+            raise ValueError(f"{path.parent} was trained with another recipe ({'; '.join(diff)})"
+                             ": give this recipe its own --root")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data-root", type=Path, default=GLUE, help="the GLUE download")
+    p.add_argument("--tasks", nargs="+", default=["sst2"], choices=glue.TASKS)
+    p.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
+    p.add_argument("--seeds", nargs="+", type=bounded(0, SEED_MAX), default=[0, 1, 2])
+    p.add_argument("--peers", nargs="*", default=[], choices=PEERS)
+    p.add_argument("--budget", choices=("ranks", "params"), default="ranks",
+                   help="params: also fim and fim+da at an equal parameter budget")
+    p.add_argument("--scores", nargs="+", default=[], choices=SCORES,
+                   help="also each allocation score at the parameter budget (fim-S-params)")
+    p.add_argument("--root", type=Path, default=CELLS, help="the cells' folder")
+    p.add_argument("--threads", type=bounded(0, 1024), default=1,
+                   help="CPU threads per cell (0: torch's default)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan, train nothing")
+    a = p.parse_args(argv[:len(argv) - len(extra) - ("--" in argv)])
+    data_dirs, cell_args = check_grid(a, extra)
+    methods = [*a.methods, *(f"{m}-params" for m in ("fim", "fim+da")
+                             if a.budget == "params" and m in a.methods)]
+    methods += [m for m in map(report.score_method, a.scores) if m not in methods]
+    if not methods and not a.peers:
+        raise ValueError("--methods given empty and no --scores or --peers: nothing to run; "
+                         f"name methods ({' '.join(METHODS)}), scores or peers")
+    seeds = list(dict.fromkeys(a.seeds))
+    cells = [(t, m, s) for t in data_dirs for m in [*methods, *a.peers] for s in seeds]
+    check_recipe(cells, a.root, cell_args)
+    todo = [c for c in cells if not missing(c[1])
+            and not (a.root / c[0] / folder(c[1], c[2]) / "results.json").exists()]
+    print(f"grid: {len(data_dirs)} task(s) ({', '.join(data_dirs)}) x {len(methods) + len(a.peers)}"
+          f" methods x {len(seeds)} seeds = {len(cells)} cells; to run:", flush=True)
+    for task, method, seed in todo:
+        print(f"  {task} {folder(method, seed)}")
+    for peer in filter(missing, a.peers):
+        print(f"  {peer}: {missing(peer)}, left blank")
+    if not a.dry_run and todo:
+        outcome = run_grid(cells, data_dirs, a.root, a.threads, extra=extra)
+        print(", ".join(f"{k} {len(v)}" for k, v in outcome.items()))
+    return report.write_report(a.root)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:  # the cell checkpointed on the same Ctrl-C
+        print("interrupted: finished cells are kept and an interrupted one resumes from its "
+              "checkpoint; run the same command again to go on", file=sys.stderr)
+        sys.exit(130)

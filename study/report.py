@@ -1,0 +1,483 @@
+"""results/README.md (every table, the rank maps) and README.md's two generated blocks.
+
+    python -m study.report                     # results/cells + cells_cuda -> results/, README.md
+    python -m study.report --root other/cells  # -> other/cells/README.md and its rank maps only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import statistics
+import sys
+import tempfile
+import textwrap
+from datetime import datetime, timezone
+from pathlib import Path
+from xml.sax.saxutils import escape
+
+import train
+from data import glue
+from lora import read_regular
+
+RESULTS, README = Path("results"), Path("README.md")
+CELLS = RESULTS / "cells"
+OWN_ROOTS = ("cells", "cells_cuda")  # results/<these>: the project's grids, read together
+METHODS = ("lora", "fim", "fw", "da", "fim+da")
+PEERS = ("peft-lora", "peft-adalora", "peft-eva")
+# the order indexes the planted study's shuffle streams (planted.shuffle_generator): keep it
+SCORES = ("efim", "variance", "per-example", "gradw", "kfac", "lorada", "random")
+RECIPE = ["--model", "minilm"]  # the rest is train.py's GLUE defaults
+BLOCKS = {"run": ("<!-- run:start -->", "<!-- run:end -->"),
+          "results": ("<!-- results:begin -->", "<!-- results:end -->")}
+READ_LIMIT = 16 << 20  # bytes: a cell's results.json is kilobytes; a bigger file is not one
+SEED_MAX = 2**32 - 1  # numpy's seed range (train.set_seed)
+SCHEMA = {"metrics": dict, "args": dict, "machine": dict, "versions": dict, "seconds": dict,
+          "ranks": dict, "device": str, "commit": str,  # results.json / run.json: types, then
+          "trainable_parameters": (0, 1e15, int), "seconds.*": (0, 1e12, (int, float)),  # ranges
+          "ranks.*": (0, 1e6, (int, float)), "metrics.*": (-1e12, 1e12, (int, float)),
+          **{f"metrics.{m}": (0, 1, (int, float)) for m in ("accuracy", "f1")},
+          **{f"metrics.{m}": (-1, 1, (int, float)) for m in ("mcc", "pearson", "spearman")},
+          "metrics.loss": (0, 1e12, (int, float)), "seconds.per_step": (0, 1e9, (int, float))}
+# Two-sided 95 % Student t quantiles t(0.975, df), df = 1..30, as published (e.g. NIST/SEMATECH
+# e-Handbook, table 1.3.6.7.2); past 30 the df = 30 value, slightly wide (conservative).
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+        2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
+        2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+RULE = ("Δ = method − lora paired by seed; better: its 95 % t interval and the one against the "
+        "random allocation (fim-random-params) above 0; worse: below 0; level: holds 0.")
+
+
+def score_method(score: str) -> str:
+    """The grid method of a score at the parameter budget.
+    score_method("kfac") -> "fim-kfac-params"; score_method("efim") -> "fim-params" """
+    return "fim-params" if score == "efim" else f"fim-{score}-params"
+
+
+def folder(method: str, seed: int) -> str:
+    """A cell's folder ("+" written "_").  folder("fim+da", 2) -> "fim_da-s2" """
+    return f"{method.replace('+', '_')}-s{seed}"
+
+
+def parse_folder(name: str) -> tuple[str, int] | None:
+    """(method, seed) of a cell folder name.  parse_folder("fim_da-s2") -> ("fim+da", 2)"""
+    m = re.fullmatch(r"(.+)-s([0-9]+)", name)  # ASCII digits: int() reads other scripts' too
+    return (m.group(1).replace("_", "+"), int(m.group(2))) if m else None
+
+
+def bounded(low: int, high: int):
+    """An argparse type: an int in [low, high].  bounded(0, 9)("12") -> error "12: use 0..9" """
+    def parse(text: str) -> int:
+        if not low <= int(text) <= high:
+            raise argparse.ArgumentTypeError(f"{text}: use {low}..{high}")
+        return int(text)
+    return parse
+
+
+def metric_of(task: str) -> str:
+    return glue.task_spec(task).metrics[0] if task in glue.TASKS else "loss"
+
+
+# -----------------------------------------------------------------------------
+# reading: every cell is checked against SCHEMA, or refused naming its file and field
+
+
+def read_json(path: Path):
+    """The JSON of a regular file of at most READ_LIMIT bytes, or ValueError naming it."""
+    try:
+        return json.loads(read_regular(path, READ_LIMIT))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise ValueError(f"{path} is not JSON ({e})") from None
+
+
+def bad_field(res: dict) -> str | None:
+    """The first field of a results object outside SCHEMA, described, or None.
+    bad_field({"metrics": {"accuracy": 2}}) -> "metrics.accuracy = 2, not a number in [0, 1]" """
+    for key, kind in SCHEMA.items():
+        if isinstance(kind, type) and res.get(key) is not None and not isinstance(res[key], kind):
+            return f"{key} is a {type(res[key]).__name__}, not a {kind.__name__}"
+    numbers = [("trainable_parameters", res.get("trainable_parameters"))] + [
+        (f"{part}.{k}", v) for part in ("metrics", "ranks", "seconds")
+        for k, v in (res.get(part) or {}).items()]
+    for field, v in numbers:
+        low, high, kind = SCHEMA.get(field) or SCHEMA[field.split(".")[0] + ".*"]
+        if not (v is None and not field.startswith("metrics.")) and not (
+                isinstance(v, kind) and not isinstance(v, bool) and low <= v <= high):  # NaN too
+            return f"{field} = {json.dumps(v)[:40]}, not a number in [{low:g}, {high:g}]"
+    if not re.fullmatch(r"([a-z]+(:\d+)?)?", res.get("device") or ""):  # it names a table
+        return f"device {res['device']!r}"
+    return None
+
+
+def read_result(path: Path) -> dict:
+    """A cell's results.json (with metrics) or run.json, or ValueError naming it, the bad field
+    (bad_field) and the fix."""
+    try:
+        res = read_json(path)
+        what = ("not a results object with metrics" if not isinstance(res, dict) or (
+            path.name == "results.json" and not isinstance(res.get("metrics"), dict))
+            else bad_field(res))
+    except ValueError as e:  # read_regular's words for a folder, FIFO, device or huge file
+        what = "not a results object with metrics" if "is not JSON" in str(e) else str(e)
+    if what:
+        raise ValueError(f"{path} is damaged ({what}): remove {path.parent} and run the grid "
+                         "again to redo that cell")
+    return res
+
+
+def read_cell(path: Path, device: str, root: Path) -> dict:
+    """The record of one cell's results.json (run.json beside it checked too)."""
+    (method, seed), task = parse_folder(path.parent.name), path.parent.parent.name
+    if seed > SEED_MAX:
+        raise ValueError(f"{path.parent}: seed {seed} is outside 0..{SEED_MAX} (numpy's seed "
+                         "range, which train.py uses): rename or remove that folder")
+    res = read_result(path)
+    if (path.parent / "run.json").exists():  # the grid's record of the run
+        read_result(path.parent / "run.json")
+    if metric_of(task) not in res["metrics"]:
+        raise ValueError(f"{path} is damaged (its metrics have no {metric_of(task)!r}, the "
+                         f"{task} metric): remove {path.parent} and run the grid again")
+    return {"task": task, "method": method, "seed": seed, "root": root.as_posix(),
+            "device": (res.get("device") or device).split(":")[0], "metrics": res["metrics"],
+            "ranks": res.get("ranks") or {}, "params": res.get("trainable_parameters"),
+            "per_step": (res.get("seconds") or {}).get("per_step")}
+
+
+def own_root(root: Path) -> bool:
+    return root.resolve() in {(RESULTS / name).resolve() for name in OWN_ROOTS}
+
+
+def read_root(root: Path) -> list[dict]:
+    """One record per <root>/<task>/<method>-s<seed>/results.json (device: the folder's suffix,
+    cells_cuda -> cuda); the project's results/cells and cells_cuda are read together."""
+    roots = [RESULTS / n for n in OWN_ROOTS if (RESULTS / n).is_dir()] if own_root(root) else []
+    return [read_cell(p, r.name.partition("_")[2] or "cpu", r) for r in roots or [root]
+            for p in sorted(r.glob("*/*/results.json")) if parse_folder(p.parent.name)]
+
+
+# -----------------------------------------------------------------------------
+# paired statistics: method - reference in the same seed (same batches, same initial A)
+
+
+def paired_stats(d: list[float]) -> dict | None:
+    """{"n", "mean", "std", "low", "high", "wins"} of paired differences d, the interval
+    mean ± T975[n − 2]·sd/√n (None under 2), wins #(d > 0); None without pairs.
+    paired_stats([1, 2, 3])["low"] -> 2 − 4.303·1/√3 = −0.484"""
+    if not d:
+        return None
+    n, mean = len(d), statistics.mean(d)
+    std = statistics.stdev(d) if n > 1 else None
+    half = None if std is None else T975[min(n - 1, 30) - 1] * std / math.sqrt(n)
+    return {"n": n, "mean": mean, "std": std, "low": None if half is None else mean - half,
+            "high": None if half is None else mean + half, "wins": sum(x > 0 for x in d)}
+
+
+def delta_stats(value: dict, method: str, ref: str) -> dict | None:
+    """paired_stats of value[method, s] − value[ref, s] over the seeds holding both."""
+    return paired_stats([v - value[ref, s] for (m, s), v in value.items()
+                         if m == method and (ref, s) in value])
+
+
+def interval(st: dict | None) -> str:
+    """"[low, high]" of paired_stats, "n/a" under 2 seeds, "–" without a pair."""
+    return ("–" if st is None else "n/a" if st["low"] is None
+            else f"[{st['low']:+.2f}, {st['high']:+.2f}]")
+
+
+def paired_cells(st: dict | None) -> list[str]:
+    """A table's "Δ ± std", "[interval]" and "k of n" wins ("–" without a pair)."""
+    if st is None:
+        return ["–"] * 3
+    return [f"{st['mean']:+.2f}" + ("" if st["std"] is None else f" ± {st['std']:.2f}"),
+            interval(st), f"{st['wins']} of {st['n']}"]
+
+
+def task_values(cells: list[dict], task: str) -> dict[tuple[str, int], float]:
+    """{(method, seed): the task's metric in %} of one task's cells."""
+    return {(c["method"], c["seed"]): 100 * c["metrics"][metric_of(task)] for c in cells
+            if c["task"] == task and metric_of(task) in c["metrics"]}
+
+
+def table_verdict(value: dict, method: str) -> dict | None:
+    """delta_stats vs lora of one table with its "verdict" and "why" (RULE)."""
+    st, rnd = (delta_stats(value, method, ref) for ref in ("lora", score_method("random")))
+    if st is None:
+        return None
+    if st["low"] is None:
+        v, why = "undecided", f"{st['n']} seed, no interval"
+    elif st["high"] < 0:
+        v, why = "worse", "interval below 0"
+    elif st["low"] <= 0:
+        v, why = "level", "interval holds 0"
+    elif rnd is None or rnd["low"] is None:
+        v, why = "undecided", "gain, but no random control in 2 seeds to check it against"
+    elif rnd["low"] > 0:
+        v, why = "better", f"beats the random control by {rnd['mean']:+.2f} {interval(rnd)}"
+    else:
+        v, why = "level", f"does not beat the random control ({rnd['mean']:+.2f} {interval(rnd)})"
+    return st | {"verdict": v, "why": why}
+
+
+def tables_of(cells: list[dict]) -> list[tuple[str, str]]:
+    return list(dict.fromkeys((c["task"], c["device"]) for c in cells))
+
+
+def verdicts(cells: list[dict]) -> dict:
+    """Every method against uniform LoRA per table (task on device) and across tables (RULE),
+    and the one-line verdict."""
+    methods = list(dict.fromkeys([*METHODS, *PEERS, *(c["method"] for c in cells)]))
+    tables = {}
+    for task, device in tables_of(cells):
+        value = task_values([c for c in cells if c["device"] == device], task)
+        tables[f"{task} on {device}"] = {"seeds": sum(m == "lora" for m, _ in value), "methods": {
+            m: v for m in methods if m != "lora" and (v := table_verdict(value, m))}}
+    overall = {}
+    for m in methods:
+        got = {t["methods"][m]["verdict"] for t in tables.values() if m in t["methods"]}
+        if got:
+            overall[m] = ("mixed" if {"better", "worse"} <= got else "better" if "better" in got
+                          else "worse" if "worse" in got else "level" if "level" in got
+                          else "undecided")
+    named = {k: [m for m, v in overall.items() if v == k]
+             for k in ("better", "worse", "mixed", "level", "undecided")}
+    where = ", ".join(f"{t} ({r['seeds']} seeds)" for t, r in tables.items())
+    line = "Verdict (generated from the cells' paired 95 % intervals): " + (
+        f"better than uniform LoRA: {', '.join(named['better'])}" if named["better"] else
+        "no method is better than uniform LoRA") + f" on {where or 'no cells'}" + "".join(
+        f"; {k}: {', '.join(ms)}" for k, ms in named.items() if k != "better" and ms) + "."
+    return {"tables": tables, "methods": overall, "line": line}
+
+
+# -----------------------------------------------------------------------------
+# tables: one mechanism for every one
+
+
+def table(head: list[str], align: str, rows: list[list]) -> list[str]:
+    """Markdown table lines, one align letter (l or r) per column.
+    table(["a", "b"], "lr", [[1, 2]]) -> ["| a | b |", "|---|---:|", "| 1 | 2 |"]"""
+    rule = "|".join("---:" if a == "r" else "---" for a in align)
+    return [f"| {' | '.join(head)} |", f"|{rule}|",
+            *(f"| {' | '.join(map(str, r))} |" for r in rows)]
+
+
+def task_table(cells: list[dict], task: str, seeds: list[int], verdict: dict) -> list[str]:
+    """One task on one device: per method mean ± std, each seed, the paired Δ vs lora with its
+    interval and wins, the verdict, the paired Δ vs the random allocation, params, s/step."""
+    value, rows, rnd = task_values(cells, task), [], score_method("random")
+    for m in dict.fromkeys([*METHODS, *PEERS, *(m for m, _ in value)]):
+        got = [value[m, s] for s in seeds if (m, s) in value]
+        mine, v = [c for c in cells if c["method"] == m], verdict.get(m)
+        steps = [c["per_step"] for c in mine if c["per_step"]]
+        mean = "–" if not got else f"{got[0]:.2f}" if len(got) == 1 else \
+            f"{statistics.mean(got):.2f} ± {statistics.stdev(got):.2f}"
+        rows.append([m, mean + (f" ({len(got)} of {len(seeds)} seeds)" if len(got) < len(seeds)
+                                else ""),
+                     ", ".join(f"{value[m, s]:.2f}" if (m, s) in value else "–" for s in seeds),
+                     *paired_cells(v), f"{v['verdict']} ({v['why']})" if v else "–",
+                     paired_cells(delta_stats(value, m, rnd))[0] if m != rnd else "–",
+                     " / ".join(f"{p:,}" for p in sorted({c["params"] for c in mine} - {None}))
+                     or "–", f"{statistics.mean(steps):.2f}" if steps else "–"])
+    return table(["method", f"{metric_of(task)} (mean ± std)",
+                  f"per seed ({', '.join(map(str, seeds))})", "paired Δ vs lora",
+                  "95 % interval", "wins", "verdict", "Δ vs random", "trainable params",
+                  "s/step"], "lrlrlrlrrr", rows)
+
+
+def mean_ranks(cells: list[dict], task: str, method: str = "fim") -> tuple[dict, int]:
+    """({matrix: mean rank over seeds}, seeds) of one method's cells on one task."""
+    maps = [c["ranks"] for c in cells if (c["task"], c["method"]) == (task, method)
+            and c["ranks"]]
+    names = list(dict.fromkeys(n for m in maps for n in m))
+    return {n: statistics.mean(m[n] for m in maps if n in m) for n in names}, len(maps)
+
+
+def rank_svg(ranks: dict[str, float], title: str) -> str:
+    """train.layer_table drawn as an SVG heatmap: a <rect> per matrix, darker = higher rank."""
+    lines = train.layer_table(ranks, "{:.3g}").splitlines()
+    cols = lines[0].split()[1:] or ["matrix"]
+    rows = [(f"layer {x.split()[0]}", x.split()[1:]) for x in lines[1:] if ": " not in x]
+    rows += [(n.removesuffix(".dense"), [v]) for n, v in
+             (x.rsplit(": ", 1) for x in lines[1:] if ": " in x)]  # the pooler: a row of its own
+    W, H, X0, Y0 = 64, 24, 92, 44
+    top = max(ranks.values(), default=1) or 1
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{X0 + W * len(cols) + 8}" '
+           f'height="{Y0 + H * len(rows) + 8}" font-family="sans-serif" font-size="11">',
+           f'<text x="4" y="14" font-size="12">{escape(title)}</text>']
+    out += [f'<text x="{X0 + W * j + W / 2}" y="{Y0 - 6}" text-anchor="middle">{escape(c)}'
+            "</text>" for j, c in enumerate(cols)]
+    for i, (label, values) in enumerate(rows):
+        y = Y0 + H * i
+        out.append(f'<text x="{X0 - 6}" y="{y + 16}" text-anchor="end">{escape(label)}</text>')
+        for j, v in ((j, v) for j, v in enumerate(values) if v != "-"):
+            t = float(v) / top
+            fill = "#%02x%02x%02x" % tuple(round(255 + (c - 255) * t) for c in (33, 102, 172))
+            out += [f'<rect x="{X0 + W * j}" y="{y}" width="{W - 2}" height="{H - 2}" '
+                    f'fill="{fill}"/>', f'<text x="{X0 + W * j + W / 2 - 1}" y="{y + 15}" '
+                    f'text-anchor="middle" fill="{"white" if t > 0.55 else "black"}">{v}</text>']
+    return "\n".join(out + ["</svg>"]) + "\n"
+
+
+def planted_lines(study: dict) -> list[str]:
+    """The planted study's tables (results/planted_study*.json from python -m study.planted)."""
+    per, ratios = study["per_seed"], study["criterion_oracle_over_uniform"]
+    best = "; ".join("/".join(map(str, min(s["oracle_search"], key=lambda t: t["final_loss"])[
+        "planted_ranks"].values())) for s in per)
+    runs = [[name, f"{r['loss_ratio']['mean']:.4f} ± {r['loss_ratio']['std']:.4f}",
+             f"{r['vs_uniform']['mean']:.3f}", f"{r['gap_closed']['mean']:.2f}",
+             f"{r['closes_half_gap_seeds']} of {len(ratios)}", f"{r['share_planted']['mean']:.2f}",
+             f"{r['calibration_seconds']['mean']:.2f}",
+             ", ".join(f"{s['runs'][name]['loss_ratio']:.4f}" for s in per)]
+            for name, r in study["summary"].items()]
+    finds = [[s, *(f"{v['mean']:+.3f} [{v['low']:+.3f}, {v['high']:+.3f}], {v['wins']} of "
+                   f"{v['n']}" for v in (f["structure"], f["shuffled"])),
+              "yes" if f["finds_plants"] else "no"] for s, f in study["finds"].items()]
+    found = [s for s, f in study["finds"].items() if f["finds_plants"]]
+    return [f"## Planted task (`python -m study.planted --plants {study['args']['plants']}`, "
+            f"{len(ratios)} seeds, {study['args']['steps']} steps)", "",
+            f"Criterion, stated before measuring: {study['criterion']}.", "",
+            f"Searched oracle / uniform per seed: {', '.join(f'{r:.3f}' for r in ratios)} "
+            f"(criterion {'holds' if study['criterion_held'] else 'does NOT hold'}); best "
+            f"planted ranks per seed: {best}.", "",
+            *table(["allocation", "final / B=0 loss, mean ± std", "vs uniform", "gap closed",
+                    "closes ≥ 50 % of the gap", "share of rank on planted", "calibration s",
+                    "per seed"], "lrrrrrrl", runs), "",
+            *table(["score", "(structure − score) / uniform [95 %], wins",
+                    "(shuffled − score) / uniform [95 %], wins", "finds the plants"],
+                   "lrrl", finds), "",
+            f"Scores that find the plants by the criterion: {', '.join(found) or 'none'}."]
+
+
+def smollm2_lines(root: Path) -> list[str]:
+    """SmolLM2 on SST-2 prompts from results/smollm2/<run>/results.json."""
+    runs = sorted((read_json(p) for p in root.glob("*/results.json")), key=lambda r: (
+        r["args"]["steps"] > 1, r["args"]["method"], r["args"]["seed"]))
+    rows = [["zero-shot (no training)" if a["steps"] == 1 and a["lr"] < 1e-9 else a["method"],
+             a["seed"], f"{a['steps']} × {a['batch_size']}",
+             f"{100 * r['metrics']['accuracy']:.2f}", f"{r['seconds']['per_step']:.2f}",
+             f"{r['seconds']['calibration']:.1f}"] for r in runs for a in [r["args"]]]
+    return ["", "## SmolLM2-135M-Instruct on SST-2 prompts (`results/smollm2/`)", "", *table(
+        ["method", "seed", "steps × batch", "dev accuracy", "s/step", "calibration s"],
+        "lrrrrr", rows)] if rows else []
+
+
+def results_page(cells: list[dict], v: dict, svgs: dict[str, str], out: Path) -> str:
+    """results/README.md: the verdict, a table and rank map per task on each device, links to
+    the speed tables, the planted studies and SmolLM2."""
+    seeds = sorted({c["seed"] for c in cells})
+    lines = ["# Results", "", f"_Generated by `python -m study.report` from {len(cells)} cells "
+             f"({datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC) and the JSON beside this page; "
+             "do not edit by hand._", "", v["line"], "", RULE]
+    for task, device in tables_of(cells):
+        mine = [c for c in cells if (c["task"], c["device"]) == (task, device)]
+        roots = "`, `".join(sorted({f"{c['root']}/{task}/" for c in mine}))
+        lines += ["", f"## {task} on {device} (`{roots}`)", ""]
+        lines += task_table(mine, task, seeds, v["tables"][f"{task} on {device}"]["methods"])
+        if svg := svgs.get(f"{task} on {device}"):
+            lines += ["", f"![FIM-LoRA's ranks on {task}, {device}, layer × module]({svg})"]
+    speed = [f"[{n}]({n})" for n in ("bench.md", "bench_cuda.md") if (out / n).exists()]
+    lines += ["", f"## Speed: make bench's own tables, {', '.join(speed)}"] if speed else []
+    for name in ("planted_study.json", "planted_study_anywhere.json"):
+        lines += ["", *planted_lines(read_json(out / name))] if (out / name).exists() else []
+    lines += smollm2_lines(out / "smollm2")
+    return "\n".join(x if x.startswith("|") else textwrap.fill(x, 100, break_on_hyphens=False)
+                     for x in lines) + "\n"
+
+
+def run_block(run: dict) -> list[str]:
+    """What `make run` printed, from its results.json: the rank map and --compare's verdict."""
+    ranks, c = run["ranks"], run.get("compare")
+    budget = (f"{run['args']['r'] * len(ranks)} ranks" if run["args"].get("budget", "ranks")
+              == "ranks" else "the parameters of uniform rank r")
+    out = ["```", f"ranks (total {sum(ranks.values())}, budget {budget}; "
+           f"{run.get('adapter_parameters', 0):,} adapter parameters):", train.layer_table(ranks)]
+    if c:
+        out += [f"final loss / loss at B = 0: this run {c['run']:.4f}, uniform LoRA "
+                f"{c['uniform']:.4f}, oracle {c['oracle']:.4f} (same budget, same batches)",
+                f"{c['method']} {'beat' if c['run'] < c['uniform'] else 'did not beat'} uniform "
+                f"LoRA and closed {c['gap_closed']:.0%} of the uniform→oracle gap on this "
+                "planted task (one seed)"]
+    return out + ["```"]
+
+
+def replace_block(text: str, name: str, lines: list[str], path: Path) -> str:
+    """text with the lines between BLOCKS[name]'s markers replaced; ValueError without them."""
+    start, end = BLOCKS[name]
+    if not (start in text and end in text and text.index(start) < text.index(end)):
+        raise ValueError(f"{path} lacks the markers {start} ... {end}: put them where the "
+                         f"generated {name} block goes")
+    return "\n".join([text[:text.index(start) + len(start)], *lines, text[text.index(end):]])
+
+
+# -----------------------------------------------------------------------------
+# writing: every file computed first, then all renamed together
+
+
+def report_files(root: Path, out: Path | None = None,
+                 readme: Path | None = None) -> tuple[dict, dict[Path, str]]:
+    """(verdicts, {path: text}): the page and rank maps in `out` (results/ for the project's
+    cells, else root) and, for the project's cells, README.md's two blocks."""
+    own = own_root(root)
+    out, readme = out or (RESULTS if own else root), readme or (README if own else None)
+    cells = read_root(root)
+    v, files, svgs = verdicts(cells), {}, {}
+    for task, device in tables_of(cells):
+        ranks, n = mean_ranks([c for c in cells if c["device"] == device], task)
+        if ranks:
+            svg = svgs[f"{task} on {device}"] = f"ranks_{task}{'_cuda' * (device == 'cuda')}.svg"
+            files[out / svg] = rank_svg(ranks, f"FIM-LoRA ranks, {task} ({device}), mean of {n} "
+                                               f"seed{'s' * (n != 1)}")
+    files[out / "README.md"] = results_page(cells, v, svgs, out)
+    if readme is not None:
+        link = (out / "README.md").as_posix()
+        text = replace_block(readme.read_text(), "results", [
+            textwrap.fill(v["line"], 100, break_on_hyphens=False), "", "Every table, the rank "
+            f"maps, the speed figures and the planted study: [{link}]({link})."], readme)
+        run = out / "make_run" / "results.json"
+        files[readme] = replace_block(text, "run", run_block(read_json(run)), readme) \
+            if run.exists() else text
+    return v, files
+
+
+def write_report(root: Path, out: Path | None = None, readme: Path | None = None) -> dict:
+    """report_files, each to a temp file beside it, then all renamed: a failure or a kill while
+    writing leaves every old file as it was. Returns the verdicts."""
+    v, files = report_files(root, out, readme)
+    next(iter(files)).parent.mkdir(parents=True, exist_ok=True)
+    tmps: dict[Path, str] = {}
+    try:
+        for path, text in files.items():
+            fd, tmps[path] = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmps[path], 0o644)  # mkstemp's 0o600 would hide the page
+        for path, tmp in tmps.items():
+            os.replace(tmp, path)
+    finally:
+        for tmp in tmps.values():
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    print(f"wrote {', '.join(p.as_posix() for p in files)}")
+    return v
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--root", type=Path, default=CELLS,
+                   help="the cells' folder; one outside results/ gets its report inside it")
+    a = p.parse_args(argv)
+    if not a.root.is_dir():
+        raise ValueError(f"--root {a.root}: no such folder, no cells to report; pass the "
+                         "cells' folder (results/cells)")
+    return write_report(a.root)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
