@@ -1,32 +1,25 @@
-"""GLUE in the standard folder layout: a validating reader, batching, and the task metrics.
+"""GLUE (Wang et al. 2018, arXiv:1804.07461) as download_glue_data.py ships it: a validating
+reader (a bad row raises ValueError naming `file:line`), batching, and the task metrics.
 
-    from data.glue import load_glue, batches, compute_metrics
     train = load_glue("sst2", "../shared/data/glue/SST-2", "train")   # list[Example]
-    for batch in batches(train, tok, batch_size=32, max_len=128, generator=g):
-        ...  # dict(input_ids, token_type_ids, attention_mask, labels)
+    for batch in batches(train, tok, batch_size=32, max_len=128, generator=g): ...
     compute_metrics("sst2", preds, labels)   # {"accuracy": ...}
-
-Files are read exactly as the standard `download_glue_data.py` ships them
-(https://github.com/nyu-mll/GLUE-baselines): tab-separated, csv quoting OFF (GLUE text contains
-bare quotes), MRPC with a UTF-8 BOM, CoLA without a header. Every row is validated; a bad row
-raises ValueError naming `file:line`. Label ids follow the HF `datasets` GLUE convention.
-
-References: GLUE, Wang et al. 2018, arXiv:1804.07461.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
-from data.metrics import f1_score, matthews_corrcoef, pearson, spearman
+from data.metrics import class_metrics, pearson, spearman
 from lora import read_regular
 
 GLUE_LIMIT = 1 << 30  # bytes of one .tsv (MNLI's train.tsv, the largest, is 80 MB)
@@ -38,7 +31,7 @@ GLUE_SOURCE = ("download GLUE with download_glue_data.py from "
 class Example(NamedTuple):
     text_a: str
     text_b: str | None
-    label: int | float  # class id, or the STS-B similarity score in [0, 5]
+    label: int | float  # class id (HF `datasets` ids), or the STS-B score in [0, 5]
 
 
 @dataclass(frozen=True)
@@ -51,7 +44,7 @@ class TaskSpec:
     label: int
     labels: tuple[str, ...] | None  # raw label strings in id order; None = float score
     metrics: tuple[str, ...]  # the first one is the usual model-selection metric
-    n_fields: int | None = None  # fixed field count when there is no header
+    n_fields: int | None = None  # fixed field count when there is no header (CoLA)
 
     @property
     def num_labels(self) -> int:
@@ -87,26 +80,44 @@ def task_spec(task: str) -> TaskSpec:
 
 
 # -----------------------------------------------------------------------------
-# reading
+# reading (data/files.py reads your own files with the same two helpers)
+
+
+def read_text(path: Path, limit: int, fix: str) -> str:
+    """The UTF-8 text (a BOM allowed) of a regular file of at most `limit` bytes, read through
+    lora.read_regular; bytes that are not UTF-8 raise ValueError naming `path:line` and `fix`."""
+    data = read_regular(path, limit)
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: byte {data[e.start]:#04x} at offset {e.start} is not "
+                         f"UTF-8; {fix}") from None
+
+
+def tsv_lines(text: str) -> list[list[str]]:
+    """The fields of each line, split on "\\n" and "\\t" only (no quoting, a trailing "\\r"
+    dropped, text kept byte-exact).  tsv_lines("a\\tb\\r\\nc\\n") == [["a", "b"], ["c"]]"""
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()  # the final newline
+    return [line.rstrip("\r").split("\t") for line in lines]
 
 
 def _task_file(spec: TaskSpec, data_dir: str | Path, split: str) -> Path:
     if split not in ("train", "dev"):
         raise ValueError(f"split={split!r}: use 'train' or 'dev' (GLUE test files have no labels)")
-    try:
-        return _find_task_file(spec, Path(data_dir), split)
-    except PermissionError as e:  # Path.is_dir() raises it inside a folder of mode 000
+    root = Path(data_dir)
+    try:  # Path.is_dir() raises PermissionError inside a folder of mode 000
+        if root.is_file():
+            raise ValueError(f"data_dir={str(root)!r} is a file: pass the {spec.folder} folder "
+                             "holding it (or the GLUE root holding that folder)")
+        if not root.is_dir():
+            raise FileNotFoundError(f"GLUE folder {root} does not exist: {GLUE_SOURCE}")
+        folder = root / spec.folder if (root / spec.folder).is_dir() else root
+    except PermissionError as e:
         raise ValueError(f"cannot read {e.filename}: permission denied: make the data folder "
                          "readable (chmod -R u+rX) or run as its owner") from None
-
-
-def _find_task_file(spec: TaskSpec, root: Path, split: str) -> Path:
-    if root.is_file():
-        raise ValueError(f"data_dir={str(root)!r} is a file: pass the {spec.folder} folder "
-                         "holding it (or the GLUE root holding that folder)")
-    if not root.is_dir():
-        raise FileNotFoundError(f"GLUE folder {root} does not exist: {GLUE_SOURCE}")
-    folder = root / spec.folder if (root / spec.folder).is_dir() else root
     path = folder / ("train.tsv" if split == "train" else spec.dev_file)
     if not os.path.lexists(path):  # a FIFO or device is named by read_regular, not "missing"
         raise FileNotFoundError(f"{path} not found: {GLUE_SOURCE}, and pass the {spec.folder} "
@@ -128,48 +139,35 @@ def _parse_label(spec: TaskSpec, raw: str, where: str) -> int | float:
 
 
 def load_glue(task: str, data_dir: str | Path, split: str) -> list[Example]:
-    """Read `<data_dir>/train.tsv` or the dev file (MNLI: dev_matched.tsv) of a GLUE task.
-
-    data_dir is the task folder (…/glue/SST-2) or the GLUE root holding it (…/glue). Lines are
-    split on "\\n" and "\\t" only (a trailing "\\r" is dropped); text is kept byte-exact."""
+    """The examples of `<data_dir>/train.tsv` or of the dev file (MNLI: dev_matched.tsv).
+    data_dir is the task folder (…/glue/SST-2) or the GLUE root holding it (…/glue); every row
+    must have the header's field count (CoLA: 4) and a valid label."""
     spec = task_spec(task)
     path = _task_file(spec, data_dir, split)
-    data = read_regular(path, GLUE_LIMIT)
-    try:
-        text = data.decode("utf-8-sig")  # -sig: MRPC files start with a BOM
-    except UnicodeDecodeError as e:
-        line = data[:e.start].count(b"\n") + 1
-        raise ValueError(f"{path}:{line}: byte {data[e.start]:#04x} at offset {e.start} is not "
-                         "UTF-8; re-download the file (GLUE ships UTF-8)") from None
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()  # the final newline
+    rows = tsv_lines(read_text(path, GLUE_LIMIT, "re-download the file (GLUE ships UTF-8)"))
     n_fields, first = spec.n_fields, 0
-    if spec.header is not None:  # every row must have as many fields as the header
-        if not lines:
+    if spec.header is not None:
+        if not rows:
             raise ValueError(f"{path}:1: the file is empty (no header); re-download it: "
                              f"{GLUE_SOURCE}")
-        header = lines[0].rstrip("\r").split("\t")
-        columns = [spec.text_a, spec.label] + ([spec.text_b] if spec.text_b is not None else [])
-        if len(header) <= max(c if c >= 0 else -c - 1 for c in columns) or \
-                header[spec.label] != spec.header:
+        header = rows[0]
+        last = max(c if c >= 0 else ~c for c in (spec.text_a, spec.text_b or 0, spec.label))
+        if len(header) <= last or header[spec.label] != spec.header:
             shown = repr(header)  # a file with "\r" line ends is all one "header" line
             shown = shown if len(shown) <= 120 else shown[:120] + "…"
             raise ValueError(f"{path}:1: header {shown} has no {spec.header!r} label column "
                              f"where {spec.folder} has it; is this the {spec.folder} {split} file?")
         n_fields, first = len(header), 1
-    if len(lines) <= first:
+    if len(rows) <= first:
         # callers loop `while True: yield from batches(...)`; zero rows would spin forever
         raise ValueError(f"{path}: no data rows{' after the header' if first else ''}; the file "
                          f"is truncated: re-download it ({GLUE_SOURCE})")
     examples = []
-    for i in range(first, len(lines)):
-        where = f"{path}:{i + 1}"
-        fields = lines[i].rstrip("\r").split("\t")
+    for line, fields in enumerate(rows[first:], first + 1):
         if len(fields) != n_fields:
-            raise ValueError(f"{where}: expected {n_fields} tab-separated fields, got "
+            raise ValueError(f"{path}:{line}: expected {n_fields} tab-separated fields, got "
                              f"{len(fields)}; fix the row (a stray tab or newline in the text?)")
-        label = _parse_label(spec, fields[spec.label], where)
+        label = _parse_label(spec, fields[spec.label], f"{path}:{line}")
         text_b = fields[spec.text_b] if spec.text_b is not None else None
         examples.append(Example(fields[spec.text_a], text_b, label))
     return examples
@@ -182,6 +180,23 @@ def load_glue(task: str, data_dir: str | Path, split: str) -> list[Example]:
 GROUP_POOL = 50  # batches per length-sorted pool, as HF Trainer's group_by_length (megabatch)
 
 
+def epoch(n: int, batch_size: int, generator: torch.Generator | None,
+          shuffle: bool = True) -> Iterator[list[int]]:
+    """The row indices of one epoch's batches: torch.randperm(n, generator=generator) (0..n-1
+    without shuffle) cut into batch_size pieces, the last one smaller when batch_size does not
+    divide n. The arguments are checked at the call, the order is drawn at the first batch.
+    list(epoch(5, 2, None, shuffle=False)) == [[0, 1], [2, 3], [4]]"""
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: use batch_size >= 1")
+    if shuffle and generator is None:
+        raise ValueError("shuffle=True needs generator=torch.Generator().manual_seed(seed)")
+
+    def cuts() -> Iterator[list[int]]:
+        order = torch.randperm(n, generator=generator).tolist() if shuffle else list(range(n))
+        yield from (order[s:s + batch_size] for s in range(0, n, batch_size))
+    return cuts()
+
+
 def _collate(rows: list[Example], tokenizer, max_len: int, pairs: bool) -> dict:
     batch = dict(tokenizer.batch([e.text_a for e in rows],
                                  pairs=[e.text_b for e in rows] if pairs else None,
@@ -192,14 +207,12 @@ def _collate(rows: list[Example], tokenizer, max_len: int, pairs: bool) -> dict:
     return batch
 
 
-def _grouped_order(examples: Sequence[Example], order: list[int], tokenizer, batch_size: int,
-                   max_len: int, pairs: bool, generator: torch.Generator) -> Iterator[list[int]]:
-    """Cut `order` into pools of GROUP_POOL·batch_size, sort each pool by token length (stable,
-    so ties keep the random order), cut it into batches and shuffle those batches."""
-    pool_size = GROUP_POOL * batch_size
-    for p in range(0, len(order), pool_size):
-        pool = order[p:p + pool_size]
-        # lengths after truncation, which is what padding is computed on
+def _grouped(cuts: Iterable[list[int]], examples: Sequence[Example], tokenizer, batch_size: int,
+             max_len: int, pairs: bool, generator: torch.Generator) -> Iterator[list[int]]:
+    """Join every GROUP_POOL batches into a pool, sort it by token length after truncation
+    (stable: ties keep the random order), cut it into batches again and shuffle those."""
+    cuts = iter(cuts)
+    while pool := [i for cut in itertools.islice(cuts, GROUP_POOL) for i in cut]:
         mask = _collate([examples[i] for i in pool], tokenizer, max_len, pairs)["attention_mask"]
         lengths = mask.sum(1).tolist()
         pool = [pool[j] for j in sorted(range(len(pool)), key=lengths.__getitem__)]
@@ -210,17 +223,13 @@ def _grouped_order(examples: Sequence[Example], order: list[int], tokenizer, bat
 def batches(examples: Sequence[Example], tokenizer, batch_size: int, max_len: int,
             generator: torch.Generator | None, shuffle: bool = True,
             group_by_length: bool = False) -> Iterator[dict]:
-    """One epoch: every example once, in batches of batch_size but one smaller batch (the last)
-    when batch_size does not divide n. Order is torch.randperm(n, generator=generator), so it
-    follows the seed. group_by_length=True (HF Trainer's): cut that order into pools of 50
-    batches, sort each pool by token length and shuffle its batches with the generator: less
-    padding, and the smaller batch holds the last pool's longest rows. Arguments are checked at
-    the call. tokenizer.batch(texts, pairs, max_len=...) pads; "labels" is added (long for
-    classes, float32 for STS-B).  batches(train, tok, 32, 128, g, group_by_length=True)"""
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size}: use batch_size >= 1")
-    if shuffle and generator is None:
-        raise ValueError("shuffle=True needs generator=torch.Generator().manual_seed(seed)")
+    """One epoch in the order of epoch(): every example once, tokenized by
+    tokenizer.batch(texts, pairs, max_len=...) (which pads), plus "labels" (long for classes,
+    float32 for STS-B). group_by_length=True (HF Trainer's): pools of GROUP_POOL batches, each
+    sorted by token length, its batches shuffled with the generator: less padding, and the
+    smaller batch holds the last pool's longest rows. Arguments are checked at the call.
+    batches(train, tok, 32, 128, g, group_by_length=True)"""
+    cuts = epoch(len(examples), batch_size, generator, shuffle)
     if group_by_length and not shuffle:
         raise ValueError("group_by_length=True needs shuffle=True and a generator: it draws the "
                          "pools at random")
@@ -230,22 +239,14 @@ def batches(examples: Sequence[Example], tokenizer, batch_size: int, max_len: in
     pairs = {e.text_b is not None for e in examples}
     if len(pairs) > 1:
         raise ValueError("examples mix single sentences and pairs; batch one task at a time")
-    n_special = 3 if pairs == {True} else 2  # [CLS] a [SEP] (b [SEP])
+    is_pair = pairs == {True}
+    n_special = 3 if is_pair else 2  # [CLS] a [SEP] (b [SEP])
     if max_len < n_special:
         raise ValueError(f"max_len={max_len} leaves no room for the {n_special} special tokens: "
                          f"use max_len >= {n_special}")
-    is_pair, n = pairs == {True}, len(examples)
-
-    def epoch() -> Iterator[dict]:  # a generator apart, so checks run now but draws lazily
-        order = torch.randperm(n, generator=generator).tolist() if shuffle else list(range(n))
-        if group_by_length:
-            cuts = _grouped_order(examples, order, tokenizer, batch_size, max_len, is_pair,
-                                  generator)
-        else:
-            cuts = (order[s:s + batch_size] for s in range(0, n, batch_size))
-        for cut in cuts:
-            yield _collate([examples[i] for i in cut], tokenizer, max_len, is_pair)
-    return epoch()
+    if group_by_length:
+        cuts = _grouped(cuts, examples, tokenizer, batch_size, max_len, is_pair, generator)
+    return (_collate([examples[i] for i in cut], tokenizer, max_len, is_pair) for cut in cuts)
 
 
 # -----------------------------------------------------------------------------
@@ -262,9 +263,9 @@ def _as_list(x) -> list:
 
 
 def compute_metrics(task: str, preds, labels) -> dict[str, float]:
-    """The GLUE metrics of a task: accuracy (all classification tasks), plus MCC (CoLA) or
-    F1 of class 1 (MRPC, QQP); Pearson and Spearman for STS-B. preds are class ids
-    (STS-B: scores), as lists or 1-D tensors."""
+    """The GLUE metrics of a task (data/metrics.py): accuracy, plus MCC (CoLA) or F1 of class 1
+    (MRPC, QQP); Pearson and Spearman for STS-B. preds are class ids (STS-B: scores), as lists
+    or 1-D tensors.  compute_metrics("cola", [1, 0], [1, 1]) -> {"accuracy": 0.5, "mcc": 0.0}"""
     spec = task_spec(task)
     p, y = _as_list(preds), _as_list(labels)
     if len(p) != len(y) or not p:
@@ -272,9 +273,4 @@ def compute_metrics(task: str, preds, labels) -> dict[str, float]:
                          "lengths")
     if spec.labels is None:
         return {"pearson": pearson(p, y), "spearman": spearman(p, y)}
-    out = {"accuracy": sum(a == b for a, b in zip(p, y)) / len(y)}
-    if "mcc" in spec.metrics:
-        out["mcc"] = matthews_corrcoef(p, y)
-    if "f1" in spec.metrics:
-        out["f1"] = f1_score(p, y)
-    return out
+    return class_metrics(p, y, [m for m in spec.metrics if m != "accuracy"])

@@ -1,26 +1,15 @@
-"""The embedded `planted` task: a teacher with known low-rank updates, so rank allocation can be
-scored against ground truth. Needs no files.
+"""The embedded `planted` task: a teacher with known low-rank updates, so a rank allocation can
+be scored against the truth. Needs no files.
 
-    from data.planted import plant, random_batch, planted_loss, oracle_ranks, rank_recovery
-    teacher, planted = plant(model, names, generator=g)           # {name: planted rank}
-    add_lora(model, targets=names, r=8, alpha=16)                 # the student
+    teacher, planted = plant(model, names, generator=g)   # {name: planted rank}
+    add_lora(model, targets=names, r=8, alpha=16)         # the student
     loss = planted_loss(model, teacher, random_batch(vocab, 32, 32, generator=g))
-    oracle_ranks(names, planted, budget=8 * len(names))           # the allocation to beat
-    search_oracle(names, planted, budget, cap, loss_of, (24, 20, 16), 4)  # ... searched
-    structure_ranks(names, holders, budget), shuffled_ranks(ranks, shuffle_generator(s, i))
+    oracle_ranks(names, planted, budget=8 * len(names))   # the allocation that knows the truth
 
-The teacher is the base model with W ← W + ΔW* on a few of the matrices the student adapts; the
-student (base + LoRA) learns to match the teacher's output (last hidden states of an encoder,
-logits of a causal LM) on random token sequences. Each ΔW* has rank 3r for the usual r = 8, so
-a uniform rank-8 LoRA can fit at most a third of it in place, while the budget 8·M lets an
-allocation that finds the planted matrices fit all of them (oracle_ranks). Each ΔW* is sized by
-its effect on the output, not by ‖W‖, so every plant is equally visible. This is a measurement:
-bench.py --planted-study checks the defaults against a criterion fixed before any method ran
-(the searched oracle ends at ≤ 0.5 × uniform LoRA's loss in every seed; a score finds the plants
-only if it beats both data-free controls, structure_ranks and its own shuffled_ranks). Training must be long enough
-for the oracle to converge, or speed rather than placement decides: train.py's planted recipe
-(600 AdamW steps at lr 5e-3) meets the criterion on models.TINY (results/planted_study.json),
-where 300 steps at lr 5e-4 did not (that file at commit 56efc95).
+The teacher is the base model with W ← W + ΔW* on a few of the matrices the student adapts, each
+ΔW* of rank PLANT_RANK = 3r for the usual r = 8 and sized by its effect on the output (plant);
+the student (base + LoRA) learns the teacher's output on random token sequences. The reach rule
+keeps plants off matrices the output barely feels (REACH); plant(reach=math.inf) lifts it.
 """
 
 from __future__ import annotations
@@ -35,17 +24,11 @@ import torch.nn as nn
 from lora import LoRALinear
 
 PLANT_RANK = 24  # 3r for r = 8: three plants take 72 of the budget 8·12 = 96
-PLANT_EFFECT = 0.01  # each ΔW* alone moves the output by this fraction of its RMS; larger
-# plants need ‖ΔW*‖ ≫ ‖W‖ on models.TINY, which a short LoRA run cannot reach
-REACH = 10.0  # a matrix that needs ‖ΔW*‖ > REACH·‖W‖ for that is not planted: it barely
-# moves the output (a random-init query or key needs ~45·‖W‖ even for effect 0.005: attention
-# stays uniform over tiny values), and no LoRA could learn it from B = 0
+PLANT_EFFECT = 0.01  # each ΔW* alone moves the output by this fraction of its RMS
+REACH = 10.0  # the reach rule: no plant where ‖ΔW*‖ > REACH·‖W‖ would be needed; the output
+# barely feels such a matrix (a random-init query or key needs ~45·‖W‖: attention stays uniform
+# over tiny values), and no LoRA could learn it from B = 0
 UNREACHED = ("query", "key")  # the module types the reach rule keeps plants off on models.TINY
-# (test_planted_on_the_tiny_encoder_skips_random_init_query_and_key): a rule knowing only this
-# is the structure prior of bench.py --planted-study; plant(reach=math.inf) lifts the rule
-SHUFFLE_SEED = 2**31  # shuffled controls draw from SHUFFLE_SEED + 1000·seed + i (< 2**32: the
-# CPU generator keeps only a seed's low 32 bits, so 2**40 + s would replay stream s); training
-# streams are seeded seed + k, k < 4 (train.random_streams), so no shuffle shares their seed
 
 
 def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -116,56 +99,45 @@ def plant(model: nn.Module, names: Sequence[str] | None = None, n_planted: int =
     """A frozen, eval-mode deep copy of `model` with W_m ← W_m + ΔW*_m on n_planted matrices
     drawn at random (torch.randperm with `generator`) from `names` (default: every nn.Linear).
 
-    ΔW*_m = σ_m · U Vᵀ with U: (d_out, r), V: (d_in, r) having orthonormal columns (QR of a
-    Gaussian), so ΔW*_m has rank exactly r and r equal singular values σ_m: no low-rank part of
-    it fits better than another, and a rank-k LoRA can fit at most k/r of it. σ_m is set so that
-    ΔW*_m alone moves the teacher's output by `effect` of its RMS on the probe batch
-    (RMS(out_m − out) = effect · RMS(out), a few multiplicative steps), so a plant on a matrix
-    the output barely feels (a query of a random-init encoder) is as visible as one on an MLP.
-    The probe is a random_batch(vocab, 16, 32) drawn from `generator` unless given. `rank` is
-    one int or one per planted matrix (in draw order). A matrix that needs ‖ΔW*‖ > reach·‖W‖
-    is skipped; reach=math.inf lets plants land on any matrix (the draw alone decides). Returns
-    (teacher, {name: planted rank});
-    `model` is not modified.
-    plant(models.BertModel(models.TINY), generator=torch.Generator())[1] -> {name: 16, ...}"""
+    ΔW*_m = σ_m·U Vᵀ, U: (d_out, r) and V: (d_in, r) with orthonormal columns (QR of a Gaussian):
+    rank exactly r with r equal singular values, so a rank-k LoRA fits at most k/r of it. σ_m
+    makes ΔW*_m alone move the output by `effect` of its RMS on the probe (default: a
+    random_batch(vocab, 16, 32) from `generator`), so every plant is equally visible. The reach
+    rule skips a matrix that needs ‖ΔW*‖ > reach·‖W‖ (reach=math.inf: any matrix). `rank` is
+    one int or one per plant (in draw order). Returns (teacher, {name: planted rank}).
+    plant(models.BertModel(models.TINY), generator=torch.Generator())[1] -> {name: 24, ...}"""
     weights = _weights(model)
     names = list(weights) if names is None else list(names)
+    ranks = [rank] * n_planted if isinstance(rank, int) else list(rank)
     unknown = [n for n in names if n not in weights]
     if unknown or len(set(names)) != len(names) or not names:
         raise ValueError(f"names must be distinct nn.Linear module names; bad: {unknown[:5]}, "
                          f"given {len(names)}; the model has {list(weights)[:8]}...")
     if not 1 <= n_planted <= len(names):
         raise ValueError(f"n_planted={n_planted}: use 1 <= n_planted <= {len(names)} (len(names))")
-    ranks = [rank] * n_planted if isinstance(rank, int) else list(rank)
     if len(ranks) != n_planted:
         raise ValueError(f"rank has {len(ranks)} entries for n_planted={n_planted}: give one each")
-    if not (math.isfinite(effect) and effect > 0):
-        raise ValueError(f"effect={effect}: use a finite effect > 0 (default {PLANT_EFFECT})")
-    if not reach > 0:
-        raise ValueError(f"reach={reach}: use reach > 0 (default {REACH}; math.inf: anywhere)")
-    order = [names[i] for i in torch.randperm(len(names), generator=generator).tolist()]
+    if not (math.isfinite(effect) and effect > 0 and reach > 0):
+        raise ValueError(f"effect={effect}, reach={reach}: use a finite effect > 0 (default "
+                         f"{PLANT_EFFECT}) and reach > 0 (default {REACH}; math.inf: anywhere)")
     for name in names:
-        d_out, d_in = weights[name].shape
-        if not 1 <= max(ranks) <= min(d_out, d_in):
-            raise ValueError(f"rank {max(ranks)} for {name} ({d_out}x{d_in}): use 1 <= rank <= "
-                             f"{min(d_out, d_in)}")
+        if not 1 <= max(ranks) <= min(weights[name].shape):
+            raise ValueError(f"rank {max(ranks)} for {name} {tuple(weights[name].shape)}: use "
+                             f"1 <= rank <= {min(weights[name].shape)}")
+    order = [names[i] for i in torch.randperm(len(names), generator=generator).tolist()]
     teacher = copy.deepcopy(model).eval().requires_grad_(False)
     t_weights = _weights(teacher)
     device = next(iter(t_weights.values())).device
-    if probe is None:
-        probe = random_batch(vocab_size(model), 16, 32, generator)
+    probe = random_batch(vocab_size(model), 16, 32, generator) if probe is None else probe
     probe = {k: v.to(device) for k, v in probe.items()}
-    mask = probe["attention_mask"]
-    deltas: dict[str, torch.Tensor] = {}
-    planted: dict[str, int] = {}
+    mask, deltas, planted = probe["attention_mask"], {}, {}
     with torch.no_grad():
         base = _output(teacher, probe)  # (B, T, C)
         target = effect * _mse(base, torch.zeros_like(base), mask).sqrt().item()
         for name in order:
             if len(planted) == n_planted:
                 break
-            r = ranks[len(planted)]
-            W = t_weights[name]
+            r, W = ranks[len(planted)], t_weights[name]
             W0 = W.clone()
             U = torch.linalg.qr(torch.randn(W.shape[0], r, generator=generator))[0]  # (d_out, r)
             V = torch.linalg.qr(torch.randn(W.shape[1], r, generator=generator))[0]  # (d_in, r)
@@ -184,7 +156,7 @@ def plant(model: nn.Module, names: Sequence[str] | None = None, n_planted: int =
                 deltas[name], planted[name] = sigma * D, r
         if len(planted) < n_planted:
             raise ValueError(f"only {len(planted)} of {len(names)} matrices can move the output "
-                             f"by effect={effect} with ‖ΔW*‖ <= {REACH}·‖W‖ (found "
+                             f"by effect={effect} with ‖ΔW*‖ <= {reach}·‖W‖ (found "
                              f"{list(planted)}): lower effect or n_planted, or pass more names")
         for name, delta in deltas.items():
             t_weights[name].add_(delta)
@@ -214,81 +186,6 @@ def oracle_ranks(names: Sequence[str], planted: dict[str, int], budget: int) -> 
     share, extra = divmod(left, len(others)) if others else (0, 0)
     rest = {n: share + (i < extra) for i, n in enumerate(others)}
     return {n: planted[n] if n in planted else rest[n] for n in names}
-
-
-def structure_ranks(names: Sequence[str], holders: Sequence[str], budget: int, r_min: int = 1,
-                    r_max: int | None = None) -> dict[str, int]:
-    """The structure prior, a data-free control: r_min on every matrix outside `holders` (those
-    of a type that can hold plants), equal ranks on the holders (differing by at most one, the
-    extra ones to the first in order) with Σ r_m = budget exactly; ranks within [r_min, r_max].
-    structure_ranks(["q", "v", "o"], ["v", "o"], budget=9) == {"q": 1, "v": 4, "o": 4}"""
-    names, holders = list(names), [n for n in names if n in set(holders)]
-    left = budget - r_min * (len(names) - len(holders))
-    if not holders or left < r_min * len(holders) or (
-            r_max is not None and left > r_max * len(holders)):
-        raise ValueError(f"budget={budget} cannot give {len(holders)} holders of {len(names)} "
-                         f"matrices equal ranks in [{r_min}, {r_max}] with r_min={r_min} "
-                         "elsewhere: pass holders among names and a budget within the bounds")
-    share, extra = divmod(left, len(holders))
-    rest = {n: share + (i < extra) for i, n in enumerate(holders)}
-    return {n: rest.get(n, r_min) for n in names}
-
-
-def shuffled_ranks(ranks: dict[str, int], generator: torch.Generator) -> dict[str, int]:
-    """The shuffled control: the same multiset of ranks assigned to the matrices in a random
-    order (torch.randperm with `generator`), so only the placement differs from `ranks`."""
-    names, values = list(ranks), list(ranks.values())
-    return {names[j]: values[i]
-            for i, j in enumerate(torch.randperm(len(names), generator=generator).tolist())}
-
-
-def shuffle_generator(seed: int, index: int) -> torch.Generator:
-    """The stream of a shuffled control: score `index` (< 1000) in study seed `seed`, seeded
-    SHUFFLE_SEED + 1000·seed + index, apart from every training stream (seed + k, k < 4) of a
-    study with seeds < 2**31 - 4."""
-    if not 0 <= index < 1000 or not 0 <= seed < 2**20:
-        raise ValueError(f"seed={seed}, index={index}: use 0 <= seed < 2**20, 0 <= index < 1000")
-    return torch.Generator().manual_seed(SHUFFLE_SEED + 1000 * seed + index)
-
-
-def search_oracle(names: Sequence[str], planted: dict[str, int], budget: int, cap: int,
-                  loss_of, grid: Sequence[int], step: int) -> tuple[dict[str, int], list[dict]]:
-    """The best allocation a small search finds knowing the truth. Candidates give the planted
-    matrices ranks within [1, cap] and spread the rest of the budget evenly (oracle_ranks):
-    first every planted matrix at each k in `grid` (include max(planted ranks) so that
-    oracle_ranks itself is tried), then one coordinate pass from the best, each planted matrix
-    in turn at ± step (kept when lower). `loss_of(ranks)` trains one candidate and returns its
-    final loss. Returns (best ranks, [{"planted_ranks", "final_loss"} per candidate tried]);
-    at most len(grid) + 2·len(planted) candidates are trained."""
-    tried: list[dict] = []
-
-    def attempt(fixed: dict[str, int]) -> float:
-        for t in tried:
-            if t["planted_ranks"] == fixed:
-                return t["final_loss"]
-        if not all(1 <= r <= cap for r in fixed.values()):
-            return math.inf
-        try:
-            ranks = oracle_ranks(names, fixed, budget)
-        except ValueError:  # not enough budget left for the others
-            return math.inf
-        tried.append({"planted_ranks": dict(fixed), "final_loss": loss_of(ranks)})
-        return tried[-1]["final_loss"]
-
-    best, best_loss = None, math.inf
-    for k in grid:
-        fixed = {n: k for n in planted}
-        if (loss := attempt(fixed)) < best_loss:
-            best, best_loss = fixed, loss
-    if best is None:
-        raise ValueError(f"grid {list(grid)}: no candidate fits cap={cap} and budget={budget}")
-    for n in planted:
-        for d in (-step, step):
-            fixed = best | {n: best[n] + d}
-            if (loss := attempt(fixed)) < best_loss:
-                best, best_loss = fixed, loss
-                break
-    return oracle_ranks(names, best, budget), tried
 
 
 def recovery(scores: dict[str, float], planted: dict[str, int], k: int | None = None) -> dict:

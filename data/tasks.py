@@ -23,9 +23,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import causal, files, glue, metrics, planted
+from data import causal, files, glue, planted
+from data.metrics import accuracy, class_metrics
 from models import load_model
 from models.checkpoint import is_decoder
+
+Rng = dict[str, torch.Generator]
+LABEL_SET = 16  # prompt → completion data with at most this many distinct completions,
+# each used twice on average, is scored as a label set too (exact-match accuracy)
+
+
+def name_matches(name: str, target: str) -> bool:  # TODO merge: lora.name_matches
+    return name == target or name.endswith("." + target)
 
 
 def autocast(device: torch.device):
@@ -48,67 +57,79 @@ class Task(NamedTuple):
     info: dict | None = None  # --data: the files, the split and the label ids (results.json)
 
 
-def glue_task(args: argparse.Namespace, device: torch.device,
-              rng: dict[str, torch.Generator]) -> Task:
-    spec = glue.task_spec(args.task)
-    train = glue.load_glue(args.task, args.data_dir, "train")[: args.max_train]
-    dev = glue.load_glue(args.task, args.data_dir, "dev")[: args.max_eval]
-    return encoder_task(args, device, rng, train, dev, spec.num_labels,
+def _endless(epoch: Callable[[torch.Generator], Iterator[dict]]):
+    """train_batches: epoch after epoch, each drawn from the generator it is given."""
+    def train_batches(g: torch.Generator) -> Iterator[dict]:
+        while True:
+            yield from epoch(g)
+    return train_batches
+
+
+def _evaluation(device: torch.device):
+    """A decorator: evaluate(m) runs in eval mode under no_grad and autocast, and puts m's mode
+    back."""
+    def wrap(evaluate: Callable[[nn.Module], dict]) -> Callable[[nn.Module], dict]:
+        @torch.no_grad()
+        def run(m: nn.Module) -> dict:
+            was_training = m.training
+            m.eval()
+            with autocast(device):
+                out = evaluate(m)
+            m.train(was_training)
+            return out
+        return run
+    return wrap
+
+
+def _glue_splits(args: argparse.Namespace) -> tuple[list, list]:
+    return (glue.load_glue(args.task, args.data_dir, "train")[: args.max_train],
+            glue.load_glue(args.task, args.data_dir, "dev")[: args.max_eval])
+
+
+def glue_task(args: argparse.Namespace, device: torch.device, rng: Rng) -> Task:
+    train, dev = _glue_splits(args)
+    return encoder_task(args, device, rng, train, dev, glue.task_spec(args.task).num_labels,
                         lambda p, y: glue.compute_metrics(args.task, p, y))
 
 
-def encoder_task(args: argparse.Namespace, device: torch.device,
-                 rng: dict[str, torch.Generator], train: list[glue.Example],
-                 dev: list[glue.Example], num_labels: int,
-                 metrics: Callable[[list, list], dict], info: dict | None = None) -> Task:
+def encoder_task(args: argparse.Namespace, device: torch.device, rng: Rng, train: list, dev: list,
+                 num_labels: int, metrics: Callable, info: dict | None = None) -> Task:
     """Classification (num_labels = 1: regression) with an encoder and a classifier head."""
     model, tok = load_model(args.model, num_labels=num_labels, generator=rng["init"])
     regression = num_labels == 1
 
-    def loss_fn(m: nn.Module, batch: dict) -> torch.Tensor:
-        batch = to_device(batch, device)
+    def logits(m: nn.Module, batch: dict) -> torch.Tensor:  # (B, num_labels)
+        b = to_device(batch, device)
         with autocast(device):
-            logits = m(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-        logits = logits.float()
-        if regression:
-            return F.mse_loss(logits.squeeze(-1), batch["labels"])
-        return F.cross_entropy(logits, batch["labels"])
+            return m(b["input_ids"], b["attention_mask"], b["token_type_ids"]).float()
 
-    def train_batches(g: torch.Generator) -> Iterator[dict]:
-        while True:
-            yield from glue.batches(train, tok, args.batch_size, args.max_len, g)
+    def loss_fn(m: nn.Module, batch: dict) -> torch.Tensor:
+        out, y = logits(m, batch), batch["labels"].to(device, non_blocking=True)
+        return F.mse_loss(out.squeeze(-1), y) if regression else F.cross_entropy(out, y)
 
-    @torch.no_grad()
+    @_evaluation(device)
     def evaluate(m: nn.Module) -> dict:
-        was_training = m.training
-        m.eval()
         preds, labels = [], []
         for batch in glue.batches(dev, tok, 128, args.max_len, None, shuffle=False):
-            b = to_device(batch, device)
-            with autocast(device):
-                logits = m(b["input_ids"], b["attention_mask"], b["token_type_ids"]).float()
-            preds += (logits.squeeze(-1) if regression else logits.argmax(-1)).tolist()
+            out = logits(m, batch)
+            preds += (out.squeeze(-1) if regression else out.argmax(-1)).tolist()
             labels += batch["labels"].tolist()
-        m.train(was_training)
         return metrics(preds, labels)
 
-    return Task(model, ["classifier"], train_batches, len(train), loss_fn, evaluate, True,
+    epoch = lambda g: glue.batches(train, tok, args.batch_size, args.max_len, g)  # noqa: E731
+    return Task(model, ["classifier"], _endless(epoch), len(train), loss_fn, evaluate, True,
                 info=info)
 
 
-def causal_task(args: argparse.Namespace, device: torch.device,
-                rng: dict[str, torch.Generator]) -> Task:
-    """A GLUE task as prompts for a decoder (data/causal.py): the loss is the answer tokens'
-    per-example mean NLL, predictions compare the label words' log-likelihoods."""
-    train = glue.load_glue(args.task, args.data_dir, "train")[: args.max_train]
-    dev = glue.load_glue(args.task, args.data_dir, "dev")[: args.max_eval]
+def causal_task(args: argparse.Namespace, device: torch.device, rng: Rng) -> Task:
+    """A GLUE task as prompts for a decoder (data/causal.py)."""
+    train, dev = _glue_splits(args)
     return decoder_task(args, device, rng, train, dev, lambda tok: args.task,
                         lambda p, y: glue.compute_metrics(args.task, p, y))
 
 
 def decoder_loss(device: torch.device) -> Callable[[nn.Module, dict], torch.Tensor]:
-    """A decoder's loss_fn: each example's mean NLL over its answer (or completion) tokens, then
-    the mean over examples (data/causal.py)."""
+    """A decoder's loss_fn: data/causal.py's causal_loss on the answer (completion) tokens."""
     def loss_fn(m: nn.Module, batch: dict) -> torch.Tensor:
         batch = to_device(batch, device)
         with autocast(device):
@@ -117,36 +138,46 @@ def decoder_loss(device: torch.device) -> Callable[[nn.Module, dict], torch.Tens
     return loss_fn
 
 
-def decoder_task(args: argparse.Namespace, device: torch.device,
-                 rng: dict[str, torch.Generator], train: list[glue.Example],
-                 dev: list[glue.Example], prompt: Callable[..., str | causal.Prompt],
-                 metrics: Callable[[list, list], dict], info: dict | None = None) -> Task:
-    """Classification as prompts for a decoder; prompt(tokenizer) gives the task name or the
-    Prompt (data/causal.py)."""
+def decoder_task(args: argparse.Namespace, device: torch.device, rng: Rng, train: list, dev: list,
+                 prompt: Callable, metrics: Callable, info: dict | None = None) -> Task:
+    """Classification as prompts for a decoder: prompt(tokenizer) gives the GLUE task name or
+    the causal.Prompt; predictions compare the label words' log-likelihoods."""
     model, tok = load_model(args.model, generator=rng["init"])
     task = prompt(tok)
 
-    loss_fn = decoder_loss(device)
-
-    def train_batches(g: torch.Generator) -> Iterator[dict]:
-        while True:
-            yield from causal.causal_batches(train, tok, task, args.batch_size, args.max_len, g)
-
-    @torch.no_grad()
+    @_evaluation(device)
     def evaluate(m: nn.Module) -> dict:
-        was_training = m.training
-        m.eval()
-        with autocast(device):
-            preds = causal.predict(m, tok, task, dev, batch_size=args.batch_size,
-                                   max_len=args.max_len)
-        m.train(was_training)
+        preds = causal.predict(m, tok, task, dev, batch_size=args.batch_size, max_len=args.max_len)
         return metrics(preds, [e.label for e in dev])
 
-    return Task(model, [], train_batches, len(train), loss_fn, evaluate, True, info=info)
+    epoch = lambda g: causal.causal_batches(  # noqa: E731
+        train, tok, task, args.batch_size, args.max_len, g)
+    return Task(model, [], _endless(epoch), len(train), decoder_loss(device), evaluate, True,
+                info=info)
 
 
-LABEL_SET = 16  # prompt → completion data with at most this many distinct completions,
-# each used twice on average, is scored as a label set too (exact-match accuracy)
+def completion_task(args: argparse.Namespace, device: torch.device, rng: Rng, train: list,
+                    dev: list, labels: list[str], info: dict) -> Task:
+    """Prompt → completion on a decoder: the loss is each example's mean completion-token NLL;
+    eval is the mean NLL per completion token and its perplexity, and with a label set of
+    completions the accuracy of the most likely one."""
+    model, tok = load_model(args.model, generator=rng["init"])
+
+    @_evaluation(device)
+    def evaluate(m: nn.Module) -> dict:
+        total, count = causal.completion_nll(m, tok, dev, args.batch_size, args.max_len)
+        out = {"nll": total / count, "perplexity": math.exp(min(total / count, 700))}
+        if labels:
+            prompt = causal.Prompt("{a}", tuple(labels), eos=True)
+            preds = causal.predict(m, tok, prompt, [glue.Example(c.prompt, None, 0) for c in dev],
+                                   args.batch_size, args.max_len)
+            out["accuracy"] = accuracy(preds, [labels.index(c.completion) for c in dev])
+        return out
+
+    epoch = lambda g: causal.completion_batches(  # noqa: E731
+        train, tok, args.batch_size, args.max_len, g)
+    return Task(model, [], _endless(epoch), len(train), decoder_loss(device), evaluate, True,
+                info=info)
 
 
 def split_rows(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -161,17 +192,7 @@ def split_rows(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]
     return [i for i in range(n) if i not in held], sorted(held)
 
 
-def class_metrics(preds: list, labels: list, n_classes: int) -> dict[str, float]:
-    """Accuracy; with two classes also F1 of class id 1 and Matthews correlation."""
-    out = {"accuracy": sum(p == y for p, y in zip(preds, labels)) / len(labels)}
-    if n_classes == 2:
-        out |= {"f1": metrics.f1_score(preds, labels),
-                "mcc": metrics.matthews_corrcoef(preds, labels)}
-    return out
-
-
-def data_task(args: argparse.Namespace, device: torch.device,
-              rng: dict[str, torch.Generator]) -> Task:
+def data_task(args: argparse.Namespace, device: torch.device, rng: Rng) -> Task:
     """--data FILE (data/files.py): classification on an encoder or a decoder, or prompt →
     completion on a decoder. Every row of both files is validated before the model loads."""
     decoder = is_decoder(args.model)
@@ -194,10 +215,10 @@ def data_task(args: argparse.Namespace, device: torch.device,
                                  f"{len(labels)} completions of {args.data} (a label set): fix "
                                  "the row or add the class to the training file")
     else:
-        text_field = args.text_field or files.default_text_field(rows)
-        train, labels = files.to_examples(rows, text_field, args.pair_field, args.label_field)
-        dev = (files.to_examples(eval_rows, text_field, args.pair_field, args.label_field,
-                                 labels)[0] if eval_rows else None)
+        fields = (args.text_field or files.default_text_field(rows), args.pair_field,
+                  args.label_field)
+        train, labels = files.to_examples(rows, *fields)
+        dev = files.to_examples(eval_rows, *fields, labels)[0] if eval_rows else None
     if dev is None:
         keep, held = split_rows(len(train), args.eval_fraction, args.seed)
         train, dev = [train[i] for i in keep], [train[i] for i in held]
@@ -207,65 +228,33 @@ def data_task(args: argparse.Namespace, device: torch.device,
             "labels": list(labels), "n_train": len(train), "n_eval": len(dev)}
     if completion:
         return completion_task(args, device, rng, train, dev, labels, info)
+    extra = ("f1", "mcc") if len(labels) == 2 else ()
+    metrics = lambda p, y: class_metrics(p, y, extra)  # noqa: E731
     if not decoder:
-        return encoder_task(args, device, rng, train, dev, len(labels),
-                            lambda p, y: class_metrics(p, y, len(labels)), info)
+        return encoder_task(args, device, rng, train, dev, len(labels), metrics, info)
     return decoder_task(args, device, rng, train, dev,
                         lambda tok: causal.data_prompt(tok, labels, args.pair_field is not None),
-                        lambda p, y: class_metrics(p, y, len(labels)), info)
+                        metrics, info)
 
 
-def completion_task(args: argparse.Namespace, device: torch.device,
-                    rng: dict[str, torch.Generator], train: list[files.Completion],
-                    dev: list[files.Completion], labels: list[str], info: dict) -> Task:
-    """Prompt → completion on a decoder: the loss is each example's mean completion-token NLL
-    (prompt tokens masked); eval is the mean completion NLL per token and its perplexity, and
-    with a label set of completions the accuracy of the most likely one."""
-    model, tok = load_model(args.model, generator=rng["init"])
-
-    loss_fn = decoder_loss(device)
-
-    def train_batches(g: torch.Generator) -> Iterator[dict]:
-        while True:
-            yield from causal.completion_batches(train, tok, args.batch_size, args.max_len, g)
-
-    @torch.no_grad()
-    def evaluate(m: nn.Module) -> dict:
-        was_training = m.training
-        m.eval()
-        with autocast(device):
-            total, count = causal.completion_nll(m, tok, dev, args.batch_size, args.max_len)
-            out = {"nll": total / count, "perplexity": math.exp(min(total / count, 700))}
-            if labels:
-                prompt = causal.Prompt("{a}", tuple(labels), eos=True)
-                preds = causal.predict(m, tok, prompt, [glue.Example(c.prompt, None, 0)
-                                                        for c in dev], args.batch_size,
-                                       args.max_len)
-                gold = [labels.index(c.completion) for c in dev]
-                out["accuracy"] = sum(p == y for p, y in zip(preds, gold)) / len(dev)
-        m.train(was_training)
-        return out
-
-    return Task(model, [], train_batches, len(train), loss_fn, evaluate, True, info=info)
-
-
-def planted_task(args: argparse.Namespace, device: torch.device,
-                 rng: dict[str, torch.Generator]) -> Task:
+def planted_task(args: argparse.Namespace, device: torch.device, rng: Rng) -> Task:
+    """The planted task (data/planted.py) on --targets: plants drawn from rng["init"] (any
+    target matrix with args.plants == "anywhere", else by the reach rule), 8 eval batches from
+    rng["eval"]; the student trains in eval mode (the teacher is deterministic: dropout would
+    only add noise to the regression target)."""
     model, _ = load_model(args.model, num_labels=None, generator=rng["init"])
     targets = args.targets.split(",")
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)
-             and any(n == t or n.endswith("." + t) for t in targets)]
-    unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+             and any(name_matches(n, t) for t in targets)]
+    unmatched = [t for t in targets if not any(name_matches(n, t) for n in names)]
     if unmatched:
         raise ValueError(f"--targets {args.targets}: {', '.join(unmatched)} matches no nn.Linear "
                          f"of --model {args.model}; use suffixes of its module names")
-    # bench.py --planted-study --plants anywhere sets args.plants: plants on any target matrix
     anywhere = getattr(args, "plants", "reach") == "anywhere"
     teacher, truth = planted.plant(model, names, generator=rng["init"],
                                    **({"reach": math.inf} if anywhere else {}))
     model.to(device), teacher.to(device)
-    vocab = planted.vocab_size(model)
-    seq = min(args.max_len, 32)
+    vocab, seq = planted.vocab_size(model), min(args.max_len, 32)
 
     def loss_fn(m: nn.Module, batch: dict) -> torch.Tensor:
         with autocast(device):
@@ -277,14 +266,8 @@ def planted_task(args: argparse.Namespace, device: torch.device,
 
     eval_set = [planted.random_batch(vocab, args.batch_size, seq, rng["eval"]) for _ in range(8)]
 
-    @torch.no_grad()
+    @_evaluation(device)
     def evaluate(m: nn.Module) -> dict:
-        was_training = m.training
-        m.eval()
-        loss = sum(loss_fn(m, b).item() for b in eval_set) / len(eval_set)
-        m.train(was_training)
-        return {"loss": loss}
+        return {"loss": sum(loss_fn(m, b).item() for b in eval_set) / len(eval_set)}
 
-    # the teacher is deterministic, so the student trains in eval mode: dropout (hidden,
-    # attention, adapter) would only add noise to the regression target
     return Task(model, [], train_batches, None, loss_fn, evaluate, False, truth)

@@ -136,9 +136,9 @@ def test_only_regular_files_within_the_byte_bound(tmp_path):
     os.mkfifo(tmp_path / "pipe.csv")  # reading it would block: it must be refused unopened
     with pytest.raises(ValueError, match="not a regular file"):
         read_rows(tmp_path / "pipe.csv")
-    with pytest.raises(ValueError, match="more than the 10 the reader takes"):
+    with pytest.raises(ValueError, match="over the 10 this reader accepts"):
         read_rows(write(tmp_path / "big.csv", reviews()), max_bytes=10)
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match="none.csv not found"):
         read_rows(tmp_path / "none.csv")
     with pytest.raises(ValueError, match="named .jsonl"):
         read_rows(write(tmp_path / "a.json", "{}"))
