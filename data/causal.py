@@ -1,17 +1,15 @@
 """Classification as prompts for a causal LM: an example becomes prompt + answer, e.g.
-"Review: a gripping film\\nSentiment:" + " positive"; the loss is on the answer tokens only, and
-a prediction is the label word of highest log-likelihood. --data files reuse it (data_prompt;
-prompt → completion rows: completion_batches, completion_nll).
+"Review: a gripping film\nSentiment:" + " positive", the loss is on the answer tokens, and the
+prediction is the label word of highest log-likelihood. Prompt and answer are tokenised apart,
+so training and scoring see the same answer tokens; a too-long prompt loses its first tokens.
 
     for batch in causal_batches(train, tok, "sst2", batch_size=8, max_len=128, generator=g):
         loss = causal_loss(model(batch["input_ids"], batch["attention_mask"]), batch)
     compute_metrics("sst2", predict(model, tok, "sst2", dev), [e.label for e in dev])
 
-Prompt and answer are tokenised apart and concatenated, so training and scoring see the same
-answer tokens (templates end without a space, label words start with one). Batches hold
-input_ids, attention_mask, loss_mask (1 on answer tokens), each (B, T) long, padded with
-tokenizer.pad_id, and labels (B,). A too-long prompt loses its first tokens (a BOS stays).
-The tokenizer needs `encode(text, add_bos=None)`, `pad_id` (models.bpe.BPETokenizer).
+Batches hold input_ids, attention_mask and loss_mask (1 on answer tokens), (B, T) long, padded
+with tokenizer.pad_id, and labels (B,). --data files reuse it: data_prompt, and for prompt →
+completion rows completion_batches and completion_nll.
 """
 
 from __future__ import annotations
@@ -49,8 +47,8 @@ PROMPTS: dict[str, Prompt] = {
 
 
 def prompt_for(task: str | Prompt) -> Prompt:
-    """The Prompt of a GLUE task (a Prompt is returned as it is, so every function here also
-    takes your own).  prompt_for("SST-2").label_words[1] -> " positive" """
+    """A GLUE task's Prompt (a Prompt is returned as it is, so every function here takes your
+    own).  prompt_for("SST-2").label_words[1] -> " positive" """
     if isinstance(task, Prompt):
         return task
     spec = task_spec(task)  # unknown tasks raise here, naming the known ones
@@ -109,15 +107,15 @@ def collate(rows: Sequence[list[int]], answer_lens: Sequence[int], pad_id: int,
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side={padding_side!r}: use 'left' or 'right'")
     T = max(map(len, rows))
-    input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros(len(rows), T, dtype=torch.long)
-    loss_mask = torch.zeros(len(rows), T, dtype=torch.long)
+    ids, mask, loss_mask = (torch.full((len(rows), T), v, dtype=torch.long)
+                            for v in (pad_id, 0, 0))
     for i, (row, n) in enumerate(zip(rows, answer_lens)):
         start = T - len(row) if padding_side == "left" else 0
-        input_ids[i, start:start + len(row)] = torch.tensor(row)
-        attention_mask[i, start:start + len(row)] = 1
-        loss_mask[i, start + len(row) - n:start + len(row)] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+        end = start + len(row)
+        ids[i, start:end] = torch.tensor(row)
+        mask[i, start:end] = 1
+        loss_mask[i, end - n:end] = 1
+    return {"input_ids": ids, "attention_mask": mask, "loss_mask": loss_mask}
 
 
 def causal_batches(examples: Sequence[Example], tokenizer, task: str | Prompt, batch_size: int,
@@ -159,16 +157,14 @@ def causal_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.T
 
 @torch.no_grad()
 def label_scores(model: nn.Module, tokenizer, task: str | Prompt, examples: Sequence[Example],
-                 batch_size: int = 32, max_len: int = 128,
-                 padding_side: str = "right") -> torch.Tensor:
+                 batch_size: int = 32, max_len: int = 128) -> torch.Tensor:
     """(N, n_labels): log p(label word | prompt), summed over the word's tokens. The model runs
     in eval mode and is put back as it was; inputs go to its device."""
     answers = label_token_ids(tokenizer, task)
     device = next(model.parameters()).device
 
     def forward(prompts: list[list[int]], a: list[int]) -> tuple[torch.Tensor, dict]:
-        b = collate([p + a for p in prompts], [len(a)] * len(prompts), tokenizer.pad_id,
-                    padding_side)
+        b = collate([p + a for p in prompts], [len(a)] * len(prompts), tokenizer.pad_id)
         b = {k: v.to(device) for k, v in b.items()}
         return model(b["input_ids"], b["attention_mask"]), b
 

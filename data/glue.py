@@ -26,6 +26,7 @@ GLUE_LIMIT = 1 << 30  # bytes of one .tsv (MNLI's train.tsv, the largest, is 80 
 _SCORE = re.compile(r"[0-9]+(\.[0-9]*)?|\.[0-9]+")  # float() would also take "0_5", " 5", "５"
 GLUE_SOURCE = ("download GLUE with download_glue_data.py from "
                "https://github.com/nyu-mll/GLUE-baselines (or https://gluebenchmark.com/tasks)")
+GROUP_POOL = 50  # batches per length-sorted pool, as HF Trainer's group_by_length (megabatch)
 
 
 class Example(NamedTuple):
@@ -80,12 +81,12 @@ def task_spec(task: str) -> TaskSpec:
 
 
 # -----------------------------------------------------------------------------
-# reading (data/files.py reads your own files with the same two helpers)
+# reading (data/files.py reads --data files with the same two helpers)
 
 
 def read_text(path: Path, limit: int, fix: str) -> str:
-    """The UTF-8 text (a BOM allowed) of a regular file of at most `limit` bytes, read through
-    lora.read_regular; bytes that are not UTF-8 raise ValueError naming `path:line` and `fix`."""
+    """The UTF-8 text (a BOM allowed) of a regular file of at most `limit` bytes
+    (lora.read_regular); a byte that is not UTF-8 raises ValueError naming path:line and fix."""
     data = read_regular(path, limit)
     try:
         return data.decode("utf-8-sig")
@@ -96,8 +97,8 @@ def read_text(path: Path, limit: int, fix: str) -> str:
 
 
 def tsv_lines(text: str) -> list[list[str]]:
-    """The fields of each line, split on "\\n" and "\\t" only (no quoting, a trailing "\\r"
-    dropped, text kept byte-exact).  tsv_lines("a\\tb\\r\\nc\\n") == [["a", "b"], ["c"]]"""
+    """Each line's fields, split on "\\n" and "\\t" only (no quoting; a trailing "\\r" dropped).
+    tsv_lines('a\\t"b\\r\\nc\\n') == [["a", '"b'], ["c"]]"""
     lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()  # the final newline
@@ -125,7 +126,7 @@ def _task_file(spec: TaskSpec, data_dir: str | Path, split: str) -> Path:
     return path
 
 
-def _parse_label(spec: TaskSpec, raw: str, where: str) -> int | float:
+def _label(spec: TaskSpec, raw: str, where: str) -> int | float:
     if spec.labels is not None:
         if raw not in spec.labels:
             raise ValueError(f"{where}: label {raw!r} is not one of {list(spec.labels)}; fix or "
@@ -139,9 +140,9 @@ def _parse_label(spec: TaskSpec, raw: str, where: str) -> int | float:
 
 
 def load_glue(task: str, data_dir: str | Path, split: str) -> list[Example]:
-    """The examples of `<data_dir>/train.tsv` or of the dev file (MNLI: dev_matched.tsv).
-    data_dir is the task folder (…/glue/SST-2) or the GLUE root holding it (…/glue); every row
-    must have the header's field count (CoLA: 4) and a valid label."""
+    """The examples of a GLUE task's train.tsv or dev file (MNLI: dev_matched.tsv) in data_dir,
+    the task folder (…/glue/SST-2) or the GLUE root holding it. Every row must have the
+    header's field count (CoLA: 4) and a valid label; text is kept byte-exact."""
     spec = task_spec(task)
     path = _task_file(spec, data_dir, split)
     rows = tsv_lines(read_text(path, GLUE_LIMIT, "re-download the file (GLUE ships UTF-8)"))
@@ -158,8 +159,7 @@ def load_glue(task: str, data_dir: str | Path, split: str) -> list[Example]:
             raise ValueError(f"{path}:1: header {shown} has no {spec.header!r} label column "
                              f"where {spec.folder} has it; is this the {spec.folder} {split} file?")
         n_fields, first = len(header), 1
-    if len(rows) <= first:
-        # callers loop `while True: yield from batches(...)`; zero rows would spin forever
+    if len(rows) <= first:  # zero rows would make `while True: yield from batches()` spin
         raise ValueError(f"{path}: no data rows{' after the header' if first else ''}; the file "
                          f"is truncated: re-download it ({GLUE_SOURCE})")
     examples = []
@@ -167,8 +167,8 @@ def load_glue(task: str, data_dir: str | Path, split: str) -> list[Example]:
         if len(fields) != n_fields:
             raise ValueError(f"{path}:{line}: expected {n_fields} tab-separated fields, got "
                              f"{len(fields)}; fix the row (a stray tab or newline in the text?)")
-        label = _parse_label(spec, fields[spec.label], f"{path}:{line}")
-        text_b = fields[spec.text_b] if spec.text_b is not None else None
+        text_b = None if spec.text_b is None else fields[spec.text_b]
+        label = _label(spec, fields[spec.label], f"{path}:{line}")
         examples.append(Example(fields[spec.text_a], text_b, label))
     return examples
 
@@ -177,14 +177,11 @@ def load_glue(task: str, data_dir: str | Path, split: str) -> list[Example]:
 # batching
 
 
-GROUP_POOL = 50  # batches per length-sorted pool, as HF Trainer's group_by_length (megabatch)
-
-
 def epoch(n: int, batch_size: int, generator: torch.Generator | None,
           shuffle: bool = True) -> Iterator[list[int]]:
-    """The row indices of one epoch's batches: torch.randperm(n, generator=generator) (0..n-1
-    without shuffle) cut into batch_size pieces, the last one smaller when batch_size does not
-    divide n. The arguments are checked at the call, the order is drawn at the first batch.
+    """One epoch's batches of row indices: torch.randperm(n, generator=generator) (0..n-1
+    without shuffle) cut into batch_size pieces, the last smaller when batch_size does not divide
+    n. Arguments are checked at the call, the order drawn at the first batch.
     list(epoch(5, 2, None, shuffle=False)) == [[0, 1], [2, 3], [4]]"""
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: use batch_size >= 1")
@@ -209,8 +206,8 @@ def _collate(rows: list[Example], tokenizer, max_len: int, pairs: bool) -> dict:
 
 def _grouped(cuts: Iterable[list[int]], examples: Sequence[Example], tokenizer, batch_size: int,
              max_len: int, pairs: bool, generator: torch.Generator) -> Iterator[list[int]]:
-    """Join every GROUP_POOL batches into a pool, sort it by token length after truncation
-    (stable: ties keep the random order), cut it into batches again and shuffle those."""
+    """Every GROUP_POOL batches joined into a pool, sorted by token length after truncation
+    (stable: ties keep the random order), cut into batches again, and those shuffled."""
     cuts = iter(cuts)
     while pool := [i for cut in itertools.islice(cuts, GROUP_POOL) for i in cut]:
         mask = _collate([examples[i] for i in pool], tokenizer, max_len, pairs)["attention_mask"]
@@ -223,11 +220,9 @@ def _grouped(cuts: Iterable[list[int]], examples: Sequence[Example], tokenizer, 
 def batches(examples: Sequence[Example], tokenizer, batch_size: int, max_len: int,
             generator: torch.Generator | None, shuffle: bool = True,
             group_by_length: bool = False) -> Iterator[dict]:
-    """One epoch in the order of epoch(): every example once, tokenized by
-    tokenizer.batch(texts, pairs, max_len=...) (which pads), plus "labels" (long for classes,
-    float32 for STS-B). group_by_length=True (HF Trainer's): pools of GROUP_POOL batches, each
-    sorted by token length, its batches shuffled with the generator: less padding, and the
-    smaller batch holds the last pool's longest rows. Arguments are checked at the call.
+    """One epoch in the order of epoch(), each batch tokenizer.batch(texts, pairs, max_len=...)
+    (padded) plus "labels" (long; float32 for STS-B). group_by_length=True, as HF Trainer's:
+    less padding, the batches sorted by length within pools (_grouped). Checked at the call.
     batches(train, tok, 32, 128, g, group_by_length=True)"""
     cuts = epoch(len(examples), batch_size, generator, shuffle)
     if group_by_length and not shuffle:
@@ -239,35 +234,25 @@ def batches(examples: Sequence[Example], tokenizer, batch_size: int, max_len: in
     pairs = {e.text_b is not None for e in examples}
     if len(pairs) > 1:
         raise ValueError("examples mix single sentences and pairs; batch one task at a time")
-    is_pair = pairs == {True}
-    n_special = 3 if is_pair else 2  # [CLS] a [SEP] (b [SEP])
+    n_special = 3 if pairs == {True} else 2  # [CLS] a [SEP] (b [SEP])
     if max_len < n_special:
         raise ValueError(f"max_len={max_len} leaves no room for the {n_special} special tokens: "
                          f"use max_len >= {n_special}")
     if group_by_length:
-        cuts = _grouped(cuts, examples, tokenizer, batch_size, max_len, is_pair, generator)
-    return (_collate([examples[i] for i in cut], tokenizer, max_len, is_pair) for cut in cuts)
-
-
-# -----------------------------------------------------------------------------
-# metrics
-
-
-def _as_list(x) -> list:
-    if isinstance(x, torch.Tensor):
-        if x.dim() != 1:
-            raise ValueError(f"expected a 1-D tensor, got shape {tuple(x.shape)}: pass class ids "
-                             "(logits.argmax(-1)) or scores (logits.squeeze(-1))")
-        return x.tolist()
-    return list(x)
+        cuts = _grouped(cuts, examples, tokenizer, batch_size, max_len, n_special == 3, generator)
+    return (_collate([examples[i] for i in cut], tokenizer, max_len, n_special == 3)
+            for cut in cuts)
 
 
 def compute_metrics(task: str, preds, labels) -> dict[str, float]:
-    """The GLUE metrics of a task (data/metrics.py): accuracy, plus MCC (CoLA) or F1 of class 1
-    (MRPC, QQP); Pearson and Spearman for STS-B. preds are class ids (STS-B: scores), as lists
-    or 1-D tensors.  compute_metrics("cola", [1, 0], [1, 1]) -> {"accuracy": 0.5, "mcc": 0.0}"""
+    """A GLUE task's metrics (data/metrics.py) of class ids (STS-B: scores), lists or 1-D
+    tensors: accuracy, plus MCC (CoLA) or F1 (MRPC, QQP); Pearson and Spearman for STS-B.
+    compute_metrics("cola", [1, 0], [1, 1]) -> {"accuracy": 0.5, "mcc": 0.0}"""
     spec = task_spec(task)
-    p, y = _as_list(preds), _as_list(labels)
+    if any(isinstance(x, torch.Tensor) and x.dim() != 1 for x in (preds, labels)):
+        raise ValueError("expected 1-D tensors: pass class ids (logits.argmax(-1)) or scores "
+                         "(logits.squeeze(-1))")
+    p, y = [x.tolist() if isinstance(x, torch.Tensor) else list(x) for x in (preds, labels)]
     if len(p) != len(y) or not p:
         raise ValueError(f"got {len(p)} predictions for {len(y)} labels: need equal, non-zero "
                          "lengths")

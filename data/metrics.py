@@ -1,10 +1,8 @@
-"""Classification and correlation metrics in pure Python (float64 sums), no sklearn or scipy.
+"""Classification and correlation metrics in pure Python (float64 sums), as sklearn / scipy
+define them, except that an undefined correlation (a constant side) is 0.
 
-    from data.metrics import class_metrics, spearman
     class_metrics([1, 0, 1], [1, 0, 0], ("f1", "mcc"))   # {"accuracy": 2/3, "f1": 2/3, "mcc": 0.5}
     spearman([1, 2, 2, 3], [1, 3, 2, 4])                   # √0.9, ties get average ranks
-
-Conventions follow sklearn / scipy, except that an undefined correlation (a constant side) is 0.
 """
 
 from __future__ import annotations

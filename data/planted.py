@@ -31,8 +31,7 @@ REACH = 10.0  # the reach rule: no plant where ‖ΔW*‖ > REACH·‖W‖ would
 UNREACHED = ("query", "key")  # the module types the reach rule keeps plants off on models.TINY
 
 
-def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The weight of every nn.Linear (or LoRALinear base) by module name."""
+def _weights(model: nn.Module) -> dict[str, torch.Tensor]:  # of every nn.Linear or LoRALinear
     return {n: m.weight for n, m in model.named_modules()
             if isinstance(m, (nn.Linear, LoRALinear))}
 
@@ -47,13 +46,11 @@ def vocab_size(model: nn.Module) -> int:
                      "random token ids, so it needs a token model")
 
 
-def random_batch(vocab_size: int, batch_size: int, seq_len: int, generator: torch.Generator,
-                 device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
-    """Random token ids uniform in [1, vocab_size) (0 is BERT's [PAD]; other special ids may
-    appear), with per-row lengths uniform in [⌈seq_len/2⌉, seq_len], right-padded with id 0 and
-    attention_mask 0, so padding is exercised. No token_type_ids (an encoder's default, zeros,
-    applies), so encoders and decoders take the same batch. Drawn on the CPU, then moved, so
-    the batch depends only on the generator.
+def random_batch(vocab_size: int, batch_size: int, seq_len: int,
+                 generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Token ids uniform in [1, vocab_size) (0 is BERT's [PAD]), row lengths uniform in
+    [⌈seq_len/2⌉, seq_len], right-padded with id 0 and attention_mask 0; no token_type_ids, so
+    encoders and decoders take the same batch. Drawn on the CPU from `generator` alone.
     random_batch(1000, 2, 8, torch.Generator())["input_ids"].shape == (2, 8)"""
     if vocab_size < 2 or batch_size < 1 or seq_len < 1:
         raise ValueError(f"vocab_size={vocab_size}, batch_size={batch_size}, seq_len={seq_len}: "
@@ -61,12 +58,12 @@ def random_batch(vocab_size: int, batch_size: int, seq_len: int, generator: torc
     ids = torch.randint(1, vocab_size, (batch_size, seq_len), generator=generator)  # (B, T)
     lengths = torch.randint((seq_len + 1) // 2, seq_len + 1, (batch_size, 1), generator=generator)
     mask = (torch.arange(seq_len) < lengths).long()  # (B, T)
-    return {"input_ids": (ids * mask).to(device), "attention_mask": mask.to(device)}
+    return {"input_ids": ids * mask, "attention_mask": mask}
 
 
 def _output(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(B, T, C): an encoder's last hidden states (BertModel's tuple or an HF ModelOutput), a
-    causal LM's logits (a tensor or an HF output), or a plain (B, T, C) tensor."""
+    """(B, T, C): last hidden states of an encoder (a tuple's first item, or an HF output's
+    last_hidden_state), logits of a causal LM (a tensor, or an HF output's logits)."""
     out = model(batch["input_ids"], attention_mask=batch["attention_mask"])
     for field in ("last_hidden_state", "logits"):
         if hasattr(out, field):
@@ -83,10 +80,8 @@ def _mse(h: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Ten
 
 def planted_loss(student: nn.Module, teacher: nn.Module, batch: dict[str, torch.Tensor]
                  ) -> torch.Tensor:
-    """Squared error between student and teacher outputs (_output), averaged over channels and
-    the valid tokens (attention_mask = 1) of each example, then over examples: the mean of
-    per-example losses over dim 0, as per-example Fisher estimates need. Both models are called
-    as model(input_ids, attention_mask=...)."""
+    """_mse of the student's output against the teacher's: the mean of per-example losses over
+    dim 0, as the per-example Fisher needs. Both are called as model(input_ids, attention_mask=)."""
     with torch.no_grad():
         target = _output(teacher, batch)  # (B, T, C)
     return _mse(_output(student, batch), target, batch["attention_mask"])
@@ -164,7 +159,7 @@ def plant(model: nn.Module, names: Sequence[str] | None = None, n_planted: int =
 
 
 # -----------------------------------------------------------------------------
-# the ground-truth allocation and scoring an allocation against it
+# the allocation that knows the truth, and an allocation's score against it
 
 
 def oracle_ranks(names: Sequence[str], planted: dict[str, int], budget: int) -> dict[str, int]:
