@@ -60,7 +60,8 @@ def prompt_for(task: str | Prompt) -> Prompt:
 
 
 def format_prompt(task: str | Prompt, example: Example) -> str:
-    """format_prompt("sst2", Example("a fine film", None, 1)) -> "Review: a fine film\\nSentiment:" """
+    """The prompt of one example, without the answer.
+    format_prompt("sst2", Example("a fine film", None, 1)) -> "Review: a fine film\\nSentiment:" """
     prompt = prompt_for(task)
     pairs = "{b}" in prompt.template
     if pairs != (example.text_b is not None):

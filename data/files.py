@@ -1,33 +1,30 @@
-"""Your own data (train.py --data FILE): a validating reader for CSV, TSV and JSONL files.
+"""Your own data (train.py --data FILE): a validating reader for .csv (RFC 4180), .tsv (split on
+tabs, no quoting, as GLUE) and .jsonl (one JSON object per line) files; CSV and TSV start with
+a header line. Files are UTF-8, regular, at most MAX_BYTES; a bad row raises ValueError naming
+`file:line` and the fix.
 
-    rows = read_rows("reviews.csv")                             # list[Row], one per data row
+    rows = read_rows("reviews.csv")                             # [Row("reviews.csv:2", {...})]
     train, labels = to_examples(rows, "text", None, "label")   # Example(text, None, class id)
     dev, _ = to_examples(read_rows("dev.csv"), "text", None, "label", labels)
     pairs = to_completions(read_rows("chat.jsonl"))             # Completion(prompt, completion)
-
-The extension names the format: .csv is RFC 4180 with a header line; .tsv one row per line split
-on tabs, no quoting (as GLUE), with a header line; .jsonl one JSON object per line. Files are
-UTF-8 (a BOM allowed), regular files of at most MAX_BYTES. A bad row raises ValueError naming
-`file:line` and the fix. Class ids are the sorted unique labels of the training file
-(numerically when every label is an integer, so "2" < "10"); a float label is refused.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-from collections import Counter
 import json
 import math
 import os
 import re
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
 from data.glue import Example, read_text, tsv_lines
 
-FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl"}
+FORMATS = (".csv", ".tsv", ".jsonl")
 MAX_BYTES = 1 << 30  # the file is held in memory, decoded: a bound, not a limit of the format
 TEXT_FIELDS = ("text", "sentence")  # --text-field's default: the first one the file has
 _INT = re.compile(r"-?[0-9]{1,18}")  # an integer label; longer digit strings stay strings
@@ -57,7 +54,7 @@ def _csv_lines(path: Path, text: str) -> list[tuple[int, list[str]]]:
 
 
 def _table(path: Path, records: list[tuple[int, list[str]]], stray: str) -> list[Row]:
-    """(line, fields) records, blank lines dropped, the first one the header, as Rows."""
+    """(line, fields) records, blank lines dropped, the first the header, as Rows."""
     records = [(n, v) for n, v in records if v != [""] and v != []]
     if not records:
         raise ValueError(f"{path}:1: the file is empty: the first line must name the columns")
@@ -73,43 +70,38 @@ def _table(path: Path, records: list[tuple[int, list[str]]], stray: str) -> list
     return [Row(f"{path}:{n}", dict(zip(header, values))) for n, values in records]
 
 
-def _no_constant(name: str):
-    raise ValueError(f"{name} is not JSON (use a finite number or null)")
-
-
 def _jsonl(path: Path, text: str) -> list[Row]:
     rows = []
-    for i, line in enumerate(text.split("\n"), 1):
+    for n, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
-            value = json.loads(line, parse_constant=_no_constant)
+            value = json.loads(line)
         except (ValueError, RecursionError) as e:
-            raise ValueError(f"{path}:{i}: not a JSON line ({str(e)[:80]}); write one JSON "
+            raise ValueError(f"{path}:{n}: not a JSON line ({str(e)[:80]}); write one JSON "
                              "object per line") from None
         if not isinstance(value, dict):
-            raise ValueError(f"{path}:{i}: a JSON {type(value).__name__}, not an object; write "
+            raise ValueError(f"{path}:{n}: a JSON {type(value).__name__}, not an object; write "
                              'one {"field": value, ...} object per line')
-        rows.append(Row(f"{path}:{i}", value))
+        rows.append(Row(f"{path}:{n}", value))
     return rows
 
 
 def read_rows(path: str | os.PathLike, max_bytes: int = MAX_BYTES) -> list[Row]:
-    """The data rows of a .csv, .tsv or .jsonl file, in file order (at least one).
-    read_rows("a.csv")[0] -> Row("a.csv:2", {"text": "fine", "label": "1"})"""
+    """The data rows of a .csv, .tsv or .jsonl file, in file order (at least one)."""
     path = Path(path)
     text = read_text(path, max_bytes, "save the file as UTF-8")
-    kind = FORMATS.get(path.suffix.lower())
-    if kind == "jsonl":
-        rows = _jsonl(path, text)
-    elif kind == "csv":
-        rows = _table(path, _csv_lines(path, text), "comma or quote")
-    elif kind == "tsv":
-        rows = _table(path, list(enumerate(tsv_lines(text), 1)), "tab or newline in the text")
-    else:
-        hint = " (JSON Lines: one object per line, named .jsonl)" if path.suffix == ".json" else ""
+    kind = path.suffix.lower()
+    if kind not in FORMATS:
+        hint = " (JSON Lines: one object per line, named .jsonl)" if kind == ".json" else ""
         raise ValueError(f"{path}: unknown format {path.suffix or '(no extension)'!r}{hint}: "
                          f"name the file {', '.join(FORMATS)}")
+    if kind == ".jsonl":
+        rows = _jsonl(path, text)
+    elif kind == ".csv":
+        rows = _table(path, _csv_lines(path, text), "comma or quote")
+    else:
+        rows = _table(path, list(enumerate(tsv_lines(text), 1)), "tab or newline in the text")
     if not rows:
         raise ValueError(f"{path}:1: no data rows; add rows (a header-only or empty file)")
     return rows
@@ -119,16 +111,19 @@ def read_rows(path: str | os.PathLike, max_bytes: int = MAX_BYTES) -> list[Row]:
 # fields
 
 
-def _field(row: Row, name: str, fix: str):
+def _text(row: Row, name: str, fix: str, label: bool = False) -> str:
+    """Field `name` as non-empty UTF-8 text, else ValueError naming the row and `fix`. A label
+    may also be a JSON int (taken as its digits, so CSV and JSONL files agree)."""
     if name not in row.fields:
         have = ", ".join(map(repr, list(row.fields)[:8])) or "none"
         raise ValueError(f"{row.where}: no field {name!r} (the row has {have}); {fix}")
-    return row.fields[name]
-
-
-def _text(row: Row, name: str, fix: str) -> str:
-    """The field `name`: a non-empty string of UTF-8 text, else ValueError naming row and fix."""
-    value = _field(row, name, fix)
+    value = row.fields[name]
+    if label and (isinstance(value, bool) or not isinstance(value, (str, int))):
+        what = "a float: regression is not supported" if isinstance(value, float) else \
+            f"a {type(value).__name__}"
+        raise ValueError(f"{row.where}: label {json.dumps(value)[:40]} is {what}; labels are "
+                         "class names (strings) or ids (ints)")
+    value = str(value) if label else value
     if not isinstance(value, str):
         raise ValueError(f"{row.where}: field {name!r} is {json.dumps(value)[:40]} (a "
                          f"{type(value).__name__}), not a string; quote it")
@@ -140,17 +135,6 @@ def _text(row: Row, name: str, fix: str) -> str:
         raise ValueError(f"{row.where}: field {name!r} holds a lone surrogate escape, not "
                          "UTF-8 text; fix the row") from None
     return value
-
-
-def _label(row: Row, name: str) -> str:
-    """The label as a string (a JSON int as its digits), so CSV and JSONL files agree."""
-    value = _field(row, name, "pass --label-field NAME or fix the row")
-    if isinstance(value, bool) or not isinstance(value, (str, int)):
-        what = "a float: regression is not supported" if isinstance(value, float) else \
-            f"a {type(value).__name__}"
-        raise ValueError(f"{row.where}: label {json.dumps(value)[:40]} is {what}; labels are "
-                         "class names (strings) or ids (ints)")
-    return _text(Row(row.where, {name: str(value)}), name, "")
 
 
 def default_text_field(rows: Sequence[Row]) -> str:
@@ -176,13 +160,14 @@ def _is_float(s: str) -> bool:
 
 def to_examples(rows: Sequence[Row], text_field: str, pair_field: str | None, label_field: str,
                 labels: Sequence[str | int] | None = None) -> tuple[list[Example], tuple]:
-    """(examples with class ids, the label values in id order). Without `labels` they are the
-    sorted unique labels of `rows` (ints when every label is an integer); with them, a label
-    outside raises.  to_examples(rows, "text", None, "label") -> ([Example(...)], (0, 1))"""
+    """(examples with class ids, the label values in id order). Without `labels` these are the
+    sorted unique labels of `rows`, ints when every label is an integer (so "2" < "10"); a float
+    label is refused; with `labels` (an eval file), a label outside them raises.
+    to_examples(rows, "text", None, "label") -> ([Example("fine", None, 1), ...], (0, 1))"""
     fix = "pass --{}-field NAME or fix the row".format
     texts = [(_text(r, text_field, fix("text")),
               None if pair_field is None else _text(r, pair_field, fix("pair"))) for r in rows]
-    raw = [_label(r, label_field) for r in rows]
+    raw = [_text(r, label_field, fix("label"), label=True) for r in rows]
     if labels is None:
         ints = all(_INT.fullmatch(v) for v in raw)
         if not ints and all(map(_is_float, raw)):

@@ -1,14 +1,10 @@
-"""The tasks train.py trains on: a base model with its data, loss and evaluation, as a Task.
+"""The tasks train.py trains on, each a Task: the base model, endless training batches, a loss
+that is the mean of per-example losses over dim 0 (the per-example Fisher's contract), and an
+evaluation. `args` are train.py's arguments, `rng` its random streams: the model and the plants
+draw from rng["init"], the planted eval set from rng["eval"].
 
-    task = glue_task(args, device, rng)      # GLUE with an encoder and a classifier head
-    task = causal_task(args, device, rng)    # GLUE as prompts for a decoder (data/causal.py)
-    task = planted_task(args, device, rng)   # the embedded planted task (data/planted.py)
-    task = data_task(args, device, rng)      # --data FILE (data/files.py), encoder or decoder
+    task = glue_task(args, device, rng)   # or causal_task, planted_task, data_task (--data)
     loss = task.loss_fn(model, next(task.train_batches(rng["data"])))
-
-`args` is train.py's parsed arguments; `rng` its random streams (random_streams): the model and
-plants draw from rng["init"], the planted eval set from rng["eval"]. Every loss_fn is the mean of
-per-example losses over dim 0, the contract of the per-example Fisher.
 """
 
 from __future__ import annotations
@@ -57,8 +53,7 @@ class Task(NamedTuple):
     info: dict | None = None  # --data: the files, the split and the label ids (results.json)
 
 
-def _endless(epoch: Callable[[torch.Generator], Iterator[dict]]):
-    """train_batches: epoch after epoch, each drawn from the generator it is given."""
+def _endless(epoch: Callable[[torch.Generator], Iterator[dict]]):  # epoch after epoch
     def train_batches(g: torch.Generator) -> Iterator[dict]:
         while True:
             yield from epoch(g)
@@ -66,8 +61,7 @@ def _endless(epoch: Callable[[torch.Generator], Iterator[dict]]):
 
 
 def _evaluation(device: torch.device):
-    """A decorator: evaluate(m) runs in eval mode under no_grad and autocast, and puts m's mode
-    back."""
+    """A decorator: evaluate(m) in eval mode, no_grad and autocast; m's mode is put back."""
     def wrap(evaluate: Callable[[nn.Module], dict]) -> Callable[[nn.Module], dict]:
         @torch.no_grad()
         def run(m: nn.Module) -> dict:

@@ -90,7 +90,7 @@ BAD = [  # (file name, content, the message's file:line, text it names)
     ("a.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": true}\n', 2, "a bool"),
     ("a.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": 0\n', 2, "not a JSON line"),
     ("a.jsonl", '{"text": "a", "label": 1}\n[1, 2]\n', 2, "not an object"),
-    ("a.jsonl", '{"text": "a", "label": NaN}\n', 1, "not a JSON line"),
+    ("a.jsonl", '{"text": "a", "label": NaN}\n', 1, "NaN is a float"),
     ("a.jsonl", '{"text": "\\ud800", "label": 1}\n', 1, "lone surrogate"),
     ("a.csv", "text,label\na,1\n ,0\n", 3, "field 'text' is empty"),
     ("a.csv", "text,label\na,1\nb,\n", 3, "field 'label' is empty"),
