@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from data.glue import TASKS, Example, batches, compute_metrics, load_glue, task_spec
-from data.metrics import f1_score, matthews_corrcoef, pearson, spearman
+from data.metrics import class_metrics, f1_score, matthews_corrcoef, pearson, spearman
 
 SST2 = Path(__file__).resolve().parents[1].parent / "shared/data/glue/SST-2"
 
@@ -232,6 +232,9 @@ def test_metrics_hand_computed_mcc_f1_accuracy():
     assert mrpc == pytest.approx({"f1": 2 / 3, "accuracy": 0.7})
     assert compute_metrics("rte", preds, labels) == pytest.approx({"accuracy": 0.7})
     assert matthews_corrcoef([1, 1], [1, 0]) == 0.0  # a constant prediction: empty margin
+    both = class_metrics(preds, labels, ("f1", "mcc"))  # --data's binary metrics, in this order
+    assert list(both) == ["accuracy", "f1", "mcc"]
+    assert both == pytest.approx({"accuracy": 0.7, "f1": 2 / 3, "mcc": 10 / math.sqrt(600)})
 
 
 def test_metrics_hand_computed_pearson_spearman_with_ties():

@@ -144,6 +144,20 @@ def test_only_regular_files_within_the_byte_bound(tmp_path):
         read_rows(write(tmp_path / "a.json", "{}"))
 
 
+def test_unreadable_file_is_named_with_the_fix(tmp_path, monkeypatch):
+    """Permission denied (simulated: chmod does not stop root) is a ValueError naming the file,
+    not a PermissionError traceback."""
+    path, real_open = write(tmp_path / "a.csv", reviews()), os.open
+
+    def denied(p, *a, **kw):
+        if str(p) == str(path):
+            raise PermissionError(13, "Permission denied", str(p))
+        return real_open(p, *a, **kw)
+    monkeypatch.setattr(os, "open", denied)
+    with pytest.raises(ValueError, match=f"cannot read {re.escape(str(path))}: Permission denied"):
+        read_rows(path)
+
+
 ALPHABET = 'ab ,\t\n\r"{}[]:0123456789.-\\ulabeltxpromptcompletion\ufeff\xe9'
 
 
