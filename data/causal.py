@@ -2,14 +2,10 @@
 "Review: a gripping film\nSentiment:" + " positive", the loss is on the answer tokens, and the
 prediction is the label word of highest log-likelihood. Prompt and answer are tokenised apart,
 so training and scoring see the same answer tokens; a too-long prompt loses its first tokens.
+Batches hold input_ids, attention_mask, loss_mask (1 on answer tokens) and labels.
 
     for batch in causal_batches(train, tok, "sst2", batch_size=8, max_len=128, generator=g):
         loss = causal_loss(model(batch["input_ids"], batch["attention_mask"]), batch)
-    compute_metrics("sst2", predict(model, tok, "sst2", dev), [e.label for e in dev])
-
-Batches hold input_ids, attention_mask and loss_mask (1 on answer tokens), (B, T) long, padded
-with tokenizer.pad_id, and labels (B,). --data files reuse it: data_prompt, and for prompt →
-completion rows completion_batches and completion_nll.
 """
 
 from __future__ import annotations
@@ -21,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data.glue import Example, epoch, task_spec
+from data.glue import Example, epoch, task_key, task_spec
 
 
 class Prompt(NamedTuple):
@@ -47,27 +43,23 @@ PROMPTS: dict[str, Prompt] = {
 
 
 def prompt_for(task: str | Prompt) -> Prompt:
-    """A GLUE task's Prompt (a Prompt is returned as it is, so every function here takes your
-    own).  prompt_for("SST-2").label_words[1] -> " positive" """
+    """A GLUE task's Prompt, or your own Prompt as it is.
+    prompt_for("SST-2").label_words[1] == " positive" """
     if isinstance(task, Prompt):
         return task
-    spec = task_spec(task)  # unknown tasks raise here, naming the known ones
-    key = task.lower().replace("-", "").replace("_", "")
-    if key not in PROMPTS:
-        raise ValueError(f"task {task!r} ({spec.folder}) has no prompt: it is a regression with "
-                         "no label words; use one of " + ", ".join(PROMPTS))
-    return PROMPTS[key]
+    if task_key(task) not in PROMPTS:
+        raise ValueError(f"task {task!r} ({task_spec(task).folder}) has no prompt: it is a "
+                         "regression with no label words; use one of " + ", ".join(PROMPTS))
+    return PROMPTS[task_key(task)]
 
 
 def format_prompt(task: str | Prompt, example: Example) -> str:
     """The prompt of one example, without the answer.
-    format_prompt("sst2", Example("a fine film", None, 1)) -> "Review: a fine film\\nSentiment:" """
-    prompt = prompt_for(task)
-    pairs = "{b}" in prompt.template
-    if pairs != (example.text_b is not None):
-        raise ValueError(f"task {task!r} expects {'pairs' if pairs else 'single sentences'}, "
-                         f"got text_b={example.text_b!r}: is this the {task} file?")
-    return prompt.template.format(a=example.text_a, b=example.text_b)
+    format_prompt("sst2", Example("a fine film", None, 1)) == "Review: a fine film\\nSentiment:" """
+    template = prompt_for(task).template
+    if ("{b}" in template) != (example.text_b is not None):
+        raise ValueError(f"task {task!r} got text_b={example.text_b!r}: pairs? is this its file?")
+    return template.format(a=example.text_a, b=example.text_b)
 
 
 def label_token_ids(tokenizer, task: str | Prompt) -> list[list[int]]:
@@ -75,10 +67,7 @@ def label_token_ids(tokenizer, task: str | Prompt) -> list[list[int]]:
     prompt = prompt_for(task)
     eos = getattr(tokenizer, "eos_id", None)
     eos = [eos] if prompt.eos and eos is not None else []
-    ids = [tokenizer.encode(w, add_bos=False) for w in prompt.label_words]
-    if not all(ids):
-        raise ValueError(f"a label word of {task!r} encodes to no tokens: {ids}")
-    return [i + eos for i in ids]
+    return [tokenizer.encode(w, add_bos=False) + eos for w in prompt.label_words]
 
 
 def _n_bos(tokenizer, ids: list[int]) -> int:
@@ -104,9 +93,7 @@ def encode_prompt(tokenizer, task: str | Prompt, example: Example, max_len: int)
 def collate(rows: Sequence[list[int]], answer_lens: Sequence[int], pad_id: int,
             padding_side: str = "right") -> dict[str, torch.Tensor]:
     """Pad token rows to the longest; loss_mask marks the last answer_lens[i] tokens of row i.
-    collate([[5, 6, 7]], [1], 0)["loss_mask"] -> tensor([[0, 0, 1]])"""
-    if padding_side not in ("left", "right"):
-        raise ValueError(f"padding_side={padding_side!r}: use 'left' or 'right'")
+    collate([[5, 6, 7]], [1], 0)["loss_mask"] == tensor([[0, 0, 1]])"""
     T = max(map(len, rows))
     ids, mask, loss_mask = (torch.full((len(rows), T), v, dtype=torch.long)
                             for v in (pad_id, 0, 0))
@@ -126,9 +113,6 @@ def causal_batches(examples: Sequence[Example], tokenizer, task: str | Prompt, b
     answers = label_token_ids(tokenizer, task)
     for cut in epoch(len(examples), batch_size, generator, shuffle):
         rows = [examples[i] for i in cut]
-        for e in rows:
-            if not isinstance(e.label, int) or not 0 <= e.label < len(answers):
-                raise ValueError(f"label {e.label!r} is not a class id of {task!r}")
         ids = [encode_prompt(tokenizer, task, e, max_len) + answers[e.label] for e in rows]
         batch = collate(ids, [len(answers[e.label]) for e in rows], tokenizer.pad_id,
                         padding_side)
@@ -140,8 +124,6 @@ def answer_nll(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.T
     """(B,): each row's NLL −Σ log p(token | earlier tokens) over its masked tokens (their mean if
     `mean`); logits (B, T, V) at position t predict input_ids[:, t + 1]."""
     target_mask = loss_mask[:, 1:].bool()  # (B, T-1): which next tokens are answer tokens
-    if not target_mask.any(1).all():
-        raise ValueError("every row needs at least one answer token after its first position")
     rows = target_mask.nonzero()[:, 0]
     # only the answer positions go through log_softmax: the vocabulary is wide
     nll = F.cross_entropy(logits[:, :-1][target_mask].float(), input_ids[:, 1:][target_mask],
@@ -151,43 +133,33 @@ def answer_nll(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.T
 
 
 def causal_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The mean over examples of each one's mean answer-token NLL: a two-token answer weighs as
-    much as a one-token one, and the loss is a mean of per-example losses."""
+    """The mean over examples of each one's mean answer-token NLL (a mean of per-example losses,
+    so a two-token answer weighs as much as a one-token one)."""
     return answer_nll(logits, batch["input_ids"], batch["loss_mask"], mean=True).mean()
 
 
 @torch.no_grad()
 def label_scores(model: nn.Module, tokenizer, task: str | Prompt, examples: Sequence[Example],
                  batch_size: int = 32, max_len: int = 128) -> torch.Tensor:
-    """(N, n_labels): log p(label word | prompt), summed over the word's tokens. The model runs
-    in eval mode and is put back as it was; inputs go to its device."""
+    """(N, n_labels): log p(label word | prompt), summed over the word's tokens, in eval mode
+    (the model's mode is put back); inputs go to the model's device."""
     answers = label_token_ids(tokenizer, task)
     device = next(model.parameters()).device
-
-    def forward(prompts: list[list[int]], a: list[int]) -> tuple[torch.Tensor, dict]:
-        b = collate([p + a for p in prompts], [len(a)] * len(prompts), tokenizer.pad_id)
-        b = {k: v.to(device) for k, v in b.items()}
-        return model(b["input_ids"], b["attention_mask"]), b
-
     was_training = model.training
     model.eval()
     try:
-        out = []
+        out = [torch.zeros(0, len(answers))]
         for start in range(0, len(examples), batch_size):
             prompts = [encode_prompt(tokenizer, task, e, max_len)
                        for e in examples[start:start + batch_size]]
-            if all(len(a) == 1 for a in answers):  # one forward: the next-token distribution
-                logits, b = forward(prompts, answers[0])
-                pos = b["loss_mask"].argmax(1) - 1  # the last prompt token
-                logp = logits[torch.arange(len(prompts)), pos].float().log_softmax(-1)
-                out.append(logp[:, [a[0] for a in answers]].cpu())
-            else:
-                scores = []
-                for a in answers:
-                    logits, b = forward(prompts, a)
-                    scores.append(-answer_nll(logits, b["input_ids"], b["loss_mask"], mean=False))
-                out.append(torch.stack(scores, 1).cpu())
-        return torch.cat(out) if out else torch.zeros(0, len(answers))
+            scores = []
+            for a in answers:
+                b = collate([p + a for p in prompts], [len(a)] * len(prompts), tokenizer.pad_id)
+                b = {k: v.to(device) for k, v in b.items()}
+                logits = model(b["input_ids"], b["attention_mask"])
+                scores.append(-answer_nll(logits, b["input_ids"], b["loss_mask"], mean=False))
+            out.append(torch.stack(scores, 1).cpu())
+        return torch.cat(out)
     finally:
         model.train(was_training)
 
@@ -233,8 +205,7 @@ def encode_completion(tokenizer, prompt: str, completion: str,
 def completion_batches(examples: Sequence, tokenizer, batch_size: int, max_len: int,
                        generator: torch.Generator | None,
                        shuffle: bool = True) -> Iterator[dict[str, torch.Tensor]]:
-    """One epoch of (prompt, completion) batches in the order of data.glue.epoch, loss_mask on
-    the completion tokens."""
+    """One epoch of (prompt, completion) batches, loss_mask on the completion tokens."""
     for cut in epoch(len(examples), batch_size, generator, shuffle):
         rows = [encode_completion(tokenizer, *examples[i], max_len) for i in cut]
         yield collate([r for r, _ in rows], [k for _, k in rows], tokenizer.pad_id)
@@ -243,8 +214,7 @@ def completion_batches(examples: Sequence, tokenizer, batch_size: int, max_len: 
 @torch.no_grad()
 def completion_nll(model: nn.Module, tokenizer, examples: Sequence, batch_size: int = 32,
                    max_len: int = 128) -> tuple[float, int]:
-    """(Σ NLL of every completion token, their count): the mean completion NLL is the ratio,
-    the perplexity its exp. Runs the model as it is; inputs go to its device."""
+    """(Σ NLL of every completion token, their count); inputs go to the model's device."""
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for b in completion_batches(examples, tokenizer, batch_size, max_len, None, shuffle=False):

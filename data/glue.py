@@ -3,7 +3,6 @@ reader (a bad row raises ValueError naming `file:line`), batching, and the task 
 
     train = load_glue("sst2", "../shared/data/glue/SST-2", "train")   # list[Example]
     for batch in batches(train, tok, batch_size=32, max_len=128, generator=g): ...
-    compute_metrics("sst2", preds, labels)   # {"accuracy": ...}
 """
 
 from __future__ import annotations
@@ -12,7 +11,7 @@ import itertools
 import math
 import os
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -52,8 +51,7 @@ class TaskSpec:
         return 1 if self.labels is None else len(self.labels)
 
     @property
-    def n_special(self) -> int:
-        """Special tokens per encoded example: [CLS] a [SEP], and [SEP] after b for pairs."""
+    def n_special(self) -> int:  # [CLS] a [SEP], and [SEP] after b for pairs
         return 2 if self.text_b is None else 3
 
 
@@ -72,12 +70,17 @@ TASKS: dict[str, TaskSpec] = {
 }
 
 
-def task_spec(task: str) -> TaskSpec:
-    """The spec of a GLUE task; accepts "sst2", "SST-2", "sts-b", ...  task_spec("SST-2").folder"""
+def task_key(task: str) -> str:
+    """The TASKS key of a task name.  task_key("STS-B") == "stsb" """
     key = task.lower().replace("-", "").replace("_", "")
     if key not in TASKS:
         raise ValueError(f"unknown GLUE task {task!r}: use one of {', '.join(TASKS)}")
-    return TASKS[key]
+    return key
+
+
+def task_spec(task: str) -> TaskSpec:
+    """The spec of a GLUE task.  task_spec("SST-2").folder == "SST-2" """
+    return TASKS[task_key(task)]
 
 
 # -----------------------------------------------------------------------------
@@ -85,8 +88,7 @@ def task_spec(task: str) -> TaskSpec:
 
 
 def read_text(path: Path, limit: int, fix: str) -> str:
-    """The UTF-8 text (a BOM allowed) of a regular file of at most `limit` bytes
-    (lora.read_regular); a byte that is not UTF-8 raises ValueError naming path:line and fix."""
+    """The UTF-8 text (a BOM allowed) of a regular file of at most `limit` bytes."""
     data = read_regular(path, limit)
     try:
         return data.decode("utf-8-sig")
@@ -106,8 +108,6 @@ def tsv_lines(text: str) -> list[list[str]]:
 
 
 def _task_file(spec: TaskSpec, data_dir: str | Path, split: str) -> Path:
-    if split not in ("train", "dev"):
-        raise ValueError(f"split={split!r}: use 'train' or 'dev' (GLUE test files have no labels)")
     root = Path(data_dir)
     try:  # Path.is_dir() raises PermissionError inside a folder of mode 000
         if root.is_file():
@@ -140,9 +140,9 @@ def _label(spec: TaskSpec, raw: str, where: str) -> int | float:
 
 
 def load_glue(task: str, data_dir: str | Path, split: str) -> list[Example]:
-    """The examples of a GLUE task's train.tsv or dev file (MNLI: dev_matched.tsv) in data_dir,
-    the task folder (…/glue/SST-2) or the GLUE root holding it. Every row must have the
-    header's field count (CoLA: 4) and a valid label; text is kept byte-exact."""
+    """The examples of a task's train.tsv (split "train") or dev file (split "dev") in data_dir,
+    the task folder or the GLUE root holding it; text is kept byte-exact.
+    load_glue("sst2", "glue", "dev")[0] == Example("it 's a charming ...", None, 1)"""
     spec = task_spec(task)
     path = _task_file(spec, data_dir, split)
     rows = tsv_lines(read_text(path, GLUE_LIMIT, "re-download the file (GLUE ships UTF-8)"))
@@ -179,38 +179,29 @@ def load_glue(task: str, data_dir: str | Path, split: str) -> list[Example]:
 
 def epoch(n: int, batch_size: int, generator: torch.Generator | None,
           shuffle: bool = True) -> Iterator[list[int]]:
-    """One epoch's batches of row indices: torch.randperm(n, generator=generator) (0..n-1
-    without shuffle) cut into batch_size pieces, the last smaller when batch_size does not divide
-    n. Arguments are checked at the call, the order drawn at the first batch.
+    """One epoch's batches of row indices, drawn by torch.randperm(n, generator=generator).
     list(epoch(5, 2, None, shuffle=False)) == [[0, 1], [2, 3], [4]]"""
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size}: use batch_size >= 1")
-    if shuffle and generator is None:
-        raise ValueError("shuffle=True needs generator=torch.Generator().manual_seed(seed)")
-
-    def cuts() -> Iterator[list[int]]:
-        order = torch.randperm(n, generator=generator).tolist() if shuffle else list(range(n))
-        yield from (order[s:s + batch_size] for s in range(0, n, batch_size))
-    return cuts()
+    order = torch.randperm(n, generator=generator).tolist() if shuffle else list(range(n))
+    return (order[s:s + batch_size] for s in range(0, n, batch_size))
 
 
-def _collate(rows: list[Example], tokenizer, max_len: int, pairs: bool) -> dict:
+def _collate(rows: list[Example], tokenizer, max_len: int) -> dict:
+    pairs = rows[0].text_b is not None
     batch = dict(tokenizer.batch([e.text_a for e in rows],
                                  pairs=[e.text_b for e in rows] if pairs else None,
                                  max_len=max_len))
-    is_float = any(isinstance(e.label, float) for e in rows)
+    is_float = isinstance(rows[0].label, float)
     batch["labels"] = torch.tensor([e.label for e in rows],
                                    dtype=torch.float32 if is_float else torch.long)
     return batch
 
 
-def _grouped(cuts: Iterable[list[int]], examples: Sequence[Example], tokenizer, batch_size: int,
-             max_len: int, pairs: bool, generator: torch.Generator) -> Iterator[list[int]]:
-    """Every GROUP_POOL batches joined into a pool, sorted by token length after truncation
-    (stable: ties keep the random order), cut into batches again, and those shuffled."""
-    cuts = iter(cuts)
+def _grouped(cuts: Iterator[list[int]], examples: Sequence[Example], tokenizer, batch_size: int,
+             max_len: int, generator: torch.Generator) -> Iterator[list[int]]:
+    """Every GROUP_POOL batches joined into a pool, sorted by token length (stable), cut into
+    batches again, and those shuffled."""
     while pool := [i for cut in itertools.islice(cuts, GROUP_POOL) for i in cut]:
-        mask = _collate([examples[i] for i in pool], tokenizer, max_len, pairs)["attention_mask"]
+        mask = _collate([examples[i] for i in pool], tokenizer, max_len)["attention_mask"]
         lengths = mask.sum(1).tolist()
         pool = [pool[j] for j in sorted(range(len(pool)), key=lengths.__getitem__)]
         cut = [pool[s:s + batch_size] for s in range(0, len(pool), batch_size)]
@@ -220,42 +211,20 @@ def _grouped(cuts: Iterable[list[int]], examples: Sequence[Example], tokenizer, 
 def batches(examples: Sequence[Example], tokenizer, batch_size: int, max_len: int,
             generator: torch.Generator | None, shuffle: bool = True,
             group_by_length: bool = False) -> Iterator[dict]:
-    """One epoch in the order of epoch(), each batch tokenizer.batch(texts, pairs, max_len=...)
-    (padded) plus "labels" (long; float32 for STS-B). group_by_length=True, as HF Trainer's:
-    less padding, the batches sorted by length within pools (_grouped). Checked at the call.
+    """One epoch of tokenizer.batch(texts, pairs, max_len=...) plus "labels" (long; float32 for
+    STS-B); group_by_length=True, as HF Trainer's, sorts by length within pools (less padding).
     batches(train, tok, 32, 128, g, group_by_length=True)"""
     cuts = epoch(len(examples), batch_size, generator, shuffle)
-    if group_by_length and not shuffle:
-        raise ValueError("group_by_length=True needs shuffle=True and a generator: it draws the "
-                         "pools at random")
-    if len(examples) == 0:
-        raise ValueError("examples is empty, so an epoch has no batches: pass at least one "
-                         "example (an empty split, or --max-train 0?)")
-    pairs = {e.text_b is not None for e in examples}
-    if len(pairs) > 1:
-        raise ValueError("examples mix single sentences and pairs; batch one task at a time")
-    n_special = 3 if pairs == {True} else 2  # [CLS] a [SEP] (b [SEP])
-    if max_len < n_special:
-        raise ValueError(f"max_len={max_len} leaves no room for the {n_special} special tokens: "
-                         f"use max_len >= {n_special}")
     if group_by_length:
-        cuts = _grouped(cuts, examples, tokenizer, batch_size, max_len, n_special == 3, generator)
-    return (_collate([examples[i] for i in cut], tokenizer, max_len, n_special == 3)
-            for cut in cuts)
+        cuts = _grouped(cuts, examples, tokenizer, batch_size, max_len, generator)
+    return (_collate([examples[i] for i in cut], tokenizer, max_len) for cut in cuts)
 
 
-def compute_metrics(task: str, preds, labels) -> dict[str, float]:
-    """A GLUE task's metrics (data/metrics.py) of class ids (STS-B: scores), lists or 1-D
-    tensors: accuracy, plus MCC (CoLA) or F1 (MRPC, QQP); Pearson and Spearman for STS-B.
-    compute_metrics("cola", [1, 0], [1, 1]) -> {"accuracy": 0.5, "mcc": 0.0}"""
+def compute_metrics(task: str, preds: Sequence, labels: Sequence) -> dict[str, float]:
+    """A GLUE task's metrics of class ids (STS-B: scores), lists or 1-D tensors.
+    compute_metrics("cola", [1, 0], [1, 1]) == {"accuracy": 0.5, "mcc": 0.0}"""
     spec = task_spec(task)
-    if any(isinstance(x, torch.Tensor) and x.dim() != 1 for x in (preds, labels)):
-        raise ValueError("expected 1-D tensors: pass class ids (logits.argmax(-1)) or scores "
-                         "(logits.squeeze(-1))")
     p, y = [x.tolist() if isinstance(x, torch.Tensor) else list(x) for x in (preds, labels)]
-    if len(p) != len(y) or not p:
-        raise ValueError(f"got {len(p)} predictions for {len(y)} labels: need equal, non-zero "
-                         "lengths")
     if spec.labels is None:
         return {"pearson": pearson(p, y), "spearman": spearman(p, y)}
     return class_metrics(p, y, [m for m in spec.metrics if m != "accuracy"])

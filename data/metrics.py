@@ -2,7 +2,6 @@
 define them, except that an undefined correlation (a constant side) is 0.
 
     class_metrics([1, 0, 1], [1, 0, 0], ("f1", "mcc"))   # {"accuracy": 2/3, "f1": 2/3, "mcc": 0.5}
-    spearman([1, 2, 2, 3], [1, 3, 2, 4])                   # √0.9, ties get average ranks
 """
 
 from __future__ import annotations
@@ -25,8 +24,8 @@ def accuracy(preds: Sequence, labels: Sequence) -> float:
 
 
 def matthews_corrcoef(preds: Sequence[int], labels: Sequence[int]) -> float:
-    """Binary MCC = (tp·tn − fp·fn) / √((tp+fp)(tp+fn)(tn+fp)(tn+fn)); 0 when a margin is empty
-    (sklearn's convention).  matthews_corrcoef([1, 0], [1, 0]) == 1.0"""
+    """Binary MCC = (tp·tn − fp·fn) / √((tp+fp)(tp+fn)(tn+fp)(tn+fn)); 0 when a margin is empty.
+    matthews_corrcoef([1, 0], [1, 0]) == 1.0"""
     tp, tn, fp, fn = _confusion(preds, labels)
     den = (tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)
     return (tp * tn - fp * fn) / math.sqrt(den) if den else 0.0
@@ -39,13 +38,13 @@ def f1_score(preds: Sequence[int], labels: Sequence[int]) -> float:
 
 
 def class_metrics(preds: Sequence[int], labels: Sequence[int], extra: Sequence[str] = ()) -> dict:
-    """{"accuracy": ..., then each of `extra` ("f1": F1 of class 1, "mcc": Matthews)}."""
+    """{"accuracy": ..., then each of `extra` ("f1", "mcc")}."""
     more = {"f1": f1_score, "mcc": matthews_corrcoef}
     return {"accuracy": accuracy(preds, labels)} | {m: more[m](preds, labels) for m in extra}
 
 
 def pearson(x: Sequence[float], y: Sequence[float]) -> float:
-    """Pearson's r = Σ(x−x̄)(y−ȳ) / √(Σ(x−x̄)²·Σ(y−ȳ)²); 0 when a side is constant (undefined).
+    """Pearson's r = Σ(x−x̄)(y−ȳ) / √(Σ(x−x̄)²·Σ(y−ȳ)²); 0 when a side is constant.
     pearson([1, 2], [3, 5]) == 1.0"""
     if min(x) == max(x) or min(y) == max(y):
         return 0.0
@@ -55,18 +54,15 @@ def pearson(x: Sequence[float], y: Sequence[float]) -> float:
     return sxy / math.sqrt(sxx * syy)
 
 
-def _ranks(x: Sequence[float]) -> list[float]:
-    """1-based ranks; ties share the average of the ranks they span.
-    _ranks([5, 1, 5]) == [2.5, 1.0, 2.5]"""
-    r, start = [0.0] * len(x), 0
-    for _, tied in itertools.groupby(sorted(range(len(x)), key=x.__getitem__), x.__getitem__):
-        tied = list(tied)
-        for i in tied:
-            r[i] = start + (len(tied) + 1) / 2
-        start += len(tied)
-    return r
-
-
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    """Spearman's ρ = Pearson's r of the average ranks."""
-    return pearson(_ranks(x), _ranks(y))
+    """Spearman's ρ = Pearson's r of the ranks, ties sharing their average rank.
+    spearman([1, 2, 2, 3], [1, 3, 2, 4]) == math.sqrt(0.9)"""
+    def ranks(v: Sequence[float]) -> list[float]:
+        r, start = [0.0] * len(v), 0
+        for _, tied in itertools.groupby(sorted(range(len(v)), key=v.__getitem__), v.__getitem__):
+            tied = list(tied)
+            for i in tied:
+                r[i] = start + (len(tied) + 1) / 2
+            start += len(tied)
+        return r
+    return pearson(ranks(x), ranks(y))

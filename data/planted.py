@@ -1,15 +1,9 @@
-"""The embedded `planted` task: a teacher with known low-rank updates, so a rank allocation can
-be scored against the truth. Needs no files.
+"""The embedded `planted` task: a teacher with known low-rank updates ΔW* on a few matrices, so
+a rank allocation can be scored against the truth; the student (base + LoRA) learns the teacher's
+output on random token sequences. Needs no files.
 
     teacher, planted = plant(model, names, generator=g)   # {name: planted rank}
-    add_lora(model, targets=names, r=8, alpha=16)         # the student
-    loss = planted_loss(model, teacher, random_batch(vocab, 32, 32, generator=g))
-    oracle_ranks(names, planted, budget=8 * len(names))   # the allocation that knows the truth
-
-The teacher is the base model with W ← W + ΔW* on a few of the matrices the student adapts, each
-ΔW* of rank PLANT_RANK = 3r for the usual r = 8 and sized by its effect on the output (plant);
-the student (base + LoRA) learns the teacher's output on random token sequences. The reach rule
-keeps plants off matrices the output barely feels (REACH); plant(reach=math.inf) lifts it.
+    loss = planted_loss(student, teacher, random_batch(vocab, 32, 32, generator=g))
 """
 
 from __future__ import annotations
@@ -37,24 +31,15 @@ def _weights(model: nn.Module) -> dict[str, torch.Tensor]:  # of every nn.Linear
 
 
 def vocab_size(model: nn.Module) -> int:
-    """Rows of the model's first nn.Embedding: the token embedding of BERT and LLaMA alike.
-    vocab_size(models.BertModel(models.TINY)) == 1000"""
-    for m in model.modules():
-        if isinstance(m, nn.Embedding):
-            return m.num_embeddings
-    raise ValueError(f"{type(model).__name__} has no nn.Embedding: the planted task feeds "
-                     "random token ids, so it needs a token model")
+    """Rows of the model's first nn.Embedding (the token embedding of BERT and LLaMA alike)."""
+    return next(m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding))
 
 
 def random_batch(vocab_size: int, batch_size: int, seq_len: int,
                  generator: torch.Generator) -> dict[str, torch.Tensor]:
     """Token ids uniform in [1, vocab_size) (0 is BERT's [PAD]), row lengths uniform in
-    [⌈seq_len/2⌉, seq_len], right-padded with id 0 and attention_mask 0; no token_type_ids, so
-    encoders and decoders take the same batch. Drawn on the CPU from `generator` alone.
+    [⌈seq_len/2⌉, seq_len], right-padded with id 0; drawn on the CPU from `generator` alone.
     random_batch(1000, 2, 8, torch.Generator())["input_ids"].shape == (2, 8)"""
-    if vocab_size < 2 or batch_size < 1 or seq_len < 1:
-        raise ValueError(f"vocab_size={vocab_size}, batch_size={batch_size}, seq_len={seq_len}: "
-                         "use vocab_size >= 2 and batch_size, seq_len >= 1")
     ids = torch.randint(1, vocab_size, (batch_size, seq_len), generator=generator)  # (B, T)
     lengths = torch.randint((seq_len + 1) // 2, seq_len + 1, (batch_size, 1), generator=generator)
     mask = (torch.arange(seq_len) < lengths).long()  # (B, T)
@@ -62,12 +47,8 @@ def random_batch(vocab_size: int, batch_size: int, seq_len: int,
 
 
 def _output(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(B, T, C): last hidden states of an encoder (a tuple's first item, or an HF output's
-    last_hidden_state), logits of a causal LM (a tensor, or an HF output's logits)."""
+    """(B, T, C): an encoder's last hidden states (its tuple's first item), a decoder's logits."""
     out = model(batch["input_ids"], attention_mask=batch["attention_mask"])
-    for field in ("last_hidden_state", "logits"):
-        if hasattr(out, field):
-            return getattr(out, field)
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
@@ -80,45 +61,26 @@ def _mse(h: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Ten
 
 def planted_loss(student: nn.Module, teacher: nn.Module, batch: dict[str, torch.Tensor]
                  ) -> torch.Tensor:
-    """_mse of the student's output against the teacher's: the mean of per-example losses over
-    dim 0, as the per-example Fisher needs. Both are called as model(input_ids, attention_mask=)."""
+    """_mse of the student's output against the teacher's: a mean of per-example losses."""
     with torch.no_grad():
         target = _output(teacher, batch)  # (B, T, C)
     return _mse(_output(student, batch), target, batch["attention_mask"])
 
 
 def plant(model: nn.Module, names: Sequence[str] | None = None, n_planted: int = 3,
-          rank: int | Sequence[int] = PLANT_RANK, effect: float = PLANT_EFFECT, *,
+          rank: int = PLANT_RANK, effect: float = PLANT_EFFECT, *,
           generator: torch.Generator, probe: dict[str, torch.Tensor] | None = None,
           reach: float = REACH) -> tuple[nn.Module, dict[str, int]]:
-    """A frozen, eval-mode deep copy of `model` with W_m ← W_m + ΔW*_m on n_planted matrices
-    drawn at random (torch.randperm with `generator`) from `names` (default: every nn.Linear).
+    """A frozen, eval-mode copy of `model` with W_m ← W_m + ΔW*_m on n_planted of `names`
+    (default: every nn.Linear), drawn in torch.randperm order; returns (teacher, {name: rank}).
 
-    ΔW*_m = σ_m·U Vᵀ, U: (d_out, r) and V: (d_in, r) with orthonormal columns (QR of a Gaussian):
-    rank exactly r with r equal singular values, so a rank-k LoRA fits at most k/r of it. σ_m
-    makes ΔW*_m alone move the output by `effect` of its RMS on the probe (default: a
-    random_batch(vocab, 16, 32) from `generator`), so every plant is equally visible. The reach
-    rule skips a matrix that needs ‖ΔW*‖ > reach·‖W‖ (reach=math.inf: any matrix). `rank` is
-    one int or one per plant (in draw order). Returns (teacher, {name: planted rank}).
-    plant(models.BertModel(models.TINY), generator=torch.Generator())[1] -> {name: 24, ...}"""
+    ΔW*_m = σ_m·U Vᵀ, U: (d_out, r) and V: (d_in, r) orthonormal (QR of a Gaussian): rank r with
+    equal singular values. σ_m makes ΔW*_m alone move the output by `effect` of its RMS on the
+    probe (default: random_batch(vocab, 16, 32) from `generator`). The reach rule skips a matrix
+    that needs ‖ΔW*‖ > reach·‖W‖ (reach=math.inf: any matrix).
+    plant(models.BertModel(models.TINY), generator=torch.Generator())[1] == {name: 24, ...}"""
     weights = _weights(model)
     names = list(weights) if names is None else list(names)
-    ranks = [rank] * n_planted if isinstance(rank, int) else list(rank)
-    unknown = [n for n in names if n not in weights]
-    if unknown or len(set(names)) != len(names) or not names:
-        raise ValueError(f"names must be distinct nn.Linear module names; bad: {unknown[:5]}, "
-                         f"given {len(names)}; the model has {list(weights)[:8]}...")
-    if not 1 <= n_planted <= len(names):
-        raise ValueError(f"n_planted={n_planted}: use 1 <= n_planted <= {len(names)} (len(names))")
-    if len(ranks) != n_planted:
-        raise ValueError(f"rank has {len(ranks)} entries for n_planted={n_planted}: give one each")
-    if not (math.isfinite(effect) and effect > 0 and reach > 0):
-        raise ValueError(f"effect={effect}, reach={reach}: use a finite effect > 0 (default "
-                         f"{PLANT_EFFECT}) and reach > 0 (default {REACH}; math.inf: anywhere)")
-    for name in names:
-        if not 1 <= max(ranks) <= min(weights[name].shape):
-            raise ValueError(f"rank {max(ranks)} for {name} {tuple(weights[name].shape)}: use "
-                             f"1 <= rank <= {min(weights[name].shape)}")
     order = [names[i] for i in torch.randperm(len(names), generator=generator).tolist()]
     teacher = copy.deepcopy(model).eval().requires_grad_(False)
     t_weights = _weights(teacher)
@@ -132,14 +94,14 @@ def plant(model: nn.Module, names: Sequence[str] | None = None, n_planted: int =
         for name in order:
             if len(planted) == n_planted:
                 break
-            r, W = ranks[len(planted)], t_weights[name]
+            W = t_weights[name]
             W0 = W.clone()
-            U = torch.linalg.qr(torch.randn(W.shape[0], r, generator=generator))[0]  # (d_out, r)
-            V = torch.linalg.qr(torch.randn(W.shape[1], r, generator=generator))[0]  # (d_in, r)
+            U = torch.linalg.qr(torch.randn(W.shape[0], rank, generator=generator))[0]
+            V = torch.linalg.qr(torch.randn(W.shape[1], rank, generator=generator))[0]
             D = (U @ V.T).to(W)  # ‖D‖_F = √r, unit singular values
-            limit = reach * W0.float().norm().item() / math.sqrt(r)
+            limit = reach * W0.float().norm().item() / math.sqrt(rank)
             sigma = (limit / reach if math.isfinite(reach)  # a first guess: ‖σD‖ = ‖W‖
-                     else W0.float().norm().item() / math.sqrt(r))
+                     else W0.float().norm().item() / math.sqrt(rank))
             for _ in range(12):  # RMS change ∝ σ while small: a few rescalings converge
                 W.copy_(W0 + sigma * D)
                 moved = _mse(_output(teacher, probe), base, mask).sqrt().item()
@@ -148,7 +110,7 @@ def plant(model: nn.Module, names: Sequence[str] | None = None, n_planted: int =
                 sigma *= target / moved
             W.copy_(W0)
             if moved > 0 and abs(moved / target - 1) < 1e-2 and sigma <= limit:
-                deltas[name], planted[name] = sigma * D, r
+                deltas[name], planted[name] = sigma * D, rank
         if len(planted) < n_planted:
             raise ValueError(f"only {len(planted)} of {len(names)} matrices can move the output "
                              f"by effect={effect} with ‖ΔW*‖ <= {reach}·‖W‖ (found "
@@ -163,15 +125,9 @@ def plant(model: nn.Module, names: Sequence[str] | None = None, n_planted: int =
 
 
 def oracle_ranks(names: Sequence[str], planted: dict[str, int], budget: int) -> dict[str, int]:
-    """The allocation that knows the truth: every planted matrix gets its planted rank, the
-    others share what is left of the budget evenly (integer ranks ≥ 1 differing by at most one,
-    the extra ones to the first names in order), so Σ r_m = budget exactly.
+    """Every planted matrix gets its planted rank, the others share the rest of the budget
+    evenly (ranks ≥ 1 differing by at most one, the extra ones to the first names).
     oracle_ranks(["a", "b", "c", "d"], {"b": 5}, budget=12) == {"a": 3, "b": 5, "c": 2, "d": 2}"""
-    names = list(names)
-    missing = sorted(set(planted) - set(names))
-    if missing:
-        raise ValueError(f"planted matrices {missing[:5]} are not in names: pass every adapted "
-                         "matrix")
     others = [n for n in names if n not in planted]
     left = budget - sum(planted.values())
     if left < len(others) or (not others and left != 0):
@@ -184,21 +140,11 @@ def oracle_ranks(names: Sequence[str], planted: dict[str, int], budget: int) -> 
 
 
 def recovery(scores: dict[str, float], planted: dict[str, int], k: int | None = None) -> dict:
-    """How many planted matrices the k highest scores pick (k = len(planted) by default).
-
-    A tie at the cut is shared: a tied group of g matrices with p planted that fills q slots
-    counts q·p/g hits (the expected hits under random tie-breaking), so constant scores score
-    exactly chance. chance_hits = k·|P|/M for M scored matrices.
-    recovery({"a": 3, "b": 2, "c": 1}, {"a": 4, "c": 4})["hits"] == 1.0"""
-    missing = sorted(set(planted) - set(scores))
-    if missing:
-        raise ValueError(f"scores miss planted matrices {missing[:5]}: score every adapted matrix")
-    if not all(math.isfinite(s) for s in scores.values()):
-        raise ValueError("scores must be finite; check the statistics that produced them")
-    M = len(scores)
-    k = len(planted) if k is None else k
-    if not 1 <= k <= M:
-        raise ValueError(f"k={k}: use 1 <= k <= {M} (the number of scored matrices)")
+    """How many planted matrices the k highest scores pick (k = len(planted) by default); a tie
+    at the cut counts its expected hits under random tie-breaking, so constant scores score
+    exactly chance_hits = k·|P|/M.  recovery({"a": 3, "b": 2, "c": 1}, {"a": 4, "c": 4})["hits"]
+    == 1.0"""
+    M, k = len(scores), len(planted) if k is None else k
     cut = sorted(scores.values(), reverse=True)[k - 1]
     above = [n for n, s in scores.items() if s > cut]
     tied = [n for n, s in scores.items() if s == cut]
@@ -210,12 +156,8 @@ def recovery(scores: dict[str, float], planted: dict[str, int], k: int | None = 
 
 
 def rank_recovery(ranks: dict[str, int], planted: dict[str, int]) -> dict:
-    """Allocated ranks vs the planted ones: mean rank on planted and on other matrices (NaN when
-    a group is empty), the share of the total rank on planted matrices (chance: |P|/M), and how
-    many planted matrices got at least their planted rank."""
-    missing = sorted(set(planted) - set(ranks))
-    if missing:
-        raise ValueError(f"ranks miss planted matrices {missing[:5]}: pass every adapted matrix")
+    """Allocated vs planted ranks: mean rank on planted and other matrices (NaN if none), the
+    share of the total rank on planted ones (chance: |P|/M), and how many got their rank."""
     on = [ranks[n] for n in ranks if n in planted]
     off = [ranks[n] for n in ranks if n not in planted]
     total = sum(ranks.values())

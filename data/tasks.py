@@ -1,9 +1,8 @@
 """The tasks train.py trains on, each a Task: the base model, endless training batches, a loss
 that is the mean of per-example losses over dim 0 (the per-example Fisher's contract), and an
-evaluation. `args` are train.py's arguments, `rng` its random streams: the model and the plants
-draw from rng["init"], the planted eval set from rng["eval"].
+evaluation. The model and the plants draw from rng["init"], the planted eval set from rng["eval"].
 
-    task = glue_task(args, device, rng)   # or causal_task, planted_task, data_task (--data)
+    task = glue_task(args, device, rng)   # or planted_task, data_task (--data FILE)
     loss = task.loss_fn(model, next(task.train_batches(rng["data"])))
 """
 
@@ -29,7 +28,7 @@ LABEL_SET = 16  # prompt → completion data with at most this many distinct com
 # each used twice on average, is scored as a label set too (exact-match accuracy)
 
 
-def name_matches(name: str, target: str) -> bool:  # TODO merge: lora.name_matches
+def name_matches(name: str, target: str) -> bool:  # lora.name_matches after the merge
     return name == target or name.endswith("." + target)
 
 
@@ -53,78 +52,30 @@ class Task(NamedTuple):
     info: dict | None = None  # --data: the files, the split and the label ids (results.json)
 
 
-def _endless(epoch: Callable[[torch.Generator], Iterator[dict]]):  # epoch after epoch
+def _evaluation(evaluate: Callable, device: torch.device) -> Callable[[nn.Module], dict]:
+    @torch.no_grad()
+    def run(m: nn.Module) -> dict:  # in eval mode and autocast; m's mode is put back
+        was_training = m.training
+        m.eval()
+        with autocast(device):
+            out = evaluate(m)
+        m.train(was_training)
+        return out
+    return run
+
+
+def _task(model: nn.Module, heads: list[str], epoch: Callable, train: list, loss_fn: Callable,
+          evaluate: Callable, device: torch.device, info: dict | None) -> Task:
+    """A Task of a file's rows: epoch(g) after epoch(g) to train."""
     def train_batches(g: torch.Generator) -> Iterator[dict]:
         while True:
             yield from epoch(g)
-    return train_batches
+    return Task(model, heads, train_batches, len(train), loss_fn, _evaluation(evaluate, device),
+                True, info=info)
 
 
-def _evaluation(device: torch.device):
-    """A decorator: evaluate(m) in eval mode, no_grad and autocast; m's mode is put back."""
-    def wrap(evaluate: Callable[[nn.Module], dict]) -> Callable[[nn.Module], dict]:
-        @torch.no_grad()
-        def run(m: nn.Module) -> dict:
-            was_training = m.training
-            m.eval()
-            with autocast(device):
-                out = evaluate(m)
-            m.train(was_training)
-            return out
-        return run
-    return wrap
-
-
-def _glue_splits(args: argparse.Namespace) -> tuple[list, list]:
-    return (glue.load_glue(args.task, args.data_dir, "train")[: args.max_train],
-            glue.load_glue(args.task, args.data_dir, "dev")[: args.max_eval])
-
-
-def glue_task(args: argparse.Namespace, device: torch.device, rng: Rng) -> Task:
-    train, dev = _glue_splits(args)
-    return encoder_task(args, device, rng, train, dev, glue.task_spec(args.task).num_labels,
-                        lambda p, y: glue.compute_metrics(args.task, p, y))
-
-
-def encoder_task(args: argparse.Namespace, device: torch.device, rng: Rng, train: list, dev: list,
-                 num_labels: int, metrics: Callable, info: dict | None = None) -> Task:
-    """Classification (num_labels = 1: regression) with an encoder and a classifier head."""
-    model, tok = load_model(args.model, num_labels=num_labels, generator=rng["init"])
-    regression = num_labels == 1
-
-    def logits(m: nn.Module, batch: dict) -> torch.Tensor:  # (B, num_labels)
-        b = to_device(batch, device)
-        with autocast(device):
-            return m(b["input_ids"], b["attention_mask"], b["token_type_ids"]).float()
-
-    def loss_fn(m: nn.Module, batch: dict) -> torch.Tensor:
-        out, y = logits(m, batch), batch["labels"].to(device, non_blocking=True)
-        return F.mse_loss(out.squeeze(-1), y) if regression else F.cross_entropy(out, y)
-
-    @_evaluation(device)
-    def evaluate(m: nn.Module) -> dict:
-        preds, labels = [], []
-        for batch in glue.batches(dev, tok, 128, args.max_len, None, shuffle=False):
-            out = logits(m, batch)
-            preds += (out.squeeze(-1) if regression else out.argmax(-1)).tolist()
-            labels += batch["labels"].tolist()
-        return metrics(preds, labels)
-
-    epoch = lambda g: glue.batches(train, tok, args.batch_size, args.max_len, g)  # noqa: E731
-    return Task(model, ["classifier"], _endless(epoch), len(train), loss_fn, evaluate, True,
-                info=info)
-
-
-def causal_task(args: argparse.Namespace, device: torch.device, rng: Rng) -> Task:
-    """A GLUE task as prompts for a decoder (data/causal.py)."""
-    train, dev = _glue_splits(args)
-    return decoder_task(args, device, rng, train, dev, lambda tok: args.task,
-                        lambda p, y: glue.compute_metrics(args.task, p, y))
-
-
-def decoder_loss(device: torch.device) -> Callable[[nn.Module, dict], torch.Tensor]:
-    """A decoder's loss_fn: data/causal.py's causal_loss on the answer (completion) tokens."""
-    def loss_fn(m: nn.Module, batch: dict) -> torch.Tensor:
+def _decoder_loss(device: torch.device) -> Callable[[nn.Module, dict], torch.Tensor]:
+    def loss_fn(m: nn.Module, batch: dict) -> torch.Tensor:  # data/causal.py's causal_loss
         batch = to_device(batch, device)
         with autocast(device):
             logits = m(batch["input_ids"], batch["attention_mask"])
@@ -132,32 +83,61 @@ def decoder_loss(device: torch.device) -> Callable[[nn.Module, dict], torch.Tens
     return loss_fn
 
 
-def decoder_task(args: argparse.Namespace, device: torch.device, rng: Rng, train: list, dev: list,
-                 prompt: Callable, metrics: Callable, info: dict | None = None) -> Task:
-    """Classification as prompts for a decoder: prompt(tokenizer) gives the GLUE task name or
-    the causal.Prompt; predictions compare the label words' log-likelihoods."""
-    model, tok = load_model(args.model, generator=rng["init"])
-    task = prompt(tok)
+def classify_task(args: argparse.Namespace, device: torch.device, rng: Rng, train: list,
+                  dev: list, labels: int, metrics: Callable, prompt: Callable,
+                  info: dict | None = None) -> Task:
+    """Classification into `labels` classes (1: regression) with an encoder and a classifier
+    head, or on a decoder as prompts (prompt(tokenizer): a GLUE task name or a causal.Prompt)."""
+    model, tok = load_model(args.model, num_labels=labels, generator=rng["init"])
+    n, size = args.max_len, args.batch_size
+    if is_decoder(args.model):
+        task = prompt(tok)
 
-    @_evaluation(device)
+        def evaluate(m: nn.Module) -> dict:
+            preds = causal.predict(m, tok, task, dev, batch_size=size, max_len=n)
+            return metrics(preds, [e.label for e in dev])
+        return _task(model, [], lambda g: causal.causal_batches(train, tok, task, size, n, g),
+                     train, _decoder_loss(device), evaluate, device, info)
+
+    def logits(m: nn.Module, batch: dict) -> torch.Tensor:  # (B, labels)
+        b = to_device(batch, device)
+        with autocast(device):
+            return m(b["input_ids"], b["attention_mask"], b["token_type_ids"]).float()
+
+    def loss_fn(m: nn.Module, batch: dict) -> torch.Tensor:
+        out, y = logits(m, batch), batch["labels"].to(device, non_blocking=True)
+        return F.mse_loss(out.squeeze(-1), y) if labels == 1 else F.cross_entropy(out, y)
+
     def evaluate(m: nn.Module) -> dict:
-        preds = causal.predict(m, tok, task, dev, batch_size=args.batch_size, max_len=args.max_len)
-        return metrics(preds, [e.label for e in dev])
+        preds, gold = [], []
+        for batch in glue.batches(dev, tok, 128, n, None, shuffle=False):
+            out = logits(m, batch)
+            preds += (out.squeeze(-1) if labels == 1 else out.argmax(-1)).tolist()
+            gold += batch["labels"].tolist()
+        return metrics(preds, gold)
+    return _task(model, ["classifier"], lambda g: glue.batches(train, tok, size, n, g), train,
+                 loss_fn, evaluate, device, info)
 
-    epoch = lambda g: causal.causal_batches(  # noqa: E731
-        train, tok, task, args.batch_size, args.max_len, g)
-    return Task(model, [], _endless(epoch), len(train), decoder_loss(device), evaluate, True,
-                info=info)
+
+def glue_task(args: argparse.Namespace, device: torch.device, rng: Rng) -> Task:
+    """--task on an encoder, or as prompts on a decoder (data/causal.py)."""
+    train = glue.load_glue(args.task, args.data_dir, "train")[: args.max_train]
+    dev = glue.load_glue(args.task, args.data_dir, "dev")[: args.max_eval]
+    return classify_task(args, device, rng, train, dev, glue.task_spec(args.task).num_labels,
+                         lambda p, y: glue.compute_metrics(args.task, p, y),
+                         lambda tok: args.task)
+
+
+causal_task = glue_task  # the model decides: a decoder gets prompts
 
 
 def completion_task(args: argparse.Namespace, device: torch.device, rng: Rng, train: list,
                     dev: list, labels: list[str], info: dict) -> Task:
     """Prompt → completion on a decoder: the loss is each example's mean completion-token NLL;
-    eval is the mean NLL per completion token and its perplexity, and with a label set of
-    completions the accuracy of the most likely one."""
+    eval the mean NLL per token and its perplexity, and with a label set of completions the
+    accuracy of the most likely one."""
     model, tok = load_model(args.model, generator=rng["init"])
 
-    @_evaluation(device)
     def evaluate(m: nn.Module) -> dict:
         total, count = causal.completion_nll(m, tok, dev, args.batch_size, args.max_len)
         out = {"nll": total / count, "perplexity": math.exp(min(total / count, 700))}
@@ -167,17 +147,14 @@ def completion_task(args: argparse.Namespace, device: torch.device, rng: Rng, tr
                                    args.batch_size, args.max_len)
             out["accuracy"] = accuracy(preds, [labels.index(c.completion) for c in dev])
         return out
-
     epoch = lambda g: causal.completion_batches(  # noqa: E731
         train, tok, args.batch_size, args.max_len, g)
-    return Task(model, [], _endless(epoch), len(train), decoder_loss(device), evaluate, True,
-                info=info)
+    return _task(model, [], epoch, train, _decoder_loss(device), evaluate, device, info)
 
 
 def split_rows(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """(train, eval) row indices, each in file order: round(fraction·n) rows (at least one)
-    held out by a generator of its own, seeded from --seed, so the split never draws from
-    the training streams.  split_rows(10, 0.2, 0) -> (8 indices, 2 indices)"""
+    """(train, eval) row indices in file order: round(fraction·n) rows (at least one) held out
+    by a generator seeded from --seed alone.  split_rows(10, 0.2, 0) -> (8 indices, 2 indices)"""
     if n < 2:
         raise ValueError(f"--data has {n} row: --eval-fraction needs 2 rows or more; pass "
                          "--eval-data FILE")
@@ -189,12 +166,11 @@ def split_rows(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]
 def data_task(args: argparse.Namespace, device: torch.device, rng: Rng) -> Task:
     """--data FILE (data/files.py): classification on an encoder or a decoder, or prompt →
     completion on a decoder. Every row of both files is validated before the model loads."""
-    decoder = is_decoder(args.model)
     rows = files.read_rows(args.data)
     eval_rows = files.read_rows(args.eval_data) if args.eval_data else None
     completion = args.text_field is None and files.is_completion_data(rows)
     if completion:
-        if not decoder:
+        if not is_decoder(args.model):
             raise ValueError(f"{args.data} holds prompt → completion rows: train them on a "
                              "decoder (--model tiny-llama or smollm2), or pass --text-field and "
                              "--label-field to classify")
@@ -223,19 +199,15 @@ def data_task(args: argparse.Namespace, device: torch.device, rng: Rng) -> Task:
     if completion:
         return completion_task(args, device, rng, train, dev, labels, info)
     extra = ("f1", "mcc") if len(labels) == 2 else ()
-    metrics = lambda p, y: class_metrics(p, y, extra)  # noqa: E731
-    if not decoder:
-        return encoder_task(args, device, rng, train, dev, len(labels), metrics, info)
-    return decoder_task(args, device, rng, train, dev,
-                        lambda tok: causal.data_prompt(tok, labels, args.pair_field is not None),
-                        metrics, info)
+    return classify_task(args, device, rng, train, dev, len(labels),
+                         lambda p, y: class_metrics(p, y, extra),
+                         lambda tok: causal.data_prompt(tok, labels, args.pair_field is not None),
+                         info)
 
 
 def planted_task(args: argparse.Namespace, device: torch.device, rng: Rng) -> Task:
-    """The planted task (data/planted.py) on --targets: plants drawn from rng["init"] (any
-    target matrix with args.plants == "anywhere", else by the reach rule), 8 eval batches from
-    rng["eval"]; the student trains in eval mode (the teacher is deterministic: dropout would
-    only add noise to the regression target)."""
+    """The planted task (data/planted.py) on --targets, plants by the reach rule (--plants
+    anywhere: any target); the student trains in eval mode, as the teacher is deterministic."""
     model, _ = load_model(args.model, num_labels=None, generator=rng["init"])
     targets = args.targets.split(",")
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)
@@ -260,8 +232,7 @@ def planted_task(args: argparse.Namespace, device: torch.device, rng: Rng) -> Ta
 
     eval_set = [planted.random_batch(vocab, args.batch_size, seq, rng["eval"]) for _ in range(8)]
 
-    @_evaluation(device)
     def evaluate(m: nn.Module) -> dict:
         return {"loss": sum(loss_fn(m, b).item() for b in eval_set) / len(eval_set)}
-
-    return Task(model, [], train_batches, None, loss_fn, evaluate, False, truth)
+    return Task(model, [], train_batches, None, loss_fn, _evaluation(evaluate, device), False,
+                truth)

@@ -156,8 +156,6 @@ def test_load_glue_checks_header_and_bom(tmp_path):
 def test_load_glue_errors_name_the_fix(tmp_path):
     with pytest.raises(ValueError, match="sst2, cola, rte, mrpc, qnli, qqp, mnli, stsb"):
         load_glue("squad", tmp_path, "train")
-    with pytest.raises(ValueError, match="'train' or 'dev'"):
-        load_glue("sst2", tmp_path, "test")
     with pytest.raises(FileNotFoundError, match=r"nope.*download_glue_data"):
         load_glue("sst2", tmp_path / "nope", "train")
     with pytest.raises(FileNotFoundError, match=r"dev_matched.tsv not found.*download_glue_data"):
@@ -296,13 +294,6 @@ def test_binary_metrics_bounded_and_match_torch_reference(pairs):
     assert compute_metrics("sst2", p, y)["accuracy"] == (pt == yt).double().mean().item()
 
 
-def test_compute_metrics_rejects_bad_shapes():
-    with pytest.raises(ValueError, match="3 predictions for 2 labels"):
-        compute_metrics("sst2", [0, 1, 1], [0, 1])
-    with pytest.raises(ValueError, match="argmax"):
-        compute_metrics("sst2", torch.zeros(2, 2), [0, 1])
-
-
 # -----------------------------------------------------------------------------
 # batching
 
@@ -355,27 +346,6 @@ def test_batches_add_labels_and_pass_pairs():
     (b,) = batches(_examples(4), StubTokenizer(), 8, 16, None, shuffle=False)
     assert b["labels"].dtype == torch.long and b["labels"].tolist() == [0, 1, 0, 1]
     assert set(b) == {"input_ids", "token_type_ids", "attention_mask", "labels"}
-
-
-@pytest.mark.parametrize("args, kwargs, match", [
-    ((_examples(3), 0, 8), {}, "batch_size=0"),
-    ((_examples(3), 2, 8), {"generator": None}, "manual_seed"),
-    ((_examples(2) + _examples(2, pair=True), 2, 8), {}, "mix"),
-    (([], 2, 8), {}, "examples is empty.*max-train 0"),
-    ((_examples(3), 2, 1), {}, "max_len=1 .* 2 special tokens: use max_len >= 2"),
-    ((_examples(3, pair=True), 2, 2), {}, "max_len=2 .* 3 special tokens: use max_len >= 3"),
-    ((_examples(3), 2, 8), {"shuffle": False, "group_by_length": True}, "needs shuffle=True"),
-])
-def test_batches_reject_bad_arguments_at_the_call(args, kwargs, match):
-    """Raised by the call itself (no next()), before the generator is drawn from: an empty list
-    would otherwise make `while True: yield from batches(...)` spin forever."""
-    g = torch.Generator().manual_seed(0)
-    state = g.get_state()
-    kwargs = {"generator": g, **kwargs}
-    examples, batch_size, max_len = args
-    with pytest.raises(ValueError, match=match):
-        batches(examples, StubTokenizer(), batch_size, max_len, **kwargs)
-    assert torch.equal(g.get_state(), state)
 
 
 def _old_batches(examples, tokenizer, batch_size, max_len, generator, shuffle=True):

@@ -53,9 +53,9 @@ def test_plant_changes_exactly_the_planted_matrices_with_stated_ranks():
     (other Linears, biases, embedding) is untouched, as is the base."""
     base = Tiny()
     before = copy.deepcopy(base.state_dict())
-    teacher, planted = plant(base, NAMES, n_planted=2, rank=[1, 3], effect=0.3,
+    teacher, planted = plant(base, NAMES, n_planted=2, rank=3, effect=0.3,
                              generator=torch.Generator().manual_seed(0))
-    assert len(planted) == 2 and sorted(planted.values()) == [1, 3] and set(planted) <= set(NAMES)
+    assert len(planted) == 2 and sorted(planted.values()) == [3, 3] and set(planted) <= set(NAMES)
     t_sd, b_sd = teacher.state_dict(), base.state_dict()
     for key, w in b_sd.items():
         torch.testing.assert_close(w, before[key], rtol=0, atol=0)
@@ -119,16 +119,6 @@ def test_plant_draws_names_from_the_generator():
     for seed in range(30):
         seen |= set(run(seed)[1])
     assert seen == set(NAMES)
-
-
-@pytest.mark.parametrize("kwargs, match", [
-    ({"names": ["embed"]}, "nn.Linear"), ({"n_planted": 7}, "n_planted=7"),
-    ({"rank": [1, 2]}, "2 entries"), ({"rank": 9}, "rank 9"), ({"effect": 0.0}, "effect=0.0"),
-])
-def test_plant_rejects_bad_arguments(kwargs, match):
-    kwargs = {"names": NAMES, "rank": 2, **kwargs}
-    with pytest.raises(ValueError, match=match):
-        plant(Tiny(), **kwargs, generator=torch.Generator())
 
 
 def test_random_batch_is_valid_and_reproducible():
@@ -261,8 +251,6 @@ def test_vocab_size_reads_the_token_embedding():
 
     assert vocab_size(Tiny(vocab=37)) == 37
     assert vocab_size(models.BertModel(models.TINY)) == models.TINY.vocab_size
-    with pytest.raises(ValueError, match="no nn.Embedding"):
-        vocab_size(nn.Linear(2, 2))
 
 
 # -----------------------------------------------------------------------------
@@ -273,6 +261,8 @@ def test_oracle_ranks_hand_made():
     """Budget 12, b planted at 5: 7 left for a, c, d -> 3, 2, 2 (the extra rank to the first)."""
     assert oracle_ranks(["a", "b", "c", "d"], {"b": 5}, 12) == {"a": 3, "b": 5, "c": 2, "d": 2}
     assert oracle_ranks(["a", "b"], {"a": 4, "b": 4}, 8) == {"a": 4, "b": 4}
+    with pytest.raises(ValueError, match="leaves 1 for 2 other"):  # --compare with a low --r
+        oracle_ranks(["a", "b", "c"], {"a": 8}, 9)
 
 
 @given(st.integers(1, 12), st.data())
@@ -285,13 +275,6 @@ def test_oracle_ranks_sum_to_the_budget_and_spread_evenly(m, data):
     assert sum(r.values()) == budget and all(r[n] == k for n, k in planted.items())
     rest = [r[n] for n in names if n not in planted]
     assert min(rest) >= 1 and max(rest) - min(rest) <= 1
-
-
-def test_oracle_ranks_rejects_bad_input():
-    with pytest.raises(ValueError, match="leaves 1 for 2 other"):
-        oracle_ranks(["a", "b", "c"], {"a": 8}, 9)
-    with pytest.raises(ValueError, match=r"\['z'\]"):
-        oracle_ranks(["a"], {"z": 2}, 8)
 
 
 def test_recovery_hand_made_scores():
@@ -315,15 +298,6 @@ def test_recovery_constant_scores_are_chance_and_hits_are_bounded(m, data):
     scores = dict(zip(names, data.draw(st.lists(st.integers(0, 3), min_size=m, max_size=m))))
     r = recovery(scores, planted, k)
     assert -1e-9 <= r["hits"] <= min(k, len(planted)) + 1e-9
-
-
-def test_recovery_rejects_bad_input():
-    with pytest.raises(ValueError, match=r"\['z'\]"):
-        recovery({"a": 1.0}, {"z": 2})
-    with pytest.raises(ValueError, match="k=3"):
-        recovery({"a": 1.0, "b": 2.0}, {"a": 2}, k=3)
-    with pytest.raises(ValueError, match="finite"):
-        recovery({"a": math.nan}, {"a": 2})
 
 
 def test_rank_recovery_hand_made():
