@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data.glue import Example, epoch, task_key, task_spec
+from data.glue import Example, epoch, task_spec
 
 
 class Prompt(NamedTuple):
@@ -26,18 +26,18 @@ class Prompt(NamedTuple):
     eos: bool = False  # end every label word with the tokenizer's EOS (when it has one)
 
 
-PROMPTS: dict[str, Prompt] = {
-    "sst2": Prompt("Review: {a}\nSentiment:", (" negative", " positive")),
-    "cola": Prompt("Sentence: {a}\nGrammar:", (" unacceptable", " acceptable")),
-    "rte": Prompt("Premise: {a}\nHypothesis: {b}\nDoes the premise entail the hypothesis?\n"
+PROMPTS: dict[str, Prompt] = {  # by GLUE folder name
+    "SST-2": Prompt("Review: {a}\nSentiment:", (" negative", " positive")),
+    "CoLA": Prompt("Sentence: {a}\nGrammar:", (" unacceptable", " acceptable")),
+    "RTE": Prompt("Premise: {a}\nHypothesis: {b}\nDoes the premise entail the hypothesis?\n"
                   "Answer:", (" yes", " no")),
-    "mrpc": Prompt("Sentence 1: {a}\nSentence 2: {b}\nDo both sentences mean the same thing?\n"
+    "MRPC": Prompt("Sentence 1: {a}\nSentence 2: {b}\nDo both sentences mean the same thing?\n"
                    "Answer:", (" no", " yes")),
-    "qnli": Prompt("Question: {a}\nSentence: {b}\nDoes the sentence answer the question?\n"
+    "QNLI": Prompt("Question: {a}\nSentence: {b}\nDoes the sentence answer the question?\n"
                    "Answer:", (" yes", " no")),
-    "qqp": Prompt("Question 1: {a}\nQuestion 2: {b}\nDo both questions ask the same thing?\n"
+    "QQP": Prompt("Question 1: {a}\nQuestion 2: {b}\nDo both questions ask the same thing?\n"
                   "Answer:", (" no", " yes")),
-    "mnli": Prompt("Premise: {a}\nHypothesis: {b}\nDoes the premise entail the hypothesis? "
+    "MNLI": Prompt("Premise: {a}\nHypothesis: {b}\nDoes the premise entail the hypothesis? "
                    "Yes, maybe or no?\nAnswer:", (" yes", " maybe", " no")),
 }
 
@@ -47,10 +47,11 @@ def prompt_for(task: str | Prompt) -> Prompt:
     prompt_for("SST-2").label_words[1] == " positive" """
     if isinstance(task, Prompt):
         return task
-    if task_key(task) not in PROMPTS:
-        raise ValueError(f"task {task!r} ({task_spec(task).folder}) has no prompt: it is a "
-                         "regression with no label words; use one of " + ", ".join(PROMPTS))
-    return PROMPTS[task_key(task)]
+    folder = task_spec(task).folder
+    if folder not in PROMPTS:
+        raise ValueError(f"task {task!r} ({folder}) has no prompt: it is a regression with no "
+                         "label words; use one of " + ", ".join(PROMPTS))
+    return PROMPTS[folder]
 
 
 def format_prompt(task: str | Prompt, example: Example) -> str:
@@ -138,13 +139,21 @@ def causal_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.T
     return answer_nll(logits, batch["input_ids"], batch["loss_mask"], mean=True).mean()
 
 
+def _row_nll(model: nn.Module, tokenizer, rows: list[list[int]],
+             answer_lens: list[int]) -> torch.Tensor:
+    """(B,): the summed NLL of each row's last answer_lens[i] tokens, on the model's device."""
+    b = collate(rows, answer_lens, tokenizer.pad_id)
+    b = {k: v.to(next(model.parameters()).device) for k, v in b.items()}
+    logits = model(b["input_ids"], b["attention_mask"])
+    return answer_nll(logits.float(), b["input_ids"], b["loss_mask"], mean=False)
+
+
 @torch.no_grad()
 def label_scores(model: nn.Module, tokenizer, task: str | Prompt, examples: Sequence[Example],
                  batch_size: int = 32, max_len: int = 128) -> torch.Tensor:
     """(N, n_labels): log p(label word | prompt), summed over the word's tokens, in eval mode
-    (the model's mode is put back); inputs go to the model's device."""
+    (the model's mode is put back)."""
     answers = label_token_ids(tokenizer, task)
-    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
@@ -152,13 +161,8 @@ def label_scores(model: nn.Module, tokenizer, task: str | Prompt, examples: Sequ
         for start in range(0, len(examples), batch_size):
             prompts = [encode_prompt(tokenizer, task, e, max_len)
                        for e in examples[start:start + batch_size]]
-            scores = []
-            for a in answers:
-                b = collate([p + a for p in prompts], [len(a)] * len(prompts), tokenizer.pad_id)
-                b = {k: v.to(device) for k, v in b.items()}
-                logits = model(b["input_ids"], b["attention_mask"])
-                scores.append(-answer_nll(logits, b["input_ids"], b["loss_mask"], mean=False))
-            out.append(torch.stack(scores, 1).cpu())
+            out.append(torch.stack([-_row_nll(model, tokenizer, [p + a for p in prompts],
+                                              [len(a)] * len(prompts)) for a in answers], 1).cpu())
         return torch.cat(out)
     finally:
         model.train(was_training)
@@ -214,12 +218,11 @@ def completion_batches(examples: Sequence, tokenizer, batch_size: int, max_len: 
 @torch.no_grad()
 def completion_nll(model: nn.Module, tokenizer, examples: Sequence, batch_size: int = 32,
                    max_len: int = 128) -> tuple[float, int]:
-    """(Σ NLL of every completion token, their count); inputs go to the model's device."""
-    device = next(model.parameters()).device
+    """(Σ NLL of every completion token, their count): the mean NLL is the ratio."""
     total, count = 0.0, 0
-    for b in completion_batches(examples, tokenizer, batch_size, max_len, None, shuffle=False):
-        b = {k: v.to(device) for k, v in b.items()}
-        logits = model(b["input_ids"], b["attention_mask"])
-        total += answer_nll(logits.float(), b["input_ids"], b["loss_mask"], mean=False).sum().item()
-        count += int(b["loss_mask"][:, 1:].sum())
+    for start in range(0, len(examples), batch_size):
+        rows = [encode_completion(tokenizer, *e, max_len)
+                for e in examples[start:start + batch_size]]
+        total += _row_nll(model, tokenizer, [r for r, _ in rows], [k for _, k in rows]).sum().item()
+        count += sum(k for _, k in rows)
     return total, count

@@ -1,12 +1,8 @@
-"""Your own data (train.py --data FILE): a validating reader for .csv (RFC 4180), .tsv (split on
-tabs, no quoting, as GLUE) and .jsonl (one JSON object per line) files; CSV and TSV start with
-a header line. Files are UTF-8, regular, at most MAX_BYTES; a bad row raises ValueError naming
-`file:line` and the fix.
+"""Your own data (train.py --data FILE): a validating reader for .csv (RFC 4180, a header line),
+.tsv (a header line, split on tabs, no quoting, as GLUE) and .jsonl (one JSON object per line).
+Files are UTF-8, regular, at most MAX_BYTES; a bad row raises ValueError naming `file:line`.
 
-    rows = read_rows("reviews.csv")                             # [Row("reviews.csv:2", {...})]
-    train, labels = to_examples(rows, "text", None, "label")   # Example(text, None, class id)
-    dev, _ = to_examples(read_rows("dev.csv"), "text", None, "label", labels)
-    pairs = to_completions(read_rows("chat.jsonl"))             # Completion(prompt, completion)
+    train, labels = to_examples(read_rows("reviews.csv"), "text", None, "label")
 """
 
 from __future__ import annotations
@@ -88,7 +84,8 @@ def _jsonl(path: Path, text: str) -> list[Row]:
 
 
 def read_rows(path: str | os.PathLike, max_bytes: int = MAX_BYTES) -> list[Row]:
-    """The data rows of a .csv, .tsv or .jsonl file, in file order (at least one)."""
+    """The data rows of a .csv, .tsv or .jsonl file, in file order (at least one).
+    read_rows("reviews.csv")[0] == Row("reviews.csv:2", {"text": "fine", "label": "pos"})"""
     path = Path(path)
     text = read_text(path, max_bytes, "save the file as UTF-8")
     kind = path.suffix.lower()
@@ -111,12 +108,15 @@ def read_rows(path: str | os.PathLike, max_bytes: int = MAX_BYTES) -> list[Row]:
 # fields
 
 
+def _fields(row: Row, n: int = 8) -> str:
+    return ", ".join(map(repr, list(row.fields)[:n])) or "none"
+
+
 def _text(row: Row, name: str, fix: str, label: bool = False) -> str:
     """Field `name` as non-empty UTF-8 text, else ValueError naming the row and `fix`. A label
     may also be a JSON int (taken as its digits, so CSV and JSONL files agree)."""
     if name not in row.fields:
-        have = ", ".join(map(repr, list(row.fields)[:8])) or "none"
-        raise ValueError(f"{row.where}: no field {name!r} (the row has {have}); {fix}")
+        raise ValueError(f"{row.where}: no field {name!r} (the row has {_fields(row)}); {fix}")
     value = row.fields[name]
     if label and (isinstance(value, bool) or not isinstance(value, (str, int))):
         what = "a float: regression is not supported" if isinstance(value, float) else \
@@ -138,12 +138,12 @@ def _text(row: Row, name: str, fix: str, label: bool = False) -> str:
 
 
 def default_text_field(rows: Sequence[Row]) -> str:
-    """The first of TEXT_FIELDS the first row has, else ValueError naming its fields."""
+    """The first of TEXT_FIELDS the first row has."""
     for name in TEXT_FIELDS:
         if name in rows[0].fields:
             return name
     raise ValueError(f"{rows[0].where}: no 'text' or 'sentence' field (the row has "
-                     f"{', '.join(map(repr, list(rows[0].fields)[:8]))}); pass --text-field NAME")
+                     f"{_fields(rows[0])}); pass --text-field NAME")
 
 
 def is_completion_data(rows: Sequence[Row]) -> bool:
@@ -151,27 +151,20 @@ def is_completion_data(rows: Sequence[Row]) -> bool:
     return "prompt" in rows[0].fields and "completion" in rows[0].fields
 
 
-def _is_float(s: str) -> bool:
-    try:
-        return math.isfinite(float(s))
-    except ValueError:
-        return False
-
-
 def to_examples(rows: Sequence[Row], text_field: str, pair_field: str | None, label_field: str,
                 labels: Sequence[str | int] | None = None) -> tuple[list[Example], tuple]:
-    """(examples with class ids, the label values in id order). Without `labels` these are the
-    sorted unique labels of `rows`, ints when every label is an integer (so "2" < "10"); a float
-    label is refused; with `labels` (an eval file), a label outside them raises.
-    to_examples(rows, "text", None, "label") -> ([Example("fine", None, 1), ...], (0, 1))"""
+    """(examples with class ids, the label values in id order): without `labels` the sorted
+    unique labels of `rows`, ints when every label is an integer (so "2" < "10").
+    to_examples(rows, "text", None, "label") == ([Example("fine", None, 1), ...], (0, 1))"""
     fix = "pass --{}-field NAME or fix the row".format
     texts = [(_text(r, text_field, fix("text")),
               None if pair_field is None else _text(r, pair_field, fix("pair"))) for r in rows]
     raw = [_text(r, label_field, fix("label"), label=True) for r in rows]
     if labels is None:
         ints = all(_INT.fullmatch(v) for v in raw)
-        if not ints and all(map(_is_float, raw)):
-            i = next(i for i, v in enumerate(raw) if not _INT.fullmatch(v))
+        floats = [i for i, v in enumerate(raw) if not _INT.fullmatch(v)]
+        if floats and all(_finite(v) for v in raw):
+            i = floats[0]
             raise ValueError(f"{rows[i].where}: label {raw[i]!r} is a float: regression is not "
                              "supported; use class names or integer ids")
         labels = tuple(sorted({int(v) for v in raw} if ints else set(raw)))
@@ -189,6 +182,13 @@ def to_examples(rows: Sequence[Row], text_field: str, pair_field: str | None, la
                              f"({shown}); fix the row or add the class to the training file")
         examples.append(Example(a, b, ids[key]))
     return examples, tuple(labels)
+
+
+def _finite(s: str) -> bool:
+    try:
+        return math.isfinite(float(s))
+    except ValueError:
+        return False
 
 
 def to_completions(rows: Sequence[Row]) -> list[Completion]:

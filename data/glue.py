@@ -22,7 +22,7 @@ from data.metrics import class_metrics, pearson, spearman
 from lora import read_regular
 
 GLUE_LIMIT = 1 << 30  # bytes of one .tsv (MNLI's train.tsv, the largest, is 80 MB)
-_SCORE = re.compile(r"[0-9]+(\.[0-9]*)?|\.[0-9]+")  # float() would also take "0_5", " 5", "５"
+_SCORE = re.compile(r"[0-9]+(\.[0-9]*)?|\.[0-9]+")  # an STS-B score
 GLUE_SOURCE = ("download GLUE with download_glue_data.py from "
                "https://github.com/nyu-mll/GLUE-baselines (or https://gluebenchmark.com/tasks)")
 GROUP_POOL = 50  # batches per length-sorted pool, as HF Trainer's group_by_length (megabatch)
@@ -70,17 +70,12 @@ TASKS: dict[str, TaskSpec] = {
 }
 
 
-def task_key(task: str) -> str:
-    """The TASKS key of a task name.  task_key("STS-B") == "stsb" """
+def task_spec(task: str) -> TaskSpec:
+    """The spec of a GLUE task, by key or folder name.  task_spec("sts-b").folder == "STS-B" """
     key = task.lower().replace("-", "").replace("_", "")
     if key not in TASKS:
         raise ValueError(f"unknown GLUE task {task!r}: use one of {', '.join(TASKS)}")
-    return key
-
-
-def task_spec(task: str) -> TaskSpec:
-    """The spec of a GLUE task.  task_spec("SST-2").folder == "SST-2" """
-    return TASKS[task_key(task)]
+    return TASKS[key]
 
 
 # -----------------------------------------------------------------------------
@@ -126,19 +121,6 @@ def _task_file(spec: TaskSpec, data_dir: str | Path, split: str) -> Path:
     return path
 
 
-def _label(spec: TaskSpec, raw: str, where: str) -> int | float:
-    if spec.labels is not None:
-        if raw not in spec.labels:
-            raise ValueError(f"{where}: label {raw!r} is not one of {list(spec.labels)}; fix or "
-                             "drop the row (is this the right task's file?)")
-        return spec.labels.index(raw)
-    score = float(raw) if _SCORE.fullmatch(raw) else math.nan
-    if not 0.0 <= score <= 5.0:  # also rejects NaN
-        raise ValueError(f"{where}: score {raw!r} is not a decimal number in [0, 5]; fix or drop "
-                         "the row")
-    return score
-
-
 def load_glue(task: str, data_dir: str | Path, split: str) -> list[Example]:
     """The examples of a task's train.tsv (split "train") or dev file (split "dev") in data_dir,
     the task folder or the GLUE root holding it; text is kept byte-exact.
@@ -167,8 +149,18 @@ def load_glue(task: str, data_dir: str | Path, split: str) -> list[Example]:
         if len(fields) != n_fields:
             raise ValueError(f"{path}:{line}: expected {n_fields} tab-separated fields, got "
                              f"{len(fields)}; fix the row (a stray tab or newline in the text?)")
+        raw = fields[spec.label]
+        if spec.labels is None:  # float() would also take "0_5", " 5", "５"
+            label = float(raw) if _SCORE.fullmatch(raw) else math.nan
+            if not 0.0 <= label <= 5.0:  # also rejects NaN
+                raise ValueError(f"{path}:{line}: score {raw!r} is not a decimal number in "
+                                 "[0, 5]; fix or drop the row")
+        elif raw not in spec.labels:
+            raise ValueError(f"{path}:{line}: label {raw!r} is not one of {list(spec.labels)}; "
+                             "fix or drop the row (is this the right task's file?)")
+        else:
+            label = spec.labels.index(raw)
         text_b = None if spec.text_b is None else fields[spec.text_b]
-        label = _label(spec, fields[spec.label], f"{path}:{line}")
         examples.append(Example(fields[spec.text_a], text_b, label))
     return examples
 

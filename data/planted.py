@@ -72,12 +72,10 @@ def plant(model: nn.Module, names: Sequence[str] | None = None, n_planted: int =
           generator: torch.Generator, probe: dict[str, torch.Tensor] | None = None,
           reach: float = REACH) -> tuple[nn.Module, dict[str, int]]:
     """A frozen, eval-mode copy of `model` with W_m ← W_m + ΔW*_m on n_planted of `names`
-    (default: every nn.Linear), drawn in torch.randperm order; returns (teacher, {name: rank}).
-
-    ΔW*_m = σ_m·U Vᵀ, U: (d_out, r) and V: (d_in, r) orthonormal (QR of a Gaussian): rank r with
-    equal singular values. σ_m makes ΔW*_m alone move the output by `effect` of its RMS on the
-    probe (default: random_batch(vocab, 16, 32) from `generator`). The reach rule skips a matrix
-    that needs ‖ΔW*‖ > reach·‖W‖ (reach=math.inf: any matrix).
+    (default: every nn.Linear) in torch.randperm order; returns (teacher, {name: rank}).
+    ΔW*_m = σ_m·U Vᵀ, U: (d_out, r) and V: (d_in, r) orthonormal (QR of a Gaussian); σ_m makes
+    ΔW*_m alone move the output by `effect` of its RMS on the probe (default: random_batch(vocab,
+    16, 32) from `generator`). The reach rule skips a matrix that needs ‖ΔW*‖ > reach·‖W‖.
     plant(models.BertModel(models.TINY), generator=torch.Generator())[1] == {name: 24, ...}"""
     weights = _weights(model)
     names = list(weights) if names is None else list(names)
@@ -121,7 +119,7 @@ def plant(model: nn.Module, names: Sequence[str] | None = None, n_planted: int =
 
 
 # -----------------------------------------------------------------------------
-# the allocation that knows the truth, and an allocation's score against it
+# the allocation that knows the truth, and an allocation against it
 
 
 def oracle_ranks(names: Sequence[str], planted: dict[str, int], budget: int) -> dict[str, int]:
@@ -137,22 +135,6 @@ def oracle_ranks(names: Sequence[str], planted: dict[str, int], budget: int) -> 
     share, extra = divmod(left, len(others)) if others else (0, 0)
     rest = {n: share + (i < extra) for i, n in enumerate(others)}
     return {n: planted[n] if n in planted else rest[n] for n in names}
-
-
-def recovery(scores: dict[str, float], planted: dict[str, int], k: int | None = None) -> dict:
-    """How many planted matrices the k highest scores pick (k = len(planted) by default); a tie
-    at the cut counts its expected hits under random tie-breaking, so constant scores score
-    exactly chance_hits = k·|P|/M.  recovery({"a": 3, "b": 2, "c": 1}, {"a": 4, "c": 4})["hits"]
-    == 1.0"""
-    M, k = len(scores), len(planted) if k is None else k
-    cut = sorted(scores.values(), reverse=True)[k - 1]
-    above = [n for n, s in scores.items() if s > cut]
-    tied = [n for n, s in scores.items() if s == cut]
-    hits = sum(n in planted for n in above)
-    hits += (k - len(above)) * sum(n in planted for n in tied) / len(tied)
-    return {"k": k, "hits": float(hits), "precision": hits / k,
-            "recall": hits / len(planted) if planted else 0.0,
-            "chance_hits": k * len(planted) / M}
 
 
 def rank_recovery(ranks: dict[str, int], planted: dict[str, int]) -> dict:
