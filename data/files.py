@@ -146,11 +146,6 @@ def default_text_field(rows: Sequence[Row]) -> str:
                      f"{_fields(rows[0])}); pass --text-field NAME")
 
 
-def is_completion_data(rows: Sequence[Row]) -> bool:
-    """Prompt → completion data: the first row has both a "prompt" and a "completion" field."""
-    return "prompt" in rows[0].fields and "completion" in rows[0].fields
-
-
 def to_examples(rows: Sequence[Row], text_field: str, pair_field: str | None, label_field: str,
                 labels: Sequence[str | int] | None = None) -> tuple[list[Example], tuple]:
     """(examples with class ids, the label values in id order): without `labels` the sorted

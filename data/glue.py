@@ -12,7 +12,6 @@ import math
 import os
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -34,8 +33,7 @@ class Example(NamedTuple):
     label: int | float  # class id (HF `datasets` ids), or the STS-B score in [0, 5]
 
 
-@dataclass(frozen=True)
-class TaskSpec:
+class TaskSpec(NamedTuple):
     folder: str  # the GLUE folder name, e.g. "SST-2"
     dev_file: str
     header: str | None  # the label column's header name; None: no header line (CoLA)

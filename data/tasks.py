@@ -168,7 +168,7 @@ def data_task(args: argparse.Namespace, device: torch.device, rng: Rng) -> Task:
     completion on a decoder. Every row of both files is validated before the model loads."""
     rows = files.read_rows(args.data)
     eval_rows = files.read_rows(args.eval_data) if args.eval_data else None
-    completion = args.text_field is None and files.is_completion_data(rows)
+    completion = args.text_field is None and {"prompt", "completion"} <= set(rows[0].fields)
     if completion:
         if not is_decoder(args.model):
             raise ValueError(f"{args.data} holds prompt → completion rows: train them on a "
