@@ -15,8 +15,6 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
-from lora import LoRALinear
-
 PLANT_RANK = 24  # 3r for r = 8: three plants take 72 of the budget 8·12 = 96
 PLANT_EFFECT = 0.01  # each ΔW* alone moves the output by this fraction of its RMS
 REACH = 10.0  # the reach rule: no plant where ‖ΔW*‖ > REACH·‖W‖ would be needed; the output
@@ -25,9 +23,8 @@ REACH = 10.0  # the reach rule: no plant where ‖ΔW*‖ > REACH·‖W‖ would
 UNREACHED = ("query", "key")  # the module types the reach rule keeps plants off on models.TINY
 
 
-def _weights(model: nn.Module) -> dict[str, torch.Tensor]:  # of every nn.Linear or LoRALinear
-    return {n: m.weight for n, m in model.named_modules()
-            if isinstance(m, (nn.Linear, LoRALinear))}
+def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: m.weight for n, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
 def vocab_size(model: nn.Module) -> int:
