@@ -126,11 +126,8 @@ def load_glue(task: str, data_dir: str | Path, split: str) -> list[Example]:
     spec = task_spec(task)
     path = _task_file(spec, data_dir, split)
     rows = tsv_lines(read_text(path, GLUE_LIMIT, "re-download the file (GLUE ships UTF-8)"))
-    n_fields, first = spec.n_fields, 0
-    if spec.header is not None:
-        if not rows:
-            raise ValueError(f"{path}:1: the file is empty (no header); re-download it: "
-                             f"{GLUE_SOURCE}")
+    first = int(spec.header is not None)
+    if first and rows:
         header = rows[0]
         last = max(c if c >= 0 else ~c for c in (spec.text_a, spec.text_b or 0, spec.label))
         if len(header) <= last or header[spec.label] != spec.header:
@@ -138,10 +135,10 @@ def load_glue(task: str, data_dir: str | Path, split: str) -> list[Example]:
             shown = shown if len(shown) <= 120 else shown[:120] + "…"
             raise ValueError(f"{path}:1: header {shown} has no {spec.header!r} label column "
                              f"where {spec.folder} has it; is this the {spec.folder} {split} file?")
-        n_fields, first = len(header), 1
     if len(rows) <= first:  # zero rows would make `while True: yield from batches()` spin
-        raise ValueError(f"{path}: no data rows{' after the header' if first else ''}; the file "
-                         f"is truncated: re-download it ({GLUE_SOURCE})")
+        raise ValueError(f"{path}:1: the file is empty or has no data rows; re-download it "
+                         f"({GLUE_SOURCE})")
+    n_fields = len(rows[0]) if first else spec.n_fields
     examples = []
     for line, fields in enumerate(rows[first:], first + 1):
         if len(fields) != n_fields:
