@@ -18,10 +18,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
-from data.glue import Example, read_text, tsv_lines
+from data.glue import MAX_BYTES, Example, read_text, tsv_lines
 
 FORMATS = (".csv", ".tsv", ".jsonl")
-MAX_BYTES = 1 << 30  # the file is held in memory, decoded: a bound, not a limit of the format
 TEXT_FIELDS = ("text", "sentence")  # --text-field's default: the first one the file has
 _INT = re.compile(r"-?[0-9]{1,18}")  # an integer label; longer digit strings stay strings
 

@@ -20,7 +20,7 @@ import torch
 from data.metrics import class_metrics, pearson, spearman
 from lora import read_regular
 
-GLUE_LIMIT = 1 << 30  # bytes of one .tsv (MNLI's train.tsv, the largest, is 80 MB)
+MAX_BYTES = 1 << 30  # of one file, held in memory (MNLI's train.tsv, the largest, is 80 MB)
 _SCORE = re.compile(r"[0-9]+(\.[0-9]*)?|\.[0-9]+")  # an STS-B score
 GLUE_SOURCE = ("download GLUE with download_glue_data.py from "
                "https://github.com/nyu-mll/GLUE-baselines (or https://gluebenchmark.com/tasks)")
@@ -125,7 +125,7 @@ def load_glue(task: str, data_dir: str | Path, split: str) -> list[Example]:
     load_glue("sst2", "glue", "dev")[0] == Example("it 's a charming ...", None, 1)"""
     spec = task_spec(task)
     path = _task_file(spec, data_dir, split)
-    rows = tsv_lines(read_text(path, GLUE_LIMIT, "re-download the file (GLUE ships UTF-8)"))
+    rows = tsv_lines(read_text(path, MAX_BYTES, "re-download the file (GLUE ships UTF-8)"))
     first = int(spec.header is not None)
     if first and rows:
         header = rows[0]
