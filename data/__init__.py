@@ -1,2 +1,2 @@
-"""Data for fimlora: `data.glue` (GLUE reader, metrics, batching) and `data.planted` (the
-embedded `planted` task: a teacher with known low-rank updates, no files needed)."""
+"""Data for fimlora: tasks (the Task train.py trains on), glue (GLUE reader, batching, metrics),
+causal (prompts for decoders), files (--data FILE), planted (the embedded task), metrics."""

@@ -1,34 +1,11 @@
-"""GLUE classification as prompts for a causal LM: templates, batches with an answer-only loss
-mask, the per-example loss, and prediction by comparing the label words' log-likelihoods.
+"""Classification as prompts for a causal LM: an example becomes prompt + answer, e.g.
+"Review: a gripping film\nSentiment:" + " positive", the loss is on the answer tokens, and the
+prediction is the label word of highest log-likelihood. Prompt and answer are tokenised apart,
+so training and scoring see the same answer tokens; a too-long prompt loses its first tokens.
+Batches hold input_ids, attention_mask, loss_mask (1 on answer tokens) and labels.
 
-    from data.glue import load_glue, compute_metrics
-    from data.causal import causal_batches, causal_loss, predict
-    train = load_glue("sst2", "../shared/data/glue/SST-2", "train")
     for batch in causal_batches(train, tok, "sst2", batch_size=8, max_len=128, generator=g):
-        logits = model(batch["input_ids"], batch["attention_mask"])     # (B, T, vocab)
-        loss = causal_loss(logits, batch)
-    preds = predict(model, tok, "sst2", dev, batch_size=32, max_len=128)   # list[int]
-    compute_metrics("sst2", preds, [e.label for e in dev])
-
-An example becomes `prompt + answer`, e.g. "Review: a gripping film\\nSentiment:" + " positive".
-The prompt and the answer are tokenised separately and concatenated, so training and scoring see
-exactly the same answer tokens (the templates end without a space and the label words start with
-one, which is also where byte-level BPE would split). Batches hold
-    input_ids (B, T) long, attention_mask (B, T) long: 1 on real tokens,
-    loss_mask (B, T) long: 1 on the answer tokens, labels (B,) long: the class ids,
-padded on the right (default) or left with tokenizer.pad_id; the decoder in models/llama.py
-counts positions over real tokens only, so either side gives the same logits.
-The loss is the mean over each example's answer tokens of -log p(token | earlier tokens), then the
-mean over examples (a two-token answer weighs as much as a one-token one). predict() scores every
-label word by the sum of its tokens' log-probabilities after the prompt and takes the argmax.
-
-Your own data (train.py --data) reuses all of it through a Prompt of its own (data_prompt), and
-prompt → completion rows train on the completion tokens + EOS (completion_batches) and evaluate
-by their NLL (completion_nll).
-
-The tokenizer needs `encode(text, add_bos=None) -> list[int]` and `pad_id` (models.bpe's
-BPETokenizer). Too-long prompts lose their first tokens (a BOS stays): the question and
-"Answer:" are at the end. STS-B (a regression) has no label words and raises ValueError.
+        loss = causal_loss(model(batch["input_ids"], batch["attention_mask"]), batch)
 """
 
 from __future__ import annotations
@@ -40,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data.glue import Example, task_spec
+from data.glue import Example, epoch, task_spec
 
 
 class Prompt(NamedTuple):
@@ -49,55 +26,49 @@ class Prompt(NamedTuple):
     eos: bool = False  # end every label word with the tokenizer's EOS (when it has one)
 
 
-PROMPTS: dict[str, Prompt] = {
-    "sst2": Prompt("Review: {a}\nSentiment:", (" negative", " positive")),
-    "cola": Prompt("Sentence: {a}\nGrammar:", (" unacceptable", " acceptable")),
-    "rte": Prompt("Premise: {a}\nHypothesis: {b}\nDoes the premise entail the hypothesis?\n"
+PROMPTS: dict[str, Prompt] = {  # by GLUE folder name
+    "SST-2": Prompt("Review: {a}\nSentiment:", (" negative", " positive")),
+    "CoLA": Prompt("Sentence: {a}\nGrammar:", (" unacceptable", " acceptable")),
+    "RTE": Prompt("Premise: {a}\nHypothesis: {b}\nDoes the premise entail the hypothesis?\n"
                   "Answer:", (" yes", " no")),
-    "mrpc": Prompt("Sentence 1: {a}\nSentence 2: {b}\nDo both sentences mean the same thing?\n"
+    "MRPC": Prompt("Sentence 1: {a}\nSentence 2: {b}\nDo both sentences mean the same thing?\n"
                    "Answer:", (" no", " yes")),
-    "qnli": Prompt("Question: {a}\nSentence: {b}\nDoes the sentence answer the question?\n"
+    "QNLI": Prompt("Question: {a}\nSentence: {b}\nDoes the sentence answer the question?\n"
                    "Answer:", (" yes", " no")),
-    "qqp": Prompt("Question 1: {a}\nQuestion 2: {b}\nDo both questions ask the same thing?\n"
+    "QQP": Prompt("Question 1: {a}\nQuestion 2: {b}\nDo both questions ask the same thing?\n"
                   "Answer:", (" no", " yes")),
-    "mnli": Prompt("Premise: {a}\nHypothesis: {b}\nDoes the premise entail the hypothesis? "
+    "MNLI": Prompt("Premise: {a}\nHypothesis: {b}\nDoes the premise entail the hypothesis? "
                    "Yes, maybe or no?\nAnswer:", (" yes", " maybe", " no")),
 }
 
 
 def prompt_for(task: str | Prompt) -> Prompt:
-    """Template and label words of a task (a Prompt is returned as it is, so every function
-    here also takes your own).  prompt_for("SST-2").label_words[1] -> " positive" """
+    """A GLUE task's Prompt, or your own Prompt as it is.
+    prompt_for("SST-2").label_words[1] == " positive" """
     if isinstance(task, Prompt):
         return task
-    key = task.lower().replace("-", "").replace("_", "")
-    spec = task_spec(task)  # unknown tasks raise here, naming the known ones
-    if key not in PROMPTS:
-        raise ValueError(f"task {task!r} ({spec.folder}) has no prompt: it is a regression with "
-                         "no label words; use one of " + ", ".join(PROMPTS))
-    return PROMPTS[key]
+    folder = task_spec(task).folder
+    if folder not in PROMPTS:
+        raise ValueError(f"task {task!r} ({folder}) has no prompt: it is a regression with no "
+                         "label words; use one of " + ", ".join(PROMPTS))
+    return PROMPTS[folder]
 
 
 def format_prompt(task: str | Prompt, example: Example) -> str:
-    """The prompt text of one example, without the answer.
-    format_prompt("sst2", Example("a fine film", None, 1)) -> "Review: a fine film\\nSentiment:" """
-    prompt = prompt_for(task)
-    pairs = "{b}" in prompt.template
-    if pairs != (example.text_b is not None):
-        raise ValueError(f"task {task!r} expects {'pairs' if pairs else 'single sentences'}, "
-                         f"got text_b={example.text_b!r}: is this the {task} file?")
-    return prompt.template.format(a=example.text_a, b=example.text_b)
+    """The prompt of one example, without the answer.
+    format_prompt("sst2", Example("a fine film", None, 1)) == "Review: a fine film\\nSentiment:" """
+    template = prompt_for(task).template
+    if ("{b}" in template) != (example.text_b is not None):
+        raise ValueError(f"task {task!r} got text_b={example.text_b!r}: pairs? is this its file?")
+    return template.format(a=example.text_a, b=example.text_b)
 
 
 def label_token_ids(tokenizer, task: str | Prompt) -> list[list[int]]:
     """The token ids of each label word, in label-id order (no BOS; EOS last if prompt.eos)."""
     prompt = prompt_for(task)
-    eos = [tokenizer.eos_id] if prompt.eos and getattr(tokenizer, "eos_id", None) is not None \
-        else []
-    ids = [tokenizer.encode(w, add_bos=False) for w in prompt.label_words]
-    if not all(ids):
-        raise ValueError(f"a label word of {task!r} encodes to no tokens: {ids}")
-    return [i + eos for i in ids]
+    eos = getattr(tokenizer, "eos_id", None)
+    eos = [eos] if prompt.eos and eos is not None else []
+    return [tokenizer.encode(w, add_bos=False) + eos for w in prompt.label_words]
 
 
 def _n_bos(tokenizer, ids: list[int]) -> int:
@@ -115,67 +86,45 @@ def _cut_left(tokenizer, ids: list[int], budget: int, max_len: int) -> list[int]
 
 
 def encode_prompt(tokenizer, task: str | Prompt, example: Example, max_len: int) -> list[int]:
-    """The prompt's ids, cut from the left so that the longest label word still fits in
-    max_len; a leading BOS is kept."""
-    ids = tokenizer.encode(format_prompt(task, example))
+    """The prompt's ids, cut from the left so that the longest label word still fits."""
     budget = max_len - max(map(len, label_token_ids(tokenizer, task)))
-    return _cut_left(tokenizer, ids, budget, max_len)
+    return _cut_left(tokenizer, tokenizer.encode(format_prompt(task, example)), budget, max_len)
 
 
 def collate(rows: Sequence[list[int]], answer_lens: Sequence[int], pad_id: int,
             padding_side: str = "right") -> dict[str, torch.Tensor]:
     """Pad token rows to the longest; loss_mask marks the last answer_lens[i] tokens of row i.
-    collate([[5, 6, 7]], [1], 0)["loss_mask"] -> tensor([[0, 0, 1]])"""
-    if padding_side not in ("left", "right"):
-        raise ValueError(f"padding_side={padding_side!r}: use 'left' or 'right'")
+    collate([[5, 6, 7]], [1], 0)["loss_mask"] == tensor([[0, 0, 1]])"""
     T = max(map(len, rows))
-    input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros(len(rows), T, dtype=torch.long)
-    loss_mask = torch.zeros(len(rows), T, dtype=torch.long)
+    ids, mask, loss_mask = (torch.full((len(rows), T), v, dtype=torch.long)
+                            for v in (pad_id, 0, 0))
     for i, (row, n) in enumerate(zip(rows, answer_lens)):
         start = T - len(row) if padding_side == "left" else 0
-        input_ids[i, start:start + len(row)] = torch.tensor(row)
-        attention_mask[i, start:start + len(row)] = 1
-        loss_mask[i, start + len(row) - n:start + len(row)] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+        end = start + len(row)
+        ids[i, start:end] = torch.tensor(row)
+        mask[i, start:end] = 1
+        loss_mask[i, end - n:end] = 1
+    return {"input_ids": ids, "attention_mask": mask, "loss_mask": loss_mask}
 
 
 def causal_batches(examples: Sequence[Example], tokenizer, task: str | Prompt, batch_size: int,
                    max_len: int, generator: torch.Generator | None, shuffle: bool = True,
                    padding_side: str = "right") -> Iterator[dict[str, torch.Tensor]]:
-    """One epoch of prompt + gold-answer batches (keys above), in the order of
-    data.glue.batches: torch.randperm(n, generator=generator) when shuffling."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size}: use batch_size >= 1")
-    if shuffle and generator is None:
-        raise ValueError("shuffle=True needs generator=torch.Generator().manual_seed(seed)")
+    """One epoch of prompt + gold-answer batches in the order of data.glue.epoch."""
     answers = label_token_ids(tokenizer, task)
-    n = len(examples)
-    order = torch.randperm(n, generator=generator).tolist() if shuffle else list(range(n))
-    for start in range(0, n, batch_size):
-        rows = [examples[i] for i in order[start:start + batch_size]]
-        for e in rows:
-            if not isinstance(e.label, int) or not 0 <= e.label < len(answers):
-                raise ValueError(f"label {e.label!r} is not a class id of {task!r}")
+    for cut in epoch(len(examples), batch_size, generator, shuffle):
+        rows = [examples[i] for i in cut]
         ids = [encode_prompt(tokenizer, task, e, max_len) + answers[e.label] for e in rows]
         batch = collate(ids, [len(answers[e.label]) for e in rows], tokenizer.pad_id,
                         padding_side)
-        batch["labels"] = torch.tensor([e.label for e in rows], dtype=torch.long)
-        yield batch
-
-
-def causal_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean over examples of the mean answer-token NLL; logits (B, T, V) at position t predict
-    input_ids[:, t + 1]."""
-    return answer_nll(logits, batch["input_ids"], batch["loss_mask"], mean=True).mean()
+        yield batch | {"labels": torch.tensor([e.label for e in rows], dtype=torch.long)}
 
 
 def answer_nll(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor,
                mean: bool) -> torch.Tensor:
-    """Per-example NLL of the masked tokens, (B,): their sum, or their mean if `mean`."""
+    """(B,): each row's NLL −Σ log p(token | earlier tokens) over its masked tokens (their mean if
+    `mean`); logits (B, T, V) at position t predict input_ids[:, t + 1]."""
     target_mask = loss_mask[:, 1:].bool()  # (B, T-1): which next tokens are answer tokens
-    if not target_mask.any(1).all():
-        raise ValueError("every row needs at least one answer token after its first position")
     rows = target_mask.nonzero()[:, 0]
     # only the answer positions go through log_softmax: the vocabulary is wide
     nll = F.cross_entropy(logits[:, :-1][target_mask].float(), input_ids[:, 1:][target_mask],
@@ -184,39 +133,37 @@ def answer_nll(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.T
     return total / target_mask.sum(1) if mean else total
 
 
+def causal_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The mean over examples of each one's mean answer-token NLL (a mean of per-example losses,
+    so a two-token answer weighs as much as a one-token one)."""
+    return answer_nll(logits, batch["input_ids"], batch["loss_mask"], mean=True).mean()
+
+
+def _row_nll(model: nn.Module, tokenizer, rows: list[list[int]],
+             answer_lens: list[int]) -> torch.Tensor:
+    """(B,): the summed NLL of each row's last answer_lens[i] tokens, on the model's device."""
+    b = collate(rows, answer_lens, tokenizer.pad_id)
+    b = {k: v.to(next(model.parameters()).device) for k, v in b.items()}
+    logits = model(b["input_ids"], b["attention_mask"])
+    return answer_nll(logits.float(), b["input_ids"], b["loss_mask"], mean=False)
+
+
 @torch.no_grad()
 def label_scores(model: nn.Module, tokenizer, task: str | Prompt, examples: Sequence[Example],
-                 batch_size: int = 32, max_len: int = 128,
-                 padding_side: str = "right") -> torch.Tensor:
-    """(N, n_labels): log p(label word | prompt), summed over the word's tokens. The model runs
-    in eval mode and is put back as it was; inputs go to its device."""
+                 batch_size: int = 32, max_len: int = 128) -> torch.Tensor:
+    """(N, n_labels): log p(label word | prompt), summed over the word's tokens, in eval mode
+    (the model's mode is put back)."""
     answers = label_token_ids(tokenizer, task)
-    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
-        out = []
+        out = [torch.zeros(0, len(answers))]
         for start in range(0, len(examples), batch_size):
             prompts = [encode_prompt(tokenizer, task, e, max_len)
                        for e in examples[start:start + batch_size]]
-            if all(len(a) == 1 for a in answers):  # one forward: the next-token distribution
-                b = collate([p + answers[0] for p in prompts], [1] * len(prompts),
-                            tokenizer.pad_id, padding_side)
-                b = {k: v.to(device) for k, v in b.items()}
-                logits = model(b["input_ids"], b["attention_mask"])
-                pos = b["loss_mask"].argmax(1) - 1  # the last prompt token
-                logp = logits[torch.arange(len(prompts)), pos].float().log_softmax(-1)
-                out.append(logp[:, [a[0] for a in answers]].cpu())
-                continue
-            scores = []
-            for a in answers:
-                b = collate([p + a for p in prompts], [len(a)] * len(prompts),
-                            tokenizer.pad_id, padding_side)
-                b = {k: v.to(device) for k, v in b.items()}
-                logits = model(b["input_ids"], b["attention_mask"])
-                scores.append(-answer_nll(logits, b["input_ids"], b["loss_mask"], mean=False))
-            out.append(torch.stack(scores, 1).cpu())
-        return torch.cat(out) if out else torch.zeros(0, len(answers))
+            out.append(torch.stack([-_row_nll(model, tokenizer, [p + a for p in prompts],
+                                              [len(a)] * len(prompts)) for a in answers], 1).cpu())
+        return torch.cat(out)
     finally:
         model.train(was_training)
 
@@ -247,9 +194,8 @@ def data_prompt(tokenizer, labels: Sequence[str | int], pairs: bool) -> Prompt:
 
 def encode_completion(tokenizer, prompt: str, completion: str,
                       max_len: int) -> tuple[list[int], int]:
-    """(prompt ids + completion ids + EOS, the number of completion tokens incl. EOS). Both
-    are tokenised apart, as the GLUE prompts; the completion keeps its head and leaves at least
-    one prompt token (and a BOS) before it, the prompt loses its first tokens (a BOS stays)."""
+    """(prompt ids + completion ids + EOS, the completion's token count incl. EOS), tokenised
+    apart; the completion keeps its head and leaves a prompt token (and a BOS) before it."""
     ids = tokenizer.encode(prompt)
     eos = getattr(tokenizer, "eos_id", None)
     answer = tokenizer.encode(completion, add_bos=False) + ([] if eos is None else [eos])
@@ -263,30 +209,20 @@ def encode_completion(tokenizer, prompt: str, completion: str,
 def completion_batches(examples: Sequence, tokenizer, batch_size: int, max_len: int,
                        generator: torch.Generator | None,
                        shuffle: bool = True) -> Iterator[dict[str, torch.Tensor]]:
-    """One epoch of (prompt, completion) batches, loss_mask on the completion tokens only, in
-    the order of causal_batches (torch.randperm(n, generator=generator) when shuffling)."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size}: use batch_size >= 1")
-    if shuffle and generator is None:
-        raise ValueError("shuffle=True needs generator=torch.Generator().manual_seed(seed)")
-    n = len(examples)
-    order = torch.randperm(n, generator=generator).tolist() if shuffle else list(range(n))
-    for start in range(0, n, batch_size):
-        rows = [encode_completion(tokenizer, *examples[i], max_len)
-                for i in order[start:start + batch_size]]
+    """One epoch of (prompt, completion) batches, loss_mask on the completion tokens."""
+    for cut in epoch(len(examples), batch_size, generator, shuffle):
+        rows = [encode_completion(tokenizer, *examples[i], max_len) for i in cut]
         yield collate([r for r, _ in rows], [k for _, k in rows], tokenizer.pad_id)
 
 
 @torch.no_grad()
 def completion_nll(model: nn.Module, tokenizer, examples: Sequence, batch_size: int = 32,
                    max_len: int = 128) -> tuple[float, int]:
-    """(Σ NLL of every completion token, their count): the mean completion NLL is the ratio,
-    the perplexity its exp. Runs the model as it is; inputs go to its device."""
-    device = next(model.parameters()).device
+    """(Σ NLL of every completion token, their count): the mean NLL is the ratio."""
     total, count = 0.0, 0
-    for b in completion_batches(examples, tokenizer, batch_size, max_len, None, shuffle=False):
-        b = {k: v.to(device) for k, v in b.items()}
-        logits = model(b["input_ids"], b["attention_mask"])
-        total += answer_nll(logits.float(), b["input_ids"], b["loss_mask"], mean=False).sum().item()
-        count += int(b["loss_mask"][:, 1:].sum())
+    for start in range(0, len(examples), batch_size):
+        rows = [encode_completion(tokenizer, *e, max_len)
+                for e in examples[start:start + batch_size]]
+        total += _row_nll(model, tokenizer, [r for r, _ in rows], [k for _, k in rows]).sum().item()
+        count += sum(k for _, k in rows)
     return total, count

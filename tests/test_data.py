@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from data.glue import TASKS, Example, batches, compute_metrics, load_glue, task_spec
-from data.metrics import f1_score, matthews_corrcoef, pearson, spearman
+from data.metrics import class_metrics, f1_score, matthews_corrcoef, pearson, spearman
 
 SST2 = Path(__file__).resolve().parents[1].parent / "shared/data/glue/SST-2"
 
@@ -156,8 +156,6 @@ def test_load_glue_checks_header_and_bom(tmp_path):
 def test_load_glue_errors_name_the_fix(tmp_path):
     with pytest.raises(ValueError, match="sst2, cola, rte, mrpc, qnli, qqp, mnli, stsb"):
         load_glue("squad", tmp_path, "train")
-    with pytest.raises(ValueError, match="'train' or 'dev'"):
-        load_glue("sst2", tmp_path, "test")
     with pytest.raises(FileNotFoundError, match=r"nope.*download_glue_data"):
         load_glue("sst2", tmp_path / "nope", "train")
     with pytest.raises(FileNotFoundError, match=r"dev_matched.tsv not found.*download_glue_data"):
@@ -167,21 +165,15 @@ def test_load_glue_errors_name_the_fix(tmp_path):
 @pytest.mark.parametrize("task, text", [
     ("sst2", "sentence\tlabel\n"), ("sst2", "sentence\tlabel"),
     ("mrpc", FILES["mrpc"][2].split("\n")[0] + "\r\n"),
-    ("cola", ""),
+    ("cola", ""), ("sst2", ""),
 ])
 def test_load_glue_rejects_an_empty_split(tmp_path, task, text):
     """A header-only (or empty) file would give zero examples, and a caller's
     `while True: yield from batches(...)` would then spin forever."""
     path = _write(tmp_path, task, text)
-    with pytest.raises(ValueError, match=rf"{path.name}(:1)?: (no data rows|the file is empty)"
-                       r".*re-download"):
+    with pytest.raises(ValueError, match=rf"{path.name}:1: the file is empty or has no data "
+                       r"rows.*re-download"):
         load_glue(task, path.parent, _split(task))
-
-
-def test_load_glue_rejects_an_empty_headered_file(tmp_path):
-    path = _write(tmp_path, "sst2", "")
-    with pytest.raises(ValueError, match=rf"{path.name}:1: the file is empty.*re-download"):
-        load_glue("sst2", path.parent, "train")
 
 
 def test_load_glue_rejects_non_utf8_naming_file_line(tmp_path):
@@ -232,6 +224,9 @@ def test_metrics_hand_computed_mcc_f1_accuracy():
     assert mrpc == pytest.approx({"f1": 2 / 3, "accuracy": 0.7})
     assert compute_metrics("rte", preds, labels) == pytest.approx({"accuracy": 0.7})
     assert matthews_corrcoef([1, 1], [1, 0]) == 0.0  # a constant prediction: empty margin
+    both = class_metrics(preds, labels, ("f1", "mcc"))  # --data's binary metrics, in this order
+    assert list(both) == ["accuracy", "f1", "mcc"]
+    assert both == pytest.approx({"accuracy": 0.7, "f1": 2 / 3, "mcc": 10 / math.sqrt(600)})
 
 
 def test_metrics_hand_computed_pearson_spearman_with_ties():
@@ -293,13 +288,6 @@ def test_binary_metrics_bounded_and_match_torch_reference(pairs):
     assert compute_metrics("sst2", p, y)["accuracy"] == (pt == yt).double().mean().item()
 
 
-def test_compute_metrics_rejects_bad_shapes():
-    with pytest.raises(ValueError, match="3 predictions for 2 labels"):
-        compute_metrics("sst2", [0, 1, 1], [0, 1])
-    with pytest.raises(ValueError, match="argmax"):
-        compute_metrics("sst2", torch.zeros(2, 2), [0, 1])
-
-
 # -----------------------------------------------------------------------------
 # batching
 
@@ -352,27 +340,6 @@ def test_batches_add_labels_and_pass_pairs():
     (b,) = batches(_examples(4), StubTokenizer(), 8, 16, None, shuffle=False)
     assert b["labels"].dtype == torch.long and b["labels"].tolist() == [0, 1, 0, 1]
     assert set(b) == {"input_ids", "token_type_ids", "attention_mask", "labels"}
-
-
-@pytest.mark.parametrize("args, kwargs, match", [
-    ((_examples(3), 0, 8), {}, "batch_size=0"),
-    ((_examples(3), 2, 8), {"generator": None}, "manual_seed"),
-    ((_examples(2) + _examples(2, pair=True), 2, 8), {}, "mix"),
-    (([], 2, 8), {}, "examples is empty.*max-train 0"),
-    ((_examples(3), 2, 1), {}, "max_len=1 .* 2 special tokens: use max_len >= 2"),
-    ((_examples(3, pair=True), 2, 2), {}, "max_len=2 .* 3 special tokens: use max_len >= 3"),
-    ((_examples(3), 2, 8), {"shuffle": False, "group_by_length": True}, "needs shuffle=True"),
-])
-def test_batches_reject_bad_arguments_at_the_call(args, kwargs, match):
-    """Raised by the call itself (no next()), before the generator is drawn from: an empty list
-    would otherwise make `while True: yield from batches(...)` spin forever."""
-    g = torch.Generator().manual_seed(0)
-    state = g.get_state()
-    kwargs = {"generator": g, **kwargs}
-    examples, batch_size, max_len = args
-    with pytest.raises(ValueError, match=match):
-        batches(examples, StubTokenizer(), batch_size, max_len, **kwargs)
-    assert torch.equal(g.get_state(), state)
 
 
 def _old_batches(examples, tokenizer, batch_size, max_len, generator, shuffle=True):

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -90,7 +89,7 @@ BAD = [  # (file name, content, the message's file:line, text it names)
     ("a.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": true}\n', 2, "a bool"),
     ("a.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": 0\n', 2, "not a JSON line"),
     ("a.jsonl", '{"text": "a", "label": 1}\n[1, 2]\n', 2, "not an object"),
-    ("a.jsonl", '{"text": "a", "label": NaN}\n', 1, "not a JSON line"),
+    ("a.jsonl", '{"text": "a", "label": NaN}\n', 1, "NaN is a float"),
     ("a.jsonl", '{"text": "\\ud800", "label": 1}\n', 1, "lone surrogate"),
     ("a.csv", "text,label\na,1\n ,0\n", 3, "field 'text' is empty"),
     ("a.csv", "text,label\na,1\nb,\n", 3, "field 'label' is empty"),
@@ -136,12 +135,26 @@ def test_only_regular_files_within_the_byte_bound(tmp_path):
     os.mkfifo(tmp_path / "pipe.csv")  # reading it would block: it must be refused unopened
     with pytest.raises(ValueError, match="not a regular file"):
         read_rows(tmp_path / "pipe.csv")
-    with pytest.raises(ValueError, match="more than the 10 the reader takes"):
+    with pytest.raises(ValueError, match="over the 10 this reader accepts"):
         read_rows(write(tmp_path / "big.csv", reviews()), max_bytes=10)
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match="none.csv not found"):
         read_rows(tmp_path / "none.csv")
     with pytest.raises(ValueError, match="named .jsonl"):
         read_rows(write(tmp_path / "a.json", "{}"))
+
+
+def test_unreadable_file_is_named_with_the_fix(tmp_path, monkeypatch):
+    """Permission denied (simulated: chmod does not stop root) is a ValueError naming the file,
+    not a PermissionError traceback."""
+    path, real_open = write(tmp_path / "a.csv", reviews()), os.open
+
+    def denied(p, *a, **kw):
+        if str(p) == str(path):
+            raise PermissionError(13, "Permission denied", str(p))
+        return real_open(p, *a, **kw)
+    monkeypatch.setattr(os, "open", denied)
+    with pytest.raises(ValueError, match=f"cannot read {re.escape(str(path))}: Permission denied"):
+        read_rows(path)
 
 
 ALPHABET = 'ab ,\t\n\r"{}[]:0123456789.-\\ulabeltxpromptcompletion\ufeff\xe9'

@@ -16,8 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from data.planted import (REACH, _mse, _output, oracle_ranks, plant, planted_loss, random_batch,
-                          rank_recovery, recovery, search_oracle, shuffle_generator,
-                          shuffled_ranks, structure_ranks, vocab_size)
+                          rank_recovery, recovery, vocab_size)
 from lora import add_lora
 
 
@@ -54,9 +53,9 @@ def test_plant_changes_exactly_the_planted_matrices_with_stated_ranks():
     (other Linears, biases, embedding) is untouched, as is the base."""
     base = Tiny()
     before = copy.deepcopy(base.state_dict())
-    teacher, planted = plant(base, NAMES, n_planted=2, rank=[1, 3], effect=0.3,
+    teacher, planted = plant(base, NAMES, n_planted=2, rank=3, effect=0.3,
                              generator=torch.Generator().manual_seed(0))
-    assert len(planted) == 2 and sorted(planted.values()) == [1, 3] and set(planted) <= set(NAMES)
+    assert len(planted) == 2 and sorted(planted.values()) == [3, 3] and set(planted) <= set(NAMES)
     t_sd, b_sd = teacher.state_dict(), base.state_dict()
     for key, w in b_sd.items():
         torch.testing.assert_close(w, before[key], rtol=0, atol=0)
@@ -120,16 +119,6 @@ def test_plant_draws_names_from_the_generator():
     for seed in range(30):
         seen |= set(run(seed)[1])
     assert seen == set(NAMES)
-
-
-@pytest.mark.parametrize("kwargs, match", [
-    ({"names": ["embed"]}, "nn.Linear"), ({"n_planted": 7}, "n_planted=7"),
-    ({"rank": [1, 2]}, "2 entries"), ({"rank": 9}, "rank 9"), ({"effect": 0.0}, "effect=0.0"),
-])
-def test_plant_rejects_bad_arguments(kwargs, match):
-    kwargs = {"names": NAMES, "rank": 2, **kwargs}
-    with pytest.raises(ValueError, match=match):
-        plant(Tiny(), **kwargs, generator=torch.Generator())
 
 
 def test_random_batch_is_valid_and_reproducible():
@@ -262,8 +251,6 @@ def test_vocab_size_reads_the_token_embedding():
 
     assert vocab_size(Tiny(vocab=37)) == 37
     assert vocab_size(models.BertModel(models.TINY)) == models.TINY.vocab_size
-    with pytest.raises(ValueError, match="no nn.Embedding"):
-        vocab_size(nn.Linear(2, 2))
 
 
 # -----------------------------------------------------------------------------
@@ -274,6 +261,8 @@ def test_oracle_ranks_hand_made():
     """Budget 12, b planted at 5: 7 left for a, c, d -> 3, 2, 2 (the extra rank to the first)."""
     assert oracle_ranks(["a", "b", "c", "d"], {"b": 5}, 12) == {"a": 3, "b": 5, "c": 2, "d": 2}
     assert oracle_ranks(["a", "b"], {"a": 4, "b": 4}, 8) == {"a": 4, "b": 4}
+    with pytest.raises(ValueError, match="leaves 1 for 2 other"):  # --compare with a low --r
+        oracle_ranks(["a", "b", "c"], {"a": 8}, 9)
 
 
 @given(st.integers(1, 12), st.data())
@@ -286,13 +275,6 @@ def test_oracle_ranks_sum_to_the_budget_and_spread_evenly(m, data):
     assert sum(r.values()) == budget and all(r[n] == k for n, k in planted.items())
     rest = [r[n] for n in names if n not in planted]
     assert min(rest) >= 1 and max(rest) - min(rest) <= 1
-
-
-def test_oracle_ranks_rejects_bad_input():
-    with pytest.raises(ValueError, match="leaves 1 for 2 other"):
-        oracle_ranks(["a", "b", "c"], {"a": 8}, 9)
-    with pytest.raises(ValueError, match=r"\['z'\]"):
-        oracle_ranks(["a"], {"z": 2}, 8)
 
 
 def test_recovery_hand_made_scores():
@@ -318,15 +300,6 @@ def test_recovery_constant_scores_are_chance_and_hits_are_bounded(m, data):
     assert -1e-9 <= r["hits"] <= min(k, len(planted)) + 1e-9
 
 
-def test_recovery_rejects_bad_input():
-    with pytest.raises(ValueError, match=r"\['z'\]"):
-        recovery({"a": 1.0}, {"z": 2})
-    with pytest.raises(ValueError, match="k=3"):
-        recovery({"a": 1.0, "b": 2.0}, {"a": 2}, k=3)
-    with pytest.raises(ValueError, match="finite"):
-        recovery({"a": math.nan}, {"a": 2})
-
-
 def test_rank_recovery_hand_made():
     """ranks a=8, b=4, c=2, d=2 with planted {a: 4, c: 4}: planted mean (8+2)/2 = 5, other
     mean (4+2)/2 = 3, share 10/16, chance 2/4, covered 1 (a: 8 >= 4; c: 2 < 4)."""
@@ -334,64 +307,3 @@ def test_rank_recovery_hand_made():
     assert r == {"mean_rank_planted": 5.0, "mean_rank_other": 3.0, "share_planted": 0.625,
                  "chance_share": 0.5, "covered": 1}
     assert rank_recovery({"a": 4, "b": 1}, {"a": 4})["covered"] == 1  # exactly its rank counts
-
-
-def test_structure_ranks_keep_the_budget_and_the_bounds():
-    names = [f"m{i}" for i in range(12)]
-    holders = names[2:8] + names[10:]
-    ranks = structure_ranks(names, holders, budget=96, r_min=1, r_max=24)
-    assert structure_ranks(["q", "v", "o"], ["v", "o"], budget=9) == {"q": 1, "v": 4, "o": 4}
-    assert sum(ranks.values()) == 96 and list(ranks) == names
-    assert all(ranks[n] == 1 for n in names if n not in holders)
-    assert {ranks[n] for n in holders} == {11, 12} and max(ranks.values()) <= 24
-    with pytest.raises(ValueError, match="budget=300 cannot give 8 holders"):
-        structure_ranks(names, holders, budget=300, r_min=1, r_max=24)
-    with pytest.raises(ValueError, match="cannot give 0 holders"):
-        structure_ranks(names, ["x"], budget=96)
-
-
-def test_shuffled_ranks_permute_the_scores_own_multiset():
-    ranks = {f"m{i}": r for i, r in enumerate([24, 24, 2, 1, 1, 3, 7, 30, 1, 2, 1])}
-    out = shuffled_ranks(ranks, torch.Generator().manual_seed(5))
-    assert list(out) == list(ranks) or set(out) == set(ranks)
-    assert set(out) == set(ranks) and sorted(out.values()) == sorted(ranks.values())
-    assert out != ranks  # the placement moved (this draw)
-    assert out == shuffled_ranks(ranks, torch.Generator().manual_seed(5))
-
-
-def test_the_shuffle_stream_is_apart_from_every_training_stream():
-    """The old random control drew from the init stream, and seed s + 1's init stream is seed
-    s's data stream; the shuffle's seed is none of the study's stream seeds, so its draws
-    differ from seed s + 1's data stream (and every other)."""
-    import train
-    seeds = {g.initial_seed() for s in range(60) for g in train.random_streams(s).values()}
-    for s in range(50):
-        for i in range(7):
-            g = shuffle_generator(s, i)
-            assert g.initial_seed() % 2**32 not in seeds  # the CPU generator keeps 32 bits
-            data = train.random_streams(s + 1)["data"]
-            assert not torch.equal(torch.randperm(12, generator=g),
-                                   torch.randperm(12, generator=data))
-    assert shuffle_generator(0, 1).initial_seed() != shuffle_generator(0, 2).initial_seed()
-    with pytest.raises(ValueError, match="index=1000"):
-        shuffle_generator(0, 1000)
-
-
-def test_search_oracle_starts_at_oracle_ranks_and_keeps_the_best():
-    """A loss with its optimum at planted ranks (20, 24) inside the cap: the search tries
-    planted.oracle_ranks first, finds the optimum by the coordinate pass, never trains a
-    candidate twice or outside the cap, and stays within its stated size."""
-    names = ["a", "b", "c", "d", "e"]
-    truth = {"b": 24, "d": 24}
-
-    def loss_of(ranks):
-        return (ranks["b"] - 20) ** 2 + (ranks["d"] - 24) ** 2 + 0.1 * ranks["a"]
-
-    best, tried = search_oracle(names, truth, 60, 24, loss_of, grid=(24, 20, 16), step=4)
-    assert tried[0]["planted_ranks"] == {"b": 24, "d": 24}
-    assert tried[0]["final_loss"] == loss_of(oracle_ranks(names, truth, 60))
-    assert best == oracle_ranks(names, {"b": 20, "d": 24}, 60) and sum(best.values()) == 60
-    assert min(t["final_loss"] for t in tried) == loss_of(best) <= tried[0]["final_loss"]
-    fixed = [tuple(t["planted_ranks"].values()) for t in tried]
-    assert len(fixed) == len(set(fixed)) <= 3 + 2 * len(truth)
-    assert all(1 <= r <= 24 for f in fixed for r in f)
