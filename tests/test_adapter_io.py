@@ -379,15 +379,15 @@ OK = {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}
 
 
 @pytest.mark.parametrize("header, match", [
-    ({"a": OK | {"shape": [True]}}, "malformed shape"),
+    ({"a": OK | {"shape": [True]}}, r"has header .*'shape': \[True\]"),
     ({"a": OK | {"data_offsets": [False, 4]}}, "data_offsets"),
-    ({"a": OK | {"shape": [1.0]}}, "malformed shape"),
-    ({"a": OK | {"shape": [2**62, 2**62]}}, r"malformed shape \[4611686018427387904"),
-    ({"a": OK | {"shape": [2**40, 2**40, 0], "data_offsets": [0, 0]}}, "malformed shape"),
-    ({"a": OK | {"shape": [1] * 65}}, "malformed shape"),
-    ({"a": OK | {"dtype": ["F32"]}}, r"unsupported dtype \['F32'\]"),
-    ({"a": [1, 2]}, r"tensor 'a' is \[1, 2\], not an object"),
-    ({"a": "F32"}, "tensor 'a' is 'F32', not an object"),
+    ({"a": OK | {"shape": [1.0]}}, "has header"),
+    ({"a": OK | {"shape": [2**62, 2**62]}}, r"has header .*\[4611686018427387904"),
+    ({"a": OK | {"shape": [2**40, 2**40, 0], "data_offsets": [0, 0]}}, "has header"),
+    ({"a": OK | {"shape": [1] * 65}}, "<= 64 ints"),
+    ({"a": OK | {"dtype": ["F32"]}}, r"'dtype': \['F32'\]"),
+    ({"a": [1, 2]}, r"tensor 'a' has header \[1, 2\]"),
+    ({"a": "F32"}, "tensor 'a' has header 'F32'"),
     ({"a": OK, "__metadata__": {"k": 1}}, "__metadata__"),
     ({"a": OK, "__metadata__": ["k"]}, "__metadata__"),
     ({"a": OK, "__metadata__": "k"}, "__metadata__"),
@@ -430,7 +430,7 @@ def test_saved_files_get_open_mode_under_umask(tmp_path, umask, mode):
         os.umask(old)
     for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
         assert stat.S_IMODE((tmp_path / "a" / name).stat().st_mode) == mode, name
-    assert os.umask(old) == old  # the umask read inside _atomic_write was put back
+    assert os.umask(old) == old  # the umask read inside atomic_write was put back
 
 
 def test_atomic_write_fsyncs_before_replace(tmp_path, monkeypatch):
@@ -438,7 +438,7 @@ def test_atomic_write_fsyncs_before_replace(tmp_path, monkeypatch):
     fsync, replace = os.fsync, os.replace
     monkeypatch.setattr(os, "fsync", lambda fd: (events.append("fsync"), fsync(fd))[1])
     monkeypatch.setattr(os, "replace", lambda a, b: (events.append("replace"), replace(a, b))[1])
-    lora._atomic_write(tmp_path / "f", lambda f: f.write(b"data"))
+    lora.atomic_write(tmp_path / "f", lambda f: f.write(b"data"))
     assert events[:2] == ["fsync", "replace"] and (tmp_path / "f").read_bytes() == b"data"
 
 
@@ -449,7 +449,7 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
         f.write(b"half")
         raise OSError("disk full")
     with pytest.raises(OSError, match="disk full"):
-        lora._atomic_write(tmp_path / "f", boom)
+        lora.atomic_write(tmp_path / "f", boom)
     assert (tmp_path / "f").read_bytes() == b"old" and os.listdir(tmp_path) == ["f"]
 
 
@@ -569,8 +569,8 @@ EVIL = "([a-z0-9.]|[a-z0-9.])*Z"  # exponential backtracking in re on any long m
 @pytest.mark.parametrize("field, value", [
     ("rank_pattern", {EVIL: 4}), ("alpha_pattern", {EVIL: 2.0}), ("target_modules", EVIL),
     ("exclude_modules", EVIL), ("modules_to_save", [EVIL]), ("rank_pattern", {"a+b": 4}),
-    ("target_modules", "(a|b)" * 9),  # 512 alternatives
-    ("modules_to_save", ["classifier|x"]),  # PEFT would read (^|.*\.)classifier | x($|\..*)
+    ("target_modules", "(query)\\1"),  # a backreference
+    ("modules_to_save", ["(?!x)classifier"]),  # a lookaround
 ])
 def test_peft_regex_outside_the_linear_subset_is_refused_naming_the_field(saved, tmp_path,
                                                                           field, value):
@@ -585,12 +585,13 @@ def test_peft_regex_outside_the_linear_subset_is_refused_naming_the_field(saved,
 
 @pytest.mark.parametrize("key", [".*1.dense", "block.1.dense", "^block\\.1\\.dense$",
                                  "block.(1|7).(?:dense|x)", "(bl|x)ock\\.1\\.dense",
-                                 "[b]lock.[1-1].dense", ".*\\d\\.de.*"])
+                                 "[b]lock.[1-1].dense", ".*1\\.de.*", "(a|b)" * 9 + "|.*1.de.*"])
 def test_peft_rank_pattern_in_the_subset_applies_peft_rule(saved, tmp_path, key):
-    """Keys written as names, '.', escapes, classes and '.*' give the ranks PEFT's re.match gives:
-    the saved key for block.1.dense (rank 4) replaced by an equivalent one."""
+    """Keys written as names, '.', escapes, classes, '.*' and groups (512 alternatives in the
+    last) give the ranks PEFT's re.match gives: the saved key for block.1.dense (rank 4)
+    replaced by an equivalent one."""
     def cfg_edit(cfg):
-        cfg["rank_pattern"] = {key: 4} if key != ".*\\d\\.de.*" else {".*1\\.de.*": 4}
+        cfg["rank_pattern"] = {key: 4}
     folder = edited(saved[0], "peft", tmp_path / "a", cfg_edit)
     model = trained(2)
     load_adapter(folder, model)
@@ -598,22 +599,37 @@ def test_peft_rank_pattern_in_the_subset_applies_peft_rule(saved, tmp_path, key)
         "block.0.query": 3, "block.0.dense": 3, "block.1.query": 3, "block.1.dense": 4}
 
 
-ATOMS = ["a", "b", ".", "\\.", "[ab]", "[^a]", "\\d", "1", ".*", "_", "(a|b.*)", "(?:1|.|)"]
+ATOMS = ["a", "b", ".", "\\.", "[ab]", "[^a]", "\\d", "1", ".*", "_", "(a|b.*)", "(?:1|.|)", "|",
+         "^", "$", "(a.*|)"]
 
 
-@given(atoms=st.lists(st.sampled_from(ATOMS), max_size=5), anchors=st.tuples(st.booleans(),
-       st.booleans()), names=st.lists(st.text("ab.1_", max_size=8), min_size=1, max_size=4))
-def test_rx_match_agrees_with_peft_re_rules(atoms, anchors, names):
+@given(atoms=st.lists(st.sampled_from(ATOMS), max_size=6),
+       names=st.lists(st.text("ab.1_", max_size=8), min_size=1, max_size=4))
+def test_peft_match_agrees_with_peft_re_rules(atoms, names):
     """Oracle: the three re expressions PEFT evaluates (get_pattern_key, target_modules as a
-    string, modules_to_save), on patterns of the subset lora._rx accepts (groups expanded)."""
+    string, modules_to_save), on patterns of the subset lora._peft_match evaluates."""
     import re
-    p = "^" * anchors[0] + "".join(atoms) + "$" * anchors[1]
-    assert lora._rx(p) is not None
+    p = "".join(atoms)
+    try:
+        re.compile(p)
+    except re.error:
+        return
     for name in names:
-        assert lora._rx_match(p, name, "full") == (re.fullmatch(p, name) is not None)
-        assert lora._rx_match(p, name, "key") == (re.match(rf"(.*\.)?({p})$", name) is not None)
-        assert lora._rx_match(p, name, "saved") == (
+        assert lora._peft_match(p, name, "full") == (re.fullmatch(p, name) is not None)
+        assert lora._peft_match(p, name, "key") == (
+            re.match(rf"(.*\.)?({p})$", name) is not None)
+        assert lora._peft_match(p, name, "saved") == (
             re.match(rf"(^|.*\.){p}($|\..*)", name) is not None)
+
+
+def test_peft_match_is_linear_where_re_backtracks_for_hours():
+    """re.fullmatch(".*a" * 12 + "Z", "a" * 80) tries ~C(80, 12) = 7·10¹³ splits; the NFA
+    answers at once, for every rule, and agrees with re on a short name."""
+    import re
+    p = ".*a" * 12 + "Z"
+    for rule in ("full", "key", "saved"):
+        assert not lora._peft_match(p, "a" * 80, rule)
+        assert lora._peft_match(p, "a" * 12 + "Z", rule) == bool(re.fullmatch(p, "a" * 12 + "Z"))
 
 
 def _returns_within(fn, seconds: float = 30.0):
