@@ -7,15 +7,15 @@
 
 Convention used everywhere in fimlora: W0: (d_out, d_in) is frozen, A: (r, d_in), B: (d_out, r),
 ΔW = s·B A with s = α/r (α/√r with rsLoRA); per-matrix ranks (FIM-LoRA) are per-layer r_m, α_m.
-Imports only the standard library and torch, so it can be copied into any project. Bad arguments
-and files raise ValueError naming the argument or file, field and value, before anything changes.
-
+Standard library and torch only: copy it into any project. Bad arguments and files raise
+ValueError naming the argument or file, field and value, before anything changes.
 References: LoRA, Hu et al. 2021, arXiv:2106.09685; rsLoRA, Kalajdzievski 2023, arXiv:2312.03732;
 PEFT's adapter format, https://github.com/huggingface/peft (adapter_config.json + safetensors).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -38,23 +38,19 @@ import torch.nn.functional as F
 
 def lora_scaling(r: int, alpha: float, rslora: bool = False) -> float:
     """s = α/r, or α/√r with rsLoRA (arXiv:2312.03732); 0 for r = 0.  lora_scaling(8, 16) == 2.0"""
-    if r == 0:
-        return 0.0
-    return alpha / math.sqrt(r) if rslora else alpha / r
+    return 0.0 if r == 0 else alpha / math.sqrt(r) if rslora else alpha / r
 
 
 class LoRALinear(nn.Module):
-    """h = W0 x + b + s·B A dropout(x)  (LoRA, eq. 3). W0 and b are an nn.Linear's, frozen and
-    kept under their names (`weight`, `bias`), so a checkpoint of the adapted model still loads
-    into the plain one. A is Kaiming-uniform(a=√5) and B = 0, as in the LoRA reference code
-    (https://github.com/microsoft/LoRA/blob/main/loralib/layers.py): the layer starts as the base
-    layer. r = 0 means "no adapter"."""
+    """h = W0 x + b + s·B A dropout(x)  (LoRA, eq. 3), W0 and b an nn.Linear's, frozen and kept
+    under their names, so checkpoints of the adapted and plain model fit each other. A is
+    Kaiming-uniform(a=√5), B = 0 (https://github.com/microsoft/LoRA/blob/main/loralib/layers.py):
+    the layer starts as the base layer. r = 0 means "no adapter"."""
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0,
                  rslora: bool = False, generator: torch.Generator | None = None):
         super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise ValueError(f"LoRALinear wraps nn.Linear, got {type(base).__name__}")
+        _check(base, "an nn.Linear", "base", ok=isinstance(base, nn.Linear))
         _check_args(r, alpha, dropout, rslora, generator)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias  # W0: (d_out, d_in)
@@ -63,7 +59,7 @@ class LoRALinear(nn.Module):
         self._make_adapter(int(r), generator)
 
     def _make_adapter(self, r: int, generator: torch.Generator | None, init: bool = True) -> None:
-        """New A (Kaiming; left for a load to fill when init=False) and B = 0 at rank r. An existing
+        """New A (Kaiming; left for a load to fill if not init) and B = 0 at rank r. An existing
         adapter keeps its Parameter objects and requires_grad (new tensors set in, stale .grad
         dropped), so an optimizer built before a resize trains the resized adapter."""
         self.r, w = r, self.weight
@@ -77,10 +73,10 @@ class LoRALinear(nn.Module):
         if "lora_A" not in self._parameters:
             self.lora_A, self.lora_B = nn.Parameter(A), nn.Parameter(B)
             return
-        for p, new in ((self.lora_A, A), (self.lora_B, B)):
-            with torch.no_grad():
-                p.set_(new)
-            p.grad = None
+        with torch.no_grad():
+            self.lora_A.set_(A)
+            self.lora_B.set_(B)
+        self.lora_A.grad = self.lora_B.grad = None
 
     @property
     def scaling(self) -> float:
@@ -93,8 +89,8 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.r == 0 or self.merged:
             return F.linear(x, self.weight, self.bias)
-        # two thin matmuls (d_in -> r -> d_out), and addmm_ adds s·u Bᵀ inside the GEMM, in place
-        # (y is fresh; linear's backward does not need it); in-place ops skip autocast: the casts
+        # two thin matmuls (d_in -> r -> d_out); addmm_ adds s·u Bᵀ inside the GEMM, in place (y is
+        # fresh; linear's backward does not need it); in-place ops skip autocast: hence the casts
         u = F.linear(self.dropout(x), self.lora_A).reshape(-1, self.r)  # (N, r)
         y = F.linear(x.reshape(-1, self.in_features), self.weight, self.bias)  # (N, d_out)
         y.addmm_(u.to(y.dtype), self.lora_B.T.to(y.dtype), alpha=self.scaling)
@@ -103,17 +99,14 @@ class LoRALinear(nn.Module):
         return torch.ops.aten._unsafe_view(y, (*x.shape[:-1], self.out_features))
 
     @torch.no_grad()
-    def merge(self) -> None:
-        """W0 <- W0 + s·B A, so inference costs one matmul. Undo with unmerge()."""
-        if not self.merged:
-            self.weight.add_(self.delta_weight().to(self.weight.dtype))
-            self.merged = True
+    def merge(self, merged: bool = True) -> None:
+        """W0 <- W0 + s·B A, so inference costs one matmul; unmerge() (merged=False) undoes it."""
+        if self.merged != merged:
+            self.weight.add_(self.delta_weight().to(self.weight.dtype), alpha=1 if merged else -1)
+            self.merged = merged
 
-    @torch.no_grad()
     def unmerge(self) -> None:
-        if self.merged:
-            self.weight.sub_(self.delta_weight().to(self.weight.dtype))
-            self.merged = False
+        self.merge(False)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
@@ -123,44 +116,40 @@ class LoRALinear(nn.Module):
 # -----------------------------------------------------------------------------
 # adding, resizing and merging adapters
 
-RANK, ALPHA, FLAG = "an int >= 0", "a finite number", "True or False"  # what _check accepts
+RANK, ALPHA, FLAG, P = "an int >= 0", "a finite number", "True or False", "a number in [0, 1)"
 _MISSING = object()
 
 
 def _check(v, want: str, name: str, where: str = "", ok: bool | None = None) -> None:
-    """ValueError "<where><name>=<v> is invalid: use <want>" unless v is RANK, ALPHA or FLAG as
-    `want` says, or for other wants unless ok.  _check(8, RANK, "r") passes."""
-    num = isinstance(v, numbers.Real) and not isinstance(v, bool)  # JSON's true is an int
+    """ValueError "<where><name>=<v> is invalid: use <want>" unless ok, which defaults to v
+    being what RANK, ALPHA, FLAG or P says.  _check(8, RANK, "r") passes; JSON's true is no int."""
+    num = isinstance(v, numbers.Real) and not isinstance(v, bool)
     if ok is None:
         ok = {RANK: num and isinstance(v, numbers.Integral) and v >= 0, FLAG: isinstance(v, bool),
-              ALPHA: num and v == v and abs(v) <= sys.float_info.max}[want]
+              ALPHA: num and v == v and abs(v) <= sys.float_info.max, P: num and 0 <= v < 1}[want]
     if not ok:
         bad = " is missing" if v is _MISSING else f"={reprlib.repr(v)} is invalid"
         raise ValueError(f"{where}{name}{bad}: use {want}")
 
 
 def _check_args(r, alpha, dropout=0.0, rslora=False, generator=None) -> None:
-    _check(r, RANK, "r")
-    _check(alpha, ALPHA, "alpha")
-    _check(dropout, "a number in [0, 1)", "dropout", ok=isinstance(dropout, numbers.Real)
-           and not isinstance(dropout, bool) and 0 <= dropout < 1)
-    _check(rslora, FLAG, "rslora")
+    for v, want, name in ((r, RANK, "r"), (alpha, ALPHA, "alpha"), (dropout, P, "dropout"),
+                          (rslora, FLAG, "rslora")):
+        _check(v, want, name)
     _check(generator, "a torch.Generator", "generator",
            ok=generator is None or isinstance(generator, torch.Generator))
 
 
 def _names(v, name: str, where: str = "") -> list[str]:
     """A str or an iterable of str as a list (targets, heads).  _names("query", "t") == ["query"]"""
-    if isinstance(v, str):
-        return [v]
     ok = isinstance(v, Iterable) and not isinstance(v, Mapping)
-    v = list(v) if ok else v
+    v = [v] if isinstance(v, str) else list(v) if ok else v
     _check(v, "a str or a list of str", name, where, ok and all(isinstance(s, str) for s in v))
     return v
 
 
 def _pattern(p, name: str, want: str, where: str = "") -> dict:
-    """p as a {str: value} dict whose values are `want` (rank_pattern, alpha_pattern, ranks)."""
+    """p, checked to be a {str: value} dict whose values are `want` (rank_pattern, ranks)."""
     _check(p, "a dict (JSON object)", name, where, isinstance(p, dict))
     for k, v in p.items():
         _check(k, "str module names", f"{name} key", where, isinstance(k, str))
@@ -169,10 +158,8 @@ def _pattern(p, name: str, want: str, where: str = "") -> dict:
 
 
 def _heads(model: nn.Module, heads, where: str = "") -> list[str]:
-    """Head names as a list, each a module of the model."""
-    heads, modules = _names(heads, "heads", where), dict(model.named_modules())
-    for h in heads:
-        if h not in modules:
+    for h in (heads := _names(heads, "heads", where)):  # each a module of the model
+        if h not in dict(model.named_modules()):
             raise ValueError(f"{where}head {h!r} is not a module of the model; top-level modules: "
                              f"{', '.join(n for n, _ in model.named_children())}")
     return heads
@@ -202,28 +189,25 @@ def add_lora(model: nn.Module, targets: Sequence[str], r: int, alpha: float,
     raises, since silently training another model is the classic bug (PEFT issue #3582)."""
     _check_args(r, alpha, dropout, rslora, generator)
     targets, heads = _names(targets, "targets"), _heads(model, heads)
-    patterns = [(_pattern({} if p is None else p, field, want), field, default) for p, field, want,
-                default in ((rank_pattern, "rank_pattern", RANK, r),
-                            (alpha_pattern, "alpha_pattern", ALPHA, alpha))]
+    patterns = {"rank_pattern": (_pattern(rank_pattern or {}, "rank_pattern", RANK), r),
+                "alpha_pattern": (_pattern(alpha_pattern or {}, "alpha_pattern", ALPHA), alpha)}
     lora, modules = lora_layers(model), dict(model.named_modules())
     linears = {n: m for n, m in modules.items() if isinstance(m, nn.Linear)}
+    names = [n for n in linears if any(name_matches(n, t) for t in targets)]
     for t in targets:  # an already adapted module counts as a match and is left as it is
         if not any(name_matches(n, t) for n in [*linears, *lora]):
             raise ValueError(f"target {t!r} matches no nn.Linear; the model has: "
                              f"{', '.join(sorted(linears)) or '(none)'}")
-    names = [n for n in linears if any(name_matches(n, t) for t in targets)]
-    for pattern, field, _ in patterns:
-        for key in pattern:
-            if not any(name_matches(n, key) for n in names):
-                raise ValueError(f"{field} key {key!r} matches no adapted module; adapted "
-                                 f"modules are: {', '.join(names)}")
+    for field, (pattern, _) in patterns.items():
+        for key in (k for k in pattern if not any(name_matches(n, k) for n in names)):
+            raise ValueError(f"{field} key {key!r} matches no adapted module; adapted modules "
+                             f"are: {', '.join(names)}")
     adapters = {id(p) for m in lora.values() for p in (m.lora_A, m.lora_B)}
     for p in model.parameters():
-        if id(p) not in adapters:
-            p.requires_grad_(False)
+        p.requires_grad_(id(p) in adapters and p.requires_grad)
     for name in names:
         r_m, alpha_m = (next((v for k, v in p.items() if name_matches(name, k)), default)
-                        for p, _, default in patterns)
+                        for p, default in patterns.values())
         parent, _, child = name.rpartition(".")
         setattr(modules[parent], child,
                 LoRALinear(linears[name], int(r_m), alpha_m, dropout, rslora, generator))
@@ -239,21 +223,20 @@ def resize_lora(layer: LoRALinear, new_r: int, alpha: float | None = None,
     objects, but an optimizer that has stepped holds moments of the old shapes: build it after."""
     _check(layer, "a LoRALinear", "layer", ok=isinstance(layer, LoRALinear))
     _check(new_r, RANK, "new_r")
-    _check_args(0, layer.alpha if alpha is None else alpha, generator=generator)
+    _check_args(0, alpha := layer.alpha if alpha is None else alpha, generator=generator)
     if layer.merged:
         raise ValueError("resize_lora on a merged layer would lose ΔW: call unmerge() first")
     layer._make_adapter(int(new_r), generator)
-    layer.alpha = layer.alpha if alpha is None else float(alpha)
+    layer.alpha = float(alpha)
 
 
-def merge_lora(model: nn.Module) -> None:
+def merge_lora(model: nn.Module, merged: bool = True) -> None:
     for layer in lora_layers(model).values():
-        layer.merge()
+        layer.merge(merged)
 
 
 def unmerge_lora(model: nn.Module) -> None:
-    for layer in lora_layers(model).values():
-        layer.unmerge()
+    merge_lora(model, False)
 
 
 # -----------------------------------------------------------------------------
@@ -280,11 +263,12 @@ def _check_entries(sd, where: str) -> None:
                              "names to dense tensors")
 
 
-def _check_state(model: nn.Module, sd, where: str, ranks: dict[str, int] | None = None,
-                 heads: Sequence[str] = ()) -> None:
-    """Everything a load checks before it writes: sd maps the model's parameter names to float
-    tensors of their shapes (LoRA ones at `ranks` when given), finite in the model's dtype; all
-    LoRA tensors and `heads` parameters are there; no LoRA layer is merged (W0 would break)."""
+def _load(model: nn.Module, sd, where: str, ranks: dict[str, int] | None = None,
+          alphas: dict[str, float] | None = None, heads: Sequence[str] = ()) -> None:
+    """Copy sd into the model, resizing LoRA layers to `ranks` and setting `alphas` when given,
+    once every check passed: sd maps the model's parameter names to float tensors of their
+    shapes (at `ranks`), finite in the model's dtype; all LoRA tensors and `heads` parameters
+    are there; no LoRA layer is merged (W0 would break at unmerge)."""
     _check_entries(sd, where)
     params, layers = dict(model.named_parameters()), lora_layers(model)
     if any(m.merged for m in layers.values()):
@@ -312,15 +296,19 @@ def _check_state(model: nn.Module, sd, where: str, ranks: dict[str, int] | None 
             bad.append(f"{k} has non-finite values (NaN or inf in {p.dtype})")
     if bad:
         raise ValueError(f"{where}: " + "; ".join(bad[:8]) + hint)
+    with torch.no_grad():  # every check has passed: now change the model
+        for n, layer in layers.items() if ranks is not None else ():
+            if layer.r != ranks[n]:
+                layer._make_adapter(int(ranks[n]), None, init=False)  # no RNG draw: filled next
+            layer.alpha = float(alphas[n])
+        for k, v in sd.items():
+            params[k].copy_(v)
 
 
 def load_lora_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
-    """Copy adapter (and head) tensors into the model, after _check_state found them all fit."""
-    _check_state(model, sd, "state dict")
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for k, v in sd.items():
-            params[k].copy_(v)
+    """Copy adapter (and head) tensors into the model; every key must exist, every shape match,
+    every value be finite, all checked before anything is written."""
+    _load(model, sd, "state dict")
 
 
 # --- on disk ---------------------------------------------------------------------
@@ -390,16 +378,14 @@ def _json(raw: bytes, where: str) -> dict:
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
-    """Make renames and creations inside folder `path` durable (POSIX; where a folder cannot be
-    opened or synced, as on Windows, a no-op)."""
-    try:
+    """Make the renames and new files in folder `path` durable (a no-op where a folder cannot be
+    opened or synced, as on Windows)."""
+    with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
-    except OSError:
-        pass
 
 
 def atomic_write(path: str | os.PathLike, write) -> None:
@@ -429,7 +415,6 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
     and 100 MB; at most 2**17 entries (counted before parsing); UTF-8 JSON, no duplicate keys;
     __metadata__ absent, null or {str: str}; known dtypes; shapes of <= 64 ints >= 0 and
     <= 2**62 elements; int offsets that agree with dtype·shape and tile the data section."""
-    path = Path(path)
     with open_regular(path) as f:
         size, n = os.fstat(f.fileno()).st_size, int.from_bytes(f.read(8), "little")
         if size < 8 or n > min(size - 8, _ST_MAX_HEADER):
@@ -446,18 +431,18 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
             raise ValueError(f"{path}: __metadata__={reprlib.repr(meta)} is not a {{str: str}}")
         spans = []
         for name, info in header.items():
-            info = info if isinstance(info, dict) else {}
-            dtype, shape, offs = (info.get(k) for k in ("dtype", "shape", "data_offsets"))
-            numel = math.prod(shape) if isinstance(shape, list) and len(shape) <= 64 and all(
-                type(d) is int and 0 <= d <= 2**62 for d in shape) else -1
-            if not (isinstance(dtype, str) and dtype in _ST_DTYPES and 0 <= numel and
-                    math.prod(max(d, 1) for d in shape) <= 2**62 and isinstance(offs, list)
-                    and [type(o) for o in offs] == [int, int] and 0 <= offs[0] <= offs[1]
-                    and offs[1] - offs[0] == numel * _ST_DTYPES[dtype].itemsize):
+            dtype, shape, offs = (info.get(k) if isinstance(info, dict) else None
+                                  for k in ("dtype", "shape", "data_offsets"))
+            ok = isinstance(dtype, str) and dtype in _ST_DTYPES and isinstance(shape, list) \
+                and len(shape) <= 64 and all(type(d) is int and d >= 0 for d in shape) \
+                and math.prod(max(d, 1) for d in shape) <= 2**62 and isinstance(offs, list) \
+                and [type(o) for o in offs] == [int, int] and 0 <= offs[0] <= offs[1] \
+                and offs[1] - offs[0] == math.prod(shape) * _ST_DTYPES[dtype].itemsize
+            if not ok:
                 raise ValueError(f"{path}: tensor {reprlib.repr(name)} has header "
-                                 f"{reprlib.repr(header[name])}: need dtype in "
-                                 f"{'/'.join(_ST_DTYPES)}, a shape of <= 64 ints >= 0 and "
-                                 "data_offsets [begin, end] that hold dtype x shape")
+                                 f"{reprlib.repr(info)}: need dtype in {'/'.join(_ST_DTYPES)}, "
+                                 "a shape of <= 64 ints >= 0 and data_offsets [begin, end] that "
+                                 "hold dtype x shape")
             spans.append((*offs, name))
         spans.sort()
         if [0, *(end for _, end, _ in spans)] != [*(begin for begin, _, _ in spans), size - 8 - n]:
@@ -520,14 +505,14 @@ def adapter_config(model: nn.Module, targets: Iterable[str] = (), seed: int | No
             "scalings": {n: m.scaling for n, m in layers.items()}}
 
 
-def _peft_config(cfg: dict, linears: Sequence[str], base_model: str | None,
-                 task_type: str | None) -> dict:
-    """PEFT LoraConfig fields: r = the most common rank, and rank_pattern / alpha_pattern keys
-    anchored and escaped ("^bert\\.encoder\\.layer\\.0\\..."), each matching one module. At one
-    scale (uniform add_lora, initialize_fim_ranks) lora_alpha/r is every module's scale, so a
-    server that ignores the patterns (vLLM) serves the same ΔW. Rank-0 modules are left out
-    (PEFT has no rank 0); if the `targets` suffixes would then add or miss one, target_modules
-    lists the adapted names themselves."""
+def _to_peft(cfg: dict, sd: dict, linears: list[str], base_model: str | None,
+             task_type: str | None) -> tuple[dict, dict]:
+    """(PEFT's LoraConfig fields, tensors under PEFT's keys) for adapter_config's cfg. r is the
+    most common rank; rank_pattern / alpha_pattern keys are anchored, escaped names, each
+    matching one module. At one scale (uniform add_lora, initialize_fim_ranks) lora_alpha/r is
+    every module's, so a server that ignores the patterns (vLLM) serves the same ΔW. Rank-0
+    modules are left out (PEFT has no rank 0); if the `targets` suffixes would then add or miss
+    one, target_modules lists the adapted names themselves."""
     ranks, alphas, heads = cfg["ranks"], cfg["alphas"], cfg["heads"]
     kept = [n for n, r in ranks.items() if r > 0]
     if not kept:
@@ -541,7 +526,7 @@ def _peft_config(cfg: dict, linears: Sequence[str], base_model: str | None,
     targets = sorted(set(cfg["targets"]))
     if {n for n in linears if any(name_matches(n, t) for t in targets)} != set(kept):
         targets = kept
-    return {  # SEQ_CLS: PEFT adds "classifier" and "score" to modules_to_save itself
+    config = {  # SEQ_CLS: PEFT adds "classifier" and "score" to modules_to_save itself
         "peft_type": "LORA", "base_model_name_or_path": base_model,
         "task_type": task_type or ("SEQ_CLS" if {"classifier", "score"} & set(heads) else None),
         "r": r, "lora_alpha": common_alpha, "target_modules": targets,
@@ -551,6 +536,10 @@ def _peft_config(cfg: dict, linears: Sequence[str], base_model: str | None,
         "use_rslora": cfg["rslora"], "lora_dropout": cfg["dropout"], "bias": "none",
         "fan_in_fan_out": False, "use_dora": False, "init_lora_weights": True,
         "modules_to_save": list(heads) or None, "inference_mode": True}
+    # PEFT's keys hold no adapter name: "<module>.lora_A.weight", a head's "classifier.weight"
+    is_head = {k: any(k.startswith(h + ".") for h in heads) for k in sd}
+    return config, {PEFT_PREFIX + k + ("" if is_head[k] else ".weight"): v
+                    for k, v in sd.items() if is_head[k] or v.numel()}
 
 
 # PEFT matches its regexes with re, each in its rule's frame (below); a hostile pattern in a
@@ -563,8 +552,6 @@ _PEFT_RX = {"full": ("(?:", ")$"),  # target_modules as a string: re.fullmatch(p
             "saved": (r"(^|.*\.)", r"($|\..*)")}  # modules_to_save: re.match(frame, name)
 _RX_TOKEN = re.compile(r"\\[dwsDWS]|\\[^0-9A-Za-z]|\[\^?\]?(?:\\.|[^\]\\])*\]|\.\*|\(\?:|[()|^$]"
                        r"|[^\\^$*+?{}()|[]")
-
-
 _RX_MOVES = ("(", "(?:", "|", ")", "^", "$", ".*")  # the tokens that are not one-character atoms
 _compiled = functools.lru_cache(maxsize=4096)(re.compile)  # re's own cache holds only 512
 
@@ -700,8 +687,8 @@ def _from_peft(cfg: dict, sd: dict[str, torch.Tensor], model: nn.Module, where: 
         if ranks[n] == 0:
             ours.setdefault(f"{n}.lora_A", torch.empty(0, m.in_features))
             ours.setdefault(f"{n}.lora_B", torch.empty(m.out_features, 0))
-    return ranks, {n: float(a) for n, a in alphas.items()}, cfg.get("use_rslora", False), \
-        ours, heads
+    alphas = {n: float(a) for n, a in alphas.items()}
+    return ranks, alphas, cfg.get("use_rslora", False), ours, heads
 
 
 def save_adapter(path: str | os.PathLike, model: nn.Module, targets: Iterable[str] = (),
@@ -714,26 +701,22 @@ def save_adapter(path: str | os.PathLike, model: nn.Module, targets: Iterable[st
     .weight", heads as modules_to_save; task_type "SEQ_CLS" when a "classifier" or "score"
     head is saved, else None, unless given, e.g. "CAUSAL_LM" for a decoder; PEFT_TASK_TYPES)."""
     _check(format, "'fimlora' or 'peft'", "format", ok=format in ("fimlora", "peft"))
-    _check(base_model, "a str or None", "base_model", ok=base_model is None
-           or isinstance(base_model, str))
+    _check(base_model, "a str or None", "base_model",
+           ok=base_model is None or isinstance(base_model, str))
     _check(task_type, f"None or one of {', '.join(PEFT_TASK_TYPES)}", "task_type",
            ok=task_type in (None, *PEFT_TASK_TYPES))
     if task_type is not None and format != "peft":
         raise ValueError(f"task_type={task_type!r} is a PEFT field: use format='peft'")
     config = adapter_config(model, targets, seed, heads)
-    tensors, heads = lora_state_dict(model, config["heads"]), config["heads"]
+    tensors = lora_state_dict(model, config["heads"])
     if format == "peft":
         linears = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, LoRALinear))]
-        config = _peft_config(config, linears, base_model, task_type)
-        # PEFT's keys hold no adapter name: "<module>.lora_A.weight", "classifier.weight"
-        is_head = {k: any(k.startswith(h + ".") for h in heads) for k in tensors}
-        tensors = {PEFT_PREFIX + k + ("" if is_head[k] else ".weight"): v
-                   for k, v in tensors.items() if is_head[k] or v.numel()}
-    text = json.dumps(config, indent=2) + "\n"
-    Path(path).mkdir(parents=True, exist_ok=True)
-    write_safetensors(Path(path) / ADAPTER_WEIGHTS, tensors, {"format": "pt"})
-    atomic_write(Path(path) / ADAPTER_CONFIG, lambda f: f.write(text.encode()))
-    return Path(path)
+        config, tensors = _to_peft(config, tensors, linears, base_model, task_type)
+    text, path = json.dumps(config, indent=2) + "\n", Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    write_safetensors(path / ADAPTER_WEIGHTS, tensors, {"format": "pt"})
+    atomic_write(path / ADAPTER_CONFIG, lambda f: f.write(text.encode()))
+    return path
 
 
 def load_adapter(path: str | os.PathLike, model: nn.Module) -> dict:
@@ -742,15 +725,16 @@ def load_adapter(path: str | os.PathLike, model: nn.Module) -> dict:
     on the same modules, and return its config. Layers get the saved ranks and alphas, so every
     matrix has its trained scale. All or nothing: every field, key, shape, dtype and value is
     checked before any layer changes; a bad adapter raises ValueError naming file and field."""
-    path, where, layers = Path(path), f"{Path(path) / ADAPTER_CONFIG}: ", lora_layers(model)
+    path = Path(path)
+    where, weights, layers = f"{path / ADAPTER_CONFIG}: ", path / ADAPTER_WEIGHTS, lora_layers(model)
     try:
-        raw = read_regular(path / ADAPTER_CONFIG, JSON_LIMIT)
+        cfg = _json(read_regular(path / ADAPTER_CONFIG, JSON_LIMIT), str(path / ADAPTER_CONFIG))
     except FileNotFoundError:
         raise FileNotFoundError(f"{path / ADAPTER_CONFIG} not found: is {path} an adapter "
                                 "folder?") from None
-    cfg, weights = _json(raw, str(path / ADAPTER_CONFIG)), path / ADAPTER_WEIGHTS
-    if not os.path.lexists(weights) and os.path.lexists(path / PEFT_BIN_WEIGHTS):
-        weights = path / PEFT_BIN_WEIGHTS
+    if os.path.lexists(weights):
+        sd = read_safetensors(weights)[0]
+    elif os.path.lexists(weights := path / PEFT_BIN_WEIGHTS):
         with open_regular(weights) as f:
             try:
                 sd = torch.load(f, map_location="cpu", weights_only=True)
@@ -758,10 +742,8 @@ def load_adapter(path: str | os.PathLike, model: nn.Module) -> dict:
                 raise ValueError(f"{weights}: torch.load(weights_only=True) failed "
                                  f"({type(e).__name__}: {e})") from None
         _check_entries(sd, str(weights))
-    elif not os.path.lexists(weights):
-        raise FileNotFoundError(f"no {ADAPTER_WEIGHTS} or {PEFT_BIN_WEIGHTS} in {path}")
     else:
-        sd = read_safetensors(weights)[0]
+        raise FileNotFoundError(f"no {ADAPTER_WEIGHTS} or {PEFT_BIN_WEIGHTS} in {path}")
     if cfg.get("format") == FIMLORA_FORMAT:
         ranks = _pattern(cfg.get("ranks", _MISSING), "ranks", RANK, where)
         alphas = _pattern(cfg.get("alphas", _MISSING), "alphas", ALPHA, where)
@@ -777,18 +759,10 @@ def load_adapter(path: str | os.PathLike, model: nn.Module) -> dict:
     if not set(ranks) == set(alphas) == set(layers):
         raise ValueError(f"{where}adapter modules {sorted(set(ranks) ^ set(layers))[:5]} or "
                          f"alphas {sorted(set(alphas) ^ set(layers))[:5]} differ from the model's "
-                         f"LoRA modules: add_lora with the adapter's targets "
+                         "LoRA modules: add_lora with the adapter's targets "
                          f"{reprlib.repr(cfg.get('targets'))} first")
     if any(m.rslora != rslora for m in layers.values()):
         raise ValueError(f"{where}rslora={rslora} but the model's layers have rslora="
                          f"{not rslora}: add_lora with rslora={rslora}")
-    _check_state(model, sd, str(weights), ranks, heads)
-    params = dict(model.named_parameters())
-    with torch.no_grad():  # every check has passed: now change the model
-        for name, layer in layers.items():
-            if layer.r != ranks[name]:
-                layer._make_adapter(int(ranks[name]), None, init=False)  # no RNG draw: filled next
-            layer.alpha = float(alphas[name])
-        for k, v in sd.items():
-            params[k].copy_(v)
+    _load(model, sd, str(weights), ranks, alphas, heads)
     return cfg

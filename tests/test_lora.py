@@ -373,7 +373,7 @@ def test_resize_lora_bad_arguments_raise_and_keep_the_adapter(args, match):
 
 
 @pytest.mark.parametrize("base, kw, match", [
-    (nn.Conv1d(2, 2, 1), {}, "wraps nn.Linear"), (nn.Linear(4, 3), dict(r=1.5), "r=1.5"),
+    (nn.Conv1d(2, 2, 1), {}, "use an nn.Linear"), (nn.Linear(4, 3), dict(r=1.5), "r=1.5"),
     (nn.Linear(4, 3), dict(alpha=None), "alpha=None"),
     (nn.Linear(4, 3), dict(rslora=1), "rslora=1")])
 def test_lora_linear_bad_arguments_raise_value_error(base, kw, match):
