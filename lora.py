@@ -223,20 +223,22 @@ def resize_lora(layer: LoRALinear, new_r: int, alpha: float | None = None,
     objects, but an optimizer that has stepped holds moments of the old shapes: build it after."""
     _check(layer, "a LoRALinear", "layer", ok=isinstance(layer, LoRALinear))
     _check(new_r, RANK, "new_r")
-    _check_args(0, alpha := layer.alpha if alpha is None else alpha, generator=generator)
+    alpha = layer.alpha if alpha is None else alpha
+    _check_args(0, alpha, generator=generator)
     if layer.merged:
         raise ValueError("resize_lora on a merged layer would lose ΔW: call unmerge() first")
     layer._make_adapter(int(new_r), generator)
     layer.alpha = float(alpha)
 
 
-def merge_lora(model: nn.Module, merged: bool = True) -> None:
+def merge_lora(model: nn.Module) -> None:
     for layer in lora_layers(model).values():
-        layer.merge(merged)
+        layer.merge()
 
 
 def unmerge_lora(model: nn.Module) -> None:
-    merge_lora(model, False)
+    for layer in lora_layers(model).values():
+        layer.unmerge()
 
 
 # -----------------------------------------------------------------------------
@@ -611,8 +613,9 @@ def _peft_match(pattern: str, name: str, rule: str) -> bool:
 
 
 def _peft_regex(pattern: str, rule: str, what: str, where: str) -> None:
-    """pattern compiles in its rule's frame, and lies in the subset _peft_match evaluates."""
+    """pattern compiles, alone and in its rule's frame, and lies in the subset _peft_match runs."""
     try:
+        re.compile(pattern)  # alone too: "a)|(b" would close the frame's group
         re.compile(_PEFT_RX[rule][0] + pattern + _PEFT_RX[rule][1])
     except (re.error, RecursionError, OverflowError) as e:
         raise ValueError(f"{where}{what} is not a valid regular expression ({e}): fix it or "

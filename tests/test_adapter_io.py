@@ -173,6 +173,8 @@ BAD = {
                                 r"rank_pattern key 'block.\(1' is not a valid regular"),
     "peft alpha_pattern inf": ("peft", _set(["alpha_pattern", "^block\\.0\\.dense"], INF), None,
                                "alpha_pattern"),
+    "peft rank_pattern closing the frame": ("peft", _set(["rank_pattern", "a)|(b"], 4), None,
+                                            r"rank_pattern key 'a\)\|\(b' is not a valid"),
     "peft targets int": ("peft", _set(["target_modules"], 5), None, "target_modules=5"),
     "peft targets regex": ("peft", _set(["target_modules"], "(query"), None,
                            r"target_modules='\(query' is not a valid regular"),
