@@ -149,7 +149,8 @@ def _names(v, name: str, where: str = "") -> list[str]:
 
 
 def _pattern(p, name: str, want: str, where: str = "") -> dict:
-    """p, checked to be a {str: value} dict whose values are `want` (rank_pattern, ranks)."""
+    """p (None: {}), checked to be a {str: value} dict whose values are `want` (rank_pattern)."""
+    p = {} if p is None else p
     _check(p, "a dict (JSON object)", name, where, isinstance(p, dict))
     for k, v in p.items():
         _check(k, "str module names", f"{name} key", where, isinstance(k, str))
@@ -189,8 +190,8 @@ def add_lora(model: nn.Module, targets: Sequence[str], r: int, alpha: float,
     raises, since silently training another model is the classic bug (PEFT issue #3582)."""
     _check_args(r, alpha, dropout, rslora, generator)
     targets, heads = _names(targets, "targets"), _heads(model, heads)
-    patterns = {"rank_pattern": (_pattern(rank_pattern or {}, "rank_pattern", RANK), r),
-                "alpha_pattern": (_pattern(alpha_pattern or {}, "alpha_pattern", ALPHA), alpha)}
+    patterns = {"rank_pattern": (_pattern(rank_pattern, "rank_pattern", RANK), r),
+                "alpha_pattern": (_pattern(alpha_pattern, "alpha_pattern", ALPHA), alpha)}
     lora, modules = lora_layers(model), dict(model.named_modules())
     linears = {n: m for n, m in modules.items() if isinstance(m, nn.Linear)}
     names = [n for n in linears if any(name_matches(n, t) for t in targets)]
@@ -621,8 +622,8 @@ def _peft_regex(pattern: str, rule: str, what: str, where: str) -> None:
         raise ValueError(f"{where}{what} is not a valid regular expression ({e}): fix it or "
                          "re.escape the module name") from None
     if _nfa(pattern) is None:
-        raise ValueError(f"{where}{what} uses regex syntax fimlora does not evaluate (+, ?, *, {{n}}"
-                         " but '.*', backreferences, lookarounds, flags): a hostile regex can "
+        raise ValueError(f"{where}{what} uses regex syntax fimlora does not evaluate (+, ?, *, "
+                         "{n} but '.*', backreferences, lookarounds, flags): a hostile regex can "
                          "run for hours; list the module names instead")
 
 
@@ -728,8 +729,8 @@ def load_adapter(path: str | os.PathLike, model: nn.Module) -> dict:
     on the same modules, and return its config. Layers get the saved ranks and alphas, so every
     matrix has its trained scale. All or nothing: every field, key, shape, dtype and value is
     checked before any layer changes; a bad adapter raises ValueError naming file and field."""
-    path = Path(path)
-    where, weights, layers = f"{path / ADAPTER_CONFIG}: ", path / ADAPTER_WEIGHTS, lora_layers(model)
+    path, layers = Path(path), lora_layers(model)
+    where, weights = f"{path / ADAPTER_CONFIG}: ", path / ADAPTER_WEIGHTS
     try:
         cfg = _json(read_regular(path / ADAPTER_CONFIG, JSON_LIMIT), str(path / ADAPTER_CONFIG))
     except FileNotFoundError:
