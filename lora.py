@@ -59,9 +59,8 @@ class LoRALinear(nn.Module):
         self._make_adapter(int(r), generator)
 
     def _make_adapter(self, r: int, generator: torch.Generator | None, init: bool = True) -> None:
-        """New A (Kaiming; left for a load to fill if not init) and B = 0 at rank r. An existing
-        adapter keeps its Parameter objects and requires_grad (new tensors set in, stale .grad
-        dropped), so an optimizer built before a resize trains the resized adapter."""
+        """New A (Kaiming; left for a load to fill if not init), B = 0 at rank r, set into the
+        existing Parameters (stale .grad dropped): an optimizer built before a resize trains it."""
         self.r, w = r, self.weight
         # drawn on the generator's device, then moved: a CPU generator cannot fill a CUDA tensor,
         # and the draws then do not depend on where the model lives
@@ -89,8 +88,8 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.r == 0 or self.merged:
             return F.linear(x, self.weight, self.bias)
-        # two thin matmuls (d_in -> r -> d_out); addmm_ adds s·u Bᵀ inside the GEMM, in place (y is
-        # fresh; linear's backward does not need it); in-place ops skip autocast: hence the casts
+        # d_in -> r -> d_out; addmm_ adds s·u Bᵀ in the GEMM, in place (y is fresh; the backward of
+        # linear does not need it); in-place ops skip autocast, hence the casts
         u = F.linear(self.dropout(x), self.lora_A).reshape(-1, self.r)  # (N, r)
         y = F.linear(x.reshape(-1, self.in_features), self.weight, self.bias)  # (N, d_out)
         y.addmm_(u.to(y.dtype), self.lora_B.T.to(y.dtype), alpha=self.scaling)
@@ -183,11 +182,9 @@ def add_lora(model: nn.Module, targets: Sequence[str], r: int, alpha: float,
              rslora: bool = False, heads: Sequence[str] = (),
              generator: torch.Generator | None = None) -> list[str]:
     """Replace every nn.Linear whose name ends with a target (name_matches) by a LoRALinear, in
-    place; freeze every other parameter except the LoRA adapters already there (a second call
-    adds modules; earlier adapters keep their requires_grad) and those of the `heads` modules
-    (e.g. "classifier"). Returns the adapted module names. rank_pattern / alpha_pattern map a
-    module name or a dotted suffix of it to its own r / α; a key that matches no adapted module
-    raises, since silently training another model is the classic bug (PEFT issue #3582)."""
+    place, and freeze all but the adapters (earlier ones keep their requires_grad) and `heads`
+    (e.g. "classifier"); returns the adapted names. rank_pattern / alpha_pattern map a name or
+    dotted suffix to its own r / α; a key matching no adapted module raises (PEFT issue #3582)."""
     _check_args(r, alpha, dropout, rslora, generator)
     targets, heads = _names(targets, "targets"), _heads(model, heads)
     patterns = {"rank_pattern": (_pattern(rank_pattern, "rank_pattern", RANK), r),
@@ -268,10 +265,9 @@ def _check_entries(sd, where: str) -> None:
 
 def _load(model: nn.Module, sd, where: str, ranks: dict[str, int] | None = None,
           alphas: dict[str, float] | None = None, heads: Sequence[str] = ()) -> None:
-    """Copy sd into the model, resizing LoRA layers to `ranks` and setting `alphas` when given,
-    once every check passed: sd maps the model's parameter names to float tensors of their
-    shapes (at `ranks`), finite in the model's dtype; all LoRA tensors and `heads` parameters
-    are there; no LoRA layer is merged (W0 would break at unmerge)."""
+    """Copy sd into the model (LoRA layers resized to `ranks`, given `alphas`) once it passed every
+    check: the model's parameter names, float tensors of their shapes (at `ranks`), finite in the
+    model's dtype, every LoRA and `heads` tensor there, no LoRA layer merged (W0 would break)."""
     _check_entries(sd, where)
     params, layers = dict(model.named_parameters()), lora_layers(model)
     if any(m.merged for m in layers.values()):
@@ -309,8 +305,7 @@ def _load(model: nn.Module, sd, where: str, ranks: dict[str, int] | None = None,
 
 
 def load_lora_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
-    """Copy adapter (and head) tensors into the model; every key must exist, every shape match,
-    every value be finite, all checked before anything is written."""
+    """Copy adapter (and head) tensors into the model, all checked before anything is written."""
     _load(model, sd, "state dict")
 
 
@@ -413,11 +408,10 @@ def atomic_write(path: str | os.PathLike, write) -> None:
 
 
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors on the CPU, metadata) of a .safetensors file. Every header field is checked
-    before any tensor byte is read, and only ValueError is raised: header length within the file
-    and 100 MB; at most 2**17 entries (counted before parsing); UTF-8 JSON, no duplicate keys;
-    __metadata__ absent, null or {str: str}; known dtypes; shapes of <= 64 ints >= 0 and
-    <= 2**62 elements; int offsets that agree with dtype·shape and tile the data section."""
+    """(tensors on the CPU, metadata) of a .safetensors file; every header field is checked before
+    a tensor byte is read, only ValueError raised: length within the file and 100 MB, <= 2**17
+    entries (counted before parsing), JSON without duplicate keys, __metadata__ {str: str}, known
+    dtypes, shapes of <= 64 ints >= 0 (<= 2**62 elements), offsets that tile the data section."""
     with open_regular(path) as f:
         size, n = os.fstat(f.fileno()).st_size, int.from_bytes(f.read(8), "little")
         if size < 8 or n > min(size - 8, _ST_MAX_HEADER):
@@ -443,9 +437,9 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
                 and offs[1] - offs[0] == math.prod(shape) * _ST_DTYPES[dtype].itemsize
             if not ok:
                 raise ValueError(f"{path}: tensor {reprlib.repr(name)} has header "
-                                 f"{reprlib.repr(info)}: need dtype in {'/'.join(_ST_DTYPES)}, "
-                                 "a shape of <= 64 ints >= 0 and data_offsets [begin, end] that "
-                                 "hold dtype x shape")
+                                 f"{reprlib.repr(info)}: an unsupported dtype or a malformed shape "
+                                 f"or data_offsets (need dtype in {'/'.join(_ST_DTYPES)}, a shape "
+                                 "of <= 64 ints >= 0, data_offsets [begin, end] of dtype x shape)")
             spans.append((*offs, name))
         spans.sort()
         if [0, *(end for _, end, _ in spans)] != [*(begin for begin, _, _ in spans), size - 8 - n]:
@@ -487,9 +481,6 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
     atomic_write(path, lambda f: f.writelines([len(h).to_bytes(8, "little"), h, *blobs]))
 
 
-# adapter folders: ours (every matrix's rank and alpha listed) or PEFT's
-
-
 def adapter_config(model: nn.Module, targets: Iterable[str] = (), seed: int | None = None,
                    heads: Sequence[str] = ()) -> dict:
     """Per-matrix ranks, alphas and scalings, rsLoRA flag, targets and seed of an adapted model."""
@@ -510,12 +501,10 @@ def adapter_config(model: nn.Module, targets: Iterable[str] = (), seed: int | No
 
 def _to_peft(cfg: dict, sd: dict, linears: list[str], base_model: str | None,
              task_type: str | None) -> tuple[dict, dict]:
-    """(PEFT's LoraConfig fields, tensors under PEFT's keys) for adapter_config's cfg. r is the
-    most common rank; rank_pattern / alpha_pattern keys are anchored, escaped names, each
-    matching one module. At one scale (uniform add_lora, initialize_fim_ranks) lora_alpha/r is
-    every module's, so a server that ignores the patterns (vLLM) serves the same ΔW. Rank-0
-    modules are left out (PEFT has no rank 0); if the `targets` suffixes would then add or miss
-    one, target_modules lists the adapted names themselves."""
+    """(PEFT's LoraConfig, tensors under PEFT's keys) for adapter_config's cfg: r the most common
+    rank, patterns keyed by anchored escaped names; at one scale (uniform, initialize_fim_ranks)
+    lora_alpha/r is every module's, so a server ignoring the patterns (vLLM) serves the same ΔW.
+    Rank-0 modules are left out (PEFT has no rank 0), then target_modules lists adapted names."""
     ranks, alphas, heads = cfg["ranks"], cfg["alphas"], cfg["heads"]
     kept = [n for n, r in ranks.items() if r > 0]
     if not kept:
@@ -561,9 +550,8 @@ _compiled = functools.lru_cache(maxsize=4096)(re.compile)  # re's own cache hold
 
 @functools.lru_cache(maxsize=4096)
 def _nfa(pattern: str) -> tuple[list[str], dict[int, list[int]]] | None:
-    """(the tokens of "(?:pattern)", the ε-moves of each "(" and "|") for a pattern that compiles
-    with re, or None when a token lies outside the subset.
-    _nfa("a|b") == (["(?:", "a", "|", "b", ")"], {0: [1, 3], 2: [4]})"""
+    """(tokens of "(?:pattern)", ε-moves of each "(" and "|"), None outside the subset (pattern
+    compiles).  _nfa("a|b") == (["(?:", "a", "|", "b", ")"], {0: [1, 3], 2: [4]})"""
     tokens, pos, moves, groups = ["(?:"], 0, {}, []
     while pos < len(pattern):
         if not (m := _RX_TOKEN.match(pattern, pos)):
@@ -635,12 +623,10 @@ _PEFT_OFF = {"use_dora": (False, None), "fan_in_fan_out": (False, None), "bias":
 
 
 def _from_peft(cfg: dict, sd: dict[str, torch.Tensor], model: nn.Module, where: str):
-    """PEFT config and tensors -> (ranks, alphas, rslora, state dict with our keys, heads), each
-    field used checked first. A layer is targeted as PEFT does (tuners_utils.py,
-    check_target_module_exists: target_modules as a string re.fullmatch-es the name, a list
-    holds it or a dotted suffix; exclude_modules removes by the same rule; modules_to_save are
-    never adapted), else gets r = 0. r_m, α_m: the first rank_pattern / alpha_pattern key k
-    with re.match(rf"(.*\\.)?({k})$", name) (peft/utils/other.py, get_pattern_key)."""
+    """PEFT config and tensors -> (ranks, alphas, rslora, our state dict, heads), fields checked
+    first. Targeted as PEFT does (check_target_module_exists: a str target_modules re.fullmatches,
+    a list holds the name or a dotted suffix, exclude_modules alike, modules_to_save never), else
+    r = 0; r_m, α_m: the first key k with re.match(rf"(.*\\.)?({k})$", name) (get_pattern_key)."""
     for field, off in _PEFT_OFF.items():
         if cfg.get(field) not in off:
             raise ValueError(f"{where}{field}={reprlib.repr(cfg[field])}: fimlora's LoRALinear "
