@@ -115,25 +115,27 @@ class LoRALinear(nn.Module):
 # -----------------------------------------------------------------------------
 # adding, resizing and merging adapters
 
-RANK, ALPHA, FLAG, P = "an int >= 0", "a finite number", "True or False", "a number in [0, 1)"
+_RANK, _ALPHA, _FLAG = "an int >= 0", "a finite number", "True or False"  # what _check knows
+_PROB = "a number in [0, 1)"
 _MISSING = object()
 
 
 def _check(v, want: str, name: str, where: str = "", ok: bool | None = None) -> None:
     """ValueError "<where><name>=<v> is invalid: use <want>" unless ok, which defaults to v
-    being what RANK, ALPHA, FLAG or P says.  _check(8, RANK, "r") passes; JSON's true is no int."""
+    being what want says (_RANK, ...).  _check(8, _RANK, "r") passes; JSON's true is no int."""
     num = isinstance(v, numbers.Real) and not isinstance(v, bool)
     if ok is None:
-        ok = {RANK: num and isinstance(v, numbers.Integral) and v >= 0, FLAG: isinstance(v, bool),
-              ALPHA: num and v == v and abs(v) <= sys.float_info.max, P: num and 0 <= v < 1}[want]
+        ok = {_RANK: num and isinstance(v, numbers.Integral) and v >= 0, _PROB: num and 0 <= v < 1,
+              _ALPHA: num and v == v and abs(v) <= sys.float_info.max,
+              _FLAG: isinstance(v, bool)}[want]
     if not ok:
         bad = " is missing" if v is _MISSING else f"={reprlib.repr(v)} is invalid"
         raise ValueError(f"{where}{name}{bad}: use {want}")
 
 
 def _check_args(r, alpha, dropout=0.0, rslora=False, generator=None) -> None:
-    for v, want, name in ((r, RANK, "r"), (alpha, ALPHA, "alpha"), (dropout, P, "dropout"),
-                          (rslora, FLAG, "rslora")):
+    for v, want, name in ((r, _RANK, "r"), (alpha, _ALPHA, "alpha"), (dropout, _PROB, "dropout"),
+                          (rslora, _FLAG, "rslora")):
         _check(v, want, name)
     _check(generator, "a torch.Generator", "generator",
            ok=generator is None or isinstance(generator, torch.Generator))
@@ -187,8 +189,8 @@ def add_lora(model: nn.Module, targets: Sequence[str], r: int, alpha: float,
     dotted suffix to its own r / α; a key matching no adapted module raises (PEFT issue #3582)."""
     _check_args(r, alpha, dropout, rslora, generator)
     targets, heads = _names(targets, "targets"), _heads(model, heads)
-    patterns = {"rank_pattern": (_pattern(rank_pattern, "rank_pattern", RANK), r),
-                "alpha_pattern": (_pattern(alpha_pattern, "alpha_pattern", ALPHA), alpha)}
+    patterns = {"rank_pattern": (_pattern(rank_pattern, "rank_pattern", _RANK), r),
+                "alpha_pattern": (_pattern(alpha_pattern, "alpha_pattern", _ALPHA), alpha)}
     lora, modules = lora_layers(model), dict(model.named_modules())
     linears = {n: m for n, m in modules.items() if isinstance(m, nn.Linear)}
     names = [n for n in linears if any(name_matches(n, t) for t in targets)]
@@ -220,7 +222,7 @@ def resize_lora(layer: LoRALinear, new_r: int, alpha: float | None = None,
     is unchanged) and α = alpha (None keeps it). lora_A and lora_B stay the same Parameter
     objects, but an optimizer that has stepped holds moments of the old shapes: build it after."""
     _check(layer, "a LoRALinear", "layer", ok=isinstance(layer, LoRALinear))
-    _check(new_r, RANK, "new_r")
+    _check(new_r, _RANK, "new_r")
     alpha = layer.alpha if alpha is None else alpha
     _check_args(0, alpha, generator=generator)
     if layer.merged:
@@ -631,12 +633,12 @@ def _from_peft(cfg: dict, sd: dict[str, torch.Tensor], model: nn.Module, where: 
         if cfg.get(field) not in off:
             raise ValueError(f"{where}{field}={reprlib.repr(cfg[field])}: fimlora's LoRALinear "
                              f"does not implement it (supported: {field}={off[0]!r})")
-    _check(cfg.get("r", _MISSING), RANK, "r", where)
-    _check(cfg.get("lora_alpha", _MISSING), ALPHA, "lora_alpha", where)
-    _check(cfg.get("use_rslora", False), FLAG, "use_rslora", where)
+    _check(cfg.get("r", _MISSING), _RANK, "r", where)
+    _check(cfg.get("lora_alpha", _MISSING), _ALPHA, "lora_alpha", where)
+    _check(cfg.get("use_rslora", False), _FLAG, "use_rslora", where)
     patterns = []
-    for field, want, default in (("rank_pattern", RANK, cfg["r"]),
-                                 ("alpha_pattern", ALPHA, cfg["lora_alpha"])):
+    for field, want, default in (("rank_pattern", _RANK, cfg["r"]),
+                                 ("alpha_pattern", _ALPHA, cfg["lora_alpha"])):
         patterns.append((_pattern(cfg.get(field) or {}, field, want, where), default))
         for k in patterns[-1][0]:
             _peft_regex(k, "key", f"{field} key {k!r}", where)
@@ -735,9 +737,9 @@ def load_adapter(path: str | os.PathLike, model: nn.Module) -> dict:
     else:
         raise FileNotFoundError(f"no {ADAPTER_WEIGHTS} or {PEFT_BIN_WEIGHTS} in {path}")
     if cfg.get("format") == FIMLORA_FORMAT:
-        ranks = _pattern(cfg.get("ranks", _MISSING), "ranks", RANK, where)
-        alphas = _pattern(cfg.get("alphas", _MISSING), "alphas", ALPHA, where)
-        _check(rslora := cfg.get("rslora", _MISSING), FLAG, "rslora", where)
+        ranks = _pattern(cfg.get("ranks", _MISSING), "ranks", _RANK, where)
+        alphas = _pattern(cfg.get("alphas", _MISSING), "alphas", _ALPHA, where)
+        _check(rslora := cfg.get("rslora", _MISSING), _FLAG, "rslora", where)
         heads = _heads(model, cfg.get("heads", []), where)
     elif cfg.get("peft_type") == "LORA":
         ranks, alphas, rslora, sd, heads = _from_peft(cfg, sd, model, where)
