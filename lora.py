@@ -12,6 +12,7 @@ PEFT's adapter format, https://github.com/huggingface/peft (adapter_config.json 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import numbers
@@ -36,10 +37,9 @@ def lora_scaling(r: int, alpha: float, rslora: bool = False) -> float:
 
 
 class LoRALinear(nn.Module):
-    """h = W0 x + b + s·B A dropout(x)  (LoRA, eq. 3), W0 and b an nn.Linear's, frozen and kept
-    under their names, so checkpoints of the adapted and plain model fit each other. A is
-    Kaiming-uniform(a=√5), B = 0 (https://github.com/microsoft/LoRA/blob/main/loralib/layers.py):
-    the layer starts as the base layer. r = 0 means "no adapter"."""
+    """h = W0 x + b + s·B A dropout(x)  (LoRA, eq. 3), W0 and b the nn.Linear's, frozen, under
+    their names. A ~ Kaiming-uniform(a=√5), B = 0, so the layer starts as the base layer
+    (https://github.com/microsoft/LoRA/blob/main/loralib/layers.py). r = 0: no adapter."""
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0,
                  rslora: bool = False, generator: torch.Generator | None = None):
@@ -49,6 +49,8 @@ class LoRALinear(nn.Module):
         self.weight, self.bias = base.weight, base.bias  # W0: (d_out, d_in)
         self.alpha, self.rslora, self.merged = float(alpha), rslora, False
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_A, self.lora_B = nn.Parameter(base.weight.new_empty(0)), nn.Parameter(
+            base.weight.new_empty(0))  # filled by _make_adapter
         self._make_adapter(int(r), generator)
 
     def _make_adapter(self, r: int, generator: torch.Generator | None, init: bool = True) -> None:
@@ -60,13 +62,9 @@ class LoRALinear(nn.Module):
                         device=w.device if generator is None else generator.device)  # (r, d_in)
         if r > 0 and init:
             nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
-        A, B = A.to(w.device), w.new_zeros(self.out_features, r)  # B: (d_out, r)
-        if "lora_A" not in self._parameters:
-            self.lora_A, self.lora_B = nn.Parameter(A), nn.Parameter(B)
-            return
         with torch.no_grad():
-            self.lora_A.set_(A)
-            self.lora_B.set_(B)
+            self.lora_A.set_(A.to(w.device))
+            self.lora_B.set_(w.new_zeros(self.out_features, r))  # B: (d_out, r)
         self.lora_A.grad = self.lora_B.grad = None
 
     @property
@@ -155,10 +153,9 @@ def add_lora(model: nn.Module, targets: Sequence[str], r: int, alpha: float,
              alpha_pattern: dict[str, float] | None = None, dropout: float = 0.0,
              rslora: bool = False, heads: Sequence[str] = (),
              generator: torch.Generator | None = None) -> list[str]:
-    """Replace every nn.Linear whose name ends with a target (name_matches) by a LoRALinear, in
-    place, and freeze all but the adapters (earlier ones keep their requires_grad) and `heads`;
-    returns the adapted names. rank_pattern / alpha_pattern map a name or dotted suffix to its
-    own r / α.  add_lora(model, ["query"], r=8, alpha=16, rank_pattern={"layer.0.query": 4})"""
+    """Wrap every nn.Linear matching a target (name_matches) in a LoRALinear, in place; freeze all
+    but adapters and `heads`; return the adapted names. rank_pattern / alpha_pattern: r / α by
+    name or suffix.  add_lora(model, ["query"], r=8, alpha=16, rank_pattern={"0.query": 4})"""
     _check_args(r, alpha, dropout)
     targets, heads = _names(targets, "targets"), _heads(model, heads)
     patterns = (_pattern(rank_pattern, "rank_pattern", True),
@@ -322,16 +319,13 @@ def _json(raw: bytes, where: str) -> dict:
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
-    """Make renames and new files in folder `path` durable (a no-op where folders cannot be
-    synced, as on Windows)."""
-    try:
+    """Make renames and new files in folder `path` durable (no-op where unsupported: Windows)."""
+    with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
-    except OSError:
-        pass
 
 
 def atomic_write(path: str | os.PathLike, write) -> None:
@@ -433,38 +427,6 @@ def adapter_config(model: nn.Module, targets: Sequence[str] = (), seed: int | No
             "scalings": {n: m.scaling for n, m in layers.items()}}
 
 
-def _to_peft(cfg: dict, sd: dict, linears: list[str], base_model: str | None,
-             task_type: str | None) -> tuple[dict, dict]:
-    """(PEFT's LoraConfig, tensors under PEFT's keys): r the most common rank, patterns keyed by
-    anchored names; at one scale lora_alpha/r is every module's, so a server ignoring patterns
-    (vLLM) serves the same ΔW. Rank-0 modules are left out (PEFT has no rank 0)."""
-    ranks, alphas, heads = cfg["ranks"], cfg["alphas"], cfg["heads"]
-    if not (kept := [n for n, r in ranks.items() if r > 0]):
-        raise ValueError("every LoRA layer has r = 0: there is no adapter to save for PEFT")
-    if inside := [n for n in ranks if any(n == h or n.startswith(h + ".") for h in heads)]:
-        raise ValueError(f"LoRA layers {inside[:5]} lie inside heads {list(heads)}: PEFT never "
-                         "adapts modules_to_save; save those heads without LoRA")
-    r = Counter(ranks[n] for n in kept).most_common(1)[0][0]
-    common_alpha = Counter(alphas[n] for n in kept if ranks[n] == r).most_common(1)[0][0]
-    targets = sorted(set(cfg["targets"]))
-    if {n for n in linears if any(name_matches(n, t) for t in targets)} != set(kept):
-        targets = kept
-    config = {  # SEQ_CLS: PEFT adds "classifier" and "score" to modules_to_save itself
-        "peft_type": "LORA", "base_model_name_or_path": base_model,
-        "task_type": task_type or ("SEQ_CLS" if {"classifier", "score"} & set(heads) else None),
-        "r": r, "lora_alpha": common_alpha, "target_modules": targets,
-        "rank_pattern": {"^" + re.escape(n): ranks[n] for n in kept if ranks[n] != r},
-        "alpha_pattern": {"^" + re.escape(n): alphas[n] for n in kept
-                          if alphas[n] != common_alpha},
-        "use_rslora": cfg["rslora"], "lora_dropout": cfg["dropout"], "bias": "none",
-        "fan_in_fan_out": False, "use_dora": False, "init_lora_weights": True,
-        "modules_to_save": list(heads) or None, "inference_mode": True}
-    # PEFT's keys hold no adapter name: "<module>.lora_A.weight", a head's "classifier.weight"
-    is_head = {k: any(k.startswith(h + ".") for h in heads) for k in sd}
-    return config, {PEFT_PREFIX + k + ("" if is_head[k] else ".weight"): v
-                    for k, v in sd.items() if is_head[k] or v.numel()}
-
-
 # PEFT matches the regexes of its config with re, each in its rule's frame; a hostile pattern in
 # a downloaded adapter_config.json can backtrack for hours. We refuse quantified groups,
 # backreferences, lookarounds, flags and over 3 unbounded quantifiers; in what remains re
@@ -497,10 +459,8 @@ _PEFT_OFF = {"use_dora": (False, None), "fan_in_fan_out": (False, None), "bias":
 
 
 def _from_peft(cfg: dict, sd: dict[str, torch.Tensor], model: nn.Module, where: str):
-    """PEFT config and tensors -> (ranks, alphas, rslora, our state dict, heads), by PEFT's rules
-    (check_target_module_exists, get_pattern_key): a str target_modules re.fullmatches, a list
-    holds the name or a dotted suffix, exclude_modules alike, modules_to_save is never adapted;
-    r_m, α_m: the first key k with re.match(rf"(.*\\.)?({k})$", name); untargeted r = 0."""
+    """PEFT config, tensors -> (ranks, alphas, rslora, our state dict, heads) by PEFT's rules
+    (check_target_module_exists, get_pattern_key); untargeted modules get r = 0."""
     for field, off in _PEFT_OFF.items():
         if cfg.get(field) not in off:
             raise ValueError(f"{where}{field}={cfg[field]!r:.60}: fimlora's LoRALinear does not "
@@ -547,21 +507,41 @@ def _from_peft(cfg: dict, sd: dict[str, torch.Tensor], model: nn.Module, where: 
 def save_adapter(path: str | os.PathLike, model: nn.Module, targets: Sequence[str] = (),
                  seed: int | None = None, heads: Sequence[str] = (), format: str = "fimlora",
                  base_model: str | None = None, task_type: str | None = None) -> Path:
-    """Save the adapter (and head) tensors, ranks, alphas, rsLoRA flag, targets and seed to the
-    folder `path`, each file atomically, after every check. format="fimlora": our keys, every
-    matrix's rank and alpha; format="peft": what PeftModel.from_pretrained loads (task_type
-    "SEQ_CLS" when a "classifier" or "score" head is saved, unless given, e.g. "CAUSAL_LM").
-    save_adapter("out/adapter", model, ["query"], heads=["classifier"], format="peft")"""
+    """Save adapter and head tensors with every matrix's rank and alpha to folder `path`, ours
+    or what PeftModel.from_pretrained loads (format="peft"; task_type defaults to SEQ_CLS with a
+    classifier/score head).  save_adapter("out/a", model, ["query"], heads=["classifier"])"""
     if format not in ("fimlora", "peft"):
         raise ValueError(f"format={format!r} is invalid: use 'fimlora' or 'peft'")
     if task_type is not None and (format != "peft" or task_type not in PEFT_TASK_TYPES):
         raise ValueError(f"task_type={task_type!r} is a PEFT field: use format='peft' and one "
                          f"of {', '.join(PEFT_TASK_TYPES)}")
     config = adapter_config(model, targets, seed, heads)
-    tensors = lora_state_dict(model, config["heads"])
-    if format == "peft":
-        linears = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, LoRALinear))]
-        config, tensors = _to_peft(config, tensors, linears, base_model, task_type)
+    tensors, heads = lora_state_dict(model, config["heads"]), config["heads"]
+    ranks, alphas = config["ranks"], config["alphas"]
+    if format == "peft":  # r: the most common rank; α: the most common at r (one scale if uniform)
+        if not (kept := [n for n, r in ranks.items() if r > 0]):
+            raise ValueError("every LoRA layer has r = 0: there is no adapter to save for PEFT")
+        if inside := [n for n in ranks if any(n == h or n.startswith(h + ".") for h in heads)]:
+            raise ValueError(f"LoRA layers {inside[:5]} lie inside heads {heads}: PEFT never "
+                             "adapts modules_to_save; save those heads without LoRA")
+        r = Counter(ranks[n] for n in kept).most_common(1)[0][0]
+        alpha = Counter(alphas[n] for n in kept if ranks[n] == r).most_common(1)[0][0]
+        targets = sorted(set(config["targets"]))
+        if {n for n, m in model.named_modules() if isinstance(m, (nn.Linear, LoRALinear))
+                and any(name_matches(n, t) for t in targets)} != set(kept):
+            targets = kept  # rank-0 layers are left out: PEFT has no rank 0
+        config = {  # SEQ_CLS: PEFT adds "classifier" and "score" to modules_to_save itself
+            "peft_type": "LORA", "base_model_name_or_path": base_model,
+            "task_type": task_type or ("SEQ_CLS" if {"classifier", "score"} & set(heads) else None),
+            "r": r, "lora_alpha": alpha, "target_modules": targets,
+            "rank_pattern": {"^" + re.escape(n): ranks[n] for n in kept if ranks[n] != r},
+            "alpha_pattern": {"^" + re.escape(n): alphas[n] for n in kept if alphas[n] != alpha},
+            "use_rslora": config["rslora"], "lora_dropout": config["dropout"], "bias": "none",
+            "fan_in_fan_out": False, "use_dora": False, "init_lora_weights": True,
+            "modules_to_save": heads or None, "inference_mode": True}
+        is_head = {k: any(k.startswith(h + ".") for h in heads) for k in tensors}
+        tensors = {PEFT_PREFIX + k + ("" if is_head[k] else ".weight"): v  # one mapping, PEFT's
+                   for k, v in tensors.items() if is_head[k] or v.numel()}  # keys without adapter
     text, path = json.dumps(config, indent=2) + "\n", Path(path)
     path.mkdir(parents=True, exist_ok=True)
     write_safetensors(path / ADAPTER_WEIGHTS, tensors, {"format": "pt"})
@@ -570,14 +550,11 @@ def save_adapter(path: str | os.PathLike, model: nn.Module, targets: Sequence[st
 
 
 def load_adapter(path: str | os.PathLike, model: nn.Module) -> dict:
-    """Load an adapter folder, ours (either format) or PEFT's (adapter_model.safetensors or .bin),
-    into a model whose LoRA layers (add_lora) sit on the same modules; return its config. Layers
-    get the saved ranks and alphas. All or nothing: every field, key, shape, dtype and value is
-    checked before any layer changes.  cfg = load_adapter("out/adapter", model)"""
+    """Load an adapter folder, ours or PEFT's (.safetensors or .bin), with its ranks and alphas,
+    into a model with LoRA layers on the same modules (add_lora); return its config. All or
+    nothing: everything is checked before any layer changes.  load_adapter("out/a", model)"""
     path, layers = Path(path), lora_layers(model)
     where, weights = f"{path / ADAPTER_CONFIG}: ", path / ADAPTER_WEIGHTS
-    if not os.path.lexists(path / ADAPTER_CONFIG):
-        raise FileNotFoundError(f"{path / ADAPTER_CONFIG} not found: is {path} an adapter folder?")
     cfg = _json(read_regular(path / ADAPTER_CONFIG, JSON_LIMIT), str(path / ADAPTER_CONFIG))
     if os.path.lexists(weights):
         sd = read_safetensors(weights)[0]
