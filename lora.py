@@ -88,7 +88,7 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self, merged: bool = True) -> None:
-        """W0 <- W0 + s·B A, so inference costs one matmul; unmerge() (merged=False) undoes it."""
+        """W0 <- W0 + s·B A, so inference costs one matmul; merged=False undoes it."""
         if self.merged != merged:
             self.weight.add_(self.delta_weight().to(self.weight.dtype), alpha=1 if merged else -1)
             self.merged = merged
@@ -144,7 +144,6 @@ def name_matches(name: str, target: str) -> bool:
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
-    """All LoRALinear modules of a model by name, in module order."""
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
@@ -189,9 +188,9 @@ def resize_lora(layer: LoRALinear, new_r: int, alpha: float | None = None,
     """A fresh adapter (ΔW = 0) at rank new_r and α = alpha (None keeps it); an optimizer that
     has stepped holds moments of the old shapes: build it after.  resize_lora(layer, 4, 8.0)"""
     alpha = layer.alpha if alpha is None else alpha
-    _check_args(new_r, alpha, where="resize_lora: new_")
+    _check_args(new_r, alpha, where="resize_lora: ")
     if layer.merged:
-        raise ValueError("resize_lora on a merged layer would lose ΔW: call unmerge() first")
+        raise ValueError("resize_lora on a merged layer would lose ΔW: unmerge_lora(model) first")
     layer._make_adapter(int(new_r), generator)
     layer.alpha = float(alpha)
 
@@ -218,9 +217,9 @@ def lora_state_dict(model: nn.Module, heads: Sequence[str] = ()) -> dict[str, to
     return sd
 
 
-def load_lora_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], where: str = "state dict",
-                         ranks: dict[str, int] | None = None,
-                         alphas: dict[str, float] | None = None, heads: Sequence[str] = ()) -> None:
+def load_lora_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], *,
+                         ranks: dict[str, int] | None = None, alphas: dict | None = None,
+                         heads: Sequence[str] = (), where: str = "state dict") -> None:
     """Copy sd into the model (LoRA layers resized to `ranks`, given `alphas`), all or nothing:
     every LoRA and `heads` tensor, of its shape, a float dtype, finite, none unexpected."""
     if not (isinstance(sd, dict) and all(isinstance(v, torch.Tensor) for v in sd.values())):
@@ -586,5 +585,5 @@ def load_adapter(path: str | os.PathLike, model: nn.Module) -> dict:
     if not isinstance(rslora, bool) or any(m.rslora != rslora for m in layers.values()):
         raise ValueError(f"{where}rslora={rslora!r:.20} differs from the model's layers: "
                          "add_lora with the adapter's rslora (true or false)")
-    load_lora_state_dict(model, sd, str(weights), ranks, alphas, heads)
+    load_lora_state_dict(model, sd, ranks=ranks, alphas=alphas, heads=heads, where=str(weights))
     return cfg

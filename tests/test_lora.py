@@ -356,7 +356,7 @@ def test_add_lora_bad_arguments_raise_value_error_before_any_change(bad, match):
     assert _flags(model) == before and not lora_layers(model)
 
 
-@pytest.mark.parametrize("args, match", [((-1,), "new_r=-1"), ((2.5,), "new_r=2.5"),
+@pytest.mark.parametrize("args, match", [((-1,), "resize_lora: r=-1"), ((2.5,), "r=2.5"),
                                          ((2, "x"), "alpha='x'"), ((2, float("nan")), "alpha=nan")])
 def test_resize_lora_bad_arguments_raise_and_keep_the_adapter(args, match):
     layer = LoRALinear(nn.Linear(4, 3), 2, 4)
