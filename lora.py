@@ -287,8 +287,7 @@ def open_regular(path: str | os.PathLike, limit: int | None = None) -> BinaryIO:
     size, regular = os.fstat(fd).st_size, stat.S_ISREG(os.fstat(fd).st_mode)
     if not regular or (limit is not None and size > limit):
         os.close(fd)
-        what = f"{size:,} bytes, over the {limit:,} this reader accepts" if regular else \
-            "not a regular file"
+        what = f"{size:,} bytes, over the {limit:,} accepted" if regular else "not a regular file"
         raise ValueError(f"{path} is {what}: pass the real file")
     os.set_blocking(fd, True)
     return os.fdopen(fd, "rb")
@@ -483,9 +482,8 @@ def _from_peft(cfg: dict, sd: dict[str, torch.Tensor], model: nn.Module, where: 
                 and hit(n) and not excluded(n) and not any(m(n) for m in never)]
     if not targeted or any(n not in layers for n in targeted):
         raise ValueError(f"{where}target_modules={cfg.get('target_modules')!r:.80} selects "
-                         f"{len(targeted)} Linear modules, "
-                         f"{[n for n in targeted if n not in layers][:5]} without a LoRA layer: "
-                         "add_lora with the same target modules first")
+                         f"{len(targeted)} modules, {len(set(targeted) - set(layers))} without "
+                         "a LoRA layer: add_lora with the same target modules first")
     ranks, alphas = ({n: next((p[k] for k, rx in keys.items() if rx.match(n)), default)
                       for n in layers} for p, default, keys in patterns)
     ranks = {n: int(r) if n in targeted else 0 for n, r in ranks.items()}
@@ -576,8 +574,8 @@ def load_adapter(path: str | os.PathLike, model: nn.Module) -> dict:
         cfg["rslora"] = rslora
     else:
         raise ValueError(f"{where}neither a {FIMLORA_FORMAT} nor a PEFT LoRA adapter config "
-                         f"(format={cfg.get('format')!r:.60}, "
-                         f"peft_type={cfg.get('peft_type')!r:.60})")
+                         f"(format={cfg.get('format')!r:.40}, "
+                         f"peft_type={cfg.get('peft_type')!r:.40})")
     if not set(ranks) == set(alphas) == set(layers):
         raise ValueError(f"{where}adapter modules {sorted(set(ranks) ^ set(layers))[:5]} or "
                          f"alphas {sorted(set(alphas) ^ set(layers))[:5]} differ from the model's "
