@@ -12,6 +12,7 @@ Run: .venv/bin/python -m pytest tests/test_adapter_io.py -q
 import copy
 import json
 import os
+import re
 import shutil
 import stat
 import struct
@@ -142,37 +143,37 @@ BAD = {
     "lora_A bool": ("fimlora", None, lambda sd: sd.__setitem__(
         "block.1.dense.lora_A", sd["block.1.dense.lora_A"] > 0), "lora_A has dtype torch.bool"),
     "alpha str": ("fimlora", _set(["alphas", "block.1.dense"], "6"), None,
-                  r"alphas\['block.1.dense'\]='6' is invalid: use a finite number"),
+                  r"alphas\['block.1.dense'\]: alpha='6' is invalid: use a finite number"),
     "alpha NaN": ("fimlora", _set(["alphas", "block.1.dense"], NAN), None,
-                  r"alphas\['block.1.dense'\]=nan"),
+                  r"alphas\['block.1.dense'\]: alpha=nan"),
     "alpha missing": ("fimlora", _set(["alphas", "block.1.dense"], DELETE), None,
                       r"alphas \['block.1.dense'\] differ"),
     "alphas list": ("fimlora", _set(["alphas"], [6, 6, 6, 6]), None, r"alphas=\[6, 6, 6, 6\]"),
     "rank float": ("fimlora", _set(["ranks", "block.1.dense"], 4.0), None,
-                   r"ranks\['block.1.dense'\]=4.0 is invalid: use an int >= 0"),
-    "rank bool": ("fimlora", _set(["ranks", "block.1.dense"], True), None,
-                  r"ranks\['block.1.dense'\]=True"),
+                   r"ranks\['block.1.dense'\]: r=4.0 is invalid: use an int >= 0"),
     "rank negative": ("fimlora", _set(["ranks", "block.1.dense"], -4), None,
-                      r"ranks\['block.1.dense'\]=-4"),
+                      r"ranks\['block.1.dense'\]: r=-4"),
     "rank vs tensors": ("fimlora", _set(["ranks", "block.1.dense"], 5), None,
-                        r"dense.lora_A has shape \(4, 6\), the model needs \(5, 6\) at r=5"),
-    "ranks missing": ("fimlora", _set(["ranks"], DELETE), None, "ranks is missing"),
+                        r"dense.lora_A has shape \(4, 6\), the model needs \(5, 6\)"),
+    "ranks missing": ("fimlora", _set(["ranks"], DELETE), None, "adapter modules .* differ"),
     "unknown module": ("fimlora", _set(["ranks", "block.2.dense"], 3), None, "block.2.dense"),
-    "rslora str": ("fimlora", _set(["rslora"], "false"), None, "rslora='false' is invalid"),
-    "rslora differs": ("fimlora", _set(["rslora"], True), None, "add_lora with rslora=True"),
+    "rslora str": ("fimlora", _set(["rslora"], "false"), None, "rslora='false' differs"),
+    "rslora differs": ("fimlora", _set(["rslora"], True), None, "add_lora with the adapter's rslo"),
     "extra tensor": ("fimlora", None, _set(["block.0.query.bias2"], torch.zeros(6)),
                      r"unexpected \['block.0.query.bias2'\]"),
     "no format": ("fimlora", _set(["format"], DELETE), None, "neither"),
-    "peft r float": ("peft", _set(["r"], 3.0), None, "r=3.0 is invalid"),
-    "peft r missing": ("peft", _set(["r"], DELETE), None, "r is missing"),
+    "peft r float": ("peft", _set(["r"], 3.0), None, "lora_r=3.0 is invalid"),
+    "peft r missing": ("peft", _set(["r"], DELETE), None, "lora_r=None"),
     "peft alpha str": ("peft", _set(["lora_alpha"], "6"), None, "lora_alpha='6'"),
-    "peft rslora int": ("peft", _set(["use_rslora"], 1), None, "use_rslora=1"),
+    "peft rslora int": ("peft", _set(["use_rslora"], 1), None, "rslora=1 differs"),
     "peft rank_pattern list": ("peft", _set(["rank_pattern"], [["block.1.dense", 4]]), None,
                                "rank_pattern="),
     "peft rank_pattern regex": ("peft", _set(["rank_pattern", "block.(1"], 4), None,
                                 r"rank_pattern key 'block.\(1' is not a valid regular"),
     "peft alpha_pattern inf": ("peft", _set(["alpha_pattern", "^block\\.0\\.dense"], INF), None,
                                "alpha_pattern"),
+    "peft rank_pattern closing the frame": ("peft", _set(["rank_pattern", "a)|(b"], 4), None,
+                                            r"rank_pattern key 'a\)\|\(b' is not a valid"),
     "peft targets int": ("peft", _set(["target_modules"], 5), None, "target_modules=5"),
     "peft targets regex": ("peft", _set(["target_modules"], "(query"), None,
                            r"target_modules='\(query' is not a valid regular"),
@@ -241,7 +242,7 @@ def test_bin_that_torch_cannot_load_raises_value_error(saved, tmp_path):
     with pytest.raises(ValueError, match="adapter_model.bin: torch.load"):
         load_adapter(tmp_path / "a", trained(2))
     torch.save([torch.zeros(2)], tmp_path / "a" / "adapter_model.bin")
-    with pytest.raises(ValueError, match="adapter_model.bin: the top level is a list"):
+    with pytest.raises(ValueError, match="adapter_model.bin: not a state dict"):
         load_adapter(tmp_path / "a", trained(2))
 
 
@@ -266,7 +267,7 @@ FIELDS = {
 }
 
 
-@settings(max_examples=150)  # cheap examples; more of them reach the odd corners
+@settings(max_examples=100)  # cheap examples; more of them reach the odd corners
 @given(data=st.data(), fmt=st.sampled_from(["fimlora", "peft"]))
 def test_config_fuzz_raises_only_value_error_and_changes_nothing_on_error(saved, data, fmt):
     edits = data.draw(st.lists(st.tuples(st.sampled_from(FIELDS[fmt]),
@@ -332,7 +333,7 @@ entries = st.fixed_dictionaries({}, optional={
 }) | json_values | st.sampled_from(["F32", "U8", "__metadata__"])
 
 
-@settings(max_examples=400)  # cheap examples; more of them reach the odd corners
+@settings(max_examples=250)  # cheap examples; more of them reach the odd corners
 @given(header=st.dictionaries(st.text(max_size=3) | st.just("__metadata__"), entries,
                               max_size=4) | json_values,
        data=st.binary(max_size=48), n_delta=st.none() | st.integers(-12, 12) | st.just(2**62))
@@ -345,7 +346,7 @@ def test_safetensors_header_fuzz_raises_only_value_error(tmp_path_factory, heade
         assert sum(t.numel() * t.element_size() for t in out[0].values()) == len(data)
 
 
-@settings(max_examples=200)  # cheap examples; more of them reach the odd corners
+@settings(max_examples=120)  # cheap examples; more of them reach the odd corners
 @given(shapes=st.lists(st.lists(st.integers(0, 3), max_size=3), min_size=1, max_size=3),
        field=st.sampled_from(["dtype", "shape", "data_offsets"]), value=json_values,
        cut=st.none() | st.integers(0, 400), flip=st.none() | st.integers(0, 400))
@@ -379,15 +380,15 @@ OK = {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}
 
 
 @pytest.mark.parametrize("header, match", [
-    ({"a": OK | {"shape": [True]}}, "malformed shape"),
+    ({"a": OK | {"shape": [True]}}, r"has header .*'shape': \[True\]"),
     ({"a": OK | {"data_offsets": [False, 4]}}, "data_offsets"),
-    ({"a": OK | {"shape": [1.0]}}, "malformed shape"),
-    ({"a": OK | {"shape": [2**62, 2**62]}}, r"malformed shape \[4611686018427387904"),
-    ({"a": OK | {"shape": [2**40, 2**40, 0], "data_offsets": [0, 0]}}, "malformed shape"),
+    ({"a": OK | {"shape": [1.0]}}, "has header"),
+    ({"a": OK | {"shape": [2**62, 2**62]}}, r"has header .*\[4611686018427387904"),
+    ({"a": OK | {"shape": [2**40, 2**40, 0], "data_offsets": [0, 0]}}, "has header"),
     ({"a": OK | {"shape": [1] * 65}}, "malformed shape"),
-    ({"a": OK | {"dtype": ["F32"]}}, r"unsupported dtype \['F32'\]"),
-    ({"a": [1, 2]}, r"tensor 'a' is \[1, 2\], not an object"),
-    ({"a": "F32"}, "tensor 'a' is 'F32', not an object"),
+    ({"a": OK | {"dtype": ["F32"]}}, r"'dtype': \['F32'\]"),
+    ({"a": [1, 2]}, r"tensor 'a' has header \[1, 2\]"),
+    ({"a": "F32"}, "tensor 'a' has header 'F32'"),
     ({"a": OK, "__metadata__": {"k": 1}}, "__metadata__"),
     ({"a": OK, "__metadata__": ["k"]}, "__metadata__"),
     ({"a": OK, "__metadata__": "k"}, "__metadata__"),
@@ -430,7 +431,7 @@ def test_saved_files_get_open_mode_under_umask(tmp_path, umask, mode):
         os.umask(old)
     for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
         assert stat.S_IMODE((tmp_path / "a" / name).stat().st_mode) == mode, name
-    assert os.umask(old) == old  # the umask read inside _atomic_write was put back
+    assert os.umask(old) == old  # the umask read inside atomic_write was put back
 
 
 def test_atomic_write_fsyncs_before_replace(tmp_path, monkeypatch):
@@ -438,7 +439,7 @@ def test_atomic_write_fsyncs_before_replace(tmp_path, monkeypatch):
     fsync, replace = os.fsync, os.replace
     monkeypatch.setattr(os, "fsync", lambda fd: (events.append("fsync"), fsync(fd))[1])
     monkeypatch.setattr(os, "replace", lambda a, b: (events.append("replace"), replace(a, b))[1])
-    lora._atomic_write(tmp_path / "f", lambda f: f.write(b"data"))
+    lora.atomic_write(tmp_path / "f", lambda f: f.write(b"data"))
     assert events[:2] == ["fsync", "replace"] and (tmp_path / "f").read_bytes() == b"data"
 
 
@@ -449,13 +450,12 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
         f.write(b"half")
         raise OSError("disk full")
     with pytest.raises(OSError, match="disk full"):
-        lora._atomic_write(tmp_path / "f", boom)
+        lora.atomic_write(tmp_path / "f", boom)
     assert (tmp_path / "f").read_bytes() == b"old" and os.listdir(tmp_path) == ["f"]
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(seed="0"), "seed='0'"), (dict(seed=True), "seed=True"),
-    (dict(base_model=3), "base_model=3"), (dict(task_type="causal"), "task_type='causal'"),
+    (dict(task_type="causal"), "task_type='causal'"),
     (dict(task_type="CAUSAL_LM", format="fimlora"), "use format='peft'"),
     (dict(heads=["pooler"]), "head 'pooler'"), (dict(heads=[0]), "heads=\\[0\\]"),
     (dict(targets=[None]), "targets=\\[None\\]"), (dict(format="npz"), "format='npz'"),
@@ -568,9 +568,9 @@ EVIL = "([a-z0-9.]|[a-z0-9.])*Z"  # exponential backtracking in re on any long m
 
 @pytest.mark.parametrize("field, value", [
     ("rank_pattern", {EVIL: 4}), ("alpha_pattern", {EVIL: 2.0}), ("target_modules", EVIL),
-    ("exclude_modules", EVIL), ("modules_to_save", [EVIL]), ("rank_pattern", {"a+b": 4}),
-    ("target_modules", "(a|b)" * 9),  # 512 alternatives
-    ("modules_to_save", ["classifier|x"]),  # PEFT would read (^|.*\.)classifier | x($|\..*)
+    ("exclude_modules", EVIL), ("modules_to_save", [EVIL]), ("rank_pattern", {".*a" * 4: 4}),
+    ("target_modules", "(query)\\1"),  # a backreference
+    ("modules_to_save", ["(?!x)classifier"]),  # a lookaround
 ])
 def test_peft_regex_outside_the_linear_subset_is_refused_naming_the_field(saved, tmp_path,
                                                                           field, value):
@@ -585,12 +585,13 @@ def test_peft_regex_outside_the_linear_subset_is_refused_naming_the_field(saved,
 
 @pytest.mark.parametrize("key", [".*1.dense", "block.1.dense", "^block\\.1\\.dense$",
                                  "block.(1|7).(?:dense|x)", "(bl|x)ock\\.1\\.dense",
-                                 "[b]lock.[1-1].dense", ".*\\d\\.de.*"])
+                                 "[b]lock.[1-1].dense", ".*1\\.de.*", "(a|b)" * 9 + "|.*1.de.*"])
 def test_peft_rank_pattern_in_the_subset_applies_peft_rule(saved, tmp_path, key):
-    """Keys written as names, '.', escapes, classes and '.*' give the ranks PEFT's re.match gives:
-    the saved key for block.1.dense (rank 4) replaced by an equivalent one."""
+    """Keys written as names, '.', escapes, classes, '.*' and groups (512 alternatives in the
+    last) give the ranks PEFT's re.match gives: the saved key for block.1.dense (rank 4)
+    replaced by an equivalent one."""
     def cfg_edit(cfg):
-        cfg["rank_pattern"] = {key: 4} if key != ".*\\d\\.de.*" else {".*1\\.de.*": 4}
+        cfg["rank_pattern"] = {key: 4}
     folder = edited(saved[0], "peft", tmp_path / "a", cfg_edit)
     model = trained(2)
     load_adapter(folder, model)
@@ -598,22 +599,47 @@ def test_peft_rank_pattern_in_the_subset_applies_peft_rule(saved, tmp_path, key)
         "block.0.query": 3, "block.0.dense": 3, "block.1.query": 3, "block.1.dense": 4}
 
 
-ATOMS = ["a", "b", ".", "\\.", "[ab]", "[^a]", "\\d", "1", ".*", "_", "(a|b.*)", "(?:1|.|)"]
+ATOMS = ["a", "b", ".", "\\.", "[ab]", "[^a]", "\\d", "1", ".*", "_", "(a|b.*)", "(?:1|.|)", "|",
+         "^", "$", "(a.*|)", "a+", "b?", "(?:a|b)"]
+RULES = {"full": lambda p, n: re.fullmatch(p, n), "key": lambda p, n: re.match(rf"(.*\.)?({p})$", n),
+         "saved": lambda p, n: re.match(rf"(^|.*\.){p}($|\..*)", n)}
 
 
-@given(atoms=st.lists(st.sampled_from(ATOMS), max_size=5), anchors=st.tuples(st.booleans(),
-       st.booleans()), names=st.lists(st.text("ab.1_", max_size=8), min_size=1, max_size=4))
-def test_rx_match_agrees_with_peft_re_rules(atoms, anchors, names):
+@given(atoms=st.lists(st.sampled_from(ATOMS), max_size=6),
+       names=st.lists(st.text("ab.1_", max_size=8), min_size=1, max_size=4))
+def test_peft_regex_agrees_with_peft_re_rules_or_refuses(atoms, names):
     """Oracle: the three re expressions PEFT evaluates (get_pattern_key, target_modules as a
-    string, modules_to_save), on patterns of the subset lora._rx accepts (groups expanded)."""
-    import re
-    p = "^" * anchors[0] + "".join(atoms) + "$" * anchors[1]
-    assert lora._rx(p) is not None
-    for name in names:
-        assert lora._rx_match(p, name, "full") == (re.fullmatch(p, name) is not None)
-        assert lora._rx_match(p, name, "key") == (re.match(rf"(.*\.)?({p})$", name) is not None)
-        assert lora._rx_match(p, name, "saved") == (
-            re.match(rf"(^|.*\.){p}($|\..*)", name) is not None)
+    string, modules_to_save); a pattern is either refused or answers as PEFT does."""
+    p = "".join(atoms)
+    try:
+        re.compile(p)
+    except re.error:
+        return
+    for rule, peft in RULES.items():
+        try:
+            rx = lora._peft_regex(p, rule, "p")
+        except ValueError as e:
+            assert "list the module names" in str(e) and (")" in p or p.count("*") + p.count("+") > 3)
+            continue
+        match = rx.fullmatch if rule == "full" else rx.match
+        assert all((match(n) is None) == (peft(p, n) is None) for n in names)
+
+
+def test_peft_regex_refuses_backtracking_and_runs_the_rest_fast():
+    """re.fullmatch(".*a" * 12 + "Z", "a" * 80) tries ~C(80, 12) = 7·10¹³ splits: refused at once.
+    The worst allowed patterns, 3 unbounded quantifiers in PEFT's frame, on a 200-character name
+    with 20 dots (O(d·n³)), answer in about 0.1 s each (a generous bound for slow CI)."""
+    import time
+    for rule in RULES:
+        with pytest.raises(ValueError, match="list the module names"):
+            lora._peft_regex(".*a" * 12 + "Z", rule, "p")
+    name = "a." * 20 + "a" * 160
+    start = time.perf_counter()
+    for p in (".*a.*a.*aZ", "a*a*a*Z", ".*(a|b).*(a|.).*Z"):
+        for rule in RULES:
+            rx = lora._peft_regex(p, rule, "p")
+            assert (rx.fullmatch if rule == "full" else rx.match)(name) is None
+    assert time.perf_counter() - start < 20
 
 
 def _returns_within(fn, seconds: float = 30.0):
