@@ -26,7 +26,7 @@ ARGS = ["train.py", "--model", "tiny-llama", "--task", "sst2", "--data-dir", str
         "--max-train", "37", "--max-eval", "32", "--steps", "10", "--batch-size", "8",
         "--log-every", "2", "--threads", "1"]
 FAST = {"lora": [], "fim": ["--calib-batches", "3"], "fw": ["--fw-warmup", "5"],
-        "fim+da": ["--calib-batches", "1", "--da-samples", "12"]}
+        "fim+da": ["--calib-batches", "2", "--da-samples", "12"]}
 
 
 def torchrun() -> list[str]:
@@ -35,7 +35,7 @@ def torchrun() -> list[str]:
 
 
 @pytest.mark.skipif(not SST2.is_dir(), reason=f"SST-2 not found at {SST2}")
-@pytest.mark.parametrize("method", ["lora", "fim", "fw", "fim+da kfac"])
+@pytest.mark.parametrize("method", ["lora", "fim", "fw", "fim+da variance"])
 def test_two_gloo_processes_match_one_process(tmp_path, method):
     one, two = tmp_path / "one", tmp_path / "two"
     method, *score = method.split()
@@ -127,7 +127,7 @@ def test_a_missing_peer_ends_the_run_with_an_error_after_the_timeout(tmp_path, t
 
 def test_planted_fim_with_one_calibration_batch_over_two_processes(tmp_path):
     """--calib-batches 1 under 2 processes: rank 1 has no batch and contributes zeros; the
-    planted recovery and the ranks equal one process's (rank 1 raised n_batches=0 before)."""
+    scores and the ranks equal one process's (rank 1 raised n_batches=0 before)."""
     args = ["train.py", "--method", "fim", "--calib-batches", "1", "--steps", "2",
             "--batch-size", "8", "--threads", "1"]
     one, two = tmp_path / "one", tmp_path / "two"
@@ -140,7 +140,6 @@ def test_planted_fim_with_one_calibration_batch_over_two_processes(tmp_path):
     assert run2.returncode == 0, run2.stderr[-3000:]
     r1, r2 = (json.loads((d / "results.json").read_text()) for d in (one, two))
     assert r2["ranks"] == r1["ranks"]
-    assert r2["planted_recovery"] == r1["planted_recovery"]
     for name, v in r1["fim"]["scores"].items():
         assert r2["fim"]["scores"][name] == pytest.approx(v, rel=1e-5), name
 
