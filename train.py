@@ -1,15 +1,12 @@
 """Fine-tune a model with plain LoRA or a Fisher-guided variant, evaluate, save.
 
-    python train.py --method fim                                  # embedded planted task, ~20 s
-    python train.py --method lora --model minilm --task sst2 --data-dir ../shared/data/glue/SST-2
-    python train.py --resume runs/sst2-minilm-lora-s0             # continue from the checkpoint
+    python train.py --method fim                  # the embedded planted task (--help: examples)
     torchrun --standalone --nproc_per_node 2 train.py ...          # one process per device
 
-Methods: lora (uniform rank r), fim (FIM-LoRA rank allocation at equal budget), fw (FW-LoRA
-penalty after a Fisher warm-up), da (LoRA-DA initialisation), fim+da (both). main() reads as
-args → seed → device → data → model → method → loop → eval → save; the results JSON stores every
-argument (as given, defaults resolved) with the seed. Runs checkpoint as they go, resume bitwise,
-and never replace a finished run unless asked (--overwrite); runfolder.py does the disk side.
+Methods: lora (uniform rank r), fim (FIM-LoRA ranks at equal budget), fw (FW-LoRA penalty after
+a Fisher warm-up), da (LoRA-DA init), fim+da (both). main() reads as args → seed → device → data
+→ model → method → loop → eval → save; results.json stores every argument (as given, defaults
+resolved). Runs checkpoint as they go and resume bitwise; runfolder.py does the disk side.
 """
 
 from __future__ import annotations
@@ -47,16 +44,12 @@ from models import model_path
 from models.checkpoint import is_decoder
 from runfolder import CHECKPOINT, atomic_write, finite, write_json
 
-try:  # TODO merge: fimlora.resize_ranks (h-fim); drop this fallback
+try:  # TODO merge: fimlora.resize_ranks (h-fim); drop this stand-in
     from fimlora import resize_ranks
 except ImportError:
-    def resize_ranks(model: nn.Module, ranks: dict[str, int],
-                     generator: torch.Generator | None = None) -> dict[str, float]:
-        for name, m in lora_layers(model).items():  # α_m = α·r_m/r (α·√(r_m/r) with rsLoRA)
-            ratio = ranks[name] / m.r
-            resize_lora(m, ranks[name], alpha=m.alpha * (math.sqrt(ratio) if m.rslora else ratio),
-                        generator=generator)
-        return {n: m.alpha for n, m in lora_layers(model).items()}
+    def resize_ranks(model: nn.Module, ranks: dict, generator=None) -> None:
+        for n, m in lora_layers(model).items():
+            resize_lora(m, ranks[n], alpha=m.alpha * ranks[n] / m.r, generator=generator)
 
 METHODS = ("lora", "fim", "fw", "da", "fim+da")
 DEFAULT_TARGETS = {"planted": "query,key,value,output.dense,intermediate.dense",
@@ -71,7 +64,6 @@ MAX_SCALE = 1e6  # alpha/r above this overflows the forward once B is nonzero
 PLANTED_EXAMPLES = 2**16  # the planted task's "training set" for calibration caps (it is endless)
 DIST_TIMEOUT = "FIMLORA_DIST_TIMEOUT"  # env: seconds a rank waits for the others (default 600)
 SHARD_WEIGHT = "shard_weight"  # a batch key: world·n_k/N, set by shards() on uneven splits
-LOG = "log.jsonl"
 EXAMPLES = """examples:
   python train.py --method fim                       # the embedded planted task, ~20 s
   python train.py --method fim --compare             # ... and how it compares with uniform LoRA
@@ -95,7 +87,7 @@ def number(kind: type, lo: float = -math.inf, hi: float = math.inf, lo_open: boo
                 v < hi if hi_open else v <= hi):
             return v
         want = (f"{'>' if lo_open else '>='} {lo:g}" if hi == math.inf else
-                f"a number in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}")
+                f"a number in {'([' [not lo_open]}{lo:g}, {hi:g}{')]'[not hi_open]}")
         raise argparse.ArgumentTypeError(f"{text}: use {want if math.isfinite(v) else 'a finite number'}")
     parse.__name__ = kind.__name__  # argparse's "invalid int value: 'x'"
     return parse
@@ -114,19 +106,16 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Shows each flag's default once: appended unless the help states it or it is None/False."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if action.default in (None, False, argparse.SUPPRESS) or "default" in text:
-            return text
-        return text + " (default: %(default)s)"
+        skip = action.default in (None, False, argparse.SUPPRESS) or "default" in action.help
+        return action.help + ("" if skip else " (default: %(default)s)")
 
 
 def command(*argv: str | os.PathLike) -> str:
     """A command line for a message, runnable as printed: the interpreter running now ("python"
     when that is the one on PATH, e.g. in an activated venv)."""
     on_path = shutil.which("python")
-    python = "python" if on_path and os.path.abspath(on_path) == sys.executable else \
-        sys.executable
-    return shlex.join([python, *map(str, argv)])
+    same = on_path and os.path.abspath(on_path) == sys.executable
+    return shlex.join(["python" if same else sys.executable, *map(str, argv)])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,38 +125,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lora: uniform rank r | fim: FIM-LoRA ranks at equal budget | fw: FW-LoRA "
                         "penalty after a Fisher warm-up | da: LoRA-DA init | fim+da: both")
     p.add_argument("--model", default="tiny",
-                   help="encoders: tiny | minilm | path to an HF BERT folder; decoders (GLUE as "
-                        "prompts): tiny-llama | smollm2 | an HF llama / mistral / qwen2 folder")
+                   help="encoders: tiny | minilm | an HF BERT folder; decoders (GLUE as prompts): "
+                        "tiny-llama | smollm2 | an HF llama / mistral / qwen2 folder")
     p.add_argument("--task", default="planted", choices=("planted", *glue.TASKS),
-                   help="planted: the embedded synthetic task with a known answer; else a GLUE "
-                        "task (needs --data-dir)")
+                   help="planted: the embedded task with a known answer; else GLUE (--data-dir)")
     p.add_argument("--plants", default="reach", choices=("reach", "anywhere"),
-                   help="planted: plant in the matrices the Fisher reaches, or in any target")
+                   help="planted: plant where the Fisher reaches, or in any target matrix")
     p.add_argument("--data-dir", help="GLUE task folder with train.tsv and dev.tsv")
-    p.add_argument("--data", metavar="FILE",
-                   help="your own .csv/.tsv/.jsonl file instead of --task/--data-dir: text + "
-                        "label rows to classify, or prompt + completion rows (decoders)")
-    p.add_argument("--eval-data", metavar="FILE",
-                   help="evaluate on this file instead of holding out --eval-fraction of --data")
+    p.add_argument("--data", metavar="FILE", help="your .csv/.tsv/.jsonl instead of --task: text "
+                   "+ label rows to classify, or prompt + completion rows (decoders)")
+    p.add_argument("--eval-data", metavar="FILE", help="evaluate on FILE, not a share of --data")
     p.add_argument("--eval-fraction", type=number(float, 0, 1, True, True), default=0.1,
                    help="share of --data held out for evaluation, drawn from --seed")
     p.add_argument("--text-field", help="--data's text column (unset: text, else sentence)")
     p.add_argument("--pair-field", help="--data's second text column, for pairs")
     p.add_argument("--label-field", default="label", help="--data's class column (str or int)")
     g = p.add_argument_group("LoRA")
-    g.add_argument("--r", type=COUNT, default=8,
-                   help="base rank (FIM keeps the budget r x matrices)")
+    g.add_argument("--r", type=COUNT, default=8, help="base rank (FIM keeps the budget r x matrices)")
     g.add_argument("--alpha", type=RATE, default=16.0, help="scale numerator: ΔW = (alpha/r)·B·A")
     g.add_argument("--rslora", action="store_true", help="scale alpha/sqrt(r) instead of alpha/r")
     g.add_argument("--dropout", type=FRACTION, default=0.0, help="dropout on the adapter input")
-    g.add_argument("--targets", help="comma-separated Linear name suffixes (default: query,key,"
-                                     "value,dense for GLUE encoders; q/k/v/o and MLP projections "
-                                     "for decoders; the six per-block matrices for planted)")
+    g.add_argument("--targets", help="comma-separated Linear name suffixes (default: per model "
+                   "kind, DEFAULT_TARGETS: query,key,value,dense for GLUE encoders)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=COUNT, help="optimizer steps (default 1000 GLUE, 600 planted)")
     g.add_argument("--epochs", type=RATE, help="passes over the training set, instead of --steps")
-    g.add_argument("--batch-size", type=number(int, 1, 2**16), default=32,
-                   help="examples per optimizer step")
+    g.add_argument("--batch-size", type=number(int, 1, 2**16), default=32, help="examples a step")
     g.add_argument("--lr", type=number(float, 0, 1e15, lo_open=True),  # 1e15²: near float32 max
                    help="peak learning rate (default 5e-4 GLUE, 5e-3 planted)")
     g.add_argument("--weight-decay", type=WEIGHT, default=0.01, help="AdamW decay on matrices")
@@ -177,31 +160,26 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-train", type=COUNT, help="use the first N training rows (default: all)")
     g.add_argument("--max-eval", type=COUNT, help="use the first N dev rows (default: all)")
     g.add_argument("--eval-every", type=INDEX, default=0, help="steps between evals (0 = at end)")
-    g.add_argument("--log-every", type=COUNT, default=50,
-                   help="steps between log lines (printed and in <out>/log.jsonl)")
-    g.add_argument("--grad-accum", type=COUNT, default=1,
-                   help="micro-batches of --batch-size per optimizer step: the update of one "
-                        "batch of N x batch-size (each step consumes N batches)")
+    g.add_argument("--log-every", type=COUNT, default=50, help="steps between log lines "
+                   "(printed and in <out>/log.jsonl)")
+    g.add_argument("--grad-accum", type=COUNT, default=1, help="micro-batches of --batch-size "
+                   "per step: the update of one batch of N x batch-size (N batches a step)")
     g = p.add_argument_group("Fisher methods (fim: only with --method fim or fim+da; fw: fw; "
                              "da: da or fim+da)")
     g.add_argument("--calib-batches", type=COUNT, default=8,
                    help="fim: calibration batches (at most one pass over the data)")
     g.add_argument("--score", default="efim", choices=("efim", "variance"),
                    help="fim: FIM-LoRA's score (other scores: study/scores.py)")
-    g.add_argument("--per-example", action="store_true",
-                   help="fim: per-example (true) empirical Fisher")
-    g.add_argument("--budget", default="ranks", choices=("ranks", "params"),
-                   help="fim: r x matrices ranks, or as many parameters as uniform r (a rank of "
-                        "a matrix costs d_in + d_out)")
+    g.add_argument("--per-example", action="store_true", help="fim: per-example (true) Fisher")
+    g.add_argument("--budget", default="ranks", choices=("ranks", "params"), help="fim: r x "
+                   "matrices ranks, or uniform r's parameters (a rank costs d_in + d_out)")
     g.add_argument("--r-min", type=INDEX, default=1, help="fim: smallest rank of a matrix")
     g.add_argument("--r-max", type=INDEX, help="fim: largest rank of a matrix (default 2r)")
-    g.add_argument("--power", type=WEIGHT, default=1.0,
-                   help="fim: ranks proportional to score**power")
+    g.add_argument("--power", type=WEIGHT, default=1.0, help="fim: ranks ∝ score**power")
     g.add_argument("--fw-warmup", type=COUNT, default=500,
                    help="fw: warm-up steps K (at most half of --steps)")
-    g.add_argument("--fw-track-every", type=COUNT, default=1,
-                   help="fw: track ‖∂L/∂W‖² every k-th warm-up step (1 = exact; k > 1 costs "
-                        "about 1/k of the extra weight-gradient GEMMs, EMA factor β^k)")
+    g.add_argument("--fw-track-every", type=COUNT, default=1, help="fw: track ‖∂L/∂W‖² every "
+                   "k-th warm-up step (1 = exact; k > 1: ~1/k of the cost, EMA factor β^k)")
     g.add_argument("--fw-lambda", type=WEIGHT, default=1e-4, help="fw: penalty weight λ")
     g.add_argument("--fw-norm", default="sum", choices=("sum", "max"),
                    help="fw: importances normalised by their sum or their max")
@@ -210,8 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--da-beta", type=WEIGHT, default=0.03, help="da: the paper's β")
     g.add_argument("--da-gamma", type=RATE, default=1024.0, help="da: the paper's γ")
     g = p.add_argument_group("run")
-    g.add_argument("--seed", type=INDEX, default=0,
-                   help="seeds everything: data order, init, calibration")
+    g.add_argument("--seed", type=INDEX, default=0, help="seeds data order, init, calibration")
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="auto: cuda when available (bf16 autocast), else cpu (fp32)")
     g.add_argument("--threads", type=number(int, 0, 4 * (os.cpu_count() or 1)), default=0,
@@ -221,11 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace a finished run in --out (kept until the new one is published)")
     g.add_argument("--save-every", type=INDEX, default=0,
                    help="steps between checkpoints in <out>/checkpoint (0 = four per run)")
-    g.add_argument("--resume", metavar="OUT",
-                   help="continue the run in OUT from its checkpoint (its saved arguments)")
-    g.add_argument("--compare", action="store_true",
-                   help="planted: also train uniform LoRA and the oracle allocation at the same "
-                        "budget (one quiet run each) and print how this run compares")
+    g.add_argument("--resume", metavar="OUT", help="continue the run in OUT from its checkpoint")
+    g.add_argument("--compare", action="store_true", help="planted: also train uniform LoRA and "
+                   "the oracle ranks at the same budget and print how this run compares")
     return p
 
 
@@ -345,14 +320,46 @@ def check_out(args: argparse.Namespace) -> None:
                         command("train.py", "--resume", args.out))
 
 
-# -----------------------------------------------------------------------------
-# checkpoints: a dict of tensors and a JSON of the rest (runfolder writes them)
+def resumed_args(cli: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """The saved arguments of the run in --resume OUT (--threads from the command line), each
+    a value the parser gives; the checkpoint's step within --steps."""
+    out = Path(cli.resume)
+    if not out.is_dir():
+        raise FileNotFoundError(f"--resume {out}: no such run folder")
+    meta = runfolder.read_checkpoint(out)[1]
+    saved, where = meta["args"], out / CHECKPOINT / runfolder.META
+    for names, what in ((set(saved) - set(vars(cli)), "unknown arguments"),
+                        (set(vars(cli)) - set(saved), "arguments missing:")):
+        if names:
+            raise ValueError(f"{where}: {what} {sorted(names)[:5]}; the checkpoint comes from "
+                             "another version of train.py or is damaged")
+    bad = [a.dest for a in parser._actions if a.dest in saved and not _parses(a, saved[a.dest])]
+    if bad:
+        raise ValueError(f"{where}: argument {bad[0]!r} = {str(saved[bad[0]])[:40]!r} is not a "
+                         "value train.py accepts; the checkpoint is damaged")
+    if not 1 <= meta["step"] <= saved["steps"]:
+        raise ValueError(f"{where}: step {meta['step']} lies outside the run's "
+                         f"1..{saved['steps']} steps; the checkpoint is damaged")
+    return argparse.Namespace(**{**saved, "resume": str(out), "overwrite": False,
+                                 "out": str(out), "threads": cli.threads or saved["threads"]})
+
+
+def _parses(action: argparse.Action, v) -> bool:
+    """Whether the parser could have produced v (defaults resolved: no None for those)."""
+    if action.nargs == 0 or v is None:  # a switch; an unset flag
+        return isinstance(v, bool) if action.nargs == 0 else action.default is None and \
+            action.dest not in ("steps", "lr", "targets", "out")
+    try:  # --data resolves --task to "data"
+        return (action.dest, v) == ("task", "data") or not isinstance(v, bool) and (
+            action.type or str)(str(v)) == v and v in (action.choices or [v])
+    except (ValueError, TypeError, argparse.ArgumentTypeError):
+        return False
 
 
 def save_checkpoint(out: Path, step: int, model: nn.Module, opt, sched, rng: dict,
                     state: dict, args: argparse.Namespace) -> None:
-    """state.pt: the trainable tensors (adapters and heads), optimizer, scheduler, generators,
-    FW-LoRA's EMA and importances, losses; meta.json: step, args, ranks, report, evals."""
+    """state.pt: trainable tensors (adapters, heads), optimizer, scheduler, generators, FW-LoRA's
+    EMA and importances, losses; meta.json: step, args, ranks, alphas, report, evals."""
     layers = lora_layers(model)
     runfolder.save_checkpoint(out, {
         "step": step, "model": {n: p.detach() for n, p in model.named_parameters()
@@ -368,50 +375,9 @@ def save_checkpoint(out: Path, step: int, model: nn.Module, opt, sched, rng: dic
         "report": state["report"], "segments": state["segments"]})
 
 
-def resumed_args(cli: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
-    """The saved arguments of the run in --resume OUT (--threads from the command line), each
-    one a value the parser gives; the checkpoint's step within --steps."""
-    out = Path(cli.resume)
-    if not out.is_dir():
-        raise FileNotFoundError(f"--resume {out}: no such run folder")
-    _, meta = runfolder.read_checkpoint(out)
-    saved, where = meta["args"], out / CHECKPOINT / runfolder.META
-    for names, what in ((set(saved) - set(vars(cli)), "unknown arguments"),
-                        (set(vars(cli)) - set(saved), "arguments missing:")):
-        if names:
-            raise ValueError(f"{where}: {what} {sorted(names)[:5]}; the checkpoint comes from "
-                             "another version of train.py or is damaged")
-    for a in parser._actions:
-        v = saved.get(a.dest)
-        if a.dest in saved and not _parses(a, v):
-            raise ValueError(f"{where}: argument {a.dest!r} = {str(v)[:40]!r} is not a value "
-                             "train.py accepts; the checkpoint is damaged")
-    args = argparse.Namespace(**{**saved, "resume": str(out), "overwrite": False,
-                                 "out": str(out), "threads": cli.threads or saved["threads"]})
-    if not 1 <= meta["step"] <= args.steps:
-        raise ValueError(f"{where}: step {meta['step']} lies outside the run's 1..{args.steps} "
-                         "steps; the checkpoint is damaged")
-    return args
-
-
-def _parses(action: argparse.Action, v) -> bool:
-    """Whether the parser could have produced v (defaults resolved: no None for those)."""
-    if action.nargs == 0:  # a switch
-        return isinstance(v, bool)
-    if v is None:
-        return action.default is None and action.dest not in ("steps", "lr", "targets", "out")
-    if action.dest == "task" and v == "data":  # --data resolves --task to "data"
-        return True
-    try:
-        return not isinstance(v, bool) and (action.type or str)(str(v)) == v and (
-            action.choices is None or v in action.choices)
-    except (ValueError, TypeError, argparse.ArgumentTypeError):
-        return False
-
-
 def restore(model: nn.Module, opt, sched, state: dict, blob: dict, meta: dict) -> None:
-    """The checkpoint into the freshly built run: LoRA ranks and alphas, trainable tensors,
-    optimizer, scheduler, FW-LoRA state, losses; ValueError if it does not fit the run."""
+    """The checkpoint into the freshly built run (LoRA ranks and alphas, trainable tensors,
+    optimizer, scheduler, FW-LoRA state, losses), or ValueError if it does not fit the run."""
     layers = lora_layers(model)
     if set(meta["ranks"]) != set(layers):
         raise ValueError(f"the checkpoint adapts {len(meta['ranks'])} matrices, the model "
@@ -444,23 +410,20 @@ def restore(model: nn.Module, opt, sched, state: dict, blob: dict, meta: dict) -
 
 
 def init_distributed(device: torch.device, args: argparse.Namespace) -> tuple[int, int]:
-    """(rank, world size); starts the process group (gloo on CPU, nccl on CUDA) under torchrun,
-    whose collectives give up after $FIMLORA_DIST_TIMEOUT seconds (default 600; gloo's own is
-    30 minutes)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    """(rank, world size); under torchrun starts the process group (gloo on CPU, nccl on CUDA)
+    whose collectives give up after $FIMLORA_DIST_TIMEOUT seconds (600; gloo's own: 30 min)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0, 1
     raw = os.environ.get(DIST_TIMEOUT, "600")
-    try:
+    seconds = math.nan
+    with contextlib.suppress(ValueError):
         seconds = float(raw)
-    except ValueError:
-        seconds = math.nan
     if not 0 < seconds <= 86400:
         raise ValueError(f"{DIST_TIMEOUT}={raw!r}: give the seconds a torchrun process waits for "
                          "the others, a number in (0, 86400]")
-    if args.batch_size % world:
-        raise ValueError(f"--batch-size {args.batch_size} is not divisible by the {world} "
-                         "processes: every rank takes an equal shard of each global batch")
+    if args.batch_size % int(os.environ["WORLD_SIZE"]):
+        raise ValueError(f"--batch-size {args.batch_size} is not divisible by the "
+                         f"{os.environ['WORLD_SIZE']} processes: every rank takes an equal shard")
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                              timeout=datetime.timedelta(seconds=seconds))
@@ -474,9 +437,8 @@ def rank_world() -> tuple[int, int]:
 
 
 def shards(batches: Iterator[dict], rank: int, world: int) -> Iterator[dict]:
-    """Rank `rank`'s contiguous slice of dim 0 of every tensor in every batch. Where the slices
-    differ in size (the last batch of an epoch), the slice of n_k of the N rows carries
-    SHARD_WEIGHT = world·n_k/N, for shard_loss."""
+    """Rank `rank`'s contiguous slice of dim 0 of every tensor in every batch; on an uneven split
+    (the last batch of an epoch) the slice of n_k of N rows carries SHARD_WEIGHT = world·n_k/N."""
     for batch in batches:
         if world == 1:
             yield batch
@@ -485,32 +447,29 @@ def shards(batches: Iterator[dict], rank: int, world: int) -> Iterator[dict]:
         n, n_k = first.shape[0], first.tensor_split(world)[rank].shape[0]
         part = {k: v.tensor_split(world)[rank] if torch.is_tensor(v) and v.shape[:1] == (n,)
                 else v for k, v in batch.items()}
-        if n % world:
-            part[SHARD_WEIGHT] = world * n_k / n
-        yield part
+        yield part | ({SHARD_WEIGHT: world * n_k / n} if n % world else {})
 
 
 def shard_loss(task: Task, args: argparse.Namespace, world: int) -> Task:
-    """The task whose loss_fn weights an uneven shard's mean loss by SHARD_WEIGHT: DDP applies
-    the ranks' mean gradient, which is then the whole batch's, as in one process. Refuses data
-    whose last batch leaves a rank no row."""
+    """The task whose loss_fn weights an uneven shard's mean loss by SHARD_WEIGHT: the ranks'
+    mean gradient (DDP's) is then the whole batch's. Refuses data whose last batch of an epoch
+    leaves a rank no row."""
     left = (task.n_train or 0) % args.batch_size
     if world > 1 and 0 < left < world:
-        raise ValueError(f"the last batch of each epoch has {left} rows (--max-train / the "
-                         f"training rows mod --batch-size {args.batch_size}), fewer than the "
-                         f"{world} processes: change --max-train or --batch-size")
+        raise ValueError(f"the last batch of each epoch has {left} rows (the training rows mod "
+                         f"--batch-size {args.batch_size}), fewer than the {world} processes: "
+                         "change --max-train or --batch-size")
 
     def loss_fn(m: nn.Module, batch: dict) -> torch.Tensor:
-        if SHARD_WEIGHT not in batch:
-            return task.loss_fn(m, batch)
         rows = {k: v for k, v in batch.items() if k != SHARD_WEIGHT}
-        return task.loss_fn(m, rows) * batch[SHARD_WEIGHT]
+        return task.loss_fn(m, rows) * batch[SHARD_WEIGHT] if SHARD_WEIGHT in batch else \
+            task.loss_fn(m, batch)
     return task._replace(loss_fn=loss_fn) if world > 1 else task
 
 
 def agreed(flag: bool, world: int, device: torch.device) -> bool:
-    """True on every rank if it is true on any (a stop request must stop all ranks together).
-    `device`: the process group's (the rank's GPU under nccl, which refuses CPU tensors)."""
+    """True on every rank if it is true on any (a stop request stops all ranks together), on the
+    process group's `device` (nccl refuses CPU tensors)."""
     if world == 1:
         return flag
     t = torch.tensor([float(flag)], device=device)
@@ -528,10 +487,9 @@ def set_seed(seed: int) -> None:
 
 
 def random_streams(seed: int) -> dict[str, torch.Generator]:
-    """Every random draw of a run, one CPU generator per stream: init (weights, plants, A),
-    data (training batches), calib (calibration batches), eval (planted eval set). Separate
-    streams keep calibration and re-initialisation from shifting the data order, so every
-    method trains on the same batches."""
+    """One CPU generator per stream of random draws: init (weights, plants, A), data (training
+    batches), calib (calibration batches), eval (planted eval set). Calibration and
+    re-initialisation never shift the data order: every method trains on the same batches."""
     return {name: torch.Generator().manual_seed(seed + k)
             for k, name in enumerate(("init", "data", "calib", "eval"))}
 
@@ -548,7 +506,7 @@ def resolve_device(name: str) -> torch.device:
                              f"with --nproc-per-node <= {count} (or --device cpu)")
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
-    print(f"device: {device} ({'bf16 autocast' if device.type == 'cuda' else 'fp32'}"
+    print(f"device: {device} ({'bf16 autocast' if cuda else 'fp32'}"
           f"{', --device auto' if name == 'auto' else ''})")
     return device
 
@@ -566,18 +524,16 @@ def add_adapters(task: Task, args: argparse.Namespace, device: torch.device,
              dropout=args.dropout, rslora=args.rslora, heads=task.heads, generator=rng["init"])
     thin = {n: min(m.in_features, m.out_features) for n, m in lora_layers(task.model).items()
             if min(m.in_features, m.out_features) < args.r}
-    if thin:
-        name = next(iter(thin))
-        raise ValueError(f"--r {args.r} exceeds min(d_in, d_out) = {thin[name]} of {name} "
+    for name, width in list(thin.items())[:1]:
+        raise ValueError(f"--r {args.r} exceeds min(d_in, d_out) = {width} of {name} "
                          f"({len(thin)} such target matrices): lower --r")
     return task.model.to(device).train(task.train_mode)
 
 
 def fim_method(model: nn.Module, task: Task, args: argparse.Namespace,
                rng: dict[str, torch.Generator], calib: Iterator[dict]) -> dict:
-    """FIM-LoRA: score --calib-batches batches, reallocate the rank budget. Under torchrun rank
-    k takes batches k, k + world, ... (maybe none); the score sums are all-reduced, so every rank
-    allocates the ranks of one process."""
+    """FIM-LoRA on --calib-batches batches. Under torchrun rank k takes batches k, k + world, ...
+    (maybe none); the score sums are all-reduced, so every rank allocates the same ranks."""
     rank, world = rank_world()
     batches = list(itertools.islice(calib, rank, args.calib_batches, world))
     t0 = time.perf_counter()
@@ -587,15 +543,15 @@ def fim_method(model: nn.Module, task: Task, args: argparse.Namespace,
         per_example=args.per_example, power=args.power, generator=rng["init"],
         budget_unit=args.budget)
     seconds = time.perf_counter() - t0
-    print(f"FIM-LoRA {args.score} scores ({seconds:.1f}s):\n{layer_table(res['scores'], '{:.3g}')}")
+    print(f"FIM-LoRA {args.score} scores ({seconds:.1f}s):\n"
+          + layer_table(res["scores"], "{:.3g}"))
     return {"fim": {**res, "seconds": seconds}}
 
 
 def da_method(model: nn.Module, task: Task, args: argparse.Namespace,
               rng: dict[str, torch.Generator], calib: Iterator[dict]) -> dict:
-    """LoRA-DA: initialise A and B from --da-samples calibration examples (the last batch cut
-    short). Under torchrun rank k takes batches k, k + world, ... and their share of the
-    examples; lorada_statistics all-reduces the sums."""
+    """LoRA-DA from --da-samples calibration examples (the last batch cut short). Under torchrun
+    rank k takes batches k, k + world, ...; lorada_statistics all-reduces the sums."""
     batches = list(itertools.islice(calib, max(1, math.ceil(args.da_samples / args.batch_size))))
     sizes = [next(v.shape[0] for v in b.values() if torch.is_tensor(v)) for b in batches]
     take = [min(k, max(0, args.da_samples - at))
@@ -612,7 +568,7 @@ def da_method(model: nn.Module, task: Task, args: argparse.Namespace,
 def apply_method(model: nn.Module, task: Task, args: argparse.Namespace,
                  rng: dict[str, torch.Generator]) -> dict:
     """fim and da change the adapted model before step 1 (fw acts in the loop); returns what
-    they did. Every method starts from B = 0, whose planted loss is the loss_ratio's base."""
+    they did. Every method starts from B = 0, whose planted loss is loss_ratio's base."""
     calib = task.train_batches(rng["calib"])
     report = {"loss_at_B0": task.evaluate(model)["loss"]} if task.planted else {}
     if args.method.startswith("fim"):
@@ -643,7 +599,8 @@ def layer_table(values: dict[str, float], fmt: str = "{}") -> str:
     short = [c.replace("attention.self.", "").replace("attention.output.dense", "attn.out")
              .replace("intermediate.dense", "inter").replace("output.dense", "out")
              .replace("self_attn.", "").replace("mlp.", "") for c in cols]
-    rows = [f"{k:>5} " + " ".join(f"{cells[k].get(c, '-'):>9}" for c in cols) for k in sorted(cells)]
+    rows = [f"{k:>5} " + " ".join(f"{cells[k].get(c, '-'):>9}" for c in cols)
+            for k in sorted(cells)]
     return "\n".join(["layer " + " ".join(f"{s:>9}" for s in short), *rows, *rest])
 
 
@@ -652,8 +609,8 @@ def layer_table(values: dict[str, float], fmt: str = "{}") -> str:
 
 
 def make_optimizer(model: nn.Module, args: argparse.Namespace):
-    """AdamW with weight decay on matrices only (biases and LayerNorms as HF Trainer), and the
-    lr schedule: linear warm-up to 1 over warmup·steps steps, then linear decay to 0."""
+    """AdamW with weight decay on matrices only (not biases and LayerNorms, as HF Trainer), and
+    the lr schedule: linear warm-up to 1 over warmup·steps steps, then linear decay to 0."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW([
         {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": args.weight_decay},
@@ -665,12 +622,10 @@ def make_optimizer(model: nn.Module, args: argparse.Namespace):
 
 def micro_backward(train_model: nn.Module, loss_fn: Callable, micro: list[dict],
                    penalty: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
-    """Forward and backward of one optimizer step's micro-batches; returns the step's loss.
-    Micro-batch c's loss is weighted n_c/Σn (n_c its examples): every loss_fn is the mean of
-    per-example losses (data/tasks.py), so the gradients sum to those of the mean over all Σn
-    examples, the update of one batch of them up to float rounding. The penalty is added once.
-    A DDP train_model syncs on the last micro-batch only (no_sync before it)."""
-    # an uneven shard's n_k rows weigh as N/world of the global batch (shards: SHARD_WEIGHT)
+    """Forward and backward of one step's micro-batches; returns the step's loss. Micro-batch
+    c's loss is weighted n_c/Σn (n_c its examples; an uneven shard's as its global rows): every
+    loss_fn is a mean of per-example losses (data/tasks.py), so the gradients are those of one
+    batch of all Σn examples. The penalty is added once; a DDP train_model syncs on the last."""
     sizes = [next(v.shape[0] for v in b.values() if torch.is_tensor(v)) / b.get(SHARD_WEIGHT, 1)
              for b in micro]
     for c, batch in enumerate(micro):
@@ -687,10 +642,9 @@ def micro_backward(train_model: nn.Module, loss_fn: Callable, micro: list[dict],
 
 def fw_step(train_model: nn.Module, model: nn.Module, task: Task, args: argparse.Namespace,
             state: dict):
-    """FW-LoRA: a plain step that tracks ‖∂L/∂W_m‖² every --fw-track-every-th warm-up step
-    (EMA factor β^k), then freezes the importances and adds the penalty. `state` holds the EMA
-    and the importances; fw_track spans all micro-batches of a step, so it sees the norm of the
-    step's accumulated gradient."""
+    """FW-LoRA: plain steps that track ‖∂L/∂W_m‖² every --fw-track-every-th warm-up step (over
+    all of the step's micro-batches; EMA factor β^k), then the frozen importances' penalty.
+    `state` holds the EMA and the importances; train_model is model or its DDP wrapper."""
     every = args.fw_track_every
 
     def step(k: int, micro: list[dict]) -> torch.Tensor:
@@ -754,10 +708,10 @@ def divergence(step: int, what: str, model: nn.Module, args: argparse.Namespace,
 def train_loop(model: nn.Module, task: Task, args: argparse.Namespace,
                rng: dict[str, torch.Generator], report: dict, resume: tuple | None,
                dist_info: tuple[int, int]) -> dict:
-    """--steps AdamW steps, each on --grad-accum batches from the data stream (micro_backward),
+    """--steps AdamW steps, each on --grad-accum batches of the data stream (micro_backward),
     checkpointing every --save-every steps (rank 0 writes); returns the losses (one per step),
-    the evals (step 0 for planted) and the training seconds. With `resume` = (state.pt,
-    meta.json) it continues where they stopped, replaying steps x --grad-accum batches."""
+    the evals and the training seconds. With `resume` = (state.pt, meta.json) it continues
+    where they stopped, after replaying steps x --grad-accum batches."""
     (rank, world), out = dist_info, Path(args.out)
     opt, sched = make_optimizer(model, args)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -766,15 +720,15 @@ def train_loop(model: nn.Module, task: Task, args: argparse.Namespace,
     if resume is not None:
         restore(model, opt, sched, state, *resume)
     start = len(state["losses"])
-    accum = f" x {args.grad_accum} micro-batches" if args.grad_accum > 1 else ""
-    print(f"training: {args.steps:,} steps, batch {args.batch_size}{accum}, lr {args.lr:g}, "
-          f"{sum(p.numel() for p in trainable):,} trainable parameters"
+    print(f"training: {args.steps:,} steps, batch {args.batch_size}"
+          f"{f' x {args.grad_accum} micro-batches' if args.grad_accum > 1 else ''}, lr "
+          f"{args.lr:g}, {sum(p.numel() for p in trainable):,} trainable parameters"
           + (f"; resumed from {out / CHECKPOINT} at step {start:,}" if start else ""))
     trim_log(out, start)
     if resume is None and task.planted:
         log_eval(args, state, 0, task.evaluate(model))
     segment = {"from_step": start, "threads": torch.get_num_threads(), "world_size": world}
-    last = state["segments"][-1] if state["segments"] else segment
+    last = (state["segments"] or [segment])[-1]
     if any(last.get(k) != segment[k] for k in ("threads", "world_size")):
         print(f"note: this segment runs {segment['threads']} threads on {world} process(es), "
               f"the last ran {last.get('threads')} on {last.get('world_size')}: the result is "
@@ -791,7 +745,7 @@ def train_loop(model: nn.Module, task: Task, args: argparse.Namespace,
         if not torch.equal(rng["data"].get_state(), resume[0]["rng"]["data"]):
             raise ValueError(f"--resume {out}: the training data no longer gives the batches "
                              "the checkpoint saw (files or --max-train changed?)")
-        torch.set_rng_state(resume[0]["rng"]["torch"])  # dropout continues where it stopped
+        torch.set_rng_state(resume[0]["rng"]["torch"])  # dropout goes on where it stopped
         if resume[0]["cuda_rng"]:
             torch.cuda.set_rng_state_all(resume[0]["cuda_rng"])
     every, last_good = args.save_every or max(1, math.ceil(args.steps / 4)), start
@@ -827,9 +781,8 @@ def train_loop(model: nn.Module, task: Task, args: argparse.Namespace,
                 raise Interrupted(f"interrupted at step {step:,}/{args.steps:,}, checkpoint "
                                   f"saved: resume with '{command('train.py', '--resume', out)}'")
     fw = state["fw"]["importance"]
-    return {"losses": state["losses"], "evals": state["evals"], "seconds": state["seconds"],
-            "fw": {"importances": {n: float(v) for n, v in fw.items()}} if fw else None,
-            "trainable": sum(p.numel() for p in trainable), "segments": state["segments"]}
+    return {**state, "fw": {"importances": {n: float(v) for n, v in fw.items()}} if fw else None,
+            "trainable": sum(p.numel() for p in trainable)}
 
 
 def log_step(step: int, state: dict, sched, args: argparse.Namespace) -> None:
@@ -853,24 +806,22 @@ def log_eval(args: argparse.Namespace, state: dict, step: int, metrics: dict) ->
 def log_json(args: argparse.Namespace, record: dict) -> None:
     """Append one JSON line (a logged step or an eval) to <out>/log.jsonl; rank 0 only."""
     if int(os.environ.get("RANK", "0")) == 0:
-        with open(Path(args.out) / LOG, "a") as f:
+        with open(Path(args.out) / "log.jsonl", "a") as f:
             f.write(json.dumps(finite(record)) + "\n")
 
 
 def trim_log(out: Path, step: int) -> None:
     """A fresh run starts <out>/log.jsonl anew; a resumed one keeps its lines up to the
     checkpoint's step (a killed run may have logged past it, or half a line)."""
-    if not (out / LOG).is_file() or int(os.environ.get("RANK", "0")) != 0:
+    if not (out / "log.jsonl").is_file() or int(os.environ.get("RANK", "0")) != 0:
         return
     kept = []
-    for line in (out / LOG).read_text(errors="replace").splitlines() if step else []:
-        with contextlib.suppress(ValueError):
-            record = json.loads(line)
-            if isinstance(record, dict) and type(record.get("step")) is int \
-                    and record["step"] <= step:
+    for line in (out / "log.jsonl").read_text(errors="replace").splitlines() if step else []:
+        with contextlib.suppress(ValueError, AttributeError):  # half a line, not an object
+            logged = json.loads(line).get("step")
+            if type(logged) is int and logged <= step:
                 kept.append(line + "\n")
-    write = "".join(kept).encode()
-    atomic_write(out / LOG, lambda f: f.write(write))
+    atomic_write(out / "log.jsonl", lambda f: f.write("".join(kept).encode()))
 
 
 def progress(batches: Iterable, label: str, total: int, every: float = 10.0) -> Iterator:
@@ -878,10 +829,9 @@ def progress(batches: Iterable, label: str, total: int, every: float = 10.0) -> 
     seconds, so a long calibration shows it is alive."""
     t0 = last = time.perf_counter()
     for k, batch in enumerate(batches, 1):
-        now = time.perf_counter()
-        if k == 1 or now - last >= every:
-            print(f"{label}: batch {k:,}/{total:,} ({now - t0:.0f}s)", flush=True)
-            last = now
+        if k == 1 or time.perf_counter() - last >= every:
+            last = time.perf_counter()
+            print(f"{label}: batch {k:,}/{total:,} ({last - t0:.0f}s)", flush=True)
         yield batch
 
 
@@ -895,8 +845,7 @@ def n_params(model: nn.Module, trainable: bool = True) -> int:
 
 def environment(device: torch.device | None = None) -> dict:
     """{"versions", "machine"} of this process for a results file: python and torch versions,
-    platform, CPUs, torch threads and the GPU's name (of `device`; None: of the default CUDA
-    device when there is one)."""
+    platform, CPUs, torch threads and the GPU of `device` (None: the default CUDA device)."""
     on_cuda = torch.cuda.is_available() if device is None else device.type == "cuda"
     return {"versions": {"torch": torch.__version__, "python": platform.python_version()},
             "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
@@ -909,25 +858,10 @@ def write_adapters(folder: Path, model: nn.Module, task: Task, args: argparse.Na
     targets = args.targets.split(",")
     if lora_layers(model):
         save_adapter(folder / "adapter", model, targets, seed=args.seed, heads=task.heads)
-        if task.planted is None:  # for PeftModel.from_pretrained (README)
-            base = None if args.model in ("tiny", "tiny-llama") else str(model_path(args.model))
-            save_adapter(folder / "adapter_peft", model, targets, heads=task.heads,
-                         format="peft", base_model=base,
-                         task_type="CAUSAL_LM" if is_decoder(args.model) else None)
-
-
-def save(model: nn.Module, task: Task, args: argparse.Namespace, results: dict) -> None:
-    """results.json, the adapter and for GLUE its PEFT copy, published together
-    (runfolder.publish): a kill never leaves a folder mixing two runs. A failed write (disk
-    full) names the file and what survived."""
-    out = Path(args.out)
-
-    def write(folder: Path) -> None:
-        write_adapters(folder, model, task, args)
-        write_json(folder / "results.json", results)
-    with runfolder.write_errors(out, command("train.py", "--resume", out)):
-        runfolder.publish(out, write)
-    print(f"wrote {' and '.join(str(out / n) for n in runfolder.PUBLISHED if (out / n).exists())}")
+    if lora_layers(model) and task.planted is None:  # for PeftModel.from_pretrained
+        base = None if args.model in ("tiny", "tiny-llama") else str(model_path(args.model))
+        save_adapter(folder / "adapter_peft", model, targets, heads=task.heads, format="peft",
+                     base_model=base, task_type="CAUSAL_LM" if is_decoder(args.model) else None)
 
 
 def compare_planted(args: argparse.Namespace, results: dict) -> dict:
@@ -936,23 +870,23 @@ def compare_planted(args: argparse.Namespace, results: dict) -> dict:
     of the uniform→oracle gap did it close?"""
     def oracle(task, args, device, rng):
         model = add_adapters(task, args, device, rng)
-        n = len(lora_layers(model))
-        resize_ranks(model, planted.oracle_ranks(list(lora_layers(model)), task.planted,
-                                                 args.r * n), generator=rng["init"])
+        names = list(lora_layers(model))
+        ranks = planted.oracle_ranks(names, task.planted, args.r * len(names))
+        resize_ranks(model, ranks, generator=rng["init"])
         return model
-    losses = {}
+    loss = {}
     for name, adapt in (("uniform", add_adapters), ("oracle", oracle)):
         print(f"compare: training the {name} twin ({args.steps:,} steps, quiet) ...", flush=True)
         with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
             twin = argparse.Namespace(**{**vars(args), "method": "lora", "out": tmp,
                                          "compare": False, "resume": None, "overwrite": True})
             try:
-                losses[name] = run(twin, adapt)["metrics"]["loss_ratio"]
+                loss[name] = run(twin, adapt)["metrics"]["loss_ratio"]
             except Interrupted:  # the twin's checkpoint is in a temp folder about to go
                 raise Interrupted(f"interrupted in --compare's {name} twin run: this run's "
                                   f"results are already in {args.out} (without the "
                                   "comparison)") from None
-    mine, uni, orc = results["metrics"]["loss_ratio"], losses["uniform"], losses["oracle"]
+    mine, uni, orc = results["metrics"]["loss_ratio"], loss["uniform"], loss["oracle"]
     gap = (uni - mine) / (uni - orc) if uni != orc else float("nan")
     print(f"final loss / loss at B = 0: this run {mine:.4f}, uniform LoRA {uni:.4f}, oracle "
           f"{orc:.4f} (same budget, same batches)\n{args.method} "
@@ -967,15 +901,15 @@ def compare_planted(args: argparse.Namespace, results: dict) -> dict:
 def main(argv: list[str] | None = None, adapt: Callable = add_adapters,
          finish: Callable | None = None) -> dict:
     """Train one run and return its results. `adapt(task, args, device, rng)` turns the task's
-    base model into the model to train (default: uniform LoRA, add_adapters; study/ passes
-    others); `finish(results)` adds fields to the results before they are saved."""
+    base model into the model to train (default: uniform LoRA; study/ passes others);
+    `finish(results)` adds fields to the results before they are saved."""
     return run(parse_args(argv), adapt, finish)
 
 
 def run(args: argparse.Namespace, adapt: Callable = add_adapters,
         finish: Callable | None = None) -> dict:
-    """main() after argument parsing: one run, from seed to saved results (and planted
-    --compare), holding --out's lock from before any work to its last write (rank 0)."""
+    """main() after parse_args: one run from seed to saved results (and planted --compare),
+    holding --out's lock from before any work to its last write (rank 0)."""
     out, rank0 = Path(args.out), int(os.environ.get("RANK", "0")) == 0
     with runfolder.lock(out) if rank0 else contextlib.nullcontext():
         if rank0:  # the folder as it is now that it is ours: finish what a kill left, recheck
@@ -984,12 +918,12 @@ def run(args: argparse.Namespace, adapt: Callable = add_adapters,
         results = train_run(args, adapt, finish)
         if args.compare:
             results["compare"] = compare_planted(argparse.Namespace(**results["args"]), results)
-            if rank0:
-                try:
-                    write_json(out / "results.json", results)  # the run's own, just published
-                except OSError as e:
-                    raise ValueError(f"cannot write {e.filename} ({e.strerror}): {out} holds the "
-                                     "run without the comparison") from None
+            try:  # the run's results.json, just published, now with the comparison
+                if rank0:
+                    write_json(out / "results.json", results)
+            except OSError as e:
+                raise ValueError(f"cannot write {e.filename} ({e.strerror}): {out} holds the "
+                                 "run without the comparison") from None
     return results
 
 
@@ -1009,7 +943,7 @@ def train_run(args: argparse.Namespace, adapt: Callable, finish: Callable | None
         args = resolve(args, task)
         model = adapt(task, args, device, rng)
         check_model(model, args)
-        with tempfile.TemporaryDirectory() as tmp:  # save()'s checks, before step 1
+        with tempfile.TemporaryDirectory() as tmp:  # save()'s checks, before any training
             write_adapters(Path(tmp), model, task, args)
         print(f"model: {args.model}, {n_params(model, False):,} parameters; LoRA on "
               f"{len(lora_layers(model))} matrices ({args.targets}), r={args.r}, "
@@ -1017,8 +951,8 @@ def train_run(args: argparse.Namespace, adapt: Callable, finish: Callable | None
         if task.planted:
             print("planted: " + ", ".join(f"{n} (rank {r})" for n, r in task.planted.items()))
         report = resume[1]["report"] if resume else apply_method(model, task, args, rng)
-        if rank == 0:  # --overwrite: the old run's checkpoint goes, its results stay until ours
-            out = Path(args.out)
+        out = Path(args.out)
+        if rank == 0:  # --overwrite: the old checkpoint goes, its results stay until ours
             out.mkdir(parents=True, exist_ok=True)
             for name in (CHECKPOINT, runfolder.STAGED) if args.overwrite else ():
                 runfolder.remove(out / name)
@@ -1030,15 +964,17 @@ def train_run(args: argparse.Namespace, adapt: Callable, finish: Callable | None
             metrics["loss_ratio"] = metrics["loss"] / report["loss_at_B0"]  # final / B = 0
         log_eval(args, trained, args.steps, metrics)
         seconds, calib = trained["seconds"], report["calibration_seconds"]
-        print(f"time: calibration {calib:.1f}s, training {seconds:.1f}s ({seconds / args.steps:.3f}"
-              f" s/step), overhead {calib / max(seconds, 1e-9):.1%}")
+        print(f"time: calibration {calib:.1f}s, training {seconds:.1f}s "
+              f"({seconds / args.steps:.3f} s/step), overhead {calib / max(seconds, 1e-9):.1%}")
         layers = lora_layers(model)
         results = {
             "args": vars(args), "seed": args.seed, "device": device.type, "world_size": world,
             **environment(device), "metrics": metrics, "eval_history": trained["evals"],
             "train_loss": trained["losses"], "segments": trained["segments"],
-            "trainable_parameters": trained["trainable"], "total_parameters": n_params(model, False),
-            "seconds": {"calibration": calib, "training": seconds, "per_step": seconds / args.steps},
+            "trainable_parameters": trained["trainable"],
+            "total_parameters": n_params(model, False),
+            "seconds": {"calibration": calib, "training": seconds,
+                        "per_step": seconds / args.steps},
             "ranks": {n: m.r for n, m in layers.items()},
             "alphas": {n: m.alpha for n, m in layers.items()},
             **{k: v for k, v in report.items() if k != "calibration_seconds"},
@@ -1047,8 +983,14 @@ def train_run(args: argparse.Namespace, adapt: Callable, finish: Callable | None
             **({"data": task.info} if task.info else {})}
         if finish is not None:
             finish(results)
+        def write(folder: Path) -> None:  # what runfolder.publish puts in --out together
+            write_adapters(folder, model, task, args)
+            write_json(folder / "results.json", results)
         if rank == 0:
-            save(model, task, args, results)
+            with runfolder.write_errors(out, command("train.py", "--resume", out)):
+                runfolder.publish(out, write)
+            print("wrote " + " and ".join(str(out / n) for n in runfolder.PUBLISHED
+                                          if (out / n).exists()))
     return results
 
 
