@@ -189,7 +189,7 @@ def read_checkpoint(out: Path) -> tuple[dict, dict]:
                                                for v in losses) or blob.get("step") != meta["step"]:
         raise ValueError(f"{folder / STATE} does not match {META} (step, finite losses): the "
                          "checkpoint is damaged")
-    if len(losses) != meta["step"] or meta["step"] < 1:
+    if len(losses) != meta["step"] or meta["step"] < 1:  # the rest: train.restore's checks
         raise ValueError(f"{folder / STATE} holds {len(losses)} losses for step "
                          f"{meta['step']}: the checkpoint is damaged")
     return blob, meta

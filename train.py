@@ -83,12 +83,16 @@ def number(kind: type, lo: float = -math.inf, hi: float = math.inf, lo_open: boo
     naming the value and the range: number(int, 1)("0") -> "0: use >= 1"."""
     def parse(text: str) -> int | float:
         v = kind(text)
-        if math.isfinite(v) and (lo < v if lo_open else lo <= v) and (
-                v < hi if hi_open else v <= hi):
+        above, below = (lo < v if lo_open else lo <= v), (v < hi if hi_open else v <= hi)
+        if math.isfinite(v) and above and below:
             return v
-        want = (f"{'>' if lo_open else '>='} {lo:g}" if hi == math.inf else
-                f"a number in {'([' [not lo_open]}{lo:g}, {hi:g}{')]'[not hi_open]}")
-        raise argparse.ArgumentTypeError(f"{text}: use {want if math.isfinite(v) else 'a finite number'}")
+        if not math.isfinite(v):
+            want = "a finite number"
+        elif hi == math.inf:
+            want = f"{'>' if lo_open else '>='} {lo:g}"
+        else:
+            want = f"a number in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        raise argparse.ArgumentTypeError(f"{text}: use {want}")
     parse.__name__ = kind.__name__  # argparse's "invalid int value: 'x'"
     return parse
 
@@ -141,12 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pair-field", help="--data's second text column, for pairs")
     p.add_argument("--label-field", default="label", help="--data's class column (str or int)")
     g = p.add_argument_group("LoRA")
-    g.add_argument("--r", type=COUNT, default=8, help="base rank (FIM keeps the budget r x matrices)")
+    g.add_argument("--r", type=COUNT, default=8, help="base rank (fim keeps r x matrices)")
     g.add_argument("--alpha", type=RATE, default=16.0, help="scale numerator: ΔW = (alpha/r)·B·A")
     g.add_argument("--rslora", action="store_true", help="scale alpha/sqrt(r) instead of alpha/r")
     g.add_argument("--dropout", type=FRACTION, default=0.0, help="dropout on the adapter input")
-    g.add_argument("--targets", help="comma-separated Linear name suffixes (default: per model "
-                   "kind, DEFAULT_TARGETS: query,key,value,dense for GLUE encoders)")
+    g.add_argument("--targets", help="comma-separated Linear name suffixes (default: query,key,"
+                   "value,dense on encoders; q/k/v/o and MLP on decoders; 6 a block on planted)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=COUNT, help="optimizer steps (default 1000 GLUE, 600 planted)")
     g.add_argument("--epochs", type=RATE, help="passes over the training set, instead of --steps")
@@ -243,8 +247,7 @@ def check_args(a: argparse.Namespace, given: list[str]) -> None:
                ("eval_data", "text_field", "pair_field") if not data and getattr(a, k)]
     errors += [msg for bad, msg in [
         (a.steps and a.epochs, "--steps and --epochs both given: pick one"),
-        (a.epochs and planted, "--epochs needs a finite training set: use --steps for "
-                                    "planted"),
+        (a.epochs and planted, "--epochs needs a finite training set: use --steps for planted"),
         (scale > MAX_SCALE, f"--alpha {a.alpha:g}: the LoRA scale alpha/"
                             f"{'sqrt(r)' if a.rslora else 'r'} = {scale:.3g} overflows the "
                             f"forward; use a scale <= {MAX_SCALE:g}"),
@@ -257,10 +260,9 @@ def check_args(a: argparse.Namespace, given: list[str]) -> None:
          f"--score variance with --calib-batches {a.calib_batches}: the variance of one batch "
          "gradient is 0; use --calib-batches >= 2"),
         (a.compare and not planted, f"--compare with --task {a.task}: it compares with the "
-                                         "planted task's oracle ranks; drop --compare or use "
-                                         "--task planted"),
-        (a.plants != "reach" and not planted, "--plants places the planted task's plants: "
-                                                   "drop it or use --task planted"),
+                                    "planted task's oracle; drop --compare or use --task planted"),
+        (a.plants != "reach" and not planted, "--plants places the planted task's plants: drop "
+                                              "it or use --task planted"),
         (data and (a.task != "planted" or a.data_dir), "--data FILE replaces --task and "
                                                        "--data-dir: drop them"),
         (not data and a.task != "planted" and not a.data_dir,
