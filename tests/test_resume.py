@@ -248,7 +248,7 @@ def test_two_runs_started_together_into_one_out_one_wins_the_other_is_refused(tm
     publishes, the other exits 1 with a clean refusal (in use, or finished if the winner was
     already done when it looked), and the folder holds the winner's run."""
     out = tmp_path / "o"
-    procs = [cli(out, "--seed", str(s), "--save-every", save_every, steps="200")
+    procs = [cli(out, "--seed", str(s), "--save-every", save_every, steps="40")
              for s in (0, 1)]
     done = [p.communicate(timeout=600) + (p.returncode,) for p in procs]
     codes = sorted(d[2] for d in done)
