@@ -66,8 +66,8 @@ def lock(out: Path) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            with contextlib.suppress(ValueError):  # {} while the owner writes it this instant
-                owner = {}
+            owner = {}
+            with contextlib.suppress(ValueError):  # unreadable while the owner writes it
                 owner = json.loads(os.read(fd, 4096))
             os.close(fd)
             raise ValueError(f"--out {out} is in use by pid {owner.get('pid', '?')} (host "
@@ -253,7 +253,7 @@ def check_out(out: Path, resume: bool, overwrite: bool, resume_cmd: str) -> None
     room = path_max - 1 - len(f"/{STAGED}/{STATE}")  # the longest path a run writes
     long = [c for c in out.parts if len(os.fsencode(c)) > name_max]
     if long:
-        raise ValueError(f"--out {shown}: the name {long[0][:40]}... has {len(long[0])} bytes, "
+        raise ValueError(f"--out {shown}: the name {long[0][:40]}... has {len(os.fsencode(long[0]))} bytes, "
                          f"over this file system's {name_max} (NAME_MAX): use a shorter name")
     if len(os.fsencode(os.path.abspath(out))) > room:
         raise ValueError(f"--out {shown}: the path is too long for the files a run writes in it "
