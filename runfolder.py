@@ -1,13 +1,11 @@
-"""The run folder (--out) on disk: one owner at a time, checkpoints, publishing, and tidying what
-a kill left. Every change of state is one rename, so a kill at any instant leaves each name whole
-or absent, and the next run into the folder (tidy_out, under the lock) finds one way on:
+"""The run folder (--out): one owner at a time, checkpoints, publishing, and recovery from a kill.
+Every change of state is one rename, so a kill at any instant leaves each name whole or absent,
+and tidy_out (the next run, under the lock) finds the one way on:
 
     with lock(out):                          # "--out X is in use by pid N" for a second run
         tidy_out(out)                        # finish a publish, put back a checkpoint
-        save_checkpoint(out, blob, meta)     # checkpoint.tmp/, then swapped in
+        save_checkpoint(out, blob, meta)     # checkpoint.tmp/ -> checkpoint/
         publish(out, write)                  # .publish.tmp/ -> .publish/ -> moved in
-
-A delete renames to ".trash-*" first; what cannot be deleted stays there, named in a warning.
 """
 
 from __future__ import annotations
@@ -96,8 +94,8 @@ def lock(out: Path) -> Iterator[None]:
 
 
 def remove(path: Path) -> None:
-    """Delete a file or folder: renamed to a unique .trash-* name beside it (atomic), then
-    deleted; what cannot be deleted stays, named in a warning, and never blocks the name."""
+    """Delete a file or folder: renamed to a unique .trash-* name (atomic), then deleted; what
+    cannot be deleted stays, named in a warning, and never blocks the name."""
     if os.path.lexists(path):
         trash = path.with_name(f"{TRASH}{path.name}-{uuid.uuid4().hex[:8]}")
         os.replace(path, trash)
@@ -115,9 +113,8 @@ def _delete(trash: Path) -> None:
 
 
 def tidy_out(out: Path) -> None:
-    """Bring out to a state one command continues (start of every run, under the lock): finish an
-    interrupted publish, drop trash and temp folders, and put in a complete checkpoint.tmp that
-    a kill caught between the two renames of its swap."""
+    """Finish an interrupted publish, drop trash and temp folders, and put in a complete
+    checkpoint.tmp that a kill caught between the two renames of its swap."""
     if (out / PUBLISH).is_dir():
         _move_in(out)
     for trash in out.glob(TRASH + "*"):
@@ -130,20 +127,28 @@ def tidy_out(out: Path) -> None:
 
 
 # -----------------------------------------------------------------------------
-# checkpoints and results
+# checkpoints and results: write(<name>.tmp/), then one rename
+
+
+def _stage(out: Path, name: str, write: Callable[[Path], None]) -> None:
+    """write(folder) into <out>/<name>.tmp/, then renamed to <name> (an old one removed first:
+    between the two, the complete .tmp folder is the newest)."""
+    tmp = out / (name + ".tmp")
+    remove(tmp)
+    tmp.mkdir()
+    write(tmp)
+    fsync_dir(tmp)
+    remove(out / name)
+    os.replace(tmp, out / name)
+    fsync_dir(out)
 
 
 def save_checkpoint(out: Path, blob: dict, meta: dict) -> None:
-    """<out>/checkpoint/{state.pt, meta.json}: written to checkpoint.tmp/ (meta.json last), then
-    the old checkpoint removed and the new one renamed in (between the two, checkpoint.tmp is
-    the checkpoint: read_checkpoint and tidy_out take it)."""
-    remove(out / STAGED)
-    (out / STAGED).mkdir()
-    atomic_write(out / STAGED / STATE, lambda f: torch.save(blob, f))
-    write_json(out / STAGED / META, meta)
-    remove(out / CHECKPOINT)
-    os.replace(out / STAGED, out / CHECKPOINT)
-    fsync_dir(out)
+    """<out>/checkpoint/: state.pt (tensors, torch.save) and meta.json (written last)."""
+    def write(folder: Path) -> None:
+        atomic_write(folder / STATE, lambda f: torch.save(blob, f))
+        write_json(folder / META, meta)
+    _stage(out, CHECKPOINT, write)
 
 
 def read_checkpoint(out: Path) -> tuple[dict, dict]:
@@ -153,13 +158,14 @@ def read_checkpoint(out: Path) -> tuple[dict, dict]:
     folder = next((f for f in (out / CHECKPOINT, out / STAGED) if complete(f)), out / CHECKPOINT)
     if not folder.is_dir():
         raise FileNotFoundError(f"--resume {out}: no {CHECKPOINT}/ folder{done}")
-    if not os.path.lexists(folder / META):
-        if done:
-            raise FileNotFoundError(f"--resume {out}: nothing to resume{done}; its partial "
-                                    f"{CHECKPOINT}/ is removed by the next run into {out}")
-        raise ValueError(f"--resume {out}: the checkpoint lacks {META} (a partial checkpoint): "
-                         "nothing can resume from it; run the original command again with "
-                         "--overwrite")
+    if not os.path.lexists(folder / META) and done:
+        raise FileNotFoundError(f"--resume {out}: nothing to resume{done}; its partial "
+                                f"{CHECKPOINT}/ is removed by the next run into {out}")
+    for name in (META, STATE):
+        if not os.path.lexists(folder / name):
+            raise ValueError(f"--resume {out}: the checkpoint lacks {name} (a partial checkpoint):"
+                             " nothing can resume from it; run the original command again with "
+                             "--overwrite")
     text = read_regular(folder / META, JSON_BYTES)  # a FIFO or a huge file: named
     try:
         meta = json.loads(text)
@@ -176,8 +182,6 @@ def read_checkpoint(out: Path) -> tuple[dict, dict]:
                 field == "segments" and not all(isinstance(s, dict) for s in value)):
             raise ValueError(f"{folder / META}: field {field!r} is missing or not a "
                              f"{kind.__name__}; the checkpoint is damaged")
-    if not os.path.lexists(folder / STATE):
-        raise ValueError(f"--resume {out}: the checkpoint lacks {STATE}")
     with open_regular(folder / STATE, STATE_BYTES) as f:
         try:
             blob = torch.load(f, map_location="cpu", weights_only=True)
@@ -196,20 +200,16 @@ def read_checkpoint(out: Path) -> tuple[dict, dict]:
 
 
 def publish(out: Path, write: Callable[[Path], None]) -> None:
-    """write(folder) puts the run's PUBLISHED entries into .publish.tmp/, which is renamed to
-    .publish/ once complete (the run counts as finished from here), then moved in."""
-    remove(out / (PUBLISH + ".tmp"))
-    (out / (PUBLISH + ".tmp")).mkdir()
-    write(out / (PUBLISH + ".tmp"))
-    fsync_dir(out / (PUBLISH + ".tmp"))
-    os.replace(out / (PUBLISH + ".tmp"), out / PUBLISH)
+    """write(folder) puts the run's PUBLISHED entries into .publish.tmp/, renamed to .publish/
+    once complete (the run counts as finished from here), then moved in."""
+    _stage(out, PUBLISH, write)
     _move_in(out)
 
 
 def _move_in(out: Path) -> None:
-    """Move a complete .publish/ into out: the checkpoint (its own run's, now redundant) and the
-    old entries go first, results.json comes last. Idempotent: .publish/.moving marks the old
-    entries gone, so a rerun after a kill never deletes an entry already moved in."""
+    """Move a complete .publish/ into out: the checkpoint and the old entries go first,
+    results.json comes last. .publish/.moving marks the old entries gone, so a rerun after a
+    kill never deletes an entry already moved in."""
     pub = out / PUBLISH
     if not (pub / ".moving").exists():
         for name in (CHECKPOINT, STAGED, *PUBLISHED):
@@ -253,8 +253,9 @@ def check_out(out: Path, resume: bool, overwrite: bool, resume_cmd: str) -> None
     room = path_max - 1 - len(f"/{STAGED}/{STATE}")  # the longest path a run writes
     long = [c for c in out.parts if len(os.fsencode(c)) > name_max]
     if long:
-        raise ValueError(f"--out {shown}: the name {long[0][:40]}... has {len(os.fsencode(long[0]))} bytes, "
-                         f"over this file system's {name_max} (NAME_MAX): use a shorter name")
+        raise ValueError(f"--out {shown}: the name {long[0][:40]}... has "
+                         f"{len(os.fsencode(long[0]))} bytes, over this file system's {name_max} "
+                         "(NAME_MAX): use a shorter name")
     if len(os.fsencode(os.path.abspath(out))) > room:
         raise ValueError(f"--out {shown}: the path is too long for the files a run writes in it "
                          f"(at most {room} bytes, PATH_MAX {path_max}): use a shorter path")
@@ -291,13 +292,11 @@ def write_errors(out: Path, resume: str) -> Iterator[None]:
         for folder in (out / CHECKPOINT, out / STAGED):
             with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
                 step = step or int(json.loads(read_regular(folder / META, JSON_BYTES))["step"])
-        if (out / PUBLISH).is_dir():
-            kept = f"the results are complete in {out / PUBLISH}; '{resume}' moves them in"
-        elif step is not None:
-            kept = (f"the last checkpoint (step {step:,}) in {out / CHECKPOINT} is intact: "
-                    f"continue with '{resume}'")
-        else:
-            kept = "no checkpoint was written: run the same command again"
+        kept = (f"the results are complete in {out / PUBLISH}; '{resume}' moves them in"
+                if (out / PUBLISH).is_dir() else
+                f"the last checkpoint (step {step:,}) in {out / CHECKPOINT} is intact: continue "
+                f"with '{resume}'" if step is not None else
+                "no checkpoint was written: run the same command again")
         fix = ("free disk space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else
                "make it writable" if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else
                "fix the cause")

@@ -3,10 +3,8 @@
     python train.py --method fim                  # the embedded planted task (--help: examples)
     torchrun --standalone --nproc_per_node 2 train.py ...          # one process per device
 
-Methods: lora (uniform rank r), fim (FIM-LoRA ranks at equal budget), fw (FW-LoRA penalty after
-a Fisher warm-up), da (LoRA-DA init), fim+da (both). main() reads as args → seed → device → data
-→ model → method → loop → eval → save; results.json stores every argument (as given, defaults
-resolved). Runs checkpoint as they go and resume bitwise; runfolder.py does the disk side.
+main(): args -> seed -> device -> task -> adapt -> method -> loop -> eval -> save; runfolder.py
+keeps --out (lock, checkpoint, resume, publish).
 """
 
 from __future__ import annotations
@@ -67,9 +65,7 @@ SHARD_WEIGHT = "shard_weight"  # a batch key: world·n_k/N, set by shards() on u
 EXAMPLES = """examples:
   python train.py --method fim                       # the embedded planted task, ~20 s
   python train.py --method fim --compare             # ... and how it compares with uniform LoRA
-  python train.py --model minilm --task sst2 --data-dir ../shared/data/glue/SST-2 --method fw
-  python train.py --model smollm2 --task sst2 --data-dir DIR --method fim+da
-  python train.py --resume runs/sst2-minilm-fim-s0   # continue a run from its checkpoint
+  python train.py --resume runs/planted-tiny-fim-s0  # continue a run from its checkpoint
 """
 
 
@@ -79,19 +75,16 @@ EXAMPLES = """examples:
 
 def number(kind: type, lo: float = -math.inf, hi: float = math.inf, lo_open: bool = False,
            hi_open: bool = False) -> Callable[[str], int | float]:
-    """An argparse type: a finite `kind` in [lo, hi] (an end excluded if open), else an error
-    naming the value and the range: number(int, 1)("0") -> "0: use >= 1"."""
+    """An argparse type: a finite `kind` in [lo, hi] (an end excluded if open):
+    number(int, 1)("0") -> error "0: use >= 1"."""
     def parse(text: str) -> int | float:
         v = kind(text)
         above, below = (lo < v if lo_open else lo <= v), (v < hi if hi_open else v <= hi)
         if math.isfinite(v) and above and below:
             return v
-        if not math.isfinite(v):
-            want = "a finite number"
-        elif hi == math.inf:
-            want = f"{'>' if lo_open else '>='} {lo:g}"
-        else:
-            want = f"a number in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        want = ("a finite number" if not math.isfinite(v) else
+                f"{'>' if lo_open else '>='} {lo:g}" if hi == math.inf else
+                f"a number in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}")
         raise argparse.ArgumentTypeError(f"{text}: use {want}")
     parse.__name__ = kind.__name__  # argparse's "invalid int value: 'x'"
     return parse
@@ -126,31 +119,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="train.py", description=__doc__.split("\n")[0], formatter_class=HelpFormatter,
                epilog=EXAMPLES.replace("python train.py", command("train.py")))
     p.add_argument("--method", default="lora", choices=METHODS,
-                   help="lora: uniform rank r | fim: FIM-LoRA ranks at equal budget | fw: FW-LoRA "
-                        "penalty after a Fisher warm-up | da: LoRA-DA init | fim+da: both")
-    p.add_argument("--model", default="tiny",
-                   help="encoders: tiny | minilm | an HF BERT folder; decoders (GLUE as prompts): "
-                        "tiny-llama | smollm2 | an HF llama / mistral / qwen2 folder")
+                   help="lora: uniform r | fim: FIM-LoRA ranks | fw: FW-LoRA | da: LoRA-DA init")
+    p.add_argument("--model", default="tiny", help="tiny | minilm | tiny-llama | smollm2 | an HF "
+                   "BERT / llama / mistral / qwen2 folder")
     p.add_argument("--task", default="planted", choices=("planted", *glue.TASKS),
                    help="planted: the embedded task with a known answer; else GLUE (--data-dir)")
     p.add_argument("--plants", default="reach", choices=("reach", "anywhere"),
                    help="planted: plant where the Fisher reaches, or in any target matrix")
     p.add_argument("--data-dir", help="GLUE task folder with train.tsv and dev.tsv")
-    p.add_argument("--data", metavar="FILE", help="your .csv/.tsv/.jsonl instead of --task: text "
-                   "+ label rows to classify, or prompt + completion rows (decoders)")
+    p.add_argument("--data", metavar="FILE", help="your .csv/.tsv/.jsonl instead of --task")
     p.add_argument("--eval-data", metavar="FILE", help="evaluate on FILE, not a share of --data")
     p.add_argument("--eval-fraction", type=number(float, 0, 1, True, True), default=0.1,
-                   help="share of --data held out for evaluation, drawn from --seed")
+                   help="share of --data held out for evaluation")
     p.add_argument("--text-field", help="--data's text column (unset: text, else sentence)")
     p.add_argument("--pair-field", help="--data's second text column, for pairs")
-    p.add_argument("--label-field", default="label", help="--data's class column (str or int)")
+    p.add_argument("--label-field", default="label", help="--data's class column")
     g = p.add_argument_group("LoRA")
     g.add_argument("--r", type=COUNT, default=8, help="base rank (fim keeps r x matrices)")
-    g.add_argument("--alpha", type=RATE, default=16.0, help="scale numerator: ΔW = (alpha/r)·B·A")
+    g.add_argument("--alpha", type=RATE, default=16.0, help="ΔW = (alpha/r)·B·A")
     g.add_argument("--rslora", action="store_true", help="scale alpha/sqrt(r) instead of alpha/r")
     g.add_argument("--dropout", type=FRACTION, default=0.0, help="dropout on the adapter input")
-    g.add_argument("--targets", help="comma-separated Linear name suffixes (default: query,key,"
-                   "value,dense on encoders; q/k/v/o and MLP on decoders; 6 a block on planted)")
+    g.add_argument("--targets", help="comma-separated Linear name suffixes (default: per model)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=COUNT, help="optimizer steps (default 1000 GLUE, 600 planted)")
     g.add_argument("--epochs", type=RATE, help="passes over the training set, instead of --steps")
@@ -164,47 +153,39 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-train", type=COUNT, help="use the first N training rows (default: all)")
     g.add_argument("--max-eval", type=COUNT, help="use the first N dev rows (default: all)")
     g.add_argument("--eval-every", type=INDEX, default=0, help="steps between evals (0 = at end)")
-    g.add_argument("--log-every", type=COUNT, default=50, help="steps between log lines "
-                   "(printed and in <out>/log.jsonl)")
-    g.add_argument("--grad-accum", type=COUNT, default=1, help="micro-batches of --batch-size "
-                   "per step: the update of one batch of N x batch-size (N batches a step)")
-    g = p.add_argument_group("Fisher methods (fim: only with --method fim or fim+da; fw: fw; "
-                             "da: da or fim+da)")
-    g.add_argument("--calib-batches", type=COUNT, default=8,
-                   help="fim: calibration batches (at most one pass over the data)")
-    g.add_argument("--score", default="efim", choices=("efim", "variance"),
-                   help="fim: FIM-LoRA's score (other scores: study/scores.py)")
+    g.add_argument("--log-every", type=COUNT, default=50, help="steps between log lines")
+    g.add_argument("--grad-accum", type=COUNT, default=1, help="batches per optimizer step")
+    g = p.add_argument_group("Fisher methods (fim: fim, fim+da; fw: fw; da: da, fim+da)")
+    g.add_argument("--calib-batches", type=COUNT, default=8, help="fim: calibration batches")
+    g.add_argument("--score", default="efim", choices=("efim", "variance"), help="fim: score")
     g.add_argument("--per-example", action="store_true", help="fim: per-example (true) Fisher")
-    g.add_argument("--budget", default="ranks", choices=("ranks", "params"), help="fim: r x "
-                   "matrices ranks, or uniform r's parameters (a rank costs d_in + d_out)")
+    g.add_argument("--budget", default="ranks", choices=("ranks", "params"),
+                   help="fim: r x matrices ranks, or uniform r's parameters")
     g.add_argument("--r-min", type=INDEX, default=1, help="fim: smallest rank of a matrix")
     g.add_argument("--r-max", type=INDEX, help="fim: largest rank of a matrix (default 2r)")
     g.add_argument("--power", type=WEIGHT, default=1.0, help="fim: ranks ∝ score**power")
-    g.add_argument("--fw-warmup", type=COUNT, default=500,
-                   help="fw: warm-up steps K (at most half of --steps)")
-    g.add_argument("--fw-track-every", type=COUNT, default=1, help="fw: track ‖∂L/∂W‖² every "
-                   "k-th warm-up step (1 = exact; k > 1: ~1/k of the cost, EMA factor β^k)")
+    g.add_argument("--fw-warmup", type=COUNT, default=500, help="fw: warm-up steps K")
+    g.add_argument("--fw-track-every", type=COUNT, default=1,
+                   help="fw: track ‖∂L/∂W‖² every k-th warm-up step (EMA factor β^k)")
     g.add_argument("--fw-lambda", type=WEIGHT, default=1e-4, help="fw: penalty weight λ")
     g.add_argument("--fw-norm", default="sum", choices=("sum", "max"),
                    help="fw: importances normalised by their sum or their max")
-    g.add_argument("--da-samples", type=COUNT, default=256,
-                   help="da: calibration examples (at most the training set)")
+    g.add_argument("--da-samples", type=COUNT, default=256, help="da: calibration examples")
     g.add_argument("--da-beta", type=WEIGHT, default=0.03, help="da: the paper's β")
     g.add_argument("--da-gamma", type=RATE, default=1024.0, help="da: the paper's γ")
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=INDEX, default=0, help="seeds data order, init, calibration")
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                   help="auto: cuda when available (bf16 autocast), else cpu (fp32)")
+                   help="auto: cuda (bf16 autocast) when available, else cpu")
     g.add_argument("--threads", type=number(int, 0, 4 * (os.cpu_count() or 1)), default=0,
-                   help="CPU threads (0 = torch default; at most 4 x the CPUs)")
+                   help="CPU threads (0 = torch default)")
     g.add_argument("--out", help="output folder (default runs/<task>-<model>-<method>-s<seed>)")
-    g.add_argument("--overwrite", action="store_true",
-                   help="replace a finished run in --out (kept until the new one is published)")
+    g.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
     g.add_argument("--save-every", type=INDEX, default=0,
-                   help="steps between checkpoints in <out>/checkpoint (0 = four per run)")
+                   help="steps between checkpoints (0 = four per run)")
     g.add_argument("--resume", metavar="OUT", help="continue the run in OUT from its checkpoint")
-    g.add_argument("--compare", action="store_true", help="planted: also train uniform LoRA and "
-                   "the oracle ranks at the same budget and print how this run compares")
+    g.add_argument("--compare", action="store_true",
+                   help="planted: also train uniform LoRA and the oracle ranks, and compare")
     return p
 
 
@@ -324,17 +305,17 @@ def check_out(args: argparse.Namespace) -> None:
 
 def resumed_args(cli: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
     """The saved arguments of the run in --resume OUT (--threads from the command line), each
-    a value the parser gives; the checkpoint's step within --steps."""
+    one the parser could give; the checkpoint's step within --steps."""
     out = Path(cli.resume)
     if not out.is_dir():
         raise FileNotFoundError(f"--resume {out}: no such run folder")
     meta = runfolder.read_checkpoint(out)[1]
     saved, where = meta["args"], out / CHECKPOINT / runfolder.META
-    for names, what in ((set(saved) - set(vars(cli)), "unknown arguments"),
-                        (set(vars(cli)) - set(saved), "arguments missing:")):
-        if names:
-            raise ValueError(f"{where}: {what} {sorted(names)[:5]}; the checkpoint comes from "
-                             "another version of train.py or is damaged")
+    missing, unknown = sorted(set(vars(cli)) - set(saved)), sorted(set(saved) - set(vars(cli)))
+    if missing or unknown:
+        raise ValueError(f"{where}: {'arguments missing:' if missing else 'unknown arguments'} "
+                         f"{(missing or unknown)[:5]}; the checkpoint comes from another version "
+                         "of train.py or is damaged")
     bad = [a.dest for a in parser._actions if a.dest in saved and not _parses(a, saved[a.dest])]
     if bad:
         raise ValueError(f"{where}: argument {bad[0]!r} = {str(saved[bad[0]])[:40]!r} is not a "
@@ -347,10 +328,11 @@ def resumed_args(cli: argparse.Namespace, parser: argparse.ArgumentParser) -> ar
 
 
 def _parses(action: argparse.Action, v) -> bool:
-    """Whether the parser could have produced v (defaults resolved: no None for those)."""
-    if action.nargs == 0 or v is None:  # a switch; an unset flag
-        return isinstance(v, bool) if action.nargs == 0 else action.default is None and \
-            action.dest not in ("steps", "lr", "targets", "out")
+    """Whether the parser could have produced v (resolved defaults are never None)."""
+    if action.nargs == 0:  # a switch
+        return isinstance(v, bool)
+    if v is None:
+        return action.default is None and action.dest not in ("steps", "lr", "targets", "out")
     try:  # --data resolves --task to "data"
         return (action.dest, v) == ("task", "data") or not isinstance(v, bool) and (
             action.type or str)(str(v)) == v and v in (action.choices or [v])
@@ -413,19 +395,19 @@ def restore(model: nn.Module, opt, sched, state: dict, blob: dict, meta: dict) -
 
 def init_distributed(device: torch.device, args: argparse.Namespace) -> tuple[int, int]:
     """(rank, world size); under torchrun starts the process group (gloo on CPU, nccl on CUDA)
-    whose collectives give up after $FIMLORA_DIST_TIMEOUT seconds (600; gloo's own: 30 min)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    whose collectives give up after $FIMLORA_DIST_TIMEOUT seconds (default 600)."""
+    world, raw = int(os.environ.get("WORLD_SIZE", "1")), os.environ.get(DIST_TIMEOUT, "600")
+    if world <= 1:
         return 0, 1
-    raw = os.environ.get(DIST_TIMEOUT, "600")
     seconds = math.nan
     with contextlib.suppress(ValueError):
         seconds = float(raw)
     if not 0 < seconds <= 86400:
         raise ValueError(f"{DIST_TIMEOUT}={raw!r}: give the seconds a torchrun process waits for "
                          "the others, a number in (0, 86400]")
-    if args.batch_size % int(os.environ["WORLD_SIZE"]):
-        raise ValueError(f"--batch-size {args.batch_size} is not divisible by the "
-                         f"{os.environ['WORLD_SIZE']} processes: every rank takes an equal shard")
+    if args.batch_size % world:
+        raise ValueError(f"--batch-size {args.batch_size} is not divisible by the {world} "
+                         "processes: every rank takes an equal shard")
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                              timeout=datetime.timedelta(seconds=seconds))
@@ -433,29 +415,27 @@ def init_distributed(device: torch.device, args: argparse.Namespace) -> tuple[in
 
 
 def rank_world() -> tuple[int, int]:
-    """(rank, world size) of the process group, (0, 1) without one."""
     dist = torch.distributed
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
 def shards(batches: Iterator[dict], rank: int, world: int) -> Iterator[dict]:
-    """Rank `rank`'s contiguous slice of dim 0 of every tensor in every batch; on an uneven split
-    (the last batch of an epoch) the slice of n_k of N rows carries SHARD_WEIGHT = world·n_k/N."""
+    """Rank `rank`'s contiguous slice of every batch; on an uneven split the slice of n_k of N
+    rows carries SHARD_WEIGHT = world·n_k/N."""
     for batch in batches:
         if world == 1:
             yield batch
             continue
-        first = next(v for v in batch.values() if torch.is_tensor(v))
-        n, n_k = first.shape[0], first.tensor_split(world)[rank].shape[0]
+        n = next(v for v in batch.values() if torch.is_tensor(v)).shape[0]
         part = {k: v.tensor_split(world)[rank] if torch.is_tensor(v) and v.shape[:1] == (n,)
                 else v for k, v in batch.items()}
+        n_k = next(v for v in part.values() if torch.is_tensor(v)).shape[0]
         yield part | ({SHARD_WEIGHT: world * n_k / n} if n % world else {})
 
 
 def shard_loss(task: Task, args: argparse.Namespace, world: int) -> Task:
-    """The task whose loss_fn weights an uneven shard's mean loss by SHARD_WEIGHT: the ranks'
-    mean gradient (DDP's) is then the whole batch's. Refuses data whose last batch of an epoch
-    leaves a rank no row."""
+    """The task whose loss weights an uneven shard's mean by SHARD_WEIGHT, so the ranks' mean
+    gradient (DDP's) is the whole batch's; refuses data that leaves a rank no row."""
     left = (task.n_train or 0) % args.batch_size
     if world > 1 and 0 < left < world:
         raise ValueError(f"the last batch of each epoch has {left} rows (the training rows mod "
@@ -464,14 +444,13 @@ def shard_loss(task: Task, args: argparse.Namespace, world: int) -> Task:
 
     def loss_fn(m: nn.Module, batch: dict) -> torch.Tensor:
         rows = {k: v for k, v in batch.items() if k != SHARD_WEIGHT}
-        return task.loss_fn(m, rows) * batch[SHARD_WEIGHT] if SHARD_WEIGHT in batch else \
-            task.loss_fn(m, batch)
+        return task.loss_fn(m, rows) * batch.get(SHARD_WEIGHT, 1.0)
     return task._replace(loss_fn=loss_fn) if world > 1 else task
 
 
 def agreed(flag: bool, world: int, device: torch.device) -> bool:
-    """True on every rank if it is true on any (a stop request stops all ranks together), on the
-    process group's `device` (nccl refuses CPU tensors)."""
+    """True on every rank if it is true on any (all ranks stop together); on the process
+    group's device (nccl refuses CPU tensors)."""
     if world == 1:
         return flag
     t = torch.tensor([float(flag)], device=device)
@@ -532,58 +511,41 @@ def add_adapters(task: Task, args: argparse.Namespace, device: torch.device,
     return task.model.to(device).train(task.train_mode)
 
 
-def fim_method(model: nn.Module, task: Task, args: argparse.Namespace,
-               rng: dict[str, torch.Generator], calib: Iterator[dict]) -> dict:
-    """FIM-LoRA on --calib-batches batches. Under torchrun rank k takes batches k, k + world, ...
-    (maybe none); the score sums are all-reduced, so every rank allocates the same ranks."""
-    rank, world = rank_world()
-    batches = list(itertools.islice(calib, rank, args.calib_batches, world))
-    t0 = time.perf_counter()
-    res = fimlora.initialize_fim_ranks(
-        model, progress(batches, "FIM-LoRA calibration", len(batches)), task.loss_fn,
-        r_min=args.r_min, r_max=args.r_max, score=args.score, n_batches=args.calib_batches,
-        per_example=args.per_example, power=args.power, generator=rng["init"],
-        budget_unit=args.budget)
-    seconds = time.perf_counter() - t0
-    print(f"FIM-LoRA {args.score} scores ({seconds:.1f}s):\n"
-          + layer_table(res["scores"], "{:.3g}"))
-    return {"fim": {**res, "seconds": seconds}}
-
-
-def da_method(model: nn.Module, task: Task, args: argparse.Namespace,
-              rng: dict[str, torch.Generator], calib: Iterator[dict]) -> dict:
-    """LoRA-DA from --da-samples calibration examples (the last batch cut short). Under torchrun
-    rank k takes batches k, k + world, ...; lorada_statistics all-reduces the sums."""
-    batches = list(itertools.islice(calib, max(1, math.ceil(args.da_samples / args.batch_size))))
-    sizes = [next(v.shape[0] for v in b.values() if torch.is_tensor(v)) for b in batches]
-    take = [min(k, max(0, args.da_samples - at))
-            for k, at in zip(sizes, itertools.accumulate(sizes, initial=0))]
-    rank, world = rank_world()
-    t0 = time.perf_counter()
-    mine = progress(batches[rank::world], "LoRA-DA calibration", len(batches[rank::world]))
-    res = fimlora.lorada_init(model, mine, task.loss_fn, n_samples=max(1, sum(take[rank::world])),
-                              da_beta=args.da_beta, da_gamma=args.da_gamma,
-                              population_size=task.n_train)
-    return {"da": {**res, "seconds": time.perf_counter() - t0}}
-
-
 def apply_method(model: nn.Module, task: Task, args: argparse.Namespace,
                  rng: dict[str, torch.Generator]) -> dict:
     """fim and da change the adapted model before step 1 (fw acts in the loop); returns what
-    they did. Every method starts from B = 0, whose planted loss is loss_ratio's base."""
+    they did. Under torchrun rank k calibrates on batches k, k + world, ... (maybe none); the
+    statistics are all-reduced, so every rank gets the same model."""
+    rank, world = rank_world()
     calib = task.train_batches(rng["calib"])
-    report = {"loss_at_B0": task.evaluate(model)["loss"]} if task.planted else {}
+    report = {"loss_at_B0": task.evaluate(model)["loss"]} if task.planted else {}  # loss_ratio's
     if args.method.startswith("fim"):
-        report |= fim_method(model, task, args, rng, calib)
-    if args.method.endswith("da"):
-        report |= da_method(model, task, args, rng, calib)
+        t0 = time.perf_counter()
+        mine = list(itertools.islice(calib, rank, args.calib_batches, world))
+        res = fimlora.initialize_fim_ranks(
+            model, progress(mine, "FIM-LoRA calibration"), task.loss_fn, r_min=args.r_min,
+            r_max=args.r_max, score=args.score, n_batches=args.calib_batches,
+            per_example=args.per_example, power=args.power, generator=rng["init"],
+            budget_unit=args.budget)
+        report["fim"] = {**res, "seconds": time.perf_counter() - t0}
+        print(f"FIM-LoRA {args.score} scores:\n" + layer_table(res["scores"], "{:.3g}"))
+    if args.method.endswith("da"):  # --da-samples examples, the last batch cut short
+        t0, n = time.perf_counter(), max(1, math.ceil(args.da_samples / args.batch_size))
+        batches = list(itertools.islice(calib, n))
+        sizes = [next(v.shape[0] for v in b.values() if torch.is_tensor(v)) for b in batches]
+        take = [min(k, max(0, args.da_samples - at))
+                for k, at in zip(sizes, itertools.accumulate(sizes, initial=0))]
+        res = fimlora.lorada_init(
+            model, progress(batches[rank::world], "LoRA-DA calibration"), task.loss_fn,
+            n_samples=max(1, sum(take[rank::world])), da_beta=args.da_beta,
+            da_gamma=args.da_gamma, population_size=task.n_train)
+        report["da"] = {**res, "seconds": time.perf_counter() - t0}
     report["calibration_seconds"] = sum(report[k]["seconds"] for k in ("fim", "da") if k in report)
     layers = lora_layers(model)
     report["adapter_parameters"] = sum(m.lora_A.numel() + m.lora_B.numel() for m in layers.values())
     ranks = {n: m.r for n, m in layers.items()}
-    budget = f"{args.r * len(ranks)} ranks" if args.budget == "ranks" else "uniform r's parameters"
-    print(f"ranks (total {sum(ranks.values())}, budget {budget}; {report['adapter_parameters']:,}"
-          f" adapter parameters):\n{layer_table(ranks)}")
+    print(f"ranks (total {sum(ranks.values())}; {report['adapter_parameters']:,} adapter "
+          f"parameters):\n{layer_table(ranks)}")
     return report
 
 
@@ -666,7 +628,7 @@ def fw_step(train_model: nn.Module, model: nn.Module, task: Task, args: argparse
 
 
 class Interrupted(Exception):
-    """Ctrl-C or SIGTERM during training: a checkpoint was saved at the end of `step`."""
+    """Ctrl-C or SIGTERM during training: a checkpoint was saved."""
 
 
 class Diverged(FloatingPointError):
@@ -675,8 +637,8 @@ class Diverged(FloatingPointError):
 
 @contextlib.contextmanager
 def stop_requests() -> Iterator[dict]:
-    """While training, Ctrl-C and SIGTERM only set a flag that the loop reads at the end of a
-    step (it then checkpoints and stops); a second Ctrl-C interrupts at once."""
+    """While training, Ctrl-C and SIGTERM set a flag the loop reads after each step (then it
+    checkpoints and stops); a second Ctrl-C interrupts at once."""
     flag = {"set": False}
 
     def handler(signum, frame):
@@ -710,10 +672,9 @@ def divergence(step: int, what: str, model: nn.Module, args: argparse.Namespace,
 def train_loop(model: nn.Module, task: Task, args: argparse.Namespace,
                rng: dict[str, torch.Generator], report: dict, resume: tuple | None,
                dist_info: tuple[int, int]) -> dict:
-    """--steps AdamW steps, each on --grad-accum batches of the data stream (micro_backward),
-    checkpointing every --save-every steps (rank 0 writes); returns the losses (one per step),
-    the evals and the training seconds. With `resume` = (state.pt, meta.json) it continues
-    where they stopped, after replaying steps x --grad-accum batches."""
+    """--steps AdamW steps on --grad-accum batches each, a checkpoint every --save-every steps
+    (rank 0 writes); returns the losses, evals, segments and seconds. `resume` = (state.pt,
+    meta.json) continues where they stopped, after replaying the batches already seen."""
     (rank, world), out = dist_info, Path(args.out)
     opt, sched = make_optimizer(model, args)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -722,19 +683,16 @@ def train_loop(model: nn.Module, task: Task, args: argparse.Namespace,
     if resume is not None:
         restore(model, opt, sched, state, *resume)
     start = len(state["losses"])
-    print(f"training: {args.steps:,} steps, batch {args.batch_size}"
-          f"{f' x {args.grad_accum} micro-batches' if args.grad_accum > 1 else ''}, lr "
-          f"{args.lr:g}, {sum(p.numel() for p in trainable):,} trainable parameters"
-          + (f"; resumed from {out / CHECKPOINT} at step {start:,}" if start else ""))
+    print(f"training: {args.steps:,} steps, lr {args.lr:g}, {n_params(model):,} trainable "
+          "parameters" + (f"; resumed at step {start:,}" if start else ""))
     trim_log(out, start)
     if resume is None and task.planted:
         log_eval(args, state, 0, task.evaluate(model))
     segment = {"from_step": start, "threads": torch.get_num_threads(), "world_size": world}
     last = (state["segments"] or [segment])[-1]
     if any(last.get(k) != segment[k] for k in ("threads", "world_size")):
-        print(f"note: this segment runs {segment['threads']} threads on {world} process(es), "
-              f"the last ran {last.get('threads')} on {last.get('world_size')}: the result is "
-              "not bitwise an uninterrupted run's (both are recorded in results.json segments)")
+        print("note: threads or processes changed: the result is not bitwise an uninterrupted "
+              "run's (results.json segments records both)")
     state["segments"] = [*state["segments"], segment]
     train_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     task = shard_loss(task, args, world)
@@ -783,8 +741,7 @@ def train_loop(model: nn.Module, task: Task, args: argparse.Namespace,
                 raise Interrupted(f"interrupted at step {step:,}/{args.steps:,}, checkpoint "
                                   f"saved: resume with '{command('train.py', '--resume', out)}'")
     fw = state["fw"]["importance"]
-    return {**state, "fw": {"importances": {n: float(v) for n, v in fw.items()}} if fw else None,
-            "trainable": sum(p.numel() for p in trainable)}
+    return {**state, "fw": {"importances": {n: float(v) for n, v in fw.items()}} if fw else None}
 
 
 def log_step(step: int, state: dict, sched, args: argparse.Namespace) -> None:
@@ -793,8 +750,8 @@ def log_step(step: int, state: dict, sched, args: argparse.Namespace) -> None:
         recent, seconds = state["losses"][-args.log_every:], state["seconds"]
         done, loss, lr = len(state["losses"]), sum(recent) / len(recent), sched.get_last_lr()[0]
         print(f"step {step:>6,}/{args.steps:,} | loss {loss:.4g} | lr {lr:.2e} | "
-              f"{done / seconds:.2f} steps/s | {seconds / done:.3f} s/step | "
-              f"ETA {(args.steps - step) * seconds / done:.0f}s", flush=True)
+              f"{seconds / done:.3f} s/step | ETA {(args.steps - step) * seconds / done:.0f}s",
+              flush=True)
         log_json(args, {"step": step, "loss": loss, "lr": lr,
                         "examples_per_s": done * args.batch_size / seconds, "elapsed": seconds})
 
@@ -826,14 +783,14 @@ def trim_log(out: Path, step: int) -> None:
     atomic_write(out / "log.jsonl", lambda f: f.write("".join(kept).encode()))
 
 
-def progress(batches: Iterable, label: str, total: int, every: float = 10.0) -> Iterator:
+def progress(batches: list, label: str, every: float = 10.0) -> Iterator:
     """The batches, with a line "label: batch k/total" at the first and then every `every`
     seconds, so a long calibration shows it is alive."""
     t0 = last = time.perf_counter()
     for k, batch in enumerate(batches, 1):
         if k == 1 or time.perf_counter() - last >= every:
             last = time.perf_counter()
-            print(f"{label}: batch {k:,}/{total:,} ({last - t0:.0f}s)", flush=True)
+            print(f"{label}: batch {k:,}/{len(batches):,} ({last - t0:.0f}s)", flush=True)
         yield batch
 
 
@@ -846,8 +803,8 @@ def n_params(model: nn.Module, trainable: bool = True) -> int:
 
 
 def environment(device: torch.device | None = None) -> dict:
-    """{"versions", "machine"} of this process for a results file: python and torch versions,
-    platform, CPUs, torch threads and the GPU of `device` (None: the default CUDA device)."""
+    """{"versions", "machine"} of this process for a results file (device None: the default
+    CUDA device if any)."""
     on_cuda = torch.cuda.is_available() if device is None else device.type == "cuda"
     return {"versions": {"torch": torch.__version__, "python": platform.python_version()},
             "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
@@ -867,14 +824,13 @@ def write_adapters(folder: Path, model: nn.Module, task: Task, args: argparse.Na
 
 
 def compare_planted(args: argparse.Namespace, results: dict) -> dict:
-    """The same planted run with uniform ranks and with the oracle's (planted.oracle_ranks at
-    the same budget; quiet, in a temp folder): did the allocation beat uniform LoRA, and how much
-    of the uniform→oracle gap did it close?"""
+    """The same planted run with uniform ranks and with planted.oracle_ranks at the same budget
+    (quiet, in temp folders): did this run beat uniform, and how much of the gap did it close?"""
     def oracle(task, args, device, rng):
         model = add_adapters(task, args, device, rng)
         names = list(lora_layers(model))
-        ranks = planted.oracle_ranks(names, task.planted, args.r * len(names))
-        resize_ranks(model, ranks, generator=rng["init"])
+        resize_ranks(model, planted.oracle_ranks(names, task.planted, args.r * len(names)),
+                     generator=rng["init"])
         return model
     loss = {}
     for name, adapt in (("uniform", add_adapters), ("oracle", oracle)):
@@ -886,8 +842,7 @@ def compare_planted(args: argparse.Namespace, results: dict) -> dict:
                 loss[name] = run(twin, adapt)["metrics"]["loss_ratio"]
             except Interrupted:  # the twin's checkpoint is in a temp folder about to go
                 raise Interrupted(f"interrupted in --compare's {name} twin run: this run's "
-                                  f"results are already in {args.out} (without the "
-                                  "comparison)") from None
+                                  f"results are already in {args.out}") from None
     mine, uni, orc = results["metrics"]["loss_ratio"], loss["uniform"], loss["oracle"]
     gap = (uni - mine) / (uni - orc) if uni != orc else float("nan")
     print(f"final loss / loss at B = 0: this run {mine:.4f}, uniform LoRA {uni:.4f}, oracle "
@@ -910,14 +865,15 @@ def main(argv: list[str] | None = None, adapt: Callable = add_adapters,
 
 def run(args: argparse.Namespace, adapt: Callable = add_adapters,
         finish: Callable | None = None) -> dict:
-    """main() after parse_args: one run from seed to saved results (and planted --compare),
+    """main() after parse_args: one run from seed to published results (and --compare),
     holding --out's lock from before any work to its last write (rank 0)."""
     out, rank0 = Path(args.out), int(os.environ.get("RANK", "0")) == 0
     with runfolder.lock(out) if rank0 else contextlib.nullcontext():
         if rank0:  # the folder as it is now that it is ours: finish what a kill left, recheck
             runfolder.tidy_out(out)
             check_out(args)
-        results = train_run(args, adapt, finish)
+        with contextlib.redirect_stdout(io.StringIO()) if not rank0 else contextlib.nullcontext():
+            results = train_run(args, adapt, finish)
         if args.compare:
             results["compare"] = compare_planted(argparse.Namespace(**results["args"]), results)
             try:  # the run's results.json, just published, now with the comparison
@@ -930,80 +886,70 @@ def run(args: argparse.Namespace, adapt: Callable = add_adapters,
 
 
 def train_run(args: argparse.Namespace, adapt: Callable, finish: Callable | None) -> dict:
-    """run() inside the lock."""
+    """run() inside the lock: seed, device, task, adapt, method, loop, eval, publish."""
     resume = runfolder.read_checkpoint(Path(args.out)) if args.resume else None
     if args.threads:
         torch.set_num_threads(args.threads)
-    quiet = int(os.environ.get("RANK", "0")) != 0  # under torchrun only rank 0 prints
-    with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
-        print(f"seed: {args.seed}")
-        set_seed(args.seed)
-        rng = random_streams(args.seed)
-        device = resolve_device(args.device)
-        rank, world = init_distributed(device, args)
-        task = build_task(args, device, rng)
-        args = resolve(args, task)
-        model = adapt(task, args, device, rng)
-        check_model(model, args)
-        with tempfile.TemporaryDirectory() as tmp:  # save()'s checks, before any training
-            write_adapters(Path(tmp), model, task, args)
-        print(f"model: {args.model}, {n_params(model, False):,} parameters; LoRA on "
-              f"{len(lora_layers(model))} matrices ({args.targets}), r={args.r}, "
-              f"alpha={args.alpha:g}{', rsLoRA' if args.rslora else ''}")
-        if task.planted:
-            print("planted: " + ", ".join(f"{n} (rank {r})" for n, r in task.planted.items()))
-        report = resume[1]["report"] if resume else apply_method(model, task, args, rng)
-        out = Path(args.out)
-        if rank == 0:  # --overwrite: the old checkpoint goes, its results stay until ours
-            out.mkdir(parents=True, exist_ok=True)
-            for name in (CHECKPOINT, runfolder.STAGED) if args.overwrite else ():
-                runfolder.remove(out / name)
-        trained = train_loop(model, task, args, rng, report, resume, (rank, world))
-        if not task.planted:  # a dev set can take a while
-            print(f"evaluating at step {args.steps:,} ...", flush=True)
-        metrics = task.evaluate(model)
-        if task.planted:
-            metrics["loss_ratio"] = metrics["loss"] / report["loss_at_B0"]  # final / B = 0
-        log_eval(args, trained, args.steps, metrics)
-        seconds, calib = trained["seconds"], report["calibration_seconds"]
-        print(f"time: calibration {calib:.1f}s, training {seconds:.1f}s "
-              f"({seconds / args.steps:.3f} s/step), overhead {calib / max(seconds, 1e-9):.1%}")
-        layers = lora_layers(model)
-        results = {
-            "args": vars(args), "seed": args.seed, "device": device.type, "world_size": world,
-            **environment(device), "metrics": metrics, "eval_history": trained["evals"],
-            "train_loss": trained["losses"], "segments": trained["segments"],
-            "trainable_parameters": trained["trainable"],
-            "total_parameters": n_params(model, False),
-            "seconds": {"calibration": calib, "training": seconds,
-                        "per_step": seconds / args.steps},
-            "ranks": {n: m.r for n, m in layers.items()},
-            "alphas": {n: m.alpha for n, m in layers.items()},
-            **{k: v for k, v in report.items() if k != "calibration_seconds"},
-            **({"fw": trained["fw"]} if trained["fw"] else {}),
-            **({"planted": task.planted} if task.planted else {}),
-            **({"data": task.info} if task.info else {})}
-        if finish is not None:
-            finish(results)
-        def write(folder: Path) -> None:  # what runfolder.publish puts in --out together
-            write_adapters(folder, model, task, args)
-            write_json(folder / "results.json", results)
-        if rank == 0:
-            with runfolder.write_errors(out, command("train.py", "--resume", out)):
-                runfolder.publish(out, write)
-            print("wrote " + " and ".join(str(out / n) for n in runfolder.PUBLISHED
-                                          if (out / n).exists()))
+    print(f"seed: {args.seed}")
+    set_seed(args.seed)
+    rng = random_streams(args.seed)
+    device = resolve_device(args.device)
+    rank, world = init_distributed(device, args)
+    task = build_task(args, device, rng)
+    args = resolve(args, task)
+    model = adapt(task, args, device, rng)
+    check_model(model, args)
+    with tempfile.TemporaryDirectory() as tmp:  # save()'s checks, before any training
+        write_adapters(Path(tmp), model, task, args)
+    print(f"model: {args.model}, {n_params(model, False):,} parameters; LoRA on "
+          f"{len(lora_layers(model))} matrices ({args.targets}), r={args.r}")
+    report = resume[1]["report"] if resume else apply_method(model, task, args, rng)
+    out = Path(args.out)
+    if rank == 0:  # --overwrite: the old checkpoint goes, its results stay until ours
+        out.mkdir(parents=True, exist_ok=True)
+        for name in (CHECKPOINT, runfolder.STAGED) if args.overwrite else ():
+            runfolder.remove(out / name)
+    trained = train_loop(model, task, args, rng, report, resume, (rank, world))
+    if not task.planted:  # a dev set can take a while
+        print(f"evaluating at step {args.steps:,} ...", flush=True)
+    metrics = task.evaluate(model)
+    if task.planted:
+        metrics["loss_ratio"] = metrics["loss"] / report["loss_at_B0"]  # final / B = 0
+    log_eval(args, trained, args.steps, metrics)
+    seconds, calib = trained["seconds"], report["calibration_seconds"]
+    print(f"time: calibration {calib:.1f}s, training {seconds:.1f}s "
+          f"({seconds / args.steps:.3f} s/step), overhead {calib / max(seconds, 1e-9):.1%}")
+    layers = lora_layers(model)
+    results = {
+        "args": vars(args), "seed": args.seed, "device": device.type, "world_size": world,
+        **environment(device), "metrics": metrics, "eval_history": trained["evals"],
+        "train_loss": trained["losses"], "segments": trained["segments"],
+        "trainable_parameters": n_params(model), "total_parameters": n_params(model, False),
+        "seconds": {"calibration": calib, "training": seconds, "per_step": seconds / args.steps},
+        "ranks": {n: m.r for n, m in layers.items()},
+        "alphas": {n: m.alpha for n, m in layers.items()},
+        **{k: v for k, v in report.items() if k != "calibration_seconds"},
+        **({"fw": trained["fw"]} if trained["fw"] else {}),
+        **({"planted": task.planted} if task.planted else {}),
+        **({"data": task.info} if task.info else {})}
+    if finish is not None:
+        finish(results)
+
+    def write(folder: Path) -> None:  # what runfolder.publish puts in --out together
+        write_adapters(folder, model, task, args)
+        write_json(folder / "results.json", results)
+    if rank == 0:
+        with runfolder.write_errors(out, command("train.py", "--resume", out)):
+            runfolder.publish(out, write)
+        print(f"wrote {out}")
     return results
 
 
 if __name__ == "__main__":
     try:
         main()
-    except Interrupted as e:
-        print(f"\n{e}", file=sys.stderr)
-        sys.exit(130)
-    except KeyboardInterrupt:
-        print("\ninterrupted before training started: nothing to resume", file=sys.stderr)
+    except (Interrupted, KeyboardInterrupt) as e:
+        print(f"\n{str(e) or 'interrupted before training: nothing to resume'}", file=sys.stderr)
         sys.exit(130)
     except (ValueError, FileNotFoundError, ImportError, FloatingPointError) as e:
         sys.exit(f"error: {e}")
@@ -1011,6 +957,6 @@ if __name__ == "__main__":
         if int(os.environ.get("WORLD_SIZE", "1")) < 2 or not re.search(
                 "Timed out|timed out|closed by peer", str(e)):
             raise
-        sys.exit(f"error: another torchrun process stopped answering (frozen or dead: see its "
-                 f"output); {DIST_TIMEOUT}={os.environ.get(DIST_TIMEOUT, '600')} seconds bounds "
-                 f"the wait. gloo: {str(e).splitlines()[0][:300]}")
+        sys.exit(f"error: another torchrun process stopped answering (frozen or dead); "
+                 f"{DIST_TIMEOUT}={os.environ.get(DIST_TIMEOUT, '600')} seconds bounds the wait. "
+                 f"gloo: {str(e).splitlines()[0][:300]}")
