@@ -10,6 +10,7 @@ and tidy_out (the next run, under the lock) finds the one way on:
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import errno
 import fcntl
@@ -279,6 +280,43 @@ def check_out(out: Path, resume: bool, overwrite: bool, resume_cmd: str) -> None
     if (out / CHECKPOINT).is_dir():
         raise ValueError(f"--out {out} holds a partial checkpoint ({META} or {STATE} missing): "
                          "nothing can resume from it; pass --overwrite to start over")
+
+
+def resumed_args(cli: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """The saved arguments of the run in --resume OUT (--threads from the command line), each
+    one the parser could give; the checkpoint's step within --steps."""
+    out = Path(cli.resume)
+    if not out.is_dir():
+        raise FileNotFoundError(f"--resume {out}: no such run folder")
+    meta = read_checkpoint(out)[1]
+    saved, where = meta["args"], out / CHECKPOINT / META
+    missing, unknown = sorted(set(vars(cli)) - set(saved)), sorted(set(saved) - set(vars(cli)))
+    if missing or unknown:
+        raise ValueError(f"{where}: {'arguments missing:' if missing else 'unknown arguments'} "
+                         f"{(missing or unknown)[:5]}; the checkpoint comes from another version "
+                         "of train.py or is damaged")
+    bad = [a.dest for a in parser._actions if a.dest in saved and not _parses(a, saved[a.dest])]
+    if bad:
+        raise ValueError(f"{where}: argument {bad[0]!r} = {str(saved[bad[0]])[:40]!r} is not a "
+                         "value train.py accepts; the checkpoint is damaged")
+    if not 1 <= meta["step"] <= saved["steps"]:
+        raise ValueError(f"{where}: step {meta['step']} lies outside the run's "
+                         f"1..{saved['steps']} steps; the checkpoint is damaged")
+    return argparse.Namespace(**{**saved, "resume": str(out), "overwrite": False,
+                                 "out": str(out), "threads": cli.threads or saved["threads"]})
+
+
+def _parses(action: argparse.Action, v) -> bool:
+    """Whether the parser could have produced v (resolved defaults are never None)."""
+    if action.nargs == 0:  # a switch
+        return isinstance(v, bool)
+    if v is None:
+        return action.default is None and action.dest not in ("steps", "lr", "targets", "out")
+    try:  # --data resolves --task to "data"
+        return (action.dest, v) == ("task", "data") or not isinstance(v, bool) and (
+            action.type or str)(str(v)) == v and v in (action.choices or [v])
+    except (ValueError, TypeError, argparse.ArgumentTypeError):
+        return False
 
 
 @contextlib.contextmanager

@@ -200,7 +200,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         drop = [f"--{k.replace('_', '-')}" for k in given if k not in ("resume", "threads")]
         if drop:
             raise ValueError(f"--resume takes the run's saved arguments; drop {', '.join(drop)}")
-        args = resumed_args(a, p)
+        args = runfolder.resumed_args(a, p)
     else:
         check_args(a, given)
         task = "data" if a.data is not None else a.task
@@ -258,10 +258,8 @@ def check_args(a: argparse.Namespace, given: list[str]) -> None:
 
 
 def resolve(args: argparse.Namespace, task: Task) -> argparse.Namespace:
-    """args with what needs the data resolved, as a new Namespace (the one saved): --steps from
-    --epochs, --calib-batches and --da-samples capped at one pass over the training set (the
-    planted task's endless data at PLANTED_EXAMPLES: beyond it a list of batches only repeats
-    rows and can exhaust memory), --fw-warmup at half of --steps. Prints each cap."""
+    """A new args (the one saved) with --steps from --epochs, --calib-batches and --da-samples
+    capped at one pass over the data (planted: PLANTED_EXAMPLES), --fw-warmup at half --steps."""
     n = task.n_train or PLANTED_EXAMPLES
     steps = args.steps or max(1, math.ceil(args.epochs * n / (args.batch_size * args.grad_accum)))
     caps = {"calib_batches": (args.method.startswith("fim"), math.ceil(n / args.batch_size)),
@@ -303,47 +301,10 @@ def check_out(args: argparse.Namespace) -> None:
                         command("train.py", "--resume", args.out))
 
 
-def resumed_args(cli: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
-    """The saved arguments of the run in --resume OUT (--threads from the command line), each
-    one the parser could give; the checkpoint's step within --steps."""
-    out = Path(cli.resume)
-    if not out.is_dir():
-        raise FileNotFoundError(f"--resume {out}: no such run folder")
-    meta = runfolder.read_checkpoint(out)[1]
-    saved, where = meta["args"], out / CHECKPOINT / runfolder.META
-    missing, unknown = sorted(set(vars(cli)) - set(saved)), sorted(set(saved) - set(vars(cli)))
-    if missing or unknown:
-        raise ValueError(f"{where}: {'arguments missing:' if missing else 'unknown arguments'} "
-                         f"{(missing or unknown)[:5]}; the checkpoint comes from another version "
-                         "of train.py or is damaged")
-    bad = [a.dest for a in parser._actions if a.dest in saved and not _parses(a, saved[a.dest])]
-    if bad:
-        raise ValueError(f"{where}: argument {bad[0]!r} = {str(saved[bad[0]])[:40]!r} is not a "
-                         "value train.py accepts; the checkpoint is damaged")
-    if not 1 <= meta["step"] <= saved["steps"]:
-        raise ValueError(f"{where}: step {meta['step']} lies outside the run's "
-                         f"1..{saved['steps']} steps; the checkpoint is damaged")
-    return argparse.Namespace(**{**saved, "resume": str(out), "overwrite": False,
-                                 "out": str(out), "threads": cli.threads or saved["threads"]})
-
-
-def _parses(action: argparse.Action, v) -> bool:
-    """Whether the parser could have produced v (resolved defaults are never None)."""
-    if action.nargs == 0:  # a switch
-        return isinstance(v, bool)
-    if v is None:
-        return action.default is None and action.dest not in ("steps", "lr", "targets", "out")
-    try:  # --data resolves --task to "data"
-        return (action.dest, v) == ("task", "data") or not isinstance(v, bool) and (
-            action.type or str)(str(v)) == v and v in (action.choices or [v])
-    except (ValueError, TypeError, argparse.ArgumentTypeError):
-        return False
-
-
 def save_checkpoint(out: Path, step: int, model: nn.Module, opt, sched, rng: dict,
                     state: dict, args: argparse.Namespace) -> None:
-    """state.pt: trainable tensors (adapters, heads), optimizer, scheduler, generators, FW-LoRA's
-    EMA and importances, losses; meta.json: step, args, ranks, alphas, report, evals."""
+    """state.pt: tensors, optimizer, scheduler, generators, FW-LoRA state, losses; meta.json:
+    step, args, ranks, alphas, report, evals, segments."""
     layers = lora_layers(model)
     runfolder.save_checkpoint(out, {
         "step": step, "model": {n: p.detach() for n, p in model.named_parameters()
@@ -360,8 +321,7 @@ def save_checkpoint(out: Path, step: int, model: nn.Module, opt, sched, rng: dic
 
 
 def restore(model: nn.Module, opt, sched, state: dict, blob: dict, meta: dict) -> None:
-    """The checkpoint into the freshly built run (LoRA ranks and alphas, trainable tensors,
-    optimizer, scheduler, FW-LoRA state, losses), or ValueError if it does not fit the run."""
+    """The checkpoint into the freshly built run, or ValueError if it does not fit it."""
     layers = lora_layers(model)
     if set(meta["ranks"]) != set(layers):
         raise ValueError(f"the checkpoint adapts {len(meta['ranks'])} matrices, the model "
@@ -468,9 +428,8 @@ def set_seed(seed: int) -> None:
 
 
 def random_streams(seed: int) -> dict[str, torch.Generator]:
-    """One CPU generator per stream of random draws: init (weights, plants, A), data (training
-    batches), calib (calibration batches), eval (planted eval set). Calibration and
-    re-initialisation never shift the data order: every method trains on the same batches."""
+    """One CPU generator per stream (init, data, calib, eval): calibration and init never shift
+    the data order, so every method trains on the same batches."""
     return {name: torch.Generator().manual_seed(seed + k)
             for k, name in enumerate(("init", "data", "calib", "eval"))}
 
