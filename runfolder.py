@@ -55,9 +55,8 @@ def finished(out: Path) -> bool:
 
 @contextlib.contextmanager
 def lock(out: Path) -> Iterator[None]:
-    """Hold <out>/.lock (an flock, which the kernel drops when its process dies: a lock left by
-    a killed run is simply taken over) for the block; out is created if needed, and removed
-    again at the end if the block left it empty. ValueError names the live owner."""
+    """Hold <out>/.lock, an flock the kernel drops when its owner dies, for the block (ValueError
+    names a live owner); out is created if needed, removed at the end if left empty."""
     new = next((p for p in [out, *out.parents][::-1] if not p.exists()), None)
     out.mkdir(parents=True, exist_ok=True)
     while True:

@@ -190,9 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """The arguments given plus the defaults that need no data (targets, steps, lr, out, --task
-    data for --data); with --resume, the run's saved arguments (--threads may change). Checks
-    them and --out before any work; writes nothing."""
+    """The arguments given plus the defaults that need no data, or with --resume the run's saved
+    ones (--threads may change); checked, with --out, before any work."""
     p = build_parser()
     a = p.parse_args(argv)
     given = [k for k, v in vars(a).items() if v != p.get_default(k)]
@@ -275,8 +274,7 @@ def resolve(args: argparse.Namespace, task: Task) -> argparse.Namespace:
 
 
 def check_model(model: nn.Module, args: argparse.Namespace) -> None:
-    """Checks that need the model, still before any training or write: --max-len within its
-    positions, finite weights, no target with a tied weight."""
+    """Before any training: --max-len within the positions, finite weights, no tied target."""
     positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if positions is not None and args.max_len > positions:
         raise ValueError(f"--max-len {args.max_len} exceeds the model's {positions} positions: "
@@ -435,8 +433,7 @@ def random_streams(seed: int) -> dict[str, torch.Generator]:
 
 
 def resolve_device(name: str) -> torch.device:
-    """cpu or cuda; under torchrun (WORLD_SIZE > 1) on CUDA, each process's own GPU,
-    cuda:LOCAL_RANK, made current (nccl works on the current device)."""
+    """cpu or cuda; under torchrun on CUDA each process's own GPU, cuda:LOCAL_RANK, made current."""
     cuda = name == "cuda" or (name == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if cuda else "cpu")
     if cuda and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -545,10 +542,8 @@ def make_optimizer(model: nn.Module, args: argparse.Namespace):
 
 def micro_backward(train_model: nn.Module, loss_fn: Callable, micro: list[dict],
                    penalty: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
-    """Forward and backward of one step's micro-batches; returns the step's loss. Micro-batch
-    c's loss is weighted n_c/Σn (n_c its examples; an uneven shard's as its global rows): every
-    loss_fn is a mean of per-example losses (data/tasks.py), so the gradients are those of one
-    batch of all Σn examples. The penalty is added once; a DDP train_model syncs on the last."""
+    """Forward and backward of one step's micro-batches, micro-batch c's mean loss weighted by
+    n_c/Σn: the gradients of one batch of all Σn examples. Returns the step's loss."""
     sizes = [next(v.shape[0] for v in b.values() if torch.is_tensor(v)) / b.get(SHARD_WEIGHT, 1)
              for b in micro]
     for c, batch in enumerate(micro):
@@ -565,9 +560,8 @@ def micro_backward(train_model: nn.Module, loss_fn: Callable, micro: list[dict],
 
 def fw_step(train_model: nn.Module, model: nn.Module, task: Task, args: argparse.Namespace,
             state: dict):
-    """FW-LoRA: plain steps that track ‖∂L/∂W_m‖² every --fw-track-every-th warm-up step (over
-    all of the step's micro-batches; EMA factor β^k), then the frozen importances' penalty.
-    `state` holds the EMA and the importances; train_model is model or its DDP wrapper."""
+    """FW-LoRA's step: track ‖∂L/∂W_m‖² every k-th warm-up step (EMA factor β^k), then the
+    frozen importances' penalty; `state` holds the EMA and the importances."""
     every = args.fw_track_every
 
     def step(k: int, micro: list[dict]) -> torch.Tensor:
@@ -816,9 +810,8 @@ def compare_planted(args: argparse.Namespace, results: dict) -> dict:
 
 def main(argv: list[str] | None = None, adapt: Callable = add_adapters,
          finish: Callable | None = None) -> dict:
-    """Train one run and return its results. `adapt(task, args, device, rng)` turns the task's
-    base model into the model to train (default: uniform LoRA; study/ passes others);
-    `finish(results)` adds fields to the results before they are saved."""
+    """Train one run and return its results: `adapt(task, args, device, rng)` returns the model
+    to train (default uniform LoRA), `finish(results)` adds fields before they are saved."""
     return run(parse_args(argv), adapt, finish)
 
 
