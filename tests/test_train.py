@@ -41,7 +41,7 @@ def test_every_method_runs_on_planted(tmp_path, method):
     n = len(res["ranks"])
     assert sum(res["ranks"].values()) == 8 * n  # every method keeps the budget r x matrices
     if method.startswith("fim"):
-        assert "scores" in saved["fim"] and "planted_recovery" in saved
+        assert "scores" in saved["fim"] and "planted_recovery" not in saved  # the study's
 
 
 def test_same_seed_same_numbers(tmp_path):
@@ -248,8 +248,8 @@ def test_grad_accum_consumes_n_batches_per_step_and_scales_epochs(tmp_path, monk
                              str(tmp_path / "c")])
     task = train.Task(None, [], None, 20, None, None, True)
     monkeypatch.setattr(train, "glue_task", lambda *a: task)
-    train.build_task(args, torch.device("cpu"), {})
-    assert args.steps == 3  # ⌈20 / 8⌉
+    assert train.build_task(args, torch.device("cpu"), {}) is task
+    assert train.resolve(args, task).steps == 3 and args.steps is None  # ⌈20 / 8⌉, a new args
 
 
 # 37 rows in batches of 8: batches 5 and 10 have 5 rows (steps 3 and 5, step 3 still tracked)
@@ -383,7 +383,7 @@ def test_log_jsonl_has_each_logged_step_and_eval_once_across_a_resume(tmp_path, 
     assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
     assert all({"step", "loss", "lr", "examples_per_s", "elapsed"} <= set(r) for r in steps)
     assert [(r["step"], sorted(r["eval"])) for r in lines if "eval" in r] == [
-        (0, ["loss", "step"]), (6, ["loss", "loss_ratio"])]
+        (0, ["loss"]), (6, ["loss", "loss_ratio"])]
     train.main([*QUICK, "--out", str(out), "--overwrite"])  # a fresh run starts a fresh log
     assert len((out / "log.jsonl").read_text().splitlines()) == 4  # eval 0, steps 3 and 6, eval
 
@@ -423,3 +423,53 @@ def test_calibration_sizes_are_capped_at_one_pass_over_the_data(tmp_path, capsys
         " 16" in out and "evaluating at step 6" in out
     assert (res["args"]["calib_batches"], res["args"]["da_samples"]) == (2, 16)
     assert res["da"]["n_samples"] == 16
+
+
+def test_args_are_resolved_once_into_a_new_namespace_and_an_epochs_run_resumes(tmp_path,
+                                                                               monkeypatch):
+    """--epochs gives --steps from the data once, in a new Namespace (train.resolve): the
+    parsed args are never mutated, results.json holds the args given plus the resolved ones,
+    and a run killed after step 5 resumes bitwise (its saved args hold --steps and --epochs
+    both, which --resume refused as "pick one" before). 36 training rows of 40 in batches of 8,
+    2 epochs: ⌈72 / 8⌉ = 9 steps."""
+    data = tmp_path / "d.csv"
+    data.write_text("text,label\n" + "".join(f"w{i} x{i % 3},{'ab'[i % 2]}\n" for i in range(40)))
+    argv = ["--data", str(data), "--epochs", "2", "--batch-size", "8", "--save-every", "2",
+            "--log-every", "1", "--threads", "1", "--method", "fim", "--calib-batches", "99"]
+    args = train.parse_args([*argv, "--out", str(tmp_path / "full")])
+    given = dict(vars(args))
+    full = train.run(args)
+    assert vars(args) == given and args.steps is None and args.calib_batches == 99
+    assert (full["args"]["steps"], full["args"]["calib_batches"], full["args"]["epochs"]) == \
+        (9, 5, 2.0)  # the calibration capped at one pass: ⌈36 / 8⌉ batches
+    real = train.log_step
+
+    def killed(k, *a):
+        real(k, *a)
+        if k == 5:
+            raise RuntimeError("killed")
+    monkeypatch.setattr(train, "log_step", killed)
+    with pytest.raises(RuntimeError):
+        train.main([*argv, "--out", str(tmp_path / "o")])
+    monkeypatch.setattr(train, "log_step", real)
+    resumed = train.main(["--resume", str(tmp_path / "o")])
+    assert resumed["train_loss"] == full["train_loss"] and resumed["args"] == full["args"] | {
+        "out": str(tmp_path / "o"), "resume": str(tmp_path / "o")}
+
+
+def test_the_default_fim_run_scores_once_and_plants_follow_the_flag(tmp_path, monkeypatch):
+    """--method fim computes the Fisher scores once, for the allocation (a planted-recovery
+    printout computed them three times more; the study measures recovery now); --plants
+    anywhere reaches data/tasks.py's plant() as reach=inf, the default as the Fisher's reach."""
+    import fimlora
+    from data import planted
+    calls, plants = [], []
+    real_scores, real_plant = fimlora.fisher_scores, planted.plant
+    monkeypatch.setattr(fimlora, "fisher_scores", lambda *a, **k: calls.append(1) or
+                        real_scores(*a, **k))
+    monkeypatch.setattr(planted, "plant", lambda *a, **k: plants.append(k.get("reach")) or
+                        real_plant(*a, **k))
+    res = run(tmp_path / "a", "--method", "fim")
+    assert len(calls) == 1 and "planted_recovery" not in res
+    run(tmp_path / "b", "--plants", "anywhere")
+    assert plants == [None, float("inf")]
