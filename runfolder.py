@@ -26,17 +26,7 @@ from pathlib import Path
 
 import torch
 
-from lora import open_regular, read_regular
-
-try:  # TODO merge: lora.atomic_write and lora.fsync_dir (h-lora); drop this fallback
-    from lora import atomic_write, fsync_dir
-except ImportError:
-    from lora import _atomic_write as atomic_write
-
-    def fsync_dir(path: Path) -> None:
-        fd = os.open(path, os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
+from lora import atomic_write, fsync_dir, open_regular, read_regular
 
 CHECKPOINT, STATE, META = "checkpoint", "state.pt", "meta.json"
 PUBLISHED = ("results.json", "adapter", "adapter_peft")  # results.json last: it marks "finished"

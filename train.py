@@ -27,7 +27,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -41,13 +41,6 @@ from lora import add_lora, lora_layers, resize_lora, save_adapter
 from models import model_path
 from models.checkpoint import is_decoder
 from runfolder import CHECKPOINT, atomic_write, finite, write_json
-
-try:  # TODO merge: fimlora.resize_ranks (h-fim); drop this stand-in
-    from fimlora import resize_ranks
-except ImportError:
-    def resize_ranks(model: nn.Module, ranks: dict, generator=None) -> None:
-        for n, m in lora_layers(model).items():
-            resize_lora(m, ranks[n], alpha=m.alpha * ranks[n] / m.r, generator=generator)
 
 METHODS = ("lora", "fim", "fw", "da", "fim+da")
 DEFAULT_TARGETS = {"planted": "query,key,value,output.dense,intermediate.dense",
@@ -782,7 +775,7 @@ def compare_planted(args: argparse.Namespace, results: dict) -> dict:
     def oracle(task, args, device, rng):
         model = add_adapters(task, args, device, rng)
         names = list(lora_layers(model))
-        resize_ranks(model, planted.oracle_ranks(names, task.planted, args.r * len(names)),
+        fimlora.resize_ranks(model, planted.oracle_ranks(names, task.planted, args.r * len(names)),
                      generator=rng["init"])
         return model
     loss = {}

@@ -134,22 +134,6 @@ def oracle_ranks(names: Sequence[str], planted: dict[str, int], budget: int) -> 
     return {n: planted[n] if n in planted else rest[n] for n in names}
 
 
-def recovery(scores: dict[str, float], planted: dict[str, int], k: int | None = None) -> dict:
-    """How many planted matrices the k highest scores pick (k = len(planted) by default); a tie
-    at the cut counts its expected hits under random tie-breaking, so constant scores score
-    exactly chance_hits = k·|P|/M.
-    recovery({"a": 3, "b": 2, "c": 1}, {"a": 4, "c": 4})["hits"] == 1.0"""
-    M, k = len(scores), len(planted) if k is None else k
-    cut = sorted(scores.values(), reverse=True)[k - 1]
-    above = [n for n, s in scores.items() if s > cut]
-    tied = [n for n, s in scores.items() if s == cut]
-    hits = sum(n in planted for n in above)
-    hits += (k - len(above)) * sum(n in planted for n in tied) / len(tied)
-    return {"k": k, "hits": float(hits), "precision": hits / k,
-            "recall": hits / len(planted) if planted else 0.0,
-            "chance_hits": k * len(planted) / M}
-
-
 def rank_recovery(ranks: dict[str, int], planted: dict[str, int]) -> dict:
     """Allocated vs planted ranks: mean rank on planted and other matrices (NaN if none), the
     share of the total rank on planted ones (chance: |P|/M), and how many got their rank."""

@@ -20,16 +20,13 @@ import torch.nn.functional as F
 
 from data import causal, files, glue, planted
 from data.metrics import accuracy, class_metrics
+from lora import name_matches
 from models import load_model
 from models.checkpoint import is_decoder
 
 Rng = dict[str, torch.Generator]
 LABEL_SET = 16  # prompt → completion data with at most this many distinct completions,
 # each used twice on average, is scored as a label set too (exact-match accuracy)
-
-
-def name_matches(name: str, target: str) -> bool:  # lora.name_matches after the merge
-    return name == target or name.endswith("." + target)
 
 
 def autocast(device: torch.device):
