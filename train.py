@@ -160,9 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "da: da or fim+da)")
     g.add_argument("--calib-batches", type=int, default=8,
                    help="fim: calibration batches (at most one pass over the data)")
-    g.add_argument("--score", default="efim", choices=fimlora.ALLOCATION_SCORES,
-                   help="fim: FIM-LoRA's scores efim | variance (the paper); gradw, kfac, lorada, "
-                        "random: other allocation scores, compared in bench.py --planted-study")
+    g.add_argument("--score", default="efim", choices=("efim", "variance"),
+                   help="fim: FIM-LoRA's scores efim | variance (the paper); the alternatives "
+                        "run through study/scores.py's score_adapt")
     g.add_argument("--per-example", action="store_true",
                    help="fim: per-example (true) empirical Fisher")
     g.add_argument("--budget", default="ranks", choices=("ranks", "params"),
@@ -302,10 +302,6 @@ def check_args(a: argparse.Namespace) -> None:
     if not a.r_min <= a.r <= (a.r_max or 2 * a.r):
         errors.append(f"--r-min {a.r_min} / --r {a.r} / --r-max {a.r_max or 2 * a.r}: the base "
                       "rank must lie in [r_min, r_max] or the budget r x matrices is infeasible")
-    if a.score in fimlora.GAIN_SCORES and a.method.startswith("fim") and a.power != 1:
-        errors.append(f"--power {a.power:g} with --score {a.score}: its per-rank gains go to "
-                      "allocate_by_gains, which has no power; drop --power (or use --score efim, "
-                      "variance or gradw)")
     if a.score == "variance" and a.method.startswith("fim") and a.calib_batches < 2:
         errors.append(f"--score variance with --calib-batches {a.calib_batches}: the variance "
                       "of one batch gradient is 0; use --calib-batches >= 2")
@@ -721,7 +717,7 @@ def fim_method(model: nn.Module, task: Task, args: argparse.Namespace,
         model, progress(batches, "FIM-LoRA calibration", len(batches)), task.loss_fn,
         r_min=args.r_min, r_max=args.r_max, score=args.score,
         n_batches=args.calib_batches, per_example=args.per_example, power=args.power,
-        generator=rng["init"], budget_unit=args.budget, population_size=task.n_train)
+        generator=rng["init"], budget_unit=args.budget)
     seconds = time.perf_counter() - t0
     shown = {n: sum(v) if isinstance(v, list) else v for n, v in res["scores"].items()}
     what = " (per-rank gains, summed)" if shown != res["scores"] else ""

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fimlora import (ALLOCATION_SCORES, allocate_ranks, fisher_scores, fw_penalty, fw_track,
-                     fw_update, importances, initialize_fim_ranks, lorada_init)
+from fimlora import (allocate_ranks, fim_rank_pattern, fisher_scores, fw_penalty, fw_track,
+                     fw_update, importances, initialize_fim_ranks, lorada_init, resize_ranks)
 from lora import add_lora, lora_layers, lora_scaling, resize_lora
 
 TARGETS = ["query", "value", "classifier"]
@@ -246,6 +246,26 @@ def test_initialize_fim_ranks_caps_each_matrix_at_its_dimension():
         initialize_fim_ranks(make_model(r=4), make_batches(1), loss_fn, r_min=4)
 
 
+def test_resize_ranks_keeps_each_layers_base_scale_and_pattern_uses_the_same_alphas():
+    """α_m = α·r_m/r (α·√(r_m/r) with rsLoRA) from each layer's own r and α, B = 0 and a
+    fresh A; fim_rank_pattern's alpha_pattern gives the same α_m. Unknown names are refused."""
+    for rslora in (False, True):
+        model = make_model(r=4, alpha=8.0, rslora=rslora)
+        ranks = {"query": 6, "value": 2, "classifier": 3}
+        alphas = resize_ranks(model, ranks, torch.Generator().manual_seed(0))
+        for name, layer in lora_layers(model).items():
+            assert layer.r == ranks[name] and alphas[name] == layer.alpha
+            assert layer.scaling == pytest.approx(lora_scaling(4, 8.0, rslora))
+            assert not layer.lora_B.any()
+        model, batches = make_model(r=4, alpha=8.0, rslora=rslora), make_batches(3)
+        fields = fim_rank_pattern(model, batches, loss_fn, 4, 8.0, rslora=rslora)
+        ref = initialize_fim_ranks(model, batches, loss_fn)
+        for name, a in ref["alphas"].items():
+            assert fields["alpha_pattern"].get("^" + name, fields["lora_alpha"]) == a
+    with pytest.raises(ValueError, match=r"ranks and the adapted layers differ: \['key'"):
+        resize_ranks(make_model(), {"query": 2, "value": 2, "classifier": 2, "key": 1})
+
+
 def test_initialize_fim_ranks_checks_inputs_before_calibrating():
     calls = []
 
@@ -418,20 +438,20 @@ class MLP(nn.Module):
 
 
 def dist_case(rank: int, world: int) -> dict:
-    """Everything a rank computes from its share: every allocation score (ranks and scores),
-    the per-example Fisher, scores from one batch over all ranks (rank 1 gets none), and
+    """Everything a rank computes from its share: every allocation score (FIM-LoRA's and
+    study/scores.py's: ranks and scores), the per-example Fisher, scores from one batch over
+    all ranks (rank 1 gets none), and
     fw_track of a 7-row batch cut 4/3 as train.shards cuts it, each shard's mean loss weighted
     by world·n_k/N (as train.py does) so the ranks' mean gradient is the whole batch's."""
+    from study.scores import SCORES, initialize_ranks
     batches = uneven_batches()
     out = {}
-    cases = [(s, False, batches) for s in ALLOCATION_SCORES] + [
-        (s, True, batches) for s in ("efim", "variance")] + [
-        (s, False, batches[:1]) for s in ("efim", "gradw", "kfac", "lorada")]
-    for score, per_example, data in cases:
-        res = initialize_fim_ranks(make_model(r=2), data[rank::world], dict_loss, score=score,
-                                   n_batches=None, per_example=per_example,
-                                   generator=torch.Generator().manual_seed(0))
-        out[score, per_example, len(data)] = {"ranks": res["ranks"], "scores": res["scores"]}
+    cases = [(s, batches) for s in ("efim", "variance", "per-example", *SCORES)] + [
+        (s, batches[:1]) for s in ("efim", "gradw", "kfac", "lorada")]
+    for score, data in cases:
+        res = initialize_ranks(make_model(r=2), data[rank::world], dict_loss, score,
+                               n_batches=None, generator=torch.Generator().manual_seed(0))
+        out[score, len(data)] = {"ranks": res["ranks"], "scores": res["scores"]}
     torch.manual_seed(0)
     model = MLP()
     add_lora(model, ["up", "down"], r=2, alpha=2.0)
