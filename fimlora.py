@@ -5,14 +5,12 @@
     add_lora(model, targets=["query", "key", "value"], r=8, alpha=16)
     result = initialize_fim_ranks(model, batches, loss_fn)   # loss_fn(model, batch) -> scalar
 
-Statistics are read from a caller-owned loss_fn(model, batch) through torch.autograd.grad and
-one hook mechanism (_hooked), leaving requires_grad, .grad and train/eval as found. Imports
-only the standard library, torch and lora.py, so the two files can be copied together.
-Symbols follow lora.py: W0 (d_out, d_in), A (r, d_in), B (d_out, r), s = α/r.
-
-References:
-    FIM-LoRA: arXiv:2605.16800.   LoRA-DA: Zhang et al., arXiv:2510.24561.
-    FW-LoRA: "Fisher-Weighted LoRA: one-line importance-aware regularisation" (no public paper).
+Statistics come from a caller-owned loss_fn(model, batch) through torch.autograd.grad and one
+hook mechanism (_hooked); requires_grad, .grad and train/eval are left as found. Imports only
+the standard library, torch and lora.py (copy the two files together). Symbols as lora.py:
+W0 (d_out, d_in), A (r, d_in), B (d_out, r), s = α/r.
+References: FIM-LoRA arXiv:2605.16800; LoRA-DA (Zhang et al.) arXiv:2510.24561; FW-LoRA
+"Fisher-Weighted LoRA: one-line importance-aware regularisation" (no public paper).
 """
 
 from __future__ import annotations
@@ -30,10 +28,11 @@ import torch.nn as nn
 
 from lora import LoRALinear, lora_layers, resize_lora
 
-# -----------------------------------------------------------------------------
-# shared: the adapted layers, state restore, the calibration pass, hooks, all-reduce
-
+LossFn = Callable[[nn.Module, object], torch.Tensor]
 _CHUNK = 1 << 22  # per-example gradient entries materialised at once (16 MiB of float32)
+
+# -----------------------------------------------------------------------------
+# shared: the adapted layers, the calibration pass, the hooks, the all-reduce
 
 
 def _adapted(model: nn.Module) -> dict[str, LoRALinear]:
@@ -64,10 +63,9 @@ def _restored(model: nn.Module) -> Iterator[None]:
 
 
 def _calibrate(model: nn.Module, layers: dict[str, LoRALinear], batches: Iterable,
-               loss_fn: Callable[[nn.Module, object], torch.Tensor]) -> Iterator[tuple]:
-    """The calibration pass: per batch, L = loss_fn(model, batch) with every lora_B requiring
-    grad; yields (∂L/∂B_m for m in layers), None where the loss does not reach B_m. Hooks the
-    caller holds see δ. Call inside _restored(model)."""
+               loss_fn: LossFn) -> Iterator[tuple]:
+    """The calibration pass (inside _restored): per batch L = loss_fn(model, batch), every lora_B
+    requiring grad; yields ∂L/∂B_m per layer (None if unreached). The caller's hooks see δ."""
     Bs = [m.lora_B for m in layers.values()]
     for B in Bs:
         B.requires_grad_(True)
@@ -83,24 +81,22 @@ def _calibrate(model: nn.Module, layers: dict[str, LoRALinear], batches: Iterabl
 
 
 @contextlib.contextmanager
-def _hooked(layers: dict[str, LoRALinear],
-            on_grad: Callable[[str, torch.Tensor, torch.Tensor, torch.Tensor], None],
-            on_forward: Callable[[str, torch.Tensor, torch.Tensor], None] | None = None
+def _hooked(layers: dict[str, LoRALinear], on_grad: Callable, on_forward: Callable | None = None
             ) -> Iterator[None]:
     """While active, each call of layer m keeps its input x and adapter input x̃ = dropout(x),
     runs on_forward(m, x, y) if given and, when y needs grad, on_grad(m, x, x̃, δ) under
-    no_grad once backward delivers δ = ∂L/∂y (tensors detached). Hooks go on exit.
+    no_grad once backward delivers δ = ∂L/∂y (all detached). Hooks go on exit, also on error.
     Example: with _hooked(_adapted(model), lambda m, x, xd, d: seen.append(m)): loss.backward()
     """
-    def on_grad_no_grad(name, x, xd, delta):
-        with torch.no_grad():
-            on_grad(name, x, xd, delta.detach())
-
     def attach(name: str, layer: LoRALinear) -> list:
         held: dict[str, torch.Tensor] = {}
 
         def on_dropout(module, args, out):
             held["x"], held["xd"] = args[0].detach(), out.detach()
+
+        def on_delta(x, xd, delta):
+            with torch.no_grad():
+                on_grad(name, x, xd, delta.detach())
 
         def on_layer(module, args, y):
             if "x" not in held:  # r = 0 or merged: no adapter path ran
@@ -109,7 +105,7 @@ def _hooked(layers: dict[str, LoRALinear],
             if on_forward is not None:
                 on_forward(name, x, y)
             if torch.is_grad_enabled() and y.requires_grad:
-                y.register_hook(lambda delta: on_grad_no_grad(name, x, xd, delta))
+                y.register_hook(lambda delta: on_delta(x, xd, delta))
 
         return [layer.dropout.register_forward_hook(on_dropout),
                 layer.register_forward_hook(on_layer)]
@@ -126,9 +122,8 @@ def _hooked(layers: dict[str, LoRALinear],
 
 def _all_reduce(tensors: list[torch.Tensor], *counts: int) -> list[int]:
     """Sum the tensors (in place, one collective) and the counts (exact, int64) over the ranks
-    of an initialised torch.distributed group; a no-op otherwise. Returns the total counts.
-    Every rank must pass the same shapes in the same order (the `layers` order, never the
-    order a rank's own data happened to fill a dict in), also a rank with no data (zeros)."""
+    of an initialised torch.distributed group, else a no-op; returns the counts. Every rank
+    passes the same shapes in the same (layers) order, zeros if it had no data."""
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()):
         return list(counts)
@@ -138,31 +133,16 @@ def _all_reduce(tensors: list[torch.Tensor], *counts: int) -> list[int]:
     for t in tensors:  # a tensor listed twice gets the same sum twice
         t.copy_(flat[i:i + t.numel()].view_as(t))
         i += t.numel()
-    if not counts:
-        return []
     total = torch.tensor(counts, dtype=torch.int64, device=flat.device)  # nccl: on the GPU
-    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    if counts:
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
     return total.tolist()
 
 # -----------------------------------------------------------------------------
 # 1. FIM-LoRA calibration: empirical-Fisher scores of every lora_B
 
 
-def _add_per_example(u: torch.Tensor, delta: torch.Tensor, scale: float, sum_sq: torch.Tensor,
-                     sum_g: torch.Tensor | None) -> None:
-    """sum_sq += Σ_n g_n⊙g_n and sum_g += Σ_n g_n for g_n = scale·δ_nᵀ u_n, a few n at a time.
-    u: (N, T, r), delta: (N, T, d_out)."""
-    n, _, r = u.shape
-    step = max(1, _CHUNK // (delta.shape[-1] * r))
-    for i in range(0, n, step):
-        g = scale * (delta[i:i + step].transpose(1, 2) @ u[i:i + step])  # (n, d_out, r)
-        sum_sq.add_(g.square().sum(0))
-        if sum_g is not None:
-            sum_g.add_(g.sum(0))
-
-
-def fisher_scores(model: nn.Module, batches: Iterable,
-                  loss_fn: Callable[[nn.Module, object], torch.Tensor], score: str = "efim",
+def fisher_scores(model: nn.Module, batches: Iterable, loss_fn: LossFn, score: str = "efim",
                   n_batches: int | None = 8, per_example: bool = False) -> dict:
     """Empirical-Fisher score of every adapter's lora_B (FIM-LoRA, arXiv:2605.16800):
 
@@ -171,12 +151,11 @@ def fisher_scores(model: nn.Module, batches: Iterable,
         score_m    = mean of the d_out·r entries of F_m
 
     B is scored because A's gradient s·Bᵀ(…) is zero at B = 0. per_example=True takes g over the
-    examples n of each batch instead, g_n = N·s·Σ_t δ_{n,t} u_{n,t}ᵀ from one backward pass
-    (u = A·dropout(x), δ = ∂L/∂y): loss_fn must then be the mean of per-example losses over dim 0
-    and each adapted layer run once per forward. The model runs in the caller's mode. Under
-    torch.distributed, sums and counts are all-reduced first (every rank gets all batches').
-    Returns {"scores": {m: score_m}, "fisher": {m: F_m (d_out, r) float32}, "count": K or the
-    number of examples}.
+    examples n of each batch, g_n = N·s·Σ_t δ_{n,t} u_{n,t}ᵀ from one backward (u = A·dropout(x),
+    δ = ∂L/∂y): loss_fn must be the mean of per-example losses over dim 0, each adapted layer
+    run once per forward. Runs in the caller's mode; sums and counts are all-reduced under
+    torch.distributed. Returns {"scores": {m: score_m}, "fisher": {m: F_m (d_out, r) float32},
+    "count": K or the number of examples}.
     Example: fisher_scores(model, [batch], loss_fn)["scores"] -> {"layer.0.query": 3.1e-07, ...}
     """
     if score not in ("efim", "variance"):
@@ -194,42 +173,39 @@ def fisher_scores(model: nn.Module, batches: Iterable,
                              "each adapted layer called once (use per_example=False)")
         sizes[name] = x.shape[0]
 
-    def on_grad(name, x, xd, delta):
+    def on_grad(name, x, xd, delta):  # Σ_n g_n⊙g_n (and Σ_n g_n), a few examples at a time
         layer = layers[name]
         u = xd.float() @ layer.lora_A.detach().float().T  # (N, ..., r)
         n = u.shape[0]
-        d = delta.float().reshape(n, -1, delta.shape[-1])  # (N, T, d_out)
-        # × N: δ is the gradient of the batch mean (1/N)Σ_n ℓ_n
-        _add_per_example(u.reshape(n, -1, layer.r), d, n * layer.scaling, sum_sq[name],
-                         sum_g.get(name))
+        u, d = u.reshape(n, -1, layer.r), delta.float().reshape(n, -1, delta.shape[-1])
+        step = max(1, _CHUNK // (d.shape[-1] * layer.r))
+        for i in range(0, n, step):  # × N: δ is the gradient of the batch mean (1/N)Σ_n ℓ_n
+            g = n * layer.scaling * (d[i:i + step].transpose(1, 2) @ u[i:i + step])
+            sum_sq[name].add_(g.square().sum(0))  # g: (n, d_out, r)
+            if sum_g:
+                sum_g[name].add_(g.sum(0))
 
     count = 0
     hooks = _hooked(layers, on_grad, on_forward) if per_example else contextlib.nullcontext()
-    with _restored(model), hooks:
+    with _restored(model), hooks, torch.no_grad():
         for grads in _calibrate(model, layers, itertools.islice(batches, n_batches), loss_fn):
-            if per_example:
-                if len(set(sizes.values())) > 1:
-                    raise ValueError(f"layers saw different batch sizes {sizes}: per_example "
-                                     "needs the batch on dim 0 of every adapted layer")
-                count += next(iter(sizes.values()), 0)
-                sizes.clear()
-                continue
-            count += 1
-            with torch.no_grad():
-                for name, g in zip(layers, grads):
-                    if g is not None:  # None: the layer did not reach the loss
-                        sum_sq[name].add_(g.float().square())
-                        if sum_g:
-                            sum_g[name].add_(g.float())
+            if per_example and len(set(sizes.values())) > 1:
+                raise ValueError(f"layers saw different batch sizes {sizes}: per_example "
+                                 "needs the batch on dim 0 of every adapted layer")
+            count += next(iter(sizes.values()), 0) if per_example else 1
+            sizes.clear()
+            for name, g in zip(layers, grads):
+                if g is not None and not per_example:  # None: the layer did not reach the loss
+                    sum_sq[name].add_(g.float().square())
+                    if sum_g:
+                        sum_g[name].add_(g.float())
     count, = _all_reduce([sum_sq[n] for n in layers] + [sum_g[n] for n in layers if sum_g],
                          count)
     if count == 0:
         raise ValueError("batches yielded nothing to calibrate on")
-    fisher = {}
-    for name in layers:
-        fisher[name] = sum_sq[name] / count
-        if sum_g:
-            fisher[name] = (fisher[name] - (sum_g[name] / count).square()).clamp_min(0.0)
+    fisher = {n: sum_sq[n] / count for n in layers}
+    if sum_g:
+        fisher = {n: (f - (sum_g[n] / count).square()).clamp_min(0.0) for n, f in fisher.items()}
     return {"scores": {n: f.mean().item() for n, f in fisher.items()}, "fisher": fisher,
             "count": count}
 
@@ -239,10 +215,10 @@ def fisher_scores(model: nn.Module, batches: Iterable,
 
 def _targets(s: list[float], budget: int, r_min: int, hi: list[int], kappa: list[int],
              power: float) -> tuple[list[Fraction], list[Fraction]]:
-    """Phase 1 of allocate_ranks, exact: (r*, w) with r*_m = clamp(c·w_m, lo_m, h_m) and c the
-    smallest level with Σ_m κ_m·r*_m = min(R, Σ_m κ_m·h_m). If the w_m > 0 matrices all reach
-    h_m first, the w_m = 0 ones share what is left as equals (lo_m = h_m for the others, and
-    every w_m = 1). Example: _targets([1.0, 4.0], 10, 0, [10, 10], [1, 1], 1)[0] == [2, 8]"""
+    """Phase 1 of allocate_ranks, exact: (r*, w), r*_m = clamp(c·w_m, lo_m, h_m) at the least
+    level c with Σ_m κ_m·r*_m = min(R, Σ_m κ_m·h_m). If the w_m > 0 matrices all reach h_m
+    first, the w_m = 0 ones share the rest as equals (lo_m = h_m for the others, all w_m = 1).
+    Example: _targets([1.0, 4.0], 10, 0, [10, 10], [1, 1], 1.0)[0] == [2, 8]"""
     s_max = max(s)
     w = [1.0 if s_max == 0 else (v / s_max) ** power for v in s]  # 2**k·s gives the same w
     budget = min(budget, sum(map(int.__mul__, kappa, hi)))
@@ -265,24 +241,26 @@ def _targets(s: list[float], budget: int, r_min: int, hi: list[int], kappa: list
     return [min(max(c * v, a), h) for v, a, h in zip(W, lo, hi)], W
 
 
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def allocate_ranks(scores: dict[str, float], budget: int, r_min: int,
                    r_max: int | dict[str, int], costs: dict[str, int] | None = None,
                    power: float = 1.0) -> dict[str, int]:
     """FIM-LoRA rank allocation (arXiv:2605.16800, two-phase water-filling), in exact arithmetic.
 
     With w_m = (s_m / max s)^p, h_m = r_max (or r_max[m], a per-matrix cap) and κ_m the cost
-    of one rank of matrix m (1 without costs, so the budget R counts ranks; d_in + d_out to
-    count parameters):
+    of a rank of matrix m (1 without costs: the budget R counts ranks; d_in + d_out: params):
       phase 1  r*_m = clamp(c·w_m, r_min, h_m), the water level c solving Σ_m κ_m·r*_m = R;
       phase 2  r_m = ⌊r*_m⌋, then one rank at a time in one global order, the largest
                r*_m − r_m first (ties: higher score, then lower name), while r_m < h_m and κ_m
                fits in what is left of R; again over the raised ones while a rank fits.
-    Without costs that is largest-remainder rounding and Σ_m r_m = R. With costs Σ κ_m·r_m ≤ R,
-    and every matrix below h_m costs more than what is left (the spend may fall short of the
-    best one: κ 3, 3, 4, s 1.5, 1.5, 1.75, R = 16 give 1, 1, 2 for 14, not 2, 2, 1 for 16).
-    A score-0 matrix (the loss never reaches it) stays at r_min until every other sits at h_m.
-    Raises ValueError naming the bad value for non-finite or negative scores, bad bounds, caps,
-    costs or power, and a budget outside [Σ_m κ_m·r_min, Σ_m h_m].
+    Without costs that is largest-remainder rounding and Σ_m r_m = R; with costs Σ κ_m·r_m ≤ R
+    and every matrix below h_m costs more than what is left (not always the best spend: κ 3,
+    3, 4, s 1.5, 1.5, 1.75, R = 16 give 1, 1, 2 for 14, not 2, 2, 1 for 16). A score-0 matrix
+    (the loss never reaches it) stays at r_min until every other sits at h_m. Raises
+    ValueError naming the bad value and the fix (scores, bounds, caps, costs, power, budget).
     Example: allocate_ranks({"q": 1.0, "v": 4.0}, budget=6, r_min=0, r_max=10) == {"q": 1, "v": 5}
     """
     names, s = list(scores), list(scores.values())
@@ -293,38 +271,34 @@ def allocate_ranks(scores: dict[str, float], budget: int, r_min: int,
             raise ValueError(f"scores[{name!r}]={v!r}: scores must be finite and ≥ 0")
     caps = r_max if isinstance(r_max, dict) else None
     for label, v in (("budget", budget), ("r_min", r_min), ("r_max", 0 if caps else r_max)):
-        if isinstance(v, bool) or not isinstance(v, int):
+        if not _is_int(v):
             raise ValueError(f"{label}={v!r} is not an integer: pass an int")
-    if r_min < 0:
-        raise ValueError(f"r_min={r_min} < 0: ranks cannot be negative")
-    if caps is None and r_min > r_max:
-        raise ValueError(f"r_min={r_min} > r_max={r_max}: lower r_min or raise r_max")
+    if r_min < 0 or (caps is None and r_min > r_max):
+        raise ValueError(f"r_min={r_min} < 0: ranks cannot be negative" if r_min < 0 else
+                         f"r_min={r_min} > r_max={r_max}: lower r_min or raise r_max")
     for label, d in (("r_max", caps), ("costs", costs)):
         if d is not None and d.keys() != scores.keys():
             raise ValueError(f"{label} and scores name different modules: "
                              f"{sorted(d.keys() ^ scores.keys())[:5]}")
     hi = [caps[n] for n in names] if caps else [r_max] * len(names)
-    low = [n for n, h in zip(names, hi) if isinstance(h, bool) or not isinstance(h, int)
-           or h < r_min]
+    low = [n for n, h in zip(names, hi) if not _is_int(h) or h < r_min]
     if low:
         raise ValueError(f"r_max[m] for m in {low[:5]} is not an int ≥ r_min={r_min}: "
                          "lower r_min or raise those caps")
     if not (isinstance(power, (int, float)) and math.isfinite(power) and power >= 0):
         raise ValueError(f"power={power!r}: pass a finite power ≥ 0 (1: proportional, 0: uniform)")
     for name, k in (costs or {}).items():
-        if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
+        if not _is_int(k) or k <= 0:
             raise ValueError(f"costs[{name!r}]={k!r}: pass a positive int (d_in + d_out)")
     kappa = [1] * len(names) if costs is None else [costs[n] for n in names]
     if budget < sum(kappa) * r_min:
-        what = "M" if costs is None else "Σ cost_m"
-        raise ValueError(f"budget={budget} < {what}·r_min={sum(kappa) * r_min}: raise the "
-                         "budget or lower r_min")
-    if costs is None and budget > sum(hi) and caps is None:
-        raise ValueError(f"budget={budget} > M·r_max={sum(hi)}: lower the budget or raise r_max")
+        raise ValueError(f"budget={budget} < {'M' if costs is None else 'Σ cost_m'}·r_min="
+                         f"{sum(kappa) * r_min}: raise the budget or lower r_min")
     if costs is None and budget > sum(hi):
-        tight = sorted(names, key=caps.__getitem__)[:5]
-        raise ValueError(f"budget={budget} > Σ_m r_max[m]={sum(hi)}: lower the budget or raise "
-                         f"the caps, the lowest being {[(n, caps[n]) for n in tight]}")
+        what, fix = ("Σ_m r_max[m]", "the caps, the lowest being "
+                     f"{sorted(zip(names, hi), key=lambda c: c[1])[:5]}") if caps else (
+            "M·r_max", "r_max")
+        raise ValueError(f"budget={budget} > {what}={sum(hi)}: lower the budget or raise {fix}")
     r_star, w = _targets(s, budget, r_min, hi, kappa, power)
     r = [math.floor(t) for t in r_star]
     left = budget - sum(map(int.__mul__, kappa, r))
@@ -364,32 +338,12 @@ def resize_ranks(model: nn.Module, ranks: dict[str, int],
     return alphas
 
 
-def _rank_caps(layers: dict[str, LoRALinear], budget: int, r_min: int, r_max: int,
-               costs: dict[str, int] | None) -> int | dict[str, int]:
-    """r_max, or {m: min(r_max, d_in, d_out)} where a matrix is thinner than r_max (a rank
-    above min(d_in, d_out) adds parameters but no expressiveness), checked against the budget."""
-    caps = {n: min(r_max, m.in_features, m.out_features) for n, m in layers.items()}
-    thin = {n: c for n, c in caps.items() if c < r_max}
-    if not thin or not isinstance(r_max, int) or isinstance(r_max, bool):
-        return r_max  # allocate_ranks reports a bad r_max
-    if r_min > min(thin.values()):
-        few = [f"{n} ({c})" for n, c in thin.items() if c < r_min][:5]
-        raise ValueError(f"r_min={r_min} exceeds min(d_in, d_out) of {few}: lower r_min or "
-                         "leave those matrices out of the targets")
-    most = sum(c * (costs[n] if costs else 1) for n, c in caps.items())
-    if budget > most:
-        few = [f"{n} ({c})" for n, c in thin.items()][:5]
-        raise ValueError(f"budget={budget} > Σ_m {'cost_m·' if costs else ''}min(r_max, d_in, "
-                         f"d_out)={most} (thin matrices: {few}): lower the budget or leave those "
-                         "matrices out of the targets")
-    return caps
-
-
 def _plan(model: nn.Module, budget: int | None, r_min: int, r_max: int | None,
           power: float = 1.0, budget_unit: str = "ranks"
           ) -> tuple[int, int | dict[str, int], dict[str, int] | None]:
-    """(budget, caps, costs) of an allocation over the adapted layers, every check done before
-    any calibration pass: fresh adapters (B = 0), budget_unit, bounds and budget."""
+    """(budget, caps, costs) of an allocation over the adapted layers, checked before any
+    calibration: fresh adapters (B = 0), the unit, and each matrix capped at min(r_max, d_in,
+    d_out) (a rank beyond adds parameters, not expressiveness), so the surplus goes elsewhere."""
     layers = _adapted(model)
     trained = [n for n, m in layers.items() if bool(m.lora_B.detach().any())]
     if trained:
@@ -403,16 +357,25 @@ def _plan(model: nn.Module, budget: int | None, r_min: int, r_max: int | None,
     if budget is None:
         budget = sum(m.r * (costs[n] if costs else 1) for n, m in layers.items())
     r_max = 2 * max(m.r for m in layers.values()) if r_max is None else r_max
-    caps = _rank_caps(layers, budget, r_min, r_max, costs)
+    caps = {n: min(r_max, m.in_features, m.out_features) for n, m in layers.items()}
+    thin = [f"{n} ({c})" for n, c in caps.items() if c < r_max]
+    if not thin or not _is_int(r_max):
+        caps = r_max  # allocate_ranks reports a bad r_max
+    elif r_min > min(caps.values()):
+        few = [f"{n} ({c})" for n, c in caps.items() if c < r_min][:5]
+        raise ValueError(f"r_min={r_min} exceeds min(d_in, d_out) of {few}: lower r_min or "
+                         "leave those matrices out of the targets")
+    elif budget > (most := sum(c * (costs[n] if costs else 1) for n, c in caps.items())):
+        raise ValueError(f"budget={budget} > Σ_m {'cost_m·' if costs else ''}min(r_max, d_in, "
+                         f"d_out)={most} (thin matrices: {thin[:5]}): lower the budget or leave "
+                         "those matrices out of the targets")
     allocate_ranks(dict.fromkeys(layers, 1.0), budget, r_min, caps, costs, power)  # the checks
     return budget, caps, costs
 
 
-def _fim_ranks(model: nn.Module, batches: Iterable,
-               loss_fn: Callable[[nn.Module, object], torch.Tensor], budget: int | None,
+def _fim_ranks(model: nn.Module, batches: Iterable, loss_fn: LossFn, budget: int | None,
                r_min: int, r_max: int | None, score: str, n_batches: int | None,
-               per_example: bool = False, power: float = 1.0, budget_unit: str = "ranks"
-               ) -> tuple[dict[str, int], dict[str, float]]:
+               per_example: bool, power: float, budget_unit: str) -> tuple[dict, dict]:
     """(ranks, scores) of initialize_fim_ranks; the model is left as it is."""
     if score not in ("efim", "variance"):
         raise ValueError(f"score={score!r}: use 'efim' or 'variance' (study/scores.py has more)")
@@ -421,8 +384,7 @@ def _fim_ranks(model: nn.Module, batches: Iterable,
     return allocate_ranks(scores, budget, r_min, caps, costs, power), scores
 
 
-def initialize_fim_ranks(model: nn.Module, batches: Iterable,
-                         loss_fn: Callable[[nn.Module, object], torch.Tensor],
+def initialize_fim_ranks(model: nn.Module, batches: Iterable, loss_fn: LossFn,
                          budget: int | None = None, r_min: int = 1, r_max: int | None = None,
                          score: str = "efim", n_batches: int | None = 8,
                          per_example: bool = False, power: float = 1.0,
@@ -430,31 +392,28 @@ def initialize_fim_ranks(model: nn.Module, batches: Iterable,
                          budget_unit: str = "ranks") -> dict:
     """FIM-LoRA (arXiv:2605.16800) in place: score every lora_B (fisher_scores), allocate the
     budget (allocate_ranks; default Σ_m r_m of the current adapters, r_max = 2·max r, each
-    matrix capped at min(r_max, d_in, d_out) so the surplus goes to the others) and resize
-    every adapter to r_m at its base scale (resize_ranks: fresh A, B = 0, so the model function
-    is unchanged). budget_unit="params" counts the budget in parameters (a rank of m costs
-    d_in + d_out; default Σ_m r_m·(d_in + d_out)). Adapters must be fresh (B = 0); budget and
-    bounds are checked before the calibration pass.
+    matrix capped at min(r_max, d_in, d_out)) and resize every adapter at its base scale
+    (resize_ranks: fresh A, B = 0, so the model function is unchanged). budget_unit="params"
+    counts the budget in parameters (a rank costs d_in + d_out). Adapters must be fresh (B = 0);
+    budget and bounds are checked before the calibration pass.
     Returns {"ranks", "alphas", "scores"}, each {name: value}.
     Example: initialize_fim_ranks(model, batches, loss_fn)["ranks"] -> {"...query": 4, ...}
     """
     ranks, scores = _fim_ranks(model, batches, loss_fn, budget, r_min, r_max, score, n_batches,
                                per_example, power, budget_unit)
-    alphas = resize_ranks(model, ranks, generator)
-    return {"ranks": ranks, "alphas": alphas, "scores": scores}
+    return {"ranks": ranks, "alphas": resize_ranks(model, ranks, generator), "scores": scores}
 
 
-def fim_rank_pattern(model: nn.Module, batches: Iterable,
-                     loss_fn: Callable[[nn.Module, object], torch.Tensor], r: int, alpha: float,
-                     budget: int | None = None, r_min: int = 1, r_max: int | None = None,
-                     score: str = "efim", n_batches: int | None = 8, rslora: bool = False,
-                     **kw) -> dict:
-    """initialize_fim_ranks' allocation as peft.LoraConfig fields, leaving the model as it is.
-    The model carries fresh adapters of rank r (add_lora(model, targets, r, alpha)); kw goes
-    to initialize_fim_ranks (per_example, power, budget_unit). Returns {"r": the most common
-    r_m, "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern"}: patterns keyed
-    "^" + re.escape(name), which PEFT matches to exactly that module, listing the matrices
-    that differ from r and lora_alpha, with α_m as resize_ranks sets it.
+def fim_rank_pattern(model: nn.Module, batches: Iterable, loss_fn: LossFn, r: int,
+                     alpha: float, budget: int | None = None, r_min: int = 1,
+                     r_max: int | None = None, score: str = "efim", n_batches: int | None = 8,
+                     rslora: bool = False, per_example: bool = False, power: float = 1.0,
+                     budget_unit: str = "ranks") -> dict:
+    """initialize_fim_ranks' allocation as peft.LoraConfig fields, the model left as it is (it
+    carries fresh adapters: add_lora(model, targets, r, alpha)). Returns {"r": the most common
+    r_m, "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern"}, patterns keyed
+    "^" + re.escape(name) (PEFT matches exactly that module) for the matrices that differ
+    from r and lora_alpha, with α_m as resize_ranks sets it.
     Example: peft.LoraConfig(target_modules=targets, **fim_rank_pattern(model, b, f, 8, 16))
     """
     off = [n for n, m in _adapted(model).items() if m.r != r or m.alpha != alpha
@@ -464,11 +423,8 @@ def fim_rank_pattern(model: nn.Module, batches: Iterable,
                          "adapters: add_lora(model, targets, r, alpha) with the same values")
     if r_min < 1:
         raise ValueError(f"r_min={r_min}: PEFT has no rank 0, use r_min ≥ 1")
-    known = {"per_example", "power", "budget_unit"}
-    if kw.keys() - known:
-        raise ValueError(f"unknown arguments {sorted(kw.keys() - known)}: pass "
-                         f"{', '.join(sorted(known))}")
-    ranks, _ = _fim_ranks(model, batches, loss_fn, budget, r_min, r_max, score, n_batches, **kw)
+    ranks, _ = _fim_ranks(model, batches, loss_fn, budget, r_min, r_max, score, n_batches,
+                          per_example, power, budget_unit)
     common = Counter(ranks.values()).most_common(1)[0][0]
     base = _alpha(alpha, common, r, rslora)
     return {"r": common, "lora_alpha": base, "use_rslora": rslora,  # PEFT: α_m/√r_m if True
@@ -486,15 +442,11 @@ FW_LAMBDA = 1e-4  # λ of the penalty
 
 @contextlib.contextmanager
 def fw_track(model: nn.Module, method: str = "auto") -> Iterator[dict[str, torch.Tensor]]:
-    """Yields {m: ‖G_m‖²_F}, filled on exit, G_m = ∂L/∂W_m = δᵀX for the frozen weight of every
-    adapted layer, summed over every call and backward inside the context (micro-batches give
-    the norm of the real gradient). "direct" sums G_m in the tensor hook; "gram" never forms it,
-    ‖δᵀX‖²_F = Σ (δδᵀ)⊙(XXᵀ) (T²·(d_in + d_out) work); "auto" picks the cheaper at a layer's
-    first call. Under torch.distributed (DDP) G_m is all-reduced and averaged first.
-
-        with fw_track(model) as sq_norms:
-            loss_fn(model, batch).backward()
-        ema = fw_update(ema, sq_norms, step)
+    """Yields {m: ‖G_m‖²_F}, filled on exit, G_m = ∂L/∂W_m = δᵀX of every adapted layer's
+    frozen weight summed over all calls and backwards inside (micro-batches: the real gradient).
+    "direct" sums G_m in the tensor hook; "gram" never forms it, ‖δᵀX‖²_F = Σ (δδᵀ)⊙(XXᵀ);
+    "auto" picks the cheaper at a layer's first call. Under DDP, G_m is the ranks' mean.
+    Example: with fw_track(model) as sq: loss.backward()   # then ema = fw_update(ema, sq, k)
     """
     if method not in ("auto", "direct", "gram"):
         raise ValueError(f"method={method!r}: use 'auto', 'direct' or 'gram'")
@@ -541,9 +493,8 @@ def fw_update(ema: dict[str, torch.Tensor], sq_norms: dict[str, torch.Tensor], s
 
         F_k = β·F_{k−1} + (1−β)·‖G_m‖²_F,  F_0 = 0,     F̂_k = F_k / (1 − β^k)
 
-    for k = step = 1, 2, … (ema = {} at k = 1; tracking every k-th step only: step // k and
-    β^k). A name missing from sq_norms counts as 0 this step, one missing from ema as F̂ = 0.
-    Example: fw_update({}, {"q": torch.tensor(2.)}, 1) == {"q": tensor(2.)}
+    for k = step = 1, 2, … (ema = {} at k = 1; tracking every j-th step: step // j, β^j). A name
+    missing from sq_norms counts as 0. Example: fw_update({}, {"q": tensor(2.)}, 1)["q"] == 2
     """
     if isinstance(step, bool) or not isinstance(step, int) or step < 1:
         raise ValueError(f"step={step!r}: count warm-up steps from 1")
@@ -578,12 +529,11 @@ def importances(ema: dict[str, torch.Tensor], mode: str = "sum") -> dict[str, to
 
 def fw_penalty(model: nn.Module, importance: dict[str, torch.Tensor | float],
                fw_lambda: float = FW_LAMBDA) -> torch.Tensor:
-    """FW-LoRA penalty, differentiable in A and B, over the layers with r > 0:
+    """FW-LoRA penalty over the layers with r > 0, differentiable in A and B, 0 at init:
 
         λ Σ_m (1 − I_m)·‖ΔW_m‖²_F,   ‖s·B A‖²_F = s²·tr((BᵀB)(AAᵀ))   (two r×r Grams)
 
-    Layers of equal shapes go through one batched product (a few kernels per shape, not per
-    layer). A float32 scalar, 0 at init (B = 0); add it to the loss after the warm-up.
+    Layers of equal shapes go through one batched product. A float32 scalar.
     Example: fw_penalty(model, importances(ema), fw_lambda=1e-4) -> tensor(0.)"""
     layers = _adapted(model)
     missing = [n for n in layers if n not in importance]
@@ -614,8 +564,8 @@ _DA_CHOLESKY_RETRIES = 6  # each retry multiplies the damping on Z by 10
 def _da_omega(G: torch.Tensor, Z: torch.Tensor, y_diag: torch.Tensor, da_alpha: float,
               da_beta: float, damping: float, n_pop: int, y_damping: float | None = None
               ) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """(Δ̂, Ω, info) of lorada_factors, in G's dtype promoted to at least float32; y is damped
-    by y_damping where given, else by damping; Z by λ, 10λ, … while Cholesky fails."""
+    """(Δ̂, Ω, info) of lorada_factors in G's dtype (at least float32); y damped by y_damping
+    where given (study/scores.py), else by damping."""
     dt = torch.promote_types(G.dtype, torch.float32)
     G, Z, y = G.to(dt), Z.to(dt), y_diag.to(dt)
     Z = (Z + Z.T) / 2
@@ -655,12 +605,11 @@ def lorada_factors(G: torch.Tensor, Z: torch.Tensor, y_diag: torch.Tensor, r: in
         min_V tr(Vᵀ Ω V),   Ω = −α_DA Δ̂ᵀΔ̂ + β_DA c Z⁻¹,   c = tr(Y⁻¹) / N_pop / σ²,
         Δ̂ = Δ*/σ, σ = ‖Δ*‖₂;   A = Vᵀ/√γ_DA,   B = Δ̂ V/√γ_DA,   so B A = Δ̂ V Vᵀ / γ_DA,
 
-    V being the eigenvectors of Ω's r smallest eigenvalues (Ky Fan), each signed so that its
-    largest-|·| entry is positive. Z ← (Z+Zᵀ)/2 + λI (λ raised 10× up to 6 times while the
-    Cholesky factorisation fails), Y⁻¹ = diag(1/(y + λ)), as in the authors' code. Returns
-    (A, B, info: sigma, damping, cholesky_retries, c, eigenvalues). Raises ValueError if
-    r ∉ [1, d_in], shapes disagree, or G is zero (σ = 0).
-    Example: A, B, _ = lorada_factors(G, Z, y, r=8)   # A (8, d_in), B (d_out, 8)
+    V the eigenvectors of Ω's r smallest eigenvalues (Ky Fan), each with its largest-|·| entry
+    positive. Z ← (Z+Zᵀ)/2 + λI (λ raised 10× up to 6 times while Cholesky fails) and
+    Y⁻¹ = diag(1/(y + λ)), as the authors' code. Returns (A, B, info: sigma, damping,
+    cholesky_retries, c, eigenvalues). Raises ValueError if r ∉ [1, d_in], shapes disagree or
+    σ = 0. Example: A, B, _ = lorada_factors(G, Z, y, r=8)   # A (8, d_in), B (d_out, 8)
     """
     d_out, d_in = G.shape
     if not 1 <= r <= d_in:
@@ -680,8 +629,8 @@ def lorada_factors(G: torch.Tensor, Z: torch.Tensor, y_diag: torch.Tensor, r: in
 
 
 def _da_examples(batches: Iterable[dict], n_samples: int, one_at_a_time: bool) -> Iterator:
-    """Yield (chunk, N): single examples (N = 1) or whole batches, at most n_samples examples
-    in all, as dicts with every tensor whose first dim is the batch size sliced along it."""
+    """(chunk, N) for single examples (N = 1) or whole batches, n_samples examples at most,
+    each tensor whose first dim is the batch size sliced along it."""
     seen = 0
     for batch in batches:
         if not hasattr(batch, "items"):
@@ -699,30 +648,20 @@ def _da_examples(batches: Iterable[dict], n_samples: int, one_at_a_time: bool) -
             seen += j - i
 
 
-def _da_rows(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """(rows, features) of t's valid tokens; the mask applies when its shape is t's leading
-    dims, otherwise (e.g. a pooled (1, d) head input) every row counts."""
-    if mask is not None and t.shape[:-1] == mask.shape:
-        return t[mask.to(device=t.device, dtype=torch.bool)]
-    return t.reshape(-1, t.shape[-1])
-
-
-def lorada_statistics(model: nn.Module, batches: Iterable[dict],
-                      loss_fn: Callable[[nn.Module, dict], torch.Tensor], n_samples: int = 256,
-                      token_mask: Callable[[dict], torch.Tensor] | None = None,
+def lorada_statistics(model: nn.Module, batches: Iterable[dict], loss_fn: LossFn,
+                      n_samples: int = 256, token_mask: Callable | None = None,
                       batched: bool = True) -> tuple[dict[str, dict], int]:
     """LoRA-DA statistics (arXiv:2510.24561) of every adapted layer over the first n_samples
     examples, L_n the loss of example n (a token mean) and δ_{n,t} = ∂L_n/∂y_t:
 
         G = (1/n) Σ_n ∂L_n/∂W (d_out, d_in),   Z = E_t[x_t x_tᵀ],   y = E_t[δ_t ⊙ δ_t],
 
-    Z and y over valid tokens: token_mask(chunk), else chunk["attention_mask"], else all.
-    batched=False runs loss_fn on one example at a time (the authors' code); batched=True one
-    backward per batch, loss_fn then the mean of independent per-example losses over dim 0,
-    so δ_{n,t} = N·∂L/∂y_{n,t}. Matrices reading the same input tensor (q/k/v) share one Z.
-    Runs in eval mode; sums in the weight dtype (at least float32), all-reduced over ranks.
-    Returns ({name: {G, Z, y_diag, tokens, z_owner}}, number of examples used).
-    Example: stats, n = lorada_statistics(model, batches, loss_fn, n_samples=64)
+    Z and y over valid tokens (token_mask(chunk), else chunk["attention_mask"], else all).
+    batched=False runs one example at a time (the authors' code); batched=True one backward
+    per batch, loss_fn the mean of independent per-example losses, δ_{n,t} = N·∂L/∂y_{n,t}.
+    Matrices reading the same input (q/k/v) share one Z. Eval mode; sums in the weight dtype
+    (at least float32), all-reduced over ranks. Returns ({name: {G, Z, y_diag, tokens,
+    z_owner}}, examples used). Example: stats, n = lorada_statistics(model, batches, loss_fn)
     """
     if n_samples < 1:
         raise ValueError(f"n_samples={n_samples}: use at least one example")
@@ -733,20 +672,26 @@ def lorada_statistics(model: nn.Module, batches: Iterable[dict],
     for s in st.values():
         s["y_diag"] = s["G"].new_zeros(s["G"].shape[0])
     Zsum, owner = {}, {}  # owner[n]: the matrix whose Z tensor n uses
-    cur, mask_now, N = {}, [None], [1]  # inputs of the current forward, its token mask, size
+    cur, now = {}, {"N": 1, "mask": None}  # inputs of the current forward; its size and mask
+
+    def rows(t: torch.Tensor) -> torch.Tensor:  # (tokens, features), valid tokens only
+        mask = now["mask"]  # applies where its shape is t's leading dims (not a pooled input)
+        if mask is not None and t.shape[:-1] == mask.shape:
+            return t[mask.to(device=t.device, dtype=torch.bool)]
+        return t.reshape(-1, t.shape[-1])
 
     def on_grad(name, x, xd, delta):  # δ for this call of the module, (..., d_out)
         s = st[name]
-        d = delta.to(s["G"].dtype) * N[0]  # ∂L_n/∂y from the batch mean (1/N) Σ_n L_n
+        d = delta.to(s["G"].dtype) * now["N"]  # ∂L_n/∂y from the batch mean (1/N) Σ_n L_n
         s["G"].addmm_(d.reshape(-1, d.shape[-1]).T, x.reshape(-1, x.shape[-1]).to(d.dtype))
-        dm = _da_rows(d, mask_now[0])
+        dm = rows(d)
         s["y_diag"].add_((dm * dm).sum(dim=0))
 
     def chunks():  # sets N and the token mask before loss_fn runs on each chunk
-        for example, N[0] in _da_examples(batches, n_samples, not batched):
+        for example, now["N"] in _da_examples(batches, n_samples, not batched):
             mask = (token_mask(example) if token_mask is not None
                     else example.get("attention_mask"))
-            mask_now[0] = None if mask is None else mask.bool()
+            now["mask"] = None if mask is None else mask.bool()
             cur.clear()
             yield example
 
@@ -763,7 +708,7 @@ def lorada_statistics(model: nn.Module, batches: Iterable[dict],
                 Zsum[n] = st[n]["G"].new_zeros(st[n]["G"].shape[1], st[n]["G"].shape[1])
         for n, xs in cur.items():
             for x in xs:
-                X = _da_rows(x, mask_now[0]).to(st[n]["G"].dtype)  # (T, d_in)
+                X = rows(x).to(st[n]["G"].dtype)  # (T, d_in)
                 st[n]["tokens"] += X.shape[0]
                 if owner[n] == n:
                     Zsum[n].addmm_(X.T, X)
@@ -775,7 +720,7 @@ def lorada_statistics(model: nn.Module, batches: Iterable[dict],
         try:
             for _ in _calibrate(model, layers, chunks(), loss_fn):
                 accumulate_z()
-                n_used += N[0]
+                n_used += now["N"]
         finally:
             cur.clear()
     for n in layers:  # a module never called (on this rank) has Z sum 0
@@ -793,18 +738,16 @@ def lorada_statistics(model: nn.Module, batches: Iterable[dict],
             for n, s in st.items()}, n_used
 
 
-def lorada_init(model: nn.Module, batches: Iterable[dict],
-                loss_fn: Callable[[nn.Module, dict], torch.Tensor], n_samples: int = 256,
-                da_alpha: float = 1.0, da_beta: float = 0.03, da_gamma: float = 1024.0,
-                damping: float = 1e-6, population_size: int | None = None,
-                token_mask: Callable[[dict], torch.Tensor] | None = None,
+def lorada_init(model: nn.Module, batches: Iterable[dict], loss_fn: LossFn,
+                n_samples: int = 256, da_alpha: float = 1.0, da_beta: float = 0.03,
+                da_gamma: float = 1024.0, damping: float = 1e-6,
+                population_size: int | None = None, token_mask: Callable | None = None,
                 batched: bool = True) -> dict:
-    """LoRA-DA initialisation (arXiv:2510.24561) of every adapted layer, in place: statistics
-    from lorada_statistics at the model as it is (B = 0), then A, B from lorada_factors with
-    N_pop = population_size (the fine-tuning set size, as the paper) or the examples used. W0
-    is not offset: the model starts at W0 + s·B A. Defaults are the authors' released config
-    (α_DA 1, β_DA 0.03, γ_DA 1024, λ 1e-6, 256 examples). A matrix with G = 0 or no valid token
-    keeps its init ("skipped"); nothing is written unless every matrix solves.
+    """LoRA-DA initialisation (arXiv:2510.24561) of every adapted layer, in place: A, B from
+    lorada_factors on lorada_statistics at the model as it is (B = 0), N_pop = population_size
+    (the fine-tuning set size, as the paper) or the examples used; W0 is not offset. Defaults:
+    the authors' config (α_DA 1, β_DA 0.03, γ_DA 1024, λ 1e-6, 256 examples). A matrix with
+    G = 0 or no valid token keeps its init; nothing is written unless every matrix solves.
     Returns {"initialized", "skipped": {name: reason}, "n_samples", "population_size",
     "z_shared_with": {name: owner}, "matrices": {name: lorada_factors info}}.
     Example: lorada_init(model, batches, loss_fn, population_size=67349)["initialized"]
