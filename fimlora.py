@@ -6,9 +6,8 @@
     result = initialize_fim_ranks(model, batches, loss_fn)   # loss_fn(model, batch) -> scalar
 
 Statistics come from a caller-owned loss_fn(model, batch) through torch.autograd.grad and one
-hook mechanism (_hooked); requires_grad, .grad and train/eval are left as found. Imports only
-the standard library, torch and lora.py (copy the two files together). Symbols as lora.py:
-W0 (d_out, d_in), A (r, d_in), B (d_out, r), s = α/r.
+hook mechanism, leaving requires_grad, .grad and train/eval as found. Imports only the standard
+library, torch and lora.py. Symbols as lora.py: W0 (d_out, d_in), A (r, d_in), B (d_out, r).
 References: FIM-LoRA arXiv:2605.16800; LoRA-DA (Zhang et al.) arXiv:2510.24561; FW-LoRA
 "Fisher-Weighted LoRA: one-line importance-aware regularisation" (no public paper).
 """
@@ -49,8 +48,7 @@ def _adapted(model: nn.Module) -> dict[str, LoRALinear]:
 
 @contextlib.contextmanager
 def _restored(model: nn.Module) -> Iterator[None]:
-    """Put back every requires_grad and train/eval flag on exit, also on error (.grad needs no
-    saving: torch.autograd.grad never writes it)."""
+    """Put back every requires_grad and train/eval flag on exit, also on error."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
     modes = [(m, m.training) for m in model.modules()]
     try:
@@ -121,9 +119,8 @@ def _hooked(layers: dict[str, LoRALinear], on_grad: Callable, on_forward: Callab
 
 
 def _all_reduce(tensors: list[torch.Tensor], *counts: int) -> list[int]:
-    """Sum the tensors (in place, one collective) and the counts (exact, int64) over the ranks
-    of an initialised torch.distributed group, else a no-op; returns the counts. Every rank
-    passes the same shapes in the same (layers) order, zeros if it had no data."""
+    """Sum the tensors (in place) and the counts (int64) over an initialised torch.distributed
+    group, else a no-op; returns the counts. Every rank passes the same shapes in one order."""
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()):
         return list(counts)
@@ -150,12 +147,10 @@ def fisher_scores(model: nn.Module, batches: Iterable, loss_fn: LossFn, score: s
         variance   F_m = (1/K) Σ_k g_k⊙g_k − ḡ⊙ḡ,     ḡ = (1/K) Σ_k g_k
         score_m    = mean of the d_out·r entries of F_m
 
-    B is scored because A's gradient s·Bᵀ(…) is zero at B = 0. per_example=True takes g over the
-    examples n of each batch, g_n = N·s·Σ_t δ_{n,t} u_{n,t}ᵀ from one backward (u = A·dropout(x),
-    δ = ∂L/∂y): loss_fn must be the mean of per-example losses over dim 0, each adapted layer
-    run once per forward. Runs in the caller's mode; sums and counts are all-reduced under
-    torch.distributed. Returns {"scores": {m: score_m}, "fisher": {m: F_m (d_out, r) float32},
-    "count": K or the number of examples}.
+    (A's gradient is zero at B = 0.) per_example=True: g over the examples n of each batch,
+    g_n = N·s·Σ_t δ_{n,t} u_{n,t}ᵀ (u = A·dropout(x), δ = ∂L/∂y) from one backward; loss_fn is
+    then a mean over dim 0 and each adapted layer runs once per forward. Sums are all-reduced
+    under torch.distributed. Returns {"scores", "fisher": F_m (d_out, r), "count": K or N}.
     Example: fisher_scores(model, [batch], loss_fn)["scores"] -> {"layer.0.query": 3.1e-07, ...}
     """
     if score not in ("efim", "variance"):
@@ -173,17 +168,19 @@ def fisher_scores(model: nn.Module, batches: Iterable, loss_fn: LossFn, score: s
                              "each adapted layer called once (use per_example=False)")
         sizes[name] = x.shape[0]
 
-    def on_grad(name, x, xd, delta):  # Σ_n g_n⊙g_n (and Σ_n g_n), a few examples at a time
+    def add(name, g):  # g: (n, d_out, r), n examples (or one batch)
+        sum_sq[name].add_(g.square().sum(0))
+        if sum_g:
+            sum_g[name].add_(g.sum(0))
+
+    def on_grad(name, x, xd, delta):  # per example, a few at a time
         layer = layers[name]
         u = xd.float() @ layer.lora_A.detach().float().T  # (N, ..., r)
         n = u.shape[0]
         u, d = u.reshape(n, -1, layer.r), delta.float().reshape(n, -1, delta.shape[-1])
         step = max(1, _CHUNK // (d.shape[-1] * layer.r))
         for i in range(0, n, step):  # × N: δ is the gradient of the batch mean (1/N)Σ_n ℓ_n
-            g = n * layer.scaling * (d[i:i + step].transpose(1, 2) @ u[i:i + step])
-            sum_sq[name].add_(g.square().sum(0))  # g: (n, d_out, r)
-            if sum_g:
-                sum_g[name].add_(g.sum(0))
+            add(name, n * layer.scaling * (d[i:i + step].transpose(1, 2) @ u[i:i + step]))
 
     count = 0
     hooks = _hooked(layers, on_grad, on_forward) if per_example else contextlib.nullcontext()
@@ -196,9 +193,7 @@ def fisher_scores(model: nn.Module, batches: Iterable, loss_fn: LossFn, score: s
             sizes.clear()
             for name, g in zip(layers, grads):
                 if g is not None and not per_example:  # None: the layer did not reach the loss
-                    sum_sq[name].add_(g.float().square())
-                    if sum_g:
-                        sum_g[name].add_(g.float())
+                    add(name, g.float()[None])
     count, = _all_reduce([sum_sq[n] for n in layers] + [sum_g[n] for n in layers if sum_g],
                          count)
     if count == 0:
@@ -215,9 +210,8 @@ def fisher_scores(model: nn.Module, batches: Iterable, loss_fn: LossFn, score: s
 
 def _targets(s: list[float], budget: int, r_min: int, hi: list[int], kappa: list[int],
              power: float) -> tuple[list[Fraction], list[Fraction]]:
-    """Phase 1 of allocate_ranks, exact: (r*, w), r*_m = clamp(c·w_m, lo_m, h_m) at the least
-    level c with Σ_m κ_m·r*_m = min(R, Σ_m κ_m·h_m). If the w_m > 0 matrices all reach h_m
-    first, the w_m = 0 ones share the rest as equals (lo_m = h_m for the others, all w_m = 1).
+    """Phase 1 of allocate_ranks, exact: (r*, w). If the w_m > 0 matrices all reach h_m first,
+    the w_m = 0 ones share the rest as equals (lo_m = h_m for the others, every w_m = 1).
     Example: _targets([1.0, 4.0], 10, 0, [10, 10], [1, 1], 1.0)[0] == [2, 8]"""
     s_max = max(s)
     w = [1.0 if s_max == 0 else (v / s_max) ** power for v in s]  # 2**k·s gives the same w
@@ -241,10 +235,6 @@ def _targets(s: list[float], budget: int, r_min: int, hi: list[int], kappa: list
     return [min(max(c * v, a), h) for v, a, h in zip(W, lo, hi)], W
 
 
-def _is_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def allocate_ranks(scores: dict[str, float], budget: int, r_min: int,
                    r_max: int | dict[str, int], costs: dict[str, int] | None = None,
                    power: float = 1.0) -> dict[str, int]:
@@ -256,11 +246,9 @@ def allocate_ranks(scores: dict[str, float], budget: int, r_min: int,
       phase 2  r_m = ⌊r*_m⌋, then one rank at a time in one global order, the largest
                r*_m − r_m first (ties: higher score, then lower name), while r_m < h_m and κ_m
                fits in what is left of R; again over the raised ones while a rank fits.
-    Without costs that is largest-remainder rounding and Σ_m r_m = R; with costs Σ κ_m·r_m ≤ R
-    and every matrix below h_m costs more than what is left (not always the best spend: κ 3,
-    3, 4, s 1.5, 1.5, 1.75, R = 16 give 1, 1, 2 for 14, not 2, 2, 1 for 16). A score-0 matrix
-    (the loss never reaches it) stays at r_min until every other sits at h_m. Raises
-    ValueError naming the bad value and the fix (scores, bounds, caps, costs, power, budget).
+    Without costs Σ_m r_m = R (largest remainder); with costs Σ κ_m·r_m ≤ R and every matrix
+    below h_m costs more than what is left. A score-0 matrix (the loss never reaches it) stays
+    at r_min until every other sits at h_m. Bad input raises ValueError naming value and fix.
     Example: allocate_ranks({"q": 1.0, "v": 4.0}, budget=6, r_min=0, r_max=10) == {"q": 1, "v": 5}
     """
     names, s = list(scores), list(scores.values())
@@ -271,7 +259,7 @@ def allocate_ranks(scores: dict[str, float], budget: int, r_min: int,
             raise ValueError(f"scores[{name!r}]={v!r}: scores must be finite and ≥ 0")
     caps = r_max if isinstance(r_max, dict) else None
     for label, v in (("budget", budget), ("r_min", r_min), ("r_max", 0 if caps else r_max)):
-        if not _is_int(v):
+        if type(v) is not int:
             raise ValueError(f"{label}={v!r} is not an integer: pass an int")
     if r_min < 0 or (caps is None and r_min > r_max):
         raise ValueError(f"r_min={r_min} < 0: ranks cannot be negative" if r_min < 0 else
@@ -281,14 +269,14 @@ def allocate_ranks(scores: dict[str, float], budget: int, r_min: int,
             raise ValueError(f"{label} and scores name different modules: "
                              f"{sorted(d.keys() ^ scores.keys())[:5]}")
     hi = [caps[n] for n in names] if caps else [r_max] * len(names)
-    low = [n for n, h in zip(names, hi) if not _is_int(h) or h < r_min]
+    low = [n for n, h in zip(names, hi) if type(h) is not int or h < r_min]
     if low:
         raise ValueError(f"r_max[m] for m in {low[:5]} is not an int ≥ r_min={r_min}: "
                          "lower r_min or raise those caps")
     if not (isinstance(power, (int, float)) and math.isfinite(power) and power >= 0):
         raise ValueError(f"power={power!r}: pass a finite power ≥ 0 (1: proportional, 0: uniform)")
     for name, k in (costs or {}).items():
-        if not _is_int(k) or k <= 0:
+        if type(k) is not int or k <= 0:
             raise ValueError(f"costs[{name!r}]={k!r}: pass a positive int (d_in + d_out)")
     kappa = [1] * len(names) if costs is None else [costs[n] for n in names]
     if budget < sum(kappa) * r_min:
@@ -341,9 +329,8 @@ def resize_ranks(model: nn.Module, ranks: dict[str, int],
 def _plan(model: nn.Module, budget: int | None, r_min: int, r_max: int | None,
           power: float = 1.0, budget_unit: str = "ranks"
           ) -> tuple[int, int | dict[str, int], dict[str, int] | None]:
-    """(budget, caps, costs) of an allocation over the adapted layers, checked before any
-    calibration: fresh adapters (B = 0), the unit, and each matrix capped at min(r_max, d_in,
-    d_out) (a rank beyond adds parameters, not expressiveness), so the surplus goes elsewhere."""
+    """(budget, caps, costs) over the adapted layers, checked before any calibration; a matrix
+    is capped at min(r_max, d_in, d_out): a rank beyond adds parameters, not expressiveness."""
     layers = _adapted(model)
     trained = [n for n, m in layers.items() if bool(m.lora_B.detach().any())]
     if trained:
@@ -359,7 +346,7 @@ def _plan(model: nn.Module, budget: int | None, r_min: int, r_max: int | None,
     r_max = 2 * max(m.r for m in layers.values()) if r_max is None else r_max
     caps = {n: min(r_max, m.in_features, m.out_features) for n, m in layers.items()}
     thin = [f"{n} ({c})" for n, c in caps.items() if c < r_max]
-    if not thin or not _is_int(r_max):
+    if not thin or type(r_max) is not int:
         caps = r_max  # allocate_ranks reports a bad r_max
     elif r_min > min(caps.values()):
         few = [f"{n} ({c})" for n, c in caps.items() if c < r_min][:5]
@@ -373,34 +360,22 @@ def _plan(model: nn.Module, budget: int | None, r_min: int, r_max: int | None,
     return budget, caps, costs
 
 
-def _fim_ranks(model: nn.Module, batches: Iterable, loss_fn: LossFn, budget: int | None,
-               r_min: int, r_max: int | None, score: str, n_batches: int | None,
-               per_example: bool, power: float, budget_unit: str) -> tuple[dict, dict]:
-    """(ranks, scores) of initialize_fim_ranks; the model is left as it is."""
-    if score not in ("efim", "variance"):
-        raise ValueError(f"score={score!r}: use 'efim' or 'variance' (study/scores.py has more)")
-    budget, caps, costs = _plan(model, budget, r_min, r_max, power, budget_unit)
-    scores = fisher_scores(model, batches, loss_fn, score, n_batches, per_example)["scores"]
-    return allocate_ranks(scores, budget, r_min, caps, costs, power), scores
-
-
 def initialize_fim_ranks(model: nn.Module, batches: Iterable, loss_fn: LossFn,
                          budget: int | None = None, r_min: int = 1, r_max: int | None = None,
                          score: str = "efim", n_batches: int | None = 8,
                          per_example: bool = False, power: float = 1.0,
                          generator: torch.Generator | None = None,
                          budget_unit: str = "ranks") -> dict:
-    """FIM-LoRA (arXiv:2605.16800) in place: score every lora_B (fisher_scores), allocate the
-    budget (allocate_ranks; default Σ_m r_m of the current adapters, r_max = 2·max r, each
-    matrix capped at min(r_max, d_in, d_out)) and resize every adapter at its base scale
-    (resize_ranks: fresh A, B = 0, so the model function is unchanged). budget_unit="params"
-    counts the budget in parameters (a rank costs d_in + d_out). Adapters must be fresh (B = 0);
-    budget and bounds are checked before the calibration pass.
-    Returns {"ranks", "alphas", "scores"}, each {name: value}.
+    """FIM-LoRA (arXiv:2605.16800) in place on fresh adapters (B = 0): fisher_scores, then
+    allocate_ranks (default budget Σ_m r_m, r_max = 2·max r, caps min(r_max, d_in, d_out);
+    budget_unit="params" counts d_in + d_out per rank), then resize_ranks (the function is
+    unchanged). Everything is checked before the calibration pass. Returns {"ranks", "alphas",
+    "scores"}, each {name: value}.
     Example: initialize_fim_ranks(model, batches, loss_fn)["ranks"] -> {"...query": 4, ...}
     """
-    ranks, scores = _fim_ranks(model, batches, loss_fn, budget, r_min, r_max, score, n_batches,
-                               per_example, power, budget_unit)
+    budget, caps, costs = _plan(model, budget, r_min, r_max, power, budget_unit)
+    scores = fisher_scores(model, batches, loss_fn, score, n_batches, per_example)["scores"]
+    ranks = allocate_ranks(scores, budget, r_min, caps, costs, power)
     return {"ranks": ranks, "alphas": resize_ranks(model, ranks, generator), "scores": scores}
 
 
@@ -409,11 +384,10 @@ def fim_rank_pattern(model: nn.Module, batches: Iterable, loss_fn: LossFn, r: in
                      r_max: int | None = None, score: str = "efim", n_batches: int | None = 8,
                      rslora: bool = False, per_example: bool = False, power: float = 1.0,
                      budget_unit: str = "ranks") -> dict:
-    """initialize_fim_ranks' allocation as peft.LoraConfig fields, the model left as it is (it
-    carries fresh adapters: add_lora(model, targets, r, alpha)). Returns {"r": the most common
-    r_m, "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern"}, patterns keyed
-    "^" + re.escape(name) (PEFT matches exactly that module) for the matrices that differ
-    from r and lora_alpha, with α_m as resize_ranks sets it.
+    """initialize_fim_ranks' allocation as peft.LoraConfig fields, the model (fresh rank-r
+    adapters) left as it is: {"r": the most common r_m, "lora_alpha", "use_rslora",
+    "rank_pattern", "alpha_pattern"}, keys "^" + re.escape(name) (exactly that module in PEFT)
+    for the matrices that differ, α_m as resize_ranks sets it.
     Example: peft.LoraConfig(target_modules=targets, **fim_rank_pattern(model, b, f, 8, 16))
     """
     off = [n for n, m in _adapted(model).items() if m.r != r or m.alpha != alpha
@@ -423,8 +397,9 @@ def fim_rank_pattern(model: nn.Module, batches: Iterable, loss_fn: LossFn, r: in
                          "adapters: add_lora(model, targets, r, alpha) with the same values")
     if r_min < 1:
         raise ValueError(f"r_min={r_min}: PEFT has no rank 0, use r_min ≥ 1")
-    ranks, _ = _fim_ranks(model, batches, loss_fn, budget, r_min, r_max, score, n_batches,
-                          per_example, power, budget_unit)
+    budget, caps, costs = _plan(model, budget, r_min, r_max, power, budget_unit)
+    scores = fisher_scores(model, batches, loss_fn, score, n_batches, per_example)["scores"]
+    ranks = allocate_ranks(scores, budget, r_min, caps, costs, power)
     common = Counter(ranks.values()).most_common(1)[0][0]
     base = _alpha(alpha, common, r, rslora)
     return {"r": common, "lora_alpha": base, "use_rslora": rslora,  # PEFT: α_m/√r_m if True
@@ -496,7 +471,7 @@ def fw_update(ema: dict[str, torch.Tensor], sq_norms: dict[str, torch.Tensor], s
     for k = step = 1, 2, … (ema = {} at k = 1; tracking every j-th step: step // j, β^j). A name
     missing from sq_norms counts as 0. Example: fw_update({}, {"q": tensor(2.)}, 1)["q"] == 2
     """
-    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+    if type(step) is not int or step < 1:
         raise ValueError(f"step={step!r}: count warm-up steps from 1")
     if not 0.0 <= beta < 1.0:
         raise ValueError(f"beta={beta}: the EMA factor must lie in [0, 1)")
@@ -543,7 +518,7 @@ def fw_penalty(model: nn.Module, importance: dict[str, torch.Tensor | float],
     groups: dict[tuple, list[str]] = {}
     for name, m in layers.items():
         groups.setdefault((m.lora_B.shape, m.lora_A.shape), []).append(name)
-    total = None
+    parts = []
     for names in groups.values():
         B = torch.stack([layers[n].lora_B for n in names]).float()  # (k, d_out, r)
         A = torch.stack([layers[n].lora_A for n in names]).float()  # (k, r, d_in)
@@ -551,9 +526,8 @@ def fw_penalty(model: nn.Module, importance: dict[str, torch.Tensor | float],
         w = torch.tensor([layers[n].scaling ** 2 for n in names], device=B.device) * (
             1.0 - torch.stack([torch.as_tensor(importance[n], dtype=torch.float32,
                                                device=B.device) for n in names]))
-        part = (w * sq).sum()
-        total = part if total is None else total + part
-    return fw_lambda * total
+        parts.append((w * sq).sum())
+    return fw_lambda * sum(parts[1:], parts[0])
 
 # -----------------------------------------------------------------------------
 # 5. LoRA-DA: data-aware closed-form initialisation
@@ -605,11 +579,10 @@ def lorada_factors(G: torch.Tensor, Z: torch.Tensor, y_diag: torch.Tensor, r: in
         min_V tr(Vᵀ Ω V),   Ω = −α_DA Δ̂ᵀΔ̂ + β_DA c Z⁻¹,   c = tr(Y⁻¹) / N_pop / σ²,
         Δ̂ = Δ*/σ, σ = ‖Δ*‖₂;   A = Vᵀ/√γ_DA,   B = Δ̂ V/√γ_DA,   so B A = Δ̂ V Vᵀ / γ_DA,
 
-    V the eigenvectors of Ω's r smallest eigenvalues (Ky Fan), each with its largest-|·| entry
-    positive. Z ← (Z+Zᵀ)/2 + λI (λ raised 10× up to 6 times while Cholesky fails) and
-    Y⁻¹ = diag(1/(y + λ)), as the authors' code. Returns (A, B, info: sigma, damping,
-    cholesky_retries, c, eigenvalues). Raises ValueError if r ∉ [1, d_in], shapes disagree or
-    σ = 0. Example: A, B, _ = lorada_factors(G, Z, y, r=8)   # A (8, d_in), B (d_out, 8)
+    V the eigenvectors of Ω's r smallest eigenvalues (Ky Fan, largest-|·| entry positive);
+    Z ← (Z+Zᵀ)/2 + λI (λ ×10 up to 6 times while Cholesky fails), Y⁻¹ = diag(1/(y + λ)), as
+    the authors' code. Returns (A, B, info). Raises ValueError if r ∉ [1, d_in] or σ = 0.
+    Example: A, B, _ = lorada_factors(G, Z, y, r=8)   # A (8, d_in), B (d_out, 8)
     """
     d_out, d_in = G.shape
     if not 1 <= r <= d_in:
@@ -658,10 +631,9 @@ def lorada_statistics(model: nn.Module, batches: Iterable[dict], loss_fn: LossFn
 
     Z and y over valid tokens (token_mask(chunk), else chunk["attention_mask"], else all).
     batched=False runs one example at a time (the authors' code); batched=True one backward
-    per batch, loss_fn the mean of independent per-example losses, δ_{n,t} = N·∂L/∂y_{n,t}.
-    Matrices reading the same input (q/k/v) share one Z. Eval mode; sums in the weight dtype
-    (at least float32), all-reduced over ranks. Returns ({name: {G, Z, y_diag, tokens,
-    z_owner}}, examples used). Example: stats, n = lorada_statistics(model, batches, loss_fn)
+    per batch of independent examples (loss_fn their mean), δ_{n,t} = N·∂L/∂y_{n,t}. Inputs
+    read by several matrices (q/k/v) give one shared Z. Eval mode; sums in at least float32,
+    all-reduced. Returns ({name: {G, Z, y_diag, tokens, z_owner}}, examples used).
     """
     if n_samples < 1:
         raise ValueError(f"n_samples={n_samples}: use at least one example")
@@ -743,13 +715,11 @@ def lorada_init(model: nn.Module, batches: Iterable[dict], loss_fn: LossFn,
                 da_gamma: float = 1024.0, damping: float = 1e-6,
                 population_size: int | None = None, token_mask: Callable | None = None,
                 batched: bool = True) -> dict:
-    """LoRA-DA initialisation (arXiv:2510.24561) of every adapted layer, in place: A, B from
-    lorada_factors on lorada_statistics at the model as it is (B = 0), N_pop = population_size
-    (the fine-tuning set size, as the paper) or the examples used; W0 is not offset. Defaults:
-    the authors' config (α_DA 1, β_DA 0.03, γ_DA 1024, λ 1e-6, 256 examples). A matrix with
-    G = 0 or no valid token keeps its init; nothing is written unless every matrix solves.
-    Returns {"initialized", "skipped": {name: reason}, "n_samples", "population_size",
-    "z_shared_with": {name: owner}, "matrices": {name: lorada_factors info}}.
+    """LoRA-DA initialisation (arXiv:2510.24561) in place: A, B of every adapted layer from
+    lorada_factors on lorada_statistics (B = 0), N_pop = population_size (the fine-tuning set
+    size) or the examples used; W0 not offset; the authors' defaults. A matrix with G = 0 or no
+    valid token keeps its init; nothing is written unless every matrix solves. Returns
+    {"initialized", "skipped", "n_samples", "population_size", "z_shared_with", "matrices"}.
     Example: lorada_init(model, batches, loss_fn, population_size=67349)["initialized"]
     """
     layers = lora_layers(model)

@@ -1,11 +1,5 @@
-"""Alternative allocation scores, compared with FIM-LoRA's by the planted study and the grid.
-
-    from study.scores import score_adapt
-    train.run(args, adapt=score_adapt("kfac", budget_unit="params"))
-
-None of these is FIM-LoRA's (fimlora.py has efim, variance and per-example); they are reached
-through train.run's adapt hook, and share fimlora's calibration pass, hooks and all-reduce.
-"""
+"""Alternative allocation scores (not FIM-LoRA's) for the study, reached through train.run's
+adapt hook: train.run(args, adapt=score_adapt("kfac")). They share fimlora's calibration pass."""
 
 from __future__ import annotations
 
@@ -24,38 +18,6 @@ SCORES = ("gradw", "kfac", "lorada", "random")
 GAINS = ("kfac", "lorada")  # per-rank gains, for allocate_by_gains (power does not apply)
 
 
-def _weight_gradients(model: nn.Module, batches: Iterable, loss_fn: Callable,
-                      n_batches: int | None) -> tuple[dict[str, dict], int]:
-    """Per adapted layer over the first n_batches batches, through the hooks (W0 never gets
-    requires_grad): G = Σ_b δ_bᵀX_b (each term ∂L_b/∂W0), z = Σ_t x_t⊙x_t, y = Σ_t δ_t⊙δ_t,
-    rows = the number of rows t; and the number of batches K, all-reduced over the ranks."""
-    layers = _adapted(model)
-    st = {n: {"G": m.weight.new_zeros(m.out_features, m.in_features, dtype=torch.float32),
-              "z": m.weight.new_zeros(m.in_features, dtype=torch.float32),
-              "y": m.weight.new_zeros(m.out_features, dtype=torch.float32), "rows": 0}
-          for n, m in layers.items()}
-
-    def on_grad(name, x, xd, delta):
-        X, D = x.reshape(-1, x.shape[-1]).float(), delta.reshape(-1, delta.shape[-1]).float()
-        s = st[name]
-        s["G"].addmm_(D.T, X)
-        s["z"].add_(X.square().sum(0))
-        s["y"].add_(D.square().sum(0))
-        s["rows"] += X.shape[0]
-
-    K = 0
-    with _restored(model), _hooked(layers, on_grad):
-        for _ in _calibrate(model, layers, itertools.islice(batches, n_batches), loss_fn):
-            K += 1
-    *rows, K = _all_reduce([st[n][k] for n in layers for k in ("G", "z", "y")],
-                           *(st[n]["rows"] for n in layers), K)
-    for n, count in zip(layers, rows):
-        st[n]["rows"] = count
-    if K == 0:
-        raise ValueError("batches yielded nothing to calibrate on")
-    return st, K
-
-
 def allocation_scores(model: nn.Module, batches: Iterable, loss_fn: Callable, score: str,
                       n_batches: int | None = 8, generator: torch.Generator | None = None,
                       population_size: int | None = None
@@ -71,11 +33,8 @@ def allocation_scores(model: nn.Module, batches: Iterable, loss_fn: Callable, sc
                 or their examples; σ² undoes Ω's normalisation, so gains add across matrices
         random  U(0, 1) from a stream of its own, seeded by a mix of generator's seed
 
-    Diagonals are damped by 1e-6 of their mean, so scaling the loss changes no ranks. kfac and
-    lorada give per-rank gains, descending (for allocate_by_gains), the others a float. A
-    matrix the loss never reaches scores 0 (all gains 0).
-    Example: allocation_scores(model, batches, loss_fn, "kfac")["layer.0.query"][:2] -> [2e-3, …]
-    """
+    Diagonals are damped by 1e-6 of their mean (the loss scale changes no ranks); kfac and
+    lorada give per-rank gains (allocate_by_gains); an unreached matrix scores 0."""
     if score not in SCORES:
         raise ValueError(f"score={score!r}: use one of {', '.join(SCORES)}")
     layers = _adapted(model)
@@ -99,14 +58,34 @@ def allocation_scores(model: nn.Module, batches: Iterable, loss_fn: Callable, sc
                                                population_size or n, y_damping=damp[1])
             out[name] = (-info["sigma"] ** 2 * torch.linalg.eigvalsh(Omega)).tolist()
         return out
-    st, K = _weight_gradients(model, batches, loss_fn, n_batches)
+    st = {n: {"G": m.weight.new_zeros(m.out_features, m.in_features, dtype=torch.float32),
+              "z": m.weight.new_zeros(m.in_features, dtype=torch.float32),
+              "y": m.weight.new_zeros(m.out_features, dtype=torch.float32), "rows": 0}
+          for n, m in layers.items()}
+
+    def on_grad(name, x, xd, delta):  # G = Σ_b δ_bᵀX_b = Σ_b ∂L_b/∂W0, z = Σ x⊙x, y = Σ δ⊙δ
+        X, D = x.reshape(-1, x.shape[-1]).float(), delta.reshape(-1, delta.shape[-1]).float()
+        s = st[name]
+        s["G"].addmm_(D.T, X)
+        s["z"].add_(X.square().sum(0))
+        s["y"].add_(D.square().sum(0))
+        s["rows"] += X.shape[0]
+
+    K = 0
+    with _restored(model), _hooked(layers, on_grad):  # W0 never requires grad
+        for _ in _calibrate(model, layers, itertools.islice(batches, n_batches), loss_fn):
+            K += 1
+    *rows, K = _all_reduce([st[n][k] for n in layers for k in ("G", "z", "y")],
+                           *(st[n]["rows"] for n in layers), K)
+    if K == 0:
+        raise ValueError("batches yielded nothing to calibrate on")
     out = {}
-    for name, s in st.items():
+    for (name, s), n_rows in zip(st.items(), rows):
         G = s["G"].double() / K
         if score == "gradw":
             out[name] = (layers[name].weight.double() * G).norm().item()
             continue
-        z = s["z"].double() / max(s["rows"], 1)
+        z = s["z"].double() / max(n_rows, 1)
         y = s["y"].double() / K
         z, y = (v + 1e-6 * v.mean() + torch.finfo(v.dtype).tiny for v in (z, y))
         sigma = torch.linalg.svdvals(G / y.sqrt()[:, None] / z.sqrt()[None, :])
@@ -115,12 +94,9 @@ def allocation_scores(model: nn.Module, batches: Iterable, loss_fn: Callable, sc
 
 
 def _best_extra(values: list[list[float]], kappa: list[int], left: int) -> list[int]:
-    """k_m ∈ [0, len(values[m]) − 1] maximising Σ_m values[m][k_m] with Σ κ_m·k_m ≤ left and
-    no k_m below its top whose κ_m fits in what is left: a dynamic programme over left/gcd(κ),
-    once per threshold t ∈ {κ_m} ∪ {∞}. Ties go to fewer ranks on later matrices."""
-    if not values:
-        return []
-    g = math.gcd(*kappa)
+    """k_m maximising Σ_m values[m][k_m], Σ κ_m·k_m ≤ left, no k_m below its top whose κ_m
+    fits in what is left: a dynamic programme per threshold t ∈ {κ_m} ∪ {∞}."""
+    g = math.gcd(*kappa) or 1  # 0: no matrices
     L, u, best = left // g, [k // g for k in kappa], None
     for t in sorted(set(u)) + [math.inf]:
         dp = torch.full((L + 1,), -math.inf, dtype=torch.float64)
@@ -137,28 +113,25 @@ def _best_extra(values: list[list[float]], kappa: list[int], left: int) -> list[
             best = (dp.max(), int(dp.argmax()), picks)
     _, b, picks = best
     out = []
-    for um, pick in zip(reversed(u), reversed(picks)):
-        out.append(int(pick[b]))
-        b -= out[-1] * um
-    return out[::-1]
+    for um, pick in zip(reversed(u), reversed(picks)):  # back from the last matrix's pick
+        out.insert(0, int(pick[b]))
+        b -= out[0] * um
+    return out
 
 
 def allocate_by_gains(gains: dict[str, list[float]], budget: int, r_min: int,
                       r_max: int | dict[str, int], costs: dict[str, int] | None = None
                       ) -> dict[str, int]:
-    """Ranks r_m ∈ [r_min, h_m = min(r_max or r_max[m], len(gains[m]))] with the largest total
-    gain Σ_m Σ_{i≤r_m} g_{m,i} among those that spend the budget as fimlora.allocate_ranks
-    does (Σ κ_m·r_m ≤ R, no matrix below h_m fits in what is left; κ_m = 1 without costs).
-    An all-zero-gain matrix stays at r_min until every other sits at h_m. Exact (_best_extra),
-    where the greedy order by g/κ is not. Raises ValueError for non-finite gains and a budget
-    outside [Σ κ·r_min, Σ_m h_m].
+    """Ranks r_m ∈ [r_min, min(r_max or r_max[m], len(gains[m]))] with the largest total gain
+    Σ_m Σ_{i≤r_m} g_{m,i} among those spending the budget as fimlora.allocate_ranks does; an
+    all-zero-gain matrix stays at r_min until every other is full. Exact, unlike greedy g/κ.
     Example: allocate_by_gains({"q": [3.0, 1.0], "v": [2.0, 0.5]}, 3, 0, 2) == {"q": 2, "v": 1}
     """
     names = list(gains)
     if not names:
         raise ValueError("gains is empty: pass at least one {module_name: [g_1, g_2, ...]}")
     hi = {n: min(r_max[n] if isinstance(r_max, dict) else r_max, len(gains[n])) for n in names}
-    kappa = dict.fromkeys(names, 1) if costs is None else costs
+    kappa = costs or dict.fromkeys(names, 1)
     for n in names:
         if not all(math.isfinite(v) for v in gains[n]):
             raise ValueError(f"gains[{n!r}] has inf/NaN: pass finite gains")
@@ -186,17 +159,15 @@ def initialize_ranks(model: nn.Module, batches: Iterable, loss_fn: Callable, sco
                      n_batches: int | None = 8, power: float = 1.0,
                      generator: torch.Generator | None = None, budget_unit: str = "ranks",
                      population_size: int | None = None) -> dict:
-    """fimlora.initialize_fim_ranks with any score: efim, variance, per-example (FIM-LoRA's)
-    or one of SCORES (allocate_by_gains for kfac and lorada, which take no power).
-    Returns {"ranks", "alphas", "scores"}."""
+    """fimlora.initialize_fim_ranks with any score: efim, variance, per-example or SCORES
+    (kfac and lorada through allocate_by_gains, without power). {"ranks", "alphas", "scores"}."""
     if score in ("efim", "variance", "per-example"):
         return fimlora.initialize_fim_ranks(
             model, batches, loss_fn, budget, r_min, r_max, score.replace("per-example", "efim"),
             n_batches, score == "per-example", power, generator, budget_unit)
     if score in GAINS and power != 1:
-        raise ValueError(f"power={power!r} with score={score!r}: its per-rank gains go to "
-                         "allocate_by_gains, which has no power; drop power (or use efim, "
-                         "variance, gradw)")
+        raise ValueError(f"power={power!r} with score={score!r}: per-rank gains take no power "
+                         "(allocate_by_gains); drop power")
     if score not in SCORES:
         raise ValueError(f"score={score!r}: use efim, variance, per-example, {', '.join(SCORES)}")
     budget, caps, costs = fimlora._plan(model, budget, r_min, r_max, power, budget_unit)
@@ -210,11 +181,10 @@ def initialize_ranks(model: nn.Module, batches: Iterable, loss_fn: Callable, sco
 
 def score_adapt(score: str, budget_unit: str = "ranks", r_max: int | None = None,
                 record: dict | None = None) -> Callable:
-    """An adapt(task, args, device, rng) hook for train.run: uniform LoRA (train.add_adapters),
-    then `score` on the first args.calib_batches batches of task.train_batches(rng["calib"]),
-    the allocation at the same budget and fimlora.resize_ranks from rng["init"]. Stores
-    {"ranks", "alphas", "scores", "seconds"} in `record` if given.
-    Example: train.run(args, adapt=score_adapt("gradw", record=(rec := {})))"""
+    """An adapt(task, args, device, rng) hook for train.run: train.add_adapters, `score` on
+    the first args.calib_batches batches of task.train_batches(rng["calib"]), the allocation
+    at the same budget, fimlora.resize_ranks from rng["init"]; `record` gets {"ranks",
+    "alphas", "scores", "seconds"}."""
     def adapt(task, args, device, rng):
         import train
         model = train.add_adapters(task, args, device, rng)
