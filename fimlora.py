@@ -86,24 +86,21 @@ def _hooked(layers: dict[str, LoRALinear], on_grad: Callable, on_forward: Callab
     no_grad once backward delivers δ = ∂L/∂y (all detached). Hooks go on exit, also on error.
     Example: with _hooked(_adapted(model), lambda m, x, xd, d: seen.append(m)): loss.backward()
     """
+    on_grad_no_grad = torch.no_grad()(on_grad)
+    held: dict[str, tuple] = {}
+
     def attach(name: str, layer: LoRALinear) -> list:
-        held: dict[str, torch.Tensor] = {}
-
         def on_dropout(module, args, out):
-            held["x"], held["xd"] = args[0].detach(), out.detach()
-
-        def on_delta(x, xd, delta):
-            with torch.no_grad():
-                on_grad(name, x, xd, delta.detach())
+            held[name] = (args[0].detach(), out.detach())
 
         def on_layer(module, args, y):
-            if "x" not in held:  # r = 0 or merged: no adapter path ran
+            if name not in held:  # r = 0 or merged: no adapter path ran
                 return
-            x, xd = held.pop("x"), held.pop("xd")
+            x, xd = held.pop(name)
             if on_forward is not None:
                 on_forward(name, x, y)
             if torch.is_grad_enabled() and y.requires_grad:
-                y.register_hook(lambda delta: on_delta(x, xd, delta))
+                y.register_hook(lambda delta: on_grad_no_grad(name, x, xd, delta.detach()))
 
         return [layer.dropout.register_forward_hook(on_dropout),
                 layer.register_forward_hook(on_layer)]
