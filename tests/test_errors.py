@@ -285,9 +285,6 @@ CLI = [
     ("--resume: state.pt a link to /dev/zero", lambda t: checkpoint(META_OK, None)(t) + [(
         t / "o" / "checkpoint" / "state.pt").symlink_to("/dev/zero")][:0],
      "state.pt is not a regular file"),
-    ("--power with a gain score (kfac, lorada)", plain("--method", "fim", "--score", "lorada",
-                                                       "--power", "2"),
-     "--power 2 with --score lorada: its per-rank gains go to allocate_by_gains"),
 ]
 
 

@@ -35,7 +35,7 @@ def torchrun() -> list[str]:
 
 
 @pytest.mark.skipif(not SST2.is_dir(), reason=f"SST-2 not found at {SST2}")
-@pytest.mark.parametrize("method", ["lora", "fim", "fw", "fim+da kfac"])
+@pytest.mark.parametrize("method", ["lora", "fim", "fw", "fim+da variance"])
 def test_two_gloo_processes_match_one_process(tmp_path, method):
     one, two = tmp_path / "one", tmp_path / "two"
     method, *score = method.split()
