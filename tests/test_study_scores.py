@@ -397,7 +397,7 @@ def any_gain_problems(draw):
     return gains, draw(st.integers(lo_b, hi_b)), r_min, r_max, hi, kappa
 
 
-@settings(max_examples=300)
+@settings(max_examples=100)
 @given(any_gain_problems())
 def test_allocate_by_gains_matches_brute_force(problem):
     """Exhaustive reference over rank vectors: within budget, no reached matrix below its cap
