@@ -12,7 +12,6 @@ Run: .venv/bin/python -m pytest tests/test_study_scores.py -q
 import copy
 import itertools
 import math
-import re
 
 import pytest
 import torch
