@@ -207,14 +207,14 @@ def fisher_scores(model: nn.Module, batches: Iterable, loss_fn: LossFn, score: s
 
 def _targets(s: list[float], budget: int, r_min: int, hi: list[int], kappa: list[int],
              power: float) -> tuple[list[Fraction], list[Fraction]]:
-    """Phase 1 of allocate_ranks, exact: (r*, w). If the w_m > 0 matrices all reach h_m first,
-    the w_m = 0 ones share the rest as equals (lo_m = h_m for the others, every w_m = 1).
+    """Phase 1 of allocate_ranks in exact arithmetic: (r*, w).
     Example: _targets([1.0, 4.0], 10, 0, [10, 10], [1, 1], 1.0)[0] == [2, 8]"""
     s_max = max(s)
     w = [1.0 if s_max == 0 else (v / s_max) ** power for v in s]  # 2**k·s gives the same w
     budget = min(budget, sum(map(int.__mul__, kappa, hi)))
     lo = [r_min] * len(s)
     if budget > sum(k * (h if v > 0 else r_min) for k, v, h in zip(kappa, w, hi)):
+        # every w_m > 0 matrix reaches h_m first: the w_m = 0 ones share the rest as equals
         lo, w = [h if v > 0 else r_min for v, h in zip(w, hi)], [1.0] * len(s)
     W = [Fraction(v) for v in w]
     # f(c) = Σ_m κ_m·clamp(c·w_m, lo_m, h_m) = K + c·S between kinks, where m leaves lo_m
@@ -235,17 +235,14 @@ def _targets(s: list[float], budget: int, r_min: int, hi: list[int], kappa: list
 def allocate_ranks(scores: dict[str, float], budget: int, r_min: int,
                    r_max: int | dict[str, int], costs: dict[str, int] | None = None,
                    power: float = 1.0) -> dict[str, int]:
-    """FIM-LoRA rank allocation (arXiv:2605.16800, two-phase water-filling), in exact arithmetic.
+    """FIM-LoRA rank allocation (arXiv:2605.16800, two-phase water-filling), exact. With
+    w_m = (s_m / max s)^p, h_m = r_max (or r_max[m]), κ_m = costs[m] (1: R counts ranks):
 
-    With w_m = (s_m / max s)^p, h_m = r_max (or r_max[m], a per-matrix cap) and κ_m the cost
-    of a rank of matrix m (1 without costs: the budget R counts ranks; d_in + d_out: params):
       phase 1  r*_m = clamp(c·w_m, r_min, h_m), the water level c solving Σ_m κ_m·r*_m = R;
-      phase 2  r_m = ⌊r*_m⌋, then one rank at a time in one global order, the largest
-               r*_m − r_m first (ties: higher score, then lower name), while r_m < h_m and κ_m
-               fits in what is left of R; again over the raised ones while a rank fits.
-    Without costs Σ_m r_m = R (largest remainder); with costs Σ κ_m·r_m ≤ R and every matrix
-    below h_m costs more than what is left. A score-0 matrix (the loss never reaches it) stays
-    at r_min until every other sits at h_m. Bad input raises ValueError naming value and fix.
+      phase 2  r_m = ⌊r*_m⌋, then +1 in one global order (largest r*_m − r_m, higher score,
+               lower name) while r_m < h_m and κ_m fits in what is left of R, repeated.
+
+    A score-0 matrix stays at r_min until every other sits at h_m. ValueError on bad input.
     Example: allocate_ranks({"q": 1.0, "v": 4.0}, budget=6, r_min=0, r_max=10) == {"q": 1, "v": 5}
     """
     names, s = list(scores), list(scores.values())
@@ -254,36 +251,31 @@ def allocate_ranks(scores: dict[str, float], budget: int, r_min: int,
     for name, v in scores.items():
         if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
             raise ValueError(f"scores[{name!r}]={v!r}: scores must be finite and ≥ 0")
-    caps = r_max if isinstance(r_max, dict) else None
-    for label, v in (("budget", budget), ("r_min", r_min), ("r_max", 0 if caps else r_max)):
+    for label, v in (("budget", budget), ("r_min", r_min)):
         if type(v) is not int:
             raise ValueError(f"{label}={v!r} is not an integer: pass an int")
-    if r_min < 0 or (caps is None and r_min > r_max):
-        raise ValueError(f"r_min={r_min} < 0: ranks cannot be negative" if r_min < 0 else
-                         f"r_min={r_min} > r_max={r_max}: lower r_min or raise r_max")
-    for label, d in (("r_max", caps), ("costs", costs)):
-        if d is not None and d.keys() != scores.keys():
+    for label, d in (("r_max", r_max), ("costs", costs)):
+        if isinstance(d, dict) and d.keys() != scores.keys():
             raise ValueError(f"{label} and scores name different modules: "
                              f"{sorted(d.keys() ^ scores.keys())[:5]}")
-    hi = [caps[n] for n in names] if caps else [r_max] * len(names)
+    hi = [r_max[n] for n in names] if isinstance(r_max, dict) else [r_max] * len(names)
     low = [n for n, h in zip(names, hi) if type(h) is not int or h < r_min]
-    if low:
-        raise ValueError(f"r_max[m] for m in {low[:5]} is not an int ≥ r_min={r_min}: "
-                         "lower r_min or raise those caps")
+    if r_min < 0 or low:
+        where = f"r_max[m] for m in {low[:5]}" if isinstance(r_max, dict) else f"r_max={r_max!r}"
+        raise ValueError(f"r_min={r_min} < 0: ranks cannot be negative" if r_min < 0 else
+                         f"{where} is not an int ≥ r_min={r_min}: lower r_min or raise r_max")
     if not (isinstance(power, (int, float)) and math.isfinite(power) and power >= 0):
         raise ValueError(f"power={power!r}: pass a finite power ≥ 0 (1: proportional, 0: uniform)")
-    for name, k in (costs or {}).items():
+    kappa = [1] * len(names) if costs is None else [costs[n] for n in names]
+    for name, k in zip(names, kappa):
         if type(k) is not int or k <= 0:
             raise ValueError(f"costs[{name!r}]={k!r}: pass a positive int (d_in + d_out)")
-    kappa = [1] * len(names) if costs is None else [costs[n] for n in names]
     if budget < sum(kappa) * r_min:
         raise ValueError(f"budget={budget} < {'M' if costs is None else 'Σ cost_m'}·r_min="
                          f"{sum(kappa) * r_min}: raise the budget or lower r_min")
-    if costs is None and budget > sum(hi):
-        what, fix = ("Σ_m r_max[m]", "the caps, the lowest being "
-                     f"{sorted(zip(names, hi), key=lambda c: c[1])[:5]}") if caps else (
-            "M·r_max", "r_max")
-        raise ValueError(f"budget={budget} > {what}={sum(hi)}: lower the budget or raise {fix}")
+    if costs is None and budget > sum(hi):  # with costs, the rest no matrix fits stays unspent
+        what = "Σ_m r_max[m]" if isinstance(r_max, dict) else "M·r_max"
+        raise ValueError(f"budget={budget} > {what}={sum(hi)}: lower the budget or raise r_max")
     r_star, w = _targets(s, budget, r_min, hi, kappa, power)
     r = [math.floor(t) for t in r_star]
     left = budget - sum(map(int.__mul__, kappa, r))

@@ -382,8 +382,7 @@ def test_allocate_ranks_respects_per_matrix_caps_and_budget(problem):
 def test_allocate_ranks_rejects_budget_above_sum_of_caps(problem, extra):
     s, _, r_min, r_max, _, _ = problem
     hi = r_max if isinstance(r_max, dict) else dict.fromkeys(s, r_max)
-    match = "raise the caps" if isinstance(r_max, dict) else "raise r_max"
-    with pytest.raises(ValueError, match=f"budget={sum(hi.values()) + extra} > .*{match}"):
+    with pytest.raises(ValueError, match=f"budget={sum(hi.values()) + extra} > .*raise r_max"):
         allocate_ranks(s, sum(hi.values()) + extra, r_min, r_max)
 
 
@@ -394,8 +393,7 @@ def test_allocate_ranks_caps_textbook_example():
     s = {"q": 1.0, "v": 4.0, "o": 4.0}
     assert allocate_ranks(s, 12, 0, {"q": 10, "v": 3, "o": 10}) == {"q": 2, "v": 3, "o": 7}
     assert allocate_ranks(s, 12, 0, dict.fromkeys(s, 10)) == allocate_ranks(s, 12, 0, 10)
-    with pytest.raises(ValueError, match=r"budget=14 > Σ_m r_max\[m\]=13: lower the budget or "
-                                         r"raise the caps, the lowest being \[\('q', 1\)"):
+    with pytest.raises(ValueError, match=r"budget=14 > Σ_m r_max\[m\]=13: lower the budget or "):
         allocate_ranks(s, 14, 0, {"q": 1, "v": 2, "o": 10})
     with pytest.raises(ValueError, match=r"\['v'\] is not an int ≥ r_min=2: lower r_min"):
         allocate_ranks(s, 12, 2, {"q": 4, "v": 1, "o": 10})
@@ -411,7 +409,7 @@ def test_allocate_ranks_caps_textbook_example():
         (dict(scores={"q": math.inf}), r"scores\['q'\]=inf"),
         (dict(scores={"q": -1.0}), r"scores\['q'\]=-1.0"),
         (dict(scores={}), "empty"),
-        (dict(r_min=5, r_max=4), "r_min=5 > r_max=4"),
+        (dict(r_min=5, r_max=4), "r_max=4 is not an int ≥ r_min=5"),
         (dict(r_min=-1), "r_min=-1 < 0"),
         (dict(budget=8.0), "budget=8.0"),
         (dict(budget=True), "budget=True"),
@@ -461,5 +459,5 @@ def test_allocate_ranks_fixes_harness_budget_and_inversion_bugs(seed):
     assert allocate_ranks(s, 192, 8, 16) == dict.fromkeys(s, 8)  # exactly 192, not 256
     with pytest.raises(ValueError, match="budget=96 < M·r_min=192"):
         allocate_ranks(s, 4 * len(s), 8, 8)  # r = 4, r_min = 8 (r_max = 2r = 8)
-    with pytest.raises(ValueError, match="r_min=8 > r_max=4"):
+    with pytest.raises(ValueError, match="r_max=4 is not an int ≥ r_min=8"):
         allocate_ranks(s, 2 * len(s), 8, 4)  # r = 2: reject instead of inverting the ranks
