@@ -590,8 +590,8 @@ def lorada_factors(G: torch.Tensor, Z: torch.Tensor, y_diag: torch.Tensor, r: in
     return A, B, {**info, "eigenvalues": evals[:r].tolist()}
 
 
-def _da_examples(batches: Iterable[dict], n_samples: int, one_at_a_time: bool) -> Iterator:
-    """(chunk, N) for single examples (N = 1) or whole batches, n_samples examples at most,
+def _da_examples(batches: Iterable[dict], n_samples: int) -> Iterator:
+    """(batch, N) for whole batches, the last cut so that at most n_samples examples are used:
     each tensor whose first dim is the batch size sliced along it."""
     seen = 0
     for batch in batches:
@@ -600,29 +600,27 @@ def _da_examples(batches: Iterable[dict], n_samples: int, one_at_a_time: bool) -
         sizes = [v.shape[0] for v in batch.values() if torch.is_tensor(v) and v.ndim > 0]
         if not sizes:
             raise ValueError(f"batch with keys {sorted(batch)} has no tensor with a batch dim")
-        n = sizes[0]
-        for i in range(0, n, 1 if one_at_a_time else n):
-            if seen == n_samples:
-                return
-            j = min(i + 1 if one_at_a_time else n, i + n_samples - seen)
-            yield {k: v[i:j] if torch.is_tensor(v) and v.ndim > 0 and v.shape[0] == n else v
-                   for k, v in batch.items()}, j - i
-            seen += j - i
+        if seen == n_samples:
+            return
+        n, j = sizes[0], min(sizes[0], n_samples - seen)
+        yield {k: v[:j] if torch.is_tensor(v) and v.ndim > 0 and v.shape[0] == n else v
+               for k, v in batch.items()}, j
+        seen += j
 
 
 def lorada_statistics(model: nn.Module, batches: Iterable[dict], loss_fn: LossFn,
-                      n_samples: int = 256, token_mask: Callable | None = None,
-                      batched: bool = True) -> tuple[dict[str, dict], int]:
+                      n_samples: int = 256, token_mask: Callable | None = None
+                      ) -> tuple[dict[str, dict], int]:
     """LoRA-DA statistics (arXiv:2510.24561) of every adapted layer over the first n_samples
     examples, L_n the loss of example n (a token mean) and δ_{n,t} = ∂L_n/∂y_t:
 
         G = (1/n) Σ_n ∂L_n/∂W (d_out, d_in),   Z = E_t[x_t x_tᵀ],   y = E_t[δ_t ⊙ δ_t],
 
-    Z and y over valid tokens (token_mask(chunk), else chunk["attention_mask"], else all).
-    batched=False runs one example at a time (the authors' code); batched=True one backward
-    per batch of independent examples (loss_fn their mean), δ_{n,t} = N·∂L/∂y_{n,t}. Inputs
-    read by several matrices (q/k/v) give one shared Z. Eval mode; sums in at least float32,
-    all-reduced. Returns ({name: {G, Z, y_diag, tokens, z_owner}}, examples used).
+    Z and y over valid tokens (token_mask(batch), else batch["attention_mask"], else all). One
+    backward per batch of independent examples (loss_fn their mean, so δ_{n,t} = N·∂L/∂y_{n,t});
+    the authors' code runs one example at a time, with the same sums. Inputs read by several
+    matrices (q/k/v) give one shared Z. Eval mode; sums in at least float32, all-reduced.
+    Returns ({name: {G, Z, y_diag, tokens, z_owner}}, examples used).
     """
     if n_samples < 1:
         raise ValueError(f"n_samples={n_samples}: use at least one example")
@@ -649,7 +647,7 @@ def lorada_statistics(model: nn.Module, batches: Iterable[dict], loss_fn: LossFn
         s["y_diag"].add_((dm * dm).sum(dim=0))
 
     def chunks():  # sets N and the token mask before loss_fn runs on each chunk
-        for example, now["N"] in _da_examples(batches, n_samples, not batched):
+        for example, now["N"] in _da_examples(batches, n_samples):
             mask = (token_mask(example) if token_mask is not None
                     else example.get("attention_mask"))
             now["mask"] = None if mask is None else mask.bool()
@@ -702,8 +700,8 @@ def lorada_statistics(model: nn.Module, batches: Iterable[dict], loss_fn: LossFn
 def lorada_init(model: nn.Module, batches: Iterable[dict], loss_fn: LossFn,
                 n_samples: int = 256, da_alpha: float = 1.0, da_beta: float = 0.03,
                 da_gamma: float = 1024.0, damping: float = 1e-6,
-                population_size: int | None = None, token_mask: Callable | None = None,
-                batched: bool = True) -> dict:
+                population_size: int | None = None, token_mask: Callable | None = None
+                ) -> dict:
     """LoRA-DA initialisation (arXiv:2510.24561) in place: A, B of every adapted layer from
     lorada_factors on lorada_statistics (B = 0), N_pop = population_size (the fine-tuning set
     size) or the examples used; W0 not offset; the authors' defaults. A matrix with G = 0 or no
@@ -721,7 +719,7 @@ def lorada_init(model: nn.Module, batches: Iterable[dict], loss_fn: LossFn,
     if da_gamma <= 0 or damping <= 0 or (population_size is not None and population_size < 1):
         raise ValueError(f"da_gamma={da_gamma}, damping={damping} and population_size="
                          f"{population_size} must be positive")
-    stats, n_used = lorada_statistics(model, batches, loss_fn, n_samples, token_mask, batched)
+    stats, n_used = lorada_statistics(model, batches, loss_fn, n_samples, token_mask)
     if n_used == 0:
         raise ValueError("batches yielded no example: pass at least one non-empty batch")
     n_pop = population_size or n_used
