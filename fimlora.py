@@ -405,29 +405,20 @@ FW_LAMBDA = 1e-4  # λ of the penalty
 
 
 @contextlib.contextmanager
-def fw_track(model: nn.Module, method: str = "auto") -> Iterator[dict[str, torch.Tensor]]:
-    """Yields {m: ‖G_m‖²_F}, filled on exit, G_m = ∂L/∂W_m = δᵀX of every adapted layer's
-    frozen weight summed over all calls and backwards inside (micro-batches: the real gradient).
-    "direct" sums G_m in the tensor hook; "gram" never forms it, ‖δᵀX‖²_F = Σ (δδᵀ)⊙(XXᵀ);
-    "auto" picks the cheaper at a layer's first call. Under DDP, G_m is the ranks' mean.
+def fw_track(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+    """Yields {m: ‖G_m‖²_F}, filled on exit, G_m = ∂L/∂W_m = Σ δᵀX of every adapted layer's
+    frozen weight, summed over all calls and backwards inside (micro-batches: the real
+    gradient). Under DDP, G_m is the ranks' mean.
     Example: with fw_track(model) as sq: loss.backward()   # then ema = fw_update(ema, sq, k)
     """
-    if method not in ("auto", "direct", "gram"):
-        raise ValueError(f"method={method!r}: use 'auto', 'direct' or 'gram'")
     layers = _adapted(model)
     sq_norms = {n: m.weight.new_zeros((), dtype=torch.float32) for n, m in layers.items()}
-    rows: dict[str, list] = {n: [] for n in layers}  # Gram form: every call's (X, δ)
-    G: dict[str, torch.Tensor] = {}  # direct form: Σ_c δ_cᵀX_c
+    G: dict[str, torch.Tensor] = {}
 
     def on_grad(name, x, xd, delta):
         X = x.reshape(-1, x.shape[-1]).float()  # (T, d_in)
         D = delta.reshape(-1, delta.shape[-1]).float()  # (T, d_out)
-        (T, d_in), d_out = X.shape, D.shape[1]
-        direct = method == "direct" or (method == "auto" and T * (d_in + d_out) >= d_in * d_out)
-        if name in G or (not rows[name] and direct):
-            G[name] = D.T @ X if name not in G else G[name].addmm_(D.T, X)
-        else:
-            rows[name].append((X, D))
+        G[name] = D.T @ X if name not in G else G[name].addmm_(D.T, X)
 
     with _hooked(layers, on_grad):
         yield sq_norms
@@ -435,20 +426,12 @@ def fw_track(model: nn.Module, method: str = "auto") -> Iterator[dict[str, torch
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     with torch.no_grad():
         if world > 1:  # DistributedDataParallel: the step's gradient is the ranks' mean G
-            for name, m in layers.items():  # "auto" chose per rank: every rank forms every G
-                g = G.get(name, m.weight.new_zeros(m.out_features, m.in_features,
-                                                   dtype=torch.float32))
-                for X, D in rows.pop(name, []):
-                    g = g.addmm(D.T, X)
-                G[name] = g
-            _all_reduce([G[n] for n in layers])  # in layers order: G's own order is per rank
-            G = {n: G[n] / world for n in layers}
+            G = {n: G.get(n, m.weight.new_zeros(m.out_features, m.in_features,
+                                                dtype=torch.float32)) for n, m in layers.items()}
+            _all_reduce(list(G.values()))
+            G = {n: g / world for n, g in G.items()}
         for name, g in G.items():
             sq_norms[name].add_(g.square().sum())
-        for name, pairs in rows.items():
-            if pairs:
-                X, D = (torch.cat(z) if len(pairs) > 1 else z[0] for z in zip(*pairs))
-                sq_norms[name].add_(((D @ D.T) * (X @ X.T)).sum())  # (T, T) Grams
 
 
 def fw_update(ema: dict[str, torch.Tensor], sq_norms: dict[str, torch.Tensor], step: int,
