@@ -5,11 +5,9 @@
     add_lora(model, targets=["query", "key", "value"], r=8, alpha=16)
     result = initialize_fim_ranks(model, batches, loss_fn)   # loss_fn(model, batch) -> scalar
 
-Statistics come from a caller-owned loss_fn(model, batch) through torch.autograd.grad and one
-hook mechanism, leaving requires_grad, .grad and train/eval as found. Imports only the standard
-library, torch and lora.py. Symbols as lora.py: W0 (d_out, d_in), A (r, d_in), B (d_out, r).
-References: FIM-LoRA arXiv:2605.16800; LoRA-DA (Zhang et al.) arXiv:2510.24561; FW-LoRA
-"Fisher-Weighted LoRA: one-line importance-aware regularisation" (no public paper).
+Imports only the standard library, torch and lora.py, whose symbols it uses: W0 (d_out, d_in),
+A (r, d_in), B (d_out, r). References: FIM-LoRA arXiv:2605.16800; LoRA-DA arXiv:2510.24561;
+FW-LoRA "Fisher-Weighted LoRA: one-line importance-aware regularisation" (no public paper).
 """
 
 from __future__ import annotations
@@ -81,11 +79,9 @@ def _calibrate(model: nn.Module, layers: dict[str, LoRALinear], batches: Iterabl
 @contextlib.contextmanager
 def _hooked(layers: dict[str, LoRALinear], on_grad: Callable, on_forward: Callable | None = None
             ) -> Iterator[None]:
-    """While active, each call of layer m keeps its input x and adapter input x̃ = dropout(x),
-    runs on_forward(m, x, y) if given and, when y needs grad, on_grad(m, x, x̃, δ) under
-    no_grad once backward delivers δ = ∂L/∂y (all detached). Hooks go on exit, also on error.
-    Example: with _hooked(_adapted(model), lambda m, x, xd, d: seen.append(m)): loss.backward()
-    """
+    """While active, each call of layer m runs on_forward(m, x, y) if given and, once backward
+    delivers δ = ∂L/∂y, on_grad(m, x, x̃, δ) under no_grad (x̃ = dropout(x); all detached).
+    Example: with _hooked(_adapted(model), lambda m, x, xd, d: seen.append(m)): loss.backward()"""
     on_grad_no_grad = torch.no_grad()(on_grad)
     held: dict[str, tuple] = {}
 
@@ -355,13 +351,10 @@ def initialize_fim_ranks(model: nn.Module, batches: Iterable, loss_fn: LossFn,
                          per_example: bool = False, power: float = 1.0,
                          generator: torch.Generator | None = None,
                          budget_unit: str = "ranks") -> dict:
-    """FIM-LoRA (arXiv:2605.16800) in place on fresh adapters (B = 0): fisher_scores, then
-    allocate_ranks (default budget Σ_m r_m, r_max = 2·max r, caps min(r_max, d_in, d_out);
-    budget_unit="params" counts d_in + d_out per rank), then resize_ranks (the function is
-    unchanged). Everything is checked before the calibration pass. Returns {"ranks", "alphas",
-    "scores"}, each {name: value}.
-    Example: initialize_fim_ranks(model, batches, loss_fn)["ranks"] -> {"...query": 4, ...}
-    """
+    """FIM-LoRA in place on fresh adapters (B = 0), all checked before calibrating:
+    fisher_scores, allocate_ranks (default budget Σ_m r_m, r_max = 2·max r, caps
+    min(r_max, d_in, d_out); "params" counts d_in + d_out per rank), resize_ranks.
+    Example: initialize_fim_ranks(model, batches, loss_fn)["ranks"] -> {"...query": 4, ...}"""
     budget, caps, costs = _plan(model, budget, r_min, r_max, power, budget_unit)
     scores = fisher_scores(model, batches, loss_fn, score, n_batches, per_example)["scores"]
     ranks = allocate_ranks(scores, budget, r_min, caps, costs, power)
@@ -373,12 +366,9 @@ def fim_rank_pattern(model: nn.Module, batches: Iterable, loss_fn: LossFn, r: in
                      r_max: int | None = None, score: str = "efim", n_batches: int | None = 8,
                      rslora: bool = False, per_example: bool = False, power: float = 1.0,
                      budget_unit: str = "ranks") -> dict:
-    """initialize_fim_ranks' allocation as peft.LoraConfig fields, the model (fresh rank-r
-    adapters) left as it is: {"r": the most common r_m, "lora_alpha", "use_rslora",
-    "rank_pattern", "alpha_pattern"}, keys "^" + re.escape(name) (exactly that module in PEFT)
-    for the matrices that differ, α_m as resize_ranks sets it.
-    Example: peft.LoraConfig(target_modules=targets, **fim_rank_pattern(model, b, f, 8, 16))
-    """
+    """initialize_fim_ranks' allocation as peft.LoraConfig fields (r = the most common r_m;
+    patterns keyed "^" + re.escape(name) for the others), the model left as it is.
+    Example: peft.LoraConfig(target_modules=targets, **fim_rank_pattern(model, b, f, 8, 16))"""
     off = [n for n, m in _adapted(model).items() if m.r != r or m.alpha != alpha
            or m.rslora != rslora]
     if off:
@@ -436,13 +426,10 @@ def fw_track(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
 
 def fw_update(ema: dict[str, torch.Tensor], sq_norms: dict[str, torch.Tensor], step: int,
               beta: float = FW_BETA) -> dict[str, torch.Tensor]:
-    """One FW-LoRA warm-up step, bias-corrected: returns F̂_k with
-
-        F_k = β·F_{k−1} + (1−β)·‖G_m‖²_F,  F_0 = 0,     F̂_k = F_k / (1 − β^k)
-
-    for k = step = 1, 2, … (ema = {} at k = 1; tracking every j-th step: step // j, β^j). A name
-    missing from sq_norms counts as 0. Example: fw_update({}, {"q": tensor(2.)}, 1)["q"] == 2
-    """
+    """One FW-LoRA warm-up step, bias-corrected: F̂_k = F_k / (1 − β^k) with
+    F_k = β·F_{k−1} + (1−β)·‖G_m‖²_F, F_0 = 0, k = step = 1, 2, … (ema = {} at k = 1; tracking
+    every j-th step: step // j, β^j); a name missing from sq_norms counts as 0.
+    Example: fw_update({}, {"q": torch.tensor(2.)}, 1)["q"] == 2"""
     if type(step) is not int or step < 1:
         raise ValueError(f"step={step!r}: count warm-up steps from 1")
     if not 0.0 <= beta < 1.0:
@@ -476,11 +463,8 @@ def importances(ema: dict[str, torch.Tensor], mode: str = "sum") -> dict[str, to
 
 def fw_penalty(model: nn.Module, importance: dict[str, torch.Tensor | float],
                fw_lambda: float = FW_LAMBDA) -> torch.Tensor:
-    """FW-LoRA penalty over the layers with r > 0, differentiable in A and B, 0 at init:
-
-        λ Σ_m (1 − I_m)·‖ΔW_m‖²_F,   ‖s·B A‖²_F = s²·tr((BᵀB)(AAᵀ))   (two r×r Grams)
-
-    Layers of equal shapes go through one batched product. A float32 scalar.
+    """FW-LoRA penalty λ Σ_m (1 − I_m)·‖ΔW_m‖²_F over the layers with r > 0, a float32 scalar,
+    via ‖s·B A‖²_F = s²·tr((BᵀB)(AAᵀ)) (two r×r Grams), one batched product per shape.
     Example: fw_penalty(model, importances(ema), fw_lambda=1e-4) -> tensor(0.)"""
     layers = _adapted(model)
     missing = [n for n in layers if n not in importance]
@@ -573,24 +557,6 @@ def lorada_factors(G: torch.Tensor, Z: torch.Tensor, y_diag: torch.Tensor, r: in
     return A, B, {**info, "eigenvalues": evals[:r].tolist()}
 
 
-def _da_examples(batches: Iterable[dict], n_samples: int) -> Iterator:
-    """(batch, N) for whole batches, the last cut so that at most n_samples examples are used:
-    each tensor whose first dim is the batch size sliced along it."""
-    seen = 0
-    for batch in batches:
-        if not hasattr(batch, "items"):
-            raise TypeError(f"LoRA-DA batches are dicts of tensors, got {type(batch).__name__}")
-        sizes = [v.shape[0] for v in batch.values() if torch.is_tensor(v) and v.ndim > 0]
-        if not sizes:
-            raise ValueError(f"batch with keys {sorted(batch)} has no tensor with a batch dim")
-        if seen == n_samples:
-            return
-        n, j = sizes[0], min(sizes[0], n_samples - seen)
-        yield {k: v[:j] if torch.is_tensor(v) and v.ndim > 0 and v.shape[0] == n else v
-               for k, v in batch.items()}, j
-        seen += j
-
-
 def lorada_statistics(model: nn.Module, batches: Iterable[dict], loss_fn: LossFn,
                       n_samples: int = 256, token_mask: Callable | None = None
                       ) -> tuple[dict[str, dict], int]:
@@ -629,13 +595,24 @@ def lorada_statistics(model: nn.Module, batches: Iterable[dict], loss_fn: LossFn
         dm = rows(d)
         s["y_diag"].add_((dm * dm).sum(dim=0))
 
-    def chunks():  # sets N and the token mask before loss_fn runs on each chunk
-        for example, now["N"] in _da_examples(batches, n_samples):
-            mask = (token_mask(example) if token_mask is not None
-                    else example.get("attention_mask"))
+    def chunks():  # whole batches, the last cut to n_samples; sets N and the mask for each
+        seen = 0
+        for batch in batches:
+            if not hasattr(batch, "items"):
+                raise TypeError(f"LoRA-DA batches are dicts of tensors, got {type(batch).__name__}")
+            sizes = [v.shape[0] for v in batch.values() if torch.is_tensor(v) and v.ndim > 0]
+            if not sizes:
+                raise ValueError(f"batch with keys {sorted(batch)} has no tensor with a batch dim")
+            if seen == n_samples:
+                return
+            n, now["N"] = sizes[0], min(sizes[0], n_samples - seen)
+            batch = {k: v[:now["N"]] if torch.is_tensor(v) and v.ndim > 0 and v.shape[0] == n
+                     else v for k, v in batch.items()}
+            mask = token_mask(batch) if token_mask is not None else batch.get("attention_mask")
             now["mask"] = None if mask is None else mask.bool()
             cur.clear()
-            yield example
+            yield batch
+            seen += now["N"]
 
     def accumulate_z():  # an input is kept alive by cur, so its storage identifies it
         keys = {n: tuple((x.data_ptr(), x.shape, x.stride(), x.dtype, x.device, x._version)
@@ -685,16 +662,11 @@ def lorada_init(model: nn.Module, batches: Iterable[dict], loss_fn: LossFn,
                 da_gamma: float = 1024.0, damping: float = 1e-6,
                 population_size: int | None = None, token_mask: Callable | None = None
                 ) -> dict:
-    """LoRA-DA initialisation (arXiv:2510.24561) in place: A, B of every adapted layer from
-    lorada_factors on lorada_statistics (B = 0), N_pop = population_size (the fine-tuning set
-    size) or the examples used; W0 not offset; the authors' defaults. A matrix with G = 0 or no
-    valid token keeps its init; nothing is written unless every matrix solves. Returns
-    {"initialized", "skipped", "n_samples", "population_size", "z_shared_with", "matrices"}.
-    Example: lorada_init(model, batches, loss_fn, population_size=67349)["initialized"]
-    """
+    """LoRA-DA in place: A, B of every adapted layer from lorada_factors on lorada_statistics,
+    N_pop = population_size (the fine-tuning set size) or the examples used, W0 not offset. A
+    matrix with G = 0 or no valid token keeps its init; nothing is written unless all solve.
+    Example: lorada_init(model, batches, loss_fn, population_size=67349)["initialized"]"""
     layers = lora_layers(model)
-    if not layers:
-        raise ValueError("model has no LoRALinear layers: call add_lora(model, ...) first")
     too_big = [f"{n} (r={m.r} > d_in={m.in_features})" for n, m in layers.items()
                if m.r > m.in_features]
     if too_big:
