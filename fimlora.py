@@ -558,14 +558,13 @@ def lorada_factors(G: torch.Tensor, Z: torch.Tensor, y_diag: torch.Tensor, r: in
 
 
 def lorada_statistics(model: nn.Module, batches: Iterable[dict], loss_fn: LossFn,
-                      n_samples: int = 256, token_mask: Callable | None = None
-                      ) -> tuple[dict[str, dict], int]:
+                      n_samples: int = 256) -> tuple[dict[str, dict], int]:
     """LoRA-DA statistics (arXiv:2510.24561) of every adapted layer over the first n_samples
     examples, L_n the loss of example n (a token mean) and δ_{n,t} = ∂L_n/∂y_t:
 
         G = (1/n) Σ_n ∂L_n/∂W (d_out, d_in),   Z = E_t[x_t x_tᵀ],   y = E_t[δ_t ⊙ δ_t],
 
-    Z and y over valid tokens (token_mask(batch), else batch["attention_mask"], else all). One
+    Z and y over valid tokens (batch["attention_mask"] where present, else all tokens). One
     backward per batch of independent examples (loss_fn their mean, so δ_{n,t} = N·∂L/∂y_{n,t});
     the authors' code runs one example at a time, with the same sums. Inputs read by several
     matrices (q/k/v) give one shared Z. Eval mode; sums in at least float32, all-reduced.
@@ -608,8 +607,7 @@ def lorada_statistics(model: nn.Module, batches: Iterable[dict], loss_fn: LossFn
             n, now["N"] = sizes[0], min(sizes[0], n_samples - seen)
             batch = {k: v[:now["N"]] if torch.is_tensor(v) and v.ndim > 0 and v.shape[0] == n
                      else v for k, v in batch.items()}
-            mask = token_mask(batch) if token_mask is not None else batch.get("attention_mask")
-            now["mask"] = None if mask is None else mask.bool()
+            now["mask"] = batch.get("attention_mask")
             cur.clear()
             yield batch
             seen += now["N"]
@@ -660,8 +658,7 @@ def lorada_statistics(model: nn.Module, batches: Iterable[dict], loss_fn: LossFn
 def lorada_init(model: nn.Module, batches: Iterable[dict], loss_fn: LossFn,
                 n_samples: int = 256, da_alpha: float = 1.0, da_beta: float = 0.03,
                 da_gamma: float = 1024.0, damping: float = 1e-6,
-                population_size: int | None = None, token_mask: Callable | None = None
-                ) -> dict:
+                population_size: int | None = None) -> dict:
     """LoRA-DA in place: A, B of every adapted layer from lorada_factors on lorada_statistics,
     N_pop = population_size (the fine-tuning set size) or the examples used, W0 not offset. A
     matrix with G = 0 or no valid token keeps its init; nothing is written unless all solve.
@@ -674,7 +671,7 @@ def lorada_init(model: nn.Module, batches: Iterable[dict], loss_fn: LossFn,
     if da_gamma <= 0 or damping <= 0 or (population_size is not None and population_size < 1):
         raise ValueError(f"da_gamma={da_gamma}, damping={damping} and population_size="
                          f"{population_size} must be positive")
-    stats, n_used = lorada_statistics(model, batches, loss_fn, n_samples, token_mask)
+    stats, n_used = lorada_statistics(model, batches, loss_fn, n_samples)
     if n_used == 0:
         raise ValueError("batches yielded no example: pass at least one non-empty batch")
     n_pop = population_size or n_used
