@@ -26,7 +26,6 @@ import torch.nn as nn
 from lora import LoRALinear, lora_layers, resize_lora
 
 LossFn = Callable[[nn.Module, object], torch.Tensor]
-_CHUNK = 1 << 22  # per-example gradient entries materialised at once (16 MiB of float32)
 
 # -----------------------------------------------------------------------------
 # shared: the adapted layers, the calibration pass, the hooks, the all-reduce
@@ -166,14 +165,12 @@ def fisher_scores(model: nn.Module, batches: Iterable, loss_fn: LossFn, score: s
         if sum_g:
             sum_g[name].add_(g.sum(0))
 
-    def on_grad(name, x, xd, delta):  # per example, a few at a time
+    def on_grad(name, x, xd, delta):  # per example; (N, d_out, r) is smaller than x itself
         layer = layers[name]
         u = xd.float() @ layer.lora_A.detach().float().T  # (N, ..., r)
         n = u.shape[0]
         u, d = u.reshape(n, -1, layer.r), delta.float().reshape(n, -1, delta.shape[-1])
-        step = max(1, _CHUNK // (d.shape[-1] * layer.r))
-        for i in range(0, n, step):  # × N: δ is the gradient of the batch mean (1/N)Σ_n ℓ_n
-            add(name, n * layer.scaling * (d[i:i + step].transpose(1, 2) @ u[i:i + step]))
+        add(name, n * layer.scaling * (d.transpose(1, 2) @ u))  # × N: δ of the batch mean
 
     count = 0
     hooks = _hooked(layers, on_grad, on_forward) if per_example else contextlib.nullcontext()
@@ -488,8 +485,6 @@ def fw_penalty(model: nn.Module, importance: dict[str, torch.Tensor | float],
 # -----------------------------------------------------------------------------
 # 5. LoRA-DA: data-aware closed-form initialisation
 
-_DA_CHOLESKY_RETRIES = 6  # each retry multiplies the damping on Z by 10
-
 
 def _da_omega(G: torch.Tensor, Z: torch.Tensor, y_diag: torch.Tensor, da_alpha: float,
               da_beta: float, damping: float, n_pop: int, y_damping: float | None = None
@@ -500,14 +495,14 @@ def _da_omega(G: torch.Tensor, Z: torch.Tensor, y_diag: torch.Tensor, da_alpha: 
     G, Z, y = G.to(dt), Z.to(dt), y_diag.to(dt)
     Z = (Z + Z.T) / 2
     eye = torch.eye(Z.shape[0], dtype=Z.dtype, device=Z.device)
-    for retry in range(_DA_CHOLESKY_RETRIES + 1):
+    for retry in range(7):  # the authors' code: damping ×10 up to 6 times
         lam = damping * 10**retry
         L, bad = torch.linalg.cholesky_ex(Z + lam * eye)
         if bad.item() == 0 and bool(torch.isfinite(L).all()):
             break
     else:
         raise ValueError(f"Z is not positive definite even with damping {lam:g} after "
-                         f"{_DA_CHOLESKY_RETRIES} retries: check the activations for inf/NaN")
+                         "6 retries: check the activations for inf/NaN")
     y_inv = 1.0 / (y + (damping if y_damping is None else y_damping))  # (d_out,)
     Delta = -y_inv[:, None] * torch.cholesky_solve(G.T, L).T  # Δ* (d_out, d_in)
     sigma = torch.linalg.matrix_norm(Delta, 2)

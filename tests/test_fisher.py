@@ -120,12 +120,9 @@ def test_variance_is_centred_second_moment_of_batch_gradients():
     assert_stats(result, {n: g.var(0, unbiased=False) for n, g in G.items()})
 
 
-@pytest.mark.parametrize("chunk", [None, 1])
 @pytest.mark.parametrize("score", ["efim", "variance"])
-def test_per_example_equals_loop_over_unpadded_examples(score, chunk, monkeypatch):
+def test_per_example_equals_loop_over_unpadded_examples(score):
     """Oracle: each example alone, without its padding, as a batch of one."""
-    if chunk is not None:
-        monkeypatch.setattr("fimlora._CHUNK", chunk)  # one example per chunk
     model, batches = make_model(random_B=True), make_batches(3)
     per_example = []
     for ids, mask, y in batches:
