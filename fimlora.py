@@ -76,12 +76,12 @@ def _calibrate(model: nn.Module, layers: dict[str, LoRALinear], batches: Iterabl
 
 
 @contextlib.contextmanager
-def _hooked(layers: dict[str, LoRALinear], on_grad: Callable, on_forward: Callable | None = None
-            ) -> Iterator[None]:
+def _hooked(layers: dict[str, LoRALinear], on_grad: Callable,
+            on_forward: Callable = lambda name, x, y: None) -> Iterator[None]:
     """While active, each call of layer m runs on_forward(m, x, y) if given and, once backward
     delivers δ = ∂L/∂y, on_grad(m, x, x̃, δ) under no_grad (x̃ = dropout(x); all detached).
     Example: with _hooked(_adapted(model), lambda m, x, xd, d: seen.append(m)): loss.backward()"""
-    on_grad_no_grad = torch.no_grad()(on_grad)
+    on_grad = torch.no_grad()(on_grad)
     held: dict[str, tuple] = {}
 
     def attach(name: str, layer: LoRALinear) -> list:
@@ -92,10 +92,9 @@ def _hooked(layers: dict[str, LoRALinear], on_grad: Callable, on_forward: Callab
             if name not in held:  # r = 0 or merged: no adapter path ran
                 return
             x, xd = held.pop(name)
-            if on_forward is not None:
-                on_forward(name, x, y)
+            on_forward(name, x, y)
             if torch.is_grad_enabled() and y.requires_grad:
-                y.register_hook(lambda delta: on_grad_no_grad(name, x, xd, delta.detach()))
+                y.register_hook(lambda delta: on_grad(name, x, xd, delta.detach()))
 
         return [layer.dropout.register_forward_hook(on_dropout),
                 layer.register_forward_hook(on_layer)]
@@ -134,15 +133,11 @@ def _all_reduce(tensors: list[torch.Tensor], *counts: int) -> list[int]:
 def fisher_scores(model: nn.Module, batches: Iterable, loss_fn: LossFn, score: str = "efim",
                   n_batches: int | None = 8, per_example: bool = False) -> dict:
     """Empirical-Fisher score of every adapter's lora_B (FIM-LoRA, arXiv:2605.16800):
-
-        efim       F_m = (1/K) Σ_k g_k⊙g_k,          g_k = ∂L_k/∂B_m over K batches
-        variance   F_m = (1/K) Σ_k g_k⊙g_k − ḡ⊙ḡ,     ḡ = (1/K) Σ_k g_k
-        score_m    = mean of the d_out·r entries of F_m
-
-    (A's gradient is zero at B = 0.) per_example=True: g over the examples n of each batch,
-    g_n = N·s·Σ_t δ_{n,t} u_{n,t}ᵀ (u = A·dropout(x), δ = ∂L/∂y) from one backward; loss_fn is
-    then a mean over dim 0 and each adapted layer runs once per forward. Sums are all-reduced
-    under torch.distributed. Returns {"scores", "fisher": F_m (d_out, r), "count": K or N}.
+        efim       F_m = (1/K) Σ_k g_k⊙g_k,        g_k = ∂L_k/∂B_m over K batches (∂L/∂A = 0)
+        variance   F_m = (1/K) Σ_k g_k⊙g_k − ḡ⊙ḡ,   ḡ = (1/K) Σ_k g_k;   score_m = mean of F_m
+    per_example=True: g_n = N·s·Σ_t δ_{n,t} u_{n,t}ᵀ per example n (u = A·dropout(x), δ = ∂L/∂y)
+    from one backward; loss_fn is then a mean over dim 0, each adapted layer run once per forward.
+    Sums are all-reduced. Returns {"scores", "fisher": F_m (d_out, r), "count": K or N}.
     Example: fisher_scores(model, [batch], loss_fn)["scores"] -> {"layer.0.query": 3.1e-07, ...}
     """
     if score not in ("efim", "variance"):
@@ -230,11 +225,9 @@ def allocate_ranks(scores: dict[str, float], budget: int, r_min: int,
                    power: float = 1.0) -> dict[str, int]:
     """FIM-LoRA rank allocation (arXiv:2605.16800, two-phase water-filling), exact. With
     w_m = (s_m / max s)^p, h_m = r_max (or r_max[m]), κ_m = costs[m] (1: R counts ranks):
-
       phase 1  r*_m = clamp(c·w_m, r_min, h_m), the water level c solving Σ_m κ_m·r*_m = R;
       phase 2  r_m = ⌊r*_m⌋, then +1 in one global order (largest r*_m − r_m, higher score,
                lower name) while r_m < h_m and κ_m fits in what is left of R, repeated.
-
     A score-0 matrix stays at r_min until every other sits at h_m. ValueError on bad input.
     Example: allocate_ranks({"q": 1.0, "v": 4.0}, budget=6, r_min=0, r_max=10) == {"q": 1, "v": 5}
     """
@@ -393,9 +386,8 @@ FW_LAMBDA = 1e-4  # λ of the penalty
 
 @contextlib.contextmanager
 def fw_track(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
-    """Yields {m: ‖G_m‖²_F}, filled on exit, G_m = ∂L/∂W_m = Σ δᵀX of every adapted layer's
-    frozen weight, summed over all calls and backwards inside (micro-batches: the real
-    gradient). Under DDP, G_m is the ranks' mean.
+    """Yields {m: ‖G_m‖²_F}, filled on exit: G_m = ∂L/∂W_m = Σ δᵀX of every adapted layer's
+    frozen weight over all calls and backwards inside (micro-batches); under DDP the ranks' mean.
     Example: with fw_track(model) as sq: loss.backward()   # then ema = fw_update(ema, sq, k)
     """
     layers = _adapted(model)
@@ -522,14 +514,11 @@ def lorada_factors(G: torch.Tensor, Z: torch.Tensor, y_diag: torch.Tensor, r: in
                    da_alpha: float = 1.0, da_beta: float = 0.03, da_gamma: float = 1024.0,
                    damping: float = 1e-6, n_pop: int = 1
                    ) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """LoRA-DA closed form for one matrix (Zhang et al., arXiv:2510.24561).
-
-    With the K-FAC Fisher F ≈ Z ⊗ Y (Y = diag(y)), the target is one natural-gradient step
-    Δ* = −Y⁻¹ G Z⁻¹, and the input subspace V (d_in, r), VᵀV = I, minimises bias + variance:
-
+    """LoRA-DA closed form for one matrix (Zhang et al., arXiv:2510.24561). With the K-FAC
+    Fisher F ≈ Z ⊗ Y (Y = diag(y)), the target is one natural-gradient step Δ* = −Y⁻¹ G Z⁻¹,
+    and the input subspace V (d_in, r), VᵀV = I, minimises bias + variance:
         min_V tr(Vᵀ Ω V),   Ω = −α_DA Δ̂ᵀΔ̂ + β_DA c Z⁻¹,   c = tr(Y⁻¹) / N_pop / σ²,
         Δ̂ = Δ*/σ, σ = ‖Δ*‖₂;   A = Vᵀ/√γ_DA,   B = Δ̂ V/√γ_DA,   so B A = Δ̂ V Vᵀ / γ_DA,
-
     V the eigenvectors of Ω's r smallest eigenvalues (Ky Fan, largest-|·| entry positive);
     Z ← (Z+Zᵀ)/2 + λI (λ ×10 up to 6 times while Cholesky fails), Y⁻¹ = diag(1/(y + λ)), as
     the authors' code. Returns (A, B, info). Raises ValueError if r ∉ [1, d_in] or σ = 0.
@@ -556,9 +545,7 @@ def lorada_statistics(model: nn.Module, batches: Iterable[dict], loss_fn: LossFn
                       n_samples: int = 256) -> tuple[dict[str, dict], int]:
     """LoRA-DA statistics (arXiv:2510.24561) of every adapted layer over the first n_samples
     examples, L_n the loss of example n (a token mean) and δ_{n,t} = ∂L_n/∂y_t:
-
         G = (1/n) Σ_n ∂L_n/∂W (d_out, d_in),   Z = E_t[x_t x_tᵀ],   y = E_t[δ_t ⊙ δ_t],
-
     Z and y over valid tokens (batch["attention_mask"] where present, else all tokens). One
     backward per batch of independent examples (loss_fn their mean, so δ_{n,t} = N·∂L/∂y_{n,t});
     the authors' code runs one example at a time, with the same sums. Inputs read by several
