@@ -314,10 +314,10 @@ def _plan(model: nn.Module, budget: int | None, r_min: int, r_max: int | None,
     if budget_unit not in ("ranks", "params"):
         raise ValueError(f"budget_unit={budget_unit!r}: use 'ranks' or 'params'")
     # "params": a rank of matrix m costs d_in + d_out parameters, and the budget counts those
-    costs = ({n: m.in_features + m.out_features for n, m in layers.items()}
-             if budget_unit == "params" else None)
-    if budget is None:
-        budget = sum(m.r * (costs[n] if costs else 1) for n, m in layers.items())
+    kappa = {n: m.in_features + m.out_features if budget_unit == "params" else 1
+             for n, m in layers.items()}
+    costs = kappa if budget_unit == "params" else None
+    budget = sum(m.r * kappa[n] for n, m in layers.items()) if budget is None else budget
     r_max = 2 * max(m.r for m in layers.values()) if r_max is None else r_max
     caps = {n: min(r_max, m.in_features, m.out_features) for n, m in layers.items()}
     thin = [f"{n} ({c})" for n, c in caps.items() if c < r_max]
@@ -327,7 +327,7 @@ def _plan(model: nn.Module, budget: int | None, r_min: int, r_max: int | None,
         few = [f"{n} ({c})" for n, c in caps.items() if c < r_min][:5]
         raise ValueError(f"r_min={r_min} exceeds min(d_in, d_out) of {few}: lower r_min or "
                          "leave those matrices out of the targets")
-    elif budget > (most := sum(c * (costs[n] if costs else 1) for n, c in caps.items())):
+    elif budget > (most := sum(c * kappa[n] for n, c in caps.items())):
         raise ValueError(f"budget={budget} > Σ_m {'cost_m·' if costs else ''}min(r_max, d_in, "
                          f"d_out)={most} (thin matrices: {thin[:5]}): lower the budget or leave "
                          "those matrices out of the targets")
@@ -401,16 +401,12 @@ def fw_track(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
 
     with _hooked(layers, on_grad):
         yield sq_norms
-    dist = torch.distributed
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    with torch.no_grad():
-        if world > 1:  # DistributedDataParallel: the step's gradient is the ranks' mean G
-            G = {n: G.get(n, m.weight.new_zeros(m.out_features, m.in_features,
-                                                dtype=torch.float32)) for n, m in layers.items()}
-            _all_reduce(list(G.values()))
-            G = {n: g / world for n, g in G.items()}
+    with torch.no_grad():  # DistributedDataParallel: the step's gradient is the ranks' mean G
+        G = {n: G.get(n, m.weight.new_zeros(m.out_features, m.in_features, dtype=torch.float32))
+             for n, m in layers.items()}
+        world, = _all_reduce(list(G.values()), 1)
         for name, g in G.items():
-            sq_norms[name].add_(g.square().sum())
+            sq_norms[name].add_((g / world).square().sum())
 
 
 def fw_update(ema: dict[str, torch.Tensor], sq_norms: dict[str, torch.Tensor], step: int,
@@ -673,6 +669,5 @@ def lorada_init(model: nn.Module, batches: Iterable[dict], loss_fn: LossFn,
             layers[n].lora_A.copy_(A)
             layers[n].lora_B.copy_(B)
     return {"initialized": list(factors), "skipped": skipped, "n_samples": n_used,
-            "population_size": n_pop,
-            "z_shared_with": {n: s["z_owner"] for n, s in stats.items() if s["z_owner"] != n},
-            "matrices": matrices}
+            "population_size": n_pop, "matrices": matrices,
+            "z_shared_with": {n: s["z_owner"] for n, s in stats.items() if s["z_owner"] != n}}
