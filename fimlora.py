@@ -557,7 +557,7 @@ def lorada_statistics(model: nn.Module, batches: Iterable[dict], loss_fn: LossFn
     for s in st.values():
         s["y_diag"] = s["G"].new_zeros(s["G"].shape[0])
     Zsum, owner = {}, {}  # owner[n]: the matrix whose Z tensor n uses
-    cur, now = {}, {"N": 1, "mask": None}  # inputs of the current forward; its size and mask
+    cur, now = {}, {"N": 1, "mask": None, "used": 0}  # this forward's inputs, N, mask; examples
 
     def rows(t: torch.Tensor) -> torch.Tensor:  # (tokens, features), valid tokens only
         mask = now["mask"]  # applies where its shape is t's leading dims (not a pooled input)
@@ -573,22 +573,21 @@ def lorada_statistics(model: nn.Module, batches: Iterable[dict], loss_fn: LossFn
         s["y_diag"].add_((dm * dm).sum(dim=0))
 
     def chunks():  # whole batches, the last cut to n_samples; sets N and the mask for each
-        seen = 0
         for batch in batches:
             if not hasattr(batch, "items"):
                 raise TypeError(f"LoRA-DA batches are dicts of tensors, got {type(batch).__name__}")
             sizes = [v.shape[0] for v in batch.values() if torch.is_tensor(v) and v.ndim > 0]
             if not sizes:
                 raise ValueError(f"batch with keys {sorted(batch)} has no tensor with a batch dim")
-            if seen == n_samples:
+            if now["used"] == n_samples:
                 return
-            n, now["N"] = sizes[0], min(sizes[0], n_samples - seen)
+            n, now["N"] = sizes[0], min(sizes[0], n_samples - now["used"])
             batch = {k: v[:now["N"]] if torch.is_tensor(v) and v.ndim > 0 and v.shape[0] == n
                      else v for k, v in batch.items()}
             now["mask"] = batch.get("attention_mask")
             cur.clear()
             yield batch
-            seen += now["N"]
+            now["used"] += now["N"]
 
     def accumulate_z():  # an input is kept alive by cur, so its storage identifies it
         keys = {n: tuple((x.data_ptr(), x.shape, x.stride(), x.dtype, x.device, x._version)
@@ -608,23 +607,18 @@ def lorada_statistics(model: nn.Module, batches: Iterable[dict], loss_fn: LossFn
                 if owner[n] == n:
                     Zsum[n].addmm_(X.T, X)
 
-    n_used = 0
     hooks = _hooked(layers, on_grad, lambda name, x, y: cur.setdefault(name, []).append(x))
     with _restored(model), hooks, torch.no_grad():
         model.eval()
-        try:
-            for _ in _calibrate(model, layers, chunks(), loss_fn):
-                accumulate_z()
-                n_used += now["N"]
-        finally:
-            cur.clear()
+        for _ in _calibrate(model, layers, chunks(), loss_fn):
+            accumulate_z()
     for n in layers:  # a module never called (on this rank) has Z sum 0
         if n not in owner:
             owner[n], Zsum[n] = n, st[n]["G"].new_zeros(st[n]["G"].shape[1], st[n]["G"].shape[1])
     # each layer lists its own Z sum (a shared one repeatedly): the same list on every rank
     *tokens, n_used = _all_reduce([st[n][k] for k in ("G", "y_diag") for n in layers]
                                   + [Zsum[owner[n]] for n in layers],
-                                  *(st[n]["tokens"] for n in layers), n_used)
+                                  *(st[n]["tokens"] for n in layers), now["used"])
     for n, t in zip(layers, tokens):
         st[n]["tokens"] = t
     Z = {o: Zsum[o] / max(st[o]["tokens"], 1) for o in Zsum}  # sharers get the same tensor
