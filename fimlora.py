@@ -117,10 +117,8 @@ def _all_reduce(tensors: list[torch.Tensor], *counts: int) -> list[int]:
         return list(counts)
     flat = torch.cat([t.reshape(-1).to(tensors[0].dtype) for t in tensors])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    i = 0
-    for t in tensors:  # a tensor listed twice gets the same sum twice
-        t.copy_(flat[i:i + t.numel()].view_as(t))
-        i += t.numel()
+    for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
+        t.copy_(part.view_as(t))  # a tensor listed twice gets the same sum twice
     total = torch.tensor(counts, dtype=torch.int64, device=flat.device)  # nccl: on the GPU
     if counts:
         dist.all_reduce(total, op=dist.ReduceOp.SUM)
@@ -205,9 +203,8 @@ def _targets(s: list[float], budget: int, r_min: int, hi: list[int], kappa: list
         # every w_m > 0 matrix reaches h_m first: the w_m = 0 ones share the rest as equals
         lo, w = [h if v > 0 else r_min for v, h in zip(w, hi)], [1.0] * len(s)
     W = [Fraction(v) for v in w]
-    # f(c) = Σ_m κ_m·clamp(c·w_m, lo_m, h_m) = K + c·S between kinks, where m leaves lo_m
-    # (c = lo_m/w_m) or reaches h_m (c = h_m/w_m): sweep the kinks in order (the float key
-    # decides all but float ties) and solve the piece that crosses the budget
+    # f(c) = Σ_m κ_m·clamp(c·w_m, lo_m, h_m) = K + c·S between kinks c = lo_m/w_m, h_m/w_m:
+    # sweep them in order (a float key, exact on float ties), solve the piece crossing R
     kinks = sorted((b / v, b / W[m], leaves, m) for m, v in enumerate(w) if v > 0
                    for b, leaves in ((lo[m], 0), (hi[m], 1)))
     K, S, c = sum(map(int.__mul__, kappa, lo)), 0, Fraction(0)
@@ -301,9 +298,8 @@ def resize_ranks(model: nn.Module, ranks: dict[str, int],
     return alphas
 
 
-def _plan(model: nn.Module, budget: int | None, r_min: int, r_max: int | None,
-          power: float = 1.0, budget_unit: str = "ranks"
-          ) -> tuple[int, int | dict[str, int], dict[str, int] | None]:
+def _plan(model: nn.Module, budget: int | None, r_min: int, r_max: int | None, power: float,
+          budget_unit: str) -> tuple[int, int | dict[str, int], dict[str, int] | None]:
     """(budget, caps, costs) over the adapted layers, checked before any calibration; a matrix
     is capped at min(r_max, d_in, d_out): a rank beyond adds parameters, not expressiveness."""
     layers = _adapted(model)
@@ -337,9 +333,8 @@ def _plan(model: nn.Module, budget: int | None, r_min: int, r_max: int | None,
 
 def initialize_fim_ranks(model: nn.Module, batches: Iterable, loss_fn: LossFn,
                          budget: int | None = None, r_min: int = 1, r_max: int | None = None,
-                         score: str = "efim", n_batches: int | None = 8,
-                         per_example: bool = False, power: float = 1.0,
-                         generator: torch.Generator | None = None,
+                         score: str = "efim", n_batches: int | None = 8, per_example: bool = False,
+                         power: float = 1.0, generator: torch.Generator | None = None,
                          budget_unit: str = "ranks") -> dict:
     """FIM-LoRA in place on fresh adapters (B = 0), all checked before calibrating:
     fisher_scores, allocate_ranks (default budget Σ_m r_m, r_max = 2·max r, caps
@@ -475,8 +470,7 @@ def fw_penalty(model: nn.Module, importance: dict[str, torch.Tensor | float],
 
 
 def _da_omega(G: torch.Tensor, Z: torch.Tensor, y_diag: torch.Tensor, da_alpha: float,
-              da_beta: float, damping: float, n_pop: int, y_damping: float | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+              da_beta: float, damping: float, n_pop: int, y_damping: float | None = None) -> tuple:
     """(Δ̂, Ω, info) of lorada_factors in G's dtype (at least float32); y damped by y_damping
     where given (study/scores.py), else by damping."""
     dt = torch.promote_types(G.dtype, torch.float32)
@@ -531,8 +525,7 @@ def lorada_factors(G: torch.Tensor, Z: torch.Tensor, y_diag: torch.Tensor, r: in
     Delta_hat, Omega, info = _da_omega(G, Z, y_diag, da_alpha, da_beta, damping, n_pop)
     evals, evecs = torch.linalg.eigh(Omega)  # ascending
     V = evecs[:, :r]  # (d_in, r); eigh's signs are arbitrary: fix them
-    signs = V[V.abs().argmax(dim=0), torch.arange(r, device=V.device)].sign()
-    V = V * torch.where(signs == 0, torch.ones_like(signs), signs)
+    V = V * V[V.abs().argmax(dim=0), torch.arange(r, device=V.device)].sign()  # never 0
     A, B = V.T / math.sqrt(da_gamma), (Delta_hat @ V) / math.sqrt(da_gamma)
     return A, B, {**info, "eigenvalues": evals[:r].tolist()}
 
@@ -619,11 +612,10 @@ def lorada_statistics(model: nn.Module, batches: Iterable[dict], loss_fn: LossFn
     *tokens, n_used = _all_reduce([st[n][k] for k in ("G", "y_diag") for n in layers]
                                   + [Zsum[owner[n]] for n in layers],
                                   *(st[n]["tokens"] for n in layers), now["used"])
-    for n, t in zip(layers, tokens):
-        st[n]["tokens"] = t
-    Z = {o: Zsum[o] / max(st[o]["tokens"], 1) for o in Zsum}  # sharers get the same tensor
-    return {n: {"G": s["G"] / max(n_used, 1), "y_diag": s["y_diag"] / max(s["tokens"], 1),
-                "Z": Z[owner[n]], "tokens": s["tokens"], "z_owner": owner[n]}
+    tokens = dict(zip(layers, tokens))
+    Z = {o: Zsum[o] / max(tokens[o], 1) for o in Zsum}  # sharers get the same tensor
+    return {n: {"G": s["G"] / max(n_used, 1), "y_diag": s["y_diag"] / max(tokens[n], 1),
+                "Z": Z[owner[n]], "tokens": tokens[n], "z_owner": owner[n]}
             for n, s in st.items()}, n_used
 
 
