@@ -177,8 +177,7 @@ def fisher_scores(model: nn.Module, batches: Iterable, loss_fn: LossFn, score: s
             for name, g in zip(layers, grads):
                 if g is not None and not per_example:  # None: the layer did not reach the loss
                     add(name, g.float()[None])
-    count, = _all_reduce([sum_sq[n] for n in layers] + [sum_g[n] for n in layers if sum_g],
-                         count)
+    count, = _all_reduce(list(sum_sq.values()) + list(sum_g.values()), count)
     if count == 0:
         raise ValueError("batches yielded nothing to calibrate on")
     fisher = {n: sum_sq[n] / count for n in layers}
@@ -354,8 +353,7 @@ def fim_rank_pattern(model: nn.Module, batches: Iterable, loss_fn: LossFn, r: in
     """initialize_fim_ranks' allocation as peft.LoraConfig fields (r = the most common r_m;
     patterns keyed "^" + re.escape(name) for the others), the model left as it is.
     Example: peft.LoraConfig(target_modules=targets, **fim_rank_pattern(model, b, f, 8, 16))"""
-    off = [n for n, m in _adapted(model).items() if m.r != r or m.alpha != alpha
-           or m.rslora != rslora]
+    off = [n for n, m in _adapted(model).items() if (m.r, m.alpha, m.rslora) != (r, alpha, rslora)]
     if off:
         raise ValueError(f"layers {off[:5]} are not rank-{r}, α={alpha}, rslora={rslora} "
                          "adapters: add_lora(model, targets, r, alpha) with the same values")
@@ -419,8 +417,7 @@ def fw_update(ema: dict[str, torch.Tensor], sq_norms: dict[str, torch.Tensor], s
     for name in {**ema, **sq_norms}:
         g = sq_norms.get(name)
         g = torch.zeros_like(ema[name]) if g is None else g.detach().float()
-        prev = ema.get(name)
-        out[name] = (new * g if prev is None else keep * prev + new * g) / (1.0 - beta ** step)
+        out[name] = (keep * ema[name] + new * g if name in ema else new * g) / (1.0 - beta ** step)
     return out
 
 
@@ -544,11 +541,10 @@ def lorada_statistics(model: nn.Module, batches: Iterable[dict], loss_fn: LossFn
     if n_samples < 1:
         raise ValueError(f"n_samples={n_samples}: use at least one example")
     layers = _adapted(model)
-    st = {n: {"G": m.weight.new_zeros(m.out_features, m.in_features,
-                                      dtype=torch.promote_types(m.weight.dtype, torch.float32)),
-              "tokens": 0} for n, m in layers.items()}
-    for s in st.values():
-        s["y_diag"] = s["G"].new_zeros(s["G"].shape[0])
+    dt = {n: torch.promote_types(m.weight.dtype, torch.float32) for n, m in layers.items()}
+    st = {n: {"G": m.weight.new_zeros(m.out_features, m.in_features, dtype=dt[n]),
+              "y_diag": m.weight.new_zeros(m.out_features, dtype=dt[n]), "tokens": 0}
+          for n, m in layers.items()}
     Zsum, owner = {}, {}  # owner[n]: the matrix whose Z tensor n uses
     cur, now = {}, {"N": 1, "mask": None, "used": 0}  # this forward's inputs, N, mask; examples
 
