@@ -136,8 +136,7 @@ def fisher_scores(model: nn.Module, batches: Iterable, loss_fn: LossFn, score: s
     per_example=True: g_n = N·s·Σ_t δ_{n,t} u_{n,t}ᵀ per example n (u = A·dropout(x), δ = ∂L/∂y)
     from one backward; loss_fn is then a mean over dim 0, each adapted layer run once per forward.
     Sums are all-reduced. Returns {"scores", "fisher": F_m (d_out, r), "count": K or N}.
-    Example: fisher_scores(model, [batch], loss_fn)["scores"] -> {"layer.0.query": 3.1e-07, ...}
-    """
+    Example: fisher_scores(model, [batch], loss_fn)["scores"] -> {"layer.0.query": 3.1e-07, ...}"""
     if score not in ("efim", "variance"):
         raise ValueError(f"score={score!r}: use 'efim' or 'variance' (study/scores.py has more)")
     if n_batches is not None and n_batches < 1:
@@ -381,8 +380,7 @@ FW_LAMBDA = 1e-4  # λ of the penalty
 def fw_track(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
     """Yields {m: ‖G_m‖²_F}, filled on exit: G_m = ∂L/∂W_m = Σ δᵀX of every adapted layer's
     frozen weight over all calls and backwards inside (micro-batches); under DDP the ranks' mean.
-    Example: with fw_track(model) as sq: loss.backward()   # then ema = fw_update(ema, sq, k)
-    """
+    Example: with fw_track(model) as sq: loss.backward()   # then ema = fw_update(ema, sq, k)"""
     layers = _adapted(model)
     sq_norms = {n: m.weight.new_zeros((), dtype=torch.float32) for n, m in layers.items()}
     G: dict[str, torch.Tensor] = {}
@@ -415,8 +413,7 @@ def fw_update(ema: dict[str, torch.Tensor], sq_norms: dict[str, torch.Tensor], s
     keep, new = beta * (1.0 - beta ** (step - 1)), 1.0 - beta  # F̂_{k−1} back to F_{k−1}
     out = {}
     for name in {**ema, **sq_norms}:
-        g = sq_norms.get(name)
-        g = torch.zeros_like(ema[name]) if g is None else g.detach().float()
+        g = sq_norms[name].detach().float() if name in sq_norms else torch.zeros_like(ema[name])
         out[name] = (keep * ema[name] + new * g if name in ema else new * g) / (1.0 - beta ** step)
     return out
 
@@ -509,8 +506,7 @@ def lorada_factors(G: torch.Tensor, Z: torch.Tensor, y_diag: torch.Tensor, r: in
     V the eigenvectors of Ω's r smallest eigenvalues (Ky Fan, largest-|·| entry positive);
     Z ← (Z+Zᵀ)/2 + λI (λ ×10 up to 6 times while Cholesky fails), Y⁻¹ = diag(1/(y + λ)), as
     the authors' code. Returns (A, B, info). Raises ValueError if r ∉ [1, d_in] or σ = 0.
-    Example: A, B, _ = lorada_factors(G, Z, y, r=8)   # A (8, d_in), B (d_out, 8)
-    """
+    Example: A, B, _ = lorada_factors(G, Z, y, r=8)   # A (8, d_in), B (d_out, 8)"""
     d_out, d_in = G.shape
     if not 1 <= r <= d_in:
         raise ValueError(f"r={r} must lie in [1, d_in={d_in}]: LoRA-DA picks r input directions")
@@ -536,8 +532,7 @@ def lorada_statistics(model: nn.Module, batches: Iterable[dict], loss_fn: LossFn
     backward per batch of independent examples (loss_fn their mean, so δ_{n,t} = N·∂L/∂y_{n,t});
     the authors' code runs one example at a time, with the same sums. Inputs read by several
     matrices (q/k/v) give one shared Z. Eval mode; sums in at least float32, all-reduced.
-    Returns ({name: {G, Z, y_diag, tokens, z_owner}}, examples used).
-    """
+    Returns ({name: {G, Z, y_diag, tokens, z_owner}}, examples used)."""
     if n_samples < 1:
         raise ValueError(f"n_samples={n_samples}: use at least one example")
     layers = _adapted(model)
@@ -636,20 +631,19 @@ def lorada_init(model: nn.Module, batches: Iterable[dict], loss_fn: LossFn,
         raise ValueError("batches yielded no example: pass at least one non-empty batch")
     n_pop = population_size or n_used
     skipped = {n: "rank 0" for n, m in layers.items() if m.r == 0}
-    factors, matrices = {}, {}
+    factors = {}
     for n, s in stats.items():
         if not bool(torch.isfinite(s["G"]).all()):
             raise ValueError(f"{n}: gradient has inf/NaN; check loss_fn on the calibration data")
         if not s["G"].any() or s["tokens"] == 0:
             skipped[n] = "no valid tokens" if s["G"].any() else "zero gradient"
             continue
-        A, B, matrices[n] = lorada_factors(s["G"], s["Z"], s["y_diag"], layers[n].r, da_alpha,
-                                           da_beta, da_gamma, damping, n_pop)
-        factors[n] = (A, B)
+        factors[n] = lorada_factors(s["G"], s["Z"], s["y_diag"], layers[n].r, da_alpha, da_beta,
+                                    da_gamma, damping, n_pop)  # (A, B, info)
     with torch.no_grad():
-        for n, (A, B) in factors.items():
+        for n, (A, B, _) in factors.items():
             layers[n].lora_A.copy_(A)
             layers[n].lora_B.copy_(B)
     return {"initialized": list(factors), "skipped": skipped, "n_samples": n_used,
-            "population_size": n_pop, "matrices": matrices,
+            "population_size": n_pop, "matrices": {n: f[2] for n, f in factors.items()},
             "z_shared_with": {n: s["z_owner"] for n, s in stats.items() if s["z_owner"] != n}}
