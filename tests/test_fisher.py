@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fimlora import (ALLOCATION_SCORES, allocate_ranks, fisher_scores, fw_penalty, fw_track,
-                     fw_update, importances, initialize_fim_ranks, lorada_init)
+from fimlora import (allocate_ranks, fim_rank_pattern, fisher_scores, fw_penalty, fw_track,
+                     fw_update, importances, initialize_fim_ranks, lorada_init, resize_ranks)
 from lora import add_lora, lora_layers, lora_scaling, resize_lora
 
 TARGETS = ["query", "value", "classifier"]
@@ -120,12 +120,9 @@ def test_variance_is_centred_second_moment_of_batch_gradients():
     assert_stats(result, {n: g.var(0, unbiased=False) for n, g in G.items()})
 
 
-@pytest.mark.parametrize("chunk", [None, 1])
 @pytest.mark.parametrize("score", ["efim", "variance"])
-def test_per_example_equals_loop_over_unpadded_examples(score, chunk, monkeypatch):
+def test_per_example_equals_loop_over_unpadded_examples(score):
     """Oracle: each example alone, without its padding, as a batch of one."""
-    if chunk is not None:
-        monkeypatch.setattr("fimlora._CHUNK", chunk)  # one example per chunk
     model, batches = make_model(random_B=True), make_batches(3)
     per_example = []
     for ids, mask, y in batches:
@@ -246,6 +243,26 @@ def test_initialize_fim_ranks_caps_each_matrix_at_its_dimension():
         initialize_fim_ranks(make_model(r=4), make_batches(1), loss_fn, r_min=4)
 
 
+def test_resize_ranks_keeps_each_layers_base_scale_and_pattern_uses_the_same_alphas():
+    """α_m = α·r_m/r (α·√(r_m/r) with rsLoRA) from each layer's own r and α, B = 0 and a
+    fresh A; fim_rank_pattern's alpha_pattern gives the same α_m. Unknown names are refused."""
+    for rslora in (False, True):
+        model = make_model(r=4, alpha=8.0, rslora=rslora)
+        ranks = {"query": 6, "value": 2, "classifier": 3}
+        alphas = resize_ranks(model, ranks, torch.Generator().manual_seed(0))
+        for name, layer in lora_layers(model).items():
+            assert layer.r == ranks[name] and alphas[name] == layer.alpha
+            assert layer.scaling == pytest.approx(lora_scaling(4, 8.0, rslora))
+            assert not layer.lora_B.any()
+        model, batches = make_model(r=4, alpha=8.0, rslora=rslora), make_batches(3)
+        fields = fim_rank_pattern(model, batches, loss_fn, 4, 8.0, rslora=rslora)
+        ref = initialize_fim_ranks(model, batches, loss_fn)
+        for name, a in ref["alphas"].items():
+            assert fields["alpha_pattern"].get("^" + name, fields["lora_alpha"]) == a
+    with pytest.raises(ValueError, match=r"ranks and the adapted layers differ: \['key'"):
+        resize_ranks(make_model(), {"query": 2, "value": 2, "classifier": 2, "key": 1})
+
+
 def test_initialize_fim_ranks_checks_inputs_before_calibrating():
     calls = []
 
@@ -264,20 +281,19 @@ def test_initialize_fim_ranks_checks_inputs_before_calibrating():
 # FW-LoRA
 
 
-@pytest.mark.parametrize("method", ["direct", "gram", "auto"])
-def test_fw_track_equals_norm_of_real_weight_gradient(method):
+def test_fw_track_equals_norm_of_real_weight_gradient():
     model, (batch,) = make_model(random_B=True), make_batches(1, N=3, T=4)
     layers = lora_layers(model)
     for layer in layers.values():
         layer.weight.requires_grad_(True)  # only so the oracle W.grad exists
-    with fw_track(model, method=method) as sq_norms:
+    with fw_track(model) as sq_norms:
         loss_fn(model, batch).backward()
     for name, layer in layers.items():
         expected = layer.weight.grad.square().sum()
         torch.testing.assert_close(sq_norms[name], expected.float(), rtol=1e-5, atol=0)
         assert not layer._forward_hooks
     model.zero_grad()
-    with fw_track(model, method=method) as sq_norms:  # accumulated: the norm of the sum
+    with fw_track(model) as sq_norms:  # accumulated: the norm of the sum
         loss_fn(model, batch).backward()
         loss_fn(model, batch).backward()
     for name, layer in layers.items():  # W.grad = 2G now, so ‖2G‖² = 4‖G‖², not 2‖G‖²
@@ -285,8 +301,7 @@ def test_fw_track_equals_norm_of_real_weight_gradient(method):
         torch.testing.assert_close(sq_norms[name], expected.float(), rtol=1e-5, atol=0)
 
 
-@pytest.mark.parametrize("method", ["direct", "gram"])
-def test_fw_track_layer_called_twice_gives_norm_of_summed_gradient(method):
+def test_fw_track_layer_called_twice_gives_norm_of_summed_gradient():
     """A layer applied twice per forward has ∂L/∂W = G_1 + G_2: fw_track reports ‖G_1 + G_2‖²,
     read from the real W.grad, not ‖G_1‖² + ‖G_2‖²."""
     model = nn.Sequential(nn.Linear(4, 4)).double()
@@ -296,7 +311,7 @@ def test_fw_track_layer_called_twice_gives_norm_of_summed_gradient(method):
         layer.lora_B.copy_(torch.randn_like(layer.lora_B))
     layer.weight.requires_grad_(True)
     x = torch.randn(3, 4, dtype=torch.float64)
-    with fw_track(model, method=method) as sq_norms:
+    with fw_track(model) as sq_norms:
         torch.tanh(layer(torch.tanh(layer(x)))).sum().backward()
     torch.testing.assert_close(sq_norms["0"], layer.weight.grad.square().sum().float(),
                                rtol=1e-5, atol=0)
@@ -406,8 +421,7 @@ def uneven_batches():
 
 
 class MLP(nn.Module):
-    """Two 8x8 layers: fw_track's "auto" forms δᵀX for 4 rows (4·16 ≥ 64) and takes the Gram
-    form for 3, so a 4/3 split fills each rank's gradient dict in a different order."""
+    """Two 8x8 layers, so a 4/3 split gives the ranks shards of different sizes."""
 
     def __init__(self):
         super().__init__()
@@ -418,20 +432,20 @@ class MLP(nn.Module):
 
 
 def dist_case(rank: int, world: int) -> dict:
-    """Everything a rank computes from its share: every allocation score (ranks and scores),
-    the per-example Fisher, scores from one batch over all ranks (rank 1 gets none), and
+    """Everything a rank computes from its share: every allocation score (FIM-LoRA's and
+    study/scores.py's: ranks and scores), the per-example Fisher, scores from one batch over
+    all ranks (rank 1 gets none), and
     fw_track of a 7-row batch cut 4/3 as train.shards cuts it, each shard's mean loss weighted
     by world·n_k/N (as train.py does) so the ranks' mean gradient is the whole batch's."""
+    from study.scores import SCORES, initialize_ranks
     batches = uneven_batches()
     out = {}
-    cases = [(s, False, batches) for s in ALLOCATION_SCORES] + [
-        (s, True, batches) for s in ("efim", "variance")] + [
-        (s, False, batches[:1]) for s in ("efim", "gradw", "kfac", "lorada")]
-    for score, per_example, data in cases:
-        res = initialize_fim_ranks(make_model(r=2), data[rank::world], dict_loss, score=score,
-                                   n_batches=None, per_example=per_example,
-                                   generator=torch.Generator().manual_seed(0))
-        out[score, per_example, len(data)] = {"ranks": res["ranks"], "scores": res["scores"]}
+    cases = [(s, batches) for s in ("efim", "variance", "per-example", *SCORES)] + [
+        (s, batches[:1]) for s in ("efim", "gradw", "kfac", "lorada")]
+    for score, data in cases:
+        res = initialize_ranks(make_model(r=2), data[rank::world], dict_loss, score,
+                               n_batches=None, generator=torch.Generator().manual_seed(0))
+        out[score, len(data)] = {"ranks": res["ranks"], "scores": res["scores"]}
     torch.manual_seed(0)
     model = MLP()
     add_lora(model, ["up", "down"], r=2, alpha=2.0)
