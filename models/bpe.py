@@ -43,12 +43,14 @@ import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 
-from models.tokenizer import _Memo
+from models.checkpoint import exists, field, read_json
+from models.tokenizer import Memo
 
 CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types cut out of text whole
 PRE_TOKENIZERS = ("gpt2", "smollm")
-CACHE_MAX_CHARS = 1 << 21  # piece + id characters the piece -> ids cache holds (~20 MB)
+CACHE_SIZE = 1 << 16  # pieces the piece -> ids cache holds (at most ~70 MB)
 CACHE_MAX_PIECE = 256  # longer pieces are not cached
+TOKENIZER_LIMIT = 1 << 26  # bytes of tokenizer.json (real ones take < 20 MB)
 _WHITE_SPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
 
 
@@ -256,33 +258,32 @@ class BPETokenizer:
         self.ignore_merges, self.nfc, self.split = ignore_merges, nfc, split
         self._split_re = split_regex(split) if split is not None else None
         # bounded by characters held, not entries: long pieces are cheaper to merge again
-        self._cache = _Memo(self._bpe_ids, max_cost=CACHE_MAX_CHARS, max_key=CACHE_MAX_PIECE)
+        self._cache = Memo(self._bpe_ids, CACHE_SIZE, max_key=CACHE_MAX_PIECE)
 
     @classmethod
-    def from_gguf(cls, metadata: dict) -> BPETokenizer:
-        """From GGUF metadata (`tokenizer.ggml.*`); the model must be "gpt2" (byte-level BPE)."""
+    def from_gguf(cls, metadata: dict, where: str = "GGUF metadata") -> BPETokenizer:
+        """From GGUF metadata (`tokenizer.ggml.*`); the model must be "gpt2" (byte-level BPE).
+        Errors are ValueError "<where>: ..." (where: the file)."""
         get = metadata.get
         if get("tokenizer.ggml.model") != "gpt2":
-            raise ValueError(f"tokenizer.ggml.model={get('tokenizer.ggml.model')!r}: only "
-                             "'gpt2' (byte-level BPE) is supported")
+            raise ValueError(f"{where}: tokenizer.ggml.model={get('tokenizer.ggml.model')!r}: "
+                             "only 'gpt2' (byte-level BPE) is supported")
         tokens, merges = get("tokenizer.ggml.tokens"), get("tokenizer.ggml.merges")
         types = get("tokenizer.ggml.token_type") or [1] * len(tokens or [])
         if not (isinstance(tokens, list) and isinstance(merges, list) and isinstance(types, list)
                 and all(isinstance(t, str) for t in tokens + merges) and len(types) == len(tokens)
                 and all(type(t) is int for t in types)):
-            raise ValueError("GGUF metadata needs tokenizer.ggml.tokens and .merges as lists of "
+            raise ValueError(f"{where} needs tokenizer.ggml.tokens and .merges as lists of "
                              "strings, and token_type (if present) as many integers as tokens")
-        for key in ("bos_token_id", "eos_token_id", "padding_token_id", "pre", "add_bos_token"):
-            v = get(f"tokenizer.ggml.{key}")
-            want = {"pre": str, "add_bos_token": bool}.get(key, int)
-            if v is not None and type(v) is not want:
-                raise ValueError(f"GGUF metadata tokenizer.ggml.{key}={v!r} is invalid: use "
-                                 f"{'a string' if want is str else want.__name__}")
-        pre = get("tokenizer.ggml.pre", "gpt2")
-        return cls(tokens, merges, [i for i, t in enumerate(types) if t in (CONTROL, USER_DEFINED)],
-                   get("tokenizer.ggml.bos_token_id"), get("tokenizer.ggml.eos_token_id"),
-                   get("tokenizer.ggml.padding_token_id"), "gpt2" if pre == "default" else pre,
-                   bool(get("tokenizer.ggml.add_bos_token", False)))
+        ids = [field(metadata, f"tokenizer.ggml.{k}_token_id", "index?", where, None)
+               for k in ("bos", "eos", "padding")]
+        pre = field(metadata, "tokenizer.ggml.pre", "str", where, "gpt2")
+        add_bos = field(metadata, "tokenizer.ggml.add_bos_token", "bool", where, False)
+        special = [i for i, t in enumerate(types) if t in (CONTROL, USER_DEFINED)]
+        try:
+            return cls(tokens, merges, special, *ids, "gpt2" if pre == "default" else pre, add_bos)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
 
     @classmethod
     def from_tokenizer_json(cls, tj: dict, special_tokens: dict[str, object] | None = None,
@@ -351,14 +352,12 @@ class BPETokenizer:
     def from_hf_folder(cls, folder: str | os.PathLike) -> BPETokenizer:
         """tokenizer.json, with the bos/eos/pad tokens of tokenizer_config.json, else the
         *_token_id of config.json."""
-        from models.llama import read_json_file  # models.llama imports this module
-        folder = Path(folder)
-        names = {}
+        folder, names = Path(folder), {}
         for name in ("config.json", "tokenizer_config.json"):  # the second wins
-            if (folder / name).is_file():
-                names.update(read_json_file(folder / name))
-        return cls.from_tokenizer_json(read_json_file(folder / "tokenizer.json"), names,
-                                       str(folder / "tokenizer.json"))
+            if exists(folder / name):
+                names.update(read_json(folder / name))
+        return cls.from_tokenizer_json(read_json(folder / "tokenizer.json", TOKENIZER_LIMIT),
+                                       names, str(folder / "tokenizer.json"))
 
     def __len__(self) -> int:
         return len(self.tokens)

@@ -84,32 +84,23 @@ def _strip_accents(text: str) -> str:
     return "".join(c for c in text if unicodedata.category(c) != "Mn")
 
 
-def _size(x) -> int:
-    return len(x) if isinstance(x, (str, tuple)) else 0
+class Memo(dict):
+    """A dict that computes a missing key's value with fn and keeps it, emptying itself first
+    when it holds `size` entries (not LRU: a corpus' frequent words are back within a few rows);
+    keys longer than max_key are computed but not kept, so memory stays bounded. As a
+    str.translate table the Unicode lookups run once per character; as word -> ids, WordPiece
+    once per word.  Memo(len, 99)["abc"] == 3"""
 
-
-class _Memo(dict):
-    """A dict that computes a missing key's value with fn on first use and keeps it. Bounded by
-    what it holds, not by entries: it empties itself before its cost (1 + key length + value
-    length per entry, in characters or ids) would pass max_cost, and keys longer than max_key
-    are computed but not kept. As a str.translate table (code point -> replacement) the Unicode
-    lookups run once per distinct character; as word -> ids, WordPiece once per distinct word.
-    _Memo(len, max_cost=99)["abc"] == 3"""
-
-    def __init__(self, fn: Callable, max_cost: int, max_key: int | None = None):
+    def __init__(self, fn: Callable, size: int, max_key: int | None = None):
         super().__init__()
-        self.fn, self.max_cost, self.max_key, self.cost = fn, max_cost, max_key, 0
+        self.fn, self.size, self.max_key = fn, size, max_key
 
     def __missing__(self, key):
         out = self.fn(key)
-        if self.max_key is not None and _size(key) > self.max_key:
-            return out
-        cost = 1 + _size(key) + _size(out)
-        if self.cost + cost > self.max_cost:
-            self.clear()  # not LRU: a corpus' frequent words are back within a few rows
-            self.cost = 0
-        self[key] = out
-        self.cost += cost
+        if self.max_key is None or len(key) <= self.max_key:
+            if len(self) >= self.size:
+                self.clear()
+            self[key] = out
         return out
 
 
@@ -118,8 +109,8 @@ def _space_punctuation(cp: int) -> str:
     return f" {ch} " if _is_punctuation(ch) else ch
 
 
-_TABLE_COST = 1 << 18  # a translate table holds <= 2**17 code points (~20 MB)
-_PUNCT_TABLE = _Memo(_space_punctuation, _TABLE_COST)
+MEMO_SIZE = 1 << 16  # entries of a memo: code points, or words of <= MAX_CHARS_PER_WORD
+_PUNCT_TABLE = Memo(_space_punctuation, MEMO_SIZE)
 
 
 def _truncate(a: list[int], b: list[int] | None, budget: int) -> tuple[list[int], list[int] | None]:
@@ -158,14 +149,12 @@ class WordPieceTokenizer:
         self.do_lower_case = do_lower_case
         self.strip_accents = do_lower_case if strip_accents is None else strip_accents
         self._tokens = list(vocab)  # id -> token, to give tokenize() the pieces behind the ids
-        self._clean_table = _Memo(self._clean_cp, _TABLE_COST)
+        self._clean_table = Memo(self._clean_cp, MEMO_SIZE)
         # ASCII text (all of SST-2) needs one translate: drop controls, lower-case, space out
         # punctuation; the same steps as the general path, composed per character
         self._ascii_table = {cp: self._clean_cp(cp).translate(_PUNCT_TABLE) for cp in range(128)}
-        # SST-2 has ~15k distinct words in 67k rows: split each once; bounded for huge corpora
-        # (2**21 characters + ids: ~40 MB at most; a word over MAX_CHARS_PER_WORD is one [UNK])
-        self._word_ids = _Memo(self._split_word_ids, max_cost=1 << 21,
-                               max_key=MAX_CHARS_PER_WORD)
+        # SST-2 has ~15k distinct words in 67k rows: split each once
+        self._word_ids = Memo(self._split_word_ids, MEMO_SIZE, MAX_CHARS_PER_WORD)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, do_lower_case: bool = True,

@@ -302,13 +302,13 @@ def test_llama_metadata_of_the_wrong_type_or_range_names_the_file_and_key(tmp_pa
                                                                           key, value):
     from models.llama import llama_from_gguf
     path = _llama_gguf(tmp_path / "t.gguf", monkeypatch, **{key.replace(".", "__"): value})
-    with pytest.raises(ValueError, match=f"{path}: GGUF metadata {key}=.* is invalid: use"):
+    with pytest.raises(ValueError, match=f"{path}: {key}=.* is invalid: use"):
         llama_from_gguf(path)
 
 
 @pytest.mark.parametrize("key, value, match", [
-    ("tokenizer.ggml.bos_token_id", "0", "bos_token_id='0' is invalid: use int"),
-    ("tokenizer.ggml.add_bos_token", 1, "add_bos_token=1 is invalid: use bool"),
+    ("tokenizer.ggml.bos_token_id", "0", "bos_token_id='0' is invalid: use an int"),
+    ("tokenizer.ggml.add_bos_token", 1, "add_bos_token=1 is invalid: use true or false"),
     ("tokenizer.ggml.pre", 3, "pre=3 is invalid: use a string"),
     ("tokenizer.ggml.tokens", [1, 2, 3], "tokens and .merges as lists of strings"),
     ("tokenizer.ggml.merges", 7, "tokens and .merges as lists of strings"),

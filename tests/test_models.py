@@ -25,6 +25,7 @@ from lora import write_safetensors
 from models import (TINY, BertConfig, BertForSequenceClassification, BertModel,
                     WordPieceTokenizer, build_model, load_model, load_pretrained, model_path,
                     tiny_vocab)
+from models.checkpoint import bert_config
 from models.tokenizer import _truncate
 
 SST2 = Path(__file__).parents[1].parent / "shared/data/glue/SST-2"
@@ -222,13 +223,13 @@ def test_init_is_reproducible_from_the_generator():
 
 
 def test_config_from_dict_and_validation():
-    cfg = BertConfig.from_dict({"hidden_size": 16, "num_attention_heads": 2, "hidden_act": "gelu",
+    cfg = bert_config({"hidden_size": 16, "num_attention_heads": 2, "hidden_act": "gelu",
                                 "architectures": ["BertModel"], "model_type": "bert"})
     assert cfg.hidden_size == 16 and cfg.num_hidden_layers == 12
     for bad in ({"hidden_act": "gelu_new"}, {"position_embedding_type": "relative_key"},
                 {"model_type": "roberta"}):
         with pytest.raises(ValueError, match=repr(next(iter(bad.values())))):
-            BertConfig.from_dict(bad)
+            bert_config(bad)
     with pytest.raises(ValueError, match="divisible"):
         BertConfig(hidden_size=10, num_attention_heads=3)
     with pytest.raises(ValueError, match="max_position_embeddings=24"):
@@ -300,12 +301,16 @@ def test_bert_prefix_heads_and_fresh_heads(tmp_path):
 
 @pytest.mark.parametrize("edit, match", [
     (lambda sd: sd.pop("encoder.layer.1.attention.self.query.weight"),
-     "missing keys.*encoder.layer.1.attention.self.query.weight"),
+     r"missing \['encoder.layer.1.attention.self.query.weight'\]"),
     (lambda sd: sd.update({"encoder.layer.9.output.dense.weight": torch.zeros(2)}),
-     "unexpected keys.*encoder.layer.9.output.dense.weight"),
-    (lambda sd: sd.pop("pooler.dense.bias"), "missing keys.*pooler.dense.bias"),  # half a head
+     "num_hidden_layers=2 but the weights hold 3 blocks"),
+    (lambda sd: sd.update({"encoder.layer.1.output.extra": torch.zeros(2)}),
+     r"unexpected \['encoder.layer.1.output.extra'\]"),
+    (lambda sd: sd.pop("pooler.dense.bias"), r"missing \['pooler.dense.bias'\]"),  # half a head
     (lambda sd: sd.update({"embeddings.LayerNorm.bias": torch.zeros(17)}),
-     r"embeddings.LayerNorm.bias: checkpoint \(17,\)"),
+     r"embeddings.LayerNorm.bias \(17,\) \(config: \(16,\)\)"),
+    (lambda sd: sd.update({"embeddings.LayerNorm.bias": torch.zeros(16, dtype=torch.long)}),
+     "embeddings.LayerNorm.bias torch.int64"),
     (lambda sd: sd.update({"bert.pooler.dense.bias": torch.zeros(16)}), "twice"),
 ])
 def test_checkpoint_key_errors_name_the_key(tmp_path, edit, match):
@@ -541,30 +546,31 @@ def _valid(field: str, v) -> bool:
        field=st.sampled_from([f.name for f in dataclasses.fields(BertConfig)]))
 def test_config_from_dict_fuzz_raises_only_value_error(value, field):
     try:
-        BertConfig.from_dict(dataclasses.asdict(SMALL) | {field: value}, "config.json")
+        bert_config(dataclasses.asdict(SMALL) | {field: value}, "config.json")
     except ValueError as e:
         assert str(e).startswith("config.json: ")
 
 
 @pytest.mark.parametrize("edits, match", [
-    ({"num_hidden_layers": 100000}, "num_hidden_layers=100000 but the checkpoint holds 2"),
+    ({"num_hidden_layers": 100000}, "num_hidden_layers=100000 but the weights hold 2 blocks"),
     ({"vocab_size": 10**11}, r"vocab_size=100000000000 is invalid: use an int in \[1, 2\*\*31\)"),
-    ({"vocab_size": 10**9}, r"word_embeddings.weight is \(50, 16\) but config.json gives "
-                            r"\(1000000000, 16\) \(vocab_size"),
+    ({"vocab_size": 10**9}, r"word_embeddings.weight \(50, 16\) \(config: \(1000000000, 16\)"),
     ({"max_position_embeddings": 10**9}, "position_embeddings.weight"),
-    ({"intermediate_size": 10**9}, "intermediate_size"),
+    ({"intermediate_size": 10**9}, "intermediate.dense.weight"),
     ({"hidden_size": 2**30, "num_attention_heads": 2}, "word_embeddings.weight"),
 ])
 def test_config_sizes_are_checked_against_the_weights_before_building(tmp_path, monkeypatch,
                                                                       edits, match):
-    """Before the fix these built the layers first (MemoryError after 25 s / 5.7 GB)."""
+    """Before the fix these built the layers first (MemoryError after 25 s / 5.7 GB): a model
+    may be built on the meta device (shapes only) until the config was checked."""
     import models.checkpoint as checkpoint
     folder = write_folder(tmp_path / "m", hf_style_state_dict())
     _edit_config(folder, **edits)
 
-    def never(*a, **kw):
-        raise AssertionError("a model was built before the config was checked")
-    monkeypatch.setattr(checkpoint, "BertModel", never)
+    def meta_only(*a, **kw):
+        assert torch.empty(0).device.type == "meta", "a model was built before the check"
+        return BertModel(*a, **kw)
+    monkeypatch.setattr(checkpoint, "BertModel", meta_only)
     with pytest.raises(ValueError, match=match):
         load_pretrained(folder)
 
