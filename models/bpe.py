@@ -1,34 +1,22 @@
-"""GPT-2-style byte-level BPE, built from a GGUF file's tokenizer metadata (or in code: tiny_bpe).
+"""GPT-2-style byte-level BPE, from GGUF tokenizer metadata, an HF tokenizer.json, or in code.
 
-    from models.bpe import BPETokenizer
     tok = BPETokenizer.from_gguf(metadata)        # metadata from models.gguf.read_gguf_header
     ids = tok.encode("<|im_start|>user\\nHi!")     # [1, 4093, 198, 26843, 17]
     tok.decode(ids) == "<|im_start|>user\\nHi!"
 
 Encoding (Radford et al. 2019, "Language Models are Unsupervised Multitask Learners", sec. 2.2):
 1. special tokens (GGUF token types 3 = control, 4 = user-defined) are cut out of the text whole;
-2. the rest is pre-tokenised by a regex (below), so merges never cross word/number boundaries;
+2. the rest is pre-tokenised by a regex, so merges never cross word/number boundaries:
+   "gpt2" 's|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+ and
+   "smollm" (every \\p{N} character split off alone first, then gpt2's), as llama.cpp's
+   llama-vocab.cpp defines them; Python's `re` has no \\p{..}, so the classes are built from
+   unicodedata, and \\s is Unicode White_Space as in Rust;
 3. each piece's UTF-8 bytes are spelled with GPT-2's byte -> printable-character map;
-4. merges apply by rank: the adjacent pair with the lowest rank merges everywhere (left to
-   right), repeat. bpe_merge finds that pair with a heap of adjacent pair ranks over a linked
-   list, O(n log n) in the piece's length (a rescan per merge was O(n · merges): 35 s for one
-   32k-character word with SmolLM2's merges).
-
-Pre-tokenisers (GGUF `tokenizer.ggml.pre`), as llama.cpp's llama-vocab.cpp defines them:
-    "gpt2":   's|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+
-    "smollm": every \\p{N} character split off alone first, then the gpt2 regex
-(SmolLM2's own tokenizer.json: Digits(individual_digits=True) then ByteLevel). transformers 5.23
-loads an unknown `pre` like "smollm" with the gpt2 regex only; the two differ only when merges
-join digits, which SmolLM2's vocabulary never does (tests/test_decoder.py checks SST-2 dev).
-Python's `re` has no \\p{..}: the classes are built from unicodedata, and \\s is Unicode
-White_Space as in Rust/oniguruma (Python's \\s would also match U+001C..U+001F).
-
-From an HF folder (from_hf_folder): tokenizer.json's BPE model (vocab, merges, ignore_merges),
-its added tokens (cut out whole), normalizer none or NFC, pre-tokenizer ByteLevel (the gpt2
-regex), Digits(individual_digits) + ByteLevel ("smollm") or an isolating Split regex (Llama 3,
-Qwen2; split_regex) + ByteLevel without its regex, and BOS from a TemplateProcessing
-post-processor, as transformers' PreTrainedTokenizerFast applies them; anything else
-(Metaspace/SentencePiece, byte_fallback, other normalizers or splits) is refused by name.
+4. merges apply by rank (bpe_merge: a heap over a linked list, O(n log n) in the piece length).
+From tokenizer.json: the BPE model (vocab, merges, ignore_merges), added tokens (cut out whole),
+normalizer none or NFC, pre-tokenizer ByteLevel, Digits + ByteLevel ("smollm") or an isolating
+Split regex (Llama 3, Qwen2) + ByteLevel, and BOS from a TemplateProcessing post-processor, as
+transformers applies them; anything else (Metaspace, byte_fallback, ...) is refused by name.
 """
 
 from __future__ import annotations
@@ -48,7 +36,7 @@ from models.tokenizer import Memo
 
 CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types cut out of text whole
 PRE_TOKENIZERS = ("gpt2", "smollm")
-CACHE_SIZE = 1 << 16  # pieces the piece -> ids cache holds (at most ~70 MB)
+CACHE_SIZE = 1 << 16  # pieces the piece -> ids cache holds
 CACHE_MAX_PIECE = 256  # longer pieces are not cached
 TOKENIZER_LIMIT = 1 << 26  # bytes of tokenizer.json (real ones take < 20 MB)
 _WHITE_SPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
@@ -157,38 +145,33 @@ def split_regex(pattern: str) -> re.Pattern:
         raise ValueError(f"Split regex {pattern!r} does not compile in Python ({e})") from None
 
 
-def _byte_level(p: dict, where: str, use_regex: bool = True) -> None:
-    if not isinstance(p, dict) or p.get("type") != "ByteLevel" or p.get("add_prefix_space") or \
-            p.get("use_regex", True) != use_regex:
-        raise ValueError(f"{where}: pre-tokenizer {json.dumps(p)[:200]} is not supported "
-                         "(ByteLevel with its gpt2 regex and add_prefix_space=false, optionally "
-                         "after Digits(individual_digits=true), or an isolating Split regex "
-                         "then ByteLevel(use_regex=false))")
+def _refuse(where: str, what: str, obj, fix: str) -> ValueError:
+    return ValueError(f"{where}: {what} {json.dumps(obj)[:200]} is not supported ({fix})")
 
 
 def _pre_tokenizer(p, where: str) -> tuple[str, str | None]:
     """tokenizer.json's pre_tokenizer -> ("gpt2", None) for ByteLevel, ("smollm", None) for
     Digits + ByteLevel, ("gpt2", pattern) for Split(pattern, Isolated) + ByteLevel(no regex)."""
-    if not isinstance(p, dict):
-        raise ValueError(f"{where}: pre_tokenizer {p!r} is not supported (byte-level BPE needs "
-                         "ByteLevel)")
-    if p.get("type") == "Sequence" and len(p.get("pretokenizers") or []) == 2:
-        first, byte_level = p["pretokenizers"]
-        if first == {"type": "Digits", "individual_digits": True}:
-            _byte_level(byte_level, where)
-            return "smollm", None
-        if isinstance(first, dict) and first.get("type") == "Split" and \
-                first.get("behavior") == "Isolated" and not first.get("invert") and \
-                isinstance(first.get("pattern"), dict) and \
-                isinstance(first["pattern"].get("Regex"), str):
-            _byte_level(byte_level, where, use_regex=False)
-            try:
-                split_regex(first["pattern"]["Regex"])
-            except ValueError as e:
-                raise ValueError(f"{where}: {e}") from None
-            return "gpt2", first["pattern"]["Regex"]
-    _byte_level(p, where)
-    return "gpt2", None
+    first, last, split = None, p, None
+    if isinstance(p, dict) and p.get("type") == "Sequence" and len(p.get("pretokenizers") or
+                                                                    []) == 2:
+        first, last = p["pretokenizers"]
+    if isinstance(first, dict) and first.get("type") == "Split" and \
+            first.get("behavior") == "Isolated" and not first.get("invert") and \
+            isinstance(first.get("pattern"), dict) and isinstance(first["pattern"].get("Regex"), str):
+        split = first["pattern"]["Regex"]
+        try:
+            split_regex(split)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+    digits = first == {"type": "Digits", "individual_digits": True}
+    if (first is None or digits or split) and isinstance(last, dict) and \
+            last.get("type") == "ByteLevel" and not last.get("add_prefix_space") and \
+            last.get("use_regex", True) == (split is None):
+        return "smollm" if digits else "gpt2", split
+    raise _refuse(where, "pre-tokenizer", p, "ByteLevel with its gpt2 regex and "
+                  "add_prefix_space=false, optionally after Digits(individual_digits=true), or "
+                  "an isolating Split regex then ByteLevel(use_regex=false)")
 
 
 def _template_bos(p, where: str) -> int | None:
@@ -198,11 +181,10 @@ def _template_bos(p, where: str) -> int | None:
         else [p]
     bos = None
     for q in steps:
-        if q is None or isinstance(q, dict) and q.get("type") == "ByteLevel":
-            continue
-        q = q if isinstance(q, dict) else {"type": q}
-        single = q.get("single") if q.get("type") == "TemplateProcessing" else None
-        if single == [{"Sequence": {"id": "A", "type_id": 0}}]:
+        q = q if isinstance(q, dict) or q is None else {"type": q}
+        single = q.get("single") if q and q.get("type") == "TemplateProcessing" else None
+        if q is None or q.get("type") == "ByteLevel" or single == [{"Sequence": {"id": "A",
+                                                                                 "type_id": 0}}]:
             continue
         try:  # [{"SpecialToken": {"id": name}}, {"Sequence": {"id": "A"}}], one id for name
             (first, second), ids = single, None
@@ -210,17 +192,17 @@ def _template_bos(p, where: str) -> int | None:
                 ids = q["special_tokens"][first["SpecialToken"]["id"]]["ids"]
         except (TypeError, KeyError, ValueError):
             ids = None
-        if isinstance(ids, list) and len(ids) == 1 and isinstance(ids[0], int):
-            bos = ids[0]
-            continue
-        raise ValueError(f"{where}: post_processor {json.dumps(q)[:200]} is not supported "
-                         "(none, ByteLevel, or a template that prepends one token)")
+        if not (isinstance(ids, list) and len(ids) == 1 and isinstance(ids[0], int)):
+            raise _refuse(where, "post_processor", q, "none, ByteLevel, or a template that "
+                          "prepends one token")
+        bos = ids[0]
     return bos
 
 
 class BPETokenizer:
     """Byte-level BPE over `tokens` (the vocabulary in GPT-2's byte spelling, id = index) and
-    `merges` ("a b" strings or pairs, best first). Ids of `special` tokens match whole in text."""
+    `merges` ("a b" strings or pairs, best first). Ids of `special` tokens match whole in text;
+    ignore_merges, nfc and split (a Split regex replacing gpt2's) are tokenizer.json options."""
 
     def __init__(self, tokens: Sequence[str], merges: Sequence[str | tuple[str, str]],
                  special: Sequence[int] = (), bos_id: int | None = None,
@@ -238,8 +220,8 @@ class BPETokenizer:
                 raise ValueError(f"{name}={i} is not a token id in [0, {len(self.tokens)})")
         self.ranks: dict[tuple[str, str], int] = {}
         for rank, m in enumerate(merges):
-            pair = tuple(m.split(" ")) if isinstance(m, str) else \
-                tuple(m) if isinstance(m, (list, tuple)) else ()
+            pair = tuple(m.split(" ")) if isinstance(m, str) else tuple(m) \
+                if isinstance(m, (list, tuple)) else ()
             if len(pair) != 2 or not all(isinstance(t, str) for t in pair) or \
                     pair[0] + pair[1] not in self.vocab:
                 raise ValueError(f"merge {rank} {m!r} is not two tokens whose join is in the "
@@ -252,18 +234,15 @@ class BPETokenizer:
         # longest first, so "<|im_start|>" wins over a special token that is its prefix
         alternation = "|".join(map(re.escape, sorted(self.special, key=len, reverse=True)))
         self._special_re = re.compile(f"({alternation})") if self.special else None
-        self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
-        self.pre, self.add_bos = pre, add_bos
-        # tokenizer.json options (from_tokenizer_json); split: a Split regex replacing gpt2's
+        self.bos_id, self.eos_id, self.pad_id, self.pre, self.add_bos = (bos_id, eos_id, pad_id,
+                                                                         pre, add_bos)
         self.ignore_merges, self.nfc, self.split = ignore_merges, nfc, split
         self._split_re = split_regex(split) if split is not None else None
-        # bounded by characters held, not entries: long pieces are cheaper to merge again
-        self._cache = Memo(self._bpe_ids, CACHE_SIZE, max_key=CACHE_MAX_PIECE)
+        self._cache = Memo(self._bpe_ids, CACHE_SIZE, CACHE_MAX_PIECE)  # piece -> ids
 
     @classmethod
     def from_gguf(cls, metadata: dict, where: str = "GGUF metadata") -> BPETokenizer:
-        """From GGUF metadata (`tokenizer.ggml.*`); the model must be "gpt2" (byte-level BPE).
-        Errors are ValueError "<where>: ..." (where: the file)."""
+        """From GGUF metadata (`tokenizer.ggml.*`, model "gpt2"); errors name `where`."""
         get = metadata.get
         if get("tokenizer.ggml.model") != "gpt2":
             raise ValueError(f"{where}: tokenizer.ggml.model={get('tokenizer.ggml.model')!r}: "
@@ -286,9 +265,9 @@ class BPETokenizer:
             raise ValueError(f"{where}: {e}") from None
 
     @classmethod
-    def from_tokenizer_json(cls, tj: dict, special_tokens: dict[str, object] | None = None,
+    def from_tokenizer_json(cls, tj: dict, special_tokens: dict | None = None,
                             where: str = "tokenizer.json") -> BPETokenizer:
-        """From a parsed tokenizer.json (see the module docstring for what is read or refused).
+        """From a parsed tokenizer.json (the module docstring says what is read or refused).
         special_tokens: {"bos_token"|"eos_token"|"pad_token": str or {"content": str}} as
         tokenizer_config.json holds them, or {"bos_token_id": int, ...} as config.json does;
         pad falls back to eos, then to id 0: padding only fills masked positions."""
@@ -300,51 +279,42 @@ class BPETokenizer:
                          ("end_of_word_suffix", (None, "")), ("byte_fallback", (None, False))):
             if model.get(name) not in ok:
                 raise ValueError(f"{where}: BPE {name}={model[name]!r} is not supported")
-        vocab, merges = model.get("vocab"), model.get("merges")
-        added = tj.get("added_tokens") or []
+        vocab, merges, added = model.get("vocab"), model.get("merges"), tj.get("added_tokens") or []
         if not isinstance(vocab, dict) or not isinstance(merges, list) or \
                 not isinstance(added, list) or not all(isinstance(a, dict) for a in added):
             raise ValueError(f"{where}: model.vocab must be an object, model.merges and "
                              "added_tokens lists")
-        by_id = {i: t for t, i in vocab.items() if isinstance(i, int) and not isinstance(i, bool)}
+        by_id = {i: t for t, i in vocab.items() if type(i) is int}
         for a in added:
-            for flag in ("lstrip", "rstrip", "single_word"):
-                if a.get(flag):
-                    raise ValueError(f"{where}: added token {a.get('content')!r} has {flag}=true,"
-                                     " which is not supported")
+            flags = [f for f in ("lstrip", "rstrip", "single_word") if a.get(f)]
+            if flags:
+                raise ValueError(f"{where}: added token {a.get('content')!r} has {flags[0]}=true,"
+                                 " which is not supported")
             by_id[a.get("id")] = a.get("content")
         if len(by_id) < len(vocab) or set(by_id) != set(range(len(by_id))) or \
                 not all(isinstance(t, str) for t in by_id.values()):
             raise ValueError(f"{where}: token ids must run 0..{len(by_id) - 1} without gaps, "
                              "each with a string token")
         tokens = [by_id[i] for i in range(len(by_id))]
-        if model.get("unk_token") is not None and \
-                not set(bytes_to_unicode().values()) <= set(vocab):
+        if model.get("unk_token") is not None and not set(bytes_to_unicode().values()) <= set(vocab):
             raise ValueError(f"{where}: unk_token {model['unk_token']!r} with bytes missing from "
                              "the vocabulary is not supported (byte-level BPE drops them)")
         normalizer = tj.get("normalizer")
-        if normalizer is not None and normalizer != {"type": "NFC"}:
-            raise ValueError(f"{where}: normalizer {json.dumps(normalizer)[:200]} is not "
-                             "supported (none or NFC)")
+        if normalizer not in (None, {"type": "NFC"}):
+            raise _refuse(where, "normalizer", normalizer, "none or NFC")
         pre, regex = _pre_tokenizer(tj.get("pre_tokenizer"), where)
         bos = _template_bos(tj.get("post_processor"), where)
-        ids = {t: i for i, t in enumerate(tokens)}
-        special_tokens = special_tokens or {}
-
-        def named(role: str) -> int | None:
-            v = special_tokens.get(f"{role}_token")
+        ids, named = {t: i for i, t in enumerate(tokens)}, {}
+        for role in ("bos", "eos", "pad"):
+            v = (special_tokens or {}).get(f"{role}_token")
             v = v.get("content") if isinstance(v, dict) else v
-            if isinstance(v, str):
-                if v not in ids:
-                    raise ValueError(f"{role}_token {v!r} is not a token of {where}")
-                return ids[v]
-            v = special_tokens.get(f"{role}_token_id")
-            return v if isinstance(v, int) and not isinstance(v, bool) else None
-
-        eos = named("eos")
-        pad = named("pad")
-        return cls(tokens, merges, [a["id"] for a in added], bos if bos is not None else
-                   named("bos"), eos, next(i for i in (pad, eos, 0) if i is not None), pre,
+            if isinstance(v, str) and v not in ids:
+                raise ValueError(f"{role}_token {v!r} is not a token of {where}")
+            v = ids[v] if isinstance(v, str) else (special_tokens or {}).get(f"{role}_token_id")
+            named[role] = v if type(v) is int else None  # Llama 3.1 lists several eos ids
+        return cls(tokens, merges, [a["id"] for a in added],
+                   named["bos"] if bos is None else bos, named["eos"],
+                   next(i for i in (named["pad"], named["eos"], 0) if i is not None), pre,
                    bos is not None, bool(model.get("ignore_merges")), normalizer is not None,
                    regex)
 
@@ -362,11 +332,8 @@ class BPETokenizer:
     def __len__(self) -> int:
         return len(self.tokens)
 
-    def _bpe(self, piece: str) -> tuple[int, ...]:
-        """Ids of one pre-tokenised piece.  _bpe(" the") -> (260,) with SmolLM2's merges"""
-        return self._cache[piece]
-
     def _bpe_ids(self, piece: str) -> tuple[int, ...]:
+        """Ids of one pre-tokenised piece.  _bpe_ids(" the") -> (260,) with SmolLM2's merges"""
         # bytes without a token are dropped, as transformers does (SmolLM2 lacks 21 of the 256,
         # e.g. 0x1D and 0xF5..0xFF, which no code point below U+140000 uses as a lead byte)
         parts = [c for c in map(self.byte_char.__getitem__, piece.encode("utf-8"))
@@ -389,7 +356,7 @@ class BPETokenizer:
         return pieces + ([text[at:]] if text[at:] else [])
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
-        """Token ids of `text`; BOS first if add_bos (default: the GGUF add_bos_token flag)."""
+        """Token ids of `text`; BOS first if add_bos (default: the tokenizer's add_bos)."""
         add_bos = self.add_bos if add_bos is None else add_bos
         if add_bos and self.bos_id is None:
             raise ValueError("add_bos=True but this tokenizer has no bos_id")
@@ -400,7 +367,7 @@ class BPETokenizer:
                 ids.append(self.special[chunk])
             elif chunk:
                 for piece in self.pre_tokenize(chunk):
-                    ids.extend(self._bpe(piece))
+                    ids.extend(self._cache[piece])
         return ids
 
     def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
@@ -410,10 +377,9 @@ class BPETokenizer:
             if not 0 <= i < len(self.tokens):
                 raise ValueError(f"token id {i} is not in [0, {len(self.tokens)})")
             if i in special_ids:
-                if not skip_special:
-                    out += self.tokens[i].encode("utf-8")
-                continue
-            out += bytes(self.char_byte[c] for c in self.tokens[i])
+                out += b"" if skip_special else self.tokens[i].encode("utf-8")
+            else:
+                out += bytes(self.char_byte[c] for c in self.tokens[i])
         return out.decode("utf-8", errors="replace")
 
 
@@ -426,8 +392,7 @@ _TINY_WORDS = (" positive", " negative", " yes", " no", " acceptable", " unaccep
 def tiny_bpe() -> BPETokenizer:
     """A small byte-level BPE for tests and the tiny-llama model: 3 special tokens, the 256 byte
     tokens and merges that spell each word of _TINY_WORDS left to right; len(tiny_bpe()) < 512."""
-    byte_tokens = list(bytes_to_unicode().values())
-    tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *byte_tokens]
+    tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *bytes_to_unicode().values()]
     merges: list[tuple[str, str]] = []
     for word in _TINY_WORDS:
         spelled = "".join(bytes_to_unicode()[b] for b in word.encode())
