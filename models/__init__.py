@@ -1,12 +1,11 @@
 """The models of fimlora: a from-scratch BERT and LLaMA with HF names, loaders and tokenizers.
 
-    from models import load_model
     model, tok = load_model("minilm", num_labels=2, generator=g)   # BertForSequenceClassification
     model, tok = load_model("smollm2")                            # LlamaForCausalLM, BPETokenizer
 
-Read leaf to root: encoder.py (BERT), tokenizer.py (WordPiece), llama.py (the decoder and its
-GGUF / HF loaders), bpe.py (byte-level BPE), gguf.py (the file reader), checkpoint.py (the checks
-every loader shares, BERT folders, model names).
+Leaf to root: encoder.py (BERT), tokenizer.py (WordPiece), gguf.py (GGUF reader), checkpoint.py
+(the checks every loader shares, BERT folders, model names), bpe.py (byte-level BPE), llama.py
+(the decoder and its GGUF / HF-folder loaders).
 """
 
 import torch

@@ -67,7 +67,7 @@ def _char_class(prefix: str) -> str:
 
 def bpe_merge(parts: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
     """Apply merges by rank: while some adjacent pair has a rank, every occurrence of the
-    lowest-ranked pair merges, left to right.  bpe_merge(list("aaa"), {("a", "a"): 0}) -> ["aa", "a"]
+    lowest-ranked pair merges, left to right.  bpe_merge(list("aaa"), {("a", "a"): 0}) -> [aa, a]
     A round pops that rank's heap entries in position order and pushes the pairs it creates
     after it; an entry is stale unless its node's current pair still has its rank. Each merge
     removes a node and pushes <= 2 entries: O(n log n) where a rescan per merge is O(n²)."""
@@ -132,7 +132,7 @@ GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(
 
 @functools.cache
 def pre_tokenizer_regex() -> re.Pattern:
-    """The gpt2 pre-tokeniser.  pre_tokenizer_regex().findall("I'm  ok") -> ['I', "'m", ' ', ' ok']"""
+    """The gpt2 pre-tokeniser.  pre_tokenizer_regex().findall("I'm ok") -> ['I', "'m", ' ok']"""
     return split_regex(GPT2_SPLIT)
 
 
@@ -154,7 +154,8 @@ def _pre_tokenizer(p, where: str) -> tuple[str, str | None]:
         first, last = p["pretokenizers"]
     if isinstance(first, dict) and first.get("type") == "Split" and \
             first.get("behavior") == "Isolated" and not first.get("invert") and \
-            isinstance(first.get("pattern"), dict) and isinstance(first["pattern"].get("Regex"), str):
+            isinstance(first.get("pattern"), dict) and \
+            isinstance(first["pattern"].get("Regex"), str):
         split = first["pattern"]["Regex"]
         try:
             split_regex(split)
@@ -292,7 +293,8 @@ class BPETokenizer:
             raise ValueError(f"{where}: token ids must run 0..{len(by_id) - 1} without gaps, "
                              "each with a string token")
         tokens = [by_id[i] for i in range(len(by_id))]
-        if model.get("unk_token") is not None and not set(bytes_to_unicode().values()) <= set(vocab):
+        if model.get("unk_token") is not None and \
+                not set(bytes_to_unicode().values()) <= set(vocab):
             raise ValueError(f"{where}: unk_token {model['unk_token']!r} with bytes missing from "
                              "the vocabulary is not supported (byte-level BPE drops them)")
         normalizer = tj.get("normalizer")

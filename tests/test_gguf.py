@@ -181,7 +181,7 @@ def test_truncated_files_raise_value_error(tmp_path, cut):
         read_gguf(p)
 
 
-@settings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=200)
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=100)
 @given(pos=st.integers(0, 10**6), value=st.integers(0, 255), n=st.integers(1, 8))
 def test_corrupted_bytes_raise_value_error_only(tmp_path, pos, value, n):
     """Overwrite up to 8 bytes anywhere in the header (counts, lengths, types, dims, offsets)."""

@@ -512,15 +512,14 @@ BAD_VALUES = ["16", True, 16.5, None, [16], {"a": 1}, 0, -1, 2**31, 10**400]
 
 @pytest.mark.parametrize("field", [f.name for f in dataclasses.fields(BertConfig)])
 @pytest.mark.parametrize("value", BAD_VALUES + [float("nan"), float("inf"), 1.0])
-def test_config_field_of_wrong_type_or_range_names_the_file_and_field(tmp_path, field, value):
-    """Every field of every type: ValueError "<folder>/config.json: <field>=<value> ...", or a
-    successful load where the value is valid for that field (a float where a float belongs)."""
-    folder = write_folder(tmp_path / "m", hf_style_state_dict())
-    _edit_config(folder, **{field: value})
+def test_config_field_of_wrong_type_or_range_names_the_file_and_field(field, value):
+    """Every field of every type: ValueError "<file>: <field>=<value> ...", or a config where
+    the value is valid for that field (a float where a float belongs). The file path reaching
+    the message through load_pretrained is tested by the CLI catalogue (tests/test_errors.py)."""
     try:
-        load_pretrained(folder)
+        bert_config(dataclasses.asdict(SMALL) | {field: value}, "m/config.json")
     except ValueError as e:
-        assert f"{folder / 'config.json'}: " in str(e) and f"{field}=" in str(e), e
+        assert str(e).startswith("m/config.json: ") and f"{field}=" in str(e), e
     else:
         assert _valid(field, value), f"{field}={value!r} was accepted"
         return
