@@ -66,6 +66,14 @@ def field(raw: dict, key: str, kind: str, where: str, default=REQUIRED):
     return v
 
 
+def make_config(cls: type, where: str, **kw):
+    """cls(**kw), its ValueError prefixed with `where` (the file the values came from)."""
+    try:
+        return cls(**kw)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
 def exists(path: Path) -> bool:
     """os.path.lexists, but a folder the user may not search is a ValueError naming the fix."""
     try:
@@ -145,11 +153,8 @@ def bert_config(raw: dict, where: str = "config.json") -> BertConfig:
             raise ValueError(f"{where}: {key}={raw[key]!r} is not supported: this encoder "
                              f"implements {key}={ours!r} only")
     defaults = {f.name: f.default for f in fields(BertConfig)}
-    try:
-        return BertConfig(**{k: field(raw, k, kind, where, defaults[k])
-                             for k, kind in BERT_KINDS.items()})
-    except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
+    return make_config(BertConfig, where, **{k: field(raw, k, kind, where, defaults[k])
+                                             for k, kind in BERT_KINDS.items()})
 
 
 def read_bert_weights(folder: Path) -> tuple[dict[str, torch.Tensor], str]:

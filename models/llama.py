@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from lora import read_safetensors
 from models.bpe import BPETokenizer
 from models.checkpoint import (HF_FAMILIES, REQUIRED, check_blocks, check_weights, exists, field,
-                               read_json, shapes, smollm2_path)
+                               make_config, read_json, shapes, smollm2_path)
 from models.encoder import init_weights
 from models.gguf import read_gguf, read_gguf_header
 
@@ -214,10 +214,13 @@ class LlamaForCausalLM(nn.Module):
 # loaders: the config and every tensor shape are checked before any real tensor is made
 
 
-def _meta_model(config: LlamaConfig, found: dict[str, tuple], where: str,
-                count: str) -> LlamaForCausalLM:
-    """A meta-device model of `config` (shapes only) after the block count (`count` names the
-    config field) and every tensor shape in `found` (our names) were checked."""
+def _meta_model(config: LlamaConfig, found: dict[str, tuple], tokenizer: BPETokenizer,
+                where: str, count: str) -> LlamaForCausalLM:
+    """A meta-device model of `config` (shapes only) after the tokenizer's size, the block count
+    (`count` names the config field) and every tensor shape in `found` (our names) were checked."""
+    if len(tokenizer) > config.vocab_size:
+        raise ValueError(f"{where}: the tokenizer has {len(tokenizer)} tokens but vocab_size="
+                         f"{config.vocab_size}: tokenizer and weights do not belong together")
     check_blocks(config.num_hidden_layers, found, "model.layers.", count)
     if config.tie_word_embeddings and "model.embed_tokens.weight" in found:
         found = {**found, "lm_head.weight": found["model.embed_tokens.weight"]}
@@ -274,10 +277,8 @@ def config_from_gguf(meta: dict, tensor_names, where: str = "GGUF") -> LlamaConf
     tokens = meta.get("tokenizer.ggml.tokens")
     kw["vocab_size"] = field(meta, "llama.vocab_size", "size", where,
                              len(tokens) if isinstance(tokens, list) else REQUIRED)
-    try:
-        config = LlamaConfig(**kw, tie_word_embeddings="output.weight" not in tensor_names)
-    except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
+    config = make_config(LlamaConfig, where, **kw,
+                         tie_word_embeddings="output.weight" not in tensor_names)
     if field(meta, "llama.rope.dimension_count", "size", where, config.head_dim) != \
             config.head_dim:
         raise ValueError(f"{where}: llama.rope.dimension_count != head_dim={config.head_dim}: "
@@ -298,10 +299,8 @@ def llama_from_gguf(path: str | os.PathLike) -> tuple[LlamaForCausalLM, BPEToken
     header = read_gguf_header(path)
     config = config_from_gguf(header.metadata, header.tensors, str(path))
     tokenizer = BPETokenizer.from_gguf(header.metadata, str(path))
-    if len(tokenizer) > config.vocab_size:
-        raise ValueError(f"{path}: {len(tokenizer)} tokens but vocab_size={config.vocab_size}")
     found = {gguf_name(n): info.shape for n, info in header.tensors.items()}
-    model = _meta_model(config, found, str(path), f"{path}: llama.block_count")
+    model = _meta_model(config, found, tokenizer, str(path), f"{path}: llama.block_count")
     sd = {gguf_name(n): t for n, t in read_gguf(path)[1].items()}
     for i in range(config.num_hidden_layers):
         q, k = (f"model.layers.{i}.self_attn.{m}_proj.weight" for m in "qk")
@@ -362,10 +361,7 @@ def config_from_hf(raw: dict, where: str = "config.json") -> LlamaConfig:
     kw["qkv_bias"], kw["o_bias"] = bias, bias and family != "qwen2"
     if family == "mistral":
         kw["sliding_window"] = field(raw, "sliding_window", "size?", where, None)
-    try:
-        return LlamaConfig(**kw)
-    except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
+    return make_config(LlamaConfig, where, **kw)
 
 
 def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -406,10 +402,6 @@ def llama_from_hf(path: str | os.PathLike) -> tuple[LlamaForCausalLM, BPETokeniz
     where = str(folder / "config.json")
     config = config_from_hf(read_json(folder / "config.json"), where)
     tokenizer = BPETokenizer.from_hf_folder(folder)
-    if len(tokenizer) > config.vocab_size:
-        raise ValueError(f"{folder / 'tokenizer.json'} has {len(tokenizer)} tokens but "
-                         f"vocab_size={config.vocab_size}: tokenizer and weights do not belong "
-                         "together")
     sd = {k: v for k, v in read_hf_weights(folder).items()
           if not k.endswith("rotary_emb.inv_freq")}  # a buffer old LLaMA checkpoints saved
     if config.tie_word_embeddings:
@@ -418,5 +410,5 @@ def llama_from_hf(path: str | os.PathLike) -> tuple[LlamaForCausalLM, BPETokeniz
             raise ValueError(f"{folder}: config.json ties the head to the embeddings, but the "
                              "weights hold a different lm_head.weight: set tie_word_embeddings "
                              "to false")
-    model = _meta_model(config, shapes(sd), str(folder), f"{where}: num_hidden_layers")
+    model = _meta_model(config, shapes(sd), tokenizer, str(folder), f"{where}: num_hidden_layers")
     return _assign(model, {k: v.float() for k, v in sd.items()}), tokenizer
