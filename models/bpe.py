@@ -149,9 +149,9 @@ def _pre_tokenizer(p, where: str) -> tuple[str, str | None]:
     """tokenizer.json's pre_tokenizer -> ("gpt2", None) for ByteLevel, ("smollm", None) for
     Digits + ByteLevel, ("gpt2", pattern) for Split(pattern, Isolated) + ByteLevel(no regex)."""
     first, last, split = None, p, None
-    if isinstance(p, dict) and p.get("type") == "Sequence" and len(p.get("pretokenizers") or
-                                                                    []) == 2:
-        first, last = p["pretokenizers"]
+    seq = p.get("pretokenizers") if isinstance(p, dict) and p.get("type") == "Sequence" else None
+    if isinstance(seq, list) and len(seq) == 2:
+        first, last = seq
     if isinstance(first, dict) and first.get("type") == "Split" and \
             first.get("behavior") == "Isolated" and not first.get("invert") and \
             isinstance(first.get("pattern"), dict) and \
