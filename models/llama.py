@@ -385,8 +385,8 @@ def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
             raise FileNotFoundError(f"{folder / name} not found: {index.name} lists it as a shard")
     sd: dict[str, torch.Tensor] = {}
     for name in shards:
-        part, listed = read_safetensors(folder / name)[0], {k for k, f in weight_map.items()
-                                                            if f == name}
+        part = read_safetensors(folder / name)[0]
+        listed = {k for k, f in weight_map.items() if f == name}
         if set(part) != listed:
             raise ValueError(f"{folder / name} does not hold what {index.name} maps to it: extra "
                              f"{sorted(set(part) - listed)[:5]}, missing "
