@@ -1,15 +1,10 @@
 """Model files: the checks every loader shares, HF-format BERT folders, model names.
 
-    raw = read_json(folder / "config.json")           # a dict, or ValueError naming the file
     n = field(raw, "num_hidden_layers", "size", "config.json")   # an int in [1, 2**31)
     model, tok, info = load_pretrained("path/to/bert", num_labels=2, generator=g)
 
-Every loader (BERT here, LLaMA in llama.py, tokenizers in bpe.py) reads files with lora's bounded
-readers (a FIFO or /dev/zero is refused), checks each config value by type and range (`field`),
-and checks the layer count and every tensor shape against the config before building a module.
-A BERT folder holds config.json, vocab.txt (+ tokenizer_config.json) and model.safetensors or
-pytorch_model.bin (weights_only=True); keys may carry HF's `bert.` prefix; `cls.*` heads and
-`embeddings.position_ids` are ignored; a missing pooler or classifier is fresh (random init).
+Files are read with lora's bounded readers; each config value is checked by type and range and
+the layer count and tensor shapes against the config before a module is built.
 """
 
 from __future__ import annotations
@@ -17,7 +12,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import pickle
 import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -25,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from lora import JSON_LIMIT, open_regular, read_regular, read_safetensors
+from lora import JSON_LIMIT, read_regular, read_safetensors
 from models.encoder import BertConfig, BertForSequenceClassification, BertModel
 from models.tokenizer import WordPieceTokenizer
 
@@ -158,21 +152,13 @@ def bert_config(raw: dict, where: str = "config.json") -> BertConfig:
 
 
 def read_bert_weights(folder: Path) -> tuple[dict[str, torch.Tensor], str]:
-    """model.safetensors if present, else pytorch_model.bin; returns (tensors, file name)."""
+    """model.safetensors of an HF BERT folder; a pickle (.bin) is refused with the fix."""
     if exists(folder / "model.safetensors"):
         return read_safetensors(folder / "model.safetensors")[0], "model.safetensors"
-    path = folder / "pytorch_model.bin"
-    if not exists(path):
-        raise FileNotFoundError(f"neither {folder / 'model.safetensors'} nor {path} found")
-    with open_regular(path) as f:
-        try:
-            sd = torch.load(f, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError) as e:
-            raise ValueError(f"{path} does not load with weights_only=True ({e}); "
-                             "convert it to model.safetensors") from None
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"{path} is not a state dict of tensors")
-    return sd, "pytorch_model.bin"
+    if exists(folder / "pytorch_model.bin"):
+        raise ValueError(f"{folder / 'pytorch_model.bin'}: pickled weights are not loaded: "
+                         "convert to safetensors (model.safetensors)")
+    raise FileNotFoundError(f"{folder / 'model.safetensors'} not found")
 
 
 def bert_keys(sd: dict[str, torch.Tensor], head: bool) -> tuple[dict, list[str]]:

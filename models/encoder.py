@@ -108,43 +108,26 @@ class BertSelfAttention(nn.Module):
         return y.transpose(1, 2).reshape(B, T, C)
 
 
-class BertAddNorm(nn.Module):
-    """LN(residual + Drop(W x)): HF's BertSelfOutput and BertOutput, which differ only in d_in."""
-
-    def __init__(self, d_in: int, config: BertConfig):
-        super().__init__()
-        self.dense = nn.Linear(d_in, config.hidden_size)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
-
-    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(residual + self.dropout(self.dense(x)))
-
-
-class BertDense(nn.Module):
-    """act(W x + b): HF's BertIntermediate (exact erf GELU) and BertPooler (tanh)."""
-
-    def __init__(self, d_in: int, d_out: int, act):
-        super().__init__()
-        self.dense = nn.Linear(d_in, d_out)
-        self.act = act
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.dense(x))
+def _add_norm(d_in: int, config: BertConfig) -> nn.ModuleDict:
+    """HF's BertSelfOutput / BertOutput: LN(residual + Drop(W x)), written in BertLayer."""
+    return nn.ModuleDict({"dense": nn.Linear(d_in, config.hidden_size),
+                          "LayerNorm": nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps),
+                          "dropout": nn.Dropout(config.hidden_dropout_prob)})
 
 
 class BertLayer(nn.Module):
     def __init__(self, config: BertConfig):
         super().__init__()
-        # containers only, for HF's names: attention.self.query, attention.output.dense
+        C, I = config.hidden_size, config.intermediate_size
         self.attention = nn.ModuleDict({"self": BertSelfAttention(config),
-                                        "output": BertAddNorm(config.hidden_size, config)})
-        self.intermediate = BertDense(config.hidden_size, config.intermediate_size, F.gelu)
-        self.output = BertAddNorm(config.intermediate_size, config)
+                                        "output": _add_norm(C, config)})
+        self.intermediate = nn.ModuleDict({"dense": nn.Linear(C, I)})
+        self.output = _add_norm(I, config)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        h = self.attention["output"](self.attention["self"](x, mask), x)
-        return self.output(self.intermediate(h), h)
+        a, o = self.attention["output"], self.output
+        h = a.LayerNorm(x + a.dropout(a.dense(self.attention["self"](x, mask))))
+        return o.LayerNorm(h + o.dropout(o.dense(F.gelu(self.intermediate.dense(h)))))
 
 
 # -----------------------------------------------------------------------------
@@ -160,7 +143,7 @@ class BertModel(nn.Module):
         self.embeddings = BertEmbeddings(config)
         layers = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
         self.encoder = nn.ModuleDict({"layer": layers})  # HF's name: encoder.layer.N
-        self.pooler = BertDense(config.hidden_size, config.hidden_size, torch.tanh)
+        self.pooler = nn.ModuleDict({"dense": nn.Linear(config.hidden_size, config.hidden_size)})
         init_weights(self, config.initializer_range, generator)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -181,7 +164,7 @@ class BertModel(nn.Module):
         x = self.embeddings(input_ids, token_type_ids)  # (B, T, C)
         for layer in self.encoder["layer"]:
             x = layer(x, mask)
-        return x, self.pooler(x[:, 0])  # the pooler reads [CLS]
+        return x, torch.tanh(self.pooler.dense(x[:, 0]))  # the pooler reads [CLS]
 
 
 class BertForSequenceClassification(nn.Module):

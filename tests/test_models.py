@@ -267,14 +267,13 @@ def rewrite_header(path: Path, edit) -> None:
     path.write_bytes(struct.pack("<Q", len(h)) + h + raw[8 + n:])
 
 
-@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
-def test_checkpoint_round_trip_is_exact(tmp_path, fmt):
+def test_checkpoint_round_trip_is_exact(tmp_path):
     sd = hf_style_state_dict()
-    model, tok, info = load_pretrained(write_folder(tmp_path / "m", sd, fmt=fmt))
+    model, tok, info = load_pretrained(write_folder(tmp_path / "m", sd))
     assert isinstance(model, BertModel) and model.config == SMALL and len(tok) == 33
     assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items())
     assert info.fresh == [] and info.ignored == ["embeddings.position_ids"]
-    assert info.weights == ("model.safetensors" if fmt == "safetensors" else "pytorch_model.bin")
+    assert info.weights == "model.safetensors"
     x = torch.randint(0, 50, (2, 7))
     reference = BertModel(SMALL, torch.Generator().manual_seed(0)).eval()
     torch.testing.assert_close(model.eval()(x)[0], reference(x)[0], rtol=0, atol=0)
@@ -335,20 +334,16 @@ def test_corrupted_safetensors_raise_value_error(tmp_path, corrupt, match):
         load_pretrained(folder)
 
 
-class NotATensor:
-    pass
-
-
-def test_bin_is_loaded_with_weights_only(tmp_path):
-    folder = write_folder(tmp_path / "m", {"x": NotATensor()}, fmt="bin")
-    with pytest.raises(ValueError, match="weights_only=True"):
+def test_pickled_weights_are_refused_with_the_fix(tmp_path):
+    folder = write_folder(tmp_path / "m", hf_style_state_dict(), fmt="bin")
+    with pytest.raises(ValueError, match="pytorch_model.bin: pickled .* convert to safetensors"):
         load_pretrained(folder)
 
 
 def test_missing_files_are_named(tmp_path):
     folder = write_folder(tmp_path / "m", hf_style_state_dict())
     (folder / "model.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="pytorch_model.bin"):
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
         load_pretrained(folder)
     for name in ("vocab.txt", "config.json"):
         (folder / name).unlink()
