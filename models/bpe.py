@@ -2,20 +2,10 @@
 
     tok = BPETokenizer.from_gguf(metadata)        # metadata from models.gguf.read_gguf_header
     ids = tok.encode("<|im_start|>user\\nHi!")     # [1, 4093, 198, 26843, 17]
-    tok.decode(ids) == "<|im_start|>user\\nHi!"
 
-Encoding (Radford et al. 2019, "Language Models are Unsupervised Multitask Learners", sec. 2.2):
-1. special tokens (GGUF token types 3 = control, 4 = user-defined) are cut out of the text whole;
-2. the rest is pre-tokenised by a regex, so merges never cross word/number boundaries: "gpt2"
-   (GPT2_SPLIT) or "smollm" (every \\p{N} character split off alone first, then gpt2's), as
-   llama.cpp's llama-vocab.cpp defines them; Python's `re` has no \\p{..}, so split_regex
-   spells the classes out from unicodedata, and \\s as Unicode White_Space as in Rust;
-3. each piece's UTF-8 bytes are spelled with GPT-2's byte -> printable-character map;
-4. merges apply by rank (bpe_merge: a heap over a linked list, O(n log n) in the piece length).
-From tokenizer.json: the BPE model (vocab, merges, ignore_merges), added tokens (cut out whole),
-normalizer none or NFC, pre-tokenizer ByteLevel, Digits + ByteLevel ("smollm") or an isolating
-Split regex (Llama 3, Qwen2) + ByteLevel, and BOS from a TemplateProcessing post-processor, as
-transformers applies them; anything else (Metaspace, byte_fallback, ...) is refused by name.
+Encoding (Radford et al. 2019, sec. 2.2): special tokens are cut out whole; a regex pre-tokenises
+the rest (gpt2's, SmolLM2's digits first, or the Split regex of Llama 3 / Qwen2); each piece's
+UTF-8 bytes are spelled with GPT-2's byte map, then merged by rank.
 """
 
 from __future__ import annotations
@@ -145,47 +135,44 @@ def _refuse(where: str, what: str, obj, fix: str) -> ValueError:
     return ValueError(f"{where}: {what} {json.dumps(obj)[:200]} is not supported ({fix})")
 
 
+def _byte_level(p, use_regex: bool) -> bool:
+    return isinstance(p, dict) and p.get("type") == "ByteLevel" and \
+        not p.get("add_prefix_space") and p.get("use_regex", True) == use_regex
+
+
 def _pre_tokenizer(p, where: str) -> tuple[str, str | None]:
-    """tokenizer.json's pre_tokenizer -> ("gpt2", None) for ByteLevel, ("smollm", None) for
-    Digits + ByteLevel, ("gpt2", pattern) for Split(pattern, Isolated) + ByteLevel(no regex)."""
-    first, last, split = None, p, None
+    """tokenizer.json's pre_tokenizer -> (pre, split regex): ByteLevel -> ("gpt2", None),
+    Digits + ByteLevel (SmolLM2) -> ("smollm", None), Split(regex, Isolated) +
+    ByteLevel(use_regex=false) (Llama 3, Qwen2) -> ("gpt2", regex)."""
     seq = p.get("pretokenizers") if isinstance(p, dict) and p.get("type") == "Sequence" else None
-    if isinstance(seq, list) and len(seq) == 2:
-        first, last = seq
-    if isinstance(first, dict) and first.get("type") == "Split" and \
-            first.get("behavior") == "Isolated" and not first.get("invert") and \
-            isinstance(first.get("pattern"), dict) and \
-            isinstance(first["pattern"].get("Regex"), str):
-        split = first["pattern"]["Regex"]
-        try:
-            split_regex(split)
-        except ValueError as e:
-            raise ValueError(f"{where}: {e}") from None
-    digits = first == {"type": "Digits", "individual_digits": True}
-    if (first is None or digits or split) and isinstance(last, dict) and \
-            last.get("type") == "ByteLevel" and not last.get("add_prefix_space") and \
-            last.get("use_regex", True) == (split is None):
-        return "smollm" if digits else "gpt2", split
+    first, last = seq if isinstance(seq, list) and len(seq) == 2 else (None, p)
+    pattern = first.get("pattern") if isinstance(first, dict) else None
+    if first is None and _byte_level(last, True):
+        return "gpt2", None
+    if first == {"type": "Digits", "individual_digits": True} and _byte_level(last, True):
+        return "smollm", None
+    if first and first.get("type") == "Split" and first.get("behavior") == "Isolated" and \
+            not first.get("invert") and isinstance(pattern, dict) and \
+            isinstance(pattern.get("Regex"), str) and _byte_level(last, False):
+        return "gpt2", pattern["Regex"]
     raise _refuse(where, "pre-tokenizer", p, "ByteLevel with its gpt2 regex and "
                   "add_prefix_space=false, optionally after Digits(individual_digits=true), or "
                   "an isolating Split regex then ByteLevel(use_regex=false)")
 
 
 def _template_bos(p, where: str) -> int | None:
-    """The BOS id a post-processor prepends to one sequence: None for none, ByteLevel, or a
-    TemplateProcessing `$A`; the id for `<bos> $A`; anything else is refused."""
-    steps = (p.get("processors") or []) if isinstance(p, dict) and p.get("type") == "Sequence" \
-        else [p]
+    """The BOS id a post-processor prepends: None for none, ByteLevel or a TemplateProcessing
+    `$A`; the id for `<bos> $A` (Llama 3); anything else is refused."""
     bos = None
-    for q in steps:
-        q = q if isinstance(q, dict) or q is None else {"type": q}
-        single = q.get("single") if q and q.get("type") == "TemplateProcessing" else None
-        if q is None or q.get("type") == "ByteLevel" or single == [{"Sequence": {"id": "A",
-                                                                                 "type_id": 0}}]:
+    steps = p.get("processors") if isinstance(p, dict) and p.get("type") == "Sequence" else [p]
+    for q in steps if isinstance(steps, list) else [steps]:
+        single = q.get("single") if isinstance(q, dict) else None
+        if q is None or q == "ByteLevel" or isinstance(q, dict) and q.get("type") == "ByteLevel" \
+                or single == [{"Sequence": {"id": "A", "type_id": 0}}]:
             continue
         try:  # [{"SpecialToken": {"id": name}}, {"Sequence": {"id": "A"}}], one id for name
             (first, second), ids = single, None
-            if second["Sequence"]["id"] == "A":
+            if q["type"] == "TemplateProcessing" and second["Sequence"]["id"] == "A":
                 ids = q["special_tokens"][first["SpecialToken"]["id"]]["ids"]
         except (TypeError, KeyError, ValueError):
             ids = None
@@ -264,23 +251,25 @@ class BPETokenizer:
     @classmethod
     def from_tokenizer_json(cls, tj: dict, special_tokens: dict | None = None,
                             where: str = "tokenizer.json") -> BPETokenizer:
-        """From a parsed tokenizer.json (the module docstring says what is read or refused).
-        special_tokens: {"bos_token"|"eos_token"|"pad_token": str or {"content": str}} as
-        tokenizer_config.json holds them, or {"bos_token_id": int, ...} as config.json does;
-        pad falls back to eos, then to id 0: padding only fills masked positions."""
-        model = tj.get("model")
+        """From a parsed tokenizer.json: a BPE model, added tokens, normalizer none or NFC, the
+        pre-tokenizers and BOS template _pre_tokenizer / _template_bos read; the rest is refused.
+        special_tokens: {"bos_token": str or {"content": str}, ...} (tokenizer_config.json) or
+        {"bos_token_id": int, ...} (config.json); pad falls back to eos, then to id 0."""
+        model, added = tj.get("model"), tj.get("added_tokens") or []
         if not isinstance(model, dict) or model.get("type") != "BPE":
             kind = model.get("type") if isinstance(model, dict) else model
             raise ValueError(f"{where}: model type {kind!r} is not supported (byte-level BPE only)")
-        for name, ok in (("dropout", (None, 0, 0.0)), ("continuing_subword_prefix", (None, "")),
-                         ("end_of_word_suffix", (None, "")), ("byte_fallback", (None, False))):
-            if model.get(name) not in ok:
-                raise ValueError(f"{where}: BPE {name}={model[name]!r} is not supported")
-        vocab, merges, added = model.get("vocab"), model.get("merges"), tj.get("added_tokens") or []
+        vocab, merges = model.get("vocab"), model.get("merges")
         if not isinstance(vocab, dict) or not isinstance(merges, list) or \
                 not isinstance(added, list) or not all(isinstance(a, dict) for a in added):
             raise ValueError(f"{where}: model.vocab must be an object, model.merges and "
                              "added_tokens lists")
+        for name in ("dropout", "continuing_subword_prefix", "end_of_word_suffix",
+                     "byte_fallback", "unk_token"):
+            # byte-level BPE drops a byte without a token: an unk_token is only ever unused
+            if model.get(name) and (name != "unk_token" or
+                                    not set(bytes_to_unicode().values()) <= set(vocab)):
+                raise ValueError(f"{where}: BPE {name}={model[name]!r} is not supported")
         by_id = {i: t for t, i in vocab.items() if type(i) is int}
         for a in added:
             flags = [f for f in ("lstrip", "rstrip", "single_word") if a.get(f)]
@@ -293,28 +282,26 @@ class BPETokenizer:
             raise ValueError(f"{where}: token ids must run 0..{len(by_id) - 1} without gaps, "
                              "each with a string token")
         tokens = [by_id[i] for i in range(len(by_id))]
-        if model.get("unk_token") is not None and \
-                not set(bytes_to_unicode().values()) <= set(vocab):
-            raise ValueError(f"{where}: unk_token {model['unk_token']!r} with bytes missing from "
-                             "the vocabulary is not supported (byte-level BPE drops them)")
-        normalizer = tj.get("normalizer")
-        if normalizer not in (None, {"type": "NFC"}):
-            raise _refuse(where, "normalizer", normalizer, "none or NFC")
+        if tj.get("normalizer") not in (None, {"type": "NFC"}):
+            raise _refuse(where, "normalizer", tj["normalizer"], "none or NFC")
         pre, regex = _pre_tokenizer(tj.get("pre_tokenizer"), where)
         bos = _template_bos(tj.get("post_processor"), where)
-        ids, named = {t: i for i, t in enumerate(tokens)}, {}
+        ids, named, special_tokens = {t: i for i, t in enumerate(tokens)}, {}, special_tokens or {}
         for role in ("bos", "eos", "pad"):
-            v = (special_tokens or {}).get(f"{role}_token")
+            v = special_tokens.get(f"{role}_token")
             v = v.get("content") if isinstance(v, dict) else v
             if isinstance(v, str) and v not in ids:
                 raise ValueError(f"{role}_token {v!r} is not a token of {where}")
-            v = ids[v] if isinstance(v, str) else (special_tokens or {}).get(f"{role}_token_id")
+            v = ids[v] if isinstance(v, str) else special_tokens.get(f"{role}_token_id")
             named[role] = v if type(v) is int else None  # Llama 3.1 lists several eos ids
-        return cls(tokens, merges, [a["id"] for a in added],
-                   named["bos"] if bos is None else bos, named["eos"],
-                   next(i for i in (named["pad"], named["eos"], 0) if i is not None), pre,
-                   bos is not None, bool(model.get("ignore_merges")), normalizer is not None,
-                   regex)
+        pad = next(i for i in (named["pad"], named["eos"], 0) if i is not None)
+        try:
+            return cls(tokens, merges, [a["id"] for a in added],
+                       named["bos"] if bos is None else bos, named["eos"], pad, pre,
+                       bos is not None, bool(model.get("ignore_merges")),
+                       tj.get("normalizer") is not None, regex)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
 
     @classmethod
     def from_hf_folder(cls, folder: str | os.PathLike) -> BPETokenizer:

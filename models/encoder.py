@@ -3,13 +3,10 @@
     model = BertForSequenceClassification(TINY, num_labels=2, generator=torch.Generator())
     logits = model(input_ids, attention_mask, token_type_ids)       # (B, num_labels)
 
-Submodules have transformers' names (`encoder.layer.N.attention.self.query`, `pooler.dense`,
-`bert`, `classifier`, ...), so HF checkpoints load key for key and LoRA targets and PEFT adapter
-keys are the usual ones. One block is BERT's post-LN layer with exact (erf) GELU:
+One block is BERT's post-LN layer with exact (erf) GELU:
     h = LN(x + Drop(W_o · Attn(x)))          Attn = softmax(Q Kᵀ / √d_head + mask) V, per head
     y = LN(h + Drop(W_2 · GELU(W_1 h)))
-References: BERT, Devlin et al. 2018, arXiv:1810.04805; https://github.com/huggingface/
-transformers (models/bert/modeling_bert.py).
+Reference: BERT, Devlin et al. 2018, arXiv:1810.04805.
 """
 
 from __future__ import annotations

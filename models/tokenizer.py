@@ -2,17 +2,10 @@
 
     tok = WordPieceTokenizer.from_file("vocab.txt")    # uncased: lower-case, strip accents
     tok.tokenize("Héllo, unaffable!")   # ['hello', ',', 'una', '##ffa', '##ble', '!']
-    batch = tok.batch(sentences, pairs=None, max_len=128)   # input_ids, token_type_ids, mask
 
-Two stages, as in BERT's tokenization.py and HF's BertNormalizer + BertPreTokenizer + WordPiece:
-  1. basic: drop \\x00, \\ufffd and control characters (Unicode C* but \\t \\n \\r), put
-     spaces around CJK ideographs, lower-case and strip accents (NFD, drop Mn) for uncased
-     vocabularies, split on whitespace and on punctuation (ASCII non-alphanumerics, Unicode P*);
-  2. WordPiece: greedy longest-match-first per word, continuations prefixed "##"; a word longer
-     than 100 characters, or with a piece that matches nothing, becomes [UNK] as a whole.
-Pairs are truncated longest-first as HF's tokenizers do: [CLS] a [SEP] b [SEP], types 0…0 1…1.
-References: BERT, Devlin et al. 2018, arXiv:1810.04805; WordPiece, Wu et al. 2016,
-arXiv:1609.08144; https://github.com/google-research/bert/blob/master/tokenization.py
+As BERT's tokenization.py: clean, space out CJK and punctuation, lower-case and strip accents,
+split on whitespace; then greedy longest-match-first WordPiece per word ([UNK] for a word it
+cannot spell). References: arXiv:1810.04805, arXiv:1609.08144.
 """
 
 from __future__ import annotations
