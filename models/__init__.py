@@ -23,12 +23,10 @@ from models.tokenizer import WordPieceTokenizer, tiny_vocab
 def load_model(name_or_path: str, num_labels: int | None = None,
                generator: torch.Generator | None = None,
                ) -> tuple[nn.Module, WordPieceTokenizer | BPETokenizer]:
-    """A model name or folder -> (model, tokenizer). Encoders: "tiny" (random TINY +
-    tiny_vocab()), "minilm" or an HF BERT folder; num_labels=None gives the bare BertModel, else
-    BertForSequenceClassification. Decoders (is_decoder; num_labels ignored: they classify
-    through label words, data/causal.py): "tiny-llama" (random TINY_LLAMA + tiny_bpe()),
-    "smollm2" (SmolLM2-135M-Instruct, float32, eval mode) or an HF llama / mistral / qwen2
-    folder. Random init (tiny models, fresh heads) draws from `generator`."""
+    """A model name or folder -> (model, tokenizer): "tiny", "minilm" or an HF BERT folder (a
+    BertModel, or BertForSequenceClassification given num_labels); decoders (num_labels
+    ignored) "tiny-llama", "smollm2" or an HF llama / mistral / qwen2 folder. Random init (tiny
+    models, fresh heads) draws from `generator`."""
     if name_or_path == "tiny-llama":
         return LlamaForCausalLM(TINY_LLAMA, generator), tiny_bpe()
     if name_or_path == "smollm2":
@@ -48,9 +46,3 @@ def build_model(name_or_path: str, num_labels: int | None = None,
     """load_model with a fresh generator seeded `seed`.  build_model("tiny", 2, seed=0)"""
     return load_model(name_or_path, num_labels, torch.Generator().manual_seed(seed))
 
-
-__all__ = ["BPETokenizer", "BertConfig", "BertForSequenceClassification", "BertModel", "DECODERS",
-           "LlamaConfig", "LlamaForCausalLM", "LoadInfo", "TINY", "TINY_LLAMA",
-           "WordPieceTokenizer", "build_model", "init_weights", "is_decoder", "llama_from_gguf",
-           "llama_from_hf", "load_model", "load_pretrained", "load_smollm2", "model_path",
-           "read_gguf", "read_gguf_header", "tiny_bpe", "tiny_vocab"]

