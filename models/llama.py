@@ -60,8 +60,7 @@ class LlamaConfig:
                              f"of num_key_value_heads={self.num_key_value_heads}")
 
     def to_hf_dict(self) -> dict:
-        """The config.json transformers' LlamaForCausalLM needs for the same model (no qwen2
-        biases: llama's attention_bias covers q, k, v and o together)."""
+        """The config.json of transformers' LlamaForCausalLM for the same model."""
         if self.qkv_bias != self.o_bias or self.sliding_window is not None:
             raise ValueError("a LLaMA config.json cannot express qkv_bias != o_bias or a "
                              "sliding window (those are qwen2's and mistral's)")
@@ -149,10 +148,8 @@ class LlamaDecoderLayer(nn.Module):
 
 
 def causal_mask(attention_mask: torch.Tensor, window: int | None = None) -> torch.Tensor:
-    """(B, T) 1/0 padding mask -> (B, 1, T, T) boolean "may attend": causal and not padding,
-    and with a window only keys k > q - window (transformers' sliding_window_overlay, on
-    indices in the padded row). A padding query may still see itself, so its softmax has a key
-    and stays finite (its output is never used).
+    """(B, T) 1/0 padding mask -> (B, 1, T, T) "may attend": causal, not padding, keys k > q -
+    window; a padding query sees itself, so its softmax stays finite (its output is unused).
     causal_mask(torch.tensor([[0, 1]]))[0, 0] -> [[True, False], [False, True]]"""
     T = attention_mask.shape[-1]
     keep = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T) keys
@@ -211,8 +208,8 @@ class LlamaForCausalLM(nn.Module):
 
 def _meta_model(config: LlamaConfig, found: dict[str, tuple], tokenizer: BPETokenizer,
                 where: str, count: str) -> LlamaForCausalLM:
-    """A meta-device model of `config` (shapes only) after the tokenizer's size, the block count
-    (`count` names the config field) and every tensor shape in `found` (our names) were checked."""
+    """A meta-device model of `config`, after the tokenizer's size, the block count (`count`
+    names its field) and every shape in `found` were checked."""
     if len(tokenizer) > config.vocab_size:
         raise ValueError(f"{where}: the tokenizer has {len(tokenizer)} tokens but vocab_size="
                          f"{config.vocab_size}: tokenizer and weights do not belong together")
@@ -255,8 +252,7 @@ def gguf_name(name: str) -> str:
 
 
 def config_from_gguf(meta: dict, tensor_names, where: str = "GGUF") -> LlamaConfig:
-    """LlamaConfig from `llama.*` metadata, every value by type and range; embeddings are tied
-    when there is no output.weight."""
+    """LlamaConfig from `llama.*` metadata, every value by type and range."""
     if meta.get("general.architecture") != "llama":
         raise ValueError(f"{where}: general.architecture={meta.get('general.architecture')!r}: "
                          "this loader reads 'llama' models only")
@@ -316,21 +312,16 @@ def _rope_theta(raw: dict, where: str) -> float:
     """rope_theta of plain RoPE from transformers 5's rope_parameters or 4's rope_scaling."""
     params = raw.get("rope_parameters") or {}
     for name, d in (("rope_parameters", params), ("rope_scaling", raw.get("rope_scaling") or {})):
-        if not isinstance(d, dict):
-            raise ValueError(f"{where}: {name}={d!r} is not an object")
-        kind = d.get("rope_type", d.get("type", "default"))
-        if kind != "default":
-            raise ValueError(f"{where}: {name} rope_type={kind!r} is not supported (plain RoPE)")
-        if d.get("partial_rotary_factor", 1.0) != 1.0:
-            raise ValueError(f"{where}: {name} partial_rotary_factor="
-                             f"{d['partial_rotary_factor']!r} is not supported (full RoPE only)")
+        kind = d.get("rope_type", d.get("type", "default")) if isinstance(d, dict) else d
+        if kind != "default" or d.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ValueError(f"{where}: {name} rope_type={kind!r} is not supported (plain, full "
+                             "RoPE only)")
     return field({**raw, **params}, "rope_theta", "positive", where, 10000.0)
 
 
 def config_from_hf(raw: dict, where: str = "config.json") -> LlamaConfig:
-    """LlamaConfig from an HF config.json of model_type llama, mistral or qwen2, every field by
-    type and range; what this decoder does not compute is refused by name. Defaults are
-    transformers': rms_norm_eps 1e-6, rope_theta 1e4, untied head."""
+    """LlamaConfig from an HF llama / mistral / qwen2 config.json, every field by type and
+    range, with transformers' defaults; what this decoder does not compute is refused by name."""
     family = raw.get("model_type")
     if family not in HF_FAMILIES:
         raise ValueError(f"{where}: model_type={family!r} is not a decoder this loader reads "
@@ -360,8 +351,7 @@ def config_from_hf(raw: dict, where: str = "config.json") -> LlamaConfig:
 
 
 def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """model.safetensors, or the shards that model.safetensors.index.json's weight_map names
-    (plain file names in the folder, each holding exactly the tensors mapped to it)."""
+    """model.safetensors, or the shards model.safetensors.index.json's weight_map names."""
     index = folder / "model.safetensors.index.json"
     if exists(folder / "model.safetensors"):
         return read_safetensors(folder / "model.safetensors")[0]
@@ -391,8 +381,7 @@ def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def llama_from_hf(path: str | os.PathLike) -> tuple[LlamaForCausalLM, BPETokenizer]:
-    """An HF folder of a LLaMA-family decoder (config.json, model.safetensors or its shards,
-    tokenizer.json) -> (float32 LlamaForCausalLM in eval mode, BPETokenizer)."""
+    """An HF llama / mistral / qwen2 folder -> (float32 LlamaForCausalLM in eval mode, BPE)."""
     folder = Path(path)
     where = str(folder / "config.json")
     config = config_from_hf(read_json(folder / "config.json"), where)
