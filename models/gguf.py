@@ -10,6 +10,7 @@ float32 with torch shape = reversed dims; F32, F16, Q8_0 and Q4_1 are dequantise
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 import sys
@@ -49,8 +50,7 @@ class GGUFHeader(NamedTuple):
 
 
 def read_gguf_header(path: str | os.PathLike) -> GGUFHeader:
-    """Metadata and tensor infos of a GGUF file, all validated; no tensor data is read.
-    read_gguf_header(p).metadata["general.architecture"] -> "llama" """
+    """Metadata and tensor infos of a GGUF file, all validated; no tensor data is read."""
     path = Path(path)
     if not os.path.lexists(path):
         raise FileNotFoundError(f"GGUF file {path} not found")
@@ -136,10 +136,8 @@ def read_gguf_header(path: str | os.PathLike) -> GGUFHeader:
             if dims[0] % block:
                 raise fail(f"tensor {name!r} ({type_name}) has row length {dims[0]}, not a "
                            f"multiple of its block size {block}")
-            n = 1
-            for d in dims:
-                n *= d
-            infos.append((name, tuple(reversed(dims)), type_name, offset, n // block * block_bytes))
+            nbytes = math.prod(dims) // block * block_bytes
+            infos.append((name, tuple(reversed(dims)), type_name, offset, nbytes))
     start = -(-pos // alignment) * alignment  # the data section begins at the next boundary
     tensors: dict[str, TensorInfo] = {}
     for name, shape, type_name, offset, nbytes in infos:
@@ -160,10 +158,8 @@ def read_gguf_header(path: str | os.PathLike) -> GGUFHeader:
 
 
 def dequantize(raw: bytearray, ggml_type: str, shape: tuple[int, ...]) -> torch.Tensor:
-    """Raw little-endian bytes of one tensor (of the size its header gives) -> float32 of
-    `shape` (ggml-quants.c, dequantize_row_q8_0 / _q4_1). Q8_0 block (34 B): f16 d, 32 int8 q;
-    x = d·q. Q4_1 block (20 B): f16 d, f16 m, 16 bytes whose low nibbles are elements 0..15 and
-    high nibbles 16..31; x = d·q + m.
+    """One tensor's raw bytes -> float32 of `shape` (ggml-quants.c). Q8_0 block: f16 d, 32 int8
+    q; x = d·q. Q4_1 block: f16 d, f16 m, 16 bytes of low nibbles 0..15, high 16..31; x = d·q + m.
     dequantize(bytearray(struct.pack("<2f", 1, 2)), "F32", (2,)) -> tensor([1., 2.])"""
     if sys.byteorder != "little":  # frombuffer reads native order; GGUF data is little-endian
         raise ValueError("reading GGUF tensors needs a little-endian machine")
@@ -189,8 +185,7 @@ def dequantize(raw: bytearray, ggml_type: str, shape: tuple[int, ...]) -> torch.
 
 
 def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(metadata, {name: float32 tensor}) of a GGUF file.
-    meta, w = read_gguf(p); w["token_embd.weight"].shape -> (49152, 576)"""
+    """(metadata, {name: float32 tensor}) of a GGUF file."""
     header = read_gguf_header(path)
     bad = [f"{t.name} is {t.ggml_type}" for t in header.tensors.values()
            if t.ggml_type not in SUPPORTED]
