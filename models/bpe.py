@@ -58,9 +58,7 @@ def _char_class(prefix: str) -> str:
 def bpe_merge(parts: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
     """Apply merges by rank: while some adjacent pair has a rank, every occurrence of the
     lowest-ranked pair merges, left to right.  bpe_merge(list("aaa"), {("a", "a"): 0}) -> [aa, a]
-    A round pops that rank's heap entries in position order and pushes the pairs it creates
-    after it; an entry is stale unless its node's current pair still has its rank. Each merge
-    removes a node and pushes <= 2 entries: O(n log n) where a rescan per merge is O(n²)."""
+    A heap over a linked list: O(n log n) in the piece length, where a rescan is O(n²)."""
     n = len(parts)
     sym: list[str | None] = list(parts)
     nxt, prv = [*range(1, n), -1], [*range(-1, n - 1)]
@@ -87,32 +85,27 @@ def bpe_merge(parts: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
 
 def split_regex(pattern: str) -> re.Pattern:
     """An HF Split pre-tokenizer regex (Oniguruma syntax) for Python's `re`: \\p{L}, \\p{N},
-    \\s and \\S spelled out as in pre_tokenizer_regex; any other escape class is refused.
+    \\s and \\S spelled out (\\s as Unicode White_Space); any other escape class is refused.
     split_regex(r"\\p{N}{1,3}").findall("12345") -> ["123", "45"]"""
-    L, N, S = _char_class("L"), _char_class("N"), _WHITE_SPACE
-    out, i, in_class = [], 0, False
-    while i < len(pattern):
-        c, two = pattern[i], pattern[i:i + 2]
-        if pattern.startswith(("\\p{L}", "\\p{N}"), i):
-            body = L if pattern[i + 3] == "L" else N
-            out.append(body if in_class else f"[{body}]")
-            i += 5
-            continue
-        if two == "\\s" or (two == "\\S" and not in_class):
-            out.append(S if in_class else "[" + "^" * (two == "\\S") + S + "]")
-        elif c == "\\" and two[1:] in tuple("rntf\\.'?+*()[]{}|^$-/ "):
-            out.append(two)
-        elif c == "\\":
-            raise ValueError(f"Split regex escape {two!r} is not supported (\\p{{L}}, \\p{{N}}, "
-                             "\\s, \\S and literal escapes only)")
-        else:
-            in_class = (in_class or c == "[") and not (in_class and c == "]")
-            out.append(c)
-            i += 1
-            continue
-        i += 2
+    spelled, in_class = {"\\p{L}": _char_class("L"), "\\p{N}": _char_class("N"),
+                         "\\s": _WHITE_SPACE}, False
+
+    def spell(m: re.Match) -> str:  # left to right, so in_class follows the brackets
+        nonlocal in_class
+        t = m.group()
+        if t in "[]":
+            in_class = t == "["
+            return t
+        if t in spelled:
+            return spelled[t] if in_class else f"[{spelled[t]}]"
+        if t == "\\S" and not in_class:
+            return f"[^{_WHITE_SPACE}]"
+        if t[1] in "rntf\\.'?+*()[]{}|^$-/ ":
+            return t
+        raise ValueError(f"Split regex escape {t!r} is not supported (\\p{{L}}, \\p{{N}}, "
+                         "\\s, \\S and literal escapes only)")
     try:
-        return re.compile("".join(out))
+        return re.compile(re.sub(r"\\p\{[LN]\}|\\.|[][]", spell, pattern))
     except re.error as e:
         raise ValueError(f"Split regex {pattern!r} does not compile in Python ({e})") from None
 
@@ -184,9 +177,9 @@ def _template_bos(p, where: str) -> int | None:
 
 
 class BPETokenizer:
-    """Byte-level BPE over `tokens` (the vocabulary in GPT-2's byte spelling, id = index) and
-    `merges` ("a b" strings or pairs, best first). Ids of `special` tokens match whole in text;
-    ignore_merges, nfc and split (a Split regex replacing gpt2's) are tokenizer.json options."""
+    """Byte-level BPE over `tokens` (GPT-2's byte spelling, id = index) and `merges` ("a b" or
+    pairs, best first); `special` ids match whole in text; ignore_merges, nfc and split (a Split
+    regex replacing gpt2's) are tokenizer.json options."""
 
     def __init__(self, tokens: Sequence[str], merges: Sequence[str | tuple[str, str]],
                  special: Sequence[int] = (), bos_id: int | None = None,
@@ -319,8 +312,7 @@ class BPETokenizer:
 
     def _bpe_ids(self, piece: str) -> tuple[int, ...]:
         """Ids of one pre-tokenised piece.  _bpe_ids(" the") -> (260,) with SmolLM2's merges"""
-        # bytes without a token are dropped, as transformers does (SmolLM2 lacks 21 of the 256,
-        # e.g. 0x1D and 0xF5..0xFF, which no code point below U+140000 uses as a lead byte)
+        # bytes without a token are dropped, as transformers does (SmolLM2 lacks 21 of the 256)
         parts = [c for c in map(self.byte_char.__getitem__, piece.encode("utf-8"))
                  if c in self.vocab]
         if self.ignore_merges and "".join(parts) in self.vocab:  # a whole-word token wins
@@ -375,8 +367,8 @@ _TINY_WORDS = (" positive", " negative", " yes", " no", " acceptable", " unaccep
 
 
 def tiny_bpe() -> BPETokenizer:
-    """A small byte-level BPE for tests and the tiny-llama model: 3 special tokens, the 256 byte
-    tokens and merges that spell each word of _TINY_WORDS left to right; len(tiny_bpe()) < 512."""
+    """A byte-level BPE for tests and tiny-llama: 3 specials, the 256 bytes and merges spelling
+    each of _TINY_WORDS left to right; len(tiny_bpe()) < 512."""
     tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *bytes_to_unicode().values()]
     merges: list[tuple[str, str]] = []
     for word in _TINY_WORDS:
