@@ -183,14 +183,13 @@ class LlamaForCausalLM(nn.Module):
         """input_ids (B, T), optional 1/0 attention_mask (B, T) -> logits (B, T, vocab). With
         a mask, positions count real tokens only: a left-padded row gets the unpadded angles."""
         x = self.model.embed_tokens(input_ids)  # (B, T, d)
-        window = self.config.sliding_window
-        if window is not None and window >= input_ids.shape[1]:
-            window = None  # every key lies inside the window
-        if attention_mask is None and window is not None:
-            attention_mask = torch.ones_like(input_ids)
-        if attention_mask is None:
-            positions, mask = torch.arange(input_ids.shape[1], device=input_ids.device)[None], None
+        T, window = input_ids.shape[1], self.config.sliding_window
+        window = window if window is not None and window < T else None  # else: sees every key
+        if attention_mask is None and window is None:
+            positions, mask = torch.arange(T, device=input_ids.device)[None], None
         else:
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids)
             if attention_mask.shape != input_ids.shape:
                 raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must have the "
                                  f"shape of input_ids {tuple(input_ids.shape)}")
