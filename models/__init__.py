@@ -46,3 +46,9 @@ def build_model(name_or_path: str, num_labels: int | None = None,
     """load_model with a fresh generator seeded `seed`.  build_model("tiny", 2, seed=0)"""
     return load_model(name_or_path, num_labels, torch.Generator().manual_seed(seed))
 
+
+__all__ = ["BPETokenizer", "BertConfig", "BertForSequenceClassification", "BertModel", "DECODERS",
+           "LlamaConfig", "LlamaForCausalLM", "LoadInfo", "TINY", "TINY_LLAMA",
+           "WordPieceTokenizer", "build_model", "init_weights", "is_decoder", "llama_from_gguf",
+           "llama_from_hf", "load_model", "load_pretrained", "load_smollm2", "model_path",
+           "read_gguf", "read_gguf_header", "tiny_bpe", "tiny_vocab"]
