@@ -59,6 +59,13 @@ def field(raw: dict, key: str, kind: str, where: str, default=REQUIRED):
     return v
 
 
+def only(raw: dict, ours: dict, where: str) -> None:
+    """raw[k], when present, must be ours[k]: a value this code does not compute is refused."""
+    for key, value in ours.items():
+        if raw.get(key, value) != value:
+            raise ValueError(f"{where}: {key}={raw[key]!r} is not supported (only {value!r})")
+
+
 def make_config(cls: type, where: str, **kw):
     """cls(**kw), its ValueError prefixed with `where` (the file the values came from)."""
     try:
@@ -138,11 +145,8 @@ class LoadInfo:  # what load_pretrained read; fresh: keys left at random init; i
 
 def bert_config(raw: dict, where: str = "config.json") -> BertConfig:
     """BertConfig from an HF config.json, every field by type and range."""
-    for key, ours in {"model_type": "bert", "hidden_act": "gelu",
-                      "position_embedding_type": "absolute"}.items():
-        if raw.get(key, ours) != ours:
-            raise ValueError(f"{where}: {key}={raw[key]!r} is not supported: this encoder "
-                             f"implements {key}={ours!r} only")
+    only(raw, {"model_type": "bert", "hidden_act": "gelu", "position_embedding_type": "absolute"},
+         where)
     defaults = {f.name: f.default for f in fields(BertConfig)}
     return make_config(BertConfig, where, **{k: field(raw, k, kind, where, defaults[k])
                                              for k, kind in BERT_KINDS.items()})

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from lora import read_safetensors
 from models.bpe import BPETokenizer
 from models.checkpoint import (HF_FAMILIES, REQUIRED, check_blocks, check_weights, exists, field,
-                               make_config, read_json, shapes, smollm2_path)
+                               make_config, only, read_json, shapes, smollm2_path)
 from models.encoder import init_weights
 from models.gguf import read_gguf, read_gguf_header
 
@@ -325,10 +325,8 @@ def config_from_hf(raw: dict, where: str = "config.json") -> LlamaConfig:
     if family not in HF_FAMILIES:
         raise ValueError(f"{where}: model_type={family!r} is not a decoder this loader reads "
                          f"(one of {HF_FAMILIES})")
-    for key, ours in {"hidden_act": "silu", "mlp_bias": False, "attention_dropout": 0.0,
-                      "use_sliding_window": False}.items():
-        if raw.get(key, ours) != ours:
-            raise ValueError(f"{where}: {key}={raw[key]!r} is not supported (only {ours!r})")
+    only(raw, {"hidden_act": "silu", "mlp_bias": False, "attention_dropout": 0.0,
+               "use_sliding_window": False}, where)
     layer_types = raw.get("layer_types") or []
     if not isinstance(layer_types, list) or any(t != "full_attention" for t in layer_types):
         raise ValueError(f"{where}: layer_types={str(layer_types)[:100]} is not supported "
