@@ -1,16 +1,54 @@
-"""The models of fimlora: a from-scratch BERT and LLaMA with HF names, loaders and tokenizers."""
+"""The models of fimlora: a from-scratch BERT and LLaMA with HF names, loaders and tokenizers.
+
+    model, tok = load_model("minilm", num_labels=2, generator=g)   # BertForSequenceClassification
+    model, tok = load_model("smollm2")                            # LlamaForCausalLM, BPETokenizer
+
+Leaf to root: encoder.py (BERT), tokenizer.py (WordPiece), gguf.py (GGUF reader), checkpoint.py
+(the checks every loader shares, BERT folders, model names), bpe.py (byte-level BPE), llama.py
+(the decoder and its GGUF / HF-folder loaders).
+"""
+
+import torch
+import torch.nn as nn
 
 from models.bpe import BPETokenizer, tiny_bpe
-from models.checkpoint import (DECODERS, LoadInfo, build_model, is_decoder, load_model,
-                               load_pretrained, load_tokenizer, model_path)
+from models.checkpoint import DECODERS, LoadInfo, is_decoder, load_pretrained, model_path
 from models.encoder import TINY, BertConfig, BertForSequenceClassification, BertModel, init_weights
+from models.gguf import read_gguf, read_gguf_header
 from models.llama import (TINY_LLAMA, LlamaConfig, LlamaForCausalLM, llama_from_gguf,
                           llama_from_hf, load_smollm2)
 from models.tokenizer import WordPieceTokenizer, tiny_vocab
 
+
+def load_model(name_or_path: str, num_labels: int | None = None,
+               generator: torch.Generator | None = None,
+               ) -> tuple[nn.Module, WordPieceTokenizer | BPETokenizer]:
+    """A model name or folder -> (model, tokenizer): "tiny", "minilm" or an HF BERT folder (a
+    BertModel, or BertForSequenceClassification given num_labels); decoders (num_labels
+    ignored) "tiny-llama", "smollm2" or an HF llama / mistral / qwen2 folder. Random init (tiny
+    models, fresh heads) draws from `generator`."""
+    if name_or_path == "tiny-llama":
+        return LlamaForCausalLM(TINY_LLAMA, generator), tiny_bpe()
+    if name_or_path == "smollm2":
+        return load_smollm2()
+    if is_decoder(name_or_path):
+        return llama_from_hf(model_path(name_or_path))
+    if name_or_path == "tiny":
+        model = (BertModel(TINY, generator) if num_labels is None
+                 else BertForSequenceClassification(TINY, num_labels, generator))
+        return model, WordPieceTokenizer(tiny_vocab())
+    model, tok, _ = load_pretrained(model_path(name_or_path), num_labels, generator)
+    return model, tok
+
+
+def build_model(name_or_path: str, num_labels: int | None = None,
+                seed: int = 0) -> tuple[nn.Module, WordPieceTokenizer | BPETokenizer]:
+    """load_model with a fresh generator seeded `seed`.  build_model("tiny", 2, seed=0)"""
+    return load_model(name_or_path, num_labels, torch.Generator().manual_seed(seed))
+
+
 __all__ = ["BPETokenizer", "BertConfig", "BertForSequenceClassification", "BertModel", "DECODERS",
            "LlamaConfig", "LlamaForCausalLM", "LoadInfo", "TINY", "TINY_LLAMA",
            "WordPieceTokenizer", "build_model", "init_weights", "is_decoder", "llama_from_gguf",
-           "llama_from_hf", "load_model",
-           "load_pretrained", "load_smollm2", "load_tokenizer", "model_path", "tiny_bpe",
-           "tiny_vocab"]
+           "llama_from_hf", "load_model", "load_pretrained", "load_smollm2", "model_path",
+           "read_gguf", "read_gguf_header", "tiny_bpe", "tiny_vocab"]

@@ -1,34 +1,11 @@
-"""GPT-2-style byte-level BPE, built from a GGUF file's tokenizer metadata (or in code: tiny_bpe).
+"""GPT-2-style byte-level BPE, from GGUF tokenizer metadata, an HF tokenizer.json, or in code.
 
-    from models.bpe import BPETokenizer
     tok = BPETokenizer.from_gguf(metadata)        # metadata from models.gguf.read_gguf_header
     ids = tok.encode("<|im_start|>user\\nHi!")     # [1, 4093, 198, 26843, 17]
-    tok.decode(ids) == "<|im_start|>user\\nHi!"
 
-Encoding (Radford et al. 2019, "Language Models are Unsupervised Multitask Learners", sec. 2.2):
-1. special tokens (GGUF token types 3 = control, 4 = user-defined) are cut out of the text whole;
-2. the rest is pre-tokenised by a regex (below), so merges never cross word/number boundaries;
-3. each piece's UTF-8 bytes are spelled with GPT-2's byte -> printable-character map;
-4. merges apply by rank: the adjacent pair with the lowest rank merges everywhere (left to
-   right), repeat. bpe_merge finds that pair with a heap of adjacent pair ranks over a linked
-   list, O(n log n) in the piece's length (a rescan per merge was O(n · merges): 35 s for one
-   32k-character word with SmolLM2's merges).
-
-Pre-tokenisers (GGUF `tokenizer.ggml.pre`), as llama.cpp's llama-vocab.cpp defines them:
-    "gpt2":   's|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+
-    "smollm": every \\p{N} character split off alone first, then the gpt2 regex
-(SmolLM2's own tokenizer.json: Digits(individual_digits=True) then ByteLevel). transformers 5.23
-loads an unknown `pre` like "smollm" with the gpt2 regex only; the two differ only when merges
-join digits, which SmolLM2's vocabulary never does (tests/test_decoder.py checks SST-2 dev).
-Python's `re` has no \\p{..}: the classes are built from unicodedata, and \\s is Unicode
-White_Space as in Rust/oniguruma (Python's \\s would also match U+001C..U+001F).
-
-From an HF folder (from_hf_folder): tokenizer.json's BPE model (vocab, merges, ignore_merges),
-its added tokens (cut out whole), normalizer none or NFC, pre-tokenizer ByteLevel (the gpt2
-regex), Digits(individual_digits) + ByteLevel ("smollm") or an isolating Split regex (Llama 3,
-Qwen2; split_regex) + ByteLevel without its regex, and BOS from a TemplateProcessing
-post-processor, as transformers' PreTrainedTokenizerFast applies them; anything else
-(Metaspace/SentencePiece, byte_fallback, other normalizers or splits) is refused by name.
+Encoding (Radford et al. 2019, sec. 2.2): special tokens are cut out whole; a regex pre-tokenises
+the rest (gpt2's, SmolLM2's digits first, or the Split regex of Llama 3 / Qwen2); each piece's
+UTF-8 bytes are spelled with GPT-2's byte map, then merged by rank.
 """
 
 from __future__ import annotations
@@ -43,12 +20,14 @@ import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 
-from models.tokenizer import _Memo
+from models.checkpoint import exists, field, read_json
+from models.tokenizer import Memo
 
 CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types cut out of text whole
 PRE_TOKENIZERS = ("gpt2", "smollm")
-CACHE_MAX_CHARS = 1 << 21  # piece + id characters the piece -> ids cache holds (~20 MB)
+CACHE_SIZE = 1 << 16  # pieces the piece -> ids cache holds
 CACHE_MAX_PIECE = 256  # longer pieces are not cached
+TOKENIZER_LIMIT = 1 << 26  # bytes of tokenizer.json (real ones take < 20 MB)
 _WHITE_SPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
 
 
@@ -76,29 +55,10 @@ def _char_class(prefix: str) -> str:
     return "".join(ranges)
 
 
-@functools.cache
-def pre_tokenizer_regex() -> re.Pattern:
-    """The gpt2 pre-tokeniser regex with \\p{L}, \\p{N}, \\s spelled out for `re`.
-    pre_tokenizer_regex().findall("I'm  ok") -> ['I', "'m", ' ', ' ok']"""
-    L, N, S = _char_class("L"), _char_class("N"), _WHITE_SPACE
-    return re.compile(f"'s|'t|'re|'ve|'m|'ll|'d| ?[{L}]+| ?[{N}]+| ?[^{S}{L}{N}]+"
-                      f"|[{S}]+(?![^{S}])|[{S}]+")
-
-
-@functools.cache
-def _digit_regex() -> re.Pattern:
-    return re.compile(f"([{_char_class('N')}])")
-
-
 def bpe_merge(parts: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
     """Apply merges by rank: while some adjacent pair has a rank, every occurrence of the
-    lowest-ranked pair merges, left to right without overlap.
-    bpe_merge(list("aaa"), {("a", "a"): 0}) -> ["aa", "a"]
-    Each round pops that rank's heap entries in position order; the pairs a round creates are
-    pushed after it (one may rank lower, and must wait, as in a rescan). An entry is stale
-    unless its node's current pair still has its rank (symbols only grow, so one never comes
-    back). Each merge removes a node and pushes <= 2 entries: O(n log n), <= 3n rank lookups
-    plus one per popped entry."""
+    lowest-ranked pair merges, left to right.  bpe_merge(list("aaa"), {("a", "a"): 0}) -> [aa, a]
+    A heap over a linked list: O(n log n) in the piece length, where a rescan is O(n²)."""
     n = len(parts)
     sym: list[str | None] = list(parts)
     nxt, prv = [*range(1, n), -1], [*range(-1, n - 1)]
@@ -125,100 +85,101 @@ def bpe_merge(parts: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
 
 def split_regex(pattern: str) -> re.Pattern:
     """An HF Split pre-tokenizer regex (Oniguruma syntax) for Python's `re`: \\p{L}, \\p{N},
-    \\s and \\S spelled out as in pre_tokenizer_regex; any other escape class is refused.
+    \\s and \\S spelled out (\\s as Unicode White_Space); any other escape class is refused.
     split_regex(r"\\p{N}{1,3}").findall("12345") -> ["123", "45"]"""
-    L, N, S = _char_class("L"), _char_class("N"), _WHITE_SPACE
-    out, i, in_class = [], 0, False
-    while i < len(pattern):
-        c, two = pattern[i], pattern[i:i + 2]
-        if pattern.startswith(("\\p{L}", "\\p{N}"), i):
-            body = L if pattern[i + 3] == "L" else N
-            out.append(body if in_class else f"[{body}]")
-            i += 5
-            continue
-        if two == "\\s" or (two == "\\S" and not in_class):
-            out.append(S if in_class else "[" + "^" * (two == "\\S") + S + "]")
-        elif c == "\\" and two[1:] in tuple("rntf\\.'?+*()[]{}|^$-/ "):
-            out.append(two)
-        elif c == "\\":
-            raise ValueError(f"Split regex escape {two!r} is not supported (\\p{{L}}, \\p{{N}}, "
-                             "\\s, \\S and literal escapes only)")
-        else:
-            in_class = (in_class or c == "[") and not (in_class and c == "]")
-            out.append(c)
-            i += 1
-            continue
-        i += 2
+    spelled, in_class = {"\\p{L}": _char_class("L"), "\\p{N}": _char_class("N"),
+                         "\\s": _WHITE_SPACE}, False
+
+    def spell(m: re.Match) -> str:  # left to right, so in_class follows the brackets
+        nonlocal in_class
+        t = m.group()
+        if t in "[]":
+            in_class = t == "["
+            return t
+        if t in spelled:
+            return spelled[t] if in_class else f"[{spelled[t]}]"
+        if t == "\\S" and not in_class:
+            return f"[^{_WHITE_SPACE}]"
+        if t[1] in "rntf\\.'?+*()[]{}|^$-/ ":
+            return t
+        raise ValueError(f"Split regex escape {t!r} is not supported (\\p{{L}}, \\p{{N}}, "
+                         "\\s, \\S and literal escapes only)")
     try:
-        return re.compile("".join(out))
+        return re.compile(re.sub(r"\\p\{[LN]\}|\\.|[][]", spell, pattern))
     except re.error as e:
         raise ValueError(f"Split regex {pattern!r} does not compile in Python ({e})") from None
 
 
-def _byte_level(p: dict, where: str, use_regex: bool = True) -> None:
-    if not isinstance(p, dict) or p.get("type") != "ByteLevel" or p.get("add_prefix_space") or \
-            p.get("use_regex", True) != use_regex:
-        raise ValueError(f"{where}: pre-tokenizer {json.dumps(p)[:200]} is not supported "
-                         "(ByteLevel with its gpt2 regex and add_prefix_space=false, optionally "
-                         "after Digits(individual_digits=true), or an isolating Split regex "
-                         "then ByteLevel(use_regex=false))")
+GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+
+
+@functools.cache
+def pre_tokenizer_regex() -> re.Pattern:
+    """The gpt2 pre-tokeniser.  pre_tokenizer_regex().findall("I'm ok") -> ['I', "'m", ' ok']"""
+    return split_regex(GPT2_SPLIT)
+
+
+@functools.cache
+def _digit_regex() -> re.Pattern:
+    return split_regex(r"(\p{N})")
+
+
+def _refuse(where: str, what: str, obj, fix: str) -> ValueError:
+    return ValueError(f"{where}: {what} {json.dumps(obj)[:200]} is not supported ({fix})")
+
+
+def _byte_level(p, use_regex: bool) -> bool:
+    return isinstance(p, dict) and p.get("type") == "ByteLevel" and \
+        not p.get("add_prefix_space") and p.get("use_regex", True) == use_regex
 
 
 def _pre_tokenizer(p, where: str) -> tuple[str, str | None]:
-    """tokenizer.json's pre_tokenizer -> ("gpt2", None) for ByteLevel, ("smollm", None) for
-    Digits + ByteLevel, ("gpt2", pattern) for Split(pattern, Isolated) + ByteLevel(no regex)."""
-    if not isinstance(p, dict):
-        raise ValueError(f"{where}: pre_tokenizer {p!r} is not supported (byte-level BPE needs "
-                         "ByteLevel)")
-    if p.get("type") == "Sequence" and len(p.get("pretokenizers") or []) == 2:
-        first, byte_level = p["pretokenizers"]
-        if first == {"type": "Digits", "individual_digits": True}:
-            _byte_level(byte_level, where)
-            return "smollm", None
-        if isinstance(first, dict) and first.get("type") == "Split" and \
-                first.get("behavior") == "Isolated" and not first.get("invert") and \
-                isinstance(first.get("pattern"), dict) and \
-                isinstance(first["pattern"].get("Regex"), str):
-            _byte_level(byte_level, where, use_regex=False)
-            try:
-                split_regex(first["pattern"]["Regex"])
-            except ValueError as e:
-                raise ValueError(f"{where}: {e}") from None
-            return "gpt2", first["pattern"]["Regex"]
-    _byte_level(p, where)
-    return "gpt2", None
+    """tokenizer.json's pre_tokenizer -> (pre, split regex): ByteLevel -> ("gpt2", None),
+    Digits + ByteLevel (SmolLM2) -> ("smollm", None), Split(regex, Isolated) +
+    ByteLevel(use_regex=false) (Llama 3, Qwen2) -> ("gpt2", regex)."""
+    seq = p.get("pretokenizers") if isinstance(p, dict) and p.get("type") == "Sequence" else None
+    first, last = seq if isinstance(seq, list) and len(seq) == 2 else (None, p)
+    pattern = first.get("pattern") if isinstance(first, dict) else None
+    if first is None and _byte_level(last, True):
+        return "gpt2", None
+    if first == {"type": "Digits", "individual_digits": True} and _byte_level(last, True):
+        return "smollm", None
+    if first and first.get("type") == "Split" and first.get("behavior") == "Isolated" and \
+            not first.get("invert") and isinstance(pattern, dict) and \
+            isinstance(pattern.get("Regex"), str) and _byte_level(last, False):
+        return "gpt2", pattern["Regex"]
+    raise _refuse(where, "pre-tokenizer", p, "ByteLevel with its gpt2 regex and "
+                  "add_prefix_space=false, optionally after Digits(individual_digits=true), or "
+                  "an isolating Split regex then ByteLevel(use_regex=false)")
 
 
 def _template_bos(p, where: str) -> int | None:
-    """The BOS id a post-processor prepends to one sequence: None for none, ByteLevel, or a
-    TemplateProcessing `$A`; the id for `<bos> $A`; anything else is refused."""
-    steps = (p.get("processors") or []) if isinstance(p, dict) and p.get("type") == "Sequence" \
-        else [p]
+    """The BOS id a post-processor prepends: None for none, ByteLevel or a TemplateProcessing
+    `$A`; the id for `<bos> $A` (Llama 3); anything else is refused."""
     bos = None
-    for q in steps:
-        if q is None or isinstance(q, dict) and q.get("type") == "ByteLevel":
-            continue
-        q = q if isinstance(q, dict) else {"type": q}
-        single = q.get("single") if q.get("type") == "TemplateProcessing" else None
-        if single == [{"Sequence": {"id": "A", "type_id": 0}}]:
+    steps = p.get("processors") if isinstance(p, dict) and p.get("type") == "Sequence" else [p]
+    for q in steps if isinstance(steps, list) else [steps]:
+        single = q.get("single") if isinstance(q, dict) else None
+        if q is None or q == "ByteLevel" or isinstance(q, dict) and q.get("type") == "ByteLevel" \
+                or single == [{"Sequence": {"id": "A", "type_id": 0}}]:
             continue
         try:  # [{"SpecialToken": {"id": name}}, {"Sequence": {"id": "A"}}], one id for name
             (first, second), ids = single, None
-            if second["Sequence"]["id"] == "A":
+            if q["type"] == "TemplateProcessing" and second["Sequence"]["id"] == "A":
                 ids = q["special_tokens"][first["SpecialToken"]["id"]]["ids"]
         except (TypeError, KeyError, ValueError):
             ids = None
-        if isinstance(ids, list) and len(ids) == 1 and isinstance(ids[0], int):
-            bos = ids[0]
-            continue
-        raise ValueError(f"{where}: post_processor {json.dumps(q)[:200]} is not supported "
-                         "(none, ByteLevel, or a template that prepends one token)")
+        if not (isinstance(ids, list) and len(ids) == 1 and isinstance(ids[0], int)):
+            raise _refuse(where, "post_processor", q, "none, ByteLevel, or a template that "
+                          "prepends one token")
+        bos = ids[0]
     return bos
 
 
 class BPETokenizer:
-    """Byte-level BPE over `tokens` (the vocabulary in GPT-2's byte spelling, id = index) and
-    `merges` ("a b" strings or pairs, best first). Ids of `special` tokens match whole in text."""
+    """Byte-level BPE over `tokens` (GPT-2's byte spelling, id = index) and `merges` ("a b" or
+    pairs, best first); `special` ids match whole in text; ignore_merges, nfc and split (a Split
+    regex replacing gpt2's) are tokenizer.json options."""
 
     def __init__(self, tokens: Sequence[str], merges: Sequence[str | tuple[str, str]],
                  special: Sequence[int] = (), bos_id: int | None = None,
@@ -236,8 +197,8 @@ class BPETokenizer:
                 raise ValueError(f"{name}={i} is not a token id in [0, {len(self.tokens)})")
         self.ranks: dict[tuple[str, str], int] = {}
         for rank, m in enumerate(merges):
-            pair = tuple(m.split(" ")) if isinstance(m, str) else \
-                tuple(m) if isinstance(m, (list, tuple)) else ()
+            pair = tuple(m.split(" ")) if isinstance(m, str) else tuple(m) \
+                if isinstance(m, (list, tuple)) else ()
             if len(pair) != 2 or not all(isinstance(t, str) for t in pair) or \
                     pair[0] + pair[1] not in self.vocab:
                 raise ValueError(f"merge {rank} {m!r} is not two tokens whose join is in the "
@@ -250,126 +211,108 @@ class BPETokenizer:
         # longest first, so "<|im_start|>" wins over a special token that is its prefix
         alternation = "|".join(map(re.escape, sorted(self.special, key=len, reverse=True)))
         self._special_re = re.compile(f"({alternation})") if self.special else None
-        self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
-        self.pre, self.add_bos = pre, add_bos
-        # tokenizer.json options (from_tokenizer_json); split: a Split regex replacing gpt2's
+        self.bos_id, self.eos_id, self.pad_id, self.pre, self.add_bos = (bos_id, eos_id, pad_id,
+                                                                         pre, add_bos)
         self.ignore_merges, self.nfc, self.split = ignore_merges, nfc, split
         self._split_re = split_regex(split) if split is not None else None
-        # bounded by characters held, not entries: long pieces are cheaper to merge again
-        self._cache = _Memo(self._bpe_ids, max_cost=CACHE_MAX_CHARS, max_key=CACHE_MAX_PIECE)
+        self._cache = Memo(self._bpe_ids, CACHE_SIZE, CACHE_MAX_PIECE)  # piece -> ids
 
     @classmethod
-    def from_gguf(cls, metadata: dict) -> BPETokenizer:
-        """From GGUF metadata (`tokenizer.ggml.*`); the model must be "gpt2" (byte-level BPE)."""
+    def from_gguf(cls, metadata: dict, where: str = "GGUF metadata") -> BPETokenizer:
+        """From GGUF metadata (`tokenizer.ggml.*`, model "gpt2"); errors name `where`."""
         get = metadata.get
         if get("tokenizer.ggml.model") != "gpt2":
-            raise ValueError(f"tokenizer.ggml.model={get('tokenizer.ggml.model')!r}: only "
-                             "'gpt2' (byte-level BPE) is supported")
+            raise ValueError(f"{where}: tokenizer.ggml.model={get('tokenizer.ggml.model')!r}: "
+                             "only 'gpt2' (byte-level BPE) is supported")
         tokens, merges = get("tokenizer.ggml.tokens"), get("tokenizer.ggml.merges")
         types = get("tokenizer.ggml.token_type") or [1] * len(tokens or [])
         if not (isinstance(tokens, list) and isinstance(merges, list) and isinstance(types, list)
                 and all(isinstance(t, str) for t in tokens + merges) and len(types) == len(tokens)
                 and all(type(t) is int for t in types)):
-            raise ValueError("GGUF metadata needs tokenizer.ggml.tokens and .merges as lists of "
+            raise ValueError(f"{where} needs tokenizer.ggml.tokens and .merges as lists of "
                              "strings, and token_type (if present) as many integers as tokens")
-        for key in ("bos_token_id", "eos_token_id", "padding_token_id", "pre", "add_bos_token"):
-            v = get(f"tokenizer.ggml.{key}")
-            want = {"pre": str, "add_bos_token": bool}.get(key, int)
-            if v is not None and type(v) is not want:
-                raise ValueError(f"GGUF metadata tokenizer.ggml.{key}={v!r} is invalid: use "
-                                 f"{'a string' if want is str else want.__name__}")
-        pre = get("tokenizer.ggml.pre", "gpt2")
-        return cls(tokens, merges, [i for i, t in enumerate(types) if t in (CONTROL, USER_DEFINED)],
-                   get("tokenizer.ggml.bos_token_id"), get("tokenizer.ggml.eos_token_id"),
-                   get("tokenizer.ggml.padding_token_id"), "gpt2" if pre == "default" else pre,
-                   bool(get("tokenizer.ggml.add_bos_token", False)))
+        ids = [field(metadata, f"tokenizer.ggml.{k}_token_id", "index?", where, None)
+               for k in ("bos", "eos", "padding")]
+        pre = field(metadata, "tokenizer.ggml.pre", "str", where, "gpt2")
+        add_bos = field(metadata, "tokenizer.ggml.add_bos_token", "bool", where, False)
+        special = [i for i, t in enumerate(types) if t in (CONTROL, USER_DEFINED)]
+        try:
+            return cls(tokens, merges, special, *ids, "gpt2" if pre == "default" else pre, add_bos)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
 
     @classmethod
-    def from_tokenizer_json(cls, tj: dict, special_tokens: dict[str, object] | None = None,
+    def from_tokenizer_json(cls, tj: dict, special_tokens: dict | None = None,
                             where: str = "tokenizer.json") -> BPETokenizer:
-        """From a parsed tokenizer.json (see the module docstring for what is read or refused).
-        special_tokens: {"bos_token"|"eos_token"|"pad_token": str or {"content": str}} as
-        tokenizer_config.json holds them, or {"bos_token_id": int, ...} as config.json does;
-        pad falls back to eos, then to id 0: padding only fills masked positions."""
-        model = tj.get("model")
+        """From a parsed tokenizer.json: a BPE model, added tokens, normalizer none or NFC, the
+        pre-tokenizers and BOS template _pre_tokenizer / _template_bos read; the rest is refused.
+        special_tokens: {"bos_token": str or {"content": str}, ...} (tokenizer_config.json) or
+        {"bos_token_id": int, ...} (config.json); pad falls back to eos, then to id 0."""
+        model, added = tj.get("model"), tj.get("added_tokens") or []
         if not isinstance(model, dict) or model.get("type") != "BPE":
             kind = model.get("type") if isinstance(model, dict) else model
             raise ValueError(f"{where}: model type {kind!r} is not supported (byte-level BPE only)")
-        for name, ok in (("dropout", (None, 0, 0.0)), ("continuing_subword_prefix", (None, "")),
-                         ("end_of_word_suffix", (None, "")), ("byte_fallback", (None, False))):
-            if model.get(name) not in ok:
-                raise ValueError(f"{where}: BPE {name}={model[name]!r} is not supported")
         vocab, merges = model.get("vocab"), model.get("merges")
-        added = tj.get("added_tokens") or []
         if not isinstance(vocab, dict) or not isinstance(merges, list) or \
                 not isinstance(added, list) or not all(isinstance(a, dict) for a in added):
             raise ValueError(f"{where}: model.vocab must be an object, model.merges and "
                              "added_tokens lists")
-        by_id = {i: t for t, i in vocab.items() if isinstance(i, int) and not isinstance(i, bool)}
+        for name in ("dropout", "continuing_subword_prefix", "end_of_word_suffix",
+                     "byte_fallback", "unk_token"):
+            # byte-level BPE drops a byte without a token: an unk_token is only ever unused
+            if model.get(name) and (name != "unk_token" or
+                                    not set(bytes_to_unicode().values()) <= set(vocab)):
+                raise ValueError(f"{where}: BPE {name}={model[name]!r} is not supported")
+        by_id = {i: t for t, i in vocab.items() if type(i) is int}
         for a in added:
-            for flag in ("lstrip", "rstrip", "single_word"):
-                if a.get(flag):
-                    raise ValueError(f"{where}: added token {a.get('content')!r} has {flag}=true,"
-                                     " which is not supported")
+            flags = [f for f in ("lstrip", "rstrip", "single_word") if a.get(f)]
+            if flags:
+                raise ValueError(f"{where}: added token {a.get('content')!r} has {flags[0]}=true,"
+                                 " which is not supported")
             by_id[a.get("id")] = a.get("content")
         if len(by_id) < len(vocab) or set(by_id) != set(range(len(by_id))) or \
                 not all(isinstance(t, str) for t in by_id.values()):
             raise ValueError(f"{where}: token ids must run 0..{len(by_id) - 1} without gaps, "
                              "each with a string token")
         tokens = [by_id[i] for i in range(len(by_id))]
-        if model.get("unk_token") is not None and \
-                not set(bytes_to_unicode().values()) <= set(vocab):
-            raise ValueError(f"{where}: unk_token {model['unk_token']!r} with bytes missing from "
-                             "the vocabulary is not supported (byte-level BPE drops them)")
-        normalizer = tj.get("normalizer")
-        if normalizer is not None and normalizer != {"type": "NFC"}:
-            raise ValueError(f"{where}: normalizer {json.dumps(normalizer)[:200]} is not "
-                             "supported (none or NFC)")
+        if tj.get("normalizer") not in (None, {"type": "NFC"}):
+            raise _refuse(where, "normalizer", tj["normalizer"], "none or NFC")
         pre, regex = _pre_tokenizer(tj.get("pre_tokenizer"), where)
         bos = _template_bos(tj.get("post_processor"), where)
-        ids = {t: i for i, t in enumerate(tokens)}
-        special_tokens = special_tokens or {}
-
-        def named(role: str) -> int | None:
+        ids, named, special_tokens = {t: i for i, t in enumerate(tokens)}, {}, special_tokens or {}
+        for role in ("bos", "eos", "pad"):
             v = special_tokens.get(f"{role}_token")
             v = v.get("content") if isinstance(v, dict) else v
-            if isinstance(v, str):
-                if v not in ids:
-                    raise ValueError(f"{role}_token {v!r} is not a token of {where}")
-                return ids[v]
-            v = special_tokens.get(f"{role}_token_id")
-            return v if isinstance(v, int) and not isinstance(v, bool) else None
-
-        eos = named("eos")
-        pad = named("pad")
-        return cls(tokens, merges, [a["id"] for a in added], bos if bos is not None else
-                   named("bos"), eos, next(i for i in (pad, eos, 0) if i is not None), pre,
-                   bos is not None, bool(model.get("ignore_merges")), normalizer is not None,
-                   regex)
+            if isinstance(v, str) and v not in ids:
+                raise ValueError(f"{role}_token {v!r} is not a token of {where}")
+            v = ids[v] if isinstance(v, str) else special_tokens.get(f"{role}_token_id")
+            named[role] = v if type(v) is int else None  # Llama 3.1 lists several eos ids
+        pad = next(i for i in (named["pad"], named["eos"], 0) if i is not None)
+        try:
+            return cls(tokens, merges, [a["id"] for a in added],
+                       named["bos"] if bos is None else bos, named["eos"], pad, pre,
+                       bos is not None, bool(model.get("ignore_merges")),
+                       tj.get("normalizer") is not None, regex)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
 
     @classmethod
     def from_hf_folder(cls, folder: str | os.PathLike) -> BPETokenizer:
         """tokenizer.json, with the bos/eos/pad tokens of tokenizer_config.json, else the
         *_token_id of config.json."""
-        from models.llama import read_json_file  # models.llama imports this module
-        folder = Path(folder)
-        names = {}
+        folder, names = Path(folder), {}
         for name in ("config.json", "tokenizer_config.json"):  # the second wins
-            if (folder / name).is_file():
-                names.update(read_json_file(folder / name))
-        return cls.from_tokenizer_json(read_json_file(folder / "tokenizer.json"), names,
-                                       str(folder / "tokenizer.json"))
+            if exists(folder / name):
+                names.update(read_json(folder / name))
+        return cls.from_tokenizer_json(read_json(folder / "tokenizer.json", TOKENIZER_LIMIT),
+                                       names, str(folder / "tokenizer.json"))
 
     def __len__(self) -> int:
         return len(self.tokens)
 
-    def _bpe(self, piece: str) -> tuple[int, ...]:
-        """Ids of one pre-tokenised piece.  _bpe(" the") -> (260,) with SmolLM2's merges"""
-        return self._cache[piece]
-
     def _bpe_ids(self, piece: str) -> tuple[int, ...]:
-        # bytes without a token are dropped, as transformers does (SmolLM2 lacks 21 of the 256,
-        # e.g. 0x1D and 0xF5..0xFF, which no code point below U+140000 uses as a lead byte)
+        """Ids of one pre-tokenised piece.  _bpe_ids(" the") -> (260,) with SmolLM2's merges"""
+        # bytes without a token are dropped, as transformers does (SmolLM2 lacks 21 of the 256)
         parts = [c for c in map(self.byte_char.__getitem__, piece.encode("utf-8"))
                  if c in self.vocab]
         if self.ignore_merges and "".join(parts) in self.vocab:  # a whole-word token wins
@@ -390,7 +333,7 @@ class BPETokenizer:
         return pieces + ([text[at:]] if text[at:] else [])
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
-        """Token ids of `text`; BOS first if add_bos (default: the GGUF add_bos_token flag)."""
+        """Token ids of `text`; BOS first if add_bos (default: the tokenizer's add_bos)."""
         add_bos = self.add_bos if add_bos is None else add_bos
         if add_bos and self.bos_id is None:
             raise ValueError("add_bos=True but this tokenizer has no bos_id")
@@ -401,7 +344,7 @@ class BPETokenizer:
                 ids.append(self.special[chunk])
             elif chunk:
                 for piece in self.pre_tokenize(chunk):
-                    ids.extend(self._bpe(piece))
+                    ids.extend(self._cache[piece])
         return ids
 
     def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
@@ -411,10 +354,9 @@ class BPETokenizer:
             if not 0 <= i < len(self.tokens):
                 raise ValueError(f"token id {i} is not in [0, {len(self.tokens)})")
             if i in special_ids:
-                if not skip_special:
-                    out += self.tokens[i].encode("utf-8")
-                continue
-            out += bytes(self.char_byte[c] for c in self.tokens[i])
+                out += b"" if skip_special else self.tokens[i].encode("utf-8")
+            else:
+                out += bytes(self.char_byte[c] for c in self.tokens[i])
         return out.decode("utf-8", errors="replace")
 
 
@@ -425,10 +367,9 @@ _TINY_WORDS = (" positive", " negative", " yes", " no", " acceptable", " unaccep
 
 
 def tiny_bpe() -> BPETokenizer:
-    """A small byte-level BPE for tests and the tiny-llama model: 3 special tokens, the 256 byte
-    tokens and merges that spell each word of _TINY_WORDS left to right; len(tiny_bpe()) < 512."""
-    byte_tokens = list(bytes_to_unicode().values())
-    tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *byte_tokens]
+    """A byte-level BPE for tests and tiny-llama: 3 specials, the 256 bytes and merges spelling
+    each of _TINY_WORDS left to right; len(tiny_bpe()) < 512."""
+    tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *bytes_to_unicode().values()]
     merges: list[tuple[str, str]] = []
     for word in _TINY_WORDS:
         spelled = "".join(bytes_to_unicode()[b] for b in word.encode())

@@ -1,29 +1,16 @@
 """A BERT-family encoder written from scratch, with Hugging Face's module names.
 
-    from models.encoder import TINY, BertForSequenceClassification
     model = BertForSequenceClassification(TINY, num_labels=2, generator=torch.Generator())
     logits = model(input_ids, attention_mask, token_type_ids)       # (B, num_labels)
 
-Every submodule carries the name it has in transformers' BertModel / BertForSequenceClassification
-(`embeddings.word_embeddings`, `encoder.layer.N.attention.self.query`, `pooler.dense`, `bert`,
-`classifier`, ...), so HF checkpoints load key for key, LoRA target names are the usual ones and
-PEFT adapter keys ("base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight")
-line up with transformers'.
-
-One block is BERT's post-LN transformer layer with exact (erf) GELU:
+One block is BERT's post-LN layer with exact (erf) GELU:
     h = LN(x + Drop(W_o · Attn(x)))          Attn = softmax(Q Kᵀ / √d_head + mask) V, per head
     y = LN(h + Drop(W_2 · GELU(W_1 h)))
-
-References:
-    BERT: Devlin et al. 2018, arXiv:1810.04805.  Transformer: Vaswani et al. 2017, arXiv:1706.03762.
-    HF reference: https://github.com/huggingface/transformers/blob/main/
-                  src/transformers/models/bert/modeling_bert.py
+Reference: BERT, Devlin et al. 2018, arXiv:1810.04805.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -47,48 +34,12 @@ class BertConfig:
     initializer_range: float = 0.02
     classifier_dropout: float | None = None  # None: hidden_dropout_prob, as in transformers
 
-    def __post_init__(self):
-        """Every field by type and range: a config.json value of the wrong type (a string where
-        an int belongs) is a ValueError naming the field, never a TypeError further on."""
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if f.type == "int":  # JSON true is an int to Python, not to us
-                ok, want = type(v) is int and 1 <= v < 2**31, "an int in [1, 2**31)"
-                if f.name == "pad_token_id":
-                    ok, want = type(v) is int and v >= 0, "an int >= 0"
-            else:
-                ok = type(v) in (int, float) and abs(v) <= sys.float_info.max  # NaN, inf fail
-                ok = ok or (v is None and "None" in f.type)
-                want = "a finite number" + (" or null" if "None" in f.type else "")
-            if not ok:
-                raise ValueError(f"{f.name}={v!r} is invalid: use {want}")
-        if not self.layer_norm_eps > 0 or self.initializer_range < 0:
-            raise ValueError(f"layer_norm_eps={self.layer_norm_eps} must be > 0 and "
-                             f"initializer_range={self.initializer_range} >= 0")
+    def __post_init__(self):  # types and ranges are checked where a file is read (checkpoint)
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size={self.hidden_size} is not divisible by "
                              f"num_attention_heads={self.num_attention_heads}")
-        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout"):
-            if getattr(self, name) is not None and not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name}={getattr(self, name)} is outside [0, 1)")
         if not 0 <= self.pad_token_id < self.vocab_size:
             raise ValueError(f"pad_token_id={self.pad_token_id} is not in [0, {self.vocab_size})")
-
-    @classmethod
-    def from_dict(cls, d: dict, where: str = "config") -> BertConfig:
-        """The fields of an HF config.json we use; other keys are ignored. Architectures this
-        encoder does not implement are rejected rather than silently run as plain BERT. Errors
-        are ValueError "<where>: <field>=<value> ..."."""
-        checks = {"model_type": "bert", "hidden_act": "gelu", "position_embedding_type": "absolute"}
-        for key, supported in checks.items():
-            if d.get(key, supported) != supported:
-                raise ValueError(f"{where}: {key}={d[key]!r} is not supported: this encoder "
-                                 f"implements {key}={supported!r} only")
-        names = {f.name for f in dataclasses.fields(cls)}
-        try:
-            return cls(**{k: v for k, v in d.items() if k in names})
-        except ValueError as e:
-            raise ValueError(f"{where}: {e}") from None
 
 
 # 2 layers of width 64: a forward+backward of a 16x32 batch takes milliseconds on a CPU
@@ -98,19 +49,18 @@ TINY = BertConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_atte
 
 def init_weights(module: nn.Module, std: float = 0.02,
                  generator: torch.Generator | None = None) -> None:
-    """BERT's init: Linear and Embedding weights ~ N(0, std²) (the padding row zero), biases 0,
-    LayerNorm weight 1. Modules are visited in registration order, so one generator seed gives
-    one model. generator=None draws from torch's global RNG."""
+    """BERT's (and LLaMA's) init: Linear and Embedding weights ~ N(0, std²) (a padding row
+    zero), biases 0, norm weights (LayerNorm, RMSNorm) 1. Modules are visited in registration
+    order, so one generator seed gives one model; generator=None draws from torch's global RNG."""
     with torch.no_grad():
         for m in module.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, 0.0, std, generator=generator)
-            if isinstance(m, nn.Linear) and m.bias is not None:
-                m.bias.zero_()
-            if isinstance(m, nn.Embedding) and m.padding_idx is not None:
-                m.weight[m.padding_idx].zero_()
-            if isinstance(m, nn.LayerNorm):
+                if getattr(m, "padding_idx", None) is not None:
+                    m.weight[m.padding_idx].zero_()
+            elif isinstance(getattr(m, "weight", None), nn.Parameter):  # a norm layer
                 m.weight.fill_(1.0)
+            if isinstance(getattr(m, "bias", None), torch.Tensor):
                 m.bias.zero_()
 
 
@@ -155,68 +105,26 @@ class BertSelfAttention(nn.Module):
         return y.transpose(1, 2).reshape(B, T, C)
 
 
-class BertAddNorm(nn.Module):
-    """LN(residual + Drop(W x)): HF's BertSelfOutput and BertOutput, which differ only in d_in."""
-
-    def __init__(self, d_in: int, config: BertConfig):
-        super().__init__()
-        self.dense = nn.Linear(d_in, config.hidden_size)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
-
-    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(residual + self.dropout(self.dense(x)))
-
-
-class BertAttention(nn.Module):
-    def __init__(self, config: BertConfig):
-        super().__init__()
-        self.self = BertSelfAttention(config)
-        self.output = BertAddNorm(config.hidden_size, config)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        return self.output(self.self(x, mask), x)
-
-
-class BertIntermediate(nn.Module):
-    def __init__(self, config: BertConfig):
-        super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.gelu(self.dense(x))  # exact erf GELU, HF's hidden_act="gelu"
+def _add_norm(d_in: int, config: BertConfig) -> nn.ModuleDict:
+    """HF's BertSelfOutput / BertOutput: LN(residual + Drop(W x)), written in BertLayer."""
+    return nn.ModuleDict({"dense": nn.Linear(d_in, config.hidden_size),
+                          "LayerNorm": nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps),
+                          "dropout": nn.Dropout(config.hidden_dropout_prob)})
 
 
 class BertLayer(nn.Module):
     def __init__(self, config: BertConfig):
         super().__init__()
-        self.attention = BertAttention(config)
-        self.intermediate = BertIntermediate(config)
-        self.output = BertAddNorm(config.intermediate_size, config)
+        C, I = config.hidden_size, config.intermediate_size
+        self.attention = nn.ModuleDict({"self": BertSelfAttention(config),
+                                        "output": _add_norm(C, config)})
+        self.intermediate = nn.ModuleDict({"dense": nn.Linear(C, I)})
+        self.output = _add_norm(I, config)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        h = self.attention(x, mask)
-        return self.output(self.intermediate(h), h)
-
-
-class BertEncoder(nn.Module):
-    def __init__(self, config: BertConfig):
-        super().__init__()
-        self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        for block in self.layer:
-            x = block(x, mask)
-        return x
-
-
-class BertPooler(nn.Module):
-    def __init__(self, config: BertConfig):
-        super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.dense(x[:, 0]))  # the [CLS] position, (B, C)
+        a, o = self.attention["output"], self.output
+        h = a.LayerNorm(x + a.dropout(a.dense(self.attention["self"](x, mask))))
+        return o.LayerNorm(h + o.dropout(o.dense(F.gelu(self.intermediate.dense(h)))))
 
 
 # -----------------------------------------------------------------------------
@@ -230,8 +138,9 @@ class BertModel(nn.Module):
         super().__init__()
         self.config = config
         self.embeddings = BertEmbeddings(config)
-        self.encoder = BertEncoder(config)
-        self.pooler = BertPooler(config)
+        layers = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
+        self.encoder = nn.ModuleDict({"layer": layers})  # HF's name: encoder.layer.N
+        self.pooler = nn.ModuleDict({"dense": nn.Linear(config.hidden_size, config.hidden_size)})
         init_weights(self, config.initializer_range, generator)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -249,8 +158,10 @@ class BertModel(nn.Module):
             token_type_ids = torch.zeros_like(input_ids)
         # boolean (B, 1, 1, T), True = attend: broadcast over heads and queries, dtype-agnostic
         mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
-        x = self.encoder(self.embeddings(input_ids, token_type_ids), mask)  # (B, T, C)
-        return x, self.pooler(x)
+        x = self.embeddings(input_ids, token_type_ids)  # (B, T, C)
+        for layer in self.encoder["layer"]:
+            x = layer(x, mask)
+        return x, torch.tanh(self.pooler.dense(x[:, 0]))  # the pooler reads [CLS]
 
 
 class BertForSequenceClassification(nn.Module):

@@ -1,22 +1,11 @@
-"""BERT's WordPiece tokenizer, from vocab.txt, written from scratch (no transformers/tokenizers).
+"""BERT's WordPiece tokenizer from vocab.txt, written from scratch.
 
     tok = WordPieceTokenizer.from_file("vocab.txt")    # uncased: lower-case, strip accents
     tok.tokenize("Héllo, unaffable!")   # ['hello', ',', 'una', '##ffa', '##ble', '!']
-    batch = tok.batch(sentences, pairs=None, max_len=128)   # input_ids, token_type_ids, mask
 
-Two stages, as in BERT's tokenization.py and HF's BertNormalizer + BertPreTokenizer + WordPiece:
-  1. basic: drop \\x00, \\ufffd and control characters (Unicode C* but \\t \\n \\r), put spaces
-     around CJK ideographs, lower-case and strip accents (NFD, drop Mn) for uncased vocabularies,
-     split on whitespace and on punctuation (ASCII 33-47, 58-64, 91-96, 123-126 and Unicode P*);
-  2. WordPiece: greedy longest-match-first per word, continuations prefixed "##"; a word longer
-     than 100 characters, or with a piece that matches nothing, becomes [UNK] as a whole.
-Pairs are truncated longest-first exactly as HF's (Rust) tokenizers do, and encoded as
-[CLS] a [SEP] b [SEP] with token types 0…0 1…1.
-
-References:
-    BERT: Devlin et al. 2018, arXiv:1810.04805;
-          https://github.com/google-research/bert/blob/master/tokenization.py
-    WordPiece: Wu et al. 2016, arXiv:1609.08144.
+As BERT's tokenization.py: clean, space out CJK and punctuation, lower-case and strip accents,
+split on whitespace; then greedy longest-match-first WordPiece per word ([UNK] for a word it
+cannot spell). References: arXiv:1810.04805, arXiv:1609.08144.
 """
 
 from __future__ import annotations
@@ -64,68 +53,35 @@ def tiny_vocab() -> list[str]:
     return [PAD, UNK, CLS, SEP, MASK] + chars + ["##" + c for c in chars if c.isalnum()] + words
 
 
-def _is_control(ch: str) -> bool:
-    return ch not in "\t\n\r" and unicodedata.category(ch).startswith("C")
+class Memo(dict):
+    """A dict that fills a missing key with fn(key), emptied when full (`size` entries); keys
+    over max_key characters are not kept, so memory stays bounded.  Memo(len, 99)["ab"] == 2"""
 
-
-def _is_punctuation(ch: str) -> bool:
-    """BERT's definition: ASCII non-alphanumerics (e.g. $ ^ `), which Unicode files as symbols,
-    plus every Unicode P* character."""
-    return ch in _ASCII_PUNCT or unicodedata.category(ch).startswith("P")
-
-
-def _is_cjk(ch: str) -> bool:
-    return any(lo <= ord(ch) <= hi for lo, hi in _CJK)
-
-
-def _strip_accents(text: str) -> str:
-    """NFD, then drop the combining marks.  _strip_accents("héllo") == "hello" """
-    text = unicodedata.normalize("NFD", text)
-    return "".join(c for c in text if unicodedata.category(c) != "Mn")
-
-
-def _size(x) -> int:
-    return len(x) if isinstance(x, (str, tuple)) else 0
-
-
-class _Memo(dict):
-    """A dict that computes a missing key's value with fn on first use and keeps it. Bounded by
-    what it holds, not by entries: it empties itself before its cost (1 + key length + value
-    length per entry, in characters or ids) would pass max_cost, and keys longer than max_key
-    are computed but not kept. As a str.translate table (code point -> replacement) the Unicode
-    lookups run once per distinct character; as word -> ids, WordPiece once per distinct word.
-    _Memo(len, max_cost=99)["abc"] == 3"""
-
-    def __init__(self, fn: Callable, max_cost: int, max_key: int | None = None):
+    def __init__(self, fn: Callable, size: int, max_key: int | None = None):
         super().__init__()
-        self.fn, self.max_cost, self.max_key, self.cost = fn, max_cost, max_key, 0
+        self.fn, self.size, self.max_key = fn, size, max_key
 
     def __missing__(self, key):
         out = self.fn(key)
-        if self.max_key is not None and _size(key) > self.max_key:
-            return out
-        cost = 1 + _size(key) + _size(out)
-        if self.cost + cost > self.max_cost:
-            self.clear()  # not LRU: a corpus' frequent words are back within a few rows
-            self.cost = 0
-        self[key] = out
-        self.cost += cost
+        if self.max_key is None or len(key) <= self.max_key:
+            if len(self) >= self.size:
+                self.clear()
+            self[key] = out
         return out
 
 
-def _space_punctuation(cp: int) -> str:
+def _space_punctuation(cp: int) -> str:  # BERT's: ASCII non-alphanumerics and Unicode P*
     ch = chr(cp)
-    return f" {ch} " if _is_punctuation(ch) else ch
+    return f" {ch} " if ch in _ASCII_PUNCT or unicodedata.category(ch).startswith("P") else ch
 
 
-_TABLE_COST = 1 << 18  # a translate table holds <= 2**17 code points (~20 MB)
-_PUNCT_TABLE = _Memo(_space_punctuation, _TABLE_COST)
+MEMO_SIZE = 1 << 16  # entries of a memo: code points, or words of <= MAX_CHARS_PER_WORD
+_PUNCT_TABLE = Memo(_space_punctuation, MEMO_SIZE)
 
 
 def _truncate(a: list[int], b: list[int] | None, budget: int) -> tuple[list[int], list[int] | None]:
-    """Longest-first, as HF tokenizers (Rust) truncate a pair: if the shorter sequence fits in
-    half the budget it is kept whole and the longer one is cut to the rest; otherwise the longer
-    gets ⌈budget/2⌉ tokens, the other ⌊budget/2⌋ (on a tie the second is "longer").
+    """Longest-first, as HF tokenizers truncate a pair: the shorter kept whole if it fits in
+    half the budget, else ⌈budget/2⌉ to the longer (the second on a tie).
     _truncate([1]*5, [2]*5, 7) -> 3 and 4 tokens;  _truncate([1]*6, [2]*5, 7) -> 4 and 3"""
     if b is None:
         return a[:budget], None
@@ -158,38 +114,31 @@ class WordPieceTokenizer:
         self.do_lower_case = do_lower_case
         self.strip_accents = do_lower_case if strip_accents is None else strip_accents
         self._tokens = list(vocab)  # id -> token, to give tokenize() the pieces behind the ids
-        self._clean_table = _Memo(self._clean_cp, _TABLE_COST)
-        # ASCII text (all of SST-2) needs one translate: drop controls, lower-case, space out
-        # punctuation; the same steps as the general path, composed per character
+        self._clean_table = Memo(self._clean_cp, MEMO_SIZE)
+        # ASCII text (all of SST-2) needs one translate: the general path's steps per character
         self._ascii_table = {cp: self._clean_cp(cp).translate(_PUNCT_TABLE) for cp in range(128)}
-        # SST-2 has ~15k distinct words in 67k rows: split each once; bounded for huge corpora
-        # (2**21 characters + ids: ~40 MB at most; a word over MAX_CHARS_PER_WORD is one [UNK])
-        self._word_ids = _Memo(self._split_word_ids, max_cost=1 << 21,
-                               max_key=MAX_CHARS_PER_WORD)
+        # SST-2 has ~15k distinct words in 67k rows: split each once
+        self._word_ids = Memo(self._split_word_ids, MEMO_SIZE, MAX_CHARS_PER_WORD)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, do_lower_case: bool = True,
                   strip_accents: bool | None = None) -> WordPieceTokenizer:
         """One token per line, the line number is the id (BERT's vocab.txt)."""
-        path = Path(path)
         try:
-            text = read_regular(path, VOCAB_LIMIT).decode("utf-8")
-        except FileNotFoundError:
-            raise FileNotFoundError(f"vocab file {path} not found") from None
+            text = read_regular(Path(path), VOCAB_LIMIT).decode("utf-8")
         except UnicodeDecodeError as e:
             raise ValueError(f"vocab file {path} is not UTF-8 (byte {e.start}): is it vocab.txt?"
                              ) from None
-        vocab = text.removesuffix("\n").split("\n")
-        return cls(vocab, do_lower_case, strip_accents)
+        return cls(text.removesuffix("\n").split("\n"), do_lower_case, strip_accents)
 
     def __len__(self) -> int:
         return len(self.vocab)
 
     def _clean_cp(self, cp: int) -> str:
         ch = chr(cp)
-        if ch in "\x00\ufffd" or _is_control(ch):
+        if ch in "\x00\ufffd" or ch not in "\t\n\r" and unicodedata.category(ch)[0] == "C":
             return ""  # \t \n \r are not "control": they stay, and str.split() splits on them
-        if _is_cjk(ch):
+        if any(lo <= cp <= hi for lo, hi in _CJK):
             return f" {ch} "
         # per character like HF's Rust normalizer (no final-sigma context)
         return ch.lower() if self.do_lower_case else ch
@@ -199,39 +148,33 @@ class WordPieceTokenizer:
         if text.isascii():
             return text.translate(self._ascii_table).split()
         text = text.translate(self._clean_table)
-        if self.strip_accents and not text.isascii():
-            text = _strip_accents(text)
+        if self.strip_accents and not text.isascii():  # NFD, then drop the combining marks
+            text = "".join(c for c in unicodedata.normalize("NFD", text)
+                           if unicodedata.category(c) != "Mn")
         return text.translate(_PUNCT_TABLE).split()
 
-    def _split_word(self, word: str) -> tuple[str, ...]:
+    def _split_word_ids(self, word: str) -> tuple[int, ...]:
         if len(word) > MAX_CHARS_PER_WORD:
-            return (UNK,)
-        pieces, start = [], 0
+            return (self.unk_id,)
+        ids, start = [], 0
         while start < len(word):
             for end in range(len(word), start, -1):  # longest match first
                 piece = word[start:end] if start == 0 else "##" + word[start:end]
                 if piece in self.vocab:
                     break
             else:
-                return (UNK,)
-            pieces.append(piece)
+                return (self.unk_id,)
+            ids.append(self.vocab[piece])
             start = end
-        return tuple(pieces)
-
-    def _split_word_ids(self, word: str) -> tuple[int, ...]:
-        return tuple(self.vocab[p] for p in self._split_word(word))
+        return tuple(ids)
 
     def _ids(self, text: str) -> list[int]:
-        """The WordPiece ids of text, no special tokens: the hot path of encode and batch."""
-        # chain + map run the per-word loop in C: 20% faster than a nested comprehension
+        """The WordPiece ids of text, no special tokens."""
         return list(chain.from_iterable(map(self._word_ids.__getitem__, self.basic_tokenize(text))))
 
     def tokenize(self, text: str) -> list[str]:
         """tokenize("unaffable") == ["una", "##ffa", "##ble"] with BERT's uncased vocab."""
         return [self._tokens[i] for i in self._ids(text)]
-
-    def convert_tokens_to_ids(self, tokens: Sequence[str]) -> list[int]:
-        return [self.vocab.get(t, self.unk_id) for t in tokens]
 
     def encode(self, text: str, pair: str | None = None,
                max_len: int | None = None) -> tuple[list[int], list[int]]:
@@ -255,12 +198,6 @@ class WordPieceTokenizer:
               max_len: int = 128) -> dict[str, torch.Tensor]:
         """Encode and pad to the longest row of this batch: input_ids, token_type_ids and
         attention_mask (1 = token, 0 = padding), each a (B, T) LongTensor."""
-        if isinstance(texts, str):
-            raise ValueError("texts is a single string: pass a list of strings")
-        if len(texts) == 0:
-            raise ValueError("texts is empty: pass at least one string")
-        if pairs is not None and len(pairs) != len(texts):
-            raise ValueError(f"{len(texts)} texts but {len(pairs)} pairs: pass one pair per text")
         rows = [self.encode(t, None if pairs is None else pairs[i], max_len)
                 for i, t in enumerate(texts)]
         T = max(len(ids) for ids, _ in rows)

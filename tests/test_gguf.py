@@ -181,7 +181,7 @@ def test_truncated_files_raise_value_error(tmp_path, cut):
         read_gguf(p)
 
 
-@settings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=200)
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=100)
 @given(pos=st.integers(0, 10**6), value=st.integers(0, 255), n=st.integers(1, 8))
 def test_corrupted_bytes_raise_value_error_only(tmp_path, pos, value, n):
     """Overwrite up to 8 bytes anywhere in the header (counts, lengths, types, dims, offsets)."""
@@ -292,32 +292,49 @@ LLAMA_INTS = ["llama.block_count", "llama.embedding_length", "llama.feed_forward
               "llama.context_length", "llama.vocab_size"]
 
 
+@pytest.fixture(scope="module")
+def tiny_header(tmp_path_factory):
+    """test_decoder's tiny llama GGUF, written once: (path, header)."""
+    import test_decoder
+    path = tmp_path_factory.mktemp("gguf") / "t.gguf"
+    test_decoder._tiny_gguf(path, test_decoder.tiny(), test_decoder.TOK)
+    return path, read_gguf_header(path)
+
+
 @pytest.mark.parametrize("key, value", [
     *((k, v) for k in LLAMA_INTS for v in ("64", 64.0, True, 0, -3)),
     *((k, v) for k in ("llama.rope.freq_base", "llama.attention.layer_norm_rms_epsilon")
       for v in ("1e4", True, 0.0, float("inf"), float("nan"))),
     ("llama.rope.dimension_count", "16"),
 ])
-def test_llama_metadata_of_the_wrong_type_or_range_names_the_file_and_key(tmp_path, monkeypatch,
-                                                                          key, value):
-    from models.llama import llama_from_gguf
-    path = _llama_gguf(tmp_path / "t.gguf", monkeypatch, **{key.replace(".", "__"): value})
-    with pytest.raises(ValueError, match=f"{path}: GGUF metadata {key}=.* is invalid: use"):
-        llama_from_gguf(path)
+def test_llama_metadata_of_the_wrong_type_or_range_names_the_file_and_key(tiny_header, key,
+                                                                          value):
+    """The metadata as llama_from_gguf passes it (one case through the file: below)."""
+    from models.llama import config_from_gguf
+    path, header = tiny_header
+    with pytest.raises(ValueError, match=f"{path}: {key}=.* is invalid: use"):
+        config_from_gguf(header.metadata | {key: value}, header.tensors, str(path))
 
 
 @pytest.mark.parametrize("key, value, match", [
-    ("tokenizer.ggml.bos_token_id", "0", "bos_token_id='0' is invalid: use int"),
-    ("tokenizer.ggml.add_bos_token", 1, "add_bos_token=1 is invalid: use bool"),
+    ("tokenizer.ggml.bos_token_id", "0", "bos_token_id='0' is invalid: use an int"),
+    ("tokenizer.ggml.add_bos_token", 1, "add_bos_token=1 is invalid: use true or false"),
     ("tokenizer.ggml.pre", 3, "pre=3 is invalid: use a string"),
     ("tokenizer.ggml.tokens", [1, 2, 3], "tokens and .merges as lists of strings"),
     ("tokenizer.ggml.merges", 7, "tokens and .merges as lists of strings"),
 ])
-def test_tokenizer_metadata_of_the_wrong_type_names_the_key(tmp_path, monkeypatch, key, value,
-                                                            match):
+def test_tokenizer_metadata_of_the_wrong_type_names_the_key(tiny_header, key, value, match):
+    from models.bpe import BPETokenizer
+    path, header = tiny_header
+    with pytest.raises(ValueError, match=match) as e:
+        BPETokenizer.from_gguf(header.metadata | {key: value}, str(path))
+    assert str(path) in str(e.value)
+
+
+def test_wrong_metadata_in_a_file_names_the_file_and_key(tmp_path, monkeypatch):
     from models.llama import llama_from_gguf
-    path = _llama_gguf(tmp_path / "t.gguf", monkeypatch, **{key.replace(".", "__"): value})
-    with pytest.raises(ValueError, match=match):
+    path = _llama_gguf(tmp_path / "t.gguf", monkeypatch, llama__embedding_length="64")
+    with pytest.raises(ValueError, match=f"{path}: llama.embedding_length='64' is invalid: use"):
         llama_from_gguf(path)
 
 

@@ -168,7 +168,7 @@ def _edit_config(folder: Path, **changes) -> None:
 
 
 def test_huge_layer_count_or_vocab_fails_before_any_layer_is_built(folder, monkeypatch):
-    """num_hidden_layers 100000 or vocab_size 10**11 against a 2-layer file: a ValueError naming
+    """num_hidden_layers 100000 or vocab_size 10**9 against a 2-layer file: a ValueError naming
     the field, and no decoder layer (or real tensor) was ever made."""
     import models.llama as llama
     built = []
@@ -179,22 +179,22 @@ def test_huge_layer_count_or_vocab_fails_before_any_layer_is_built(folder, monke
         llama_from_hf(folder)
     assert not built
     monkeypatch.undo()
-    _edit_config(folder, num_hidden_layers=2, vocab_size=10**11)
+    _edit_config(folder, num_hidden_layers=2, vocab_size=10**9)
     with pytest.raises(ValueError, match=r"model.embed_tokens.weight \(512, 64\) \(config: "
-                                         r"\(100000000000, 64\)\)"):
+                                         r"\(1000000000, 64\)\)"):
         llama_from_hf(folder)
 
 
 @pytest.mark.parametrize("changes,match", [
-    ({"num_hidden_layers": "2"}, "num_hidden_layers='2' must be an integer >= 1"),
-    ({"num_hidden_layers": True}, "num_hidden_layers=True must be an integer >= 1"),
-    ({"hidden_size": -64}, "hidden_size=-64 must be an integer >= 1"),
-    ({"num_attention_heads": 2.5}, "num_attention_heads=2.5 must be an integer"),
-    ({"rms_norm_eps": "1e-6"}, "rms_norm_eps='1e-6' must be a finite number > 0"),
-    ({"rope_parameters": {"rope_type": "default", "rope_theta": 0}}, "rope_theta=0 must be"),
-    ({"tie_word_embeddings": "yes"}, "tie_word_embeddings='yes' must be true or false"),
+    ({"num_hidden_layers": "2"}, "num_hidden_layers='2' is invalid: use an int in"),
+    ({"num_hidden_layers": True}, "num_hidden_layers=True is invalid: use an int in"),
+    ({"hidden_size": -64}, "hidden_size=-64 is invalid: use an int in"),
+    ({"num_attention_heads": 2.5}, "num_attention_heads=2.5 is invalid: use an int"),
+    ({"rms_norm_eps": "1e-6"}, "rms_norm_eps='1e-6' is invalid: use a finite number > 0"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 0}}, "rope_theta=0 is invalid"),
+    ({"tie_word_embeddings": "yes"}, "tie_word_embeddings='yes' is invalid: use true or false"),
     ({"num_key_value_heads": 3}, "not a multiple of num_key_value_heads=3"),
-    ({"vocab_size": None}, "vocab_size=None must be an integer"),
+    ({"vocab_size": None}, "vocab_size=None is invalid: use an int"),
     ({"hidden_act": "gelu"}, "hidden_act='gelu' is not supported"),
     ({"mlp_bias": True}, "mlp_bias=True is not supported"),
     ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5}},

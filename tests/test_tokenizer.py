@@ -114,54 +114,47 @@ def test_ascii_path_handles_controls_case_and_symbols(tokenizers):
     assert cased.tokenize("HELLO a") == ["HE", "##LLO", "a"]
 
 
-def _cost(memo) -> int:
-    """What a _Memo holds, counted independently: 1 + key and value lengths per entry."""
-    return sum(1 + len(k) + len(v) for k, v in memo.items())
-
-
 def test_word_memo_is_bounded_and_exact_when_emptied():
-    """With room for ~2 words the memo empties itself over and over, and ids do not change."""
+    """With room for 3 words the memo empties itself over and over, and ids do not change."""
     tok, fresh = (WordPieceTokenizer(SPECIALS + WORDS) for _ in range(2))
-    tok._word_ids.max_cost = 20
+    tok._word_ids.size = 3
     text = "hello world unaffable ab abb xy cafe hello , world unaffable"
     for _ in range(3):
         assert tok.encode(text) == fresh.encode(text)
-        assert _cost(tok._word_ids) == tok._word_ids.cost <= 20
+        assert 0 < len(tok._word_ids) <= 3
     assert len(fresh._word_ids) == 8
 
 
-def test_word_memo_is_bounded_by_characters_not_entries():
+def test_word_memo_never_keeps_long_words_and_starts_over_when_full():
     """The 193 MiB case: distinct 10 kB words are [UNK] (over MAX_CHARS_PER_WORD) and never
-    kept; distinct short words fill the memo up to max_cost characters, then it starts over."""
+    kept; distinct short words fill the memo up to its size, then it starts over."""
     tok = WordPieceTokenizer(SPECIALS + WORDS)
     for k in range(200):
         assert tok.encode(f"{k:05d}" + "a" * 10_000)[0] == [tok.cls_id, tok.unk_id, tok.sep_id]
-    assert len(tok._word_ids) == 0 and tok._word_ids.cost == 0
-    tok._word_ids.max_cost, peak = 5_000, 0
-    for k in range(3_000):  # each word costs 1 + 7 + 1
+    assert len(tok._word_ids) == 0
+    tok._word_ids.size, peak = 500, 0
+    for k in range(2_999):
         tok.encode(f"w{k:06d}")
-        peak = max(peak, tok._word_ids.cost)
-        assert _cost(tok._word_ids) == tok._word_ids.cost <= 5_000
-    assert peak > 5_000 - 9 and len(tok._word_ids) < 3_000  # filled up, then started over
+        peak = max(peak, len(tok._word_ids))
+        assert len(tok._word_ids) <= 500
+    assert peak == 500 and len(tok._word_ids) < 500  # filled up, then started over
 
 
-def test_bpe_cache_is_bounded_by_characters_and_skips_long_pieces():
+def test_bpe_cache_is_bounded_and_skips_long_pieces():
     """Pieces over CACHE_MAX_PIECE characters are merged each time, never kept; shorter ones
-    fill the cache up to max_cost, then it starts over; ids stay those of a fresh tokenizer."""
+    fill the cache up to its size, then it starts over; ids stay those of a fresh tokenizer."""
     from models.bpe import CACHE_MAX_PIECE, tiny_bpe
     tok, fresh = tiny_bpe(), tiny_bpe()
-    long_words = [f"positive{k}" + "x" * CACHE_MAX_PIECE for k in range(50)]
-    for w in long_words:
-        tok.encode(w.replace("0", ""))  # digits split off: pieces stay long
-    assert tok._cache.cost == sum(1 + len(k) + len(v) for k, v in tok._cache.items())
+    for k in range(50):
+        tok.encode(f"positive{k}".replace("0", "") + "x" * CACHE_MAX_PIECE)  # long pieces
     assert all(len(k) <= CACHE_MAX_PIECE for k in tok._cache)
-    tok._cache.max_cost, peak = 3_000, 0
+    tok._cache.size, peak = 300, 0
     words = [" " + "".join("abcdefgh"[(k >> (3 * j)) & 7] for j in range(6)) for k in range(2_000)]
     for w in words:
         assert tok.encode(w) == fresh.encode(w)
-        peak = max(peak, tok._cache.cost)
-        assert _cost(tok._cache) == tok._cache.cost <= 3_000
-    assert peak > 3_000 - 16 and len(tok._cache) < 2_000  # filled up, then started over
+        peak = max(peak, len(tok._cache))
+        assert len(tok._cache) <= 300
+    assert peak == 300 and len(tok._cache) < 2_000  # filled up, then started over
 
 
 def test_tokenizer_pickles_with_its_memos():
@@ -226,7 +219,7 @@ def test_tiny_bpe_ids_equal_the_rescan(text):
     tok = tiny_bpe()
     for piece in tok.pre_tokenize(text):
         parts = [tok.byte_char[b] for b in piece.encode()]
-        assert tok._bpe(piece) == tuple(tok.vocab[p] for p in reference_bpe_merge(parts,
+        assert tok._cache[piece] == tuple(tok.vocab[p] for p in reference_bpe_merge(parts,
                                                                                     tok.ranks))
 
 
