@@ -260,7 +260,7 @@ CLI = [
     ("--model: config.json with a string size", model_folder({"hidden_size": "64"}),
      "config.json: hidden_size='64' is invalid: use an int"),
     ("--model: config.json claims 100000 layers", model_folder({"num_hidden_layers": 100000}),
-     "num_hidden_layers=100000 but the checkpoint holds 2 layers"),
+     "num_hidden_layers=100000 but the weights hold 2 blocks"),
     ("--model: vocab.txt is a FIFO", model_folder(fifo="vocab.txt"),
      "vocab.txt is not a regular file"),
     ("--model: an HF llama folder claiming 100000 layers", hf_llama(num_hidden_layers=100000),
