@@ -401,8 +401,8 @@ def test_cli_own_data_on_a_saved_hf_llama_serves_from_transformers_and_peft(tmp_
     proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "step      3/3" in proc.stdout and "\neval: " in proc.stdout, proc.stdout
-    print(next(line for line in proc.stdout.splitlines() if line.startswith("eval: ")))
+    assert "step      3/3" in proc.stdout and "\neval @ 3: " in proc.stdout, proc.stdout
+    print(next(line for line in proc.stdout.splitlines() if line.startswith("eval @ 3: ")))
     results = json.loads((out / "results.json").read_text())
     metrics, ranks = results["metrics"], results["ranks"]
     if kind == "jsonl":
