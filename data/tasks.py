@@ -194,7 +194,7 @@ def data_task(args: argparse.Namespace, device: torch.device, rng: Rng) -> Task:
         train, labels = files.to_examples(rows, *fields)
         dev = files.to_examples(eval_rows, *fields, labels)[0] if eval_rows else None
     if dev is None:
-        keep, held = split_rows(len(train), args.eval_fraction, HELD_OUT)
+        keep, held = split_rows(len(train), args.eval_fraction, args.seed)
         train, dev = [train[i] for i in keep], [train[i] for i in held]
     train, dev = train[: args.max_train], dev[: args.max_eval]
     info = {"file": args.data, "eval": args.eval_data or f"--eval-fraction {args.eval_fraction}",
