@@ -181,7 +181,7 @@ def check_recipe(cells: list, root: Path, args: argparse.Namespace, name=folder,
     for task, method, seed in cells:
         path = root / task / name(method, seed) / "results.json"
         saved = report.read_result(path).get("args") or {} if path.exists() else {}
-        if saved and "group_by_length" not in saved:  # before the flag: GLUE evaluated on dev
+        if "lr" in saved and "group_by_length" not in saved:  # older: GLUE evaluated on dev
             saved |= {"group_by_length": False, "eval_fraction": None}
         want = {**vars(args), "lr": lr(task, method) or args.lr}
         diff = [f"--{k.replace('_', '-')} {saved[k]} there, {want[k]} here"
@@ -215,7 +215,8 @@ def main(argv: list[str] | None = None) -> dict:
     a = p.parse_args(argv[:len(argv) - len(extra) - ("--" in argv)])
     own = [f for f in extra if f.split("=")[0] in ("--lr", "--eval-fraction")]
     if a.select_lr and own:
-        raise ValueError(f"after '--': {' '.join(own)} is set by --select-lr for each cell")
+        raise ValueError(f"after '--': {' '.join(own)} is set by --select-lr for each cell "
+                         f"(lr {' '.join(map(str, LRS))}, {' '.join(SELECT)}): drop it")
     data_dirs, cell_args = check_grid(a, [*extra, *SELECT * a.select_lr])
     methods = [*a.methods, *(f"{m}-params" for m in ("fim", "fim+da")
                              if a.budget == "params" and m in a.methods)]
