@@ -27,8 +27,9 @@ import runfolder
 import train
 from data import glue
 from study import report
-from study.report import (CELLS, LRS, METHODS, PEERS, SCORES, SEED_MAX, bounded, folder,
-                          lr_folder)
+from models.checkpoint import is_decoder
+from study.report import (CELLS, LRS, METHODS, PEERS, RECIPE, SCORES, SEED_MAX, bounded,
+                          folder, lr_folder)
 
 GLUE = Path("../shared/data/glue")
 OURS = ("efim", "variance", "per-example")  # train.py's scores; the rest run in study.peers
@@ -54,6 +55,12 @@ def by_peers(method: str) -> bool:
     return method in PEERS or method in {report.score_method(s) for s in SCORES if s not in OURS}
 
 
+def recipe(extra: list[str]) -> list[str]:
+    """report.RECIPE, length-grouped unless '--' picks a decoder (prompts are not grouped)."""
+    model = next((v for f, v in zip(extra, extra[1:]) if f == "--model"), RECIPE[1])
+    return [*RECIPE, *([] if is_decoder(model) else [report.GROUPED])]
+
+
 def cell_command(task: str, method: str, seed: int, data_dir: Path, out: Path, threads: int,
                  resume: bool, extra: list[str] = ()) -> list[str]:
     """One cell's command: the recipe, or with `resume` its --resume from out's checkpoint."""
@@ -61,7 +68,7 @@ def cell_command(task: str, method: str, seed: int, data_dir: Path, out: Path, t
     head = [sys.executable, *(["-m", "study.peers", method, "--"] if peer else ["train.py"])]
     if resume:
         return [*head, "--resume", str(out), "--threads", str(threads)]
-    return [*head, *(["--method", "lora"] if peer else method_flags(method)), *report.RECIPE,
+    return [*head, *(["--method", "lora"] if peer else method_flags(method)), *recipe(extra),
             "--task", task, "--data-dir", str(data_dir), "--seed", str(seed),
             "--threads", str(threads), "--log-every", "100", "--out", str(out), *extra]
 
@@ -161,7 +168,7 @@ def check_grid(a: argparse.Namespace, extra: list[str]) -> tuple[dict[str, Path]
         raise ValueError(f"after '--': {' '.join(owned)} is set by the grid for each cell; use "
                          "--tasks, --data-root, --seeds, --methods, --root or --threads instead")
     task, data = next(iter(data_dirs.items()))
-    argv = [*report.RECIPE, "--task", task, "--data-dir", str(data), "--out",
+    argv = [*recipe(extra), "--task", task, "--data-dir", str(data), "--out",
             str(a.root / ".unwritten"), *extra]
     try:  # the cells' arguments, checked once here rather than in every cell
         from study.peers import peer_args
