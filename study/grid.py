@@ -202,7 +202,8 @@ def check_recipe(cells: list, root: Path, args: argparse.Namespace, name=folder,
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                epilog=__doc__.strip().split("\n\n")[-1])
     p.add_argument("--data-root", type=Path, default=GLUE, help="the GLUE download")
     p.add_argument("--tasks", nargs="+", default=["sst2"], choices=glue.TASKS)
     p.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
