@@ -199,6 +199,20 @@ def check_recipe(cells: list, root: Path, args: argparse.Namespace, name=folder,
                              ": give this recipe its own --root")
 
 
+def plan(a: argparse.Namespace, tasks: list[str], methods: list[str], seeds: list[int],
+         extra: list[str], chosen: dict) -> list[tuple]:
+    """(root, folder name, train.py flags, cells, lr or None) per run of cells sharing flags:
+    with --select-lr one per task, method and lr in LRS, seed 0, into <root>/../lr; else one per
+    task and method, at its chosen lr when there is one (None: the recipe's)."""
+    if a.select_lr:
+        return [(a.root.parent / "lr", lambda m, s, lr=lr: lr_folder(m, lr),
+                 [*extra, *SELECT, "--lr", f"{lr:g}"], [(t, m, 0)], lr)
+                for t in tasks for m in methods for lr in LRS]
+    return [(a.root, folder, [*extra, *(["--lr", f"{lr:g}"] if lr else [])],
+             [(t, m, s) for s in seeds], lr)
+            for t in tasks for m in methods for lr in [chosen.get(t, {}).get(m)]]
+
+
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
@@ -236,21 +250,14 @@ def main(argv: list[str] | None = None) -> dict:
     chosen = report.chosen_lrs(report.lr_results(lr_root))
     if any(f.split("=")[0] == "--lr" for f in extra):  # the user's lr wins
         chosen = {}
-    # a plan: (root, folder name, extra flags, cells); --select-lr: one per lr
-    plans = [(lr_root, lambda m, s, lr=lr: lr_folder(m, lr), [*extra, *SELECT, "--lr", f"{lr:g}"],
-              [(t, m, 0)]) for t in data_dirs for m in [*methods, *a.peers] for lr in LRS] \
-        if a.select_lr else [(a.root, folder, [*extra, *(["--lr", f"{lr:g}"] if lr else [])],
-                              [(t, m, s) for s in seeds])
-                             for t in data_dirs for m in [*methods, *a.peers]
-                             for lr in [chosen.get(t, {}).get(m)]]
-    for root, name, flags, cells in plans:
-        lr = float(flags[flags.index("--lr") + 1]) if "--lr" in flags else None
+    plans = plan(a, list(data_dirs), [*methods, *a.peers], seeds, extra, chosen)
+    for root, name, flags, cells, lr in plans:
         check_recipe(cells, root, cell_args, name, lambda t, m: lr)
     if not a.select_lr:
         print("lr: " + "; ".join(f"{t} {m} {lr:g}" for t, ms in chosen.items()
                                  for m, lr in ms.items()) + f" (chosen in {lr_root}); the rest "
               f"{cell_args.lr:g}" if chosen else f"lr: {cell_args.lr:g} for every method")
-    todo = [(c, root, name) for root, name, _, cells in plans for c in cells if not missing(c[1])
+    todo = [(c, root, name) for root, name, _, cells, _ in plans for c in cells if not missing(c[1])
             and not (root / c[0] / name(c[1], c[2]) / "results.json").exists()]
     n = sum(len(p[3]) for p in plans)
     print(f"{'lr selection' if a.select_lr else 'grid'}: {len(data_dirs)} task(s) "
@@ -263,7 +270,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"  {peer}: {missing(peer)}, left blank")
     if not a.dry_run and todo:
         outcome: dict = {}
-        for root, name, flags, cells in plans:
+        for root, name, flags, cells, _ in plans:
             for k, v in run_grid(cells, data_dirs, root, a.threads, extra=flags,
                                  name=name).items():
                 outcome[k] = outcome.get(k, []) + v
