@@ -122,8 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="GLUE task folder with train.tsv and dev.tsv")
     p.add_argument("--data", metavar="FILE", help="your .csv/.tsv/.jsonl instead of --task")
     p.add_argument("--eval-data", metavar="FILE", help="evaluate on FILE, not a share of --data")
-    p.add_argument("--eval-fraction", type=number(float, 0, 1, True, True), default=0.1,
-                   help="share of --data held out for evaluation")
+    p.add_argument("--eval-fraction", type=number(float, 0, 1, True, True),
+                   help="share of the training rows held out for evaluation (default: --data "
+                   "0.1; GLUE none, dev.tsv; GLUE's slice is fixed, the same for every --seed)")
     p.add_argument("--text-field", help="--data's text column (unset: text, else sentence)")
     p.add_argument("--pair-field", help="--data's second text column, for pairs")
     p.add_argument("--label-field", default="label", help="--data's class column")
@@ -148,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-every", type=INDEX, default=0, help="steps between evals (0 = at end)")
     g.add_argument("--log-every", type=COUNT, default=50, help="steps between log lines")
     g.add_argument("--grad-accum", type=COUNT, default=1, help="batches per optimizer step")
+    g.add_argument("--group-by-length", action="store_true", help="encoder classification: "
+                   "batches of similar length, as HF Trainer's (same rows an epoch, less padding)")
     g = p.add_argument_group("Fisher methods (fim: fim, fim+da; fw: fw; da: da, fim+da)")
     g.add_argument("--calib-batches", type=COUNT, default=8, help="fim: calibration batches")
     g.add_argument("--score", default="efim", choices=("efim", "variance"), help="fim: score")
@@ -201,6 +204,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args = argparse.Namespace(**{  # the planted lr and steps let the oracle converge
             **vars(a), "task": task, "targets": a.targets or DEFAULT_TARGETS[kind],
             "lr": a.lr or (5e-3 if task == "planted" else 5e-4), "out": a.out or out,
+            "eval_fraction": a.eval_fraction or (0.1 if task == "data" else None),
             "steps": a.steps or (None if a.epochs else 600 if task == "planted" else 1000)})
     check_out(args)
     return args
@@ -234,6 +238,10 @@ def check_args(a: argparse.Namespace, given: list[str]) -> None:
          "gradient is 0; use --calib-batches >= 2"),
         (a.compare and not planted, f"--compare with --task {a.task}: it compares with the "
                                     "planted task's oracle; drop --compare or use --task planted"),
+        (planted and (a.eval_fraction or a.group_by_length), "--eval-fraction and "
+         "--group-by-length act on GLUE or --data rows: drop them for --task planted"),
+        (a.group_by_length and is_decoder(a.model), f"--group-by-length batches encoder "
+         f"classification only: drop it for --model {a.model}"),
         (a.plants != "reach" and not planted, "--plants places the planted task's plants: drop "
                                               "it or use --task planted"),
         (data and (a.task != "planted" or a.data_dir), "--data FILE replaces --task and "

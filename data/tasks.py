@@ -25,6 +25,7 @@ from models import load_model
 from models.checkpoint import is_decoder
 
 Rng = dict[str, torch.Generator]
+HELD_OUT = 19  # GLUE --eval-fraction's stream: one slice for every --seed, --lr and method
 LABEL_SET = 16  # prompt → completion data with at most this many distinct completions,
 # each used twice on average, is scored as a label set too (exact-match accuracy)
 
@@ -112,14 +113,20 @@ def classify_task(args: argparse.Namespace, device: torch.device, rng: Rng, trai
             preds += (out.squeeze(-1) if labels == 1 else out.argmax(-1)).tolist()
             gold += batch["labels"].tolist()
         return metrics(preds, gold)
-    return _task(model, ["classifier"], lambda g: glue.batches(train, tok, size, n, g), train,
-                 loss_fn, evaluate, device, info)
+    epoch = lambda g: glue.batches(train, tok, size, n, g,  # noqa: E731
+                                   group_by_length=args.group_by_length)
+    return _task(model, ["classifier"], epoch, train, loss_fn, evaluate, device, info)
 
 
 def glue_task(args: argparse.Namespace, device: torch.device, rng: Rng) -> Task:
     """--task on an encoder, or as prompts on a decoder (data/causal.py)."""
-    train = glue.load_glue(args.task, args.data_dir, "train")[: args.max_train]
-    dev = glue.load_glue(args.task, args.data_dir, "dev")[: args.max_eval]
+    train = glue.load_glue(args.task, args.data_dir, "train")
+    if args.eval_fraction is None:
+        dev = glue.load_glue(args.task, args.data_dir, "dev")
+    else:  # held out of train.tsv; dev.tsv is never read
+        keep, held = split_rows(len(train), args.eval_fraction, HELD_OUT)
+        train, dev = [train[i] for i in keep], [train[i] for i in held]
+    train, dev = train[: args.max_train], dev[: args.max_eval]
     return classify_task(args, device, rng, train, dev, glue.task_spec(args.task).num_labels,
                          lambda p, y: glue.compute_metrics(args.task, p, y),
                          lambda tok: args.task)

@@ -4,12 +4,17 @@
     python -m study.grid --data-root ../shared/data/glue --tasks sst2 cola --peers peft-lora
     python -m study.grid --budget params --scores kfac random --dry-run
     python -m study.grid --root other/cells -- --steps 100     # train.py flags after '--'
+    python -m study.grid --select-lr --tasks sst2 cola --methods lora fim   # then the grid
+
+Recipe: train.py --model minilm --group-by-length (length-grouped batches, HF Trainer's), each
+method at the lr --select-lr chose in <root>/../lr/ (chosen.json) when there is one.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import re
 import signal
@@ -22,7 +27,9 @@ import runfolder
 import train
 from data import glue
 from study import report
-from study.report import CELLS, METHODS, PEERS, SCORES, SEED_MAX, bounded, folder
+from models.checkpoint import is_decoder
+from study.report import (CELLS, LRS, METHODS, PEERS, RECIPE, SCORES, SEED_MAX, bounded,
+                          folder, lr_folder)
 
 GLUE = Path("../shared/data/glue")
 OURS = ("efim", "variance", "per-example")  # train.py's scores; the rest run in study.peers
@@ -30,7 +37,8 @@ GRID_OWNED = ("--task", "--data-dir", "--seed", "--out", "--method", "--resume",
               "--threads")
 RECIPE_KEYS = ("model", "r", "alpha", "rslora", "dropout", "targets", "steps", "epochs",
                "batch_size", "lr", "weight_decay", "warmup", "grad_clip", "max_len", "max_train",
-               "max_eval", "grad_accum")  # what every cell of one root shares
+               "max_eval", "grad_accum", "group_by_length", "eval_fraction")  # every cell shares
+SELECT = ["--eval-fraction", "0.1"]  # --select-lr evaluates on a slice of train.tsv, never dev
 
 
 def method_flags(method: str) -> list[str]:
@@ -47,6 +55,12 @@ def by_peers(method: str) -> bool:
     return method in PEERS or method in {report.score_method(s) for s in SCORES if s not in OURS}
 
 
+def recipe(extra: list[str]) -> list[str]:
+    """report.RECIPE, length-grouped unless '--' picks a decoder (prompts are not grouped)."""
+    model = next((v for f, v in zip(extra, extra[1:]) if f == "--model"), RECIPE[1])
+    return [*RECIPE, *([] if is_decoder(model) else [report.GROUPED])]
+
+
 def cell_command(task: str, method: str, seed: int, data_dir: Path, out: Path, threads: int,
                  resume: bool, extra: list[str] = ()) -> list[str]:
     """One cell's command: the recipe, or with `resume` its --resume from out's checkpoint."""
@@ -54,7 +68,7 @@ def cell_command(task: str, method: str, seed: int, data_dir: Path, out: Path, t
     head = [sys.executable, *(["-m", "study.peers", method, "--"] if peer else ["train.py"])]
     if resume:
         return [*head, "--resume", str(out), "--threads", str(threads)]
-    return [*head, *(["--method", "lora"] if peer else method_flags(method)), *report.RECIPE,
+    return [*head, *(["--method", "lora"] if peer else method_flags(method)), *recipe(extra),
             "--task", task, "--data-dir", str(data_dir), "--seed", str(seed),
             "--threads", str(threads), "--log-every", "100", "--out", str(out), *extra]
 
@@ -109,13 +123,14 @@ def in_use(log: Path, start: int) -> bool:
 
 
 def run_grid(cells: list[tuple[str, str, int]], data_dirs: dict[str, Path], root: Path,
-             threads: int, run=run_cell, extra: list[str] = ()) -> dict[str, list]:
-    """Run every (task, method, seed) cell without results.json, resuming one with a checkpoint.
-    Returns the cells by outcome: done, ran, resumed, failed, missing, busy."""
+             threads: int, run=run_cell, extra: list[str] = (), name=folder) -> dict[str, list]:
+    """Run every (task, method, seed) cell without results.json in root/task/name(method, seed),
+    resuming one with a checkpoint. Returns the cells by outcome: done, ran, resumed, failed,
+    missing, busy."""
     outcome: dict = {k: [] for k in ("done", "ran", "resumed", "failed", "missing", "busy")}
     for cell in cells:
         task, method, seed = cell
-        out = root / task / folder(method, seed)
+        out = root / task / name(method, seed)
         if (out / "results.json").exists() or missing(method):
             outcome["done" if (out / "results.json").exists() else "missing"].append(cell)
             continue
@@ -153,7 +168,7 @@ def check_grid(a: argparse.Namespace, extra: list[str]) -> tuple[dict[str, Path]
         raise ValueError(f"after '--': {' '.join(owned)} is set by the grid for each cell; use "
                          "--tasks, --data-root, --seeds, --methods, --root or --threads instead")
     task, data = next(iter(data_dirs.items()))
-    argv = [*report.RECIPE, "--task", task, "--data-dir", str(data), "--out",
+    argv = [*recipe(extra), "--task", task, "--data-dir", str(data), "--out",
             str(a.root / ".unwritten"), *extra]
     try:  # the cells' arguments, checked once here rather than in every cell
         from study.peers import peer_args
@@ -166,23 +181,43 @@ def check_grid(a: argparse.Namespace, extra: list[str]) -> tuple[dict[str, Path]
     return data_dirs, args
 
 
-def check_recipe(cells: list, root: Path, args: argparse.Namespace) -> None:
-    """ValueError if a finished cell (which the grid skips) was trained with another recipe."""
+def check_recipe(cells: list, root: Path, args: argparse.Namespace, name=folder,
+                 lr=lambda task, method: None) -> None:
+    """ValueError if a finished cell (which the grid skips) was trained with another recipe or
+    another lr than lr(task, method) (None: args.lr)."""
     for task, method, seed in cells:
-        path = root / task / folder(method, seed) / "results.json"
+        path = root / task / name(method, seed) / "results.json"
         saved = report.read_result(path).get("args") or {} if path.exists() else {}
-        diff = [f"--{k.replace('_', '-')} {saved[k]} there, {getattr(args, k)} here"
-                for k in RECIPE_KEYS if k in saved and saved[k] != getattr(args, k)
+        if "lr" in saved and "group_by_length" not in saved:  # older: GLUE evaluated on dev
+            saved |= {"group_by_length": False, "eval_fraction": None}
+        want = {**vars(args), "lr": lr(task, method) or args.lr}
+        diff = [f"--{k.replace('_', '-')} {saved[k]} there, {want[k]} here"
+                for k in RECIPE_KEYS if k in saved and saved[k] != want[k]
                 and not (k == "steps" and args.epochs)]
         if diff:
             raise ValueError(f"{path.parent} was trained with another recipe ({'; '.join(diff)})"
                              ": give this recipe its own --root")
 
 
+def plan(a: argparse.Namespace, tasks: list[str], methods: list[str], seeds: list[int],
+         extra: list[str], chosen: dict) -> list[tuple]:
+    """(root, folder name, train.py flags, cells, lr or None) per run of cells sharing flags:
+    with --select-lr one per task, method and lr in LRS, seed 0, into <root>/../lr; else one per
+    task and method, at its chosen lr when there is one (None: the recipe's)."""
+    if a.select_lr:
+        return [(a.root.parent / "lr", lambda m, s, lr=lr: lr_folder(m, lr),
+                 [*extra, *SELECT, "--lr", f"{lr:g}"], [(t, m, 0)], lr)
+                for t in tasks for m in methods for lr in LRS]
+    return [(a.root, folder, [*extra, *(["--lr", f"{lr:g}"] if lr else [])],
+             [(t, m, s) for s in seeds], lr)
+            for t in tasks for m in methods for lr in [chosen.get(t, {}).get(m)]]
+
+
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                epilog=__doc__.strip().split("\n\n")[-1])
     p.add_argument("--data-root", type=Path, default=GLUE, help="the GLUE download")
     p.add_argument("--tasks", nargs="+", default=["sst2"], choices=glue.TASKS)
     p.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
@@ -196,28 +231,54 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=bounded(0, 1024), default=1,
                    help="CPU threads per cell (0: torch's default)")
     p.add_argument("--dry-run", action="store_true", help="print the plan, train nothing")
+    p.add_argument("--select-lr", action="store_true", help="instead of the grid, seed 0 at "
+                   f"each lr in {' '.join(map(str, LRS))} on 10 %% of train.tsv held out, into "
+                   "<root>/../lr/; writes chosen.json, which the grid then uses")
     a = p.parse_args(argv[:len(argv) - len(extra) - ("--" in argv)])
-    data_dirs, cell_args = check_grid(a, extra)
+    own = [f for f in extra if f.split("=")[0] in ("--lr", "--eval-fraction")]
+    if a.select_lr and own:
+        raise ValueError(f"after '--': {' '.join(own)} is set by --select-lr for each cell "
+                         f"(lr {' '.join(map(str, LRS))}, {' '.join(SELECT)}): drop it")
+    data_dirs, cell_args = check_grid(a, [*extra, *SELECT * a.select_lr])
     methods = [*a.methods, *(f"{m}-params" for m in ("fim", "fim+da")
                              if a.budget == "params" and m in a.methods)]
     methods += [m for m in map(report.score_method, a.scores) if m not in methods]
     if not methods and not a.peers:
         raise ValueError("--methods given empty and no --scores or --peers: nothing to run; "
                          f"name methods ({' '.join(METHODS)}), scores or peers")
-    seeds = list(dict.fromkeys(a.seeds))
-    cells = [(t, m, s) for t in data_dirs for m in [*methods, *a.peers] for s in seeds]
-    check_recipe(cells, a.root, cell_args)
-    todo = [c for c in cells if not missing(c[1])
-            and not (a.root / c[0] / folder(c[1], c[2]) / "results.json").exists()]
-    print(f"grid: {len(data_dirs)} task(s) ({', '.join(data_dirs)}) x {len(methods) + len(a.peers)}"
-          f" methods x {len(seeds)} seeds = {len(cells)} cells; to run:", flush=True)
-    for task, method, seed in todo:
-        print(f"  {task} {folder(method, seed)}")
+    seeds, lr_root = [0] if a.select_lr else list(dict.fromkeys(a.seeds)), a.root.parent / "lr"
+    chosen = report.chosen_lrs(report.lr_results(lr_root))
+    if any(f.split("=")[0] == "--lr" for f in extra):  # the user's lr wins
+        chosen = {}
+    plans = plan(a, list(data_dirs), [*methods, *a.peers], seeds, extra, chosen)
+    for root, name, flags, cells, lr in plans:
+        check_recipe(cells, root, cell_args, name, lambda t, m: lr)
+    if not a.select_lr:
+        print("lr: " + "; ".join(f"{t} {m} {lr:g}" for t, ms in chosen.items()
+                                 for m, lr in ms.items()) + f" (chosen in {lr_root}); the rest "
+              f"{cell_args.lr:g}" if chosen else f"lr: {cell_args.lr:g} for every method")
+    todo = [(c, root, name) for root, name, _, cells, _ in plans for c in cells if not missing(c[1])
+            and not (root / c[0] / name(c[1], c[2]) / "results.json").exists()]
+    n = sum(len(p[3]) for p in plans)
+    print(f"{'lr selection' if a.select_lr else 'grid'}: {len(data_dirs)} task(s) "
+          f"({', '.join(data_dirs)}) x {len(methods) + len(a.peers)} methods x "
+          f"{f'{len(LRS)} lrs' if a.select_lr else f'{len(seeds)} seeds'} = {n} cells; to run "
+          f"{len(todo)}:", flush=True)
+    for (task, method, seed), root, name in todo:
+        print(f"  {root / task / name(method, seed)}")
     for peer in filter(missing, a.peers):
         print(f"  {peer}: {missing(peer)}, left blank")
     if not a.dry_run and todo:
-        outcome = run_grid(cells, data_dirs, a.root, a.threads, extra=extra)
+        outcome: dict = {}
+        for root, name, flags, cells, _ in plans:
+            for k, v in run_grid(cells, data_dirs, root, a.threads, extra=flags,
+                                 name=name).items():
+                outcome[k] = outcome.get(k, []) + v
         print(", ".join(f"{k} {len(v)}" for k, v in outcome.items()))
+    if a.select_lr and not a.dry_run:
+        chosen = report.chosen_lrs(report.lr_results(lr_root))
+        runfolder.write_json(lr_root / "chosen.json", chosen)
+        print(f"wrote {lr_root / 'chosen.json'}: {json.dumps(chosen)}")
     return report.write_report(a.root)
 
 
