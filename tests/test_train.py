@@ -4,6 +4,7 @@ disk, same seed -> same numbers, bad input -> a message and no files.
 Run: .venv/bin/python -m pytest tests/test_train.py -q
 """
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -363,10 +364,9 @@ def test_make_run_succeeds_twice_in_a_row(tmp_path, monkeypatch):
     assert (tmp_path / "runs" / "planted-tiny-fim-s0" / "results.json").is_file()
 
 
-def test_log_jsonl_has_each_logged_step_and_eval_once_across_a_resume(tmp_path, monkeypatch):
-    """<out>/log.jsonl: one line per logged step (step, loss, lr, examples/s, elapsed) and per
-    eval; a run killed after step 5 resumes from its step-3 checkpoint without repeating 4, 5."""
-    out = tmp_path / "o"
+@contextlib.contextmanager
+def killed_after_step_5(monkeypatch):
+    """The run inside is killed right after logging step 5 (its last checkpoint stays)."""
     real = train.log_step
 
     def killed(k, *a):
@@ -375,8 +375,16 @@ def test_log_jsonl_has_each_logged_step_and_eval_once_across_a_resume(tmp_path, 
             raise RuntimeError("killed")
     monkeypatch.setattr(train, "log_step", killed)
     with pytest.raises(RuntimeError):
-        run(out, "--log-every", "1", "--save-every", "3")
+        yield
     monkeypatch.setattr(train, "log_step", real)
+
+
+def test_log_jsonl_has_each_logged_step_and_eval_once_across_a_resume(tmp_path, monkeypatch):
+    """<out>/log.jsonl: one line per logged step (step, loss, lr, examples/s, elapsed) and per
+    eval; a run killed after step 5 resumes from its step-3 checkpoint without repeating 4, 5."""
+    out = tmp_path / "o"
+    with killed_after_step_5(monkeypatch):
+        run(out, "--log-every", "1", "--save-every", "3")
     train.main(["--resume", str(out)])
     lines = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     steps = [r for r in lines if "loss" in r]
@@ -442,16 +450,8 @@ def test_args_are_resolved_once_into_a_new_namespace_and_an_epochs_run_resumes(t
     assert vars(args) == given and args.steps is None and args.calib_batches == 99
     assert (full["args"]["steps"], full["args"]["calib_batches"], full["args"]["epochs"]) == \
         (9, 5, 2.0)  # the calibration capped at one pass: ⌈36 / 8⌉ batches
-    real = train.log_step
-
-    def killed(k, *a):
-        real(k, *a)
-        if k == 5:
-            raise RuntimeError("killed")
-    monkeypatch.setattr(train, "log_step", killed)
-    with pytest.raises(RuntimeError):
+    with killed_after_step_5(monkeypatch):
         train.main([*argv, "--out", str(tmp_path / "o")])
-    monkeypatch.setattr(train, "log_step", real)
     resumed = train.main(["--resume", str(tmp_path / "o")])
     assert resumed["train_loss"] == full["train_loss"] and resumed["args"] == full["args"] | {
         "out": str(tmp_path / "o"), "resume": str(tmp_path / "o")}
