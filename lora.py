@@ -391,63 +391,45 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
     atomic_write(path, lambda f: f.writelines([len(h).to_bytes(8, "little"), h, *blobs]))
 
 
-def _regex(pattern: str, frame: str, what: str, where: str) -> re.Pattern:
-    """PEFT's regex `pattern` inside PEFT's `frame`. A short guard first: quantified groups,
-    backreferences, lookarounds and over 3 unbounded quantifiers can make re run for hours."""
-    if re.search(r"\)[*+?{]|\\[1-9]|\(\?[^:]", pattern) or len(
-            re.findall(r"[*+]|\{\d*,\}", pattern)) > 3:
-        raise ValueError(f"{where}{what} uses regex syntax fimlora does not evaluate (quantified "
-                         "groups, backreferences, lookarounds, over 3 of *, +, {n,}): list the "
-                         "module names instead")
+def _pattern_key(key: str, where: str) -> re.Pattern:
+    """PEFT's get_pattern_key regex for an alpha_pattern key, to .match a module name; refused
+    first where re could run for hours (quantified groups, backreferences, lookarounds, over 3
+    unbounded quantifiers).  _pattern_key("dense", "").match("layer.0.dense") matches"""
+    what = f"{where}alpha_pattern key {key!r:.80}"
+    if re.search(r"\)[*+?{]|\\[1-9]|\(\?[^:]", key) or len(re.findall(r"[*+]|\{\d*,\}", key)) > 3:
+        raise ValueError(f"{what} uses regex syntax fimlora does not evaluate (quantified groups, "
+                         "backreferences, lookarounds, over 3 of *, +, {n,}): list module names")
     try:
-        re.compile(pattern)  # alone too: "a)|(b" would close the frame's group
-        return re.compile(frame.format(pattern))
+        re.compile(key)  # alone too: "a)|(b" would close the frame's group
+        return re.compile(rf"(.*\.)?({key})$")
     except (re.error, RecursionError, OverflowError) as e:
-        raise ValueError(f"{where}{what} is not a valid regular expression ({e}): fix it or "
-                         "re.escape the module name") from None
-
-
-# PEFT LoraConfig fields LoRALinear cannot reproduce: each must be off (None, False, [], "none")
-_PEFT_OFF = ("use_dora", "fan_in_fan_out", "bias", "lora_bias", "layers_to_transform",
-             "layer_replication", "target_parameters", "trainable_token_indices")
+        raise ValueError(f"{what} is not a valid regular expression ({e}): fix it or re.escape "
+                         "the module name") from None
 
 
 def _from_peft(cfg: dict, sd: dict[str, torch.Tensor], model: nn.Module, where: str):
-    """PEFT config, tensors -> (ranks, alphas, rslora, our state dict, heads) by PEFT's rules
-    (check_target_module_exists, get_pattern_key); untargeted LoRA layers get r = 0."""
-    for field in _PEFT_OFF:
-        if cfg.get(field) not in (None, False, [], {}, "none"):
+    """PEFT config, tensors -> (ranks, alphas, rslora, our state dict, heads): r_m is the rows of
+    the saved lora_A (PEFT saves none for an untargeted module: r = 0), α_m is PEFT's
+    get_pattern_key on alpha_pattern, the heads are modules_to_save."""
+    for field in ("use_dora", "fan_in_fan_out", "bias", "lora_bias", "layers_to_transform",
+                  "layer_replication", "target_parameters", "trainable_token_indices"):
+        if cfg.get(field) not in (None, False, [], {}, "none"):  # what LoRALinear cannot do
             raise ValueError(f"{where}{field}={cfg[field]!r:.60}: fimlora's LoRALinear does not "
                              "implement it: only adapters with it off load")
-    _check(cfg.get("r"), cfg.get("lora_alpha"), where=f"{where}PEFT's lora_")
-    patterns = [(p := _pattern(cfg.get(f), f, f == "rank_pattern", where), cfg[default],
-                 {k: _regex(k, r"(.*\.)?({})$", f"{f} key {k!r}", where) for k in p})
-                for f, default in (("rank_pattern", "r"), ("alpha_pattern", "lora_alpha"))]
-
-    def rule(field: str):  # target_modules / exclude_modules: a regex to fullmatch, or names
-        if isinstance(spec := cfg.get(field), str):
-            return _regex(spec, "(?:{})", f"{field}={spec!r}", where).fullmatch
-        return lambda n, ts=_names(spec or [], field, where): any(name_matches(n, t) for t in ts)
-    hit, excluded = rule("target_modules"), rule("exclude_modules")
-    saved = _names(cfg.get("modules_to_save") or [], "modules_to_save", where)
-    never = saved + ["classifier", "score"] * (cfg.get("task_type") == "SEQ_CLS")
-    layers, modules = lora_layers(model), dict(model.named_modules())
-    targeted = [n for n, m in modules.items() if isinstance(m, (nn.Linear, LoRALinear))
-                and hit(n) and not excluded(n) and not any(f".{s}." in f".{n}." for s in never)]
-    if not targeted or any(n not in layers for n in targeted):
-        raise ValueError(f"{where}target_modules={cfg.get('target_modules')!r:.80} selects "
-                         f"{len(targeted)} modules, {len(set(targeted) - set(layers))} without "
-                         "a LoRA layer: add_lora with the same target modules first")
-    ranks, alphas = ({n: next((p[k] for k, rx in keys.items() if rx.match(n)), default)
-                      for n in layers} for p, default, keys in patterns)
-    ranks = {n: int(r) if n in targeted else 0 for n, r in ranks.items()}
+    _check(0, cfg.get("lora_alpha"), where=f"{where}PEFT's lora_")
+    p = _pattern(cfg.get("alpha_pattern"), "alpha_pattern", False, where)
+    keys = {k: _pattern_key(k, where) for k in p}
     ours = {}
     for k, v in sd.items():  # "base_model.model.<module>.lora_A[.<adapter>].weight"
-        k2 = re.sub(r"\.lora_([AB])(\.[^.]+)?\.weight$", r".lora_\1", k.removeprefix(PEFT_PREFIX))
-        if (k2 := re.sub(r"\.modules_to_save\.[^.]+\.", ".", k2)) in ours:
-            raise ValueError(f"{where}tensor {k!r} and another tensor both load into {k2!r}")
-        ours[k2] = v
-    heads = [n for n in modules if any(name_matches(n, s) for s in saved)]
+        k = re.sub(r"\.lora_([AB])(\.[^.]+)?\.weight$", r".lora_\1", k.removeprefix(PEFT_PREFIX))
+        ours[re.sub(r"\.modules_to_save\.[^.]+\.", ".", k)] = v
+    layers = lora_layers(model)
+    ranks = {n: A.shape[0] if (A := ours.get(f"{n}.lora_A")) is not None and A.dim() else 0
+             for n in layers}
+    alphas = {n: next((p[k] for k, rx in keys.items() if rx.match(n)), cfg["lora_alpha"])
+              for n in layers}
+    saved = _names(cfg.get("modules_to_save") or [], "modules_to_save", where)
+    heads = [n for n, _ in model.named_modules() if any(name_matches(n, s) for s in saved)]
     return ranks, alphas, cfg.get("use_rslora", False), ours, heads
 
 

@@ -162,24 +162,16 @@ BAD = {
     "extra tensor": ("fimlora", None, _set(["block.0.query.bias2"], torch.zeros(6)),
                      r"unexpected \['block.0.query.bias2'\]"),
     "no format": ("fimlora", _set(["format"], DELETE), None, "neither"),
-    "peft r float": ("peft", _set(["r"], 3.0), None, "lora_r=3.0 is invalid"),
-    "peft r missing": ("peft", _set(["r"], DELETE), None, "lora_r=None"),
     "peft alpha str": ("peft", _set(["lora_alpha"], "6"), None, "lora_alpha='6'"),
     "peft rslora int": ("peft", _set(["use_rslora"], 1), None, "rslora=1 differs"),
-    "peft rank_pattern list": ("peft", _set(["rank_pattern"], [["block.1.dense", 4]]), None,
-                               "rank_pattern="),
-    "peft rank_pattern regex": ("peft", _set(["rank_pattern", "block.(1"], 4), None,
-                                r"rank_pattern key 'block.\(1' is not a valid regular"),
+    "peft alpha_pattern list": ("peft", _set(["alpha_pattern"], [["block.1.dense", 4]]), None,
+                                "alpha_pattern="),
+    "peft alpha_pattern regex": ("peft", _set(["alpha_pattern", "block.(1"], 4), None,
+                                 r"alpha_pattern key 'block.\(1' is not a valid regular"),
     "peft alpha_pattern inf": ("peft", _set(["alpha_pattern", "^block\\.0\\.dense"], INF), None,
                                "alpha_pattern"),
-    "peft rank_pattern closing the frame": ("peft", _set(["rank_pattern", "a)|(b"], 4), None,
-                                            r"rank_pattern key 'a\)\|\(b' is not a valid"),
-    "peft targets int": ("peft", _set(["target_modules"], 5), None, "target_modules=5"),
-    "peft targets regex": ("peft", _set(["target_modules"], "(query"), None,
-                           r"target_modules='\(query' is not a valid regular"),
-    "peft targets list of int": ("peft", _set(["target_modules"], ["query", 1]), None,
-                                 "target_modules="),
-    "peft exclude regex": ("peft", _set(["exclude_modules"], "*"), None, "exclude_modules"),
+    "peft alpha_pattern closing the frame": ("peft", _set(["alpha_pattern", "a)|(b"], 4), None,
+                                             r"alpha_pattern key 'a\)\|\(b' is not a valid"),
     "peft modules_to_save dict": ("peft", _set(["modules_to_save"], {"a": 1}), None,
                                   "modules_to_save="),
     "peft head shape": ("peft", None, _set([P + "classifier.weight"], torch.zeros(3, 6)),
@@ -188,9 +180,13 @@ BAD = {
                       "classifier.bias has non-finite"),
     "peft head missing": ("peft", None, _set([P + "classifier.weight"], DELETE),
                           "missing.*classifier.weight"),
-    "peft duplicate key": ("peft", None, lambda sd: sd.__setitem__(
-        P + "block.1.dense.lora_A.default.weight", sd[P + "block.1.dense.lora_A.weight"]),
-        "both load into 'block.1.dense.lora_A'"),
+    "peft lora_B missing": ("peft", None, _set([P + "block.1.dense.lora_B.weight"], DELETE),
+                            r"missing \['block.1.dense.lora_B'\]"),
+    "peft lora_A 1-d": ("peft", None, _set([P + "block.1.dense.lora_A.weight"], torch.zeros(4)),
+                        r"block.1.dense.lora_A has shape \(4,\)"),
+    "peft tensor of no LoRA layer": ("peft", None, _set([P + "block.1.x.lora_A.weight"],
+                                                        torch.zeros(2, 6)),
+                                     r"unexpected \['block.1.x.lora_A'\]"),
     "peft dora": ("peft", _set(["use_dora"], True), None, "use_dora=True"),
 }
 
@@ -566,19 +562,15 @@ def test_fim_adapter_served_with_one_scale_for_every_module_gives_our_logits(tmp
 EVIL = "([a-z0-9.]|[a-z0-9.])*Z"  # exponential backtracking in re on any long module name
 
 
-@pytest.mark.parametrize("field, value", [
-    ("rank_pattern", {EVIL: 4}), ("alpha_pattern", {EVIL: 2.0}), ("target_modules", EVIL),
-    ("exclude_modules", EVIL), ("rank_pattern", {".*a" * 4: 4}),
-    ("target_modules", "(query)\\1"),  # a backreference
-    ("target_modules", "(?!x)query"),  # a lookaround
-])
-def test_peft_regex_that_can_backtrack_for_hours_is_refused_naming_the_field(saved, tmp_path,
-                                                                             field, value):
-    """Before the guard these ran through re (minutes on a 60-character name); now refused."""
-    folder = edited(saved[0], "peft", tmp_path / "a", lambda c: c.__setitem__(field, value))
+@pytest.mark.parametrize("key", [EVIL, ".*a" * 4, "(dense)\\1", "(?!x)dense"])
+def test_peft_regex_that_can_backtrack_for_hours_is_refused_naming_the_field(saved, tmp_path, key):
+    """Catastrophic backtracking, over 3 unbounded quantifiers, a backreference, a lookaround:
+    before the guard these ran through re (minutes on a 60-character name); now refused."""
+    folder = edited(saved[0], "peft", tmp_path / "a",
+                    lambda c: c.__setitem__("alpha_pattern", {key: 2.0}))
     model = trained(2)
     snap = snapshot(model)
-    with pytest.raises(ValueError, match=f"{field}.*does not evaluate.*list the module names"):
+    with pytest.raises(ValueError, match="alpha_pattern key .*does not evaluate.*list module names"):
         load_adapter(folder, model)
     assert_unchanged(model, snap)
 
@@ -586,44 +578,41 @@ def test_peft_regex_that_can_backtrack_for_hours_is_refused_naming_the_field(sav
 @pytest.mark.parametrize("key", [".*1.dense", "block.1.dense", "^block\\.1\\.dense$",
                                  "block.(1|7).(?:dense|x)", "(bl|x)ock\\.1\\.dense",
                                  "[b]lock.[1-1].dense", ".*1\\.de.*", "(a|b)" * 9 + "|.*1.de.*"])
-def test_peft_rank_pattern_regex_applies_peft_rule(saved, tmp_path, key):
+def test_peft_alpha_pattern_regex_applies_peft_rule(saved, tmp_path, key):
     """Keys written as names, '.', escapes, classes, '.*' and groups (512 alternatives in the
-    last) give the ranks PEFT's re.match gives: the saved key for block.1.dense (rank 4)
-    replaced by an equivalent one."""
+    last) give the alphas PEFT's get_pattern_key gives (first match, else lora_alpha); ranks
+    are the saved tensors' (block.1.dense has 4)."""
     def cfg_edit(cfg):
-        cfg["rank_pattern"] = {key: 4}
+        cfg["alpha_pattern"] = {"^block\\.0\\.dense": 1.5, key: 9.0}
     folder = edited(saved[0], "peft", tmp_path / "a", cfg_edit)
     model = trained(2)
     load_adapter(folder, model)
-    assert {n: m.r for n, m in lora_layers(model).items()} == {
-        "block.0.query": 3, "block.0.dense": 3, "block.1.query": 3, "block.1.dense": 4}
+    assert {n: (m.r, m.alpha) for n, m in lora_layers(model).items()} == {
+        "block.0.query": (3, 6), "block.0.dense": (3, 1.5), "block.1.query": (3, 6),
+        "block.1.dense": (4, 9)}
 
 
 ATOMS = ["a", "b", ".", "\\.", "[ab]", "[^a]", "\\d", "1", ".*", "_", "(a|b.*)", "(?:1|.|)", "|",
          "^", "$", "(a.*|)", "a+", "b?", "(?:a|b)"]
-FRAMES = {"(?:{})": lambda p, n: re.fullmatch(p, n),  # target_modules as a string
-          r"(.*\.)?({})$": lambda p, n: re.match(rf"(.*\.)?({p})$", n)}  # get_pattern_key
 
 
 @settings(max_examples=50)
 @given(atoms=st.lists(st.sampled_from(ATOMS), max_size=6),
        names=st.lists(st.text("ab.1_", max_size=8), min_size=1, max_size=4))
-def test_peft_regex_agrees_with_peft_re_rules_or_refuses(atoms, names):
-    """Oracle: the re expressions PEFT evaluates (target_modules as a string, get_pattern_key);
-    a pattern is either refused or answers as PEFT does."""
+def test_pattern_key_agrees_with_peft_get_pattern_key_or_refuses(atoms, names):
+    """Oracle: the re expression PEFT's get_pattern_key evaluates; a key is either refused (the
+    guard) or matches exactly the names PEFT's does."""
     p = "".join(atoms)
     try:
         re.compile(p)
     except re.error:
         return
-    for frame, peft in FRAMES.items():
-        try:
-            rx = lora._regex(p, frame, "p", "")
-        except ValueError as e:
-            assert "list the module names" in str(e) and (")" in p or p.count("*") + p.count("+") > 3)
-            continue
-        match = rx.fullmatch if frame == "(?:{})" else rx.match
-        assert all((match(n) is None) == (peft(p, n) is None) for n in names)
+    try:
+        rx = lora._pattern_key(p, "")
+    except ValueError as e:
+        assert "list module names" in str(e) and (")" in p or p.count("*") + p.count("+") > 3)
+        return
+    assert all((rx.match(n) is None) == (re.match(rf"(.*\.)?({p})$", n) is None) for n in names)
 
 
 def _returns_within(fn, seconds: float = 30.0):
