@@ -94,7 +94,7 @@ class LoRALinear(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# adding, resizing and merging adapters
+# adding, resizing and merging adapters; their state dicts
 
 
 def _check(r, alpha, dropout: float = 0.0, where: str = "") -> None:
@@ -193,10 +193,6 @@ def merge_lora(model: nn.Module, merged: bool = True) -> None:
 
 def unmerge_lora(model: nn.Module) -> None:
     merge_lora(model, False)
-
-
-# -----------------------------------------------------------------------------
-# state dicts
 
 
 def lora_state_dict(model: nn.Module, heads: Sequence[str] = ()) -> dict[str, torch.Tensor]:
@@ -407,32 +403,6 @@ def _pattern_key(key: str, where: str) -> re.Pattern:
                          "the module name") from None
 
 
-def _from_peft(cfg: dict, sd: dict[str, torch.Tensor], model: nn.Module, where: str):
-    """PEFT config, tensors -> (ranks, alphas, rslora, our state dict, heads): r_m is the rows of
-    the saved lora_A (PEFT saves none for an untargeted module: r = 0), α_m is PEFT's
-    get_pattern_key on alpha_pattern, the heads are modules_to_save."""
-    for field in ("use_dora", "fan_in_fan_out", "bias", "lora_bias", "layers_to_transform",
-                  "layer_replication", "target_parameters", "trainable_token_indices"):
-        if cfg.get(field) not in (None, False, [], {}, "none"):  # what LoRALinear cannot do
-            raise ValueError(f"{where}{field}={cfg[field]!r:.60}: fimlora's LoRALinear does not "
-                             "implement it: only adapters with it off load")
-    _check(0, cfg.get("lora_alpha"), where=f"{where}PEFT's lora_")
-    p = _pattern(cfg.get("alpha_pattern"), "alpha_pattern", False, where)
-    keys = {k: _pattern_key(k, where) for k in p}
-    ours = {}
-    for k, v in sd.items():  # "base_model.model.<module>.lora_A[.<adapter>].weight"
-        k = re.sub(r"\.lora_([AB])(\.[^.]+)?\.weight$", r".lora_\1", k.removeprefix(PEFT_PREFIX))
-        ours[re.sub(r"\.modules_to_save\.[^.]+\.", ".", k)] = v
-    layers = lora_layers(model)
-    ranks = {n: A.shape[0] if (A := ours.get(f"{n}.lora_A")) is not None and A.dim() else 0
-             for n in layers}
-    alphas = {n: next((p[k] for k, rx in keys.items() if rx.match(n)), cfg["lora_alpha"])
-              for n in layers}
-    saved = _names(cfg.get("modules_to_save") or [], "modules_to_save", where)
-    heads = [n for n, _ in model.named_modules() if any(name_matches(n, s) for s in saved)]
-    return ranks, alphas, cfg.get("use_rslora", False), ours, heads
-
-
 def save_adapter(path: str | os.PathLike, model: nn.Module, targets: Sequence[str] = (),
                  seed: int | None = None, heads: Sequence[str] = (), format: str = "fimlora",
                  base_model: str | None = None, task_type: str | None = None) -> Path:
@@ -495,9 +465,25 @@ def load_adapter(path: str | os.PathLike, model: nn.Module) -> dict:
     if cfg.get("format") == FIMLORA_FORMAT:
         ranks, alphas = (_pattern(cfg.get(f), f, f == "ranks", where) for f in ("ranks", "alphas"))
         rslora, heads = cfg.get("rslora"), _names(cfg.get("heads", []), "heads", where, model)
-    elif cfg.get("peft_type") == "LORA":
-        ranks, alphas, rslora, sd, heads = _from_peft(cfg, sd, model, where)
-        cfg["rslora"] = rslora
+    elif cfg.get("peft_type") == "LORA":  # r_m: the rows of its saved lora_A (none saved: r = 0)
+        for field in ("use_dora", "fan_in_fan_out", "bias", "lora_bias", "layers_to_transform",
+                      "layer_replication", "target_parameters", "trainable_token_indices"):
+            if cfg.get(field) not in (None, False, [], {}, "none"):  # what LoRALinear cannot do
+                raise ValueError(f"{where}{field}={cfg[field]!r:.60}: fimlora's LoRALinear does "
+                                 "not implement it: only adapters with it off load")
+        _check(0, cfg.get("lora_alpha"), where=f"{where}PEFT's lora_")
+        keys = [(_pattern_key(k, where), a) for k, a in
+                _pattern(cfg.get("alpha_pattern"), "alpha_pattern", False, where).items()]
+        # "<m>.lora_A[.<adapter>].weight" -> "<m>.lora_A", "<head>.modules_to_save.<adapter>.<p>"
+        # -> "<head>.<p>", base_model.model. dropped: our names
+        ours = re.compile(r"\.modules_to_save\.[^.]+(?=\.)|(?<=\.lora_[AB])(\.[^.]+)?\.weight$")
+        sd = {ours.sub("", k.removeprefix(PEFT_PREFIX)): v for k, v in sd.items()}
+        ranks = {n: A.shape[0] if (A := sd.get(f"{n}.lora_A")) is not None and A.dim() else 0
+                 for n in layers}
+        alphas = {n: next((a for rx, a in keys if rx.match(n)), cfg["lora_alpha"]) for n in layers}
+        saved = _names(cfg.get("modules_to_save") or [], "modules_to_save", where)
+        heads = [n for n, _ in model.named_modules() if any(name_matches(n, s) for s in saved)]
+        rslora = cfg["rslora"] = cfg.get("use_rslora", False)
     else:
         raise ValueError(f"{where}neither a {FIMLORA_FORMAT} nor a PEFT LoRA config (format="
                          f"{cfg.get('format')!r:.40}, peft_type={cfg.get('peft_type')!r:.40})")
