@@ -387,22 +387,6 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
     atomic_write(path, lambda f: f.writelines([len(h).to_bytes(8, "little"), h, *blobs]))
 
 
-def _pattern_key(key: str, where: str) -> re.Pattern:
-    """PEFT's get_pattern_key regex for an alpha_pattern key, to .match a module name; refused
-    first where re could run for hours (quantified groups, backreferences, lookarounds, over 3
-    unbounded quantifiers).  _pattern_key("dense", "").match("layer.0.dense") matches"""
-    what = f"{where}alpha_pattern key {key!r:.80}"
-    if re.search(r"\)[*+?{]|\\[1-9]|\(\?[^:]", key) or len(re.findall(r"[*+]|\{\d*,\}", key)) > 3:
-        raise ValueError(f"{what} uses regex syntax fimlora does not evaluate (quantified groups, "
-                         "backreferences, lookarounds, over 3 of *, +, {n,}): list module names")
-    try:
-        re.compile(key)  # alone too: "a)|(b" would close the frame's group
-        return re.compile(rf"(.*\.)?({key})$")
-    except (re.error, RecursionError, OverflowError) as e:
-        raise ValueError(f"{what} is not a valid regular expression ({e}): fix it or re.escape "
-                         "the module name") from None
-
-
 def save_adapter(path: str | os.PathLike, model: nn.Module, targets: Sequence[str] = (),
                  seed: int | None = None, heads: Sequence[str] = (), format: str = "fimlora",
                  base_model: str | None = None, task_type: str | None = None) -> Path:
@@ -472,8 +456,13 @@ def load_adapter(path: str | os.PathLike, model: nn.Module) -> dict:
                 raise ValueError(f"{where}{field}={cfg[field]!r:.60}: fimlora's LoRALinear does "
                                  "not implement it: only adapters with it off load")
         _check(0, cfg.get("lora_alpha"), where=f"{where}PEFT's lora_")
-        keys = [(_pattern_key(k, where), a) for k, a in
-                _pattern(cfg.get("alpha_pattern"), "alpha_pattern", False, where).items()]
+        keys = []
+        for k, a in _pattern(cfg.get("alpha_pattern"), "alpha_pattern", False, where).items():
+            try:  # PEFT's get_pattern_key: the first key whose regex matches the module's name
+                keys.append((re.compile(rf"(.*\.)?({k})$"), a))
+            except (re.error, RecursionError, OverflowError) as e:
+                raise ValueError(f"{where}alpha_pattern key {k!r:.80} is not a valid regular "
+                                 f"expression ({e}): fix it or re.escape the module name") from None
         # "<m>.lora_A[.<adapter>].weight" -> "<m>.lora_A", "<head>.modules_to_save.<adapter>.<p>"
         # -> "<head>.<p>", base_model.model. dropped: our names
         ours = re.compile(r"\.modules_to_save\.[^.]+(?=\.)|(?<=\.lora_[AB])(\.[^.]+)?\.weight$")

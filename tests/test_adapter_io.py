@@ -170,8 +170,6 @@ BAD = {
                                  r"alpha_pattern key 'block.\(1' is not a valid regular"),
     "peft alpha_pattern inf": ("peft", _set(["alpha_pattern", "^block\\.0\\.dense"], INF), None,
                                "alpha_pattern"),
-    "peft alpha_pattern closing the frame": ("peft", _set(["alpha_pattern", "a)|(b"], 4), None,
-                                             r"alpha_pattern key 'a\)\|\(b' is not a valid"),
     "peft modules_to_save dict": ("peft", _set(["modules_to_save"], {"a": 1}), None,
                                   "modules_to_save="),
     "peft head shape": ("peft", None, _set([P + "classifier.weight"], torch.zeros(3, 6)),
@@ -557,24 +555,6 @@ def test_fim_adapter_served_with_one_scale_for_every_module_gives_our_logits(tmp
         served = base(ids)
     assert (ours - plain).abs().max() > 1e-2, "the adapter must change the logits"
     torch.testing.assert_close(served, ours, rtol=1e-5, atol=1e-5)
-# hostile files: catastrophic regexes, FIFOs, devices, unreadable files, huge headers
-
-EVIL = "([a-z0-9.]|[a-z0-9.])*Z"  # exponential backtracking in re on any long module name
-
-
-@pytest.mark.parametrize("key", [EVIL, ".*a" * 4, "(dense)\\1", "(?!x)dense"])
-def test_peft_regex_that_can_backtrack_for_hours_is_refused_naming_the_field(saved, tmp_path, key):
-    """Catastrophic backtracking, over 3 unbounded quantifiers, a backreference, a lookaround:
-    before the guard these ran through re (minutes on a 60-character name); now refused."""
-    folder = edited(saved[0], "peft", tmp_path / "a",
-                    lambda c: c.__setitem__("alpha_pattern", {key: 2.0}))
-    model = trained(2)
-    snap = snapshot(model)
-    with pytest.raises(ValueError, match="alpha_pattern key .*does not evaluate.*list module names"):
-        load_adapter(folder, model)
-    assert_unchanged(model, snap)
-
-
 @pytest.mark.parametrize("key", [".*1.dense", "block.1.dense", "^block\\.1\\.dense$",
                                  "block.(1|7).(?:dense|x)", "(bl|x)ock\\.1\\.dense",
                                  "[b]lock.[1-1].dense", ".*1\\.de.*", "(a|b)" * 9 + "|.*1.de.*"])
@@ -592,27 +572,7 @@ def test_peft_alpha_pattern_regex_applies_peft_rule(saved, tmp_path, key):
         "block.1.dense": (4, 9)}
 
 
-ATOMS = ["a", "b", ".", "\\.", "[ab]", "[^a]", "\\d", "1", ".*", "_", "(a|b.*)", "(?:1|.|)", "|",
-         "^", "$", "(a.*|)", "a+", "b?", "(?:a|b)"]
-
-
-@settings(max_examples=50)
-@given(atoms=st.lists(st.sampled_from(ATOMS), max_size=6),
-       names=st.lists(st.text("ab.1_", max_size=8), min_size=1, max_size=4))
-def test_pattern_key_agrees_with_peft_get_pattern_key_or_refuses(atoms, names):
-    """Oracle: the re expression PEFT's get_pattern_key evaluates; a key is either refused (the
-    guard) or matches exactly the names PEFT's does."""
-    p = "".join(atoms)
-    try:
-        re.compile(p)
-    except re.error:
-        return
-    try:
-        rx = lora._pattern_key(p, "")
-    except ValueError as e:
-        assert "list module names" in str(e) and (")" in p or p.count("*") + p.count("+") > 3)
-        return
-    assert all((rx.match(n) is None) == (re.match(rf"(.*\.)?({p})$", n) is None) for n in names)
+# hostile files: FIFOs, devices, unreadable files, huge headers
 
 
 def _returns_within(fn, seconds: float = 30.0):
