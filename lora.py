@@ -10,8 +10,6 @@ References: LoRA, Hu et al. 2021, arXiv:2106.09685; rsLoRA, Kalajdzievski 2023, 
 PEFT's adapter format, https://github.com/huggingface/peft (adapter_config.json + safetensors).
 """
 
-from __future__ import annotations
-
 import contextlib
 import json
 import math
@@ -324,9 +322,9 @@ def atomic_write(path: str | os.PathLike, write) -> None:
 
 
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors on the CPU, metadata) of a .safetensors file. Only ValueError; the header is
-    checked before a tensor byte is read: length <= 100 MB, <= 2**17 entries (counted before
-    parsing), known dtypes, shapes of <= 64 ints >= 0, offsets that tile the data exactly."""
+    """(tensors on the CPU, metadata) of a .safetensors file, else ValueError naming it. The
+    header is checked before a tensor byte is read: <= 100 MB, <= 2**17 entries, known dtypes,
+    shapes of <= 64 ints >= 0, data_offsets that tile the data section exactly."""
     with open_regular(path) as f:
         size, n = os.fstat(f.fileno()).st_size, int.from_bytes(f.read(8), "little")
         if size < 8 or n > min(size - 8, _ST_MAX_HEADER):
@@ -425,9 +423,8 @@ def save_adapter(path: str | os.PathLike, model: nn.Module, targets: Sequence[st
             "use_rslora": rslora, "lora_dropout": dropout, "bias": "none", "fan_in_fan_out": False,
             "use_dora": False, "init_lora_weights": True, "modules_to_save": heads or None,
             "inference_mode": True}
-        is_head = {k: any(k.startswith(h + ".") for h in heads) for k in tensors}
-        tensors = {PEFT_PREFIX + k + ("" if is_head[k] else ".weight"): v  # one mapping, PEFT's
-                   for k, v in tensors.items() if is_head[k] or v.numel()}  # keys without adapter
+        tensors = {PEFT_PREFIX + k + ".weight" * k.endswith((".lora_A", ".lora_B")): v
+                   for k, v in tensors.items() if v.numel()}  # PEFT's names; rank 0 left out
     text, path = json.dumps(config, indent=2) + "\n", Path(path)
     path.mkdir(parents=True, exist_ok=True)
     write_safetensors(path / ADAPTER_WEIGHTS, tensors, {"format": "pt"})
