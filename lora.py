@@ -460,8 +460,7 @@ def load_adapter(path: str | os.PathLike, model: nn.Module) -> dict:
             except (re.error, RecursionError, OverflowError) as e:
                 raise ValueError(f"{where}alpha_pattern key {k!r:.80} is not a valid regular "
                                  f"expression ({e}): fix it or re.escape the module name") from None
-        # "<m>.lora_A[.<adapter>].weight" -> "<m>.lora_A", "<head>.modules_to_save.<adapter>.<p>"
-        # -> "<head>.<p>", base_model.model. dropped: our names
+        # to our names: "<m>.lora_A[.<adapter>].weight", "<head>.modules_to_save.<adapter>.<p>"
         ours = re.compile(r"\.modules_to_save\.[^.]+(?=\.)|(?<=\.lora_[AB])(\.[^.]+)?\.weight$")
         sd = {ours.sub("", k.removeprefix(PEFT_PREFIX)): v for k, v in sd.items()}
         ranks = {n: A.shape[0] if (A := sd.get(f"{n}.lora_A")) is not None and A.dim() else 0

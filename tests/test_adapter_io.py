@@ -12,7 +12,6 @@ Run: .venv/bin/python -m pytest tests/test_adapter_io.py -q
 import copy
 import json
 import os
-import re
 import shutil
 import stat
 import struct
