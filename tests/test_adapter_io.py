@@ -288,6 +288,7 @@ def test_config_fuzz_raises_only_value_error_and_changes_nothing_on_error(saved,
             assert_unchanged(model, snap)
 
 
+@settings(max_examples=50)
 @given(raw=st.binary(max_size=64))
 def test_config_bytes_fuzz_raises_value_error(saved, raw):
     with tempfile.TemporaryDirectory() as tmp:

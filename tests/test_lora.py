@@ -261,6 +261,7 @@ _dtypes = st.sampled_from([torch.float32, torch.float64, torch.float16, torch.bf
                            torch.int64, torch.int8, torch.uint8, torch.bool])
 
 
+@settings(max_examples=50)
 @given(shapes=st.lists(st.lists(st.integers(0, 4), max_size=3), min_size=0, max_size=4),
        dtype=_dtypes)
 def test_safetensors_roundtrip(tmp_path_factory, shapes, dtype):
