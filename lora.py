@@ -10,8 +10,6 @@ References: LoRA, Hu et al. 2021, arXiv:2106.09685; rsLoRA, Kalajdzievski 2023, 
 PEFT's adapter format, https://github.com/huggingface/peft (adapter_config.json + safetensors).
 """
 
-from __future__ import annotations
-
 import contextlib
 import json
 import math
@@ -20,7 +18,6 @@ import os
 import re
 import stat
 import sys
-import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,7 +41,7 @@ class LoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0,
                  rslora: bool = False, generator: torch.Generator | None = None):
         super().__init__()
-        _check_args(r, alpha, dropout)
+        _check(r, alpha, dropout)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias  # W0: (d_out, d_in)
         self.alpha, self.rslora, self.merged = float(alpha), rslora, False
@@ -77,8 +74,8 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.r == 0 or self.merged:
             return F.linear(x, self.weight, self.bias)
-        # d_in -> r -> d_out; addmm_ adds s·u Bᵀ in the GEMM, in place (y is fresh; the backward of
-        # linear does not need it); in-place ops skip autocast, hence the casts
+        # d_in -> r -> d_out; addmm_ adds s·u Bᵀ in the GEMM, in place (y is fresh; linear's
+        # backward does not need it); in-place ops skip autocast, hence the casts
         u = F.linear(self.dropout(x), self.lora_A).reshape(-1, self.r)  # (N, r)
         y = F.linear(x.reshape(-1, self.in_features), self.weight, self.bias)  # (N, d_out)
         y.addmm_(u.to(y.dtype), self.lora_B.T.to(y.dtype), alpha=self.scaling)
@@ -93,16 +90,12 @@ class LoRALinear(nn.Module):
             self.weight.add_(self.delta_weight().to(self.weight.dtype), alpha=1 if merged else -1)
             self.merged = merged
 
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
-                f"alpha={self.alpha:g}, rslora={self.rslora}, merged={self.merged}")
-
 
 # -----------------------------------------------------------------------------
-# adding, resizing and merging adapters
+# adding, resizing and merging adapters; their state dicts
 
 
-def _check_args(r, alpha, dropout: float = 0.0, where: str = "") -> None:
+def _check(r, alpha, dropout: float = 0.0, where: str = "") -> None:
     if not (isinstance(r, numbers.Integral) and r >= 0):
         raise ValueError(f"{where}r={r!r:.60} is invalid: use an int >= 0")
     if not (isinstance(alpha, numbers.Real) and abs(alpha) <= sys.float_info.max):
@@ -116,25 +109,21 @@ def _pattern(p, field: str, is_rank: bool, where: str = "") -> dict:
     if not isinstance(p := {} if p is None else p, dict):
         raise ValueError(f"{where}{field}={p!r:.60} is invalid: use a dict (JSON object)")
     for k, v in p.items():
-        _check_args(v if is_rank else 0, 0 if is_rank else v, where=f"{where}{field}[{k!r}]: ")
+        _check(v if is_rank else 0, 0 if is_rank else v, where=f"{where}{field}[{k!r}]: ")
     return p
 
 
-def _names(v, field: str, where: str = "") -> list[str]:
-    """A str or a list, tuple or set of str as a list.  _names("query", "targets") == ["query"]"""
+def _names(v, field: str, where: str = "", model: nn.Module | None = None) -> list[str]:
+    """A str or a list, tuple or set of str as a list; with `model`, each one of its modules.
+    _names("query", "targets") == ["query"]"""
     v = [v] if isinstance(v, str) else list(v) if isinstance(v, list | tuple | set) else v
     if not (isinstance(v, list) and all(isinstance(s, str) for s in v)):
         raise ValueError(f"{where}{field}={v!r:.60} is invalid: use a list of module names")
-    return v
-
-
-def _heads(model: nn.Module, heads, where: str = "") -> list[str]:
-    heads, modules = _names(heads, "heads", where), dict(model.named_modules())
-    for h in heads:
-        if h not in modules:
+    for h in v if model is not None else ():
+        if h not in dict(model.named_modules()):
             raise ValueError(f"{where}head {h!r} is not a module of the model; top-level modules: "
                              f"{', '.join(n for n, _ in model.named_children())}")
-    return heads
+    return v
 
 
 def name_matches(name: str, target: str) -> bool:
@@ -155,8 +144,8 @@ def add_lora(model: nn.Module, targets: Sequence[str], r: int, alpha: float,
     """Wrap every nn.Linear matching a target (name_matches) in a LoRALinear, in place; freeze all
     but adapters and `heads`; return the adapted names. rank_pattern / alpha_pattern: r / α by
     name or suffix.  add_lora(model, ["query"], r=8, alpha=16, rank_pattern={"0.query": 4})"""
-    _check_args(r, alpha, dropout)
-    targets, heads = _names(targets, "targets"), _heads(model, heads)
+    _check(r, alpha, dropout)
+    targets, heads = _names(targets, "targets"), _names(heads, "heads", model=model)
     patterns = (_pattern(rank_pattern, "rank_pattern", True),
                 _pattern(alpha_pattern, "alpha_pattern", False))
     lora, modules = lora_layers(model), dict(model.named_modules())
@@ -188,7 +177,7 @@ def resize_lora(layer: LoRALinear, new_r: int, alpha: float | None = None,
     """A fresh adapter (ΔW = 0) at rank new_r and α = alpha (None keeps it); an optimizer that
     has stepped holds moments of the old shapes: build it after.  resize_lora(layer, 4, 8.0)"""
     alpha = layer.alpha if alpha is None else alpha
-    _check_args(new_r, alpha, where="resize_lora: ")
+    _check(new_r, alpha, where="resize_lora: ")
     if layer.merged:
         raise ValueError("resize_lora on a merged layer would lose ΔW: unmerge_lora(model) first")
     layer._make_adapter(int(new_r), generator)
@@ -204,15 +193,11 @@ def unmerge_lora(model: nn.Module) -> None:
     merge_lora(model, False)
 
 
-# -----------------------------------------------------------------------------
-# state dicts
-
-
 def lora_state_dict(model: nn.Module, heads: Sequence[str] = ()) -> dict[str, torch.Tensor]:
     """"<module>.lora_A" / "<module>.lora_B" and the heads' "<head>.<param>" tensors, detached."""
     sd = {f"{n}.lora_{x}": getattr(m, f"lora_{x}").detach()
           for n, m in lora_layers(model).items() for x in "AB"}
-    for h in _heads(model, heads):
+    for h in _names(heads, "heads", model=model):
         sd.update({f"{h}.{k}": p.detach() for k, p in model.get_submodule(h).named_parameters()})
     return sd
 
@@ -221,13 +206,14 @@ def load_lora_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], *,
                          ranks: dict[str, int] | None = None, alphas: dict | None = None,
                          heads: Sequence[str] = (), where: str = "state dict") -> None:
     """Copy sd into the model (LoRA layers resized to `ranks`, given `alphas`), all or nothing:
-    every LoRA and `heads` tensor, of its shape, a float dtype, finite, none unexpected."""
+    every LoRA (but of rank 0) and `heads` tensor, of its shape, a float dtype, finite, none
+    unexpected.  load_lora_state_dict(model, lora_state_dict(other))"""
     if not (isinstance(sd, dict) and all(isinstance(v, torch.Tensor) for v in sd.values())):
         raise ValueError(f"{where}: not a state dict (a dict of names to tensors)")
     params, layers = dict(model.named_parameters()), lora_layers(model)
     if any(m.merged for m in layers.values()):
         raise ValueError(f"{where}: LoRA layers are merged: unmerge_lora(model) first")
-    need = [f"{n}.lora_{x}" for n in layers for x in "AB"]
+    need = [f"{n}.lora_{x}" for n in layers for x in "AB" if (ranks or {}).get(n) != 0]
     need += [f"{h}.{k}" for h in heads for k, _ in model.get_submodule(h).named_parameters()]
     missing, unexpected = [k for k in need if k not in sd], [k for k in sd if k not in params]
     if missing or unexpected:
@@ -260,10 +246,8 @@ def load_lora_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], *,
 # regular files, atomic writes, safetensors, and adapter folders (ours and PEFT's)
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
-PEFT_BIN_WEIGHTS, PEFT_PREFIX = "adapter_model.bin", "base_model.model."
+PEFT_PREFIX, PEFT_BIN = "base_model.model.", "adapter_model.bin"  # PEFT's pickle: not read
 FIMLORA_FORMAT = "fimlora-adapter-v1"
-PEFT_TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS",
-                   "FEATURE_EXTRACTION")  # PEFT's TaskType (peft/utils/peft_types.py)
 JSON_LIMIT = 1 << 24  # bytes of a config file (PEFT's for 10⁴ modules takes ~1 MB)
 # safetensors: 8-byte little-endian header length N, N bytes of JSON {name: {dtype, shape,
 # data_offsets: [begin, end]}, "__metadata__": {str: str}}, then the raw little-endian bytes
@@ -296,20 +280,14 @@ def open_regular(path: str | os.PathLike, limit: int | None = None) -> BinaryIO:
 def read_regular(path: str | os.PathLike, limit: int) -> bytes:
     """The bytes of a regular file of at most `limit` bytes (open_regular's checks)."""
     with open_regular(path, limit) as f:
-        if len(data := f.read(limit + 1)) > limit:
-            raise ValueError(f"{path} grew past {limit:,} bytes while it was read")
-    return data
+        return f.read()
 
 
 def _json(raw: bytes, where: str) -> dict:
-    """A UTF-8 JSON object in which no key repeats (rather than "the last one wins")."""
-    def unique(pairs: list) -> dict:
-        if len(obj := dict(pairs)) < len(pairs):
-            raise ValueError(f"duplicate key {next(k for k, _ in pairs if k in obj)!r}")
-        return obj
+    """A UTF-8 JSON object, else ValueError naming `where`."""
     try:
-        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=unique)
-    except (ValueError, RecursionError) as e:  # JSON, UTF-8, duplicates, nesting, huge ints
+        obj = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # JSON, UTF-8, nesting, huge ints
         raise ValueError(f"{where} is not valid JSON in UTF-8 ({e})") from None
     if not isinstance(obj, dict):
         raise ValueError(f"{where} is a JSON {type(obj).__name__}, not a JSON object")
@@ -328,28 +306,25 @@ def fsync_dir(path: str | os.PathLike) -> None:
 
 def atomic_write(path: str | os.PathLike, write) -> None:
     """write(f) to a temp file beside path, fsync, rename onto path, fsync the folder: readers
-    and crashes see the old file or the new one, never half. Mode 0o666 & ~umask, as open()'s."""
+    and crashes see the old file or the new one, never half.  atomic_write(p, lambda f: ...)"""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # open()'s mode: 0o666 & ~umask
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.umask(umask := os.umask(0))  # the only way to read it; restored at once
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's is 0o600
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
 
 
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors on the CPU, metadata) of a .safetensors file. Only ValueError; the header is
-    checked before a tensor byte is read: length <= 100 MB, <= 2**17 entries (counted before
-    parsing), known dtypes, shapes of <= 64 ints >= 0, offsets that tile the data exactly."""
+    """(tensors on the CPU, metadata) of a .safetensors file, else ValueError naming it. The
+    header is checked before a tensor byte is read: <= 100 MB, <= 2**17 entries, known dtypes,
+    shapes of <= 64 ints >= 0, data_offsets that tile the data section exactly."""
     with open_regular(path) as f:
         size, n = os.fstat(f.fileno()).st_size, int.from_bytes(f.read(8), "little")
         if size < 8 or n > min(size - 8, _ST_MAX_HEADER):
@@ -410,111 +385,24 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
     atomic_write(path, lambda f: f.writelines([len(h).to_bytes(8, "little"), h, *blobs]))
 
 
-def adapter_config(model: nn.Module, targets: Sequence[str] = (), seed: int | None = None,
-                   heads: Sequence[str] = ()) -> dict:
-    """Per-matrix ranks, alphas and scalings, rsLoRA flag, targets and seed of an adapted model."""
-    targets, heads, layers = _names(targets, "targets"), _heads(model, heads), lora_layers(model)
-    if len(rslora := {layer.rslora for layer in layers.values()}) > 1:
-        raise ValueError("layers disagree on rsLoRA; one adapter has one scaling rule")
-    dropout = [m.dropout.p for m in layers.values() if isinstance(m.dropout, nn.Dropout)]
-    return {"format": FIMLORA_FORMAT, "targets": targets, "heads": heads,
-            "rslora": rslora.pop() if rslora else False, "dropout": max(dropout, default=0.0),
-            "seed": None if seed is None else int(seed),
-            "ranks": {n: m.r for n, m in layers.items()},
-            "alphas": {n: m.alpha for n, m in layers.items()},
-            "scalings": {n: m.scaling for n, m in layers.items()}}
-
-
-# PEFT matches the regexes of its config with re, each in its rule's frame; a hostile pattern in
-# a downloaded adapter_config.json can backtrack for hours. We refuse quantified groups,
-# backreferences, lookarounds, flags and over 3 unbounded quantifiers; in what remains re
-# backtracks over one position per quantifier: O(d·n³) steps on a name of n characters with d
-# dots (the frame's "(.*\.)?"): ~0.1 s at worst for a 200-character name (test_adapter_io.py).
-_PEFT_RX = {"full": "(?:{})", "key": r"(.*\.)?({})$", "saved": r"(^|.*\.){}($|\..*)"}
-_RX_BACKTRACKS = re.compile(r"\)[*+?{]|\\[1-9]|\(\?[^:]")
-_RX_UNBOUNDED = re.compile(r"[*+]|\{\d*,\}")
-
-
-def _peft_regex(pattern: str, rule: str, what: str, where: str = "") -> re.Pattern:
-    """PEFT's regex for `pattern` under `rule` (full: fullmatch it; key, saved: match it)."""
-    if _RX_BACKTRACKS.search(pattern) or len(_RX_UNBOUNDED.findall(pattern)) > 3:
-        raise ValueError(f"{where}{what} uses regex syntax fimlora does not evaluate (quantified "
-                         "groups, backreferences, lookarounds, flags, over 3 of *, +, {n,}): a "
-                         "hostile regex can run for hours; list the module names instead")
-    try:
-        re.compile(pattern)  # alone too: "a)|(b" would close the frame's group
-        return re.compile(_PEFT_RX[rule].format(pattern))
-    except (re.error, RecursionError, OverflowError) as e:
-        raise ValueError(f"{where}{what} is not a valid regular expression ({e}): fix it or "
-                         "re.escape the module name") from None
-
-
-# PEFT LoraConfig fields LoRALinear cannot reproduce, each with the values that mean "off"
-_PEFT_OFF = {"use_dora": (False, None), "fan_in_fan_out": (False, None), "bias": ("none", None),
-             "lora_bias": (False, None), "layers_to_transform": (None, []),
-             "layer_replication": (None, []), "target_parameters": (None, []),
-             "trainable_token_indices": (None, {}, [])}
-
-
-def _from_peft(cfg: dict, sd: dict[str, torch.Tensor], model: nn.Module, where: str):
-    """PEFT config, tensors -> (ranks, alphas, rslora, our state dict, heads) by PEFT's rules
-    (check_target_module_exists, get_pattern_key); untargeted modules get r = 0."""
-    for field, off in _PEFT_OFF.items():
-        if cfg.get(field) not in off:
-            raise ValueError(f"{where}{field}={cfg[field]!r:.60}: fimlora's LoRALinear does not "
-                             f"implement it (supported: {field}={off[0]!r})")
-    _check_args(cfg.get("r"), cfg.get("lora_alpha"), where=f"{where}PEFT's lora_")
-    patterns = [(p := _pattern(cfg.get(f), f, f == "rank_pattern", where), cfg[default],
-                 {k: _peft_regex(k, "key", f"{f} key {k!r}", where) for k in p})
-                for f, default in (("rank_pattern", "r"), ("alpha_pattern", "lora_alpha"))]
-
-    def rule(field: str):  # PEFT's answer for target_modules / exclude_modules, name -> bool
-        if isinstance(spec := cfg.get(field), str):
-            return _peft_regex(spec, "full", f"{field}={spec!r}", where).fullmatch
-        return lambda n, ts=_names(spec or [], field, where): any(name_matches(n, t) for t in ts)
-    hit, excluded = rule("target_modules"), rule("exclude_modules")
-    saved = [_peft_regex(m, "saved", f"modules_to_save entry {m!r}", where).match
-             for m in _names(cfg.get("modules_to_save") or [], "modules_to_save", where)]
-    never = saved + [_peft_regex(m, "saved", m).match for m in ("classifier", "score")
-                     if cfg.get("task_type") == "SEQ_CLS"]
-    layers, modules = lora_layers(model), dict(model.named_modules())
-    targeted = [n for n, m in modules.items() if isinstance(m, (nn.Linear, LoRALinear))
-                and hit(n) and not excluded(n) and not any(m(n) for m in never)]
-    if not targeted or any(n not in layers for n in targeted):
-        raise ValueError(f"{where}target_modules={cfg.get('target_modules')!r:.80} selects "
-                         f"{len(targeted)} modules, {len(set(targeted) - set(layers))} without "
-                         "a LoRA layer: add_lora with the same target modules first")
-    ranks, alphas = ({n: next((p[k] for k, rx in keys.items() if rx.match(n)), default)
-                      for n in layers} for p, default, keys in patterns)
-    ranks = {n: int(r) if n in targeted else 0 for n, r in ranks.items()}
-    ours = {}
-    for k, v in sd.items():  # "base_model.model.<module>.lora_A[.<adapter>].weight"
-        k2 = re.sub(r"\.lora_([AB])(\.[^.]+)?\.weight$", r".lora_\1", k.removeprefix(PEFT_PREFIX))
-        if (k2 := re.sub(r"\.modules_to_save\.[^.]+\.", ".", k2)) in ours:
-            raise ValueError(f"{where}tensor {k!r} and another tensor both load into {k2!r}")
-        ours[k2] = v
-    for n, m in layers.items():  # PEFT saves nothing for them: empty tensors at rank 0
-        if ranks[n] == 0:
-            ours.setdefault(f"{n}.lora_A", torch.empty(0, m.in_features))
-            ours.setdefault(f"{n}.lora_B", torch.empty(m.out_features, 0))
-    heads, alphas = [n for n in modules if any(m(n) for m in saved)], map(float, alphas.values())
-    return ranks, dict(zip(layers, alphas)), cfg.get("use_rslora", False), ours, heads
-
-
 def save_adapter(path: str | os.PathLike, model: nn.Module, targets: Sequence[str] = (),
                  seed: int | None = None, heads: Sequence[str] = (), format: str = "fimlora",
                  base_model: str | None = None, task_type: str | None = None) -> Path:
     """Save adapter and head tensors with every matrix's rank and alpha to folder `path`, ours
-    or what PeftModel.from_pretrained loads (format="peft"; task_type defaults to SEQ_CLS with a
-    classifier/score head).  save_adapter("out/a", model, ["query"], heads=["classifier"])"""
+    or what PeftModel.from_pretrained loads (format="peft"; PEFT's task_type defaults to SEQ_CLS
+    with a classifier/score head).  save_adapter("out/a", model, ["query"], format="peft")"""
     if format not in ("fimlora", "peft"):
         raise ValueError(f"format={format!r} is invalid: use 'fimlora' or 'peft'")
-    if task_type is not None and (format != "peft" or task_type not in PEFT_TASK_TYPES):
-        raise ValueError(f"task_type={task_type!r} is a PEFT field: use format='peft' and one "
-                         f"of {', '.join(PEFT_TASK_TYPES)}")
-    config = adapter_config(model, targets, seed, heads)
-    tensors, heads = lora_state_dict(model, config["heads"]), config["heads"]
-    ranks, alphas = config["ranks"], config["alphas"]
+    targets, heads = _names(targets, "targets"), _names(heads, "heads", model=model)
+    layers, tensors = lora_layers(model), lora_state_dict(model, heads)
+    if len(rslora := {m.rslora for m in layers.values()}) > 1:
+        raise ValueError("layers disagree on rsLoRA; one adapter has one scaling rule")
+    rslora, dropout = rslora == {True}, max((m.dropout.p for m in layers.values()
+                                             if isinstance(m.dropout, nn.Dropout)), default=0.0)
+    ranks, alphas = {n: m.r for n, m in layers.items()}, {n: m.alpha for n, m in layers.items()}
+    config = {"format": FIMLORA_FORMAT, "targets": targets, "heads": heads, "rslora": rslora,
+              "dropout": dropout, "seed": None if seed is None else int(seed), "ranks": ranks,
+              "alphas": alphas, "scalings": {n: m.scaling for n, m in layers.items()}}
     if format == "peft":  # r: the most common rank; α: the most common at r (one scale if uniform)
         if not (kept := [n for n, r in ranks.items() if r > 0]):
             raise ValueError("every LoRA layer has r = 0: there is no adapter to save for PEFT")
@@ -523,22 +411,20 @@ def save_adapter(path: str | os.PathLike, model: nn.Module, targets: Sequence[st
                              "adapts modules_to_save; save those heads without LoRA")
         r = Counter(ranks[n] for n in kept).most_common(1)[0][0]
         alpha = Counter(alphas[n] for n in kept if ranks[n] == r).most_common(1)[0][0]
-        targets = sorted(set(config["targets"]))
-        if {n for n, m in model.named_modules() if isinstance(m, (nn.Linear, LoRALinear))
-                and any(name_matches(n, t) for t in targets)} != set(kept):
-            targets = kept  # rank-0 layers are left out: PEFT has no rank 0
+        matched = {n for n, m in model.named_modules() if isinstance(m, (nn.Linear, LoRALinear))
+                   and any(name_matches(n, t) for t in targets)}
+        targets = sorted(set(targets)) if matched == set(kept) else kept  # PEFT has no rank 0
         config = {  # SEQ_CLS: PEFT adds "classifier" and "score" to modules_to_save itself
             "peft_type": "LORA", "base_model_name_or_path": base_model,
             "task_type": task_type or ("SEQ_CLS" if {"classifier", "score"} & set(heads) else None),
             "r": r, "lora_alpha": alpha, "target_modules": targets,
             "rank_pattern": {"^" + re.escape(n): ranks[n] for n in kept if ranks[n] != r},
             "alpha_pattern": {"^" + re.escape(n): alphas[n] for n in kept if alphas[n] != alpha},
-            "use_rslora": config["rslora"], "lora_dropout": config["dropout"], "bias": "none",
-            "fan_in_fan_out": False, "use_dora": False, "init_lora_weights": True,
-            "modules_to_save": heads or None, "inference_mode": True}
-        is_head = {k: any(k.startswith(h + ".") for h in heads) for k in tensors}
-        tensors = {PEFT_PREFIX + k + ("" if is_head[k] else ".weight"): v  # one mapping, PEFT's
-                   for k, v in tensors.items() if is_head[k] or v.numel()}  # keys without adapter
+            "use_rslora": rslora, "lora_dropout": dropout, "bias": "none", "fan_in_fan_out": False,
+            "use_dora": False, "init_lora_weights": True, "modules_to_save": heads or None,
+            "inference_mode": True}
+        tensors = {PEFT_PREFIX + k + ".weight" * k.endswith((".lora_A", ".lora_B")): v
+                   for k, v in tensors.items() if v.numel()}  # PEFT's names; rank 0 left out
     text, path = json.dumps(config, indent=2) + "\n", Path(path)
     path.mkdir(parents=True, exist_ok=True)
     write_safetensors(path / ADAPTER_WEIGHTS, tensors, {"format": "pt"})
@@ -547,35 +433,45 @@ def save_adapter(path: str | os.PathLike, model: nn.Module, targets: Sequence[st
 
 
 def load_adapter(path: str | os.PathLike, model: nn.Module) -> dict:
-    """Load an adapter folder, ours or PEFT's (.safetensors or .bin), with its ranks and alphas,
-    into a model with LoRA layers on the same modules (add_lora); return its config. All or
-    nothing: everything is checked before any layer changes.  load_adapter("out/a", model)"""
+    """Load an adapter folder, ours or PEFT's (safetensors), with its ranks and alphas into a
+    model with LoRA layers on the same modules (add_lora); return its config. All or nothing:
+    everything is checked before any layer changes.  load_adapter("out/a", model)"""
     path, layers = Path(path), lora_layers(model)
-    where, weights = f"{path / ADAPTER_CONFIG}: ", path / ADAPTER_WEIGHTS
-    cfg = _json(read_regular(path / ADAPTER_CONFIG, JSON_LIMIT), str(path / ADAPTER_CONFIG))
-    if os.path.lexists(weights):
-        sd = read_safetensors(weights)[0]
-    elif os.path.lexists(weights := path / PEFT_BIN_WEIGHTS):
-        with open_regular(weights) as f:
-            try:
-                sd = torch.load(f, map_location="cpu", weights_only=True)
-            except Exception as e:  # pickle, zip and weights_only errors alike: a bad file
-                raise ValueError(f"{weights}: torch.load(weights_only=True) failed "
-                                 f"({type(e).__name__}: {e})") from None
-        if not (isinstance(sd, dict) and all(isinstance(k, str) for k in sd)):
-            raise ValueError(f"{weights}: not a state dict (a dict of names to tensors)")
-    else:
-        raise FileNotFoundError(f"no {ADAPTER_WEIGHTS} or {PEFT_BIN_WEIGHTS} in {path}")
+    config, weights, pickled = (path / f for f in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_BIN))
+    cfg, where = _json(read_regular(config, JSON_LIMIT), str(config)), f"{config}: "
+    if not weights.exists() and pickled.exists():  # PEFT's safe_serialization=False
+        raise ValueError(f"{pickled}: a pickle, which fimlora does not load: save it with "
+                         f"save_pretrained(..., safe_serialization=True) as {ADAPTER_WEIGHTS}")
+    sd = read_safetensors(weights)[0]
     if cfg.get("format") == FIMLORA_FORMAT:
         ranks, alphas = (_pattern(cfg.get(f), f, f == "ranks", where) for f in ("ranks", "alphas"))
-        rslora, heads = cfg.get("rslora"), _heads(model, cfg.get("heads", []), where)
-    elif cfg.get("peft_type") == "LORA":
-        ranks, alphas, rslora, sd, heads = _from_peft(cfg, sd, model, where)
-        cfg["rslora"] = rslora
+        rslora, heads = cfg.get("rslora"), _names(cfg.get("heads", []), "heads", where, model)
+    elif cfg.get("peft_type") == "LORA":  # r_m: the rows of its saved lora_A (none saved: r = 0)
+        for field in ("use_dora", "fan_in_fan_out", "bias", "lora_bias", "layers_to_transform",
+                      "layer_replication", "target_parameters", "trainable_token_indices"):
+            if cfg.get(field) not in (None, False, [], {}, "none"):  # what LoRALinear cannot do
+                raise ValueError(f"{where}{field}={cfg[field]!r:.60}: fimlora's LoRALinear does "
+                                 "not implement it: only adapters with it off load")
+        _check(0, cfg.get("lora_alpha"), where=f"{where}PEFT's lora_")
+        keys = []
+        for k, a in _pattern(cfg.get("alpha_pattern"), "alpha_pattern", False, where).items():
+            try:  # PEFT's get_pattern_key: the first key whose regex matches the module's name
+                keys.append((re.compile(rf"(.*\.)?({k})$"), a))
+            except (re.error, RecursionError, OverflowError) as e:
+                raise ValueError(f"{where}alpha_pattern key {k!r:.80} is not a valid regular "
+                                 f"expression ({e}): fix it or re.escape the module name") from None
+        # to our names: "<m>.lora_A[.<adapter>].weight", "<head>.modules_to_save.<adapter>.<p>"
+        ours = re.compile(r"\.modules_to_save\.[^.]+(?=\.)|(?<=\.lora_[AB])(\.[^.]+)?\.weight$")
+        sd = {ours.sub("", k.removeprefix(PEFT_PREFIX)): v for k, v in sd.items()}
+        ranks = {n: A.shape[0] if (A := sd.get(f"{n}.lora_A")) is not None and A.dim() else 0
+                 for n in layers}
+        alphas = {n: next((a for rx, a in keys if rx.match(n)), cfg["lora_alpha"]) for n in layers}
+        saved = _names(cfg.get("modules_to_save") or [], "modules_to_save", where)
+        heads = [n for n, _ in model.named_modules() if any(name_matches(n, s) for s in saved)]
+        rslora = cfg["rslora"] = cfg.get("use_rslora", False)
     else:
-        raise ValueError(f"{where}neither a {FIMLORA_FORMAT} nor a PEFT LoRA adapter config "
-                         f"(format={cfg.get('format')!r:.40}, "
-                         f"peft_type={cfg.get('peft_type')!r:.40})")
+        raise ValueError(f"{where}neither a {FIMLORA_FORMAT} nor a PEFT LoRA config (format="
+                         f"{cfg.get('format')!r:.40}, peft_type={cfg.get('peft_type')!r:.40})")
     if not set(ranks) == set(alphas) == set(layers):
         raise ValueError(f"{where}adapter modules {sorted(set(ranks) ^ set(layers))[:5]} or "
                          f"alphas {sorted(set(alphas) ^ set(layers))[:5]} differ from the model's "

@@ -12,7 +12,6 @@ Run: .venv/bin/python -m pytest tests/test_adapter_io.py -q
 import copy
 import json
 import os
-import re
 import shutil
 import stat
 import struct
@@ -162,26 +161,14 @@ BAD = {
     "extra tensor": ("fimlora", None, _set(["block.0.query.bias2"], torch.zeros(6)),
                      r"unexpected \['block.0.query.bias2'\]"),
     "no format": ("fimlora", _set(["format"], DELETE), None, "neither"),
-    "peft r float": ("peft", _set(["r"], 3.0), None, "lora_r=3.0 is invalid"),
-    "peft r missing": ("peft", _set(["r"], DELETE), None, "lora_r=None"),
     "peft alpha str": ("peft", _set(["lora_alpha"], "6"), None, "lora_alpha='6'"),
     "peft rslora int": ("peft", _set(["use_rslora"], 1), None, "rslora=1 differs"),
-    "peft rank_pattern list": ("peft", _set(["rank_pattern"], [["block.1.dense", 4]]), None,
-                               "rank_pattern="),
-    "peft rank_pattern regex": ("peft", _set(["rank_pattern", "block.(1"], 4), None,
-                                r"rank_pattern key 'block.\(1' is not a valid regular"),
+    "peft alpha_pattern list": ("peft", _set(["alpha_pattern"], [["block.1.dense", 4]]), None,
+                                "alpha_pattern="),
+    "peft alpha_pattern regex": ("peft", _set(["alpha_pattern", "block.(1"], 4), None,
+                                 r"alpha_pattern key 'block.\(1' is not a valid regular"),
     "peft alpha_pattern inf": ("peft", _set(["alpha_pattern", "^block\\.0\\.dense"], INF), None,
                                "alpha_pattern"),
-    "peft rank_pattern closing the frame": ("peft", _set(["rank_pattern", "a)|(b"], 4), None,
-                                            r"rank_pattern key 'a\)\|\(b' is not a valid"),
-    "peft targets int": ("peft", _set(["target_modules"], 5), None, "target_modules=5"),
-    "peft targets regex": ("peft", _set(["target_modules"], "(query"), None,
-                           r"target_modules='\(query' is not a valid regular"),
-    "peft targets list of int": ("peft", _set(["target_modules"], ["query", 1]), None,
-                                 "target_modules="),
-    "peft exclude regex": ("peft", _set(["exclude_modules"], "*"), None, "exclude_modules"),
-    "peft modules_to_save": ("peft", _set(["modules_to_save"], ["class(ifier"]), None,
-                             "modules_to_save entry"),
     "peft modules_to_save dict": ("peft", _set(["modules_to_save"], {"a": 1}), None,
                                   "modules_to_save="),
     "peft head shape": ("peft", None, _set([P + "classifier.weight"], torch.zeros(3, 6)),
@@ -190,9 +177,13 @@ BAD = {
                       "classifier.bias has non-finite"),
     "peft head missing": ("peft", None, _set([P + "classifier.weight"], DELETE),
                           "missing.*classifier.weight"),
-    "peft duplicate key": ("peft", None, lambda sd: sd.__setitem__(
-        P + "block.1.dense.lora_A.default.weight", sd[P + "block.1.dense.lora_A.weight"]),
-        "both load into 'block.1.dense.lora_A'"),
+    "peft lora_B missing": ("peft", None, _set([P + "block.1.dense.lora_B.weight"], DELETE),
+                            r"missing \['block.1.dense.lora_B'\]"),
+    "peft lora_A 1-d": ("peft", None, _set([P + "block.1.dense.lora_A.weight"], torch.zeros(4)),
+                        r"block.1.dense.lora_A has shape \(4,\)"),
+    "peft tensor of no LoRA layer": ("peft", None, _set([P + "block.1.x.lora_A.weight"],
+                                                        torch.zeros(2, 6)),
+                                     r"unexpected \['block.1.x.lora_A'\]"),
     "peft dora": ("peft", _set(["use_dora"], True), None, "use_dora=True"),
 }
 
@@ -223,7 +214,6 @@ def test_load_into_a_merged_model_raises_unchanged(saved):
     (b"\xff\xfe{}", "not valid JSON in UTF-8"),
     (b"[1, 2]", "JSON list, not a JSON object"),
     (b'"adapter"', "JSON str, not a JSON object"),
-    (b'{"r": 2, "r": 3}', "duplicate key 'r'"),
     (b"[" * 100_000 + b"]" * 100_000, "not valid JSON"),
     (b'{"peft_type": "LORA", "r": ' + b"9" * 5000 + b"}", "not valid JSON"),
 ])
@@ -235,15 +225,20 @@ def test_config_that_is_not_a_json_object_raises_naming_the_file(saved, tmp_path
     assert ADAPTER_CONFIG in str(e.value)
 
 
-def test_bin_that_torch_cannot_load_raises_value_error(saved, tmp_path):
+def test_peft_bin_adapter_is_refused_naming_the_file_and_the_fix(saved, tmp_path):
+    """PEFT's pickled adapter_model.bin is not read (a pickle can run code): the message names
+    the file and safe_serialization; with no weights at all, the missing file is named."""
     (tmp_path / "a").mkdir()
     shutil.copy(saved[0] / "peft" / ADAPTER_CONFIG, tmp_path / "a")
-    (tmp_path / "a" / "adapter_model.bin").write_bytes(b"not a zip file")
-    with pytest.raises(ValueError, match="adapter_model.bin: torch.load"):
+    with pytest.raises(FileNotFoundError, match=f"{ADAPTER_WEIGHTS} not found"):
         load_adapter(tmp_path / "a", trained(2))
-    torch.save([torch.zeros(2)], tmp_path / "a" / "adapter_model.bin")
-    with pytest.raises(ValueError, match="adapter_model.bin: not a state dict"):
-        load_adapter(tmp_path / "a", trained(2))
+    torch.save({"x": torch.zeros(2)}, tmp_path / "a" / "adapter_model.bin")
+    model = trained(2)
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=f"{tmp_path / 'a' / 'adapter_model.bin'}: a pickle.*"
+                                         "safe_serialization=True"):
+        load_adapter(tmp_path / "a", model)
+    assert_unchanged(model, snap)
 
 
 # hypothesis: any JSON value in any config field -> ValueError or a successful load
@@ -267,7 +262,7 @@ FIELDS = {
 }
 
 
-@settings(max_examples=100)  # cheap examples; more of them reach the odd corners
+@settings(max_examples=40)
 @given(data=st.data(), fmt=st.sampled_from(["fimlora", "peft"]))
 def test_config_fuzz_raises_only_value_error_and_changes_nothing_on_error(saved, data, fmt):
     edits = data.draw(st.lists(st.tuples(st.sampled_from(FIELDS[fmt]),
@@ -293,6 +288,7 @@ def test_config_fuzz_raises_only_value_error_and_changes_nothing_on_error(saved,
             assert_unchanged(model, snap)
 
 
+@settings(max_examples=50)
 @given(raw=st.binary(max_size=64))
 def test_config_bytes_fuzz_raises_value_error(saved, raw):
     with tempfile.TemporaryDirectory() as tmp:
@@ -333,7 +329,7 @@ entries = st.fixed_dictionaries({}, optional={
 }) | json_values | st.sampled_from(["F32", "U8", "__metadata__"])
 
 
-@settings(max_examples=250)  # cheap examples; more of them reach the odd corners
+@settings(max_examples=120)
 @given(header=st.dictionaries(st.text(max_size=3) | st.just("__metadata__"), entries,
                               max_size=4) | json_values,
        data=st.binary(max_size=48), n_delta=st.none() | st.integers(-12, 12) | st.just(2**62))
@@ -346,7 +342,7 @@ def test_safetensors_header_fuzz_raises_only_value_error(tmp_path_factory, heade
         assert sum(t.numel() * t.element_size() for t in out[0].values()) == len(data)
 
 
-@settings(max_examples=120)  # cheap examples; more of them reach the odd corners
+@settings(max_examples=60)
 @given(shapes=st.lists(st.lists(st.integers(0, 3), max_size=3), min_size=1, max_size=3),
        field=st.sampled_from(["dtype", "shape", "data_offsets"]), value=json_values,
        cut=st.none() | st.integers(0, 400), flip=st.none() | st.integers(0, 400))
@@ -393,7 +389,7 @@ OK = {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}
     ({"a": OK, "__metadata__": ["k"]}, "__metadata__"),
     ({"a": OK, "__metadata__": "k"}, "__metadata__"),
     ([OK], "not a JSON object"),
-    (b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "a": {}}', "duplicate"),
+    (b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "a": {}}', "has header {}"),
 ])
 def test_safetensors_odd_headers_raise(tmp_path, header, match):
     with pytest.raises(ValueError, match=match):
@@ -455,8 +451,6 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(task_type="causal"), "task_type='causal'"),
-    (dict(task_type="CAUSAL_LM", format="fimlora"), "use format='peft'"),
     (dict(heads=["pooler"]), "head 'pooler'"), (dict(heads=[0]), "heads=\\[0\\]"),
     (dict(targets=[None]), "targets=\\[None\\]"), (dict(format="npz"), "format='npz'"),
 ])
@@ -561,85 +555,24 @@ def test_fim_adapter_served_with_one_scale_for_every_module_gives_our_logits(tmp
         served = base(ids)
     assert (ours - plain).abs().max() > 1e-2, "the adapter must change the logits"
     torch.testing.assert_close(served, ours, rtol=1e-5, atol=1e-5)
-# hostile files: catastrophic regexes, FIFOs, devices, unreadable files, huge headers
-
-EVIL = "([a-z0-9.]|[a-z0-9.])*Z"  # exponential backtracking in re on any long module name
-
-
-@pytest.mark.parametrize("field, value", [
-    ("rank_pattern", {EVIL: 4}), ("alpha_pattern", {EVIL: 2.0}), ("target_modules", EVIL),
-    ("exclude_modules", EVIL), ("modules_to_save", [EVIL]), ("rank_pattern", {".*a" * 4: 4}),
-    ("target_modules", "(query)\\1"),  # a backreference
-    ("modules_to_save", ["(?!x)classifier"]),  # a lookaround
-])
-def test_peft_regex_outside_the_linear_subset_is_refused_naming_the_field(saved, tmp_path,
-                                                                          field, value):
-    """Before the fix these ran through re (minutes on a 60-character name); now refused."""
-    folder = edited(saved[0], "peft", tmp_path / "a", lambda c: c.__setitem__(field, value))
-    model = trained(2)
-    snap = snapshot(model)
-    with pytest.raises(ValueError, match=f"{field}.*does not evaluate.*list the module names"):
-        load_adapter(folder, model)
-    assert_unchanged(model, snap)
-
-
 @pytest.mark.parametrize("key", [".*1.dense", "block.1.dense", "^block\\.1\\.dense$",
                                  "block.(1|7).(?:dense|x)", "(bl|x)ock\\.1\\.dense",
                                  "[b]lock.[1-1].dense", ".*1\\.de.*", "(a|b)" * 9 + "|.*1.de.*"])
-def test_peft_rank_pattern_in_the_subset_applies_peft_rule(saved, tmp_path, key):
+def test_peft_alpha_pattern_regex_applies_peft_rule(saved, tmp_path, key):
     """Keys written as names, '.', escapes, classes, '.*' and groups (512 alternatives in the
-    last) give the ranks PEFT's re.match gives: the saved key for block.1.dense (rank 4)
-    replaced by an equivalent one."""
+    last) give the alphas PEFT's get_pattern_key gives (first match, else lora_alpha); ranks
+    are the saved tensors' (block.1.dense has 4)."""
     def cfg_edit(cfg):
-        cfg["rank_pattern"] = {key: 4}
+        cfg["alpha_pattern"] = {"^block\\.0\\.dense": 1.5, key: 9.0}
     folder = edited(saved[0], "peft", tmp_path / "a", cfg_edit)
     model = trained(2)
     load_adapter(folder, model)
-    assert {n: m.r for n, m in lora_layers(model).items()} == {
-        "block.0.query": 3, "block.0.dense": 3, "block.1.query": 3, "block.1.dense": 4}
+    assert {n: (m.r, m.alpha) for n, m in lora_layers(model).items()} == {
+        "block.0.query": (3, 6), "block.0.dense": (3, 1.5), "block.1.query": (3, 6),
+        "block.1.dense": (4, 9)}
 
 
-ATOMS = ["a", "b", ".", "\\.", "[ab]", "[^a]", "\\d", "1", ".*", "_", "(a|b.*)", "(?:1|.|)", "|",
-         "^", "$", "(a.*|)", "a+", "b?", "(?:a|b)"]
-RULES = {"full": lambda p, n: re.fullmatch(p, n), "key": lambda p, n: re.match(rf"(.*\.)?({p})$", n),
-         "saved": lambda p, n: re.match(rf"(^|.*\.){p}($|\..*)", n)}
-
-
-@given(atoms=st.lists(st.sampled_from(ATOMS), max_size=6),
-       names=st.lists(st.text("ab.1_", max_size=8), min_size=1, max_size=4))
-def test_peft_regex_agrees_with_peft_re_rules_or_refuses(atoms, names):
-    """Oracle: the three re expressions PEFT evaluates (get_pattern_key, target_modules as a
-    string, modules_to_save); a pattern is either refused or answers as PEFT does."""
-    p = "".join(atoms)
-    try:
-        re.compile(p)
-    except re.error:
-        return
-    for rule, peft in RULES.items():
-        try:
-            rx = lora._peft_regex(p, rule, "p")
-        except ValueError as e:
-            assert "list the module names" in str(e) and (")" in p or p.count("*") + p.count("+") > 3)
-            continue
-        match = rx.fullmatch if rule == "full" else rx.match
-        assert all((match(n) is None) == (peft(p, n) is None) for n in names)
-
-
-def test_peft_regex_refuses_backtracking_and_runs_the_rest_fast():
-    """re.fullmatch(".*a" * 12 + "Z", "a" * 80) tries ~C(80, 12) = 7·10¹³ splits: refused at once.
-    The worst allowed patterns, 3 unbounded quantifiers in PEFT's frame, on a 200-character name
-    with 20 dots (O(d·n³)), answer in about 0.1 s each (a generous bound for slow CI)."""
-    import time
-    for rule in RULES:
-        with pytest.raises(ValueError, match="list the module names"):
-            lora._peft_regex(".*a" * 12 + "Z", rule, "p")
-    name = "a." * 20 + "a" * 160
-    start = time.perf_counter()
-    for p in (".*a.*a.*aZ", "a*a*a*Z", ".*(a|b).*(a|.).*Z"):
-        for rule in RULES:
-            rx = lora._peft_regex(p, rule, "p")
-            assert (rx.fullmatch if rule == "full" else rx.match)(name) is None
-    assert time.perf_counter() - start < 20
+# hostile files: FIFOs, devices, unreadable files, huge headers
 
 
 def _returns_within(fn, seconds: float = 30.0):

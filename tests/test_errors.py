@@ -358,9 +358,12 @@ API = [
     ("load_adapter: config is not JSON", lambda t: (
         _saved(t, lambda c: None) / "adapter_config.json").write_text("{x") and
         load_adapter(t / "a", _adapted()), "adapter_config.json"),
-    ("load_adapter: a backtracking regex in rank_pattern", lambda t: load_adapter(
-        _saved_peft(t, {"rank_pattern": {"([a-z0-9.]|[a-z0-9.])*Z": 4}}), _adapted()),
-     "does not evaluate"),
+    ("load_adapter: an alpha_pattern key that is not a regex", lambda t: load_adapter(
+        _saved_peft(t, {"alpha_pattern": {"0.(": 4}}), _adapted()),
+     "alpha_pattern key '0.(' is not a valid regular expression"),
+    ("load_adapter: PEFT's pickled adapter_model.bin", lambda t: load_adapter(
+        (_saved_peft(t, {}) / "adapter_model.safetensors").rename(t / "p" / "adapter_model.bin")
+        .parent, _adapted()), "adapter_model.bin: a pickle"),
 ]
 
 

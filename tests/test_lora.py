@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lora import (LoRALinear, add_lora, load_adapter, load_lora_state_dict, lora_layers,
@@ -47,6 +47,7 @@ def randomize_B(model, seed=1):
             B.copy_(torch.randn(B.shape, generator=g, dtype=B.dtype))
 
 
+@settings(max_examples=40)
 @given(d_in=dims, d_out=dims, r=ranks, alpha=alphas, rslora=st.booleans(), bias=st.booleans())
 def test_forward_equals_dense_reference(d_in, d_out, r, alpha, rslora, bias):
     base = nn.Linear(d_in, d_out, bias=bias, dtype=torch.float64)
@@ -260,6 +261,7 @@ _dtypes = st.sampled_from([torch.float32, torch.float64, torch.float16, torch.bf
                            torch.int64, torch.int8, torch.uint8, torch.bool])
 
 
+@settings(max_examples=50)
 @given(shapes=st.lists(st.lists(st.integers(0, 4), max_size=3), min_size=0, max_size=4),
        dtype=_dtypes)
 def test_safetensors_roundtrip(tmp_path_factory, shapes, dtype):

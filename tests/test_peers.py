@@ -159,12 +159,12 @@ RANK_PATTERN = {r"^bert\.encoder\.layer\.0\.attention\.self\.query": 2, "query":
 ALPHA_PATTERN = {"key": 4, r"^bert\.encoder\.layer\.5\.output\.dense": 40}
 
 
-@pytest.mark.parametrize("variant", ["list-safetensors", "regex-bin-rslora"])
+@pytest.mark.parametrize("variant", ["list", "regex-rslora"])
 def test_peft_trained_adapter_loads_into_fimlora(tmp_path, sst2_rows, variant):
     """get_peft_model with rank_pattern / alpha_pattern, 3 AdamW steps, save_pretrained; then
     add_lora with the same targets + load_adapter gives PEFT's r and scale per layer and its
     logits within 1e-4. Variants: target_modules as a list with exclude_modules (the pooler's
-    LoRA layer must become r = 0) and safetensors; as a regex string, .bin and rsLoRA."""
+    LoRA layer must become r = 0); as a regex string with rsLoRA."""
     peft = _peft()
     transformers = pytest.importorskip("transformers")
     _minilm()  # skip before load_model("minilm") raises
@@ -184,8 +184,8 @@ def test_peft_trained_adapter_loads_into_fimlora(tmp_path, sst2_rows, variant):
         opt.step()
         opt.zero_grad()
     pm.eval()
-    pm.save_pretrained(str(tmp_path), safe_serialization=listed)
-    assert (tmp_path / ("adapter_model.safetensors" if listed else "adapter_model.bin")).is_file()
+    pm.save_pretrained(str(tmp_path))
+    assert (tmp_path / "adapter_model.safetensors").is_file()
 
     add_lora(model, TARGETS, r=8, alpha=16, rslora=rslora, heads=["classifier"])
     load_adapter(tmp_path, model)
@@ -261,7 +261,8 @@ TOY_RANKS = {"fc": 4, "blk.fc": 8, "blk.out": 2, "blkxfc": 6, "out": 2}  # mode 
 def test_rank_pattern_keys_match_one_module_each_and_prefixed_keys_none(tmp_path):
     """Oracle: peft.utils.other.get_pattern_key, PEFT's first-match rule, and PeftModel itself.
     Our keys select exactly their module and give every module its rank; the FIM-LoRA harness's
-    keys ("base_model.model.<name>") select none, PEFT warns and cannot load the tensors."""
+    keys ("base_model.model.<name>") select none, PEFT warns and cannot load the tensors (our
+    load_adapter reads the ranks from the tensors and loads them)."""
     peft = _peft()
     get_pattern_key = peft.utils.other.get_pattern_key
     torch.manual_seed(0)
@@ -303,11 +304,13 @@ def test_rank_pattern_keys_match_one_module_each_and_prefixed_keys_none(tmp_path
     with pytest.warns(RuntimeWarning, match="rank_pattern keys did not match"), \
             pytest.raises(RuntimeError, match="size mismatch"):
         peft.PeftModel.from_pretrained(Toy(), str(tmp_path / "harness"))
-    plain = Toy()
+    plain = Toy()  # load_adapter takes each rank from the saved lora_A: it loads this folder
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if "lora_" not in k})
     add_lora(plain, ["fc", "out", "blkxfc"], r=2, alpha=4)
-    with pytest.raises(ValueError, match="does a rank_pattern key match"):
-        load_adapter(tmp_path / "harness", plain)
-    assert all(m.r == 2 for m in lora_layers(plain).values()), "nothing resized on failure"
+    load_adapter(tmp_path / "harness", plain)
+    assert {n: m.r for n, m in lora_layers(plain).items()} == TOY_RANKS
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), model(x))
 
 
 # -----------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """lora.py alone, and lora.py + fimlora.py together, work when copied into a bare folder.
 
-Oracle: a fresh interpreter in tmp_path with no PYTHONPATH; it fails if either file imports
-models, data, numpy or a peer.  Run: .venv/bin/python -m pytest tests/test_vendoring.py -q
+Oracle: one fresh interpreter in tmp_path with no PYTHONPATH, first with lora.py alone, then
+with fimlora.py copied beside it; it fails if either file imports models, data, numpy or a peer.
+Run: .venv/bin/python -m pytest tests/test_vendoring.py -q
 """
 
 import ast
@@ -36,8 +37,9 @@ for folder in ("adapter", "adapter_peft"):
 print(m(x).shape, sorted(lora_state_dict(m)))
 """
 
-WITH_FIMLORA = NO_NUMPY + """
-import torch, torch.nn as nn
+WITH_FIMLORA = """
+import shutil
+shutil.copy(FIMLORA, "fimlora.py")  # only now: lora.py ran above without it
 from lora import add_lora, lora_layers
 import fimlora
 m = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
@@ -51,23 +53,14 @@ print(fimlora.allocate_ranks({"a": 1.0, "b": 3.0}, budget=4, r_min=1, r_max=3))
 """
 
 
-def _run(tmp_path, files, code):
-    for f in files:
-        shutil.copy(ROOT / f, tmp_path / f)
+def test_lora_alone_then_with_fimlora_imports_and_runs(tmp_path):
+    shutil.copy(ROOT / "lora.py", tmp_path / "lora.py")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    return subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=120)
-
-
-def test_lora_alone_imports_and_runs(tmp_path):
-    out = _run(tmp_path, ["lora.py"], LORA_ONLY)
+    code = f"FIMLORA = {str(ROOT / 'fimlora.py')!r}\n" + LORA_ONLY + WITH_FIMLORA
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "torch.Size([3, 2])" in out.stdout and "0.lora_A" in out.stdout
-
-
-def test_lora_and_fimlora_together(tmp_path):
-    out = _run(tmp_path, ["lora.py", "fimlora.py"], WITH_FIMLORA)
-    assert out.returncode == 0, out.stderr
     assert "{'a': 1, 'b': 3}" in out.stdout
 
 
