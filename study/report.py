@@ -9,11 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
 import statistics
 import sys
-import tempfile
 import textwrap
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,11 +19,11 @@ from xml.sax.saxutils import escape
 
 import train
 from data import glue
-from lora import read_regular
+from lora import atomic_write, read_regular
 
 RESULTS, README = Path("results"), Path("README.md")
 CELLS = RESULTS / "cells"
-OWN_ROOTS = ("cells", "cells_cuda")  # results/<these>: the project's grids, read together
+OWN = (CELLS, RESULTS / "cells_cuda")  # the project's grids, read together: a table per device
 METHODS = ("lora", "fim", "fw", "da", "fim+da")
 PEERS = ("peft-lora", "peft-adalora", "peft-eva")
 # the order indexes the planted study's shuffle streams (planted.shuffle_generator): keep it
@@ -153,34 +151,31 @@ def read_result(path: Path) -> dict:
     return res
 
 
-def read_cell(path: Path, device: str, root: Path) -> dict:
-    """The record of one cell's results.json (run.json beside it checked too)."""
-    (method, seed), task = parse_folder(path.parent.name), path.parent.parent.name
-    if seed > SEED_MAX:
-        raise ValueError(f"{path.parent}: seed {seed} is outside 0..{SEED_MAX} (numpy's seed "
-                         "range, which train.py uses): rename or remove that folder")
-    res = read_result(path)
-    if (path.parent / "run.json").exists():  # the grid's record of the run
-        read_result(path.parent / "run.json")
-    if metric_of(task) not in res["metrics"]:
-        raise ValueError(f"{path} is damaged (its metrics have no {metric_of(task)!r}, the "
-                         f"{task} metric): remove {path.parent} and run the grid again")
-    return {"task": task, "method": method, "seed": seed, "root": root.as_posix(),
-            "device": (res.get("device") or device).split(":")[0], "metrics": res["metrics"],
-            "ranks": res.get("ranks") or {}, "params": res.get("trainable_parameters"),
-            "per_step": (res.get("seconds") or {}).get("per_step")}
-
-
-def own_root(root: Path) -> bool:
-    return root.resolve() in {(RESULTS / name).resolve() for name in OWN_ROOTS}
-
-
 def read_root(root: Path) -> list[dict]:
-    """One record per <root>/<task>/<method>-s<seed>/results.json (device: the folder's suffix,
-    cells_cuda -> cuda); the project's results/cells and cells_cuda are read together."""
-    roots = [RESULTS / n for n in OWN_ROOTS if (RESULTS / n).is_dir()] if own_root(root) else []
-    return [read_cell(p, r.name.partition("_")[2] or "cpu", r) for r in roots or [root]
-            for p in sorted(r.glob("*/*/results.json")) if parse_folder(p.parent.name)]
+    """One record per <root>/<task>/<method>-s<seed>/results.json (run.json beside it checked
+    too), on the device its results.json names; results/cells is read with results/cells_cuda."""
+    roots = [r for r in OWN if r.is_dir()] if root.resolve() == CELLS.resolve() else [root]
+    cells = []
+    for p in (p for r in roots for p in sorted(r.glob("*/*/results.json"))):
+        if not (name := parse_folder(p.parent.name)):
+            continue
+        (method, seed), task = name, p.parent.parent.name
+        if seed > SEED_MAX:
+            raise ValueError(f"{p.parent}: seed {seed} is outside 0..{SEED_MAX} (numpy's seed "
+                             "range, which train.py uses): rename or remove that folder")
+        res = read_result(p)
+        if (p.parent / "run.json").exists():  # the grid's record of the run
+            read_result(p.parent / "run.json")
+        if metric_of(task) not in res["metrics"]:
+            raise ValueError(f"{p} is damaged (its metrics have no {metric_of(task)!r}, the "
+                             f"{task} metric): remove {p.parent} and run the grid again")
+        cells.append({"task": task, "method": method, "seed": seed,
+                      "root": p.parents[2].as_posix(),
+                      "device": (res.get("device") or "cpu").split(":")[0],
+                      "metrics": res["metrics"], "ranks": res.get("ranks") or {},
+                      "params": res.get("trainable_parameters"),
+                      "per_step": (res.get("seconds") or {}).get("per_step")})
+    return cells
 
 
 # -----------------------------------------------------------------------------
@@ -277,7 +272,7 @@ def verdicts(cells: list[dict]) -> dict:
 
 
 # -----------------------------------------------------------------------------
-# tables: one mechanism for every one
+# tables: one writer for every one (the grid's, the planted study's, SmolLM2's, the lrs)
 
 
 def table(head: list[str], align: str, rows: list[list]) -> list[str]:
@@ -286,6 +281,13 @@ def table(head: list[str], align: str, rows: list[list]) -> list[str]:
     rule = "|".join("---:" if a == "r" else "---" for a in align)
     return [f"| {' | '.join(head)} |", f"|{rule}|",
             *(f"| {' | '.join(map(str, r))} |" for r in rows)]
+
+
+def section(title: str, *blocks: str | list[str]) -> list[str]:
+    """A page section: its title, then each block (a paragraph or table lines) after a blank.
+    section("T", "text", ["| a |"]) -> ["", "## T", "", "text", "", "| a |"]"""
+    return ["", f"## {title}", *(x for b in blocks for x in ["", *([b] if isinstance(b, str)
+                                                                   else b)])]
 
 
 def task_table(cells: list[dict], task: str, seeds: list[int], verdict: dict) -> list[str]:
@@ -346,7 +348,7 @@ def rank_svg(ranks: dict[str, float], title: str) -> str:
 
 
 def planted_lines(study: dict) -> list[str]:
-    """The planted study's tables (results/planted_study*.json from python -m study.planted)."""
+    """The planted study's section (results/planted_study*.json from python -m study.planted)."""
     per, ratios = study["per_seed"], study["criterion_oracle_over_uniform"]
     best = "; ".join("/".join(map(str, min(s["oracle_search"], key=lambda t: t["final_loss"])[
         "planted_ranks"].values())) for s in per)
@@ -360,19 +362,19 @@ def planted_lines(study: dict) -> list[str]:
                    f"{v['n']}" for v in (f["structure"], f["shuffled"])),
               "yes" if f["finds_plants"] else "no"] for s, f in study["finds"].items()]
     found = [s for s, f in study["finds"].items() if f["finds_plants"]]
-    return [f"## Planted task (`python -m study.planted --plants {study['args']['plants']}`, "
-            f"{len(ratios)} seeds, {study['args']['steps']} steps)", "",
-            f"Criterion, stated before measuring: {study['criterion']}.", "",
-            f"Searched oracle / uniform per seed: {', '.join(f'{r:.3f}' for r in ratios)} "
-            f"(criterion {'holds' if study['criterion_held'] else 'does NOT hold'}); best "
-            f"planted ranks per seed: {best}.", "",
-            *table(["allocation", "final / B=0 loss, mean ± std", "vs uniform", "gap closed",
-                    "closes ≥ 50 % of the gap", "share of rank on planted", "calibration s",
-                    "per seed"], "lrrrrrrl", runs), "",
-            *table(["score", "(structure − score) / uniform [95 %], wins",
-                    "(shuffled − score) / uniform [95 %], wins", "finds the plants"],
-                   "lrrl", finds), "",
-            f"Scores that find the plants by the criterion: {', '.join(found) or 'none'}."]
+    return section(
+        f"Planted task (`python -m study.planted --plants {study['args']['plants']}`, "
+        f"{len(ratios)} seeds, {study['args']['steps']} steps)",
+        f"Criterion, stated before measuring: {study['criterion']}.",
+        f"Searched oracle / uniform per seed: {', '.join(f'{r:.3f}' for r in ratios)} "
+        f"(criterion {'holds' if study['criterion_held'] else 'does NOT hold'}); best "
+        f"planted ranks per seed: {best}.",
+        table(["allocation", "final / B=0 loss, mean ± std", "vs uniform", "gap closed",
+               "closes ≥ 50 % of the gap", "share of rank on planted", "calibration s",
+               "per seed"], "lrrrrrrl", runs),
+        table(["score", "(structure − score) / uniform [95 %], wins",
+               "(shuffled − score) / uniform [95 %], wins", "finds the plants"], "lrrl", finds),
+        f"Scores that find the plants by the criterion: {', '.join(found) or 'none'}.")
 
 
 def smollm2_lines(root: Path) -> list[str]:
@@ -383,22 +385,23 @@ def smollm2_lines(root: Path) -> list[str]:
              a["seed"], f"{a['steps']} × {a['batch_size']}",
              f"{100 * r['metrics']['accuracy']:.2f}", f"{r['seconds']['per_step']:.2f}",
              f"{r['seconds']['calibration']:.1f}"] for r in runs for a in [r["args"]]]
-    return ["", "## SmolLM2-135M-Instruct on SST-2 prompts (`results/smollm2/`)", "", *table(
+    return section("SmolLM2-135M-Instruct on SST-2 prompts (`results/smollm2/`)", table(
         ["method", "seed", "steps × batch", "dev accuracy", "s/step", "calibration s"],
-        "lrrrrr", rows)] if rows else []
+        "lrrrrr", rows)) if rows else []
 
 
 def lr_lines(root: Path) -> list[str]:
     """The chosen lr per method and task, beside its held-out metric at each lr in LRS."""
     res = lr_results(root)
-    chosen, lrs = chosen_lrs(res), [f"{lr:g}" for lr in LRS]
+    chosen = chosen_lrs(res)
     rows = [[t, m, *(f"{v[lr]:.4f}" if lr in v else "" for lr in LRS),
              f"{chosen[t][m]:g}" if m in chosen[t] else "(unfinished)"]
             for t, ms in res.items() for m, v in ms.items()]
-    return ["", f"## Chosen lr per method and task (`{root.as_posix()}/`)", "", "Seed 0, the "
-            "task metric on 10 % of train.tsv held out (`--eval-fraction 0.1`, never dev.tsv); "
-            "ties go to the smaller lr.", "", *table(["task", "method", *lrs, "chosen"],
-                                                    "llrrrr", rows)] if rows else []
+    return section(f"Chosen lr per method and task (`{root.as_posix()}/`)", "Seed 0, the task "
+                   "metric on 10 % of train.tsv held out (`--eval-fraction 0.1`, never dev.tsv); "
+                   "ties go to the smaller lr.", table(["task", "method", *(f"{lr:g}" for lr in
+                                                                             LRS), "chosen"],
+                                                       "llrrrr", rows)) if rows else []
 
 
 def results_page(cells: list[dict], v: dict, svgs: dict[str, str], out: Path,
@@ -414,14 +417,14 @@ def results_page(cells: list[dict], v: dict, svgs: dict[str, str], out: Path,
     for task, device in tables_of(cells):
         mine = [c for c in cells if (c["task"], c["device"]) == (task, device)]
         roots = "`, `".join(sorted({f"{c['root']}/{task}/" for c in mine}))
-        lines += ["", f"## {task} on {device} (`{roots}`)", ""]
-        lines += task_table(mine, task, seeds, v["tables"][f"{task} on {device}"]["methods"])
-        if svg := svgs.get(f"{task} on {device}"):
-            lines += ["", f"![FIM-LoRA's ranks on {task}, {device}, layer × module]({svg})"]
-    speed = [f"[{n}]({n})" for n in ("bench.md", "bench_cuda.md") if (out / n).exists()]
-    lines += ["", f"## Speed: make bench's own tables, {', '.join(speed)}"] if speed else []
+        svg = svgs.get(f"{task} on {device}")
+        lines += section(f"{task} on {device} (`{roots}`)", task_table(
+            mine, task, seeds, v["tables"][f"{task} on {device}"]["methods"]), *(
+            [f"![FIM-LoRA's ranks on {task}, {device}, layer × module]({svg})"] if svg else []))
+    if speed := [f"[{n}]({n})" for n in ("bench.md", "bench_cuda.md") if (out / n).exists()]:
+        lines += section(f"Speed: make bench's own tables, {', '.join(speed)}")
     for name in ("planted_study.json", "planted_study_anywhere.json"):
-        lines += ["", *planted_lines(read_json(out / name))] if (out / name).exists() else []
+        lines += planted_lines(read_json(out / name)) if (out / name).exists() else []
     lines += smollm2_lines(out / "smollm2") + lr_lines(lrs or out / "lr")
     return "\n".join(x if x.startswith("|") else textwrap.fill(x, 100, break_on_hyphens=False)
                      for x in lines) + "\n"
@@ -453,14 +456,13 @@ def replace_block(text: str, name: str, lines: list[str], path: Path) -> str:
 
 
 # -----------------------------------------------------------------------------
-# writing: every file computed first, then all renamed together
+# writing: every file computed first (a damaged input writes nothing), then each atomically
 
 
-def report_files(root: Path, out: Path | None = None,
-                 readme: Path | None = None) -> tuple[dict, dict[Path, str]]:
-    """(verdicts, {path: text}): the page and rank maps in `out` (results/ for the project's
-    cells, else root) and, for the project's cells, README.md's two blocks."""
-    own = own_root(root)
+def write_report(root: Path, out: Path | None = None, readme: Path | None = None) -> dict:
+    """The page and rank maps into `out` (results/ for the project's cells, else root) and, for
+    the project's cells, README.md's two blocks. Returns the verdicts."""
+    own = root.resolve() == CELLS.resolve()
     out, readme = out or (RESULTS if own else root), readme or (README if own else None)
     cells = read_root(root)
     v, files, svgs = verdicts(cells), {}, {}
@@ -479,29 +481,9 @@ def report_files(root: Path, out: Path | None = None,
         run = out / "make_run" / "results.json"
         files[readme] = replace_block(text, "run", run_block(read_json(run)), readme) \
             if run.exists() else text
-    return v, files
-
-
-def write_report(root: Path, out: Path | None = None, readme: Path | None = None) -> dict:
-    """report_files, each to a temp file beside it, then all renamed: a failure or a kill while
-    writing leaves every old file as it was. Returns the verdicts."""
-    v, files = report_files(root, out, readme)
-    next(iter(files)).parent.mkdir(parents=True, exist_ok=True)
-    tmps: dict[Path, str] = {}
-    try:
-        for path, text in files.items():
-            fd, tmps[path] = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmps[path], 0o644)  # mkstemp's 0o600 would hide the page
-        for path, tmp in tmps.items():
-            os.replace(tmp, path)
-    finally:
-        for tmp in tmps.values():
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+    out.mkdir(parents=True, exist_ok=True)
+    for path, text in files.items():
+        atomic_write(path, lambda f, text=text: f.write(text.encode()))
     print(f"wrote {', '.join(p.as_posix() for p in files)}")
     return v
 
