@@ -322,12 +322,13 @@ def test_a_stopped_peer_cell_resumes_bitwise(tmp_path, monkeypatch, sst2_rows, p
     import os
     import signal
 
+    import runfolder
     import train
     from study import peers
     _peft(), _minilm()
     quick = ["--method", "lora", "--model", "minilm", "--task", "sst2", "--data-dir", str(SST2),
-             "--max-train", "64", "--max-eval", "32", "--max-len", "32", "--batch-size", "8",
-             "--r", "4", "--steps", "6", "--log-every", "1", "--seed", "3", "--threads", "1"]
+             "--max-train", "64", "--max-eval", "16", "--max-len", "16", "--batch-size", "4",
+             "--r", "2", "--steps", "5", "--log-every", "1", "--seed", "3", "--threads", "1"]
     full = peers.cell(peer, [*quick, "--out", str(tmp_path / "full")])
     real = train.log_step
 
@@ -340,7 +341,7 @@ def test_a_stopped_peer_cell_resumes_bitwise(tmp_path, monkeypatch, sst2_rows, p
         m.setattr(train, "log_step", stop_after_3)
         with pytest.raises(train.Interrupted, match=f"-m study.peers {peer} -- --resume"):
             peers.cell(peer, [*quick, "--out", str(out)])
-    assert not (out / "results.json").exists() and (out / "checkpoint" / "state.pt").is_file()
+    assert not (out / "results.json").exists() and (out / runfolder.CHECKPOINT).exists()
     with pytest.raises(ValueError, match="a peer's checkpoint, .* resumes with the command"):
         train.main(["--resume", str(out)])  # train.py alone would build fimlora's model
     resumed = peers.cell(peer, ["--resume", str(out), "--threads", "1"])

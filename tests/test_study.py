@@ -490,7 +490,7 @@ def test_ctrl_c_stops_the_grid_with_a_checkpoint_and_the_same_command_resumes(tm
         pytest.skip(f"SST-2 not found at {SST2}")
     cmd = [sys.executable, "-m", "study.grid", "--root", str(tmp_path / "cells"), "--methods",
            "lora", "--seeds", "0", "--data-root", str(SST2.parent), "--tasks", "sst2", "--",
-           "--model", "tiny", "--max-train", "256", "--max-eval", "32", "--steps", "40",
+           "--model", "tiny", "--max-train", "128", "--max-eval", "16", "--steps", "40",
            "--batch-size", "32", "--log-every", "1", "--save-every", "1000"]
     cell = tmp_path / "cells" / "sst2" / "lora-s0"
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
