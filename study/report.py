@@ -247,15 +247,12 @@ def verdicts(cells: list[dict]) -> dict:
         value = task_values([c for c in cells if c["device"] == device], task)
         tables[f"{task} on {device}"] = {"seeds": sum(m == "lora" for m, _ in value), "methods": {
             m: v for m in methods if m != "lora" and (v := table_verdict(value, m))}}
-    overall = {}
+    kinds, overall = ("better", "worse", "mixed", "level", "undecided"), {}
     for m in methods:
-        got = {t["methods"][m]["verdict"] for t in tables.values() if m in t["methods"]}
-        if got:
-            overall[m] = ("mixed" if {"better", "worse"} <= got else "better" if "better" in got
-                          else "worse" if "worse" in got else "level" if "level" in got
-                          else "undecided")
-    named = {k: [m for m, v in overall.items() if v == k]
-             for k in ("better", "worse", "mixed", "level", "undecided")}
+        if got := {t["methods"][m]["verdict"] for t in tables.values() if m in t["methods"]}:
+            overall[m] = "mixed" if {"better", "worse"} <= got else next(k for k in kinds
+                                                                          if k in got)
+    named = {k: [m for m, v in overall.items() if v == k] for k in kinds}
     where = ", ".join(f"{t} ({r['seeds']} seeds)" for t, r in tables.items())
     line = "Verdict (generated from the cells' paired 95 % intervals): " + (
         f"better than uniform LoRA: {', '.join(named['better'])}" if named["better"] else
