@@ -25,8 +25,7 @@ import train
 from data import glue
 from models.checkpoint import is_decoder
 from study import report
-from study.report import (CELLS, LRS, METHODS, PEERS, RECIPE, SCORES, SEED_MAX, bounded,
-                          folder, lr_folder)
+from study.report import CELLS, LRS, METHODS, PEERS, RECIPE, SCORES, bounded, folder, lr_folder
 
 GLUE = Path("../shared/data/glue")
 OURS = ("efim", "variance", "per-example")  # train.py's scores; the rest run in study.peers
@@ -36,6 +35,7 @@ RECIPE_KEYS = ("model", "r", "alpha", "rslora", "dropout", "targets", "steps", "
                "batch_size", "lr", "weight_decay", "warmup", "grad_clip", "max_len", "max_train",
                "max_eval", "grad_accum", "group_by_length", "eval_fraction")  # every cell shares
 SELECT = ["--eval-fraction", "0.1"]  # --select-lr evaluates on a slice of train.tsv, never dev
+SEED_MAX = 2**32 - 1  # numpy's seed range (train.set_seed)
 
 
 def method_flags(method: str) -> list[str]:

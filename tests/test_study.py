@@ -322,13 +322,6 @@ def test_a_damaged_cell_is_named_with_its_field_and_nothing_is_written(cells, tm
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
 
 
-def test_a_cell_folder_with_a_seed_out_of_range_is_refused(cells):
-    write_cell(cells, "sst2", "lora", 99999999999999999999, 0.8)
-    with pytest.raises(ValueError, match=r"lora-s99999999999999999999: seed .* is outside "
-                                         r"0\.\.4294967295"):
-        report.read_root(cells)
-
-
 # -----------------------------------------------------------------------------
 # grid
 
