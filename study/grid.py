@@ -15,9 +15,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
-import re
-import signal
 import subprocess
 import sys
 import time
@@ -26,10 +23,9 @@ from pathlib import Path
 import runfolder
 import train
 from data import glue
-from study import report
 from models.checkpoint import is_decoder
-from study.report import (CELLS, LRS, METHODS, PEERS, RECIPE, SCORES, SEED_MAX, bounded,
-                          folder, lr_folder)
+from study import report
+from study.report import CELLS, LRS, METHODS, PEERS, RECIPE, SCORES, bounded, folder, lr_folder
 
 GLUE = Path("../shared/data/glue")
 OURS = ("efim", "variance", "per-example")  # train.py's scores; the rest run in study.peers
@@ -39,6 +35,7 @@ RECIPE_KEYS = ("model", "r", "alpha", "rslora", "dropout", "targets", "steps", "
                "batch_size", "lr", "weight_decay", "warmup", "grad_clip", "max_len", "max_train",
                "max_eval", "grad_accum", "group_by_length", "eval_fraction")  # every cell shares
 SELECT = ["--eval-fraction", "0.1"]  # --select-lr evaluates on a slice of train.tsv, never dev
+SEED_MAX = 2**32 - 1  # numpy's seed range (train.set_seed)
 
 
 def method_flags(method: str) -> list[str]:
@@ -79,28 +76,12 @@ def missing(method: str) -> str | None:
     return f"{' and '.join(gone)} not installed" if gone and method in PEERS else None
 
 
-def dies_with_grid():
-    """A Popen preexec_fn: the kernel sends the cell SIGTERM (train.py's Ctrl-C) when the grid
-    dies, even by kill -9, so no orphan trains beside the next grid. None off Linux."""
-    if not sys.platform.startswith("linux"):
-        return None
-    import ctypes
-    prctl, grid = ctypes.CDLL(None, use_errno=True).prctl, os.getpid()
-
-    def preexec() -> None:
-        prctl(1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG
-        if os.getppid() != grid:  # the grid died before the prctl: no signal would come
-            os.kill(os.getpid(), signal.SIGTERM)
-    return preexec
-
-
 def run_cell(cmd: list[str], log: Path) -> int:
     """Run one cell, output appended to log; terminated if the grid stops for any reason."""
     print(" ".join(cmd), flush=True)
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT,
-                                preexec_fn=dies_with_grid())
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
         try:
             return proc.wait()
         except KeyboardInterrupt:  # the cell got it too (one process group): it checkpoints
@@ -112,21 +93,11 @@ def run_cell(cmd: list[str], log: Path) -> int:
                 proc.wait()
 
 
-def in_use(log: Path, start: int) -> bool:
-    """Whether the log after byte `start` says train.py found --out locked by a live run."""
-    try:
-        with open(log, "rb") as f:
-            f.seek(max(start, os.fstat(f.fileno()).st_size - 65536))
-            return re.search(rb"is in use by pid \d+", f.read(65536)) is not None
-    except OSError:
-        return False
-
-
 def run_grid(cells: list[tuple[str, str, int]], data_dirs: dict[str, Path], root: Path,
              threads: int, run=run_cell, extra: list[str] = (), name=folder) -> dict[str, list]:
     """Run every (task, method, seed) cell without results.json in root/task/name(method, seed),
     resuming one with a checkpoint. Returns the cells by outcome: done, ran, resumed, failed,
-    missing, busy."""
+    missing, busy (its folder locked by another grid's trainer)."""
     outcome: dict = {k: [] for k in ("done", "ran", "resumed", "failed", "missing", "busy")}
     for cell in cells:
         task, method, seed = cell
@@ -134,7 +105,7 @@ def run_grid(cells: list[tuple[str, str, int]], data_dirs: dict[str, Path], root
         if (out / "results.json").exists() or missing(method):
             outcome["done" if (out / "results.json").exists() else "missing"].append(cell)
             continue
-        resume = any(out.glob(runfolder.CHECKPOINT + "*/"))  # checkpoint/, or its staged copy
+        resume = (out / runfolder.CHECKPOINT).exists()  # the checkpoint: a file or a folder
         log, t0 = out / "train.log", time.time()
         start = log.stat().st_size if log.is_file() else 0
         code = run(cell_command(*cell, data_dirs[task], out, threads, resume, extra), log)
@@ -144,10 +115,10 @@ def run_grid(cells: list[tuple[str, str, int]], data_dirs: dict[str, Path], root
             runfolder.write_json(out / "run.json", {"commit": commit, **train.environment(),
                                                     "wall_seconds": time.time() - t0})
             outcome["resumed" if resume else "ran"].append(cell)
-        else:  # a lock held by another grid's trainer: busy, not failed
-            kind = "busy" if code and in_use(log, start) else "failed"
-            print(f"cell {task} {out.name} {kind} (exit {code}): see {log}")
-            outcome[kind].append(cell)
+        else:  # train.py's lock refusal after `start` in the log: busy, not failed
+            busy = code and log.is_file() and b"is in use by pid" in log.read_bytes()[start:]
+            print(f"cell {task} {out.name} {'busy' if busy else 'failed'} (exit {code}): see {log}")
+            outcome["busy" if busy else "failed"].append(cell)
     return outcome
 
 
@@ -182,15 +153,15 @@ def check_grid(a: argparse.Namespace, extra: list[str]) -> tuple[dict[str, Path]
 
 
 def check_recipe(cells: list, root: Path, args: argparse.Namespace, name=folder,
-                 lr=lambda task, method: None) -> None:
+                 lr: float | None = None) -> None:
     """ValueError if a finished cell (which the grid skips) was trained with another recipe or
-    another lr than lr(task, method) (None: args.lr)."""
+    another lr than `lr` (None: args.lr)."""
     for task, method, seed in cells:
         path = root / task / name(method, seed) / "results.json"
         saved = report.read_result(path).get("args") or {} if path.exists() else {}
         if "lr" in saved and "group_by_length" not in saved:  # older: GLUE evaluated on dev
             saved |= {"group_by_length": False, "eval_fraction": None}
-        want = {**vars(args), "lr": lr(task, method) or args.lr}
+        want = {**vars(args), "lr": lr or args.lr}
         diff = [f"--{k.replace('_', '-')} {saved[k]} there, {want[k]} here"
                 for k in RECIPE_KEYS if k in saved and saved[k] != want[k]
                 and not (k == "steps" and args.epochs)]
@@ -199,8 +170,8 @@ def check_recipe(cells: list, root: Path, args: argparse.Namespace, name=folder,
                              ": give this recipe its own --root")
 
 
-def plan(a: argparse.Namespace, tasks: list[str], methods: list[str], seeds: list[int],
-         extra: list[str], chosen: dict) -> list[tuple]:
+def plan(a: argparse.Namespace, tasks: list[str], methods: list[str], extra: list[str],
+         chosen: dict) -> list[tuple]:
     """(root, folder name, train.py flags, cells, lr or None) per run of cells sharing flags:
     with --select-lr one per task, method and lr in LRS, seed 0, into <root>/../lr; else one per
     task and method, at its chosen lr when there is one (None: the recipe's)."""
@@ -209,7 +180,7 @@ def plan(a: argparse.Namespace, tasks: list[str], methods: list[str], seeds: lis
                  [*extra, *SELECT, "--lr", f"{lr:g}"], [(t, m, 0)], lr)
                 for t in tasks for m in methods for lr in LRS]
     return [(a.root, folder, [*extra, *(["--lr", f"{lr:g}"] if lr else [])],
-             [(t, m, s) for s in seeds], lr)
+             [(t, m, s) for s in dict.fromkeys(a.seeds)], lr)
             for t in tasks for m in methods for lr in [chosen.get(t, {}).get(m)]]
 
 
@@ -226,17 +197,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--budget", choices=("ranks", "params"), default="ranks",
                    help="params: also fim and fim+da at an equal parameter budget")
     p.add_argument("--scores", nargs="+", default=[], choices=SCORES,
-                   help="also each allocation score at the parameter budget (fim-S-params)")
+                   help="also each score at the parameter budget (fim-S-params)")
     p.add_argument("--root", type=Path, default=CELLS, help="the cells' folder")
-    p.add_argument("--threads", type=bounded(0, 1024), default=1,
-                   help="CPU threads per cell (0: torch's default)")
+    p.add_argument("--threads", type=bounded(0, 1024), default=1, help="CPU threads per cell")
     p.add_argument("--dry-run", action="store_true", help="print the plan, train nothing")
-    p.add_argument("--select-lr", action="store_true", help="instead of the grid, seed 0 at "
-                   f"each lr in {' '.join(map(str, LRS))} on 10 %% of train.tsv held out, into "
-                   "<root>/../lr/; writes chosen.json, which the grid then uses")
+    p.add_argument("--select-lr", action="store_true", help=f"seed 0 at each lr in {LRS} on "
+                   "10 %% of train.tsv into <root>/../lr/ and its chosen.json, not the grid")
     a = p.parse_args(argv[:len(argv) - len(extra) - ("--" in argv)])
-    own = [f for f in extra if f.split("=")[0] in ("--lr", "--eval-fraction")]
-    if a.select_lr and own:
+    if a.select_lr and (own := [f for f in extra if f.split("=")[0] in ("--lr", SELECT[0])]):
         raise ValueError(f"after '--': {' '.join(own)} is set by --select-lr for each cell "
                          f"(lr {' '.join(map(str, LRS))}, {' '.join(SELECT)}): drop it")
     data_dirs, cell_args = check_grid(a, [*extra, *SELECT * a.select_lr])
@@ -246,28 +214,24 @@ def main(argv: list[str] | None = None) -> dict:
     if not methods and not a.peers:
         raise ValueError("--methods given empty and no --scores or --peers: nothing to run; "
                          f"name methods ({' '.join(METHODS)}), scores or peers")
-    seeds, lr_root = [0] if a.select_lr else list(dict.fromkeys(a.seeds)), a.root.parent / "lr"
-    chosen = report.chosen_lrs(report.lr_results(lr_root))
-    if any(f.split("=")[0] == "--lr" for f in extra):  # the user's lr wins
-        chosen = {}
-    plans = plan(a, list(data_dirs), [*methods, *a.peers], seeds, extra, chosen)
-    for root, name, flags, cells, lr in plans:
-        check_recipe(cells, root, cell_args, name, lambda t, m: lr)
+    lr_root = a.root.parent / "lr"
+    user_lr = any(f.split("=")[0] == "--lr" for f in extra)  # the user's lr wins
+    chosen = {} if user_lr else report.chosen_lrs(report.lr_results(lr_root))
+    plans = plan(a, list(data_dirs), [*methods, *a.peers], extra, chosen)
+    for root, name, _, cells, lr in plans:
+        check_recipe(cells, root, cell_args, name, lr)
     if not a.select_lr:
         print("lr: " + "; ".join(f"{t} {m} {lr:g}" for t, ms in chosen.items()
                                  for m, lr in ms.items()) + f" (chosen in {lr_root}); the rest "
               f"{cell_args.lr:g}" if chosen else f"lr: {cell_args.lr:g} for every method")
-    todo = [(c, root, name) for root, name, _, cells, _ in plans for c in cells if not missing(c[1])
-            and not (root / c[0] / name(c[1], c[2]) / "results.json").exists()]
-    n = sum(len(p[3]) for p in plans)
+    todo = [root / c[0] / name(c[1], c[2]) for root, name, _, cells, _ in plans for c in cells
+            if not missing(c[1]) and not (root / c[0] / name(c[1], c[2]) / "results.json").exists()]
     print(f"{'lr selection' if a.select_lr else 'grid'}: {len(data_dirs)} task(s) "
           f"({', '.join(data_dirs)}) x {len(methods) + len(a.peers)} methods x "
-          f"{f'{len(LRS)} lrs' if a.select_lr else f'{len(seeds)} seeds'} = {n} cells; to run "
-          f"{len(todo)}:", flush=True)
-    for (task, method, seed), root, name in todo:
-        print(f"  {root / task / name(method, seed)}")
-    for peer in filter(missing, a.peers):
-        print(f"  {peer}: {missing(peer)}, left blank")
+          f"{f'{len(LRS)} lrs' if a.select_lr else f'{len(dict.fromkeys(a.seeds))} seeds'} = "
+          f"{sum(len(p[3]) for p in plans)} cells; to run {len(todo)}:", flush=True)
+    print("".join(f"  {out}\n" for out in todo) + "".join(
+        f"  {peer}: {missing(peer)}, left blank\n" for peer in filter(missing, a.peers)), end="")
     if not a.dry_run and todo:
         outcome: dict = {}
         for root, name, flags, cells, _ in plans:

@@ -1,9 +1,7 @@
 """The planted study: does an allocation earn its budget on a task with a known answer?
 
     python -m study.planted                           # 3 seeds, plants within reach
-    python -m study.planted --plants anywhere         # plants may land on query and key too
-    python -m study.planted --seeds 0 --out p0.json   # one seed (parallel processes) ...
-    python -m study.planted --merge p0.json p1.json p2.json   # ... then one study
+    python -m study.planted --plants anywhere --out results/planted_study_anywhere.json
 """
 
 from __future__ import annotations
@@ -24,7 +22,7 @@ import train
 from data import planted
 from data.planted import oracle_ranks
 from lora import lora_layers, name_matches
-from study.report import SCORES, bounded, paired_stats, planted_lines, read_json
+from study.report import SCORES, bounded, paired_stats, planted_lines
 
 CRITERION = ("the task can judge allocation if the searched oracle (the best allocation a small "
              "search over the planted matrices' ranks finds, the rest of the rank budget spread "
@@ -180,46 +178,16 @@ def summary(study: dict) -> dict:
                     "criterion_held": all(r <= 0.5 for r in ratios)}
 
 
-def finish(study: dict, out: str) -> dict:
-    """Summarise (>= 3 seeds) and print as the report renders it, then write `out`."""
-    if len(study["per_seed"]) >= 3:
-        study = summary(study)
-        print("\n".join(planted_lines(study)))
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    runfolder.write_json(out, study)
-    print(f"wrote {out}" + ("" if "summary" in study else " (a part: --merge >= 3 seeds)"))
-    return study
-
-
-def merge(parts: list[str], out: str) -> dict:
-    """One study from parts of the same design run apart (--seeds s)."""
-    studies = [read_json(Path(p)) for p in parts]
-    keys = [(s["args"]["steps"], s["args"]["plants"], s["design"], s["scores_run"])
-            for s in studies]
-    if any(k != keys[0] for k in keys):
-        raise ValueError(f"{parts}: the parts differ in steps, plants, design or scores; merge "
-                         "parts of one study")
-    per = sorted((x for s in studies for x in s["per_seed"]), key=lambda x: x["seed"])
-    if len({x["seed"] for x in per}) != len(per) or len(per) < 3:
-        raise ValueError(f"{parts}: seeds {[x['seed'] for x in per]}; merge >= 3 distinct seeds")
-    args = studies[0]["args"] | {"seeds": len(per)}
-    return finish(studies[0] | {"per_seed": per, "args": args}, out)
-
-
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", nargs="+", type=bounded(0, 2**20 - 1), default=[0, 1, 2],
-                   help="the seed list; under 3 seeds (no t interval yet) a part for --merge")
+                   help="3 or more for the criterion's t interval")
     p.add_argument("--steps", type=bounded(1, 10**9), default=600, help="steps per run")
     p.add_argument("--threads", type=bounded(0, 1024), default=1, help="CPU threads per run")
     p.add_argument("--plants", choices=("reach", "anywhere"), default="reach",
                    help="train.py --plants: reach keeps plants off query and key")
-    p.add_argument("--merge", nargs="+", default=None, metavar="PART",
-                   help="instead: merge part files (--seeds runs) into --out")
     p.add_argument("--out", default="results/planted_study.json")
     a = p.parse_args(argv)
-    if a.merge:
-        return merge(a.merge, a.out)
     print(f"criterion, stated before running: {CRITERION}", flush=True)
     per = [study_seed(s, a.steps, a.threads, a.plants) for s in dict.fromkeys(a.seeds)]
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
@@ -228,12 +196,19 @@ def main(argv: list[str] | None = None) -> dict:
               "lr": train.parse_args(["--out", "unused"]).lr, "plants": a.plants,
               "reach": planted.REACH if a.plants == "reach" else "inf (plants anywhere)",
               "r": 8, "r_max": planted.PLANT_RANK, "oracle_grid": list(GRID), "oracle_step": STEP}
-    return finish({
+    study = {
         "what": f"final eval loss of each allocation at the same budget on train.py's planted "
                 f"task (plants: {a.plants}); 'efim params': the budget in parameters",
         "criterion": CRITERION, "design": design, "scores_run": list(SCORES),
         "args": {"seeds": len(per), "steps": a.steps, "threads": a.threads, "plants": a.plants},
-        "versions": train.environment()["versions"] | {"commit": commit}, "per_seed": per}, a.out)
+        "versions": train.environment()["versions"] | {"commit": commit}, "per_seed": per}
+    if len(per) >= 3:
+        study = summary(study)
+        print("\n".join(planted_lines(study)))
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    runfolder.write_json(a.out, study)
+    print(f"wrote {a.out}" + ("" if "summary" in study else " (no summary under 3 seeds)"))
+    return study
 
 
 if __name__ == "__main__":

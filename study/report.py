@@ -9,11 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
 import statistics
 import sys
-import tempfile
 import textwrap
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,11 +19,11 @@ from xml.sax.saxutils import escape
 
 import train
 from data import glue
-from lora import read_regular
+from lora import atomic_write, read_regular
 
 RESULTS, README = Path("results"), Path("README.md")
 CELLS = RESULTS / "cells"
-OWN_ROOTS = ("cells", "cells_cuda")  # results/<these>: the project's grids, read together
+OWN = (CELLS, RESULTS / "cells_cuda")  # the project's grids, read together: a table per device
 METHODS = ("lora", "fim", "fw", "da", "fim+da")
 PEERS = ("peft-lora", "peft-adalora", "peft-eva")
 # the order indexes the planted study's shuffle streams (planted.shuffle_generator): keep it
@@ -36,14 +34,6 @@ LRS = (2e-4, 5e-4, 1e-3)  # issue 19: each method's lr chosen from these (study.
 BLOCKS = {"run": ("<!-- run:start -->", "<!-- run:end -->"),
           "results": ("<!-- results:begin -->", "<!-- results:end -->")}
 READ_LIMIT = 16 << 20  # bytes: a cell's results.json is kilobytes; a bigger file is not one
-SEED_MAX = 2**32 - 1  # numpy's seed range (train.set_seed)
-SCHEMA = {"metrics": dict, "args": dict, "machine": dict, "versions": dict, "seconds": dict,
-          "ranks": dict, "device": str, "commit": str,  # results.json / run.json: types, then
-          "trainable_parameters": (0, 1e15, int), "seconds.*": (0, 1e12, (int, float)),  # ranges
-          "ranks.*": (0, 1e6, (int, float)), "metrics.*": (-1e12, 1e12, (int, float)),
-          **{f"metrics.{m}": (0, 1, (int, float)) for m in ("accuracy", "f1")},
-          **{f"metrics.{m}": (-1, 1, (int, float)) for m in ("mcc", "pearson", "spearman")},
-          "metrics.loss": (0, 1e12, (int, float)), "seconds.per_step": (0, 1e9, (int, float))}
 # Two-sided 95 % Student t quantiles t(0.975, df), df = 1..30, as published (e.g. NIST/SEMATECH
 # e-Handbook, table 1.3.6.7.2); past 30 the df = 30 value, slightly wide (conservative).
 T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
@@ -107,7 +97,7 @@ def metric_of(task: str) -> str:
 
 
 # -----------------------------------------------------------------------------
-# reading: every cell is checked against SCHEMA, or refused naming its file and field
+# reading: a cell the report cannot read is refused, naming its file and field
 
 
 def read_json(path: Path):
@@ -118,21 +108,22 @@ def read_json(path: Path):
         raise ValueError(f"{path} is not JSON ({e})") from None
 
 
-def bad_field(res: dict) -> str | None:
-    """The first field of a results object outside SCHEMA, described, or None.
-    bad_field({"metrics": {"accuracy": 2}}) -> "metrics.accuracy = 2, not a number in [0, 1]" """
-    for key, kind in SCHEMA.items():
-        if isinstance(kind, type) and res.get(key) is not None and not isinstance(res[key], kind):
-            return f"{key} is a {type(res[key]).__name__}, not a {kind.__name__}"
-    numbers = [("trainable_parameters", res.get("trainable_parameters"))] + [
-        (f"{part}.{k}", v) for part in ("metrics", "ranks", "seconds")
-        for k, v in (res.get(part) or {}).items()]
-    for field, v in numbers:
-        low, high, kind = SCHEMA.get(field) or SCHEMA[field.split(".")[0] + ".*"]
-        if not (v is None and not field.startswith("metrics.")) and not (
-                isinstance(v, kind) and not isinstance(v, bool) and low <= v <= high):  # NaN too
-            return f"{field} = {json.dumps(v)[:40]}, not a number in [{low:g}, {high:g}]"
-    if not re.fullmatch(r"([a-z]+(:\d+)?)?", res.get("device") or ""):  # it names a table
+def bad_field(res) -> str | None:
+    """What the report cannot read in a results.json or run.json object, or None.
+    bad_field({"metrics": {"accuracy": "0.9"}}) -> 'metrics.accuracy = "0.9", not a number'"""
+    if not isinstance(res, dict):
+        return "not a results object"
+    for key in ("metrics", "args", "machine", "versions", "seconds", "ranks"):
+        if res.get(key) is not None and not isinstance(res[key], dict):
+            return f"{key} is a {type(res[key]).__name__}, not an object"
+    numbers = {"trainable_parameters": res.get("trainable_parameters")} | {
+        f"{part}.{k}": v for part in ("metrics", "ranks", "seconds")
+        for k, v in (res.get(part) or {}).items()}
+    for field, v in numbers.items():  # |v| < 1e15 is False for NaN and inf too
+        if (v is not None or field.startswith("metrics.")) and (
+                type(v) not in (int, float) or not abs(v) < 1e15):
+            return f"{field} = {json.dumps(v)[:40]}, not a number"
+    if not re.fullmatch(r"([a-z]+(:\d+)?)?", str(res.get("device") or "")):  # names a table
         return f"device {res['device']!r}"
     return None
 
@@ -142,45 +133,38 @@ def read_result(path: Path) -> dict:
     (bad_field) and the fix."""
     try:
         res = read_json(path)
-        what = ("not a results object with metrics" if not isinstance(res, dict) or (
-            path.name == "results.json" and not isinstance(res.get("metrics"), dict))
-            else bad_field(res))
+        what = bad_field(res) or ("it has no metrics" if path.name == "results.json"
+                                  and res.get("metrics") is None else None)
     except ValueError as e:  # read_regular's words for a folder, FIFO, device or huge file
-        what = "not a results object with metrics" if "is not JSON" in str(e) else str(e)
+        what = "not JSON" if "is not JSON" in str(e) else str(e)
     if what:
         raise ValueError(f"{path} is damaged ({what}): remove {path.parent} and run the grid "
                          "again to redo that cell")
     return res
 
 
-def read_cell(path: Path, device: str, root: Path) -> dict:
-    """The record of one cell's results.json (run.json beside it checked too)."""
-    (method, seed), task = parse_folder(path.parent.name), path.parent.parent.name
-    if seed > SEED_MAX:
-        raise ValueError(f"{path.parent}: seed {seed} is outside 0..{SEED_MAX} (numpy's seed "
-                         "range, which train.py uses): rename or remove that folder")
-    res = read_result(path)
-    if (path.parent / "run.json").exists():  # the grid's record of the run
-        read_result(path.parent / "run.json")
-    if metric_of(task) not in res["metrics"]:
-        raise ValueError(f"{path} is damaged (its metrics have no {metric_of(task)!r}, the "
-                         f"{task} metric): remove {path.parent} and run the grid again")
-    return {"task": task, "method": method, "seed": seed, "root": root.as_posix(),
-            "device": (res.get("device") or device).split(":")[0], "metrics": res["metrics"],
-            "ranks": res.get("ranks") or {}, "params": res.get("trainable_parameters"),
-            "per_step": (res.get("seconds") or {}).get("per_step")}
-
-
-def own_root(root: Path) -> bool:
-    return root.resolve() in {(RESULTS / name).resolve() for name in OWN_ROOTS}
-
-
 def read_root(root: Path) -> list[dict]:
-    """One record per <root>/<task>/<method>-s<seed>/results.json (device: the folder's suffix,
-    cells_cuda -> cuda); the project's results/cells and cells_cuda are read together."""
-    roots = [RESULTS / n for n in OWN_ROOTS if (RESULTS / n).is_dir()] if own_root(root) else []
-    return [read_cell(p, r.name.partition("_")[2] or "cpu", r) for r in roots or [root]
-            for p in sorted(r.glob("*/*/results.json")) if parse_folder(p.parent.name)]
+    """One record per <root>/<task>/<method>-s<seed>/results.json (run.json beside it checked
+    too), on the device its results.json names; results/cells is read with results/cells_cuda."""
+    roots = [r for r in OWN if r.is_dir()] if root.resolve() == CELLS.resolve() else [root]
+    cells = []
+    for p in (p for r in roots for p in sorted(r.glob("*/*/results.json"))):
+        if not (name := parse_folder(p.parent.name)):
+            continue
+        (method, seed), task = name, p.parent.parent.name
+        res = read_result(p)
+        if (p.parent / "run.json").exists():  # the grid's record of the run
+            read_result(p.parent / "run.json")
+        if metric_of(task) not in res["metrics"]:
+            raise ValueError(f"{p} is damaged (its metrics have no {metric_of(task)!r}, the "
+                             f"{task} metric): remove {p.parent} and run the grid again")
+        cells.append({"task": task, "method": method, "seed": seed,
+                      "root": p.parents[2].as_posix(),
+                      "device": (res.get("device") or "cpu").split(":")[0],
+                      "metrics": res["metrics"], "ranks": res.get("ranks") or {},
+                      "params": res.get("trainable_parameters"),
+                      "per_step": (res.get("seconds") or {}).get("per_step")})
+    return cells
 
 
 # -----------------------------------------------------------------------------
@@ -259,15 +243,12 @@ def verdicts(cells: list[dict]) -> dict:
         value = task_values([c for c in cells if c["device"] == device], task)
         tables[f"{task} on {device}"] = {"seeds": sum(m == "lora" for m, _ in value), "methods": {
             m: v for m in methods if m != "lora" and (v := table_verdict(value, m))}}
-    overall = {}
+    kinds, overall = ("better", "worse", "mixed", "level", "undecided"), {}
     for m in methods:
-        got = {t["methods"][m]["verdict"] for t in tables.values() if m in t["methods"]}
-        if got:
-            overall[m] = ("mixed" if {"better", "worse"} <= got else "better" if "better" in got
-                          else "worse" if "worse" in got else "level" if "level" in got
-                          else "undecided")
-    named = {k: [m for m, v in overall.items() if v == k]
-             for k in ("better", "worse", "mixed", "level", "undecided")}
+        if got := {t["methods"][m]["verdict"] for t in tables.values() if m in t["methods"]}:
+            overall[m] = "mixed" if {"better", "worse"} <= got else next(k for k in kinds
+                                                                          if k in got)
+    named = {k: [m for m, v in overall.items() if v == k] for k in kinds}
     where = ", ".join(f"{t} ({r['seeds']} seeds)" for t, r in tables.items())
     line = "Verdict (generated from the cells' paired 95 % intervals): " + (
         f"better than uniform LoRA: {', '.join(named['better'])}" if named["better"] else
@@ -277,7 +258,7 @@ def verdicts(cells: list[dict]) -> dict:
 
 
 # -----------------------------------------------------------------------------
-# tables: one mechanism for every one
+# tables: one writer for every one (the grid's, the planted study's, SmolLM2's, the lrs)
 
 
 def table(head: list[str], align: str, rows: list[list]) -> list[str]:
@@ -286,6 +267,13 @@ def table(head: list[str], align: str, rows: list[list]) -> list[str]:
     rule = "|".join("---:" if a == "r" else "---" for a in align)
     return [f"| {' | '.join(head)} |", f"|{rule}|",
             *(f"| {' | '.join(map(str, r))} |" for r in rows)]
+
+
+def section(title: str, *blocks: str | list[str]) -> list[str]:
+    """A page section: its title, then each block (a paragraph or table lines) after a blank.
+    section("T", "text", ["| a |"]) -> ["", "## T", "", "text", "", "| a |"]"""
+    return ["", f"## {title}", *(x for b in blocks for x in ["", *([b] if isinstance(b, str)
+                                                                   else b)])]
 
 
 def task_table(cells: list[dict], task: str, seeds: list[int], verdict: dict) -> list[str]:
@@ -346,7 +334,7 @@ def rank_svg(ranks: dict[str, float], title: str) -> str:
 
 
 def planted_lines(study: dict) -> list[str]:
-    """The planted study's tables (results/planted_study*.json from python -m study.planted)."""
+    """The planted study's section (results/planted_study*.json from python -m study.planted)."""
     per, ratios = study["per_seed"], study["criterion_oracle_over_uniform"]
     best = "; ".join("/".join(map(str, min(s["oracle_search"], key=lambda t: t["final_loss"])[
         "planted_ranks"].values())) for s in per)
@@ -360,19 +348,19 @@ def planted_lines(study: dict) -> list[str]:
                    f"{v['n']}" for v in (f["structure"], f["shuffled"])),
               "yes" if f["finds_plants"] else "no"] for s, f in study["finds"].items()]
     found = [s for s, f in study["finds"].items() if f["finds_plants"]]
-    return [f"## Planted task (`python -m study.planted --plants {study['args']['plants']}`, "
-            f"{len(ratios)} seeds, {study['args']['steps']} steps)", "",
-            f"Criterion, stated before measuring: {study['criterion']}.", "",
-            f"Searched oracle / uniform per seed: {', '.join(f'{r:.3f}' for r in ratios)} "
-            f"(criterion {'holds' if study['criterion_held'] else 'does NOT hold'}); best "
-            f"planted ranks per seed: {best}.", "",
-            *table(["allocation", "final / B=0 loss, mean ± std", "vs uniform", "gap closed",
-                    "closes ≥ 50 % of the gap", "share of rank on planted", "calibration s",
-                    "per seed"], "lrrrrrrl", runs), "",
-            *table(["score", "(structure − score) / uniform [95 %], wins",
-                    "(shuffled − score) / uniform [95 %], wins", "finds the plants"],
-                   "lrrl", finds), "",
-            f"Scores that find the plants by the criterion: {', '.join(found) or 'none'}."]
+    return section(
+        f"Planted task (`python -m study.planted --plants {study['args']['plants']}`, "
+        f"{len(ratios)} seeds, {study['args']['steps']} steps)",
+        f"Criterion, stated before measuring: {study['criterion']}.",
+        f"Searched oracle / uniform per seed: {', '.join(f'{r:.3f}' for r in ratios)} "
+        f"(criterion {'holds' if study['criterion_held'] else 'does NOT hold'}); best "
+        f"planted ranks per seed: {best}.",
+        table(["allocation", "final / B=0 loss, mean ± std", "vs uniform", "gap closed",
+               "closes ≥ 50 % of the gap", "share of rank on planted", "calibration s",
+               "per seed"], "lrrrrrrl", runs),
+        table(["score", "(structure − score) / uniform [95 %], wins",
+               "(shuffled − score) / uniform [95 %], wins", "finds the plants"], "lrrl", finds),
+        f"Scores that find the plants by the criterion: {', '.join(found) or 'none'}.")
 
 
 def smollm2_lines(root: Path) -> list[str]:
@@ -383,22 +371,23 @@ def smollm2_lines(root: Path) -> list[str]:
              a["seed"], f"{a['steps']} × {a['batch_size']}",
              f"{100 * r['metrics']['accuracy']:.2f}", f"{r['seconds']['per_step']:.2f}",
              f"{r['seconds']['calibration']:.1f}"] for r in runs for a in [r["args"]]]
-    return ["", "## SmolLM2-135M-Instruct on SST-2 prompts (`results/smollm2/`)", "", *table(
+    return section("SmolLM2-135M-Instruct on SST-2 prompts (`results/smollm2/`)", table(
         ["method", "seed", "steps × batch", "dev accuracy", "s/step", "calibration s"],
-        "lrrrrr", rows)] if rows else []
+        "lrrrrr", rows)) if rows else []
 
 
 def lr_lines(root: Path) -> list[str]:
     """The chosen lr per method and task, beside its held-out metric at each lr in LRS."""
     res = lr_results(root)
-    chosen, lrs = chosen_lrs(res), [f"{lr:g}" for lr in LRS]
+    chosen = chosen_lrs(res)
     rows = [[t, m, *(f"{v[lr]:.4f}" if lr in v else "" for lr in LRS),
              f"{chosen[t][m]:g}" if m in chosen[t] else "(unfinished)"]
             for t, ms in res.items() for m, v in ms.items()]
-    return ["", f"## Chosen lr per method and task (`{root.as_posix()}/`)", "", "Seed 0, the "
-            "task metric on 10 % of train.tsv held out (`--eval-fraction 0.1`, never dev.tsv); "
-            "ties go to the smaller lr.", "", *table(["task", "method", *lrs, "chosen"],
-                                                    "llrrrr", rows)] if rows else []
+    return section(f"Chosen lr per method and task (`{root.as_posix()}/`)", "Seed 0, the task "
+                   "metric on 10 % of train.tsv held out (`--eval-fraction 0.1`, never dev.tsv); "
+                   "ties go to the smaller lr.", table(["task", "method", *(f"{lr:g}" for lr in
+                                                                             LRS), "chosen"],
+                                                       "llrrrr", rows)) if rows else []
 
 
 def results_page(cells: list[dict], v: dict, svgs: dict[str, str], out: Path,
@@ -414,14 +403,14 @@ def results_page(cells: list[dict], v: dict, svgs: dict[str, str], out: Path,
     for task, device in tables_of(cells):
         mine = [c for c in cells if (c["task"], c["device"]) == (task, device)]
         roots = "`, `".join(sorted({f"{c['root']}/{task}/" for c in mine}))
-        lines += ["", f"## {task} on {device} (`{roots}`)", ""]
-        lines += task_table(mine, task, seeds, v["tables"][f"{task} on {device}"]["methods"])
-        if svg := svgs.get(f"{task} on {device}"):
-            lines += ["", f"![FIM-LoRA's ranks on {task}, {device}, layer × module]({svg})"]
-    speed = [f"[{n}]({n})" for n in ("bench.md", "bench_cuda.md") if (out / n).exists()]
-    lines += ["", f"## Speed: make bench's own tables, {', '.join(speed)}"] if speed else []
+        svg = svgs.get(f"{task} on {device}")
+        lines += section(f"{task} on {device} (`{roots}`)", task_table(
+            mine, task, seeds, v["tables"][f"{task} on {device}"]["methods"]), *(
+            [f"![FIM-LoRA's ranks on {task}, {device}, layer × module]({svg})"] if svg else []))
+    if speed := [f"[{n}]({n})" for n in ("bench.md", "bench_cuda.md") if (out / n).exists()]:
+        lines += section(f"Speed: make bench's own tables, {', '.join(speed)}")
     for name in ("planted_study.json", "planted_study_anywhere.json"):
-        lines += ["", *planted_lines(read_json(out / name))] if (out / name).exists() else []
+        lines += planted_lines(read_json(out / name)) if (out / name).exists() else []
     lines += smollm2_lines(out / "smollm2") + lr_lines(lrs or out / "lr")
     return "\n".join(x if x.startswith("|") else textwrap.fill(x, 100, break_on_hyphens=False)
                      for x in lines) + "\n"
@@ -453,14 +442,13 @@ def replace_block(text: str, name: str, lines: list[str], path: Path) -> str:
 
 
 # -----------------------------------------------------------------------------
-# writing: every file computed first, then all renamed together
+# writing: every file computed first (a damaged input writes nothing), then each atomically
 
 
-def report_files(root: Path, out: Path | None = None,
-                 readme: Path | None = None) -> tuple[dict, dict[Path, str]]:
-    """(verdicts, {path: text}): the page and rank maps in `out` (results/ for the project's
-    cells, else root) and, for the project's cells, README.md's two blocks."""
-    own = own_root(root)
+def write_report(root: Path, out: Path | None = None, readme: Path | None = None) -> dict:
+    """The page and rank maps into `out` (results/ for the project's cells, else root) and, for
+    the project's cells, README.md's two blocks. Returns the verdicts."""
+    own = root.resolve() == CELLS.resolve()
     out, readme = out or (RESULTS if own else root), readme or (README if own else None)
     cells = read_root(root)
     v, files, svgs = verdicts(cells), {}, {}
@@ -479,29 +467,9 @@ def report_files(root: Path, out: Path | None = None,
         run = out / "make_run" / "results.json"
         files[readme] = replace_block(text, "run", run_block(read_json(run)), readme) \
             if run.exists() else text
-    return v, files
-
-
-def write_report(root: Path, out: Path | None = None, readme: Path | None = None) -> dict:
-    """report_files, each to a temp file beside it, then all renamed: a failure or a kill while
-    writing leaves every old file as it was. Returns the verdicts."""
-    v, files = report_files(root, out, readme)
-    next(iter(files)).parent.mkdir(parents=True, exist_ok=True)
-    tmps: dict[Path, str] = {}
-    try:
-        for path, text in files.items():
-            fd, tmps[path] = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmps[path], 0o644)  # mkstemp's 0o600 would hide the page
-        for path, tmp in tmps.items():
-            os.replace(tmp, path)
-    finally:
-        for tmp in tmps.values():
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+    out.mkdir(parents=True, exist_ok=True)
+    for path, text in files.items():
+        atomic_write(path, lambda f, text=text: f.write(text.encode()))
     print(f"wrote {', '.join(p.as_posix() for p in files)}")
     return v
 

@@ -329,8 +329,8 @@ def test_a_stopped_peer_cell_resumes_bitwise(tmp_path, monkeypatch, sst2_rows, p
     from study import peers
     _peft(), _minilm()
     quick = ["--method", "lora", "--model", "minilm", "--task", "sst2", "--data-dir", str(SST2),
-             "--max-train", "64", "--max-eval", "32", "--max-len", "32", "--batch-size", "8",
-             "--r", "4", "--steps", "6", "--log-every", "1", "--seed", "3", "--threads", "1"]
+             "--max-train", "64", "--max-eval", "16", "--max-len", "16", "--batch-size", "4",
+             "--r", "2", "--steps", "5", "--log-every", "1", "--seed", "3", "--threads", "1"]
     full = peers.cell(peer, [*quick, "--out", str(tmp_path / "full")])
     real = train.log_step
 
