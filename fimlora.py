@@ -39,7 +39,7 @@ def _adapted(model: nn.Module) -> dict[str, LoRALinear]:
     merged = [n for n, m in layers.items() if m.merged]
     if merged:
         raise ValueError(f"layers {merged[:5]} are merged, so their adapters are not in the "
-                         "graph: call unmerge_lora(model) first")
+                         "graph: call merge_lora(model, False) first")
     return layers
 
 

@@ -179,18 +179,16 @@ def resize_lora(layer: LoRALinear, new_r: int, alpha: float | None = None,
     alpha = layer.alpha if alpha is None else alpha
     _check(new_r, alpha, where="resize_lora: ")
     if layer.merged:
-        raise ValueError("resize_lora on a merged layer would lose ΔW: unmerge_lora(model) first")
+        raise ValueError("resize_lora on a merged layer would lose ΔW: merge_lora(model, False) "
+                         "first")
     layer._make_adapter(int(new_r), generator)
     layer.alpha = float(alpha)
 
 
 def merge_lora(model: nn.Module, merged: bool = True) -> None:
+    """W0 <- W0 + s·B A in every LoRA layer; merged=False undoes it (unmerge)."""
     for layer in lora_layers(model).values():
         layer.merge(merged)
-
-
-def unmerge_lora(model: nn.Module) -> None:
-    merge_lora(model, False)
 
 
 def lora_state_dict(model: nn.Module, heads: Sequence[str] = ()) -> dict[str, torch.Tensor]:
@@ -212,7 +210,7 @@ def load_lora_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], *,
         raise ValueError(f"{where}: not a state dict (a dict of names to tensors)")
     params, layers = dict(model.named_parameters()), lora_layers(model)
     if any(m.merged for m in layers.values()):
-        raise ValueError(f"{where}: LoRA layers are merged: unmerge_lora(model) first")
+        raise ValueError(f"{where}: LoRA layers are merged: merge_lora(model, False) first")
     need = [f"{n}.lora_{x}" for n in layers for x in "AB" if (ranks or {}).get(n) != 0]
     need += [f"{h}.{k}" for h in heads for k, _ in model.get_submodule(h).named_parameters()]
     missing, unexpected = [k for k in need if k not in sd], [k for k in sd if k not in params]
