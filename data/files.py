@@ -126,15 +126,12 @@ def read_rows(path: str | os.PathLike, header: Sequence[str] | None = None) -> l
 # fields
 
 
-def _fields(row: Row) -> str:
-    return ", ".join(map(repr, list(row.fields)[:8])) or "none"
-
-
 def _text(row: Row, name: str, fix: str, label: bool = False) -> str:
     """Field `name` as non-empty UTF-8 text, else ValueError naming the row and `fix`. A label
     may also be a JSON int (taken as its digits, so CSV and JSONL files agree)."""
     if name not in row.fields:
-        raise ValueError(f"{row.where}: no field {name!r} (the row has {_fields(row)}); {fix}")
+        has = ", ".join(map(repr, list(row.fields)[:8])) or "none"
+        raise ValueError(f"{row.where}: no field {name!r} (the row has {has}); {fix}")
     value = row.fields[name]
     value = str(value) if label and type(value) is int else value  # not a bool
     if not isinstance(value, str):
@@ -150,15 +147,6 @@ def _text(row: Row, name: str, fix: str, label: bool = False) -> str:
         raise ValueError(f"{row.where}: field {name!r} holds a lone surrogate escape, not "
                          "UTF-8 text; fix the row") from None
     return value
-
-
-def default_text_field(rows: Sequence[Row]) -> str:
-    """The first of TEXT_FIELDS the first row has."""
-    for name in TEXT_FIELDS:
-        if name in rows[0].fields:
-            return name
-    raise ValueError(f"{rows[0].where}: no 'text' or 'sentence' field (the row has "
-                     f"{_fields(rows[0])}); pass --text-field NAME")
 
 
 def to_examples(rows: Sequence[Row], text_field: str, pair_field: str | None, label_field: str,

@@ -19,7 +19,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import causal, files, glue, planted
-from data.metrics import accuracy, class_metrics
 from lora import name_matches
 from models import load_model
 from models.checkpoint import is_decoder
@@ -146,7 +145,7 @@ def completion_task(args: argparse.Namespace, device: torch.device, rng: Rng, tr
             prompt = causal.Prompt("{a}", tuple(labels), eos=True)
             preds = causal.predict(m, tok, prompt, [glue.Example(c.prompt, None, 0) for c in dev],
                                    args.batch_size, args.max_len)
-            out["accuracy"] = accuracy(preds, [labels.index(c.completion) for c in dev])
+            out["accuracy"] = glue.accuracy(preds, [labels.index(c.completion) for c in dev])
         return out
     epoch = lambda g: causal.completion_batches(  # noqa: E731
         train, tok, args.batch_size, args.max_len, g)
@@ -187,8 +186,8 @@ def data_task(args: argparse.Namespace, device: torch.device, rng: Rng) -> Task:
                                  f"{len(labels)} completions of {args.data} (a label set): fix "
                                  "the row or add the class to the training file")
     else:
-        fields = (args.text_field or files.default_text_field(rows), args.pair_field,
-                  args.label_field)
+        text = next((f for f in files.TEXT_FIELDS if f in rows[0].fields), "text")
+        fields = (args.text_field or text, args.pair_field, args.label_field)
         train, labels = files.to_examples(rows, *fields)
         dev = files.to_examples(eval_rows, *fields, labels)[0] if eval_rows else None
     if dev is None:
@@ -201,7 +200,7 @@ def data_task(args: argparse.Namespace, device: torch.device, rng: Rng) -> Task:
         return completion_task(args, device, rng, train, dev, labels, info)
     extra = ("f1", "mcc") if len(labels) == 2 else ()
     return classify_task(args, device, rng, train, dev, len(labels),
-                         lambda p, y: class_metrics(p, y, extra),
+                         lambda p, y: glue.class_metrics(p, y, extra),
                          lambda tok: causal.data_prompt(tok, labels, args.pair_field is not None),
                          info)
 

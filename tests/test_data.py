@@ -1,4 +1,4 @@
-"""Tests for data/glue.py (reader, batching) and data/metrics.py (data/planted.py:
+"""Tests for data/glue.py: reader, batching, metrics (data/planted.py:
 tests/test_planted.py).
 
 Oracles: GLUE rows written in tmp_path in the exact download_glue_data.py formats; metrics
@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from data.glue import TASKS, Example, batches, compute_metrics, load_glue, task_spec
-from data.metrics import class_metrics, f1_score, matthews_corrcoef, pearson, spearman
+from data.glue import class_metrics, f1_score, matthews_corrcoef, pearson, spearman
 
 SST2 = Path(__file__).resolve().parents[1].parent / "shared/data/glue/SST-2"
 
