@@ -216,8 +216,8 @@ def planted_task(args: argparse.Namespace, device: torch.device, rng: Rng) -> Ta
     if unmatched:
         raise ValueError(f"--targets {args.targets}: {', '.join(unmatched)} matches no nn.Linear "
                          f"of --model {args.model}; use suffixes of its module names")
-    reach = math.inf if args.plants == "anywhere" else planted.REACH
-    teacher, truth = planted.plant(model, names, generator=rng["init"], reach=reach)
+    reach = {"reach": math.inf} if args.plants == "anywhere" else {}  # else plant's REACH
+    teacher, truth = planted.plant(model, names, generator=rng["init"], **reach)
     model.to(device), teacher.to(device)
     vocab, seq = planted.vocab_size(model), min(args.max_len, 32)
 
