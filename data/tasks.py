@@ -154,7 +154,8 @@ def completion_task(args: argparse.Namespace, device: torch.device, rng: Rng, tr
 
 def split_rows(rows: list, fraction: float, seed: int) -> tuple[list, list]:
     """(train, eval) rows in file order: round(fraction·n) rows (at least one, and one left to
-    train) held out by a generator seeded from `seed` alone.  split_rows(rows10, 0.2, 0)[1]: 2"""
+    train) held out by a generator seeded from `seed` alone.
+    split_rows(list(range(10)), 0.2, 0) == ([1, 2, 3, 5, 6, 7, 8, 9], [0, 4])"""
     n = len(rows)
     if n < 2:
         raise ValueError(f"--data has {n} row: --eval-fraction needs 2 rows or more; pass "
