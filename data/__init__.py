@@ -1,2 +1,2 @@
-"""Data for fimlora: tasks (the Task train.py trains on), glue (GLUE reader, batching, metrics),
-causal (prompts for decoders), files (--data FILE), planted (the embedded task), metrics."""
+"""Data for fimlora: tasks (the Task train.py trains on), glue (GLUE tasks, batching, metrics),
+files (the row reader: --data FILE and GLUE), causal (prompts for decoders), planted."""

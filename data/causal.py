@@ -57,10 +57,7 @@ def prompt_for(task: str | Prompt) -> Prompt:
 def format_prompt(task: str | Prompt, example: Example) -> str:
     """The prompt of one example, without the answer.
     format_prompt("sst2", Example("a fine film", None, 1)) == "Review: a fine film\\nSentiment:" """
-    template = prompt_for(task).template
-    if ("{b}" in template) != (example.text_b is not None):
-        raise ValueError(f"task {task!r} got text_b={example.text_b!r}: pairs? is this its file?")
-    return template.format(a=example.text_a, b=example.text_b)
+    return prompt_for(task).template.format(a=example.text_a, b=example.text_b)
 
 
 def label_token_ids(tokenizer, task: str | Prompt) -> list[list[int]]:
@@ -151,21 +148,16 @@ def _row_nll(model: nn.Module, tokenizer, rows: list[list[int]],
 @torch.no_grad()
 def label_scores(model: nn.Module, tokenizer, task: str | Prompt, examples: Sequence[Example],
                  batch_size: int = 32, max_len: int = 128) -> torch.Tensor:
-    """(N, n_labels): log p(label word | prompt), summed over the word's tokens, in eval mode
-    (the model's mode is put back)."""
+    """(N, n_labels): log p(label word | prompt), summed over the word's tokens (call it in eval
+    mode, as the Task's evaluate does)."""
     answers = label_token_ids(tokenizer, task)
-    was_training = model.training
-    model.eval()
-    try:
-        out = [torch.zeros(0, len(answers))]
-        for start in range(0, len(examples), batch_size):
-            prompts = [encode_prompt(tokenizer, task, e, max_len)
-                       for e in examples[start:start + batch_size]]
-            out.append(torch.stack([-_row_nll(model, tokenizer, [p + a for p in prompts],
-                                              [len(a)] * len(prompts)) for a in answers], 1).cpu())
-        return torch.cat(out)
-    finally:
-        model.train(was_training)
+    out = [torch.zeros(0, len(answers))]
+    for start in range(0, len(examples), batch_size):
+        prompts = [encode_prompt(tokenizer, task, e, max_len)
+                   for e in examples[start:start + batch_size]]
+        out.append(torch.stack([-_row_nll(model, tokenizer, [p + a for p in prompts],
+                                          [len(a)] * len(prompts)) for a in answers], 1).cpu())
+    return torch.cat(out)
 
 
 def predict(model: nn.Module, tokenizer, task: str | Prompt, examples: Sequence[Example],

@@ -1,6 +1,7 @@
-"""Your own data (train.py --data FILE): a validating reader for .csv (RFC 4180, a header line),
-.tsv (a header line, split on tabs, no quoting, as GLUE) and .jsonl (one JSON object per line).
-Files are UTF-8, regular, at most MAX_BYTES; a bad row raises ValueError naming `file:line`.
+"""Rows from files: your own data (train.py --data FILE) and GLUE's .tsv files (data/glue.py).
+Formats: .csv (RFC 4180, a header line), .tsv (a header line, split on tabs, no quoting, as
+GLUE) and .jsonl (one JSON object per line). Files are UTF-8, regular, at most MAX_BYTES; a bad
+row raises ValueError naming `file:line`.
 
     train, labels = to_examples(read_rows("reviews.csv"), "text", None, "label")
 """
@@ -18,11 +19,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
-from data.glue import MAX_BYTES, Example, read_text, tsv_lines
+from lora import read_regular
 
+MAX_BYTES = 1 << 30  # of one file, held in memory (MNLI's train.tsv, the largest, is 80 MB)
 FORMATS = (".csv", ".tsv", ".jsonl")
 TEXT_FIELDS = ("text", "sentence")  # --text-field's default: the first one the file has
 _INT = re.compile(r"-?[0-9]{1,18}")  # an integer label; longer digit strings stay strings
+
+
+class Example(NamedTuple):
+    text_a: str
+    text_b: str | None
+    label: int | float  # class id (HF `datasets` ids), or the STS-B score in [0, 5]
 
 
 class Row(NamedTuple):
@@ -35,7 +43,7 @@ class Completion(NamedTuple):
     completion: str
 
 
-def _csv_lines(path: Path, text: str) -> list[tuple[int, list[str]]]:
+def _csv_records(path: Path, text: str) -> list[tuple[int, list[str]]]:
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     records, start = [], 1
     try:
@@ -48,9 +56,13 @@ def _csv_lines(path: Path, text: str) -> list[tuple[int, list[str]]]:
     return records
 
 
-def _table(path: Path, records: list[tuple[int, list[str]]], stray: str) -> list[Row]:
-    """(line, fields) records, blank lines dropped, the first the header, as Rows."""
+def _table(path: Path, records: list[tuple[int, list[str]]], stray: str,
+           header: Sequence[str] | None) -> list[Row]:
+    """(line, fields) records as Rows, blank lines dropped; the first one is the header unless
+    `header` names the columns."""
     records = [(n, v) for n, v in records if v != [""] and v != []]
+    if header is not None:
+        records.insert(0, (0, list(header)))
     if not records:
         raise ValueError(f"{path}:1: the file is empty: the first line must name the columns")
     (at, header), records = records[0], records[1:]
@@ -82,22 +94,29 @@ def _jsonl(path: Path, text: str) -> list[Row]:
     return rows
 
 
-def read_rows(path: str | os.PathLike, max_bytes: int = MAX_BYTES) -> list[Row]:
-    """The data rows of a .csv, .tsv or .jsonl file, in file order (at least one).
+def read_rows(path: str | os.PathLike, header: Sequence[str] | None = None) -> list[Row]:
+    """The data rows of a .csv, .tsv or .jsonl file, in file order (at least one); `header`
+    names the columns of a table that has no header line (GLUE's CoLA).
     read_rows("reviews.csv")[0] == Row("reviews.csv:2", {"text": "fine", "label": "pos"})"""
-    path = Path(path)
-    text = read_text(path, max_bytes, "save the file as UTF-8")
-    kind = path.suffix.lower()
-    if kind not in FORMATS:
+    path, kind = Path(path), Path(path).suffix.lower()
+    data = read_regular(path, MAX_BYTES)
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: byte {data[e.start]:#04x} at offset {e.start} is not "
+                         "UTF-8; save the file as UTF-8") from None
+    if kind == ".csv":
+        rows = _table(path, _csv_records(path, text), "comma or quote", header)
+    elif kind == ".tsv":  # split on "\n" and "\t" only; a trailing "\r" dropped
+        lines = [line.rstrip("\r").split("\t") for line in text.split("\n")]
+        rows = _table(path, list(enumerate(lines, 1)), "tab or newline in the text", header)
+    elif kind == ".jsonl":
+        rows = _jsonl(path, text)
+    else:
         hint = " (JSON Lines: one object per line, named .jsonl)" if kind == ".json" else ""
         raise ValueError(f"{path}: unknown format {path.suffix or '(no extension)'!r}{hint}: "
                          f"name the file {', '.join(FORMATS)}")
-    if kind == ".jsonl":
-        rows = _jsonl(path, text)
-    elif kind == ".csv":
-        rows = _table(path, _csv_lines(path, text), "comma or quote")
-    else:
-        rows = _table(path, list(enumerate(tsv_lines(text), 1)), "tab or newline in the text")
     if not rows:
         raise ValueError(f"{path}:1: no data rows; add rows (a header-only or empty file)")
     return rows
@@ -107,25 +126,19 @@ def read_rows(path: str | os.PathLike, max_bytes: int = MAX_BYTES) -> list[Row]:
 # fields
 
 
-def _fields(row: Row, n: int = 8) -> str:
-    return ", ".join(map(repr, list(row.fields)[:n])) or "none"
-
-
 def _text(row: Row, name: str, fix: str, label: bool = False) -> str:
     """Field `name` as non-empty UTF-8 text, else ValueError naming the row and `fix`. A label
     may also be a JSON int (taken as its digits, so CSV and JSONL files agree)."""
     if name not in row.fields:
-        raise ValueError(f"{row.where}: no field {name!r} (the row has {_fields(row)}); {fix}")
+        has = ", ".join(map(repr, list(row.fields)[:8])) or "none"
+        raise ValueError(f"{row.where}: no field {name!r} (the row has {has}); {fix}")
     value = row.fields[name]
-    if label and (isinstance(value, bool) or not isinstance(value, (str, int))):
-        what = "a float: regression is not supported" if isinstance(value, float) else \
-            f"a {type(value).__name__}"
-        raise ValueError(f"{row.where}: label {json.dumps(value)[:40]} is {what}; labels are "
-                         "class names (strings) or ids (ints)")
-    value = str(value) if label else value
+    value = str(value) if label and type(value) is int else value  # not a bool
     if not isinstance(value, str):
-        raise ValueError(f"{row.where}: field {name!r} is {json.dumps(value)[:40]} (a "
-                         f"{type(value).__name__}), not a string; quote it")
+        what = ("a float: regression is not supported" if isinstance(value, float) else
+                f"a {type(value).__name__}")
+        raise ValueError(f"{row.where}: field {name!r} is {json.dumps(value)[:40]} ({what}), "
+                         f"not a string{' or an integer' if label else ''}; fix the row")
     if not value.strip():
         raise ValueError(f"{row.where}: field {name!r} is empty; fill it or drop the row")
     try:
@@ -134,15 +147,6 @@ def _text(row: Row, name: str, fix: str, label: bool = False) -> str:
         raise ValueError(f"{row.where}: field {name!r} holds a lone surrogate escape, not "
                          "UTF-8 text; fix the row") from None
     return value
-
-
-def default_text_field(rows: Sequence[Row]) -> str:
-    """The first of TEXT_FIELDS the first row has."""
-    for name in TEXT_FIELDS:
-        if name in rows[0].fields:
-            return name
-    raise ValueError(f"{rows[0].where}: no 'text' or 'sentence' field (the row has "
-                     f"{_fields(rows[0])}); pass --text-field NAME")
 
 
 def to_examples(rows: Sequence[Row], text_field: str, pair_field: str | None, label_field: str,
@@ -156,9 +160,8 @@ def to_examples(rows: Sequence[Row], text_field: str, pair_field: str | None, la
     raw = [_text(r, label_field, fix("label"), label=True) for r in rows]
     if labels is None:
         ints = all(_INT.fullmatch(v) for v in raw)
-        floats = [i for i, v in enumerate(raw) if not _INT.fullmatch(v)]
-        if floats and all(_finite(v) for v in raw):
-            i = floats[0]
+        if not ints and all(_finite(v) for v in raw):
+            i = next(i for i, v in enumerate(raw) if not _INT.fullmatch(v))
             raise ValueError(f"{rows[i].where}: label {raw[i]!r} is a float: regression is not "
                              "supported; use class names or integer ids")
         labels = tuple(sorted({int(v) for v in raw} if ints else set(raw)))

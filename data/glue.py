@@ -1,8 +1,11 @@
-"""GLUE (Wang et al. 2018, arXiv:1804.07461) as download_glue_data.py ships it: a validating
-reader (a bad row raises ValueError naming `file:line`), batching, and the task metrics.
+"""GLUE (Wang et al. 2018, arXiv:1804.07461) as download_glue_data.py ships it: the tasks, a
+reader (data/files.py's: a bad row raises ValueError naming `file:line`), batching, and the task
+metrics in pure Python (float64 sums) as sklearn / scipy define them, except that an undefined
+correlation (a constant side) is 0.
 
     train = load_glue("sst2", "../shared/data/glue/SST-2", "train")   # list[Example]
     for batch in batches(train, tok, batch_size=32, max_len=128, generator=g): ...
+    class_metrics([1, 0, 1], [1, 0, 0], ("f1", "mcc"))   # {"accuracy": 2/3, "f1": 2/3, "mcc": 0.5}
 """
 
 from __future__ import annotations
@@ -17,32 +20,23 @@ from typing import NamedTuple
 
 import torch
 
-from data.metrics import class_metrics, pearson, spearman
-from lora import read_regular
+from data.files import Example, read_rows
 
-MAX_BYTES = 1 << 30  # of one file, held in memory (MNLI's train.tsv, the largest, is 80 MB)
 _SCORE = re.compile(r"[0-9]+(\.[0-9]*)?|\.[0-9]+")  # an STS-B score
 GLUE_SOURCE = ("download GLUE with download_glue_data.py from "
                "https://github.com/nyu-mll/GLUE-baselines (or https://gluebenchmark.com/tasks)")
 GROUP_POOL = 50  # batches per length-sorted pool, as HF Trainer's group_by_length (megabatch)
-
-
-class Example(NamedTuple):
-    text_a: str
-    text_b: str | None
-    label: int | float  # class id (HF `datasets` ids), or the STS-B score in [0, 5]
+COLA_COLUMNS = ("source", "label", "author_label", "sentence")  # CoLA has no header line
 
 
 class TaskSpec(NamedTuple):
     folder: str  # the GLUE folder name, e.g. "SST-2"
     dev_file: str
-    header: str | None  # the label column's header name; None: no header line (CoLA)
-    text_a: int  # column indices; negative counts from the end
-    text_b: int | None
-    label: int
+    text_a: str  # column names, as in the file's header
+    text_b: str | None
+    label: str
     labels: tuple[str, ...] | None  # raw label strings in id order; None = float score
     metrics: tuple[str, ...]  # the first one is the usual model-selection metric
-    n_fields: int | None = None  # fixed field count when there is no header (CoLA)
 
     @property
     def num_labels(self) -> int:
@@ -53,110 +47,64 @@ class TaskSpec(NamedTuple):
         return 2 if self.text_b is None else 3
 
 
-_BIN = ("0", "1")
-_NLI = ("entailment", "not_entailment")
+_BIN, _NLI = ("0", "1"), ("entailment", "not_entailment")
+_ONE, _PAIR = ("sentence", None, "label"), ("sentence1", "sentence2")
 TASKS: dict[str, TaskSpec] = {
-    "sst2": TaskSpec("SST-2", "dev.tsv", "label", 0, None, 1, _BIN, ("accuracy",)),
-    "cola": TaskSpec("CoLA", "dev.tsv", None, 3, None, 1, _BIN, ("mcc", "accuracy"), n_fields=4),
-    "rte": TaskSpec("RTE", "dev.tsv", "label", 1, 2, 3, _NLI, ("accuracy",)),
-    "mrpc": TaskSpec("MRPC", "dev.tsv", "Quality", 3, 4, 0, _BIN, ("f1", "accuracy")),
-    "qnli": TaskSpec("QNLI", "dev.tsv", "label", 1, 2, 3, _NLI, ("accuracy",)),
-    "qqp": TaskSpec("QQP", "dev.tsv", "is_duplicate", 3, 4, 5, _BIN, ("f1", "accuracy")),
-    "mnli": TaskSpec("MNLI", "dev_matched.tsv", "gold_label", 8, 9, -1,
+    "sst2": TaskSpec("SST-2", "dev.tsv", *_ONE, _BIN, ("accuracy",)),
+    "cola": TaskSpec("CoLA", "dev.tsv", *_ONE, _BIN, ("mcc", "accuracy")),
+    "rte": TaskSpec("RTE", "dev.tsv", *_PAIR, "label", _NLI, ("accuracy",)),
+    "mrpc": TaskSpec("MRPC", "dev.tsv", "#1 String", "#2 String", "Quality", _BIN,
+                     ("f1", "accuracy")),
+    "qnli": TaskSpec("QNLI", "dev.tsv", "question", "sentence", "label", _NLI, ("accuracy",)),
+    "qqp": TaskSpec("QQP", "dev.tsv", "question1", "question2", "is_duplicate", _BIN,
+                    ("f1", "accuracy")),
+    "mnli": TaskSpec("MNLI", "dev_matched.tsv", *_PAIR, "gold_label",
                      ("entailment", "neutral", "contradiction"), ("accuracy",)),
-    "stsb": TaskSpec("STS-B", "dev.tsv", "score", 7, 8, -1, None, ("pearson", "spearman")),
+    "stsb": TaskSpec("STS-B", "dev.tsv", *_PAIR, "score", None, ("pearson", "spearman")),
 }
 
 
 def task_spec(task: str) -> TaskSpec:
     """The spec of a GLUE task, by key or folder name.  task_spec("sts-b").folder == "STS-B" """
-    key = task.lower().replace("-", "").replace("_", "")
+    key = task.lower().replace("-", "")
     if key not in TASKS:
         raise ValueError(f"unknown GLUE task {task!r}: use one of {', '.join(TASKS)}")
     return TASKS[key]
-
-
-# -----------------------------------------------------------------------------
-# reading (data/files.py reads --data files with the same two helpers)
-
-
-def read_text(path: Path, limit: int, fix: str) -> str:
-    """The UTF-8 text (a BOM allowed) of a regular file of at most `limit` bytes."""
-    data = read_regular(path, limit)
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data[:e.start].count(b"\n") + 1
-        raise ValueError(f"{path}:{line}: byte {data[e.start]:#04x} at offset {e.start} is not "
-                         f"UTF-8; {fix}") from None
-
-
-def tsv_lines(text: str) -> list[list[str]]:
-    """Each line's fields, split on "\\n" and "\\t" only (no quoting; a trailing "\\r" dropped).
-    tsv_lines('a\\t"b\\r\\nc\\n') == [["a", '"b'], ["c"]]"""
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()  # the final newline
-    return [line.rstrip("\r").split("\t") for line in lines]
-
-
-def _task_file(spec: TaskSpec, data_dir: str | Path, split: str) -> Path:
-    root = Path(data_dir)
-    try:  # Path.is_dir() raises PermissionError inside a folder of mode 000
-        if root.is_file():
-            raise ValueError(f"data_dir={str(root)!r} is a file: pass the {spec.folder} folder "
-                             "holding it (or the GLUE root holding that folder)")
-        if not root.is_dir():
-            raise FileNotFoundError(f"GLUE folder {root} does not exist: {GLUE_SOURCE}")
-        folder = root / spec.folder if (root / spec.folder).is_dir() else root
-    except PermissionError as e:
-        raise ValueError(f"cannot read {e.filename}: permission denied: make the data folder "
-                         "readable (chmod -R u+rX) or run as its owner") from None
-    path = folder / ("train.tsv" if split == "train" else spec.dev_file)
-    if not os.path.lexists(path):  # a FIFO or device is named by read_regular, not "missing"
-        raise FileNotFoundError(f"{path} not found: {GLUE_SOURCE}, and pass the {spec.folder} "
-                                "folder (or the GLUE root holding it)")
-    return path
 
 
 def load_glue(task: str, data_dir: str | Path, split: str) -> list[Example]:
     """The examples of a task's train.tsv (split "train") or dev file (split "dev") in data_dir,
     the task folder or the GLUE root holding it; text is kept byte-exact.
     load_glue("sst2", "glue", "dev")[0] == Example("it 's a charming ...", None, 1)"""
-    spec = task_spec(task)
-    path = _task_file(spec, data_dir, split)
-    rows = tsv_lines(read_text(path, MAX_BYTES, "re-download the file (GLUE ships UTF-8)"))
-    first = int(spec.header is not None)
-    if first and rows:
-        header = rows[0]
-        last = max(c if c >= 0 else ~c for c in (spec.text_a, spec.text_b or 0, spec.label))
-        if len(header) <= last or header[spec.label] != spec.header:
-            shown = repr(header)  # a file with "\r" line ends is all one "header" line
-            shown = shown if len(shown) <= 120 else shown[:120] + "…"
-            raise ValueError(f"{path}:1: header {shown} has no {spec.header!r} label column "
-                             f"where {spec.folder} has it; is this the {spec.folder} {split} file?")
-    if len(rows) <= first:  # zero rows would make `while True: yield from batches()` spin
-        raise ValueError(f"{path}:1: the file is empty or has no data rows; re-download it "
-                         f"({GLUE_SOURCE})")
-    n_fields = len(rows[0]) if first else spec.n_fields
+    spec, root = task_spec(task), Path(data_dir)
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"GLUE folder {root} not found or not a folder: {GLUE_SOURCE}")
+    folder = root / spec.folder if os.path.isdir(root / spec.folder) else root
+    path = folder / ("train.tsv" if split == "train" else spec.dev_file)
+    try:
+        rows = read_rows(path, COLA_COLUMNS if spec.folder == "CoLA" else None)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} not found: {GLUE_SOURCE}, and pass the {spec.folder} "
+                                "folder (or the GLUE root holding it)") from None
+    columns = [c for c in (spec.text_a, spec.text_b, spec.label) if c is not None]
+    if missing := [c for c in columns if c not in rows[0].fields]:
+        raise ValueError(f"{path}:1: the header has no {missing[0]!r} column; is this the "
+                         f"{spec.folder} {split} file?")
     examples = []
-    for line, fields in enumerate(rows[first:], first + 1):
-        if len(fields) != n_fields:
-            raise ValueError(f"{path}:{line}: expected {n_fields} tab-separated fields, got "
-                             f"{len(fields)}; fix the row (a stray tab or newline in the text?)")
-        raw = fields[spec.label]
+    for row in rows:
+        raw = row.fields[spec.label]
         if spec.labels is None:  # float() would also take "0_5", " 5", "５"
             label = float(raw) if _SCORE.fullmatch(raw) else math.nan
             if not 0.0 <= label <= 5.0:  # also rejects NaN
-                raise ValueError(f"{path}:{line}: score {raw!r} is not a decimal number in "
+                raise ValueError(f"{row.where}: score {raw!r} is not a decimal number in "
                                  "[0, 5]; fix or drop the row")
-        elif raw not in spec.labels:
-            raise ValueError(f"{path}:{line}: label {raw!r} is not one of {list(spec.labels)}; "
-                             "fix or drop the row (is this the right task's file?)")
-        else:
+        elif raw in spec.labels:
             label = spec.labels.index(raw)
-        text_b = None if spec.text_b is None else fields[spec.text_b]
-        examples.append(Example(fields[spec.text_a], text_b, label))
+        else:
+            raise ValueError(f"{row.where}: label {raw!r} is not one of {list(spec.labels)}; "
+                             "fix or drop the row (is this the right task's file?)")
+        text_b = None if spec.text_b is None else row.fields[spec.text_b]
+        examples.append(Example(row.fields[spec.text_a], text_b, label))
     return examples
 
 
@@ -205,6 +153,67 @@ def batches(examples: Sequence[Example], tokenizer, batch_size: int, max_len: in
     if group_by_length:
         cuts = _grouped(cuts, examples, tokenizer, batch_size, max_len, generator)
     return (_collate([examples[i] for i in cut], tokenizer, max_len) for cut in cuts)
+
+
+# -----------------------------------------------------------------------------
+# metrics
+
+
+def _confusion(preds: Sequence[int], labels: Sequence[int]) -> tuple[int, int, int, int]:
+    """(tp, tn, fp, fn) with class 1 as the positive class."""
+    tp = sum(p == 1 and y == 1 for p, y in zip(preds, labels))
+    tn = sum(p != 1 and y != 1 for p, y in zip(preds, labels))
+    fp = sum(p == 1 and y != 1 for p, y in zip(preds, labels))
+    return tp, tn, fp, len(labels) - tp - tn - fp
+
+
+def accuracy(preds: Sequence, labels: Sequence) -> float:
+    return sum(p == y for p, y in zip(preds, labels)) / len(labels)
+
+
+def matthews_corrcoef(preds: Sequence[int], labels: Sequence[int]) -> float:
+    """Binary MCC = (tp·tn − fp·fn) / √((tp+fp)(tp+fn)(tn+fp)(tn+fn)); 0 when a margin is empty.
+    matthews_corrcoef([1, 0], [1, 0]) == 1.0"""
+    tp, tn, fp, fn = _confusion(preds, labels)
+    den = (tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)
+    return (tp * tn - fp * fn) / math.sqrt(den) if den else 0.0
+
+
+def f1_score(preds: Sequence[int], labels: Sequence[int]) -> float:
+    """F1 of class 1 = 2tp / (2tp + fp + fn); 0 when there is no positive at all."""
+    tp, _, fp, fn = _confusion(preds, labels)
+    return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
+
+
+def class_metrics(preds: Sequence[int], labels: Sequence[int], extra: Sequence[str] = ()) -> dict:
+    """{"accuracy": ..., then each of `extra` ("f1", "mcc")}."""
+    more = {"f1": f1_score, "mcc": matthews_corrcoef}
+    return {"accuracy": accuracy(preds, labels)} | {m: more[m](preds, labels) for m in extra}
+
+
+def pearson(x: Sequence[float], y: Sequence[float]) -> float:
+    """Pearson's r = Σ(x−x̄)(y−ȳ) / √(Σ(x−x̄)²·Σ(y−ȳ)²); 0 when a side is constant.
+    pearson([1, 2], [3, 5]) == 1.0"""
+    if min(x) == max(x) or min(y) == max(y):
+        return 0.0
+    mx, my = math.fsum(x) / len(x), math.fsum(y) / len(y)
+    sxy = math.fsum((a - mx) * (b - my) for a, b in zip(x, y))
+    sxx, syy = math.fsum((a - mx) ** 2 for a in x), math.fsum((b - my) ** 2 for b in y)
+    return sxy / math.sqrt(sxx * syy)
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's ρ = Pearson's r of the ranks, ties sharing their average rank.
+    spearman([1, 2, 2, 3], [1, 3, 2, 4]) == math.sqrt(0.9)"""
+    def ranks(v: Sequence[float]) -> list[float]:
+        r, start = [0.0] * len(v), 0
+        for _, tied in itertools.groupby(sorted(range(len(v)), key=v.__getitem__), v.__getitem__):
+            tied = list(tied)
+            for i in tied:
+                r[i] = start + (len(tied) + 1) / 2
+            start += len(tied)
+        return r
+    return pearson(ranks(x), ranks(y))
 
 
 def compute_metrics(task: str, preds: Sequence, labels: Sequence) -> dict[str, float]:

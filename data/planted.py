@@ -23,10 +23,6 @@ REACH = 10.0  # the reach rule: no plant where ‖ΔW*‖ > REACH·‖W‖ would
 UNREACHED = ("query", "key")  # the module types the reach rule keeps plants off on models.TINY
 
 
-def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: m.weight for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-
-
 def vocab_size(model: nn.Module) -> int:
     """Rows of the model's first nn.Embedding (the token embedding of BERT and LLaMA alike)."""
     return next(m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding))
@@ -64,22 +60,19 @@ def planted_loss(student: nn.Module, teacher: nn.Module, batch: dict[str, torch.
     return _mse(_output(student, batch), target, batch["attention_mask"])
 
 
-def plant(model: nn.Module, names: Sequence[str] | None = None, n_planted: int = 3,
-          rank: int = PLANT_RANK, effect: float = PLANT_EFFECT, *,
-          generator: torch.Generator, probe: dict[str, torch.Tensor] | None = None,
+def plant(model: nn.Module, names: Sequence[str], n_planted: int = 3, rank: int = PLANT_RANK,
+          effect: float = PLANT_EFFECT, *, generator: torch.Generator,
+          probe: dict[str, torch.Tensor] | None = None,
           reach: float = REACH) -> tuple[nn.Module, dict[str, int]]:
-    """A frozen, eval-mode copy of `model` with W_m ← W_m + ΔW*_m on n_planted of `names`
-    (default: every nn.Linear) in torch.randperm order; returns (teacher, {name: rank}).
+    """A frozen, eval-mode copy of `model` with W_m ← W_m + ΔW*_m on n_planted of the nn.Linear
+    `names`, tried in torch.randperm order; returns (teacher, {name: rank}).
     ΔW*_m = σ_m·U Vᵀ, U: (d_out, r) and V: (d_in, r) orthonormal (QR of a Gaussian); σ_m makes
     ΔW*_m alone move the output by `effect` of its RMS on the probe (default: random_batch(vocab,
     16, 32) from `generator`). The reach rule skips a matrix that needs ‖ΔW*‖ > reach·‖W‖.
-    plant(models.BertModel(models.TINY), generator=torch.Generator())[1] == {name: 24, ...}"""
-    weights = _weights(model)
-    names = list(weights) if names is None else list(names)
+    plant(bert, ["encoder.layer.0.output.dense", ...], generator=g)[1] == {name: 24, ...}"""
     order = [names[i] for i in torch.randperm(len(names), generator=generator).tolist()]
     teacher = copy.deepcopy(model).eval().requires_grad_(False)
-    t_weights = _weights(teacher)
-    device = next(iter(t_weights.values())).device
+    device = next(teacher.parameters()).device
     probe = random_batch(vocab_size(model), 16, 32, generator) if probe is None else probe
     probe = {k: v.to(device) for k, v in probe.items()}
     mask, deltas, planted = probe["attention_mask"], {}, {}
@@ -89,7 +82,7 @@ def plant(model: nn.Module, names: Sequence[str] | None = None, n_planted: int =
         for name in order:
             if len(planted) == n_planted:
                 break
-            W = t_weights[name]
+            W = teacher.get_submodule(name).weight
             W0 = W.clone()
             U = torch.linalg.qr(torch.randn(W.shape[0], rank, generator=generator))[0]
             V = torch.linalg.qr(torch.randn(W.shape[1], rank, generator=generator))[0]
@@ -111,7 +104,7 @@ def plant(model: nn.Module, names: Sequence[str] | None = None, n_planted: int =
                              f"by effect={effect} with ‖ΔW*‖ <= {reach}·‖W‖ (found "
                              f"{list(planted)}): lower effect or n_planted, or pass more names")
         for name, delta in deltas.items():
-            t_weights[name].add_(delta)
+            teacher.get_submodule(name).weight.add_(delta)
     return teacher, planted
 
 

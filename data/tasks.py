@@ -19,7 +19,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import causal, files, glue, planted
-from data.metrics import accuracy, class_metrics
 from lora import name_matches
 from models import load_model
 from models.checkpoint import is_decoder
@@ -50,26 +49,24 @@ class Task(NamedTuple):
     info: dict | None = None  # --data: the files, the split and the label ids (results.json)
 
 
-def _evaluation(evaluate: Callable, device: torch.device) -> Callable[[nn.Module], dict]:
+def _task(model: nn.Module, heads: list[str], epoch: Callable, n_train: int | None,
+          loss_fn: Callable, evaluate: Callable, device: torch.device, train_mode: bool = True,
+          planted: dict | None = None, info: dict | None = None) -> Task:
+    """A Task training on epoch(g) after epoch(g) and evaluating in eval mode and autocast,
+    without gradients (the model's mode is put back)."""
+    def train_batches(g: torch.Generator) -> Iterator[dict]:
+        while True:
+            yield from epoch(g)
+
     @torch.no_grad()
-    def run(m: nn.Module) -> dict:  # in eval mode and autocast; m's mode is put back
+    def run(m: nn.Module) -> dict:
         was_training = m.training
         m.eval()
         with autocast(device):
             out = evaluate(m)
         m.train(was_training)
         return out
-    return run
-
-
-def _task(model: nn.Module, heads: list[str], epoch: Callable, train: list, loss_fn: Callable,
-          evaluate: Callable, device: torch.device, info: dict | None) -> Task:
-    """A Task of a file's rows: epoch(g) after epoch(g) to train."""
-    def train_batches(g: torch.Generator) -> Iterator[dict]:
-        while True:
-            yield from epoch(g)
-    return Task(model, heads, train_batches, len(train), loss_fn, _evaluation(evaluate, device),
-                True, info=info)
+    return Task(model, heads, train_batches, n_train, loss_fn, run, train_mode, planted, info)
 
 
 def _decoder_loss(device: torch.device) -> Callable[[nn.Module, dict], torch.Tensor]:
@@ -95,7 +92,7 @@ def classify_task(args: argparse.Namespace, device: torch.device, rng: Rng, trai
             preds = causal.predict(m, tok, task, dev, batch_size=size, max_len=n)
             return metrics(preds, [e.label for e in dev])
         return _task(model, [], lambda g: causal.causal_batches(train, tok, task, size, n, g),
-                     train, _decoder_loss(device), evaluate, device, info)
+                     len(train), _decoder_loss(device), evaluate, device, info=info)
 
     def logits(m: nn.Module, batch: dict) -> torch.Tensor:  # (B, labels)
         b = to_device(batch, device)
@@ -115,7 +112,7 @@ def classify_task(args: argparse.Namespace, device: torch.device, rng: Rng, trai
         return metrics(preds, gold)
     epoch = lambda g: glue.batches(train, tok, size, n, g,  # noqa: E731
                                    group_by_length=args.group_by_length)
-    return _task(model, ["classifier"], epoch, train, loss_fn, evaluate, device, info)
+    return _task(model, ["classifier"], epoch, len(train), loss_fn, evaluate, device, info=info)
 
 
 def glue_task(args: argparse.Namespace, device: torch.device, rng: Rng) -> Task:
@@ -123,9 +120,8 @@ def glue_task(args: argparse.Namespace, device: torch.device, rng: Rng) -> Task:
     train = glue.load_glue(args.task, args.data_dir, "train")
     if args.eval_fraction is None:
         dev = glue.load_glue(args.task, args.data_dir, "dev")
-    else:  # held out of train.tsv; dev.tsv is never read
-        keep, held = split_rows(len(train), args.eval_fraction, HELD_OUT)
-        train, dev = [train[i] for i in keep], [train[i] for i in held]
+    else:  # held out of train.tsv, the same rows for every --seed; dev.tsv is never read
+        train, dev = split_rows(train, args.eval_fraction, HELD_OUT)
     train, dev = train[: args.max_train], dev[: args.max_eval]
     return classify_task(args, device, rng, train, dev, glue.task_spec(args.task).num_labels,
                          lambda p, y: glue.compute_metrics(args.task, p, y),
@@ -149,22 +145,24 @@ def completion_task(args: argparse.Namespace, device: torch.device, rng: Rng, tr
             prompt = causal.Prompt("{a}", tuple(labels), eos=True)
             preds = causal.predict(m, tok, prompt, [glue.Example(c.prompt, None, 0) for c in dev],
                                    args.batch_size, args.max_len)
-            out["accuracy"] = accuracy(preds, [labels.index(c.completion) for c in dev])
+            out["accuracy"] = glue.accuracy(preds, [labels.index(c.completion) for c in dev])
         return out
     epoch = lambda g: causal.completion_batches(  # noqa: E731
         train, tok, args.batch_size, args.max_len, g)
-    return _task(model, [], epoch, train, _decoder_loss(device), evaluate, device, info)
+    return _task(model, [], epoch, len(train), _decoder_loss(device), evaluate, device, info=info)
 
 
-def split_rows(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """(train, eval) row indices in file order: round(fraction·n) rows (at least one) held out
-    by a generator seeded from --seed alone.  split_rows(10, 0.2, 0) -> (8 indices, 2 indices)"""
+def split_rows(rows: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(train, eval) rows in file order: round(fraction·n) rows (at least one, and one left to
+    train) held out by a generator seeded from `seed` alone.
+    split_rows(list(range(10)), 0.2, 0) == ([1, 2, 3, 5, 6, 7, 8, 9], [0, 4])"""
+    n = len(rows)
     if n < 2:
         raise ValueError(f"--data has {n} row: --eval-fraction needs 2 rows or more; pass "
                          "--eval-data FILE")
     k = min(n - 1, max(1, round(fraction * n)))
     held = set(torch.randperm(n, generator=torch.Generator().manual_seed(seed + 4))[:k].tolist())
-    return [i for i in range(n) if i not in held], sorted(held)
+    return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
 
 
 def data_task(args: argparse.Namespace, device: torch.device, rng: Rng) -> Task:
@@ -189,13 +187,12 @@ def data_task(args: argparse.Namespace, device: torch.device, rng: Rng) -> Task:
                                  f"{len(labels)} completions of {args.data} (a label set): fix "
                                  "the row or add the class to the training file")
     else:
-        fields = (args.text_field or files.default_text_field(rows), args.pair_field,
-                  args.label_field)
+        text = next((f for f in files.TEXT_FIELDS if f in rows[0].fields), "text")
+        fields = (args.text_field or text, args.pair_field, args.label_field)
         train, labels = files.to_examples(rows, *fields)
         dev = files.to_examples(eval_rows, *fields, labels)[0] if eval_rows else None
     if dev is None:
-        keep, held = split_rows(len(train), args.eval_fraction, args.seed)
-        train, dev = [train[i] for i in keep], [train[i] for i in held]
+        train, dev = split_rows(train, args.eval_fraction, args.seed)
     train, dev = train[: args.max_train], dev[: args.max_eval]
     info = {"file": args.data, "eval": args.eval_data or f"--eval-fraction {args.eval_fraction}",
             "kind": "completion" if completion else "classification",
@@ -204,7 +201,7 @@ def data_task(args: argparse.Namespace, device: torch.device, rng: Rng) -> Task:
         return completion_task(args, device, rng, train, dev, labels, info)
     extra = ("f1", "mcc") if len(labels) == 2 else ()
     return classify_task(args, device, rng, train, dev, len(labels),
-                         lambda p, y: class_metrics(p, y, extra),
+                         lambda p, y: glue.class_metrics(p, y, extra),
                          lambda tok: causal.data_prompt(tok, labels, args.pair_field is not None),
                          info)
 
@@ -220,9 +217,8 @@ def planted_task(args: argparse.Namespace, device: torch.device, rng: Rng) -> Ta
     if unmatched:
         raise ValueError(f"--targets {args.targets}: {', '.join(unmatched)} matches no nn.Linear "
                          f"of --model {args.model}; use suffixes of its module names")
-    anywhere = getattr(args, "plants", "reach") == "anywhere"
-    teacher, truth = planted.plant(model, names, generator=rng["init"],
-                                   **({"reach": math.inf} if anywhere else {}))
+    reach = {"reach": math.inf} if args.plants == "anywhere" else {}  # else plant's REACH
+    teacher, truth = planted.plant(model, names, generator=rng["init"], **reach)
     model.to(device), teacher.to(device)
     vocab, seq = planted.vocab_size(model), min(args.max_len, 32)
 
@@ -230,13 +226,9 @@ def planted_task(args: argparse.Namespace, device: torch.device, rng: Rng) -> Ta
         with autocast(device):
             return planted.planted_loss(m, teacher, to_device(batch, device)).float()
 
-    def train_batches(g: torch.Generator) -> Iterator[dict]:
-        while True:
-            yield planted.random_batch(vocab, args.batch_size, seq, g)
-
     eval_set = [planted.random_batch(vocab, args.batch_size, seq, rng["eval"]) for _ in range(8)]
 
     def evaluate(m: nn.Module) -> dict:
         return {"loss": sum(loss_fn(m, b).item() for b in eval_set) / len(eval_set)}
-    return Task(model, [], train_batches, None, loss_fn, _evaluation(evaluate, device), False,
-                truth)
+    epoch = lambda g: [planted.random_batch(vocab, args.batch_size, seq, g)]  # noqa: E731
+    return _task(model, [], epoch, None, loss_fn, evaluate, device, False, truth)

@@ -231,6 +231,11 @@ CLI = [
      "classification needs two classes or more"),
     ("--data: a folder", lambda t: ["--data", str(t)], "is not a regular file"),
     ("--data: a .json file", own({"d.json": "[]"}, "--data", "d.json"), "unknown format '.json'"),
+    ("--data: an eval completion outside the label set",
+     own({"d.jsonl": '{"prompt": "p", "completion": " a"}\n' * 2 + '{"prompt": "q", '
+          '"completion": " b"}\n' * 2, "e.jsonl": '{"prompt": "p", "completion": " c"}\n'},
+         "--data", "d.jsonl", "--eval-data", "e.jsonl", "--model", "tiny-llama"),
+     "e.jsonl:1: completion ' c' is not one of the 2 completions"),
     ("--data: prompt → completion on an encoder",
      own({"d.jsonl": '{"prompt": "p", "completion": " c"}\n'}, "--data", "d.jsonl"),
      "train them on a decoder"),

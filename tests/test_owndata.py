@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import train
-from data import causal
+from data import causal, files
 from data.files import Completion, read_rows, to_completions, to_examples
 from data.glue import Example
 from data.tasks import split_rows
@@ -89,7 +89,7 @@ BAD = [  # (file name, content, the message's file:line, text it names)
     ("a.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": true}\n', 2, "a bool"),
     ("a.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": 0\n', 2, "not a JSON line"),
     ("a.jsonl", '{"text": "a", "label": 1}\n[1, 2]\n', 2, "not an object"),
-    ("a.jsonl", '{"text": "a", "label": NaN}\n', 1, "NaN is a float"),
+    ("a.jsonl", '{"text": "a", "label": NaN}\n', 1, "NaN (a float"),
     ("a.jsonl", '{"text": "\\ud800", "label": 1}\n', 1, "lone surrogate"),
     ("a.csv", "text,label\na,1\n ,0\n", 3, "field 'text' is empty"),
     ("a.csv", "text,label\na,1\nb,\n", 3, "field 'label' is empty"),
@@ -128,19 +128,20 @@ def test_unknown_eval_label_and_completion_rows(tmp_path):
     assert to_completions(rows[:1]) == [Completion("p", " c")]
 
 
-def test_only_regular_files_within_the_byte_bound(tmp_path):
+def test_only_regular_files_within_the_byte_bound(tmp_path, monkeypatch):
     (tmp_path / "dir.csv").mkdir()
     with pytest.raises(ValueError, match="not a regular file"):
         read_rows(tmp_path / "dir.csv")
     os.mkfifo(tmp_path / "pipe.csv")  # reading it would block: it must be refused unopened
     with pytest.raises(ValueError, match="not a regular file"):
         read_rows(tmp_path / "pipe.csv")
-    with pytest.raises(ValueError, match="over the 10 accepted"):
-        read_rows(write(tmp_path / "big.csv", reviews()), max_bytes=10)
     with pytest.raises(FileNotFoundError, match="none.csv not found"):
         read_rows(tmp_path / "none.csv")
     with pytest.raises(ValueError, match="named .jsonl"):
         read_rows(write(tmp_path / "a.json", "{}"))
+    monkeypatch.setattr(files, "MAX_BYTES", 10)
+    with pytest.raises(ValueError, match="over the 10 accepted"):
+        read_rows(write(tmp_path / "big.csv", reviews()))
 
 
 def test_unreadable_file_is_named_with_the_fix(tmp_path, monkeypatch):
@@ -198,14 +199,16 @@ def test_split_is_seeded_disjoint_and_draws_from_no_training_stream():
     states = {k: g.get_state() for k, g in rng.items()}
     torch.manual_seed(123)
     before = torch.get_rng_state()
-    keep, held = split_rows(50, 0.2, seed=0)
+    keep, held = split_rows(list(range(50)), 0.2, seed=0)
     assert sorted(keep + held) == list(range(50)) and len(held) == 10
-    assert split_rows(50, 0.2, seed=0) == (keep, held) != split_rows(50, 0.2, seed=1)
+    assert keep == sorted(keep) and held == sorted(held)  # file order
+    assert split_rows(list(range(50)), 0.2, 0) == (keep, held) != split_rows(list(range(50)),
+                                                                              0.2, 1)
     assert torch.equal(torch.get_rng_state(), before)
     assert all(torch.equal(g.get_state(), states[k]) for k, g in rng.items())
-    assert split_rows(2, 0.01, 0)[1] and split_rows(3, 0.99, 0)[0]  # both sides non-empty
+    assert split_rows([0, 1], 0.01, 0)[1] and split_rows([0, 1, 2], 0.99, 0)[0]  # both sides
     with pytest.raises(ValueError, match="--eval-data"):
-        split_rows(1, 0.5, 0)
+        split_rows([0], 0.5, 0)
 
 
 # -----------------------------------------------------------------------------
