@@ -11,8 +11,9 @@ UTF-8 bytes are spelled with GPT-2's byte map, then merged by rank.
 from __future__ import annotations
 
 import functools
-import heapq
+import itertools
 import json
+import math
 import os
 import re
 import sys
@@ -44,43 +45,29 @@ def bytes_to_unicode() -> dict[int, str]:
 @functools.cache
 def _char_class(prefix: str) -> str:
     """Ranges of every code point whose Unicode category starts with `prefix` ("L" or "N")."""
-    ranges, start = [], None
-    for cp in range(sys.maxunicode + 2):
-        inside = cp <= sys.maxunicode and unicodedata.category(chr(cp)).startswith(prefix)
-        if inside and start is None:
-            start = cp
-        elif not inside and start is not None:
-            ranges.append(f"\\U{start:08x}-\\U{cp - 1:08x}")
-            start = None
-    return "".join(ranges)
+    inside = [cp for cp in range(sys.maxunicode + 1) if unicodedata.category(chr(cp))[0] == prefix]
+    runs = itertools.groupby(inside, key=lambda cp, k=itertools.count(): cp - next(k))
+    return "".join(f"\\U{r[0]:08x}-\\U{r[-1]:08x}" for r in (list(g) for _, g in runs))
 
 
 def bpe_merge(parts: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
-    """Apply merges by rank: while some adjacent pair has a rank, every occurrence of the
-    lowest-ranked pair merges, left to right.  bpe_merge(list("aaa"), {("a", "a"): 0}) -> [aa, a]
-    A heap over a linked list: O(n log n) in the piece length, where a rescan is O(n²)."""
-    n = len(parts)
-    sym: list[str | None] = list(parts)
-    nxt, prv = [*range(1, n), -1], [*range(-1, n - 1)]
-    heap = [(r, i) for i in range(n - 1) if (r := ranks.get((parts[i], parts[i + 1]))) is not None]
-    heapq.heapify(heap)
-    while heap:
-        rank, merged = heap[0][0], []
-        while heap and heap[0][0] == rank:
-            i = heapq.heappop(heap)[1]
-            j = nxt[i]
-            if sym[i] is None or j < 0 or ranks.get((sym[i], sym[j])) != rank:
-                continue  # stale: this node merged or was merged since the entry was pushed
-            sym[i], sym[j] = sym[i] + sym[j], None
-            nxt[i] = nxt[j]
-            if nxt[j] >= 0:
-                prv[nxt[j]] = i
-            merged.append(i)
-        for i in merged:
-            for a, b in ((prv[i], i), (i, nxt[i])):
-                if a >= 0 and b >= 0 and (r := ranks.get((sym[a], sym[b]))) is not None:
-                    heapq.heappush(heap, (r, a))
-    return [s for s in sym if s is not None]
+    """Apply merges by rank, minbpe's loop: while some adjacent pair has a rank, every
+    occurrence of the lowest-ranked pair merges, left to right.
+    bpe_merge(list("aaa"), {("a", "a"): 0}) -> ["aa", "a"]"""
+    while len(parts) > 1:
+        pair = min(zip(parts, parts[1:]), key=lambda p: ranks.get(p, math.inf))
+        if pair not in ranks:
+            return parts
+        merged, i = [], 0
+        while i < len(parts):
+            if parts[i] == pair[0] and i + 1 < len(parts) and parts[i + 1] == pair[1]:
+                merged.append(pair[0] + pair[1])
+                i += 2
+            else:
+                merged.append(parts[i])
+                i += 1
+        parts = merged
+    return parts
 
 
 def split_regex(pattern: str) -> re.Pattern:
@@ -138,16 +125,15 @@ def _pre_tokenizer(p, where: str) -> tuple[str, str | None]:
     Digits + ByteLevel (SmolLM2) -> ("smollm", None), Split(regex, Isolated) +
     ByteLevel(use_regex=false) (Llama 3, Qwen2) -> ("gpt2", regex)."""
     seq = p.get("pretokenizers") if isinstance(p, dict) and p.get("type") == "Sequence" else None
-    first, last = seq if isinstance(seq, list) and len(seq) == 2 else (None, p)
-    pattern = first.get("pattern") if isinstance(first, dict) else None
-    if first is None and _byte_level(last, True):
+    first, last = seq if isinstance(seq, list) and len(seq) == 2 else ({}, p)
+    regex = (first.get("pattern") or {}).get("Regex") if isinstance(first, dict) else None
+    if first == {} and _byte_level(last, True):
         return "gpt2", None
     if first == {"type": "Digits", "individual_digits": True} and _byte_level(last, True):
         return "smollm", None
-    if first and first.get("type") == "Split" and first.get("behavior") == "Isolated" and \
-            not first.get("invert") and isinstance(pattern, dict) and \
-            isinstance(pattern.get("Regex"), str) and _byte_level(last, False):
-        return "gpt2", pattern["Regex"]
+    if first.get("type") == "Split" and first.get("behavior") == "Isolated" and \
+            not first.get("invert") and isinstance(regex, str) and _byte_level(last, False):
+        return "gpt2", regex
     raise _refuse(where, "pre-tokenizer", p, "ByteLevel with its gpt2 regex and "
                   "add_prefix_space=false, optionally after Digits(individual_digits=true), or "
                   "an isolating Split regex then ByteLevel(use_regex=false)")
@@ -156,15 +142,14 @@ def _pre_tokenizer(p, where: str) -> tuple[str, str | None]:
 def _template_bos(p, where: str) -> int | None:
     """The BOS id a post-processor prepends: None for none, ByteLevel or a TemplateProcessing
     `$A`; the id for `<bos> $A` (Llama 3); anything else is refused."""
-    bos = None
+    bos, seq_a = None, {"Sequence": {"id": "A", "type_id": 0}}
     steps = p.get("processors") if isinstance(p, dict) and p.get("type") == "Sequence" else [p]
     for q in steps if isinstance(steps, list) else [steps]:
-        single = q.get("single") if isinstance(q, dict) else None
-        if q is None or q == "ByteLevel" or isinstance(q, dict) and q.get("type") == "ByteLevel" \
-                or single == [{"Sequence": {"id": "A", "type_id": 0}}]:
+        if q is None or q == "ByteLevel" or isinstance(q, dict) and (
+                q.get("type") == "ByteLevel" or q.get("single") == [seq_a]):
             continue
-        try:  # [{"SpecialToken": {"id": name}}, {"Sequence": {"id": "A"}}], one id for name
-            (first, second), ids = single, None
+        try:  # [{"SpecialToken": {"id": name}}, $A] with one id for name
+            (first, second), ids = q["single"], None
             if q["type"] == "TemplateProcessing" and second["Sequence"]["id"] == "A":
                 ids = q["special_tokens"][first["SpecialToken"]["id"]]["ids"]
         except (TypeError, KeyError, ValueError):
@@ -249,27 +234,27 @@ class BPETokenizer:
         special_tokens: {"bos_token": str or {"content": str}, ...} (tokenizer_config.json) or
         {"bos_token_id": int, ...} (config.json); pad falls back to eos, then to id 0."""
         model, added = tj.get("model"), tj.get("added_tokens") or []
-        if not isinstance(model, dict) or model.get("type") != "BPE":
-            kind = model.get("type") if isinstance(model, dict) else model
+        kind = model.get("type") if isinstance(model, dict) else model
+        if kind != "BPE":
             raise ValueError(f"{where}: model type {kind!r} is not supported (byte-level BPE only)")
         vocab, merges = model.get("vocab"), model.get("merges")
-        if not isinstance(vocab, dict) or not isinstance(merges, list) or \
-                not isinstance(added, list) or not all(isinstance(a, dict) for a in added):
+        if not (isinstance(vocab, dict) and isinstance(merges, list) and isinstance(added, list)
+                and all(isinstance(a, dict) for a in added)):
             raise ValueError(f"{where}: model.vocab must be an object, model.merges and "
                              "added_tokens lists")
+        # byte-level BPE drops a byte without a token: then an unk_token would differ
+        unk = not set(bytes_to_unicode().values()) <= set(vocab)
         for name in ("dropout", "continuing_subword_prefix", "end_of_word_suffix",
                      "byte_fallback", "unk_token"):
-            # byte-level BPE drops a byte without a token: an unk_token is only ever unused
-            if model.get(name) and (name != "unk_token" or
-                                    not set(bytes_to_unicode().values()) <= set(vocab)):
+            if model.get(name) and (name != "unk_token" or unk):
                 raise ValueError(f"{where}: BPE {name}={model[name]!r} is not supported")
-        by_id = {i: t for t, i in vocab.items() if type(i) is int}
-        for a in added:
-            flags = [f for f in ("lstrip", "rstrip", "single_word") if a.get(f)]
-            if flags:
-                raise ValueError(f"{where}: added token {a.get('content')!r} has {flags[0]}=true,"
-                                 " which is not supported")
-            by_id[a.get("id")] = a.get("content")
+        flags = [(a.get("content"), f) for a in added for f in ("lstrip", "rstrip", "single_word")
+                 if a.get(f)]
+        if flags:
+            raise ValueError(f"{where}: added token {flags[0][0]!r} has {flags[0][1]}=true, "
+                             "which is not supported")
+        by_id = {i: t for t, i in vocab.items() if type(i) is int} | {
+            a.get("id"): a.get("content") for a in added}
         if len(by_id) < len(vocab) or set(by_id) != set(range(len(by_id))) or \
                 not all(isinstance(t, str) for t in by_id.values()):
             raise ValueError(f"{where}: token ids must run 0..{len(by_id) - 1} without gaps, "

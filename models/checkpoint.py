@@ -1,10 +1,10 @@
-"""Model files: the checks every loader shares, HF-format BERT folders, model names.
+"""Model files: the config checker every loader shares, HF BERT folders, model names.
 
     n = field(raw, "num_hidden_layers", "size", "config.json")   # an int in [1, 2**31)
     model, tok, info = load_pretrained("path/to/bert", num_labels=2, generator=g)
 
-Files are read with lora's bounded readers; each config value is checked by type and range and
-the layer count and tensor shapes against the config before a module is built.
+Files are read with lora's bounded readers; each config value is checked by type and range, and
+the layer count and tensor shapes against the config, before a module is built.
 """
 
 from __future__ import annotations
@@ -31,24 +31,24 @@ SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 REQUIRED = object()  # field(): the key must be present
 
 
-def _finite(v) -> bool:
+def _number(v) -> bool:
     return type(v) in (int, float) and abs(v) <= sys.float_info.max  # NaN and inf fail
 
 
 KINDS = {  # kind -> (test, what to write instead); "kind?" also allows null
     "size": (lambda v: type(v) is int and 1 <= v < 2**31, "an int in [1, 2**31)"),
     "index": (lambda v: type(v) is int and 0 <= v < 2**31, "an int in [0, 2**31)"),
-    "number": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
-    "positive": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
-    "fraction": (lambda v: _finite(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "number": (lambda v: _number(v) and v >= 0, "a finite number >= 0"),
+    "positive": (lambda v: _number(v) and v > 0, "a finite number > 0"),
+    "fraction": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "bool": (lambda v: type(v) is bool, "true or false"),
     "str": (lambda v: type(v) is str, "a string"),
 }
 
 
 def field(raw: dict, key: str, kind: str, where: str, default=REQUIRED):
-    """raw[key] (default when absent) checked by its kind, else a ValueError naming the file,
-    key and fix.  field({"n": 2}, "n", "size", "config.json") -> 2"""
+    """The config checker: raw[key] (default when absent) checked by its kind, else a
+    ValueError naming the file, key and fix.  field({"n": 2}, "n", "size", "config.json") -> 2"""
     v = raw.get(key, default)
     if v is REQUIRED:
         raise ValueError(f"{where} lacks {key!r}: not a complete model config")
@@ -96,18 +96,24 @@ def read_json(path: Path, limit: int = JSON_LIMIT) -> dict:
     return obj
 
 
-def check_blocks(n: int, names, prefix: str, where: str) -> None:
-    """The block indices of tensor names "<prefix><i>." must be 0..n-1 (before building n).
-    check_blocks(2, ["h.0.w", "h.1.w"], "h.", "f: n") -> None"""
-    found = {k[len(prefix):].split(".", 1)[0] for k in names if k.startswith(prefix)}
-    if len(found) != n or found != {str(i) for i in range(n)}:  # length first: n may be 10⁹
-        raise ValueError(f"{where}={n} but the weights hold {len(found)} blocks ({prefix}N "
-                         "tensors): config and weights do not belong together")
+def read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """model.safetensors of an HF folder; pickled (.bin) and sharded weights are refused."""
+    refused = {"pytorch_model.bin": "pickled weights are not loaded: convert to safetensors",
+               "model.safetensors.index.json": "sharded weights are not loaded: save them as "
+               "one file (save_pretrained(..., max_shard_size=\"100GB\"))"}
+    for name, why in refused.items():
+        if exists(folder / name) and not exists(folder / "model.safetensors"):
+            raise ValueError(f"{folder / name}: {why} (model.safetensors)")
+    return read_safetensors(folder / "model.safetensors")[0]
 
 
-def check_weights(model: nn.Module, found: dict[str, tuple], where: str,
+def shapes(sd: dict[str, torch.Tensor]) -> dict[str, tuple | str]:
+    return {k: tuple(v.shape) if v.is_floating_point() else str(v.dtype) for k, v in sd.items()}
+
+
+def check_weights(model: nn.Module, found: dict[str, tuple | str], where: str,
                   fresh: tuple[str, ...] = ()) -> None:
-    """Shapes `found` (a dtype name if not float) against a (meta-device) model's state dict,
+    """Shapes `found` (a dtype name if not float) against a meta-device model's state dict,
     else ValueError naming missing keys (but `fresh` ones), unexpected keys, wrong shapes."""
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = [k for k in want if k not in found and not k.startswith(fresh)]
@@ -118,8 +124,13 @@ def check_weights(model: nn.Module, found: dict[str, tuple], where: str,
                          f"unexpected {unexpected[:5]}, wrong shape or not float {bad[:5]}")
 
 
-def shapes(sd: dict[str, torch.Tensor]) -> dict[str, tuple]:
-    return {k: tuple(v.shape) if v.is_floating_point() else str(v.dtype) for k, v in sd.items()}
+def check_blocks(n: int, names, prefix: str, where: str) -> None:
+    """The block indices of tensor names "<prefix><i>." must be 0..n-1, checked before a model
+    of n blocks is built (n may be 10⁹).  check_blocks(2, ["h.0.w", "h.1.w"], "h.", "f") -> None"""
+    found = {k[len(prefix):].split(".", 1)[0] for k in names if k.startswith(prefix)}
+    if len(found) != n or found != {str(i) for i in range(n)}:  # length first: n may be 10⁹
+        raise ValueError(f"{where}={n} but the weights hold {len(found)} blocks ({prefix}N "
+                         "tensors): config and weights do not belong together")
 
 
 # -----------------------------------------------------------------------------
@@ -137,7 +148,6 @@ _IGNORED = ("embeddings.position_ids", "cls.")  # a non-persistent buffer; pre-t
 @dataclass
 class LoadInfo:  # what load_pretrained read; fresh: keys left at random init; ignored: not loaded
     path: Path
-    weights: str
     config: BertConfig
     fresh: list[str]
     ignored: list[str]
@@ -150,16 +160,6 @@ def bert_config(raw: dict, where: str = "config.json") -> BertConfig:
     defaults = {f.name: f.default for f in fields(BertConfig)}
     return make_config(BertConfig, where, **{k: field(raw, k, kind, where, defaults[k])
                                              for k, kind in BERT_KINDS.items()})
-
-
-def read_bert_weights(folder: Path) -> tuple[dict[str, torch.Tensor], str]:
-    """model.safetensors of an HF BERT folder; a pickle (.bin) is refused with the fix."""
-    if exists(folder / "model.safetensors"):
-        return read_safetensors(folder / "model.safetensors")[0], "model.safetensors"
-    if exists(folder / "pytorch_model.bin"):
-        raise ValueError(f"{folder / 'pytorch_model.bin'}: pickled weights are not loaded: "
-                         "convert to safetensors (model.safetensors)")
-    raise FileNotFoundError(f"{folder / 'model.safetensors'} not found")
 
 
 def bert_keys(sd: dict[str, torch.Tensor], head: bool) -> tuple[dict, list[str]]:
@@ -184,17 +184,15 @@ def load_pretrained(path: str | os.PathLike, num_labels: int | None = None,
     tokenizer, info); fresh heads draw from `generator`."""
     folder = Path(path)
     config = bert_config(read_json(folder / "config.json"), str(folder / "config.json"))
-    cfg = read_json(folder / "tokenizer_config.json") if exists(
-        folder / "tokenizer_config.json") else {}
-    where = str(folder / "tokenizer_config.json")
+    where = folder / "tokenizer_config.json"
+    cfg = read_json(where) if exists(where) else {}
     tok = WordPieceTokenizer.from_file(folder / "vocab.txt",
-                                       field(cfg, "do_lower_case", "bool", where, True),
-                                       field(cfg, "strip_accents", "bool?", where, None))
+                                       field(cfg, "do_lower_case", "bool", str(where), True),
+                                       field(cfg, "strip_accents", "bool?", str(where), None))
     if len(tok) > config.vocab_size:
         raise ValueError(f"vocab.txt has {len(tok)} tokens but config vocab_size="
                          f"{config.vocab_size}: tokenizer and weights do not belong together")
-    sd, weights = read_bert_weights(folder)
-    sd, ignored = bert_keys(sd, num_labels is not None)
+    sd, ignored = bert_keys(read_weights(folder), num_labels is not None)
     prefix = "" if num_labels is None else "bert."
     check_blocks(config.num_hidden_layers, sd, prefix + "encoder.layer.",
                  f"{folder / 'config.json'}: num_hidden_layers")
@@ -206,11 +204,11 @@ def load_pretrained(path: str | os.PathLike, num_labels: int | None = None,
         meta = build()
     heads = tuple(h for h in (prefix + "pooler.", "classifier.")  # fresh only if all absent
                   if not any(k.startswith(h) for k in sd))
-    check_weights(meta, shapes(sd), str(folder / weights), heads)
+    check_weights(meta, shapes(sd), str(folder / "model.safetensors"), heads)
     model = build(generator)
     model.load_state_dict(sd, strict=False)
     fresh = [k for k in model.state_dict() if k.startswith(heads)] if heads else []
-    return model, tok, LoadInfo(folder, weights, config, fresh, ignored)
+    return model, tok, LoadInfo(folder, config, fresh, ignored)
 
 
 # -----------------------------------------------------------------------------

@@ -1,10 +1,10 @@
 """HF folders of the LLaMA family (models.llama.llama_from_hf, BPETokenizer.from_hf_folder).
 
-Oracles: our own decoder written out as an HF folder (config.json, safetensors single or
-sharded, tokenizer.json) and read back bit for bit; config fields and tokenizer options that
+Oracles: our own decoder written out as an HF folder (config.json, model.safetensors,
+tokenizer.json) and read back bit for bit; config fields and tokenizer options that
 are refused by name, before any module is built. Peers (`-m peer`): transformers'
 Llama/Qwen2/Mistral ForCausalLM saved with save_pretrained (tied and untied, q/k/v bias, a
-sliding window, sharded) give our logits to 1e-4; transformers' PreTrainedTokenizerFast /
+sliding window) give our logits to 1e-4; transformers' PreTrainedTokenizerFast /
 AutoTokenizer on a tokenizer.json built with the `tokenizers` package from SmolLM2's GGUF
 vocabulary and merges give our ids on SST-2 dev.
 Run: .venv/bin/python -m pytest -q tests/test_hf_llama.py
@@ -65,23 +65,15 @@ def hf_config(config: LlamaConfig, family: str = "llama") -> dict:
 
 
 def write_folder(folder: Path, model: LlamaForCausalLM, family: str = "llama",
-                 shards: int = 1, tok: BPETokenizer | None = None) -> Path:
-    """Our model as an HF folder; shards > 1 splits the tensors round robin with an index."""
+                 tok: BPETokenizer | None = None) -> Path:
+    """Our model as an HF folder: config.json, tokenizer.json, model.safetensors."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(hf_config(model.config, family)))
     (folder / "tokenizer.json").write_text(json.dumps(tokenizer_json(tok or tiny_bpe())))
     sd = {k: v.contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         del sd["lm_head.weight"]
-    if shards == 1:
-        write_safetensors(folder / "model.safetensors", sd)
-        return folder
-    names = [f"model-{k + 1:05d}-of-{shards:05d}.safetensors" for k in range(shards)]
-    weight_map = {key: names[n % shards] for n, key in enumerate(sd)}
-    for name in names:
-        write_safetensors(folder / name, {k: v for k, v in sd.items() if weight_map[k] == name})
-    (folder / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {}, "weight_map": weight_map}))
+    write_safetensors(folder / "model.safetensors", sd)
     return folder
 
 
@@ -106,16 +98,16 @@ def _ids(n: int = 2, T: int = 12, vocab: int = 512) -> tuple[torch.Tensor, torch
 # round trips of our own decoder
 
 
-@pytest.mark.parametrize("family,kw,shards", [
-    ("llama", {}, 1),
-    ("llama", {"tie_word_embeddings": False, "qkv_bias": True, "o_bias": True}, 1),
-    ("qwen2", {"qkv_bias": True, "tie_word_embeddings": False}, 3),
-    ("mistral", {"sliding_window": 4, "head_dim": 8}, 2),
+@pytest.mark.parametrize("family,kw", [
+    ("llama", {}),
+    ("llama", {"tie_word_embeddings": False, "qkv_bias": True, "o_bias": True}),
+    ("qwen2", {"qkv_bias": True, "tie_word_embeddings": False}),
+    ("mistral", {"sliding_window": 4, "head_dim": 8}),
 ])
-def test_our_decoder_round_trips_through_an_hf_folder(tmp_path, family, kw, shards):
+def test_our_decoder_round_trips_through_an_hf_folder(tmp_path, family, kw):
     """Every parameter, the tie, the biases and the window come back: logits bit-equal."""
     model = ours(**kw)
-    folder = write_folder(tmp_path / "m", model, family, shards)
+    folder = write_folder(tmp_path / "m", model, family)
     assert is_decoder(str(folder))
     again, tok = load_model(str(folder))
     assert again.config == model.config and not again.training
@@ -236,26 +228,14 @@ def test_qwen2_needs_its_biases_and_llama_refuses_them(tmp_path):
         llama_from_hf(folder)
 
 
-def test_sharded_index_problems_are_named(tmp_path):
-    folder = write_folder(tmp_path / "m", ours(), shards=2)
-    index = folder / "model.safetensors.index.json"
-    good = json.loads(index.read_text())
-    bad = {**good, "weight_map": {k: "../x.safetensors" for k in good["weight_map"]}}
-    index.write_text(json.dumps(bad))
-    with pytest.raises(ValueError, match="shard '../x.safetensors' is not a .safetensors file"):
-        llama_from_hf(folder)
-    moved = dict(good["weight_map"], **{"model.norm.weight": "model-00003-of-00003.safetensors"})
-    index.write_text(json.dumps({"weight_map": moved}))
-    with pytest.raises(FileNotFoundError, match="model-00003-of-00003.safetensors not found"):
-        llama_from_hf(folder)
-    other = next(f for k, f in good["weight_map"].items() if k != "model.norm.weight"
-                 and f != good["weight_map"]["model.norm.weight"])
-    index.write_text(json.dumps({"weight_map": dict(good["weight_map"],
-                                                    **{"model.norm.weight": other})}))
-    with pytest.raises(ValueError, match=r"does not hold what .* maps to it"):
+def test_sharded_or_missing_weights_are_refused_naming_the_fix(tmp_path):
+    folder = write_folder(tmp_path / "m", ours())
+    (folder / "model.safetensors").rename(folder / "model-00001-of-00001.safetensors")
+    (folder / "model.safetensors.index.json").write_text('{"weight_map": {}}')
+    with pytest.raises(ValueError, match="index.json: sharded weights are not loaded: save"):
         llama_from_hf(folder)
     (folder / "model.safetensors.index.json").unlink()
-    with pytest.raises(FileNotFoundError, match="neither model.safetensors nor"):
+    with pytest.raises(FileNotFoundError, match="model.safetensors not found"):
         llama_from_hf(folder)
 
 
@@ -370,24 +350,22 @@ def _transformers():
 
 
 HF_CASES = {
-    "llama-tied": ("LlamaConfig", "LlamaForCausalLM", {"tie_word_embeddings": True}, None),
+    "llama-tied": ("LlamaConfig", "LlamaForCausalLM", {"tie_word_embeddings": True}),
     "llama-untied-bias": ("LlamaConfig", "LlamaForCausalLM",
-                          {"tie_word_embeddings": False, "attention_bias": True}, None),
-    "llama-sharded": ("LlamaConfig", "LlamaForCausalLM", {"tie_word_embeddings": False}, "20KB"),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"tie_word_embeddings": False}, None),
-    "qwen2-tied-sharded": ("Qwen2Config", "Qwen2ForCausalLM", {"tie_word_embeddings": True},
-                           "20KB"),
-    "mistral-window": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 5}, None),
+                          {"tie_word_embeddings": False, "attention_bias": True}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"tie_word_embeddings": False}),
+    "qwen2-tied": ("Qwen2Config", "Qwen2ForCausalLM", {"tie_word_embeddings": True}),
+    "mistral-window": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 5}),
 }
 
 
 @pytest.mark.peer
 @pytest.mark.parametrize("case", HF_CASES)
 def test_transformers_save_pretrained_folders_give_transformers_logits(tmp_path, case):
-    """A random tiny model saved by save_pretrained (single file or sharded) loads here with
+    """A random tiny model saved by save_pretrained (one file) loads here with
     the logits transformers computes, padded rows included (the padded positions aside)."""
     transformers = _transformers()
-    config_cls, model_cls, kw, shard = HF_CASES[case]
+    config_cls, model_cls, kw = HF_CASES[case]
     config = getattr(transformers, config_cls)(
         vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
@@ -399,8 +377,7 @@ def test_transformers_save_pretrained_folders_give_transformers_logits(tmp_path,
             if name.endswith("bias") or "norm" in name:
                 p.normal_(0, 0.5)
     folder = tmp_path / case
-    theirs.save_pretrained(folder, **({"max_shard_size": shard} if shard else {}))
-    assert (folder / "model.safetensors.index.json").is_file() == bool(shard)
+    theirs.save_pretrained(folder)
     (folder / "tokenizer.json").write_text(json.dumps(tokenizer_json(tiny_bpe())))
     model, _ = llama_from_hf(folder)
     assert (model.lm_head.weight is model.model.embed_tokens.weight) == \
