@@ -101,14 +101,20 @@ GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(
 
 
 @functools.cache
-def pre_tokenizer_regex() -> re.Pattern:
-    """The gpt2 pre-tokeniser.  pre_tokenizer_regex().findall("I'm ok") -> ['I', "'m", ' ok']"""
-    return split_regex(GPT2_SPLIT)
+def pre_tokenizer_regex(pattern: str = GPT2_SPLIT) -> re.Pattern:
+    """split_regex, cached; the default is gpt2's pre-tokeniser.
+    pre_tokenizer_regex().findall("I'm ok") -> ['I', "'m", ' ok']"""
+    return split_regex(pattern)
 
 
-@functools.cache
-def _digit_regex() -> re.Pattern:
-    return split_regex(r"(\p{N})")
+def isolate(regex: re.Pattern | None, text: str) -> list[str]:
+    """`text` cut before and after every match of `regex`, empty pieces dropped (HF's Split
+    behaviour "Isolated").  isolate(re.compile(r"[0-9]"), "a12") -> ["a", "1", "2"]"""
+    pieces, at = [], 0
+    for m in regex.finditer(text) if regex else ():
+        pieces += [text[at:m.start()], m.group()]
+        at = m.end()
+    return [p for p in [*pieces, text[at:]] if p]
 
 
 def _refuse(where: str, what: str, obj, fix: str) -> ValueError:
@@ -195,11 +201,13 @@ class BPETokenizer:
         self.special = {self.tokens[i]: i for i in special if self.tokens[i]}
         # longest first, so "<|im_start|>" wins over a special token that is its prefix
         alternation = "|".join(map(re.escape, sorted(self.special, key=len, reverse=True)))
-        self._special_re = re.compile(f"({alternation})") if self.special else None
+        self._special_re = re.compile(alternation) if self.special else None
         self.bos_id, self.eos_id, self.pad_id, self.pre, self.add_bos = (bos_id, eos_id, pad_id,
                                                                          pre, add_bos)
         self.ignore_merges, self.nfc, self.split = ignore_merges, nfc, split
-        self._split_re = split_regex(split) if split is not None else None
+        # the first cut: a Split regex (then no gpt2 regex), or smollm's digits one by one
+        self._split_re = pre_tokenizer_regex(split or r"\p{N}") if split or pre == "smollm" \
+            else None
         self._cache = Memo(self._bpe_ids, CACHE_SIZE, CACHE_MAX_PIECE)  # piece -> ids
 
     @classmethod
@@ -307,15 +315,9 @@ class BPETokenizer:
     def pre_tokenize(self, text: str) -> list[str]:
         """Pieces that BPE sees (no special tokens).  pre_tokenize(" 42x") -> [" ", "4", "2", "x"]
         with pre="smollm", [" 42", "x"] with "gpt2"."""
-        text = unicodedata.normalize("NFC", text) if self.nfc else text
-        chunks = _digit_regex().split(text) if self.pre == "smollm" else [text]
-        if self._split_re is None:
-            return [p for chunk in chunks if chunk for p in pre_tokenizer_regex().findall(chunk)]
-        pieces, at = [], 0  # Isolated: the matches and the text between them, in order
-        for m in self._split_re.finditer(text):
-            pieces += [p for p in (text[at:m.start()], m.group()) if p]
-            at = m.end()
-        return pieces + ([text[at:]] if text[at:] else [])
+        chunks = isolate(self._split_re, unicodedata.normalize("NFC", text) if self.nfc else text)
+        gpt2 = pre_tokenizer_regex()
+        return chunks if self.split else [p for c in chunks for p in gpt2.findall(c)]
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         """Token ids of `text`; BOS first if add_bos (default: the tokenizer's add_bos)."""
@@ -323,13 +325,11 @@ class BPETokenizer:
         if add_bos and self.bos_id is None:
             raise ValueError("add_bos=True but this tokenizer has no bos_id")
         ids = [self.bos_id] if add_bos else []
-        chunks = self._special_re.split(text) if self._special_re else [text]
-        for k, chunk in enumerate(chunks):  # odd positions hold the captured special tokens
-            if k % 2:
+        for chunk in isolate(self._special_re, text):  # a special token is always cut out whole
+            if chunk in self.special:
                 ids.append(self.special[chunk])
-            elif chunk:
-                for piece in self.pre_tokenize(chunk):
-                    ids.extend(self._cache[piece])
+            else:
+                ids += [i for piece in self.pre_tokenize(chunk) for i in self._cache[piece]]
         return ids
 
     def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:

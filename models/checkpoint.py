@@ -1,7 +1,7 @@
 """Model files: the config checker every loader shares, HF BERT folders, model names.
 
     n = field(raw, "num_hidden_layers", "size", "config.json")   # an int in [1, 2**31)
-    model, tok, info = load_pretrained("path/to/bert", num_labels=2, generator=g)
+    model, tok = load_pretrained("path/to/bert", num_labels=2, generator=g)
 
 Files are read with lora's bounded readers; each config value is checked by type and range, and
 the layer count and tensor shapes against the config, before a module is built.
@@ -13,7 +13,7 @@ import importlib.util
 import json
 import os
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -145,14 +145,6 @@ BERT_KINDS = {"vocab_size": "size", "hidden_size": "size", "num_hidden_layers": 
 _IGNORED = ("embeddings.position_ids", "cls.")  # a non-persistent buffer; pre-training heads
 
 
-@dataclass
-class LoadInfo:  # what load_pretrained read; fresh: keys left at random init; ignored: not loaded
-    path: Path
-    config: BertConfig
-    fresh: list[str]
-    ignored: list[str]
-
-
 def bert_config(raw: dict, where: str = "config.json") -> BertConfig:
     """BertConfig from an HF config.json, every field by type and range."""
     only(raw, {"model_type": "bert", "hidden_act": "gelu", "position_embedding_type": "absolute"},
@@ -162,26 +154,26 @@ def bert_config(raw: dict, where: str = "config.json") -> BertConfig:
                                              for k, kind in BERT_KINDS.items()})
 
 
-def bert_keys(sd: dict[str, torch.Tensor], head: bool) -> tuple[dict, list[str]]:
-    """HF BERT keys renamed to ours (`bert.` for a model with a head), and the keys ignored."""
-    mapped, ignored = {}, []
+def bert_keys(sd: dict[str, torch.Tensor], head: bool) -> dict[str, torch.Tensor]:
+    """HF BERT keys renamed to ours (`bert.` for a model with a head); pre-training heads, the
+    position_ids buffer and (without a head) the classifier are left out."""
+    mapped = {}
     for key, value in sd.items():
         k = key.removeprefix("bert.")
         if k.startswith(_IGNORED) or (k.startswith("classifier.") and not head):
-            ignored.append(key)
             continue
         k = "bert." + k if head and not k.startswith("classifier.") else k
         if k in mapped:
             raise ValueError(f"checkpoint has {k!r} twice (with and without the 'bert.' prefix)")
         mapped[k] = value
-    return mapped, ignored
+    return mapped
 
 
 def load_pretrained(path: str | os.PathLike, num_labels: int | None = None,
                     generator: torch.Generator | None = None,
-                    ) -> tuple[nn.Module, WordPieceTokenizer, LoadInfo]:
+                    ) -> tuple[nn.Module, WordPieceTokenizer]:
     """An HF BERT folder -> (BertModel if num_labels is None else BertForSequenceClassification,
-    tokenizer, info); fresh heads draw from `generator`."""
+    tokenizer); a pooler or classifier the weights lack is fresh, drawn from `generator`."""
     folder = Path(path)
     config = bert_config(read_json(folder / "config.json"), str(folder / "config.json"))
     where = folder / "tokenizer_config.json"
@@ -192,7 +184,7 @@ def load_pretrained(path: str | os.PathLike, num_labels: int | None = None,
     if len(tok) > config.vocab_size:
         raise ValueError(f"vocab.txt has {len(tok)} tokens but config vocab_size="
                          f"{config.vocab_size}: tokenizer and weights do not belong together")
-    sd, ignored = bert_keys(read_weights(folder), num_labels is not None)
+    sd = bert_keys(read_weights(folder), num_labels is not None)
     prefix = "" if num_labels is None else "bert."
     check_blocks(config.num_hidden_layers, sd, prefix + "encoder.layer.",
                  f"{folder / 'config.json'}: num_hidden_layers")
@@ -207,8 +199,7 @@ def load_pretrained(path: str | os.PathLike, num_labels: int | None = None,
     check_weights(meta, shapes(sd), str(folder / "model.safetensors"), heads)
     model = build(generator)
     model.load_state_dict(sd, strict=False)
-    fresh = [k for k in model.state_dict() if k.startswith(heads)] if heads else []
-    return model, tok, LoadInfo(folder, config, fresh, ignored)
+    return model, tok
 
 
 # -----------------------------------------------------------------------------

@@ -59,10 +59,8 @@ class LlamaConfig:
                              f"of num_key_value_heads={self.num_key_value_heads}")
 
     def to_hf_dict(self) -> dict:
-        """The config.json of transformers' LlamaForCausalLM for the same model."""
-        if self.qkv_bias != self.o_bias or self.sliding_window is not None:
-            raise ValueError("a LLaMA config.json cannot express qkv_bias != o_bias or a "
-                             "sliding window (those are qwen2's and mistral's)")
+        """The config.json of transformers' LlamaForCausalLM for the same model (a llama:
+        qkv_bias == o_bias, no sliding window)."""
         own = ("qkv_bias", "o_bias", "sliding_window")
         return {"model_type": "llama", "architectures": ["LlamaForCausalLM"],
                 "hidden_act": "silu", "attention_bias": self.qkv_bias, "mlp_bias": False,
