@@ -4,8 +4,8 @@ Oracles: our own decoder written out as an HF folder (config.json, model.safeten
 tokenizer.json) and read back bit for bit; config fields and tokenizer options that
 are refused by name, before any module is built. Peers (`-m peer`): transformers'
 Llama/Qwen2/Mistral ForCausalLM saved with save_pretrained (tied and untied, q/k/v bias, a
-sliding window) give our logits to 1e-4; transformers' PreTrainedTokenizerFast /
-AutoTokenizer on a tokenizer.json built with the `tokenizers` package from SmolLM2's GGUF
+sliding window) give our logits to 1e-4; transformers' PreTrainedTokenizerFast on a
+tokenizer.json built with the `tokenizers` package from SmolLM2's GGUF
 vocabulary and merges give our ids on SST-2 dev.
 Run: .venv/bin/python -m pytest -q tests/test_hf_llama.py
 """
@@ -448,8 +448,6 @@ def test_tokenizer_json_ids_equal_transformers_on_sst2(tmp_path, pre):
                                               SPLITS.get(pre)) and len(ours_tok) == len(gguf)
     assert (ours_tok.ignore_merges, ours_tok.nfc) == (pre == "llama3", pre == "qwen2")
     fast = transformers.PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"))
-    fast.save_pretrained(folder)
-    auto = transformers.AutoTokenizer.from_pretrained(folder)
     rows = (SST2 / "dev.tsv").read_text(encoding="utf-8").splitlines()[1:]
     texts = [r.split("\t")[0] for r in rows]
     texts += ["Prices rose 12345.67% in 2024!", "naïve café — 日本語 🤖", "a\u3000b\t\n\n  c",
@@ -458,7 +456,6 @@ def test_tokenizer_json_ids_equal_transformers_on_sst2(tmp_path, pre):
     for text in texts:
         want = fast(text, add_special_tokens=True)["input_ids"]
         assert ours_tok.encode(text) == want, text
-        assert auto(text)["input_ids"] == want, text
 
 
 def test_gguf_claiming_a_billion_blocks_fails_before_any_layer_is_built(tmp_path, monkeypatch):

@@ -234,16 +234,18 @@ def minilm():
 
 
 @pytest.mark.peer
-def test_minilm_ids_equal_bert_tokenizer_fast_on_all_sst2_rows(minilm):
-    """Every train and dev sentence of GLUE SST-2: the rows `make bench` times."""
+def test_minilm_ids_equal_bert_tokenizer_fast_on_sst2_rows(minilm):
+    """Every dev sentence of GLUE SST-2 and every fifth train sentence (the rows `make bench`
+    times; all 67,349 took 9 s)."""
     ours, hf = minilm
-    for split, n in (("train", 67_349), ("dev", 872)):
+    for split, n, step in (("train", 67_349, 5), ("dev", 872, 1)):
         path = SST2 / f"{split}.tsv"
         if not path.is_file():
             pytest.skip(f"{path} not found (GLUE SST-2 data)")
         rows = [line.rsplit("\t", 1)[0]
                 for line in path.read_text(encoding="utf-8").splitlines()[1:]]
         assert len(rows) == n
+        rows = rows[::step]
         expected = hf(rows)["input_ids"]
         assert [s for s, e in zip(rows, expected) if ours.encode(s)[0] != e] == []
 
