@@ -12,6 +12,7 @@ Run: .venv/bin/python -m pytest -q tests/test_hf_llama.py
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -398,19 +399,23 @@ SPLITS = {  # the Split regexes of Llama 3's and Qwen2's tokenizer.json
 }
 
 
+@functools.cache
+def _gguf_tokenizer(path: Path) -> BPETokenizer:
+    from models.gguf import read_gguf_header
+    return BPETokenizer.from_gguf(read_gguf_header(path).metadata)
+
+
 def _smollm2_tokenizer_json(tmp_path: Path, pre: str) -> tuple[Path, BPETokenizer]:
     """tokenizer.json built with the `tokenizers` package from SmolLM2's GGUF vocabulary and
     merges, with SmolLM2's own pre-tokenizer (Digits + ByteLevel), plain ByteLevel, or Llama
     3's / Qwen2's Split regex + ByteLevel(use_regex=false) (Llama 3's with ignore_merges and
     NFC as Qwen2's)."""
     tokenizers = pytest.importorskip("tokenizers", reason=f"tokenizers missing: {PEERS}")
-    from models.gguf import read_gguf_header
     from models.llama import smollm2_path
     try:
-        path = smollm2_path()
+        gguf = _gguf_tokenizer(smollm2_path())
     except (ModuleNotFoundError, FileNotFoundError) as e:
         pytest.skip(str(e))
-    gguf = BPETokenizer.from_gguf(read_gguf_header(path).metadata)
     vocab = {t: i for i, t in enumerate(gguf.tokens)}
     assert len(vocab) == len(gguf.tokens)
     merges = sorted(gguf.ranks, key=gguf.ranks.__getitem__)
@@ -439,6 +444,9 @@ def _smollm2_tokenizer_json(tmp_path: Path, pre: str) -> tuple[Path, BPETokenize
 @pytest.mark.peer
 @pytest.mark.parametrize("pre", ["smollm", "gpt2", "llama3", "qwen2"])
 def test_tokenizer_json_ids_equal_transformers_on_sst2(tmp_path, pre):
+    """transformers' PreTrainedTokenizerFast on SmolLM2's vocabulary and merges with four
+    pre-tokenizers gives our ids; with SmolLM2's own (Digits + ByteLevel), so does the
+    tokenizer read from its GGUF file (BPETokenizer.from_gguf)."""
     transformers = _transformers()
     if not (SST2 / "dev.tsv").is_file():
         pytest.skip(f"{SST2 / 'dev.tsv'} not found (GLUE SST-2 data)")
@@ -452,10 +460,12 @@ def test_tokenizer_json_ids_equal_transformers_on_sst2(tmp_path, pre):
     texts = [r.split("\t")[0] for r in rows]
     texts += ["Prices rose 12345.67% in 2024!", "naïve café — 日本語 🤖", "a\u3000b\t\n\n  c",
               "<|im_start|>user\nHi 42<|im_end|>", "x" * 3000, "I'M  fine\r\n\n 12345!!\n",
-              "cafe\u0301 \u1e9b\u0323 Ⅻ ½ ٣ 'S 'Ll"]
+              "cafe\u0301 \u1e9b\u0323 Ⅻ ½ ٣ 'S 'Ll", "<|im_start|>user\nI'm  here\n\n<|im_end|>"]
+    assert gguf.pre == "smollm"  # SmolLM2's own tokenizer, read from its GGUF file
     for text in texts:
         want = fast(text, add_special_tokens=True)["input_ids"]
         assert ours_tok.encode(text) == want, text
+        assert pre != "smollm" or gguf.encode(text) == want, text
 
 
 def test_gguf_claiming_a_billion_blocks_fails_before_any_layer_is_built(tmp_path, monkeypatch):
