@@ -131,14 +131,16 @@ def _pre_tokenizer(p, where: str) -> tuple[str, str | None]:
     Digits + ByteLevel (SmolLM2) -> ("smollm", None), Split(regex, Isolated) +
     ByteLevel(use_regex=false) (Llama 3, Qwen2) -> ("gpt2", regex)."""
     seq = p.get("pretokenizers") if isinstance(p, dict) and p.get("type") == "Sequence" else None
-    first, last = seq if isinstance(seq, list) and len(seq) == 2 else ({}, p)
-    regex = (first.get("pattern") or {}).get("Regex") if isinstance(first, dict) else None
-    if first == {} and _byte_level(last, True):
+    first, last = seq if isinstance(seq, list) and len(seq) == 2 else (None, p)
+    split = first if isinstance(first, dict) and first.get("type") == "Split" else {}
+    regex = split.get("pattern", {}).get("Regex") if isinstance(split.get("pattern"), dict) \
+        else None
+    if first is None and _byte_level(last, True):
         return "gpt2", None
     if first == {"type": "Digits", "individual_digits": True} and _byte_level(last, True):
         return "smollm", None
-    if first.get("type") == "Split" and first.get("behavior") == "Isolated" and \
-            not first.get("invert") and isinstance(regex, str) and _byte_level(last, False):
+    if split.get("behavior") == "Isolated" and not split.get("invert") and \
+            isinstance(regex, str) and _byte_level(last, False):
         return "gpt2", regex
     raise _refuse(where, "pre-tokenizer", p, "ByteLevel with its gpt2 regex and "
                   "add_prefix_space=false, optionally after Digits(individual_digits=true), or "
@@ -243,7 +245,7 @@ class BPETokenizer:
         {"bos_token_id": int, ...} (config.json); pad falls back to eos, then to id 0."""
         model, added = tj.get("model"), tj.get("added_tokens") or []
         kind = model.get("type") if isinstance(model, dict) else model
-        if kind != "BPE":
+        if not isinstance(model, dict) or kind != "BPE":
             raise ValueError(f"{where}: model type {kind!r} is not supported (byte-level BPE only)")
         vocab, merges = model.get("vocab"), model.get("merges")
         if not (isinstance(vocab, dict) and isinstance(merges, list) and isinstance(added, list)

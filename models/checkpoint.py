@@ -1,10 +1,10 @@
-"""Model files: the config checker every loader shares, HF BERT folders, model names.
+"""Model files: the checks every loader shares, HF-format BERT folders, model names.
 
     n = field(raw, "num_hidden_layers", "size", "config.json")   # an int in [1, 2**31)
     model, tok = load_pretrained("path/to/bert", num_labels=2, generator=g)
 
-Files are read with lora's bounded readers; each config value is checked by type and range, and
-the layer count and tensor shapes against the config, before a module is built.
+Files are read with lora's bounded readers; each config value is checked by type and range and
+the layer count and tensor shapes against the config before a module is built.
 """
 
 from __future__ import annotations
@@ -31,24 +31,24 @@ SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 REQUIRED = object()  # field(): the key must be present
 
 
-def _number(v) -> bool:
+def _finite(v) -> bool:
     return type(v) in (int, float) and abs(v) <= sys.float_info.max  # NaN and inf fail
 
 
 KINDS = {  # kind -> (test, what to write instead); "kind?" also allows null
     "size": (lambda v: type(v) is int and 1 <= v < 2**31, "an int in [1, 2**31)"),
     "index": (lambda v: type(v) is int and 0 <= v < 2**31, "an int in [0, 2**31)"),
-    "number": (lambda v: _number(v) and v >= 0, "a finite number >= 0"),
-    "positive": (lambda v: _number(v) and v > 0, "a finite number > 0"),
-    "fraction": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "number": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
+    "positive": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    "fraction": (lambda v: _finite(v) and 0 <= v < 1, "a number in [0, 1)"),
     "bool": (lambda v: type(v) is bool, "true or false"),
     "str": (lambda v: type(v) is str, "a string"),
 }
 
 
 def field(raw: dict, key: str, kind: str, where: str, default=REQUIRED):
-    """The config checker: raw[key] (default when absent) checked by its kind, else a
-    ValueError naming the file, key and fix.  field({"n": 2}, "n", "size", "config.json") -> 2"""
+    """raw[key] (default when absent) checked by its kind, else a ValueError naming the file,
+    key and fix.  field({"n": 2}, "n", "size", "config.json") -> 2"""
     v = raw.get(key, default)
     if v is REQUIRED:
         raise ValueError(f"{where} lacks {key!r}: not a complete model config")
@@ -107,13 +107,18 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     return read_safetensors(folder / "model.safetensors")[0]
 
 
-def shapes(sd: dict[str, torch.Tensor]) -> dict[str, tuple | str]:
-    return {k: tuple(v.shape) if v.is_floating_point() else str(v.dtype) for k, v in sd.items()}
+def check_blocks(n: int, names, prefix: str, where: str) -> None:
+    """The block indices of tensor names "<prefix><i>." must be 0..n-1 (before building n).
+    check_blocks(2, ["h.0.w", "h.1.w"], "h.", "f: n") -> None"""
+    found = {k[len(prefix):].split(".", 1)[0] for k in names if k.startswith(prefix)}
+    if len(found) != n or found != {str(i) for i in range(n)}:  # length first: n may be 10⁹
+        raise ValueError(f"{where}={n} but the weights hold {len(found)} blocks ({prefix}N "
+                         "tensors): config and weights do not belong together")
 
 
-def check_weights(model: nn.Module, found: dict[str, tuple | str], where: str,
+def check_weights(model: nn.Module, found: dict[str, tuple], where: str,
                   fresh: tuple[str, ...] = ()) -> None:
-    """Shapes `found` (a dtype name if not float) against a meta-device model's state dict,
+    """Shapes `found` (a dtype name if not float) against a (meta-device) model's state dict,
     else ValueError naming missing keys (but `fresh` ones), unexpected keys, wrong shapes."""
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = [k for k in want if k not in found and not k.startswith(fresh)]
@@ -124,13 +129,8 @@ def check_weights(model: nn.Module, found: dict[str, tuple | str], where: str,
                          f"unexpected {unexpected[:5]}, wrong shape or not float {bad[:5]}")
 
 
-def check_blocks(n: int, names, prefix: str, where: str) -> None:
-    """The block indices of tensor names "<prefix><i>." must be 0..n-1, checked before a model
-    of n blocks is built (n may be 10⁹).  check_blocks(2, ["h.0.w", "h.1.w"], "h.", "f") -> None"""
-    found = {k[len(prefix):].split(".", 1)[0] for k in names if k.startswith(prefix)}
-    if len(found) != n or found != {str(i) for i in range(n)}:  # length first: n may be 10⁹
-        raise ValueError(f"{where}={n} but the weights hold {len(found)} blocks ({prefix}N "
-                         "tensors): config and weights do not belong together")
+def shapes(sd: dict[str, torch.Tensor]) -> dict[str, tuple]:
+    return {k: tuple(v.shape) if v.is_floating_point() else str(v.dtype) for k, v in sd.items()}
 
 
 # -----------------------------------------------------------------------------
