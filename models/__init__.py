@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from models.bpe import BPETokenizer, tiny_bpe
-from models.checkpoint import DECODERS, LoadInfo, is_decoder, load_pretrained, model_path
+from models.checkpoint import DECODERS, is_decoder, load_pretrained, model_path
 from models.encoder import TINY, BertConfig, BertForSequenceClassification, BertModel, init_weights
 from models.gguf import read_gguf, read_gguf_header
 from models.llama import (TINY_LLAMA, LlamaConfig, LlamaForCausalLM, llama_from_gguf,
@@ -37,18 +37,11 @@ def load_model(name_or_path: str, num_labels: int | None = None,
         model = (BertModel(TINY, generator) if num_labels is None
                  else BertForSequenceClassification(TINY, num_labels, generator))
         return model, WordPieceTokenizer(tiny_vocab())
-    model, tok, _ = load_pretrained(model_path(name_or_path), num_labels, generator)
-    return model, tok
-
-
-def build_model(name_or_path: str, num_labels: int | None = None,
-                seed: int = 0) -> tuple[nn.Module, WordPieceTokenizer | BPETokenizer]:
-    """load_model with a fresh generator seeded `seed`.  build_model("tiny", 2, seed=0)"""
-    return load_model(name_or_path, num_labels, torch.Generator().manual_seed(seed))
+    return load_pretrained(model_path(name_or_path), num_labels, generator)
 
 
 __all__ = ["BPETokenizer", "BertConfig", "BertForSequenceClassification", "BertModel", "DECODERS",
-           "LlamaConfig", "LlamaForCausalLM", "LoadInfo", "TINY", "TINY_LLAMA",
-           "WordPieceTokenizer", "build_model", "init_weights", "is_decoder", "llama_from_gguf",
+           "LlamaConfig", "LlamaForCausalLM", "TINY", "TINY_LLAMA",
+           "WordPieceTokenizer", "init_weights", "is_decoder", "llama_from_gguf",
            "llama_from_hf", "load_model", "load_pretrained", "load_smollm2", "model_path",
            "read_gguf", "read_gguf_header", "tiny_bpe", "tiny_vocab"]

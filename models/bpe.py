@@ -11,8 +11,9 @@ UTF-8 bytes are spelled with GPT-2's byte map, then merged by rank.
 from __future__ import annotations
 
 import functools
-import heapq
+import itertools
 import json
+import math
 import os
 import re
 import sys
@@ -44,43 +45,29 @@ def bytes_to_unicode() -> dict[int, str]:
 @functools.cache
 def _char_class(prefix: str) -> str:
     """Ranges of every code point whose Unicode category starts with `prefix` ("L" or "N")."""
-    ranges, start = [], None
-    for cp in range(sys.maxunicode + 2):
-        inside = cp <= sys.maxunicode and unicodedata.category(chr(cp)).startswith(prefix)
-        if inside and start is None:
-            start = cp
-        elif not inside and start is not None:
-            ranges.append(f"\\U{start:08x}-\\U{cp - 1:08x}")
-            start = None
-    return "".join(ranges)
+    inside = [cp for cp in range(sys.maxunicode + 1) if unicodedata.category(chr(cp))[0] == prefix]
+    runs = itertools.groupby(inside, key=lambda cp, k=itertools.count(): cp - next(k))
+    return "".join(f"\\U{r[0]:08x}-\\U{r[-1]:08x}" for r in (list(g) for _, g in runs))
 
 
 def bpe_merge(parts: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
-    """Apply merges by rank: while some adjacent pair has a rank, every occurrence of the
-    lowest-ranked pair merges, left to right.  bpe_merge(list("aaa"), {("a", "a"): 0}) -> [aa, a]
-    A heap over a linked list: O(n log n) in the piece length, where a rescan is O(n²)."""
-    n = len(parts)
-    sym: list[str | None] = list(parts)
-    nxt, prv = [*range(1, n), -1], [*range(-1, n - 1)]
-    heap = [(r, i) for i in range(n - 1) if (r := ranks.get((parts[i], parts[i + 1]))) is not None]
-    heapq.heapify(heap)
-    while heap:
-        rank, merged = heap[0][0], []
-        while heap and heap[0][0] == rank:
-            i = heapq.heappop(heap)[1]
-            j = nxt[i]
-            if sym[i] is None or j < 0 or ranks.get((sym[i], sym[j])) != rank:
-                continue  # stale: this node merged or was merged since the entry was pushed
-            sym[i], sym[j] = sym[i] + sym[j], None
-            nxt[i] = nxt[j]
-            if nxt[j] >= 0:
-                prv[nxt[j]] = i
-            merged.append(i)
-        for i in merged:
-            for a, b in ((prv[i], i), (i, nxt[i])):
-                if a >= 0 and b >= 0 and (r := ranks.get((sym[a], sym[b]))) is not None:
-                    heapq.heappush(heap, (r, a))
-    return [s for s in sym if s is not None]
+    """Apply merges by rank, minbpe's loop: while some adjacent pair has a rank, every
+    occurrence of the lowest-ranked pair merges, left to right.
+    bpe_merge(list("aaa"), {("a", "a"): 0}) -> ["aa", "a"]"""
+    while len(parts) > 1:
+        pair = min(zip(parts, parts[1:]), key=lambda p: ranks.get(p, math.inf))
+        if pair not in ranks:
+            return parts
+        merged, i = [], 0
+        while i < len(parts):
+            if parts[i] == pair[0] and i + 1 < len(parts) and parts[i + 1] == pair[1]:
+                merged.append(pair[0] + pair[1])
+                i += 2
+            else:
+                merged.append(parts[i])
+                i += 1
+        parts = merged
+    return parts
 
 
 def split_regex(pattern: str) -> re.Pattern:
@@ -114,14 +101,20 @@ GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(
 
 
 @functools.cache
-def pre_tokenizer_regex() -> re.Pattern:
-    """The gpt2 pre-tokeniser.  pre_tokenizer_regex().findall("I'm ok") -> ['I', "'m", ' ok']"""
-    return split_regex(GPT2_SPLIT)
+def pre_tokenizer_regex(pattern: str = GPT2_SPLIT) -> re.Pattern:
+    """split_regex, cached; the default is gpt2's pre-tokeniser.
+    pre_tokenizer_regex().findall("I'm ok") -> ['I', "'m", ' ok']"""
+    return split_regex(pattern)
 
 
-@functools.cache
-def _digit_regex() -> re.Pattern:
-    return split_regex(r"(\p{N})")
+def isolate(regex: re.Pattern | None, text: str) -> list[str]:
+    """`text` cut before and after every match of `regex`, empty pieces dropped (HF's Split
+    behaviour "Isolated").  isolate(re.compile(r"[0-9]"), "a12") -> ["a", "1", "2"]"""
+    pieces, at = [], 0
+    for m in regex.finditer(text) if regex else ():
+        pieces += [text[at:m.start()], m.group()]
+        at = m.end()
+    return [p for p in [*pieces, text[at:]] if p]
 
 
 def _refuse(where: str, what: str, obj, fix: str) -> ValueError:
@@ -139,15 +132,16 @@ def _pre_tokenizer(p, where: str) -> tuple[str, str | None]:
     ByteLevel(use_regex=false) (Llama 3, Qwen2) -> ("gpt2", regex)."""
     seq = p.get("pretokenizers") if isinstance(p, dict) and p.get("type") == "Sequence" else None
     first, last = seq if isinstance(seq, list) and len(seq) == 2 else (None, p)
-    pattern = first.get("pattern") if isinstance(first, dict) else None
+    split = first if isinstance(first, dict) and first.get("type") == "Split" else {}
+    regex = split.get("pattern", {}).get("Regex") if isinstance(split.get("pattern"), dict) \
+        else None
     if first is None and _byte_level(last, True):
         return "gpt2", None
     if first == {"type": "Digits", "individual_digits": True} and _byte_level(last, True):
         return "smollm", None
-    if first and first.get("type") == "Split" and first.get("behavior") == "Isolated" and \
-            not first.get("invert") and isinstance(pattern, dict) and \
-            isinstance(pattern.get("Regex"), str) and _byte_level(last, False):
-        return "gpt2", pattern["Regex"]
+    if split.get("behavior") == "Isolated" and not split.get("invert") and \
+            isinstance(regex, str) and _byte_level(last, False):
+        return "gpt2", regex
     raise _refuse(where, "pre-tokenizer", p, "ByteLevel with its gpt2 regex and "
                   "add_prefix_space=false, optionally after Digits(individual_digits=true), or "
                   "an isolating Split regex then ByteLevel(use_regex=false)")
@@ -156,15 +150,14 @@ def _pre_tokenizer(p, where: str) -> tuple[str, str | None]:
 def _template_bos(p, where: str) -> int | None:
     """The BOS id a post-processor prepends: None for none, ByteLevel or a TemplateProcessing
     `$A`; the id for `<bos> $A` (Llama 3); anything else is refused."""
-    bos = None
+    bos, seq_a = None, {"Sequence": {"id": "A", "type_id": 0}}
     steps = p.get("processors") if isinstance(p, dict) and p.get("type") == "Sequence" else [p]
     for q in steps if isinstance(steps, list) else [steps]:
-        single = q.get("single") if isinstance(q, dict) else None
-        if q is None or q == "ByteLevel" or isinstance(q, dict) and q.get("type") == "ByteLevel" \
-                or single == [{"Sequence": {"id": "A", "type_id": 0}}]:
+        if q is None or q == "ByteLevel" or isinstance(q, dict) and (
+                q.get("type") == "ByteLevel" or q.get("single") == [seq_a]):
             continue
-        try:  # [{"SpecialToken": {"id": name}}, {"Sequence": {"id": "A"}}], one id for name
-            (first, second), ids = single, None
+        try:  # [{"SpecialToken": {"id": name}}, $A] with one id for name
+            (first, second), ids = q["single"], None
             if q["type"] == "TemplateProcessing" and second["Sequence"]["id"] == "A":
                 ids = q["special_tokens"][first["SpecialToken"]["id"]]["ids"]
         except (TypeError, KeyError, ValueError):
@@ -210,11 +203,13 @@ class BPETokenizer:
         self.special = {self.tokens[i]: i for i in special if self.tokens[i]}
         # longest first, so "<|im_start|>" wins over a special token that is its prefix
         alternation = "|".join(map(re.escape, sorted(self.special, key=len, reverse=True)))
-        self._special_re = re.compile(f"({alternation})") if self.special else None
+        self._special_re = re.compile(alternation) if self.special else None
         self.bos_id, self.eos_id, self.pad_id, self.pre, self.add_bos = (bos_id, eos_id, pad_id,
                                                                          pre, add_bos)
         self.ignore_merges, self.nfc, self.split = ignore_merges, nfc, split
-        self._split_re = split_regex(split) if split is not None else None
+        # the first cut: a Split regex (then no gpt2 regex), or smollm's digits one by one
+        self._split_re = pre_tokenizer_regex(split or r"\p{N}") if split or pre == "smollm" \
+            else None
         self._cache = Memo(self._bpe_ids, CACHE_SIZE, CACHE_MAX_PIECE)  # piece -> ids
 
     @classmethod
@@ -249,27 +244,27 @@ class BPETokenizer:
         special_tokens: {"bos_token": str or {"content": str}, ...} (tokenizer_config.json) or
         {"bos_token_id": int, ...} (config.json); pad falls back to eos, then to id 0."""
         model, added = tj.get("model"), tj.get("added_tokens") or []
-        if not isinstance(model, dict) or model.get("type") != "BPE":
-            kind = model.get("type") if isinstance(model, dict) else model
+        kind = model.get("type") if isinstance(model, dict) else model
+        if not isinstance(model, dict) or kind != "BPE":
             raise ValueError(f"{where}: model type {kind!r} is not supported (byte-level BPE only)")
         vocab, merges = model.get("vocab"), model.get("merges")
-        if not isinstance(vocab, dict) or not isinstance(merges, list) or \
-                not isinstance(added, list) or not all(isinstance(a, dict) for a in added):
+        if not (isinstance(vocab, dict) and isinstance(merges, list) and isinstance(added, list)
+                and all(isinstance(a, dict) for a in added)):
             raise ValueError(f"{where}: model.vocab must be an object, model.merges and "
                              "added_tokens lists")
+        # byte-level BPE drops a byte without a token: then an unk_token would differ
+        unk = not set(bytes_to_unicode().values()) <= set(vocab)
         for name in ("dropout", "continuing_subword_prefix", "end_of_word_suffix",
                      "byte_fallback", "unk_token"):
-            # byte-level BPE drops a byte without a token: an unk_token is only ever unused
-            if model.get(name) and (name != "unk_token" or
-                                    not set(bytes_to_unicode().values()) <= set(vocab)):
+            if model.get(name) and (name != "unk_token" or unk):
                 raise ValueError(f"{where}: BPE {name}={model[name]!r} is not supported")
-        by_id = {i: t for t, i in vocab.items() if type(i) is int}
-        for a in added:
-            flags = [f for f in ("lstrip", "rstrip", "single_word") if a.get(f)]
-            if flags:
-                raise ValueError(f"{where}: added token {a.get('content')!r} has {flags[0]}=true,"
-                                 " which is not supported")
-            by_id[a.get("id")] = a.get("content")
+        flags = [(a.get("content"), f) for a in added for f in ("lstrip", "rstrip", "single_word")
+                 if a.get(f)]
+        if flags:
+            raise ValueError(f"{where}: added token {flags[0][0]!r} has {flags[0][1]}=true, "
+                             "which is not supported")
+        by_id = {i: t for t, i in vocab.items() if type(i) is int} | {
+            a.get("id"): a.get("content") for a in added}
         if len(by_id) < len(vocab) or set(by_id) != set(range(len(by_id))) or \
                 not all(isinstance(t, str) for t in by_id.values()):
             raise ValueError(f"{where}: token ids must run 0..{len(by_id) - 1} without gaps, "
@@ -322,15 +317,9 @@ class BPETokenizer:
     def pre_tokenize(self, text: str) -> list[str]:
         """Pieces that BPE sees (no special tokens).  pre_tokenize(" 42x") -> [" ", "4", "2", "x"]
         with pre="smollm", [" 42", "x"] with "gpt2"."""
-        text = unicodedata.normalize("NFC", text) if self.nfc else text
-        chunks = _digit_regex().split(text) if self.pre == "smollm" else [text]
-        if self._split_re is None:
-            return [p for chunk in chunks if chunk for p in pre_tokenizer_regex().findall(chunk)]
-        pieces, at = [], 0  # Isolated: the matches and the text between them, in order
-        for m in self._split_re.finditer(text):
-            pieces += [p for p in (text[at:m.start()], m.group()) if p]
-            at = m.end()
-        return pieces + ([text[at:]] if text[at:] else [])
+        chunks = isolate(self._split_re, unicodedata.normalize("NFC", text) if self.nfc else text)
+        gpt2 = pre_tokenizer_regex()
+        return chunks if self.split else [p for c in chunks for p in gpt2.findall(c)]
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         """Token ids of `text`; BOS first if add_bos (default: the tokenizer's add_bos)."""
@@ -338,13 +327,11 @@ class BPETokenizer:
         if add_bos and self.bos_id is None:
             raise ValueError("add_bos=True but this tokenizer has no bos_id")
         ids = [self.bos_id] if add_bos else []
-        chunks = self._special_re.split(text) if self._special_re else [text]
-        for k, chunk in enumerate(chunks):  # odd positions hold the captured special tokens
-            if k % 2:
+        for chunk in isolate(self._special_re, text):  # a special token is always cut out whole
+            if chunk in self.special:
                 ids.append(self.special[chunk])
-            elif chunk:
-                for piece in self.pre_tokenize(chunk):
-                    ids.extend(self._cache[piece])
+            else:
+                ids += [i for piece in self.pre_tokenize(chunk) for i in self._cache[piece]]
         return ids
 
     def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:

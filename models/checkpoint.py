@@ -1,7 +1,7 @@
 """Model files: the checks every loader shares, HF-format BERT folders, model names.
 
     n = field(raw, "num_hidden_layers", "size", "config.json")   # an int in [1, 2**31)
-    model, tok, info = load_pretrained("path/to/bert", num_labels=2, generator=g)
+    model, tok = load_pretrained("path/to/bert", num_labels=2, generator=g)
 
 Files are read with lora's bounded readers; each config value is checked by type and range and
 the layer count and tensor shapes against the config before a module is built.
@@ -13,7 +13,7 @@ import importlib.util
 import json
 import os
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -96,6 +96,17 @@ def read_json(path: Path, limit: int = JSON_LIMIT) -> dict:
     return obj
 
 
+def read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """model.safetensors of an HF folder; pickled (.bin) and sharded weights are refused."""
+    refused = {"pytorch_model.bin": "pickled weights are not loaded: convert to safetensors",
+               "model.safetensors.index.json": "sharded weights are not loaded: save them as "
+               "one file (save_pretrained(..., max_shard_size=\"100GB\"))"}
+    for name, why in refused.items():
+        if exists(folder / name) and not exists(folder / "model.safetensors"):
+            raise ValueError(f"{folder / name}: {why} (model.safetensors)")
+    return read_safetensors(folder / "model.safetensors")[0]
+
+
 def check_blocks(n: int, names, prefix: str, where: str) -> None:
     """The block indices of tensor names "<prefix><i>." must be 0..n-1 (before building n).
     check_blocks(2, ["h.0.w", "h.1.w"], "h.", "f: n") -> None"""
@@ -134,15 +145,6 @@ BERT_KINDS = {"vocab_size": "size", "hidden_size": "size", "num_hidden_layers": 
 _IGNORED = ("embeddings.position_ids", "cls.")  # a non-persistent buffer; pre-training heads
 
 
-@dataclass
-class LoadInfo:  # what load_pretrained read; fresh: keys left at random init; ignored: not loaded
-    path: Path
-    weights: str
-    config: BertConfig
-    fresh: list[str]
-    ignored: list[str]
-
-
 def bert_config(raw: dict, where: str = "config.json") -> BertConfig:
     """BertConfig from an HF config.json, every field by type and range."""
     only(raw, {"model_type": "bert", "hidden_act": "gelu", "position_embedding_type": "absolute"},
@@ -152,49 +154,37 @@ def bert_config(raw: dict, where: str = "config.json") -> BertConfig:
                                              for k, kind in BERT_KINDS.items()})
 
 
-def read_bert_weights(folder: Path) -> tuple[dict[str, torch.Tensor], str]:
-    """model.safetensors of an HF BERT folder; a pickle (.bin) is refused with the fix."""
-    if exists(folder / "model.safetensors"):
-        return read_safetensors(folder / "model.safetensors")[0], "model.safetensors"
-    if exists(folder / "pytorch_model.bin"):
-        raise ValueError(f"{folder / 'pytorch_model.bin'}: pickled weights are not loaded: "
-                         "convert to safetensors (model.safetensors)")
-    raise FileNotFoundError(f"{folder / 'model.safetensors'} not found")
-
-
-def bert_keys(sd: dict[str, torch.Tensor], head: bool) -> tuple[dict, list[str]]:
-    """HF BERT keys renamed to ours (`bert.` for a model with a head), and the keys ignored."""
-    mapped, ignored = {}, []
+def bert_keys(sd: dict[str, torch.Tensor], head: bool) -> dict[str, torch.Tensor]:
+    """HF BERT keys renamed to ours (`bert.` for a model with a head); pre-training heads, the
+    position_ids buffer and (without a head) the classifier are left out."""
+    mapped = {}
     for key, value in sd.items():
         k = key.removeprefix("bert.")
         if k.startswith(_IGNORED) or (k.startswith("classifier.") and not head):
-            ignored.append(key)
             continue
         k = "bert." + k if head and not k.startswith("classifier.") else k
         if k in mapped:
             raise ValueError(f"checkpoint has {k!r} twice (with and without the 'bert.' prefix)")
         mapped[k] = value
-    return mapped, ignored
+    return mapped
 
 
 def load_pretrained(path: str | os.PathLike, num_labels: int | None = None,
                     generator: torch.Generator | None = None,
-                    ) -> tuple[nn.Module, WordPieceTokenizer, LoadInfo]:
+                    ) -> tuple[nn.Module, WordPieceTokenizer]:
     """An HF BERT folder -> (BertModel if num_labels is None else BertForSequenceClassification,
-    tokenizer, info); fresh heads draw from `generator`."""
+    tokenizer); a pooler or classifier the weights lack is fresh, drawn from `generator`."""
     folder = Path(path)
     config = bert_config(read_json(folder / "config.json"), str(folder / "config.json"))
-    cfg = read_json(folder / "tokenizer_config.json") if exists(
-        folder / "tokenizer_config.json") else {}
-    where = str(folder / "tokenizer_config.json")
+    where = folder / "tokenizer_config.json"
+    cfg = read_json(where) if exists(where) else {}
     tok = WordPieceTokenizer.from_file(folder / "vocab.txt",
-                                       field(cfg, "do_lower_case", "bool", where, True),
-                                       field(cfg, "strip_accents", "bool?", where, None))
+                                       field(cfg, "do_lower_case", "bool", str(where), True),
+                                       field(cfg, "strip_accents", "bool?", str(where), None))
     if len(tok) > config.vocab_size:
         raise ValueError(f"vocab.txt has {len(tok)} tokens but config vocab_size="
                          f"{config.vocab_size}: tokenizer and weights do not belong together")
-    sd, weights = read_bert_weights(folder)
-    sd, ignored = bert_keys(sd, num_labels is not None)
+    sd = bert_keys(read_weights(folder), num_labels is not None)
     prefix = "" if num_labels is None else "bert."
     check_blocks(config.num_hidden_layers, sd, prefix + "encoder.layer.",
                  f"{folder / 'config.json'}: num_hidden_layers")
@@ -206,11 +196,10 @@ def load_pretrained(path: str | os.PathLike, num_labels: int | None = None,
         meta = build()
     heads = tuple(h for h in (prefix + "pooler.", "classifier.")  # fresh only if all absent
                   if not any(k.startswith(h) for k in sd))
-    check_weights(meta, shapes(sd), str(folder / weights), heads)
+    check_weights(meta, shapes(sd), str(folder / "model.safetensors"), heads)
     model = build(generator)
     model.load_state_dict(sd, strict=False)
-    fresh = [k for k in model.state_dict() if k.startswith(heads)] if heads else []
-    return model, tok, LoadInfo(folder, weights, config, fresh, ignored)
+    return model, tok
 
 
 # -----------------------------------------------------------------------------

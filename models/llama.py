@@ -21,10 +21,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lora import read_safetensors
 from models.bpe import BPETokenizer
-from models.checkpoint import (HF_FAMILIES, REQUIRED, check_blocks, check_weights, exists, field,
-                               make_config, only, read_json, shapes, smollm2_path)
+from models.checkpoint import (HF_FAMILIES, REQUIRED, check_blocks, check_weights, field,
+                               make_config, only, read_json, read_weights, shapes, smollm2_path)
 from models.encoder import init_weights
 from models.gguf import read_gguf, read_gguf_header
 
@@ -60,10 +59,8 @@ class LlamaConfig:
                              f"of num_key_value_heads={self.num_key_value_heads}")
 
     def to_hf_dict(self) -> dict:
-        """The config.json of transformers' LlamaForCausalLM for the same model."""
-        if self.qkv_bias != self.o_bias or self.sliding_window is not None:
-            raise ValueError("a LLaMA config.json cannot express qkv_bias != o_bias or a "
-                             "sliding window (those are qwen2's and mistral's)")
+        """The config.json of transformers' LlamaForCausalLM for the same model (a llama:
+        qkv_bias == o_bias, no sliding window)."""
         own = ("qkv_bias", "o_bias", "sliding_window")
         return {"model_type": "llama", "architectures": ["LlamaForCausalLM"],
                 "hidden_act": "silu", "attention_bias": self.qkv_bias, "mlp_bias": False,
@@ -304,7 +301,7 @@ def load_smollm2() -> tuple[LlamaForCausalLM, BPETokenizer]:
     return llama_from_gguf(smollm2_path())
 
 
-# Hugging Face folders: config.json, model.safetensors (or sharded), tokenizer.json
+# Hugging Face folders: config.json, model.safetensors, tokenizer.json
 
 
 def _rope_theta(raw: dict, where: str) -> float:
@@ -347,43 +344,13 @@ def config_from_hf(raw: dict, where: str = "config.json") -> LlamaConfig:
     return make_config(LlamaConfig, where, **kw)
 
 
-def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """model.safetensors, or the shards model.safetensors.index.json's weight_map names."""
-    index = folder / "model.safetensors.index.json"
-    if exists(folder / "model.safetensors"):
-        return read_safetensors(folder / "model.safetensors")[0]
-    if not exists(index):
-        raise FileNotFoundError(f"{folder} holds neither model.safetensors nor {index.name}: "
-                                "save the model with save_pretrained (safetensors)")
-    weight_map = read_json(index).get("weight_map")
-    if not isinstance(weight_map, dict) or not weight_map or \
-            not all(isinstance(f, str) for f in weight_map.values()):
-        raise ValueError(f"{index}: weight_map must be a non-empty {{tensor: file}} object")
-    shards = sorted(set(weight_map.values()))
-    for name in shards:  # all of them before reading any
-        if Path(name).name != name or not name.endswith(".safetensors"):
-            raise ValueError(f"{index}: shard {name!r} is not a .safetensors file in {folder}")
-        if not exists(folder / name):
-            raise FileNotFoundError(f"{folder / name} not found: {index.name} lists it as a shard")
-    sd: dict[str, torch.Tensor] = {}
-    for name in shards:
-        part = read_safetensors(folder / name)[0]
-        listed = {k for k, f in weight_map.items() if f == name}
-        if set(part) != listed:
-            raise ValueError(f"{folder / name} does not hold what {index.name} maps to it: extra "
-                             f"{sorted(set(part) - listed)[:5]}, missing "
-                             f"{sorted(listed - set(part))[:5]}")
-        sd.update(part)
-    return sd
-
-
 def llama_from_hf(path: str | os.PathLike) -> tuple[LlamaForCausalLM, BPETokenizer]:
     """An HF llama / mistral / qwen2 folder -> (float32 LlamaForCausalLM in eval mode, BPE)."""
     folder = Path(path)
     where = str(folder / "config.json")
     config = config_from_hf(read_json(folder / "config.json"), where)
     tokenizer = BPETokenizer.from_hf_folder(folder)
-    sd = {k: v for k, v in read_hf_weights(folder).items()
+    sd = {k: v for k, v in read_weights(folder).items()
           if not k.endswith("rotary_emb.inv_freq")}  # a buffer old LLaMA checkpoints saved
     if config.tie_word_embeddings:
         head, embed = sd.pop("lm_head.weight", None), sd.get("model.embed_tokens.weight")

@@ -3,8 +3,9 @@
 Oracles: a float64 LLaMA forward written with explicit loops below; llama.cpp's q/k permutation
 and interleaved RoPE written from convert_hf_to_gguf.py's formula; GPT-2's pre-tokeniser cases
 derived by hand; a per-example loop for the loss. Peers (`-m peer`): transformers'
-LlamaForCausalLM with the same weights, transformers' GGUF loader and tokenizer on SmolLM2,
-PEFT loading an adapter saved from our decoder.
+LlamaForCausalLM with the same weights, the `gguf` package + transformers' q/k un-permutation on
+SmolLM2's file, PEFT loading an adapter saved from our decoder (SmolLM2's tokenizer against
+transformers: tests/test_hf_llama.py).
 Run: .venv/bin/python -m pytest -q tests/test_decoder.py   (peers: make crosscheck)
 """
 
@@ -19,7 +20,6 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import SST2
 from data.causal import (causal_batches, causal_loss, collate, encode_prompt, format_prompt,
                          label_scores, label_token_ids, predict, prompt_for)
 from data.glue import Example, compute_metrics
@@ -527,38 +527,25 @@ def smollm2():
 
 
 @pytest.mark.peer
-def test_smollm2_knows_paris_and_matches_transformers_gguf_loader(smollm2):
-    pytest.importorskip("gguf")
-    transformers = pytest.importorskip("transformers")
+def test_smollm2_weights_equal_the_gguf_path_of_transformers_and_it_knows_paris(smollm2):
+    """Oracles: the GGUF path of transformers on the real file (the `gguf` package dequantises
+    and names the tensors, transformers undoes llama.cpp's q/k permutation) gives our tensors bit
+    for bit on the embeddings and layer 0 (each ggml type of the file: Q8_0, Q4_1, F32), and the
+    model knows Paris. (Our layers against transformers': test_tiny_decoder_equals_...)"""
+    gguf = pytest.importorskip("gguf")
+    pytest.importorskip("transformers")
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
     path, model, tok = smollm2
+    processor = LlamaTensorProcessor({"num_attention_heads": 9, "num_key_value_heads": 3})
+    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, model.config.num_hidden_layers)
+    assert len(tensors) == 272
+    ours = model.state_dict()
+    for key in [k for k in ours if k.startswith(("model.embed_tokens.", "model.layers.0."))]:
+        t = tensors[names.get_name(key.removesuffix(".weight")) + ".weight"]
+        w = processor.process(gguf.dequantize(t.data, t.tensor_type), t.name).weights
+        assert torch.equal(ours[key], torch.from_numpy(w.copy()).float().reshape(ours[key].shape))
     ids = torch.tensor([tok.encode("The capital of France is")])
     with torch.no_grad():
-        ours = model(ids)
-    assert tok.decode([ours[0, -1].argmax().item()]) == " Paris"
-    hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                           dtype=torch.float32).eval()
-    with torch.no_grad():
-        theirs = hf(ids).logits
-    # measured 3.2e-5 on logits of magnitude ~27 (float32 through 30 layers)
-    torch.testing.assert_close(ours, theirs, rtol=0, atol=2e-4)
-
-
-@pytest.mark.peer
-def test_smollm2_token_ids_equal_transformers_on_sst2_dev(smollm2):
-    pytest.importorskip("gguf")
-    transformers = pytest.importorskip("transformers")
-    path, _, tok = smollm2
-    if not (SST2 / "dev.tsv").is_file():
-        pytest.skip(f"{SST2 / 'dev.tsv'} not found")
-    hf = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    lines = (SST2 / "dev.tsv").read_text().split("\n")[1:]
-    sentences = [line.split("\t")[0] for line in lines if line]
-    assert len(sentences) == 872
-    agree = sum(tok.encode(s) == hf(s)["input_ids"] for s in sentences)
-    assert agree == 872
-    for text in ["<|im_start|>user\nI'm  here\n\n<|im_end|>", "héllo 🤖 1234 x'S\t"]:
-        assert tok.encode(text) == hf(text)["input_ids"]
-    # the one known difference: transformers ignores tokenizer.ggml.pre = "smollm" (digits
-    # split one by one, as llama.cpp and SmolLM2's own tokenizer.json do) and keeps " ½" whole
-    gpt2 = BPETokenizer(tok.tokens, list(tok.ranks), list(tok.special.values()), pre="gpt2")
-    assert gpt2.encode("x ½") == hf("x ½")["input_ids"] != tok.encode("x ½")
+        logits = model(ids)
+    assert tok.decode([logits[0, -1].argmax().item()]) == " Paris"

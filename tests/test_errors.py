@@ -96,9 +96,9 @@ def stsb(score: str):
     return setup
 
 
-def model_folder(edit=None, fifo: str | None = None):
+def model_folder(edit=None, fifo: str | None = None, sharded: bool = False):
     """A setup writing an HF BERT folder of the tiny encoder, config.json changed by `edit`,
-    `fifo` (a file name) replaced by a FIFO."""
+    `fifo` (a file name) replaced by a FIFO, or the weights saved as one shard and its index."""
     def setup(tmp: Path) -> list[str]:
         import dataclasses
         import os
@@ -113,6 +113,9 @@ def model_folder(edit=None, fifo: str | None = None):
         if fifo:
             (m / fifo).unlink()
             os.mkfifo(m / fifo)
+        if sharded:
+            (m / "model.safetensors").rename(m / "model-00001-of-00001.safetensors")
+            (m / "model.safetensors.index.json").write_text('{"weight_map": {}}')
         return ["--model", str(m)]
     return setup
 
@@ -277,6 +280,8 @@ CLI = [
      "num_hidden_layers=100000 but the weights hold 2 blocks"),
     ("--model: vocab.txt is a FIFO", model_folder(fifo="vocab.txt"),
      "vocab.txt is not a regular file"),
+    ("--model: weights in shards", model_folder(sharded=True),
+     "model.safetensors.index.json: sharded weights are not loaded: save them as one file"),
     ("--model: an HF llama folder claiming 100000 layers", hf_llama(num_hidden_layers=100000),
      "num_hidden_layers=100000 but the weights hold 2 blocks"),
     ("--model: an HF folder with a SentencePiece tokenizer.json",

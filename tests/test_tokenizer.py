@@ -11,8 +11,6 @@ Run: .venv/bin/python -m pytest tests/test_tokenizer.py -q
 from __future__ import annotations
 
 import pickle
-import random
-import sys
 import unicodedata
 from pathlib import Path
 
@@ -167,107 +165,46 @@ def test_tokenizer_pickles_with_its_memos():
 
 
 # -----------------------------------------------------------------------------
-# BPE merges (models/bpe.py): the heap against the rescan it replaced
+# BPE merges (models/bpe.py): minbpe's loop against HF's one-merge-at-a-time order
 
 
 def reference_bpe_merge(parts: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
-    """The O(n · merges) loop models/bpe.py used before the heap: find the lowest-ranked
-    adjacent pair, merge every occurrence left to right, repeat."""
-    while len(parts) > 1:
-        pair = min(zip(parts, parts[1:]), key=lambda p: ranks.get(p, sys.maxsize))
-        if pair not in ranks:
-            break
-        merged, i = [], 0
-        while i < len(parts):
-            if i + 1 < len(parts) and (parts[i], parts[i + 1]) == pair:
-                merged.append(parts[i] + parts[i + 1])
-                i += 2
-            else:
-                merged.append(parts[i])
-                i += 1
-        parts = merged
+    """HF tokenizers' order, one merge at a time: the pair of lowest (rank, position) merges,
+    until no adjacent pair has a rank."""
+    parts = list(parts)
+    while found := [(ranks[p], i) for i, p in enumerate(zip(parts, parts[1:])) if p in ranks]:
+        i = min(found)[1]
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
     return parts
 
 
 @st.composite
 def merge_tables(draw) -> dict[tuple[str, str], int]:
-    """Merges over a 3-letter alphabet, each joining two tokens that exist by then, in a
-    shuffled rank order (so a merge may rank above the merge that makes its input)."""
-    tokens, pairs = ["a", "b", "c"], []
+    """Merges over a 3-letter alphabet in trained order: each joins two tokens that exist by
+    then into a new token, so no merge ranks below the merge that makes its input."""
+    tokens, ranks = ["a", "b", "c"], {}
     for _ in range(draw(st.integers(0, 12))):
         pair = (draw(st.sampled_from(tokens)), draw(st.sampled_from(tokens)))
-        if pair not in pairs:
-            pairs.append(pair)
+        if pair[0] + pair[1] not in tokens:
+            ranks[pair] = len(ranks)
             tokens.append(pair[0] + pair[1])
-    order = draw(st.permutations(range(len(pairs))))
-    return {pairs[k]: rank for rank, k in enumerate(order)}
+    return ranks
 
 
 @given(ranks=merge_tables(), word=st.text(st.sampled_from("abc"), max_size=40))
 @example(ranks={("a", "a"): 0}, word="aaaaa")  # overlapping pairs: left to right
-# (ab, a) ranks below (a, b), which makes ab: every (a, b) merges before ab meets an a (HF's
-# priority queue, which pushes new pairs at once, gives aba b here; trained tables never rank
-# a merge below the merge that makes its input, and there both agree)
-@example(ranks={("a", "b"): 1, ("ab", "a"): 0}, word="abab")
-def test_bpe_merge_equals_the_rescan(ranks, word):
+def test_bpe_merge_equals_hf_one_merge_at_a_time(ranks, word):
     assert bpe_merge(list(word), ranks) == reference_bpe_merge(list(word), ranks)
 
 
 @given(text=st.text(st.sampled_from("positvenga xyb"), max_size=80))
-def test_tiny_bpe_ids_equal_the_rescan(text):
+def test_tiny_bpe_ids_equal_the_reference(text):
     from models.bpe import tiny_bpe
     tok = tiny_bpe()
     for piece in tok.pre_tokenize(text):
         parts = [tok.byte_char[b] for b in piece.encode()]
         assert tok._cache[piece] == tuple(tok.vocab[p] for p in reference_bpe_merge(parts,
                                                                                     tok.ranks))
-
-
-class _CountingRanks(dict):
-    lookups = 0
-
-    def get(self, key, default=None):
-        self.lookups += 1
-        return super().get(key, default)
-
-
-def test_bpe_merge_takes_linearly_many_rank_lookups_on_a_long_word():
-    """The complexity proxy: on one 32k-character word the heap looks up <= 6 ranks per
-    character (<= n initial pairs, <= 3n popped entries, <= 2 per merge), where the rescan
-    took one per character per round; ids equal the rescan's."""
-    from models.bpe import tiny_bpe
-    tok = tiny_bpe()
-    # spaces included: bpe_merge sees one piece, as a 32k-character pre-tokenised word would
-    word = (" positive negative acceptable unacceptable entailment neutral contradiction"
-            " the movie film good bad" * 400)[:32_000]
-    parts = [tok.byte_char[b] for b in word.encode()]
-    ranks = _CountingRanks(tok.ranks)
-    got = bpe_merge(parts, ranks)
-    assert ranks.lookups <= 6 * len(parts) and "".join(got) == "".join(parts)
-    slow = _CountingRanks(tok.ranks)  # the rescan on a tenth of the word already needs more
-    assert bpe_merge(parts[:3_000], tok.ranks) == reference_bpe_merge(parts[:3_000], slow)
-    assert slow.lookups > 6 * 3_000
-
-
-def test_smollm2_long_word_tokenises_fast_and_equal_to_the_rescan():
-    """SmolLM2's 48,900 merges on a 32k-character word (35 s with the rescan): ids equal to
-    the rescan on a 2k prefix, and the 32k word's rank lookups stay <= 6 per character."""
-    from models.bpe import BPETokenizer
-    from models.gguf import read_gguf_header
-    from models.llama import smollm2_path
-    try:
-        path = smollm2_path()
-    except (ModuleNotFoundError, FileNotFoundError) as e:
-        pytest.skip(str(e))
-    tok = BPETokenizer.from_gguf(read_gguf_header(path).metadata)
-    rng = random.Random(0)
-    word = "".join(rng.choice("abcdefghijklmnopqrstuvwxyzé") for _ in range(32_000))
-    parts = [tok.byte_char[b] for b in word.encode()]
-    assert bpe_merge(parts[:2_000], tok.ranks) == reference_bpe_merge(parts[:2_000], tok.ranks)
-    ranks = _CountingRanks(tok.ranks)
-    got = bpe_merge(parts, ranks)
-    assert ranks.lookups <= 6 * len(parts) and "".join(got) == "".join(parts)
-    assert tok.encode(word) == [tok.vocab[p] for p in got]
 
 
 # -----------------------------------------------------------------------------
@@ -297,16 +234,18 @@ def minilm():
 
 
 @pytest.mark.peer
-def test_minilm_ids_equal_bert_tokenizer_fast_on_all_sst2_rows(minilm):
-    """Every train and dev sentence of GLUE SST-2: the rows `make bench` times."""
+def test_minilm_ids_equal_bert_tokenizer_fast_on_sst2_rows(minilm):
+    """Every dev sentence of GLUE SST-2 and every fifth train sentence (the rows `make bench`
+    times; all 67,349 took 9 s)."""
     ours, hf = minilm
-    for split, n in (("train", 67_349), ("dev", 872)):
+    for split, n, step in (("train", 67_349, 5), ("dev", 872, 1)):
         path = SST2 / f"{split}.tsv"
         if not path.is_file():
             pytest.skip(f"{path} not found (GLUE SST-2 data)")
         rows = [line.rsplit("\t", 1)[0]
                 for line in path.read_text(encoding="utf-8").splitlines()[1:]]
         assert len(rows) == n
+        rows = rows[::step]
         expected = hf(rows)["input_ids"]
         assert [s for s, e in zip(rows, expected) if ours.encode(s)[0] != e] == []
 
