@@ -134,7 +134,7 @@ def run_grid(cells: list[tuple[str, str, int]], data_dirs: dict[str, Path], root
         if (out / "results.json").exists() or missing(method):
             outcome["done" if (out / "results.json").exists() else "missing"].append(cell)
             continue
-        resume = any(out.glob(runfolder.CHECKPOINT + "*/"))  # checkpoint/, or its staged copy
+        resume = (out / runfolder.CHECKPOINT).is_file()
         log, t0 = out / "train.log", time.time()
         start = log.stat().st_size if log.is_file() else 0
         code = run(cell_command(*cell, data_dirs[task], out, threads, resume, extra), log)
