@@ -810,9 +810,8 @@ def train_run(args: argparse.Namespace, adapt: Callable, finish: Callable | None
     report = resume["report"] if resume else apply_method(model, task, args, rng)
     out = Path(args.out)
     if rank == 0:  # --overwrite: the old checkpoint goes, its results stay until ours
-        out.mkdir(parents=True, exist_ok=True)
-        if args.overwrite:
-            runfolder.remove(out / CHECKPOINT)
+        for name in (CHECKPOINT, "checkpoint") if args.overwrite else ():  # (an older fimlora's)
+            runfolder.remove(out / name)
     trained = train_loop(model, task, args, rng, report, resume, (rank, world))
     if not task.planted:  # a dev set can take a while
         print(f"evaluating at step {args.steps:,} ...", flush=True)

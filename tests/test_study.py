@@ -355,8 +355,9 @@ class FakeRunner:
 def test_grid_skips_finished_resumes_checkpoints_and_runs_the_rest(tmp_path, monkeypatch):
     root = tmp_path / "cells"
     write_cell(root, "sst2", "lora", 0, 0.8)
-    (root / "sst2" / "fim-s0" / "checkpoint").mkdir(parents=True)
-    (root / "sst2" / "peft-lora-s1" / "checkpoint").mkdir(parents=True)  # a stopped peer
+    for stopped in ("fim-s0", "peft-lora-s1"):  # peft-lora-s1: a stopped peer
+        (root / "sst2" / stopped).mkdir(parents=True)
+        (root / "sst2" / stopped / "checkpoint.pt").touch()
     monkeypatch.setattr(grid, "missing", lambda m: "peft not installed" if m == "peft-eva"
                         else None)
     cells = [("sst2", m, 0) for m in ("lora", "fim", "fim+da", "peft-lora", "peft-eva",
@@ -590,6 +591,7 @@ def test_a_cell_writes_its_fields_once_under_the_folder_lock(tmp_path, monkeypat
             return real(path, obj)
         return write
     monkeypatch.setattr(runfolder, "write_json", spy(runfolder.write_json))
+    monkeypatch.setattr(peers.train, "write_json", spy(runfolder.write_json))
     res = peers.cell("fim-random-params", ["--steps", "2", "--threads", "1", "--log-every", "1",
                                            "--out", str(out)])
     saved = json.loads((out / "results.json").read_text())
