@@ -411,10 +411,9 @@ def apply_method(model: nn.Module, task: Task, args: argparse.Namespace,
         t0 = time.perf_counter()
         mine = list(itertools.islice(calib, rank, args.calib_batches, world))
         res = fimlora.initialize_fim_ranks(
-            model, mine, task.loss_fn, r_min=args.r_min,
-            r_max=args.r_max, score=args.score, n_batches=args.calib_batches,
-            per_example=args.per_example, power=args.power, generator=rng["init"],
-            budget_unit=args.budget)
+            model, mine, task.loss_fn, r_min=args.r_min, r_max=args.r_max, score=args.score,
+            n_batches=args.calib_batches, per_example=args.per_example, power=args.power,
+            generator=rng["init"], budget_unit=args.budget)
         report["fim"] = {**res, "seconds": time.perf_counter() - t0}
         print(f"FIM-LoRA {args.score} scores:\n" + layer_table(res["scores"], "{:.3g}"))
     if args.method.endswith("da"):  # --da-samples examples, the last batch cut short
@@ -423,10 +422,9 @@ def apply_method(model: nn.Module, task: Task, args: argparse.Namespace,
         sizes = [next(v.shape[0] for v in b.values() if torch.is_tensor(v)) for b in batches]
         take = [min(k, max(0, args.da_samples - at))
                 for k, at in zip(sizes, itertools.accumulate(sizes, initial=0))]
-        res = fimlora.lorada_init(
-            model, batches[rank::world], task.loss_fn,
-            n_samples=max(1, sum(take[rank::world])), da_beta=args.da_beta,
-            da_gamma=args.da_gamma, population_size=task.n_train)
+        res = fimlora.lorada_init(model, batches[rank::world], task.loss_fn,
+                                  n_samples=max(1, sum(take[rank::world])), da_beta=args.da_beta,
+                                  da_gamma=args.da_gamma, population_size=task.n_train)
         report["da"] = {**res, "seconds": time.perf_counter() - t0}
     report["calibration_seconds"] = sum(report[k]["seconds"] for k in ("fim", "da") if k in report)
     layers = lora_layers(model)
