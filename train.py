@@ -4,14 +4,13 @@
     torchrun --standalone --nproc_per_node 2 train.py ...          # one process per device
 
 main(): args -> seed -> device -> task -> adapt -> method -> loop -> eval -> save; runfolder.py
-keeps --out (lock, checkpoint, resume, publish).
+keeps --out (lock, checkpoint, publish).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import io
 import itertools
 import json
@@ -53,7 +52,6 @@ METHOD_FLAGS = {("fim", "fim+da"): ("calib_batches", "score", "per_example", "bu
                 ("da", "fim+da"): ("da_samples", "da_beta", "da_gamma")}
 MAX_SCALE = 1e6  # alpha/r above this overflows the forward once B is nonzero
 PLANTED_EXAMPLES = 2**16  # the planted task's "training set" for calibration caps (it is endless)
-DIST_TIMEOUT = "FIMLORA_DIST_TIMEOUT"  # env: seconds a rank waits for the others (default 600)
 SHARD_WEIGHT = "shard_weight"  # a batch key: world·n_k/N, set by shards() on uneven splits
 EXAMPLES = """examples:
   python train.py --method fim                       # the embedded planted task, ~20 s
@@ -113,18 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
                epilog=EXAMPLES.replace("python train.py", command("train.py")))
     p.add_argument("--method", default="lora", choices=METHODS,
                    help="lora: uniform r | fim: FIM-LoRA ranks | fw: FW-LoRA | da: LoRA-DA init")
-    p.add_argument("--model", default="tiny", help="tiny | minilm | tiny-llama | smollm2 | an HF "
-                   "BERT / llama / mistral / qwen2 folder")
+    p.add_argument("--model", default="tiny", help="tiny | minilm | tiny-llama | smollm2 | folder")
     p.add_argument("--task", default="planted", choices=("planted", *glue.TASKS),
                    help="planted: the embedded task with a known answer; else GLUE (--data-dir)")
-    p.add_argument("--plants", default="reach", choices=("reach", "anywhere"),
-                   help="planted: plant where the Fisher reaches, or in any target matrix")
+    p.add_argument("--plants", default="reach", choices=("reach", "anywhere"), help="planted")
     p.add_argument("--data-dir", help="GLUE task folder with train.tsv and dev.tsv")
     p.add_argument("--data", metavar="FILE", help="your .csv/.tsv/.jsonl instead of --task")
     p.add_argument("--eval-data", metavar="FILE", help="evaluate on FILE, not a share of --data")
     p.add_argument("--eval-fraction", type=number(float, 0, 1, True, True),
-                   help="share of the training rows held out for evaluation (default: --data "
-                   "0.1; GLUE none, dev.tsv; GLUE's slice is fixed, the same for every --seed)")
+                   help="training rows held out for eval (default: --data 0.1; GLUE dev.tsv)")
     p.add_argument("--text-field", help="--data's text column (unset: text, else sentence)")
     p.add_argument("--pair-field", help="--data's second text column, for pairs")
     p.add_argument("--label-field", default="label", help="--data's class column")
@@ -149,23 +144,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-every", type=INDEX, default=0, help="steps between evals (0 = at end)")
     g.add_argument("--log-every", type=COUNT, default=50, help="steps between log lines")
     g.add_argument("--grad-accum", type=COUNT, default=1, help="batches per optimizer step")
-    g.add_argument("--group-by-length", action="store_true", help="encoder classification: "
-                   "batches of similar length, as HF Trainer's (same rows an epoch, less padding)")
+    g.add_argument("--group-by-length", action="store_true", help="batches of similar lengths")
     g = p.add_argument_group("Fisher methods (fim: fim, fim+da; fw: fw; da: da, fim+da)")
     g.add_argument("--calib-batches", type=COUNT, default=8, help="fim: calibration batches")
     g.add_argument("--score", default="efim", choices=("efim", "variance"), help="fim: score")
     g.add_argument("--per-example", action="store_true", help="fim: per-example (true) Fisher")
-    g.add_argument("--budget", default="ranks", choices=("ranks", "params"),
-                   help="fim: r x matrices ranks, or uniform r's parameters")
+    g.add_argument("--budget", default="ranks", choices=("ranks", "params"), help="fim: budget")
     g.add_argument("--r-min", type=INDEX, default=1, help="fim: smallest rank of a matrix")
     g.add_argument("--r-max", type=INDEX, help="fim: largest rank of a matrix (default 2r)")
     g.add_argument("--power", type=WEIGHT, default=1.0, help="fim: ranks ∝ score**power")
     g.add_argument("--fw-warmup", type=COUNT, default=500, help="fw: warm-up steps K")
-    g.add_argument("--fw-track-every", type=COUNT, default=1,
-                   help="fw: track ‖∂L/∂W‖² every k-th warm-up step (EMA factor β^k)")
+    g.add_argument("--fw-track-every", type=COUNT, default=1, help="fw: track every k-th step")
     g.add_argument("--fw-lambda", type=WEIGHT, default=1e-4, help="fw: penalty weight λ")
-    g.add_argument("--fw-norm", default="sum", choices=("sum", "max"),
-                   help="fw: importances normalised by their sum or their max")
+    g.add_argument("--fw-norm", default="sum", choices=("sum", "max"), help="fw: normalise by")
     g.add_argument("--da-samples", type=COUNT, default=256, help="da: calibration examples")
     g.add_argument("--da-beta", type=WEIGHT, default=0.03, help="da: the paper's β")
     g.add_argument("--da-gamma", type=RATE, default=1024.0, help="da: the paper's γ")
@@ -177,11 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU threads (0 = torch default)")
     g.add_argument("--out", help="output folder (default runs/<task>-<model>-<method>-s<seed>)")
     g.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
-    g.add_argument("--save-every", type=INDEX, default=0,
-                   help="steps between checkpoints (0 = four per run)")
+    g.add_argument("--save-every", type=INDEX, default=0, help="checkpoint period (0: 4 a run)")
     g.add_argument("--resume", metavar="OUT", help="continue the run in OUT from its checkpoint")
-    g.add_argument("--compare", action="store_true",
-                   help="planted: also train uniform LoRA and the oracle ranks, and compare")
+    g.add_argument("--compare", action="store_true", help="planted: vs uniform LoRA and oracle")
     return p
 
 
@@ -191,11 +180,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = build_parser()
     a = p.parse_args(argv)
     given = [k for k, v in vars(a).items() if v != p.get_default(k)]
-    if a.resume is not None:
+    if a.resume is not None:  # the flags that would change the run are refused
         drop = [f"--{k.replace('_', '-')}" for k in given if k not in ("resume", "threads")]
         if drop:
             raise ValueError(f"--resume takes the run's saved arguments; drop {', '.join(drop)}")
-        args = runfolder.resumed_args(a, p)
+        if not Path(a.resume).is_dir():
+            raise FileNotFoundError(f"--resume {a.resume}: no such run folder")
+        saved, out = runfolder.read_checkpoint(Path(a.resume))["args"], str(Path(a.resume))
+        args = argparse.Namespace(**{**saved, "resume": out, "out": out, "overwrite": False,
+                                     "threads": a.threads or saved["threads"]})
     else:
         check_args(a, given)
         task = "data" if a.data is not None else a.task
@@ -257,6 +250,11 @@ def check_args(a: argparse.Namespace, given: list[str]) -> None:
         raise ValueError("; ".join(errors))
 
 
+def check_out(args: argparse.Namespace) -> None:
+    runfolder.check_out(Path(args.out), args.resume is not None, args.overwrite,
+                        command("train.py", "--resume", args.out))
+
+
 def resolve(args: argparse.Namespace, task: Task) -> argparse.Namespace:
     """A new args (the one saved) with --steps from --epochs, --calib-batches and --da-samples
     capped at one pass over the data (planted: PLANTED_EXAMPLES), --fw-warmup at half --steps."""
@@ -275,15 +273,11 @@ def resolve(args: argparse.Namespace, task: Task) -> argparse.Namespace:
 
 
 def check_model(model: nn.Module, args: argparse.Namespace) -> None:
-    """Before any training: --max-len within the positions, finite weights, no tied target."""
+    """Before any training: --max-len within the positions, no tied target."""
     positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if positions is not None and args.max_len > positions:
         raise ValueError(f"--max-len {args.max_len} exceeds the model's {positions} positions: "
                          f"use --max-len <= {positions}")
-    bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
-    if bad:
-        raise ValueError(f"the model's weights hold NaN or inf in {bad[:3]}: the checkpoint of "
-                         f"--model {args.model} is corrupt; re-download or re-install it")
     names: dict[int, list[str]] = {}  # a tied weight is one Parameter under several names
     for n, p in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(p), []).append(n)
@@ -295,81 +289,18 @@ def check_model(model: nn.Module, args: argparse.Namespace) -> None:
                              f"too; drop {n.rsplit('.', 1)[-1]} from --targets")
 
 
-def check_out(args: argparse.Namespace) -> None:
-    runfolder.check_out(Path(args.out), args.resume is not None, args.overwrite,
-                        command("train.py", "--resume", args.out))
-
-
-def save_checkpoint(out: Path, step: int, model: nn.Module, opt, sched, rng: dict,
-                    state: dict, args: argparse.Namespace) -> None:
-    """state.pt: tensors, optimizer, scheduler, generators, FW-LoRA state, losses; meta.json:
-    step, args, ranks, alphas, report, evals, segments."""
-    layers = lora_layers(model)
-    runfolder.save_checkpoint(out, {
-        "step": step, "model": {n: p.detach() for n, p in model.named_parameters()
-                                if p.requires_grad},
-        "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-        "rng": {k: g.get_state() for k, g in rng.items()} | {"torch": torch.get_rng_state()},
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "fw_ema": state["fw"]["ema"], "fw_importance": state["fw"]["importance"] or {},
-        "losses": state["losses"], "seconds": state["seconds"]}, {
-        "step": step, "seed": args.seed, "args": vars(args), "evals": state["evals"],
-        "ranks": {n: m.r for n, m in layers.items()},
-        "alphas": {n: m.alpha for n, m in layers.items()},
-        "report": state["report"], "segments": state["segments"]})
-
-
-def restore(model: nn.Module, opt, sched, state: dict, blob: dict, meta: dict) -> None:
-    """The checkpoint into the freshly built run, or ValueError if it does not fit it."""
-    layers = lora_layers(model)
-    if set(meta["ranks"]) != set(layers):
-        raise ValueError(f"the checkpoint adapts {len(meta['ranks'])} matrices, the model "
-                         f"{len(layers)}: was --model or --targets changed? (a peer's checkpoint, "
-                         "transformers + PEFT, resumes with the command that started it)")
-    for name, layer in layers.items():
-        resize_lora(layer, int(meta["ranks"][name]), alpha=float(meta["alphas"][name]))
-    params, saved = {n: p for n, p in model.named_parameters() if p.requires_grad}, blob["model"]
-    try:
-        bad = sorted(set(params) ^ set(saved)) + [n for n in params if n in saved and (
-            saved[n].shape != params[n].shape or saved[n].dtype != params[n].dtype
-            or not bool(torch.isfinite(saved[n]).all()))]
-        if bad:
-            raise ValueError(f"the checkpoint's tensors do not fit the model ({bad[:3]})")
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(saved[n])
-        opt.load_state_dict(blob["optimizer"])
-        sched.load_state_dict(blob["scheduler"])
-        state.update(losses=blob["losses"], seconds=float(blob["seconds"]), evals=meta["evals"],
-                     segments=meta["segments"], fw={"ema": dict(blob["fw_ema"]),
-                                                    "importance": blob["fw_importance"] or None})
-    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:
-        raise ValueError(f"--resume: {e if isinstance(e, ValueError) else type(e).__name__}: "
-                         "was --model or --targets changed, or is state.pt damaged?") from None
-
-
 # -----------------------------------------------------------------------------
 # torchrun: one process per device, each a disjoint shard of every global batch
 
 
 def init_distributed(device: torch.device, args: argparse.Namespace) -> tuple[int, int]:
-    """(rank, world size); under torchrun starts the process group (gloo on CPU, nccl on CUDA)
-    whose collectives give up after $FIMLORA_DIST_TIMEOUT seconds (default 600)."""
-    world, raw = int(os.environ.get("WORLD_SIZE", "1")), os.environ.get(DIST_TIMEOUT, "600")
-    if world <= 1:
-        return 0, 1
-    seconds = math.nan
-    with contextlib.suppress(ValueError):
-        seconds = float(raw)
-    if not 0 < seconds <= 86400:
-        raise ValueError(f"{DIST_TIMEOUT}={raw!r}: give the seconds a torchrun process waits for "
-                         "the others, a number in (0, 86400]")
-    if args.batch_size % world:
+    """(rank, world size); under torchrun starts the process group (gloo on CPU, nccl on CUDA)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and args.batch_size % world:
         raise ValueError(f"--batch-size {args.batch_size} is not divisible by the {world} "
                          "processes: every rank takes an equal shard")
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                             timeout=datetime.timedelta(seconds=seconds))
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank_world()
 
 
@@ -480,10 +411,9 @@ def apply_method(model: nn.Module, task: Task, args: argparse.Namespace,
         t0 = time.perf_counter()
         mine = list(itertools.islice(calib, rank, args.calib_batches, world))
         res = fimlora.initialize_fim_ranks(
-            model, progress(mine, "FIM-LoRA calibration"), task.loss_fn, r_min=args.r_min,
-            r_max=args.r_max, score=args.score, n_batches=args.calib_batches,
-            per_example=args.per_example, power=args.power, generator=rng["init"],
-            budget_unit=args.budget)
+            model, mine, task.loss_fn, r_min=args.r_min, r_max=args.r_max, score=args.score,
+            n_batches=args.calib_batches, per_example=args.per_example, power=args.power,
+            generator=rng["init"], budget_unit=args.budget)
         report["fim"] = {**res, "seconds": time.perf_counter() - t0}
         print(f"FIM-LoRA {args.score} scores:\n" + layer_table(res["scores"], "{:.3g}"))
     if args.method.endswith("da"):  # --da-samples examples, the last batch cut short
@@ -492,10 +422,9 @@ def apply_method(model: nn.Module, task: Task, args: argparse.Namespace,
         sizes = [next(v.shape[0] for v in b.values() if torch.is_tensor(v)) for b in batches]
         take = [min(k, max(0, args.da_samples - at))
                 for k, at in zip(sizes, itertools.accumulate(sizes, initial=0))]
-        res = fimlora.lorada_init(
-            model, progress(batches[rank::world], "LoRA-DA calibration"), task.loss_fn,
-            n_samples=max(1, sum(take[rank::world])), da_beta=args.da_beta,
-            da_gamma=args.da_gamma, population_size=task.n_train)
+        res = fimlora.lorada_init(model, batches[rank::world], task.loss_fn,
+                                  n_samples=max(1, sum(take[rank::world])), da_beta=args.da_beta,
+                                  da_gamma=args.da_gamma, population_size=task.n_train)
         report["da"] = {**res, "seconds": time.perf_counter() - t0}
     report["calibration_seconds"] = sum(report[k]["seconds"] for k in ("fim", "da") if k in report)
     layers = lora_layers(model)
@@ -526,7 +455,7 @@ def layer_table(values: dict[str, float], fmt: str = "{}") -> str:
 
 
 # -----------------------------------------------------------------------------
-# training loop
+# training loop and its checkpoint
 
 
 def make_optimizer(model: nn.Module, args: argparse.Namespace):
@@ -581,6 +510,47 @@ def fw_step(train_model: nn.Module, model: nn.Module, task: Task, args: argparse
     return step
 
 
+def checkpoint(model: nn.Module, opt, sched, rng: dict, state: dict,
+               args: argparse.Namespace) -> dict:
+    """What a resume needs, one dict (nanoGPT's): trainable tensors, ranks, optimizer, schedule,
+    the generators the loop draws from, and the losses, evals, report and FW-LoRA state so far."""
+    layers = lora_layers(model)
+    return {"step": len(state["losses"]), "args": vars(args), "report": state["report"],
+            "model": {n: p.detach() for n, p in model.named_parameters() if p.requires_grad},
+            "ranks": {n: m.r for n, m in layers.items()},
+            "alphas": {n: m.alpha for n, m in layers.items()},
+            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "rng": {"data": rng["data"].get_state(), "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+            "losses": state["losses"], "evals": state["evals"], "seconds": state["seconds"],
+            "fw": state["fw"]}
+
+
+def restore(model: nn.Module, opt, sched, state: dict, ckpt: dict, out: str) -> None:
+    """The checkpoint into the freshly built run (its ranks first), or ValueError if it does not
+    fit it."""
+    try:
+        for name, layer in lora_layers(model).items():
+            resize_lora(layer, int(ckpt["ranks"][name]), alpha=float(ckpt["alphas"][name]))
+        saved = ckpt["model"]
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        bad = sorted(set(params) ^ set(saved)) + [n for n in params if n in saved and (
+            saved[n].shape, saved[n].dtype) != (params[n].shape, params[n].dtype)]
+        if bad or len(ckpt["losses"]) != ckpt["step"]:
+            raise ValueError(f"the checkpoint's tensors or losses do not fit the run {bad[:3]}")
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(saved[n])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:
+        raise ValueError(f"--resume {out}: {e if isinstance(e, ValueError) else repr(e)}: "
+                         f"{CHECKPOINT} is damaged, or a peer's checkpoint, which resumes with the "
+                         "command that started it (transformers + PEFT)") from None
+    state.update(losses=ckpt["losses"], seconds=ckpt["seconds"], evals=ckpt["evals"],
+                 fw=ckpt["fw"])
+
+
 class Interrupted(Exception):
     """Ctrl-C or SIGTERM during training: a checkpoint was saved."""
 
@@ -608,46 +578,35 @@ def stop_requests() -> Iterator[dict]:
             signal.signal(sig, h)
 
 
-def divergence(step: int, what: str, model: nn.Module, args: argparse.Namespace,
-               last_good: int) -> Diverged:
+def divergence(step: int, what: str, args: argparse.Namespace, last_good: int) -> Diverged:
     """The error for a non-finite loss or parameter, naming the likely cause."""
-    frozen = [n for n, p in model.named_parameters()
-              if not p.requires_grad and not bool(torch.isfinite(p).all())]
-    cause = (f"the frozen weights hold NaN/inf ({frozen[:2]}): check the model checkpoint"
-             if frozen else "it is non-finite before any update: check the data and the loss "
-             "for inf/NaN" if step == 1 else f"no gradient clipping: set --grad-clip 1.0, or "
-             f"lower --lr {args.lr:g}" if not args.grad_clip else
-             f"the updates grew too large: lower --lr {args.lr:g}")
+    cause = (f"lower --lr {args.lr:g}" if args.grad_clip else
+             f"no gradient clipping: set --grad-clip 1.0, or lower --lr {args.lr:g}")
     kept = (f"the last good checkpoint (step {last_good}) is in {Path(args.out) / CHECKPOINT}"
             if last_good else "no checkpoint was written before it")
-    return Diverged(f"{what} at step {step}; likely cause: {cause}; {kept}")
+    return Diverged(f"{what} at step {step}; likely cause: {cause} (or NaN in the data or the "
+                    f"model's weights); {kept}")
 
 
 def train_loop(model: nn.Module, task: Task, args: argparse.Namespace,
-               rng: dict[str, torch.Generator], report: dict, resume: tuple | None,
+               rng: dict[str, torch.Generator], report: dict, resume: dict | None,
                dist_info: tuple[int, int]) -> dict:
     """--steps AdamW steps on --grad-accum batches each, a checkpoint every --save-every steps
-    (rank 0 writes); returns the losses, evals, segments and seconds. `resume` = (state.pt,
-    meta.json) continues where they stopped, after replaying the batches already seen."""
+    (rank 0 writes); returns the losses, evals and seconds. `resume` (a checkpoint) continues
+    where it stopped, after replaying the batches already seen."""
     (rank, world), out = dist_info, Path(args.out)
     opt, sched = make_optimizer(model, args)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    state = {"losses": [], "evals": [], "seconds": 0.0, "report": report, "segments": [],
+    state = {"losses": [], "evals": [], "seconds": 0.0, "report": report,
              "fw": {"ema": {}, "importance": None}}
     if resume is not None:
-        restore(model, opt, sched, state, *resume)
+        restore(model, opt, sched, state, resume, args.out)
     start = len(state["losses"])
     print(f"training: {args.steps:,} steps, lr {args.lr:g}, {n_params(model):,} trainable "
           "parameters" + (f"; resumed at step {start:,}" if start else ""))
     trim_log(out, start)
     if resume is None and task.planted:
         log_eval(args, state, 0, task.evaluate(model))
-    segment = {"from_step": start, "threads": torch.get_num_threads(), "world_size": world}
-    last = (state["segments"] or [segment])[-1]
-    if any(last.get(k) != segment[k] for k in ("threads", "world_size")):
-        print("note: threads or processes changed: the result is not bitwise an uninterrupted "
-              "run's (results.json segments records both)")
-    state["segments"] = [*state["segments"], segment]
     train_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     task = shard_loss(task, args, world)
     step_fn = fw_step(train_model, model, task, args, state["fw"]) if args.method == "fw" else (
@@ -656,12 +615,12 @@ def train_loop(model: nn.Module, task: Task, args: argparse.Namespace,
     for _ in range(start * args.grad_accum):  # the data order is a function of the seed
         next(batches)
     if resume is not None:
-        if not torch.equal(rng["data"].get_state(), resume[0]["rng"]["data"]):
+        if not torch.equal(rng["data"].get_state(), resume["rng"]["data"]):
             raise ValueError(f"--resume {out}: the training data no longer gives the batches "
                              "the checkpoint saw (files or --max-train changed?)")
-        torch.set_rng_state(resume[0]["rng"]["torch"])  # dropout goes on where it stopped
-        if resume[0]["cuda_rng"]:
-            torch.cuda.set_rng_state_all(resume[0]["cuda_rng"])
+        torch.set_rng_state(resume["rng"]["torch"])  # dropout goes on where it stopped
+        if resume["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(resume["rng"]["cuda"])
     every, last_good = args.save_every or max(1, math.ceil(args.steps / 4)), start
     with stop_requests() as stop:
         for step in range(start + 1, args.steps + 1):
@@ -671,7 +630,7 @@ def train_loop(model: nn.Module, task: Task, args: argparse.Namespace,
                 torch.distributed.all_reduce(loss, op=torch.distributed.ReduceOp.AVG)
             value = loss.item()
             if not math.isfinite(value):
-                raise divergence(step, f"the loss is {value}", model, args, last_good)
+                raise divergence(step, f"the loss is {value}", args, last_good)
             if args.grad_clip:
                 torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip)
             opt.step()
@@ -679,7 +638,7 @@ def train_loop(model: nn.Module, task: Task, args: argparse.Namespace,
             opt.zero_grad(set_to_none=True)
             # one fused norm and one sync: finite iff every trainable entry is finite
             if not math.isfinite(torch.nn.utils.get_total_norm(trainable).item()):
-                raise divergence(step, "a parameter became non-finite", model, args, last_good)
+                raise divergence(step, "a parameter became non-finite", args, last_good)
             state["losses"].append(value)
             state["seconds"] += time.perf_counter() - t0
             log_step(step, state, sched, args)
@@ -688,14 +647,17 @@ def train_loop(model: nn.Module, task: Task, args: argparse.Namespace,
             stopping = agreed(stop["set"], world, loss.device)
             if (step % every == 0 and step != args.steps) or stopping:
                 if rank == 0:
-                    with runfolder.write_errors(out, command("train.py", "--resume", out)):
-                        save_checkpoint(out, step, model, opt, sched, rng, state, args)
+                    with runfolder.write_errors(out, command("train.py", "--resume", out),
+                                                last_good):
+                        ckpt = checkpoint(model, opt, sched, rng, state, args)
+                        atomic_write(out / CHECKPOINT, lambda f: torch.save(ckpt, f))
                 last_good = step
             if stopping:
                 raise Interrupted(f"interrupted at step {step:,}/{args.steps:,}, checkpoint "
                                   f"saved: resume with '{command('train.py', '--resume', out)}'")
     fw = state["fw"]["importance"]
-    return {**state, "fw": {"importances": {n: float(v) for n, v in fw.items()}} if fw else None}
+    return {**state, "last_good": last_good,
+            "fw": {"importances": {n: float(v) for n, v in fw.items()}} if fw else None}
 
 
 def log_step(step: int, state: dict, sched, args: argparse.Namespace) -> None:
@@ -726,26 +688,11 @@ def log_json(args: argparse.Namespace, record: dict) -> None:
 def trim_log(out: Path, step: int) -> None:
     """A fresh run starts <out>/log.jsonl anew; a resumed one keeps its lines up to the
     checkpoint's step (a killed run may have logged past it, or half a line)."""
-    if not (out / "log.jsonl").is_file() or int(os.environ.get("RANK", "0")) != 0:
-        return
-    kept = []
-    for line in (out / "log.jsonl").read_text(errors="replace").splitlines() if step else []:
-        with contextlib.suppress(ValueError, AttributeError):  # half a line, not an object
-            logged = json.loads(line).get("step")
-            if type(logged) is int and logged <= step:
-                kept.append(line + "\n")
-    atomic_write(out / "log.jsonl", lambda f: f.write("".join(kept).encode()))
-
-
-def progress(batches: list, label: str, every: float = 10.0) -> Iterator:
-    """The batches, with a line "label: batch k/total" at the first and then every `every`
-    seconds, so a long calibration shows it is alive."""
-    t0 = last = time.perf_counter()
-    for k, batch in enumerate(batches, 1):
-        if k == 1 or time.perf_counter() - last >= every:
-            last = time.perf_counter()
-            print(f"{label}: batch {k:,}/{len(batches):,} ({last - t0:.0f}s)", flush=True)
-        yield batch
+    if (out / "log.jsonl").is_file() and int(os.environ.get("RANK", "0")) == 0:
+        lines = (out / "log.jsonl").read_text(errors="replace").splitlines() if step else []
+        kept = [line + "\n" for line in lines  # the lines up to the step are whole
+                if (m := re.match(r'\{"step": (\d+)', line)) and int(m[1]) <= step]
+        atomic_write(out / "log.jsonl", lambda f: f.write("".join(kept).encode()))
 
 
 # -----------------------------------------------------------------------------
@@ -784,7 +731,7 @@ def compare_planted(args: argparse.Namespace, results: dict) -> dict:
         model = add_adapters(task, args, device, rng)
         names = list(lora_layers(model))
         fimlora.resize_ranks(model, planted.oracle_ranks(names, task.planted, args.r * len(names)),
-                     generator=rng["init"])
+                             generator=rng["init"])
         return model
     loss = {}
     for name, adapt in (("uniform", add_adapters), ("oracle", oracle)):
@@ -818,15 +765,17 @@ def main(argv: list[str] | None = None, adapt: Callable = add_adapters,
 
 def run(args: argparse.Namespace, adapt: Callable = add_adapters,
         finish: Callable | None = None) -> dict:
-    """main() after parse_args: one run from seed to published results (and --compare),
-    holding --out's lock from before any work to its last write (rank 0)."""
+    """main() after parse_args: seed, device, task, adapt, method, loop, eval, publish (and
+    --compare), holding --out's lock from before any work to its last write (rank 0)."""
     out, rank0 = Path(args.out), int(os.environ.get("RANK", "0")) == 0
-    with runfolder.lock(out) if rank0 else contextlib.nullcontext():
+    with contextlib.ExitStack() as stack:
         if rank0:  # the folder as it is now that it is ours: finish what a kill left, recheck
+            stack.enter_context(runfolder.lock(out))
             runfolder.tidy_out(out)
             check_out(args)
-        with contextlib.redirect_stdout(io.StringIO()) if not rank0 else contextlib.nullcontext():
-            results = train_run(args, adapt, finish)
+        else:
+            stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+        results = train_run(args, adapt, finish)
         if args.compare:
             results["compare"] = compare_planted(argparse.Namespace(**results["args"]), results)
             try:  # the run's results.json, just published, now with the comparison
@@ -839,7 +788,7 @@ def run(args: argparse.Namespace, adapt: Callable = add_adapters,
 
 
 def train_run(args: argparse.Namespace, adapt: Callable, finish: Callable | None) -> dict:
-    """run() inside the lock: seed, device, task, adapt, method, loop, eval, publish."""
+    """run() inside the lock."""
     resume = runfolder.read_checkpoint(Path(args.out)) if args.resume else None
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -856,11 +805,10 @@ def train_run(args: argparse.Namespace, adapt: Callable, finish: Callable | None
         write_adapters(Path(tmp), model, task, args)
     print(f"model: {args.model}, {n_params(model, False):,} parameters; LoRA on "
           f"{len(lora_layers(model))} matrices ({args.targets}), r={args.r}")
-    report = resume[1]["report"] if resume else apply_method(model, task, args, rng)
+    report = resume["report"] if resume else apply_method(model, task, args, rng)
     out = Path(args.out)
     if rank == 0:  # --overwrite: the old checkpoint goes, its results stay until ours
-        out.mkdir(parents=True, exist_ok=True)
-        for name in (CHECKPOINT, runfolder.STAGED) if args.overwrite else ():
+        for name in (CHECKPOINT, "checkpoint") if args.overwrite else ():  # (an older fimlora's)
             runfolder.remove(out / name)
     trained = train_loop(model, task, args, rng, report, resume, (rank, world))
     if not task.planted:  # a dev set can take a while
@@ -876,7 +824,7 @@ def train_run(args: argparse.Namespace, adapt: Callable, finish: Callable | None
     results = {
         "args": vars(args), "seed": args.seed, "device": device.type, "world_size": world,
         **environment(device), "metrics": metrics, "eval_history": trained["evals"],
-        "train_loss": trained["losses"], "segments": trained["segments"],
+        "train_loss": trained["losses"],
         "trainable_parameters": n_params(model), "total_parameters": n_params(model, False),
         "seconds": {"calibration": calib, "training": seconds, "per_step": seconds / args.steps},
         "ranks": {n: m.r for n, m in layers.items()},
@@ -892,7 +840,8 @@ def train_run(args: argparse.Namespace, adapt: Callable, finish: Callable | None
         write_adapters(folder, model, task, args)
         write_json(folder / "results.json", results)
     if rank == 0:
-        with runfolder.write_errors(out, command("train.py", "--resume", out)):
+        with runfolder.write_errors(out, command("train.py", "--resume", out),
+                                    trained["last_good"]):
             runfolder.publish(out, write)
         print(f"wrote {out}")
     return results
@@ -906,10 +855,3 @@ if __name__ == "__main__":
         sys.exit(130)
     except (ValueError, FileNotFoundError, ImportError, FloatingPointError) as e:
         sys.exit(f"error: {e}")
-    except RuntimeError as e:  # gloo's words for a peer that froze or died
-        if int(os.environ.get("WORLD_SIZE", "1")) < 2 or not re.search(
-                "Timed out|timed out|closed by peer", str(e)):
-            raise
-        sys.exit(f"error: another torchrun process stopped answering (frozen or dead); "
-                 f"{DIST_TIMEOUT}={os.environ.get(DIST_TIMEOUT, '600')} seconds bounds the wait. "
-                 f"gloo: {str(e).splitlines()[0][:300]}")

@@ -45,27 +45,16 @@ def out_with(kind: str):
         if kind == "finished":
             (out / "results.json").write_text("{}")
         elif kind == "unfinished":
-            (out / "checkpoint").mkdir()
-            for name in ("meta.json", "state.pt"):  # a complete one (a partial one is refused)
-                (out / "checkpoint" / name).write_text("{}")
-        elif kind == "partial":
-            (out / "checkpoint").mkdir()
+            (out / "checkpoint.pt").write_text("{}")
         return ["--out", str(out)]
     return setup
 
 
-META_OK = json.dumps({"step": 1, "seed": 0, "args": {}, "ranks": {}, "alphas": {}, "report": {},
-                      "evals": []})
-
-
-def checkpoint(meta: str | None, state: bytes | None = b"x"):
+def checkpoint(write):
+    """A setup giving --resume a folder whose checkpoint.pt write(path) makes."""
     def setup(tmp: Path) -> list[str]:
-        c = tmp / "o" / "checkpoint"
-        c.mkdir(parents=True)
-        if meta is not None:
-            (c / "meta.json").write_text(meta)
-        if state is not None:
-            (c / "state.pt").write_bytes(state)
+        (tmp / "o").mkdir()
+        write(tmp / "o" / "checkpoint.pt")
         return ["--resume", str(tmp / "o")]
     return setup
 
@@ -197,7 +186,7 @@ CLI = [
     ("--data-dir: a row with 3 fields", tsv("sentence\tlabel\ngood\t1\textra\n"), "train.tsv:2"),
     ("--data-dir: non-UTF-8 bytes", tsv("sentence\tlabel\ncaf\xe9\t1\n"), "not UTF-8"),
     ("--out: an existing file", lambda t: (t / "f").write_text("x") and ["--out", str(t / "f")],
-     "is a file: pass a folder path"),
+     "f is not a writable folder"),
     ("--out /dev/null/x", plain("--out", "/dev/null/x"), "is not a writable folder"),
     ("--out: a finished run", out_with("finished"), "pass --overwrite to replace it"),
     ("--out: an unfinished run", out_with("unfinished"), "train.py --resume"),
@@ -205,11 +194,13 @@ CLI = [
      "drop --overwrite"),
     ("--resume with other flags", lambda t: ["--resume", str(t), "--lr", "1e-3"], "drop --lr"),
     ("--resume: no such folder", plain("--resume", "/nonexistent/run"), "no such run folder"),
-    ("--resume: no checkpoint", lambda t: ["--resume", str(t)], "no checkpoint/ folder"),
-    ("--resume: meta.json not JSON", checkpoint("{oops"), "not a readable fimlora checkpoint"),
-    ("--resume: meta.json wrong types", checkpoint('{"step": "3"}'), "field 'step'"),
-    ("--resume: state.pt missing", checkpoint(META_OK, None), "lacks state.pt"),
-    ("--resume: state.pt garbage", checkpoint(META_OK), "state.pt is not a readable"),
+    ("--resume: no checkpoint", lambda t: ["--resume", str(t)], "no checkpoint.pt"),
+    ("--resume: an older fimlora's checkpoint/ folder", lambda t: (t / "checkpoint").mkdir() or
+     ["--resume", str(t)], "checkpoint/ is an older fimlora's: start over with --overwrite"),
+    ("--resume: checkpoint.pt garbage", checkpoint(lambda p: p.write_bytes(b"x")),
+     "checkpoint.pt is not a readable fimlora checkpoint"),
+    ("--resume: checkpoint.pt another program's dict", checkpoint(lambda p: torch.save(
+        {"step": 3}, p)), "lacks the fields of a fimlora checkpoint"),
     ("--data: a row without the label field", own({"d.jsonl": '{"text": "a", "label": 1}\n'
                                                   '{"text": "b"}\n'}, "--data", "d.jsonl"),
      "d.jsonl:2: no field 'label'"),
@@ -290,20 +281,14 @@ CLI = [
     ("--targets inside a head (GLUE)", lambda t: [*tsv("sentence\tlabel\na\t1\n")(t),
                                                   "--targets", "query,classifier", "--r", "2"],
      "lie inside heads"),
-    ("--out: a partial checkpoint", out_with("partial"), "nothing can resume from it; pass "
-                                                         "--overwrite"),
-    ("--out: a name over NAME_MAX", lambda t: ["--out", str(t / ("x" * 300))], "(NAME_MAX)"),
-    ("--out: a path over PATH_MAX", lambda t: ["--out", str(t / "/".join(["y" * 200] * 21))],
-     "the path is too long"),
+    ("--out: a name over NAME_MAX", lambda t: ["--out", str(t / ("x" * 300))],
+     "cannot create it (File name too long): pick another"),
     ("--out: a dangling symlink", lambda t: (t / "l").symlink_to(t / "gone") or
-     ["--out", str(t / "l" / "o")], "is a symbolic link to a missing target or a link loop"),
-    ("--out: a symlink loop", lambda t: (t / "l").symlink_to(t / "l") or ["--out", str(t / "l")],
-     "is a symbolic link to a missing target or a link loop"),
-    ("--resume: meta.json a FIFO", lambda t: checkpoint(None)(t) + [os.mkfifo(
-        t / "o" / "checkpoint" / "meta.json")][:0], "meta.json is not a regular file"),
-    ("--resume: state.pt a link to /dev/zero", lambda t: checkpoint(META_OK, None)(t) + [(
-        t / "o" / "checkpoint" / "state.pt").symlink_to("/dev/zero")][:0],
-     "state.pt is not a regular file"),
+     ["--out", str(t / "l" / "o")], "cannot create it (File exists): pick another"),
+    ("--resume: checkpoint.pt a FIFO", checkpoint(os.mkfifo),
+     "checkpoint.pt is not a regular file"),
+    ("--resume: checkpoint.pt a link to /dev/zero", checkpoint(lambda p: p.symlink_to("/dev/zero")),
+     "checkpoint.pt is not a regular file"),
     ("--score lorada (a study score: study/scores.py)", plain("--method", "fim", "--score",
                                                                "lorada"),
      "--score invalid choice: 'lorada'"),
@@ -388,8 +373,7 @@ def test_catalogue_has_at_least_40_entries():
     assert len(CLI) + len(API) >= 40
 
 
-@pytest.mark.parametrize("argv", [["--lr", "nan"], ["--out", "/dev/null/x"],
-                                  ["--resume", "/nonexistent/run"]])
+@pytest.mark.parametrize("argv", [["--lr", "nan"], ["--resume", "/nonexistent/run"]])
 def test_cli_prints_one_line_and_no_traceback(tmp_path, argv):
     out = subprocess.run([sys.executable, "train.py", *argv], cwd=ROOT, capture_output=True,
                          text=True, timeout=120)
@@ -405,9 +389,8 @@ def test_divergence_stops_with_the_step_and_the_cause(tmp_path):
         train.main(["--steps", "60", "--batch-size", "4", "--lr", "1e12", "--grad-clip", "0",
                     "--warmup", "0", "--save-every", "1", "--threads", "1", "--out", str(out)])
     assert not (out / "results.json").exists()
-    meta = json.loads((out / "checkpoint" / "meta.json").read_text())
-    blob = torch.load(out / "checkpoint" / "state.pt", weights_only=True)
-    assert all(bool(torch.isfinite(v).all()) for v in blob["model"].values()) and meta["step"] >= 1
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert all(bool(torch.isfinite(v).all()) for v in ckpt["model"].values()) and ckpt["step"] >= 1
 
 
 def catalogue_table() -> str:

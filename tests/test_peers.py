@@ -343,7 +343,7 @@ def test_a_stopped_peer_cell_resumes_bitwise(tmp_path, monkeypatch, sst2_rows, p
         m.setattr(train, "log_step", stop_after_3)
         with pytest.raises(train.Interrupted, match=f"-m study.peers {peer} -- --resume"):
             peers.cell(peer, [*quick, "--out", str(out)])
-    assert not (out / "results.json").exists() and (out / "checkpoint" / "state.pt").is_file()
+    assert not (out / "results.json").exists() and (out / "checkpoint.pt").is_file()
     with pytest.raises(ValueError, match="a peer's checkpoint, .* resumes with the command"):
         train.main(["--resume", str(out)])  # train.py alone would build fimlora's model
     resumed = peers.cell(peer, ["--resume", str(out), "--threads", "1"])

@@ -1,5 +1,7 @@
 """Checkpoints and resume: a run stopped anywhere (Ctrl-C, or killed after a periodic checkpoint)
-and resumed gives bitwise the same losses, metrics and adapter as the same run uninterrupted.
+and resumed gives bitwise the same losses, metrics and adapter as the same run uninterrupted; the
+run folder has one owner, a finished run is never overwritten, and a kill at any instant leaves a
+folder the next run continues.
 
 Oracle: the uninterrupted run with the same seed, on CPU. Run: .venv/bin/python -m pytest
 tests/test_resume.py -q
@@ -9,7 +11,6 @@ import errno
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,21 +20,28 @@ import torch
 from conftest import ROOT
 
 import train
+from runfolder import CHECKPOINT
 
 QUICK = ["--model", "tiny", "--steps", "8", "--batch-size", "8", "--log-every", "1",
          "--save-every", "3", "--threads", "1"]
 FAST = {"fim": ["--calib-batches", "2"], "da": ["--da-samples", "16"], "fw": ["--fw-warmup", "4"]}
+DONE = ["adapter", "log.jsonl", "results.json"]  # a finished run's folder
+
+
+def argv(out, *extra):
+    method = extra[extra.index("--method") + 1] if "--method" in extra else "lora"
+    fast = [f for m, flags in FAST.items() if m in method.split("+") for f in flags]
+    return [*QUICK, *fast, "--out", str(out), *extra]
 
 
 def run(out, *extra):
-    method = extra[extra.index("--method") + 1] if "--method" in extra else "lora"
-    fast = [f for m, flags in FAST.items() if m in method.split("+") for f in flags]
-    return train.main([*QUICK, *fast, "--out", str(out), *extra])
+    return train.main(argv(out, *extra))
 
 
-def stop_at(monkeypatch, step: int, how: str):
-    """After `step` finished, deliver Ctrl-C (the loop checkpoints, then stops) or crash (only
-    the periodic checkpoints survive, as after a kill)."""
+def stopped(command: list[str], step: int, how: str) -> int:
+    """train.main(command) stopped after `step` finished by Ctrl-C (the loop checkpoints, then
+    stops) or a crash (only the periodic checkpoints survive, as after a kill); returns the
+    step of the checkpoint left in --out."""
     real = train.log_step
 
     def log_step(k, *a):
@@ -43,51 +51,47 @@ def stop_at(monkeypatch, step: int, how: str):
                 os.kill(os.getpid(), signal.SIGINT)
             else:
                 raise RuntimeError("killed")
-    monkeypatch.setattr(train, "log_step", log_step)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(train, "log_step", log_step)
+        with pytest.raises(train.Interrupted if how == "signal" else RuntimeError):
+            args = train.parse_args(command)
+            train.run(args)
+    return torch.load(os.path.join(args.out, CHECKPOINT), weights_only=True)["step"]
 
 
 def adapter_bytes(out):
     return (out / "adapter" / "adapter_model.safetensors").read_bytes()
 
 
-@pytest.mark.parametrize("method,step,how", [
-    ("lora", 5, "signal"), ("lora", 5, "crash"),
-    ("fim", 2, "signal"), ("da", 7, "crash"),
-    ("fw", 2, "signal"),   # inside the FW-LoRA warm-up
-    ("fw", 6, "signal"),   # after it: the importances are frozen and saved
-    ("fw", 5, "crash"),    # resumes from step 3, inside the warm-up, and crosses it
-])
-def test_resumed_run_equals_uninterrupted_run_bitwise(tmp_path, monkeypatch, method, step, how):
-    full = run(tmp_path / "full", "--method", method, "--seed", "4")
+@pytest.mark.parametrize("extra,stops", [
+    (["--method", "lora"], [(2, "signal"), (5, "crash")]),  # from 2, then from the step-3 save
+    (["--method", "fim"], [(2, "signal")]),
+    (["--method", "da"], [(7, "crash")]),
+    (["--method", "fim+da"], [(4, "signal")]),
+    # inside FW-LoRA's warm-up (EMA saved); from step 3 across its end; after it (importances)
+    (["--method", "fw"], [(2, "signal"), (5, "crash"), (6, "signal")]),
+    (["--method", "fw", "--fw-track-every", "2"], [(5, "crash")]),  # an untracked step next
+    # --grad-accum 2: checkpoints hold whole steps, a resume replays 2 batches a step
+    (["--method", "lora", "--grad-accum", "2"], [(5, "crash")]),
+    (["--method", "fw", "--grad-accum", "2"], [(2, "signal"), (5, "crash")]),
+], ids=["lora", "fim", "da", "fim+da", "fw", "fw-track-2", "lora-accum-2", "fw-accum-2"])
+def test_resumed_run_equals_uninterrupted_run_bitwise(tmp_path, extra, stops):
+    """Stopped once or several times and resumed each time: every loss, the metrics, ranks and
+    adapter bytes are the uninterrupted run's."""
+    full = run(tmp_path / "full", *extra, "--seed", "4")
     out = tmp_path / "stopped"
-    with monkeypatch.context() as m:
-        stop_at(m, step, how)
-        with pytest.raises(train.Interrupted if how == "signal" else RuntimeError):
-            run(out, "--method", method, "--seed", "4")
-    assert not (out / "results.json").exists() and (out / "checkpoint" / "state.pt").is_file()
-    meta = json.loads((out / "checkpoint" / "meta.json").read_text())
-    assert meta["step"] == (step if how == "signal" else step // 3 * 3)
-    torch.load(out / "checkpoint" / "state.pt", weights_only=True)  # plain tensors and types
-    resumed = train.main(["--resume", str(out)])
-    assert resumed["train_loss"] == full["train_loss"]  # every logged loss, bit for bit
+    command = argv(out, *extra, "--seed", "4")
+    for step, how in stops:
+        assert stopped(command, step, how) == (step if how == "signal" else step // 3 * 3)
+        assert not (out / "results.json").exists()
+        command = ["--resume", str(out)]
+    resumed = train.main(command)
+    assert resumed["train_loss"] == full["train_loss"] and len(full["train_loss"]) == 8
     assert resumed["metrics"] == full["metrics"] and resumed["ranks"] == full["ranks"]
+    assert resumed["args"] == full["args"] | {"out": str(out), "resume": str(out)}
     assert adapter_bytes(out) == adapter_bytes(tmp_path / "full")
-    assert not (out / "checkpoint").exists()  # finished: nothing left to resume
+    assert sorted(p.name for p in out.iterdir()) == DONE  # finished: nothing left to resume
 
-
-def test_resume_with_fw_tracking_every_other_step_equals_uninterrupted(tmp_path, monkeypatch):
-    """--fw-track-every 2: a crash at step 5 resumes from 3 (an untracked step follows) and
-    crosses the warm-up; losses and adapter are bitwise the uninterrupted run's."""
-    extra = ["--method", "fw", "--seed", "4", "--fw-track-every", "2"]
-    full = run(tmp_path / "full", *extra)
-    out = tmp_path / "stopped"
-    with monkeypatch.context() as m:
-        stop_at(m, 5, "crash")
-        with pytest.raises(RuntimeError):
-            run(out, *extra)
-    resumed = train.main(["--resume", str(out)])
-    assert resumed["train_loss"] == full["train_loss"]
-    assert adapter_bytes(out) == adapter_bytes(tmp_path / "full")
 
 def test_ctrl_c_exits_130_with_the_resume_command(tmp_path):
     """A real SIGINT to the CLI: exit status 130, one line naming the resume command, no
@@ -103,70 +107,23 @@ def test_ctrl_c_exits_130_with_the_resume_command(tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert f"python train.py --resume {out}" in err and "Traceback" not in err
-    assert (out / "checkpoint" / "meta.json").is_file() and not (out / "results.json").exists()
+    assert (out / CHECKPOINT).is_file() and not (out / "results.json").exists()
 
 
-def test_finished_run_is_refused_unless_overwrite_and_kept_until_replaced(tmp_path, monkeypatch):
+def test_finished_run_is_refused_unless_overwrite_and_kept_until_replaced(tmp_path):
     out = tmp_path / "o"
     first = run(out, "--seed", "1")
     before = (out / "results.json").read_bytes()
     with pytest.raises(ValueError, match="finished run.*--overwrite"):
         run(out, "--seed", "2")
     assert (out / "results.json").read_bytes() == before
-    with monkeypatch.context() as m:  # an --overwrite run that dies keeps the old results
-        stop_at(m, 5, "crash")
-        with pytest.raises(RuntimeError):
-            run(out, "--seed", "2", "--overwrite")
+    stopped(argv(out, "--seed", "2", "--overwrite"), 5, "crash")  # dies: the old results stay
     assert json.loads((out / "results.json").read_text())["seed"] == first["seed"] == 1
-    with pytest.raises(ValueError, match="--resume"):  # now an unfinished run is there too
+    with pytest.raises(ValueError, match="unfinished run: continue it with .*--resume"):
         run(out, "--seed", "2")
-    second = run(out, "--seed", "2", "--overwrite")
+    second = train.main(["--resume", str(out)])
     assert json.loads((out / "results.json").read_text())["train_loss"] == second["train_loss"]
-    assert sorted(p.name for p in out.iterdir()) == ["adapter", "log.jsonl", "results.json"]
-
-
-def test_interrupted_publish_is_completed_and_stale_temp_files_removed(tmp_path):
-    """A kill after .publish was complete but before it was moved in: the next start (resume
-    or overwrite) finishes the move, and half-written temp folders are dropped."""
-    out = tmp_path / "o"
-    run(out, "--seed", "1")
-    (out / ".publish").mkdir()
-    os.replace(out / "results.json", out / ".publish" / "results.json")
-    (out / "checkpoint.tmp").mkdir()
-    (out / "checkpoint.tmp" / "state.pt").write_bytes(b"half")
-    train.runfolder.tidy_out(out)
-    assert (out / "results.json").is_file() and not (out / ".publish").exists()
-    assert not (out / "checkpoint.tmp").exists()
-
-
-def test_checkpoint_survives_a_kill_between_its_two_renames(tmp_path, monkeypatch):
-    out = tmp_path / "o"
-    with monkeypatch.context() as m:
-        stop_at(m, 7, "crash")
-        with pytest.raises(RuntimeError):
-            run(out, "--seed", "3")
-    os.replace(out / "checkpoint", out / "checkpoint.tmp")  # the moment between the renames
-    blob, meta = train.runfolder.read_checkpoint(out)
-    assert meta["step"] == 6
-    full = run(tmp_path / "full", "--seed", "3")
-    assert train.main(["--resume", str(out)])["train_loss"] == full["train_loss"]
-
-
-@pytest.mark.parametrize("damage,match", [
-    (lambda c: (c / "meta.json").write_text("{not json"), "not a readable"),
-    (lambda c: (c / "meta.json").write_text('{"step": "7"}'), "field 'step'"),
-    (lambda c: (c / "state.pt").write_bytes(b"\0" * 10), "not a readable"),
-    (lambda c: (c / "state.pt").unlink(), "lacks state.pt"),
-])
-def test_damaged_checkpoint_is_a_clear_error(tmp_path, monkeypatch, damage, match):
-    out = tmp_path / "o"
-    with monkeypatch.context() as m:
-        stop_at(m, 4, "crash")
-        with pytest.raises(RuntimeError):
-            run(out)
-    damage(out / "checkpoint")
-    with pytest.raises(ValueError, match=match):
-        train.main(["--resume", str(out)])
+    assert second["seed"] == 2 and sorted(p.name for p in out.iterdir()) == DONE
 
 
 def test_ctrl_c_in_a_compare_twin_run_points_at_the_saved_run(tmp_path, monkeypatch):
@@ -185,31 +142,7 @@ def test_ctrl_c_in_a_compare_twin_run_points_at_the_saved_run(tmp_path, monkeypa
     with pytest.raises(train.Interrupted, match="--compare's uniform twin run: this run's "
                                                 "results are already in"):
         run(out, "--method", "fim", "--compare")
-    assert (out / "results.json").is_file() and not (out / "checkpoint").exists()
-
-
-@pytest.mark.parametrize("method,step,how", [
-    ("lora", 5, "crash"),   # resumes from the step-3 checkpoint: replays 3 x 2 batches
-    ("fw", 2, "signal"),    # inside the FW-LoRA warm-up
-    ("fw", 5, "crash"),     # from step 3, inside the warm-up, across its end
-])
-def test_resume_with_grad_accum_equals_uninterrupted_run_bitwise(tmp_path, monkeypatch, method,
-                                                                  step, how):
-    """--grad-accum 2: checkpoints hold whole optimizer steps, and a resume replays 2 batches
-    per finished step, so losses, metrics and adapter are bitwise the uninterrupted run's."""
-    extra = ["--method", method, "--seed", "4", "--grad-accum", "2"]
-    full = run(tmp_path / "full", *extra)
-    out = tmp_path / "stopped"
-    with monkeypatch.context() as m:
-        stop_at(m, step, how)
-        with pytest.raises(train.Interrupted if how == "signal" else RuntimeError):
-            run(out, *extra)
-    meta = json.loads((out / "checkpoint" / "meta.json").read_text())
-    assert meta["step"] == (step if how == "signal" else 3) and meta["args"]["grad_accum"] == 2
-    resumed = train.main(["--resume", str(out)])
-    assert resumed["train_loss"] == full["train_loss"] and len(full["train_loss"]) == 8
-    assert resumed["metrics"] == full["metrics"]
-    assert adapter_bytes(out) == adapter_bytes(tmp_path / "full")
+    assert sorted(p.name for p in out.iterdir()) == DONE
 
 
 # -----------------------------------------------------------------------------
@@ -227,38 +160,31 @@ def cli(out, *extra, steps="8"):
                             stderr=subprocess.PIPE, text=True)
 
 
-@pytest.mark.parametrize("save_every", ["1000", "1"])
-def test_a_second_run_into_a_held_folder_is_refused_by_name(tmp_path, save_every):
-    """While one process owns --out, another run there (with or without checkpoints) exits 1
-    naming the owner's pid, and leaves the folder alone."""
+def test_a_second_run_into_a_held_folder_is_refused_by_name(tmp_path):
+    """While --out is owned (flock: a second open file of this process counts as another
+    owner), another run there is refused naming the owner's pid, and leaves the folder alone."""
     out = tmp_path / "o"
     with train.runfolder.lock(out):
-        proc = cli(out, "--save-every", save_every)
-        _, err = proc.communicate(timeout=300)
+        with pytest.raises(ValueError, match=f"^--out {out} is in use by pid {os.getpid()} "):
+            run(out, "--save-every", "1")
         assert sorted(p.name for p in out.iterdir()) == [".lock"]
-    assert proc.returncode == 1 and "Traceback" not in err
-    assert err.startswith(f"error: --out {out} is in use by pid {os.getpid()} (host "), err
     assert not out.exists()  # the owner created it and left it empty: gone with the lock
 
 
-@pytest.mark.parametrize("save_every", ["1000", "1"])
-def test_two_runs_started_together_into_one_out_one_wins_the_other_is_refused(tmp_path,
-                                                                               save_every):
+def test_two_runs_started_together_into_one_out_one_wins_the_other_is_refused(tmp_path):
     """Issue 20.1: two runs started together (seeds 0 and 1) into one --out: exactly one
     publishes, the other exits 1 with a clean refusal (in use, or finished if the winner was
     already done when it looked), and the folder holds the winner's run."""
     out = tmp_path / "o"
-    procs = [cli(out, "--seed", str(s), "--save-every", save_every, steps="40")
-             for s in (0, 1)]
+    procs = [cli(out, "--seed", str(s), "--save-every", "1", steps="20") for s in (0, 1)]
     done = [p.communicate(timeout=600) + (p.returncode,) for p in procs]
-    codes = sorted(d[2] for d in done)
-    assert codes == [0, 1], done
+    assert sorted(d[2] for d in done) == [0, 1], done
     winner = next(s for s, d in enumerate(done) if d[2] == 0)
     err = next(d[1] for d in done if d[2] == 1)
     assert err.startswith("error: --out") and "Traceback" not in err, err
     assert "is in use by pid" in err or "holds a finished run" in err, err
     assert json.loads((out / "results.json").read_text())["seed"] == winner
-    assert sorted(p.name for p in out.iterdir()) == ["adapter", "log.jsonl", "results.json"]
+    assert sorted(p.name for p in out.iterdir()) == DONE
 
 
 def test_a_lock_left_by_a_killed_owner_is_taken_over(tmp_path):
@@ -275,168 +201,88 @@ def test_a_lock_left_by_a_killed_owner_is_taken_over(tmp_path):
     holder.wait()
     assert json.loads((out / ".lock").read_text())["pid"] == holder.pid  # stale, left behind
     assert run(out, "--seed", "5")["seed"] == 5
-    assert sorted(p.name for p in out.iterdir()) == ["adapter", "log.jsonl", "results.json"]
+    assert sorted(p.name for p in out.iterdir()) == DONE
 
 
 # -----------------------------------------------------------------------------
-# every state a kill or a failed delete can leave has one way out
+# every state a kill can leave has one way out
 
 
-def crashed(out, step=4, *extra):
-    """A run killed after `step` (checkpoint at 3 with --save-every 3)."""
-    with pytest.MonkeyPatch.context() as m:
-        stop_at(m, step, "crash")
-        with pytest.raises(RuntimeError):
-            run(out, *extra)
-
-
-def test_an_undeletable_old_checkpoint_never_blocks_later_saves(tmp_path, monkeypatch, capsys):
-    """Issue 20.3: the replaced checkpoint cannot be deleted (a root-owned read-only folder, an
-    NFS .nfsXXXX file): every save still swaps its checkpoint in, the run publishes the bitwise
-    result, and a warning names the leftover folder."""
-    full = run(tmp_path / "full", "--seed", "2")
-    real = shutil.rmtree
-
-    def rmtree(path, *a, **k):
-        if ".trash-checkpoint-" not in str(path):
-            real(path, *a, **k)
-    monkeypatch.setattr(shutil, "rmtree", rmtree)
-    out = tmp_path / "o"
-    res = run(out, "--seed", "2", "--save-every", "1")
-    assert res["train_loss"] == full["train_loss"]
-    assert adapter_bytes(out) == adapter_bytes(tmp_path / "full")
-    left = sorted(p.name for p in out.glob(".trash-checkpoint-*"))
-    assert len(left) >= 2 and "warning: could not delete" in capsys.readouterr().err
-
-
-def test_a_finished_run_with_a_partial_checkpoint_counts_as_finished(tmp_path):
-    """A kill while an older save() deleted checkpoint/ after publishing left it without
-    meta.json: a rerun says finished (--overwrite), --resume says finished, and the next run
-    into the folder removes the leftover."""
+def test_a_kill_while_publishing_leaves_a_finished_run_the_next_start_moves_in(tmp_path,
+                                                                            monkeypatch):
+    """Killed once .publish/ was complete (its results.json written last) but before it was
+    moved in, or half-way through moving it in: the folder counts as finished, and the next
+    start finishes the move, keeping the new entries (the move once deleted them as "old")."""
     out = tmp_path / "o"
     run(out, "--seed", "1")
-    (out / "checkpoint").mkdir()
-    (out / "checkpoint" / "state.pt").write_bytes(b"half")
-    with pytest.raises(ValueError, match="holds a finished run"):
-        run(out, "--seed", "1")
-    with pytest.raises(FileNotFoundError, match="nothing to resume .the run finished"):
-        train.main(["--resume", str(out)])
-    run(out, "--seed", "1", "--overwrite")
-    assert sorted(p.name for p in out.iterdir()) == ["adapter", "log.jsonl", "results.json"]
+    for victim in ("move_in", ".publish/results.json"):
+        real = os.replace
+
+        def replace(src, dst):
+            if str(src).endswith(".publish/results.json"):
+                raise RuntimeError("killed")
+            real(src, dst)
+        with monkeypatch.context() as m:
+            if victim == "move_in":
+                m.setattr(train.runfolder, "move_in", lambda out: (_ for _ in ()).throw(
+                    RuntimeError("killed")))
+            else:
+                m.setattr(train.runfolder.os, "replace", replace)
+            with pytest.raises(RuntimeError):
+                run(out, "--seed", "2", "--overwrite")
+        assert (out / ".publish" / "results.json").is_file()
+        new_adapter = adapter_bytes(out / ".publish" if victim == "move_in" else out)
+        with pytest.raises(ValueError, match="holds a finished run"):
+            run(out, "--seed", "3")
+        train.runfolder.tidy_out(out)
+        with pytest.raises(FileNotFoundError, match="no checkpoint.pt .the run finished"):
+            train.main(["--resume", str(out)])
+        assert adapter_bytes(out) == new_adapter
+        assert json.loads((out / "results.json").read_text())["seed"] == 2
+        assert sorted(p.name for p in out.iterdir()) == DONE
 
 
-def test_a_partial_checkpoint_alone_names_overwrite(tmp_path):
+def test_an_incomplete_publish_and_trash_are_dropped(tmp_path):
+    """A kill while .publish/ was written (no results.json yet) or while a .trash-* entry was
+    deleted: the next start removes both, and the run's checkpoint resumes."""
     out = tmp_path / "o"
-    crashed(out)
-    (out / "checkpoint" / "meta.json").unlink()
-    with pytest.raises(ValueError, match="partial checkpoint.*pass --overwrite"):
-        run(out)
-    with pytest.raises(ValueError, match="lacks meta.json.*again with --overwrite"):
-        train.main(["--resume", str(out)])
-    assert len(run(out, "--overwrite")["train_loss"]) == 8
+    stopped(argv(out), 4, "crash")
+    (out / ".publish" / "adapter").mkdir(parents=True)
+    (out / ".trash-adapter-1234").mkdir()
+    train.runfolder.tidy_out(out)
+    assert sorted(p.name for p in out.iterdir()) == [CHECKPOINT, "log.jsonl"]
 
 
-def test_a_partial_checkpoint_beside_a_complete_staged_one_resumes_from_that(tmp_path):
-    full = run(tmp_path / "full", "--seed", "3")
-    out = tmp_path / "o"
-    crashed(out, 4, "--seed", "3")
-    shutil.copytree(out / "checkpoint", out / "checkpoint.tmp")
-    (out / "checkpoint" / "meta.json").unlink()
-    with pytest.raises(ValueError, match="unfinished run.*--resume"):
-        run(out, "--seed", "3")
-    assert train.main(["--resume", str(out)])["train_loss"] == full["train_loss"]
-
-
-def test_a_kill_after_publishing_leaves_a_finished_run(tmp_path, monkeypatch):
-    """Killed between the rename to .publish and the move into place (the checkpoint still
-    there), or while the checkpoint was being deleted: either way the folder holds a finished
-    run, never a partial checkpoint."""
-    out = tmp_path / "o"
-    with monkeypatch.context() as m:
-        m.setattr(train.runfolder, "_move_in", lambda out: (_ for _ in ()).throw(
-            RuntimeError("killed")))
-        with pytest.raises(RuntimeError):
-            run(out, "--seed", "1")
-    assert (out / ".publish" / "results.json").is_file() and (out / "checkpoint").is_dir()
-    with pytest.raises(ValueError, match="holds a finished run"):
-        run(out, "--seed", "1")
-    with pytest.raises(FileNotFoundError, match="no checkpoint/ folder .the run finished"):
-        train.main(["--resume", str(out)])  # which finished the move
-    assert sorted(p.name for p in out.iterdir()) == ["adapter", "log.jsonl", "results.json"]
-    real, out2 = shutil.rmtree, tmp_path / "o2"
-
-    def rmtree(path, *a, **k):  # killed half-way through deleting the checkpoint
-        if ".trash-checkpoint-" in str(path) and (out2 / ".publish").is_dir():
-            os.unlink(os.path.join(path, "meta.json"))
-            raise RuntimeError("killed")
-        real(path, *a, **k)
-    with monkeypatch.context() as m:
-        m.setattr(shutil, "rmtree", rmtree)
-        with pytest.raises(RuntimeError):
-            run(out2, "--seed", "1")
-    assert not (out2 / "checkpoint").exists() and (out2 / ".publish" / "results.json").is_file()
-    with pytest.raises(ValueError, match="holds a finished run"):
-        run(out2, "--seed", "1")
-
-
-# -----------------------------------------------------------------------------
-# resume refuses what it cannot honour
-
-
-def edit_meta(out, edit):
-    meta = json.loads((out / "checkpoint" / "meta.json").read_text())
-    edit(meta)
-    (out / "checkpoint" / "meta.json").write_text(json.dumps(meta))
-
-
-def edit_state(out, edit):
-    blob = torch.load(out / "checkpoint" / "state.pt", weights_only=True)
-    edit(blob)
-    torch.save(blob, out / "checkpoint" / "state.pt")
-
-
-def _int64(blob):
-    blob["model"] = {k: v.long() for k, v in blob["model"].items()}
-
-
-def _huge(blob, meta=None):
-    blob["step"] = 10 ** 9
-
-
-@pytest.mark.parametrize("meta_edit,state_edit,match", [
-    (lambda m: m["args"].update(method="bogus"), None, "argument 'method' = 'bogus'"),
-    (lambda m: m["args"].pop("steps"), None, r"arguments missing: \['steps'\]"),
-    (lambda m: m["args"].update(steps=None), None, "argument 'steps'"),
-    (lambda m: m["args"].update(steps=2), None, "step 3 lies outside the run's 1..2 steps"),
-    (lambda m: m["args"].update(lr="0.1"), None, "argument 'lr'"),
-    (None, lambda b: b.update(losses=[]), "holds 0 losses for step 3"),
-    (None, _int64, "do not fit the model"),
-    (lambda m: m.update(step=10 ** 9), _huge, "holds 3 losses for step 1000000000"),
-    (lambda m: m.update(segments=[3]), None, "field 'segments'"),
+@pytest.mark.parametrize("damage,match", [
+    (lambda out: (out / CHECKPOINT).write_bytes(b"\0" * 10), "is not a readable fimlora "),
+    (lambda out: torch.save({"step": 3}, out / CHECKPOINT), "lacks the fields"),
+    (lambda out: os.unlink(out / CHECKPOINT), "no checkpoint.pt$"),
+    (lambda out: os.makedirs(out / "checkpoint") or os.unlink(out / CHECKPOINT),
+     "checkpoint/ is an older fimlora's: start over with --overwrite"),
 ])
-def test_resume_refuses_a_checkpoint_it_cannot_honour(tmp_path, meta_edit, state_edit, match):
-    """Issue 20.5: args, step and tensors are checked against the run they continue, before any
-    batch is replayed."""
+def test_damaged_checkpoint_is_a_clear_error(tmp_path, damage, match):
     out = tmp_path / "o"
-    crashed(out)
-    if meta_edit:
-        edit_meta(out, meta_edit)
-    if state_edit:
-        edit_state(out, state_edit)
-    with pytest.raises(ValueError, match=match):
+    stopped(argv(out), 4, "crash")
+    damage(out)
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
         train.main(["--resume", str(out)])
 
 
-def test_resume_records_each_segments_threads_and_world_size(tmp_path, capsys):
-    """--resume --threads 2 of a --threads 1 run: both segments are in results.json, and the
-    run says the bitwise promise does not hold across them."""
+@pytest.mark.parametrize("edit,match", [
+    (lambda c: c.update(model={k: v.long() for k, v in c["model"].items()}), "do not fit"),
+    (lambda c: c.update(losses=[]), "do not fit the run"),
+    (lambda c: c["ranks"].popitem(), "KeyError"),
+])
+def test_resume_refuses_a_checkpoint_that_does_not_fit_the_run(tmp_path, edit, match):
+    """Tensors, losses and ranks are checked against the run they continue, before any batch
+    is replayed."""
     out = tmp_path / "o"
-    crashed(out)
-    res = train.main(["--resume", str(out), "--threads", "2"])
-    assert res["segments"] == [{"from_step": 0, "threads": 1, "world_size": 1},
-                               {"from_step": 3, "threads": 2, "world_size": 1}]
-    assert json.loads((out / "results.json").read_text())["segments"] == res["segments"]
-    assert "not bitwise an uninterrupted run's" in capsys.readouterr().out
+    stopped(argv(out), 4, "crash")
+    ckpt = torch.load(out / CHECKPOINT, weights_only=True)
+    edit(ckpt)
+    torch.save(ckpt, out / CHECKPOINT)
+    with pytest.raises(ValueError, match=f"--resume {out}: .*{match}.*is damaged, or a peer's"):
+        train.main(["--resume", str(out)])
 
 
 # -----------------------------------------------------------------------------
@@ -451,15 +297,15 @@ def test_disk_full_at_a_checkpoint_names_the_file_the_intact_step_and_the_resume
     def save(obj, f, *a, **k):
         calls.append(f)
         if len(calls) == 2:
-            raise OSError(errno.ENOSPC, "No space left on device", str(out / "x" / "state.pt"))
+            raise OSError(errno.ENOSPC, "No space left on device", str(out / CHECKPOINT))
         real(obj, f, *a, **k)
     with monkeypatch.context() as m:
         m.setattr(torch, "save", save)
         with pytest.raises(ValueError) as e:
             run(out, "--seed", "6")
     assert str(e.value) == (
-        f"cannot write {out}/x/state.pt (No space left on device); the last checkpoint (step 3) "
-        f"in {out}/checkpoint is intact: continue with "
+        f"cannot write {out}/{CHECKPOINT} (No space left on device); the last checkpoint (step "
+        f"3) in {out}/{CHECKPOINT} is intact: continue with "
         f"'{train.command('train.py', '--resume', out)}' once you free disk space")
     assert train.main(["--resume", str(out)])["train_loss"] == full["train_loss"]
 
@@ -484,39 +330,17 @@ def test_disk_full_while_publishing_keeps_the_checkpoint_and_says_so(tmp_path, m
         assert len(run(out, "--save-every", save_every)["train_loss"]) == 8
 
 
-def test_an_unreadable_meta_json_is_named_with_the_fix(tmp_path, monkeypatch):
+def test_an_unreadable_checkpoint_is_named_with_the_fix(tmp_path, monkeypatch):
     """Mode 000 (simulated: the tests may run as root, whom chmod does not stop)."""
     out = tmp_path / "o"
-    crashed(out)
+    stopped(argv(out), 4, "crash")
     real = os.open
 
     def deny(path, *a, **k):
-        if str(path).endswith("meta.json"):
+        if str(path).endswith(CHECKPOINT):
             raise PermissionError(errno.EACCES, "Permission denied", str(path))
         return real(path, *a, **k)
     monkeypatch.setattr(os, "open", deny)
-    with pytest.raises(ValueError, match=f"cannot read {out}/checkpoint/meta.json: Permission "
+    with pytest.raises(ValueError, match=f"cannot read {out}/{CHECKPOINT}: Permission "
                                          "denied: make it readable .chmod u.r"):
         train.main(["--resume", str(out)])
-
-
-def test_a_kill_in_the_middle_of_moving_a_publish_in_loses_nothing(tmp_path, monkeypatch):
-    """An --overwrite run killed after its adapter was moved in but before results.json: the
-    next start finishes the move and keeps the new adapter (it once deleted it as "old")."""
-    out = tmp_path / "o"
-    run(out, "--seed", "1")
-    real = os.replace
-
-    def replace(src, dst):
-        if str(src).endswith(".publish/results.json"):
-            raise RuntimeError("killed")
-        real(src, dst)
-    with monkeypatch.context() as m:
-        m.setattr(train.runfolder.os, "replace", replace)
-        with pytest.raises(RuntimeError):
-            run(out, "--seed", "2", "--overwrite")
-    new_adapter = adapter_bytes(out)
-    train.runfolder.tidy_out(out)
-    assert adapter_bytes(out) == new_adapter
-    assert json.loads((out / "results.json").read_text())["seed"] == 2
-    assert sorted(p.name for p in out.iterdir()) == ["adapter", "log.jsonl", "results.json"]

@@ -496,7 +496,7 @@ def test_ctrl_c_stops_the_grid_with_a_checkpoint_and_the_same_command_resumes(tm
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "run the same command again" in err, err
     assert "Traceback" not in err and not (cell / "results.json").exists()
-    assert (cell / "checkpoint" / "meta.json").is_file()
+    assert (cell / "checkpoint.pt").is_file()
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "resumed 1" in done.stdout, done.stdout + done.stderr
     assert (cell / "results.json").is_file()

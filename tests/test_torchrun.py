@@ -1,14 +1,13 @@
 """torchrun: 2 gloo processes train one run. Both ranks allocate the same ranks, only rank 0
 writes, and the result equals one process on the same global batches within float tolerance,
 also where the split is uneven: 37 training rows in batches of 8 end each epoch with 5 rows (3/2
-across the ranks, inside FW-LoRA's warm-up), 3 calibration batches go 2/1, and one batch of
-calibration leaves rank 1 none.
+across the ranks; with --grad-accum 2 inside FW-LoRA's warm-up), LoRA-DA's 3 calibration batches
+go 2/1, and FIM-LoRA's one batch of calibration leaves rank 1 none.
 
-Oracle: the same command without torchrun. Run: .venv/bin/python -m pytest tests/test_torchrun.py
+Oracle: the same command in one process. Run: .venv/bin/python -m pytest tests/test_torchrun.py
 """
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -22,11 +21,11 @@ from lora import read_safetensors
 
 # the decoder has no dropout, whose masks no sharding could reproduce: one process and two see
 # the same function of the same global batches
-ARGS = ["train.py", "--model", "tiny-llama", "--task", "sst2", "--data-dir", str(SST2),
-        "--max-train", "37", "--max-eval", "32", "--steps", "10", "--batch-size", "8",
-        "--log-every", "2", "--threads", "1"]
-FAST = {"lora": [], "fim": ["--calib-batches", "3"], "fw": ["--fw-warmup", "5"],
-        "fim+da": ["--calib-batches", "1", "--da-samples", "12"]}
+ARGS = ["--model", "tiny-llama", "--task", "sst2", "--data-dir", str(SST2), "--max-train", "37",
+        "--max-eval", "32", "--steps", "6", "--batch-size", "8", "--log-every", "2",
+        "--threads", "1"]
+FAST = {"fw": ["--fw-warmup", "3", "--grad-accum", "2", "--lr", "1e-2"],  # DDP syncs once a step
+        "fim+da": ["--calib-batches", "1", "--da-samples", "20"]}  # rank 1: no FIM batch
 
 
 def torchrun() -> list[str]:
@@ -35,24 +34,21 @@ def torchrun() -> list[str]:
 
 
 @pytest.mark.skipif(not SST2.is_dir(), reason=f"SST-2 not found at {SST2}")
-@pytest.mark.parametrize("method", ["lora", "fim", "fw", "fim+da"])
+@pytest.mark.parametrize("method", ["fw", "fim+da"])
 def test_two_gloo_processes_match_one_process(tmp_path, method):
+    import train
     one, two = tmp_path / "one", tmp_path / "two"
-    method, *score = method.split()
-    extra = [*FAST[method], *(["--score", *score] if score else [])]
-    run1 = subprocess.run([sys.executable, *ARGS, "--method", method, *extra, "--out", str(one)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert run1.returncode == 0, run1.stderr[-2000:]
-    run2 = subprocess.run([*torchrun(), "--standalone", "--nproc_per_node", "2", *ARGS,
-                           "--method", method, *extra, "--out", str(two)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    argv = [*ARGS, "--method", method, *FAST[method]]
+    r1 = train.main([*argv, "--out", str(one)])
+    run2 = subprocess.run([*torchrun(), "--standalone", "--nproc_per_node", "2", "train.py",
+                           *argv, "--out", str(two)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
     assert run2.returncode == 0, run2.stderr[-3000:]
     assert run2.stdout.count("seed: 0") == 1  # rank 1 prints nothing
-    r1, r2 = (json.loads((d / "results.json").read_text()) for d in (one, two))
+    r2 = json.loads((two / "results.json").read_text())
     assert r2["world_size"] == 2 and r1["world_size"] == 1
     assert r2["ranks"] == r1["ranks"]  # rank 0 and rank 1 allocated alike (DDP would fail else)
-    # LoRA-DA's ill-conditioned Z (below) moves the losses by ~1e-4 too (efim ranks; kfac's, used
-    # here before, happened to stay under 1e-4)
+    # LoRA-DA's ill-conditioned Z (below) moves the losses by ~1e-4 too
     torch.testing.assert_close(torch.tensor(r2["train_loss"]), torch.tensor(r1["train_loss"]),
                                rtol=1e-3 if "da" in method else 1e-4, atol=1e-6)
     if method == "fw":  # the warm-up Fisher is the norm of the gradient DDP applies
@@ -62,17 +58,17 @@ def test_two_gloo_processes_match_one_process(tmp_path, method):
         for name, v in r1["fim"]["scores"].items():
             torch.testing.assert_close(torch.tensor(r2["fim"]["scores"][name]), torch.tensor(v),
                                        rtol=1e-4, atol=1e-12, msg=name)
-    if "da" in method:  # the same examples; Z (d_in², from 12 examples) is ill-conditioned, so
+    if "da" in method:  # the same examples; Z (d_in², from 20 examples) is ill-conditioned, so
         # Ω's near-equal small eigenvalues turn their vectors under float32 sums in another order:
         # B is compared through the losses above, σ = ‖Δ*‖₂ here
-        assert r2["da"]["n_samples"] == r1["da"]["n_samples"] == 12
+        assert r2["da"]["n_samples"] == r1["da"]["n_samples"] == 20
         for name, v in r1["da"]["matrices"].items():
             assert r2["da"]["matrices"][name]["sigma"] == pytest.approx(v["sigma"], rel=1e-3)
         return
     a1, _ = read_safetensors(one / "adapter" / "adapter_model.safetensors")
     a2, _ = read_safetensors(two / "adapter" / "adapter_model.safetensors")
-    for k in a1:
-        torch.testing.assert_close(a2[k], a1[k], rtol=1e-3, atol=1e-5, msg=k)
+    for k in a1:  # Adam's normalised steps carry the float noise of the sums
+        torch.testing.assert_close(a2[k], a1[k], rtol=1e-3, atol=5e-5, msg=k)
 
 
 def test_shards_are_disjoint_and_cover_every_batch():
@@ -101,49 +97,6 @@ def test_uneven_shards_carry_their_weight_and_a_rank_without_rows_is_refused():
     assert (losses[0] + losses[1]) / 2 == pytest.approx(batch["labels"].float().mean().item())
     with pytest.raises(ValueError, match="last batch of each epoch has 1 rows"):
         train.shard_loss(task, argparse.Namespace(batch_size=8), 2)
-
-
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.mark.parametrize("timeout, expected", [
-    ("2", "another torchrun process stopped answering"),
-    ("soon", "FIMLORA_DIST_TIMEOUT='soon': give the seconds")])
-def test_a_missing_peer_ends_the_run_with_an_error_after_the_timeout(tmp_path, timeout, expected):
-    """Rank 0 of 2 whose peer never comes: an error: line after FIMLORA_DIST_TIMEOUT seconds
-    (gloo's default would wait 30 minutes), nothing written; a bad value is refused by name."""
-    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
-           "FIMLORA_DIST_TIMEOUT": timeout, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "train.py", "--steps", "2", "--batch-size", "8",
-                          "--threads", "1", "--out", str(tmp_path / "run")], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=120)
-    assert run.returncode != 0 and "Traceback" not in run.stderr, run.stderr[-2000:]
-    assert run.stderr.startswith("error: ") and expected in run.stderr
-    assert not (tmp_path / "run").exists()
-
-
-def test_planted_fim_with_one_calibration_batch_over_two_processes(tmp_path):
-    """--calib-batches 1 under 2 processes: rank 1 has no batch and contributes zeros; the
-    scores and the ranks equal one process's (rank 1 raised n_batches=0 before)."""
-    args = ["train.py", "--method", "fim", "--calib-batches", "1", "--steps", "2",
-            "--batch-size", "8", "--threads", "1"]
-    one, two = tmp_path / "one", tmp_path / "two"
-    run1 = subprocess.run([sys.executable, *args, "--out", str(one)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
-    assert run1.returncode == 0, run1.stderr[-2000:]
-    run2 = subprocess.run([*torchrun(), "--standalone", "--nproc_per_node", "2", *args,
-                           "--out", str(two)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
-    assert run2.returncode == 0, run2.stderr[-3000:]
-    r1, r2 = (json.loads((d / "results.json").read_text()) for d in (one, two))
-    assert r2["ranks"] == r1["ranks"]
-    for name, v in r1["fim"]["scores"].items():
-        assert r2["fim"]["scores"][name] == pytest.approx(v, rel=1e-5), name
 
 
 def test_torchrun_on_cuda_gives_each_process_its_own_gpu(monkeypatch):
