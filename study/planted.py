@@ -23,6 +23,7 @@ from data import planted
 from data.planted import oracle_ranks
 from lora import lora_layers, name_matches
 from study.report import SCORES, bounded, paired_stats, planted_lines
+from study.scores import shuffled
 
 CRITERION = ("the task can judge allocation if the searched oracle (the best allocation a small "
              "search over the planted matrices' ranks finds, the rest of the rank budget spread "
@@ -34,6 +35,7 @@ CRITERION = ("the task can judge allocation if the searched oracle (the best all
 # Shuffled controls draw from 2**31 + 1000·seed + i: under 2**32, since the CPU generator keeps a
 # seed's low 32 bits, and apart from the training streams seed + k, k < 4 (train.random_streams)
 SHUFFLE_SEED = 2**31
+STUDIED = SCORES[:7]  # all but "shuffled", the real-task control: here each score gets its own
 GRID, STEP = (24, 20, 16), 4  # the oracle search: planted ranks on GRID, then ± STEP each
 
 
@@ -50,13 +52,6 @@ def structure_ranks(names: list[str], holders: list[str], budget: int, r_min: in
                          "elsewhere: pass holders among names and a budget within the bounds")
     share, extra = divmod(left, len(holders))
     return {n: share + (holders.index(n) < extra) if n in holders else r_min for n in names}
-
-
-def shuffled_ranks(ranks: dict[str, int], generator: torch.Generator) -> dict[str, int]:
-    """The shuffled control: the same ranks in a random placement (torch.randperm)."""
-    names, values = list(ranks), list(ranks.values())
-    order = torch.randperm(len(names), generator=generator).tolist()
-    return {names[j]: values[i] for i, j in enumerate(order)}
 
 
 def shuffle_generator(seed: int, index: int) -> torch.Generator:
@@ -135,13 +130,14 @@ def study_seed(seed: int, steps: int, threads: int, plants: str) -> dict:
         return trained[tuple(ranks.values())]["final_loss"]
     best, searched = search_oracle(names, truth, budget, planted.PLANT_RANK, loss_of)
     rows["oracle"] = trained[tuple(best.values())]
-    rows |= {s: run((s, "ranks")) for s in SCORES}
+    rows |= {s: run((s, "ranks")) for s in STUDIED}
     rows["efim params"] = run(("efim", "params"))
     holders = [n for n in names if plants == "anywhere"
                or not any(name_matches(n, t) for t in planted.UNREACHED)]
     rows["structure"] = run(structure_ranks(names, holders, budget, 1, planted.PLANT_RANK))
-    for i, s in enumerate(SCORES):
-        rows[f"shuffled {s}"] = run(shuffled_ranks(rows[s]["ranks"], shuffle_generator(seed, i)))
+    for i, s in enumerate(STUDIED):
+        rows[f"shuffled {s}"] = run(shuffled(rows[s]["ranks"], None, planted.PLANT_RANK,
+                                             shuffle_generator(seed, i)))
     u, o = rows["uniform"]["final_loss"], rows["oracle"]["final_loss"]
     for row in rows.values():
         row.pop("planted", None)
@@ -199,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
     study = {
         "what": f"final eval loss of each allocation at the same budget on train.py's planted "
                 f"task (plants: {a.plants}); 'efim params': the budget in parameters",
-        "criterion": CRITERION, "design": design, "scores_run": list(SCORES),
+        "criterion": CRITERION, "design": design, "scores_run": list(STUDIED),
         "args": {"seeds": len(per), "steps": a.steps, "threads": a.threads, "plants": a.plants},
         "versions": train.environment()["versions"] | {"commit": commit}, "per_seed": per}
     if len(per) >= 3:

@@ -27,7 +27,7 @@ OWN = (CELLS, RESULTS / "cells_cuda")  # the project's grids, read together: a t
 METHODS = ("lora", "fim", "fw", "da", "fim+da")
 PEERS = ("peft-lora", "peft-adalora", "peft-eva")
 # the order indexes the planted study's shuffle streams (planted.shuffle_generator): keep it
-SCORES = ("efim", "variance", "per-example", "gradw", "kfac", "lorada", "random")
+SCORES = ("efim", "variance", "per-example", "gradw", "kfac", "lorada", "random", "shuffled")
 RECIPE = ["--model", "minilm"]  # the rest is train.py's GLUE defaults
 GROUPED = "--group-by-length"  # the grid adds it on encoders: length-grouped batches
 LRS = (2e-4, 5e-4, 1e-3)  # issue 19: each method's lr chosen from these (study.grid --select-lr)

@@ -18,6 +18,29 @@ SCORES = ("gradw", "kfac", "lorada", "random")
 GAINS = ("kfac", "lorada")  # per-rank gains, for allocate_by_gains (power does not apply)
 
 
+def _own_stream(generator: torch.Generator | None, salt: int) -> torch.Generator:
+    """A control's stream of its own, seeded by a mix of generator's seed (SplitMix64's
+    constants: far from every training stream seed + k)."""
+    seed = (generator or torch.default_generator).initial_seed()
+    return torch.Generator().manual_seed((seed * 0x9E3779B97F4A7C15 + salt) % 2**64)
+
+
+def shuffled(ranks: dict[str, int], costs: dict[str, int] | None, caps: int | dict[str, int],
+             generator: torch.Generator) -> dict[str, int]:
+    """The shuffled control: the same ranks, permuted (torch.randperm) among the matrices of
+    equal cost and cap, so the budget and every cap still hold.
+    shuffled({"q": 1, "v": 3}, None, 4, g) in ({"q": 1, "v": 3}, {"q": 3, "v": 1})"""
+    groups: dict = {}
+    for n in ranks:
+        groups.setdefault(((costs or {}).get(n), caps if isinstance(caps, int) else caps[n]),
+                          []).append(n)
+    out = {}
+    for names in groups.values():
+        order = torch.randperm(len(names), generator=generator).tolist()
+        out |= {names[j]: ranks[names[i]] for i, j in enumerate(order)}
+    return {n: out[n] for n in ranks}
+
+
 def allocation_scores(model: nn.Module, batches: Iterable, loss_fn: Callable, score: str,
                       n_batches: int | None = 8, generator: torch.Generator | None = None,
                       population_size: int | None = None
@@ -38,10 +61,8 @@ def allocation_scores(model: nn.Module, batches: Iterable, loss_fn: Callable, sc
     if score not in SCORES:
         raise ValueError(f"score={score!r}: use one of {', '.join(SCORES)}")
     layers = _adapted(model)
-    if score == "random":  # SplitMix64's constants: far from every seed + k
-        seed = (generator or torch.default_generator).initial_seed()
-        own = torch.Generator().manual_seed((seed * 0x9E3779B97F4A7C15 + 0xBF58476D1CE4E5B9)
-                                            % 2**64)
+    if score == "random":
+        own = _own_stream(generator, 0xBF58476D1CE4E5B9)
         return dict(zip(layers, torch.rand(len(layers), generator=own,
                                            dtype=torch.float64).tolist()))
     if score == "lorada":
@@ -159,8 +180,16 @@ def initialize_ranks(model: nn.Module, batches: Iterable, loss_fn: Callable, sco
                      n_batches: int | None = 8, power: float = 1.0,
                      generator: torch.Generator | None = None, budget_unit: str = "ranks",
                      population_size: int | None = None) -> dict:
-    """fimlora.initialize_fim_ranks with any score: efim, variance, per-example or SCORES
-    (kfac and lorada through allocate_by_gains, without power). {"ranks", "alphas", "scores"}."""
+    """fimlora.initialize_fim_ranks with any score: efim, variance, per-example, SCORES (kfac and
+    lorada through allocate_by_gains, without power) or "shuffled" (efim's ranks, shuffled).
+    {"ranks", "alphas", "scores"}."""
+    if score == "shuffled":  # FIM-LoRA's ranks placed at random: does the placement matter?
+        budget, caps, costs = fimlora._plan(model, budget, r_min, r_max, power, budget_unit)
+        scores = fimlora.fisher_scores(model, batches, loss_fn, "efim", n_batches)["scores"]
+        ranks = shuffled(fimlora.allocate_ranks(scores, budget, r_min, caps, costs, power),
+                         costs, caps, _own_stream(generator, 0x94D049BB133111EB))
+        return {"ranks": ranks, "alphas": fimlora.resize_ranks(model, ranks, generator),
+                "scores": scores}
     if score in ("efim", "variance", "per-example"):
         return fimlora.initialize_fim_ranks(
             model, batches, loss_fn, budget, r_min, r_max, score.replace("per-example", "efim"),
@@ -169,7 +198,8 @@ def initialize_ranks(model: nn.Module, batches: Iterable, loss_fn: Callable, sco
         raise ValueError(f"power={power!r} with score={score!r}: per-rank gains take no power "
                          "(allocate_by_gains); drop power")
     if score not in SCORES:
-        raise ValueError(f"score={score!r}: use efim, variance, per-example, {', '.join(SCORES)}")
+        raise ValueError(f"score={score!r}: use efim, variance, per-example, "
+                         f"{', '.join(SCORES)}, shuffled")
     budget, caps, costs = fimlora._plan(model, budget, r_min, r_max, power, budget_unit)
     scores = allocation_scores(model, batches, loss_fn, score, n_batches, generator,
                                population_size)

@@ -23,7 +23,7 @@ import torch
 import runfolder
 import train
 from conftest import ROOT, SST2
-from study import grid, peers, planted, report
+from study import grid, peers, planted, report, scores
 from study.report import folder
 
 LAYER = "bert.encoder.layer.{}.{}"
@@ -379,7 +379,7 @@ def test_method_flags_for_every_train_py_grid_method():
     assert grid.method_flags("fim-per-example-params") == ["--method", "fim", "--per-example",
                                                            "--budget", "params"]
     assert [s for s in report.SCORES if grid.by_peers(report.score_method(s))] == [
-        "gradw", "kfac", "lorada", "random"]
+        "gradw", "kfac", "lorada", "random", "shuffled"]
 
 
 def test_a_cell_whose_folder_another_run_holds_is_busy_not_failed(tmp_path, capsys):
@@ -566,11 +566,17 @@ def test_structure_ranks_keep_the_budget_and_the_bounds():
         planted.structure_ranks(names, ["x"], budget=96)
 
 
-def test_shuffled_ranks_permute_the_scores_own_multiset():
+def test_shuffled_ranks_permute_the_scores_own_multiset_within_equal_cost_and_cap():
     r = {f"m{i}": v for i, v in enumerate([24, 24, 2, 1, 1, 3, 7, 30, 1, 2, 1])}
-    out = planted.shuffled_ranks(r, torch.Generator().manual_seed(5))
-    assert set(out) == set(r) and sorted(out.values()) == sorted(r.values()) and out != r
-    assert out == planted.shuffled_ranks(r, torch.Generator().manual_seed(5))
+    out = scores.shuffled(r, None, 32, torch.Generator().manual_seed(5))
+    assert list(out) == list(r) and sorted(out.values()) == sorted(r.values()) and out != r
+    assert out == scores.shuffled(r, None, 32, torch.Generator().manual_seed(5))
+    costs = {n: 3 if i < 5 else 7 for i, n in enumerate(r)}  # two groups: each keeps its ranks
+    caps = {n: 30 if i < 8 else 2 for i, n in enumerate(r)}  # and a third, by cap
+    for seed in range(20):
+        out = scores.shuffled(r, costs, caps, torch.Generator().manual_seed(seed))
+        for group in (list(r)[:5], list(r)[5:8], list(r)[8:]):
+            assert sorted(out[n] for n in group) == sorted(r[n] for n in group)
 
 
 def test_the_shuffle_stream_is_apart_from_every_training_stream():
@@ -624,8 +630,8 @@ def test_one_study_seed_runs_every_allocation_and_its_controls(tmp_path, monkeyp
     monkeypatch.setattr(planted, "train_one", fake)
     got = planted.study_seed(0, 2, 1, "reach")
     runs = got["runs"]
-    assert list(runs) == ["uniform", "oracle", *report.SCORES, "efim params", "structure",
-                          *(f"shuffled {s}" for s in report.SCORES)]
+    assert list(runs) == ["uniform", "oracle", *planted.STUDIED, "efim params", "structure",
+                          *(f"shuffled {s}" for s in planted.STUDIED)]
     assert runs["oracle"]["final_loss"] == min(t["final_loss"] for t in got["oracle_search"])
     assert all(sum(r["ranks"].values()) == 8 * len(names) for r in runs.values())
     assert not {n.rsplit(".", 1)[1] for n in got["structure_holders"]} & {"query", "key"}

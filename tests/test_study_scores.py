@@ -151,7 +151,7 @@ def lorada_setup():
             3 * len(caps), caps)
 
 
-@pytest.mark.parametrize("score", ["efim", "variance", "per-example", *SCORES])
+@pytest.mark.parametrize("score", ["efim", "variance", "per-example", "shuffled", *SCORES])
 def test_initialize_ranks_with_each_score_spends_the_budget(score):
     """Every score gives ranks in [r_min, min(r_max, d_in, d_out)] summing to the budget,
     the same for the same seed, and leaves the model function unchanged (B = 0)."""
@@ -169,6 +169,27 @@ def test_initialize_ranks_with_each_score_spends_the_budget(score):
             torch.testing.assert_close(forward(model), y0, rtol=0, atol=0)
         runs.append(out["ranks"])
     assert runs[0] == runs[1]
+
+
+@pytest.mark.parametrize("unit", ["ranks", "params"])
+def test_shuffled_control_places_efims_ranks_at_random_among_equal_costs(unit):
+    """The shuffled control keeps FIM-LoRA's (efim's) rank multiset among the matrices of
+    equal cost and moves ranks across them for some seed (here every params cost is its own:
+    nothing can move)."""
+    model, batches, loss, _, _, _ = fisher_setup()
+    fim = initialize_fim_ranks(copy.deepcopy(model), batches, loss, budget_unit=unit)["ranks"]
+    costs = {n: m.in_features + m.out_features if unit == "params" else 1
+             for n, m in lora_layers(model).items()}
+    seen = set()
+    for seed in range(8):
+        out = initialize_ranks(copy.deepcopy(model), batches, loss, "shuffled", budget_unit=unit,
+                               generator=torch.Generator().manual_seed(seed))["ranks"]
+        for c in set(costs.values()):
+            assert (sorted(out[n] for n in out if costs[n] == c)
+                    == sorted(fim[n] for n in fim if costs[n] == c))
+        seen.add(tuple(out.values()))
+    # ranks: query and value share cost 1 and cap 4 (the classifier's cap is 3): two orders
+    assert len(seen) == (1 if unit == "params" else 2)
 
 
 def test_initialize_ranks_kfac_follows_the_gains():
