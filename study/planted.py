@@ -212,7 +212,7 @@ if __name__ == "__main__":
         main()
     except (ValueError, FileNotFoundError, ImportError) as e:
         sys.exit(f"error: {e}")
-    except KeyboardInterrupt:  # the runs checkpoint into temp folders: nothing to resume
+    except (KeyboardInterrupt, train.Interrupted):  # runs checkpoint in temp folders: no resume
         print("interrupted: nothing was written (the study writes its JSON at the end)",
               file=sys.stderr)
         sys.exit(130)

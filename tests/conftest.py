@@ -4,6 +4,7 @@ Run: make test   (or: .venv/bin/python -m pytest -q)
 """
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -19,6 +20,11 @@ sys.path.insert(0, str(ROOT))
 settings.register_profile("ci", deadline=None, derandomize=True, database=None, max_examples=50)
 settings.register_profile("dev", deadline=None, max_examples=200)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+# A shell's background job (`make test &`) starts with SIGINT ignored, and every child inherits
+# that: the Ctrl-C tests' processes would never see their SIGINT. A terminal's Ctrl-C is what
+# they test, so the children start with the default disposition.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)
