@@ -28,7 +28,8 @@ from lora import atomic_write, fsync_dir, open_regular
 CHECKPOINT = "checkpoint.pt"  # a dict, torch.save (nanoGPT's ckpt.pt)
 PUBLISHED = ("results.json", "adapter", "adapter_peft")  # results.json marks "finished"
 LOCK, TRASH, PUBLISH, MOVING = ".lock", ".trash-", ".publish", ".moving"
-FIELDS = {"step", "args", "model", "optimizer", "scheduler", "rng", "losses", "evals", "report"}
+FIELDS = {"step", "args", "model", "ranks", "alphas", "optimizer", "scheduler", "rng", "losses",
+          "evals", "seconds", "fw", "report"}  # train.checkpoint's
 
 
 def staged(out: Path) -> bool:

@@ -20,7 +20,7 @@ import torch
 from conftest import ROOT
 
 import train
-from runfolder import CHECKPOINT
+from runfolder import CHECKPOINT, FIELDS
 
 QUICK = ["--model", "tiny", "--steps", "8", "--batch-size", "8", "--log-every", "1",
          "--save-every", "3", "--threads", "1"]
@@ -279,6 +279,7 @@ def test_resume_refuses_a_checkpoint_that_does_not_fit_the_run(tmp_path, edit, m
     out = tmp_path / "o"
     stopped(argv(out), 4, "crash")
     ckpt = torch.load(out / CHECKPOINT, weights_only=True)
+    assert set(ckpt) == FIELDS  # what read_checkpoint requires is what is saved
     edit(ckpt)
     torch.save(ckpt, out / CHECKPOINT)
     with pytest.raises(ValueError, match=f"--resume {out}: .*{match}.*is damaged, or a peer's"):
