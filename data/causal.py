@@ -205,10 +205,8 @@ def completion_batches(examples: Sequence, tokenizer, batch_size: int, max_len: 
 def completion_nll(model: nn.Module, tokenizer, examples: Sequence, batch_size: int = 32,
                    max_len: int = 128) -> tuple[float, int]:
     """(Σ NLL of every completion token, their count): the mean NLL is the ratio."""
-    total, count = 0.0, 0
-    for start in range(0, len(examples), batch_size):
-        rows = [encode_completion(tokenizer, *e, max_len)
-                for e in examples[start:start + batch_size]]
-        total += _row_nll(model, tokenizer, rows).sum().item()
-        count += sum(k for _, k in rows)
-    return total, count
+    rows = [encode_completion(tokenizer, *e, max_len) for e in examples]
+    total = 0.0
+    for start in range(0, len(rows), batch_size):
+        total += _row_nll(model, tokenizer, rows[start:start + batch_size]).sum().item()
+    return total, sum(n for _, n in rows)
