@@ -197,8 +197,8 @@ def completion_batches(examples: Sequence, tokenizer, batch_size: int, max_len: 
                        shuffle: bool = True) -> Iterator[dict[str, torch.Tensor]]:
     """One epoch of (prompt, completion) batches, loss_mask on the completion tokens."""
     for cut in epoch(len(examples), batch_size, generator, shuffle):
-        yield collate(*zip(*(encode_completion(tokenizer, *examples[i], max_len) for i in cut)),
-                      tokenizer.pad_id)
+        ids, lens = zip(*(encode_completion(tokenizer, *examples[i], max_len) for i in cut))
+        yield collate(ids, lens, tokenizer.pad_id)
 
 
 @torch.no_grad()
