@@ -54,12 +54,6 @@ def prompt_for(task: str | Prompt) -> Prompt:
     return PROMPTS[folder]
 
 
-def format_prompt(task: str | Prompt, example: Example) -> str:
-    """The prompt of one example, without the answer.
-    format_prompt("sst2", Example("a fine film", None, 1)) == "Review: a fine film\\nSentiment:" """
-    return prompt_for(task).template.format(a=example.text_a, b=example.text_b)
-
-
 def label_token_ids(tokenizer, task: str | Prompt) -> list[list[int]]:
     """The token ids of each label word, in label-id order (no BOS; EOS last if prompt.eos)."""
     prompt = prompt_for(task)
@@ -83,9 +77,11 @@ def _cut_left(tokenizer, ids: list[int], budget: int, max_len: int) -> list[int]
 
 
 def encode_prompt(tokenizer, task: str | Prompt, example: Example, max_len: int) -> list[int]:
-    """The prompt's ids, cut from the left so that the longest label word still fits."""
+    """The ids of the example's prompt without the answer ("Review: a fine film\\nSentiment:"),
+    cut from the left so that the longest label word still fits."""
+    text = prompt_for(task).template.format(a=example.text_a, b=example.text_b)
     budget = max_len - max(map(len, label_token_ids(tokenizer, task)))
-    return _cut_left(tokenizer, tokenizer.encode(format_prompt(task, example)), budget, max_len)
+    return _cut_left(tokenizer, tokenizer.encode(text), budget, max_len)
 
 
 def collate(rows: Sequence[list[int]], answer_lens: Sequence[int], pad_id: int,
@@ -112,8 +108,7 @@ def causal_batches(examples: Sequence[Example], tokenizer, task: str | Prompt, b
     for cut in epoch(len(examples), batch_size, generator, shuffle):
         rows = [examples[i] for i in cut]
         ids = [encode_prompt(tokenizer, task, e, max_len) + answers[e.label] for e in rows]
-        batch = collate(ids, [len(answers[e.label]) for e in rows], tokenizer.pad_id,
-                        padding_side)
+        batch = collate(ids, [len(answers[e.label]) for e in rows], tokenizer.pad_id, padding_side)
         yield batch | {"labels": torch.tensor([e.label for e in rows], dtype=torch.long)}
 
 
@@ -136,10 +131,9 @@ def causal_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.T
     return answer_nll(logits, batch["input_ids"], batch["loss_mask"], mean=True).mean()
 
 
-def _row_nll(model: nn.Module, tokenizer, rows: list[list[int]],
-             answer_lens: list[int]) -> torch.Tensor:
-    """(B,): the summed NLL of each row's last answer_lens[i] tokens, on the model's device."""
-    b = collate(rows, answer_lens, tokenizer.pad_id)
+def _row_nll(model: nn.Module, tokenizer, rows: Sequence[tuple[list[int], int]]) -> torch.Tensor:
+    """(B,): the summed NLL of each (ids, n) row's last n tokens, on the model's device."""
+    b = collate(*zip(*rows), tokenizer.pad_id)
     b = {k: v.to(next(model.parameters()).device) for k, v in b.items()}
     logits = model(b["input_ids"], b["attention_mask"])
     return answer_nll(logits.float(), b["input_ids"], b["loss_mask"], mean=False)
@@ -155,8 +149,8 @@ def label_scores(model: nn.Module, tokenizer, task: str | Prompt, examples: Sequ
     for start in range(0, len(examples), batch_size):
         prompts = [encode_prompt(tokenizer, task, e, max_len)
                    for e in examples[start:start + batch_size]]
-        out.append(torch.stack([-_row_nll(model, tokenizer, [p + a for p in prompts],
-                                          [len(a)] * len(prompts)) for a in answers], 1).cpu())
+        nll = [_row_nll(model, tokenizer, [(p + a, len(a)) for p in prompts]) for a in answers]
+        out.append(-torch.stack(nll, 1).cpu())
     return torch.cat(out)
 
 
@@ -203,18 +197,16 @@ def completion_batches(examples: Sequence, tokenizer, batch_size: int, max_len: 
                        shuffle: bool = True) -> Iterator[dict[str, torch.Tensor]]:
     """One epoch of (prompt, completion) batches, loss_mask on the completion tokens."""
     for cut in epoch(len(examples), batch_size, generator, shuffle):
-        rows = [encode_completion(tokenizer, *examples[i], max_len) for i in cut]
-        yield collate([r for r, _ in rows], [k for _, k in rows], tokenizer.pad_id)
+        ids, lens = zip(*(encode_completion(tokenizer, *examples[i], max_len) for i in cut))
+        yield collate(ids, lens, tokenizer.pad_id)
 
 
 @torch.no_grad()
 def completion_nll(model: nn.Module, tokenizer, examples: Sequence, batch_size: int = 32,
                    max_len: int = 128) -> tuple[float, int]:
     """(Σ NLL of every completion token, their count): the mean NLL is the ratio."""
-    total, count = 0.0, 0
-    for start in range(0, len(examples), batch_size):
-        rows = [encode_completion(tokenizer, *e, max_len)
-                for e in examples[start:start + batch_size]]
-        total += _row_nll(model, tokenizer, [r for r, _ in rows], [k for _, k in rows]).sum().item()
-        count += sum(k for _, k in rows)
-    return total, count
+    rows = [encode_completion(tokenizer, *e, max_len) for e in examples]
+    total = 0.0
+    for start in range(0, len(rows), batch_size):
+        total += _row_nll(model, tokenizer, rows[start:start + batch_size]).sum().item()
+    return total, sum(n for _, n in rows)

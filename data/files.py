@@ -58,18 +58,15 @@ def _csv_records(path: Path, text: str) -> list[tuple[int, list[str]]]:
 
 def _table(path: Path, records: list[tuple[int, list[str]]], stray: str,
            header: Sequence[str] | None) -> list[Row]:
-    """(line, fields) records as Rows, blank lines dropped; the first one is the header unless
-    `header` names the columns."""
-    records = [(n, v) for n, v in records if v != [""] and v != []]
-    if header is not None:
-        records.insert(0, (0, list(header)))
-    if not records:
-        raise ValueError(f"{path}:1: the file is empty: the first line must name the columns")
-    (at, header), records = records[0], records[1:]
-    twice = sorted(h for h, k in Counter(header).items() if k > 1)
-    if twice:
-        raise ValueError(f"{path}:{at}: column {twice[0]!r} appears twice in the header; "
-                         "rename one")
+    """(line, fields) records as Rows, blank lines dropped, the first one the header if needed."""
+    records = [(n, v) for n, v in records if v not in ([], [""])]
+    if header is None:
+        if not records:
+            raise ValueError(f"{path}:1: the file is empty: the first line must name the columns")
+        (at, header), records = records[0], records[1:]
+        if twice := sorted(h for h, k in Counter(header).items() if k > 1):
+            raise ValueError(f"{path}:{at}: column {twice[0]!r} appears twice in the header; "
+                             "rename one")
     for n, values in records:
         if len(values) != len(header):
             raise ValueError(f"{path}:{n}: {len(values)} fields, the header has {len(header)}; "

@@ -10,17 +10,19 @@ correlation (a constant side) is 0.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
 import os
 import re
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
-from data.files import Example, read_rows
+from data.files import Example, Row, read_rows
 
 _SCORE = re.compile(r"[0-9]+(\.[0-9]*)?|\.[0-9]+")  # an STS-B score
 GLUE_SOURCE = ("download GLUE with download_glue_data.py from "
@@ -90,22 +92,24 @@ def load_glue(task: str, data_dir: str | Path, split: str) -> list[Example]:
     if missing := [c for c in columns if c not in rows[0].fields]:
         raise ValueError(f"{path}:1: the header has no {missing[0]!r} column; is this the "
                          f"{spec.folder} {split} file?")
-    examples = []
-    for row in rows:
-        raw = row.fields[spec.label]
-        if spec.labels is None:  # float() would also take "0_5", " 5", "５"
-            label = float(raw) if _SCORE.fullmatch(raw) else math.nan
-            if not 0.0 <= label <= 5.0:  # also rejects NaN
-                raise ValueError(f"{row.where}: score {raw!r} is not a decimal number in "
-                                 "[0, 5]; fix or drop the row")
-        elif raw in spec.labels:
-            label = spec.labels.index(raw)
-        else:
-            raise ValueError(f"{row.where}: label {raw!r} is not one of {list(spec.labels)}; "
-                             "fix or drop the row (is this the right task's file?)")
-        text_b = None if spec.text_b is None else row.fields[spec.text_b]
-        examples.append(Example(row.fields[spec.text_a], text_b, label))
-    return examples
+    # fields.get(None) is None: a single-sentence task has no text_b
+    return [Example(r.fields[spec.text_a], r.fields.get(spec.text_b), _label(spec, r))
+            for r in rows]
+
+
+def _label(spec: TaskSpec, row: Row) -> int | float:
+    """The row's class id, or its STS-B score in [0, 5]."""
+    raw = row.fields[spec.label]
+    if spec.labels is None:  # float() would also take "0_5", " 5", "５"
+        label = float(raw) if _SCORE.fullmatch(raw) else math.nan
+        if not 0.0 <= label <= 5.0:  # also rejects NaN
+            raise ValueError(f"{row.where}: score {raw!r} is not a decimal number in [0, 5]; "
+                             "fix or drop the row")
+        return label
+    if raw not in spec.labels:
+        raise ValueError(f"{row.where}: label {raw!r} is not one of {list(spec.labels)}; "
+                         "fix or drop the row (is this the right task's file?)")
+    return spec.labels.index(raw)
 
 
 # -----------------------------------------------------------------------------
@@ -121,14 +125,11 @@ def epoch(n: int, batch_size: int, generator: torch.Generator | None,
 
 
 def _collate(rows: list[Example], tokenizer, max_len: int) -> dict:
-    pairs = rows[0].text_b is not None
-    batch = dict(tokenizer.batch([e.text_a for e in rows],
-                                 pairs=[e.text_b for e in rows] if pairs else None,
-                                 max_len=max_len))
-    is_float = isinstance(rows[0].label, float)
-    batch["labels"] = torch.tensor([e.label for e in rows],
-                                   dtype=torch.float32 if is_float else torch.long)
-    return batch
+    texts, pairs, labels = zip(*rows)
+    batch = tokenizer.batch(list(texts), pairs=None if pairs[0] is None else list(pairs),
+                            max_len=max_len)
+    dtype = torch.float32 if isinstance(labels[0], float) else torch.long
+    return dict(batch) | {"labels": torch.tensor(labels, dtype=dtype)}
 
 
 def _grouped(cuts: Iterator[list[int]], examples: Sequence[Example], tokenizer, batch_size: int,
@@ -161,10 +162,8 @@ def batches(examples: Sequence[Example], tokenizer, batch_size: int, max_len: in
 
 def _confusion(preds: Sequence[int], labels: Sequence[int]) -> tuple[int, int, int, int]:
     """(tp, tn, fp, fn) with class 1 as the positive class."""
-    tp = sum(p == 1 and y == 1 for p, y in zip(preds, labels))
-    tn = sum(p != 1 and y != 1 for p, y in zip(preds, labels))
-    fp = sum(p == 1 and y != 1 for p, y in zip(preds, labels))
-    return tp, tn, fp, len(labels) - tp - tn - fp
+    n = Counter((p == 1, y == 1) for p, y in zip(preds, labels))
+    return n[True, True], n[False, False], n[True, False], n[False, True]
 
 
 def accuracy(preds: Sequence, labels: Sequence) -> float:
@@ -185,12 +184,6 @@ def f1_score(preds: Sequence[int], labels: Sequence[int]) -> float:
     return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
 
 
-def class_metrics(preds: Sequence[int], labels: Sequence[int], extra: Sequence[str] = ()) -> dict:
-    """{"accuracy": ..., then each of `extra` ("f1", "mcc")}."""
-    more = {"f1": f1_score, "mcc": matthews_corrcoef}
-    return {"accuracy": accuracy(preds, labels)} | {m: more[m](preds, labels) for m in extra}
-
-
 def pearson(x: Sequence[float], y: Sequence[float]) -> float:
     """Pearson's r = Σ(x−x̄)(y−ȳ) / √(Σ(x−x̄)²·Σ(y−ȳ)²); 0 when a side is constant.
     pearson([1, 2], [3, 5]) == 1.0"""
@@ -203,24 +196,26 @@ def pearson(x: Sequence[float], y: Sequence[float]) -> float:
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    """Spearman's ρ = Pearson's r of the ranks, ties sharing their average rank.
-    spearman([1, 2, 2, 3], [1, 3, 2, 4]) == math.sqrt(0.9)"""
+    """Spearman's ρ = Pearson's r of the ranks, ties sharing their average rank: the rank of v is
+    (#smaller + #(smaller or equal) + 1) / 2.  spearman([1, 2, 2, 3], [1, 3, 2, 4]) == √0.9"""
     def ranks(v: Sequence[float]) -> list[float]:
-        r, start = [0.0] * len(v), 0
-        for _, tied in itertools.groupby(sorted(range(len(v)), key=v.__getitem__), v.__getitem__):
-            tied = list(tied)
-            for i in tied:
-                r[i] = start + (len(tied) + 1) / 2
-            start += len(tied)
-        return r
+        s = sorted(v)
+        return [(bisect.bisect_left(s, a) + bisect.bisect_right(s, a) + 1) / 2 for a in v]
     return pearson(ranks(x), ranks(y))
 
 
+METRICS = {"accuracy": accuracy, "f1": f1_score, "mcc": matthews_corrcoef,
+           "pearson": pearson, "spearman": spearman}
+
+
+def class_metrics(preds: Sequence[int], labels: Sequence[int], extra: Sequence[str] = ()) -> dict:
+    """{"accuracy": ..., then each of `extra` ("f1", "mcc")}."""
+    return {m: METRICS[m](preds, labels) for m in ("accuracy", *extra)}
+
+
 def compute_metrics(task: str, preds: Sequence, labels: Sequence) -> dict[str, float]:
-    """A GLUE task's metrics of class ids (STS-B: scores), lists or 1-D tensors.
+    """A GLUE task's metrics of class ids (STS-B: scores), lists or 1-D tensors; accuracy first.
     compute_metrics("cola", [1, 0], [1, 1]) == {"accuracy": 0.5, "mcc": 0.0}"""
-    spec = task_spec(task)
     p, y = [x.tolist() if isinstance(x, torch.Tensor) else list(x) for x in (preds, labels)]
-    if spec.labels is None:
-        return {"pearson": pearson(p, y), "spearman": spearman(p, y)}
-    return class_metrics(p, y, [m for m in spec.metrics if m != "accuracy"])
+    names = sorted(task_spec(task).metrics, key=lambda m: m != "accuracy")
+    return {m: METRICS[m](p, y) for m in names}

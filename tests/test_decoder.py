@@ -20,8 +20,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from data.causal import (causal_batches, causal_loss, collate, encode_prompt, format_prompt,
-                         label_scores, label_token_ids, predict, prompt_for)
+from data.causal import (causal_batches, causal_loss, collate, encode_prompt, label_scores,
+                         label_token_ids, predict, prompt_for)
 from data.glue import Example, compute_metrics
 from models import DECODERS, load_model
 from models.bpe import BPETokenizer, _char_class, bytes_to_unicode, pre_tokenizer_regex, tiny_bpe
@@ -393,9 +393,10 @@ def test_llama_from_gguf_rejects_other_architectures_and_missing_tensors(tmp_pat
 
 
 def test_prompts_cover_classification_tasks_and_reject_stsb():
-    assert format_prompt("sst2", Example("a fine film", None, 1)) == \
-        "Review: a fine film\nSentiment:"
-    assert "Hypothesis: b\n" in format_prompt("rte", Example("a", "b", 0))
+    def text(task, example):
+        return TOK.decode(encode_prompt(TOK, task, example, 64))
+    assert text("sst2", Example("a fine film", None, 1)) == "Review: a fine film\nSentiment:"
+    assert "Hypothesis: b\n" in text("rte", Example("a", "b", 0))
     assert prompt_for("MNLI").label_words == (" yes", " maybe", " no")
     with pytest.raises(ValueError, match="regression"):
         prompt_for("stsb")
