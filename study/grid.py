@@ -1,6 +1,6 @@
 """make results: a method × task × seed grid, one training process per cell, then the report.
 
-    python -m study.grid                          # SST-2: lora fim fw da fim+da, seeds 0 1 2
+    python -m study.grid                # SST-2, CoLA: lora fim fw da fim+da, seeds 0-4, grid5/
     python -m study.grid --data-root ../shared/data/glue --tasks sst2 cola --peers peft-lora
     python -m study.grid --budget params --scores kfac random --dry-run
     python -m study.grid --root other/cells -- --steps 100     # train.py flags after '--'
@@ -190,9 +190,9 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 epilog=__doc__.strip().split("\n\n")[-1])
     p.add_argument("--data-root", type=Path, default=GLUE, help="the GLUE download")
-    p.add_argument("--tasks", nargs="+", default=["sst2"], choices=glue.TASKS)
+    p.add_argument("--tasks", nargs="+", default=["sst2", "cola"], choices=glue.TASKS)
     p.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
-    p.add_argument("--seeds", nargs="+", type=bounded(0, SEED_MAX), default=[0, 1, 2])
+    p.add_argument("--seeds", nargs="+", type=bounded(0, SEED_MAX), default=[0, 1, 2, 3, 4])
     p.add_argument("--peers", nargs="*", default=[], choices=PEERS)
     p.add_argument("--budget", choices=("ranks", "params"), default="ranks",
                    help="params: also fim and fim+da at an equal parameter budget")

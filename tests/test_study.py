@@ -87,7 +87,7 @@ def test_folder_names_round_trip(tmp_path):
 def test_table_mean_std_per_seed_paired_difference_interval_and_wins(cells):
     md = page(cells)
     lora = row_of(md, "lora")  # mean(80, 85, 82) = 82.33, sample std = 2.52
-    assert lora[1:8] == ["3 of 3", "82.33 ± 2.52", "80.00, 85.00, 82.00", "–", "–", "–", "–"]
+    assert lora[1:8] == ["3 of 3", "82.33 ± 2.52", "80.00, 85.00, 82.00", *["–"] * 4]
     # paired Δ = (+1, −0.5, +2): mean 0.83, std 1.26; 95 % interval
     # 0.833 ± 4.302653 · 1.258 / √3 = [−2.29, +3.96]; wins 2 of 3 (seed 1 loses)
     fim = row_of(md, "fim")
@@ -491,8 +491,9 @@ def test_a_dry_run_plans_seeds_once_and_scores_at_the_parameter_budget(tmp_path,
     (tmp_path / "SST-2").mkdir()
     (tmp_path / "SST-2" / "train.tsv").write_text("sentence\tlabel\na\t1\n")
     monkeypatch.chdir(tmp_path)
-    grid.main(["--dry-run", "--data-root", str(tmp_path), "--methods", "lora", "--seeds", "1",
-               "1", "0", "--scores", "efim", "kfac", "--root", str(tmp_path / "cells")])
+    grid.main(["--dry-run", "--tasks", "sst2", "--data-root", str(tmp_path), "--methods", "lora",
+               "--seeds", "1", "1", "0", "--scores", "efim", "kfac", "--root",
+               str(tmp_path / "cells")])
     assert "1 task(s) (sst2) x 3 methods x 2 seeds = 6 cells" in capsys.readouterr().out
     assert (tmp_path / "cells" / "README.md").is_file() and not (tmp_path / "results").exists()
 
