@@ -24,8 +24,9 @@ from lora import atomic_write, read_regular
 RESULTS, README = Path("results"), Path("README.md")
 CELLS = RESULTS / "grid5"  # issue 19's grid: SST-2 and CoLA, 5 seeds, each method at its lr
 OWN = (CELLS, RESULTS / "cells_cuda")  # the project's grids, read together: a table per device
-RETIRED = ("`results/cells/` (the first SST-2 grid: 3 seeds, every method at lr 5e-4) stays in "
-           "git and is no longer reported; `results/grid5/` replaces it.")
+RETIRED = ("`results/cells/` (the first SST-2 grid: 3 seeds, every method at lr 5e-4, batches "
+           "not length-grouped) stays in git and is no longer reported; `results/grid5/` "
+           "replaces it.")
 METHODS = ("lora", "fim", "fw", "da", "fim+da")
 PEERS = ("peft-lora", "peft-adalora", "peft-eva")
 # the order indexes the planted study's shuffle streams (planted.shuffle_generator): keep it
@@ -141,6 +142,7 @@ def read_root(root: Path) -> list[dict]:
                              f"{task} metric): remove {p.parent} and run the grid again")
         cells.append({"task": task, "method": name[1].replace("_", "+"), "seed": int(name[2]),
                       "root": p.parents[2].as_posix(), "lr": (res.get("args") or {}).get("lr"),
+                      "grouped": bool((res.get("args") or {}).get("group_by_length")),
                       "device": (res.get("device") or "cpu").split(":")[0],
                       "metrics": res["metrics"], "ranks": res.get("ranks") or {},
                       "params": res.get("trainable_parameters"),
@@ -393,12 +395,15 @@ def results_page(cells: list[dict], v: dict, svgs: dict[str, str], out: Path,
              f"({datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC) and the JSON beside this page; "
              "do not edit by hand._", "", v["line"], "", RULE, "", f"Recipe: `train.py "
              f"{' '.join(RECIPE)} {GROUPED}` (length-grouped batches), each method at its "
-             "chosen lr (below) when `results/lr/` holds one; the lr column says which."]
+             "chosen lr (below) when `results/lr/` holds one; each table says what its cells "
+             "ran."]
     lines += ["", RETIRED] if own else []
     for name, t in tables(cells).items():
         roots = "`, `".join(sorted({f"{c['root']}/{t['task']}/" for c in t["cells"]}))
-        svg = svgs.get(name)
-        lines += section(f"{name} (`{roots}`)", task_table(t, v["tables"][name]["methods"]), *(
+        svg, grouped = svgs.get(name), {c["grouped"] for c in t["cells"]}
+        lines += section(f"{name} (`{roots}`)", "Length-grouped batches: " + (
+            "in some cells" if len(grouped) > 1 else "yes" if True in grouped else "no") + ".",
+            task_table(t, v["tables"][name]["methods"]), *(
             [f"![FIM-LoRA's ranks on {name}, layer × module]({svg})"] if svg else []))
     if speed := [f"[{n}]({n})" for n in ("bench.md", "bench_cuda.md") if (out / n).exists()]:
         lines += section(f"Speed: make bench's own tables, {', '.join(speed)}")

@@ -263,6 +263,7 @@ def test_the_project_report_reads_grid5_and_the_gpu_cells_not_the_retired_grid(
     assert row_of(cuda, "fim-kfac-params")[1:5] == ["1 of 3", "75.00", "75.00, –, –",
                                                     "+5.00"]  # paired with the GPU lora only
     assert "| lora | 1 of 1 | 50.00 |" in md.split("## cola on cpu")[1]
+    assert "Length-grouped batches: no." in cuda  # what its cells' args say
 
 
 def test_a_report_elsewhere_reads_and_writes_exactly_its_root(cells, tmp_path, monkeypatch):
