@@ -306,11 +306,10 @@ def mean_ranks(cells: list[dict], task: str, method: str = "fim") -> tuple[dict,
 
 def rank_svg(ranks: dict[str, float], title: str) -> str:
     """train.layer_table drawn as an SVG heatmap: a <rect> per matrix, darker = higher rank."""
-    lines = train.layer_table(ranks, "{:.3g}").splitlines()
-    cols = lines[0].split()[1:] or ["matrix"]
-    rows = [(f"layer {x.split()[0]}", x.split()[1:]) for x in lines[1:] if ": " not in x]
-    rows += [(n.removesuffix(".dense"), [v]) for n, v in
-             (x.rsplit(": ", 1) for x in lines[1:] if ": " in x)]  # the pooler: a row of its own
+    head, *lines = (x.split() for x in train.layer_table(ranks, "{:.3g}").splitlines())
+    cols = head[1:] or ["matrix"]  # a matrix outside the layers ("name: v"): a row of its own
+    rows = [(x[0][:-1].removesuffix(".dense"), x[1:]) if x[0].endswith(":") else
+            (f"layer {x[0]}", x[1:]) for x in lines]
     W, H, X0, Y0 = 64, 24, 92, 44
     top = max(ranks.values(), default=1) or 1
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{X0 + W * len(cols) + 8}" '
