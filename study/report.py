@@ -67,7 +67,7 @@ def bounded(low: int, high: int | None = None):
     """An argparse type: an int in [low, high] (no bound above: None).
     bounded(0, 9)("12") -> error "12: use 0..9"; bounded(1)("0") -> error "0: use >= 1" """
     def parse(text: str) -> int:
-        if not low <= int(text) <= (int(text) if high is None else high):
+        if int(text) < low or (high is not None and int(text) > high):
             raise argparse.ArgumentTypeError(f"{text}: use " + (
                 f">= {low}" if high is None else f"{low}..{high}"))
         return int(text)

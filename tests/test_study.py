@@ -272,7 +272,7 @@ def test_a_report_elsewhere_reads_and_writes_exactly_its_root(cells, tmp_path, m
     for sibling in ("cells_backup", "cells_cuda"):
         write_cell(cells.parent / sibling, "sst2", "lora", 0, 0.99)
     project = tmp_path / "project"
-    (project / "results" / "cells").mkdir(parents=True)
+    (project / "results" / "grid5").mkdir(parents=True)
     (project / "README.md").write_text(BLOCKS)
     monkeypatch.chdir(project)
     before = {p: p.read_bytes() if p.is_file() else None for p in project.rglob("*")}
