@@ -11,7 +11,6 @@ import os
 import statistics
 import time
 from collections.abc import Callable
-from importlib.metadata import version
 from pathlib import Path
 
 import torch
@@ -23,6 +22,7 @@ from data import glue
 from lora import add_lora, lora_layers, merge_lora
 from models import WordPieceTokenizer, load_model, model_path
 from runfolder import write_json
+from study.peers import peer_versions
 from study.report import bounded, table
 from train import environment
 
@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> dict:
                         "1–16)", 1000 * t, 50.0, " ms", f"median of {a.setup_repeats}"))
     result = {"rows": rows, "notes": notes, "repeats": a.repeats, **environment()}
     if not a.no_peers:
-        result["versions"] |= {m: version(m) for m in ("transformers", "peft")}
+        result["versions"] |= peer_versions()
     a.out.parent.mkdir(parents=True, exist_ok=True)
     write_json(a.out, result)
     md = "\n".join(bench_table(result) + [""] + notes) + "\n"
