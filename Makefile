@@ -34,9 +34,9 @@ crosscheck: $(VENV)/.peers
 bench: $(VENV)/.peers
 	$(PY) bench.py --threads 2 --compile
 
-# the SST-2 grid (lora fim fw da fim+da x seeds 0 1 2, hours on CPU; finished cells are kept),
-# then results/README.md; narrow or widen it with RESULTS_ARGS, e.g. "--peers peft-lora" or
-# "--dry-run" (python -m study.report rewrites the report alone)
+# the SST-2 + CoLA grid (lora fim fw da fim+da x seeds 0-4 into results/grid5, hours on CPU;
+# finished cells are kept), then results/README.md; narrow or widen it with RESULTS_ARGS, e.g.
+# "--peers peft-lora" or "--dry-run" (python -m study.report rewrites the report alone)
 results: $(VENV)/.peers
 	$(PY) -m study.grid --threads 1 $(RESULTS_ARGS)
 

@@ -11,7 +11,6 @@ import os
 import statistics
 import time
 from collections.abc import Callable
-from importlib.metadata import version
 from pathlib import Path
 
 import torch
@@ -22,7 +21,10 @@ import fimlora
 from data import glue
 from lora import add_lora, lora_layers, merge_lora
 from models import WordPieceTokenizer, load_model, model_path
-from train import environment, write_json
+from runfolder import write_json
+from study.peers import peer_versions
+from study.report import bounded, table
+from train import environment
 
 TARGETS = ["query", "key", "value", "dense"]
 RATIOS = [  # (row, timed numerator, timed denominator, goal)
@@ -177,25 +179,16 @@ def data_rows(base: nn.Module, tok, a, train: list) -> list[dict]:
 
 def bench_table(bench: dict) -> list[str]:
     """bench.json's rows as a markdown table, then the noise the merged forward shows."""
-    lines = ["| row | figure | goal | status | measured |", "|---|---:|---:|---|---|"]
-    for r in bench["rows"]:
-        status = "–" if r["met"] is None else "met" if r["met"] else "missed"
-        goal = "–" if r["goal"] is None else f"≤ {r['goal']:g}{r['unit']}"
-        lines.append(f"| {r['row']} | {r['figure']:.3g}{r['unit']} | {goal} | {status} "
-                     f"| {r['detail']} |")
+    lines = table(["row", "figure", "goal", "status", "measured"], "lrrll", [[
+        r["row"], f"{r['figure']:.3g}{r['unit']}",
+        "–" if r["goal"] is None else f"≤ {r['goal']:g}{r['unit']}",
+        "–" if r["met"] is None else "met" if r["met"] else "missed", r["detail"]]
+        for r in bench["rows"]])
     same = [r["figure"] for r in bench["rows"] if r["row"].startswith("merged LoRA forward")]
     if same:  # the base forward's work: its distance from 1 is this run's noise
         lines += ["", f"Noise: merged / base forward (the same work) is {same[0]:.3f}×: read "
                   f"every ratio to ±{abs(same[0] - 1) * 100:.0f} %."]
     return lines
-
-
-def at_least(low: int) -> Callable[[str], int]:
-    def check(text: str) -> int:
-        if int(text) < low:
-            raise argparse.ArgumentTypeError(f"{text}: use >= {low}")
-        return int(text)
-    return check
 
 
 def writable(text: str) -> Path:
@@ -209,15 +202,15 @@ def writable(text: str) -> Path:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--batch-size", type=at_least(1), default=32, help="rows per timed batch")
-    p.add_argument("--r", type=at_least(1), default=8, help="LoRA rank of every adapted matrix")
-    p.add_argument("--repeats", type=at_least(1), default=5, help="timed rounds per step row")
-    p.add_argument("--setup-repeats", type=at_least(1), default=3, help="rounds of the slow rows")
-    p.add_argument("--untimed", type=at_least(0), default=1, help="rounds run before timing")
+    p.add_argument("--batch-size", type=bounded(1), default=32, help="rows per timed batch")
+    p.add_argument("--r", type=bounded(1), default=8, help="LoRA rank of every adapted matrix")
+    p.add_argument("--repeats", type=bounded(1), default=5, help="timed rounds per step row")
+    p.add_argument("--setup-repeats", type=bounded(1), default=3, help="rounds of the slow rows")
+    p.add_argument("--untimed", type=bounded(0), default=1, help="rounds run before timing")
     p.add_argument("--compile", action="store_true", help="add the torch.compile row (CPU)")
     p.add_argument("--no-peers", action="store_true", help="skip the transformers / PEFT rows")
     p.add_argument("--sst2", type=Path, default="../shared/data/glue/SST-2", help="SST-2 folder")
-    p.add_argument("--threads", type=at_least(0), default=0, help="CPU threads (0: torch's)")
+    p.add_argument("--threads", type=bounded(0), default=0, help="CPU threads (0: torch's)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: step rows only")
     p.add_argument("--out", type=writable, default="results/bench.json", help="and .md beside it")
     a = p.parse_args(argv)
@@ -244,7 +237,7 @@ def main(argv: list[str] | None = None) -> dict:
                         "1–16)", 1000 * t, 50.0, " ms", f"median of {a.setup_repeats}"))
     result = {"rows": rows, "notes": notes, "repeats": a.repeats, **environment()}
     if not a.no_peers:
-        result["versions"] |= {m: version(m) for m in ("transformers", "peft")}
+        result["versions"] |= peer_versions()
     a.out.parent.mkdir(parents=True, exist_ok=True)
     write_json(a.out, result)
     md = "\n".join(bench_table(result) + [""] + notes) + "\n"

@@ -1,6 +1,6 @@
 """make results: a method × task × seed grid, one training process per cell, then the report.
 
-    python -m study.grid                          # SST-2: lora fim fw da fim+da, seeds 0 1 2
+    python -m study.grid                # SST-2, CoLA: lora fim fw da fim+da, seeds 0-4, grid5/
     python -m study.grid --data-root ../shared/data/glue --tasks sst2 cola --peers peft-lora
     python -m study.grid --budget params --scores kfac random --dry-run
     python -m study.grid --root other/cells -- --steps 100     # train.py flags after '--'
@@ -23,7 +23,7 @@ from pathlib import Path
 import runfolder
 import train
 from data import glue
-from models.checkpoint import is_decoder
+from models import is_decoder
 from study import report
 from study.report import CELLS, LRS, METHODS, PEERS, RECIPE, SCORES, bounded, folder, lr_folder
 
@@ -35,7 +35,6 @@ RECIPE_KEYS = ("model", "r", "alpha", "rslora", "dropout", "targets", "steps", "
                "batch_size", "lr", "weight_decay", "warmup", "grad_clip", "max_len", "max_train",
                "max_eval", "grad_accum", "group_by_length", "eval_fraction")  # every cell shares
 SELECT = ["--eval-fraction", "0.1"]  # --select-lr evaluates on a slice of train.tsv, never dev
-SEED_MAX = 2**32 - 1  # numpy's seed range (train.set_seed)
 
 
 def method_flags(method: str) -> list[str]:
@@ -190,9 +189,10 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 epilog=__doc__.strip().split("\n\n")[-1])
     p.add_argument("--data-root", type=Path, default=GLUE, help="the GLUE download")
-    p.add_argument("--tasks", nargs="+", default=["sst2"], choices=glue.TASKS)
+    p.add_argument("--tasks", nargs="+", default=["sst2", "cola"], choices=glue.TASKS)
     p.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
-    p.add_argument("--seeds", nargs="+", type=bounded(0, SEED_MAX), default=[0, 1, 2])
+    p.add_argument("--seeds", nargs="+", type=bounded(0, 2**32 - 1),  # numpy's seed range
+                   default=[0, 1, 2, 3, 4])
     p.add_argument("--peers", nargs="*", default=[], choices=PEERS)
     p.add_argument("--budget", choices=("ranks", "params"), default="ranks",
                    help="params: also fim and fim+da at an equal parameter budget")
@@ -220,16 +220,16 @@ def main(argv: list[str] | None = None) -> dict:
     plans = plan(a, list(data_dirs), [*methods, *a.peers], extra, chosen)
     for root, name, _, cells, lr in plans:
         check_recipe(cells, root, cell_args, name, lr)
+    got = "; ".join(f"{t} {m} {lr:g}" for t, ms in chosen.items() for m, lr in ms.items())
     if not a.select_lr:
-        print("lr: " + "; ".join(f"{t} {m} {lr:g}" for t, ms in chosen.items()
-                                 for m, lr in ms.items()) + f" (chosen in {lr_root}); the rest "
-              f"{cell_args.lr:g}" if chosen else f"lr: {cell_args.lr:g} for every method")
-    todo = [root / c[0] / name(c[1], c[2]) for root, name, _, cells, _ in plans for c in cells
-            if not missing(c[1]) and not (root / c[0] / name(c[1], c[2]) / "results.json").exists()]
+        print(f"lr: {got} (chosen in {lr_root}); the rest {cell_args.lr:g}" if got else
+              f"lr: {cell_args.lr:g} for every method")
+    outs = [(m, root / t / name(m, s)) for root, name, _, cells, _ in plans for t, m, s in cells]
+    todo = [out for m, out in outs if not missing(m) and not (out / "results.json").exists()]
     print(f"{'lr selection' if a.select_lr else 'grid'}: {len(data_dirs)} task(s) "
           f"({', '.join(data_dirs)}) x {len(methods) + len(a.peers)} methods x "
           f"{f'{len(LRS)} lrs' if a.select_lr else f'{len(dict.fromkeys(a.seeds))} seeds'} = "
-          f"{sum(len(p[3]) for p in plans)} cells; to run {len(todo)}:", flush=True)
+          f"{len(outs)} cells; to run {len(todo)}:", flush=True)
     print("".join(f"  {out}\n" for out in todo) + "".join(
         f"  {peer}: {missing(peer)}, left blank\n" for peer in filter(missing, a.peers)), end="")
     if not a.dry_run and todo:

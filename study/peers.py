@@ -13,6 +13,7 @@ import re
 import statistics
 import sys
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
@@ -31,9 +32,7 @@ ADALORA_INIT = 1.5  # peft-adalora starts at init_r = 1.5 r per matrix and prune
 
 
 def peer_versions() -> dict[str, str]:
-    import peft
-    import transformers
-    return {"transformers": transformers.__version__, "peft": peft.__version__}
+    return {m: version(m) for m in ("transformers", "peft")}
 
 
 class HFCall(nn.Module):

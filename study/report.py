@@ -1,6 +1,6 @@
 """results/README.md (every table, the rank maps) and README.md's two generated blocks.
 
-    python -m study.report                     # results/cells + cells_cuda -> results/, README.md
+    python -m study.report                     # results/grid5 + cells_cuda -> results/, README.md
     python -m study.report --root other/cells  # -> other/cells/README.md and its rank maps only
 """
 
@@ -22,8 +22,11 @@ from data import glue
 from lora import atomic_write, read_regular
 
 RESULTS, README = Path("results"), Path("README.md")
-CELLS = RESULTS / "cells"
+CELLS = RESULTS / "grid5"  # issue 19's grid: SST-2 and CoLA, 5 seeds, each method at its lr
 OWN = (CELLS, RESULTS / "cells_cuda")  # the project's grids, read together: a table per device
+RETIRED = ("`results/cells/` (the first SST-2 grid: 3 seeds, every method at lr 5e-4, batches "
+           "not length-grouped) stays in git and is no longer reported; `results/grid5/` "
+           "replaces it.")
 METHODS = ("lora", "fim", "fw", "da", "fim+da")
 PEERS = ("peft-lora", "peft-adalora", "peft-eva")
 # the order indexes the planted study's shuffle streams (planted.shuffle_generator): keep it
@@ -40,7 +43,8 @@ T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
         2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
         2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
 RULE = ("Δ = method − lora paired by seed; better: its 95 % t interval and the one against the "
-        "random allocation (fim-random-params) above 0; worse: below 0; level: holds 0.")
+        "random allocation (fim-random-params) above 0; worse: below 0; level: holds 0; "
+        "undecided: under 2 paired seeds (no interval).")
 
 
 def score_method(score: str) -> str:
@@ -54,40 +58,18 @@ def folder(method: str, seed: int) -> str:
     return f"{method.replace('+', '_')}-s{seed}"
 
 
-def parse_folder(name: str) -> tuple[str, int] | None:
-    """(method, seed) of a cell folder name.  parse_folder("fim_da-s2") -> ("fim+da", 2)"""
-    m = re.fullmatch(r"(.+)-s([0-9]+)", name)  # ASCII digits: int() reads other scripts' too
-    return (m.group(1).replace("_", "+"), int(m.group(2))) if m else None
-
-
 def lr_folder(method: str, lr: float) -> str:
     """A lr-selection cell's folder.  lr_folder("fim+da", 5e-4) -> "fim_da-lr0.0005" """
     return f"{method.replace('+', '_')}-lr{lr:g}"
 
 
-def lr_results(root: Path) -> dict[str, dict[str, dict[float, float]]]:
-    """{task: {method: {lr: held-out metric}}} of root's finished lr-selection cells."""
-    out: dict = {}
-    for p in sorted(root.glob("*/*/results.json")):
-        m, task = re.fullmatch(r"(.+)-lr([0-9.e-]+)", p.parent.name), p.parent.parent.name
-        if m and task in glue.TASKS:
-            out.setdefault(task, {}).setdefault(m[1].replace("_", "+"), {})[float(m[2])] = \
-                read_result(p)["metrics"][metric_of(task)]
-    return out
-
-
-def chosen_lrs(results: dict) -> dict[str, dict[str, float]]:
-    """{task: {method: lr}}: the best held-out metric of a method run at every lr in LRS; a tie
-    goes to the smaller lr.  {"cola": {"lora": {2e-4: .3, 5e-4: .4, 1e-3: .4}}} -> 5e-4"""
-    return {t: {m: max(sorted(v), key=v.get) for m, v in ms.items() if set(LRS) <= set(v)}
-            for t, ms in results.items()}
-
-
-def bounded(low: int, high: int):
-    """An argparse type: an int in [low, high].  bounded(0, 9)("12") -> error "12: use 0..9" """
+def bounded(low: int, high: int | None = None):
+    """An argparse type: an int in [low, high] (no bound above: None).
+    bounded(0, 9)("12") -> error "12: use 0..9"; bounded(1)("0") -> error "0: use >= 1" """
     def parse(text: str) -> int:
-        if not low <= int(text) <= high:
-            raise argparse.ArgumentTypeError(f"{text}: use {low}..{high}")
+        if int(text) < low or (high is not None and int(text) > high):
+            raise argparse.ArgumentTypeError(f"{text}: use " + (
+                f">= {low}" if high is None else f"{low}..{high}"))
         return int(text)
     return parse
 
@@ -145,26 +127,45 @@ def read_result(path: Path) -> dict:
 
 def read_root(root: Path) -> list[dict]:
     """One record per <root>/<task>/<method>-s<seed>/results.json (run.json beside it checked
-    too), on the device its results.json names; results/cells is read with results/cells_cuda."""
+    too), on the device its results.json names; the project's CELLS are read with OWN's rest."""
     roots = [r for r in OWN if r.is_dir()] if root.resolve() == CELLS.resolve() else [root]
     cells = []
     for p in (p for r in roots for p in sorted(r.glob("*/*/results.json"))):
-        if not (name := parse_folder(p.parent.name)):
+        name, task = re.fullmatch(r"(.+)-s([0-9]+)", p.parent.name), p.parent.parent.name
+        if not name:  # ASCII digits above: int() reads other scripts' too
             continue
-        (method, seed), task = name, p.parent.parent.name
         res = read_result(p)
         if (p.parent / "run.json").exists():  # the grid's record of the run
             read_result(p.parent / "run.json")
         if metric_of(task) not in res["metrics"]:
             raise ValueError(f"{p} is damaged (its metrics have no {metric_of(task)!r}, the "
                              f"{task} metric): remove {p.parent} and run the grid again")
-        cells.append({"task": task, "method": method, "seed": seed,
-                      "root": p.parents[2].as_posix(),
+        cells.append({"task": task, "method": name[1].replace("_", "+"), "seed": int(name[2]),
+                      "root": p.parents[2].as_posix(), "lr": (res.get("args") or {}).get("lr"),
+                      "grouped": bool((res.get("args") or {}).get("group_by_length")),
                       "device": (res.get("device") or "cpu").split(":")[0],
                       "metrics": res["metrics"], "ranks": res.get("ranks") or {},
                       "params": res.get("trainable_parameters"),
                       "per_step": (res.get("seconds") or {}).get("per_step")})
     return cells
+
+
+def lr_results(root: Path) -> dict[str, dict[str, dict[float, float]]]:
+    """{task: {method: {lr: held-out metric}}} of root's finished lr-selection cells."""
+    out: dict = {}
+    for p in sorted(root.glob("*/*/results.json")):
+        m, task = re.fullmatch(r"(.+)-lr([0-9.e-]+)", p.parent.name), p.parent.parent.name
+        if m and task in glue.TASKS:
+            out.setdefault(task, {}).setdefault(m[1].replace("_", "+"), {})[float(m[2])] = \
+                read_result(p)["metrics"][metric_of(task)]
+    return out
+
+
+def chosen_lrs(results: dict) -> dict[str, dict[str, float]]:
+    """{task: {method: lr}}: the best held-out metric of a method run at every lr in LRS; a tie
+    goes to the smaller lr.  {"cola": {"lora": {2e-4: .3, 5e-4: .4, 1e-3: .4}}} -> 5e-4"""
+    return {t: {m: max(sorted(v), key=v.get) for m, v in ms.items() if set(LRS) <= set(v)}
+            for t, ms in results.items()}
 
 
 # -----------------------------------------------------------------------------
@@ -190,24 +191,24 @@ def delta_stats(value: dict, method: str, ref: str) -> dict | None:
                          if m == method and (ref, s) in value])
 
 
-def interval(st: dict | None) -> str:
-    """"[low, high]" of paired_stats, "n/a" under 2 seeds, "–" without a pair."""
-    return ("–" if st is None else "n/a" if st["low"] is None
-            else f"[{st['low']:+.2f}, {st['high']:+.2f}]")
-
-
-def paired_cells(st: dict | None) -> list[str]:
-    """A table's "Δ ± std", "[interval]" and "k of n" wins ("–" without a pair)."""
+def shown(st: dict | None) -> list[str]:
+    """"Δ ± std", "[low, high]" ("n/a" under 2 seeds) and "k of n" wins; "–" without a pair."""
     if st is None:
         return ["–"] * 3
     return [f"{st['mean']:+.2f}" + ("" if st["std"] is None else f" ± {st['std']:.2f}"),
-            interval(st), f"{st['wins']} of {st['n']}"]
+            "n/a" if st["low"] is None else f"[{st['low']:+.2f}, {st['high']:+.2f}]",
+            f"{st['wins']} of {st['n']}"]
 
 
-def task_values(cells: list[dict], task: str) -> dict[tuple[str, int], float]:
-    """{(method, seed): the task's metric in %} of one task's cells."""
-    return {(c["method"], c["seed"]): 100 * c["metrics"][metric_of(task)] for c in cells
-            if c["task"] == task and metric_of(task) in c["metrics"]}
+def tables(cells: list[dict]) -> dict[str, dict]:
+    """{"<task> on <device>": {"task", "cells", "value": {(method, seed): metric in %}}}."""
+    out: dict = {}
+    for c in cells:
+        t = out.setdefault(f"{c['task']} on {c['device']}", {"task": c["task"], "cells": [],
+                                                             "value": {}})
+        t["cells"].append(c)
+        t["value"][c["method"], c["seed"]] = 100 * c["metrics"][metric_of(c["task"])]
+    return out
 
 
 def table_verdict(value: dict, method: str) -> dict | None:
@@ -216,7 +217,7 @@ def table_verdict(value: dict, method: str) -> dict | None:
     if st is None:
         return None
     if st["low"] is None:
-        v, why = "undecided", f"{st['n']} seed, no interval"
+        v, why = "undecided", f"{st['n']} paired seed, no interval"
     elif st["high"] < 0:
         v, why = "worse", "interval below 0"
     elif st["low"] <= 0:
@@ -224,37 +225,31 @@ def table_verdict(value: dict, method: str) -> dict | None:
     elif rnd is None or rnd["low"] is None:
         v, why = "undecided", "gain, but no random control in 2 seeds to check it against"
     elif rnd["low"] > 0:
-        v, why = "better", f"beats the random control by {rnd['mean']:+.2f} {interval(rnd)}"
+        v, why = "better", f"beats the random control by {' '.join(shown(rnd)[:2])}"
     else:
-        v, why = "level", f"does not beat the random control ({rnd['mean']:+.2f} {interval(rnd)})"
+        v, why = "level", f"does not beat the random control ({' '.join(shown(rnd)[:2])})"
     return st | {"verdict": v, "why": why}
-
-
-def tables_of(cells: list[dict]) -> list[tuple[str, str]]:
-    return list(dict.fromkeys((c["task"], c["device"]) for c in cells))
 
 
 def verdicts(cells: list[dict]) -> dict:
     """Every method against uniform LoRA per table (task on device) and across tables (RULE),
     and the one-line verdict."""
     methods = list(dict.fromkeys([*METHODS, *PEERS, *(c["method"] for c in cells)]))
-    tables = {}
-    for task, device in tables_of(cells):
-        value = task_values([c for c in cells if c["device"] == device], task)
-        tables[f"{task} on {device}"] = {"seeds": sum(m == "lora" for m, _ in value), "methods": {
-            m: v for m in methods if m != "lora" and (v := table_verdict(value, m))}}
+    out = {name: {"seeds": sum(m == "lora" for m, _ in t["value"]), "methods": {
+        m: v for m in methods if m != "lora" and (v := table_verdict(t["value"], m))}}
+        for name, t in tables(cells).items()}
     kinds, overall = ("better", "worse", "mixed", "level", "undecided"), {}
     for m in methods:
-        if got := {t["methods"][m]["verdict"] for t in tables.values() if m in t["methods"]}:
+        if got := {t["methods"][m]["verdict"] for t in out.values() if m in t["methods"]}:
             overall[m] = "mixed" if {"better", "worse"} <= got else next(k for k in kinds
                                                                           if k in got)
     named = {k: [m for m, v in overall.items() if v == k] for k in kinds}
-    where = ", ".join(f"{t} ({r['seeds']} seeds)" for t, r in tables.items())
+    where = ", ".join(f"{t} ({r['seeds']} seeds)" for t, r in out.items())
     line = "Verdict (generated from the cells' paired 95 % intervals): " + (
         f"better than uniform LoRA: {', '.join(named['better'])}" if named["better"] else
         "no method is better than uniform LoRA") + f" on {where or 'no cells'}" + "".join(
         f"; {k}: {', '.join(ms)}" for k, ms in named.items() if k != "better" and ms) + "."
-    return {"tables": tables, "methods": overall, "line": line}
+    return {"tables": out, "methods": overall, "line": line}
 
 
 # -----------------------------------------------------------------------------
@@ -276,27 +271,29 @@ def section(title: str, *blocks: str | list[str]) -> list[str]:
                                                                    else b)])]
 
 
-def task_table(cells: list[dict], task: str, seeds: list[int], verdict: dict) -> list[str]:
-    """One task on one device: per method mean ± std, each seed, the paired Δ vs lora with its
-    interval and wins, the verdict, the paired Δ vs the random allocation, params, s/step."""
-    value, rows, rnd = task_values(cells, task), [], score_method("random")
+def task_table(t: dict, verdict: dict) -> list[str]:
+    """One task on one device: per method its seeds, mean ± std, each seed, the paired Δ vs
+    lora with its interval and wins, the verdict, the paired Δ vs the random allocation, and
+    its lr, trainable parameters and s/step."""
+    value, rows, rnd = t["value"], [], score_method("random")
+    seeds = sorted({s for _, s in value})
     for m in dict.fromkeys([*METHODS, *PEERS, *(m for m, _ in value)]):
         got = [value[m, s] for s in seeds if (m, s) in value]
-        mine, v = [c for c in cells if c["method"] == m], verdict.get(m)
+        mine, v = [c for c in t["cells"] if c["method"] == m], verdict.get(m)
         steps = [c["per_step"] for c in mine if c["per_step"]]
         mean = "–" if not got else f"{got[0]:.2f}" if len(got) == 1 else \
             f"{statistics.mean(got):.2f} ± {statistics.stdev(got):.2f}"
-        rows.append([m, mean + (f" ({len(got)} of {len(seeds)} seeds)" if len(got) < len(seeds)
-                                else ""),
+        rows.append([m, f"{len(got)} of {len(seeds)}", mean,
                      ", ".join(f"{value[m, s]:.2f}" if (m, s) in value else "–" for s in seeds),
-                     *paired_cells(v), f"{v['verdict']} ({v['why']})" if v else "–",
-                     paired_cells(delta_stats(value, m, rnd))[0] if m != rnd else "–",
-                     " / ".join(f"{p:,}" for p in sorted({c["params"] for c in mine} - {None}))
-                     or "–", f"{statistics.mean(steps):.2f}" if steps else "–"])
-    return table(["method", f"{metric_of(task)} (mean ± std)",
+                     *shown(v), f"{v['verdict']} ({v['why']})" if v else "–",
+                     shown(delta_stats(value, m, rnd))[0] if m != rnd else "–",
+                     *(" / ".join(f"{x:{f}}" for x in sorted({c[k] for c in mine} - {None}))
+                       or "–" for k, f in (("lr", "g"), ("params", ","))),
+                     f"{statistics.mean(steps):.2f}" if steps else "–"])
+    return table(["method", "seeds", f"{metric_of(t['task'])} (mean ± std)",
                   f"per seed ({', '.join(map(str, seeds))})", "paired Δ vs lora",
-                  "95 % interval", "wins", "verdict", "Δ vs random", "trainable params",
-                  "s/step"], "lrlrlrlrrr", rows)
+                  "95 % interval", "wins", "verdict", "Δ vs random", "lr", "trainable params",
+                  "s/step"], "lrrlrlrlrrrr", rows)
 
 
 def mean_ranks(cells: list[dict], task: str, method: str = "fim") -> tuple[dict, int]:
@@ -309,11 +306,10 @@ def mean_ranks(cells: list[dict], task: str, method: str = "fim") -> tuple[dict,
 
 def rank_svg(ranks: dict[str, float], title: str) -> str:
     """train.layer_table drawn as an SVG heatmap: a <rect> per matrix, darker = higher rank."""
-    lines = train.layer_table(ranks, "{:.3g}").splitlines()
-    cols = lines[0].split()[1:] or ["matrix"]
-    rows = [(f"layer {x.split()[0]}", x.split()[1:]) for x in lines[1:] if ": " not in x]
-    rows += [(n.removesuffix(".dense"), [v]) for n, v in
-             (x.rsplit(": ", 1) for x in lines[1:] if ": " in x)]  # the pooler: a row of its own
+    head, *lines = (x.split() for x in train.layer_table(ranks, "{:.3g}").splitlines())
+    cols = head[1:] or ["matrix"]  # a matrix outside the layers ("name: v"): a row of its own
+    rows = [(x[0][:-1].removesuffix(".dense"), x[1:]) if x[0].endswith(":") else
+            (f"layer {x[0]}", x[1:]) for x in lines]
     W, H, X0, Y0 = 64, 24, 92, 44
     top = max(ranks.values(), default=1) or 1
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{X0 + W * len(cols) + 8}" '
@@ -391,22 +387,23 @@ def lr_lines(root: Path) -> list[str]:
 
 
 def results_page(cells: list[dict], v: dict, svgs: dict[str, str], out: Path,
-                 lrs: Path | None = None) -> str:
+                 lrs: Path | None = None, own: bool = False) -> str:
     """results/README.md: the verdict, a table and rank map per task on each device, links to
     the speed tables, the planted studies, SmolLM2 and the chosen lrs (cells in lrs)."""
-    seeds = sorted({c["seed"] for c in cells})
     lines = ["# Results", "", f"_Generated by `python -m study.report` from {len(cells)} cells "
              f"({datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC) and the JSON beside this page; "
              "do not edit by hand._", "", v["line"], "", RULE, "", f"Recipe: `train.py "
              f"{' '.join(RECIPE)} {GROUPED}` (length-grouped batches), each method at its "
-             "chosen lr (below) when `results/lr/` holds one."]
-    for task, device in tables_of(cells):
-        mine = [c for c in cells if (c["task"], c["device"]) == (task, device)]
-        roots = "`, `".join(sorted({f"{c['root']}/{task}/" for c in mine}))
-        svg = svgs.get(f"{task} on {device}")
-        lines += section(f"{task} on {device} (`{roots}`)", task_table(
-            mine, task, seeds, v["tables"][f"{task} on {device}"]["methods"]), *(
-            [f"![FIM-LoRA's ranks on {task}, {device}, layer × module]({svg})"] if svg else []))
+             "chosen lr (below) when `results/lr/` holds one; each table says what its cells "
+             "ran."]
+    lines += ["", RETIRED] if own else []
+    for name, t in tables(cells).items():
+        roots = "`, `".join(sorted({f"{c['root']}/{t['task']}/" for c in t["cells"]}))
+        svg, grouped = svgs.get(name), {c["grouped"] for c in t["cells"]}
+        lines += section(f"{name} (`{roots}`)", "Length-grouped batches: " + (
+            "in some cells" if len(grouped) > 1 else "yes" if True in grouped else "no") + ".",
+            task_table(t, v["tables"][name]["methods"]), *(
+            [f"![FIM-LoRA's ranks on {name}, layer × module]({svg})"] if svg else []))
     if speed := [f"[{n}]({n})" for n in ("bench.md", "bench_cuda.md") if (out / n).exists()]:
         lines += section(f"Speed: make bench's own tables, {', '.join(speed)}")
     for name in ("planted_study.json", "planted_study_anywhere.json"):
@@ -452,13 +449,14 @@ def write_report(root: Path, out: Path | None = None, readme: Path | None = None
     out, readme = out or (RESULTS if own else root), readme or (README if own else None)
     cells = read_root(root)
     v, files, svgs = verdicts(cells), {}, {}
-    for task, device in tables_of(cells):
-        ranks, n = mean_ranks([c for c in cells if c["device"] == device], task)
+    for name, t in tables(cells).items():
+        ranks, n = mean_ranks(t["cells"], t["task"])
         if ranks:
-            svg = svgs[f"{task} on {device}"] = f"ranks_{task}{'_cuda' * (device == 'cuda')}.svg"
-            files[out / svg] = rank_svg(ranks, f"FIM-LoRA ranks, {task} ({device}), mean of {n} "
-                                               f"seed{'s' * (n != 1)}")
-    files[out / "README.md"] = results_page(cells, v, svgs, out, root.parent / "lr")
+            device = name.split(" on ")[1]
+            svgs[name] = f"ranks_{t['task']}{'_cuda' * (device == 'cuda')}.svg"
+            files[out / svgs[name]] = rank_svg(ranks, f"FIM-LoRA ranks, {t['task']} ({device}), "
+                                                      f"mean of {n} seed{'s' * (n != 1)}")
+    files[out / "README.md"] = results_page(cells, v, svgs, out, root.parent / "lr", own)
     if readme is not None:
         link = (out / "README.md").as_posix()
         text = replace_block(readme.read_text(), "results", [
@@ -479,9 +477,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--root", type=Path, default=CELLS,
                    help="the cells' folder; one outside results/ gets its report inside it")
     a = p.parse_args(argv)
-    if not a.root.is_dir():
+    if not a.root.is_dir() and a.root.resolve() != CELLS.resolve():  # CELLS may be empty yet
         raise ValueError(f"--root {a.root}: no such folder, no cells to report; pass the "
-                         "cells' folder (results/cells)")
+                         f"cells' folder ({CELLS})")
     return write_report(a.root)
 
 

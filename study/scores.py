@@ -183,13 +183,6 @@ def initialize_ranks(model: nn.Module, batches: Iterable, loss_fn: Callable, sco
     """fimlora.initialize_fim_ranks with any score: efim, variance, per-example, SCORES (kfac and
     lorada through allocate_by_gains, without power) or "shuffled" (efim's ranks, shuffled).
     {"ranks", "alphas", "scores"}."""
-    if score == "shuffled":  # FIM-LoRA's ranks placed at random: does the placement matter?
-        budget, caps, costs = fimlora._plan(model, budget, r_min, r_max, power, budget_unit)
-        scores = fimlora.fisher_scores(model, batches, loss_fn, "efim", n_batches)["scores"]
-        ranks = shuffled(fimlora.allocate_ranks(scores, budget, r_min, caps, costs, power),
-                         costs, caps, _own_stream(generator, 0x94D049BB133111EB))
-        return {"ranks": ranks, "alphas": fimlora.resize_ranks(model, ranks, generator),
-                "scores": scores}
     if score in ("efim", "variance", "per-example"):
         return fimlora.initialize_fim_ranks(
             model, batches, loss_fn, budget, r_min, r_max, score.replace("per-example", "efim"),
@@ -197,14 +190,19 @@ def initialize_ranks(model: nn.Module, batches: Iterable, loss_fn: Callable, sco
     if score in GAINS and power != 1:
         raise ValueError(f"power={power!r} with score={score!r}: per-rank gains take no power "
                          "(allocate_by_gains); drop power")
-    if score not in SCORES:
+    if score not in (*SCORES, "shuffled"):
         raise ValueError(f"score={score!r}: use efim, variance, per-example, "
                          f"{', '.join(SCORES)}, shuffled")
     budget, caps, costs = fimlora._plan(model, budget, r_min, r_max, power, budget_unit)
-    scores = allocation_scores(model, batches, loss_fn, score, n_batches, generator,
-                               population_size)
-    ranks = (allocate_by_gains(scores, budget, r_min, caps, costs) if score in GAINS
-             else fimlora.allocate_ranks(scores, budget, r_min, caps, costs, power))
+    if score == "shuffled":  # FIM-LoRA's ranks placed at random: does the placement matter?
+        scores = fimlora.fisher_scores(model, batches, loss_fn, "efim", n_batches)["scores"]
+        ranks = shuffled(fimlora.allocate_ranks(scores, budget, r_min, caps, costs, power),
+                         costs, caps, _own_stream(generator, 0x94D049BB133111EB))
+    else:
+        scores = allocation_scores(model, batches, loss_fn, score, n_batches, generator,
+                                   population_size)
+        ranks = (allocate_by_gains(scores, budget, r_min, caps, costs) if score in GAINS
+                 else fimlora.allocate_ranks(scores, budget, r_min, caps, costs, power))
     return {"ranks": ranks, "alphas": fimlora.resize_ranks(model, ranks, generator),
             "scores": scores}
 

@@ -39,22 +39,23 @@ def test_chosen_lr_is_the_best_held_out_metric_ties_to_the_smaller(tmp_path):
 
 
 def test_select_lr_dry_run_plans_seed_0_at_every_lr(setup, capsys):
-    grid.main(["--select-lr", "--dry-run", "--data-root", str(setup), "--methods", "lora", "fim",
-               "da", "--root", str(setup / "cells")])
+    grid.main(["--select-lr", "--dry-run", "--tasks", "sst2", "--data-root", str(setup),
+               "--methods", "lora", "fim", "da", "--root", str(setup / "cells")])
     out = capsys.readouterr().out
     assert "lr selection: 1 task(s) (sst2) x 3 methods x 3 lrs = 9 cells; to run 5:" in out
     assert f"{setup / 'lr' / 'sst2' / 'da-lr0.0002'}" in out and "lora-lr" not in out
     assert not (setup / "lr" / "chosen.json").exists()  # a dry run writes no choice
     with pytest.raises(ValueError, match="--lr is set by --select-lr for each cell .*: drop it"):
-        grid.main(["--select-lr", "--dry-run", "--data-root", str(setup), "--", "--lr", "1e-3"])
+        grid.main(["--select-lr", "--dry-run", "--tasks", "sst2", "--data-root", str(setup),
+                   "--", "--lr", "1e-3"])
 
 
 def test_the_grid_runs_each_method_at_its_chosen_lr(setup, monkeypatch):
     ran = {}
     monkeypatch.setattr(grid, "run_grid", lambda cells, *a, extra, **k: ran.update(
         {cells[0][1]: extra}) or {})
-    grid.main(["--data-root", str(setup), "--methods", "lora", "fim", "--seeds", "0",
-               "--root", str(setup / "cells")])
+    grid.main(["--data-root", str(setup), "--tasks", "sst2", "--methods", "lora", "fim",
+               "--seeds", "0", "--root", str(setup / "cells")])
     assert ran == {"lora": ["--lr", "0.001"], "fim": []}  # fim: not chosen, the default
     cell = setup / "cells" / "sst2" / "lora-s0"
     cell.mkdir(parents=True)
@@ -62,7 +63,7 @@ def test_the_grid_runs_each_method_at_its_chosen_lr(setup, monkeypatch):
                                        "--data-dir", str(setup), "--out", str(cell)]))
     (cell / "results.json").write_text(json.dumps({"args": args, "metrics": {"accuracy": .8}}))
     with pytest.raises(ValueError, match=r"--lr 0.0005 there, 0.001 here"):
-        grid.main(["--dry-run", "--data-root", str(setup), "--methods", "lora", "--seeds", "0",
-                   "--root", str(setup / "cells")])
-    grid.main(["--dry-run", "--data-root", str(setup), "--methods", "lora", "--seeds", "0",
-               "--root", str(setup / "cells"), "--", "--lr", "5e-4"])  # the user's lr wins
+        grid.main(["--dry-run", "--tasks", "sst2", "--data-root", str(setup), "--methods",
+                   "lora", "--seeds", "0", "--root", str(setup / "cells")])
+    grid.main(["--dry-run", "--tasks", "sst2", "--data-root", str(setup), "--methods", "lora",
+               "--seeds", "0", "--root", str(setup / "cells"), "--", "--lr", "5e-4"])  # user's

@@ -73,10 +73,13 @@ def page(root) -> str:
 # report
 
 
-def test_folder_names_round_trip():
-    for method in ("lora", "fim+da", "peft-lora", "fim+da-params", "fim-per-example-params"):
-        assert report.parse_folder(folder(method, 12)) == (method, 12)
-    assert report.parse_folder("notes") is None
+def test_folder_names_round_trip(tmp_path):
+    methods = ("lora", "fim+da", "peft-lora", "fim+da-params", "fim-per-example-params")
+    for method in methods:
+        write_cell(tmp_path, "sst2", method, 12, 0.5)
+    write_cell(tmp_path, "sst2", "notes", 1, 0.5).rename(tmp_path / "sst2" / "notes")
+    assert {(c["method"], c["seed"]) for c in report.read_root(tmp_path)} == {
+        (m, 12) for m in methods}
     assert report.score_method("efim") == "fim-params"
     assert report.score_method("kfac") == "fim-kfac-params"
 
@@ -84,16 +87,16 @@ def test_folder_names_round_trip():
 def test_table_mean_std_per_seed_paired_difference_interval_and_wins(cells):
     md = page(cells)
     lora = row_of(md, "lora")  # mean(80, 85, 82) = 82.33, sample std = 2.52
-    assert lora[1:7] == ["82.33 ± 2.52", "80.00, 85.00, 82.00", "–", "–", "–", "–"]
+    assert lora[1:8] == ["3 of 3", "82.33 ± 2.52", "80.00, 85.00, 82.00", *["–"] * 4]
     # paired Δ = (+1, −0.5, +2): mean 0.83, std 1.26; 95 % interval
     # 0.833 ± 4.302653 · 1.258 / √3 = [−2.29, +3.96]; wins 2 of 3 (seed 1 loses)
     fim = row_of(md, "fim")
-    assert fim[3:7] == ["+0.83 ± 1.26", "[-2.29, +3.96]", "2 of 3", "level (interval holds 0)"]
-    assert fim[7:] == ["–", "1,200", "0.50"]  # no random allocation cells here
+    assert fim[4:8] == ["+0.83 ± 1.26", "[-2.29, +3.96]", "2 of 3", "level (interval holds 0)"]
+    assert fim[8:] == ["–", "–", "1,200", "0.50"]  # no random allocation cells, no args.lr
     one = row_of(md, "fim+da")  # one seed: no interval, never a fake one
-    assert one[1:7] == ["86.00 (1 of 3 seeds)", "–, 86.00, –", "+1.00", "n/a", "1 of 1",
-                        "undecided (1 seed, no interval)"]
-    assert row_of(md, "fw")[1:6] == ["– (0 of 3 seeds)", "–, –, –", "–", "–", "–"]
+    assert one[1:8] == ["1 of 3", "86.00", "–, 86.00, –", "+1.00", "n/a", "1 of 1",
+                        "undecided (1 paired seed, no interval)"]
+    assert row_of(md, "fw")[1:7] == ["0 of 3", "–", "–, –, –", "–", "–", "–"]
 
 
 @pytest.mark.parametrize("df, t", [(1, 12.706), (2, 4.303), (3, 3.182), (9, 2.262), (30, 2.042)])
@@ -112,8 +115,8 @@ def test_paired_stats_on_hand_made_values():
     assert st["n"] == 3 and st["wins"] == 2 and st["mean"] == pytest.approx(5 / 6)
     assert (st["low"], st["high"]) == pytest.approx((5 / 6 - half, 5 / 6 + half), abs=1e-5)
     one = report.delta_stats(value, "one", "lora")
-    assert one["n"] == 1 and one["low"] is None and report.interval(one) == "n/a"
-    assert report.delta_stats(value, "x", "lora") is None and report.interval(None) == "–"
+    assert one["n"] == 1 and one["low"] is None and report.shown(one)[1] == "n/a"
+    assert report.delta_stats(value, "x", "lora") is None and report.shown(None)[1] == "–"
 
 
 def acc_cells(table: dict, device: str = "cpu") -> list[dict]:
@@ -153,9 +156,9 @@ def test_scores_are_paired_with_the_random_control_in_the_table(cells):
         write_cell(cells, "sst2", "fim-random-params", seed, rnd)
         write_cell(cells, "sst2", "fim-kfac-params", seed, kfac)
     md = page(cells)
-    assert row_of(md, "fim-random-params")[3:8:4] == ["+0.00 ± 1.00", "–"]  # (+1, −1, 0)
+    assert row_of(md, "fim-random-params")[4:9:4] == ["+0.00 ± 1.00", "–"]  # (+1, −1, 0)
     # kfac − lora = (+3, +1, +3), kfac − random = (+2, +2, +3)
-    assert row_of(md, "fim-kfac-params")[3:8:4] == ["+2.33 ± 1.15", "+2.33 ± 0.58"]
+    assert row_of(md, "fim-kfac-params")[4:9:4] == ["+2.33 ± 1.15", "+2.33 ± 0.58"]
 
 
 def test_rank_svg_draws_train_layer_table_one_rect_per_matrix(cells):
@@ -188,7 +191,7 @@ def test_report_writes_the_page_the_rank_map_and_only_the_readme_blocks(cells, t
     for kept in ("# x\n\nhand text\n", "## After\ntail\n"):
         assert kept in text
     assert ET.parse(out / "ranks_sst2.svg").getroot() is not None
-    assert "| fim | 83.17 ± 1.89 |" in (out / "README.md").read_text()  # (81, 84.5, 84)
+    assert "| fim | 3 of 3 | 83.17 ± 1.89 |" in (out / "README.md").read_text()  # 81, 84.5, 84
     readme.write_text("# no markers\n")
     with pytest.raises(ValueError, match="lacks the markers <!-- results:begin -->"):
         report.write_report(cells, out, readme)
@@ -223,24 +226,44 @@ def test_a_report_that_fails_half_way_writes_nothing(cells, tmp_path):
     assert readme.read_text() == BLOCKS
 
 
-def test_a_gpu_grid_beside_the_cpu_grid_gets_its_own_table(cells, tmp_path, monkeypatch):
-    """The project's results/cells and results/cells_cuda make one report, a table per device
-    (the device its results.json names)."""
+def test_the_project_report_reads_grid5_and_the_gpu_cells_not_the_retired_grid(
+        cells, tmp_path, monkeypatch):
+    """The project's results/grid5 and results/cells_cuda make one report, a table per task and
+    device (the device its results.json names) over that table's own seeds; results/cells (the
+    retired 3-seed grid) is named once and never read; a missing grid5 still reports."""
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "results").mkdir()
-    root = shutil.move(cells, report.CELLS)
+    (tmp_path / "README.md").write_text(BLOCKS)
+    write_cell(report.RESULTS / "cells", "sst2", "lora", 0, 0.10)  # retired: never in a mean
     gpu = report.RESULTS / "cells_cuda"
     for seed, acc in enumerate([0.70, 0.72, 0.74]):
         write_cell(gpu, "sst2", "lora", seed, acc, device="cuda:0")
     write_cell(gpu, "sst2", "fim-kfac-params", 0, 0.75, device="cuda")
+    only_gpu = report.main([])  # no results/grid5 yet: the GPU table alone
+    assert list(only_gpu["tables"]) == ["sst2 on cuda"] and "sst2 on cuda (3 seeds)" in \
+        (tmp_path / "README.md").read_text().replace("\n", " ")
+    root = shutil.move(cells, report.CELLS)
+    for seed in (3, 4):
+        write_cell(root, "sst2", "lora", seed, 0.83)
+    write_cell(root, "cola", "lora", 0, 0.5, metrics={"mcc": 0.5})
     got = report.read_root(root)
-    assert {c["device"] for c in got} == {"cpu", "cuda"}
-    cpu, cuda = page(root).split("## sst2 on cuda")
+    assert {c["device"] for c in got} == {"cpu", "cuda"} and 10.0 not in [
+        100 * c["metrics"].get("accuracy", 0) for c in got]
+    report.main([])
+    md = (report.RESULTS / "README.md").read_text()
+    assert "`results/cells/` (the first SST-2 grid" in " ".join(md.split())
+    assert [x for x in md.splitlines() if x.startswith("## ")] == [
+        "## cola on cpu (`results/grid5/cola/`)", "## sst2 on cpu (`results/grid5/sst2/`)",
+        "## sst2 on cuda (`results/cells_cuda/sst2/`)"]
+    cpu, cuda = md.split("## sst2 on cuda")
     cpu = cpu[cpu.index("## sst2 on cpu"):]  # the table, not the verdict line above it
-    assert "| lora | 82.33 ± 2.52 |" in cpu and "fim-kfac-params" not in cpu
-    assert "| lora | 72.00 ± 2.00 |" in cuda
-    assert row_of(cuda, "fim-kfac-params")[1:4] == ["75.00 (1 of 3 seeds)", "75.00, –, –",
+    assert row_of(cpu, "lora")[1:4] == ["5 of 5", "82.60 ± 1.82", "80.00, 85.00, 82.00, 83.00, "
+                                                                  "83.00"]
+    assert row_of(cpu, "fim")[1] == "3 of 5" and "fim-kfac-params" not in cpu
+    assert row_of(cuda, "lora")[1:3] == ["3 of 3", "72.00 ± 2.00"]
+    assert row_of(cuda, "fim-kfac-params")[1:5] == ["1 of 3", "75.00", "75.00, –, –",
                                                     "+5.00"]  # paired with the GPU lora only
+    assert "| lora | 1 of 1 | 50.00 |" in md.split("## cola on cpu")[1]
+    assert "Length-grouped batches: no." in cuda  # what its cells' args say
 
 
 def test_a_report_elsewhere_reads_and_writes_exactly_its_root(cells, tmp_path, monkeypatch):
@@ -249,14 +272,14 @@ def test_a_report_elsewhere_reads_and_writes_exactly_its_root(cells, tmp_path, m
     for sibling in ("cells_backup", "cells_cuda"):
         write_cell(cells.parent / sibling, "sst2", "lora", 0, 0.99)
     project = tmp_path / "project"
-    (project / "results" / "cells").mkdir(parents=True)
+    (project / "results" / "grid5").mkdir(parents=True)
     (project / "README.md").write_text(BLOCKS)
     monkeypatch.chdir(project)
     before = {p: p.read_bytes() if p.is_file() else None for p in project.rglob("*")}
     report.main(["--root", str(cells)])
     assert {p: p.read_bytes() if p.is_file() else None for p in project.rglob("*")} == before
     md = (cells / "README.md").read_text()
-    assert row_of(md, "lora")[1:3] == ["82.33 ± 2.52", "80.00, 85.00, 82.00"]
+    assert row_of(md, "lora")[2:4] == ["82.33 ± 2.52", "80.00, 85.00, 82.00"]
     assert f"`{cells.as_posix()}/sst2/`" in md.replace("\n", " ")
     assert (cells / "ranks_sst2.svg").is_file()
     with pytest.raises(ValueError, match="no such folder, no cells to report"):
@@ -469,8 +492,9 @@ def test_a_dry_run_plans_seeds_once_and_scores_at_the_parameter_budget(tmp_path,
     (tmp_path / "SST-2").mkdir()
     (tmp_path / "SST-2" / "train.tsv").write_text("sentence\tlabel\na\t1\n")
     monkeypatch.chdir(tmp_path)
-    grid.main(["--dry-run", "--data-root", str(tmp_path), "--methods", "lora", "--seeds", "1",
-               "1", "0", "--scores", "efim", "kfac", "--root", str(tmp_path / "cells")])
+    grid.main(["--dry-run", "--tasks", "sst2", "--data-root", str(tmp_path), "--methods", "lora",
+               "--seeds", "1", "1", "0", "--scores", "efim", "kfac", "--root",
+               str(tmp_path / "cells")])
     assert "1 task(s) (sst2) x 3 methods x 2 seeds = 6 cells" in capsys.readouterr().out
     assert (tmp_path / "cells" / "README.md").is_file() and not (tmp_path / "results").exists()
 
