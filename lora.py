@@ -217,20 +217,17 @@ def load_lora_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], *,
     if missing or unexpected:
         raise ValueError(f"{where}: missing {missing[:8]}, unexpected {unexpected[:8]}: check "
                          "targets, heads and model")
-    bad = []
-    for k, v in sd.items():
+    for k, v in sd.items():  # the first bad tensor is reported
         p, (n, _, x), shape = params[k], k.rpartition("."), tuple(params[k].shape)
         if ranks is not None and n in layers and x in ("lora_A", "lora_B"):
             shape = (ranks[n], shape[1]) if x == "lora_A" else (shape[0], ranks[n])
         if tuple(v.shape) != shape:
-            bad.append(f"{k} has shape {tuple(v.shape)}, the model needs {shape} (were ranks "
-                       "resized? does a rank_pattern key match the module?)")
-        elif not (v.is_floating_point() and torch.can_cast(v.dtype, p.dtype)):
-            bad.append(f"{k} has dtype {v.dtype}, the model needs a float dtype for {p.dtype}")
-        elif not torch.isfinite(v.to(p.dtype)).all():
-            bad.append(f"{k} has non-finite values (NaN or inf in {p.dtype})")
-    if bad:
-        raise ValueError(f"{where}: " + "; ".join(bad[:8]))
+            raise ValueError(f"{where}: {k} has shape {tuple(v.shape)}, the model needs {shape} "
+                             "(were ranks resized? does a rank_pattern key match the module?)")
+        if not (v.is_floating_point() and torch.can_cast(v.dtype, p.dtype)):
+            raise ValueError(f"{where}: {k} has dtype {v.dtype}, needs a float dtype for {p.dtype}")
+        if not torch.isfinite(v.to(p.dtype)).all():
+            raise ValueError(f"{where}: {k} has non-finite values (NaN or inf in {p.dtype})")
     with torch.no_grad():  # every check has passed: now change the model
         for n, layer in layers.items() if ranks is not None else ():
             if layer.r != ranks[n]:
