@@ -28,11 +28,6 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def lora_scaling(r: int, alpha: float, rslora: bool = False) -> float:
-    """s = α/r, or α/√r with rsLoRA; 0 for r = 0.  lora_scaling(8, 16) == 2.0"""
-    return 0.0 if r == 0 else alpha / math.sqrt(r) if rslora else alpha / r
-
-
 class LoRALinear(nn.Module):
     """h = W0 x + b + s·B A dropout(x)  (LoRA, eq. 3), W0 and b the nn.Linear's, frozen, under
     their names. A ~ Kaiming-uniform(a=√5), B = 0, so the layer starts as the base layer
@@ -66,7 +61,9 @@ class LoRALinear(nn.Module):
 
     @property
     def scaling(self) -> float:
-        return lora_scaling(self.r, self.alpha, self.rslora)
+        """s = α/r, or α/√r with rsLoRA; 0 for r = 0."""
+        root_r = math.sqrt(self.r) if self.rslora else self.r
+        return 0.0 if self.r == 0 else self.alpha / root_r
 
     def delta_weight(self) -> torch.Tensor:
         return self.scaling * (self.lora_B @ self.lora_A)
@@ -114,8 +111,7 @@ def _pattern(p, field: str, is_rank: bool, where: str = "") -> dict:
 
 
 def _names(v, field: str, where: str = "", model: nn.Module | None = None) -> list[str]:
-    """A str or a list, tuple or set of str as a list; with `model`, each one of its modules.
-    _names("query", "targets") == ["query"]"""
+    """A str or a list, tuple or set of str as a list; with `model`, each one of its modules."""
     v = [v] if isinstance(v, str) else list(v) if isinstance(v, list | tuple | set) else v
     if not (isinstance(v, list) and all(isinstance(s, str) for s in v)):
         raise ValueError(f"{where}{field}={v!r:.60} is invalid: use a list of module names")
@@ -179,8 +175,7 @@ def resize_lora(layer: LoRALinear, new_r: int, alpha: float | None = None,
     alpha = layer.alpha if alpha is None else alpha
     _check(new_r, alpha, where="resize_lora: ")
     if layer.merged:
-        raise ValueError("resize_lora on a merged layer would lose ΔW: merge_lora(model, False) "
-                         "first")
+        raise ValueError("resize_lora on a merged layer loses ΔW: merge_lora(model, False) first")
     layer._make_adapter(int(new_r), generator)
     layer.alpha = float(alpha)
 
