@@ -41,8 +41,8 @@ class LoRALinear(nn.Module):
         self.weight, self.bias = base.weight, base.bias  # W0: (d_out, d_in)
         self.alpha, self.rslora, self.merged = float(alpha), rslora, False
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.lora_A, self.lora_B = nn.Parameter(base.weight.new_empty(0)), nn.Parameter(
-            base.weight.new_empty(0))  # filled by _make_adapter
+        self.lora_A = nn.Parameter(base.weight.new_empty(0))  # filled by _make_adapter
+        self.lora_B = nn.Parameter(base.weight.new_empty(0))
         self._make_adapter(int(r), generator)
 
     def _make_adapter(self, r: int, generator: torch.Generator | None, init: bool = True) -> None:
