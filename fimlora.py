@@ -10,8 +10,6 @@ A (r, d_in), B (d_out, r). References: FIM-LoRA arXiv:2605.16800; LoRA-DA arXiv:
 FW-LoRA "Fisher-Weighted LoRA: one-line importance-aware regularisation" (no public paper).
 """
 
-from __future__ import annotations
-
 import contextlib
 import itertools
 import math
@@ -36,8 +34,7 @@ def _adapted(model: nn.Module) -> dict[str, LoRALinear]:
     layers = {n: m for n, m in lora_layers(model).items() if m.r > 0}
     if not layers:
         raise ValueError("the model has no LoRA layer with r > 0: call add_lora(model, ...) first")
-    merged = [n for n, m in layers.items() if m.merged]
-    if merged:
+    if merged := [n for n, m in layers.items() if m.merged]:
         raise ValueError(f"layers {merged[:5]} are merged, so their adapters are not in the "
                          "graph: call merge_lora(model, False) first")
     return layers
@@ -120,8 +117,7 @@ def _all_reduce(tensors: list[torch.Tensor], *counts: int) -> list[int]:
     for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
         t.copy_(part.view_as(t))  # a tensor listed twice gets the same sum twice
     total = torch.tensor(counts, dtype=torch.int64, device=flat.device)  # nccl: on the GPU
-    if counts:
-        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
     return total.tolist()
 
 # -----------------------------------------------------------------------------
@@ -287,9 +283,8 @@ def resize_ranks(model: nn.Module, ranks: dict[str, int],
     base scale kept, α_m = α·r_m/r (α·√(r_m/r) with rsLoRA) from each layer's current r and α.
     Returns the α_m by name. Example: resize_ranks(model, {"0.query": 4})["0.query"] -> 8.0"""
     layers = _adapted(model)
-    if layers.keys() != ranks.keys():
-        raise ValueError(f"ranks and the adapted layers differ: "
-                         f"{sorted(layers.keys() ^ ranks.keys())[:5]}")
+    if differ := sorted(layers.keys() ^ ranks.keys()):
+        raise ValueError(f"ranks and the adapted layers differ: {differ[:5]}")
     alphas = {n: _alpha(m.alpha, ranks[n], m.r, m.rslora) for n, m in layers.items()}
     for name, layer in layers.items():
         resize_lora(layer, ranks[name], alpha=alphas[name], generator=generator)
@@ -301,8 +296,7 @@ def _plan(model: nn.Module, budget: int | None, r_min: int, r_max: int | None, p
     """(budget, caps, costs) over the adapted layers, checked before any calibration; a matrix
     is capped at min(r_max, d_in, d_out): a rank beyond adds parameters, not expressiveness."""
     layers = _adapted(model)
-    trained = [n for n, m in layers.items() if bool(m.lora_B.detach().any())]
-    if trained:
+    if trained := [n for n, m in layers.items() if bool(m.lora_B.detach().any())]:
         raise ValueError(f"layers {trained[:5]} have B ≠ 0 and resizing would discard their ΔW: "
                          "run initialize_fim_ranks on freshly added adapters, before training")
     if budget_unit not in ("ranks", "params"):
@@ -352,8 +346,8 @@ def fim_rank_pattern(model: nn.Module, batches: Iterable, loss_fn: LossFn, r: in
     """initialize_fim_ranks' allocation as peft.LoraConfig fields (r = the most common r_m;
     patterns keyed "^" + re.escape(name) for the others), the model left as it is.
     Example: peft.LoraConfig(target_modules=targets, **fim_rank_pattern(model, b, f, 8, 16))"""
-    off = [n for n, m in _adapted(model).items() if (m.r, m.alpha, m.rslora) != (r, alpha, rslora)]
-    if off:
+    if off := [n for n, m in _adapted(model).items()
+               if (m.r, m.alpha, m.rslora) != (r, alpha, rslora)]:
         raise ValueError(f"layers {off[:5]} are not rank-{r}, α={alpha}, rslora={rslora} "
                          "adapters: add_lora(model, targets, r, alpha) with the same values")
     if r_min < 1:
@@ -441,8 +435,7 @@ def fw_penalty(model: nn.Module, importance: dict[str, torch.Tensor | float],
     via ‖s·B A‖²_F = s²·tr((BᵀB)(AAᵀ)) (two r×r Grams), one batched product per shape.
     Example: fw_penalty(model, importances(ema), fw_lambda=1e-4) -> tensor(0.)"""
     layers = _adapted(model)
-    missing = [n for n in layers if n not in importance]
-    if missing:
+    if missing := [n for n in layers if n not in importance]:
         raise ValueError(f"no importance for layers {missing[:5]}: pass importances(ema) with "
                          "ema from fw_track over the same model")
     groups: dict[tuple, list[str]] = {}
@@ -596,9 +589,8 @@ def lorada_statistics(model: nn.Module, batches: Iterable[dict], loss_fn: LossFn
         model.eval()
         for _ in _calibrate(model, layers, chunks(), loss_fn):
             accumulate_z()
-    for n in layers:  # a module never called (on this rank) has Z sum 0
-        if n not in owner:
-            owner[n], Zsum[n] = n, st[n]["G"].new_zeros(st[n]["G"].shape[1], st[n]["G"].shape[1])
+    for n in [n for n in layers if n not in owner]:  # never called (on this rank): Z sum 0
+        owner[n], Zsum[n] = n, st[n]["G"].new_zeros(st[n]["G"].shape[1], st[n]["G"].shape[1])
     # each layer lists its own Z sum (a shared one repeatedly): the same list on every rank
     *tokens, n_used = _all_reduce([st[n][k] for k in ("G", "y_diag") for n in layers]
                                   + [Zsum[owner[n]] for n in layers],
@@ -619,9 +611,8 @@ def lorada_init(model: nn.Module, batches: Iterable[dict], loss_fn: LossFn,
     matrix with G = 0 or no valid token keeps its init; nothing is written unless all solve.
     Example: lorada_init(model, batches, loss_fn, population_size=67349)["initialized"]"""
     layers = lora_layers(model)
-    too_big = [f"{n} (r={m.r} > d_in={m.in_features})" for n, m in layers.items()
-               if m.r > m.in_features]
-    if too_big:
+    if too_big := [f"{n} (r={m.r} > d_in={m.in_features})" for n, m in layers.items()
+                   if m.r > m.in_features]:
         raise ValueError(f"LoRA-DA needs r <= d_in: {', '.join(too_big[:4])}; lower the rank")
     if da_gamma <= 0 or damping <= 0 or (population_size is not None and population_size < 1):
         raise ValueError(f"da_gamma={da_gamma}, damping={damping} and population_size="

@@ -28,11 +28,6 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def lora_scaling(r: int, alpha: float, rslora: bool = False) -> float:
-    """s = α/r, or α/√r with rsLoRA; 0 for r = 0.  lora_scaling(8, 16) == 2.0"""
-    return 0.0 if r == 0 else alpha / math.sqrt(r) if rslora else alpha / r
-
-
 class LoRALinear(nn.Module):
     """h = W0 x + b + s·B A dropout(x)  (LoRA, eq. 3), W0 and b the nn.Linear's, frozen, under
     their names. A ~ Kaiming-uniform(a=√5), B = 0, so the layer starts as the base layer
@@ -46,8 +41,8 @@ class LoRALinear(nn.Module):
         self.weight, self.bias = base.weight, base.bias  # W0: (d_out, d_in)
         self.alpha, self.rslora, self.merged = float(alpha), rslora, False
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.lora_A, self.lora_B = nn.Parameter(base.weight.new_empty(0)), nn.Parameter(
-            base.weight.new_empty(0))  # filled by _make_adapter
+        self.lora_A = nn.Parameter(base.weight.new_empty(0))  # filled by _make_adapter
+        self.lora_B = nn.Parameter(base.weight.new_empty(0))
         self._make_adapter(int(r), generator)
 
     def _make_adapter(self, r: int, generator: torch.Generator | None, init: bool = True) -> None:
@@ -66,7 +61,9 @@ class LoRALinear(nn.Module):
 
     @property
     def scaling(self) -> float:
-        return lora_scaling(self.r, self.alpha, self.rslora)
+        """s = α/r, or α/√r with rsLoRA; 0 for r = 0."""
+        root_r = math.sqrt(self.r) if self.rslora else self.r
+        return 0.0 if self.r == 0 else self.alpha / root_r
 
     def delta_weight(self) -> torch.Tensor:
         return self.scaling * (self.lora_B @ self.lora_A)
@@ -114,8 +111,7 @@ def _pattern(p, field: str, is_rank: bool, where: str = "") -> dict:
 
 
 def _names(v, field: str, where: str = "", model: nn.Module | None = None) -> list[str]:
-    """A str or a list, tuple or set of str as a list; with `model`, each one of its modules.
-    _names("query", "targets") == ["query"]"""
+    """A str or a list, tuple or set of str as a list; with `model`, each one of its modules."""
     v = [v] if isinstance(v, str) else list(v) if isinstance(v, list | tuple | set) else v
     if not (isinstance(v, list) and all(isinstance(s, str) for s in v)):
         raise ValueError(f"{where}{field}={v!r:.60} is invalid: use a list of module names")
@@ -179,8 +175,7 @@ def resize_lora(layer: LoRALinear, new_r: int, alpha: float | None = None,
     alpha = layer.alpha if alpha is None else alpha
     _check(new_r, alpha, where="resize_lora: ")
     if layer.merged:
-        raise ValueError("resize_lora on a merged layer would lose ΔW: merge_lora(model, False) "
-                         "first")
+        raise ValueError("resize_lora on a merged layer loses ΔW: merge_lora(model, False) first")
     layer._make_adapter(int(new_r), generator)
     layer.alpha = float(alpha)
 
@@ -217,20 +212,17 @@ def load_lora_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], *,
     if missing or unexpected:
         raise ValueError(f"{where}: missing {missing[:8]}, unexpected {unexpected[:8]}: check "
                          "targets, heads and model")
-    bad = []
-    for k, v in sd.items():
+    for k, v in sd.items():  # the first bad tensor is reported
         p, (n, _, x), shape = params[k], k.rpartition("."), tuple(params[k].shape)
         if ranks is not None and n in layers and x in ("lora_A", "lora_B"):
             shape = (ranks[n], shape[1]) if x == "lora_A" else (shape[0], ranks[n])
         if tuple(v.shape) != shape:
-            bad.append(f"{k} has shape {tuple(v.shape)}, the model needs {shape} (were ranks "
-                       "resized? does a rank_pattern key match the module?)")
-        elif not (v.is_floating_point() and torch.can_cast(v.dtype, p.dtype)):
-            bad.append(f"{k} has dtype {v.dtype}, the model needs a float dtype for {p.dtype}")
-        elif not torch.isfinite(v.to(p.dtype)).all():
-            bad.append(f"{k} has non-finite values (NaN or inf in {p.dtype})")
-    if bad:
-        raise ValueError(f"{where}: " + "; ".join(bad[:8]))
+            raise ValueError(f"{where}: {k} has shape {tuple(v.shape)}, the model needs {shape} "
+                             "(were ranks resized? does a rank_pattern key match the module?)")
+        if not (v.is_floating_point() and torch.can_cast(v.dtype, p.dtype)):
+            raise ValueError(f"{where}: {k} has dtype {v.dtype}, needs a float dtype for {p.dtype}")
+        if not torch.isfinite(v.to(p.dtype)).all():
+            raise ValueError(f"{where}: {k} has non-finite values (NaN or inf in {p.dtype})")
     with torch.no_grad():  # every check has passed: now change the model
         for n, layer in layers.items() if ranks is not None else ():
             if layer.r != ranks[n]:

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from fimlora import (allocate_ranks, fim_rank_pattern, fisher_scores, fw_penalty, fw_track,
                      fw_update, importances, initialize_fim_ranks, lorada_init, resize_ranks)
-from lora import add_lora, lora_layers, lora_scaling, resize_lora
+from lora import add_lora, lora_layers, resize_lora
 
 TARGETS = ["query", "value", "classifier"]
 
@@ -199,7 +199,7 @@ def test_calibration_leaves_model_grads_and_modes_as_found(per_example, fails):
 def test_initialize_fim_ranks_keeps_function_budget_and_base_scale(rslora):
     r, alpha = 4, 8.0
     model, batches = make_model(r=r, alpha=alpha, rslora=rslora), make_batches(3)
-    base_scale = lora_scaling(r, alpha, rslora)
+    base_scale = alpha / (math.sqrt(r) if rslora else r)
     ids, mask, _ = batches[0]
     with torch.no_grad():
         y0 = model(ids, mask)
@@ -252,7 +252,7 @@ def test_resize_ranks_keeps_each_layers_base_scale_and_pattern_uses_the_same_alp
         alphas = resize_ranks(model, ranks, torch.Generator().manual_seed(0))
         for name, layer in lora_layers(model).items():
             assert layer.r == ranks[name] and alphas[name] == layer.alpha
-            assert layer.scaling == pytest.approx(lora_scaling(4, 8.0, rslora))
+            assert layer.scaling == pytest.approx(8.0 / (2.0 if rslora else 4))
             assert not layer.lora_B.any()
         model, batches = make_model(r=4, alpha=8.0, rslora=rslora), make_batches(3)
         fields = fim_rank_pattern(model, batches, loss_fn, 4, 8.0, rslora=rslora)

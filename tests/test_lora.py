@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lora import (LoRALinear, add_lora, load_adapter, load_lora_state_dict, lora_layers,
-                  lora_scaling, lora_state_dict, merge_lora, read_safetensors, resize_lora,
+                  lora_state_dict, merge_lora, read_safetensors, resize_lora,
                   save_adapter, write_safetensors)
 
 dims = st.integers(1, 12)
@@ -302,9 +302,9 @@ def test_safetensors_reader_rejects_huge_header_length(tmp_path):
 
 
 def test_scaling_rule():
-    assert lora_scaling(8, 16) == 2.0
-    assert lora_scaling(16, 16, rslora=True) == 4.0
-    assert lora_scaling(0, 16) == 0.0
+    assert LoRALinear(nn.Linear(4, 3), 8, 16).scaling == 2.0
+    assert LoRALinear(nn.Linear(4, 3), 16, 16, rslora=True).scaling == 4.0
+    assert LoRALinear(nn.Linear(4, 3), 0, 16).scaling == 0.0
 
 
 def test_merge_lora_whole_model():
@@ -366,6 +366,17 @@ def test_resize_lora_bad_arguments_raise_and_keep_the_adapter(args, match):
     with pytest.raises(ValueError, match=match):
         resize_lora(layer, *args)
     assert layer.lora_A is A and layer.r == 2 and layer.alpha == 4
+
+
+def test_resize_lora_on_a_merged_layer_raises_and_keeps_the_merged_weight():
+    layer = LoRALinear(nn.Linear(4, 3), 2, 4)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    layer.merge()
+    W = layer.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"merged layer loses ΔW: merge_lora\(model, False\)"):
+        resize_lora(layer, 3)
+    assert layer.r == 2 and torch.equal(layer.weight, W)
 
 
 @pytest.mark.parametrize("base, kw, match", [
