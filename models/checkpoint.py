@@ -97,14 +97,30 @@ def read_json(path: Path, limit: int = JSON_LIMIT) -> dict:
 
 
 def read_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """model.safetensors of an HF folder; pickled (.bin) and sharded weights are refused."""
-    refused = {"pytorch_model.bin": "pickled weights are not loaded: convert to safetensors",
-               "model.safetensors.index.json": "sharded weights are not loaded: save them as "
-               "one file (save_pretrained(..., max_shard_size=\"100GB\"))"}
-    for name, why in refused.items():
-        if exists(folder / name) and not exists(folder / "model.safetensors"):
-            raise ValueError(f"{folder / name}: {why} (model.safetensors)")
-    return read_safetensors(folder / "model.safetensors")[0]
+    """model.safetensors of an HF folder, else the shards model.safetensors.index.json maps
+    tensors to (each a file of the folder, all present before any is read); .bin is refused."""
+    index = folder / "model.safetensors.index.json"
+    if exists(folder / "model.safetensors") or not exists(index):
+        if exists(folder / "pytorch_model.bin") and not exists(folder / "model.safetensors"):
+            raise ValueError(f"{folder / 'pytorch_model.bin'}: pickled weights are not loaded: "
+                             "convert to safetensors (model.safetensors)")
+        return read_safetensors(folder / "model.safetensors")[0]
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise ValueError(f"{index}: weight_map must be a {{tensor: file}} object")
+    shards = sorted(set(weight_map.values()))
+    for name in shards:
+        if Path(name).name != name or name in ("", ".."):
+            raise ValueError(f"{index}: shard {name!r} is not a file name in {folder}")
+        if not exists(folder / name):
+            raise FileNotFoundError(f"{folder / name} not found: {index.name} lists it as a shard")
+    sd = {}
+    for name in shards:
+        part = read_safetensors(folder / name)[0]
+        if set(part) != {k for k, f in weight_map.items() if f == name}:
+            raise ValueError(f"{folder / name} does not hold the tensors {index.name} maps to it")
+        sd.update(part)
+    return sd
 
 
 def check_blocks(n: int, names, prefix: str, where: str) -> None:
