@@ -24,7 +24,7 @@ from data.causal import (causal_batches, causal_loss, collate, encode_prompt, fo
                          label_scores, label_token_ids, predict, prompt_for)
 from data.glue import Example, compute_metrics
 from models import DECODERS, load_model
-from models.bpe import BPETokenizer, _char_class, bytes_to_unicode, pre_tokenizer_regex, tiny_bpe
+from models.bpe import GPT2_SPLIT, BPETokenizer, _char_class, bytes_to_unicode, split_regex, tiny_bpe
 from models.llama import (TINY_LLAMA, LlamaConfig, LlamaForCausalLM, causal_mask,
                           llama_from_gguf, rope_cos_sin, smollm2_path, unpermute_qk)
 
@@ -57,7 +57,7 @@ def test_letter_and_number_classes_follow_unicodedata(c):
 @given(st.text())
 def test_pre_tokenisation_is_lossless(text):
     """Every character lands in exactly one piece, whatever its category."""
-    assert "".join(pre_tokenizer_regex().findall(text)) == text
+    assert "".join(split_regex(GPT2_SPLIT).findall(text)) == text
     assert "".join(TOK.pre_tokenize(text)) == text
 
 
@@ -134,6 +134,11 @@ def test_decode_inverts_encode(text):
 def test_bad_merges_raise(merges, match):
     with pytest.raises(ValueError, match=match):
         BPETokenizer(list(bytes_to_unicode().values()), merges)
+
+
+def test_tokens_that_are_not_strings_raise():
+    with pytest.raises(ValueError, match="the tokens must be strings"):
+        BPETokenizer([*bytes_to_unicode().values(), 7], [])
 
 
 def test_unknown_pre_tokeniser_and_model_raise():
