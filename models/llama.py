@@ -22,8 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.bpe import BPETokenizer
-from models.checkpoint import (HF_FAMILIES, REQUIRED, check_blocks, check_weights, field,
-                               make_config, only, read_json, read_weights, shapes, smollm2_path)
+from models.checkpoint import (HF_FAMILIES, REQUIRED, field, make_config, meta_model, only,
+                               read_json, read_weights, shapes, smollm2_path)
 from models.encoder import init_weights
 from models.gguf import read_gguf, read_gguf_header
 
@@ -204,18 +204,14 @@ class LlamaForCausalLM(nn.Module):
 
 def _meta_model(config: LlamaConfig, found: dict[str, tuple], tokenizer: BPETokenizer,
                 where: str, count: str) -> LlamaForCausalLM:
-    """A meta-device model of `config`, after the tokenizer's size, the block count (`count`
-    names its field) and every shape in `found` were checked."""
+    """meta_model of `config`, after the tokenizer's size was checked against it."""
     if len(tokenizer) > config.vocab_size:
         raise ValueError(f"{where}: the tokenizer has {len(tokenizer)} tokens but vocab_size="
                          f"{config.vocab_size}: tokenizer and weights do not belong together")
-    check_blocks(config.num_hidden_layers, found, "model.layers.", count)
     if config.tie_word_embeddings and "model.embed_tokens.weight" in found:
         found = {**found, "lm_head.weight": found["model.embed_tokens.weight"]}
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    check_weights(model, found, where)
-    return model
+    return meta_model(lambda: LlamaForCausalLM(config), found, config.num_hidden_layers,
+                      "model.layers.", count, where)
 
 
 def _assign(model: LlamaForCausalLM, sd: dict[str, torch.Tensor]) -> LlamaForCausalLM:
