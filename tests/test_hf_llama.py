@@ -442,7 +442,7 @@ def _smollm2_tokenizer_json(tmp_path: Path, pre: str) -> tuple[Path, BPETokenize
     3's / Qwen2's Split regex + ByteLevel(use_regex=false) (Llama 3's with ignore_merges and
     NFC as Qwen2's)."""
     tokenizers = pytest.importorskip("tokenizers", reason=f"tokenizers missing: {PEERS}")
-    from models.llama import smollm2_path
+    from models.checkpoint import smollm2_path
     try:
         gguf = _gguf_tokenizer(smollm2_path())
     except (ModuleNotFoundError, FileNotFoundError) as e:
