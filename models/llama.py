@@ -103,43 +103,35 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x2, x1], dim=-1)
 
 
-class LlamaAttention(nn.Module):
-    def __init__(self, config: LlamaConfig):
-        super().__init__()
-        d, hd = config.hidden_size, config.head_dim
-        self.n_head, self.n_kv, self.head_dim = (config.num_attention_heads,
-                                                 config.num_key_value_heads, hd)
-        self.q_proj = nn.Linear(d, self.n_head * hd, bias=config.qkv_bias)
-        self.k_proj = nn.Linear(d, self.n_kv * hd, bias=config.qkv_bias)
-        self.v_proj = nn.Linear(d, self.n_kv * hd, bias=config.qkv_bias)
-        self.o_proj = nn.Linear(self.n_head * hd, d, bias=config.o_bias)
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None) -> torch.Tensor:
-        B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
-        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=self.n_kv != self.n_head)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
-
-
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
-        d, f = config.hidden_size, config.intermediate_size
-        self.self_attn = LlamaAttention(config)
+        d, f, hd, bias = (config.hidden_size, config.intermediate_size, config.head_dim,
+                          config.qkv_bias)
+        self.n_head, self.n_kv, self.head_dim = (config.num_attention_heads,
+                                                 config.num_key_value_heads, hd)
+        self.self_attn = nn.ModuleDict({  # HF's LlamaAttention
+            "q_proj": nn.Linear(d, self.n_head * hd, bias=bias),
+            "k_proj": nn.Linear(d, self.n_kv * hd, bias=bias),
+            "v_proj": nn.Linear(d, self.n_kv * hd, bias=bias),
+            "o_proj": nn.Linear(self.n_head * hd, d, bias=config.o_bias)})
         self.mlp = nn.ModuleDict({"gate_proj": nn.Linear(d, f, bias=False),  # HF's LlamaMLP
                                   "up_proj": nn.Linear(d, f, bias=False),
                                   "down_proj": nn.Linear(f, d, bias=False)})
         self.input_layernorm = RMSNorm(d, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(d, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask):
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None) -> torch.Tensor:
+        (B, T, _), a, n = x.shape, self.self_attn, self.input_layernorm(x)
+        q = a.q_proj(n).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k, v = (p(n).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+                for p in (a.k_proj, a.v_proj))
+        cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=self.n_kv != self.n_head)
+        h = x + a.o_proj(y.transpose(1, 2).reshape(B, T, -1))
         m, mlp = self.post_attention_layernorm(h), self.mlp
         return h + mlp.down_proj(F.silu(mlp.gate_proj(m)) * mlp.up_proj(m))
 
