@@ -55,19 +55,16 @@ def bpe_merge(parts: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
     """Apply merges by rank, minbpe's loop: while some adjacent pair has a rank, every
     occurrence of the lowest-ranked pair merges, left to right.
     bpe_merge(list("aaa"), {("a", "a"): 0}) -> ["aa", "a"]"""
+    parts = list(parts)
     while len(parts) > 1:
         pair = min(zip(parts, parts[1:]), key=lambda p: ranks.get(p, math.inf))
         if pair not in ranks:
             return parts
-        merged, i = [], 0
-        while i < len(parts):
-            if parts[i] == pair[0] and i + 1 < len(parts) and parts[i + 1] == pair[1]:
-                merged.append(pair[0] + pair[1])
-                i += 2
-            else:
-                merged.append(parts[i])
-                i += 1
-        parts = merged
+        i = 0
+        while i < len(parts) - 1:  # the merged token is not looked at again
+            if (parts[i], parts[i + 1]) == pair:
+                parts[i:i + 2] = [pair[0] + pair[1]]
+            i += 1
     return parts
 
 
@@ -204,12 +201,12 @@ class BPETokenizer:
         if get("tokenizer.ggml.model") != "gpt2":
             raise ValueError(f"{where}: tokenizer.ggml.model={get('tokenizer.ggml.model')!r}: "
                              "only 'gpt2' (byte-level BPE) is supported")
-        tokens, merges = get("tokenizer.ggml.tokens"), get("tokenizer.ggml.merges")
-        types = get("tokenizer.ggml.token_type") or [1] * len(tokens or [])
-        if not (isinstance(tokens, list) and isinstance(merges, list) and isinstance(types, list)
-                and len(types) == len(tokens)):
-            raise ValueError(f"{where} needs tokenizer.ggml.tokens and .merges as lists, and "
-                             "token_type (if present) as long as tokens")
+        tokens, merges = (field(metadata, f"tokenizer.ggml.{k}", "list", where)
+                          for k in ("tokens", "merges"))
+        types = field(metadata, "tokenizer.ggml.token_type", "list", where, [1] * len(tokens))
+        if len(types) != len(tokens):
+            raise ValueError(f"{where}: tokenizer.ggml.token_type has {len(types)} entries for "
+                             f"{len(tokens)} tokens")
         ids = [field(metadata, f"tokenizer.ggml.{k}_token_id", "index?", where, None)
                for k in ("bos", "eos", "padding")]
         pre = field(metadata, "tokenizer.ggml.pre", "str", where, "gpt2")

@@ -43,6 +43,7 @@ KINDS = {  # kind -> (test, what to write instead); "kind?" also allows null
     "fraction": (lambda v: _finite(v) and 0 <= v < 1, "a number in [0, 1)"),
     "bool": (lambda v: type(v) is bool, "true or false"),
     "str": (lambda v: type(v) is str, "a string"),
+    "list": (lambda v: type(v) is list, "a list"),
 }
 
 

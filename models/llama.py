@@ -58,14 +58,6 @@ class LlamaConfig:
             raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple "
                              f"of num_key_value_heads={self.num_key_value_heads}")
 
-    def to_hf_dict(self) -> dict:
-        """The config.json of transformers' LlamaForCausalLM for the same model (a llama:
-        qkv_bias == o_bias, no sliding window)."""
-        own = ("qkv_bias", "o_bias", "sliding_window")
-        return {"model_type": "llama", "architectures": ["LlamaForCausalLM"],
-                "hidden_act": "silu", "attention_bias": self.qkv_bias, "mlp_bias": False,
-                **{k: getattr(self, k) for k in self.__dataclass_fields__ if k not in own}}
-
 
 # 2 layers of width 64, 4 query heads sharing 2 key/value heads: a 16x32 step takes milliseconds
 TINY_LLAMA = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128,

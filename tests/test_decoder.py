@@ -489,8 +489,9 @@ def test_label_scores_equal_unpadded_sums_of_log_probs(task, examples):
 @pytest.mark.parametrize("kw", [{}, {"tie_word_embeddings": False}])
 def test_tiny_decoder_equals_transformers_llama(kw):
     transformers = pytest.importorskip("transformers")
+    from test_hf_llama import hf_config
     ours = tiny(**kw)
-    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**ours.config.to_hf_dict()))
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_config(ours.config)))
     hf.load_state_dict(ours.state_dict())
     hf.eval()
     ids = torch.randint(0, 512, (3, 11))
@@ -508,8 +509,9 @@ def test_lora_adapter_from_our_decoder_loads_into_transformers_with_peft(tmp_pat
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
     from lora import add_lora, save_adapter
+    from test_hf_llama import hf_config
     ours = tiny()
-    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**ours.config.to_hf_dict()))
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_config(ours.config)))
     hf.load_state_dict(ours.state_dict())
     targets = ["q_proj", "v_proj", "down_proj"]
     add_lora(ours, targets, r=4, alpha=8, rank_pattern={"model.layers.1.self_attn.q_proj": 2})
