@@ -189,17 +189,15 @@ def _meta_model(config: LlamaConfig, found: dict[str, tuple], tokenizer: BPEToke
     if len(tokenizer) > config.vocab_size:
         raise ValueError(f"{where}: the tokenizer has {len(tokenizer)} tokens but vocab_size="
                          f"{config.vocab_size}: tokenizer and weights do not belong together")
-    if config.tie_word_embeddings and "model.embed_tokens.weight" in found:
-        found = {**found, "lm_head.weight": found["model.embed_tokens.weight"]}
+    fresh = ("lm_head.",) if config.tie_word_embeddings else ()  # tied: no tensor of its own
     return meta_model(lambda: LlamaForCausalLM(config), found, config.num_hidden_layers,
-                      "model.layers.", count, where)
+                      "model.layers.", count, where, fresh)
 
 
 def _assign(model: LlamaForCausalLM, sd: dict[str, torch.Tensor]) -> LlamaForCausalLM:
-    if model.config.tie_word_embeddings:
-        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
-    model.load_state_dict(sd, assign=True)
-    model.tie_weights()  # assign=True replaced the shared Parameter with two
+    """The meta model holding the tensors `sd`; a tied head then takes the embedding matrix."""
+    model.load_state_dict(sd, assign=True, strict=not model.config.tie_word_embeddings)
+    model.tie_weights()
     return model.eval()
 
 
