@@ -197,10 +197,9 @@ class BPETokenizer:
     @classmethod
     def from_gguf(cls, metadata: dict, where: str = "GGUF metadata") -> BPETokenizer:
         """From GGUF metadata (`tokenizer.ggml.*`, model "gpt2"); errors name `where`."""
-        get = metadata.get
-        if get("tokenizer.ggml.model") != "gpt2":
-            raise ValueError(f"{where}: tokenizer.ggml.model={get('tokenizer.ggml.model')!r}: "
-                             "only 'gpt2' (byte-level BPE) is supported")
+        if (model := metadata.get("tokenizer.ggml.model")) != "gpt2":
+            raise ValueError(f"{where}: tokenizer.ggml.model={model!r}: only 'gpt2' (byte-level "
+                             "BPE) is supported")
         tokens, merges = (field(metadata, f"tokenizer.ggml.{k}", "list", where)
                           for k in ("tokens", "merges"))
         types = field(metadata, "tokenizer.ggml.token_type", "list", where, [1] * len(tokens))
