@@ -73,25 +73,20 @@ def split_regex(pattern: str) -> re.Pattern:
     """An HF Split pre-tokenizer regex (Oniguruma syntax) for Python's `re`, compiled once:
     \\p{L}, \\p{N}, \\s and \\S spelled out (\\s as Unicode White_Space); any other escape class
     is refused.  split_regex(r"\\p{N}{1,3}").findall("12345") -> ["123", "45"]"""
-    spelled, in_class = {"\\p{L}": _char_class("L"), "\\p{N}": _char_class("N"),
-                         "\\s": _WHITE_SPACE}, False
+    body = {"\\p{L}": _char_class("L"), "\\p{N}": _char_class("N"), "\\s": _WHITE_SPACE}
 
-    def spell(m: re.Match) -> str:  # left to right, so in_class follows the brackets
-        nonlocal in_class
+    def spell(m: re.Match, in_class: bool = False) -> str:
         t = m.group()
-        if t in "[]":
-            in_class = t == "["
-            return t
-        if t in spelled:
-            return spelled[t] if in_class else f"[{spelled[t]}]"
-        if t == "\\S" and not in_class:
-            return f"[^{_WHITE_SPACE}]"
+        if t[0] == "[":  # a class: the escapes inside it spelled without brackets
+            return re.sub(r"\\p\{[LN]\}|\\.", lambda e: spell(e, True), t)
+        if t in body or t == "\\S" and not in_class:
+            return body[t] if in_class else f"[{body.get(t, '^' + _WHITE_SPACE)}]"
         if t[1] in "rntf\\.'?+*()[]{}|^$-/ ":
             return t
         raise ValueError(f"Split regex escape {t!r} is not supported (\\p{{L}}, \\p{{N}}, "
                          "\\s, \\S and literal escapes only)")
     try:
-        return re.compile(re.sub(r"\\p\{[LN]\}|\\.|[][]", spell, pattern))
+        return re.compile(re.sub(r"\[(?:\\.|[^\\\]])*\]|\\p\{[LN]\}|\\.", spell, pattern))
     except re.error as e:
         raise ValueError(f"Split regex {pattern!r} does not compile in Python ({e})") from None
 
