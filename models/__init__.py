@@ -12,11 +12,10 @@ import torch
 import torch.nn as nn
 
 from models.bpe import BPETokenizer, tiny_bpe
-from models.checkpoint import DECODERS, is_decoder, load_pretrained, model_path
-from models.encoder import TINY, BertConfig, BertForSequenceClassification, BertModel, init_weights
-from models.gguf import read_gguf, read_gguf_header
-from models.llama import (TINY_LLAMA, LlamaConfig, LlamaForCausalLM, llama_from_gguf,
-                          llama_from_hf, load_smollm2)
+from models.checkpoint import (DECODERS, is_decoder, load_pretrained, model_path,  # noqa: F401
+                               smollm2_path)
+from models.encoder import TINY, BertConfig, BertForSequenceClassification, BertModel  # noqa: F401
+from models.llama import TINY_LLAMA, LlamaForCausalLM, llama_from_gguf, llama_from_hf
 from models.tokenizer import WordPieceTokenizer, tiny_vocab
 
 
@@ -25,12 +24,13 @@ def load_model(name_or_path: str, num_labels: int | None = None,
                ) -> tuple[nn.Module, WordPieceTokenizer | BPETokenizer]:
     """A model name or folder -> (model, tokenizer): "tiny", "minilm" or an HF BERT folder (a
     BertModel, or BertForSequenceClassification given num_labels); decoders (num_labels
-    ignored) "tiny-llama", "smollm2" or an HF llama / mistral / qwen2 folder. Random init (tiny
-    models, fresh heads) draws from `generator`."""
+    ignored) "tiny-llama", "smollm2" (SmolLM2-135M-Instruct dequantised from its GGUF) or an HF
+    llama / mistral / qwen2 folder. Random init (tiny models, fresh heads) draws from
+    `generator`."""
     if name_or_path == "tiny-llama":
         return LlamaForCausalLM(TINY_LLAMA, generator), tiny_bpe()
     if name_or_path == "smollm2":
-        return load_smollm2()
+        return llama_from_gguf(smollm2_path())
     if is_decoder(name_or_path):
         return llama_from_hf(model_path(name_or_path))
     if name_or_path == "tiny":
@@ -38,10 +38,3 @@ def load_model(name_or_path: str, num_labels: int | None = None,
                  else BertForSequenceClassification(TINY, num_labels, generator))
         return model, WordPieceTokenizer(tiny_vocab())
     return load_pretrained(model_path(name_or_path), num_labels, generator)
-
-
-__all__ = ["BPETokenizer", "BertConfig", "BertForSequenceClassification", "BertModel", "DECODERS",
-           "LlamaConfig", "LlamaForCausalLM", "TINY", "TINY_LLAMA",
-           "WordPieceTokenizer", "init_weights", "is_decoder", "llama_from_gguf",
-           "llama_from_hf", "load_model", "load_pretrained", "load_smollm2", "model_path",
-           "read_gguf", "read_gguf_header", "tiny_bpe", "tiny_vocab"]

@@ -3,7 +3,7 @@
     tok = BPETokenizer.from_gguf(metadata)        # metadata from models.gguf.read_gguf_header
     ids = tok.encode("<|im_start|>user\\nHi!")     # [1, 4093, 198, 26843, 17]
 
-Encoding (Radford et al. 2019, sec. 2.2): special tokens are cut out whole; a regex pre-tokenises
+Encoding (Radford et al. 2019, sec. 2.2): special tokens are cut out whole; regexes pre-tokenise
 the rest (gpt2's, SmolLM2's digits first, or the Split regex of Llama 3 / Qwen2); each piece's
 UTF-8 bytes are spelled with GPT-2's byte map, then merged by rank.
 """
@@ -25,11 +25,12 @@ from models.checkpoint import exists, field, read_json
 from models.tokenizer import Memo
 
 CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types cut out of text whole
-PRE_TOKENIZERS = ("gpt2", "smollm")
 CACHE_SIZE = 1 << 16  # pieces the piece -> ids cache holds
 CACHE_MAX_PIECE = 256  # longer pieces are not cached
 TOKENIZER_LIMIT = 1 << 26  # bytes of tokenizer.json (real ones take < 20 MB)
 _WHITE_SPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+PRE_TOKENIZERS = {"gpt2": (GPT2_SPLIT,), "smollm": (r"\p{N}", GPT2_SPLIT)}  # regexes, in turn
 
 
 @functools.cache
@@ -54,118 +55,95 @@ def bpe_merge(parts: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
     """Apply merges by rank, minbpe's loop: while some adjacent pair has a rank, every
     occurrence of the lowest-ranked pair merges, left to right.
     bpe_merge(list("aaa"), {("a", "a"): 0}) -> ["aa", "a"]"""
+    parts = list(parts)
     while len(parts) > 1:
         pair = min(zip(parts, parts[1:]), key=lambda p: ranks.get(p, math.inf))
         if pair not in ranks:
             return parts
-        merged, i = [], 0
-        while i < len(parts):
-            if parts[i] == pair[0] and i + 1 < len(parts) and parts[i + 1] == pair[1]:
-                merged.append(pair[0] + pair[1])
-                i += 2
-            else:
-                merged.append(parts[i])
-                i += 1
-        parts = merged
+        i = 0
+        while i < len(parts) - 1:  # the merged token is not looked at again
+            if (parts[i], parts[i + 1]) == pair:
+                parts[i:i + 2] = [pair[0] + pair[1]]
+            i += 1
     return parts
 
 
+@functools.cache
 def split_regex(pattern: str) -> re.Pattern:
-    """An HF Split pre-tokenizer regex (Oniguruma syntax) for Python's `re`: \\p{L}, \\p{N},
-    \\s and \\S spelled out (\\s as Unicode White_Space); any other escape class is refused.
-    split_regex(r"\\p{N}{1,3}").findall("12345") -> ["123", "45"]"""
-    spelled, in_class = {"\\p{L}": _char_class("L"), "\\p{N}": _char_class("N"),
-                         "\\s": _WHITE_SPACE}, False
+    """An HF Split pre-tokenizer regex (Oniguruma syntax) for Python's `re`, compiled once:
+    \\p{L}, \\p{N}, \\s and \\S spelled out (\\s as Unicode White_Space); any other escape class
+    is refused.  split_regex(r"\\p{N}{1,3}").findall("12345") -> ["123", "45"]"""
+    body = {"\\p{L}": _char_class("L"), "\\p{N}": _char_class("N"), "\\s": _WHITE_SPACE}
 
-    def spell(m: re.Match) -> str:  # left to right, so in_class follows the brackets
-        nonlocal in_class
+    def spell(m: re.Match, in_class: bool = False) -> str:
         t = m.group()
-        if t in "[]":
-            in_class = t == "["
-            return t
-        if t in spelled:
-            return spelled[t] if in_class else f"[{spelled[t]}]"
-        if t == "\\S" and not in_class:
-            return f"[^{_WHITE_SPACE}]"
+        if t[0] == "[":  # a class: the escapes inside it spelled without brackets
+            return re.sub(r"\\p\{[LN]\}|\\.", lambda e: spell(e, True), t)
+        if t in body or t == "\\S" and not in_class:
+            return body[t] if in_class else f"[{body.get(t, '^' + _WHITE_SPACE)}]"
         if t[1] in "rntf\\.'?+*()[]{}|^$-/ ":
             return t
         raise ValueError(f"Split regex escape {t!r} is not supported (\\p{{L}}, \\p{{N}}, "
                          "\\s, \\S and literal escapes only)")
     try:
-        return re.compile(re.sub(r"\\p\{[LN]\}|\\.|[][]", spell, pattern))
+        return re.compile(re.sub(r"\[(?:\\.|[^\\\]])*\]|\\p\{[LN]\}|\\.", spell, pattern))
     except re.error as e:
         raise ValueError(f"Split regex {pattern!r} does not compile in Python ({e})") from None
 
 
-GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-
-
-@functools.cache
-def pre_tokenizer_regex(pattern: str = GPT2_SPLIT) -> re.Pattern:
-    """split_regex, cached; the default is gpt2's pre-tokeniser.
-    pre_tokenizer_regex().findall("I'm ok") -> ['I', "'m", ' ok']"""
-    return split_regex(pattern)
-
-
-def isolate(regex: re.Pattern | None, text: str) -> list[str]:
+def isolate(regex: re.Pattern, text: str) -> list[str]:
     """`text` cut before and after every match of `regex`, empty pieces dropped (HF's Split
     behaviour "Isolated").  isolate(re.compile(r"[0-9]"), "a12") -> ["a", "1", "2"]"""
     pieces, at = [], 0
-    for m in regex.finditer(text) if regex else ():
+    for m in regex.finditer(text):
         pieces += [text[at:m.start()], m.group()]
         at = m.end()
     return [p for p in [*pieces, text[at:]] if p]
 
 
-def _refuse(where: str, what: str, obj, fix: str) -> ValueError:
-    return ValueError(f"{where}: {what} {json.dumps(obj)[:200]} is not supported ({fix})")
+def _refuse(what: str, obj, fix: str) -> ValueError:
+    return ValueError(f"{what} {json.dumps(obj)[:200]} is not supported ({fix})")
 
 
-def _byte_level(p, use_regex: bool) -> bool:
-    return isinstance(p, dict) and p.get("type") == "ByteLevel" and \
-        not p.get("add_prefix_space") and p.get("use_regex", True) == use_regex
-
-
-def _pre_tokenizer(p, where: str) -> tuple[str, str | None]:
+def _pre_tokenizer(p) -> tuple[str, str | None]:
     """tokenizer.json's pre_tokenizer -> (pre, split regex): ByteLevel -> ("gpt2", None),
     Digits + ByteLevel (SmolLM2) -> ("smollm", None), Split(regex, Isolated) +
     ByteLevel(use_regex=false) (Llama 3, Qwen2) -> ("gpt2", regex)."""
-    seq = p.get("pretokenizers") if isinstance(p, dict) and p.get("type") == "Sequence" else None
-    first, last = seq if isinstance(seq, list) and len(seq) == 2 else (None, p)
-    split = first if isinstance(first, dict) and first.get("type") == "Split" else {}
-    regex = split.get("pattern", {}).get("Regex") if isinstance(split.get("pattern"), dict) \
-        else None
-    if first is None and _byte_level(last, True):
-        return "gpt2", None
-    if first == {"type": "Digits", "individual_digits": True} and _byte_level(last, True):
-        return "smollm", None
-    if split.get("behavior") == "Isolated" and not split.get("invert") and \
-            isinstance(regex, str) and _byte_level(last, False):
-        return "gpt2", regex
-    raise _refuse(where, "pre-tokenizer", p, "ByteLevel with its gpt2 regex and "
-                  "add_prefix_space=false, optionally after Digits(individual_digits=true), or "
-                  "an isolating Split regex then ByteLevel(use_regex=false)")
+    steps = p.get("pretokenizers") if isinstance(p, dict) and p.get("type") == "Sequence" else [p]
+    *first, last = steps if isinstance(steps, list) and 1 <= len(steps) <= 2 else [None]
+    if isinstance(last, dict) and last.get("type") == "ByteLevel" and \
+            not last.get("add_prefix_space"):
+        use_regex, split = last.get("use_regex", True), (first or [{}])[0]
+        if use_regex and first in ([], [{"type": "Digits", "individual_digits": True}]):
+            return "smollm" if first else "gpt2", None
+        regex = split.get("pattern", {}).get("Regex") if isinstance(split, dict) else None
+        if not use_regex and isinstance(regex, str) and split.get("type") == "Split" and \
+                split.get("behavior") == "Isolated" and not split.get("invert"):
+            return "gpt2", regex
+    raise _refuse("pre-tokenizer", p, "ByteLevel with its gpt2 regex and add_prefix_space="
+                  "false, optionally after Digits(individual_digits=true), or an isolating "
+                  "Split regex then ByteLevel(use_regex=false)")
 
 
-def _template_bos(p, where: str) -> int | None:
-    """The BOS id a post-processor prepends: None for none, ByteLevel or a TemplateProcessing
-    `$A`; the id for `<bos> $A` (Llama 3); anything else is refused."""
-    bos, seq_a = None, {"Sequence": {"id": "A", "type_id": 0}}
-    steps = p.get("processors") if isinstance(p, dict) and p.get("type") == "Sequence" else [p]
+def _template_bos(p) -> int | None:
+    """The BOS id a post-processor prepends: None for none, ByteLevel or a template of `$A`
+    alone; the id for `<bos> $A` (Llama 3); anything else is refused."""
+    bos, steps = None, p.get("processors") if isinstance(p, dict) and \
+        p.get("type") == "Sequence" else [p]
     for q in steps if isinstance(steps, list) else [steps]:
-        if q is None or q == "ByteLevel" or isinstance(q, dict) and (
-                q.get("type") == "ByteLevel" or q.get("single") == [seq_a]):
+        if q in (None, "ByteLevel") or isinstance(q, dict) and q.get("type") == "ByteLevel":
             continue
-        try:  # [{"SpecialToken": {"id": name}}, $A] with one id for name
-            (first, second), ids = q["single"], None
-            if q["type"] == "TemplateProcessing" and second["Sequence"]["id"] == "A":
-                ids = q["special_tokens"][first["SpecialToken"]["id"]]["ids"]
+        try:  # single = [$A] or [{"SpecialToken": {"id": name}}, $A], name with one id
+            *first, seq = q["single"]
+            ids = [q["special_tokens"][f["SpecialToken"]["id"]]["ids"] for f in first]
+            ok = q["type"] == "TemplateProcessing" and seq["Sequence"]["id"] == "A" and \
+                len(ids) <= 1 and all(len(i) == 1 and type(i[0]) is int for i in ids)
         except (TypeError, KeyError, ValueError):
-            ids = None
-        if not (isinstance(ids, list) and len(ids) == 1 and isinstance(ids[0], int)):
-            raise _refuse(where, "post_processor", q, "none, ByteLevel, or a template that "
-                          "prepends one token")
-        bos = ids[0]
+            ok = False
+        if not ok:
+            raise _refuse("post_processor", q, "none, ByteLevel, or a template that prepends "
+                          "one token")
+        bos = ids[0][0] if ids else bos
     return bos
 
 
@@ -181,17 +159,19 @@ class BPETokenizer:
                  nfc: bool = False, split: str | None = None):
         if pre not in PRE_TOKENIZERS:
             raise ValueError(f"pre-tokeniser {pre!r} is not supported: use one of "
-                             f"{PRE_TOKENIZERS} (GGUF tokenizer.ggml.pre)")
+                             f"{tuple(PRE_TOKENIZERS)} (GGUF tokenizer.ggml.pre)")
         self.tokens = list(tokens)
+        if not all(isinstance(t, str) for t in self.tokens):
+            raise ValueError("the tokens must be strings")
         self.vocab = {t: i for i, t in enumerate(self.tokens)}  # a repeated token keeps the last
         for name, i in (("bos_id", bos_id), ("eos_id", eos_id), ("pad_id", pad_id),
                         *(("special", i) for i in special)):
-            if i is not None and not 0 <= i < len(self.tokens):
+            if i is not None and not (type(i) is int and 0 <= i < len(self.tokens)):
                 raise ValueError(f"{name}={i} is not a token id in [0, {len(self.tokens)})")
         self.ranks: dict[tuple[str, str], int] = {}
         for rank, m in enumerate(merges):
-            pair = tuple(m.split(" ")) if isinstance(m, str) else tuple(m) \
-                if isinstance(m, (list, tuple)) else ()
+            pair = tuple(m.split(" ") if isinstance(m, str) else m if isinstance(m, list | tuple)
+                         else ())
             if len(pair) != 2 or not all(isinstance(t, str) for t in pair) or \
                     pair[0] + pair[1] not in self.vocab:
                 raise ValueError(f"merge {rank} {m!r} is not two tokens whose join is in the "
@@ -203,29 +183,24 @@ class BPETokenizer:
         self.special = {self.tokens[i]: i for i in special if self.tokens[i]}
         # longest first, so "<|im_start|>" wins over a special token that is its prefix
         alternation = "|".join(map(re.escape, sorted(self.special, key=len, reverse=True)))
-        self._special_re = re.compile(alternation) if self.special else None
-        self.bos_id, self.eos_id, self.pad_id, self.pre, self.add_bos = (bos_id, eos_id, pad_id,
-                                                                         pre, add_bos)
-        self.ignore_merges, self.nfc, self.split = ignore_merges, nfc, split
-        # the first cut: a Split regex (then no gpt2 regex), or smollm's digits one by one
-        self._split_re = pre_tokenizer_regex(split or r"\p{N}") if split or pre == "smollm" \
-            else None
+        self._special_re = re.compile(alternation or "(?!)")  # (?!) never matches
+        self.bos_id, self.eos_id, self.pad_id, self.add_bos = bos_id, eos_id, pad_id, add_bos
+        self.pre, self.ignore_merges, self.nfc, self.split = pre, ignore_merges, nfc, split
+        self._splits = [split_regex(r) for r in ([split] if split else PRE_TOKENIZERS[pre])]
         self._cache = Memo(self._bpe_ids, CACHE_SIZE, CACHE_MAX_PIECE)  # piece -> ids
 
     @classmethod
     def from_gguf(cls, metadata: dict, where: str = "GGUF metadata") -> BPETokenizer:
         """From GGUF metadata (`tokenizer.ggml.*`, model "gpt2"); errors name `where`."""
-        get = metadata.get
-        if get("tokenizer.ggml.model") != "gpt2":
-            raise ValueError(f"{where}: tokenizer.ggml.model={get('tokenizer.ggml.model')!r}: "
-                             "only 'gpt2' (byte-level BPE) is supported")
-        tokens, merges = get("tokenizer.ggml.tokens"), get("tokenizer.ggml.merges")
-        types = get("tokenizer.ggml.token_type") or [1] * len(tokens or [])
-        if not (isinstance(tokens, list) and isinstance(merges, list) and isinstance(types, list)
-                and all(isinstance(t, str) for t in tokens + merges) and len(types) == len(tokens)
-                and all(type(t) is int for t in types)):
-            raise ValueError(f"{where} needs tokenizer.ggml.tokens and .merges as lists of "
-                             "strings, and token_type (if present) as many integers as tokens")
+        if (model := metadata.get("tokenizer.ggml.model")) != "gpt2":
+            raise ValueError(f"{where}: tokenizer.ggml.model={model!r}: only 'gpt2' (byte-level "
+                             "BPE) is supported")
+        tokens, merges = (field(metadata, f"tokenizer.ggml.{k}", "list", where)
+                          for k in ("tokens", "merges"))
+        types = field(metadata, "tokenizer.ggml.token_type", "list", where, [1] * len(tokens))
+        if len(types) != len(tokens):
+            raise ValueError(f"{where}: tokenizer.ggml.token_type has {len(types)} entries for "
+                             f"{len(tokens)} tokens")
         ids = [field(metadata, f"tokenizer.ggml.{k}_token_id", "index?", where, None)
                for k in ("bos", "eos", "padding")]
         pre = field(metadata, "tokenizer.ggml.pre", "str", where, "gpt2")
@@ -240,56 +215,52 @@ class BPETokenizer:
     def from_tokenizer_json(cls, tj: dict, special_tokens: dict | None = None,
                             where: str = "tokenizer.json") -> BPETokenizer:
         """From a parsed tokenizer.json: a BPE model, added tokens, normalizer none or NFC, the
-        pre-tokenizers and BOS template _pre_tokenizer / _template_bos read; the rest is refused.
-        special_tokens: {"bos_token": str or {"content": str}, ...} (tokenizer_config.json) or
-        {"bos_token_id": int, ...} (config.json); pad falls back to eos, then to id 0."""
-        model, added = tj.get("model"), tj.get("added_tokens") or []
-        kind = model.get("type") if isinstance(model, dict) else model
-        if not isinstance(model, dict) or kind != "BPE":
-            raise ValueError(f"{where}: model type {kind!r} is not supported (byte-level BPE only)")
-        vocab, merges = model.get("vocab"), model.get("merges")
-        if not (isinstance(vocab, dict) and isinstance(merges, list) and isinstance(added, list)
-                and all(isinstance(a, dict) for a in added)):
-            raise ValueError(f"{where}: model.vocab must be an object, model.merges and "
-                             "added_tokens lists")
-        # byte-level BPE drops a byte without a token: then an unk_token would differ
-        unk = not set(bytes_to_unicode().values()) <= set(vocab)
-        for name in ("dropout", "continuing_subword_prefix", "end_of_word_suffix",
-                     "byte_fallback", "unk_token"):
-            if model.get(name) and (name != "unk_token" or unk):
-                raise ValueError(f"{where}: BPE {name}={model[name]!r} is not supported")
-        flags = [(a.get("content"), f) for a in added for f in ("lstrip", "rstrip", "single_word")
-                 if a.get(f)]
-        if flags:
-            raise ValueError(f"{where}: added token {flags[0][0]!r} has {flags[0][1]}=true, "
-                             "which is not supported")
-        by_id = {i: t for t, i in vocab.items() if type(i) is int} | {
-            a.get("id"): a.get("content") for a in added}
-        if len(by_id) < len(vocab) or set(by_id) != set(range(len(by_id))) or \
-                not all(isinstance(t, str) for t in by_id.values()):
-            raise ValueError(f"{where}: token ids must run 0..{len(by_id) - 1} without gaps, "
-                             "each with a string token")
-        tokens = [by_id[i] for i in range(len(by_id))]
-        if tj.get("normalizer") not in (None, {"type": "NFC"}):
-            raise _refuse(where, "normalizer", tj["normalizer"], "none or NFC")
-        pre, regex = _pre_tokenizer(tj.get("pre_tokenizer"), where)
-        bos = _template_bos(tj.get("post_processor"), where)
-        ids, named, special_tokens = {t: i for i, t in enumerate(tokens)}, {}, special_tokens or {}
-        for role in ("bos", "eos", "pad"):
-            v = special_tokens.get(f"{role}_token")
-            v = v.get("content") if isinstance(v, dict) else v
-            if isinstance(v, str) and v not in ids:
-                raise ValueError(f"{role}_token {v!r} is not a token of {where}")
-            v = ids[v] if isinstance(v, str) else special_tokens.get(f"{role}_token_id")
-            named[role] = v if type(v) is int else None  # Llama 3.1 lists several eos ids
-        pad = next(i for i in (named["pad"], named["eos"], 0) if i is not None)
+        pre-tokenizers and BOS template _pre_tokenizer / _template_bos read; the rest is refused
+        naming `where`. special_tokens: {"bos_token": str or {"content": str}, ...}
+        (tokenizer_config.json) or {"bos_token_id": int, ...} (config.json); pad falls back to
+        eos, then to id 0."""
         try:
-            return cls(tokens, merges, [a["id"] for a in added],
-                       named["bos"] if bos is None else bos, named["eos"], pad, pre,
+            model, added, roles = tj.get("model"), tj.get("added_tokens") or [], {}
+            if not isinstance(model, dict) or model.get("type") != "BPE":
+                kind = model.get("type") if isinstance(model, dict) else model
+                raise ValueError(f"model type {kind!r} is not supported (byte-level BPE only)")
+            # byte-level BPE drops a byte without a token: then an unk_token would differ
+            unk = not set(bytes_to_unicode().values()) <= set(model["vocab"])
+            for name in ("dropout", "continuing_subword_prefix", "end_of_word_suffix",
+                         "byte_fallback", "unk_token"):
+                if model.get(name) and (name != "unk_token" or unk):
+                    raise ValueError(f"BPE {name}={model[name]!r} is not supported")
+            for a, flag in ((a, f) for a in added for f in ("lstrip", "rstrip", "single_word")):
+                if a.get(flag):
+                    raise ValueError(f"added token {a['content']!r} has {flag}=true, which is "
+                                     "not supported")
+            by_id = {i: t for t, i in model["vocab"].items() if type(i) is int} | {
+                a["id"]: a["content"] for a in added}
+            if len(by_id) < len(model["vocab"]) or set(by_id) != set(range(len(by_id))):
+                raise ValueError(f"token ids must run 0..{len(by_id) - 1} without gaps")
+            tokens = [by_id[i] for i in range(len(by_id))]
+            if tj.get("normalizer") not in (None, {"type": "NFC"}):
+                raise _refuse("normalizer", tj["normalizer"], "none or NFC")
+            pre, regex = _pre_tokenizer(tj.get("pre_tokenizer"))
+            bos = _template_bos(tj.get("post_processor"))
+            ids, special_tokens = {t: i for i, t in enumerate(tokens)}, special_tokens or {}
+            for role in ("bos", "eos", "pad"):
+                v = special_tokens.get(f"{role}_token")
+                v = v.get("content") if isinstance(v, dict) else v
+                if isinstance(v, str) and v not in ids:
+                    raise ValueError(f"{role}_token {v!r} is not a token")
+                v = ids[v] if isinstance(v, str) else special_tokens.get(f"{role}_token_id")
+                roles[role] = v if type(v) is int else None  # Llama 3.1 lists several eos ids
+            pad = next(i for i in (roles["pad"], roles["eos"], 0) if i is not None)
+            return cls(tokens, model["merges"], [a["id"] for a in added],
+                       roles["bos"] if bos is None else bos, roles["eos"], pad, pre,
                        bos is not None, bool(model.get("ignore_merges")),
                        tj.get("normalizer") is not None, regex)
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
+        except (TypeError, AttributeError, KeyError) as e:  # a field of the wrong JSON type
+            raise ValueError(f"{where} is not a tokenizer.json this reader understands "
+                             f"({type(e).__name__}: {e})") from None
 
     @classmethod
     def from_hf_folder(cls, folder: str | os.PathLike) -> BPETokenizer:
@@ -315,11 +286,13 @@ class BPETokenizer:
         return tuple(self.vocab[p] for p in bpe_merge(parts, self.ranks))
 
     def pre_tokenize(self, text: str) -> list[str]:
-        """Pieces that BPE sees (no special tokens).  pre_tokenize(" 42x") -> [" ", "4", "2", "x"]
-        with pre="smollm", [" 42", "x"] with "gpt2"."""
-        chunks = isolate(self._split_re, unicodedata.normalize("NFC", text) if self.nfc else text)
-        gpt2 = pre_tokenizer_regex()
-        return chunks if self.split else [p for c in chunks for p in gpt2.findall(c)]
+        """Pieces that BPE sees (no special tokens): each regex of the pre-tokeniser isolates
+        its matches in turn.  pre_tokenize(" 42x") -> [" ", "4", "2", "x"] with pre="smollm",
+        [" 42", "x"] with "gpt2"."""
+        pieces = [unicodedata.normalize("NFC", text) if self.nfc else text]
+        for regex in self._splits:
+            pieces = [p for c in pieces for p in isolate(regex, c)]
+        return pieces
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         """Token ids of `text`; BOS first if add_bos (default: the tokenizer's add_bos)."""
@@ -338,8 +311,6 @@ class BPETokenizer:
         """Text of `ids`; bytes that are not valid UTF-8 become U+FFFD, as in GPT-2."""
         out, special_ids = bytearray(), set(self.special.values())
         for i in ids:
-            if not 0 <= i < len(self.tokens):
-                raise ValueError(f"token id {i} is not in [0, {len(self.tokens)})")
             if i in special_ids:
                 out += b"" if skip_special else self.tokens[i].encode("utf-8")
             else:
@@ -360,10 +331,9 @@ def tiny_bpe() -> BPETokenizer:
     merges: list[tuple[str, str]] = []
     for word in _TINY_WORDS:
         spelled = "".join(bytes_to_unicode()[b] for b in word.encode())
-        for k in range(2, len(spelled) + 1):  # merge (prefix, next char) for each prefix
-            left, right = spelled[:k - 1], spelled[k - 1]
-            if left + right not in tokens:
-                tokens.append(left + right)
-                merges.append((left, right))
+        for k in range(1, len(spelled)):  # merge (prefix, next char) for each prefix
+            if spelled[:k + 1] not in tokens:
+                tokens.append(spelled[:k + 1])
+                merges.append((spelled[:k], spelled[k]))
     return BPETokenizer(tokens, merges, special=[0, 1, 2], bos_id=0, eos_id=0, pad_id=0,
                         pre="smollm")

@@ -10,16 +10,16 @@ the layer count and tensor shapes against the config before a module is built.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from lora import JSON_LIMIT, read_regular, read_safetensors
+from lora import JSON_LIMIT, _json, read_regular, read_safetensors
 from models.encoder import BertConfig, BertForSequenceClassification, BertModel
 from models.tokenizer import WordPieceTokenizer
 
@@ -43,6 +43,7 @@ KINDS = {  # kind -> (test, what to write instead); "kind?" also allows null
     "fraction": (lambda v: _finite(v) and 0 <= v < 1, "a number in [0, 1)"),
     "bool": (lambda v: type(v) is bool, "true or false"),
     "str": (lambda v: type(v) is str, "a string"),
+    "list": (lambda v: type(v) is list, "a list"),
 }
 
 
@@ -86,40 +87,45 @@ def exists(path: Path) -> bool:
 
 
 def read_json(path: Path, limit: int = JSON_LIMIT) -> dict:
-    """A JSON object from a regular file of at most `limit` bytes, else ValueError."""
-    try:
-        obj = json.loads(read_regular(path, limit).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise ValueError(f"{path} is not valid JSON in UTF-8 ({e})") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path} is not a JSON object")
-    return obj
+    """A JSON object from a regular file of at most `limit` bytes, else ValueError naming it."""
+    return _json(read_regular(path, limit), str(path))
 
 
 def read_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """model.safetensors of an HF folder; pickled (.bin) and sharded weights are refused."""
-    refused = {"pytorch_model.bin": "pickled weights are not loaded: convert to safetensors",
-               "model.safetensors.index.json": "sharded weights are not loaded: save them as "
-               "one file (save_pretrained(..., max_shard_size=\"100GB\"))"}
-    for name, why in refused.items():
-        if exists(folder / name) and not exists(folder / "model.safetensors"):
-            raise ValueError(f"{folder / name}: {why} (model.safetensors)")
-    return read_safetensors(folder / "model.safetensors")[0]
+    """model.safetensors of an HF folder, else the shards model.safetensors.index.json maps
+    tensors to (each a file of the folder, all present before any is read); .bin is refused.
+    read_weights(Path("Qwen2-7B"))["lm_head.weight"].shape -> (152064, 3584)"""
+    index = folder / "model.safetensors.index.json"
+    if exists(folder / "model.safetensors") or not exists(index):
+        if exists(folder / "pytorch_model.bin") and not exists(folder / "model.safetensors"):
+            raise ValueError(f"{folder / 'pytorch_model.bin'}: pickled weights are not loaded: "
+                             "convert to safetensors (model.safetensors)")
+        return read_safetensors(folder / "model.safetensors")[0]
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise ValueError(f"{index}: weight_map must be a {{tensor: file}} object")
+    shards = sorted(set(weight_map.values()))
+    for name in shards:
+        if Path(name).name != name or name in ("", ".."):
+            raise ValueError(f"{index}: shard {name!r} is not a file name in {folder}")
+        if not exists(folder / name):
+            raise FileNotFoundError(f"{folder / name} not found: {index.name} lists it as a shard")
+    # what the shards hold is checked against the model, as one file's tensors are
+    return {k: v for name in shards for k, v in read_safetensors(folder / name)[0].items()}
 
 
-def check_blocks(n: int, names, prefix: str, where: str) -> None:
-    """The block indices of tensor names "<prefix><i>." must be 0..n-1 (before building n).
-    check_blocks(2, ["h.0.w", "h.1.w"], "h.", "f: n") -> None"""
-    found = {k[len(prefix):].split(".", 1)[0] for k in names if k.startswith(prefix)}
-    if len(found) != n or found != {str(i) for i in range(n)}:  # length first: n may be 10⁹
-        raise ValueError(f"{where}={n} but the weights hold {len(found)} blocks ({prefix}N "
+def meta_model(build: Callable[[], nn.Module], found: dict[str, tuple | str], n: int,
+               prefix: str, count: str, where: str, fresh: tuple[str, ...] = ()) -> nn.Module:
+    """build() on the meta device (shapes only), after the block indices of the tensor names
+    "<prefix><i>." were found to be 0..n-1 (`count` names n's field: n may be 10⁹), and then
+    every shape in `found` (a dtype name if not float) checked against it: missing keys (but
+    `fresh` ones), unexpected keys and wrong shapes are a ValueError naming `where`."""
+    blocks = {k[len(prefix):].split(".", 1)[0] for k in found if k.startswith(prefix)}
+    if len(blocks) != n or blocks != {str(i) for i in range(n)}:  # length first: n may be 10⁹
+        raise ValueError(f"{count}={n} but the weights hold {len(blocks)} blocks ({prefix}N "
                          "tensors): config and weights do not belong together")
-
-
-def check_weights(model: nn.Module, found: dict[str, tuple], where: str,
-                  fresh: tuple[str, ...] = ()) -> None:
-    """Shapes `found` (a dtype name if not float) against a (meta-device) model's state dict,
-    else ValueError naming missing keys (but `fresh` ones), unexpected keys, wrong shapes."""
+    with torch.device("meta"):
+        model = build()
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = [k for k in want if k not in found and not k.startswith(fresh)]
     unexpected = [k for k in found if k not in want]
@@ -127,9 +133,10 @@ def check_weights(model: nn.Module, found: dict[str, tuple], where: str,
     if missing or unexpected or bad:
         raise ValueError(f"{where}: the weights do not fit the config: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}, wrong shape or not float {bad[:5]}")
+    return model
 
 
-def shapes(sd: dict[str, torch.Tensor]) -> dict[str, tuple]:
+def shapes(sd: dict[str, torch.Tensor]) -> dict[str, tuple | str]:
     return {k: tuple(v.shape) if v.is_floating_point() else str(v.dtype) for k, v in sd.items()}
 
 
@@ -186,17 +193,14 @@ def load_pretrained(path: str | os.PathLike, num_labels: int | None = None,
                          f"{config.vocab_size}: tokenizer and weights do not belong together")
     sd = bert_keys(read_weights(folder), num_labels is not None)
     prefix = "" if num_labels is None else "bert."
-    check_blocks(config.num_hidden_layers, sd, prefix + "encoder.layer.",
-                 f"{folder / 'config.json'}: num_hidden_layers")
 
     def build(generator: torch.Generator | None = None) -> nn.Module:
         return (BertModel(config, generator) if num_labels is None
                 else BertForSequenceClassification(config, num_labels, generator))
-    with torch.device("meta"):  # shapes only
-        meta = build()
     heads = tuple(h for h in (prefix + "pooler.", "classifier.")  # fresh only if all absent
                   if not any(k.startswith(h) for k in sd))
-    check_weights(meta, shapes(sd), str(folder / "model.safetensors"), heads)
+    meta_model(build, shapes(sd), config.num_hidden_layers, prefix + "encoder.layer.",
+               f"{folder / 'config.json'}: num_hidden_layers", str(folder), heads)
     model = build(generator)
     model.load_state_dict(sd, strict=False)
     return model, tok

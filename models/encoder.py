@@ -68,43 +68,6 @@ def init_weights(module: nn.Module, std: float = 0.02,
 # blocks, leaf to root
 
 
-class BertEmbeddings(nn.Module):
-    def __init__(self, config: BertConfig):
-        super().__init__()
-        C = config.hidden_size
-        self.word_embeddings = nn.Embedding(config.vocab_size, C, padding_idx=config.pad_token_id)
-        self.position_embeddings = nn.Embedding(config.max_position_embeddings, C)
-        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, C)
-        self.LayerNorm = nn.LayerNorm(C, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
-
-    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
-        positions = torch.arange(input_ids.size(1), device=input_ids.device)  # (T,)
-        x = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
-        x = x + self.position_embeddings(positions)  # (B, T, C)
-        return self.dropout(self.LayerNorm(x))
-
-
-class BertSelfAttention(nn.Module):
-    def __init__(self, config: BertConfig):
-        super().__init__()
-        C = config.hidden_size
-        self.n_head = config.num_attention_heads
-        # three Linears, not one fused qkv: LoRA targets and checkpoints name them separately
-        self.query = nn.Linear(C, C)
-        self.key = nn.Linear(C, C)
-        self.value = nn.Linear(C, C)
-        self.dropout_p = config.attention_probs_dropout_prob
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        B, T, C = x.shape
-        q, k, v = (lin(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-                   for lin in (self.query, self.key, self.value))  # (B, nh, T, hd)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                           dropout_p=self.dropout_p if self.training else 0.0)
-        return y.transpose(1, 2).reshape(B, T, C)
-
-
 def _add_norm(d_in: int, config: BertConfig) -> nn.ModuleDict:
     """HF's BertSelfOutput / BertOutput: LN(residual + Drop(W x)), written in BertLayer."""
     return nn.ModuleDict({"dense": nn.Linear(d_in, config.hidden_size),
@@ -116,14 +79,20 @@ class BertLayer(nn.Module):
     def __init__(self, config: BertConfig):
         super().__init__()
         C, I = config.hidden_size, config.intermediate_size
-        self.attention = nn.ModuleDict({"self": BertSelfAttention(config),
-                                        "output": _add_norm(C, config)})
+        self.n_head, self.dropout_p = config.num_attention_heads, config.attention_probs_dropout_prob
+        # three Linears, not one fused qkv: LoRA targets and checkpoints name them separately
+        qkv = nn.ModuleDict({name: nn.Linear(C, C) for name in ("query", "key", "value")})
+        self.attention = nn.ModuleDict({"self": qkv, "output": _add_norm(C, config)})
         self.intermediate = nn.ModuleDict({"dense": nn.Linear(C, I)})
         self.output = _add_norm(I, config)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        a, o = self.attention["output"], self.output
-        h = a.LayerNorm(x + a.dropout(a.dense(self.attention["self"](x, mask))))
+        (B, T, C), a, o = x.shape, self.attention["output"], self.output
+        q, k, v = (lin(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+                   for lin in self.attention["self"].values())  # (B, nh, T, hd)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                           dropout_p=self.dropout_p if self.training else 0.0)
+        h = a.LayerNorm(x + a.dropout(a.dense(y.transpose(1, 2).reshape(B, T, C))))
         return o.LayerNorm(h + o.dropout(o.dense(F.gelu(self.intermediate.dense(h)))))
 
 
@@ -136,11 +105,16 @@ class BertModel(nn.Module):
 
     def __init__(self, config: BertConfig, generator: torch.Generator | None = None):
         super().__init__()
-        self.config = config
-        self.embeddings = BertEmbeddings(config)
+        self.config, C = config, config.hidden_size
+        self.embeddings = nn.ModuleDict({  # HF's BertEmbeddings
+            "word_embeddings": nn.Embedding(config.vocab_size, C, padding_idx=config.pad_token_id),
+            "position_embeddings": nn.Embedding(config.max_position_embeddings, C),
+            "token_type_embeddings": nn.Embedding(config.type_vocab_size, C),
+            "LayerNorm": nn.LayerNorm(C, eps=config.layer_norm_eps),
+            "dropout": nn.Dropout(config.hidden_dropout_prob)})
         layers = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
         self.encoder = nn.ModuleDict({"layer": layers})  # HF's name: encoder.layer.N
-        self.pooler = nn.ModuleDict({"dense": nn.Linear(config.hidden_size, config.hidden_size)})
+        self.pooler = nn.ModuleDict({"dense": nn.Linear(C, C)})
         init_weights(self, config.initializer_range, generator)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -148,8 +122,6 @@ class BertModel(nn.Module):
         """input_ids, attention_mask (1 = real token, 0 = padding), token_type_ids: (B, T).
         Padding keys are masked out of every query's softmax; a row with no real token
         gives NaN. Returns (last_hidden (B, T, C), pooled (B, C))."""
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids has shape {tuple(input_ids.shape)}: expected (batch, seq)")
         T, max_T = input_ids.size(1), self.config.max_position_embeddings
         if T > max_T:
             raise ValueError(f"sequence length {T} > max_position_embeddings={max_T}: "
@@ -158,7 +130,9 @@ class BertModel(nn.Module):
             token_type_ids = torch.zeros_like(input_ids)
         # boolean (B, 1, 1, T), True = attend: broadcast over heads and queries, dtype-agnostic
         mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
-        x = self.embeddings(input_ids, token_type_ids)  # (B, T, C)
+        e, positions = self.embeddings, torch.arange(T, device=input_ids.device)  # (T,)
+        x = e.word_embeddings(input_ids) + e.token_type_embeddings(token_type_ids)
+        x = e.dropout(e.LayerNorm(x + e.position_embeddings(positions)))  # (B, T, C)
         for layer in self.encoder["layer"]:
             x = layer(x, mask)
         return x, torch.tanh(self.pooler.dense(x[:, 0]))  # the pooler reads [CLS]

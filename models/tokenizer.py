@@ -81,19 +81,12 @@ _PUNCT_TABLE = Memo(_space_punctuation, MEMO_SIZE)
 
 def _truncate(a: list[int], b: list[int] | None, budget: int) -> tuple[list[int], list[int] | None]:
     """Longest-first, as HF tokenizers truncate a pair: the shorter kept whole if it fits in
-    half the budget, else ⌈budget/2⌉ to the longer (the second on a tie).
+    half the budget, else ⌊budget/2⌋ of it, the rest to the longer (the second on a tie).
     _truncate([1]*5, [2]*5, 7) -> 3 and 4 tokens;  _truncate([1]*6, [2]*5, 7) -> 4 and 3"""
     if b is None:
         return a[:budget], None
-    if len(a) + len(b) <= budget:
-        return a, b
-    short = min(len(a), len(b))
-    if short <= budget - short:
-        keep_a, keep_b = (short, budget - short) if len(a) == short else (budget - short, short)
-    else:
-        half = budget // 2
-        keep_a, keep_b = (budget - half, half) if len(a) > len(b) else (half, budget - half)
-    return a[:keep_a], b[:keep_b]
+    short = min(len(a), len(b), budget // 2)  # a pair that fits keeps both whole
+    return (a[:budget - short], b[:short]) if len(a) > len(b) else (a[:short], b[:budget - short])
 
 
 # -----------------------------------------------------------------------------
@@ -201,10 +194,9 @@ class WordPieceTokenizer:
         rows = [self.encode(t, None if pairs is None else pairs[i], max_len)
                 for i, t in enumerate(texts)]
         T = max(len(ids) for ids, _ in rows)
-        pad = [T - len(ids) for ids, _ in rows]
-        return {
-            "input_ids": torch.tensor([ids + [self.pad_id] * n for (ids, _), n in zip(rows, pad)]),
-            "token_type_ids": torch.tensor([tt + [0] * n for (_, tt), n in zip(rows, pad)]),
-            "attention_mask": torch.tensor([[1] * len(ids) + [0] * n
-                                            for (ids, _), n in zip(rows, pad)]),
-        }
+
+        def padded(lists: list[list[int]], fill: int) -> torch.Tensor:
+            return torch.tensor([x + [fill] * (T - len(x)) for x in lists])
+        return {"input_ids": padded([ids for ids, _ in rows], self.pad_id),
+                "token_type_ids": padded([types for _, types in rows], 0),
+                "attention_mask": padded([[1] * len(ids) for ids, _ in rows], 0)}

@@ -24,9 +24,11 @@ from data.causal import (causal_batches, causal_loss, collate, encode_prompt, la
                          label_token_ids, predict, prompt_for)
 from data.glue import Example, compute_metrics
 from models import DECODERS, load_model
-from models.bpe import BPETokenizer, _char_class, bytes_to_unicode, pre_tokenizer_regex, tiny_bpe
+from models.bpe import (GPT2_SPLIT, BPETokenizer, _char_class, bytes_to_unicode, split_regex,
+                        tiny_bpe)
+from models.checkpoint import smollm2_path
 from models.llama import (TINY_LLAMA, LlamaConfig, LlamaForCausalLM, causal_mask,
-                          llama_from_gguf, rope_cos_sin, smollm2_path, unpermute_qk)
+                          llama_from_gguf, rope_cos_sin, unpermute_qk)
 
 TOK = tiny_bpe()
 
@@ -57,7 +59,7 @@ def test_letter_and_number_classes_follow_unicodedata(c):
 @given(st.text())
 def test_pre_tokenisation_is_lossless(text):
     """Every character lands in exactly one piece, whatever its category."""
-    assert "".join(pre_tokenizer_regex().findall(text)) == text
+    assert "".join(split_regex(GPT2_SPLIT).findall(text)) == text
     assert "".join(TOK.pre_tokenize(text)) == text
 
 
@@ -134,6 +136,11 @@ def test_decode_inverts_encode(text):
 def test_bad_merges_raise(merges, match):
     with pytest.raises(ValueError, match=match):
         BPETokenizer(list(bytes_to_unicode().values()), merges)
+
+
+def test_tokens_that_are_not_strings_raise():
+    with pytest.raises(ValueError, match="the tokens must be strings"):
+        BPETokenizer([*bytes_to_unicode().values(), 7], [])
 
 
 def test_unknown_pre_tokeniser_and_model_raise():
@@ -483,8 +490,9 @@ def test_label_scores_equal_unpadded_sums_of_log_probs(task, examples):
 @pytest.mark.parametrize("kw", [{}, {"tie_word_embeddings": False}])
 def test_tiny_decoder_equals_transformers_llama(kw):
     transformers = pytest.importorskip("transformers")
+    from test_hf_llama import hf_config
     ours = tiny(**kw)
-    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**ours.config.to_hf_dict()))
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_config(ours.config)))
     hf.load_state_dict(ours.state_dict())
     hf.eval()
     ids = torch.randint(0, 512, (3, 11))
@@ -502,8 +510,9 @@ def test_lora_adapter_from_our_decoder_loads_into_transformers_with_peft(tmp_pat
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
     from lora import add_lora, save_adapter
+    from test_hf_llama import hf_config
     ours = tiny()
-    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**ours.config.to_hf_dict()))
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_config(ours.config)))
     hf.load_state_dict(ours.state_dict())
     targets = ["q_proj", "v_proj", "down_proj"]
     add_lora(ours, targets, r=4, alpha=8, rank_pattern={"model.layers.1.self_attn.q_proj": 2})

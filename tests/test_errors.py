@@ -87,7 +87,8 @@ def stsb(score: str):
 
 def model_folder(edit=None, fifo: str | None = None, sharded: bool = False):
     """A setup writing an HF BERT folder of the tiny encoder, config.json changed by `edit`,
-    `fifo` (a file name) replaced by a FIFO, or the weights saved as one shard and its index."""
+    `fifo` (a file name) replaced by a FIFO, or the weights saved as a shard and an index that
+    also lists a second shard, missing."""
     def setup(tmp: Path) -> list[str]:
         import dataclasses
         import os
@@ -103,8 +104,10 @@ def model_folder(edit=None, fifo: str | None = None, sharded: bool = False):
             (m / fifo).unlink()
             os.mkfifo(m / fifo)
         if sharded:
-            (m / "model.safetensors").rename(m / "model-00001-of-00001.safetensors")
-            (m / "model.safetensors.index.json").write_text('{"weight_map": {}}')
+            (m / "model.safetensors").rename(m / "model-00001-of-00002.safetensors")
+            names = dict.fromkeys(BertModel(TINY).state_dict(), "model-00001-of-00002.safetensors")
+            names["pooler.dense.bias"] = "model-00002-of-00002.safetensors"
+            (m / "model.safetensors.index.json").write_text(json.dumps({"weight_map": names}))
         return ["--model", str(m)]
     return setup
 
@@ -271,8 +274,8 @@ CLI = [
      "num_hidden_layers=100000 but the weights hold 2 blocks"),
     ("--model: vocab.txt is a FIFO", model_folder(fifo="vocab.txt"),
      "vocab.txt is not a regular file"),
-    ("--model: weights in shards", model_folder(sharded=True),
-     "model.safetensors.index.json: sharded weights are not loaded: save them as one file"),
+    ("--model: weights in shards, one missing", model_folder(sharded=True),
+     "model-00002-of-00002.safetensors not found: model.safetensors.index.json lists it"),
     ("--model: an HF llama folder claiming 100000 layers", hf_llama(num_hidden_layers=100000),
      "num_hidden_layers=100000 but the weights hold 2 blocks"),
     ("--model: an HF folder with a SentencePiece tokenizer.json",

@@ -293,8 +293,10 @@ def test_llama_metadata_of_the_wrong_type_or_range_names_the_file_and_key(tiny_h
     ("tokenizer.ggml.bos_token_id", "0", "bos_token_id='0' is invalid: use an int"),
     ("tokenizer.ggml.add_bos_token", 1, "add_bos_token=1 is invalid: use true or false"),
     ("tokenizer.ggml.pre", 3, "pre=3 is invalid: use a string"),
-    ("tokenizer.ggml.tokens", [1, 2, 3], "tokens and .merges as lists of strings"),
-    ("tokenizer.ggml.merges", 7, "tokens and .merges as lists of strings"),
+    ("tokenizer.ggml.tokens", [1, 2, 3], "token_type has 410 entries for 3 tokens"),
+    ("tokenizer.ggml.tokens", "abc", "tokens='abc' is invalid: use a list"),
+    ("tokenizer.ggml.merges", 7, "merges=7 is invalid: use a list"),
+    ("tokenizer.ggml.merges", [7], "merge 0 7 is not two tokens"),
 ])
 def test_tokenizer_metadata_of_the_wrong_type_names_the_key(tiny_header, key, value, match):
     from models.bpe import BPETokenizer

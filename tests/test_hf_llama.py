@@ -1,10 +1,10 @@
 """HF folders of the LLaMA family (models.llama.llama_from_hf, BPETokenizer.from_hf_folder).
 
-Oracles: our own decoder written out as an HF folder (config.json, model.safetensors,
-tokenizer.json) and read back bit for bit; config fields and tokenizer options that
+Oracles: our own decoder written out as an HF folder (config.json, safetensors single or
+sharded, tokenizer.json) and read back bit for bit; config fields and tokenizer options that
 are refused by name, before any module is built. Peers (`-m peer`): transformers'
 Llama/Qwen2/Mistral ForCausalLM saved with save_pretrained (tied and untied, q/k/v bias, a
-sliding window) give our logits to 1e-4; transformers' PreTrainedTokenizerFast on a
+sliding window, sharded) give our logits to 1e-4; transformers' PreTrainedTokenizerFast on a
 tokenizer.json built with the `tokenizers` package from SmolLM2's GGUF
 vocabulary and merges give our ids on SST-2 dev.
 Run: .venv/bin/python -m pytest -q tests/test_hf_llama.py
@@ -66,15 +66,24 @@ def hf_config(config: LlamaConfig, family: str = "llama") -> dict:
 
 
 def write_folder(folder: Path, model: LlamaForCausalLM, family: str = "llama",
-                 tok: BPETokenizer | None = None) -> Path:
-    """Our model as an HF folder: config.json, tokenizer.json, model.safetensors."""
+                 tok: BPETokenizer | None = None, shards: int = 1) -> Path:
+    """Our model as an HF folder: config.json, tokenizer.json, model.safetensors, or with
+    shards > 1 the tensors round robin in that many files and their index (save_pretrained's)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(hf_config(model.config, family)))
     (folder / "tokenizer.json").write_text(json.dumps(tokenizer_json(tok or tiny_bpe())))
     sd = {k: v.contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         del sd["lm_head.weight"]
-    write_safetensors(folder / "model.safetensors", sd)
+    if shards == 1:
+        write_safetensors(folder / "model.safetensors", sd)
+        return folder
+    names = [f"model-{k + 1:05d}-of-{shards:05d}.safetensors" for k in range(shards)]
+    weight_map = {key: names[n % shards] for n, key in enumerate(sd)}
+    for name in names:
+        write_safetensors(folder / name, {k: v for k, v in sd.items() if weight_map[k] == name})
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": weight_map}))
     return folder
 
 
@@ -99,16 +108,17 @@ def _ids(n: int = 2, T: int = 12, vocab: int = 512) -> tuple[torch.Tensor, torch
 # round trips of our own decoder
 
 
-@pytest.mark.parametrize("family,kw", [
-    ("llama", {}),
-    ("llama", {"tie_word_embeddings": False, "qkv_bias": True, "o_bias": True}),
-    ("qwen2", {"qkv_bias": True, "tie_word_embeddings": False}),
-    ("mistral", {"sliding_window": 4, "head_dim": 8}),
+@pytest.mark.parametrize("family,kw,shards", [
+    ("llama", {}, 1),
+    ("llama", {"tie_word_embeddings": False, "qkv_bias": True, "o_bias": True}, 1),
+    ("qwen2", {"qkv_bias": True, "tie_word_embeddings": False}, 3),
+    ("mistral", {"sliding_window": 4, "head_dim": 8}, 2),
 ])
-def test_our_decoder_round_trips_through_an_hf_folder(tmp_path, family, kw):
-    """Every parameter, the tie, the biases and the window come back: logits bit-equal."""
+def test_our_decoder_round_trips_through_an_hf_folder(tmp_path, family, kw, shards):
+    """Every parameter, the tie, the biases and the window come back, from one safetensors
+    file or from shards and their index: logits bit-equal."""
     model = ours(**kw)
-    folder = write_folder(tmp_path / "m", model, family)
+    folder = write_folder(tmp_path / "m", model, family, shards=shards)
     assert is_decoder(str(folder))
     again, tok = load_model(str(folder))
     assert again.config == model.config and not again.training
@@ -229,13 +239,28 @@ def test_qwen2_needs_its_biases_and_llama_refuses_them(tmp_path):
         llama_from_hf(folder)
 
 
-def test_sharded_or_missing_weights_are_refused_naming_the_fix(tmp_path):
-    folder = write_folder(tmp_path / "m", ours())
-    (folder / "model.safetensors").rename(folder / "model-00001-of-00001.safetensors")
-    (folder / "model.safetensors.index.json").write_text('{"weight_map": {}}')
-    with pytest.raises(ValueError, match="index.json: sharded weights are not loaded: save"):
+def test_shard_index_problems_are_named_before_any_shard_is_read(tmp_path):
+    """A shard named outside the folder, a missing shard, an index leaving a shard out, no
+    weights at all: each refused naming the file."""
+    folder = write_folder(tmp_path / "m", ours(), shards=2)
+    index = folder / "model.safetensors.index.json"
+    good = json.loads(index.read_text())["weight_map"]
+    for outside in ("../x.safetensors", "/abs/x.safetensors", ".."):
+        index.write_text(json.dumps({"weight_map": dict(good, **{"model.norm.weight": outside})}))
+        with pytest.raises(ValueError, match=f"shard '{outside}' is not a file name in"):
+            llama_from_hf(folder)
+    index.write_text(json.dumps({"weight_map": dict(good, **{"model.norm.weight": "m3"})}))
+    with pytest.raises(FileNotFoundError, match="m3 not found: model.safetensors.index.json "
+                                                "lists it as a shard"):
         llama_from_hf(folder)
-    (folder / "model.safetensors.index.json").unlink()
+    index.write_text(json.dumps({"weight_map": {k: f for k, f in good.items()
+                                                if f != good["model.norm.weight"]}}))
+    with pytest.raises(ValueError, match=r"the weights do not fit the config: missing \['model"):
+        llama_from_hf(folder)  # a shard the index leaves out is not read
+    index.write_text('{"weight_map": ["a"]}')
+    with pytest.raises(ValueError, match=r"weight_map must be a \{tensor: file\} object"):
+        llama_from_hf(folder)
+    index.unlink()
     with pytest.raises(FileNotFoundError, match="model.safetensors not found"):
         llama_from_hf(folder)
 
@@ -353,23 +378,25 @@ def _transformers():
     return pytest.importorskip("transformers", reason=f"transformers missing: {PEERS}")
 
 
-HF_CASES = {
-    "llama-tied": ("LlamaConfig", "LlamaForCausalLM", {"tie_word_embeddings": True}),
+HF_CASES = {  # name -> config class, model class, config fields, save_pretrained's shard size
+    "llama-tied": ("LlamaConfig", "LlamaForCausalLM", {"tie_word_embeddings": True}, None),
     "llama-untied-bias": ("LlamaConfig", "LlamaForCausalLM",
-                          {"tie_word_embeddings": False, "attention_bias": True}),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"tie_word_embeddings": False}),
-    "qwen2-tied": ("Qwen2Config", "Qwen2ForCausalLM", {"tie_word_embeddings": True}),
-    "mistral-window": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 5}),
+                          {"tie_word_embeddings": False, "attention_bias": True}, None),
+    "llama-sharded": ("LlamaConfig", "LlamaForCausalLM", {"tie_word_embeddings": False}, "20KB"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"tie_word_embeddings": False}, None),
+    "qwen2-tied-sharded": ("Qwen2Config", "Qwen2ForCausalLM", {"tie_word_embeddings": True},
+                           "20KB"),
+    "mistral-window": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 5}, None),
 }
 
 
 @pytest.mark.peer
 @pytest.mark.parametrize("case", HF_CASES)
 def test_transformers_save_pretrained_folders_give_transformers_logits(tmp_path, case):
-    """A random tiny model saved by save_pretrained (one file) loads here with
+    """A random tiny model saved by save_pretrained (one file or sharded) loads here with
     the logits transformers computes, padded rows included (the padded positions aside)."""
     transformers = _transformers()
-    config_cls, model_cls, kw = HF_CASES[case]
+    config_cls, model_cls, kw, shard = HF_CASES[case]
     config = getattr(transformers, config_cls)(
         vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
@@ -381,7 +408,8 @@ def test_transformers_save_pretrained_folders_give_transformers_logits(tmp_path,
             if name.endswith("bias") or "norm" in name:
                 p.normal_(0, 0.5)
     folder = tmp_path / case
-    theirs.save_pretrained(folder)
+    theirs.save_pretrained(folder, **({"max_shard_size": shard} if shard else {}))
+    assert (folder / "model.safetensors.index.json").is_file() == bool(shard)
     (folder / "tokenizer.json").write_text(json.dumps(tokenizer_json(tiny_bpe())))
     model, _ = llama_from_hf(folder)
     assert (model.lm_head.weight is model.model.embed_tokens.weight) == \
@@ -414,7 +442,7 @@ def _smollm2_tokenizer_json(tmp_path: Path, pre: str) -> tuple[Path, BPETokenize
     3's / Qwen2's Split regex + ByteLevel(use_regex=false) (Llama 3's with ignore_merges and
     NFC as Qwen2's)."""
     tokenizers = pytest.importorskip("tokenizers", reason=f"tokenizers missing: {PEERS}")
-    from models.llama import smollm2_path
+    from models.checkpoint import smollm2_path
     try:
         gguf = _gguf_tokenizer(smollm2_path())
     except (ModuleNotFoundError, FileNotFoundError) as e:

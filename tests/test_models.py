@@ -557,7 +557,7 @@ def test_config_sizes_are_checked_against_the_weights_before_building(tmp_path, 
     ({"do_lower_case": "yes"}, "do_lower_case='yes' is invalid: use true or false"),
     ({"do_lower_case": None}, "do_lower_case=None"),
     ({"strip_accents": 1}, "strip_accents=1 is invalid: use true or false or null"),
-    ([1], "is not a JSON object"), ("{", "not valid JSON"),
+    ([1], "not a JSON object"), ("{", "not valid JSON"),
 ])
 def test_tokenizer_config_of_wrong_type_names_the_file(tmp_path, cfg, match):
     folder = write_folder(tmp_path / "m", hf_style_state_dict())

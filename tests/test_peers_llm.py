@@ -259,6 +259,7 @@ def test_train_py_fim_adapter_for_tiny_llama_serves_from_transformers(tmp_path):
         pytest.skip(f"{SST2 / 'train.tsv'} not found (GLUE SST-2 data)")
     import train
     from models import load_model
+    from test_hf_llama import hf_config
     out = tmp_path / "run"
     results = train.main(["--model", "tiny-llama", "--task", "sst2", "--data-dir", str(SST2),
                           "--method", "fim", "--steps", "3", "--batch-size", "4",
@@ -276,7 +277,7 @@ def test_train_py_fim_adapter_for_tiny_llama_serves_from_transformers(tmp_path):
     load_adapter(out / "adapter", ours)
     assert {n: m.r for n, m in lora_layers(ours).items()} == ranks
     plain = base()
-    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**plain.config.to_hf_dict()))
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_config(plain.config)))
     hf.load_state_dict(plain.state_dict())
     served = _quiet(peft.PeftModel.from_pretrained, hf.eval(), str(out / "adapter_peft")).eval()
     theirs = _peft_layers(peft, served)
