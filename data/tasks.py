@@ -2,8 +2,10 @@
 that is the mean of per-example losses over dim 0 (the per-example Fisher's contract), and an
 evaluation. The model and the plants draw from rng["init"], the planted eval set from rng["eval"].
 
-    task = glue_task(args, device, rng)   # or planted_task, data_task (--data FILE)
+    task = build_task(args, device, rng)   # planted_task, glue_task or data_task (--data FILE)
     loss = task.loss_fn(model, next(task.train_batches(rng["data"])))
+
+Under torchrun, shards() gives each process its slice of every batch and shard_loss() weighs it.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ Rng = dict[str, torch.Generator]
 HELD_OUT = 19  # GLUE --eval-fraction's stream: one slice for every --seed, --lr and method
 LABEL_SET = 16  # prompt → completion data with at most this many distinct completions,
 # each used twice on average, is scored as a label set too (exact-match accuracy)
+SHARD_WEIGHT = "shard_weight"  # a batch key: world·n_k/N, set by shards() on uneven splits
 
 
 def autocast(device: torch.device):
@@ -35,6 +38,10 @@ def autocast(device: torch.device):
 
 def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def n_rows(batch: dict) -> int:
+    return next(v.shape[0] for v in batch.values() if torch.is_tensor(v))
 
 
 class Task(NamedTuple):
@@ -126,9 +133,6 @@ def glue_task(args: argparse.Namespace, device: torch.device, rng: Rng) -> Task:
     return classify_task(args, device, rng, train, dev, glue.task_spec(args.task).num_labels,
                          lambda p, y: glue.compute_metrics(args.task, p, y),
                          lambda tok: args.task)
-
-
-causal_task = glue_task  # the model decides: a decoder gets prompts
 
 
 def completion_task(args: argparse.Namespace, device: torch.device, rng: Rng, train: list,
@@ -232,3 +236,39 @@ def planted_task(args: argparse.Namespace, device: torch.device, rng: Rng) -> Ta
         return {"loss": sum(loss_fn(m, b).item() for b in eval_set) / len(eval_set)}
     epoch = lambda g: [planted.random_batch(vocab, args.batch_size, seq, g)]  # noqa: E731
     return _task(model, [], epoch, None, loss_fn, evaluate, device, False, truth)
+
+
+def build_task(args: argparse.Namespace, device: torch.device, rng: Rng) -> Task:
+    """--data, the planted task, or a GLUE task (the model decides: a decoder gets prompts)."""
+    if args.data is not None:
+        return data_task(args, device, rng)
+    return (planted_task if args.task == "planted" else glue_task)(args, device, rng)
+
+
+# -----------------------------------------------------------------------------
+# torchrun: one process per device, each a disjoint shard of every global batch
+
+
+def shards(batches: Iterator[dict], rank: int, world: int) -> Iterator[dict]:
+    """Rank `rank`'s contiguous slice of every batch; on an uneven split the slice of n_k of N
+    rows carries SHARD_WEIGHT = world·n_k/N."""
+    for batch in batches:
+        n = n_rows(batch)
+        part = {k: v.tensor_split(world)[rank] if torch.is_tensor(v) and v.shape[:1] == (n,)
+                else v for k, v in batch.items()}
+        yield part | ({SHARD_WEIGHT: world * n_rows(part) / n} if n % world else {})
+
+
+def shard_loss(task: Task, batch_size: int, world: int) -> Task:
+    """The task whose loss weights an uneven shard's mean by SHARD_WEIGHT, so the ranks' mean
+    gradient (DDP's) is the whole batch's; refuses data that leaves a rank no row."""
+    left = (task.n_train or 0) % batch_size
+    if 0 < left < world:
+        raise ValueError(f"the last batch of each epoch has {left} rows (the training rows mod "
+                         f"--batch-size {batch_size}), fewer than the {world} processes: "
+                         "change --max-train or --batch-size")
+
+    def loss_fn(m: nn.Module, batch: dict) -> torch.Tensor:
+        rows = {k: v for k, v in batch.items() if k != SHARD_WEIGHT}
+        return task.loss_fn(m, rows) * batch.get(SHARD_WEIGHT, 1.0)
+    return task._replace(loss_fn=loss_fn)
