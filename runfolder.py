@@ -27,13 +27,13 @@ from pathlib import Path
 
 import torch
 
-from lora import atomic_write, fsync_dir, open_regular
+from lora import atomic_write, fsync_dir, lora_layers, open_regular, resize_lora
 
 CHECKPOINT = "checkpoint.pt"  # a dict, torch.save (nanoGPT's ckpt.pt)
 PUBLISHED = ("results.json", "adapter", "adapter_peft")  # results.json marks "finished"
 LOCK, TRASH, PUBLISH, MOVING = ".lock", ".trash-", ".publish", ".moving"
 FIELDS = {"step", "args", "model", "ranks", "alphas", "optimizer", "scheduler", "rng", "losses",
-          "evals", "seconds", "fw", "report"}  # train.checkpoint's
+          "evals", "seconds", "fw", "report"}  # checkpoint()'s
 
 
 def command(*argv: str | os.PathLike) -> str:
@@ -108,6 +108,46 @@ def tidy_out(out: Path) -> None:
         move_in(out)
     for left in [out / PUBLISH, *out.glob(TRASH + "*")]:
         remove(left)
+
+
+def checkpoint(model: torch.nn.Module, opt, sched, rng: dict, state: dict, args) -> dict:
+    """What a resume needs, one dict (nanoGPT's): trainable tensors, ranks, optimizer, schedule,
+    the generators the loop draws from, and the losses, evals, report and FW-LoRA state so far."""
+    layers = lora_layers(model)
+    return {"step": len(state["losses"]), "args": vars(args), "report": state["report"],
+            "model": {n: p.detach() for n, p in model.named_parameters() if p.requires_grad},
+            "ranks": {n: m.r for n, m in layers.items()},
+            "alphas": {n: m.alpha for n, m in layers.items()},
+            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "rng": {"data": rng["data"].get_state(), "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+            "losses": state["losses"], "evals": state["evals"], "seconds": state["seconds"],
+            "fw": state["fw"]}
+
+
+def restore(model: torch.nn.Module, opt, sched, state: dict, ckpt: dict, out: str) -> None:
+    """The checkpoint into the freshly built run (its ranks first), or ValueError if it does not
+    fit it."""
+    try:
+        for name, layer in lora_layers(model).items():
+            resize_lora(layer, int(ckpt["ranks"][name]), alpha=float(ckpt["alphas"][name]))
+        saved = ckpt["model"]
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        bad = sorted(set(params) ^ set(saved)) + [n for n in params if n in saved and (
+            saved[n].shape, saved[n].dtype) != (params[n].shape, params[n].dtype)]
+        if bad or len(ckpt["losses"]) != ckpt["step"]:
+            raise ValueError(f"the checkpoint's tensors or losses do not fit the run {bad[:3]}")
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(saved[n])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:
+        raise ValueError(f"--resume {out}: {e if isinstance(e, ValueError) else repr(e)}: "
+                         f"{CHECKPOINT} is damaged, or a peer's checkpoint, which resumes with the "
+                         "command that started it (transformers + PEFT)") from None
+    state.update(losses=ckpt["losses"], seconds=ckpt["seconds"], evals=ckpt["evals"],
+                 fw=ckpt["fw"])
 
 
 def read_checkpoint(out: Path) -> dict:

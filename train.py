@@ -33,7 +33,7 @@ import fimlora
 import runfolder
 from data import glue, planted
 from data.tasks import SHARD_WEIGHT, Task, build_task, n_rows, shard_loss, shards
-from lora import add_lora, lora_layers, resize_lora, save_adapter
+from lora import add_lora, lora_layers, save_adapter
 from models import model_path
 from models.checkpoint import is_decoder
 from runfolder import CHECKPOINT, command, write_json
@@ -344,10 +344,10 @@ def add_adapters(task: Task, args: argparse.Namespace, device: torch.device,
     """Uniform LoRA of rank r on every target; returns the model to train."""
     add_lora(task.model, args.targets.split(","), r=args.r, alpha=args.alpha,
              dropout=args.dropout, rslora=args.rslora, heads=task.heads, generator=rng["init"])
-    thin = {n: min(m.in_features, m.out_features) for n, m in lora_layers(task.model).items()
-            if min(m.in_features, m.out_features) < args.r}
-    for name, width in list(thin.items())[:1]:
-        raise ValueError(f"--r {args.r} exceeds min(d_in, d_out) = {width} of {name} "
+    thin = [(min(m.in_features, m.out_features), n) for n, m in lora_layers(task.model).items()
+            if min(m.in_features, m.out_features) < args.r]
+    if thin:
+        raise ValueError(f"--r {args.r} exceeds min(d_in, d_out) = {thin[0][0]} of {thin[0][1]} "
                          f"({len(thin)} such target matrices): lower --r")
     return task.model.to(device).train(task.train_mode)
 
@@ -461,47 +461,6 @@ def fw_step(train_model: nn.Module, model: nn.Module, task: Task, args: argparse
     return step
 
 
-def checkpoint(model: nn.Module, opt, sched, rng: dict, state: dict,
-               args: argparse.Namespace) -> dict:
-    """What a resume needs, one dict (nanoGPT's): trainable tensors, ranks, optimizer, schedule,
-    the generators the loop draws from, and the losses, evals, report and FW-LoRA state so far."""
-    layers = lora_layers(model)
-    return {"step": len(state["losses"]), "args": vars(args), "report": state["report"],
-            "model": {n: p.detach() for n, p in model.named_parameters() if p.requires_grad},
-            "ranks": {n: m.r for n, m in layers.items()},
-            "alphas": {n: m.alpha for n, m in layers.items()},
-            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "rng": {"data": rng["data"].get_state(), "torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-            "losses": state["losses"], "evals": state["evals"], "seconds": state["seconds"],
-            "fw": state["fw"]}
-
-
-def restore(model: nn.Module, opt, sched, state: dict, ckpt: dict, out: str) -> None:
-    """The checkpoint into the freshly built run (its ranks first), or ValueError if it does not
-    fit it."""
-    try:
-        for name, layer in lora_layers(model).items():
-            resize_lora(layer, int(ckpt["ranks"][name]), alpha=float(ckpt["alphas"][name]))
-        saved = ckpt["model"]
-        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        bad = sorted(set(params) ^ set(saved)) + [n for n in params if n in saved and (
-            saved[n].shape, saved[n].dtype) != (params[n].shape, params[n].dtype)]
-        if bad or len(ckpt["losses"]) != ckpt["step"]:
-            raise ValueError(f"the checkpoint's tensors or losses do not fit the run {bad[:3]}")
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(saved[n])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:
-        raise ValueError(f"--resume {out}: {e if isinstance(e, ValueError) else repr(e)}: "
-                         f"{CHECKPOINT} is damaged, or a peer's checkpoint, which resumes with the "
-                         "command that started it (transformers + PEFT)") from None
-    state.update(losses=ckpt["losses"], seconds=ckpt["seconds"], evals=ckpt["evals"],
-                 fw=ckpt["fw"])
-
-
 class Interrupted(Exception):
     """Ctrl-C or SIGTERM during training: a checkpoint was saved."""
 
@@ -514,16 +473,16 @@ class Diverged(FloatingPointError):
 def stop_requests() -> Iterator[dict]:
     """While training, Ctrl-C and SIGTERM set a flag the loop reads after each step (then it
     checkpoints and stops); a second Ctrl-C interrupts at once."""
-    flag = {"set": False}
+    stop = {"set": False}
 
     def handler(signum, frame):
-        if flag["set"]:
+        if stop["set"]:
             raise KeyboardInterrupt
-        flag["set"] = True
+        stop["set"] = True
     main = threading.current_thread() is threading.main_thread()
     old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
     try:
-        yield flag
+        yield stop
     finally:
         for sig, h in old.items():
             signal.signal(sig, h)
@@ -551,7 +510,7 @@ def train_loop(model: nn.Module, task: Task, args: argparse.Namespace,
     state = {"losses": [], "evals": [], "seconds": 0.0, "report": report,
              "fw": {"ema": {}, "importance": None}}
     if resume is not None:
-        restore(model, opt, sched, state, resume, args.out)
+        runfolder.restore(model, opt, sched, state, resume, args.out)
     start = len(state["losses"])
     print(f"training: {args.steps:,} steps, lr {args.lr:g}, {n_params(model):,} trainable "
           "parameters" + (f"; resumed at step {start:,}" if start else ""))
@@ -600,7 +559,7 @@ def train_loop(model: nn.Module, task: Task, args: argparse.Namespace,
             stopping = agreed(stop["set"], world, loss.device)
             if (step % every == 0 and step != args.steps) or stopping:
                 if rank == 0:
-                    ckpt = checkpoint(model, opt, sched, rng, state, args)
+                    ckpt = runfolder.checkpoint(model, opt, sched, rng, state, args)
                     runfolder.save_checkpoint(out, ckpt, last_good)
                 last_good = step
             if stopping:
@@ -702,13 +661,10 @@ def run(args: argparse.Namespace, adapt: Callable = add_adapters,
     """main() after parse_args: seed, device, task, adapt, method, loop, eval, publish (and
     --compare), holding --out's lock from before any work to its last write (rank 0)."""
     out, rank0 = Path(args.out), int(os.environ.get("RANK", "0")) == 0
-    with contextlib.ExitStack() as stack:
+    with runfolder.lock(out) if rank0 else contextlib.redirect_stdout(io.StringIO()):
         if rank0:  # the folder as it is now that it is ours: finish what a kill left, recheck
-            stack.enter_context(runfolder.lock(out))
             runfolder.tidy_out(out)
             check_out(args)
-        else:
-            stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
         results = train_run(args, adapt, finish)
         if args.compare:
             results["compare"] = compare_planted(argparse.Namespace(**results["args"]), results)
