@@ -32,7 +32,7 @@ import torch.nn as nn
 import fimlora
 import runfolder
 from data import glue, planted
-from data.tasks import SHARD_WEIGHT, Task, build_task, n_rows, shard_loss, shards
+from data.tasks import SHARD_WEIGHT, Task, agreed, build_task, init_distributed, n_rows, shards
 from lora import add_lora, lora_layers, save_adapter
 from models import model_path
 from models.checkpoint import is_decoder
@@ -280,7 +280,7 @@ def check_model(model: nn.Module, args: argparse.Namespace) -> None:
 
 
 # -----------------------------------------------------------------------------
-# seed, device, processes
+# seed, device
 
 
 def set_seed(seed: int) -> None:
@@ -309,30 +309,6 @@ def resolve_device(name: str) -> torch.device:
     print(f"device: {device} ({'bf16 autocast' if cuda else 'fp32'}"
           f"{', --device auto' if name == 'auto' else ''})")
     return device
-
-
-def init_distributed(device: torch.device, args: argparse.Namespace) -> tuple[int, int]:
-    """(rank, world size); under torchrun starts the process group (gloo on CPU, nccl on CUDA),
-    in which every rank takes an equal shard of each batch."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1
-    if args.batch_size % world:
-        raise ValueError(f"--batch-size {args.batch_size} is not divisible by the {world} "
-                         "processes: every rank takes an equal shard")
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return torch.distributed.get_rank(), world
-
-
-def agreed(vote: bool, world: int, device: torch.device) -> bool:
-    """True on every rank if it is true on any (all ranks stop together); on the process
-    group's device (nccl refuses CPU tensors)."""
-    if world == 1:
-        return vote
-    t = torch.tensor([float(vote)], device=device)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return bool(t.item())
 
 
 # -----------------------------------------------------------------------------
@@ -517,11 +493,8 @@ def train_loop(model: nn.Module, task: Task, args: argparse.Namespace,
     runfolder.trim_log(out, start)
     if resume is None and task.planted:
         log_eval(args, state, 0, task.evaluate(model))
-    train_model, batches = model, task.train_batches(rng["data"])
-    if world > 1:
-        task = shard_loss(task, args.batch_size, world)
-        train_model = torch.nn.parallel.DistributedDataParallel(model)
-        batches = shards(batches, rank, world)
+    train_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    batches = shards(task.train_batches(rng["data"]), rank, world)
     step_fn = fw_step(train_model, model, task, args, state["fw"]) if args.method == "fw" else (
         lambda k, micro: micro_backward(train_model, task.loss_fn, micro))
     for _ in range(start * args.grad_accum):  # the data order is a function of the seed
@@ -686,8 +659,7 @@ def train_run(args: argparse.Namespace, adapt: Callable, finish: Callable | None
     set_seed(args.seed)
     rng = random_streams(args.seed)
     device = resolve_device(args.device)
-    rank, world = init_distributed(device, args)
-    task = build_task(args, device, rng)
+    task, rank, world = init_distributed(build_task(args, device, rng), device, args.batch_size)
     args = resolve(args, task)
     model = adapt(task, args, device, rng)
     check_model(model, args)

@@ -5,13 +5,15 @@ evaluation. The model and the plants draw from rng["init"], the planted eval set
     task = build_task(args, device, rng)   # planted_task, glue_task or data_task (--data FILE)
     loss = task.loss_fn(model, next(task.train_batches(rng["data"])))
 
-Under torchrun, shards() gives each process its slice of every batch and shard_loss() weighs it.
+Under torchrun, init_distributed() weighs each process's slice of every batch (shards()) in the
+loss, and agreed() takes a vote.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from typing import NamedTuple
@@ -249,26 +251,46 @@ def build_task(args: argparse.Namespace, device: torch.device, rng: Rng) -> Task
 # torchrun: one process per device, each a disjoint shard of every global batch
 
 
-def shards(batches: Iterator[dict], rank: int, world: int) -> Iterator[dict]:
-    """Rank `rank`'s contiguous slice of every batch; on an uneven split the slice of n_k of N
-    rows carries SHARD_WEIGHT = world·n_k/N."""
-    for batch in batches:
-        n = n_rows(batch)
-        part = {k: v.tensor_split(world)[rank] if torch.is_tensor(v) and v.shape[:1] == (n,)
-                else v for k, v in batch.items()}
-        yield part | ({SHARD_WEIGHT: world * n_rows(part) / n} if n % world else {})
-
-
-def shard_loss(task: Task, batch_size: int, world: int) -> Task:
-    """The task whose loss weights an uneven shard's mean by SHARD_WEIGHT, so the ranks' mean
-    gradient (DDP's) is the whole batch's; refuses data that leaves a rank no row."""
-    left = (task.n_train or 0) % batch_size
+def init_distributed(task: Task, device: torch.device, batch_size: int) -> tuple[Task, int, int]:
+    """(task, rank, world size). Under torchrun: starts the process group (gloo on CPU, nccl on
+    CUDA) and returns the task whose loss weights an uneven shard's mean by SHARD_WEIGHT, so the
+    ranks' mean gradient (DDP's) is the whole batch's; refuses a --batch-size or data that leave
+    the ranks unequal shards or a rank no row."""
+    world, left = int(os.environ.get("WORLD_SIZE", "1")), (task.n_train or 0) % batch_size
+    if world == 1:
+        return task, 0, 1
+    if batch_size % world:
+        raise ValueError(f"--batch-size {batch_size} is not divisible by the {world} "
+                         "processes: every rank takes an equal shard")
     if 0 < left < world:
         raise ValueError(f"the last batch of each epoch has {left} rows (the training rows mod "
                          f"--batch-size {batch_size}), fewer than the {world} processes: "
                          "change --max-train or --batch-size")
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
     def loss_fn(m: nn.Module, batch: dict) -> torch.Tensor:
         rows = {k: v for k, v in batch.items() if k != SHARD_WEIGHT}
         return task.loss_fn(m, rows) * batch.get(SHARD_WEIGHT, 1.0)
-    return task._replace(loss_fn=loss_fn)
+    return task._replace(loss_fn=loss_fn), torch.distributed.get_rank(), world
+
+
+def agreed(vote: bool, world: int, device: torch.device) -> bool:
+    """True on every rank if it is true on any (all ranks stop together); on the process
+    group's device (nccl refuses CPU tensors)."""
+    if world == 1:
+        return vote
+    t = torch.tensor([float(vote)], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def shards(batches: Iterator[dict], rank: int, world: int) -> Iterator[dict]:
+    """Rank `rank`'s contiguous slice of every batch (one process: the batches themselves); on an
+    uneven split the slice of n_k of N rows carries SHARD_WEIGHT = world·n_k/N."""
+    def cut(batch: dict) -> dict:
+        n = n_rows(batch)
+        part = {k: v.tensor_split(world)[rank] if torch.is_tensor(v) and v.shape[:1] == (n,)
+                else v for k, v in batch.items()}
+        return part | ({SHARD_WEIGHT: world * n_rows(part) / n} if n % world else {})
+    return batches if world == 1 else map(cut, batches)
