@@ -129,7 +129,7 @@ def test_torchrun_on_cuda_gives_each_process_its_own_gpu(monkeypatch):
 def test_the_stop_vote_is_reduced_on_the_process_groups_device(monkeypatch):
     """agreed()'s tensor lives on the device it is given (the rank's GPU under nccl, which
     rejects CPU tensors); `meta` stands in for the GPU, the fake all_reduce records it."""
-    import train
+    from data.tasks import agreed
     seen = []
 
     class Reduced(Exception):
@@ -140,6 +140,6 @@ def test_the_stop_vote_is_reduced_on_the_process_groups_device(monkeypatch):
         raise Reduced
     monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
     with pytest.raises(Reduced):
-        train.agreed(True, 2, torch.device("meta"))
+        agreed(True, 2, torch.device("meta"))
     assert seen == [torch.device("meta")]
-    assert train.agreed(True, 1, torch.device("meta")) is True and len(seen) == 1
+    assert agreed(True, 1, torch.device("meta")) is True and len(seen) == 1
