@@ -3,8 +3,9 @@ rename, so a kill leaves each name whole or absent, and tidy_out (the next run) 
 
     with lock(out):                          # "--out X is in use by pid N" for a second run
         tidy_out(out)                        # finish a publish, drop temp files
-        atomic_write(out / CHECKPOINT, ...)  # checkpoint.pt: torch.save of a dict
-        publish(out, write)                  # .publish/ (results.json last) -> moved in
+        save_checkpoint(out, ckpt, step)     # checkpoint.pt: torch.save of a dict
+        log(out, {"step": 1, "loss": 0.7})   # a line of log.jsonl
+        publish(out, write, step)            # .publish/ (results.json last) -> moved in
 """
 
 from __future__ import annotations
@@ -15,21 +16,32 @@ import fcntl
 import json
 import math
 import os
+import re
+import shlex
 import shutil
 import socket
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 
-from lora import atomic_write, fsync_dir, open_regular
+from lora import atomic_write, fsync_dir, lora_layers, open_regular, resize_lora
 
 CHECKPOINT = "checkpoint.pt"  # a dict, torch.save (nanoGPT's ckpt.pt)
 PUBLISHED = ("results.json", "adapter", "adapter_peft")  # results.json marks "finished"
 LOCK, TRASH, PUBLISH, MOVING = ".lock", ".trash-", ".publish", ".moving"
 FIELDS = {"step", "args", "model", "ranks", "alphas", "optimizer", "scheduler", "rng", "losses",
-          "evals", "seconds", "fw", "report"}  # train.checkpoint's
+          "evals", "seconds", "fw", "report"}  # checkpoint()'s
+
+
+def command(*argv: str | os.PathLike) -> str:
+    """A command line for a message, runnable as printed: the interpreter running now ("python"
+    when that is the one on PATH, e.g. in an activated venv)."""
+    on_path = shutil.which("python")
+    same = on_path and os.path.abspath(on_path) == sys.executable
+    return shlex.join(["python" if same else sys.executable, *map(str, argv)])
 
 
 def staged(out: Path) -> bool:
@@ -98,6 +110,46 @@ def tidy_out(out: Path) -> None:
         remove(left)
 
 
+def checkpoint(model: torch.nn.Module, opt, sched, rng: dict, state: dict, args) -> dict:
+    """What a resume needs, one dict (nanoGPT's): trainable tensors, ranks, optimizer, schedule,
+    the generators the loop draws from, and the losses, evals, report and FW-LoRA state so far."""
+    layers = lora_layers(model)
+    return {"step": len(state["losses"]), "args": vars(args), "report": state["report"],
+            "model": {n: p.detach() for n, p in model.named_parameters() if p.requires_grad},
+            "ranks": {n: m.r for n, m in layers.items()},
+            "alphas": {n: m.alpha for n, m in layers.items()},
+            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "rng": {"data": rng["data"].get_state(), "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+            "losses": state["losses"], "evals": state["evals"], "seconds": state["seconds"],
+            "fw": state["fw"]}
+
+
+def restore(model: torch.nn.Module, opt, sched, state: dict, ckpt: dict, out: str) -> None:
+    """The checkpoint into the freshly built run (its ranks first), or ValueError if it does not
+    fit it."""
+    try:
+        for name, layer in lora_layers(model).items():
+            resize_lora(layer, int(ckpt["ranks"][name]), alpha=float(ckpt["alphas"][name]))
+        saved = ckpt["model"]
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        bad = sorted(set(params) ^ set(saved)) + [n for n in params if n in saved and (
+            saved[n].shape, saved[n].dtype) != (params[n].shape, params[n].dtype)]
+        if bad or len(ckpt["losses"]) != ckpt["step"]:
+            raise ValueError(f"the checkpoint's tensors or losses do not fit the run {bad[:3]}")
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(saved[n])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:
+        raise ValueError(f"--resume {out}: {e if isinstance(e, ValueError) else repr(e)}: "
+                         f"{CHECKPOINT} is damaged, or a peer's checkpoint, which resumes with the "
+                         "command that started it (transformers + PEFT)") from None
+    state.update(losses=ckpt["losses"], seconds=ckpt["seconds"], evals=ckpt["evals"],
+                 fw=ckpt["fw"])
+
+
 def read_checkpoint(out: Path) -> dict:
     """<out>/checkpoint.pt as saved, or ValueError / FileNotFoundError naming the way out."""
     path = out / CHECKPOINT
@@ -118,14 +170,21 @@ def read_checkpoint(out: Path) -> dict:
     return ckpt
 
 
-def publish(out: Path, write: Callable[[Path], None]) -> None:
+def save_checkpoint(out: Path, ckpt: dict, step: int) -> None:
+    """ckpt into <out>/checkpoint.pt in one rename (`step`: the last good checkpoint's)."""
+    with write_errors(out, step):
+        atomic_write(out / CHECKPOINT, lambda f: torch.save(ckpt, f))
+
+
+def publish(out: Path, write: Callable[[Path], None], step: int) -> None:
     """write(folder) puts the run's PUBLISHED entries into .publish/ (results.json last: the run
     counts as finished from then on), then they are moved into out."""
-    remove(out / PUBLISH)
-    (out / PUBLISH).mkdir()
-    write(out / PUBLISH)
-    fsync_dir(out / PUBLISH)
-    move_in(out)
+    with write_errors(out, step):
+        remove(out / PUBLISH)
+        (out / PUBLISH).mkdir()
+        write(out / PUBLISH)
+        fsync_dir(out / PUBLISH)
+        move_in(out)
 
 
 def move_in(out: Path) -> None:
@@ -161,24 +220,41 @@ def write_json(path: str | os.PathLike, obj: dict) -> None:
     atomic_write(Path(path), lambda f: f.write(text.encode()))
 
 
-def check_out(out: Path, resume: bool, overwrite: bool, resume_cmd: str) -> None:
+def log(out: Path, record: dict) -> None:
+    """Append one JSON line (a logged step or an eval) to <out>/log.jsonl; rank 0 only."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        with open(out / "log.jsonl", "a") as f:
+            f.write(json.dumps(finite(record)) + "\n")
+
+
+def trim_log(out: Path, step: int) -> None:
+    """A fresh run starts <out>/log.jsonl anew; a resumed one keeps its lines up to the
+    checkpoint's step (a killed run may have logged past it, or half a line)."""
+    if (out / "log.jsonl").is_file() and int(os.environ.get("RANK", "0")) == 0:
+        lines = (out / "log.jsonl").read_text(errors="replace").splitlines() if step else []
+        kept = [line + "\n" for line in lines  # the lines up to the step are whole
+                if (m := re.match(r'\{"step": (\d+)', line)) and int(m[1]) <= step]
+        atomic_write(out / "log.jsonl", lambda f: f.write("".join(kept).encode()))
+
+
+def check_out(out: Path, resume: bool, overwrite: bool) -> None:
     """--out must be a writable folder (or creatable as one) that holds no run, unless --resume or
-    --overwrite (resume_cmd: the command that continues it). Writes nothing."""
+    --overwrite. Writes nothing."""
     probe = next(p for p in [out, *out.parents] if os.path.exists(p))
     if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
         raise ValueError(f"--out {out}: {probe} is not a writable folder; pick another --out")
     if probe != out or resume or overwrite:  # (a name the system refuses: lock's error)
         return
     if not staged(out) and (out / CHECKPOINT).is_file():
-        raise ValueError(f"--out {out} holds an unfinished run: continue it with '{resume_cmd}', "
-                         "or pass --overwrite")
+        raise ValueError(f"--out {out} holds an unfinished run: continue it with '"
+                         f"{command('train.py', '--resume', out)}', or pass --overwrite")
     if (out / PUBLISHED[0]).exists() or staged(out):
         raise ValueError(f"--out {out} holds a finished run (results.json): pass --overwrite to "
                          "replace it, or choose another --out")
 
 
 @contextlib.contextmanager
-def write_errors(out: Path, resume: str, step: int) -> Iterator[None]:
+def write_errors(out: Path, step: int) -> Iterator[None]:
     """An OSError while writing into out (disk full, no permission) as a ValueError naming the
     file, what survived (the checkpoint of `step`, 0: none) and the command that continues."""
     try:
@@ -186,7 +262,7 @@ def write_errors(out: Path, resume: str, step: int) -> Iterator[None]:
     except OSError as e:
         kept = (f"the results are complete in {out / PUBLISH}: move its entries into {out}"
                 if staged(out) else f"the last checkpoint (step {step:,}) in {out / CHECKPOINT} "
-                f"is intact: continue with '{resume}'" if step else
+                f"is intact: continue with '{command('train.py', '--resume', out)}'" if step else
                 "no checkpoint was written: run the same command again")
         fix = "free disk space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "fix the cause"
         raise ValueError(f"cannot write {e.filename or out} ({e.strerror or e}); {kept} once you "

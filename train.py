@@ -3,8 +3,8 @@
     python train.py --method fim                  # the embedded planted task (--help: examples)
     torchrun --standalone --nproc_per_node 2 train.py ...          # one process per device
 
-main(): args -> seed -> device -> task -> adapt -> method -> loop -> eval -> save; runfolder.py
-keeps --out (lock, checkpoint, publish).
+main(): args -> seed -> device -> task -> adapt -> method -> loop -> eval -> save. runfolder.py
+keeps --out (lock, checkpoint, log, publish); data/tasks.py builds the task and its shards.
 """
 
 from __future__ import annotations
@@ -13,14 +13,11 @@ import argparse
 import contextlib
 import io
 import itertools
-import json
 import math
 import os
 import platform
 import random
 import re
-import shlex
-import shutil
 import signal
 import sys
 import tempfile
@@ -35,11 +32,11 @@ import torch.nn as nn
 import fimlora
 import runfolder
 from data import glue, planted
-from data.tasks import Task, causal_task, data_task, glue_task, planted_task
-from lora import add_lora, lora_layers, resize_lora, save_adapter
+from data.tasks import SHARD_WEIGHT, Task, agreed, build_task, init_distributed, n_rows, shards
+from lora import add_lora, lora_layers, save_adapter
 from models import model_path
 from models.checkpoint import is_decoder
-from runfolder import CHECKPOINT, atomic_write, finite, write_json
+from runfolder import CHECKPOINT, command, write_json
 
 METHODS = ("lora", "fim", "fw", "da", "fim+da")
 DEFAULT_TARGETS = {"planted": "query,key,value,output.dense,intermediate.dense",
@@ -52,7 +49,6 @@ METHOD_FLAGS = {("fim", "fim+da"): ("calib_batches", "score", "per_example", "bu
                 ("da", "fim+da"): ("da_samples", "da_beta", "da_gamma")}
 MAX_SCALE = 1e6  # alpha/r above this overflows the forward once B is nonzero
 PLANTED_EXAMPLES = 2**16  # the planted task's "training set" for calibration caps (it is endless)
-SHARD_WEIGHT = "shard_weight"  # a batch key: world·n_k/N, set by shards() on uneven splits
 EXAMPLES = """examples:
   python train.py --method fim                       # the embedded planted task, ~20 s
   python train.py --method fim --compare             # ... and how it compares with uniform LoRA
@@ -96,14 +92,6 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         skip = action.default in (None, False, argparse.SUPPRESS) or "default" in action.help
         return action.help + ("" if skip else " (default: %(default)s)")
-
-
-def command(*argv: str | os.PathLike) -> str:
-    """A command line for a message, runnable as printed: the interpreter running now ("python"
-    when that is the one on PATH, e.g. in an activated venv)."""
-    on_path = shutil.which("python")
-    same = on_path and os.path.abspath(on_path) == sys.executable
-    return shlex.join(["python" if same else sys.executable, *map(str, argv)])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -181,7 +169,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a = p.parse_args(argv)
     given = [k for k, v in vars(a).items() if v != p.get_default(k)]
     if a.resume is not None:  # the flags that would change the run are refused
-        drop = [f"--{k.replace('_', '-')}" for k in given if k not in ("resume", "threads")]
+        drop = [flag(k) for k in given if k not in ("resume", "threads")]
         if drop:
             raise ValueError(f"--resume takes the run's saved arguments; drop {', '.join(drop)}")
         if not Path(a.resume).is_dir():
@@ -203,6 +191,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def flag(name: str) -> str:
+    """The command-line flag of an args field: flag("r_max") == "--r-max"."""
+    return "--" + name.replace("_", "-")
+
+
 def check_args(a: argparse.Namespace, given: list[str]) -> None:
     """The checks that involve two flags or the machine (a flag's own range is its type's)."""
     data, planted = a.data is not None, a.task == "planted" and a.data is None
@@ -212,9 +205,9 @@ def check_args(a: argparse.Namespace, given: list[str]) -> None:
     errors = [f"--method {a.method} ignores {', '.join(mine)} (used by --method "
               f"{' / '.join(methods)} only): drop them or pick that method"
               for methods, flags in METHOD_FLAGS.items() if a.method not in methods
-              for mine in [[f"--{k.replace('_', '-')}" for k in flags if k in given]] if mine]
-    errors += [f"--{k.replace('_', '-')} needs --data FILE" for k in
-               ("eval_data", "text_field", "pair_field") if not data and getattr(a, k)]
+              for mine in [[flag(k) for k in flags if k in given]] if mine]
+    errors += [f"{flag(k)} needs --data FILE" for k in ("eval_data", "text_field", "pair_field")
+               if not data and getattr(a, k)]
     errors += [msg for bad, msg in [
         (a.steps and a.epochs, "--steps and --epochs both given: pick one"),
         (a.epochs and planted, "--epochs needs a finite training set: use --steps for planted"),
@@ -251,8 +244,7 @@ def check_args(a: argparse.Namespace, given: list[str]) -> None:
 
 
 def check_out(args: argparse.Namespace) -> None:
-    runfolder.check_out(Path(args.out), args.resume is not None, args.overwrite,
-                        command("train.py", "--resume", args.out))
+    runfolder.check_out(Path(args.out), args.resume is not None, args.overwrite)
 
 
 def resolve(args: argparse.Namespace, task: Task) -> argparse.Namespace:
@@ -267,7 +259,7 @@ def resolve(args: argparse.Namespace, task: Task) -> argparse.Namespace:
     for name, (used, cap) in caps.items():
         if used and getattr(args, name) > cap:
             new[name] = cap
-            print(f"--{name.replace('_', '-')} {getattr(args, name):,} capped at {cap:,} "
+            print(f"{flag(name)} {getattr(args, name):,} capped at {cap:,} "
                   f"({'half of --steps' if name == 'fw_warmup' else 'one pass over the data'})")
     return argparse.Namespace(**{**vars(args), **new})
 
@@ -278,78 +270,17 @@ def check_model(model: nn.Module, args: argparse.Namespace) -> None:
     if positions is not None and args.max_len > positions:
         raise ValueError(f"--max-len {args.max_len} exceeds the model's {positions} positions: "
                          f"use --max-len <= {positions}")
-    names: dict[int, list[str]] = {}  # a tied weight is one Parameter under several names
-    for n, p in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(p), []).append(n)
-    for n, m in lora_layers(model).items():
-        shared = [s for s in names[id(m.weight)] if not s.startswith(n + ".")]
-        if shared:
-            raise ValueError(f"--targets {args.targets}: {n} shares its weight with {shared[0]} "
+    for n, m in lora_layers(model).items():  # a tied weight is one Parameter under two names
+        tied = [s for s, p in model.named_parameters(remove_duplicate=False)
+                if p is m.weight and not s.startswith(n + ".")]
+        if tied:
+            raise ValueError(f"--targets {args.targets}: {n} shares its weight with {tied[0]} "
                              "(tied embeddings), so merging its ΔW would change the embeddings "
                              f"too; drop {n.rsplit('.', 1)[-1]} from --targets")
 
 
 # -----------------------------------------------------------------------------
-# torchrun: one process per device, each a disjoint shard of every global batch
-
-
-def init_distributed(device: torch.device, args: argparse.Namespace) -> tuple[int, int]:
-    """(rank, world size); under torchrun starts the process group (gloo on CPU, nccl on CUDA)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and args.batch_size % world:
-        raise ValueError(f"--batch-size {args.batch_size} is not divisible by the {world} "
-                         "processes: every rank takes an equal shard")
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank_world()
-
-
-def rank_world() -> tuple[int, int]:
-    dist = torch.distributed
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
-def shards(batches: Iterator[dict], rank: int, world: int) -> Iterator[dict]:
-    """Rank `rank`'s contiguous slice of every batch; on an uneven split the slice of n_k of N
-    rows carries SHARD_WEIGHT = world·n_k/N."""
-    for batch in batches:
-        if world == 1:
-            yield batch
-            continue
-        n = next(v for v in batch.values() if torch.is_tensor(v)).shape[0]
-        part = {k: v.tensor_split(world)[rank] if torch.is_tensor(v) and v.shape[:1] == (n,)
-                else v for k, v in batch.items()}
-        n_k = next(v for v in part.values() if torch.is_tensor(v)).shape[0]
-        yield part | ({SHARD_WEIGHT: world * n_k / n} if n % world else {})
-
-
-def shard_loss(task: Task, args: argparse.Namespace, world: int) -> Task:
-    """The task whose loss weights an uneven shard's mean by SHARD_WEIGHT, so the ranks' mean
-    gradient (DDP's) is the whole batch's; refuses data that leaves a rank no row."""
-    left = (task.n_train or 0) % args.batch_size
-    if world > 1 and 0 < left < world:
-        raise ValueError(f"the last batch of each epoch has {left} rows (the training rows mod "
-                         f"--batch-size {args.batch_size}), fewer than the {world} processes: "
-                         "change --max-train or --batch-size")
-
-    def loss_fn(m: nn.Module, batch: dict) -> torch.Tensor:
-        rows = {k: v for k, v in batch.items() if k != SHARD_WEIGHT}
-        return task.loss_fn(m, rows) * batch.get(SHARD_WEIGHT, 1.0)
-    return task._replace(loss_fn=loss_fn) if world > 1 else task
-
-
-def agreed(flag: bool, world: int, device: torch.device) -> bool:
-    """True on every rank if it is true on any (all ranks stop together); on the process
-    group's device (nccl refuses CPU tensors)."""
-    if world == 1:
-        return flag
-    t = torch.tensor([float(flag)], device=device)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return bool(t.item())
-
-
-# -----------------------------------------------------------------------------
-# seed, device, methods: each changes the freshly adapted model before training
+# seed, device
 
 
 def set_seed(seed: int) -> None:
@@ -380,10 +311,8 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def build_task(args: argparse.Namespace, device: torch.device, rng: dict) -> Task:
-    make = (data_task if args.data is not None else planted_task if args.task == "planted" else
-            causal_task if is_decoder(args.model) else glue_task)
-    return make(args, device, rng)
+# -----------------------------------------------------------------------------
+# adapt, then the method: each changes the freshly adapted model before training
 
 
 def add_adapters(task: Task, args: argparse.Namespace, device: torch.device,
@@ -391,20 +320,19 @@ def add_adapters(task: Task, args: argparse.Namespace, device: torch.device,
     """Uniform LoRA of rank r on every target; returns the model to train."""
     add_lora(task.model, args.targets.split(","), r=args.r, alpha=args.alpha,
              dropout=args.dropout, rslora=args.rslora, heads=task.heads, generator=rng["init"])
-    thin = {n: min(m.in_features, m.out_features) for n, m in lora_layers(task.model).items()
-            if min(m.in_features, m.out_features) < args.r}
-    for name, width in list(thin.items())[:1]:
-        raise ValueError(f"--r {args.r} exceeds min(d_in, d_out) = {width} of {name} "
+    thin = [(min(m.in_features, m.out_features), n) for n, m in lora_layers(task.model).items()
+            if min(m.in_features, m.out_features) < args.r]
+    if thin:
+        raise ValueError(f"--r {args.r} exceeds min(d_in, d_out) = {thin[0][0]} of {thin[0][1]} "
                          f"({len(thin)} such target matrices): lower --r")
     return task.model.to(device).train(task.train_mode)
 
 
 def apply_method(model: nn.Module, task: Task, args: argparse.Namespace,
-                 rng: dict[str, torch.Generator]) -> dict:
+                 rng: dict[str, torch.Generator], rank: int, world: int) -> dict:
     """fim and da change the adapted model before step 1 (fw acts in the loop); returns what
     they did. Under torchrun rank k calibrates on batches k, k + world, ... (maybe none); the
     statistics are all-reduced, so every rank gets the same model."""
-    rank, world = rank_world()
     calib = task.train_batches(rng["calib"])
     report = {"loss_at_B0": task.evaluate(model)["loss"]} if task.planted else {}  # loss_ratio's
     if args.method.startswith("fim"):
@@ -419,7 +347,7 @@ def apply_method(model: nn.Module, task: Task, args: argparse.Namespace,
     if args.method.endswith("da"):  # --da-samples examples, the last batch cut short
         t0, n = time.perf_counter(), max(1, math.ceil(args.da_samples / args.batch_size))
         batches = list(itertools.islice(calib, n))
-        sizes = [next(v.shape[0] for v in b.values() if torch.is_tensor(v)) for b in batches]
+        sizes = [n_rows(b) for b in batches]
         take = [min(k, max(0, args.da_samples - at))
                 for k, at in zip(sizes, itertools.accumulate(sizes, initial=0))]
         res = fimlora.lorada_init(model, batches[rank::world], task.loss_fn,
@@ -442,7 +370,7 @@ def layer_table(values: dict[str, float], fmt: str = "{}") -> str:
     for name, v in values.items():
         m = re.search(r"layers?\.(\d+)\.(.+)$", name)
         if m:
-            cells.setdefault(int(m.group(1)), {})[m.group(2)] = fmt.format(v)
+            cells.setdefault(int(m[1]), {})[m[2]] = fmt.format(v)
         else:
             rest.append(f"{name}: {fmt.format(v)}")
     cols = list(dict.fromkeys(c for row in cells.values() for c in row))
@@ -474,8 +402,7 @@ def micro_backward(train_model: nn.Module, loss_fn: Callable, micro: list[dict],
                    penalty: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
     """Forward and backward of one step's micro-batches, micro-batch c's mean loss weighted by
     n_c/Σn: the gradients of one batch of all Σn examples. Returns the step's loss."""
-    sizes = [next(v.shape[0] for v in b.values() if torch.is_tensor(v)) / b.get(SHARD_WEIGHT, 1)
-             for b in micro]
+    sizes = [n_rows(b) / b.get(SHARD_WEIGHT, 1) for b in micro]
     for c, batch in enumerate(micro):
         last = c == len(micro) - 1
         with (train_model.no_sync() if not last and hasattr(train_model, "no_sync")
@@ -510,47 +437,6 @@ def fw_step(train_model: nn.Module, model: nn.Module, task: Task, args: argparse
     return step
 
 
-def checkpoint(model: nn.Module, opt, sched, rng: dict, state: dict,
-               args: argparse.Namespace) -> dict:
-    """What a resume needs, one dict (nanoGPT's): trainable tensors, ranks, optimizer, schedule,
-    the generators the loop draws from, and the losses, evals, report and FW-LoRA state so far."""
-    layers = lora_layers(model)
-    return {"step": len(state["losses"]), "args": vars(args), "report": state["report"],
-            "model": {n: p.detach() for n, p in model.named_parameters() if p.requires_grad},
-            "ranks": {n: m.r for n, m in layers.items()},
-            "alphas": {n: m.alpha for n, m in layers.items()},
-            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "rng": {"data": rng["data"].get_state(), "torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-            "losses": state["losses"], "evals": state["evals"], "seconds": state["seconds"],
-            "fw": state["fw"]}
-
-
-def restore(model: nn.Module, opt, sched, state: dict, ckpt: dict, out: str) -> None:
-    """The checkpoint into the freshly built run (its ranks first), or ValueError if it does not
-    fit it."""
-    try:
-        for name, layer in lora_layers(model).items():
-            resize_lora(layer, int(ckpt["ranks"][name]), alpha=float(ckpt["alphas"][name]))
-        saved = ckpt["model"]
-        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        bad = sorted(set(params) ^ set(saved)) + [n for n in params if n in saved and (
-            saved[n].shape, saved[n].dtype) != (params[n].shape, params[n].dtype)]
-        if bad or len(ckpt["losses"]) != ckpt["step"]:
-            raise ValueError(f"the checkpoint's tensors or losses do not fit the run {bad[:3]}")
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(saved[n])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:
-        raise ValueError(f"--resume {out}: {e if isinstance(e, ValueError) else repr(e)}: "
-                         f"{CHECKPOINT} is damaged, or a peer's checkpoint, which resumes with the "
-                         "command that started it (transformers + PEFT)") from None
-    state.update(losses=ckpt["losses"], seconds=ckpt["seconds"], evals=ckpt["evals"],
-                 fw=ckpt["fw"])
-
-
 class Interrupted(Exception):
     """Ctrl-C or SIGTERM during training: a checkpoint was saved."""
 
@@ -563,16 +449,16 @@ class Diverged(FloatingPointError):
 def stop_requests() -> Iterator[dict]:
     """While training, Ctrl-C and SIGTERM set a flag the loop reads after each step (then it
     checkpoints and stops); a second Ctrl-C interrupts at once."""
-    flag = {"set": False}
+    stop = {"set": False}
 
     def handler(signum, frame):
-        if flag["set"]:
+        if stop["set"]:
             raise KeyboardInterrupt
-        flag["set"] = True
+        stop["set"] = True
     main = threading.current_thread() is threading.main_thread()
     old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
     try:
-        yield flag
+        yield stop
     finally:
         for sig, h in old.items():
             signal.signal(sig, h)
@@ -600,18 +486,17 @@ def train_loop(model: nn.Module, task: Task, args: argparse.Namespace,
     state = {"losses": [], "evals": [], "seconds": 0.0, "report": report,
              "fw": {"ema": {}, "importance": None}}
     if resume is not None:
-        restore(model, opt, sched, state, resume, args.out)
+        runfolder.restore(model, opt, sched, state, resume, args.out)
     start = len(state["losses"])
     print(f"training: {args.steps:,} steps, lr {args.lr:g}, {n_params(model):,} trainable "
           "parameters" + (f"; resumed at step {start:,}" if start else ""))
-    trim_log(out, start)
+    runfolder.trim_log(out, start)
     if resume is None and task.planted:
         log_eval(args, state, 0, task.evaluate(model))
     train_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    task = shard_loss(task, args, world)
+    batches = shards(task.train_batches(rng["data"]), rank, world)
     step_fn = fw_step(train_model, model, task, args, state["fw"]) if args.method == "fw" else (
         lambda k, micro: micro_backward(train_model, task.loss_fn, micro))
-    batches = shards(task.train_batches(rng["data"]), rank, world)
     for _ in range(start * args.grad_accum):  # the data order is a function of the seed
         next(batches)
     if resume is not None:
@@ -647,10 +532,8 @@ def train_loop(model: nn.Module, task: Task, args: argparse.Namespace,
             stopping = agreed(stop["set"], world, loss.device)
             if (step % every == 0 and step != args.steps) or stopping:
                 if rank == 0:
-                    with runfolder.write_errors(out, command("train.py", "--resume", out),
-                                                last_good):
-                        ckpt = checkpoint(model, opt, sched, rng, state, args)
-                        atomic_write(out / CHECKPOINT, lambda f: torch.save(ckpt, f))
+                    ckpt = runfolder.checkpoint(model, opt, sched, rng, state, args)
+                    runfolder.save_checkpoint(out, ckpt, last_good)
                 last_good = step
             if stopping:
                 raise Interrupted(f"interrupted at step {step:,}/{args.steps:,}, checkpoint "
@@ -668,31 +551,14 @@ def log_step(step: int, state: dict, sched, args: argparse.Namespace) -> None:
         print(f"step {step:>6,}/{args.steps:,} | loss {loss:.4g} | lr {lr:.2e} | "
               f"{seconds / done:.3f} s/step | ETA {(args.steps - step) * seconds / done:.0f}s",
               flush=True)
-        log_json(args, {"step": step, "loss": loss, "lr": lr,
-                        "examples_per_s": done * args.batch_size / seconds, "elapsed": seconds})
+        runfolder.log(Path(args.out), {"step": step, "loss": loss, "lr": lr, "elapsed": seconds,
+                                       "examples_per_s": done * args.batch_size / seconds})
 
 
 def log_eval(args: argparse.Namespace, state: dict, step: int, metrics: dict) -> None:
     state["evals"].append({"step": step, **metrics})
     print(f"eval @ {step}: {', '.join(f'{k} {v:.4g}' for k, v in metrics.items())}")
-    log_json(args, {"step": step, "eval": metrics, "elapsed": state["seconds"]})
-
-
-def log_json(args: argparse.Namespace, record: dict) -> None:
-    """Append one JSON line (a logged step or an eval) to <out>/log.jsonl; rank 0 only."""
-    if int(os.environ.get("RANK", "0")) == 0:
-        with open(Path(args.out) / "log.jsonl", "a") as f:
-            f.write(json.dumps(finite(record)) + "\n")
-
-
-def trim_log(out: Path, step: int) -> None:
-    """A fresh run starts <out>/log.jsonl anew; a resumed one keeps its lines up to the
-    checkpoint's step (a killed run may have logged past it, or half a line)."""
-    if (out / "log.jsonl").is_file() and int(os.environ.get("RANK", "0")) == 0:
-        lines = (out / "log.jsonl").read_text(errors="replace").splitlines() if step else []
-        kept = [line + "\n" for line in lines  # the lines up to the step are whole
-                if (m := re.match(r'\{"step": (\d+)', line)) and int(m[1]) <= step]
-        atomic_write(out / "log.jsonl", lambda f: f.write("".join(kept).encode()))
+    runfolder.log(Path(args.out), {"step": step, "eval": metrics, "elapsed": state["seconds"]})
 
 
 # -----------------------------------------------------------------------------
@@ -768,13 +634,10 @@ def run(args: argparse.Namespace, adapt: Callable = add_adapters,
     """main() after parse_args: seed, device, task, adapt, method, loop, eval, publish (and
     --compare), holding --out's lock from before any work to its last write (rank 0)."""
     out, rank0 = Path(args.out), int(os.environ.get("RANK", "0")) == 0
-    with contextlib.ExitStack() as stack:
+    with runfolder.lock(out) if rank0 else contextlib.redirect_stdout(io.StringIO()):
         if rank0:  # the folder as it is now that it is ours: finish what a kill left, recheck
-            stack.enter_context(runfolder.lock(out))
             runfolder.tidy_out(out)
             check_out(args)
-        else:
-            stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
         results = train_run(args, adapt, finish)
         if args.compare:
             results["compare"] = compare_planted(argparse.Namespace(**results["args"]), results)
@@ -796,8 +659,7 @@ def train_run(args: argparse.Namespace, adapt: Callable, finish: Callable | None
     set_seed(args.seed)
     rng = random_streams(args.seed)
     device = resolve_device(args.device)
-    rank, world = init_distributed(device, args)
-    task = build_task(args, device, rng)
+    task, rank, world = init_distributed(build_task(args, device, rng), device, args.batch_size)
     args = resolve(args, task)
     model = adapt(task, args, device, rng)
     check_model(model, args)
@@ -805,7 +667,7 @@ def train_run(args: argparse.Namespace, adapt: Callable, finish: Callable | None
         write_adapters(Path(tmp), model, task, args)
     print(f"model: {args.model}, {n_params(model, False):,} parameters; LoRA on "
           f"{len(lora_layers(model))} matrices ({args.targets}), r={args.r}")
-    report = resume["report"] if resume else apply_method(model, task, args, rng)
+    report = resume["report"] if resume else apply_method(model, task, args, rng, rank, world)
     out = Path(args.out)
     if rank == 0:  # --overwrite: the old checkpoint goes, its results stay until ours
         for name in (CHECKPOINT, "checkpoint") if args.overwrite else ():  # (an older fimlora's)
@@ -840,9 +702,7 @@ def train_run(args: argparse.Namespace, adapt: Callable, finish: Callable | None
         write_adapters(folder, model, task, args)
         write_json(folder / "results.json", results)
     if rank == 0:
-        with runfolder.write_errors(out, command("train.py", "--resume", out),
-                                    trained["last_good"]):
-            runfolder.publish(out, write)
+        runfolder.publish(out, write, trained["last_good"])
         print(f"wrote {out}")
     return results
 

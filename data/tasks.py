@@ -2,14 +2,18 @@
 that is the mean of per-example losses over dim 0 (the per-example Fisher's contract), and an
 evaluation. The model and the plants draw from rng["init"], the planted eval set from rng["eval"].
 
-    task = glue_task(args, device, rng)   # or planted_task, data_task (--data FILE)
+    task = build_task(args, device, rng)   # planted_task, glue_task or data_task (--data FILE)
     loss = task.loss_fn(model, next(task.train_batches(rng["data"])))
+
+Under torchrun, init_distributed() weighs each process's slice of every batch (shards()) in the
+loss, and agreed() takes a vote.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from typing import NamedTuple
@@ -27,6 +31,7 @@ Rng = dict[str, torch.Generator]
 HELD_OUT = 19  # GLUE --eval-fraction's stream: one slice for every --seed, --lr and method
 LABEL_SET = 16  # prompt → completion data with at most this many distinct completions,
 # each used twice on average, is scored as a label set too (exact-match accuracy)
+SHARD_WEIGHT = "shard_weight"  # a batch key: world·n_k/N, set by shards() on uneven splits
 
 
 def autocast(device: torch.device):
@@ -35,6 +40,10 @@ def autocast(device: torch.device):
 
 def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def n_rows(batch: dict) -> int:
+    return next(v.shape[0] for v in batch.values() if torch.is_tensor(v))
 
 
 class Task(NamedTuple):
@@ -126,9 +135,6 @@ def glue_task(args: argparse.Namespace, device: torch.device, rng: Rng) -> Task:
     return classify_task(args, device, rng, train, dev, glue.task_spec(args.task).num_labels,
                          lambda p, y: glue.compute_metrics(args.task, p, y),
                          lambda tok: args.task)
-
-
-causal_task = glue_task  # the model decides: a decoder gets prompts
 
 
 def completion_task(args: argparse.Namespace, device: torch.device, rng: Rng, train: list,
@@ -232,3 +238,59 @@ def planted_task(args: argparse.Namespace, device: torch.device, rng: Rng) -> Ta
         return {"loss": sum(loss_fn(m, b).item() for b in eval_set) / len(eval_set)}
     epoch = lambda g: [planted.random_batch(vocab, args.batch_size, seq, g)]  # noqa: E731
     return _task(model, [], epoch, None, loss_fn, evaluate, device, False, truth)
+
+
+def build_task(args: argparse.Namespace, device: torch.device, rng: Rng) -> Task:
+    """--data, the planted task, or a GLUE task (the model decides: a decoder gets prompts)."""
+    if args.data is not None:
+        return data_task(args, device, rng)
+    return (planted_task if args.task == "planted" else glue_task)(args, device, rng)
+
+
+# -----------------------------------------------------------------------------
+# torchrun: one process per device, each a disjoint shard of every global batch
+
+
+def init_distributed(task: Task, device: torch.device, batch_size: int) -> tuple[Task, int, int]:
+    """(task, rank, world size). Under torchrun: starts the process group (gloo on CPU, nccl on
+    CUDA) and returns the task whose loss weights an uneven shard's mean by SHARD_WEIGHT, so the
+    ranks' mean gradient (DDP's) is the whole batch's; refuses a --batch-size or data that leave
+    the ranks unequal shards or a rank no row."""
+    world, left = int(os.environ.get("WORLD_SIZE", "1")), (task.n_train or 0) % batch_size
+    if world == 1:
+        return task, 0, 1
+    if batch_size % world:
+        raise ValueError(f"--batch-size {batch_size} is not divisible by the {world} "
+                         "processes: every rank takes an equal shard")
+    if 0 < left < world:
+        raise ValueError(f"the last batch of each epoch has {left} rows (the training rows mod "
+                         f"--batch-size {batch_size}), fewer than the {world} processes: "
+                         "change --max-train or --batch-size")
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+    def loss_fn(m: nn.Module, batch: dict) -> torch.Tensor:
+        rows = {k: v for k, v in batch.items() if k != SHARD_WEIGHT}
+        return task.loss_fn(m, rows) * batch.get(SHARD_WEIGHT, 1.0)
+    return task._replace(loss_fn=loss_fn), torch.distributed.get_rank(), world
+
+
+def agreed(vote: bool, world: int, device: torch.device) -> bool:
+    """True on every rank if it is true on any (all ranks stop together); on the process
+    group's device (nccl refuses CPU tensors)."""
+    if world == 1:
+        return vote
+    t = torch.tensor([float(vote)], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def shards(batches: Iterator[dict], rank: int, world: int) -> Iterator[dict]:
+    """Rank `rank`'s contiguous slice of every batch (one process: the batches themselves); on an
+    uneven split the slice of n_k of N rows carries SHARD_WEIGHT = world·n_k/N."""
+    def cut(batch: dict) -> dict:
+        n = n_rows(batch)
+        part = {k: v.tensor_split(world)[rank] if torch.is_tensor(v) and v.shape[:1] == (n,)
+                else v for k, v in batch.items()}
+        return part | ({SHARD_WEIGHT: world * n_rows(part) / n} if n % world else {})
+    return batches if world == 1 else map(cut, batches)

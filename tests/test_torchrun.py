@@ -72,31 +72,35 @@ def test_two_gloo_processes_match_one_process(tmp_path, method):
 
 
 def test_shards_are_disjoint_and_cover_every_batch():
-    import train
+    from data.tasks import shards
     batch = {"input_ids": torch.arange(24).reshape(8, 3), "labels": torch.arange(8),
              "task": "sst2"}
-    parts = [next(train.shards(iter([batch]), k, 4)) for k in range(4)]
+    parts = [next(shards(iter([batch]), k, 4)) for k in range(4)]
     assert torch.equal(torch.cat([p["input_ids"] for p in parts]), batch["input_ids"])
     assert all(p["labels"].shape == (2,) and p["task"] == "sst2" for p in parts)
-    assert next(train.shards(iter([batch]), 0, 1)) is batch
+    assert next(shards(iter([batch]), 0, 1)) is batch
 
 
-def test_uneven_shards_carry_their_weight_and_a_rank_without_rows_is_refused():
+def test_uneven_shards_carry_their_weight_and_a_rank_without_rows_is_refused(monkeypatch):
     """5 rows over 2 ranks: 3 and 2, weighted 2·3/5 and 2·2/5 (their means then average to the
     5-row mean); even splits carry no weight. A last batch of 1 row over 2 ranks is refused."""
-    import argparse
-
-    import train
+    from data.tasks import SHARD_WEIGHT, Task, init_distributed, shards
     batch = {"input_ids": torch.arange(10).reshape(5, 2), "labels": torch.arange(5)}
-    parts = [next(train.shards(iter([batch]), k, 2)) for k in range(2)]
-    assert [p[train.SHARD_WEIGHT] for p in parts] == [6 / 5, 4 / 5]
-    assert train.SHARD_WEIGHT not in next(train.shards(iter([{"x": torch.ones(4)}]), 0, 2))
-    task = train.Task(None, [], None, 33, lambda m, b: b["labels"].float().mean(), None, True)
-    weighted = train.shard_loss(task._replace(n_train=37), argparse.Namespace(batch_size=8), 2)
+    parts = [next(shards(iter([batch]), k, 2)) for k in range(2)]
+    assert [p[SHARD_WEIGHT] for p in parts] == [6 / 5, 4 / 5]
+    assert SHARD_WEIGHT not in next(shards(iter([{"x": torch.ones(4)}]), 0, 2))
+    task = Task(None, [], None, 33, lambda m, b: b["labels"].float().mean(), None, True)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # a process group of 2, faked
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 0)
+    weighted, rank, world = init_distributed(task._replace(n_train=37), torch.device("cpu"), 8)
     losses = [weighted.loss_fn(None, p) for p in parts]
     assert (losses[0] + losses[1]) / 2 == pytest.approx(batch["labels"].float().mean().item())
+    assert (rank, world) == (0, 2) and weighted.loss_fn(None, batch) == 2  # whole: unweighted
     with pytest.raises(ValueError, match="last batch of each epoch has 1 rows"):
-        train.shard_loss(task, argparse.Namespace(batch_size=8), 2)
+        init_distributed(task, torch.device("cpu"), 8)
+    with pytest.raises(ValueError, match="--batch-size 7 is not divisible by the 2 processes"):
+        init_distributed(task, torch.device("cpu"), 7)
 
 
 def test_torchrun_on_cuda_gives_each_process_its_own_gpu(monkeypatch):
@@ -125,7 +129,7 @@ def test_torchrun_on_cuda_gives_each_process_its_own_gpu(monkeypatch):
 def test_the_stop_vote_is_reduced_on_the_process_groups_device(monkeypatch):
     """agreed()'s tensor lives on the device it is given (the rank's GPU under nccl, which
     rejects CPU tensors); `meta` stands in for the GPU, the fake all_reduce records it."""
-    import train
+    from data.tasks import agreed
     seen = []
 
     class Reduced(Exception):
@@ -136,6 +140,6 @@ def test_the_stop_vote_is_reduced_on_the_process_groups_device(monkeypatch):
         raise Reduced
     monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
     with pytest.raises(Reduced):
-        train.agreed(True, 2, torch.device("meta"))
+        agreed(True, 2, torch.device("meta"))
     assert seen == [torch.device("meta")]
-    assert train.agreed(True, 1, torch.device("meta")) is True and len(seen) == 1
+    assert agreed(True, 1, torch.device("meta")) is True and len(seen) == 1

@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import ROOT, SST2
 
+import runfolder
 import train
 from lora import add_lora, load_adapter
 from models import load_model
@@ -232,7 +233,8 @@ def test_grad_accum_consumes_n_batches_per_step_and_scales_epochs(tmp_path, monk
                              "--batch-size", "4", "--grad-accum", "2", "--out",
                              str(tmp_path / "c")])
     task = train.Task(None, [], None, 20, None, None, True)
-    monkeypatch.setattr(train, "glue_task", lambda *a: task)
+    from data import tasks
+    monkeypatch.setattr(tasks, "glue_task", lambda *a: task)
     assert train.build_task(args, torch.device("cpu"), {}) is task
     assert train.resolve(args, task).steps == 3 and args.steps is None  # ⌈20 / 8⌉, a new args
 
@@ -347,7 +349,7 @@ def test_log_jsonl_has_each_logged_step_and_eval_once_across_a_resume(tmp_path, 
 def test_printed_commands_use_the_running_interpreter(tmp_path, monkeypatch):
     """A message's command runs as printed: "python" only when that is this interpreter."""
     import shlex
-    monkeypatch.setattr(train.shutil, "which", lambda name: "/usr/bin/python")
+    monkeypatch.setattr(runfolder.shutil, "which", lambda name: "/usr/bin/python")
     assert train.command("train.py", "--resume", "a b") == \
         f"{shlex.quote(sys.executable)} train.py --resume 'a b'"
     (tmp_path / "o").mkdir()
@@ -355,7 +357,7 @@ def test_printed_commands_use_the_running_interpreter(tmp_path, monkeypatch):
     with pytest.raises(ValueError) as e:
         train.parse_args(["--out", str(tmp_path / "o")])
     assert shlex.split(str(e.value).split("'")[1])[:2] == [sys.executable, "train.py"]
-    monkeypatch.setattr(train.shutil, "which", lambda name: sys.executable)
+    monkeypatch.setattr(runfolder.shutil, "which", lambda name: sys.executable)
     assert train.command("train.py", "--resume", "x") == "python train.py --resume x"
 
 
