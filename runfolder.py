@@ -8,8 +8,6 @@ rename, so a kill leaves each name whole or absent, and tidy_out (the next run) 
         publish(out, write, step)            # .publish/ (results.json last) -> moved in
 """
 
-from __future__ import annotations
-
 import contextlib
 import errno
 import fcntl

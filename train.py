@@ -7,8 +7,6 @@ main(): args -> seed -> device -> task -> adapt -> method -> loop -> eval -> sav
 keeps --out (lock, checkpoint, log, publish); data/tasks.py builds the task and its shards.
 """
 
-from __future__ import annotations
-
 import argparse
 import contextlib
 import io

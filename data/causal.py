@@ -8,8 +8,6 @@ Batches hold input_ids, attention_mask, loss_mask (1 on answer tokens) and label
         loss = causal_loss(model(batch["input_ids"], batch["attention_mask"]), batch)
 """
 
-from __future__ import annotations
-
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 

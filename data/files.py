@@ -6,8 +6,6 @@ row raises ValueError naming `file:line`.
     train, labels = to_examples(read_rows("reviews.csv"), "text", None, "label")
 """
 
-from __future__ import annotations
-
 import csv
 import io
 import json

@@ -8,8 +8,6 @@ correlation (a constant side) is 0.
     class_metrics([1, 0, 1], [1, 0, 0], ("f1", "mcc"))   # {"accuracy": 2/3, "f1": 2/3, "mcc": 0.5}
 """
 
-from __future__ import annotations
-
 import bisect
 import itertools
 import math

@@ -6,8 +6,6 @@ output on random token sequences. Needs no files.
     loss = planted_loss(student, teacher, random_batch(vocab, 32, 32, generator=g))
 """
 
-from __future__ import annotations
-
 import copy
 import math
 from collections.abc import Sequence

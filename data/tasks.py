@@ -9,8 +9,6 @@ Under torchrun, init_distributed() weighs each process's slice of every batch (s
 loss, and agreed() takes a vote.
 """
 
-from __future__ import annotations
-
 import argparse
 import math
 import os

@@ -8,8 +8,6 @@ the rest (gpt2's, SmolLM2's digits first, or the Split regex of Llama 3 / Qwen2)
 UTF-8 bytes are spelled with GPT-2's byte map, then merged by rank.
 """
 
-from __future__ import annotations
-
 import functools
 import itertools
 import json
@@ -190,7 +188,7 @@ class BPETokenizer:
         self._cache = Memo(self._bpe_ids, CACHE_SIZE, CACHE_MAX_PIECE)  # piece -> ids
 
     @classmethod
-    def from_gguf(cls, metadata: dict, where: str = "GGUF metadata") -> BPETokenizer:
+    def from_gguf(cls, metadata: dict, where: str = "GGUF metadata") -> "BPETokenizer":
         """From GGUF metadata (`tokenizer.ggml.*`, model "gpt2"); errors name `where`."""
         if (model := metadata.get("tokenizer.ggml.model")) != "gpt2":
             raise ValueError(f"{where}: tokenizer.ggml.model={model!r}: only 'gpt2' (byte-level "
@@ -213,7 +211,7 @@ class BPETokenizer:
 
     @classmethod
     def from_tokenizer_json(cls, tj: dict, special_tokens: dict | None = None,
-                            where: str = "tokenizer.json") -> BPETokenizer:
+                            where: str = "tokenizer.json") -> "BPETokenizer":
         """From a parsed tokenizer.json: a BPE model, added tokens, normalizer none or NFC, the
         pre-tokenizers and BOS template _pre_tokenizer / _template_bos read; the rest is refused
         naming `where`. special_tokens: {"bos_token": str or {"content": str}, ...}
@@ -263,7 +261,7 @@ class BPETokenizer:
                              f"({type(e).__name__}: {e})") from None
 
     @classmethod
-    def from_hf_folder(cls, folder: str | os.PathLike) -> BPETokenizer:
+    def from_hf_folder(cls, folder: str | os.PathLike) -> "BPETokenizer":
         """tokenizer.json, with the bos/eos/pad tokens of tokenizer_config.json, else the
         *_token_id of config.json."""
         folder, names = Path(folder), {}

@@ -7,8 +7,6 @@ Files are read with lora's bounded readers; each config value is checked by type
 the layer count and tensor shapes against the config before a module is built.
 """
 
-from __future__ import annotations
-
 import importlib.util
 import os
 import sys

@@ -9,8 +9,6 @@ One block is BERT's post-LN layer with exact (erf) GELU:
 Reference: BERT, Devlin et al. 2018, arXiv:1810.04805.
 """
 
-from __future__ import annotations
-
 from dataclasses import dataclass
 
 import torch

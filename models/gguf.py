@@ -8,8 +8,6 @@ lie inside it, and a truncated or corrupt file raises one ValueError naming the 
 come back as float32 with torch shape = reversed dims; F32, F16, Q8_0 and Q4_1 are dequantised.
 """
 
-from __future__ import annotations
-
 import math
 import os
 import struct

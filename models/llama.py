@@ -11,8 +11,6 @@ Attn is causal, grouped-query, optionally within a sliding window (Mistral); Qwe
 biases. References: LLaMA arXiv:2302.13971, RoPE arXiv:2104.09864, GQA arXiv:2305.13245.
 """
 
-from __future__ import annotations
-
 import os
 from dataclasses import dataclass
 from pathlib import Path

@@ -8,8 +8,6 @@ split on whitespace; then greedy longest-match-first WordPiece per word ([UNK] f
 cannot spell). References: arXiv:1810.04805, arXiv:1609.08144.
 """
 
-from __future__ import annotations
-
 import os
 import unicodedata
 from collections.abc import Callable, Sequence
@@ -115,7 +113,7 @@ class WordPieceTokenizer:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, do_lower_case: bool = True,
-                  strip_accents: bool | None = None) -> WordPieceTokenizer:
+                  strip_accents: bool | None = None) -> "WordPieceTokenizer":
         """One token per line, the line number is the id (BERT's vocab.txt)."""
         try:
             text = read_regular(Path(path), VOCAB_LIMIT).decode("utf-8")

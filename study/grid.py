@@ -10,8 +10,6 @@ Recipe: train.py --model minilm --group-by-length (length-grouped batches, HF Tr
 method at the lr --select-lr chose in <root>/../lr/ (chosen.json) when there is one.
 """
 
-from __future__ import annotations
-
 import argparse
 import importlib.util
 import json

@@ -5,8 +5,6 @@ alternative allocation score (fim-kfac-params: study.scores), on train.py's reci
     python -m study.peers peft-eva -- --resume O
 """
 
-from __future__ import annotations
-
 import argparse
 import itertools
 import re

@@ -4,8 +4,6 @@
     python -m study.planted --plants anywhere --out results/planted_study_anywhere.json
 """
 
-from __future__ import annotations
-
 import argparse
 import math
 import subprocess

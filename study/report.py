@@ -4,8 +4,6 @@
     python -m study.report --root other/cells  # -> other/cells/README.md and its rank maps only
 """
 
-from __future__ import annotations
-
 import argparse
 import json
 import math

@@ -1,8 +1,6 @@
 """Alternative allocation scores (not FIM-LoRA's) for the study, reached through train.run's
 adapt hook: train.run(args, adapt=score_adapt("kfac")). They share fimlora's calibration pass."""
 
-from __future__ import annotations
-
 import itertools
 import math
 import time
