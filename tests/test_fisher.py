@@ -435,7 +435,7 @@ def dist_case(rank: int, world: int) -> dict:
     """Everything a rank computes from its share: every allocation score (FIM-LoRA's and
     study/scores.py's: ranks and scores), the per-example Fisher, scores from one batch over
     all ranks (rank 1 gets none), and
-    fw_track of a 7-row batch cut 4/3 as train.shards cuts it, each shard's mean loss weighted
+    fw_track of a 7-row batch cut 4/3 as data.tasks.shards cuts it, each shard's mean loss weighted
     by world·n_k/N (as train.py does) so the ranks' mean gradient is the whole batch's."""
     from study.scores import SCORES, initialize_ranks
     batches = uneven_batches()
