@@ -77,7 +77,8 @@ class BertLayer(nn.Module):
     def __init__(self, config: BertConfig):
         super().__init__()
         C, I = config.hidden_size, config.intermediate_size
-        self.n_head, self.dropout_p = config.num_attention_heads, config.attention_probs_dropout_prob
+        self.n_head = config.num_attention_heads
+        self.dropout_p = config.attention_probs_dropout_prob
         # three Linears, not one fused qkv: LoRA targets and checkpoints name them separately
         qkv = nn.ModuleDict({name: nn.Linear(C, C) for name in ("query", "key", "value")})
         self.attention = nn.ModuleDict({"self": qkv, "output": _add_norm(C, config)})
