@@ -276,10 +276,11 @@ def task_table(t: dict, verdict: dict) -> list[str]:
     value, rows, rnd = t["value"], [], score_method("random")
     seeds = sorted({s for _, s in value})
     for m in dict.fromkeys([*METHODS, *PEERS, *(m for m, _ in value)]):
-        got = [value[m, s] for s in seeds if (m, s) in value]
+        if not (got := [value[m, s] for s in seeds if (m, s) in value]):
+            continue  # a method with no cell here (yet)
         mine, v = [c for c in t["cells"] if c["method"] == m], verdict.get(m)
         steps = [c["per_step"] for c in mine if c["per_step"]]
-        mean = "–" if not got else f"{got[0]:.2f}" if len(got) == 1 else \
+        mean = f"{got[0]:.2f}" if len(got) == 1 else \
             f"{statistics.mean(got):.2f} ± {statistics.stdev(got):.2f}"
         rows.append([m, f"{len(got)} of {len(seeds)}", mean,
                      ", ".join(f"{value[m, s]:.2f}" if (m, s) in value else "–" for s in seeds),
@@ -358,16 +359,16 @@ def planted_lines(study: dict) -> list[str]:
 
 
 def smollm2_lines(root: Path) -> list[str]:
-    """SmolLM2 on SST-2 prompts from results/smollm2/<run>/results.json."""
-    runs = sorted((read_json(p) for p in root.glob("*/results.json")), key=lambda r: (
-        r["args"]["steps"] > 1, r["args"]["method"], r["args"]["seed"]))
-    rows = [["zero-shot (no training)" if a["steps"] == 1 and a["lr"] < 1e-9 else a["method"],
-             a["seed"], f"{a['steps']} × {a['batch_size']}",
-             f"{100 * r['metrics']['accuracy']:.2f}", f"{r['seconds']['per_step']:.2f}",
-             f"{r['seconds']['calibration']:.1f}"] for r in runs for a in [r["args"]]]
-    return section("SmolLM2-135M-Instruct on SST-2 prompts (`results/smollm2/`)", table(
-        ["method", "seed", "steps × batch", "dev accuracy", "s/step", "calibration s"],
-        "lrrrrr", rows)) if rows else []
+    """SmolLM2 on SST-2 prompts: the grid's table of root/sst2/<method>-s<seed> (paired Δ vs
+    lora), after the untrained model's accuracy (root/zeroshot)."""
+    cells = read_root(root) if (root / "sst2").is_dir() else []
+    zero = root / "zeroshot" / "results.json"
+    note = (f"The untrained model (zero-shot): dev accuracy "
+            f"{100 * read_result(zero)['metrics']['accuracy']:.2f} %." if zero.is_file() else "")
+    return section("SmolLM2-135M-Instruct on SST-2 prompts (`results/smollm2/`)", note, *(
+        task_table(t, {m: v for m, _ in t["value"] if m != "lora"
+                        and (v := table_verdict(t["value"], m))})
+        for t in tables(cells).values())) if cells else []
 
 
 def lr_lines(root: Path) -> list[str]:
