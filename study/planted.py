@@ -214,5 +214,5 @@ if __name__ == "__main__":
     except (KeyboardInterrupt, train.Interrupted):  # runs checkpoint in temp folders: no resume
         print("interrupted: nothing was written (the study writes its JSON at the end)",
               file=sys.stderr, flush=True)
-        sys.stdout.flush()  # os._exit: CPython turns any exit into death by SIGINT once a
-        os._exit(130)  # KeyboardInterrupt crossed its run_eval_code_obj (seen 1 in 4 under -m)
+        sys.stdout.flush()  # os._exit: with sys.exit(130), 1 Ctrl-C in 4 during setup still
+        os._exit(130)  # ended in death by SIGINT (-2) under `python -m` (CPython's exit path)
