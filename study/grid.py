@@ -13,6 +13,7 @@ method at the lr --select-lr chose in <root>/../lr/ (chosen.json) when there is 
 import argparse
 import importlib.util
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -244,12 +245,23 @@ def main(argv: list[str] | None = None) -> dict:
     return report.write_report(a.root)
 
 
+RESUME = ("finished cells are kept and an interrupted one resumes from its checkpoint; run the "
+          "same command again to go on")
+
+
+def on_sigterm(signum: int, frame) -> None:
+    """`kill <grid>` reaches the grid alone, not its cell: exiting runs run_cell's finally, which
+    hands the cell one SIGTERM (train.py checkpoints on it as on Ctrl-C) and waits for it."""
+    print(f"stopped (SIGTERM): {RESUME}", file=sys.stderr)
+    raise SystemExit(128 + signum)
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, on_sigterm)
     try:
         main()
     except (ValueError, FileNotFoundError, ImportError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:  # the cell checkpointed on the same Ctrl-C
-        print("interrupted: finished cells are kept and an interrupted one resumes from its "
-              "checkpoint; run the same command again to go on", file=sys.stderr)
+        print(f"interrupted: {RESUME}", file=sys.stderr)
         sys.exit(130)

@@ -499,10 +499,11 @@ def test_a_dry_run_plans_seeds_once_and_scores_at_the_parameter_budget(tmp_path,
     assert (tmp_path / "cells" / "README.md").is_file() and not (tmp_path / "results").exists()
 
 
-def test_ctrl_c_stops_the_grid_with_a_checkpoint_and_the_same_command_resumes(tmp_path):
-    """A terminal Ctrl-C (SIGINT to the whole process group) while a cell trains: the grid exits
-    130 with one line and no traceback, the cell keeps a checkpoint, and the same command again
-    resumes it to results.json."""
+@pytest.mark.parametrize("how,code", [("ctrl-c", 130), ("kill", 143)])
+def test_a_stopped_grid_leaves_a_checkpoint_and_the_same_command_resumes(tmp_path, how, code):
+    """A terminal Ctrl-C (SIGINT to the whole process group) or `kill <grid pid>` (SIGTERM to the
+    grid alone) while a cell trains: the grid exits 130 / 143 with one line and no traceback, its
+    cell is not left training, it keeps a checkpoint, and the same command again resumes it."""
     if not (SST2 / "train.tsv").is_file():
         pytest.skip(f"SST-2 not found at {SST2}")
     cmd = [sys.executable, "-m", "study.grid", "--root", str(tmp_path / "cells"), "--methods",
@@ -516,11 +517,16 @@ def test_ctrl_c_stops_the_grid_with_a_checkpoint_and_the_same_command_resumes(tm
     while time.time() < deadline and "step      2/" not in (
             (cell / "train.log").read_text() if (cell / "train.log").exists() else ""):
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGINT)
+    if how == "ctrl-c":
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        proc.terminate()
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "run the same command again" in err, err
+    assert proc.returncode == code and "run the same command again" in err, err
     assert "Traceback" not in err and not (cell / "results.json").exists()
     assert (cell / "checkpoint.pt").is_file()
+    left = subprocess.run(["pgrep", "-f", str(cell)], capture_output=True, text=True).stdout
+    assert not left, f"the cell still trains after its grid stopped: pid {left}"
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "resumed 1" in done.stdout, done.stdout + done.stderr
     assert (cell / "results.json").is_file()
