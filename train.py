@@ -658,6 +658,10 @@ def train_run(args: argparse.Namespace, adapt: Callable, finish: Callable | None
     rng = random_streams(args.seed)
     device = resolve_device(args.device)
     task, rank, world = init_distributed(build_task(args, device, rng), device, args.batch_size)
+    if i := task.info:  # the user's file as read: a stray label or a tiny split shows here
+        kinds = f"{len(i['labels'])} labels: {', '.join(map(repr, i['labels'][:8]))}"[:120]
+        print(f"data: {i['n_train']:,} train / {i['n_eval']:,} eval rows ({i['eval']}); "
+              f"{kinds if i['labels'] else 'free-form completions'}")
     args = resolve(args, task)
     model = adapt(task, args, device, rng)
     check_model(model, args)

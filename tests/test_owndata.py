@@ -278,12 +278,14 @@ def _run(tmp_path, *argv) -> dict:
 
 
 @pytest.mark.parametrize("model", ["tiny", "tiny-llama"])
-def test_csv_classification_end_to_end(tmp_path, model):
+def test_csv_classification_end_to_end(tmp_path, capsys, model):
     data = write(tmp_path / "reviews.csv", reviews())
     r = _run(tmp_path, "--data", str(data), "--model", model, "--method", "fim")
     assert r["data"] == {"file": str(data), "eval": "--eval-fraction 0.1",
                          "kind": "classification", "labels": ["negative", "positive"],
                          "n_train": 22, "n_eval": 2}
+    assert ("data: 22 train / 2 eval rows (--eval-fraction 0.1); 2 labels: 'negative', "
+            "'positive'\n") in capsys.readouterr().out  # what was read, before any training
     assert set(r["metrics"]) == {"accuracy", "f1", "mcc"}
 
 
@@ -311,12 +313,14 @@ def test_completion_end_to_end_with_label_set_and_eval_file(tmp_path):
     assert math.isclose(m["perplexity"], math.exp(m["nll"]), rel_tol=1e-9)
 
 
-def test_free_form_completions_get_no_accuracy(tmp_path):
+def test_free_form_completions_get_no_accuracy(tmp_path, capsys):
     rows = "".join(json.dumps({"prompt": f"Count to {i}:", "completion": f" {i} and {i + 1}"})
                    + "\n" for i in range(12))
     r = _run(tmp_path, "--data", str(write(tmp_path / "c.jsonl", rows)), "--model",
              "tiny-llama", "--eval-fraction", "0.25")
     assert set(r["metrics"]) == {"nll", "perplexity"} and r["data"]["n_eval"] == 3
+    assert "data: 9 train / 3 eval rows (--eval-fraction 0.25); free-form completions\n" in (
+        capsys.readouterr().out)
 
 
 @pytest.mark.peer
