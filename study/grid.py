@@ -129,6 +129,8 @@ def check_grid(a: argparse.Namespace, extra: list[str]) -> tuple[dict[str, Path]
         raise ValueError(f"--data-root {a.data_root}: no such folder; pass the folder that "
                          "holds the GLUE task folders (SST-2, CoLA, ...)")
     data_dirs = {t: a.data_root / glue.TASKS[t].folder for t in dict.fromkeys(a.tasks)}
+    for name in ["README.md", *(f"ranks_{t}.svg" for t in data_dirs)]:  # the report's, at the
+        report.check_ours(a.root / name)  # end: a user's file there is named before any training
     absent = [f"{d.name}/train.tsv" for d in data_dirs.values() if not (d / "train.tsv").is_file()]
     if absent and not a.dry_run:
         raise ValueError(f"--data-root {a.data_root} holds no {', '.join(absent)}: pass the "

@@ -457,7 +457,17 @@ GRID_ERRORS = [
                                                   "--grad-accum", "2"],
      "--grad-accum 2: peft-adalora trains one batch per step"),
     ("nothing to run", lambda t: ["--methods"], "nothing to run"),
+    ("the user's README.md in --root", lambda t: _own_file(t / "mine" / "README.md"),
+     "README.md exists and study.report did not write it: move it"),
+    ("the user's rank map in --root", lambda t: _own_file(t / "mine" / "ranks_cola.svg"),
+     "ranks_cola.svg exists and study.report did not write it"),
 ]
+
+
+def _own_file(path):
+    path.parent.mkdir()
+    path.write_text("<svg>my own notes</svg>\n")
+    return ["--wet", "--root", str(path.parent), "--tasks", "cola", "--data-root", str(SST2.parent)]
 
 
 @pytest.mark.parametrize("label,setup,match", GRID_ERRORS, ids=[g[0] for g in GRID_ERRORS])
@@ -727,3 +737,16 @@ def test_ctrl_c_in_the_planted_study_says_nothing_was_written(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "nothing was written" in err, err
     assert "Traceback" not in err and not out.exists()
+
+
+def test_the_report_never_overwrites_a_users_file_in_its_root(tmp_path):
+    """A report into a user's folder: its own README.md (or a rank map of ours, rewritten) is
+    fine, the user's README.md is named and left as it was, and nothing else is written."""
+    write_cell(tmp_path / "cells", "sst2", "lora", 0, 0.8)
+    report.main(["--root", str(tmp_path / "cells")])
+    report.main(["--root", str(tmp_path / "cells")])  # its own page: regenerated
+    page = tmp_path / "cells" / "README.md"
+    page.write_text("# my notes on these cells\n")
+    with pytest.raises(ValueError, match="README.md exists and study.report did not write it"):
+        report.main(["--root", str(tmp_path / "cells")])
+    assert page.read_text() == "# my notes on these cells\n"
