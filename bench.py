@@ -23,7 +23,7 @@ from lora import add_lora, lora_layers, merge_lora
 from models import WordPieceTokenizer, load_model, model_path
 from runfolder import write_json
 from study.peers import peer_versions
-from study.report import bounded, table
+from study.report import bounded, check_ours, table
 from train import environment
 
 TARGETS = ["query", "key", "value", "dense"]
@@ -197,6 +197,11 @@ def writable(text: str) -> Path:
     if Path(text).is_dir() or not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
         raise argparse.ArgumentTypeError(f"{text}: cannot be written (a folder, or no writable "
                                          "folder above it); pass a file such as b.json")
+    try:  # replace a bench's JSON and table, never a user's file
+        check_ours(Path(text), (b'{\n  "rows": [',))
+        check_ours(Path(text).with_suffix(".md"), (b"| row | figure | goal |",))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     return Path(text)
 
 

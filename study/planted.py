@@ -21,7 +21,7 @@ import train
 from data import planted
 from data.planted import oracle_ranks
 from lora import lora_layers, name_matches
-from study.report import SCORES, bounded, paired_stats, planted_lines
+from study.report import SCORES, bounded, check_ours, paired_stats, planted_lines
 from study.scores import shuffled
 
 CRITERION = ("the task can judge allocation if the searched oracle (the best allocation a small "
@@ -183,6 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
                    help="train.py --plants: reach keeps plants off query and key")
     p.add_argument("--out", default="results/planted_study.json")
     a = p.parse_args(argv)
+    check_ours(Path(a.out), (b'{\n  "what": "',))  # a study's JSON, never a user's file
     print(f"criterion, stated before running: {CRITERION}", flush=True)
     per = [study_seed(s, a.steps, a.threads, a.plants) for s in dict.fromkeys(a.seeds)]
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,

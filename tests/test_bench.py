@@ -6,6 +6,7 @@ Run: .venv/bin/python -m pytest tests/test_bench.py -q
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -69,6 +70,19 @@ def test_a_bench_output_that_cannot_be_written_is_refused_before_the_model_loads
     with pytest.raises(SystemExit):
         bench.main(["--no-peers", "--out", out])
     assert f"argument --out: {out}: cannot be written" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["notes.json", "notes.md"])
+def test_a_users_file_at_the_output_is_refused_and_kept(tmp_path, capsys, monkeypatch, name):
+    """--out notes.json writes notes.json and notes.md: a user's file at either is named before
+    any timing and kept; a bench's own pair is replaced (results/ holds one)."""
+    monkeypatch.setattr(bench, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    (tmp_path / name).write_text("my notes\n")
+    with pytest.raises(SystemExit):
+        bench.main(["--no-peers", "--out", str(tmp_path / "notes.json")])
+    assert f"{name} exists and this tool did not write it" in capsys.readouterr().err
+    assert (tmp_path / name).read_text() == "my notes\n"
+    assert bench.writable(str(Path(bench.__file__).parent / "results" / "bench.json"))
 
 
 def test_a_missing_gpu_is_refused_before_the_model_loads(tmp_path, monkeypatch):

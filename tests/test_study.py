@@ -459,9 +459,9 @@ GRID_ERRORS = [
      "--grad-accum 2: peft-adalora trains one batch per step"),
     ("nothing to run", lambda t: ["--methods"], "nothing to run"),
     ("the user's README.md in --root", lambda t: _own_file(t / "mine" / "README.md"),
-     "README.md exists and study.report did not write it: move it"),
+     "README.md exists and this tool did not write it: move it"),
     ("the user's rank map in --root", lambda t: _own_file(t / "mine" / "ranks_cola.svg"),
-     "ranks_cola.svg exists and study.report did not write it"),
+     "ranks_cola.svg exists and this tool did not write it"),
 ]
 
 
@@ -724,6 +724,15 @@ def test_the_study_judges_each_score_by_both_controls():
     assert not wide["finds"]["gradw"]["finds_plants"]
 
 
+def test_the_planted_study_refuses_a_users_file_at_out_before_training(tmp_path, monkeypatch):
+    monkeypatch.setattr(planted, "study_seed", lambda *a: pytest.fail("trained"))
+    (tmp_path / "notes.json").write_text('{"mine": 1}')
+    with pytest.raises(ValueError, match="notes.json exists and this tool did not write it"):
+        planted.main(["--out", str(tmp_path / "notes.json")])
+    assert (tmp_path / "notes.json").read_text() == '{"mine": 1}'
+    planted.check_ours(ROOT / "results" / "planted_study.json", (b'{\n  "what": "',))  # its own
+
+
 def test_ctrl_c_in_the_planted_study_says_nothing_was_written(tmp_path):
     """The study writes its JSON only at the end: an interrupted one leaves nothing behind and
     its Ctrl-C line promises no resume."""
@@ -748,6 +757,6 @@ def test_the_report_never_overwrites_a_users_file_in_its_root(tmp_path):
     report.main(["--root", str(tmp_path / "cells")])  # its own page: regenerated
     page = tmp_path / "cells" / "README.md"
     page.write_text("# my notes on these cells\n")
-    with pytest.raises(ValueError, match="README.md exists and study.report did not write it"):
+    with pytest.raises(ValueError, match="README.md exists and this tool did not write it"):
         report.main(["--root", str(tmp_path / "cells")])
     assert page.read_text() == "# my notes on these cells\n"
