@@ -249,6 +249,22 @@ def check_out(out: Path, resume: bool, overwrite: bool) -> None:
     if (out / PUBLISHED[0]).exists() or staged(out):
         raise ValueError(f"--out {out} holds a finished run (results.json): pass --overwrite to "
                          "replace it, or choose another --out")
+    names = [n for n in (*PUBLISHED[1:], "log.jsonl") if os.path.lexists(out / n)
+             and not (n == "log.jsonl" and our_log(out / n))]  # (a run killed before a checkpoint)
+    if names:
+        raise ValueError(f"--out {out} holds {', '.join(names)} but no run (no results.json or "
+                         f"{CHECKPOINT}): a run would replace {'it' if len(names) == 1 else 'them'}"
+                         "; choose another --out, or pass --overwrite")
+
+
+def our_log(path: Path) -> bool:
+    """log.jsonl as log() writes it: empty, or its first line a JSON object with a "step"."""
+    try:
+        with open(path, "rb") as f:
+            first = f.readline(1 << 16)
+        return not first or "step" in json.loads(first)
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 @contextlib.contextmanager

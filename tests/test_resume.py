@@ -126,6 +126,32 @@ def test_finished_run_is_refused_unless_overwrite_and_kept_until_replaced(tmp_pa
     assert second["seed"] == 2 and sorted(p.name for p in out.iterdir()) == DONE
 
 
+@pytest.mark.parametrize("name,content", [("adapter/notes.txt", "mine"),
+                                          ("adapter_peft", None), ("log.jsonl", '{"mine": 1}')])
+def test_a_users_files_under_a_runs_names_are_refused_unless_overwrite(tmp_path, name, content):
+    """--out a folder of the user's that holds adapter/, adapter_peft/ or its own log.jsonl
+    (no results.json, no checkpoint): the run would replace them, so it is refused and they
+    are kept; --overwrite replaces them."""
+    out, path = tmp_path / "o", tmp_path / "o" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(content) if content else path.mkdir()
+    with pytest.raises(ValueError, match=f"holds {name.split('/')[0]} but no run .*--overwrite"):
+        run(out)
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == sorted(
+        {name, name.split("/")[0]})
+    run(out, "--overwrite")
+    assert sorted(p.name for p in out.iterdir()) == DONE
+
+
+def test_a_log_left_by_a_run_killed_before_its_first_checkpoint_is_started_anew(tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "log.jsonl").write_text('{"step": 1, "loss": 0.69}\n')  # what such a kill leaves
+    run(out)
+    logged = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "loss" in r] == list(range(1, 9))  # the old line gone
+
+
 def test_ctrl_c_in_a_compare_twin_run_points_at_the_saved_run(tmp_path, monkeypatch):
     """--compare trains twins in temp folders after this run published: a Ctrl-C there names
     the saved results, not a resume command for a checkpoint about to be deleted."""
