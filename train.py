@@ -68,8 +68,8 @@ def number(kind: type, lo: float = -math.inf, hi: float = math.inf, lo_open: boo
         if math.isfinite(v) and above and below:
             return v
         want = ("a finite number" if not math.isfinite(v) else
-                f"{'>' if lo_open else '>='} {lo:g}" if hi == math.inf else
-                f"a number in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}")
+                f"{'>' if lo_open else '>='} {lo:.10g}" if hi == math.inf else
+                f"a number in {'[('[lo_open]}{lo:.10g}, {hi:.10g}{'])'[hi_open]}")
         raise argparse.ArgumentTypeError(f"{text}: use {want}")
     parse.__name__ = kind.__name__  # argparse's "invalid int value: 'x'"
     return parse
@@ -147,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--da-beta", type=WEIGHT, default=0.03, help="da: the paper's β")
     g.add_argument("--da-gamma", type=RATE, default=1024.0, help="da: the paper's γ")
     g = p.add_argument_group("run")
-    g.add_argument("--seed", type=INDEX, default=0, help="seeds data order, init, calibration")
+    g.add_argument("--seed", type=number(int, 0, 2**32 - 1), default=0,  # the CPU generator
+                   help="seeds data order, init, calibration")  # keeps 32 bits: 2**32 is 0
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="auto: cuda (bf16 autocast) when available, else cpu")
     g.add_argument("--threads", type=number(int, 0, 4 * (os.cpu_count() or 1)), default=0,

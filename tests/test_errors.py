@@ -153,7 +153,10 @@ CLI = [
     ("--max-train 0", plain("--max-train", "0"), "--max-train 0: use >= 1"),
     ("--max-eval -1", plain("--max-eval", "-1"), "--max-eval -1: use >= 1"),
     ("--log-every 0", plain("--log-every", "0"), "--log-every 0: use >= 1"),
-    ("--seed -1", plain("--seed", "-1"), "--seed -1: use >= 0"),
+    ("--seed -1", plain("--seed", "-1"), "--seed -1: use a number in [0, 4294967295]"),
+    # torch's CPU generator keeps a seed's low 32 bits: 2**32 would silently repeat seed 0
+    ("--seed 2**32", plain("--seed", str(2**32)), "--seed 4294967296: use a number in [0, "),
+    ("--seed 1e20", plain("--seed", "1" + "0" * 20), "use a number in [0, 4294967295]"),
     ("--threads -1", plain("--threads", "-1"), "--threads -1: use a number in [0, "),
     ("--save-every -2", plain("--save-every", "-2"), "--save-every -2: use >= 0"),
     ("--grad-clip -1", plain("--grad-clip", "-1"), "--grad-clip -1: use >= 0"),
