@@ -235,9 +235,10 @@ def trim_log(out: Path, step: int) -> None:
         atomic_write(out / "log.jsonl", lambda f: f.write("".join(kept).encode()))
 
 
-def check_out(out: Path, resume: bool, overwrite: bool) -> None:
-    """--out must be a writable folder (or creatable as one) that holds no run, unless --resume or
-    --overwrite. Writes nothing."""
+def check_out(args) -> None:
+    """args.out must be a writable folder (or creatable as one) that holds no run, unless
+    --resume or --overwrite. Writes nothing."""
+    out, resume, overwrite = Path(args.out), args.resume is not None, args.overwrite
     probe = next(p for p in [out, *out.parents] if os.path.exists(p))
     if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
         raise ValueError(f"--out {out}: {probe} is not a writable folder; pick another --out")

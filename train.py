@@ -186,7 +186,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             "lr": a.lr or (5e-3 if task == "planted" else 5e-4), "out": a.out or out,
             "eval_fraction": a.eval_fraction or (0.1 if task == "data" else None),
             "steps": a.steps or (None if a.epochs else 600 if task == "planted" else 1000)})
-    check_out(args)
+    runfolder.check_out(args)
     return args
 
 
@@ -209,6 +209,7 @@ def check_args(a: argparse.Namespace, given: list[str]) -> None:
                if not data and getattr(a, k)]
     errors += [msg for bad, msg in [
         (a.steps and a.epochs, "--steps and --epochs both given: pick one"),
+        (a.eval_data and a.eval_fraction, "--eval-data and --eval-fraction both given: pick one"),
         (a.epochs and planted, "--epochs needs a finite training set: use --steps for planted"),
         (scale > MAX_SCALE, f"--alpha {a.alpha:g}: the LoRA scale alpha/"
                             f"{'sqrt(r)' if a.rslora else 'r'} = {scale:.3g} overflows the "
@@ -240,10 +241,6 @@ def check_args(a: argparse.Namespace, given: list[str]) -> None:
          "--device cuda but CUDA is not available: use --device auto or cpu")] if bad]
     if errors:
         raise ValueError("; ".join(errors))
-
-
-def check_out(args: argparse.Namespace) -> None:
-    runfolder.check_out(Path(args.out), args.resume is not None, args.overwrite)
 
 
 def resolve(args: argparse.Namespace, task: Task) -> argparse.Namespace:
@@ -636,7 +633,7 @@ def run(args: argparse.Namespace, adapt: Callable = add_adapters,
     with runfolder.lock(out) if rank0 else contextlib.redirect_stdout(io.StringIO()):
         if rank0:  # the folder as it is now that it is ours: finish what a kill left, recheck
             runfolder.tidy_out(out)
-            check_out(args)
+            runfolder.check_out(args)
         results = train_run(args, adapt, finish)
         if args.compare:
             results["compare"] = compare_planted(argparse.Namespace(**results["args"]), results)

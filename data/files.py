@@ -164,6 +164,10 @@ def to_examples(rows: Sequence[Row], text_field: str, pair_field: str | None, la
             raise ValueError(f"{rows[0].where}: every label is {labels[0]!r}: classification "
                              f"needs two classes or more (is --label-field {label_field} the "
                              "label column?)")
+        if len(labels) == len(raw) > 3:  # no class seen twice: a text or id column, not labels
+            raise ValueError(f"{rows[0].where}: every row has a label of its own ({len(raw)} "
+                             f"rows, {len(raw)} labels): is --label-field {label_field} the "
+                             "label column?")
     ids = {str(v): i for i, v in enumerate(labels)}
     examples = []
     for r, (a, b), v in zip(rows, texts, raw):

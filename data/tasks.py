@@ -193,6 +193,9 @@ def data_task(args: argparse.Namespace, device: torch.device, rng: Rng) -> Task:
     else:
         text = next((f for f in files.TEXT_FIELDS if f in rows[0].fields), "text")
         fields = (args.text_field or text, args.pair_field, args.label_field)
+        named = [f"--{k}-field {v}" for k, v in zip(("text", "pair", "label"), fields) if v]
+        if len({v for v in fields if v}) < len(named):
+            raise ValueError(f"{', '.join(named)}: one column named twice; give each its own")
         train, labels = files.to_examples(rows, *fields)
         dev = files.to_examples(eval_rows, *fields, labels)[0] if eval_rows else None
     if dev is None:

@@ -107,7 +107,7 @@ def adalora_train(args: argparse.Namespace) -> dict:
     update_and_allocate must run between optimizer.step and zero_grad; no checkpoints."""
     out = Path(args.out)
     with runfolder.lock(out):  # one owner of --out, as train.run's cells
-        train.check_out(args)
+        runfolder.check_out(args)
         if args.threads:
             torch.set_num_threads(args.threads)
         train.set_seed(args.seed)

@@ -244,6 +244,15 @@ CLI = [
     ("--eval-fraction 1", own({"d.csv": ROWS}, "--data", "d.csv", "--eval-fraction", "1"),
      "--eval-fraction 1: use a number in (0, 1)"),
     ("--eval-data without --data", plain("--eval-data", "e.csv"), "--eval-data needs --data"),
+    ("--eval-data with --eval-fraction", own({"d.csv": ROWS}, "--data", "d.csv", "--eval-data",
+                                             "d.csv", "--eval-fraction", "0.2"),
+     "--eval-data and --eval-fraction both given: pick one"),
+    ("--pair-field the text column", own({"d.csv": ROWS}, "--data", "d.csv", "--pair-field",
+                                         "text"), "--pair-field text, --label-field label: one "
+     "column named twice"),
+    ("--label-field an id column", own({"d.csv": "id,text,label\n" + "".join(
+        f"{i},t{i},{i % 2}\n" for i in range(6))}, "--data", "d.csv", "--label-field", "id"),
+     "d.csv:2: every row has a label of its own (6 rows, 6 labels): is --label-field id"),
     ("--eval-fraction 0 on GLUE", plain("--task", "sst2", "--data-dir", ".", "--eval-fraction",
                                         "0"), "--eval-fraction 0: use a number in (0, 1)"),
     ("--eval-fraction on the planted task", plain("--eval-fraction", "0.1"),
