@@ -178,8 +178,10 @@ def fisher_scores(model: nn.Module, batches: Iterable, loss_fn: LossFn, score: s
     fisher = {n: sum_sq[n] / count for n in layers}
     if sum_g:
         fisher = {n: (f - (sum_g[n] / count).square()).clamp_min(0.0) for n, f in fisher.items()}
-    return {"scores": {n: f.mean().item() for n, f in fisher.items()}, "fisher": fisher,
-            "count": count}
+    scores = {n: f.mean().item() for n, f in fisher.items()}
+    if not any(scores.values()):  # allocate_ranks would give uniform ranks without a word
+        raise ValueError(f"every {score} score is 0: loss_fn's loss does not reach a lora_B")
+    return {"scores": scores, "fisher": fisher, "count": count}
 
 # -----------------------------------------------------------------------------
 # 2. FIM-LoRA budgeted rank allocation (pure Python, exact)

@@ -385,6 +385,9 @@ def save_adapter(path: str | os.PathLike, model: nn.Module, targets: Sequence[st
         raise ValueError(f"format={format!r} is invalid: use 'fimlora' or 'peft'")
     targets, heads = _names(targets, "targets"), _names(heads, "heads", model=model)
     layers, tensors = lora_layers(model), lora_state_dict(model, heads)
+    if not layers and not heads:
+        raise ValueError("nothing to save: the model has no LoRA layer (add_lora first) and no "
+                         "heads were named")
     if len(rslora := {m.rslora for m in layers.values()}) > 1:
         raise ValueError("layers disagree on rsLoRA; one adapter has one scaling rule")
     rslora, dropout = rslora == {True}, max((m.dropout.p for m in layers.values()

@@ -120,6 +120,16 @@ def test_variance_is_centred_second_moment_of_batch_gradients():
     assert_stats(result, {n: g.var(0, unbiased=False) for n, g in G.items()})
 
 
+def test_scores_that_are_all_zero_are_an_error_not_uniform_ranks():
+    """A loss that never reaches a lora_B scores every matrix 0, and allocate_ranks would hand
+    back the uniform ranks without a word."""
+    model, batches = make_model(), make_batches(2)
+    detached = lambda m, b: loss_fn(m, b).detach().requires_grad_()  # noqa: E731
+    for score in ("efim", "variance"):
+        with pytest.raises(ValueError, match=f"every {score} score is 0: loss_fn's loss does "):
+            fisher_scores(model, batches, detached, score=score)
+
+
 @pytest.mark.parametrize("score", ["efim", "variance"])
 def test_per_example_equals_loop_over_unpadded_examples(score):
     """Oracle: each example alone, without its padding, as a batch of one."""

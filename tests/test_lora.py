@@ -243,6 +243,13 @@ def test_peft_format_leaves_rank_0_layers_out_and_loads_them_as_rank_0(tmp_path)
     assert plain.block[0]["dense"].r == 0 and torch.equal(plain(x), model(x))
 
 
+def test_saving_a_model_without_lora_or_heads_is_refused_before_any_write(tmp_path):
+    for fmt in ("fimlora", "peft"):
+        with pytest.raises(ValueError, match="nothing to save: the model has no LoRA layer"):
+            save_adapter(tmp_path / fmt, Net(), format=fmt)
+        assert not (tmp_path / fmt).exists()
+
+
 def test_load_state_dict_checks_shapes_before_writing():
     model = Net()
     add_lora(model, ["query"], r=2, alpha=4)
