@@ -180,7 +180,9 @@ def fisher_scores(model: nn.Module, batches: Iterable, loss_fn: LossFn, score: s
         fisher = {n: (f - (sum_g[n] / count).square()).clamp_min(0.0) for n, f in fisher.items()}
     scores = {n: f.mean().item() for n, f in fisher.items()}
     if not any(scores.values()):  # allocate_ranks would give uniform ranks without a word
-        raise ValueError(f"every {score} score is 0: loss_fn's loss does not reach a lora_B")
+        raise ValueError(f"every {score} score is 0: " + ("one gradient has no variance; pass 2 "
+                         "batches or more" if sum_g and count == 1 else "loss_fn's loss does "
+                         "not reach a lora_B"))
     return {"scores": scores, "fisher": fisher, "count": count}
 
 # -----------------------------------------------------------------------------

@@ -128,6 +128,8 @@ def test_scores_that_are_all_zero_are_an_error_not_uniform_ranks():
     for score in ("efim", "variance"):
         with pytest.raises(ValueError, match=f"every {score} score is 0: loss_fn's loss does "):
             fisher_scores(model, batches, detached, score=score)
+    with pytest.raises(ValueError, match="variance score is 0: one gradient has no variance; "):
+        fisher_scores(model, batches, loss_fn, score="variance", n_batches=1)
 
 
 @pytest.mark.parametrize("score", ["efim", "variance"])
