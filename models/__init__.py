@@ -31,10 +31,16 @@ def load_model(name_or_path: str, num_labels: int | None = None,
         return LlamaForCausalLM(TINY_LLAMA, generator), tiny_bpe()
     if name_or_path == "smollm2":
         return llama_from_gguf(smollm2_path())
-    if is_decoder(name_or_path):
-        return llama_from_hf(model_path(name_or_path))
     if name_or_path == "tiny":
         model = (BertModel(TINY, generator) if num_labels is None
                  else BertForSequenceClassification(TINY, num_labels, generator))
         return model, WordPieceTokenizer(tiny_vocab())
-    return load_pretrained(model_path(name_or_path), num_labels, generator)
+    folder = model_path(name_or_path)
+    try:
+        return (llama_from_hf(folder) if is_decoder(name_or_path) else
+                load_pretrained(folder, num_labels, generator))
+    except FileNotFoundError as e:  # a file the folder lacks: say what a folder holds
+        raise FileNotFoundError(f"{e}: an HF model folder holds config.json, the weights and the "
+                                "tokenizer (vocab.txt for BERT, else tokenizer.json), as "
+                                "save_pretrained of the model and its tokenizer writes them"
+                                ) from None

