@@ -9,7 +9,6 @@ row raises ValueError naming `file:line`.
 import csv
 import io
 import json
-import math
 import os
 import re
 from collections import Counter
@@ -23,6 +22,7 @@ MAX_BYTES = 1 << 30  # of one file, held in memory (MNLI's train.tsv, the larges
 FORMATS = (".csv", ".tsv", ".jsonl")
 TEXT_FIELDS = ("text", "sentence")  # --text-field's default: the first one the file has
 _INT = re.compile(r"-?[0-9]{1,18}")  # an integer label; longer digit strings stay strings
+_FLOAT = re.compile(r"\s*[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?\s*")  # as float()
 
 
 class Example(NamedTuple):
@@ -49,8 +49,7 @@ def _csv_records(path: Path, text: str) -> list[tuple[int, list[str]]]:
             records.append((start, values))
             start = reader.line_num + 1
     except csv.Error as e:
-        raise ValueError(f"{path}:{start}: malformed CSV ({e}); fix the quoting of the row") \
-            from None
+        raise ValueError(f"{path}:{start}: malformed CSV ({e}); fix the row's quoting") from None
     return records
 
 
@@ -147,7 +146,7 @@ def _text(row: Row, name: str, fix: str, label: bool = False) -> str:
 def to_examples(rows: Sequence[Row], text_field: str, pair_field: str | None, label_field: str,
                 labels: Sequence[str | int] | None = None) -> tuple[list[Example], tuple]:
     """(examples with class ids, the label values in id order): without `labels` the sorted
-    unique labels of `rows`, ints when every label is an integer (so "2" < "10").
+    unique labels of `rows`, ints when every label is an integer (so "2" < "10"), never a mix.
     to_examples(rows, "text", None, "label") == ([Example("fine", None, 1), ...], (0, 1))"""
     fix = "pass --{}-field NAME or fix the row".format
     texts = [(_text(r, text_field, fix("text")),
@@ -155,10 +154,13 @@ def to_examples(rows: Sequence[Row], text_field: str, pair_field: str | None, la
     raw = [_text(r, label_field, fix("label"), label=True) for r in rows]
     if labels is None:
         ints = all(_INT.fullmatch(v) for v in raw)
-        if not ints and all(_finite(v) for v in raw):
-            i = next(i for i, v in enumerate(raw) if not _INT.fullmatch(v))
-            raise ValueError(f"{rows[i].where}: label {raw[i]!r} is a float: regression is not "
-                             "supported; use class names or integer ids")
+        odd = [i for i, v in enumerate(raw) if not re.fullmatch(r"-?[0-9]+", v)]
+        if odd and all(_FLOAT.fullmatch(v) for v in raw):
+            raise ValueError(f"{rows[odd[0]].where}: label {raw[odd[0]]!r} is a float: regression "
+                             "is not supported; use class names or integer ids")
+        if 0 < len(odd) < len(raw):  # integer ids and a name: a stray row, not a class
+            raise ValueError(f"{rows[odd[0]].where}: label {raw[odd[0]]!r} is not an integer, but "
+                             f"{len(raw) - len(odd)} of {len(raw)} labels are: fix the row")
         labels = tuple(sorted({int(v) for v in raw} if ints else set(raw)))
         if len(labels) < 2:
             raise ValueError(f"{rows[0].where}: every label is {labels[0]!r}: classification "
@@ -178,13 +180,6 @@ def to_examples(rows: Sequence[Row], text_field: str, pair_field: str | None, la
                              f"({shown}); fix the row or add the class to the training file")
         examples.append(Example(a, b, ids[key]))
     return examples, tuple(labels)
-
-
-def _finite(s: str) -> bool:
-    try:
-        return math.isfinite(float(s))
-    except ValueError:
-        return False
 
 
 def to_completions(rows: Sequence[Row]) -> list[Completion]:

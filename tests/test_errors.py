@@ -219,6 +219,10 @@ CLI = [
                                              "--data", "d.jsonl"), "(a int), not a string"),
     ("--data: a float label", own({"d.jsonl": '{"text": "a", "label": 0.5}\n'}, "--data",
                                   "d.jsonl"), "regression is not supported"),
+    ("--data: integer labels and one class name (JSONL)",
+     own({"d.jsonl": '{"text": "a", "label": 0}\n{"text": "b", "label": 1}\n' * 2
+          + '{"text": "c", "label": "x"}\n'}, "--data", "d.jsonl"),
+     "d.jsonl:5: label 'x' is not an integer, but 4 of 5 labels are: fix the row"),
     ("--data: non-UTF-8 bytes", own({"d.csv": ROWS.encode() + b"caf\xe9,pos\n"}, "--data",
                                     "d.csv"), "d.csv:4: byte 0xe9 at offset 31 is not UTF-8"),
     ("--data: a malformed JSON line", own({"d.jsonl": '{"text": "a", "label": 1\n'}, "--data",
