@@ -178,11 +178,12 @@ def fisher_scores(model: nn.Module, batches: Iterable, loss_fn: LossFn, score: s
     fisher = {n: sum_sq[n] / count for n in layers}
     if sum_g:
         fisher = {n: (f - (sum_g[n] / count).square()).clamp_min(0.0) for n, f in fisher.items()}
+    if not any(s.any() for s in sum_sq.values()):  # allocate_ranks: uniform ranks, no word
+        raise ValueError(f"every {score} score is 0: loss_fn's loss does not reach a lora_B")
+    if sum_g and all(f.sum() <= 1e-5 * sum_sq[n].sum() / count for n, f in fisher.items()):
+        raise ValueError(f"every variance score is 0 up to rounding: the {count} gradient(s) are "
+                         "one; pass 2 or more distinct batches")  # 1 batch, or one repeated
     scores = {n: f.mean().item() for n, f in fisher.items()}
-    if not any(scores.values()):  # allocate_ranks would give uniform ranks without a word
-        raise ValueError(f"every {score} score is 0: " + ("one gradient has no variance; pass 2 "
-                         "batches or more" if sum_g and count == 1 else "loss_fn's loss does "
-                         "not reach a lora_B"))
     return {"scores": scores, "fisher": fisher, "count": count}
 
 # -----------------------------------------------------------------------------

@@ -128,8 +128,12 @@ def test_scores_that_are_all_zero_are_an_error_not_uniform_ranks():
     for score in ("efim", "variance"):
         with pytest.raises(ValueError, match=f"every {score} score is 0: loss_fn's loss does "):
             fisher_scores(model, batches, detached, score=score)
-    with pytest.raises(ValueError, match="variance score is 0: one gradient has no variance; "):
+    one = "every variance score is 0 up to rounding: the 1 gradient"
+    with pytest.raises(ValueError, match=one):
         fisher_scores(model, batches, loss_fn, score="variance", n_batches=1)
+    with pytest.raises(ValueError, match=one.replace("1", "3") + r"\(s\) are one; pass 2 or more"):
+        fisher_scores(model, [batches[0]] * 3, loss_fn, score="variance")  # float noise, not 0
+    assert fisher_scores(model, [batches[0]] * 3, loss_fn)["count"] == 3  # efim: a fine score
 
 
 @pytest.mark.parametrize("score", ["efim", "variance"])
