@@ -86,6 +86,9 @@ def load_glue(task: str, data_dir: str | Path, split: str) -> list[Example]:
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} not found: {GLUE_SOURCE}, and pass the {spec.folder} "
                                 "folder (or the GLUE root holding it)") from None
+    except ValueError as e:  # e.g. header-less CoLA read from another task's file: line 1
+        hint = f"; is this the {spec.folder} {split} file?" if f"{path}:1:" in str(e) else ""
+        raise ValueError(f"{e}{hint}") from None
     columns = [c for c in (spec.text_a, spec.text_b, spec.label) if c is not None]
     if missing := [c for c in columns if c not in rows[0].fields]:
         raise ValueError(f"{path}:1: the header has no {missing[0]!r} column; is this the "

@@ -156,6 +156,10 @@ def test_load_glue_checks_header_and_bom(tmp_path):
     with pytest.raises(ValueError, match=r"train.tsv:1: ") as e:
         load_glue("sst2", tmp_path / "SST-2", "train")
     assert len(str(e.value)) < 400 and "\n" not in str(e.value)
+    _write(tmp_path, "cola", FILES["sst2"][2])  # CoLA has no header: SST-2's fails at its line 1
+    with pytest.raises(ValueError, match=r"train.tsv:1: 2 fields, the header has 4; .*; is this "
+                                         "the CoLA train file[?]"):
+        load_glue("cola", tmp_path / "CoLA", "train")
 
 
 def test_load_glue_errors_name_the_fix(tmp_path):
