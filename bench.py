@@ -2,6 +2,7 @@
 
     python bench.py --threads 2 --compile          # make bench: results/bench.json and bench.md
     python bench.py --device cuda --out results/bench_cuda.json   # the step rows on a GPU
+    python bench.py --device cuda --decoder --out results/bench_cuda.json   # + SmolLM2-135M rows
 """
 
 import argparse
@@ -21,12 +22,15 @@ import fimlora
 from data import glue
 from lora import add_lora, lora_layers, merge_lora
 from models import WordPieceTokenizer, load_model, model_path
+from models.checkpoint import smollm2_path
 from runfolder import write_json
 from study.peers import peer_versions
 from study.report import bounded, check_ours, table
 from train import environment
 
 TARGETS = ["query", "key", "value", "dense"]
+DECODER_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+DECODER_SHAPE = (8, 256)  # rows × tokens: enough work per step not to be launch-bound on a GPU
 RATIOS = [  # (row, timed numerator, timed denominator, goal)
     ("LoRA train step, fimlora / transformers + PEFT", "lora", "peft", 0.85),
     ("LoRA train step / full fine-tune step (fimlora)", "lora", "full", 0.70),
@@ -135,6 +139,43 @@ def step_rows(base: nn.Module, tok, a, device: torch.device, gen) -> tuple[list,
             for name, num, den, goal in RATIOS if num in t and den in t], notes
 
 
+def decoder_rows(a, device: torch.device, gen: torch.Generator) -> list[dict]:
+    """The first two RATIOS on SmolLM2-135M (train.py's decoder targets, causal-LM loss on
+    DECODER_SHAPE random tokens); PEFT's side is transformers' own GGUF reader of the same file,
+    checked to give our loss before anything is timed."""
+    base, _ = load_model("smollm2")
+    ids = torch.randint(base.config.vocab_size, DECODER_SHAPE, generator=gen).to(device)
+
+    def lm_loss(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        logits = m(input_ids=x).logits if hasattr(m, "peft_config") else m(x)
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), x[:, 1:].flatten())
+    ours = copy.deepcopy(base)
+    add_lora(ours, DECODER_TARGETS, r=a.r, alpha=2 * a.r)
+    models = {"lora": ours, "full": copy.deepcopy(base)}
+    if not a.no_peers:
+        import peft
+        import transformers
+        path = smollm2_path()
+        hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                                 dtype=torch.float32)
+        models["peft"] = peft.get_peft_model(hf, peft.LoraConfig(
+            r=a.r, lora_alpha=2 * a.r, target_modules=DECODER_TARGETS))
+    models = {k: m.to(device).train() for k, m in models.items()}
+    with torch.no_grad():  # B = 0: every model is SmolLM2 itself
+        got = {k: lm_loss(m, ids).item() for k, m in models.items()}
+    if max(got.values()) - min(got.values()) > 1e-3 * got["full"]:
+        raise AssertionError(f"SmolLM2's loss differs between the models timed: {got}")
+    steps = {k: trainer(m, lambda m, x: lm_loss(m, x).backward()) for k, m in models.items()}
+    fns = {k: (lambda s=s: s(ids)) for k, s in steps.items()}
+    if device.type == "cuda":
+        fns = {k: torch.autocast("cuda", dtype=torch.bfloat16)(f) for k, f in fns.items()}
+    t = median_times(fns, a.repeats, a.untimed)
+    shape = "×".join(map(str, DECODER_SHAPE))
+    return [row(f"{name}, SmolLM2-135M {shape} ({device.type})", t[num] / t[den], goal, "×",
+                f"{t[num]:.4g} s / {t[den]:.4g} s")
+            for name, num, den, goal in RATIOS[:2] if num in t and den in t]
+
+
 def data_rows(base: nn.Module, tok, a, train: list) -> list[dict]:
     """On SST-2: FIM calibration and LoRA-DA init shares, tokenisers, group_by_length."""
     cpu, g = torch.device("cpu"), torch.Generator()
@@ -217,6 +258,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--sst2", type=Path, default="../shared/data/glue/SST-2", help="SST-2 folder")
     p.add_argument("--threads", type=bounded(0), default=0, help="CPU threads (0: torch's)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: step rows only")
+    p.add_argument("--decoder", action="store_true", help="add SmolLM2-135M's step rows (8×256)")
     p.add_argument("--out", type=writable, default="results/bench.json", help="and .md beside it")
     a = p.parse_args(argv)
     if a.device == "cuda" and not torch.cuda.is_available():
@@ -230,6 +272,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise ValueError(f"--r {a.r} is above {width}, the smallest side of MiniLM's adapted "
                          f"matrices: use --r <= {width}")
     rows, notes = step_rows(base.train(), tok, a, torch.device(a.device), gen)
+    if a.decoder:
+        rows += decoder_rows(a, torch.device(a.device), gen)
     if a.device == "cpu" and (a.sst2 / "train.tsv").is_file():
         rows += data_rows(base, tok, a, glue.load_glue("sst2", a.sst2, "train"))
     elif a.device == "cpu":

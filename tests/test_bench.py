@@ -155,3 +155,21 @@ def test_make_bench_end_to_end_at_the_smallest_sizes(tmp_path, monkeypatch):
         "FIM calibration", "LoRA-DA init", "tokenise all 48 SST-2 train rows, ours",
         "LoRA train-step tokens/s, group_by_length", "allocate_ranks, 1,000 matrices"]
     assert all(r["figure"] > 0 for r in result["rows"])
+
+
+@pytest.mark.peer
+def test_the_smollm2_rows_time_the_same_model_three_ways(monkeypatch):
+    """--decoder: SmolLM2-135M with our LoRA, transformers + PEFT read from the same GGUF, and a
+    full fine-tune; decoder_rows refuses to time them unless their losses agree (B = 0)."""
+    pytest.importorskip("peft")
+    pytest.importorskip("gguf")
+    try:
+        bench.smollm2_path()
+    except ModuleNotFoundError as e:
+        pytest.skip(str(e))
+    monkeypatch.setattr(bench, "DECODER_SHAPE", (1, 8))  # the row's code path, a smaller batch
+    a = bench.argparse.Namespace(r=4, no_peers=False, repeats=1, untimed=0)
+    rows = bench.decoder_rows(a, torch.device("cpu"), torch.Generator().manual_seed(0))
+    assert [r["row"] for r in rows] == [f"{n}, SmolLM2-135M 1×8 (cpu)" for n, *_ in
+                                        bench.RATIOS[:2]]
+    assert all(r["figure"] > 0 for r in rows)
