@@ -201,7 +201,8 @@ def main(argv: list[str] | None = None) -> dict:
                    help="also each score at the parameter budget (fim-S-params)")
     p.add_argument("--root", type=Path, default=CELLS, help="the cells' folder")
     p.add_argument("--threads", type=bounded(0, 1024), default=1, help="CPU threads per cell")
-    p.add_argument("--dry-run", action="store_true", help="print the plan, train nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan and rewrite the report, train nothing")
     p.add_argument("--select-lr", action="store_true", help=f"seed 0 at each lr in {LRS} on "
                    "10 %% of train.tsv into <root>/../lr/ and its chosen.json, not the grid")
     a = p.parse_args(argv[:len(argv) - len(extra) - ("--" in argv)])
