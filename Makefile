@@ -34,11 +34,15 @@ crosscheck: $(VENV)/.peers
 bench: $(VENV)/.peers
 	$(PY) bench.py --threads 2 --compile
 
-# the SST-2 + CoLA grid (lora fim fw da fim+da x seeds 0-4 into results/grid5, hours on CPU;
-# finished cells are kept), then results/README.md; narrow or widen it with RESULTS_ARGS, e.g.
-# "--peers peft-lora" or "--dry-run" (python -m study.report rewrites the report alone)
+# the SST-2 + CoLA grid of results/grid5 (seeds 0-4, methods, scores at the parameter budget and
+# peers; hours on CPU, finished cells are kept): each method's lr chosen first (results/lr), then
+# the grid, then results/README.md; narrow it with RESULTS_ARGS, e.g. "--tasks cola" or
+# "--dry-run" (python -m study.report rewrites the report alone)
+GRID := --threads 1 --methods lora fim fw da --budget params --scores random gradw shuffled \
+	--peers peft-lora peft-eva peft-adalora
 results: $(VENV)/.peers
-	$(PY) -m study.grid --threads 1 $(RESULTS_ARGS)
+	$(PY) -m study.grid --select-lr $(GRID) $(RESULTS_ARGS)
+	$(PY) -m study.grid $(GRID) $(RESULTS_ARGS)
 
 # the planted study (3 seeds, ~an hour on CPU) into results/planted_study.json, then the report;
 # STUDY_ARGS="--plants anywhere --out results/planted_study_anywhere.json" for the other layout
