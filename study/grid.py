@@ -103,6 +103,14 @@ def run_grid(cells: list[tuple[str, str, int]], data_dirs: dict[str, Path], root
         if (out / "results.json").exists() or missing(method):
             outcome["done" if (out / "results.json").exists() else "missing"].append(cell)
             continue
+        try:  # a live owner's folder is left alone: no refusal appended to its train.log
+            with runfolder.lock(out):
+                pass
+        except ValueError as e:
+            if "is in use by pid" in str(e):
+                print(f"cell {task} {out.name} busy: {e}")
+                outcome["busy"].append(cell)
+                continue
         resume = (out / runfolder.CHECKPOINT).exists()  # the checkpoint: a file or a folder
         log, t0 = out / "train.log", time.time()
         start = log.stat().st_size if log.is_file() else 0
@@ -113,7 +121,7 @@ def run_grid(cells: list[tuple[str, str, int]], data_dirs: dict[str, Path], root
             runfolder.write_json(out / "run.json", {"commit": commit, **train.environment(),
                                                     "wall_seconds": time.time() - t0})
             outcome["resumed" if resume else "ran"].append(cell)
-        else:  # train.py's lock refusal after `start` in the log: busy, not failed
+        else:  # train.py's lock refusal after `start` (an owner that began just now): busy
             busy = code and log.is_file() and b"is in use by pid" in log.read_bytes()[start:]
             print(f"cell {task} {out.name} {'busy' if busy else 'failed'} (exit {code}): see {log}")
             outcome["busy" if busy else "failed"].append(cell)

@@ -408,8 +408,9 @@ def test_method_flags_for_every_train_py_grid_method():
 
 def test_a_cell_whose_folder_another_run_holds_is_busy_not_failed(tmp_path, capsys):
     """A second trainer on a cell is refused by train.py's lock on its --out (runfolder.lock):
-    the grid reports that cell busy (left alone), not failed; an old refusal in the log does
-    not make a later plain failure look busy."""
+    the grid reports that cell busy (left alone, its log untouched), not failed; an owner that
+    takes the lock between the grid's check and the trainer's start is busy too; an old refusal
+    in the log does not make a later plain failure look busy."""
     root = tmp_path / "cells"
     log = root / "sst2" / "lora-s0" / "train.log"
     log.parent.mkdir(parents=True)
@@ -418,6 +419,14 @@ def test_a_cell_whose_folder_another_run_holds_is_busy_not_failed(tmp_path, caps
     extra = ["--model", "tiny", "--max-train", "8", "--steps", "1"]
     with runfolder.lock(log.parent):  # held by this process: the cell's train.py is refused
         outcome = grid.run_grid(cell, {"sst2": SST2}, root, 1, extra=extra)
+    assert [c[2] for c in outcome["busy"]] == [0] and outcome["failed"] == []
+    assert log.read_text() == "an earlier run: error: --out x is in use by pid 7 (host h)\n"
+
+    def owner_starts_now(cmd, log):  # the race: an owner locks after the grid's check
+        with runfolder.lock(log.parent):
+            return grid.run_cell(cmd, log)
+
+    outcome = grid.run_grid(cell, {"sst2": SST2}, root, 1, run=owner_starts_now, extra=extra)
     assert [c[2] for c in outcome["busy"]] == [0] and outcome["failed"] == []
     assert "is in use by pid" in log.read_text().splitlines()[-1]
     outcome = grid.run_grid(cell, {"sst2": tmp_path}, root, 1, run=lambda c, l: 1)
