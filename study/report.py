@@ -241,7 +241,11 @@ def verdicts(cells: list[dict]) -> dict:
         if got := {t["methods"][m]["verdict"] for t in out.values() if m in t["methods"]}:
             overall[m] = "mixed" if {"better", "worse"} <= got else next(k for k in kinds
                                                                           if k in got)
-    named = {k: [m for m, v in overall.items() if v == k] for k in kinds}
+    def at(m: str) -> str:  # which tables a better / worse / mixed verdict comes from
+        hits = [t for t, r in out.items()
+                if r["methods"].get(m, {}).get("verdict") in ("better", "worse")]
+        return f"{m} ({', '.join(hits)})" if overall[m] in ("better", "worse", "mixed") else m
+    named = {k: [at(m) for m, v in overall.items() if v == k] for k in kinds}
     where = ", ".join(f"{t} ({r['seeds']} seeds)" for t, r in out.items())
     line = "Verdict (generated from the cells' paired 95 % intervals): " + (
         f"better than uniform LoRA: {', '.join(named['better'])}" if named["better"] else

@@ -148,7 +148,9 @@ def test_verdict_needs_an_interval_off_zero_and_a_win_over_the_random_control():
         {"lora": lora, "best": [78, 82.8, 80.2]}, "cuda"))
     assert across["methods"]["best"] == "mixed"
     assert "no method is better than uniform LoRA" in across["line"]
-    assert "mixed: best" in across["line"] and "sst2 on cuda (3 seeds)" in across["line"]
+    assert "mixed: best (sst2 on cpu, sst2 on cuda)" in across["line"]
+    assert "worse: down (sst2 on cpu)" in across["line"]  # a verdict names its tables
+    assert "sst2 on cuda (3 seeds)" in across["line"]
 
 
 def test_scores_are_paired_with_the_random_control_in_the_table(cells):
