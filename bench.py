@@ -193,10 +193,14 @@ def data_rows(base: nn.Module, tok, a, train: list) -> list[dict]:
                 f"{t['fim']:.2f} s / ({epoch:,} × {s:.3f} s)"),
             row("LoRA-DA init (256 samples) / a 1,000-step run", 100 * t["da"] / (1000 * s),
                 2.0, " %", f"{t['da']:.2f} s / (1,000 × {s:.3f} s)")]
-    if not a.no_peers:  # a fresh tokenizer each call: no memo carries over
+    if not a.no_peers:  # a fresh tokenizer per round (not per text): no memo carries over
         import transformers
         vocab, texts = model_path("minilm") / "vocab.txt", [e.text_a for e in train]
-        fns = {"ours": lambda: [WordPieceTokenizer.from_file(vocab).encode(x)[0] for x in texts],
+
+        def ours() -> list[list[int]]:
+            fresh = WordPieceTokenizer.from_file(vocab)
+            return [fresh.encode(x)[0] for x in texts]
+        fns = {"ours": ours,
                "hf": lambda: transformers.BertTokenizerFast(vocab=str(vocab))(texts)["input_ids"]}
         if fns["ours"]() != fns["hf"]():
             raise AssertionError("our WordPiece ids differ from BertTokenizerFast's on SST-2")
