@@ -129,12 +129,21 @@ def test_bench_writes_its_json_and_table_and_nothing_else(tmp_path, monkeypatch)
 @pytest.mark.peer
 def test_make_bench_end_to_end_at_the_smallest_sizes(tmp_path, monkeypatch):
     """Every row of a CPU bench on MiniLM with transformers + PEFT, on a small SST-2-shaped
-    folder: each ratio positive, the tokeniser ids identical (bench asserts it). LoRA-DA's init
-    draws 16 samples instead of bench's 256 (its row's code path is the same, its time smaller)."""
+    folder: each ratio positive, the tokeniser ids identical (bench asserts it), our tokenizer
+    built once per round (not once per sentence). LoRA-DA's init draws 16 samples instead of
+    bench's 256 (its row's code path is the same, its time smaller)."""
     pytest.importorskip("peft")
     real = bench.fimlora.lorada_init
     monkeypatch.setattr(bench.fimlora, "lorada_init", lambda *a, **k: real(*a, **k | {
         "n_samples": 16}))
+    built, from_file, data_rows = [], bench.WordPieceTokenizer.from_file, bench.data_rows
+
+    def counted_data_rows(*a):  # count tokenizers built by the data rows, not by load_model
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(bench.WordPieceTokenizer, "from_file",
+                      lambda path: built.append(path) or from_file(path))
+            return data_rows(*a)
+    monkeypatch.setattr(bench, "data_rows", counted_data_rows)
     try:
         load_model("minilm", num_labels=2)
     except ImportError:
@@ -155,6 +164,7 @@ def test_make_bench_end_to_end_at_the_smallest_sizes(tmp_path, monkeypatch):
         "FIM calibration", "LoRA-DA init", "tokenise all 48 SST-2 train rows, ours",
         "LoRA train-step tokens/s, group_by_length", "allocate_ranks, 1,000 matrices"]
     assert all(r["figure"] > 0 for r in result["rows"])
+    assert len(built) == 2  # the ids check, then the one timed round
 
 
 @pytest.mark.peer
