@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--per-example", action="store_true", help="fim: per-example (true) Fisher")
     g.add_argument("--budget", default="ranks", choices=("ranks", "params"), help="fim: budget")
     g.add_argument("--r-min", type=INDEX, default=1, help="fim: smallest rank of a matrix")
-    g.add_argument("--r-max", type=INDEX, help="fim: largest rank of a matrix (default 2r)")
+    g.add_argument("--r-max", type=COUNT, help="fim: largest rank of a matrix (default 2r)")
     g.add_argument("--power", type=WEIGHT, default=1.0, help="fim: ranks ∝ score**power")
     g.add_argument("--fw-warmup", type=COUNT, default=500, help="fw: warm-up steps K")
     g.add_argument("--fw-track-every", type=COUNT, default=1, help="fw: track every k-th step")
@@ -207,6 +207,9 @@ def check_args(a: argparse.Namespace, given: list[str]) -> None:
               for mine in [[flag(k) for k in flags if k in given]] if mine]
     errors += [f"{flag(k)} needs --data FILE" for k in ("eval_data", "text_field", "pair_field")
                if not data and getattr(a, k)]
+    lr = a.lr or (5e-3 if planted else 5e-4)  # parse_args' defaults
+    rows = [flag(k) for k in ("eval_fraction", "group_by_length", "max_train", "max_eval",
+                              "max_len") if k in given]
     errors += [msg for bad, msg in [
         (a.steps and a.epochs, "--steps and --epochs both given: pick one"),
         (a.eval_data and a.eval_fraction, "--eval-data and --eval-fraction both given: pick one"),
@@ -224,8 +227,12 @@ def check_args(a: argparse.Namespace, given: list[str]) -> None:
          "gradient is 0; use --calib-batches >= 2"),
         (a.compare and not planted, f"--compare with --task {a.task}: it compares with the "
                                     "planted task's oracle; drop --compare or use --task planted"),
-        (planted and (a.eval_fraction or a.group_by_length), "--eval-fraction and "
-         "--group-by-length act on GLUE or --data rows: drop them for --task planted"),
+        (planted and rows, f"--task planted draws its own rows, so {', '.join(rows)} would do "
+                           "nothing: drop them or use GLUE or --data"),
+        (a.targets is not None and not any(a.targets.split(",")), f"--targets {a.targets!r} "
+         "names no module: give Linear name suffixes (query,value) or drop it for the default"),
+        (a.weight_decay * lr >= 1, f"--weight-decay {a.weight_decay:g} x --lr {lr:g} >= 1 flips "
+                                   "every weight's sign each AdamW step: use a product < 1"),
         (a.group_by_length and is_decoder(a.model), f"--group-by-length batches encoder "
          f"classification only: drop it for --model {a.model}"),
         (a.plants != "reach" and not planted, "--plants places the planted task's plants: drop "
@@ -279,14 +286,11 @@ def check_model(model: nn.Module, args: argparse.Namespace) -> None:
 # seed, device
 
 
-def set_seed(seed: int) -> None:
+def random_streams(seed: int) -> dict[str, torch.Generator]:
+    """Seeds random and torch (dropout), then one CPU generator per stream (init, data, calib,
+    eval): calibration and init never shift the data order; every method sees the same batches."""
     random.seed(seed)
     torch.manual_seed(seed)
-
-
-def random_streams(seed: int) -> dict[str, torch.Generator]:
-    """One CPU generator per stream (init, data, calib, eval): calibration and init never shift
-    the data order, so every method trains on the same batches."""
     return {name: torch.Generator().manual_seed(seed + k)
             for k, name in enumerate(("init", "data", "calib", "eval"))}
 
@@ -652,7 +656,6 @@ def train_run(args: argparse.Namespace, adapt: Callable, finish: Callable | None
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"seed: {args.seed}")
-    set_seed(args.seed)
     rng = random_streams(args.seed)
     device = resolve_device(args.device)
     task, rank, world = init_distributed(build_task(args, device, rng), device, args.batch_size)

@@ -90,6 +90,13 @@ def classify_task(args: argparse.Namespace, device: torch.device, rng: Rng, trai
                   info: dict | None = None) -> Task:
     """Classification into `labels` classes (1: regression) with an encoder and a classifier
     head, or on a decoder as prompts (prompt(tokenizer): a GLUE task name or a causal.Prompt)."""
+    # the rows --max-train or a split left (a whole file of one class is refused when read)
+    cut = (f"--max-train {args.max_train}" if args.max_train else
+           f"--eval-fraction {args.eval_fraction}'s split" if args.eval_fraction else "")
+    if cut and labels > 1 and len({e.label for e in train}) == 1:
+        name = info["labels"][train[0].label] if info else train[0].label
+        raise ValueError(f"the {len(train)} training rows left by {cut} are all of class {name!r}"
+                         ": classification needs two; raise --max-train, shuffle or add rows")
     model, tok = load_model(args.model, num_labels=labels, generator=rng["init"])
     n, size = args.max_len, args.batch_size
     if is_decoder(args.model):

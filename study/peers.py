@@ -110,7 +110,6 @@ def adalora_train(args: argparse.Namespace) -> dict:
         runfolder.check_out(args)
         if args.threads:
             torch.set_num_threads(args.threads)
-        train.set_seed(args.seed)
         rng, device = train.random_streams(args.seed), train.resolve_device(args.device)
         task = train.build_task(args, device, rng)
         _, model = hf_twin(task, args, device, rng, "AdaLoraConfig", target_r=args.r,

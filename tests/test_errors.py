@@ -149,7 +149,9 @@ CLI = [
     ("--max-len 2 on a sentence-pair task", plain("--task", "rte", "--data-dir", "/nonexistent",
                                                  "--max-len", "2"),
      "--max-len 2: rte examples need 3 special tokens; use --max-len >= 3"),
-    ("--max-len above the positions", plain("--max-len", "4096"), "exceeds the model's 128"),
+    ("--max-len above the positions",
+     lambda t: [*tsv("sentence\tlabel\na\t1\n")(t), "--max-len", "4096"],
+     "exceeds the model's 128"),
     ("--max-train 0", plain("--max-train", "0"), "--max-train 0: use >= 1"),
     ("--max-eval -1", plain("--max-eval", "-1"), "--max-eval -1: use >= 1"),
     ("--log-every 0", plain("--log-every", "0"), "--log-every 0: use >= 1"),
@@ -260,9 +262,26 @@ CLI = [
     ("--eval-fraction 0 on GLUE", plain("--task", "sst2", "--data-dir", ".", "--eval-fraction",
                                         "0"), "--eval-fraction 0: use a number in (0, 1)"),
     ("--eval-fraction on the planted task", plain("--eval-fraction", "0.1"),
-     "--eval-fraction and --group-by-length act on GLUE or --data rows"),
+     "--task planted draws its own rows, so --eval-fraction would do nothing"),
     ("--group-by-length on the planted task", plain("--group-by-length"),
-     "drop them for --task planted"),
+     "so --group-by-length would do nothing: drop them or use GLUE or --data"),
+    ("--max-train, --max-eval and --max-len on the planted task",
+     plain("--max-train", "5", "--max-eval", "1", "--max-len", "64"),
+     "so --max-train, --max-eval, --max-len would do nothing"),
+    ("--r-max 0 (not the default 2r)", plain("--method", "fim", "--r-min", "0", "--r-max", "0"),
+     "--r-max 0: use >= 1"),
+    ("--max-train leaving one class of a sorted file",
+     own({"d.csv": "text,label\n" + "a,neg\n" * 6 + "b,pos\n" * 6}, "--data", "d.csv",
+         "--max-train", "3"), "the 3 training rows left by --max-train 3 are all of class 'neg'"),
+    ("--max-train leaving one class (GLUE)",
+     lambda t: [*tsv("sentence\tlabel\na\t1\nb\t1\nc\t0\n")(t), "--max-train", "2"],
+     "the 2 training rows left by --max-train 2 are all of class 1"),
+    ("--targets ''", plain("--targets", ""), "--targets '' names no module"),
+    ("--targets ,", plain("--targets", ","), "--targets ',' names no module"),
+    ("--weight-decay 300 at the planted lr 5e-3", plain("--weight-decay", "300"),
+     "--weight-decay 300 x --lr 0.005 >= 1 flips every weight's sign"),
+    ("--weight-decay 2000 at GLUE's lr 5e-4", plain(*GLUE, ".", "--weight-decay", "2000"),
+     "--weight-decay 2000 x --lr 0.0005 >= 1"),
     ("--group-by-length on a decoder", plain("--model", "tiny-llama", "--task", "sst2",
                                              "--data-dir", ".", "--group-by-length"),
      "--group-by-length batches encoder classification only"),
@@ -405,7 +424,7 @@ def test_divergence_stops_with_the_step_and_the_cause(tmp_path):
     named, no results written; the last good checkpoint stays."""
     out = tmp_path / "o"
     with pytest.raises(train.Diverged, match=r"at step \d+; likely cause: no gradient clipping"):
-        train.main(["--steps", "60", "--batch-size", "4", "--lr", "1e12", "--grad-clip", "0",
+        train.main(["--steps", "60", "--batch-size", "4", "--lr", "1e12", "--weight-decay", "0", "--grad-clip", "0",
                     "--warmup", "0", "--save-every", "1", "--threads", "1", "--out", str(out)])
     assert not (out / "results.json").exists()
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
