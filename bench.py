@@ -30,6 +30,7 @@ from train import environment
 
 TARGETS = ["query", "key", "value", "dense"]
 DECODER_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SST2 = Path("../shared/data/glue/SST-2")  # the data rows are left out when it is absent
 DECODER_SHAPE = (8, 256)  # rows × tokens: enough work per step not to be launch-bound on a GPU
 RATIOS = [  # (row, timed numerator, timed denominator, goal)
     ("LoRA train step, fimlora / transformers + PEFT", "lora", "peft", 0.85),
@@ -242,6 +243,9 @@ def writable(text: str) -> Path:
     if Path(text).is_dir() or not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
         raise argparse.ArgumentTypeError(f"{text}: cannot be written (a folder, or no writable "
                                          "folder above it); pass a file such as b.json")
+    if Path(text).suffix != ".json":  # the table goes to the .md beside it
+        raise argparse.ArgumentTypeError(f"{text}: the bench writes JSON there and its table "
+                                         "beside it as .md; pass a .json name such as b.json")
     try:  # replace a bench's JSON and table, never a user's file
         check_ours(Path(text), (b'{\n  "rows": [',))
         check_ours(Path(text).with_suffix(".md"), (b"| row | figure | goal |",))
@@ -259,12 +263,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--untimed", type=bounded(0), default=1, help="rounds run before timing")
     p.add_argument("--compile", action="store_true", help="add the torch.compile row (CPU)")
     p.add_argument("--no-peers", action="store_true", help="skip the transformers / PEFT rows")
-    p.add_argument("--sst2", type=Path, default="../shared/data/glue/SST-2", help="SST-2 folder")
-    p.add_argument("--threads", type=bounded(0), default=0, help="CPU threads (0: torch's)")
+    p.add_argument("--sst2", type=Path, help=f"SST-2 folder (default: {SST2}, if there)")
+    p.add_argument("--threads", type=bounded(0, 4 * (os.cpu_count() or 1)), default=0,
+                   help="CPU threads (0: torch's)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: step rows only")
     p.add_argument("--decoder", action="store_true", help="add SmolLM2-135M's step rows (8×256)")
     p.add_argument("--out", type=writable, default="results/bench.json", help="and .md beside it")
     a = p.parse_args(argv)
+    if a.sst2 is not None and not (a.sst2 / "train.tsv").is_file():
+        raise ValueError(f"--sst2 {a.sst2}: no train.tsv there; pass the GLUE SST-2 folder")
+    a.sst2 = a.sst2 or SST2
     if a.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda but CUDA is not available: use --device cpu")
     torch.set_num_threads(a.threads or torch.get_num_threads())

@@ -494,9 +494,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--root", type=Path, default=CELLS,
                    help="the cells' folder; one outside results/ gets its report inside it")
     a = p.parse_args(argv)
-    if not a.root.is_dir() and a.root.resolve() != CELLS.resolve():  # CELLS may be empty yet
-        raise ValueError(f"--root {a.root}: no such folder, no cells to report; pass the "
-                         f"cells' folder ({CELLS})")
+    if a.root.resolve() != CELLS.resolve():  # CELLS may be empty yet
+        what = ("" if a.root.is_dir() and read_root(a.root) else "holds no cells" if
+                a.root.is_dir() else "is not a folder" if a.root.exists() else "no such folder")
+        if what:  # a report of 0 cells would say nothing, over a folder that was not a grid
+            raise ValueError(f"--root {a.root}: {what}, no cells to report (<task>/<method>-"
+                             f"s<seed>/results.json); pass the cells' folder ({CELLS})")
     return write_report(a.root)
 
 

@@ -57,7 +57,8 @@ def test_bad_bench_arguments_are_refused_before_the_model_loads(tmp_path, monkey
     monkeypatch.setattr(bench, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
     with pytest.raises(SystemExit):
         bench.main([flag, value, "--out", str(tmp_path / "b.json")])
-    assert f"argument {flag}: {value}: use >= " in capsys.readouterr().err
+    assert f"argument {flag}: {value}: use " + ("0.." if flag == "--threads" else ">= ") in \
+        capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
 
@@ -83,6 +84,23 @@ def test_a_users_file_at_the_output_is_refused_and_kept(tmp_path, capsys, monkey
     assert f"{name} exists and this tool did not write it" in capsys.readouterr().err
     assert (tmp_path / name).read_text() == "my notes\n"
     assert bench.writable(str(Path(bench.__file__).parent / "results" / "bench.json"))
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--out", "b.md"], "b.md: the bench writes JSON there and its table beside it as .md"),
+    (["--out", "b"], "b: the bench writes JSON there"),
+    (["--threads", "100000"], "argument --threads: 100000: use 0.."),
+    (["--sst2", "no/such/folder"], "--sst2 no/such/folder: no train.tsv there")])
+def test_a_bench_flag_that_would_lose_a_file_or_time_is_refused_first(argv, match, tmp_path,
+                                                                       monkeypatch, capsys):
+    """--out b.md would put the table over the JSON; a typo in --sst2 would time for minutes
+    and leave out the data rows; --threads 100000 would oversubscribe: refused, nothing written."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(bench, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    with pytest.raises((SystemExit, ValueError)) as e:
+        bench.main(["--no-peers", *(["--out", "b.json"] if "--out" not in argv else []), *argv])
+    assert match in (str(e.value) if e.type is ValueError else capsys.readouterr().err)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_missing_gpu_is_refused_before_the_model_loads(tmp_path, monkeypatch):
@@ -114,8 +132,8 @@ def test_bench_writes_its_json_and_table_and_nothing_else(tmp_path, monkeypatch)
     monkeypatch.setattr(bench, "load_model", lambda *a, **k: (nn.Linear(1, 1), None))
     step = bench.row("LoRA train step / full fine-tune step (fimlora), 32×64", 0.5, 0.7, "×", "d")
     monkeypatch.setattr(bench, "step_rows", lambda *a, **k: ([step], ["a note"]))
-    result = bench.main(["--no-peers", "--sst2", str(tmp_path / "none"), "--out",
-                         str(tmp_path / "elsewhere" / "b.json")])
+    monkeypatch.setattr(bench, "SST2", tmp_path / "none")  # the default SST-2 folder is absent
+    result = bench.main(["--no-peers", "--out", str(tmp_path / "elsewhere" / "b.json")])
     assert sorted(p.name for p in (tmp_path / "elsewhere").iterdir()) == ["b.json", "b.md"]
     assert json.loads((tmp_path / "elsewhere" / "b.json").read_text())["rows"] == result["rows"]
     assert [r["row"].split(",")[0] for r in result["rows"]] == [

@@ -287,6 +287,12 @@ def test_a_report_elsewhere_reads_and_writes_exactly_its_root(cells, tmp_path, m
     assert (cells / "ranks_sst2.svg").is_file()
     with pytest.raises(ValueError, match="no such folder, no cells to report"):
         report.main(["--root", str(tmp_path / "none")])
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file").write_text("x")
+    for name, what in (("empty", "holds no cells"), ("file", "is not a folder")):
+        with pytest.raises(ValueError, match=f"{what}, no cells to report"):
+            report.main(["--root", str(tmp_path / name)])
+    assert not (tmp_path / "empty" / "README.md").exists()
 
 
 def _set(field, value):
