@@ -45,6 +45,7 @@ METHOD_FLAGS = {("fim", "fim+da"): ("calib_batches", "score", "per_example", "bu
                                     "r_max", "power"),
                 ("fw",): ("fw_warmup", "fw_track_every", "fw_lambda", "fw_norm"),
                 ("da", "fim+da"): ("da_samples", "da_beta", "da_gamma")}
+DIVERGE_FLAGS = ("alpha", "weight_decay", "fw_lambda", "da_beta", "da_gamma")  # scale a step
 MAX_SCALE = 1e6  # alpha/r above this overflows the forward once B is nonzero
 PLANTED_EXAMPLES = 2**16  # the planted task's "training set" for calibration caps (it is endless)
 EXAMPLES = """examples:
@@ -225,8 +226,7 @@ def check_args(a: argparse.Namespace, given: list[str]) -> None:
         (a.score == "variance" and a.method.startswith("fim") and a.calib_batches < 2,
          f"--score variance with --calib-batches {a.calib_batches}: the variance of one batch "
          "gradient is 0; use --calib-batches >= 2"),
-        (a.compare and not planted, f"--compare with --task {a.task}: it compares with the "
-                                    "planted task's oracle; drop --compare or use --task planted"),
+        (a.compare and not planted, "--compare needs --task planted (its oracle): drop it"),
         (planted and rows, f"--task planted draws its own rows, so {', '.join(rows)} would do "
                            "nothing: drop them or use GLUE or --data"),
         (a.targets is not None and not any(a.targets.split(",")), f"--targets {a.targets!r} "
@@ -235,8 +235,7 @@ def check_args(a: argparse.Namespace, given: list[str]) -> None:
                                    "every weight's sign each AdamW step: use a product < 1"),
         (a.group_by_length and is_decoder(a.model), f"--group-by-length batches encoder "
          f"classification only: drop it for --model {a.model}"),
-        (a.plants != "reach" and not planted, "--plants places the planted task's plants: drop "
-                                              "it or use --task planted"),
+        (a.plants != "reach" and not planted, "--plants needs --task planted: drop it"),
         (data and (a.task != "planted" or a.data_dir), "--data FILE replaces --task and "
                                                        "--data-dir: drop them"),
         (not data and a.task != "planted" and not a.data_dir,
@@ -466,8 +465,10 @@ def stop_requests() -> Iterator[dict]:
 
 def divergence(step: int, what: str, args: argparse.Namespace, last_good: int) -> Diverged:
     """The error for a non-finite loss or parameter, naming the likely cause."""
-    cause = (f"lower --lr {args.lr:g}" if args.grad_clip else
-             f"no gradient clipping: set --grad-clip 1.0, or lower --lr {args.lr:g}")
+    moved = "".join(f" or {flag(k)} {getattr(args, k):g}" for k in DIVERGE_FLAGS
+                    if getattr(args, k) != build_parser().get_default(k))
+    cause = (f"lower --lr {args.lr:g}{moved}" if args.grad_clip else
+             f"no gradient clipping: set --grad-clip 1.0, or lower --lr {args.lr:g}{moved}")
     kept = (f"the last good checkpoint (step {last_good}) is in {Path(args.out) / CHECKPOINT}"
             if last_good else "no checkpoint was written before it")
     return Diverged(f"{what} at step {step}; likely cause: {cause} (or NaN in the data or the "
@@ -570,8 +571,7 @@ def n_params(model: nn.Module, trainable: bool = True) -> int:
 
 
 def environment(device: torch.device | None = None) -> dict:
-    """{"versions", "machine"} of this process for a results file (device None: the default
-    CUDA device if any)."""
+    """{"versions", "machine"} for a results file (device None: the default CUDA device if any)."""
     on_cuda = torch.cuda.is_available() if device is None else device.type == "cuda"
     return {"versions": {"torch": torch.__version__, "python": platform.python_version()},
             "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),

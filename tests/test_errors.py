@@ -300,7 +300,7 @@ CLI = [
     ("--da-samples with --method fim", plain("--method", "fim", "--da-samples", "64"),
      "--method fim ignores --da-samples (used by --method da / fim+da only)"),
     ("--compare on a GLUE task", plain(*GLUE, "/nonexistent", "--compare"),
-     "drop --compare or use --task planted"),
+     "--compare needs --task planted (its oracle): drop it"),
     ("--data-dir: an STS-B score 0_5", stsb("0_5"), "train.tsv:2: score '0_5'"),
     ("--data-dir: train.tsv is a FIFO", fifo_tsv, "train.tsv is not a regular file"),
     ("--model: config.json with a string size", model_folder({"hidden_size": "64"}),
@@ -331,7 +331,7 @@ CLI = [
                                                                "lorada"),
      "--score invalid choice: 'lorada'"),
     ("--plants with a GLUE task", plain(*GLUE, "/nonexistent", "--plants", "anywhere"),
-     "--plants places the planted task's plants: drop it or use --task planted"),
+     "--plants needs --task planted: drop it"),
     ("--r 1.5", plain("--r", "1.5"), "--r invalid int value: '1.5'"),
 ]
 
@@ -429,6 +429,14 @@ def test_divergence_stops_with_the_step_and_the_cause(tmp_path):
     assert not (out / "results.json").exists()
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert all(bool(torch.isfinite(v).all()) for v in ckpt["model"].values()) and ckpt["step"] >= 1
+
+
+def test_divergence_names_a_scale_flag_moved_from_its_default(tmp_path):
+    """LoRA-DA with an absurd β: the loss is NaN from step 1, and the error names --da-beta, not
+    only the lr the user never changed."""
+    with pytest.raises(train.Diverged, match=r"lower --lr 0.005 or --da-beta 1e\+30 \(or NaN"):
+        train.main(["--method", "da", "--da-beta", "1e30", "--steps", "4", "--threads", "1",
+                    "--out", str(tmp_path / "o")])
 
 
 def catalogue_table() -> str:
