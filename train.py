@@ -173,7 +173,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if drop:
             raise ValueError(f"--resume takes the run's saved arguments; drop {', '.join(drop)}")
         if not Path(a.resume).is_dir():
-            raise FileNotFoundError(f"--resume {a.resume}: no such run folder")
+            raise FileNotFoundError(f"--resume {a.resume}: not a folder; pass the run's --out")
         saved, out = runfolder.read_checkpoint(Path(a.resume))["args"], str(Path(a.resume))
         args = argparse.Namespace(**{**saved, "resume": out, "out": out, "overwrite": False,
                                      "threads": a.threads or saved["threads"]})

@@ -201,7 +201,10 @@ CLI = [
     ("--resume and --overwrite", lambda t: ["--resume", str(t), "--overwrite"],
      "drop --overwrite"),
     ("--resume with other flags", lambda t: ["--resume", str(t), "--lr", "1e-3"], "drop --lr"),
-    ("--resume: no such folder", plain("--resume", "/nonexistent/run"), "no such run folder"),
+    ("--resume: no such folder", plain("--resume", "/nonexistent/run"),
+     "/nonexistent/run: not a folder; pass the run's --out"),
+    ("--resume: a file", own({"results.json": "{}"}, "--resume", "results.json"),
+     "results.json: not a folder; pass the run's --out"),
     ("--resume: no checkpoint", lambda t: ["--resume", str(t)], "no checkpoint.pt"),
     ("--resume: an older fimlora's checkpoint/ folder", lambda t: (t / "checkpoint").mkdir() or
      ["--resume", str(t)], "checkpoint/ is an older fimlora's: start over with --overwrite"),
