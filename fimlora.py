@@ -21,7 +21,7 @@ from fractions import Fraction
 import torch
 import torch.nn as nn
 
-from lora import LoRALinear, lora_layers, resize_lora
+from lora import LoRALinear, _pattern, lora_layers, resize_lora
 
 LossFn = Callable[[nn.Module, object], torch.Tensor]
 
@@ -287,7 +287,7 @@ def resize_ranks(model: nn.Module, ranks: dict[str, int],
     """Every adapter to its rank in `ranks`, with a fresh A (from `generator`), B = 0 and its
     base scale kept, α_m = α·r_m/r (α·√(r_m/r) with rsLoRA) from each layer's current r and α.
     Returns the α_m by name. Example: resize_ranks(model, {"0.query": 4})["0.query"] -> 8.0"""
-    layers = _adapted(model)
+    layers, _ = _adapted(model), _pattern(ranks, "ranks", True, "resize_ranks: ")  # all or none
     if differ := sorted(layers.keys() ^ ranks.keys()):
         raise ValueError(f"ranks and the adapted layers differ: {differ[:5]}")
     alphas = {n: _alpha(m.alpha, ranks[n], m.r, m.rslora) for n, m in layers.items()}

@@ -113,7 +113,7 @@ def _pattern(p, field: str, is_rank: bool, where: str = "") -> dict:
 def _names(v, field: str, where: str = "", model: nn.Module | None = None) -> list[str]:
     """A str or a list, tuple or set of str as a list; with `model`, each one of its modules."""
     v = [v] if isinstance(v, str) else list(v) if isinstance(v, list | tuple | set) else v
-    if not (isinstance(v, list) and all(isinstance(s, str) for s in v)):
+    if not (isinstance(v, list) and all(isinstance(s, str) and s for s in v)):
         raise ValueError(f"{where}{field}={v!r:.60} is invalid: use a list of module names")
     for h in v if model is not None else ():
         if h not in dict(model.named_modules()):
@@ -144,9 +144,14 @@ def add_lora(model: nn.Module, targets: Sequence[str], r: int, alpha: float,
     targets, heads = _names(targets, "targets"), _names(heads, "heads", model=model)
     patterns = (_pattern(rank_pattern, "rank_pattern", True),
                 _pattern(alpha_pattern, "alpha_pattern", False))
-    lora, modules = lora_layers(model), dict(model.named_modules())
+    lora, modules = lora_layers(model), dict(model.named_modules(remove_duplicate=False))
     linears = {n: m for n, m in modules.items() if isinstance(m, nn.Linear)}
     names = [n for n in linears if any(name_matches(n, t) for t in targets)]
+    for n in names:  # merging ΔW into a tied W0 would change the other owner too
+        if tied := [s for s, p in model.named_parameters(remove_duplicate=False)
+                    if p is linears[n].weight and s != f"{n}.weight"]:
+            raise ValueError(f"{n} shares its weight with {tied[0]} (tied): merging its ΔW would "
+                             f"change it too; drop {n.rsplit('.', 1)[-1]} from the targets")
     for t in targets:  # an already adapted module counts as a match and is left as it is
         if not any(name_matches(n, t) for n in [*linears, *lora]):
             raise ValueError(f"target {t!r} matches no nn.Linear; the model has: "
@@ -208,7 +213,8 @@ def load_lora_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], *,
         raise ValueError(f"{where}: LoRA layers are merged: merge_lora(model, False) first")
     need = [f"{n}.lora_{x}" for n in layers for x in "AB" if (ranks or {}).get(n) != 0]
     need += [f"{h}.{k}" for h in heads for k, _ in model.get_submodule(h).named_parameters()]
-    missing, unexpected = [k for k in need if k not in sd], [k for k in sd if k not in params]
+    known = {k for k, p in params.items() if p.requires_grad} | set(need)  # never a frozen W0
+    missing, unexpected = [k for k in need if k not in sd], [k for k in sd if k not in known]
     if missing or unexpected:
         raise ValueError(f"{where}: missing {missing[:8]}, unexpected {unexpected[:8]}: check "
                          "targets, heads and model")

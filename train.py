@@ -267,18 +267,11 @@ def resolve(args: argparse.Namespace, task: Task) -> argparse.Namespace:
 
 
 def check_model(model: nn.Module, args: argparse.Namespace) -> None:
-    """Before any training: --max-len within the positions, no tied target."""
+    """Before any training: --max-len within the positions (add_lora refuses tied targets)."""
     positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if positions is not None and args.max_len > positions:
         raise ValueError(f"--max-len {args.max_len} exceeds the model's {positions} positions: "
                          f"use --max-len <= {positions}")
-    for n, m in lora_layers(model).items():  # a tied weight is one Parameter under two names
-        tied = [s for s, p in model.named_parameters(remove_duplicate=False)
-                if p is m.weight and not s.startswith(n + ".")]
-        if tied:
-            raise ValueError(f"--targets {args.targets}: {n} shares its weight with {tied[0]} "
-                             "(tied embeddings), so merging its ΔW would change the embeddings "
-                             f"too; drop {n.rsplit('.', 1)[-1]} from --targets")
 
 
 # -----------------------------------------------------------------------------

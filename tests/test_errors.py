@@ -295,7 +295,7 @@ CLI = [
      "--batch-size 1000000000: use a number in [1, 65536]"),
     ("--threads 5000", plain("--threads", "5000"), "--threads 5000: use a number in [0, "),
     ("--targets lm_head on a tied decoder", plain("--model", "tiny-llama", "--targets",
-                                                  "q_proj,lm_head"), "drop lm_head from --targets"),
+                                                  "q_proj,lm_head"), "drop lm_head from the targets"),
     ("--budget with --method lora", plain("--budget", "params"),
      "--method lora ignores --budget (used by --method fim / fim+da only)"),
     ("--fw-warmup with --method lora", plain("--fw-warmup", "10"),

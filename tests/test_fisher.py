@@ -277,6 +277,10 @@ def test_resize_ranks_keeps_each_layers_base_scale_and_pattern_uses_the_same_alp
             assert fields["alpha_pattern"].get("^" + name, fields["lora_alpha"]) == a
     with pytest.raises(ValueError, match=r"ranks and the adapted layers differ: \['key'"):
         resize_ranks(make_model(), {"query": 2, "value": 2, "classifier": 2, "key": 1})
+    model = make_model(r=4, alpha=8.0)  # all or nothing: a bad rank anywhere changes no layer
+    with pytest.raises(ValueError, match=r"resize_ranks: ranks\['value'\]: r=-1 is invalid"):
+        resize_ranks(model, {"query": 3, "value": -1, "classifier": 2})
+    assert {(m.r, m.alpha) for m in lora_layers(model).values()} == {(4, 8.0)}
 
 
 def test_initialize_fim_ranks_checks_inputs_before_calibrating():

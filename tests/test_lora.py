@@ -356,6 +356,7 @@ def _flags(model):
     (dict(rank_pattern=[("block.0.query", 2)]), "rank_pattern=.* use a dict"),
     (dict(rank_pattern={"block.0.query": 2.5}), r"rank_pattern\['block.0.query'\]: r=2.5"),
     (dict(alpha_pattern={"block.0.query": "x"}), r"alpha_pattern\['block.0.query'\]: alpha='x'"),
+    (dict(targets=[""]), r"targets=\[''\] is invalid: use a list of module names"),
 ])
 def test_add_lora_bad_arguments_raise_value_error_before_any_change(bad, match):
     model = Net()
@@ -373,6 +374,21 @@ def test_resize_lora_bad_arguments_raise_and_keep_the_adapter(args, match):
     with pytest.raises(ValueError, match=match):
         resize_lora(layer, *args)
     assert layer.lora_A is A and layer.r == 2 and layer.alpha == 4
+
+
+def test_a_tied_or_shared_target_weight_is_refused_before_any_change():
+    """Merging ΔW into a W0 that another module also uses would change that module: two Linears
+    tied to one weight, or one Linear under two names, are refused, naming the other owner."""
+    tied = nn.Sequential(nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False))
+    tied[1].weight = tied[0].weight
+    twice = nn.Module()
+    twice.enc = twice.dec = nn.Linear(4, 4)
+    for model, target, other in ((tied, "1", "0.weight"), (tied, "0", "1.weight"),
+                                 (twice, "dec", "enc.weight"), (twice, "enc", "dec.weight")):
+        before = _flags(model)
+        with pytest.raises(ValueError, match=f"{target} shares its weight with {other} "):
+            add_lora(model, [target], r=2, alpha=4)
+        assert _flags(model) == before and not lora_layers(model)
 
 
 def test_resize_lora_on_a_merged_layer_raises_and_keeps_the_merged_weight():
@@ -408,6 +424,8 @@ def test_lora_state_dict_unknown_head_raises():
     (lambda sd: sd.__setitem__("block.1.query.lora_A", torch.ones(2, 6, dtype=torch.int32)),
      "block.1.query.lora_A has dtype torch.int32"),
     (lambda sd: sd.__setitem__("block.1.query.lora_A", "weights"), "not a state dict"),
+    (lambda sd: sd.__setitem__("block.0.query.weight", torch.zeros(6, 6, dtype=torch.float16)),
+     r"unexpected \['block.0.query.weight'\]"),  # a frozen W0 is not an adapter's tensor
     (lambda sd: sd.__setitem__("block.1.query.lora_A", torch.ones(2, 6, dtype=torch.float64)
                                * 1e6), "lora_A has non-finite values .*float16"),
 ])
