@@ -748,6 +748,9 @@ def test_the_planted_study_refuses_a_users_file_at_out_before_training(tmp_path,
         planted.main(["--out", str(tmp_path / "notes.json")])
     assert (tmp_path / "notes.json").read_text() == '{"mine": 1}'
     planted.check_ours(ROOT / "results" / "planted_study.json", (b'{\n  "what": "',))  # its own
+    for out in (tmp_path / "notes.json" / "sub.json", tmp_path):  # under a file; a folder
+        with pytest.raises(ValueError, match="cannot be written"):  # not after hours of study
+            planted.main(["--out", str(out)])
 
 
 def test_ctrl_c_in_the_planted_study_says_nothing_was_written(tmp_path):
