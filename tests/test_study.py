@@ -285,6 +285,12 @@ def test_a_report_elsewhere_reads_and_writes_exactly_its_root(cells, tmp_path, m
     assert row_of(md, "lora")[2:4] == ["82.33 ± 2.52", "80.00, 85.00, 82.00"]
     assert f"`{cells.as_posix()}/sst2/`" in md.replace("\n", " ")
     assert (cells / "ranks_sst2.svg").is_file()
+    assert "Recipe: `train.py --model minilm --group-by-length`" in md.replace("\n", " ")
+    tiny = tmp_path / "tiny" / "cells"  # cells trained with '-- --model tiny': the page says so
+    write_cell(tiny, "sst2", "lora", 0, 0.7, args={"model": "tiny", "group_by_length": True})
+    report.main(["--root", str(tiny)])
+    assert "Recipe: `train.py --model tiny --group-by-length`" in \
+        (tiny / "README.md").read_text().replace("\n", " ")
     with pytest.raises(ValueError, match="no such folder, no cells to report"):
         report.main(["--root", str(tmp_path / "none")])
     (tmp_path / "empty").mkdir()
