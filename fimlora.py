@@ -231,11 +231,13 @@ def allocate_ranks(scores: dict[str, float], budget: int, r_min: int,
     if not names:
         raise ValueError("scores is empty: pass at least one {module_name: score}")
     for name, v in scores.items():
-        if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+        if type(v) not in (int, float):  # exact arithmetic: no numpy or tensor scalars
+            raise ValueError(f"scores[{name!r}]={v!r} is a {type(v).__name__}: pass float(v)")
+        if not (math.isfinite(v) and v >= 0):
             raise ValueError(f"scores[{name!r}]={v!r}: scores must be finite and ≥ 0")
     for label, v in (("budget", budget), ("r_min", r_min)):
         if type(v) is not int:
-            raise ValueError(f"{label}={v!r} is not an integer: pass an int")
+            raise ValueError(f"{label}={v!r} is a {type(v).__name__}, not an int: pass int(v)")
     for label, d in (("r_max", r_max), ("costs", costs)):
         if isinstance(d, dict) and d.keys() != scores.keys():
             raise ValueError(f"{label} and scores name different modules: "

@@ -14,6 +14,7 @@ import random
 from fractions import Fraction
 
 import pytest
+import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
@@ -412,7 +413,11 @@ def test_allocate_ranks_caps_textbook_example():
         (dict(r_min=5, r_max=4), "r_max=4 is not an int ≥ r_min=5"),
         (dict(r_min=-1), "r_min=-1 < 0"),
         (dict(budget=8.0), "budget=8.0"),
-        (dict(budget=True), "budget=True"),
+        (dict(budget=True), "budget=True is a bool, not an int: pass int"),
+        (dict(budget=torch.tensor(16)), r"budget=tensor\(16\) is a Tensor, not an int"),
+        (dict(scores={"q": torch.tensor(1.0)}), r"scores\['q'\]=tensor\(1.\) is a Tensor: "
+                                                 r"pass float\(v\)"),
+        (dict(scores={"q": True}), r"scores\['q'\]=True is a bool"),
         (dict(budget=7), r"budget=7 < M·r_min=8: raise the budget or lower r_min"),
         (dict(budget=33), r"budget=33 > M·r_max=32"),
         (dict(costs={"q": 0, "v": 1}), r"costs\['q'\]=0"),
