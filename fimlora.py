@@ -175,6 +175,8 @@ def fisher_scores(model: nn.Module, batches: Iterable, loss_fn: LossFn, score: s
     count, = _all_reduce(list(sum_sq.values()) + list(sum_g.values()), count)
     if count == 0:
         raise ValueError("batches yielded nothing to calibrate on")
+    if bad := [n for n, s in sum_sq.items() if not torch.isfinite(s).all()]:
+        raise ValueError(f"{bad[0]}: gradient has inf/NaN; check loss_fn on the calibration data")
     fisher = {n: sum_sq[n] / count for n in layers}
     if sum_g:
         fisher = {n: (f - (sum_g[n] / count).square()).clamp_min(0.0) for n, f in fisher.items()}

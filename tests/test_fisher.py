@@ -259,6 +259,13 @@ def test_initialize_fim_ranks_caps_each_matrix_at_its_dimension():
         initialize_fim_ranks(make_model(r=4), make_batches(1), loss_fn, r_min=4)
 
 
+@pytest.mark.parametrize("per_example", [False, True])
+def test_a_nan_loss_in_calibration_is_named_not_passed_on_as_nan_scores(per_example):
+    with pytest.raises(ValueError, match="gradient has inf/NaN; check loss_fn"):
+        fisher_scores(make_model(), make_batches(2), lambda m, b: loss_fn(m, b) * math.nan,
+                      per_example=per_example)
+
+
 def test_resize_ranks_keeps_each_layers_base_scale_and_pattern_uses_the_same_alphas():
     """α_m = α·r_m/r (α·√(r_m/r) with rsLoRA) from each layer's own r and α, B = 0 and a
     fresh A; fim_rank_pattern's alpha_pattern gives the same α_m. Unknown names are refused."""
