@@ -142,6 +142,8 @@ def add_lora(model: nn.Module, targets: Sequence[str], r: int, alpha: float,
     name or suffix.  add_lora(model, ["query"], r=8, alpha=16, rank_pattern={"0.query": 4})"""
     _check(r, alpha, dropout)
     targets, heads = _names(targets, "targets"), _names(heads, "heads", model=model)
+    if not targets:  # it would only freeze the model
+        raise ValueError("targets is empty: name the nn.Linear modules to adapt (or suffixes)")
     patterns = (_pattern(rank_pattern, "rank_pattern", True),
                 _pattern(alpha_pattern, "alpha_pattern", False))
     lora, modules = lora_layers(model), dict(model.named_modules(remove_duplicate=False))

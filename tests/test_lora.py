@@ -357,6 +357,7 @@ def _flags(model):
     (dict(rank_pattern={"block.0.query": 2.5}), r"rank_pattern\['block.0.query'\]: r=2.5"),
     (dict(alpha_pattern={"block.0.query": "x"}), r"alpha_pattern\['block.0.query'\]: alpha='x'"),
     (dict(targets=[""]), r"targets=\[''\] is invalid: use a list of module names"),
+    (dict(targets=[]), "targets is empty: name the nn.Linear modules to adapt"),
 ])
 def test_add_lora_bad_arguments_raise_value_error_before_any_change(bad, match):
     model = Net()
