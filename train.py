@@ -46,6 +46,7 @@ METHOD_FLAGS = {("fim", "fim+da"): ("calib_batches", "score", "per_example", "bu
                 ("fw",): ("fw_warmup", "fw_track_every", "fw_lambda", "fw_norm"),
                 ("da", "fim+da"): ("da_samples", "da_beta", "da_gamma")}
 DIVERGE_FLAGS = ("alpha", "weight_decay", "fw_lambda", "da_beta", "da_gamma")  # scale a step
+LR = {"planted": 5e-3, "rows": 5e-4}  # default lr: the planted one lets the oracle converge
 MAX_SCALE = 1e6  # alpha/r above this overflows the forward once B is nonzero
 PLANTED_EXAMPLES = 2**16  # the planted task's "training set" for calibration caps (it is endless)
 EXAMPLES = """examples:
@@ -184,7 +185,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         out = f"runs/{task}-{Path(a.model).name or a.model}-{a.method.replace('+', '_')}-s{a.seed}"
         args = argparse.Namespace(**{  # the planted lr and steps let the oracle converge
             **vars(a), "task": task, "targets": a.targets or DEFAULT_TARGETS[kind],
-            "lr": a.lr or (5e-3 if task == "planted" else 5e-4), "out": a.out or out,
+            "lr": a.lr or LR["planted" if task == "planted" else "rows"], "out": a.out or out,
             "eval_fraction": a.eval_fraction or (0.1 if task == "data" else None),
             "steps": a.steps or (None if a.epochs else 600 if task == "planted" else 1000)})
     runfolder.check_out(args)
@@ -208,7 +209,7 @@ def check_args(a: argparse.Namespace, given: list[str]) -> None:
               for mine in [[flag(k) for k in flags if k in given]] if mine]
     errors += [f"{flag(k)} needs --data FILE" for k in ("eval_data", "text_field", "pair_field")
                if not data and getattr(a, k)]
-    lr = a.lr or (5e-3 if planted else 5e-4)  # parse_args' defaults
+    lr = a.lr or LR["planted" if planted else "rows"]
     rows = [flag(k) for k in ("eval_fraction", "group_by_length", "max_train", "max_eval",
                               "max_len") if k in given]
     errors += [msg for bad, msg in [
