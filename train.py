@@ -230,8 +230,8 @@ def check_args(a: argparse.Namespace, given: list[str]) -> None:
         (a.compare and not planted, "--compare needs --task planted (its oracle): drop it"),
         (planted and rows, f"--task planted draws its own rows, so {', '.join(rows)} would do "
                            "nothing: drop them or use GLUE or --data"),
-        (a.targets is not None and not any(a.targets.split(",")), f"--targets {a.targets!r} "
-         "names no module: give Linear name suffixes (query,value) or drop it for the default"),
+        (a.targets is not None and "" in a.targets.split(","), f"--targets {a.targets!r} has an "
+         "empty name: give Linear name suffixes (query,value) or drop it for the default"),
         (a.weight_decay * lr >= 1, f"--weight-decay {a.weight_decay:g} x --lr {lr:g} >= 1 flips "
                                    "every weight's sign each AdamW step: use a product < 1"),
         (a.group_by_length and is_decoder(a.model), f"--group-by-length batches encoder "
